@@ -1,0 +1,35 @@
+// The pybind11 module crosslayer._C: the launchers of every op family plus the
+// versions it was built against (crosslayer/_extension.py compares them with the
+// running torch before any op is used).
+#include <cuda_runtime_api.h>
+#include <torch/extension.h>
+#include <torch/version.h>
+
+#include <string>
+
+#include "ops.h"
+
+namespace {
+
+std::string built_torch_version() {
+  return std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+         std::to_string(TORCH_VERSION_PATCH);
+}
+
+std::string built_cuda_version() {
+  return std::to_string(CUDART_VERSION / 1000) + "." + std::to_string((CUDART_VERSION % 1000) / 10);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "crosslayer CUDA kernels (use crosslayer.ops, not this module)";
+  m.def("built_torch_version", &built_torch_version,
+        "major.minor.patch of the torch headers this module was compiled against");
+  m.def("built_cuda_version", &built_cuda_version, "CUDA runtime version of the build");
+  m.def("depth_aggregate_fwd", &crosslayer::depth_aggregate_fwd, "Y = Σ_j A[.., c, j]·S_j",
+        pybind11::arg("S"), pybind11::arg("A"));
+  m.def("depth_aggregate_bwd", &crosslayer::depth_aggregate_bwd,
+        "dS (=|+=) Σ_c A·dY_c in place; returns dA", pybind11::arg("dY"), pybind11::arg("S"),
+        pybind11::arg("A"), pybind11::arg("dS"), pybind11::arg("accumulate"));
+}

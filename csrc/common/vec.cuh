@@ -1,0 +1,93 @@
+// Element conversion and 16-byte vector access for the torch-free kernels.
+//
+// Vec<T, N> is N elements of T loaded or stored as one access of N·sizeof(T) bytes
+// (16 bytes when N = 16 / sizeof(T)). Callers guarantee alignment: the launchers pick
+// N = 1 whenever a base pointer or a stride is not a multiple of the vector width.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace crosslayer {
+
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccType<T>::type;
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(acc_t<T> x);
+template <>
+__device__ __forceinline__ float from_acc<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ double from_acc<double>(double x) { return x; }
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Largest element count of a 16-byte access.
+template <typename T>
+constexpr int kVec16 = 16 / sizeof(T);
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+// Loads elements [e, e + N) of `row` into fp-accumulator registers. When the chunk is
+// cut by the row end `d`, only the elements below d are read and the rest are zero.
+template <typename T, int N>
+__device__ __forceinline__ void load_chunk(const T* __restrict__ row, int64_t e, int64_t d,
+                                           acc_t<T> (&out)[N]) {
+  if (e + N <= d) {
+    const Vec<T, N> x = *reinterpret_cast<const Vec<T, N>*>(row + e);
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = to_acc(x.v[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = (e + k < d) ? to_acc(row[e + k]) : acc_t<T>(0);
+  }
+}
+
+// Loads elements [e, e + N) of `row` as stored (no widening); zero past `d`.
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> load_chunk_raw(const T* __restrict__ row, int64_t e, int64_t d) {
+  if (e + N <= d) return *reinterpret_cast<const Vec<T, N>*>(row + e);
+  Vec<T, N> x;
+#pragma unroll
+  for (int k = 0; k < N; ++k) x.v[k] = (e + k < d) ? row[e + k] : T(0.0f);
+  return x;
+}
+
+// Stores elements [e, e + N) of `row` from accumulator registers, cut at `d`.
+template <typename T, int N>
+__device__ __forceinline__ void store_chunk(T* __restrict__ row, int64_t e, int64_t d,
+                                            const acc_t<T> (&in)[N]) {
+  if (e + N <= d) {
+    Vec<T, N> x;
+#pragma unroll
+    for (int k = 0; k < N; ++k) x.v[k] = from_acc<T>(in[k]);
+    *reinterpret_cast<Vec<T, N>*>(row + e) = x;
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      if (e + k < d) row[e + k] = from_acc<T>(in[k]);
+    }
+  }
+}
+
+}  // namespace crosslayer

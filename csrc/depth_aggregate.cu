@@ -1,0 +1,193 @@
+// Launchers for depth_aggregate (kernels in kernels/depth_aggregate.cuh).
+//
+//   depth_aggregate_fwd(S (l, N, d), A (N, C, l) | (C, l)) -> Y (C, N, d)
+//   depth_aggregate_bwd(dY (C, N, d), S, A, dS (l, N, d) mutated, accumulate) -> dA
+//
+// Shapes are checked by one validator shared by both directions. A is converted to the
+// accumulator dtype (float64 for float64 activations, float32 otherwise); dA is
+// returned in A's dtype and shape (summed over tokens for static (C, l) weights).
+// Every launch runs on the current stream and is followed by a launch check.
+
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <limits>
+
+#include "common/checks.h"
+#include "common/dispatch.h"
+#include "kernels/depth_aggregate.cuh"
+#include "ops.h"
+
+namespace crosslayer {
+namespace {
+
+struct DepthAggregateShape {
+  int64_t l, N, d, C;
+  bool static_weights;
+};
+
+DepthAggregateShape check_depth_aggregate_inputs(const at::Tensor& S, const at::Tensor& A) {
+  CL_CHECK_CUDA(S, "S");
+  CL_CHECK_SAME_DEVICE(A, S, "A", "S");
+  CL_CHECK_FLOATING(S, "S");
+  CL_CHECK_FLOATING(A, "A");
+  CL_CHECK_DIM(S, "S", 3);
+  CL_CHECK_DIM(A, "A", 2, 3);
+  DepthAggregateShape sh;
+  sh.l = S.size(0);
+  sh.N = S.size(1);
+  sh.d = S.size(2);
+  sh.C = A.size(-2);
+  sh.static_weights = A.dim() == 2;
+  TORCH_CHECK(sh.l >= 1 && sh.l <= kDepthAggregateMaxSlots, "S must hold 1 to ",
+              kDepthAggregateMaxSlots, " slots along dim 0, got ", sh.l);
+  TORCH_CHECK(sh.C >= 1, "A must have at least one way (dim -2), got shape ", A.sizes());
+  if (sh.static_weights) {
+    CL_CHECK_SHAPE(A, "A", "(C, l)", sh.C, sh.l);
+  } else {
+    CL_CHECK_SHAPE(A, "A", "(N, C, l)", sh.N, sh.C, sh.l);
+  }
+  return sh;
+}
+
+bool vec_ok(const void* ptr, std::initializer_list<std::pair<int64_t, int64_t>> size_strides,
+            int vec) {
+  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
+  for (const auto& ss : size_strides) {
+    if (ss.first > 1 && ss.second % vec != 0) return false;
+  }
+  return true;
+}
+
+void set_weight_strides(DepthAggregateParams& p, const at::Tensor& A) {
+  if (A.dim() == 2) {
+    p.a_token_stride = 0;
+    p.a_way_stride = A.stride(0);
+    p.a_slot_stride = A.stride(1);
+  } else {
+    p.a_token_stride = A.stride(0);
+    p.a_way_stride = A.stride(1);
+    p.a_slot_stride = A.stride(2);
+  }
+}
+
+template <typename T, bool kBackward>
+void launch_depth_aggregate(const DepthAggregateParams& p, bool vectorize) {
+  using acc = acc_t<T>;
+  const int vec = vectorize ? kVec16<T> : 1;
+  const int ways_per_group = p.n_ways == 1 ? 1 : 4;
+  const DepthAggregateBlock b = depth_aggregate_block<acc>(p, vec, ways_per_group, kBackward);
+  const int64_t tiles = (p.n_tokens + b.rows - 1) / b.rows;
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, std::numeric_limits<int>::max())));
+  const dim3 block(b.threads_x, b.rows);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
+    constexpr int kVec = kVectorize ? kVec16<T> : 1;
+    CL_BOOL_SWITCH(p.n_ways == 1, kOneWay, [&] {
+      constexpr int kWays = kOneWay ? 1 : 4;
+      if constexpr (kBackward) {
+        depth_aggregate_bwd_kernel<T, kVec, kWays><<<grid, block, b.smem_bytes, stream>>>(p);
+      } else {
+        depth_aggregate_fwd_kernel<T, kVec, kWays><<<grid, block, b.smem_bytes, stream>>>(p);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+}  // namespace
+
+at::Tensor depth_aggregate_fwd(const at::Tensor& S_in, const at::Tensor& A_in) {
+  const DepthAggregateShape sh = check_depth_aggregate_inputs(S_in, A_in);
+  const c10::cuda::CUDAGuard guard(S_in.device());
+  const at::Tensor S = features_contiguous(S_in);
+  const at::Tensor A = A_in.to(acc_dtype(S.scalar_type()));
+  at::Tensor Y = at::empty({sh.C, sh.N, sh.d}, S.options());
+  if (sh.N == 0 || sh.d == 0) return Y;
+
+  DepthAggregateParams p{};
+  p.n_tokens = sh.N;
+  p.d = sh.d;
+  p.n_slots = static_cast<int>(sh.l);
+  p.n_ways = static_cast<int>(sh.C);
+  p.s_slot_stride = S.stride(0);
+  p.s_token_stride = S.stride(1);
+  set_weight_strides(p, A);
+  p.y_way_stride = Y.stride(0);
+  p.y_token_stride = Y.stride(1);
+  p.s_ptr = S.data_ptr();
+  p.a_ptr = A.data_ptr();
+  p.y_ptr = Y.data_ptr();
+
+  CL_DISPATCH_FLOATING(S.scalar_type(), "depth_aggregate_fwd", [&] {
+    const int vec = kVec16<scalar_t>;
+    const bool vectorize =
+        vec_ok(p.s_ptr, {{sh.l, p.s_slot_stride}, {sh.N, p.s_token_stride}}, vec) &&
+        vec_ok(p.y_ptr, {{sh.C, p.y_way_stride}, {sh.N, p.y_token_stride}}, vec);
+    launch_depth_aggregate<scalar_t, false>(p, vectorize);
+  });
+  return Y;
+}
+
+at::Tensor depth_aggregate_bwd(const at::Tensor& dY_in, const at::Tensor& S_in,
+                               const at::Tensor& A_in, const at::Tensor& dS, bool accumulate) {
+  const DepthAggregateShape sh = check_depth_aggregate_inputs(S_in, A_in);
+  CL_CHECK_SAME_DEVICE(dY_in, S_in, "dY", "S");
+  CL_CHECK_SAME_DEVICE(dS, S_in, "dS", "S");
+  CL_CHECK_SHAPE(dY_in, "dY", "(C, N, d)", sh.C, sh.N, sh.d);
+  CL_CHECK_SHAPE(dS, "dS", "(l, N, d)", sh.l, sh.N, sh.d);
+  TORCH_CHECK(dY_in.scalar_type() == S_in.scalar_type(), "dY must have S's dtype ",
+              S_in.scalar_type(), ", got ", dY_in.scalar_type());
+  TORCH_CHECK(dS.scalar_type() == S_in.scalar_type(), "dS must have S's dtype ",
+              S_in.scalar_type(), ", got ", dS.scalar_type());
+  TORCH_CHECK(sh.d <= 1 || dS.stride(2) == 1,
+              "dS must have unit stride along its feature dim (it is written in place), got strides ",
+              dS.strides());
+  const c10::cuda::CUDAGuard guard(S_in.device());
+  const at::Tensor S = features_contiguous(S_in);
+  const at::Tensor dY = features_contiguous(dY_in);
+  const at::ScalarType acc_type = acc_dtype(S.scalar_type());
+  const at::Tensor A = A_in.to(acc_type);
+  if (sh.N == 0 || sh.d == 0) {
+    // Nothing to read: dS keeps (accumulate) or takes (=) a zero contribution; dA = 0.
+    if (!accumulate) dS.zero_();
+    return at::zeros(A_in.sizes(), A_in.options());
+  }
+  at::Tensor dA_tok = at::empty({sh.N, sh.C, sh.l}, A.options());
+
+  DepthAggregateParams p{};
+  p.n_tokens = sh.N;
+  p.d = sh.d;
+  p.n_slots = static_cast<int>(sh.l);
+  p.n_ways = static_cast<int>(sh.C);
+  p.s_slot_stride = S.stride(0);
+  p.s_token_stride = S.stride(1);
+  set_weight_strides(p, A);
+  p.dy_way_stride = dY.stride(0);
+  p.dy_token_stride = dY.stride(1);
+  p.ds_slot_stride = dS.stride(0);
+  p.ds_token_stride = dS.stride(1);
+  p.da_token_stride = dA_tok.stride(0);
+  p.da_way_stride = dA_tok.stride(1);
+  p.da_slot_stride = dA_tok.stride(2);
+  p.accumulate_ds = accumulate;
+  p.s_ptr = S.data_ptr();
+  p.a_ptr = A.data_ptr();
+  p.dy_ptr = dY.data_ptr();
+  p.ds_ptr = dS.data_ptr();
+  p.da_ptr = dA_tok.data_ptr();
+
+  CL_DISPATCH_FLOATING(S.scalar_type(), "depth_aggregate_bwd", [&] {
+    const int vec = kVec16<scalar_t>;
+    const bool vectorize =
+        vec_ok(p.s_ptr, {{sh.l, p.s_slot_stride}, {sh.N, p.s_token_stride}}, vec) &&
+        vec_ok(p.dy_ptr, {{sh.C, p.dy_way_stride}, {sh.N, p.dy_token_stride}}, vec) &&
+        vec_ok(p.ds_ptr, {{sh.l, p.ds_slot_stride}, {sh.N, p.ds_token_stride}}, vec);
+    launch_depth_aggregate<scalar_t, true>(p, vectorize);
+  });
+  at::Tensor dA = sh.static_weights ? dA_tok.sum(0) : dA_tok;
+  return dA.to(A_in.scalar_type());
+}
+
+}  // namespace crosslayer

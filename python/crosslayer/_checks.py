@@ -1,0 +1,62 @@
+"""Argument validation shared by the oracle (`crosslayer.ref`) and the fused ops.
+
+Every message names the argument, what was expected and what was received, so a
+wrong call fails at the Python boundary with a readable error instead of deep in a
+kernel. Validators never synchronise with the device: they look at shapes, dtypes
+and devices only.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_tensor(name: str, t, *, ndim: Optional[Sequence[int] | int] = None) -> None:
+    """`t` is a floating tensor of an activation dtype (and `ndim` dims if given)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must have dtype float32, bfloat16, float16 or float64, got {t.dtype}"
+        )
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            want = " or ".join(str(a) for a in allowed)
+            raise ValueError(
+                f"{name} must have {want} dims, got {t.dim()} (shape {tuple(t.shape)})"
+            )
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Sequence[Optional[int]], what: str = "") -> None:
+    """`t.shape` equals `expected`; `None` entries match any size."""
+    ok = t.dim() == len(expected) and all(
+        e is None or s == e for s, e in zip(t.shape, expected)
+    )
+    if not ok:
+        shown = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+        hint = f" {what}" if what else ""
+        raise ValueError(f"{name} must have shape {shown}{hint}, got {tuple(t.shape)}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    """All given tensors live on one device."""
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    first_name, first = items[0]
+    for k, v in items[1:]:
+        if v.device != first.device:
+            raise ValueError(
+                f"{k} is on {v.device} but {first_name} is on {first.device}; "
+                "all inputs must be on the same device"
+            )
+
+
+def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """The oracle's arithmetic dtype: float64 if any input is float64, else float32."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32

@@ -1,0 +1,82 @@
+"""Loading of the compiled extension `crosslayer._C`, with clear errors.
+
+`load_extension()` returns the module, or None when the package was installed without
+it (pure-Python build, or CROSSLAYER_DISABLE_EXTENSION=1). An extension that was built
+against another torch is refused with a message saying what was built against what
+and how to rebuild, instead of an undefined-symbol traceback from the dynamic loader.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+REBUILD_HINT = (
+    "Rebuild it against the torch you run, from the crosslayer source tree:\n"
+    "    CUDA_HOME=/path/to/cuda pip install --no-build-isolation -e .\n"
+    "or set CROSSLAYER_DISABLE_EXTENSION=1 to run every op on the PyTorch oracle."
+)
+
+
+class ExtensionMismatchError(ImportError):
+    """crosslayer._C does not match the running torch."""
+
+
+def build_info() -> dict:
+    """What setup.py recorded at build time ({} when it never ran, e.g. a bare checkout)."""
+    try:
+        from crosslayer import _build_info
+    except ImportError:
+        return {}
+    return {k.lower(): v for k, v in vars(_build_info).items() if k.isupper()}
+
+
+def _base_version(version: str) -> str:
+    return version.split("+")[0]
+
+
+def check_build_matches(info: dict, running_torch: str, running_cuda: Optional[str]) -> None:
+    """Raise ExtensionMismatchError when the recorded build does not match the running torch."""
+    built = info.get("torch_version")
+    if built is not None and built != running_torch:
+        raise ExtensionMismatchError(
+            f"crosslayer._C was built against torch {built} (CUDA {info.get('torch_cuda')}) "
+            f"but torch {running_torch} (CUDA {running_cuda}) is installed. {REBUILD_HINT}"
+        )
+
+
+def load_extension() -> Optional[ModuleType]:
+    if os.environ.get("CROSSLAYER_DISABLE_EXTENSION") == "1":
+        return None
+    info = build_info()
+    if info and not info.get("built_cuda", False):
+        return None
+    check_build_matches(info, torch.__version__, torch.version.cuda)
+    try:
+        from crosslayer import _C
+    except ModuleNotFoundError as e:
+        if info:  # setup.py said it built the extension: a missing module is an error.
+            raise ImportError(
+                f"crosslayer was built with its CUDA extension but crosslayer._C is missing ({e}). "
+                f"{REBUILD_HINT}"
+            ) from e
+        return None
+    except ImportError as e:
+        raise ExtensionMismatchError(
+            f"crosslayer._C failed to load: {e}. The usual cause is a build against another "
+            f"torch (running {torch.__version__}, CUDA {torch.version.cuda}; recorded build: "
+            f"{info.get('torch_version', 'unknown')}). {REBUILD_HINT}"
+        ) from e
+    built = _C.built_torch_version()
+    if built != _base_version(torch.__version__):
+        raise ExtensionMismatchError(
+            f"crosslayer._C was compiled with torch {built} headers but torch "
+            f"{torch.__version__} is installed. {REBUILD_HINT}"
+        )
+    return _C
+
+
+_C = load_extension()

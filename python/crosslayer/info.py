@@ -1,0 +1,74 @@
+"""`python -m crosslayer.info`: what this install was built with and what runs fused.
+
+Prints torch and CUDA versions, whether crosslayer._C was built and for which
+architectures, the GPU seen (and whether the build covers it), and which ops run fused.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from crosslayer import ops
+from crosslayer._extension import _C
+from crosslayer._extension import build_info as _recorded_build_info
+
+
+def build_info() -> dict:
+    """The build record plus what is loaded now.
+
+    Keys: torch_version, torch_cuda (the running torch's), built_cuda (the extension is
+    loaded), archs (list of "major.minor" it was compiled for), built_torch_version,
+    nvcc_version, cuda_home, skip_reason, extension_disabled.
+    """
+    rec = _recorded_build_info()
+    archs = [a.strip() for a in rec.get("cuda_archs", "").replace(",", ";").split(";") if a.strip()]
+    return {
+        "torch_version": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "built_cuda": _C is not None,
+        "archs": archs,
+        "built_torch_version": rec.get("torch_version"),
+        "nvcc_version": rec.get("nvcc_version"),
+        "cuda_home": rec.get("cuda_home"),
+        "skip_reason": rec.get("skip_reason", "no build record (run setup.py / pip install)"),
+        "extension_disabled": os.environ.get("CROSSLAYER_DISABLE_EXTENSION") == "1",
+    }
+
+
+def report() -> str:
+    info = build_info()
+    lines = [
+        f"torch            {info['torch_version']} (CUDA {info['torch_cuda']})",
+        f"crosslayer._C    {'built' if info['built_cuda'] else 'not built'}"
+        + (f", for sm {', '.join(info['archs'])}, nvcc {info['nvcc_version']}, "
+           f"against torch {info['built_torch_version']}" if info["built_cuda"] else ""),
+    ]
+    if not info["built_cuda"]:
+        reason = "CROSSLAYER_DISABLE_EXTENSION=1" if info["extension_disabled"] else info["skip_reason"]
+        lines.append(f"                 reason: {reason}")
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        cap = f"{major}.{minor}"
+        covered = any(a.split("+")[0] == cap for a in info["archs"])
+        lines.append(
+            f"GPU              {torch.cuda.get_device_name()} (sm {cap}); "
+            + ("the build covers it" if covered else
+               f"NOT covered by the build's architectures {info['archs']}: rebuild with "
+               f"TORCH_CUDA_ARCH_LIST={cap}" if info["built_cuda"] else "no extension")
+        )
+    else:
+        lines.append("GPU              none visible (every op runs on the oracle)")
+    lines.append("ops              " + ", ".join(
+        f"{op}: {'fused' if fused else 'oracle'}" for op, fused in ops.fused_ops().items()
+    ))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

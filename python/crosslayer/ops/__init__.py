@@ -1,0 +1,18 @@
+"""The ops of DESIGN.md, fused on CUDA where a kernel exists, with the oracle's
+signatures and semantics (crosslayer.ref is the spec)."""
+
+from crosslayer._extension import _C
+from crosslayer.ops.depth_aggregate import depth_aggregate
+
+# Ops with a fused CUDA kernel in this version (forward and backward). The others run
+# on the oracle everywhere until their kernels land.
+_KERNELS = ("depth_aggregate",)
+ALL_OPS = ("hc_pre", "hc_post", "stream_mix", "mhc_coeffs", "depth_aggregate", "mudd_weights")
+
+
+def fused_ops() -> dict:
+    """{op name: True when it runs a fused kernel on CUDA tensors in this install}."""
+    return {op: (_C is not None and op in _KERNELS) for op in ALL_OPS}
+
+
+__all__ = ["depth_aggregate", "fused_ops", "ALL_OPS"]

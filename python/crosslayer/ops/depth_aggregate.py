@@ -1,0 +1,105 @@
+"""depth_aggregate on the GPU: custom ops over crosslayer._C, their autograd, and the
+public function that mirrors `crosslayer.ref.depth_aggregate`.
+
+Layers, bottom up:
+  _C.depth_aggregate_fwd / _bwd                 pybind11 launchers (csrc/depth_aggregate.cu)
+  torch.ops.crosslayer.depth_aggregate          custom op + fake + autograd; S (l, N, d)
+  torch.ops.crosslayer.depth_aggregate_bwd      custom op mutating dS (= or +=), returns dA
+  depth_aggregate(S, A)                         any token dims; validates; dispatches
+
+The custom ops run the fused kernels on CUDA tensors and the oracle on CPU tensors, so
+their registration (schema, fake, autograd, mutation) is exercised by opcheck and
+torch.compile on any machine. The public function sends CPU tensors, and CUDA tensors
+when the extension is not built, straight to the oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from crosslayer import ref
+from crosslayer._extension import _C
+from crosslayer.ref.mudd import validate_depth_aggregate
+
+
+def _fused() -> object:
+    if _C is None:
+        raise RuntimeError(
+            "crosslayer._C is not built, so the fused depth_aggregate cannot run on CUDA "
+            "tensors; `python -m crosslayer.info` says why. crosslayer.ops.depth_aggregate "
+            "uses the oracle in that case."
+        )
+    return _C
+
+
+@torch.library.custom_op("crosslayer::depth_aggregate", mutates_args=())
+def depth_aggregate_op(S: Tensor, A: Tensor) -> Tensor:
+    """Y_c = Σ_j A[.., c, j]·S_j.  S: (l, N, d); A: (N, C, l) or (C, l) -> Y: (C, N, d)."""
+    if S.is_cuda:
+        return _fused().depth_aggregate_fwd(S, A)
+    # A custom op's output must never alias an input; the oracle gives no such promise.
+    return ref.depth_aggregate(S, A).clone()
+
+
+@depth_aggregate_op.register_fake
+def _depth_aggregate_fake(S: Tensor, A: Tensor) -> Tensor:
+    return S.new_empty((A.shape[-2], S.shape[1], S.shape[2]))
+
+
+@torch.library.custom_op("crosslayer::depth_aggregate_bwd", mutates_args=("dS",))
+def depth_aggregate_bwd_op(dY: Tensor, S: Tensor, A: Tensor, dS: Tensor, accumulate: bool) -> Tensor:
+    """dS (+)= Σ_c A[.., c, j]·dY_c in place (`+=` when accumulate, else `=`); returns dA.
+
+    dY: (C, N, d); S: (l, N, d); A: (N, C, l) or (C, l); dS: (l, N, d), S's dtype.
+    dA has A's shape and dtype; for static A it is summed over tokens.
+    """
+    if S.is_cuda:
+        return _fused().depth_aggregate_bwd(dY, S, A, dS, accumulate)
+    dS_new, dA = ref.depth_aggregate_bwd(dY, S, A)
+    if accumulate:
+        dS.add_(dS_new)
+    else:
+        dS.copy_(dS_new)
+    return dA.to(A.dtype)
+
+
+@depth_aggregate_bwd_op.register_fake
+def _depth_aggregate_bwd_fake(dY: Tensor, S: Tensor, A: Tensor, dS: Tensor, accumulate: bool) -> Tensor:
+    return A.new_empty(A.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    S, A = inputs
+    ctx.save_for_backward(S, A)
+
+
+def _backward(ctx, dY: Tensor):
+    S, A = ctx.saved_tensors
+    dS = torch.empty(S.shape, dtype=S.dtype, device=S.device)
+    dA = depth_aggregate_bwd_op(dY, S, A, dS, False)
+    return dS, dA
+
+
+depth_aggregate_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def depth_aggregate(S: Tensor, A: Tensor) -> Tensor:
+    """Weighted sums of depth slots: Y_c = Σ_j A[..., c, j]·S_j (see crosslayer.ref).
+
+    S: (l, *tok, d)               depth slots, any slot and token strides (e.g. full[:l],
+                                  full[1::2]); a feature dim with non-unit stride is
+                                  copied once before the kernel reads it
+    A: (*tok, C, l) or (C, l)     per-token or static weights; the kernel computes in
+                                  float32 (float64 for float64 S)
+    returns Y: (C, *tok, d)       dtype of S
+
+    Fused on CUDA when the extension is built; the oracle otherwise.
+    """
+    validate_depth_aggregate(S, A)
+    if not (S.is_cuda and _C is not None):
+        return ref.depth_aggregate(S, A)
+    l, d, C = S.shape[0], S.shape[-1], A.shape[-2]
+    tok = S.shape[1:-1]
+    Y = depth_aggregate_op(S.reshape(l, -1, d), A if A.dim() == 2 else A.reshape(-1, C, l))
+    return Y.view(C, *tok, d)

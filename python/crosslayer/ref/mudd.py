@@ -1,0 +1,369 @@
+"""Oracle for the MUDD / DenseFormer family: depth aggregation and MUDD weights.
+
+Depth stack. ``S: (l, *tok, d)`` holds l depth slots; in a model it is a view of one
+preallocated ``(L+1, N, d)`` buffer where slot 0 is the embedding and slot j the
+output of block j-1. Slot (dim 0) and token strides are arbitrary; the oracle also
+accepts any feature stride, the fused kernels want features contiguous.
+
+depth_aggregate (C ways, l slots; A per token ``(*tok, C, l)`` or static ``(C, l)``)::
+
+    forward   Y_c     = sum_j A[..., c, j] * S_j                       Y: (C, *tok, d)
+    backward  dS_j    = sum_c A[..., c, j] * dY_c                      (shape of S)
+              dA[c,j] = <dY_c, S_j>_d        per token; summed over tokens when static
+
+DenseFormer DWA is depth_aggregate with static weights, C = 1, and the slots picked
+by `dwa_slots` (dilation k, period p); `dwa_init_weights` starts at the identity.
+
+mudd_weights (x: (*tok, d), W1: (d, K), W2: (K, C*l), bias: (C*l,) or (C, l))::
+
+    r  = rsqrt(mean_d(x^2) + eps)            (*tok, 1)   rms norm, no weight
+    xn = x * r                               (*tok, d)
+    u  = xn @ W1                             (*tok, K)   (= (x @ W1) * r)
+    h  = GELU(u)                             (*tok, K)
+    A  = h @ W2 + bias                       (*tok, C*l) -> (*tok, C, l), index c*l + j
+
+    backward, with dA flattened to (*tok, C*l):
+    dbias = sum_tok dA                       dW2 = sum_tok h^T dA
+    du    = (dA @ W2^T) * GELU'(u)           dW1 = sum_tok xn^T du
+    dxn   = du @ W1^T
+    dx    = r * (dxn - xn * mean_d(dxn * xn))
+
+    GELU'(u), exact:  Phi(u) + u * phi(u),  Phi(u) = (1 + erf(u / sqrt 2)) / 2,
+                      phi(u) = exp(-u^2 / 2) / sqrt(2 pi)
+    GELU'(u), tanh:   t = tanh(c0 * (u + c1 u^3)),  c0 = sqrt(2 / pi), c1 = 0.044715
+                      (1 + t) / 2 + u (1 - t^2) c0 (1 + 3 c1 u^2) / 2
+
+Dtypes. Arithmetic runs in `compute_dtype` of all inputs (float64 if any is float64,
+else float32); coefficient and weight inputs of any float dtype are cast to it.
+Activations (Y, dS, dx) come back in the activation dtype (S's, x's); coefficients
+and weight gradients (A, dA, dW1, dW2, dbias) in the arithmetic dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from crosslayer._checks import (
+    check_same_device,
+    check_shape,
+    check_tensor,
+    compute_dtype,
+)
+
+MAX_SLOTS = 128
+GELU_APPROXIMATIONS = ("none", "tanh")
+
+__all__ = [
+    "MAX_SLOTS",
+    "depth_aggregate",
+    "depth_aggregate_bwd",
+    "validate_depth_aggregate",
+    "dwa_slots",
+    "dwa_init_weights",
+    "mudd_weights",
+    "mudd_weights_bwd",
+    "mudd_init_weights",
+    "validate_mudd_weights",
+]
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_approximate(approximate) -> None:
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+
+
+# ---------------------------------------------------------------------------
+# depth_aggregate
+# ---------------------------------------------------------------------------
+
+
+def validate_depth_aggregate(S: torch.Tensor, A: torch.Tensor) -> None:
+    """Check the arguments of `depth_aggregate` (shared by the oracle and the fused op).
+
+    S: (l, *tok, d) float tensor with at least one token dim (S.dim() >= 3) and
+       1 <= l <= 128 slots; any strides.
+    A: (*tok, C, l) per token (A.dim() == S.dim(), token dims equal to S's) or
+       (C, l) static; C >= 1; float; on S's device.
+    Raises TypeError / ValueError naming the argument, the expected and the actual
+    shape, dtype or device. Looks at metadata only (no device sync).
+    """
+    check_tensor("S", S)
+    check_tensor("A", A)
+    if S.dim() < 3:
+        raise ValueError(
+            f"S must have shape (l, *tok, d) with at least one token dim (>= 3 dims), "
+            f"got {S.dim()} dims (shape {tuple(S.shape)})"
+        )
+    l = S.shape[0]
+    if not 1 <= l <= MAX_SLOTS:
+        raise ValueError(
+            f"S must have 1 to {MAX_SLOTS} depth slots (dim 0), got {l} (shape {tuple(S.shape)})"
+        )
+    if A.dim() == 2:
+        check_shape("A", A, (None, l), f"(static (C, l), l = S.shape[0] = {l})")
+    elif A.dim() == S.dim():
+        tok = tuple(S.shape[1:-1])
+        check_shape("A", A, (*tok, None, l), f"(per token (*tok, C, l), tok = S.shape[1:-1] = {tok}, l = {l})")
+    else:
+        raise ValueError(
+            f"A must have 2 dims (static (C, l)) or {S.dim()} dims (per token (*tok, C, l) "
+            f"for S of shape {tuple(S.shape)}), got shape {tuple(A.shape)}"
+        )
+    if A.shape[-2] < 1:
+        raise ValueError(f"A must have C >= 1 ways (dim -2), got shape {tuple(A.shape)}")
+    check_same_device(S=S, A=A)
+
+
+def depth_aggregate(S: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """Weighted sums of depth slots: Y_c = sum_j A[..., c, j] * S_j.
+
+    S: (l, *tok, d)               depth slots, any strides (e.g. full[:l], full[1::2])
+    A: (*tok, C, l) or (C, l)     per-token or static weights, any float dtype
+    returns Y: (C, *tok, d)       dtype of S
+    """
+    validate_depth_aggregate(S, A)
+    cd = compute_dtype(S, A)
+    Sf, Af = S.to(cd), A.to(cd)
+    if A.dim() == 2:
+        Y = torch.einsum("j...d,cj->c...d", Sf, Af)
+    else:
+        Y = torch.einsum("j...d,...cj->c...d", Sf, Af)
+    return Y.to(S.dtype)
+
+
+def depth_aggregate_bwd(
+    dY: torch.Tensor, S: torch.Tensor, A: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Backward of `depth_aggregate`.
+
+    dY: (C, *tok, d)              gradient of Y, any float dtype
+    S:  (l, *tok, d)              as in the forward
+    A:  (*tok, C, l) or (C, l)    as in the forward
+    returns
+      dS: (l, *tok, d)            dS_j = sum_c A[..., c, j] * dY_c, dtype of S
+      dA: shape of A              dA[..., c, j] = <dY_c, S_j>_d (summed over tokens
+                                  when A is static), arithmetic dtype
+    """
+    validate_depth_aggregate(S, A)
+    check_tensor("dY", dY)
+    C = A.shape[-2]
+    check_shape("dY", dY, (C, *S.shape[1:]), "(C, *tok, d) like the forward output Y")
+    check_same_device(S=S, dY=dY)
+    cd = compute_dtype(dY, S, A)
+    dYf, Sf, Af = dY.to(cd), S.to(cd), A.to(cd)
+    if A.dim() == 2:
+        dS = torch.einsum("c...d,cj->j...d", dYf, Af)
+        dA = torch.einsum("c...d,j...d->cj", dYf, Sf)
+    else:
+        dS = torch.einsum("c...d,...cj->j...d", dYf, Af)
+        dA = torch.einsum("c...d,j...d->...cj", dYf, Sf)
+    return dS.to(S.dtype), dA
+
+
+# ---------------------------------------------------------------------------
+# DenseFormer slot selection and init
+# ---------------------------------------------------------------------------
+
+
+def dwa_slots(block_index: int, dilation: int = 1, period: int = 1) -> Optional[slice]:
+    """Depth slots DenseFormer's DWA after block `block_index` averages, or None.
+
+    Slot convention: slot 0 = embedding, slot j = output of block j-1, so after
+    block i (0-based) slots 0..i+1 are filled. Returns None when there is no DWA
+    after block i ((i+1) % period != 0); otherwise the slots j <= i+1 with
+    j = i+1 (mod dilation), as slice((i+1) % dilation, i+2, dilation). That is
+    (i+1+dilation) // dilation slots, oldest first and the newest (i+1) last, the
+    layout of epfml/DenseFormer's alphas[i]. S_full[dwa_slots(i, k, p)] is a
+    strided view of the (L+1, *tok, d) stack usable directly as S.
+    """
+    _check_int("block_index", block_index, 0)
+    _check_int("dilation", dilation, 1)
+    _check_int("period", period, 1)
+    if (block_index + 1) % period != 0:
+        return None
+    return slice((block_index + 1) % dilation, block_index + 2, dilation)
+
+
+def dwa_init_weights(
+    block_index: int, dilation: int = 1, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Identity-start static DWA weights for the slots `dwa_slots(block_index, dilation)`.
+
+    returns (1, l), l = (block_index + 1 + dilation) // dilation: zeros with 1 on the
+    newest slot (the last entry), so at init the DWA returns block i's output.
+    """
+    _check_int("block_index", block_index, 0)
+    _check_int("dilation", dilation, 1)
+    l = (block_index + 1 + dilation) // dilation
+    w = torch.zeros(1, l, dtype=dtype)
+    w[0, -1] = 1
+    return w
+
+
+# ---------------------------------------------------------------------------
+# mudd_weights
+# ---------------------------------------------------------------------------
+
+
+def validate_mudd_weights(
+    x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor, bias: torch.Tensor, n_ways: int
+) -> None:
+    """Check the arguments of `mudd_weights` (shared by the oracle and the fused op).
+
+    x: (*tok, d) with at least one token dim (x.dim() >= 2); W1: (d, K);
+    W2: (K, C*l) with C = n_ways >= 1 and 1 <= l <= 128; bias: (C*l,) or (C, l).
+    All float, on one device. Looks at metadata only (no device sync).
+    """
+    _check_int("n_ways", n_ways, 1)
+    check_tensor("x", x)
+    check_tensor("W1", W1, ndim=2)
+    check_tensor("W2", W2, ndim=2)
+    check_tensor("bias", bias, ndim=(1, 2))
+    if x.dim() < 2:
+        raise ValueError(
+            f"x must have shape (*tok, d) with at least one token dim (>= 2 dims), "
+            f"got {x.dim()} dims (shape {tuple(x.shape)})"
+        )
+    d = x.shape[-1]
+    check_shape("W1", W1, (d, None), f"(d, K) with d = x.shape[-1] = {d}")
+    K = W1.shape[1]
+    check_shape("W2", W2, (K, None), f"(K, C*l) with K = W1.shape[1] = {K}")
+    Cl = W2.shape[1]
+    if Cl % n_ways != 0 or not 1 <= Cl // n_ways <= MAX_SLOTS:
+        raise ValueError(
+            f"W2 must have shape (K, C*l) with C = n_ways = {n_ways} and 1 <= l <= {MAX_SLOTS}, "
+            f"got {tuple(W2.shape)}"
+        )
+    l = Cl // n_ways
+    if bias.dim() == 1:
+        check_shape("bias", bias, (Cl,), f"(C*l,) with C = {n_ways}, l = {l}")
+    else:
+        check_shape("bias", bias, (n_ways, l), f"(C, l) with C = {n_ways}, l = {l}")
+    check_same_device(x=x, W1=W1, W2=W2, bias=bias)
+
+
+def _gelu_grad(u: torch.Tensor, approximate: str) -> torch.Tensor:
+    """d GELU(u) / du, exact (erf) or tanh form."""
+    if approximate == "tanh":
+        c0 = math.sqrt(2.0 / math.pi)
+        c1 = 0.044715
+        t = torch.tanh(c0 * (u + c1 * u * u * u))
+        return 0.5 * (1 + t) + 0.5 * u * (1 - t * t) * c0 * (1 + 3 * c1 * u * u)
+    cdf = 0.5 * (1 + torch.erf(u * (1.0 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * u * u) * (1.0 / math.sqrt(2.0 * math.pi))
+    return cdf + u * pdf
+
+
+def mudd_weights(
+    x: torch.Tensor,
+    W1: torch.Tensor,
+    W2: torch.Tensor,
+    bias: torch.Tensor,
+    n_ways: int,
+    eps: float = 1e-6,
+    approximate: str = "none",
+) -> torch.Tensor:
+    """MUDD dynamic depth weights A = GELU(rms(x) @ W1) @ W2 + bias, C-major.
+
+    x:    (*tok, d)               block output the weights are computed from
+    W1:   (d, K)
+    W2:   (K, C*l)                column c*l + j is way c, slot j
+    bias: (C*l,) or (C, l)
+    n_ways: C; eps: rms epsilon; approximate: "none" (erf GELU) or "tanh"
+    returns A: (*tok, C, l)       arithmetic dtype
+    """
+    validate_mudd_weights(x, W1, W2, bias, n_ways)
+    _check_approximate(approximate)
+    cd = compute_dtype(x, W1, W2, bias)
+    xf = x.to(cd)
+    r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    u = (xf * r) @ W1.to(cd)
+    h = F.gelu(u, approximate=approximate)
+    A = h @ W2.to(cd) + bias.to(cd).reshape(-1)
+    return A.reshape(*x.shape[:-1], n_ways, W2.shape[1] // n_ways)
+
+
+def mudd_weights_bwd(
+    dA: torch.Tensor,
+    x: torch.Tensor,
+    W1: torch.Tensor,
+    W2: torch.Tensor,
+    bias: torch.Tensor,
+    n_ways: int,
+    eps: float = 1e-6,
+    approximate: str = "none",
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of `mudd_weights` (formulas in the module docstring).
+
+    dA:   (*tok, C, l)            gradient of A, any float dtype
+    x, W1, W2, bias, n_ways, eps, approximate: as in the forward
+    returns
+      dx:    (*tok, d)            dtype of x
+      dW1:   (d, K)               arithmetic dtype
+      dW2:   (K, C*l)             arithmetic dtype
+      dbias: shape of bias        arithmetic dtype
+    """
+    validate_mudd_weights(x, W1, W2, bias, n_ways)
+    _check_approximate(approximate)
+    check_tensor("dA", dA)
+    Cl = W2.shape[1]
+    check_shape("dA", dA, (*x.shape[:-1], n_ways, Cl // n_ways), "(*tok, C, l) like the forward output A")
+    check_same_device(x=x, dA=dA)
+    cd = compute_dtype(dA, x, W1, W2, bias)
+    d = x.shape[-1]
+    W1f, W2f = W1.to(cd), W2.to(cd)
+    xf = x.to(cd).reshape(-1, d)
+    g = dA.to(cd).reshape(-1, Cl)
+
+    r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    xn = xf * r
+    u = xn @ W1f
+    h = F.gelu(u, approximate=approximate)
+
+    dbias = g.sum(0).reshape(bias.shape)
+    dW2 = h.transpose(0, 1) @ g
+    du = (g @ W2f.transpose(0, 1)) * _gelu_grad(u, approximate)
+    dW1 = xn.transpose(0, 1) @ du
+    dxn = du @ W1f.transpose(0, 1)
+    dx = r * (dxn - xn * (dxn * xn).mean(-1, keepdim=True))
+    return dx.reshape(x.shape).to(x.dtype), dW1, dW2, dbias
+
+
+def mudd_init_weights(
+    d: int,
+    l: int,
+    n_ways: int,
+    hidden: int,
+    dtype: torch.dtype = torch.float32,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Identity-start MUDD weight-MLP parameters (MUDDFormer's training init).
+
+    returns
+      W1:   (d, hidden)           N(0, 1/d) (fan-in normal)
+      W2:   (hidden, C*l)         zeros, so A = bias at init
+      bias: (C, l)                zeros with 1 on the newest slot j = l-1 of every way,
+                                  so every way of the aggregate equals slot l-1
+    """
+    _check_int("d", d, 1)
+    _check_int("l", l, 1)
+    _check_int("n_ways", n_ways, 1)
+    _check_int("hidden", hidden, 1)
+    if l > MAX_SLOTS:
+        raise ValueError(f"l must be <= {MAX_SLOTS}, got {l}")
+    W1 = (torch.randn(d, hidden, generator=generator, dtype=torch.float32) / math.sqrt(d)).to(dtype)
+    W2 = torch.zeros(hidden, n_ways * l, dtype=dtype)
+    bias = torch.zeros(n_ways, l, dtype=dtype)
+    bias[:, -1] = 1
+    return W1, W2, bias
