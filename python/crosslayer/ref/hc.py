@@ -1,0 +1,365 @@
+r"""Oracle for Hyper-Connections (HC, arXiv 2409.19606): static (SHC) and dynamic (DHC).
+
+The hidden state of one token is a stack of n streams, H: (n, d). A layer T reads one
+vector x = Σ_i alpha[i,0]·H_i, computes y = T(x), and writes back
+
+    H'_k = beta_k·y + Σ_i alpha[i,1+k]·H_i              (k = 0..n-1).
+
+In the paper's notation HC = [[0, B], [A_m, A_r]] ∈ R^{(n+1)×(n+1)}, and here
+alpha = [A_m | A_r] ∈ R^{n×(n+1)}, beta = B ∈ R^n.
+
+SHC: alpha = A, beta = B (static, shared by every token).
+DHC: per stream i, with r_i = rsqrt(mean_d H_i² + eps) and p_i = r_i·(H_i·W) ∈ R^{n+2}
+(W: (d, n+2), the norm weight folded into W),
+
+    alpha[i,:] = A[i,:] + s_a·tanh(p_i[:n+1]),    beta[i] = B[i] + s_b·tanh(p_i[n+1]).
+
+Hand-derived backward (no autograd), for the loss <dx,x> + <dalpha,alpha> + <dbeta,beta>:
+
+    Galpha = dalpha, plus Galpha[i,0] += <dx, H_i>;   Gbeta = dbeta
+    dA = Σ_tokens Galpha;  dB = Σ_tokens Gbeta
+    dH_i = alpha[i,0]·dx                                        (SHC: nothing else)
+    t = tanh(p);  dt = [s_a·Galpha, s_b·Gbeta]
+    ds_a = Σ Galpha·t[:n+1];  ds_b = Σ Gbeta·t[n+1]
+    dp = dt·(1 − t²);  dq = r·dp (q = H_i·W);  dr_i = <dp_i, q_i>
+    dW = Σ_tokens Σ_i H_iᵀ·dq_i
+    dH_i += dq_i·Wᵀ − dr_i·r_i³·H_i/d                 (since d r_i/d H_i = −r_i³·H_i/d)
+
+hc_post backward: dy = Σ_k beta_k·dH'_k; dH_i = Σ_k alpha[i,1+k]·dH'_k;
+dalpha[i,1+k] = <H_i, dH'_k> (dalpha[:,0] = 0); dbeta_k = <dH'_k, y>; static
+coefficients get their gradient summed over tokens.
+
+All arithmetic is in float32 (float64 when any input is float64); activations come
+back in the dtype of H (of y for dy), coefficients and their gradients in the
+arithmetic dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from crosslayer._checks import check_same_device, check_shape, check_tensor, compute_dtype
+
+Scalar = Union[torch.Tensor, float]
+
+MAX_STREAMS = 16
+
+
+def check_streams(name: str, H) -> None:
+    """`H` is a float tensor (..., n, d) with 1 <= n <= 16 streams."""
+    check_tensor(name, H)
+    if H.dim() < 2:
+        raise ValueError(
+            f"{name} must have shape (..., n, d) with at least 2 dims, got {tuple(H.shape)}"
+        )
+    n = H.shape[-2]
+    if not 1 <= n <= MAX_STREAMS:
+        raise ValueError(
+            f"{name} must have 1 to {MAX_STREAMS} streams (dim -2 of (..., n, d)), "
+            f"got n = {n} (shape {tuple(H.shape)})"
+        )
+
+
+def check_scalar(name: str, v) -> None:
+    """`v` is a python float/int or a 0-dim float tensor."""
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be a float or a 0-dim float tensor, got bool")
+    if isinstance(v, (int, float)):
+        return
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a float or a 0-dim float tensor, got {type(v).__name__}"
+        )
+    check_tensor(name, v)
+    if v.dim() != 0:
+        raise ValueError(f"{name} must be a 0-dim tensor, got shape {tuple(v.shape)}")
+
+
+def check_coeff(name: str, t, static_shape: tuple, lead: tuple) -> None:
+    """`t` has the static shape or the per-token shape lead + static_shape."""
+    check_tensor(name, t)
+    if tuple(t.shape) != tuple(static_shape):
+        check_shape(name, t, tuple(lead) + tuple(static_shape),
+                    f"(per token) or {tuple(static_shape)} (static)")
+
+
+def tensors_only(**kw) -> dict:
+    """The keyword arguments that are tensors (python scalars and None dropped)."""
+    return {k: v for k, v in kw.items() if isinstance(v, torch.Tensor)}
+
+
+def as_scalar(v: Scalar, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-dim tensor of `dtype` on `device` holding `v`."""
+    if isinstance(v, torch.Tensor):
+        return v.to(device=device, dtype=dtype)
+    return torch.tensor(float(v), dtype=dtype, device=device)
+
+
+def sum_to(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum the leading dims of `g` away until it has `shape` (static coefficients)."""
+    if g.shape == shape:
+        return g
+    return g.reshape(-1, *shape).sum(0)
+
+
+# ----------------------------------------------------------------------------- hc_pre
+
+
+def validate_hc_pre(H, A, B, W=None, s_a=None, s_b=None) -> None:
+    """Checks for `hc_pre` / `hc_pre_bwd`.
+
+    H: (..., n, d), 1 <= n <= 16; A: (n, n+1); B: (n,); W: (d, n+2) or None;
+    s_a, s_b: 0-dim tensors or floats, required when W is given.
+    """
+    check_streams("H", H)
+    n, d = H.shape[-2], H.shape[-1]
+    check_tensor("A", A)
+    check_shape("A", A, (n, n + 1), "(n, n+1) for H with n streams")
+    check_tensor("B", B)
+    check_shape("B", B, (n,), "(n,) for H with n streams")
+    if W is not None:
+        check_tensor("W", W)
+        check_shape("W", W, (d, n + 2), "(d, n+2) for H of shape (..., n, d)")
+        if s_a is None:
+            raise ValueError("s_a is required when W is given (dynamic HC)")
+        if s_b is None:
+            raise ValueError("s_b is required when W is given (dynamic HC)")
+        check_scalar("s_a", s_a)
+        check_scalar("s_b", s_b)
+    check_same_device(**tensors_only(H=H, A=A, B=B, W=W, s_a=s_a, s_b=s_b))
+
+
+def _dhc_projection(Hc, W, eps):
+    """r: (..., n), q = H·W: (..., n, n+2), t = tanh(r·q): (..., n, n+2)."""
+    r = torch.rsqrt(Hc.square().mean(-1) + eps)
+    q = Hc @ W
+    t = torch.tanh(r.unsqueeze(-1) * q)
+    return r, q, t
+
+
+def hc_pre(H, A, B, W=None, s_a=None, s_b=None, eps: float = 1e-6):
+    """Layer input and HC coefficients.
+
+    H: (..., n, d); A: (n, n+1); B: (n,); W: (d, n+2) or None (SHC);
+    s_a, s_b: 0-dim tensors or floats (DHC only).
+    Returns x: (..., d) in H.dtype; alpha: (n, n+1) for SHC (a copy of A),
+    (..., n, n+1) for DHC; beta: (n,) for SHC, (..., n) for DHC (coefficients in the
+    arithmetic dtype).
+    """
+    validate_hc_pre(H, A, B, W, s_a, s_b)
+    ct = compute_dtype(H, A, B, W, *tensors_only(s_a=s_a, s_b=s_b).values())
+    Hc = H.to(ct)
+    A, B = A.to(ct), B.to(ct)
+    if W is None:
+        alpha, beta = A.clone(), B.clone()
+    else:
+        n = H.shape[-2]
+        sa, sb = as_scalar(s_a, ct, H.device), as_scalar(s_b, ct, H.device)
+        _, _, t = _dhc_projection(Hc, W.to(ct), eps)
+        alpha = A + sa * t[..., : n + 1]
+        beta = B + sb * t[..., n + 1]
+    x = (alpha[..., 0].unsqueeze(-1) * Hc).sum(-2)
+    return x.to(H.dtype), alpha, beta
+
+
+def hc_pre_bwd(dx, dalpha, dbeta, H, A, B, W=None, s_a=None, s_b=None, eps: float = 1e-6):
+    """Hand-derived backward of `hc_pre`.
+
+    dx: (..., d); dalpha: alpha's shape ((n, n+1) static or (..., n, n+1)) or None;
+    dbeta: beta's shape ((n,) or (..., n)) or None; the rest as in `hc_pre`.
+    Returns dH: (..., n, d) in H.dtype; dA: (n, n+1); dB: (n,); dW: (d, n+2);
+    ds_a, ds_b: 0-dim (dW, ds_a, ds_b are None for SHC). Parameter gradients are
+    summed over tokens.
+    """
+    validate_hc_pre(H, A, B, W, s_a, s_b)
+    lead, n, d = H.shape[:-2], H.shape[-2], H.shape[-1]
+    check_tensor("dx", dx)
+    check_shape("dx", dx, tuple(lead) + (d,), "(..., d) for H of shape (..., n, d)")
+    if W is None:
+        if dalpha is not None:
+            check_coeff("dalpha", dalpha, (n, n + 1), lead)
+        if dbeta is not None:
+            check_coeff("dbeta", dbeta, (n,), lead)
+    else:
+        if dalpha is not None:
+            check_tensor("dalpha", dalpha)
+            check_shape("dalpha", dalpha, tuple(lead) + (n, n + 1), "(the shape of alpha)")
+        if dbeta is not None:
+            check_tensor("dbeta", dbeta)
+            check_shape("dbeta", dbeta, tuple(lead) + (n,), "(the shape of beta)")
+    check_same_device(**tensors_only(H=H, dx=dx, dalpha=dalpha, dbeta=dbeta))
+    ct = compute_dtype(H, A, B, W, dx, dalpha, dbeta,
+                       *tensors_only(s_a=s_a, s_b=s_b).values())
+    Hc, dxc, A = H.to(ct), dx.to(ct), A.to(ct)
+    g0 = torch.einsum("...d,...id->...i", dxc, Hc)
+
+    if W is None:
+        dA = torch.zeros(n, n + 1, dtype=ct, device=H.device)
+        dA[:, 0] = sum_to(g0, torch.Size((n,)))
+        if dalpha is not None:
+            dA = dA + sum_to(dalpha.to(ct), dA.shape)
+        dB = torch.zeros(n, dtype=ct, device=H.device)
+        if dbeta is not None:
+            dB = dB + sum_to(dbeta.to(ct), dB.shape)
+        dH = A[:, 0].unsqueeze(-1) * dxc.unsqueeze(-2)
+        return dH.to(H.dtype), dA, dB, None, None, None
+
+    Galpha = torch.zeros(*lead, n, n + 1, dtype=ct, device=H.device)
+    if dalpha is not None:
+        Galpha = Galpha + dalpha.to(ct)
+    Galpha[..., 0] += g0
+    Gbeta = torch.zeros(*lead, n, dtype=ct, device=H.device)
+    if dbeta is not None:
+        Gbeta = Gbeta + dbeta.to(ct)
+    dA = sum_to(Galpha, A.shape)
+    dB = sum_to(Gbeta, B.shape)
+
+    Wc = W.to(ct)
+    sa, sb = as_scalar(s_a, ct, H.device), as_scalar(s_b, ct, H.device)
+    r, q, t = _dhc_projection(Hc, Wc, eps)
+    alpha0 = A[:, 0] + sa * t[..., 0]
+    ds_a = (Galpha * t[..., : n + 1]).sum()
+    ds_b = (Gbeta * t[..., n + 1]).sum()
+    dt = torch.cat([sa * Galpha, (sb * Gbeta).unsqueeze(-1)], dim=-1)
+    dp = dt * (1 - t.square())
+    dq = r.unsqueeze(-1) * dp
+    dr = (dp * q).sum(-1)
+    dW = torch.einsum("...id,...ij->dj", Hc, dq)
+    dH = (
+        alpha0.unsqueeze(-1) * dxc.unsqueeze(-2)
+        + dq @ Wc.transpose(0, 1)
+        - (dr * r.pow(3) / d).unsqueeze(-1) * Hc
+    )
+    return dH.to(H.dtype), dA, dB, dW, ds_a, ds_b
+
+
+# ---------------------------------------------------------------------------- hc_post
+
+
+def validate_hc_post(H, y, alpha, beta) -> None:
+    """Checks for `hc_post` / `hc_post_bwd`.
+
+    H: (..., n, d), 1 <= n <= 16; y: (..., d); alpha: (n, n+1) or (..., n, n+1);
+    beta: (n,) or (..., n).
+    """
+    check_streams("H", H)
+    lead, n, d = H.shape[:-2], H.shape[-2], H.shape[-1]
+    check_tensor("y", y)
+    check_shape("y", y, tuple(lead) + (d,), "(..., d) for H of shape (..., n, d)")
+    check_coeff("alpha", alpha, (n, n + 1), lead)
+    check_coeff("beta", beta, (n,), lead)
+    check_same_device(H=H, y=y, alpha=alpha, beta=beta)
+
+
+def hc_post(H, y, alpha, beta):
+    """Width and depth connection: H'_k = beta_k·y + Σ_i alpha[i,1+k]·H_i.
+
+    H: (..., n, d); y: (..., d); alpha: (..., n, n+1) or (n, n+1) (column 0 unused);
+    beta: (..., n) or (n,). Returns H': (..., n, d) in H.dtype.
+    """
+    validate_hc_post(H, y, alpha, beta)
+    ct = compute_dtype(H, y, alpha, beta)
+    Hc, yc = H.to(ct), y.to(ct)
+    mix = alpha.to(ct)[..., 1:].transpose(-1, -2) @ Hc
+    out = beta.to(ct).unsqueeze(-1) * yc.unsqueeze(-2) + mix
+    return out.to(H.dtype)
+
+
+def hc_post_bwd(dH_new, H, y, alpha, beta):
+    """Hand-derived backward of `hc_post`.
+
+    dH_new: (..., n, d); the rest as in `hc_post`.
+    Returns dH: (..., n, d) in H.dtype; dy: (..., d) in y.dtype; dalpha: alpha's shape
+    with dalpha[..., 0] = 0; dbeta: beta's shape (static ones summed over tokens).
+    """
+    validate_hc_post(H, y, alpha, beta)
+    check_tensor("dH_new", dH_new)
+    check_shape("dH_new", dH_new, tuple(H.shape), "(the shape of H)")
+    check_same_device(H=H, dH_new=dH_new)
+    ct = compute_dtype(dH_new, H, y, alpha, beta)
+    g, Hc, yc = dH_new.to(ct), H.to(ct), y.to(ct)
+    a, b = alpha.to(ct), beta.to(ct)
+    dy = (b.unsqueeze(-1) * g).sum(-2)
+    dH = a[..., 1:] @ g
+    dmix = torch.einsum("...id,...kd->...ik", Hc, g)
+    dalpha = torch.cat([torch.zeros_like(dmix[..., :1]), dmix], dim=-1)
+    dbeta = torch.einsum("...kd,...d->...k", g, yc)
+    return dH.to(H.dtype), dy.to(y.dtype), sum_to(dalpha, alpha.shape), sum_to(dbeta, beta.shape)
+
+
+# ------------------------------------------------------------------------- stream_mix
+
+
+def validate_stream_mix(H, w) -> None:
+    """Checks for `stream_mix` / `stream_mix_bwd`. H: (..., n, d); w: (n,) or (..., n)."""
+    check_streams("H", H)
+    check_coeff("w", w, (H.shape[-2],), H.shape[:-2])
+    check_same_device(H=H, w=w)
+
+
+def stream_mix(H, w):
+    """Weighted sum of the streams: x = Σ_i w[..., i]·H_i.
+
+    H: (..., n, d); w: (..., n) or (n,). Returns x: (..., d) in H.dtype.
+    """
+    validate_stream_mix(H, w)
+    ct = compute_dtype(H, w)
+    x = (w.to(ct).unsqueeze(-1) * H.to(ct)).sum(-2)
+    return x.to(H.dtype)
+
+
+def stream_mix_bwd(dx, H, w):
+    """Hand-derived backward of `stream_mix`.
+
+    dx: (..., d); H: (..., n, d); w: (..., n) or (n,).
+    Returns dH = w_i·dx: (..., n, d) in H.dtype; dw_i = <dx, H_i>: w's shape
+    (summed over tokens when w is static).
+    """
+    validate_stream_mix(H, w)
+    check_tensor("dx", dx)
+    check_shape("dx", dx, tuple(H.shape[:-2]) + (H.shape[-1],),
+                "(..., d) for H of shape (..., n, d)")
+    check_same_device(H=H, dx=dx)
+    ct = compute_dtype(dx, H, w)
+    g, Hc, wc = dx.to(ct), H.to(ct), w.to(ct)
+    dH = wc.unsqueeze(-1) * g.unsqueeze(-2)
+    dw = torch.einsum("...d,...id->...i", g, Hc)
+    return dH.to(H.dtype), sum_to(dw, w.shape)
+
+
+# --------------------------------------------------------------- init, entry and exit
+
+
+def hc_init_static(n: int, layer_index: int, dtype: torch.dtype = torch.float32,
+                   device: Optional[torch.device] = None):
+    """The paper's initialisation (HC §2.3), which makes HC a pre-norm residual.
+
+    Returns A: (n, n+1) with A[:, 0] one-hot at layer_index mod n and A[:, 1:] = I;
+    B: (n,) ones. (For DHC also set W = 0 and s_a = s_b = 0.01.)
+    """
+    if not 1 <= n <= MAX_STREAMS:
+        raise ValueError(f"n must be in 1..{MAX_STREAMS}, got {n}")
+    A = torch.zeros(n, n + 1, dtype=dtype, device=device)
+    A[layer_index % n, 0] = 1
+    A[:, 1:] = torch.eye(n, dtype=dtype, device=device)
+    B = torch.ones(n, dtype=dtype, device=device)
+    return A, B
+
+
+def expand_streams(x, n: int):
+    """Entry: the hidden state repeated into n streams. x: (..., d) -> (..., n, d)."""
+    check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x must have shape (..., d), got {tuple(x.shape)}")
+    if not 1 <= n <= MAX_STREAMS:
+        raise ValueError(f"n must be in 1..{MAX_STREAMS}, got {n}")
+    return x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1]).clone(
+        memory_format=torch.contiguous_format)
+
+
+def reduce_streams(H):
+    """Exit: the sum of the streams. H: (..., n, d) -> (..., d) in H.dtype."""
+    check_streams("H", H)
+    return H.to(compute_dtype(H)).sum(-2).to(H.dtype)

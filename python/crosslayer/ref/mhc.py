@@ -1,0 +1,217 @@
+r"""Oracle for manifold-constrained Hyper-Connections (mHC, arXiv 2512.24880) coefficients.
+
+One token's state H: (n, d) is flattened to xf = vec(H) ∈ R^{n·d} (stream-major) and
+
+    r = rsqrt(mean(xf²) + eps),   z = r·(xf·phi),   phi: (n·d, n²+2n)
+    pre_i  = sigmoid(a_pre·z_i + b_i) + pre_eps                     i < n
+    post_k = post_mult·sigmoid(a_post·z_{n+k} + b_{n+k})            k < n
+    comb   = sinkhorn((a_res·z_{2n:} + b_{2n:}).view(n, n))          row-major
+
+alpha[i, 0] = pre_i, alpha[j, 1+k] = comb[j, k], beta = post, so the HC mixing ops
+apply them: x = stream_mix(H, alpha[..., 0]), H' = hc_post(H, y, alpha, beta)
+(H'_k = post_k·y + Σ_j comb[j,k]·H_j: combᵀ is applied, and columns of comb sum to 1).
+
+Sinkhorn (the DeepSeek convention, pinned): P = softmax(L, -1) + eps;
+P = P / (colsum(P) + eps); then (iters − 1) × (P = P / (rowsum(P) + eps);
+P = P / (colsum(P) + eps)).
+
+Hand-derived backward. Each normalisation Q = P / (s + eps), s = Σ_axis P, gives
+
+    dP = (dQ − Σ_axis(dQ·Q)) / (s + eps)
+
+(exact, eps included), applied from the last iterate back to the first (the iterates
+are recomputed, not replaced by the converged point); the softmax S gives
+dL = S·(dS − Σ_-1(dS·S)), with dS = dP₀ since the + eps is a constant shift.
+Then with h = [a_pre·z_pre + b_pre, a_post·z_post + b_post, a_res·z_res + b_res]:
+
+    dh_pre = dpre·σ(1−σ);  dh_post = post_mult·dpost·σ(1−σ)
+    dh_res = sinkhorn_bwd(dcomb)
+    db = Σ_tokens dh;  da_* = Σ dh_*·z_*;  dz = [a_pre·dh_pre, a_post·dh_post, a_res·dh_res]
+    du = r·dz (u = xf·phi);  dr = <dz, u>;  dphi = Σ_tokens xfᵀ·du
+    dxf = du·phiᵀ − dr·r³·xf/(n·d)
+
+All arithmetic is in float32 (float64 when any input is float64); coefficients and
+their gradients come back in the arithmetic dtype, dH in the dtype of H.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from crosslayer._checks import check_same_device, check_shape, check_tensor, compute_dtype
+from crosslayer.ref.hc import MAX_STREAMS, as_scalar, check_scalar, check_streams, tensors_only
+
+
+def check_iters(iters) -> None:
+    """`iters` is a python int >= 1."""
+    if isinstance(iters, bool) or not isinstance(iters, int):
+        raise TypeError(f"iters must be an int, got {type(iters).__name__}")
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+
+
+# --------------------------------------------------------------------------- sinkhorn
+
+
+def validate_sinkhorn(logits, iters: int = 20) -> None:
+    """Checks for `sinkhorn` / `sinkhorn_bwd`. logits: (..., n, n), 1 <= n <= 16; iters >= 1."""
+    check_tensor("logits", logits)
+    if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
+        raise ValueError(f"logits must have shape (..., n, n), got {tuple(logits.shape)}")
+    n = logits.shape[-1]
+    if not 1 <= n <= MAX_STREAMS:
+        raise ValueError(
+            f"logits must be n x n with 1 <= n <= {MAX_STREAMS}, got n = {n} "
+            f"(shape {tuple(logits.shape)})"
+        )
+    check_iters(iters)
+
+
+def _sinkhorn_trace(L: torch.Tensor, iters: int, eps: float):
+    """Forward with every iterate kept: softmax S, output P, [(axis, Q, s + eps), ...]."""
+    S = torch.softmax(L, dim=-1)
+    P = S + eps
+    trace = []
+    axes = [-2] + [-1, -2] * (iters - 1)
+    for axis in axes:
+        s = P.sum(axis, keepdim=True) + eps
+        P = P / s
+        trace.append((axis, P, s))
+    return S, P, trace
+
+
+def sinkhorn(logits, iters: int = 20, eps: float = 1e-6):
+    """Sinkhorn-Knopp normalisation towards a doubly stochastic matrix.
+
+    logits: (..., n, n). Returns P: (..., n, n) in the arithmetic dtype.
+    """
+    validate_sinkhorn(logits, iters)
+    _, P, _ = _sinkhorn_trace(logits.to(compute_dtype(logits)), iters, eps)
+    return P
+
+
+def sinkhorn_bwd(dP, logits, iters: int = 20, eps: float = 1e-6):
+    """Exact hand-derived backward of `sinkhorn` (the iterates are recomputed).
+
+    dP: (..., n, n); logits: (..., n, n). Returns dlogits: (..., n, n) in the
+    arithmetic dtype.
+    """
+    validate_sinkhorn(logits, iters)
+    check_tensor("dP", dP)
+    check_shape("dP", dP, tuple(logits.shape), "(the shape of logits)")
+    check_same_device(logits=logits, dP=dP)
+    ct = compute_dtype(dP, logits)
+    S, _, trace = _sinkhorn_trace(logits.to(ct), iters, eps)
+    g = dP.to(ct)
+    for axis, Q, s in reversed(trace):
+        g = (g - (g * Q).sum(axis, keepdim=True)) / s
+    return S * (g - (g * S).sum(-1, keepdim=True))
+
+
+# ------------------------------------------------------------------------- mhc_coeffs
+
+
+def validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters: Optional[int] = None) -> None:
+    """Checks for `mhc_coeffs` / `mhc_coeffs_bwd`.
+
+    H: (..., n, d), 1 <= n <= 16; phi: (n·d, n²+2n); a_pre, a_post, a_res: 0-dim
+    tensors or floats; b: (n²+2n,); iters (when given): int >= 1.
+    """
+    check_streams("H", H)
+    n, d = H.shape[-2], H.shape[-1]
+    m = n * n + 2 * n
+    check_tensor("phi", phi)
+    check_shape("phi", phi, (n * d, m), "(n·d, n²+2n) for H of shape (..., n, d)")
+    check_scalar("a_pre", a_pre)
+    check_scalar("a_post", a_post)
+    check_scalar("a_res", a_res)
+    check_tensor("b", b)
+    check_shape("b", b, (m,), "(n²+2n,) for H with n streams")
+    if iters is not None:
+        check_iters(iters)
+    check_same_device(**tensors_only(H=H, phi=phi, a_pre=a_pre, a_post=a_post,
+                                     a_res=a_res, b=b))
+
+
+def _mhc_forward(H, phi, a_pre, a_post, a_res, b, eps, ct):
+    """xf: (..., n·d), r: (...,), u = xf·phi, z = r·u, h: (..., n²+2n) pre-activations."""
+    n = H.shape[-2]
+    xf = H.to(ct).flatten(-2)
+    r = torch.rsqrt(xf.square().mean(-1) + eps)
+    u = xf @ phi.to(ct)
+    z = r.unsqueeze(-1) * u
+    a = [as_scalar(v, ct, H.device) for v in (a_pre, a_post, a_res)]
+    scale = torch.cat([a[0].expand(n), a[1].expand(n), a[2].expand(n * n)])
+    h = scale * z + b.to(ct)
+    return xf, r, u, z, scale, h
+
+
+def mhc_coeffs(H, phi, a_pre, a_post, a_res, b, eps: float = 1e-6, pre_eps: float = 1e-6,
+               post_mult: float = 2.0, iters: int = 20, sinkhorn_eps: float = 1e-6):
+    """mHC coefficients in HC form.
+
+    H: (..., n, d); phi: (n·d, n²+2n); a_pre, a_post, a_res: 0-dim or floats;
+    b: (n²+2n,). Returns alpha: (..., n, n+1) (column 0 = pre, columns 1.. = comb)
+    and beta: (..., n) (= post), in the arithmetic dtype.
+    """
+    validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters)
+    ct = compute_dtype(H, phi, b, *tensors_only(a_pre=a_pre, a_post=a_post, a_res=a_res).values())
+    n = H.shape[-2]
+    *_, h = _mhc_forward(H, phi, a_pre, a_post, a_res, b, eps, ct)
+    pre = torch.sigmoid(h[..., :n]) + pre_eps
+    post = post_mult * torch.sigmoid(h[..., n : 2 * n])
+    comb = sinkhorn(h[..., 2 * n :].unflatten(-1, (n, n)), iters, sinkhorn_eps)
+    alpha = torch.cat([pre.unsqueeze(-1), comb], dim=-1)
+    return alpha, post
+
+
+def mhc_coeffs_bwd(dalpha, dbeta, H, phi, a_pre, a_post, a_res, b, eps: float = 1e-6,
+                   pre_eps: float = 1e-6, post_mult: float = 2.0, iters: int = 20,
+                   sinkhorn_eps: float = 1e-6):
+    """Hand-derived backward of `mhc_coeffs`.
+
+    dalpha: (..., n, n+1) or None; dbeta: (..., n) or None; the rest as in `mhc_coeffs`.
+    Returns dH: (..., n, d) in H.dtype; dphi: (n·d, n²+2n); da_pre, da_post, da_res:
+    0-dim; db: (n²+2n,) (parameter gradients summed over tokens).
+    """
+    validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters)
+    lead, n, d = H.shape[:-2], H.shape[-2], H.shape[-1]
+    if dalpha is not None:
+        check_tensor("dalpha", dalpha)
+        check_shape("dalpha", dalpha, tuple(lead) + (n, n + 1), "(the shape of alpha)")
+    if dbeta is not None:
+        check_tensor("dbeta", dbeta)
+        check_shape("dbeta", dbeta, tuple(lead) + (n,), "(the shape of beta)")
+    check_same_device(**tensors_only(H=H, dalpha=dalpha, dbeta=dbeta))
+    ct = compute_dtype(H, phi, b, dalpha, dbeta,
+                       *tensors_only(a_pre=a_pre, a_post=a_post, a_res=a_res).values())
+    xf, r, u, z, scale, h = _mhc_forward(H, phi, a_pre, a_post, a_res, b, eps, ct)
+    if dalpha is None:
+        dalpha = torch.zeros(*lead, n, n + 1, dtype=ct, device=H.device)
+    if dbeta is None:
+        dbeta = torch.zeros(*lead, n, dtype=ct, device=H.device)
+    dpre, dcomb, dpost = dalpha[..., 0].to(ct), dalpha[..., 1:].to(ct), dbeta.to(ct)
+
+    sig_pre = torch.sigmoid(h[..., :n])
+    sig_post = torch.sigmoid(h[..., n : 2 * n])
+    dh = torch.cat([
+        dpre * sig_pre * (1 - sig_pre),
+        post_mult * dpost * sig_post * (1 - sig_post),
+        sinkhorn_bwd(dcomb, h[..., 2 * n :].unflatten(-1, (n, n)), iters,
+                     sinkhorn_eps).flatten(-2),
+    ], dim=-1)
+    db = dh.reshape(-1, dh.shape[-1]).sum(0)
+    dhz = dh * z
+    da_pre = dhz[..., :n].sum()
+    da_post = dhz[..., n : 2 * n].sum()
+    da_res = dhz[..., 2 * n :].sum()
+    dz = scale * dh
+    du = r.unsqueeze(-1) * dz
+    dr = (dz * u).sum(-1)
+    phic = phi.to(ct)
+    dphi = torch.einsum("...a,...j->aj", xf, du)
+    dxf = du @ phic.transpose(0, 1) - (dr * r.pow(3) / (n * d)).unsqueeze(-1) * xf
+    dH = dxf.unflatten(-1, (n, d))
+    return dH.to(H.dtype), dphi, da_pre, da_post, da_res, db
