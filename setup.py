@@ -187,4 +187,6 @@ def main() -> None:
     setup(ext_modules=ext_modules, cmdclass=cmdclass_or_reason)
 
 
-main()
+# pip runs this file as __main__; tests import its functions without building.
+if __name__ == "__main__":
+    main()

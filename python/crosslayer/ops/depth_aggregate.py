@@ -38,8 +38,8 @@ def depth_aggregate_op(S: Tensor, A: Tensor) -> Tensor:
     """Y_c = Σ_j A[.., c, j]·S_j.  S: (l, N, d); A: (N, C, l) or (C, l) -> Y: (C, N, d)."""
     if S.is_cuda:
         return _fused().depth_aggregate_fwd(S, A)
-    # A custom op's output must never alias an input; the oracle gives no such promise.
-    return ref.depth_aggregate(S, A).clone()
+    # A custom op's output must not alias an input and must match the fake (contiguous).
+    return ref.depth_aggregate(S, A).clone(memory_format=torch.contiguous_format)
 
 
 @depth_aggregate_op.register_fake

@@ -1,0 +1,351 @@
+"""crosslayer.ops.depth_aggregate against the oracle.
+
+CPU tests (run everywhere): the public op dispatches to the oracle; the custom ops'
+registration (schema, fake, autograd, mutation) passes opcheck and compiles with
+fullgraph=True through their CPU path; bad input raises clear errors.
+
+GPU tests (marked `gpu`): the fused kernels against the float64 oracle under
+DESIGN.md's policy (tests/policy.py): odd shapes, every dtype, strided and misaligned
+slots, static and per-token weights, C > 4, poisoned outputs, in-place accumulation,
+gradcheck, opcheck, torch.compile, CUDA graphs, side streams, determinism.
+"""
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from crosslayer import ops, ref
+from crosslayer._extension import _C
+from crosslayer.ops.depth_aggregate import depth_aggregate_bwd_op, depth_aggregate_op
+from policy import assert_policy
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def make_inputs(l, tok, d, C, *, dtype, device, static=False, layout="contiguous"):
+    """S (l, *tok, d) in one of several layouts and A per token or static, random."""
+    if layout == "contiguous":
+        S = torch.randn(l, *tok, d, device=device).to(dtype)
+    elif layout == "stride2":  # every other slot of a bigger stack: slot stride 2·N·d
+        S = torch.randn(2 * l + 1, *tok, d, device=device).to(dtype)[1::2]
+    elif layout == "tokens_transposed":  # token dims swapped: token strides out of order
+        assert len(tok) == 2
+        S = torch.randn(l, tok[1], tok[0], d, device=device).to(dtype).transpose(1, 2)
+    elif layout == "misaligned":  # base 2 elements past a 16-byte boundary, odd row stride
+        S = torch.randn(l, *tok, d + 3, device=device).to(dtype)[..., 2 : 2 + d]
+    else:
+        raise ValueError(layout)
+    shape_A = (C, l) if static else (*tok, C, l)
+    A = torch.randn(shape_A, device=device)
+    return S, A
+
+
+# --------------------------------------------------------------------------- CPU
+
+
+def test_cpu_dispatches_to_oracle():
+    S, A = make_inputs(5, (3, 4), 7, 4, dtype=torch.float32, device="cpu")
+    torch.testing.assert_close(ops.depth_aggregate(S, A), ref.depth_aggregate(S, A), rtol=0, atol=0)
+
+
+def test_cpu_gradients_flow_through_oracle():
+    S, A = make_inputs(3, (6,), 5, 2, dtype=torch.float64, device="cpu")
+    S.requires_grad_(True)
+    A.requires_grad_(True)
+    dY = torch.randn(2, 6, 5, dtype=torch.float64)
+    ops.depth_aggregate(S, A).backward(dY)
+    dS, dA = ref.depth_aggregate_bwd(dY, S.detach(), A.detach())
+    torch.testing.assert_close(S.grad, dS)
+    torch.testing.assert_close(A.grad, dA.to(A.dtype))
+
+
+@pytest.mark.parametrize(
+    "S_shape, A_shape, match",
+    [
+        ((3, 4, 8), (4, 2, 2), r"A must have shape"),  # l mismatch
+        ((3, 4, 8), (5, 2, 3), r"A must have shape"),  # token mismatch
+        ((3, 8), (2, 3), r"S must have shape \(l, \*tok, d\)"),  # no token dim
+        ((129, 2, 4), (1, 129), r"S must have 1 to 128"),
+        ((3, 4, 8), (4, 1, 2, 3), r"A must have 2 dims"),
+    ],
+)
+def test_bad_shapes_raise(S_shape, A_shape, match):
+    with pytest.raises(ValueError, match=match):
+        ops.depth_aggregate(torch.randn(S_shape), torch.randn(A_shape))
+
+
+def test_bad_dtype_raises():
+    with pytest.raises(TypeError, match=r"S must have dtype"):
+        ops.depth_aggregate(torch.ones(3, 4, 8, dtype=torch.int32), torch.randn(4, 2, 3))
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_custom_op_opcheck_cpu(static):
+    S, A = make_inputs(4, (9,), 6, 3, dtype=torch.float32, device="cpu", static=static)
+    opcheck(depth_aggregate_op, (S, A))
+    opcheck(depth_aggregate_op, (S.requires_grad_(True), A.requires_grad_(True)))
+    dY = torch.randn(3, 9, 6)
+    for accumulate in (False, True):
+        dS = torch.randn(4, 9, 6)
+        opcheck(depth_aggregate_bwd_op, (dY, S.detach(), A.detach(), dS, accumulate))
+
+
+def test_custom_op_bwd_accumulates_cpu():
+    S, A = make_inputs(3, (5,), 4, 2, dtype=torch.float64, device="cpu")
+    dY = torch.randn(2, 5, 4, dtype=torch.float64)
+    dS0 = torch.randn(3, 5, 4, dtype=torch.float64)
+    dS = dS0.clone()
+    dA = depth_aggregate_bwd_op(dY, S, A, dS, True)
+    want_dS, want_dA = ref.depth_aggregate_bwd(dY, S, A)
+    torch.testing.assert_close(dS, dS0 + want_dS)
+    torch.testing.assert_close(dA, want_dA.to(A.dtype))
+
+
+@pytest.mark.compile
+def test_custom_op_compiles_fullgraph_cpu():
+    S, A = make_inputs(4, (10,), 8, 4, dtype=torch.float32, device="cpu")
+
+    def f(S, A):
+        return depth_aggregate_op(S, A).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    Sg, Ag = S.clone().requires_grad_(True), A.clone().requires_grad_(True)
+    out = compiled(Sg, Ag)
+    out.backward()
+    Se, Ae = S.clone().requires_grad_(True), A.clone().requires_grad_(True)
+    f(Se, Ae).backward()
+    torch.testing.assert_close(out, f(S, A))
+    torch.testing.assert_close(Sg.grad, Se.grad)
+    torch.testing.assert_close(Ag.grad, Ae.grad)
+
+
+@pytest.mark.skipif(_C is None, reason="extension not built")
+def test_launcher_rejects_cpu_tensors():
+    with pytest.raises(RuntimeError, match="S must be a CUDA tensor"):
+        _C.depth_aggregate_fwd(torch.randn(2, 3, 4), torch.randn(3, 1, 2))
+
+
+# --------------------------------------------------------------------------- GPU
+
+gpu = pytest.mark.gpu
+
+
+def oracle_pair(fn, *tensors):
+    """(oracle at the inputs' dtype, oracle in float64 on the same values)."""
+    return fn(*tensors), fn(*[t.double() for t in tensors])
+
+
+def poison_allocator(device, nbytes=1 << 26):
+    """Fill and free a block so the next allocations likely start as NaN: a kernel that
+    skips an output element then fails the NaN check."""
+    torch.full((nbytes // 4,), float("nan"), device=device).fill_(float("nan"))
+    torch.cuda.synchronize()
+
+
+@pytest.fixture
+def cuda():
+    assert ops.fused_ops()["depth_aggregate"], "a GPU is present but the extension is not built"
+    return torch.device("cuda")
+
+
+SHAPES = [  # (l, tok, d, C)
+    (1, (1,), 1, 1),
+    (3, (5,), 7, 4),
+    (13, (37,), 129, 4),
+    (2, (3, 11), 4099, 3),
+    (25, (64,), 2048, 4),
+    (5, (17,), 300, 6),  # C > 4: two way groups
+    (128, (3,), 33, 1),
+]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("static", [False, True])
+def test_forward_matches_oracle(cuda, dtype, shape, static):
+    l, tok, d, C = shape
+    S, A = make_inputs(l, tok, d, C, dtype=dtype, device=cuda, static=static)
+    poison_allocator(cuda)
+    Y = ops.depth_aggregate(S, A)
+    assert_policy("Y", Y, *oracle_pair(ref.depth_aggregate, S, A))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["stride2", "tokens_transposed", "misaligned"])
+def test_forward_strided_layouts(cuda, dtype, layout):
+    S, A = make_inputs(6, (7, 5), 131, 4, dtype=dtype, device=cuda, layout=layout)
+    assert not S.is_contiguous()
+    Y = ops.depth_aggregate(S, A)
+    assert_policy("Y", Y, *oracle_pair(ref.depth_aggregate, S, A))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_backward_op_matches_oracle(cuda, dtype, shape, static, accumulate):
+    l, tok, d, C = shape
+    S, A = make_inputs(l, tok, d, C, dtype=dtype, device=cuda, static=static)
+    N = S[0].numel() // d
+    S3 = S.reshape(l, N, d)
+    A3 = A if static else A.reshape(N, C, l)
+    dY = torch.randn(C, N, d, device=cuda).to(dtype)
+    dS0 = torch.randn(l, N, d, device=cuda).to(dtype)
+    dS = dS0.clone() if accumulate else torch.full_like(dS0, float("nan"))
+    dA = depth_aggregate_bwd_op(dY, S3, A3, dS, accumulate)
+
+    def oracle(dY, S, A, dS0):
+        dS_ref, dA_ref = ref.depth_aggregate_bwd(dY, S, A)
+        if accumulate:  # add in the arithmetic dtype, round to S's dtype
+            cd = torch.float64 if dS0.dtype == torch.float64 else torch.float32
+            dS_ref = (dS0.to(cd) + dS_ref.to(cd)).to(dS0.dtype)
+        return dS_ref, dA_ref.to(A.dtype)
+
+    low = oracle(dY, S3, A3, dS0)
+    high = oracle(dY.double(), S3.double(), A3.double(), dS0.double())
+    assert_policy("dS", dS, low[0], high[0])
+    assert_policy("dA", dA, low[1], high[1])
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["stride2", "tokens_transposed", "misaligned"])
+def test_autograd_strided_layouts(cuda, dtype, layout):
+    S, A = make_inputs(6, (7, 5), 131, 4, dtype=dtype, device=cuda, layout=layout)
+    dY = torch.randn(4, 7, 5, 131, device=cuda).to(dtype)
+    S.requires_grad_(True)
+    A.requires_grad_(True)
+    ops.depth_aggregate(S, A).backward(dY)
+    dS_low, dA_low = ref.depth_aggregate_bwd(dY, S.detach(), A.detach())
+    dS_hi, dA_hi = ref.depth_aggregate_bwd(dY.double(), S.detach().double(), A.detach().double())
+    assert_policy("dS", S.grad, dS_low, dS_hi)
+    assert_policy("dA", A.grad, dA_low, dA_hi)
+
+
+@gpu
+def test_empty_shapes(cuda):
+    S = torch.randn(3, 0, 8, device=cuda)
+    A = torch.randn(0, 2, 3, device=cuda)
+    assert ops.depth_aggregate(S, A).shape == (2, 0, 8)
+    S = torch.randn(3, 4, 0, device=cuda, requires_grad=True)
+    A = torch.randn(4, 2, 3, device=cuda, requires_grad=True)
+    Y = ops.depth_aggregate(S, A)
+    assert Y.shape == (2, 4, 0)
+    Y.sum().backward()
+    assert torch.equal(A.grad, torch.zeros_like(A))
+
+
+@gpu
+def test_gradcheck_fp64(cuda):
+    for static in (False, True):
+        S, A = make_inputs(3, (2, 3), 5, 2, dtype=torch.float64, device=cuda, static=static)
+        S.requires_grad_(True)
+        A.requires_grad_(True)
+        assert torch.autograd.gradcheck(ops.depth_aggregate, (S, A))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_cuda(cuda, dtype):
+    S, A = make_inputs(5, (33,), 70, 4, dtype=dtype, device=cuda)
+    opcheck(depth_aggregate_op, (S, A))
+    opcheck(depth_aggregate_op, (S.requires_grad_(True), A.requires_grad_(True)))
+    dY = torch.randn(4, 33, 70, device=cuda).to(dtype)
+    dS = torch.randn(5, 33, 70, device=cuda).to(dtype)
+    opcheck(depth_aggregate_bwd_op, (dY, S.detach(), A.detach(), dS, True))
+
+
+@gpu
+@pytest.mark.compile
+def test_compile_fullgraph_cuda(cuda):
+    S, A = make_inputs(7, (4, 9), 136, 4, dtype=torch.bfloat16, device=cuda)
+
+    def f(S, A):
+        Y = ops.depth_aggregate(S, A)
+        return (Y.float() * 2).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    Sg, Ag = S.clone().requires_grad_(True), A.clone().requires_grad_(True)
+    compiled(Sg, Ag).backward()
+    Se, Ae = S.clone().requires_grad_(True), A.clone().requires_grad_(True)
+    f(Se, Ae).backward()
+    assert torch.equal(Sg.grad, Se.grad)
+    torch.testing.assert_close(Ag.grad, Ae.grad)
+
+
+@gpu
+def test_cuda_graph_capture(cuda):
+    S, A = make_inputs(9, (300,), 256, 4, dtype=torch.bfloat16, device=cuda)
+    dY = torch.randn(4, 300, 256, device=cuda).to(torch.bfloat16)
+    dS = torch.empty_like(S)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside the graph
+        depth_aggregate_op(S, A)
+        depth_aggregate_bwd_op(dY, S, A, dS, False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        Y = depth_aggregate_op(S, A)
+        dA = depth_aggregate_bwd_op(dY, S, A, dS, False)
+    for _ in range(2):  # new inputs copied into the captured buffers
+        S.copy_(torch.randn_like(S, dtype=torch.float32))
+        A.copy_(torch.randn_like(A))
+        dY.copy_(torch.randn_like(dY, dtype=torch.float32))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_policy("Y", Y, *oracle_pair(ref.depth_aggregate, S, A))
+        dS_low, dA_low = ref.depth_aggregate_bwd(dY, S, A)
+        dS_hi, dA_hi = ref.depth_aggregate_bwd(dY.double(), S.double(), A.double())
+        assert_policy("dS", dS, dS_low, dS_hi)
+        assert_policy("dA", dA, dA_low, dA_hi)
+
+
+@gpu
+def test_runs_on_current_stream(cuda):
+    """Inputs produced on a side stream and consumed there: a kernel launched on the
+    default stream instead would race with the producer."""
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # keep the side stream busy before the inputs exist
+        S = torch.randn(13, 4096, 512, device=cuda).to(torch.bfloat16)
+        A = torch.randn(4096, 4, 13, device=cuda)
+        Y = ops.depth_aggregate(S, A)
+    torch.cuda.synchronize()
+    assert_policy("Y", Y, *oracle_pair(ref.depth_aggregate, S, A))
+
+
+@gpu
+def test_backward_deterministic(cuda):
+    for static in (False, True):
+        S, A = make_inputs(25, (2048,), 1024, 4, dtype=torch.bfloat16, device=cuda, static=static)
+        dY = torch.randn(4, 2048, 1024, device=cuda).to(torch.bfloat16)
+        runs = []
+        for _ in range(2):
+            dS = torch.empty_like(S)
+            dA = depth_aggregate_bwd_op(dY, S, A, dS, False)
+            runs.append((dS, dA))
+        assert torch.equal(runs[0][0], runs[1][0])
+        assert torch.equal(runs[0][1], runs[1][1])
+
+
+@gpu
+def test_launcher_errors_are_messaged(cuda):
+    S = torch.randn(3, 4, 8, device=cuda)
+    with pytest.raises(RuntimeError, match=r"A must have shape \(N, C, l\)"):
+        _C.depth_aggregate_fwd(S, torch.randn(4, 2, 5, device=cuda))
+    with pytest.raises(RuntimeError, match=r"dS must have shape \(l, N, d\)"):
+        _C.depth_aggregate_bwd(
+            torch.randn(2, 4, 8, device=cuda), S, torch.randn(4, 2, 3, device=cuda),
+            torch.empty(2, 4, 8, device=cuda), False,
+        )
+    with pytest.raises(RuntimeError, match="unit stride"):
+        _C.depth_aggregate_bwd(
+            torch.randn(2, 4, 8, device=cuda), S, torch.randn(4, 2, 3, device=cuda),
+            torch.empty(3, 4, 16, device=cuda)[..., ::2], False,
+        )
