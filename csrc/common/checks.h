@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include "common/tokens.cuh"
+
 #define CL_CHECK_CUDA(x, name) \
   TORCH_CHECK((x).is_cuda(), name " must be a CUDA tensor, got device ", (x).device())
 
@@ -50,6 +52,19 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
 // docstrings say so).
 inline at::Tensor features_contiguous(const at::Tensor& x) {
   return (x.size(-1) <= 1 || x.stride(-1) == 1) ? x : x.contiguous();
+}
+
+// `t` with its leading t.dim() - trailing dims (the tokens) addressable by one
+// TokenLayout, written to *layout: `t` itself when its token dims collapse to at most
+// two strided dims, else a contiguous copy (features stay unit-stride either way).
+// Requires t.numel() > 0.
+inline at::Tensor with_token_layout(const at::Tensor& t, int trailing, TokenLayout* layout) {
+  const int lead = static_cast<int>(t.dim()) - trailing;
+  if (collapse_token_dims(t.sizes().data(), t.strides().data(), lead, layout)) return t;
+  const at::Tensor c = t.contiguous();
+  const bool ok = collapse_token_dims(c.sizes().data(), c.strides().data(), lead, layout);
+  TORCH_INTERNAL_ASSERT(ok, "a contiguous tensor's token dims always collapse");
+  return c;
 }
 
 }  // namespace crosslayer

@@ -1,0 +1,79 @@
+// Token addressing for tensors of shape (*lead, ..., d) whose leading (token) dims do
+// not collapse to one stride, e.g. the "streams folded into batch" layout of the
+// hyper-connections package, H = h.view(b, n, t, d).permute(0, 2, 1, 3): tokens (b, t)
+// have strides (n·t·d, d) and no single stride walks them.
+//
+// Every token dim layout the launchers accept collapses to at most two dims,
+// token t = t_outer·inner + t_inner, element offset t_outer·outer_stride +
+// t_inner·inner_stride. One integer division per token, none per element.
+#pragma once
+
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define CL_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define CL_HOST_DEVICE inline
+#endif
+
+namespace crosslayer {
+
+struct TokenLayout {
+  int64_t inner = 1;         // size of the inner token dim (>= 1)
+  int64_t outer_stride = 0;  // elements between consecutive outer indices
+  int64_t inner_stride = 0;  // elements between consecutive inner indices
+
+  CL_HOST_DEVICE int64_t offset(int64_t t) const {
+    return (t / inner) * outer_stride + (t % inner) * inner_stride;
+  }
+};
+
+// Collapses `ndim` token dims (sizes, strides in elements) into a TokenLayout.
+// Size-1 dims are dropped and dim i merges into dim i+1 when
+// stride[i] == size[i+1]·stride[i+1]. Returns false when more than two dims remain
+// (the caller then copies the tensor to a contiguous one). Sizes are >= 1: launchers
+// return before reaching here for empty tensors.
+inline bool collapse_token_dims(const int64_t* sizes, const int64_t* strides, int ndim,
+                                TokenLayout* out) {
+  int64_t sz[2] = {1, 1};
+  int64_t st[2] = {0, 0};
+  int kept = 0;  // dims kept so far, innermost last
+  // Walk from the innermost dim outwards, merging where the strides allow.
+  int64_t cur_size = 1, cur_stride = 0;
+  bool have = false;
+  for (int i = ndim - 1; i >= 0; --i) {
+    if (sizes[i] == 1) continue;
+    if (!have) {
+      cur_size = sizes[i];
+      cur_stride = strides[i];
+      have = true;
+    } else if (strides[i] == cur_size * cur_stride) {
+      cur_size *= sizes[i];
+    } else {
+      if (kept == 1) return false;  // a third dim would be needed
+      sz[1] = cur_size;
+      st[1] = cur_stride;
+      kept = 1;
+      cur_size = sizes[i];
+      cur_stride = strides[i];
+    }
+  }
+  TokenLayout l;
+  if (!have) {  // every token dim has size 1 (or there are none): one token
+    l.inner = 1;
+    l.outer_stride = 0;
+    l.inner_stride = 0;
+  } else if (kept == 0) {  // one dim: all tokens on the inner index
+    l.inner = cur_size;
+    l.inner_stride = cur_stride;
+    l.outer_stride = cur_size * cur_stride;
+  } else {  // two dims: cur is the outer one
+    l.inner = sz[1];
+    l.inner_stride = st[1];
+    l.outer_stride = cur_stride;
+  }
+  *out = l;
+  return true;
+}
+
+}  // namespace crosslayer
