@@ -16,4 +16,39 @@ __device__ __forceinline__ T warp_sum(T x) {
   return x;
 }
 
+// One butterfly step of warp_reduce_scatter: lanes with bit O set keep the upper O of
+// their first 2·O values and receive their partner's; the others keep the lower O.
+template <int O, typename T>
+__device__ __forceinline__ void butterfly_step(T (&a)[kWarpSize], int lane) {
+  const bool upper = (lane & O) != 0;
+#pragma unroll
+  for (int k = 0; k < O; ++k) {
+    const T send = upper ? a[k] : a[k + O];
+    const T keep = upper ? a[k + O] : a[k];
+    a[k] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+  }
+}
+
+// Butterfly reduce-scatter of M per-lane values: afterwards lane l holds, in out[b],
+// the warp-wide sum of v[32·b + l] (zero for 32·b + l >= M). Every lane of the warp
+// takes part; `lane` is the caller's lane index. Each batch of 32 values costs 31
+// shuffles (16 + 8 + 4 + 2 + 1: each step exchanges half of the values still held),
+// against 160 for 32 separate warp_sums. The order of additions is fixed.
+template <int M, typename T>
+__device__ __forceinline__ void warp_reduce_scatter(const T (&v)[M], int lane,
+                                                    T (&out)[(M + kWarpSize - 1) / kWarpSize]) {
+#pragma unroll
+  for (int b = 0; b < (M + kWarpSize - 1) / kWarpSize; ++b) {
+    T a[kWarpSize];
+#pragma unroll
+    for (int k = 0; k < kWarpSize; ++k) a[k] = (b * kWarpSize + k < M) ? v[b * kWarpSize + k] : T(0);
+    butterfly_step<16>(a, lane);
+    butterfly_step<8>(a, lane);
+    butterfly_step<4>(a, lane);
+    butterfly_step<2>(a, lane);
+    butterfly_step<1>(a, lane);
+    out[b] = a[0];
+  }
+}
+
 }  // namespace crosslayer

@@ -90,4 +90,18 @@ __device__ __forceinline__ void store_chunk(T* __restrict__ row, int64_t e, int6
   }
 }
 
+// Stores the raw elements [e, e + N) of `row`, cut at `d`.
+template <typename T, int N>
+__device__ __forceinline__ void store_chunk_raw(T* __restrict__ row, int64_t e, int64_t d,
+                                                const Vec<T, N>& x) {
+  if (e + N <= d) {
+    *reinterpret_cast<Vec<T, N>*>(row + e) = x;
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      if (e + k < d) row[e + k] = x.v[k];
+    }
+  }
+}
+
 }  // namespace crosslayer

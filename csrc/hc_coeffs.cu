@@ -1,0 +1,344 @@
+// Launchers for hc_pre of dynamic Hyper-Connections (kernels in kernels/hc_coeffs.cuh).
+//
+//   hc_pre_dhc_fwd(H (*, n, d), A (n, n+1), B (n), W (d, n+2), s_a, s_b, eps)
+//       -> {x (*, d), alpha (*, n, n+1), beta (*, n), q (*, n, n+2), r (*, n)}
+//   hc_pre_dhc_bwd(dx (*, d), dalpha?, dbeta?, H, A, B, W, s_a, s_b, q, r)
+//       -> {dH (*, n, d), dA, dB, dW, ds_a, ds_b}
+//
+// One validator serves both directions. H's token dims may have any strides that
+// collapse to two (TokenLayout); otherwise H is copied once. Coefficients, W, q and r
+// are in the accumulator dtype (float64 for float64 H, float32 otherwise); parameter
+// gradients come back in their parameter's dtype, summed over tokens from per-block
+// partials by at::sum (deterministic). Every launch runs on the current stream and is
+// followed by a launch check. Static HC (no W) is stream_mix (hc_mix.cu).
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/dispatch.h"
+#include "kernels/hc_coeffs.cuh"
+#include "ops.h"
+
+namespace crosslayer {
+namespace {
+
+// Runs the lambda with `constexpr int K_N` = n for n in {2, 4, 8}, else the generic 16.
+#define CL_HC_STREAMS_SWITCH(N, K_N, ...)    \
+  [&] {                                      \
+    switch (N) {                             \
+      case 2: {                              \
+        constexpr int K_N = 2;               \
+        return __VA_ARGS__();                \
+      }                                      \
+      case 4: {                              \
+        constexpr int K_N = 4;               \
+        return __VA_ARGS__();                \
+      }                                      \
+      case 8: {                              \
+        constexpr int K_N = 8;               \
+        return __VA_ARGS__();                \
+      }                                      \
+      default: {                             \
+        constexpr int K_N = kHcMaxStreams;   \
+        return __VA_ARGS__();                \
+      }                                      \
+    }                                        \
+  }()
+
+struct HcPreShape {
+  std::vector<int64_t> lead;  // token dims
+  int64_t N, n, d;
+};
+
+void check_scalar_tensor(const at::Tensor& s, const char* name, const at::Tensor& H) {
+  TORCH_CHECK(s.dim() == 0, name, " must be a 0-dim tensor, got shape ", s.sizes());
+  CL_CHECK_FLOATING(s, name);
+  TORCH_CHECK(s.device() == H.device(), name, " is on ", s.device(), " but H is on ", H.device(),
+              "; all inputs must be on one device");
+}
+
+HcPreShape check_hc_pre_inputs(const at::Tensor& H, const at::Tensor& A, const at::Tensor& B,
+                               const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b) {
+  CL_CHECK_CUDA(H, "H");
+  CL_CHECK_FLOATING(H, "H");
+  TORCH_CHECK(H.dim() >= 2, "H must have shape (..., n, d), got ", H.sizes());
+  HcPreShape sh;
+  sh.n = H.size(-2);
+  sh.d = H.size(-1);
+  TORCH_CHECK(sh.n >= 1 && sh.n <= kHcMaxStreams, "H must have 1 to ", kHcMaxStreams,
+              " streams (dim -2 of (..., n, d)), got n = ", sh.n);
+  TORCH_CHECK(sh.d >= 1, "H must have d >= 1 features for dynamic HC (its rms is over d), got ",
+              H.sizes());
+  sh.lead.assign(H.sizes().begin(), H.sizes().end() - 2);
+  sh.N = 1;
+  for (int64_t s : sh.lead) sh.N *= s;
+  for (const auto& tn : {std::make_pair(&A, "A"), std::make_pair(&B, "B"), std::make_pair(&W, "W")}) {
+    CL_CHECK_FLOATING(*tn.first, tn.second);
+    TORCH_CHECK(tn.first->device() == H.device(), tn.second, " is on ", tn.first->device(),
+                " but H is on ", H.device(), "; all inputs must be on one device");
+  }
+  CL_CHECK_SHAPE(A, "A", "(n, n+1)", sh.n, sh.n + 1);
+  CL_CHECK_SHAPE(B, "B", "(n,)", sh.n);
+  CL_CHECK_SHAPE(W, "W", "(d, n+2)", sh.d, sh.n + 2);
+  check_scalar_tensor(s_a, "s_a", H);
+  check_scalar_tensor(s_b, "s_b", H);
+  return sh;
+}
+
+std::vector<int64_t> with_tail(const std::vector<int64_t>& lead, std::initializer_list<int64_t> tail) {
+  std::vector<int64_t> s(lead);
+  s.insert(s.end(), tail);
+  return s;
+}
+
+void check_per_token(const at::Tensor& t, const char* name, const char* what,
+                     const std::vector<int64_t>& expected, const at::Tensor& H) {
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(expected), name, " must have shape ", what, " = ",
+              at::IntArrayRef(expected), ", got ", t.sizes());
+  TORCH_CHECK(t.device() == H.device(), name, " is on ", t.device(), " but H is on ", H.device(),
+              "; all inputs must be on one device");
+  CL_CHECK_FLOATING(t, name);
+}
+
+// W transposed to (n+2, ldw), ldw = d rounded up to 8, zero-padded, accumulator dtype.
+at::Tensor transposed_weights(const at::Tensor& W, at::ScalarType acc_type, int64_t ldw) {
+  const int64_t d = W.size(0);
+  return at::constant_pad_nd(W.to(acc_type).t(), {0, ldw - d}, 0).contiguous();
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+bool layout_vec_ok(const TokenLayout& l, int64_t n_tokens, int vec) {
+  if (n_tokens > 1 && l.inner > 1 && l.inner_stride % vec != 0) return false;
+  if (n_tokens > l.inner && l.outer_stride % vec != 0) return false;
+  return true;
+}
+
+int device_attribute(cudaDeviceAttr attr, int device) {
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, device));
+  return v;
+}
+
+struct HcPreLaunch {
+  int threads_x, rows, smem_bytes;
+  bool dw_in_smem;
+  int64_t grid;
+};
+
+// Block shape: a row of whole warps per token covering d in one pass of chunks where
+// d allows (at most 256 threads), several tokens per block for small d.
+template <typename acc, int kN>
+HcPreLaunch hc_pre_block(int64_t N, int64_t d, int vec, int64_t ldw, bool backward, int device) {
+  HcPreLaunch b;
+  const int64_t chunks = (d + vec - 1) / vec;
+  b.threads_x = static_cast<int>(std::min<int64_t>(kHcPreThreads, std::max<int64_t>(32, (chunks + 31) / 32 * 32)));
+  b.rows = std::max(1, kHcPreThreads / b.threads_x);
+  b.rows = static_cast<int>(std::min<int64_t>(b.rows, N));
+  const int warps = b.threads_x / 32;
+  const int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  b.dw_in_smem = backward;
+  auto bytes = [&](int rows, bool dw_in_smem) {
+    return static_cast<int64_t>(hc_pre_smem_layout<kN>(rows, warps, ldw, backward, dw_in_smem).total) *
+           static_cast<int64_t>(sizeof(acc));
+  };
+  while (b.rows > 1 && bytes(b.rows, b.dw_in_smem) > optin) --b.rows;
+  if (bytes(b.rows, b.dw_in_smem) > optin) b.dw_in_smem = false;  // rows == 1 here
+  const int64_t total = bytes(b.rows, b.dw_in_smem);
+  TORCH_CHECK(total <= optin, "hc_pre: needs ", total, " bytes of shared memory, the device allows ",
+              optin);
+  b.smem_bytes = static_cast<int>(total);
+  b.grid = (N + b.rows - 1) / b.rows;
+  return b;
+}
+
+template <typename Kernel>
+void allow_smem(Kernel kernel, int bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  }
+}
+
+}  // namespace
+
+std::vector<at::Tensor> hc_pre_dhc_fwd(const at::Tensor& H_in, const at::Tensor& A, const at::Tensor& B,
+                                       const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b,
+                                       double eps) {
+  const HcPreShape sh = check_hc_pre_inputs(H_in, A, B, W, s_a, s_b);
+  const c10::cuda::CUDAGuard guard(H_in.device());
+  const at::ScalarType acc_type = acc_dtype(H_in.scalar_type());
+  const auto acc_opts = H_in.options().dtype(acc_type);
+  const int64_t n = sh.n, d = sh.d, J = n + 2;
+  at::Tensor x = at::empty(with_tail(sh.lead, {d}), H_in.options());
+  at::Tensor alpha = at::empty(with_tail(sh.lead, {n, n + 1}), acc_opts);
+  at::Tensor beta = at::empty(with_tail(sh.lead, {n}), acc_opts);
+  at::Tensor q = at::empty(with_tail(sh.lead, {n, J}), acc_opts);
+  at::Tensor r = at::empty(with_tail(sh.lead, {n}), acc_opts);
+  if (sh.N == 0) return {x, alpha, beta, q, r};
+
+  HcPreParams p{};
+  const at::Tensor H = with_token_layout(features_contiguous(H_in), 2, &p.h_tok);
+  with_token_layout(x, 1, &p.x_tok);
+  const int64_t ldw = (d + 7) / 8 * 8;
+  const at::Tensor Wt = transposed_weights(W, acc_type, ldw);
+  const at::Tensor A_ = A.to(acc_type).contiguous();
+  const at::Tensor B_ = B.to(acc_type).contiguous();
+  const at::Tensor sa = s_a.to(acc_type);
+  const at::Tensor sb = s_b.to(acc_type);
+  p.n_tokens = sh.N;
+  p.d = d;
+  p.n = static_cast<int>(n);
+  p.ldw = ldw;
+  p.h_stream_stride = H.stride(-2);
+  p.eps = eps;
+  p.h_ptr = H.data_ptr();
+  p.wt_ptr = Wt.data_ptr();
+  p.a_ptr = A_.data_ptr();
+  p.b_ptr = B_.data_ptr();
+  p.sa_ptr = sa.data_ptr();
+  p.sb_ptr = sb.data_ptr();
+  p.x_ptr = x.data_ptr();
+  p.alpha_ptr = alpha.data_ptr();
+  p.beta_ptr = beta.data_ptr();
+  p.q_ptr = q.data_ptr();
+  p.r_ptr = r.data_ptr();
+
+  const int device = H.device().index();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  CL_DISPATCH_FLOATING(H.scalar_type(), "hc_pre_dhc_fwd", [&] {
+    using acc = acc_t<scalar_t>;
+    const int vec = kVec16<scalar_t>;
+    const bool vectorize = aligned16(p.h_ptr) && aligned16(p.x_ptr) &&
+                           layout_vec_ok(p.h_tok, sh.N, vec) && layout_vec_ok(p.x_tok, sh.N, vec) &&
+                           (n == 1 || p.h_stream_stride % vec == 0);
+    CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
+      constexpr int kVec = kVectorize ? kVec16<scalar_t> : 1;
+      CL_HC_STREAMS_SWITCH(p.n, kN, [&] {
+        const HcPreLaunch b = hc_pre_block<acc, kN>(sh.N, d, kVec, ldw, false, device);
+        auto kernel = hc_pre_fwd_kernel<scalar_t, kVec, kN>;
+        allow_smem(kernel, b.smem_bytes);
+        const dim3 grid(static_cast<unsigned>(std::min<int64_t>(b.grid, std::numeric_limits<int>::max())));
+        kernel<<<grid, dim3(b.threads_x, b.rows), b.smem_bytes, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+  return {x, alpha, beta, q, r};
+}
+
+std::vector<at::Tensor> hc_pre_dhc_bwd(const at::Tensor& dx_in, const std::optional<at::Tensor>& dalpha,
+                                       const std::optional<at::Tensor>& dbeta, const at::Tensor& H_in,
+                                       const at::Tensor& A, const at::Tensor& B, const at::Tensor& W,
+                                       const at::Tensor& s_a, const at::Tensor& s_b, const at::Tensor& q,
+                                       const at::Tensor& r) {
+  const HcPreShape sh = check_hc_pre_inputs(H_in, A, B, W, s_a, s_b);
+  const int64_t n = sh.n, d = sh.d, J = n + 2;
+  const at::ScalarType acc_type = acc_dtype(H_in.scalar_type());
+  check_per_token(dx_in, "dx", "(..., d)", with_tail(sh.lead, {d}), H_in);
+  TORCH_CHECK(dx_in.scalar_type() == H_in.scalar_type(), "dx must have H's dtype ",
+              H_in.scalar_type(), ", got ", dx_in.scalar_type());
+  if (dalpha) check_per_token(*dalpha, "dalpha", "(..., n, n+1)", with_tail(sh.lead, {n, n + 1}), H_in);
+  if (dbeta) check_per_token(*dbeta, "dbeta", "(..., n)", with_tail(sh.lead, {n}), H_in);
+  check_per_token(q, "q", "(..., n, n+2)", with_tail(sh.lead, {n, J}), H_in);
+  check_per_token(r, "r", "(..., n)", with_tail(sh.lead, {n}), H_in);
+  const c10::cuda::CUDAGuard guard(H_in.device());
+  const auto acc_opts = H_in.options().dtype(acc_type);
+
+  const at::Tensor H = features_contiguous(H_in);
+  // dH takes H's layout when its token dims collapse (a dense permutation does), else
+  // it is contiguous.
+  at::Tensor dH = at::empty_like(H);
+  if (sh.N == 0) {
+    return {dH, at::zeros(A.sizes(), A.options()), at::zeros(B.sizes(), B.options()),
+            at::zeros(W.sizes(), W.options()), at::zeros({}, s_a.options()), at::zeros({}, s_b.options())};
+  }
+  HcPreParams p{};
+  if (dH.stride(-1) != 1 ||
+      !collapse_token_dims(dH.sizes().data(), dH.strides().data(), static_cast<int>(dH.dim()) - 2, &p.dh_tok)) {
+    dH = at::empty(H.sizes(), H.options());
+    collapse_token_dims(dH.sizes().data(), dH.strides().data(), static_cast<int>(dH.dim()) - 2, &p.dh_tok);
+  }
+  const at::Tensor Hl = with_token_layout(H, 2, &p.h_tok);
+  const at::Tensor dx = with_token_layout(features_contiguous(dx_in), 1, &p.x_tok);
+  const int64_t ldw = (d + 7) / 8 * 8;
+  const at::Tensor Wt = transposed_weights(W, acc_type, ldw);
+  const at::Tensor A_ = A.to(acc_type).contiguous();
+  const at::Tensor B_ = B.to(acc_type).contiguous();
+  const at::Tensor sa = s_a.to(acc_type);
+  const at::Tensor sb = s_b.to(acc_type);
+  const at::Tensor q_ = q.to(acc_type).contiguous();
+  const at::Tensor r_ = r.to(acc_type).contiguous();
+  const at::Tensor dalpha_ = dalpha ? dalpha->to(acc_type).contiguous() : at::Tensor();
+  const at::Tensor dbeta_ = dbeta ? dbeta->to(acc_type).contiguous() : at::Tensor();
+
+  p.n_tokens = sh.N;
+  p.d = d;
+  p.n = static_cast<int>(n);
+  p.ldw = ldw;
+  p.h_stream_stride = Hl.stride(-2);
+  p.dh_stream_stride = dH.stride(-2);
+  p.h_ptr = Hl.data_ptr();
+  p.dx_ptr = dx.data_ptr();
+  p.dh_ptr = dH.data_ptr();
+  p.wt_ptr = Wt.data_ptr();
+  p.a_ptr = A_.data_ptr();
+  p.b_ptr = B_.data_ptr();
+  p.sa_ptr = sa.data_ptr();
+  p.sb_ptr = sb.data_ptr();
+  p.q_ptr = q_.data_ptr();
+  p.r_ptr = r_.data_ptr();
+  p.dalpha_ptr = dalpha ? dalpha_.data_ptr() : nullptr;
+  p.dbeta_ptr = dbeta ? dbeta_.data_ptr() : nullptr;
+
+  at::Tensor dw_ws, coef_ws;
+  const int device = Hl.device().index();
+  const int sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  CL_DISPATCH_FLOATING(Hl.scalar_type(), "hc_pre_dhc_bwd", [&] {
+    using acc = acc_t<scalar_t>;
+    const int vec = kVec16<scalar_t>;
+    const bool vectorize = aligned16(p.h_ptr) && aligned16(p.dx_ptr) && aligned16(p.dh_ptr) &&
+                           layout_vec_ok(p.h_tok, sh.N, vec) && layout_vec_ok(p.x_tok, sh.N, vec) &&
+                           layout_vec_ok(p.dh_tok, sh.N, vec) &&
+                           (n == 1 || (p.h_stream_stride % vec == 0 && p.dh_stream_stride % vec == 0));
+    CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
+      constexpr int kVec = kVectorize ? kVec16<scalar_t> : 1;
+      CL_HC_STREAMS_SWITCH(p.n, kN, [&] {
+        HcPreLaunch b = hc_pre_block<acc, kN>(sh.N, d, kVec, ldw, true, device);
+        auto kernel = hc_pre_bwd_kernel<scalar_t, kVec, kN>;
+        allow_smem(kernel, b.smem_bytes);
+        // A persistent grid: every block writes one slice of partial sums, so the
+        // grid is what the device holds at once, not one block per token tile.
+        int per_sm = 0;
+        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &per_sm, kernel, b.threads_x * b.rows, b.smem_bytes));
+        const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * sms;
+        b.grid = std::min<int64_t>(b.grid, resident);
+        p.dw_in_smem = b.dw_in_smem;
+        dw_ws = b.dw_in_smem ? at::empty({b.grid, J, ldw}, acc_opts) : at::zeros({b.grid, J, ldw}, acc_opts);
+        coef_ws = at::empty({b.grid, n, static_cast<int64_t>(hc_pre_coef_stride(static_cast<int>(n)))}, acc_opts);
+        p.dw_ws_ptr = dw_ws.data_ptr();
+        p.coef_ws_ptr = coef_ws.data_ptr();
+        kernel<<<dim3(static_cast<unsigned>(b.grid)), dim3(b.threads_x, b.rows), b.smem_bytes, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+  const at::Tensor dWt = dw_ws.sum(0);                  // (J, ldw)
+  const at::Tensor coef = coef_ws.sum(0);               // (n, n+4)
+  const at::Tensor dW = dWt.narrow(1, 0, d).t().contiguous().to(W.scalar_type());
+  const at::Tensor dA = coef.narrow(1, 0, n + 1).contiguous().to(A.scalar_type());
+  const at::Tensor dB = coef.select(1, n + 1).contiguous().to(B.scalar_type());
+  const at::Tensor ds_a = coef.select(1, n + 2).sum().to(s_a.scalar_type());
+  const at::Tensor ds_b = coef.select(1, n + 3).sum().to(s_b.scalar_type());
+  return {dH, dA, dB, dW, ds_a, ds_b};
+}
+
+}  // namespace crosslayer

@@ -1,0 +1,625 @@
+// hc_pre for dynamic Hyper-Connections (DHC): coefficients and layer input in one pass.
+//
+// Math, per token t (n streams H_i of d features; W: (d, n+2); J = n + 2):
+//   forward
+//     r_i        = rsqrt(Σ_e H_i[e]² / d + eps)                    (n values)
+//     q_ij       = Σ_e H_i[e]·W[e, j]                                (n·J values)
+//     t_ij       = tanh(r_i·q_ij)
+//     alpha[i,j] = A[i,j] + s_a·t_ij      (j <= n)                   (= per token)
+//     beta[i]    = B[i]   + s_b·t_i,n+1                              (= per token)
+//     x[e]       = Σ_i alpha[i,0]·H_i[e]                             (= activation dtype)
+//   q and r are written too (= per token, accumulator dtype): the backward takes them
+//   instead of recomputing the projection.
+//   backward, for dx, dalpha, dbeta (dalpha/dbeta optional: zero when absent)
+//     g0_i   = <dx, H_i>
+//     G_ij   = dalpha[i,j] + [j == 0]·g0_i (j <= n),  G_i,n+1 = dbeta[i]
+//     dq_ij  = r_i·s_j·G_ij·(1 − t_ij²)    with s_j = s_a (j <= n), s_b (j = n+1)
+//     dr_i   = Σ_j s_j·G_ij·(1 − t_ij²)·q_ij
+//     dH_i[e] = alpha[i,0]·dx[e] + Σ_j dq_ij·W[e,j] − dr_i·r_i³/d·H_i[e]   (= written)
+//     dW[e,j] += Σ_i H_i[e]·dq_ij;   dA[i,j] += G_ij;   dB[i] += G_i,n+1;
+//     ds_a += Σ_{i, j<=n} G_ij·t_ij;  ds_b += Σ_i G_i,n+1·t_i,n+1     (over tokens)
+//   The token sums are per-block partials (the `+=` above accumulate over a block's
+//   tokens in a fixed order, starting from zero), written to a workspace of one slice
+//   per block; the launcher sums the slices with at::sum. No atomics: two runs give
+//   bit-identical gradients.
+//
+// Thread mapping: a block is (threads_x, rows). Each row of threads (whole warps) owns
+// one token at a time; thread x handles the feature chunks x, x + threads_x, ... of
+// kVec contiguous elements (16-byte accesses), the first kCache of them kept in
+// registers (raw, not widened) between the reduction and the write pass, the rest
+// re-read (from L2, as the token was just read). Blocks stride over tokens.
+// Per token: (1) each thread accumulates its partial sums, a warp reduces them by
+// shuffles and lane 0 stores the warp's value in shared memory; (2) after a barrier,
+// the threads of the row sum the warps' values in warp order and compute the per-token
+// coefficients; (3) after a second barrier, the write pass.
+// W and the dW partials are stored transposed, (J, ldw) with ldw a multiple of 8
+// (zero padding), so a thread's W chunk for projection j is one aligned vector and the
+// W chunk of a projection is read once for all streams of a group.
+// n is a template bound kN (2, 4, 8 exact; 16 for any other n <= 16, with runtime
+// predicates `if (i < n)`); streams are processed in groups of kG <= 4 (HcPreConfig)
+// and every register array is indexed by compile-time constants only (fully unrolled
+// loops). The chunk math works on 16-byte sub-chunks of the accumulator dtype.
+//
+// Assumptions (checked by the launcher):
+//   1) features have unit stride in H, dH and dx; token and stream strides are free
+//      (tokens addressed through TokenLayout);
+//   2) with kVec > 1, every base pointer is 16-byte aligned and every token/stream
+//      stride is a multiple of kVec, so each full chunk is one 16-byte access;
+//   3) 1 <= n <= 16, d >= 1; coefficients, W, q, r in the accumulator dtype, contiguous.
+#pragma once
+
+#include <cstdint>
+
+#include "common/reduce.cuh"
+#include "common/tokens.cuh"
+#include "common/vec.cuh"
+
+namespace crosslayer {
+
+constexpr int kHcMaxStreams = 16;
+constexpr int kHcPreThreads = 256;
+// Resident blocks asked of ptxas (at most 128 registers a thread).
+constexpr int kHcPreMinBlocks = 2;
+
+// Streams per group and chunks cached in registers, by compile-time stream bound kN.
+// A raw chunk is 4 registers whatever the dtype. Groups of at most 4 streams keep the
+// per-thread partial sums (kG·(kJ + 1)), the widened chunk values (kG·kVec) and the dH
+// accumulators (kG·kVec) within the register budget of 2 blocks of 256 threads per SM;
+// for n = 8 the W chunks are read twice per token (from L1).
+template <int kN, typename acc>
+struct HcPreConfig {
+  // fp64 (gradcheck and tests, not speed) halves the group: its registers are twice as wide.
+  // The generic instantiation (kJ = 18) also halves it: its partial sums are kG·19.
+  static constexpr int kG = kN < 4 ? kN : (sizeof(acc) == 8 || kN == kHcMaxStreams ? 2 : 4);
+  static constexpr int kJ = kN + 2;  // bound on the projections per stream
+  // Register caches beyond n = 2 made ptxas spill at 128 registers (sm_90, nvcc 13.0);
+  // without them the write pass re-reads the token's H (an L2 hit: it was read a few
+  // microseconds earlier by the same block).
+  static constexpr int kFwdCache = kN == 2 ? 1 : 0;
+  static constexpr int kBwdCache = kN == 2 ? 1 : 0;
+};
+
+struct HcPreParams {
+  using index_t = int64_t;
+  index_t n_tokens;  // N
+  index_t d;         // features
+  int n;             // streams
+  index_t ldw;       // row stride of the transposed W / dW partials (multiple of 8)
+  // H (N, n, d) activation dtype: tokens via h_tok, streams h_stream_stride apart.
+  TokenLayout h_tok;
+  index_t h_stream_stride;
+  // x / dx (N, d): tokens via x_tok.
+  TokenLayout x_tok;
+  // dH (N, n, d), backward output.
+  TokenLayout dh_tok;
+  index_t dh_stream_stride;
+  double eps;
+  const void* __restrict__ h_ptr;
+  const void* __restrict__ wt_ptr;  // W transposed (J, ldw), accumulator dtype
+  const void* __restrict__ a_ptr;   // A (n, n+1)
+  const void* __restrict__ b_ptr;   // B (n)
+  const void* __restrict__ sa_ptr;  // s_a, 0-dim
+  const void* __restrict__ sb_ptr;  // s_b, 0-dim
+  // forward outputs
+  void* __restrict__ x_ptr;      // x (N, d) activation dtype
+  void* __restrict__ alpha_ptr;  // (N, n, n+1) contiguous
+  void* __restrict__ beta_ptr;   // (N, n)
+  void* __restrict__ q_ptr;      // (N, n, J)
+  void* __restrict__ r_ptr;      // (N, n)
+  // backward inputs (q_ptr, r_ptr above are read) and outputs
+  const void* __restrict__ dx_ptr;
+  const void* __restrict__ dalpha_ptr;  // (N, n, n+1) contiguous, or null (zero)
+  const void* __restrict__ dbeta_ptr;   // (N, n) contiguous, or null (zero)
+  void* __restrict__ dh_ptr;
+  // Per-block partials: dW slices (grid, J, ldw) and coefficient slices (grid, n, n+4)
+  // holding, per stream i, dA[i, 0..n], dB[i], ds_a part, ds_b part.
+  void* __restrict__ dw_ws_ptr;
+  void* __restrict__ coef_ws_ptr;
+  bool dw_in_smem;  // dW partial of each row in shared memory (else in dw_ws, rows = 1)
+};
+
+__device__ __forceinline__ float acc_rsqrt(float x) { return rsqrtf(x); }
+__device__ __forceinline__ double acc_rsqrt(double x) { return rsqrt(x); }
+__device__ __forceinline__ float acc_tanh(float x) { return tanhf(x); }
+__device__ __forceinline__ double acc_tanh(double x) { return tanh(x); }
+
+// Number of coefficient-partial entries per stream: dA[i, 0..n], dB[i], ds_a, ds_b.
+__host__ __device__ constexpr int hc_pre_coef_stride(int n) { return n + 4; }
+
+// Shared-memory layout of a block, in accumulator elements (offsets from the start).
+struct HcPreSmem {
+  int part;    // [rows][warps][kN][kJ + 1]   warp partial sums
+  int coef;    // [rows][kN]                   alpha[i, 0] of the row's token
+  int dq;      // [rows][kN][kJ]               backward: dq of the row's token
+  int scale;   // [rows][kN]                   backward: dr_i·r_i³/d
+  int cpart;   // [rows][kN][kN + 4]           backward: coefficient partials
+  int dw;      // [rows][kJ][ldw]              backward, dw_in_smem: dW partials
+  int total;
+};
+
+template <int kN>
+__host__ __device__ inline HcPreSmem hc_pre_smem_layout(int rows, int warps, int64_t ldw,
+                                                        bool backward, bool dw_in_smem) {
+  constexpr int kJ = kN + 2;
+  HcPreSmem s;
+  int off = 0;
+  s.part = off;
+  off += rows * warps * kN * (kJ + 1);
+  s.coef = off;
+  off += rows * kN;
+  s.dq = off;
+  s.scale = off;
+  s.cpart = off;
+  s.dw = off;
+  if (backward) {
+    s.dq = off;
+    off += rows * kN * kJ;
+    s.scale = off;
+    off += rows * kN;
+    s.cpart = off;
+    off += rows * kN * hc_pre_coef_stride(kN);
+    off = (off + 7) / 8 * 8;  // 32-byte alignment of the dW rows (fp32)
+    s.dw = off;
+    if (dw_in_smem) off += static_cast<int>(rows * kJ * ldw);
+  }
+  s.total = off;
+  return s;
+}
+
+// The accumulator-dtype chunk [e, e + kVec) of row `row` of a transposed (J, ldw)
+// matrix; ldw is a multiple of 8 and the storage zero-padded, so no tail check.
+template <typename acc, int kVec>
+__device__ __forceinline__ Vec<acc, kVec> load_w_chunk(const acc* row, int64_t e) {
+  return *reinterpret_cast<const Vec<acc, kVec>*>(row + e);
+}
+
+// Loads the group's stream chunks [e, e + kVec) of one token (zero for streams >= n).
+template <typename T, int kVec, int kG>
+__device__ __forceinline__ void hc_load_streams(const T* __restrict__ h_tok, int64_t stream_stride,
+                                                int g0, int n, int64_t e, int64_t d,
+                                                Vec<T, kVec> (&h)[kG]) {
+#pragma unroll
+  for (int i = 0; i < kG; ++i) {
+    h[i] = (g0 + i < n) ? load_chunk_raw<T, kVec>(h_tok + (g0 + i) * stream_stride, e, d)
+                        : Vec<T, kVec>{};
+  }
+}
+
+// Width of the sub-chunks the chunk math works on: one 16-byte vector of the
+// accumulator dtype (4 floats, 2 doubles), so that a 16-bit chunk of 8 elements is
+// widened half at a time and the widened values stay within the register budget.
+template <typename T, int kVec>
+constexpr int kHcSub = kVec < 16 / static_cast<int>(sizeof(acc_t<T>)) ? kVec : 16 / static_cast<int>(sizeof(acc_t<T>));
+
+// Forward partial sums of one chunk: q[i][j] += <H_i, W_j>, q[i][kJ] += <H_i, H_i>.
+template <typename T, int kVec, int kG, int kJ>
+__device__ __forceinline__ void hc_pre_accumulate(const Vec<T, kVec> (&h)[kG],
+                                                  const acc_t<T>* __restrict__ wt, int64_t ldw,
+                                                  int J, int64_t e, acc_t<T> (&q)[kG][kJ + 1]) {
+  using acc = acc_t<T>;
+  constexpr int kSub = kHcSub<T, kVec>;
+#pragma unroll
+  for (int s = 0; s < kVec; s += kSub) {
+    acc hv[kG][kSub];
+#pragma unroll
+    for (int i = 0; i < kG; ++i) {
+#pragma unroll
+      for (int k = 0; k < kSub; ++k) {
+        hv[i][k] = to_acc(h[i].v[s + k]);
+        q[i][kJ] += hv[i][k] * hv[i][k];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kJ; ++j) {
+      if (j < J) {
+        const Vec<acc, kSub> w = load_w_chunk<acc, kSub>(wt + j * ldw, e + s);
+#pragma unroll
+        for (int i = 0; i < kG; ++i) {
+#pragma unroll
+          for (int k = 0; k < kSub; ++k) q[i][j] += hv[i][k] * w.v[k];
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int kVec, int kN>
+__global__ void __launch_bounds__(kHcPreThreads, kHcPreMinBlocks)
+    hc_pre_fwd_kernel(const HcPreParams p) {
+  using acc = acc_t<T>;
+  using Cfg = HcPreConfig<kN, acc>;
+  constexpr int kG = Cfg::kG;
+  constexpr int kJ = Cfg::kJ;
+  constexpr int kCache = Cfg::kFwdCache;
+  constexpr int kCacheSlots = kCache > 0 ? kCache : 1;
+  extern __shared__ __align__(32) unsigned char hc_pre_smem[];
+  acc* smem = reinterpret_cast<acc*>(hc_pre_smem);
+
+  const int n = p.n;
+  const int J = n + 2;
+  const int64_t d = p.d;
+  const int tx = threadIdx.x;
+  const int ty = threadIdx.y;
+  const int threads_x = blockDim.x;
+  const int rows = blockDim.y;
+  const int warps = threads_x / kWarpSize;
+  const int warp = tx / kWarpSize;
+  const int lane = tx % kWarpSize;
+  const HcPreSmem L = hc_pre_smem_layout<kN>(rows, warps, p.ldw, false, false);
+  acc* __restrict__ part = smem + L.part + ty * warps * kN * (kJ + 1);  // [warps][kN][kJ+1]
+  acc* __restrict__ coef = smem + L.coef + ty * kN;                      // [kN]
+
+  const T* __restrict__ H = static_cast<const T*>(p.h_ptr);
+  const acc* __restrict__ wt = static_cast<const acc*>(p.wt_ptr);
+  const acc* __restrict__ A = static_cast<const acc*>(p.a_ptr);
+  const acc* __restrict__ B = static_cast<const acc*>(p.b_ptr);
+  T* __restrict__ X = static_cast<T*>(p.x_ptr);
+  acc* __restrict__ alpha = static_cast<acc*>(p.alpha_ptr);
+  acc* __restrict__ beta = static_cast<acc*>(p.beta_ptr);
+  acc* __restrict__ q_out = static_cast<acc*>(p.q_ptr);
+  acc* __restrict__ r_out = static_cast<acc*>(p.r_ptr);
+  const acc s_a = *static_cast<const acc*>(p.sa_ptr);
+  const acc s_b = *static_cast<const acc*>(p.sb_ptr);
+  const int64_t step = static_cast<int64_t>(threads_x) * kVec;
+
+  for (int64_t t0 = static_cast<int64_t>(blockIdx.x) * rows; t0 < p.n_tokens;
+       t0 += static_cast<int64_t>(gridDim.x) * rows) {
+    const int64_t t = t0 + ty;
+    const bool valid = t < p.n_tokens;  // uniform over the row (whole warps)
+    const T* __restrict__ h_tok = H + (valid ? p.h_tok.offset(t) : 0);
+    Vec<T, kVec> cache[kCacheSlots][kN];
+
+    // (1) partial sums, one group of streams at a time.
+#pragma unroll
+    for (int g0 = 0; g0 < kN; g0 += kG) {
+      if (g0 < n) {
+        acc q[kG][kJ + 1];
+#pragma unroll
+        for (int i = 0; i < kG; ++i) {
+#pragma unroll
+          for (int j = 0; j <= kJ; ++j) q[i][j] = acc(0);
+        }
+        if (valid) {
+#pragma unroll
+          for (int c = 0; c < kCache; ++c) {
+            const int64_t e = tx * kVec + c * step;
+            Vec<T, kVec> h[kG];
+            hc_load_streams<T, kVec, kG>(h_tok, p.h_stream_stride, g0, n, e < d ? e : d, d, h);
+#pragma unroll
+            for (int i = 0; i < kG; ++i) cache[c][g0 + i] = h[i];
+            if (e < d) hc_pre_accumulate<T, kVec, kG, kJ>(h, wt, p.ldw, J, e, q);
+          }
+          for (int64_t e = tx * kVec + kCache * step; e < d; e += step) {
+            Vec<T, kVec> h[kG];
+            hc_load_streams<T, kVec, kG>(h_tok, p.h_stream_stride, g0, n, e, d, h);
+            hc_pre_accumulate<T, kVec, kG, kJ>(h, wt, p.ldw, J, e, q);
+          }
+        }
+        // Lane l receives the warp's sum of value l of the group (i = l / (kJ + 1),
+        // j = l % (kJ + 1)), stored at part[warp][g0 * (kJ + 1) + l].
+        constexpr int kM = kG * (kJ + 1);
+        constexpr int kB = (kM + kWarpSize - 1) / kWarpSize;
+        acc flat[kM];
+#pragma unroll
+        for (int i = 0; i < kG; ++i) {
+#pragma unroll
+          for (int j = 0; j <= kJ; ++j) flat[i * (kJ + 1) + j] = q[i][j];
+        }
+        acc sums[kB];
+        warp_reduce_scatter<kM>(flat, lane, sums);
+#pragma unroll
+        for (int b = 0; b < kB; ++b) {
+          const int m = b * kWarpSize + lane;
+          if (m < kM) part[(warp * kN + g0) * (kJ + 1) + m] = sums[b];
+        }
+      }
+    }
+    __syncthreads();
+
+    // (2) coefficients: one (stream, projection) pair per thread of the row.
+    if (valid) {
+      for (int idx = tx; idx < n * J; idx += threads_x) {
+        const int i = idx / J;
+        const int j = idx % J;
+        acc ss = acc(0), qij = acc(0);
+        for (int w = 0; w < warps; ++w) {
+          const acc* pw = part + (w * kN + i) * (kJ + 1);
+          ss += pw[kJ];
+          qij += pw[j];
+        }
+        const acc r = acc_rsqrt(ss / static_cast<acc>(d) + static_cast<acc>(p.eps));
+        const acc th = acc_tanh(r * qij);
+        q_out[(t * n + i) * J + j] = qij;
+        if (j == 0) r_out[t * n + i] = r;
+        if (j <= n) {
+          const acc a = A[i * (n + 1) + j] + s_a * th;
+          alpha[(t * n + i) * (n + 1) + j] = a;
+          if (j == 0) coef[i] = a;
+        } else {
+          beta[t * n + i] = B[i] + s_b * th;
+        }
+      }
+    }
+    __syncthreads();
+
+    // (3) x = Σ_i alpha[i, 0]·H_i.
+    if (valid) {
+      T* __restrict__ x_tok = X + p.x_tok.offset(t);
+      acc a0[kN];
+#pragma unroll
+      for (int i = 0; i < kN; ++i) a0[i] = i < n ? coef[i] : acc(0);
+#pragma unroll
+      for (int c = 0; c < kCache; ++c) {
+        const int64_t e = tx * kVec + c * step;
+        if (e < d) {
+          acc x[kVec] = {};
+#pragma unroll
+          for (int i = 0; i < kN; ++i) {
+            if (i < n) {
+#pragma unroll
+              for (int k = 0; k < kVec; ++k) x[k] += a0[i] * to_acc(cache[c][i].v[k]);
+            }
+          }
+          store_chunk<T, kVec>(x_tok, e, d, x);
+        }
+      }
+      for (int64_t e = tx * kVec + kCache * step; e < d; e += step) {
+        acc x[kVec] = {};
+#pragma unroll
+        for (int g0 = 0; g0 < kN; g0 += kG) {
+          if (g0 < n) {
+            Vec<T, kVec> h[kG];
+            hc_load_streams<T, kVec, kG>(h_tok, p.h_stream_stride, g0, n, e, d, h);
+#pragma unroll
+            for (int i = 0; i < kG; ++i) {
+#pragma unroll
+              for (int k = 0; k < kVec; ++k) x[k] += a0[g0 + i] * to_acc(h[i].v[k]);
+            }
+          }
+        }
+        store_chunk<T, kVec>(x_tok, e, d, x);
+      }
+    }
+  }
+}
+
+template <typename T, int kVec, int kN>
+__global__ void __launch_bounds__(kHcPreThreads, kHcPreMinBlocks)
+    hc_pre_bwd_kernel(const HcPreParams p) {
+  using acc = acc_t<T>;
+  using Cfg = HcPreConfig<kN, acc>;
+  constexpr int kG = Cfg::kG;
+  constexpr int kJ = Cfg::kJ;
+  constexpr int kCache = Cfg::kBwdCache;
+  constexpr int kCacheSlots = kCache > 0 ? kCache : 1;
+  constexpr int kCS = hc_pre_coef_stride(kN);
+  constexpr int kSub = kHcSub<T, kVec>;
+  extern __shared__ __align__(32) unsigned char hc_pre_smem[];
+  acc* smem = reinterpret_cast<acc*>(hc_pre_smem);
+
+  const int n = p.n;
+  const int J = n + 2;
+  const int CS = hc_pre_coef_stride(n);
+  const int64_t d = p.d;
+  const int64_t ldw = p.ldw;
+  const int tx = threadIdx.x;
+  const int ty = threadIdx.y;
+  const int threads_x = blockDim.x;
+  const int rows = blockDim.y;
+  const int warps = threads_x / kWarpSize;
+  const int warp = tx / kWarpSize;
+  const int lane = tx % kWarpSize;
+  const int tid = ty * threads_x + tx;
+  const int nthreads = threads_x * rows;
+  const HcPreSmem L = hc_pre_smem_layout<kN>(rows, warps, ldw, true, p.dw_in_smem);
+  acc* __restrict__ part = smem + L.part + ty * warps * kN * (kJ + 1);  // [warps][kN][..]
+  acc* __restrict__ coef = smem + L.coef + ty * kN;                      // alpha[i, 0]
+  acc* __restrict__ dq_s = smem + L.dq + ty * kN * kJ;                   // [kN][kJ]
+  acc* __restrict__ scale = smem + L.scale + ty * kN;                    // dr_i·r_i³/d
+  acc* __restrict__ cpart = smem + L.cpart + ty * kN * kCS;              // [kN][kCS]
+  // This row's dW partial, (J, ldw): shared memory, or the block's workspace slice.
+  acc* __restrict__ dw_ws = static_cast<acc*>(p.dw_ws_ptr) + blockIdx.x * static_cast<int64_t>(J) * ldw;
+  acc* dw = p.dw_in_smem ? smem + L.dw + ty * static_cast<int64_t>(kJ) * ldw : dw_ws;
+
+  const T* __restrict__ H = static_cast<const T*>(p.h_ptr);
+  const T* __restrict__ dX = static_cast<const T*>(p.dx_ptr);
+  T* __restrict__ dH = static_cast<T*>(p.dh_ptr);
+  const acc* __restrict__ wt = static_cast<const acc*>(p.wt_ptr);
+  const acc* __restrict__ A = static_cast<const acc*>(p.a_ptr);
+  const acc* __restrict__ q_in = static_cast<const acc*>(p.q_ptr);
+  const acc* __restrict__ r_in = static_cast<const acc*>(p.r_ptr);
+  const acc* __restrict__ dalpha = static_cast<const acc*>(p.dalpha_ptr);
+  const acc* __restrict__ dbeta = static_cast<const acc*>(p.dbeta_ptr);
+  const acc s_a = *static_cast<const acc*>(p.sa_ptr);
+  const acc s_b = *static_cast<const acc*>(p.sb_ptr);
+  const int64_t step = static_cast<int64_t>(threads_x) * kVec;
+
+  // Zero the partials this block accumulates over its tokens.
+  for (int i = tid; i < rows * kN * kCS; i += nthreads) smem[L.cpart + i] = acc(0);
+  if (p.dw_in_smem) {
+    for (int64_t i = tid; i < rows * kJ * ldw; i += nthreads) smem[L.dw + i] = acc(0);
+  }
+  // (dw_ws is zeroed by the launcher when dw_in_smem is false.)
+
+  for (int64_t t0 = static_cast<int64_t>(blockIdx.x) * rows; t0 < p.n_tokens;
+       t0 += static_cast<int64_t>(gridDim.x) * rows) {
+    const int64_t t = t0 + ty;
+    const bool valid = t < p.n_tokens;  // uniform over the row (whole warps)
+    const T* __restrict__ h_tok = H + (valid ? p.h_tok.offset(t) : 0);
+    const T* __restrict__ dx_tok = dX + (valid ? p.x_tok.offset(t) : 0);
+    Vec<T, kVec> hc[kCacheSlots][kN];
+    Vec<T, kVec> gc[kCacheSlots];
+
+    // (1) g0_i = <dx, H_i>. (No barrier needed before: a thread writing `part` here has
+    // passed the barrier after (2) of the previous tile, so its readers are done.)
+#pragma unroll
+    for (int g0 = 0; g0 < kN; g0 += kG) {
+      if (g0 < n) {
+        acc g[kG];
+#pragma unroll
+        for (int i = 0; i < kG; ++i) g[i] = acc(0);
+        if (valid) {
+#pragma unroll
+          for (int c = 0; c < kCache; ++c) {
+            const int64_t e = tx * kVec + c * step;
+            const int64_t ec = e < d ? e : d;
+            Vec<T, kVec> h[kG];
+            hc_load_streams<T, kVec, kG>(h_tok, p.h_stream_stride, g0, n, ec, d, h);
+            if (g0 == 0) gc[c] = load_chunk_raw<T, kVec>(dx_tok, ec, d);
+#pragma unroll
+            for (int i = 0; i < kG; ++i) {
+              hc[c][g0 + i] = h[i];
+#pragma unroll
+              for (int k = 0; k < kVec; ++k) g[i] += to_acc(h[i].v[k]) * to_acc(gc[c].v[k]);
+            }
+          }
+          for (int64_t e = tx * kVec + kCache * step; e < d; e += step) {
+            Vec<T, kVec> h[kG];
+            hc_load_streams<T, kVec, kG>(h_tok, p.h_stream_stride, g0, n, e, d, h);
+            const Vec<T, kVec> gx = load_chunk_raw<T, kVec>(dx_tok, e, d);
+#pragma unroll
+            for (int i = 0; i < kG; ++i) {
+#pragma unroll
+              for (int k = 0; k < kVec; ++k) g[i] += to_acc(h[i].v[k]) * to_acc(gx.v[k]);
+            }
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < kG; ++i) {
+          const acc v = warp_sum(g[i]);
+          if (lane == 0 && g0 + i < kN) part[(warp * kN + g0 + i) * (kJ + 1)] = v;
+        }
+      }
+    }
+    __syncthreads();
+
+    // (2) per-token coefficients, one stream per thread of the row; the thread owning
+    // stream i also owns the row's coefficient partials of stream i.
+    if (valid) {
+      for (int i = tx; i < n; i += threads_x) {
+        acc g0v = acc(0);
+        for (int w = 0; w < warps; ++w) g0v += part[(w * kN + i) * (kJ + 1)];
+        const acc r = r_in[t * n + i];
+        acc dr = acc(0);
+        acc* cp = cpart + i * kCS;
+        for (int j = 0; j < J; ++j) {
+          const acc qij = q_in[(t * n + i) * J + j];
+          const acc th = acc_tanh(r * qij);
+          acc G;
+          acc s;
+          if (j <= n) {
+            G = (dalpha != nullptr ? dalpha[(t * n + i) * (n + 1) + j] : acc(0)) +
+                (j == 0 ? g0v : acc(0));
+            s = s_a;
+            cp[n + 2] += G * th;  // ds_a
+            if (j == 0) coef[i] = A[i * (n + 1)] + s_a * th;
+          } else {
+            G = dbeta != nullptr ? dbeta[t * n + i] : acc(0);
+            s = s_b;
+            cp[n + 3] += G * th;  // ds_b
+          }
+          cp[j] += G;  // dA[i, j] for j <= n, dB[i] at j = n + 1
+          const acc dp = s * G * (acc(1) - th * th);
+          dq_s[i * kJ + j] = r * dp;
+          dr += dp * qij;
+        }
+        scale[i] = dr * r * r * r / static_cast<acc>(d);
+      }
+    }
+    __syncthreads();
+
+    // (3) dH and the dW partial, chunk by chunk; `load_group(g0, h)` yields the
+    // chunk's stream values (from the register cache or from memory).
+    if (valid) {
+      T* __restrict__ dh_tok = dH + p.dh_tok.offset(t);
+      auto chunk = [&](int64_t e, const Vec<T, kVec>& gx, auto&& load_group) {
+#pragma unroll
+        for (int g0 = 0; g0 < kN; g0 += kG) {
+          if (g0 < n) {
+            Vec<T, kVec> h[kG];
+            load_group(g0, h);
+            Vec<T, kVec> out[kG];
+#pragma unroll
+            for (int s = 0; s < kVec; s += kSub) {
+              acc hv[kG][kSub];
+              acc dh[kG][kSub];
+#pragma unroll
+              for (int i = 0; i < kG; ++i) {
+                const acc a0 = g0 + i < n ? coef[g0 + i] : acc(0);
+                const acc sc = g0 + i < n ? scale[g0 + i] : acc(0);
+#pragma unroll
+                for (int k = 0; k < kSub; ++k) {
+                  hv[i][k] = to_acc(h[i].v[s + k]);
+                  dh[i][k] = a0 * to_acc(gx.v[s + k]) - sc * hv[i][k];
+                }
+              }
+#pragma unroll
+              for (int j = 0; j < kJ; ++j) {
+                if (j < J) {
+                  const Vec<acc, kSub> w = load_w_chunk<acc, kSub>(wt + j * ldw, e + s);
+                  acc* dw_j = dw + j * ldw + e + s;
+                  Vec<acc, kSub> dwv = *reinterpret_cast<const Vec<acc, kSub>*>(dw_j);
+#pragma unroll
+                  for (int i = 0; i < kG; ++i) {
+                    const acc dq = g0 + i < n ? dq_s[(g0 + i) * kJ + j] : acc(0);
+#pragma unroll
+                    for (int k = 0; k < kSub; ++k) {
+                      dh[i][k] += dq * w.v[k];
+                      dwv.v[k] += dq * hv[i][k];
+                    }
+                  }
+                  *reinterpret_cast<Vec<acc, kSub>*>(dw_j) = dwv;
+                }
+              }
+#pragma unroll
+              for (int i = 0; i < kG; ++i) {
+#pragma unroll
+                for (int k = 0; k < kSub; ++k) out[i].v[s + k] = from_acc<T>(dh[i][k]);
+              }
+            }
+#pragma unroll
+            for (int i = 0; i < kG; ++i) {
+              if (g0 + i < n) store_chunk_raw<T, kVec>(dh_tok + (g0 + i) * p.dh_stream_stride, e, d, out[i]);
+            }
+          }
+        }
+      };
+#pragma unroll
+      for (int c = 0; c < kCache; ++c) {
+        const int64_t e = tx * kVec + c * step;
+        if (e < d) {
+          chunk(e, gc[c], [&](int g0, Vec<T, kVec>(&h)[kG]) {
+#pragma unroll
+            for (int i = 0; i < kG; ++i) h[i] = hc[c][g0 + i];
+          });
+        }
+      }
+      for (int64_t e = tx * kVec + kCache * step; e < d; e += step) {
+        const Vec<T, kVec> gx = load_chunk_raw<T, kVec>(dx_tok, e, d);
+        chunk(e, gx, [&](int g0, Vec<T, kVec>(&h)[kG]) {
+          hc_load_streams<T, kVec, kG>(h_tok, p.h_stream_stride, g0, n, e, d, h);
+        });
+      }
+    }
+  }
+  __syncthreads();
+
+  // The block's partials: sum the rows in row order into the block's slices.
+  acc* __restrict__ coef_ws = static_cast<acc*>(p.coef_ws_ptr) + blockIdx.x * static_cast<int64_t>(n) * CS;
+  for (int idx = tid; idx < n * CS; idx += nthreads) {
+    const int i = idx / CS;
+    const int j = idx % CS;
+    acc s = acc(0);
+    for (int r = 0; r < rows; ++r) s += smem[L.cpart + (r * kN + i) * kCS + j];
+    coef_ws[idx] = s;
+  }
+  if (p.dw_in_smem) {
+    for (int64_t idx = tid; idx < static_cast<int64_t>(J) * ldw; idx += nthreads) {
+      acc s = acc(0);
+      for (int r = 0; r < rows; ++r) s += smem[L.dw + r * static_cast<int64_t>(kJ) * ldw + idx];
+      dw_ws[idx] = s;
+    }
+  }
+}
+
+}  // namespace crosslayer
