@@ -60,9 +60,15 @@ HcMixShape check_streams(const at::Tensor& H) {
 }
 
 // An activation input of H's device and dtype with the given shape.
+// (The CL_CHECK_* macros paste literal names; these helpers take the name at run time.)
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& H) {
+  TORCH_CHECK(t.device() == H.device(), name, " is on ", t.device(), " but H is on ", H.device(),
+              "; all inputs must be on one device");
+}
+
 void check_activation(const at::Tensor& t, const char* name, const at::Tensor& H, const char* what,
                       at::IntArrayRef want) {
-  CL_CHECK_SAME_DEVICE(t, H, name, "H");
+  check_same_device(t, name, H);
   TORCH_CHECK(t.scalar_type() == H.scalar_type(), name, " must have H's dtype ", H.scalar_type(),
               ", got ", t.scalar_type());
   check_shape(t, name, what, want);
@@ -71,8 +77,9 @@ void check_activation(const at::Tensor& t, const char* name, const at::Tensor& H
 // A coefficient: static shape or lead + static shape; returns true when static.
 bool check_coeff(const at::Tensor& t, const char* name, const at::Tensor& H, const HcMixShape& sh,
                  const char* static_what, const char* token_what, std::vector<int64_t> static_shape) {
-  CL_CHECK_SAME_DEVICE(t, H, name, "H");
-  CL_CHECK_FLOATING(t, name);
+  check_same_device(t, name, H);
+  TORCH_CHECK(is_activation_dtype(t.scalar_type()), name,
+              " must have dtype float32, bfloat16, float16 or float64, got ", t.scalar_type());
   if (t.sizes() == at::IntArrayRef(static_shape)) return true;
   const std::vector<int64_t> per_token = [&] {
     std::vector<int64_t> v(sh.lead);
