@@ -32,4 +32,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("depth_aggregate_bwd", &crosslayer::depth_aggregate_bwd,
         "dS (=|+=) Σ_c A·dY_c in place; returns dA", pybind11::arg("dY"), pybind11::arg("S"),
         pybind11::arg("A"), pybind11::arg("dS"), pybind11::arg("accumulate"));
+  m.def("hc_post_fwd", &crosslayer::hc_post_fwd, "H'_k = beta_k·y + Σ_i alpha[i, 1+k]·H_i",
+        pybind11::arg("H"), pybind11::arg("y"), pybind11::arg("alpha"), pybind11::arg("beta"));
+  m.def("hc_post_bwd", &crosslayer::hc_post_bwd, "[dH, dy, dalpha, dbeta] of hc_post",
+        pybind11::arg("dH_new"), pybind11::arg("H"), pybind11::arg("y"), pybind11::arg("alpha"),
+        pybind11::arg("beta"));
+  m.def("stream_mix_fwd", &crosslayer::stream_mix_fwd, "x = Σ_i w_i·H_i", pybind11::arg("H"),
+        pybind11::arg("w"));
+  m.def("stream_mix_bwd", &crosslayer::stream_mix_bwd, "[dH, dw] of stream_mix",
+        pybind11::arg("dx"), pybind11::arg("H"), pybind11::arg("w"));
 }

@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
 namespace crosslayer {
 
 // depth_aggregate.cu
@@ -15,5 +17,24 @@ at::Tensor depth_aggregate_fwd(const at::Tensor& S, const at::Tensor& A);
 //   static A).
 at::Tensor depth_aggregate_bwd(const at::Tensor& dY, const at::Tensor& S, const at::Tensor& A,
                                const at::Tensor& dS, bool accumulate);
+
+// hc_mix.cu
+//   H (*lead, n, d), 1 <= n <= 16, any token/stream strides; y (*lead, d) of H's dtype;
+//   alpha (*lead, n, n+1) or (n, n+1); beta (*lead, n) or (n,) (coefficients of any
+//   float dtype, computed in float32, float64 for float64 H).
+//   Returns H' (H's layout, as empty_like(H)) with H'_k = beta_k·y + Σ_i alpha[i, 1+k]·H_i.
+at::Tensor hc_post_fwd(const at::Tensor& H, const at::Tensor& y, const at::Tensor& alpha,
+                       const at::Tensor& beta);
+//   dH_new: H's shape and dtype. Returns {dH (H's layout), dy (*lead, d), dalpha, dbeta};
+//   the coefficient grads have the coefficients' shapes (summed over tokens when static)
+//   in the accumulator dtype, dalpha[..., 0] = 0.
+std::vector<at::Tensor> hc_post_bwd(const at::Tensor& dH_new, const at::Tensor& H,
+                                    const at::Tensor& y, const at::Tensor& alpha,
+                                    const at::Tensor& beta);
+//   w (*lead, n) or (n,). Returns x (*lead, d) = Σ_i w_i·H_i, contiguous.
+at::Tensor stream_mix_fwd(const at::Tensor& H, const at::Tensor& w);
+//   dx (*lead, d) of H's dtype. Returns {dH = w_i·dx (H's layout), dw = <dx, H_i>
+//   (w's shape, summed over tokens when static, accumulator dtype)}.
+std::vector<at::Tensor> stream_mix_bwd(const at::Tensor& dx, const at::Tensor& H, const at::Tensor& w);
 
 }  // namespace crosslayer

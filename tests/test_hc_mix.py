@@ -1,0 +1,516 @@
+"""crosslayer.ops.hc_post and crosslayer.ops.stream_mix against the oracle.
+
+CPU tests (run everywhere): the public ops dispatch to the oracle; the custom ops'
+registration (schema, fakes, autograd) passes opcheck and compiles with fullgraph=True
+through their CPU path; the streams-folded-into-batch layout keeps its strides; bad
+input raises clear errors.
+
+GPU tests (marked `gpu`): the fused kernels against the float64 oracle under
+DESIGN.md's policy (tests/policy.py): n in {1, 2, 3, 4, 8, 16} (1, 3 and 16 run the
+generic instantiation), odd d and N, every dtype, static and per-token random
+coefficients, poisoned outputs, strided / folded / padded / misaligned layouts, empty
+shapes, gradcheck, opcheck, torch.compile, CUDA graphs, side streams, determinism and
+the launchers' messages.
+"""
+
+import re
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from crosslayer import ops, ref
+from crosslayer._extension import _C
+from crosslayer.ops.hc_mix import hc_post_bwd_op, hc_post_op, stream_mix_bwd_op, stream_mix_op
+from policy import assert_policy
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+LAYOUTS = ["contiguous", "padded", "stream_stride", "folded", "tokens_transposed", "misaligned"]
+
+
+def make_streams(lead, n, d, *, dtype, device, layout="contiguous"):
+    """H (*lead, n, d), random, in one of several memory layouts.
+
+    padded             rows padded to a multiple of 16 elements: vectorised, with tails
+    stream_stride      every other stream of a 2n-stream buffer: stream stride 2·d_row
+    folded             streams folded into the batch dim (hyper-connections package):
+                       torch.randn(b·n, t, d).view(b, n, t, d).permute(0, 2, 1, 3)
+    tokens_transposed  token dims (b, t) stored as (t, b)
+    misaligned         base 2 elements past a 16-byte boundary, rows of d + 3
+    """
+    def rand(*shape):  # in the target dtype first: .to() of a strided tensor would copy
+        return torch.randn(*shape, device=device).to(dtype)
+
+    if layout == "contiguous":
+        return rand(*lead, n, d)
+    if layout == "padded":
+        return rand(*lead, n, (d + 15) // 16 * 16)[..., :d]
+    if layout == "stream_stride":
+        return rand(*lead, 2 * n, d)[..., ::2, :]
+    if layout == "folded":
+        b, t = lead
+        return rand(b * n, t, d).view(b, n, t, d).permute(0, 2, 1, 3)
+    if layout == "tokens_transposed":
+        b, t = lead
+        return rand(t, b, n, d).transpose(0, 1)
+    if layout == "misaligned":
+        return rand(*lead, n, d + 3)[..., 2 : 2 + d]
+    raise ValueError(layout)
+
+
+def make_vec(lead, d, *, dtype, device, misaligned=False):
+    """y, dx (*lead, d); misaligned: base 1 element past a 16-byte boundary, odd rows."""
+    if misaligned:
+        return torch.randn(*lead, d + 3, device=device).to(dtype)[..., 1 : 1 + d]
+    return torch.randn(*lead, d, device=device).to(dtype)
+
+
+def make_coeffs(lead, n, *, dtype, device, static):
+    """Random alpha (n, n+1) / (*lead, n, n+1) and beta (n,) / (*lead, n) in the
+    arithmetic dtype (float64 for float64 activations), not the init values."""
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    shape = () if static else tuple(lead)
+    alpha = torch.randn(*shape, n, n + 1, device=device, dtype=cd)
+    beta = torch.randn(*shape, n, device=device, dtype=cd)
+    return alpha, beta
+
+
+def make_hc_post(lead, n, d, *, dtype, device, static=False, layout="contiguous"):
+    H = make_streams(lead, n, d, dtype=dtype, device=device, layout=layout)
+    y = make_vec(lead, d, dtype=dtype, device=device, misaligned=layout == "misaligned")
+    alpha, beta = make_coeffs(lead, n, dtype=dtype, device=device, static=static)
+    return H, y, alpha, beta
+
+
+def make_stream_mix(lead, n, d, *, dtype, device, static=False, layout="contiguous"):
+    H = make_streams(lead, n, d, dtype=dtype, device=device, layout=layout)
+    w = make_coeffs(lead, n, dtype=dtype, device=device, static=static)[1]
+    return H, w
+
+
+# --------------------------------------------------------------------------- CPU
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_cpu_dispatches_to_oracle(static):
+    H, y, alpha, beta = make_hc_post((3, 4), 4, 7, dtype=torch.float32, device="cpu", static=static)
+    torch.testing.assert_close(ops.hc_post(H, y, alpha, beta), ref.hc_post(H, y, alpha, beta), rtol=0, atol=0)
+    H, w = make_stream_mix((5,), 3, 9, dtype=torch.float32, device="cpu", static=static)
+    torch.testing.assert_close(ops.stream_mix(H, w), ref.stream_mix(H, w), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "folded"])
+def test_cpu_gradients_flow_through_oracle(static, layout):
+    H, y, alpha, beta = make_hc_post((2, 3), 3, 5, dtype=torch.float64, device="cpu",
+                                     static=static, layout=layout)
+    leaves = [t.detach().requires_grad_(True) for t in (H, y, alpha, beta)]
+    dHn = torch.randn(2, 3, 3, 5, dtype=torch.float64)
+    ops.hc_post(*leaves).backward(dHn)
+    want = ref.hc_post_bwd(dHn, H, y, alpha, beta)
+    for name, leaf, g in zip(("H", "y", "alpha", "beta"), leaves, want):
+        torch.testing.assert_close(leaf.grad, g, msg=lambda m: f"d{name}: {m}")
+
+    H, w = make_stream_mix((2, 3), 3, 5, dtype=torch.float64, device="cpu", static=static, layout=layout)
+    Hl, wl = H.detach().requires_grad_(True), w.detach().requires_grad_(True)
+    dx = torch.randn(2, 3, 5, dtype=torch.float64)
+    ops.stream_mix(Hl, wl).backward(dx)
+    dH, dw = ref.stream_mix_bwd(dx, H, w)
+    torch.testing.assert_close(Hl.grad, dH)
+    torch.testing.assert_close(wl.grad, dw)
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "folded", "stream_stride"])
+def test_custom_ops_opcheck_cpu(static, layout):
+    lead, n, d = (3, 5), 4, 6
+    H, y, alpha, beta = make_hc_post(lead, n, d, dtype=torch.float32, device="cpu",
+                                     static=static, layout=layout)
+    opcheck(hc_post_op, (H, y, alpha, beta))
+    opcheck(hc_post_op, tuple(t.detach().clone().requires_grad_(True) for t in (H, y, alpha, beta)))
+    dHn = torch.randn(*lead, n, d)
+    opcheck(hc_post_bwd_op, (dHn, H, y, alpha, beta))
+    w = beta
+    opcheck(stream_mix_op, (H, w))
+    opcheck(stream_mix_op, (H.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)))
+    opcheck(stream_mix_bwd_op, (torch.randn(*lead, d), H, w))
+
+
+def test_custom_ops_bwd_match_oracle_cpu():
+    H, y, alpha, beta = make_hc_post((4,), 3, 8, dtype=torch.bfloat16, device="cpu")
+    dHn = torch.randn(4, 3, 8).to(torch.bfloat16)
+    got = hc_post_bwd_op(dHn, H, y, alpha, beta)
+    want = ref.hc_post_bwd(dHn, H, y, alpha, beta)
+    assert [g.dtype for g in got] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    dx = torch.randn(4, 8).to(torch.bfloat16)
+    got = stream_mix_bwd_op(dx, H, beta)
+    want = ref.stream_mix_bwd(dx, H, beta)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_folded_layout_cpu():
+    """The hyper-connections package's layout: outputs keep H's strides (the fakes say
+    so too) and the values are the oracle's."""
+    H, y, alpha, beta = make_hc_post((2, 5), 4, 8, dtype=torch.float32, device="cpu", layout="folded")
+    assert not H.is_contiguous()
+    out = hc_post_op(H, y, alpha, beta)
+    assert out.stride() == H.stride()
+    torch.testing.assert_close(out, ref.hc_post(H, y, alpha, beta), rtol=0, atol=0)
+    torch.testing.assert_close(ops.hc_post(H, y, alpha, beta), ref.hc_post(H.contiguous(), y, alpha, beta))
+    dH, *_ = hc_post_bwd_op(torch.randn_like(H), H, y, alpha, beta)
+    assert dH.stride() == H.stride()
+    torch.testing.assert_close(ops.stream_mix(H, beta), ref.stream_mix(H.contiguous(), beta))
+
+
+@pytest.mark.compile
+def test_custom_ops_compile_fullgraph_cpu():
+    H, y, alpha, beta = make_hc_post((10,), 4, 8, dtype=torch.float32, device="cpu")
+
+    def f(H, y, alpha, beta):
+        out = hc_post_op(H, y, alpha, beta)
+        return out.square().sum() + stream_mix_op(out, beta).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    a = [t.clone().requires_grad_(True) for t in (H, y, alpha, beta)]
+    out = compiled(*a)
+    out.backward()
+    e = [t.clone().requires_grad_(True) for t in (H, y, alpha, beta)]
+    f(*e).backward()
+    torch.testing.assert_close(out, f(H, y, alpha, beta))
+    for ga, ge in zip(a, e):
+        torch.testing.assert_close(ga.grad, ge.grad)
+
+
+@pytest.mark.parametrize(
+    "H_shape, y_shape, a_shape, b_shape, match",
+    [
+        ((3, 4, 8), (3, 7), (4, 5), (4,), r"y must have shape \(3, 8\)"),
+        ((3, 4, 8), (3, 8), (4, 4), (4,), r"alpha must have shape \(3, 4, 5\)"),
+        ((3, 4, 8), (3, 8), (2, 4, 5), (4,), r"alpha must have shape \(3, 4, 5\)"),
+        ((3, 4, 8), (3, 8), (4, 5), (3, 5), r"beta must have shape \(3, 4\)"),
+        ((3, 17, 8), (3, 8), (17, 18), (17,), r"H must have 1 to 16 streams"),
+        ((8,), (8,), (1, 2), (1,), r"H must have shape \(\.\.\., n, d\)"),
+    ],
+)
+def test_hc_post_bad_shapes_raise(H_shape, y_shape, a_shape, b_shape, match):
+    with pytest.raises(ValueError, match=match):
+        ops.hc_post(torch.randn(H_shape), torch.randn(y_shape), torch.randn(a_shape), torch.randn(b_shape))
+
+
+def test_stream_mix_bad_shapes_raise():
+    with pytest.raises(ValueError, match=r"w must have shape \(3, 4\)"):
+        ops.stream_mix(torch.randn(3, 4, 8), torch.randn(3, 5))
+    with pytest.raises(ValueError, match=r"H must have 1 to 16 streams"):
+        ops.stream_mix(torch.randn(2, 0, 8), torch.randn(0))
+
+
+def test_bad_dtypes_and_devices_raise():
+    H = torch.randn(3, 4, 8)
+    with pytest.raises(TypeError, match=r"H must have dtype"):
+        ops.hc_post(H.int(), torch.randn(3, 8), torch.randn(4, 5), torch.randn(4))
+    with pytest.raises(TypeError, match=r"beta must have dtype"):
+        ops.hc_post(H, torch.randn(3, 8), torch.randn(4, 5), torch.ones(4, dtype=torch.int64))
+    with pytest.raises(TypeError, match=r"w must have dtype"):
+        ops.stream_mix(H, torch.ones(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"alpha is on meta but H is on cpu"):
+        ops.hc_post(H, torch.randn(3, 8), torch.randn(4, 5, device="meta"), torch.randn(4))
+    with pytest.raises(ValueError, match=r"w is on meta but H is on cpu"):
+        ops.stream_mix(H, torch.randn(4, device="meta"))
+
+
+@pytest.mark.skipif(_C is None, reason="extension not built")
+def test_launchers_reject_cpu_tensors():
+    H, y, alpha, beta = torch.randn(2, 3, 4), torch.randn(2, 4), torch.randn(3, 4), torch.randn(3)
+    for call in (
+        lambda: _C.hc_post_fwd(H, y, alpha, beta),
+        lambda: _C.hc_post_bwd(torch.randn_like(H), H, y, alpha, beta),
+        lambda: _C.stream_mix_fwd(H, beta),
+        lambda: _C.stream_mix_bwd(y, H, beta),
+    ):
+        with pytest.raises(RuntimeError, match="H must be a CUDA tensor"):
+            call()
+
+
+@pytest.mark.skipif(_C is None, reason="extension not built")
+def test_fused_ops_lists_hc_mix():
+    assert ops.fused_ops()["hc_post"] and ops.fused_ops()["stream_mix"]
+
+
+# --------------------------------------------------------------------------- GPU
+
+gpu = pytest.mark.gpu
+
+
+def oracle_pair(fn, *tensors):
+    """(oracle at the inputs' dtype, oracle in float64 on the same values)."""
+    return fn(*tensors), fn(*[t.double() for t in tensors])
+
+
+def poison_allocator(device, nbytes=1 << 26):
+    """Fill and free a block so the next allocations likely start as NaN: a kernel that
+    skips an output element then fails the NaN check."""
+    torch.full((nbytes // 4,), float("nan"), device=device).fill_(float("nan"))
+    torch.cuda.synchronize()
+
+
+@pytest.fixture
+def cuda():
+    fused = ops.fused_ops()
+    assert fused["hc_post"] and fused["stream_mix"], "a GPU is present but the extension is not built"
+    return torch.device("cuda")
+
+
+STREAMS = [1, 2, 3, 4, 8, 16]
+SHAPES = [  # (lead, d): odd token counts; d = 2048 takes the 16-byte path
+    ((), 7),
+    ((3,), 1),
+    ((5,), 7),
+    ((37,), 129),
+    ((3, 9), 4099),
+    ((33,), 2048),
+]
+
+
+def check_hc_post_bwd(dHn, H, y, alpha, beta, got):
+    low = ref.hc_post_bwd(dHn, H, y, alpha, beta)
+    high = ref.hc_post_bwd(*[t.double() for t in (dHn, H, y, alpha, beta)])
+    for name, g, lo, hi in zip(("dH", "dy", "dalpha", "dbeta"), got, low, high):
+        assert_policy(name, g, lo, hi)
+
+
+def check_stream_mix_bwd(dx, H, w, got):
+    low = ref.stream_mix_bwd(dx, H, w)
+    high = ref.stream_mix_bwd(dx.double(), H.double(), w.double())
+    for name, g, lo, hi in zip(("dH", "dw"), got, low, high):
+        assert_policy(name, g, lo, hi)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n", STREAMS)
+@pytest.mark.parametrize("static", [False, True])
+def test_hc_post_matches_oracle(cuda, dtype, shape, n, static):
+    lead, d = shape
+    H, y, alpha, beta = make_hc_post(lead, n, d, dtype=dtype, device=cuda, static=static)
+    poison_allocator(cuda)
+    out = ops.hc_post(H, y, alpha, beta)
+    assert_policy("H'", out, *oracle_pair(ref.hc_post, H, y, alpha, beta))
+
+    dHn = torch.randn(*lead, n, d, device=cuda).to(dtype)
+    poison_allocator(cuda)
+    check_hc_post_bwd(dHn, H, y, alpha, beta, hc_post_bwd_op(dHn, H, y, alpha, beta))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n", STREAMS)
+@pytest.mark.parametrize("static", [False, True])
+def test_stream_mix_matches_oracle(cuda, dtype, shape, n, static):
+    lead, d = shape
+    H, w = make_stream_mix(lead, n, d, dtype=dtype, device=cuda, static=static)
+    poison_allocator(cuda)
+    x = ops.stream_mix(H, w)
+    assert_policy("x", x, *oracle_pair(ref.stream_mix, H, w))
+
+    dx = torch.randn(*lead, d, device=cuda).to(dtype)
+    poison_allocator(cuda)
+    check_stream_mix_bwd(dx, H, w, stream_mix_bwd_op(dx, H, w))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("n", [1, 4, 16])
+@pytest.mark.parametrize("d", [129, 2048])
+def test_layouts_autograd(cuda, dtype, layout, n, d):
+    """Forward and backward through autograd on strided H (and misaligned y, dH', dx)."""
+    lead = (3, 7)
+    H, y, alpha, beta = make_hc_post(lead, n, d, dtype=dtype, device=cuda, layout=layout)
+    leaves = [t.detach().requires_grad_(True) for t in (H, y, alpha, beta)]
+    poison_allocator(cuda)
+    out = ops.hc_post(*leaves)
+    if layout in ("contiguous", "padded", "folded", "tokens_transposed") and H.is_non_overlapping_and_dense():
+        assert out.stride() == H.stride()
+    assert_policy("H'", out.detach(), *oracle_pair(ref.hc_post, H, y, alpha, beta))
+    dHn = make_streams(lead, n, d, dtype=dtype, device=cuda, layout=layout)
+    poison_allocator(cuda)
+    out.backward(dHn)
+    check_hc_post_bwd(dHn, H, y, alpha, beta, [t.grad for t in leaves])
+
+    w = beta
+    Hl, wl = H.detach().requires_grad_(True), w.detach().requires_grad_(True)
+    poison_allocator(cuda)
+    x = ops.stream_mix(Hl, wl)
+    assert_policy("x", x.detach(), *oracle_pair(ref.stream_mix, H, w))
+    dx = make_vec(lead, d, dtype=dtype, device=cuda, misaligned=layout == "misaligned")
+    poison_allocator(cuda)
+    x.backward(dx)
+    check_stream_mix_bwd(dx, H, w, [Hl.grad, wl.grad])
+
+
+@gpu
+def test_mixed_dtypes_use_oracle(cuda):
+    H, y, alpha, beta = make_hc_post((5,), 4, 33, dtype=torch.float32, device=cuda)
+    y16 = y.to(torch.bfloat16)
+    torch.testing.assert_close(ops.hc_post(H, y16, alpha, beta), ref.hc_post(H, y16, alpha, beta), rtol=0, atol=0)
+    a64 = alpha.double()
+    torch.testing.assert_close(ops.hc_post(H, y, a64, beta), ref.hc_post(H, y, a64, beta), rtol=0, atol=0)
+    # bfloat16 coefficients with float32 H run fused (computed in float32).
+    ab = alpha.to(torch.bfloat16)
+    assert_policy("H'", ops.hc_post(H, y, ab, beta), *oracle_pair(ref.hc_post, H, y, ab, beta))
+
+
+@gpu
+def test_empty_shapes(cuda):
+    for lead, n, d in (((0,), 4, 8), ((3, 0), 3, 5), ((3,), 4, 0), ((2, 2), 16, 0)):
+        for static in (False, True):
+            H, y, alpha, beta = make_hc_post(lead, n, d, dtype=torch.float32, device=cuda, static=static)
+            leaves = [t.detach().requires_grad_(True) for t in (H, y, alpha, beta)]
+            out = ops.hc_post(*leaves)
+            assert out.shape == H.shape
+            (out.sum() + ops.stream_mix(leaves[0], leaves[3]).sum()).backward()
+            assert leaves[0].grad.shape == H.shape and leaves[1].grad.shape == y.shape
+            assert torch.equal(leaves[2].grad, torch.zeros_like(alpha))
+            assert torch.equal(leaves[3].grad, torch.zeros_like(beta))
+            assert ops.stream_mix(H, beta).shape == y.shape
+
+
+@gpu
+def test_gradcheck_fp64(cuda):
+    for n in (2, 3):
+        for static in (False, True):
+            H, y, alpha, beta = make_hc_post((2, 3), n, 5, dtype=torch.float64, device=cuda, static=static)
+            args = tuple(t.requires_grad_(True) for t in (H, y, alpha, beta))
+            assert torch.autograd.gradcheck(ops.hc_post, args)
+            assert torch.autograd.gradcheck(ops.stream_mix, (args[0], args[3]))
+    H = make_streams((2, 3), 4, 5, dtype=torch.float64, device=cuda, layout="folded").requires_grad_(True)
+    w = torch.randn(2, 3, 4, device=cuda, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ops.stream_mix, (H, w))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("static", [False, True])
+def test_opcheck_cuda(cuda, dtype, static):
+    lead, n, d = (3, 11), 4, 70
+    H, y, alpha, beta = make_hc_post(lead, n, d, dtype=dtype, device=cuda, static=static, layout="folded")
+    opcheck(hc_post_op, (H, y, alpha, beta))
+    opcheck(hc_post_op, tuple(t.detach().clone().requires_grad_(True) for t in (H, y, alpha, beta)))
+    opcheck(hc_post_bwd_op, (torch.randn(*lead, n, d, device=cuda).to(dtype), H, y, alpha, beta))
+    opcheck(stream_mix_op, (H, beta))
+    opcheck(stream_mix_op, (H.detach().clone().requires_grad_(True), beta.detach().clone().requires_grad_(True)))
+    opcheck(stream_mix_bwd_op, (torch.randn(*lead, d, device=cuda).to(dtype), H, beta))
+
+
+@gpu
+@pytest.mark.compile
+def test_compile_fullgraph_cuda(cuda):
+    H, y, alpha, beta = make_hc_post((4, 9), 4, 136, dtype=torch.bfloat16, device=cuda)
+
+    def f(H, y, alpha, beta):
+        out = ops.hc_post(H, y, alpha, beta)
+        return (out.float() * 2).sum() + ops.stream_mix(out, beta).float().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    a = [t.clone().requires_grad_(True) for t in (H, y, alpha, beta)]
+    compiled(*a).backward()
+    e = [t.clone().requires_grad_(True) for t in (H, y, alpha, beta)]
+    f(*e).backward()
+    for ga, ge in zip(a, e):
+        torch.testing.assert_close(ga.grad, ge.grad)
+
+
+@gpu
+def test_cuda_graph_capture(cuda):
+    lead, n, d = (300,), 4, 256
+    H, y, alpha, beta = make_hc_post(lead, n, d, dtype=torch.bfloat16, device=cuda)
+    alpha_s, beta_s = make_coeffs(lead, n, dtype=torch.bfloat16, device=cuda, static=True)
+    dHn = torch.randn(*lead, n, d, device=cuda).to(torch.bfloat16)
+    dx = torch.randn(*lead, d, device=cuda).to(torch.bfloat16)
+
+    def run():
+        return (
+            hc_post_op(H, y, alpha, beta),
+            hc_post_bwd_op(dHn, H, y, alpha, beta),
+            hc_post_bwd_op(dHn, H, y, alpha_s, beta_s),
+            stream_mix_op(H, beta),
+            stream_mix_bwd_op(dx, H, beta_s),
+        )
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside the graph
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = run()
+    for _ in range(2):  # new inputs copied into the captured buffers
+        for t in (H, y, alpha, beta, alpha_s, beta_s, dHn, dx):
+            t.copy_(torch.randn(t.shape, device=cuda))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_policy("H'", outs[0], *oracle_pair(ref.hc_post, H, y, alpha, beta))
+        check_hc_post_bwd(dHn, H, y, alpha, beta, outs[1])
+        check_hc_post_bwd(dHn, H, y, alpha_s, beta_s, outs[2])
+        assert_policy("x", outs[3], *oracle_pair(ref.stream_mix, H, beta))
+        check_stream_mix_bwd(dx, H, beta_s, outs[4])
+
+
+@gpu
+def test_runs_on_current_stream(cuda):
+    """Inputs produced on a side stream and consumed there: a kernel launched on the
+    default stream instead would race with the producer."""
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # keep the side stream busy before the inputs exist
+        H, y, alpha, beta = make_hc_post((4096,), 4, 512, dtype=torch.bfloat16, device=cuda)
+        out = ops.hc_post(H, y, alpha, beta)
+        dHn = torch.randn_like(H)
+        grads = hc_post_bwd_op(dHn, H, y, alpha, beta)
+        x = ops.stream_mix(H, beta)
+    torch.cuda.synchronize()
+    assert_policy("H'", out, *oracle_pair(ref.hc_post, H, y, alpha, beta))
+    check_hc_post_bwd(dHn, H, y, alpha, beta, grads)
+    assert_policy("x", x, *oracle_pair(ref.stream_mix, H, beta))
+
+
+@gpu
+@pytest.mark.parametrize("n", [4, 16])
+def test_backward_deterministic(cuda, n):
+    for static in (False, True):
+        lead, d = (1023,), 4099
+        H, y, alpha, beta = make_hc_post(lead, n, d, dtype=torch.bfloat16, device=cuda, static=static)
+        dHn = torch.randn(*lead, n, d, device=cuda).to(torch.bfloat16)
+        dx = torch.randn(*lead, d, device=cuda).to(torch.bfloat16)
+        runs = [(hc_post_bwd_op(dHn, H, y, alpha, beta), stream_mix_bwd_op(dx, H, beta)) for _ in range(2)]
+        for a, b in zip(runs[0][0] + runs[0][1], runs[1][0] + runs[1][1]):
+            assert torch.equal(a, b)
+
+
+@gpu
+def test_launcher_errors_are_messaged(cuda):
+    H = torch.randn(3, 4, 8, device=cuda)
+    y = torch.randn(3, 8, device=cuda)
+    alpha, beta = torch.randn(4, 5, device=cuda), torch.randn(4, device=cuda)
+    with pytest.raises(RuntimeError, match=re.escape("y must have shape (*lead, d) = [3, 8], got [3, 7]")):
+        _C.hc_post_fwd(H, torch.randn(3, 7, device=cuda), alpha, beta)
+    with pytest.raises(RuntimeError, match=re.escape("alpha must have shape (*lead, n, n+1) = [3, 4, 5]")):
+        _C.hc_post_fwd(H, y, torch.randn(3, 4, 4, device=cuda), beta)
+    with pytest.raises(RuntimeError, match="y must have H's dtype"):
+        _C.hc_post_fwd(H, y.double(), alpha, beta)
+    with pytest.raises(RuntimeError, match="H must have 1 to 16 streams"):
+        _C.stream_mix_fwd(torch.randn(3, 17, 8, device=cuda), torch.randn(17, device=cuda))
+    with pytest.raises(RuntimeError, match=re.escape("dH_new must have shape (*lead, n, d) = [3, 4, 8]")):
+        _C.hc_post_bwd(torch.randn(3, 4, 9, device=cuda), H, y, alpha, beta)
+    with pytest.raises(RuntimeError, match=re.escape("w must have shape (*lead, n) = [3, 4]")):
+        _C.stream_mix_bwd(y, H, torch.randn(5, device=cuda))
+    with pytest.raises(RuntimeError, match="alpha is on cpu but H is on cuda"):
+        _C.hc_post_fwd(H, y, alpha.cpu(), beta)
