@@ -320,3 +320,30 @@ def test_build_cuda_1_with_the_real_toolkit_configures_the_extension(setup_mod, 
     assert "build_ext" in cmdclass
     assert info["cuda_home"] == os.path.realpath(REAL_CUDA)
     assert info["cuda_archs"] == "8.0;9.0" and info["nvcc_version"] == tk
+
+
+# ------------------------------------------------------------ info's GPU line (faked GPU)
+
+@pytest.mark.parametrize("built,archs,want", [
+    (True, ["8.0", "9.0"], "the build covers it"),
+    (True, ["8.0+PTX"], "NOT covered by the build's architectures"),
+    (False, [], "no extension"),
+    # Disabled extension with a build record that lists the GPU's arch: not "covered".
+    (False, ["9.0"], "no extension"),
+])
+def test_info_gpu_line(monkeypatch, built, archs, want):
+    from crosslayer import info
+    rec = {"torch_version": torch.__version__, "torch_cuda": torch.version.cuda,
+           "built_cuda": built, "archs": archs, "built_torch_version": torch.__version__,
+           "nvcc_version": "13.0", "cuda_home": "/usr/local/cuda",
+           "skip_reason": "" if built else "CROSSLAYER_BUILD_CUDA=0",
+           "extension_disabled": False}
+    monkeypatch.setattr(info, "build_info", lambda: rec)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    out = info.report()
+    gpu = next(l for l in out.splitlines() if l.startswith("GPU "))
+    assert "NVIDIA H100 80GB HBM3 (sm 9.0)" in gpu and want in gpu, gpu
+    if built:
+        assert f"for sm {', '.join(archs)}" in out
