@@ -33,6 +33,8 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_INFO_PATH = os.path.join(ROOT, "python", "crosslayer", "_build_info.py")
 DEFAULT_ARCHS_NO_GPU = "8.0;9.0"
+# Toolkit roots tried last, when neither the environment nor the nvcc on PATH gives one.
+FALLBACK_CUDA_ROOTS = ("/usr/local/cuda", "/opt/cuda")
 
 
 def log(msg: str) -> None:
@@ -77,7 +79,7 @@ def find_cuda_home() -> str | None:
         reported = _toolkit_root_from_nvcc(nvcc)
         if _is_toolkit_root(reported):
             return reported
-    for path in ("/usr/local/cuda", "/opt/cuda"):
+    for path in FALLBACK_CUDA_ROOTS:
         if _is_toolkit_root(path):
             return os.path.realpath(path)
     return None

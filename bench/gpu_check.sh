@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The one command for a GPU machine, from the repo root:
 #     bash bench/gpu_check.sh
-# Builds the CUDA extension in place, runs the GPU tests, runs the quick benchmarks and
+# Builds the CUDA extension in place, runs the GPU tests, runs the quick benchmarks
+# (bench_depth_aggregate.py, then bench_hc.py, each even when the other failed) and
 # prints a short summary last. Logs and the results CSV go to $OUT (default
 # bench/results): build.log, info.txt, tests_gpu.log, bench_depth_aggregate.log,
-# results.csv.
+# bench_hc.log, results.csv (both benches append to it).
 # Environment: OUT, PYTHON (default python3, else python), TORCH_CUDA_ARCH_LIST (9.0),
 # MAX_JOBS (16), BENCH_ARGS (--quick).
 # Exit status: 0 when the build, the GPU tests and the benchmarks' correctness gates
@@ -19,7 +20,17 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 BENCH_ARGS=${BENCH_ARGS:---quick}
 
+BENCHES="bench_depth_aggregate bench_hc"
+
 section() { printf '\n==== %s ====\n' "$*"; }
+bench_status_of() {
+    case "$1" in
+        0) echo ok ;;
+        2) echo "FAILED (no CUDA device)" ;;
+        3) echo "FAILED (fused op WRONG, failed, missing or not fused)" ;;
+        *) echo "FAILED (exit $1)" ;;
+    esac
+}
 
 # ---- 1. machine
 section "machine"
@@ -48,8 +59,12 @@ echo "build: $build_status"
 tests_status="skipped (build failed)"
 tests_counts="-"
 tests_rc=1
-bench_status="skipped (build failed)"
 bench_rc=1
+declare -A bench_status
+for b in $BENCHES; do
+    bench_status[$b]="skipped (build failed)"
+    rm -f "$OUT/$b.log"  # no stale log in the summary
+done
 if [ "$build_rc" -eq 0 ]; then
     # ---- 3. build info
     section "info"
@@ -76,31 +91,40 @@ if [ "$build_rc" -eq 0 ]; then
         *) tests_status="FAILED (pytest exit $tests_rc)" ;;
     esac
 
-    # ---- 5. quick benchmarks
+    # ---- 5. quick benchmarks: each its own log, all appending to one results.csv; a
+    # failing bench does not stop the next one.
     section "benchmarks"
-    set +e
-    # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
-    "$PYTHON" bench/bench_depth_aggregate.py $BENCH_ARGS --csv "$OUT/results.csv" 2>&1 \
-        | tee "$OUT/bench_depth_aggregate.log"
-    bench_rc=${PIPESTATUS[0]}
-    set -e
-    case "$bench_rc" in
-        0) bench_status=ok ;;
-        2) bench_status="FAILED (no CUDA device)" ;;
-        3) bench_status="FAILED (fused op WRONG, failed or not fused)" ;;
-        *) bench_status="FAILED (exit $bench_rc)" ;;
-    esac
+    bench_rc=0
+    for b in $BENCHES; do
+        section "benchmark $b"
+        set +e
+        # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
+        "$PYTHON" "bench/$b.py" $BENCH_ARGS --csv "$OUT/results.csv" 2>&1 | tee "$OUT/$b.log"
+        rc=${PIPESTATUS[0]}
+        set -e
+        bench_status[$b]=$(bench_status_of "$rc")
+        [ "$rc" -eq 0 ] || bench_rc=1
+    done
 fi
 
-# ---- 6. summary
+# ---- 6. summary: each bench's SUMMARY / WRONG / FAILED lines, then the status table
+# last (the device tool returns the tail of the output).
 section "summary"
-printf '%-12s %s\n' "build" "$build_status"
-printf '%-12s %s [%s]\n' "GPU tests" "$tests_status" "$tests_counts"
-printf '%-12s %s\n' "benchmarks" "$bench_status"
-printf '%-12s %s\n' "logs" "$OUT/{build.log,info.txt,tests_gpu.log,bench_depth_aggregate.log,results.csv}"
-if [ -f "$OUT/bench_depth_aggregate.log" ]; then
-    grep -E '^(SUMMARY|WRONG|FAILED|measured copy bandwidth)' "$OUT/bench_depth_aggregate.log" || true
-fi
+for b in $BENCHES; do
+    if [ -f "$OUT/$b.log" ]; then
+        echo "-- $b"
+        grep -E '^(SUMMARY|WRONG|FAILED|measured copy bandwidth)' "$OUT/$b.log" || echo "(no SUMMARY lines)"
+    fi
+done
+echo
+printf '%-22s %s\n' "build" "$build_status"
+printf '%-22s %s [%s]\n' "GPU tests" "$tests_status" "$tests_counts"
+for b in $BENCHES; do
+    printf '%-22s %s\n' "$b" "${bench_status[$b]}"
+done
+logs="build.log,info.txt,tests_gpu.log"
+for b in $BENCHES; do logs="$logs,$b.log"; done
+printf '%-22s %s\n' "logs" "$OUT/{$logs,results.csv}"
 
 if [ "$build_rc" -ne 0 ] || [ "$tests_rc" -ne 0 ] || [ "$bench_rc" -ne 0 ]; then
     exit 1

@@ -8,6 +8,7 @@ and how to rebuild, instead of an undefined-symbol traceback from the dynamic lo
 
 from __future__ import annotations
 
+import importlib
 import os
 from types import ModuleType
 from typing import Optional
@@ -56,8 +57,16 @@ def load_extension() -> Optional[ModuleType]:
         return None
     check_build_matches(info, torch.__version__, torch.version.cuda)
     try:
-        from crosslayer import _C
+        # import_module, not `from crosslayer import _C`: while crosslayer is still
+        # initialising, the `from` form turns a missing submodule into a plain
+        # ImportError ("cannot import name '_C' from partially initialized module"),
+        # which would be mistaken for a broken build below.
+        _C = importlib.import_module("crosslayer._C")
     except ModuleNotFoundError as e:
+        if e.name != "crosslayer._C":  # _C exists but something it needs is missing
+            raise ExtensionMismatchError(
+                f"crosslayer._C failed to load: {e}. {REBUILD_HINT}"
+            ) from e
         if info:  # setup.py said it built the extension: a missing module is an error.
             raise ImportError(
                 f"crosslayer was built with its CUDA extension but crosslayer._C is missing ({e}). "

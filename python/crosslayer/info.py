@@ -51,7 +51,9 @@ def report() -> str:
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         cap = f"{major}.{minor}"
-        covered = any(a.split("+")[0] == cap for a in info["archs"])
+        # Only a loaded extension covers anything: with CROSSLAYER_DISABLE_EXTENSION=1 the
+        # build record still lists archs, but every op runs on the oracle.
+        covered = info["built_cuda"] and any(a.split("+")[0] == cap for a in info["archs"])
         lines.append(
             f"GPU              {torch.cuda.get_device_name()} (sm {cap}); "
             + ("the build covers it" if covered else
