@@ -41,4 +41,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("w"));
   m.def("stream_mix_bwd", &crosslayer::stream_mix_bwd, "[dH, dw] of stream_mix",
         pybind11::arg("dx"), pybind11::arg("H"), pybind11::arg("w"));
+  m.def("hc_pre_dhc_fwd", &crosslayer::hc_pre_dhc_fwd,
+        "[x, alpha, beta, q, r] of dynamic-HC hc_pre", pybind11::arg("H"), pybind11::arg("A"),
+        pybind11::arg("B"), pybind11::arg("W"), pybind11::arg("s_a"), pybind11::arg("s_b"),
+        pybind11::arg("eps"));
+  m.def("hc_pre_dhc_bwd", &crosslayer::hc_pre_dhc_bwd,
+        "[dH, dA, dB, dW, ds_a, ds_b] of dynamic-HC hc_pre", pybind11::arg("dx"),
+        pybind11::arg("dalpha"), pybind11::arg("dbeta"), pybind11::arg("H"), pybind11::arg("A"),
+        pybind11::arg("B"), pybind11::arg("W"), pybind11::arg("s_a"), pybind11::arg("s_b"),
+        pybind11::arg("q"), pybind11::arg("r"));
 }

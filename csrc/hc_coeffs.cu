@@ -57,9 +57,15 @@ struct HcPreShape {
   int64_t N, n, d;
 };
 
+// CL_CHECK_FLOATING for a name known at run time.
+void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(is_activation_dtype(t.scalar_type()), name,
+              " must have dtype float32, bfloat16, float16 or float64, got ", t.scalar_type());
+}
+
 void check_scalar_tensor(const at::Tensor& s, const char* name, const at::Tensor& H) {
   TORCH_CHECK(s.dim() == 0, name, " must be a 0-dim tensor, got shape ", s.sizes());
-  CL_CHECK_FLOATING(s, name);
+  check_floating(s, name);
   TORCH_CHECK(s.device() == H.device(), name, " is on ", s.device(), " but H is on ", H.device(),
               "; all inputs must be on one device");
 }
@@ -80,7 +86,7 @@ HcPreShape check_hc_pre_inputs(const at::Tensor& H, const at::Tensor& A, const a
   sh.N = 1;
   for (int64_t s : sh.lead) sh.N *= s;
   for (const auto& tn : {std::make_pair(&A, "A"), std::make_pair(&B, "B"), std::make_pair(&W, "W")}) {
-    CL_CHECK_FLOATING(*tn.first, tn.second);
+    check_floating(*tn.first, tn.second);
     TORCH_CHECK(tn.first->device() == H.device(), tn.second, " is on ", tn.first->device(),
                 " but H is on ", H.device(), "; all inputs must be on one device");
   }
@@ -104,7 +110,7 @@ void check_per_token(const at::Tensor& t, const char* name, const char* what,
               at::IntArrayRef(expected), ", got ", t.sizes());
   TORCH_CHECK(t.device() == H.device(), name, " is on ", t.device(), " but H is on ", H.device(),
               "; all inputs must be on one device");
-  CL_CHECK_FLOATING(t, name);
+  check_floating(t, name);
 }
 
 // W transposed to (n+2, ldw), ldw = d rounded up to 8, zero-padded, accumulator dtype.
@@ -252,19 +258,19 @@ std::vector<at::Tensor> hc_pre_dhc_bwd(const at::Tensor& dx_in, const std::optio
   const auto acc_opts = H_in.options().dtype(acc_type);
 
   const at::Tensor H = features_contiguous(H_in);
-  // dH takes H's layout when its token dims collapse (a dense permutation does), else
-  // it is contiguous.
-  at::Tensor dH = at::empty_like(H);
+  // dH is allocated like H_in (the fake's layout). The kernel writes it directly when
+  // its features are unit-stride and its token dims collapse (a dense permutation such
+  // as the folded layout does), else into a contiguous scratch copied in afterwards.
+  at::Tensor dH = at::empty_like(H_in);
   if (sh.N == 0) {
     return {dH, at::zeros(A.sizes(), A.options()), at::zeros(B.sizes(), B.options()),
             at::zeros(W.sizes(), W.options()), at::zeros({}, s_a.options()), at::zeros({}, s_b.options())};
   }
   HcPreParams p{};
-  if (dH.stride(-1) != 1 ||
-      !collapse_token_dims(dH.sizes().data(), dH.strides().data(), static_cast<int>(dH.dim()) - 2, &p.dh_tok)) {
-    dH = at::empty(H.sizes(), H.options());
-    collapse_token_dims(dH.sizes().data(), dH.strides().data(), static_cast<int>(dH.dim()) - 2, &p.dh_tok);
-  }
+  const bool direct = dH.stride(-1) == 1 &&
+                      collapse_token_dims(dH.sizes().data(), dH.strides().data(),
+                                          static_cast<int>(dH.dim()) - 2, &p.dh_tok);
+  const at::Tensor dH_k = direct ? dH : with_token_layout(at::empty(H_in.sizes(), H_in.options()), 2, &p.dh_tok);
   const at::Tensor Hl = with_token_layout(H, 2, &p.h_tok);
   const at::Tensor dx = with_token_layout(features_contiguous(dx_in), 1, &p.x_tok);
   const int64_t ldw = (d + 7) / 8 * 8;
@@ -283,10 +289,10 @@ std::vector<at::Tensor> hc_pre_dhc_bwd(const at::Tensor& dx_in, const std::optio
   p.n = static_cast<int>(n);
   p.ldw = ldw;
   p.h_stream_stride = Hl.stride(-2);
-  p.dh_stream_stride = dH.stride(-2);
+  p.dh_stream_stride = dH_k.stride(-2);
   p.h_ptr = Hl.data_ptr();
   p.dx_ptr = dx.data_ptr();
-  p.dh_ptr = dH.data_ptr();
+  p.dh_ptr = dH_k.data_ptr();
   p.wt_ptr = Wt.data_ptr();
   p.a_ptr = A_.data_ptr();
   p.b_ptr = B_.data_ptr();
@@ -331,6 +337,7 @@ std::vector<at::Tensor> hc_pre_dhc_bwd(const at::Tensor& dx_in, const std::optio
       });
     });
   });
+  if (!direct) dH.copy_(dH_k);
   const at::Tensor dWt = dw_ws.sum(0);                  // (J, ldw)
   const at::Tensor coef = coef_ws.sum(0);               // (n, n+4)
   const at::Tensor dW = dWt.narrow(1, 0, d).t().contiguous().to(W.scalar_type());

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <vector>
 
 namespace crosslayer {
@@ -36,5 +37,22 @@ at::Tensor stream_mix_fwd(const at::Tensor& H, const at::Tensor& w);
 //   dx (*lead, d) of H's dtype. Returns {dH = w_i·dx (H's layout), dw = <dx, H_i>
 //   (w's shape, summed over tokens when static, accumulator dtype)}.
 std::vector<at::Tensor> stream_mix_bwd(const at::Tensor& dx, const at::Tensor& H, const at::Tensor& w);
+
+// hc_coeffs.cu (dynamic HC; static HC is stream_mix with w = A[:, 0])
+//   H (*lead, n, d), 1 <= n <= 16, d >= 1, any token/stream strides; A (n, n+1); B (n);
+//   W (d, n+2); s_a, s_b 0-dim. Returns {x (*lead, d) in H's dtype, alpha (*lead, n, n+1),
+//   beta (*lead, n), q = H·W (*lead, n, n+2), r = rsqrt(mean H² + eps) (*lead, n)}, the
+//   last four in the accumulator dtype; q and r are what the backward needs.
+std::vector<at::Tensor> hc_pre_dhc_fwd(const at::Tensor& H, const at::Tensor& A, const at::Tensor& B,
+                                       const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b,
+                                       double eps);
+//   dx (*lead, d) in H's dtype; dalpha (*lead, n, n+1) and dbeta (*lead, n) optional (zero
+//   when absent); q, r from the forward. Returns {dH (H's layout), dA, dB, dW, ds_a, ds_b},
+//   parameter gradients summed over tokens, each in its parameter's dtype.
+std::vector<at::Tensor> hc_pre_dhc_bwd(const at::Tensor& dx, const std::optional<at::Tensor>& dalpha,
+                                       const std::optional<at::Tensor>& dbeta, const at::Tensor& H,
+                                       const at::Tensor& A, const at::Tensor& B, const at::Tensor& W,
+                                       const at::Tensor& s_a, const at::Tensor& s_b, const at::Tensor& q,
+                                       const at::Tensor& r);
 
 }  // namespace crosslayer

@@ -58,8 +58,6 @@ namespace crosslayer {
 
 constexpr int kHcMaxStreams = 16;
 constexpr int kHcPreThreads = 256;
-// Resident blocks asked of ptxas (at most 128 registers a thread).
-constexpr int kHcPreMinBlocks = 2;
 
 // Streams per group and chunks cached in registers, by compile-time stream bound kN.
 // A raw chunk is 4 registers whatever the dtype. Groups of at most 4 streams keep the
@@ -71,6 +69,9 @@ struct HcPreConfig {
   // fp64 (gradcheck and tests, not speed) halves the group: its registers are twice as wide.
   // The generic instantiation (kJ = 18) also halves it: its partial sums are kG·19.
   static constexpr int kG = kN < 4 ? kN : (sizeof(acc) == 8 || kN == kHcMaxStreams ? 2 : 4);
+  // Resident 256-thread blocks asked of ptxas: 2 (at most 128 registers a thread); 1 for
+  // fp64, a correctness dtype whose generic instantiation spilled at 128.
+  static constexpr int kMinBlocks = sizeof(acc) == 8 ? 1 : 2;
   static constexpr int kJ = kN + 2;  // bound on the projections per stream
   // Register caches beyond n = 2 made ptxas spill at 128 registers (sm_90, nvcc 13.0);
   // without them the write pass re-reads the token's H (an L2 hit: it was read a few
@@ -224,7 +225,7 @@ __device__ __forceinline__ void hc_pre_accumulate(const Vec<T, kVec> (&h)[kG],
 }
 
 template <typename T, int kVec, int kN>
-__global__ void __launch_bounds__(kHcPreThreads, kHcPreMinBlocks)
+__global__ void __launch_bounds__(kHcPreThreads, HcPreConfig<kN, acc_t<T>>::kMinBlocks)
     hc_pre_fwd_kernel(const HcPreParams p) {
   using acc = acc_t<T>;
   using Cfg = HcPreConfig<kN, acc>;
@@ -384,7 +385,7 @@ __global__ void __launch_bounds__(kHcPreThreads, kHcPreMinBlocks)
 }
 
 template <typename T, int kVec, int kN>
-__global__ void __launch_bounds__(kHcPreThreads, kHcPreMinBlocks)
+__global__ void __launch_bounds__(kHcPreThreads, HcPreConfig<kN, acc_t<T>>::kMinBlocks)
     hc_pre_bwd_kernel(const HcPreParams p) {
   using acc = acc_t<T>;
   using Cfg = HcPreConfig<kN, acc>;

@@ -1,0 +1,171 @@
+"""hc_pre on the GPU: the dynamic-HC custom ops over crosslayer._C, their autograd, and
+the public function that mirrors `crosslayer.ref.hc_pre`.
+
+Layers, bottom up:
+  _C.hc_pre_dhc_fwd / _bwd                 pybind11 launchers (csrc/hc_coeffs.cu)
+  torch.ops.crosslayer.hc_pre_dhc          custom op + fake + autograd: (x, alpha, beta,
+                                           q, r); q = H·W and r = rsqrt(mean H² + eps)
+                                           are saved for the backward, not differentiable
+  torch.ops.crosslayer.hc_pre_dhc_bwd      custom op: (dH, dA, dB, dW, ds_a, ds_b)
+  hc_pre(H, A, B, W, s_a, s_b, eps)        validates once; DHC -> the op above; SHC ->
+                                           stream_mix(H, A[:, 0]) (one fused kernel each
+                                           way) and copies of A and B as alpha and beta
+
+H: (*lead, n, d) with any number of token dims and any token/stream strides. x is
+contiguous (*lead, d); alpha, beta, q, r are contiguous in the arithmetic dtype (float64
+for float64 H, float32 otherwise); dH is allocated like H; parameter gradients are
+summed over tokens (deterministically) and come back in each parameter's dtype.
+
+The custom ops run the fused kernels on CUDA tensors and the oracle on CPU tensors, so
+their registration is exercised by opcheck and torch.compile on any machine.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from crosslayer import ref
+from crosslayer._checks import compute_dtype
+from crosslayer._extension import _C
+from crosslayer.ops.hc_mix import stream_mix
+from crosslayer.ref.hc import Scalar, validate_hc_pre
+
+
+def _fused() -> object:
+    if _C is None:
+        raise RuntimeError(
+            "crosslayer._C is not built, so the fused hc_pre cannot run on CUDA tensors; "
+            "`python -m crosslayer.info` says why. crosslayer.ops.hc_pre uses the oracle "
+            "in that case."
+        )
+    return _C
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' arithmetic dtype for activations of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _projection(H: Tensor, W: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """The oracle's (q, r) in the arithmetic dtype: q = H·W, r = rsqrt(mean_d H² + eps)."""
+    acc = _acc(H.dtype)
+    Hc = H.to(acc)
+    r = torch.rsqrt(Hc.square().mean(-1) + eps)
+    return (Hc @ W.to(acc)).contiguous(), r.contiguous()
+
+
+@torch.library.custom_op("crosslayer::hc_pre_dhc", mutates_args=())
+def hc_pre_dhc_op(H: Tensor, A: Tensor, B: Tensor, W: Tensor, s_a: Tensor, s_b: Tensor,
+                  eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Dynamic HC: (x, alpha, beta, q, r).
+
+    H: (*lead, n, d); A: (n, n+1); B: (n,); W: (d, n+2); s_a, s_b: 0-dim.
+    x: (*lead, d) in H's dtype; alpha: (*lead, n, n+1); beta: (*lead, n);
+    q = H·W: (*lead, n, n+2); r = rsqrt(mean_d H² + eps): (*lead, n) (arithmetic dtype).
+    """
+    if H.is_cuda:
+        x, alpha, beta, q, r = _fused().hc_pre_dhc_fwd(H, A, B, W, s_a, s_b, eps)
+        return x, alpha, beta, q, r
+    acc = _acc(H.dtype)
+    x, alpha, beta = ref.hc_pre(H, A.to(acc), B.to(acc), W.to(acc), s_a.to(acc), s_b.to(acc), eps)
+    q, r = _projection(H, W, eps)
+    return x.contiguous(), alpha.contiguous(), beta.contiguous(), q, r
+
+
+@hc_pre_dhc_op.register_fake
+def _hc_pre_dhc_fake(H, A, B, W, s_a, s_b, eps):
+    lead, n, d = H.shape[:-2], H.shape[-2], H.shape[-1]
+    acc = _acc(H.dtype)
+    return (H.new_empty((*lead, d)), H.new_empty((*lead, n, n + 1), dtype=acc),
+            H.new_empty((*lead, n), dtype=acc), H.new_empty((*lead, n, n + 2), dtype=acc),
+            H.new_empty((*lead, n), dtype=acc))
+
+
+@torch.library.custom_op("crosslayer::hc_pre_dhc_bwd", mutates_args=())
+def hc_pre_dhc_bwd_op(dx: Tensor, dalpha: Optional[Tensor], dbeta: Optional[Tensor], H: Tensor,
+                      A: Tensor, B: Tensor, W: Tensor, s_a: Tensor, s_b: Tensor, q: Tensor,
+                      r: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dH, dA, dB, dW, ds_a, ds_b) of dynamic HC.
+
+    dx: (*lead, d) in H's dtype; dalpha: (*lead, n, n+1) or None; dbeta: (*lead, n) or
+    None (None = zero); q, r: from hc_pre_dhc; eps: the forward's (the CPU path
+    recomputes from H). dH is allocated like H; the parameter gradients are summed over
+    tokens, each in its parameter's dtype.
+    """
+    if H.is_cuda:
+        dH, dA, dB, dW, ds_a, ds_b = _fused().hc_pre_dhc_bwd(dx, dalpha, dbeta, H, A, B, W, s_a, s_b, q, r)
+        return dH, dA, dB, dW, ds_a, ds_b
+    acc = _acc(H.dtype)
+    dH, dA, dB, dW, ds_a, ds_b = ref.hc_pre_bwd(
+        dx, dalpha, dbeta, H, A.to(acc), B.to(acc), W.to(acc), s_a.to(acc), s_b.to(acc), eps)
+    dH_like = torch.empty_like(H)
+    dH_like.copy_(dH)
+    return (dH_like, dA.to(A.dtype).contiguous(), dB.to(B.dtype).contiguous(),
+            dW.to(W.dtype).contiguous(), ds_a.to(s_a.dtype), ds_b.to(s_b.dtype))
+
+
+@hc_pre_dhc_bwd_op.register_fake
+def _hc_pre_dhc_bwd_fake(dx, dalpha, dbeta, H, A, B, W, s_a, s_b, q, r, eps):
+    return (torch.empty_like(H), A.new_empty(A.shape), B.new_empty(B.shape), W.new_empty(W.shape),
+            s_a.new_empty(()), s_b.new_empty(()))
+
+
+def _hc_pre_setup(ctx, inputs, output) -> None:
+    H, A, B, W, s_a, s_b, eps = inputs
+    _, _, _, q, r = output
+    ctx.mark_non_differentiable(q, r)
+    ctx.save_for_backward(H, A, B, W, s_a, s_b, q, r)
+    ctx.eps = eps
+
+
+def _hc_pre_backward(ctx, dx, dalpha, dbeta, dq, dr):
+    H, A, B, W, s_a, s_b, q, r = ctx.saved_tensors
+    if dx is None:
+        dx = H.new_zeros((*H.shape[:-2], H.shape[-1]))
+    dH, dA, dB, dW, ds_a, ds_b = hc_pre_dhc_bwd_op(dx, dalpha, dbeta, H, A, B, W, s_a, s_b, q, r, ctx.eps)
+    return dH, dA, dB, dW, ds_a, ds_b, None
+
+
+hc_pre_dhc_op.register_autograd(_hc_pre_backward, setup_context=_hc_pre_setup)
+
+
+def _scalar_tensor(v: Scalar, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A python float as a 0-dim tensor (a fill kernel, no host-to-device copy); tensors
+    pass through, so their gradient flows."""
+    if isinstance(v, Tensor):
+        return v
+    return torch.full((), float(v), dtype=dtype, device=device)
+
+
+def hc_pre(H: Tensor, A: Tensor, B: Tensor, W: Optional[Tensor] = None,
+           s_a: Optional[Scalar] = None, s_b: Optional[Scalar] = None, eps: float = 1e-6):
+    """Layer input and HC coefficients (see crosslayer.ref.hc_pre).
+
+    H: (..., n, d), 1 <= n <= 16     the streams; any token and stream strides (e.g.
+                                      h.view(b, n, t, d).permute(0, 2, 1, 3)); a feature
+                                      dim with non-unit stride is copied once
+    A: (n, n+1); B: (n,)              static coefficients
+    W: (d, n+2) or None               dynamic projection (norm weight folded in); None = SHC
+    s_a, s_b: 0-dim tensors or floats dynamic scales (DHC only)
+    returns x: (..., d) in H's dtype; alpha: (..., n, n+1) for DHC, (n, n+1) for SHC;
+            beta: (..., n) for DHC, (n,) for SHC (arithmetic dtype: float32, float64
+            for float64 inputs)
+
+    Fused on CUDA when the extension is built (DHC: one kernel each way; SHC: the
+    stream_mix kernels); the oracle otherwise, and for float64 parameters with
+    lower-precision H.
+    """
+    validate_hc_pre(H, A, B, W, s_a, s_b)
+    ct = compute_dtype(H, A, B, W, *[v for v in (s_a, s_b) if isinstance(v, Tensor)])
+    if W is None:
+        alpha, beta = A.to(ct).clone(), B.to(ct).clone()
+        return stream_mix(H, alpha[:, 0]), alpha, beta
+    if not (H.is_cuda and _C is not None and ct == _acc(H.dtype)):
+        return ref.hc_pre(H, A, B, W, s_a, s_b, eps)
+    sa = _scalar_tensor(s_a, ct, H.device)
+    sb = _scalar_tensor(s_b, ct, H.device)
+    x, alpha, beta, _, _ = hc_pre_dhc_op(H, A, B, W, sa, sb, eps)
+    return x, alpha, beta
