@@ -23,6 +23,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/layout.h"
 #include "kernels/hc_coeffs.cuh"
 #include "ops.h"
 
@@ -57,17 +58,10 @@ struct HcPreShape {
   int64_t N, n, d;
 };
 
-// CL_CHECK_FLOATING for a name known at run time.
-void check_floating(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(is_activation_dtype(t.scalar_type()), name,
-              " must have dtype float32, bfloat16, float16 or float64, got ", t.scalar_type());
-}
-
 void check_scalar_tensor(const at::Tensor& s, const char* name, const at::Tensor& H) {
   TORCH_CHECK(s.dim() == 0, name, " must be a 0-dim tensor, got shape ", s.sizes());
   check_floating(s, name);
-  TORCH_CHECK(s.device() == H.device(), name, " is on ", s.device(), " but H is on ", H.device(),
-              "; all inputs must be on one device");
+  check_same_device(s, name, H);
 }
 
 HcPreShape check_hc_pre_inputs(const at::Tensor& H, const at::Tensor& A, const at::Tensor& B,
@@ -87,8 +81,7 @@ HcPreShape check_hc_pre_inputs(const at::Tensor& H, const at::Tensor& A, const a
   for (int64_t s : sh.lead) sh.N *= s;
   for (const auto& tn : {std::make_pair(&A, "A"), std::make_pair(&B, "B"), std::make_pair(&W, "W")}) {
     check_floating(*tn.first, tn.second);
-    TORCH_CHECK(tn.first->device() == H.device(), tn.second, " is on ", tn.first->device(),
-                " but H is on ", H.device(), "; all inputs must be on one device");
+    check_same_device(*tn.first, tn.second, H);
   }
   CL_CHECK_SHAPE(A, "A", "(n, n+1)", sh.n, sh.n + 1);
   CL_CHECK_SHAPE(B, "B", "(n,)", sh.n);
@@ -98,18 +91,11 @@ HcPreShape check_hc_pre_inputs(const at::Tensor& H, const at::Tensor& A, const a
   return sh;
 }
 
-std::vector<int64_t> with_tail(const std::vector<int64_t>& lead, std::initializer_list<int64_t> tail) {
-  std::vector<int64_t> s(lead);
-  s.insert(s.end(), tail);
-  return s;
-}
-
 void check_per_token(const at::Tensor& t, const char* name, const char* what,
                      const std::vector<int64_t>& expected, const at::Tensor& H) {
   TORCH_CHECK(t.sizes() == at::IntArrayRef(expected), name, " must have shape ", what, " = ",
               at::IntArrayRef(expected), ", got ", t.sizes());
-  TORCH_CHECK(t.device() == H.device(), name, " is on ", t.device(), " but H is on ", H.device(),
-              "; all inputs must be on one device");
+  check_same_device(t, name, H);
   check_floating(t, name);
 }
 
@@ -117,14 +103,6 @@ void check_per_token(const at::Tensor& t, const char* name, const char* what,
 at::Tensor transposed_weights(const at::Tensor& W, at::ScalarType acc_type, int64_t ldw) {
   const int64_t d = W.size(0);
   return at::constant_pad_nd(W.to(acc_type).t(), {0, ldw - d}, 0).contiguous();
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-bool layout_vec_ok(const TokenLayout& l, int64_t n_tokens, int vec) {
-  if (n_tokens > 1 && l.inner > 1 && l.inner_stride % vec != 0) return false;
-  if (n_tokens > l.inner && l.outer_stride % vec != 0) return false;
-  return true;
 }
 
 int device_attribute(cudaDeviceAttr attr, int device) {
@@ -190,7 +168,7 @@ std::vector<at::Tensor> hc_pre_dhc_fwd(const at::Tensor& H_in, const at::Tensor&
   if (sh.N == 0) return {x, alpha, beta, q, r};
 
   HcPreParams p{};
-  const at::Tensor H = with_token_layout(features_contiguous(H_in), 2, &p.h_tok);
+  const at::Tensor H = readable(H_in, 2, &p.h_tok);
   with_token_layout(x, 1, &p.x_tok);
   const int64_t ldw = (d + 7) / 8 * 8;
   const at::Tensor Wt = transposed_weights(W, acc_type, ldw);
@@ -202,7 +180,7 @@ std::vector<at::Tensor> hc_pre_dhc_fwd(const at::Tensor& H_in, const at::Tensor&
   p.d = d;
   p.n = static_cast<int>(n);
   p.ldw = ldw;
-  p.h_stream_stride = H.stride(-2);
+  p.h_stream_stride = stream_stride(H);
   p.eps = eps;
   p.h_ptr = H.data_ptr();
   p.wt_ptr = Wt.data_ptr();
@@ -221,9 +199,8 @@ std::vector<at::Tensor> hc_pre_dhc_fwd(const at::Tensor& H_in, const at::Tensor&
   CL_DISPATCH_FLOATING(H.scalar_type(), "hc_pre_dhc_fwd", [&] {
     using acc = acc_t<scalar_t>;
     const int vec = kVec16<scalar_t>;
-    const bool vectorize = aligned16(p.h_ptr) && aligned16(p.x_ptr) &&
-                           layout_vec_ok(p.h_tok, sh.N, vec) && layout_vec_ok(p.x_tok, sh.N, vec) &&
-                           (n == 1 || p.h_stream_stride % vec == 0);
+    const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) &&
+                           vec_ok(p.x_ptr, p.x_tok, 0, vec);
     CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
       constexpr int kVec = kVectorize ? kVec16<scalar_t> : 1;
       CL_HC_STREAMS_SWITCH(p.n, kN, [&] {
@@ -257,22 +234,17 @@ std::vector<at::Tensor> hc_pre_dhc_bwd(const at::Tensor& dx_in, const std::optio
   const c10::cuda::CUDAGuard guard(H_in.device());
   const auto acc_opts = H_in.options().dtype(acc_type);
 
-  const at::Tensor H = features_contiguous(H_in);
-  // dH is allocated like H_in (the fake's layout). The kernel writes it directly when
-  // its features are unit-stride and its token dims collapse (a dense permutation such
-  // as the folded layout does), else into a contiguous scratch copied in afterwards.
+  // dH is allocated like H (the fake's layout); the kernel writes it directly when it
+  // can address it (a dense permutation such as the folded layout), else a scratch.
   at::Tensor dH = at::empty_like(H_in);
   if (sh.N == 0) {
     return {dH, at::zeros(A.sizes(), A.options()), at::zeros(B.sizes(), B.options()),
             at::zeros(W.sizes(), W.options()), at::zeros({}, s_a.options()), at::zeros({}, s_b.options())};
   }
   HcPreParams p{};
-  const bool direct = dH.stride(-1) == 1 &&
-                      collapse_token_dims(dH.sizes().data(), dH.strides().data(),
-                                          static_cast<int>(dH.dim()) - 2, &p.dh_tok);
-  const at::Tensor dH_k = direct ? dH : with_token_layout(at::empty(H_in.sizes(), H_in.options()), 2, &p.dh_tok);
-  const at::Tensor Hl = with_token_layout(H, 2, &p.h_tok);
-  const at::Tensor dx = with_token_layout(features_contiguous(dx_in), 1, &p.x_tok);
+  const at::Tensor Hl = readable(H_in, 2, &p.h_tok);
+  const at::Tensor dx = readable(dx_in, 1, &p.x_tok);
+  at::Tensor dH_k = writable(dH, 2, &p.dh_tok);
   const int64_t ldw = (d + 7) / 8 * 8;
   const at::Tensor Wt = transposed_weights(W, acc_type, ldw);
   const at::Tensor A_ = A.to(acc_type).contiguous();
@@ -288,8 +260,8 @@ std::vector<at::Tensor> hc_pre_dhc_bwd(const at::Tensor& dx_in, const std::optio
   p.d = d;
   p.n = static_cast<int>(n);
   p.ldw = ldw;
-  p.h_stream_stride = Hl.stride(-2);
-  p.dh_stream_stride = dH_k.stride(-2);
+  p.h_stream_stride = stream_stride(Hl);
+  p.dh_stream_stride = stream_stride(dH_k);
   p.h_ptr = Hl.data_ptr();
   p.dx_ptr = dx.data_ptr();
   p.dh_ptr = dH_k.data_ptr();
@@ -310,10 +282,9 @@ std::vector<at::Tensor> hc_pre_dhc_bwd(const at::Tensor& dx_in, const std::optio
   CL_DISPATCH_FLOATING(Hl.scalar_type(), "hc_pre_dhc_bwd", [&] {
     using acc = acc_t<scalar_t>;
     const int vec = kVec16<scalar_t>;
-    const bool vectorize = aligned16(p.h_ptr) && aligned16(p.dx_ptr) && aligned16(p.dh_ptr) &&
-                           layout_vec_ok(p.h_tok, sh.N, vec) && layout_vec_ok(p.x_tok, sh.N, vec) &&
-                           layout_vec_ok(p.dh_tok, sh.N, vec) &&
-                           (n == 1 || (p.h_stream_stride % vec == 0 && p.dh_stream_stride % vec == 0));
+    const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) &&
+                           vec_ok(p.dx_ptr, p.x_tok, 0, vec) &&
+                           vec_ok(p.dh_ptr, p.dh_tok, p.dh_stream_stride, vec);
     CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
       constexpr int kVec = kVectorize ? kVec16<scalar_t> : 1;
       CL_HC_STREAMS_SWITCH(p.n, kN, [&] {
@@ -337,7 +308,7 @@ std::vector<at::Tensor> hc_pre_dhc_bwd(const at::Tensor& dx_in, const std::optio
       });
     });
   });
-  if (!direct) dH.copy_(dH_k);
+  copy_back(dH, dH_k);
   const at::Tensor dWt = dw_ws.sum(0);                  // (J, ldw)
   const at::Tensor coef = coef_ws.sum(0);               // (n, n+4)
   const at::Tensor dW = dWt.narrow(1, 0, d).t().contiguous().to(W.scalar_type());

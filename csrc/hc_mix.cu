@@ -23,6 +23,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/layout.h"
 #include "kernels/hc_mix.cuh"
 #include "ops.h"
 
@@ -36,12 +37,6 @@ struct HcMixShape {
 
 void check_shape(const at::Tensor& t, const char* name, const char* what, at::IntArrayRef want) {
   TORCH_CHECK(t.sizes() == want, name, " must have shape ", what, " = ", want, ", got ", t.sizes());
-}
-
-std::vector<int64_t> cat(const std::vector<int64_t>& a, std::initializer_list<int64_t> b) {
-  std::vector<int64_t> out(a);
-  out.insert(out.end(), b);
-  return out;
 }
 
 HcMixShape check_streams(const at::Tensor& H) {
@@ -60,12 +55,6 @@ HcMixShape check_streams(const at::Tensor& H) {
 }
 
 // An activation input of H's device and dtype with the given shape.
-// (The CL_CHECK_* macros paste literal names; these helpers take the name at run time.)
-void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& H) {
-  TORCH_CHECK(t.device() == H.device(), name, " is on ", t.device(), " but H is on ", H.device(),
-              "; all inputs must be on one device");
-}
-
 void check_activation(const at::Tensor& t, const char* name, const at::Tensor& H, const char* what,
                       at::IntArrayRef want) {
   check_same_device(t, name, H);
@@ -78,8 +67,7 @@ void check_activation(const at::Tensor& t, const char* name, const at::Tensor& H
 bool check_coeff(const at::Tensor& t, const char* name, const at::Tensor& H, const HcMixShape& sh,
                  const char* static_what, const char* token_what, std::vector<int64_t> static_shape) {
   check_same_device(t, name, H);
-  TORCH_CHECK(is_activation_dtype(t.scalar_type()), name,
-              " must have dtype float32, bfloat16, float16 or float64, got ", t.scalar_type());
+  check_floating(t, name);
   if (t.sizes() == at::IntArrayRef(static_shape)) return true;
   const std::vector<int64_t> per_token = [&] {
     std::vector<int64_t> v(sh.lead);
@@ -100,7 +88,7 @@ HcPostShape check_hc_post_inputs(const at::Tensor& H, const at::Tensor& y, const
                                  const at::Tensor& beta) {
   HcPostShape sh;
   static_cast<HcMixShape&>(sh) = check_streams(H);
-  check_activation(y, "y", H, "(*lead, d)", cat(sh.lead, {sh.d}));
+  check_activation(y, "y", H, "(*lead, d)", with_tail(sh.lead, {sh.d}));
   sh.static_alpha = check_coeff(alpha, "alpha", H, sh, "(n, n+1)", "(*lead, n, n+1)", {sh.n, sh.n + 1});
   sh.static_beta = check_coeff(beta, "beta", H, sh, "(n,)", "(*lead, n)", {sh.n});
   return sh;
@@ -117,41 +105,8 @@ StreamMixShape check_stream_mix_inputs(const at::Tensor& H, const at::Tensor& w)
   return sh;
 }
 
-// An activation input whose tokens one TokenLayout addresses and whose features have
-// unit stride: the tensor itself when possible, else one copy.
-at::Tensor readable(const at::Tensor& t, int trailing, TokenLayout* layout) {
-  return with_token_layout(features_contiguous(t), trailing, layout);
-}
-
-// Where a kernel writes an output allocated by the caller's rule (empty_like keeps a
-// dense permuted layout): `out` itself when the kernel can address it, else a
-// contiguous scratch tensor that the caller copies into `out` afterwards.
-at::Tensor writable(const at::Tensor& out, int trailing, TokenLayout* layout) {
-  const int lead = static_cast<int>(out.dim()) - trailing;
-  if ((out.size(-1) <= 1 || out.stride(-1) == 1) &&
-      collapse_token_dims(out.sizes().data(), out.strides().data(), lead, layout)) {
-    return out;
-  }
-  at::Tensor scratch = at::empty(out.sizes(), out.options());
-  collapse_token_dims(scratch.sizes().data(), scratch.strides().data(), lead, layout);
-  return scratch;
-}
-
-void copy_back(at::Tensor& out, const at::Tensor& written) {
-  if (!written.is_same(out)) out.copy_(written);
-}
-
 // Coefficients in the accumulator dtype, one contiguous row per token.
 at::Tensor coeff_rows(const at::Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
-
-int64_t stream_stride(const at::Tensor& t) { return t.size(-2) > 1 ? t.stride(-2) : 0; }
-
-// 16-byte vector access is safe for a tensor when its base is 16-byte aligned and its
-// token and stream strides are multiples of the vector width.
-bool vec_ok(const void* ptr, const TokenLayout& tok, int64_t stream, int vec) {
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && tok.inner_stride % vec == 0 &&
-         tok.outer_stride % vec == 0 && stream % vec == 0;
-}
 
 dim3 grid_for(int64_t n_tokens, int rows) {
   const int64_t tiles = (n_tokens + rows - 1) / rows;
@@ -262,7 +217,7 @@ std::vector<at::Tensor> hc_post_bwd(const at::Tensor& dHn_in, const at::Tensor& 
   const at::ScalarType acc = acc_dtype(H_in.scalar_type());
   const at::TensorOptions acc_opts = H_in.options().dtype(acc);
   at::Tensor dH = at::empty_like(H_in);
-  at::Tensor dy = at::empty(cat(sh.lead, {sh.d}), y_in.options());
+  at::Tensor dy = at::empty(with_tail(sh.lead, {sh.d}), y_in.options());
   if (sh.N == 0 || sh.d == 0) {  // dH and dy are empty; the dots over nothing are 0
     return {dH, dy, at::zeros(alpha_in.sizes(), acc_opts), at::zeros(beta_in.sizes(), acc_opts)};
   }
@@ -313,7 +268,7 @@ std::vector<at::Tensor> hc_post_bwd(const at::Tensor& dHn_in, const at::Tensor& 
 at::Tensor stream_mix_fwd(const at::Tensor& H_in, const at::Tensor& w_in) {
   const StreamMixShape sh = check_stream_mix_inputs(H_in, w_in);
   const c10::cuda::CUDAGuard guard(H_in.device());
-  at::Tensor x = at::empty(cat(sh.lead, {sh.d}), H_in.options());
+  at::Tensor x = at::empty(with_tail(sh.lead, {sh.d}), H_in.options());
   if (sh.N == 0 || sh.d == 0) return x;
 
   StreamMixParams p{};
@@ -341,7 +296,7 @@ at::Tensor stream_mix_fwd(const at::Tensor& H_in, const at::Tensor& w_in) {
 std::vector<at::Tensor> stream_mix_bwd(const at::Tensor& dx_in, const at::Tensor& H_in,
                                        const at::Tensor& w_in) {
   const StreamMixShape sh = check_stream_mix_inputs(H_in, w_in);
-  check_activation(dx_in, "dx", H_in, "(*lead, d)", cat(sh.lead, {sh.d}));
+  check_activation(dx_in, "dx", H_in, "(*lead, d)", with_tail(sh.lead, {sh.d}));
   const c10::cuda::CUDAGuard guard(H_in.device());
   const at::ScalarType acc = acc_dtype(H_in.scalar_type());
   const at::TensorOptions acc_opts = H_in.options().dtype(acc);

@@ -17,7 +17,7 @@ from torch.library import opcheck
 from crosslayer import ops, ref
 from crosslayer._extension import _C
 from crosslayer.ops.depth_aggregate import depth_aggregate_bwd_op, depth_aggregate_op
-from policy import assert_policy
+from policy import assert_policy, poison_allocator
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -134,13 +134,6 @@ gpu = pytest.mark.gpu
 def oracle_pair(fn, *tensors):
     """(oracle at the inputs' dtype, oracle in float64 on the same values)."""
     return fn(*tensors), fn(*[t.double() for t in tensors])
-
-
-def poison_allocator(device, nbytes=1 << 26):
-    """Fill and free a block so the next allocations likely start as NaN: a kernel that
-    skips an output element then fails the NaN check."""
-    torch.full((nbytes // 4,), float("nan"), device=device).fill_(float("nan"))
-    torch.cuda.synchronize()
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from crosslayer import ops, ref
 from crosslayer._extension import _C
 from crosslayer.ops.hc_mix import hc_post_bwd_op, hc_post_op, stream_mix_bwd_op, stream_mix_op
 from hc_inputs import make_streams, make_vec
-from policy import assert_policy
+from policy import assert_policy, poison_allocator
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 LAYOUTS = ["contiguous", "padded", "stream_stride", "folded", "tokens_transposed", "misaligned"]
@@ -212,13 +212,6 @@ gpu = pytest.mark.gpu
 def oracle_pair(fn, *tensors):
     """(oracle at the inputs' dtype, oracle in float64 on the same values)."""
     return fn(*tensors), fn(*[t.double() for t in tensors])
-
-
-def poison_allocator(device, nbytes=1 << 26):
-    """Fill and free a block so the next allocations likely start as NaN: a kernel that
-    skips an output element then fails the NaN check."""
-    torch.full((nbytes // 4,), float("nan"), device=device).fill_(float("nan"))
-    torch.cuda.synchronize()
 
 
 @pytest.fixture

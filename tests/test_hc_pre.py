@@ -24,7 +24,7 @@ from crosslayer import ops, ref
 from crosslayer._extension import _C
 from crosslayer.ops.hc_pre import hc_pre_dhc_bwd_op, hc_pre_dhc_op
 from hc_inputs import make_streams, make_vec
-from policy import assert_policy
+from policy import assert_policy, poison_allocator
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 LAYOUTS = ["padded", "stream_stride", "folded", "tokens_transposed", "misaligned"]
@@ -189,12 +189,6 @@ def test_launcher_rejects_cpu_tensors():
 # --------------------------------------------------------------------------- GPU
 
 gpu = pytest.mark.gpu
-
-
-def poison_allocator(device, nbytes=1 << 26):
-    """Fill and free a block so the next allocations likely start as NaN."""
-    torch.full((nbytes // 4,), float("nan"), device=device).fill_(float("nan"))
-    torch.cuda.synchronize()
 
 
 @pytest.fixture
