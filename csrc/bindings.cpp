@@ -50,4 +50,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("dalpha"), pybind11::arg("dbeta"), pybind11::arg("H"), pybind11::arg("A"),
         pybind11::arg("B"), pybind11::arg("W"), pybind11::arg("s_a"), pybind11::arg("s_b"),
         pybind11::arg("q"), pybind11::arg("r"));
+  m.def("mudd_weights_fwd", &crosslayer::mudd_weights_fwd, "[A, u, r] of mudd_weights",
+        pybind11::arg("x"), pybind11::arg("W1"), pybind11::arg("W2"), pybind11::arg("bias"),
+        pybind11::arg("n_ways"), pybind11::arg("eps"), pybind11::arg("approximate"));
+  m.def("mudd_weights_bwd", &crosslayer::mudd_weights_bwd, "[dx, dW1, dW2, dbias] of mudd_weights",
+        pybind11::arg("dA"), pybind11::arg("x"), pybind11::arg("W1"), pybind11::arg("W2"),
+        pybind11::arg("bias"), pybind11::arg("u"), pybind11::arg("r"), pybind11::arg("n_ways"),
+        pybind11::arg("eps"), pybind11::arg("approximate"));
 }

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace crosslayer {
@@ -54,5 +55,21 @@ std::vector<at::Tensor> hc_pre_dhc_bwd(const at::Tensor& dx, const std::optional
                                        const at::Tensor& A, const at::Tensor& B, const at::Tensor& W,
                                        const at::Tensor& s_a, const at::Tensor& s_b, const at::Tensor& q,
                                        const at::Tensor& r);
+
+// mudd_weights.cu
+//   x (*tok, d), d >= 1, any token strides; W1 (d, K), K >= 1; W2 (K, C*l); bias (C*l,) or
+//   (C, l); n_ways = C; approximate "none" (erf GELU) or "tanh". Returns {A (*tok, C, l),
+//   u = rms(x)·W1 (*tok, K), r = rsqrt(mean x² + eps) (*tok)}, all in the accumulator
+//   dtype; u and r are what the backward needs.
+std::vector<at::Tensor> mudd_weights_fwd(const at::Tensor& x, const at::Tensor& W1, const at::Tensor& W2,
+                                         const at::Tensor& bias, int64_t n_ways, double eps,
+                                         const std::string& approximate);
+//   dA (*tok, C, l) any float dtype; u, r from the forward. Returns {dx (*tok, d) in x's
+//   dtype, dW1, dW2, dbias}, parameter gradients summed over tokens (deterministic), each
+//   in its parameter's dtype.
+std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA, const at::Tensor& x, const at::Tensor& W1,
+                                         const at::Tensor& W2, const at::Tensor& bias, const at::Tensor& u,
+                                         const at::Tensor& r, int64_t n_ways, double eps,
+                                         const std::string& approximate);
 
 }  // namespace crosslayer

@@ -1,0 +1,314 @@
+// Launchers for mudd_weights (kernels in kernels/mudd_weights.cuh).
+//
+//   mudd_weights_fwd(x (*tok, d), W1 (d, K), W2 (K, C·l), bias (C·l) or (C, l), n_ways,
+//                    eps, approximate) -> {A (*tok, C, l), u (*tok, K), r (*tok)}
+//   mudd_weights_bwd(dA, x, W1, W2, bias, u, r, n_ways, eps, approximate)
+//                    -> {dx (*tok, d), dW1, dW2, dbias}
+//
+// A, u and r are in the accumulator dtype (float64 for float64 x, float32 otherwise);
+// u = rms(x)·W1 and r = rsqrt(mean x² + eps) are what the backward needs, so it reads x
+// once more for dx and once for dW1 and never recomputes x·W1.
+// Work split:
+//   bf16/fp16 x   forward: mudd_proj_mma_kernel (r, u on tensor cores) + head kernel;
+//                 backward: head kernel (h, g, s), mudd_dx_mma_kernel (dx), cuBLAS for
+//                 dW1 = xᵀ·g (x as stored, g split into 16-bit hi/lo, fp32 output) and
+//                 dW2 = hᵀ·dA, at::sum for dbias.
+//   fp32/fp64 x   (correctness dtypes) x·W1 and g·W1ᵀ by at::mm, the head kernels as above.
+// Every reduction over tokens is a cuBLAS GEMM or at::sum: deterministic. Every launch
+// runs on the current stream and is followed by a launch check; no host syncs.
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/dispatch.h"
+#include "common/layout.h"
+#include "kernels/mudd_weights.cuh"
+#include "ops.h"
+
+namespace crosslayer {
+namespace {
+
+constexpr int64_t kMaxSlots = 128;
+
+struct MuddShape {
+  std::vector<int64_t> lead;  // token dims
+  int64_t N, d, K, Cl, C, l;
+};
+
+MuddShape check_mudd_inputs(const at::Tensor& x, const at::Tensor& W1, const at::Tensor& W2,
+                            const at::Tensor& bias, int64_t n_ways) {
+  CL_CHECK_CUDA(x, "x");
+  CL_CHECK_FLOATING(x, "x");
+  TORCH_CHECK(x.dim() >= 2, "x must have shape (*tok, d) with at least one token dim, got ", x.sizes());
+  for (const auto& tn : {std::make_pair(&W1, "W1"), std::make_pair(&W2, "W2"), std::make_pair(&bias, "bias")}) {
+    check_floating(*tn.first, tn.second);
+    TORCH_CHECK(tn.first->device() == x.device(), tn.second, " is on ", tn.first->device(),
+                " but x is on ", x.device(), "; all inputs must be on one device");
+  }
+  TORCH_CHECK(n_ways >= 1, "n_ways must be >= 1, got ", n_ways);
+  MuddShape sh;
+  sh.d = x.size(-1);
+  TORCH_CHECK(sh.d >= 1, "x must have d >= 1 features (its rms is over d), got ", x.sizes());
+  sh.lead.assign(x.sizes().begin(), x.sizes().end() - 1);
+  sh.N = 1;
+  for (int64_t s : sh.lead) sh.N *= s;
+  TORCH_CHECK(W1.dim() == 2 && W1.size(0) == sh.d && W1.size(1) >= 1,
+              "W1 must have shape (d, K) with d = x.shape[-1] = ", sh.d, " and K >= 1, got ", W1.sizes());
+  sh.K = W1.size(1);
+  TORCH_CHECK(W2.dim() == 2 && W2.size(0) == sh.K, "W2 must have shape (K, C*l) with K = W1.shape[1] = ",
+              sh.K, ", got ", W2.sizes());
+  sh.Cl = W2.size(1);
+  sh.C = n_ways;
+  TORCH_CHECK(sh.Cl % n_ways == 0 && sh.Cl / n_ways >= 1 && sh.Cl / n_ways <= kMaxSlots,
+              "W2 must have shape (K, C*l) with C = n_ways = ", n_ways, " and 1 <= l <= ", kMaxSlots,
+              ", got ", W2.sizes());
+  sh.l = sh.Cl / n_ways;
+  TORCH_CHECK((bias.dim() == 1 && bias.size(0) == sh.Cl) ||
+                  (bias.dim() == 2 && bias.size(0) == sh.C && bias.size(1) == sh.l),
+              "bias must have shape (C*l,) = (", sh.Cl, ",) or (C, l) = (", sh.C, ", ", sh.l, "), got ",
+              bias.sizes());
+  return sh;
+}
+
+void check_per_token(const at::Tensor& t, const char* name, const char* what,
+                     const std::vector<int64_t>& expected, const at::Tensor& x) {
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(expected), name, " must have shape ", what, " = ",
+              at::IntArrayRef(expected), ", got ", t.sizes());
+  check_floating(t, name);
+  TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device(),
+              "; all inputs must be on one device");
+}
+
+int device_attribute(cudaDeviceAttr attr, int device) {
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, device));
+  return v;
+}
+
+bool tanh_form(const std::string& approximate) {
+  TORCH_CHECK(approximate == "none" || approximate == "tanh",
+              "approximate must be 'none' or 'tanh', got '", approximate, "'");
+  return approximate == "tanh";
+}
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// W1 (d, K) as proj fragments: zero-padded to (32·chunks, k_pad) fp32, split into hi and
+// lo parts of dtype `part`, ordered [chunk][s][n-tile][grp][tig][part][half][j] (the
+// element map in kernels/mudd_weights.cuh), i.e. one uint4 per (chunk, s, n-tile, lane).
+at::Tensor pack_w1_proj(const at::Tensor& W1, at::ScalarType part, int64_t k_pad) {
+  const int64_t d = W1.size(0), K = W1.size(1), dp = round_up(d, 32) / 32;
+  const at::Tensor W = at::constant_pad_nd(W1.to(at::kFloat), {0, k_pad - K, 0, dp * 32 - d}, 0);
+  const at::Tensor hi = W.to(part);
+  const at::Tensor lo = (W - hi.to(at::kFloat)).to(part);
+  // dims: part, chunk, tig, s, half, j, n-tile, grp
+  return at::stack({hi, lo}, 0)
+      .view({2, dp, 4, 2, 2, 2, k_pad / 8, 8})
+      .permute({1, 3, 6, 7, 2, 0, 4, 5})
+      .contiguous();
+}
+
+// W1 as dx fragments (bf16 hi/lo): hidden padded to ldg, features to 32·chunks, ordered
+// [chunk][ks][j][g2][gb][tig][part][half][jj]: feature 32c + 8·g2 + 2j + gb (column
+// n = 2·g2 + gb = grp of n-tile j), hidden 16ks + 8half + 2tig + jj.
+at::Tensor pack_w1_dx(const at::Tensor& W1, int64_t ldg) {
+  const int64_t d = W1.size(0), K = W1.size(1), dp = round_up(d, 32) / 32;
+  const at::Tensor W = at::constant_pad_nd(W1.to(at::kFloat), {0, ldg - K, 0, dp * 32 - d}, 0);
+  const at::Tensor hi = W.to(at::kBFloat16);
+  const at::Tensor lo = (W - hi.to(at::kFloat)).to(at::kBFloat16);
+  // dims: part, chunk, g2, j, gb, ks, half, tig, jj
+  return at::stack({hi, lo}, 0)
+      .view({2, dp, 4, 4, 2, ldg / 16, 2, 4, 2})
+      .permute({1, 5, 3, 2, 4, 7, 0, 6, 8})
+      .contiguous();
+}
+
+bool is_16bit(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+// Launches a head kernel over N tokens with `smem` bytes of dynamic shared memory.
+template <typename Kernel>
+void launch_head(Kernel kernel, const MuddWeightsParams& p, int64_t smem, int device, const char* what) {
+  const int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  TORCH_CHECK(smem <= optin, what, ": needs ", smem, " bytes of shared memory (K = ", p.K, ", C*l = ",
+              p.Cl, "), the device allows ", optin);
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  const int sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  const int64_t tiles = (p.n_tokens + kHeadTokens - 1) / kHeadTokens;
+  const int64_t grid = std::min<int64_t>(tiles, static_cast<int64_t>(sms) * 8);
+  kernel<<<dim3(static_cast<unsigned>(grid)), dim3(kHeadThreads), static_cast<size_t>(smem),
+           c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+dim3 token_tile_grid(int64_t N) {
+  return dim3(static_cast<unsigned>((N + 16 * kMuddWarps - 1) / (16 * kMuddWarps)));
+}
+
+}  // namespace
+
+std::vector<at::Tensor> mudd_weights_fwd(const at::Tensor& x_in, const at::Tensor& W1, const at::Tensor& W2,
+                                         const at::Tensor& bias, int64_t n_ways, double eps,
+                                         const std::string& approximate) {
+  const MuddShape sh = check_mudd_inputs(x_in, W1, W2, bias, n_ways);
+  const bool tanh_gelu = tanh_form(approximate);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::ScalarType acc_type = acc_dtype(x_in.scalar_type());
+  const auto acc_opts = x_in.options().dtype(acc_type);
+  at::Tensor A = at::empty(with_tail(sh.lead, {sh.C, sh.l}), acc_opts);
+  at::Tensor u = at::empty(with_tail(sh.lead, {sh.K}), acc_opts);
+  at::Tensor r = at::empty(sh.lead, acc_opts);
+  if (sh.N == 0) return {A, u, r};
+
+  MuddWeightsParams p{};
+  p.n_tokens = sh.N;
+  p.d = sh.d;
+  p.K = static_cast<int>(sh.K);
+  p.Cl = static_cast<int>(sh.Cl);
+  p.ldg = static_cast<int>(round_up(sh.K, 16));
+  p.k_pad = static_cast<int>(round_up(sh.K, kProjCols));
+  p.tanh_gelu = tanh_gelu;
+  p.eps = eps;
+  const at::Tensor W2_ = W2.to(acc_type).contiguous();
+  const at::Tensor b_ = bias.to(acc_type).reshape({sh.Cl}).contiguous();
+  p.w2_ptr = W2_.data_ptr();
+  p.bias_ptr = b_.data_ptr();
+  p.u_ptr = u.data_ptr();
+  p.r_ptr = r.data_ptr();
+  p.a_ptr = A.data_ptr();
+  const int device = x_in.device().index();
+
+  if (is_16bit(x_in.scalar_type())) {
+    const at::Tensor x = readable(x_in, 1, &p.x_tok);
+    const at::Tensor w1f = pack_w1_proj(W1, x.scalar_type(), p.k_pad);
+    p.x_ptr = x.data_ptr();
+    p.w1f_ptr = w1f.data_ptr();
+    const bool vectorize = vec_ok(p.x_ptr, p.x_tok, 0, 8);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    CL_BOOL_SWITCH(vectorize, kVec, [&] {
+      if (x.scalar_type() == at::kBFloat16) {
+        mudd_proj_mma_kernel<__nv_bfloat16, kVec><<<token_tile_grid(sh.N), kMuddThreads, 0, stream>>>(p);
+      } else {
+        mudd_proj_mma_kernel<__half, kVec><<<token_tile_grid(sh.N), kMuddThreads, 0, stream>>>(p);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  } else {
+    const at::Tensor x2 = x_in.reshape({sh.N, sh.d});
+    const at::Tensor r2 = at::rsqrt(x2.square().mean({1}, true) + eps);
+    u.view({sh.N, sh.K}).copy_(at::mm(x2, W1.to(acc_type)) * r2);
+    r.view({sh.N}).copy_(r2.view({sh.N}));
+  }
+
+  CL_DISPATCH_FLOATING(acc_type, "mudd_weights_fwd", [&] {
+    const int64_t smem = static_cast<int64_t>(kHeadTokens) * sh.K * sizeof(scalar_t);
+    launch_head(mudd_head_fwd_kernel<scalar_t>, p, smem, device, "mudd_weights_fwd");
+  });
+  return {A, u, r};
+}
+
+std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tensor& x_in, const at::Tensor& W1,
+                                         const at::Tensor& W2, const at::Tensor& bias, const at::Tensor& u_in,
+                                         const at::Tensor& r_in, int64_t n_ways, double eps,
+                                         const std::string& approximate) {
+  const MuddShape sh = check_mudd_inputs(x_in, W1, W2, bias, n_ways);
+  const bool tanh_gelu = tanh_form(approximate);
+  (void)eps;  // r carries it
+  check_per_token(dA_in, "dA", "(*tok, C, l)", with_tail(sh.lead, {sh.C, sh.l}), x_in);
+  check_per_token(u_in, "u", "(*tok, K)", with_tail(sh.lead, {sh.K}), x_in);
+  check_per_token(r_in, "r", "(*tok,)", sh.lead, x_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::ScalarType acc_type = acc_dtype(x_in.scalar_type());
+  const auto acc_opts = x_in.options().dtype(acc_type);
+  at::Tensor dx = at::empty(with_tail(sh.lead, {sh.d}), x_in.options());
+  if (sh.N == 0) {
+    return {dx, at::zeros(W1.sizes(), W1.options()), at::zeros(W2.sizes(), W2.options()),
+            at::zeros(bias.sizes(), bias.options())};
+  }
+  const int64_t ldg = round_up(sh.K, 16);
+  const at::Tensor dA = dA_in.to(acc_type).reshape({sh.N, sh.Cl}).contiguous();
+  const at::Tensor u = u_in.to(acc_type).reshape({sh.N, sh.K}).contiguous();
+  const at::Tensor r = r_in.to(acc_type).reshape({sh.N}).contiguous();
+  const at::Tensor W2t = W2.to(acc_type).t().contiguous();
+  at::Tensor h = at::empty({sh.N, sh.K}, acc_opts);
+  at::Tensor g = at::empty({sh.N, ldg}, acc_opts);
+  at::Tensor s = at::empty({sh.N}, acc_opts);
+
+  MuddWeightsParams p{};
+  p.n_tokens = sh.N;
+  p.d = sh.d;
+  p.K = static_cast<int>(sh.K);
+  p.Cl = static_cast<int>(sh.Cl);
+  p.ldg = static_cast<int>(ldg);
+  p.k_pad = static_cast<int>(round_up(sh.K, kProjCols));
+  p.tanh_gelu = tanh_gelu;
+  p.w2t_ptr = W2t.data_ptr();
+  p.u_ptr = const_cast<void*>(u.data_ptr());
+  p.r_ptr = const_cast<void*>(r.data_ptr());
+  p.da_ptr = dA.data_ptr();
+  p.h_ptr = h.data_ptr();
+  p.g_ptr = g.data_ptr();
+  p.s_ptr = s.data_ptr();
+  const int device = x_in.device().index();
+
+  CL_DISPATCH_FLOATING(acc_type, "mudd_weights_bwd", [&] {
+    const int64_t smem = static_cast<int64_t>(kHeadTokens) * (sh.Cl + sh.K) * sizeof(scalar_t);
+    launch_head(mudd_head_bwd_kernel<scalar_t>, p, smem, device, "mudd_weights_bwd");
+  });
+
+  const at::Tensor gK = g.narrow(1, 0, sh.K);
+  const at::Tensor x2 = x_in.reshape({sh.N, sh.d});
+  at::Tensor dW1;
+  if (is_16bit(x_in.scalar_type())) {
+    // dW1 = xᵀ·g with x as stored and g as 16-bit hi + lo in one GEMM over [hi | lo].
+    // fp16 has a narrow exponent range: g is scaled by a power of two near 1/max|g|
+    // first (computed on the device, no sync) and the product unscaled.
+    const at::ScalarType part = x_in.scalar_type();
+    at::Tensor scale;
+    at::Tensor gs = gK;
+    if (part == at::kHalf) {
+      scale = at::exp2(at::neg(at::floor(at::log2(at::clamp_min(gK.abs().amax(), 1e-30)))));
+      gs = gK * scale;
+    }
+    const at::Tensor hi = gs.to(part);
+    const at::Tensor lo = (gs - hi.to(at::kFloat)).to(part);
+    const at::Tensor both = at::mm(x2.t(), at::cat({hi, lo}, 1), at::kFloat);  // (d, 2K)
+    dW1 = both.narrow(1, 0, sh.K) + both.narrow(1, sh.K, sh.K);
+    if (part == at::kHalf) dW1 = dW1 / scale;
+
+    const at::Tensor w1b = pack_w1_dx(W1, ldg);
+    at::Tensor dx_k = writable(dx, 1, &p.dx_tok);
+    const at::Tensor x = readable(x_in, 1, &p.x_tok);
+    p.x_ptr = x.data_ptr();
+    p.dx_ptr = dx_k.data_ptr();
+    p.w1b_ptr = w1b.data_ptr();
+    const bool vectorize = vec_ok(p.x_ptr, p.x_tok, 0, 8) && vec_ok(p.dx_ptr, p.dx_tok, 0, 8);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    CL_BOOL_SWITCH(vectorize, kVec, [&] {
+      if (part == at::kBFloat16) {
+        mudd_dx_mma_kernel<__nv_bfloat16, kVec><<<token_tile_grid(sh.N), kMuddThreads, 0, stream>>>(p);
+      } else {
+        mudd_dx_mma_kernel<__half, kVec><<<token_tile_grid(sh.N), kMuddThreads, 0, stream>>>(p);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    copy_back(dx, dx_k);
+  } else {
+    const at::Tensor W1a = W1.to(acc_type);
+    dW1 = at::mm(x2.t(), gK);
+    dx.view({sh.N, sh.d}).copy_(at::mm(gK, W1a.t()) - s.unsqueeze(1) * x2);
+  }
+  const at::Tensor dW2 = at::mm(h.t(), dA);
+  const at::Tensor dbias = dA.sum(0).reshape(bias.sizes());
+  return {dx, dW1.to(W1.scalar_type()).contiguous(), dW2.to(W2.scalar_type()).contiguous(),
+          dbias.to(bias.scalar_type()).contiguous()};
+}
+
+}  // namespace crosslayer
