@@ -13,7 +13,8 @@
 //                 backward: head kernel (h, g, s), mudd_dx_mma_kernel (dx), cuBLAS for
 //                 dW1 = xᵀ·g (x as stored, g split into 16-bit hi/lo, fp32 output) and
 //                 dW2 = hᵀ·dA, at::sum for dbias.
-//   fp32/fp64 x   (correctness dtypes) x·W1 and g·W1ᵀ by at::mm, the head kernels as above.
+//   fp32/fp64 x   (correctness dtypes), and 16-bit x with d < 32: x·W1, g·W1ᵀ and xᵀ·g by
+//                 at::mm in the accumulator dtype, the head kernels as above.
 // Every reduction over tokens is a cuBLAS GEMM or at::sum: deterministic. Every launch
 // runs on the current stream and is followed by a launch check; no host syncs.
 
@@ -26,7 +27,7 @@
 #include <vector>
 
 #include "common/checks.h"
-#include "common/dispatch.h"
+#include "common/dispatch.h"  // CL_BOOL_SWITCH
 #include "common/layout.h"
 #include "kernels/mudd_weights.cuh"
 #include "ops.h"
@@ -129,7 +130,15 @@ at::Tensor pack_w1_dx(const at::Tensor& W1, int64_t ldg) {
       .contiguous();
 }
 
-bool is_16bit(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+// Smallest d on the tensor-core path. Below it the rms-norm Jacobian cancels badly (at
+// d = 1, dx is O(eps)) and the hi/lo products' 2^-17 error would show, so tiny widths
+// take the fp32 at::mm path (its cost is nothing at such d).
+constexpr int64_t kMmaMinD = 32;
+
+bool use_mma(const at::Tensor& x) {
+  const at::ScalarType t = x.scalar_type();
+  return (t == at::kBFloat16 || t == at::kHalf) && x.size(-1) >= kMmaMinD;
+}
 
 // Launches a head kernel over N tokens with `smem` bytes of dynamic shared memory.
 template <typename Kernel>
@@ -185,7 +194,7 @@ std::vector<at::Tensor> mudd_weights_fwd(const at::Tensor& x_in, const at::Tenso
   p.a_ptr = A.data_ptr();
   const int device = x_in.device().index();
 
-  if (is_16bit(x_in.scalar_type())) {
+  if (use_mma(x_in)) {
     const at::Tensor x = readable(x_in, 1, &p.x_tok);
     const at::Tensor w1f = pack_w1_proj(W1, x.scalar_type(), p.k_pad);
     p.x_ptr = x.data_ptr();
@@ -201,16 +210,19 @@ std::vector<at::Tensor> mudd_weights_fwd(const at::Tensor& x_in, const at::Tenso
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   } else {
-    const at::Tensor x2 = x_in.reshape({sh.N, sh.d});
+    // The oracle's own sequence of operations: r = rsqrt(mean x² + eps), u = (x·r)·W1.
+    const at::Tensor x2 = x_in.reshape({sh.N, sh.d}).to(acc_type);
     const at::Tensor r2 = at::rsqrt(x2.square().mean({1}, true) + eps);
-    u.view({sh.N, sh.K}).copy_(at::mm(x2, W1.to(acc_type)) * r2);
+    u.view({sh.N, sh.K}).copy_(at::mm(x2 * r2, W1.to(acc_type)));
     r.view({sh.N}).copy_(r2.view({sh.N}));
   }
 
-  CL_DISPATCH_FLOATING(acc_type, "mudd_weights_fwd", [&] {
-    const int64_t smem = static_cast<int64_t>(kHeadTokens) * sh.K * sizeof(scalar_t);
-    launch_head(mudd_head_fwd_kernel<scalar_t>, p, smem, device, "mudd_weights_fwd");
-  });
+  const int64_t smem = static_cast<int64_t>(kHeadTokens) * sh.K * at::elementSize(acc_type);
+  if (acc_type == at::kDouble) {
+    launch_head(mudd_head_fwd_kernel<double>, p, smem, device, "mudd_weights_fwd");
+  } else {
+    launch_head(mudd_head_fwd_kernel<float>, p, smem, device, "mudd_weights_fwd");
+  }
   return {A, u, r};
 }
 
@@ -258,15 +270,17 @@ std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tens
   p.s_ptr = s.data_ptr();
   const int device = x_in.device().index();
 
-  CL_DISPATCH_FLOATING(acc_type, "mudd_weights_bwd", [&] {
-    const int64_t smem = static_cast<int64_t>(kHeadTokens) * (sh.Cl + sh.K) * sizeof(scalar_t);
-    launch_head(mudd_head_bwd_kernel<scalar_t>, p, smem, device, "mudd_weights_bwd");
-  });
+  const int64_t smem = static_cast<int64_t>(kHeadTokens) * (sh.Cl + sh.K) * at::elementSize(acc_type);
+  if (acc_type == at::kDouble) {
+    launch_head(mudd_head_bwd_kernel<double>, p, smem, device, "mudd_weights_bwd");
+  } else {
+    launch_head(mudd_head_bwd_kernel<float>, p, smem, device, "mudd_weights_bwd");
+  }
 
   const at::Tensor gK = g.narrow(1, 0, sh.K);
-  const at::Tensor x2 = x_in.reshape({sh.N, sh.d});
   at::Tensor dW1;
-  if (is_16bit(x_in.scalar_type())) {
+  if (use_mma(x_in)) {
+    const at::Tensor x2 = x_in.reshape({sh.N, sh.d});
     // dW1 = xᵀ·g with x as stored and g as 16-bit hi + lo in one GEMM over [hi | lo].
     // fp16 has a narrow exponent range: g is scaled by a power of two near 1/max|g|
     // first (computed on the device, no sync) and the product unscaled.
@@ -301,9 +315,15 @@ std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tens
     });
     copy_back(dx, dx_k);
   } else {
-    const at::Tensor W1a = W1.to(acc_type);
+    // dx in the oracle's form r·(dxn − xn·mean(dxn·xn)), not g·W1ᵀ − s·x: at d = 1 the
+    // two terms cancel to O(eps), and only the oracle's form keeps their rounding
+    // errors correlated (so its error stays at the oracle's).
+    const at::Tensor x2 = x_in.reshape({sh.N, sh.d}).to(acc_type);
+    const at::Tensor r2 = r.unsqueeze(1);
+    const at::Tensor xn = x2 * r2;
+    const at::Tensor dxn = at::mm(gK / r2, W1.to(acc_type).t());
     dW1 = at::mm(x2.t(), gK);
-    dx.view({sh.N, sh.d}).copy_(at::mm(gK, W1a.t()) - s.unsqueeze(1) * x2);
+    dx.view({sh.N, sh.d}).copy_(r2 * (dxn - xn * (dxn * xn).mean({1}, true)));
   }
   const at::Tensor dW2 = at::mm(h.t(), dA);
   const at::Tensor dbias = dA.sum(0).reshape(bias.sizes());

@@ -1,0 +1,155 @@
+"""mudd_weights on the GPU: the custom ops over crosslayer._C, their autograd, and the
+public function that mirrors `crosslayer.ref.mudd_weights`.
+
+Layers, bottom up:
+  _C.mudd_weights_fwd / _bwd              pybind11 launchers (csrc/mudd_weights.cu)
+  torch.ops.crosslayer.mudd_weights       custom op + fake + autograd: (A, u, r);
+                                          u = rms(x)·W1 and r = rsqrt(mean x² + eps) are
+                                          saved for the backward, not differentiable
+  torch.ops.crosslayer.mudd_weights_bwd   custom op: (dx, dW1, dW2, dbias)
+  mudd_weights(x, W1, W2, bias, n_ways, eps, approximate)
+                                          validates once, then the op above (CUDA, _C
+                                          built, parameters no wider than the arithmetic
+                                          dtype) or the oracle
+
+x: (*tok, d) with any token strides. A, u, r are contiguous in the arithmetic dtype
+(float64 for float64 x, float32 otherwise); dx is contiguous in x's dtype; parameter
+gradients are summed over tokens (deterministically) and come back in each parameter's
+dtype.
+
+The custom ops run the fused kernels on CUDA tensors and the oracle on CPU tensors, so
+their registration is exercised by opcheck and torch.compile on any machine.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from crosslayer import ref
+from crosslayer._checks import compute_dtype
+from crosslayer._extension import _C
+from crosslayer.ref.mudd import _check_approximate, validate_mudd_weights
+
+
+def _fused() -> object:
+    if _C is None:
+        raise RuntimeError(
+            "crosslayer._C is not built, so the fused mudd_weights cannot run on CUDA tensors; "
+            "`python -m crosslayer.info` says why. crosslayer.ops.mudd_weights uses the oracle "
+            "in that case."
+        )
+    return _C
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' arithmetic dtype for activations of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _projection(x: Tensor, W1: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """The oracle's (u, r) in the arithmetic dtype: r = rsqrt(mean_d x² + eps), u = (x·r)·W1."""
+    acc = _acc(x.dtype)
+    xf = x.to(acc)
+    r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    return ((xf * r) @ W1.to(acc)).contiguous(), r.squeeze(-1).contiguous()
+
+
+@torch.library.custom_op("crosslayer::mudd_weights", mutates_args=())
+def mudd_weights_op(x: Tensor, W1: Tensor, W2: Tensor, bias: Tensor, n_ways: int, eps: float,
+                    approximate: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(A, u, r) of mudd_weights.
+
+    x: (*tok, d); W1: (d, K); W2: (K, C*l); bias: (C*l,) or (C, l); n_ways = C.
+    A: (*tok, C, l); u = rms(x)·W1: (*tok, K); r = rsqrt(mean_d x² + eps): (*tok,)
+    (arithmetic dtype).
+    """
+    if x.is_cuda:
+        A, u, r = _fused().mudd_weights_fwd(x, W1, W2, bias, n_ways, eps, approximate)
+        return A, u, r
+    acc = _acc(x.dtype)
+    A = ref.mudd_weights(x, W1.to(acc), W2.to(acc), bias.to(acc), n_ways, eps, approximate)
+    u, r = _projection(x, W1, eps)
+    return A.contiguous(), u, r
+
+
+@mudd_weights_op.register_fake
+def _mudd_weights_fake(x, W1, W2, bias, n_ways, eps, approximate):
+    lead, K, Cl = x.shape[:-1], W1.shape[1], W2.shape[1]
+    acc = _acc(x.dtype)
+    return (x.new_empty((*lead, n_ways, Cl // n_ways), dtype=acc), x.new_empty((*lead, K), dtype=acc),
+            x.new_empty(lead, dtype=acc))
+
+
+@torch.library.custom_op("crosslayer::mudd_weights_bwd", mutates_args=())
+def mudd_weights_bwd_op(dA: Tensor, x: Tensor, W1: Tensor, W2: Tensor, bias: Tensor, u: Tensor,
+                        r: Tensor, n_ways: int, eps: float,
+                        approximate: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dW1, dW2, dbias) of mudd_weights.
+
+    dA: (*tok, C, l); u, r: from mudd_weights_op; eps, approximate: the forward's (the
+    CPU path recomputes from x). dx is contiguous in x's dtype; the parameter gradients
+    are summed over tokens, each in its parameter's dtype.
+    """
+    if x.is_cuda:
+        dx, dW1, dW2, dbias = _fused().mudd_weights_bwd(dA, x, W1, W2, bias, u, r, n_ways, eps, approximate)
+        return dx, dW1, dW2, dbias
+    acc = _acc(x.dtype)
+    dx, dW1, dW2, dbias = ref.mudd_weights_bwd(dA.to(acc), x, W1.to(acc), W2.to(acc), bias.to(acc),
+                                               n_ways, eps, approximate)
+    return (dx.contiguous(), dW1.to(W1.dtype).contiguous(), dW2.to(W2.dtype).contiguous(),
+            dbias.to(bias.dtype).contiguous())
+
+
+@mudd_weights_bwd_op.register_fake
+def _mudd_weights_bwd_fake(dA, x, W1, W2, bias, u, r, n_ways, eps, approximate):
+    return (x.new_empty(x.shape), W1.new_empty(W1.shape), W2.new_empty(W2.shape),
+            bias.new_empty(bias.shape))
+
+
+def _mudd_weights_setup(ctx, inputs, output) -> None:
+    x, W1, W2, bias, n_ways, eps, approximate = inputs
+    _, u, r = output
+    ctx.mark_non_differentiable(u, r)
+    ctx.save_for_backward(x, W1, W2, bias, u, r)
+    ctx.n_ways, ctx.eps, ctx.approximate = n_ways, eps, approximate
+
+
+def _mudd_weights_backward(ctx, dA, du, dr):
+    x, W1, W2, bias, u, r = ctx.saved_tensors
+    if dA is None:
+        dA = u.new_zeros((*x.shape[:-1], ctx.n_ways, W2.shape[1] // ctx.n_ways))
+    dx, dW1, dW2, dbias = mudd_weights_bwd_op(dA, x, W1, W2, bias, u, r, ctx.n_ways, ctx.eps,
+                                              ctx.approximate)
+    return dx, dW1, dW2, dbias, None, None, None
+
+
+mudd_weights_op.register_autograd(_mudd_weights_backward, setup_context=_mudd_weights_setup)
+
+
+def mudd_weights(x: Tensor, W1: Tensor, W2: Tensor, bias: Tensor, n_ways: int, eps: float = 1e-6,
+                 approximate: str = "none") -> Tensor:
+    """MUDD dynamic depth weights A = GELU(rms(x) @ W1) @ W2 + bias, C-major
+    (see crosslayer.ref.mudd_weights).
+
+    x:    (*tok, d)               block output the weights are computed from; any token
+                                  strides (a feature dim with non-unit stride is copied once)
+    W1:   (d, K)
+    W2:   (K, C*l)                column c*l + j is way c, slot j
+    bias: (C*l,) or (C, l)
+    n_ways: C; eps: rms epsilon; approximate: "none" (erf GELU) or "tanh"
+    returns A: (*tok, C, l)       arithmetic dtype (float32; float64 for float64 x)
+
+    Fused on CUDA when the extension is built (bf16/fp16 x: tensor-core kernels with W1
+    split into 16-bit hi + lo parts; fp32/fp64 x: at::mm for the projections); the
+    oracle otherwise, and for float64 parameters with lower-precision x.
+    """
+    validate_mudd_weights(x, W1, W2, bias, n_ways)
+    _check_approximate(approximate)
+    ct = compute_dtype(x, W1, W2, bias)
+    if not (x.is_cuda and _C is not None and ct == _acc(x.dtype) and x.shape[-1] >= 1 and W1.shape[1] >= 1):
+        return ref.mudd_weights(x, W1, W2, bias, n_ways, eps, approximate)
+    A, _, _ = mudd_weights_op(x, W1, W2, bias, n_ways, eps, approximate)
+    return A

@@ -1,0 +1,395 @@
+"""crosslayer.ops.mudd_weights against the oracle.
+
+CPU tests (run everywhere): the public op dispatches to the oracle; the custom ops'
+registration (schema, fakes, autograd with non-differentiable u and r) passes opcheck,
+matches the hand-derived backward and compiles with fullgraph=True through their CPU
+path; bad input raises clear errors; the launchers reject CPU tensors.
+
+GPU tests (marked `gpu`): the fused kernels against the float64 oracle under
+DESIGN.md's policy (tests/policy.py): every dtype, both GELU forms, d in {1, 7, 129,
+2048, 4099} (d < 32 takes the fp32 at::mm path for 16-bit x, the rest the tensor-core
+kernels), K in {1, 5, 64, 128, 200} (K > 128 runs two column passes), C in {1, 4},
+l in {1, 3, 25}, odd N, token-strided x, poisoned outputs, empty N, gradcheck,
+opcheck, torch.compile, CUDA graphs, side streams, bit-identical backward runs and the
+launchers' messages.
+"""
+
+import math
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from crosslayer import ops, ref
+from crosslayer._extension import _C
+from crosslayer.ops.mudd_weights import mudd_weights_bwd_op, mudd_weights_op
+from policy import assert_policy, poison_allocator
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+EPS = 1e-6
+
+
+def make_params(d, K, C, l, *, dtype, device, bias_2d=False):
+    """W1 ~ N(0, 1/d) (u of order one), W2 ~ N(0, 1/K), bias ~ N(0, 1), in the
+    arithmetic dtype: far from the zero-W2 init so every backward term is exercised."""
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    W1 = torch.randn(d, K, device=device, dtype=cd) / math.sqrt(d)
+    W2 = torch.randn(K, C * l, device=device, dtype=cd) / math.sqrt(K)
+    bias = torch.randn(*((C, l) if bias_2d else (C * l,)), device=device, dtype=cd)
+    return W1, W2, bias
+
+
+def make_x(lead, d, *, dtype, device, strided=False):
+    if strided:  # token stride d + 3: rows padded, features contiguous
+        x = torch.randn(*lead, d + 3, device=device).to(dtype)[..., :d]
+        assert not x.is_contiguous()
+        return x
+    return torch.randn(*lead, d, device=device).to(dtype)
+
+
+def make_dA(lead, C, l, *, dtype, device):
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.randn(*lead, C, l, device=device, dtype=cd)
+
+
+def double(ts):
+    return [t.double() if isinstance(t, torch.Tensor) else t for t in ts]
+
+
+# --------------------------------------------------------------------------- CPU
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("bias_2d", [False, True])
+def test_cpu_dispatches_to_oracle(approximate, bias_2d):
+    x = torch.randn(3, 5, 9)
+    W1, W2, bias = make_params(9, 6, 4, 3, dtype=torch.float32, device="cpu", bias_2d=bias_2d)
+    got = ops.mudd_weights(x, W1, W2, bias, 4, approximate=approximate)
+    want = ref.mudd_weights(x, W1, W2, bias, 4, approximate=approximate)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_custom_op_autograd_matches_hand_derived_cpu(approximate):
+    """The custom op's CPU path through its registered autograd (not the oracle's)."""
+    lead, d, K, C, l = (2, 7), 6, 5, 4, 3
+    x = torch.randn(*lead, d, dtype=torch.float64)
+    params = make_params(d, K, C, l, dtype=torch.float64, device="cpu", bias_2d=True)
+    leaves = [t.clone().requires_grad_(True) for t in (x, *params)]
+    A, u, r = mudd_weights_op(*leaves, C, EPS, approximate)
+    assert not u.requires_grad and not r.requires_grad
+    assert A.shape == (*lead, C, l) and u.shape == (*lead, K) and r.shape == lead
+    dA = make_dA(lead, C, l, dtype=torch.float64, device="cpu")
+    (A * dA).sum().backward()
+    want = ref.mudd_weights_bwd(dA, x, *params, C, EPS, approximate)
+    for name, leaf, g in zip(("x", "W1", "W2", "bias"), leaves, want):
+        torch.testing.assert_close(leaf.grad, g, msg=lambda m: f"d{name}: {m}")
+
+
+def test_cpu_projection_outputs_match_oracle():
+    x = torch.randn(11, 8)
+    W1, W2, bias = make_params(8, 5, 1, 2, dtype=torch.float32, device="cpu")
+    _, u, r = mudd_weights_op(x, W1, W2, bias, 1, EPS, "none")
+    want_r = torch.rsqrt(x.square().mean(-1) + EPS)
+    torch.testing.assert_close(r, want_r)
+    torch.testing.assert_close(u, (x * want_r[:, None]) @ W1)
+
+
+@pytest.mark.parametrize("bias_2d", [False, True])
+def test_custom_ops_opcheck_cpu(bias_2d):
+    lead, d, K, C, l = (3, 5), 6, 7, 2, 3
+    x = torch.randn(*lead, d)
+    params = make_params(d, K, C, l, dtype=torch.float32, device="cpu", bias_2d=bias_2d)
+    opcheck(mudd_weights_op, (x, *params, C, EPS, "none"))
+    opcheck(mudd_weights_op, (*[t.detach().clone().requires_grad_(True) for t in (x, *params)], C, EPS, "tanh"))
+    _, u, r = mudd_weights_op(x, *params, C, EPS, "none")
+    dA = make_dA(lead, C, l, dtype=torch.float32, device="cpu")
+    opcheck(mudd_weights_bwd_op, (dA, x, *params, u, r, C, EPS, "none"))
+
+
+@pytest.mark.compile
+def test_custom_op_compiles_fullgraph_cpu():
+    x = torch.randn(10, 8)
+    params = make_params(8, 6, 4, 3, dtype=torch.float32, device="cpu")
+
+    def f(x, W1, W2, bias):
+        return ops.mudd_weights(x, W1, W2, bias, 4).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    leaves_c = [t.clone().requires_grad_(True) for t in (x, *params)]
+    leaves_e = [t.clone().requires_grad_(True) for t in (x, *params)]
+    out = compiled(*leaves_c)
+    out.backward()
+    f(*leaves_e).backward()
+    torch.testing.assert_close(out, f(x, *params))
+    for a, b in zip(leaves_c, leaves_e):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(W1_shape=(9, 6)), ValueError, r"W1 must have shape \(8, "),
+        (dict(W2_shape=(5, 12)), ValueError, r"W2 must have shape \(6, "),
+        (dict(W2_shape=(6, 10)), ValueError, r"W2 must have shape \(K, C\*l\)"),
+        (dict(bias_shape=(11,)), ValueError, r"bias must have shape \(12\) \(C\*l,\) with C = 4, l = 3"),
+        (dict(n_ways=0), ValueError, r"n_ways must be >= 1"),
+        (dict(int_x=True), TypeError, r"x must have dtype"),
+        (dict(approximate="sigmoid"), ValueError, r"approximate must be 'none' or 'tanh'"),
+    ],
+)
+def test_bad_input_raises(kwargs, exc, match):
+    x = torch.randn(3, 8)
+    if kwargs.get("int_x"):
+        x = x.to(torch.int32)
+    W1 = torch.randn(*kwargs.get("W1_shape", (8, 6)))
+    W2 = torch.randn(*kwargs.get("W2_shape", (6, 12)))
+    bias = torch.randn(*kwargs.get("bias_shape", (4, 3)))
+    with pytest.raises(exc, match=match):
+        ops.mudd_weights(x, W1, W2, bias, kwargs.get("n_ways", 4), approximate=kwargs.get("approximate", "none"))
+
+
+@pytest.mark.skipif(_C is None, reason="extension not built")
+def test_launcher_rejects_cpu_tensors():
+    x = torch.randn(3, 8)
+    W1, W2, bias = make_params(8, 6, 4, 3, dtype=torch.float32, device="cpu")
+    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+        _C.mudd_weights_fwd(x, W1, W2, bias, 4, EPS, "none")
+    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+        _C.mudd_weights_bwd(torch.randn(3, 4, 3), x, W1, W2, bias, torch.randn(3, 6), torch.randn(3), 4,
+                            EPS, "none")
+
+
+def test_fused_ops_lists_mudd_weights():
+    assert ops.fused_ops()["mudd_weights"] == (_C is not None)
+
+
+# --------------------------------------------------------------------------- GPU
+
+gpu = pytest.mark.gpu
+
+
+@pytest.fixture
+def cuda():
+    assert ops.fused_ops()["mudd_weights"], "a GPU is present but the extension is not built"
+    return torch.device("cuda")
+
+
+# (lead, d, K, C, l): odd N everywhere; d = 1, 7 (fp32 path for 16-bit x), 129, 2048,
+# 4099 (tensor cores); K = 200 is two column passes of the projection.
+SHAPES = [
+    ((1,), 1, 5, 4, 3),
+    ((5,), 7, 1, 1, 1),
+    ((37,), 129, 64, 4, 3),
+    ((3, 11), 4099, 128, 4, 25),
+    ((67,), 2048, 128, 4, 25),
+    ((19,), 2048, 200, 1, 25),
+    ((45,), 129, 5, 1, 25),
+    ((2, 17), 1, 200, 4, 1),
+]
+
+
+def fwd_pair(x, W1, W2, bias, C, approximate):
+    low = ref.mudd_weights(x, W1, W2, bias, C, EPS, approximate)
+    high = ref.mudd_weights(*double((x, W1, W2, bias)), C, EPS, approximate)
+    return low, high
+
+
+def bwd_pair(dA, x, W1, W2, bias, C, approximate):
+    low = ref.mudd_weights_bwd(dA, x, W1, W2, bias, C, EPS, approximate)
+    high = ref.mudd_weights_bwd(*double((dA, x, W1, W2, bias)), C, EPS, approximate)
+    return low, high
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_matches_oracle(cuda, dtype, approximate, shape):
+    lead, d, K, C, l = shape
+    x = make_x(lead, d, dtype=dtype, device=cuda)
+    params = make_params(d, K, C, l, dtype=dtype, device=cuda)
+    poison_allocator(cuda)
+    A, u, r = mudd_weights_op(x, *params, C, EPS, approximate)
+    low, high = fwd_pair(x, *params, C, approximate)
+    assert_policy("A", A, low, high)
+    # u and r are what the backward consumes: the oracle's projection.
+    xc, x64 = x.to(A.dtype), x.double()
+    r_lo = torch.rsqrt(xc.square().mean(-1) + EPS)
+    r_hi = torch.rsqrt(x64.square().mean(-1) + EPS)
+    assert_policy("r", r, r_lo, r_hi)
+    assert_policy("u", u, (xc * r_lo[..., None]) @ params[0], (x64 * r_hi[..., None]) @ params[0].double())
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_backward_op_matches_oracle(cuda, dtype, approximate, shape):
+    lead, d, K, C, l = shape
+    x = make_x(lead, d, dtype=dtype, device=cuda)
+    params = make_params(d, K, C, l, dtype=dtype, device=cuda, bias_2d=True)
+    dA = make_dA(lead, C, l, dtype=dtype, device=cuda)
+    _, u, r = mudd_weights_op(x, *params, C, EPS, approximate)
+    poison_allocator(cuda)
+    got = mudd_weights_bwd_op(dA, x, *params, u, r, C, EPS, approximate)
+    low, high = bwd_pair(dA, x, *params, C, approximate)
+    for name, g, lo, hi in zip(("dx", "dW1", "dW2", "dbias"), got, low, high):
+        assert_policy(name, g, lo, hi)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [129, 2048])
+def test_autograd_token_strided(cuda, dtype, d):
+    lead, K, C, l = (5, 7), 128, 4, 25
+    x = make_x(lead, d, dtype=dtype, device=cuda, strided=True)
+    params = make_params(d, K, C, l, dtype=dtype, device=cuda)
+    leaves = [t.detach().requires_grad_(True) for t in (x, *params)]
+    A = ops.mudd_weights(*leaves, C)
+    low, high = fwd_pair(x, *params, C, "none")
+    assert_policy("A", A, low, high)
+    dA = make_dA(lead, C, l, dtype=dtype, device=cuda)
+    (A * dA).sum().backward()
+    low, high = bwd_pair(dA, x, *params, C, "none")
+    for name, leaf, lo, hi in zip(("dx", "dW1", "dW2", "dbias"), leaves, low, high):
+        assert_policy(name, leaf.grad, lo, hi)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_empty_tokens(cuda, dtype):
+    x = torch.randn(0, 64, device=cuda).to(dtype).requires_grad_(True)
+    params = [t.requires_grad_(True) for t in make_params(64, 16, 4, 3, dtype=dtype, device=cuda)]
+    A = ops.mudd_weights(x, *params, 4)
+    assert A.shape == (0, 4, 3)
+    A.sum().backward()
+    assert x.grad.shape == x.shape
+    for p in params:
+        assert torch.equal(p.grad, torch.zeros_like(p))
+
+
+@gpu
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gradcheck_fp64(cuda, approximate):
+    x = torch.randn(2, 3, 5, device=cuda, dtype=torch.float64, requires_grad=True)
+    params = [t.requires_grad_(True) for t in make_params(5, 4, 2, 3, dtype=torch.float64, device=cuda)]
+    assert torch.autograd.gradcheck(lambda *a: ops.mudd_weights(*a, 2, approximate=approximate), (x, *params))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_cuda(cuda, dtype):
+    lead, d, K, C, l = (33,), 70, 20, 4, 3
+    x = make_x(lead, d, dtype=dtype, device=cuda)
+    params = make_params(d, K, C, l, dtype=dtype, device=cuda)
+    opcheck(mudd_weights_op, (x, *params, C, EPS, "none"))
+    opcheck(mudd_weights_op, (*[t.detach().clone().requires_grad_(True) for t in (x, *params)], C, EPS, "tanh"))
+    _, u, r = mudd_weights_op(x, *params, C, EPS, "none")
+    dA = make_dA(lead, C, l, dtype=dtype, device=cuda)
+    opcheck(mudd_weights_bwd_op, (dA, x, *params, u, r, C, EPS, "none"))
+
+
+@gpu
+@pytest.mark.compile
+def test_compile_fullgraph_cuda(cuda):
+    x = make_x((4, 9), 136, dtype=torch.bfloat16, device=cuda)
+    params = make_params(136, 64, 4, 5, dtype=torch.bfloat16, device=cuda)
+
+    def f(x, W1, W2, bias):
+        return ops.mudd_weights(x, W1, W2, bias, 4).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    leaves_c = [t.clone().requires_grad_(True) for t in (x, *params)]
+    leaves_e = [t.clone().requires_grad_(True) for t in (x, *params)]
+    compiled(*leaves_c).backward()
+    f(*leaves_e).backward()
+    for a, b in zip(leaves_c, leaves_e):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+@gpu
+def test_cuda_graph_capture(cuda):
+    lead, d, K, C, l = (300,), 256, 128, 4, 7
+    x = make_x(lead, d, dtype=torch.bfloat16, device=cuda)
+    params = make_params(d, K, C, l, dtype=torch.bfloat16, device=cuda)
+    dA = make_dA(lead, C, l, dtype=torch.bfloat16, device=cuda)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside the graph (cuBLAS workspaces)
+        A, u, r = mudd_weights_op(x, *params, C, EPS, "none")
+        mudd_weights_bwd_op(dA, x, *params, u, r, C, EPS, "none")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        A, u, r = mudd_weights_op(x, *params, C, EPS, "none")
+        grads = mudd_weights_bwd_op(dA, x, *params, u, r, C, EPS, "none")
+    for _ in range(2):  # new inputs copied into the captured buffers
+        x.copy_(torch.randn_like(x, dtype=torch.float32))
+        for p, fresh in zip(params, make_params(d, K, C, l, dtype=torch.bfloat16, device=cuda)):
+            p.copy_(fresh)
+        dA.copy_(torch.randn_like(dA))
+        graph.replay()
+        torch.cuda.synchronize()
+        low, high = fwd_pair(x, *params, C, "none")
+        assert_policy("A", A, low, high)
+        low, high = bwd_pair(dA, x, *params, C, "none")
+        for name, g, lo, hi in zip(("dx", "dW1", "dW2", "dbias"), grads, low, high):
+            assert_policy(name, g, lo, hi)
+
+
+@gpu
+def test_runs_on_current_stream(cuda):
+    """Inputs produced on a side stream and consumed there: a kernel launched on the
+    default stream instead would race with the producer."""
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # keep the side stream busy before the inputs exist
+        x = make_x((4096,), 512, dtype=torch.bfloat16, device=cuda)
+        params = make_params(512, 128, 4, 9, dtype=torch.bfloat16, device=cuda)
+        dA = make_dA((4096,), 4, 9, dtype=torch.bfloat16, device=cuda)
+        A, u, r = mudd_weights_op(x, *params, 4, EPS, "none")
+        grads = mudd_weights_bwd_op(dA, x, *params, u, r, 4, EPS, "none")
+    torch.cuda.synchronize()
+    low, high = fwd_pair(x, *params, 4, "none")
+    assert_policy("A", A, low, high)
+    low, high = bwd_pair(dA, x, *params, 4, "none")
+    for name, g, lo, hi in zip(("dx", "dW1", "dW2", "dbias"), grads, low, high):
+        assert_policy(name, g, lo, hi)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_backward_deterministic(cuda, dtype):
+    lead, d, K, C, l = (4099,), 2048, 128, 4, 25
+    x = make_x(lead, d, dtype=dtype, device=cuda)
+    params = make_params(d, K, C, l, dtype=dtype, device=cuda)
+    dA = make_dA(lead, C, l, dtype=dtype, device=cuda)
+    _, u, r = mudd_weights_op(x, *params, C, EPS, "none")
+    first = mudd_weights_bwd_op(dA, x, *params, u, r, C, EPS, "none")
+    second = mudd_weights_bwd_op(dA, x, *params, u, r, C, EPS, "none")
+    for name, a, b in zip(("dx", "dW1", "dW2", "dbias"), first, second):
+        assert torch.equal(a, b), f"{name} differs between two runs"
+
+
+@gpu
+def test_launcher_errors_are_messaged(cuda):
+    x = make_x((3,), 8, dtype=torch.float32, device=cuda)
+    W1, W2, bias = make_params(8, 6, 4, 3, dtype=torch.float32, device=cuda)
+    with pytest.raises(RuntimeError, match=r"W1 must have shape \(d, K\) with d = x.shape\[-1\] = 8"):
+        _C.mudd_weights_fwd(x, W1[:7], W2, bias, 4, EPS, "none")
+    with pytest.raises(RuntimeError, match=r"W2 must have shape \(K, C\*l\) with C = n_ways = 5"):
+        _C.mudd_weights_fwd(x, W1, W2, bias, 5, EPS, "none")
+    with pytest.raises(RuntimeError, match=r"bias must have shape"):
+        _C.mudd_weights_fwd(x, W1, W2, bias[:5], 4, EPS, "none")
+    with pytest.raises(RuntimeError, match="approximate must be 'none' or 'tanh'"):
+        _C.mudd_weights_fwd(x, W1, W2, bias, 4, EPS, "erf")
+    with pytest.raises(RuntimeError, match="d >= 1"):
+        _C.mudd_weights_fwd(x[:, :0], W1[:0], W2, bias, 4, EPS, "none")
+    A, u, r = _C.mudd_weights_fwd(x, W1, W2, bias, 4, EPS, "none")
+    with pytest.raises(RuntimeError, match=r"dA must have shape \(\*tok, C, l\)"):
+        _C.mudd_weights_bwd(A[:, :3], x, W1, W2, bias, u, r, 4, EPS, "none")
+    with pytest.raises(RuntimeError, match=r"u must have shape \(\*tok, K\)"):
+        _C.mudd_weights_bwd(A, x, W1, W2, bias, u[:, :5], r, 4, EPS, "none")
