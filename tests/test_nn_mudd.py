@@ -391,3 +391,17 @@ def test_dwa_init_weights_match_ref():
     m = cnn.DenseFormerDWA(4, 2, 1)
     assert torch.equal(m.alpha.detach(), ref_mudd.dwa_init_weights(4, 2))
     assert cnn.DenseFormerDWA(2, 1, 2).alpha is None
+
+
+def test_stack_gradients_with_frozen_embedding():
+    """x0 needs no gradient: the link chain starts at the first block's push."""
+    L, d = 4, 5
+    blocks = ToyBlocks(L, d)
+    conns = [cnn.MUDDConnection(d, i, L, dtype=F64) for i in range(L)]
+    perturb(conns)
+    x0 = torch.randn(3, d, dtype=F64)
+    params = list(blocks.parameters()) + [p for c in conns for p in c.parameters()]
+    g = grads_of(run_stack(x0, blocks, conns).sum(), None, params)
+    g_ref = grads_of(run_oracle(x0, blocks, conns).sum(), None, params)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
