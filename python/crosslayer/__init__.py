@@ -3,13 +3,14 @@
     crosslayer.ref   the plain-PyTorch oracle, one function per op (the spec)
     crosslayer.ops   the same ops, fused on CUDA when the extension is built,
                      the oracle otherwise (CPU tensors, or no extension)
+    crosslayer.nn    modules: DepthStack, MUDDConnection, DenseFormerDWA
 
 `python -m crosslayer.info` says what was built and which ops run fused.
 """
 
-from crosslayer import ops, ref
+from crosslayer import nn, ops, ref
 from crosslayer._extension import _C
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "ref", "__version__"]
+__all__ = ["nn", "ops", "ref", "__version__"]

@@ -1,0 +1,330 @@
+"""DepthStack: one preallocated depth stack per forward pass, one gradient buffer per
+backward pass (DESIGN.md "MUDD family", memory rule).
+
+    stack = DepthStack.start(x0, n_slots=L + 1)   # (L+1, *tok, d) buffer, slot 0 = x0
+    for i, block in enumerate(blocks):
+        x = block(inputs)                          # block i's output
+        stack.push(x)                              # copied into slot i+1, in place
+        Y = stack.aggregate(A, slice(0, i + 2))    # (C, *tok, d) from a view of the buffer
+
+Forward. `push` copies a block's output into the next free slot of the buffer; an
+aggregation reads a view of the buffer (`buf[:l]`, or a strided DWA view such as
+`buf[1:l:2]`), never a stacked or concatenated copy. Memory: the buffer, (L+1)·N·d.
+
+Backward. The stack owns ONE gradient buffer G of the buffer's shape, allocated by the
+first aggregation backward of a backward pass. Every aggregation backward adds
+Σ_c A[.., c, j]·dY_c into G[j] for the slots j it read, in place
+(`crosslayer::depth_aggregate_bwd_op` on CUDA; a slot-by-slot in-place fallback
+elsewhere that never forms an l·N·d tensor), and returns dA only. The push of slot j
+hands G[j] to the pushed tensor as its gradient. So no l·N·d gradient is materialised
+per layer, and the stack and its gradient stay O(L·N·d).
+
+Autograd design. Two autograd.Functions and a chain of empty "link" tensors:
+
+    _Push.apply(x_j, link_{j-1}, stack, j)  -> link_j      forward: buf[j] = x_j
+    _Aggregate.apply(link_k, A, stack, s)   -> Y           forward: Y = agg(buf[s], A)
+
+`link_j` (a 0-element tensor) stands for "the buffer after slot j was written". Every
+aggregation takes the newest link as an input; every push takes the previous link.
+The links carry no values (their gradients are empty tensors); they only put edges
+in the graph, and autograd runs a node only after every consumer of its outputs ran.
+
+Invariants (what makes G[j] complete when push j's backward runs):
+  I1  Slot j is written exactly once per forward pass, before any aggregation reads
+      it (`push` fills slots in order; `aggregate` may only read filled slots).
+  I2  An aggregation that reads slot j was created after push j, so it consumes a
+      link_k with k >= j; push k's backward waits for it, and push j's backward waits
+      for push j+1's (link_j feeds push j+1). Hence push j's backward runs after
+      every aggregation backward that accumulates into G[j]: reverse order of layers.
+  I3  A slot is never rewritten after it is read (I1), so aggregations keep the
+      buffer as a ctx attribute rather than a saved tensor (a saved view would trip
+      the version counter on later pushes; the buffer's contents never change under
+      it).
+  I4  G is per backward pass: it is keyed on autograd's graph-task id, so a second
+      backward (retain_graph=True), or a partial one (autograd.grad on some inputs),
+      starts from a fresh buffer. Slots no aggregation touched in this pass get no
+      gradient from the stack (None). The first aggregation to touch a slot writes
+      it (`=`), later ones add (`+=`), so G is never zero-filled.
+  I5  The gradient handed to x_j is a view of G (no copy), cast to x_j's dtype if the
+      stack has another dtype; a leaf x_j gets a copy, so its .grad does not pin G.
+      The push of the chain's root (the first push whose input needs a gradient)
+      drops the stack's reference to G, which is freed once its slot views are.
+
+Limits: one DepthStack per forward pass (it cannot be reused or rewound); do not
+put pushes and aggregations inside activation checkpointing (a recomputed push would
+rewrite a slot); torch.compile graph-breaks at the autograd.Functions (the fused
+custom ops underneath compile fine on their own).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from crosslayer import ops
+from crosslayer._checks import check_tensor, compute_dtype
+from crosslayer._extension import _C
+from crosslayer.ops.depth_aggregate import depth_aggregate_bwd_op
+from crosslayer.ref.mudd import validate_depth_aggregate
+
+__all__ = ["DepthStack", "aggregate_bwd_into", "stack_bytes"]
+
+
+def _fused(S: Tensor) -> bool:
+    return S.is_cuda and _C is not None
+
+
+def aggregate_bwd_into(dY: Tensor, S: Tensor, A: Tensor, dS: Tensor, accumulate: bool) -> Tensor:
+    """Backward of depth_aggregate into a given buffer; returns dA (A's shape and dtype).
+
+    dY: (C, *tok, d); S: (l, *tok, d); A: (*tok, C, l) or (C, l); dS: (l, *tok, d) in
+    S's dtype, written in place: dS_j (+)= Σ_c A[.., c, j]·dY_c (`+=` when accumulate).
+    CUDA with the extension built: `crosslayer::depth_aggregate_bwd_op`. Otherwise a
+    slot-by-slot oracle that adds into dS in place (baddbmm_/addmm_ on slot views);
+    its largest temporaries are dY transposed (C·N·d) and, for half-precision stacks,
+    one slot (N·d) in float32 -- never an l·N·d tensor.
+    """
+    l, d, C = S.shape[0], S.shape[-1], A.shape[-2]
+    static = A.dim() == 2
+    if _fused(S):
+        A3 = A if static else A.reshape(-1, C, l)
+        dA = depth_aggregate_bwd_op(dY.reshape(C, -1, d), S.reshape(l, -1, d), A3,
+                                    dS.view(l, -1, d), accumulate)
+        return dA.view(A.shape)
+
+    cd = compute_dtype(dY, S, A)
+    M = S[0].numel() // d if d else 0
+    dY2 = dY.to(cd).reshape(C, M, d)
+    Ac = A.to(cd).reshape(C, l) if static else A.to(cd).reshape(M, C, l)
+    in_place = dS.dtype == cd
+    if static:
+        dA = torch.empty(C, l, dtype=cd, device=S.device)
+        dYf = dY2.reshape(C, M * d)
+        for j in range(l):
+            Sj = S[j].to(cd).reshape(M * d)
+            torch.mv(dYf, Sj, out=dA[:, j])
+            a = Ac[:, j].reshape(1, C)
+            if in_place:
+                dS[j].view(1, M * d).addmm_(a, dYf, beta=1 if accumulate else 0)
+            else:
+                g = (a @ dYf).reshape(dS[j].shape)
+                dS[j].add_(g) if accumulate else dS[j].copy_(g)
+    else:
+        dA = torch.empty(M, C, l, dtype=cd, device=S.device)
+        dYt = dY2.transpose(0, 1).contiguous()  # (M, C, d)
+        for j in range(l):
+            Sj = S[j].to(cd).reshape(M, d, 1)
+            dA[:, :, j] = torch.bmm(dYt, Sj).reshape(M, C)
+            a = Ac[:, :, j].reshape(M, 1, C)
+            if in_place:
+                dS[j].view(M, 1, d).baddbmm_(a, dYt, beta=1 if accumulate else 0)
+            else:
+                g = torch.bmm(a, dYt).reshape(dS[j].shape)
+                dS[j].add_(g) if accumulate else dS[j].copy_(g)
+    return dA.reshape(A.shape).to(A.dtype)
+
+
+class _Push(torch.autograd.Function):
+    """buf[j] = x (in place); returns link_j. Backward: G[j] -> x (see module doc)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, link: Optional[Tensor], stack: "DepthStack", j: int,
+                x_is_leaf: bool) -> Tensor:
+        stack._buf[j].copy_(x)
+        ctx.stack, ctx.j = stack, j
+        ctx.x_dtype, ctx.x_is_leaf = x.dtype, x_is_leaf
+        ctx.root = link is None or not link.requires_grad
+        return stack._buf.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, dlink: Tensor):
+        stack, j = ctx.stack, ctx.j
+        g = stack._slot_grad(j)
+        if g is not None and (ctx.x_is_leaf or g.dtype != ctx.x_dtype):
+            g = g.to(ctx.x_dtype, copy=True)
+        if ctx.root:
+            stack._release_grad()
+        return g, (None if ctx.root else dlink), None, None, None
+
+
+class _Aggregate(torch.autograd.Function):
+    """Y = depth_aggregate(buf[slots], A). Backward: G[slots] (+)= A·dY, returns dA."""
+
+    @staticmethod
+    def forward(ctx, link: Tensor, A: Tensor, stack: "DepthStack", slots: slice) -> Tensor:
+        S = stack._buf[slots]
+        Y = ops.depth_aggregate(S, A)
+        ctx.stack, ctx.slots = stack, slots
+        ctx.save_for_backward(A)
+        return Y
+
+    @staticmethod
+    def backward(ctx, dY: Tensor):
+        (A,) = ctx.saved_tensors
+        stack, slots = ctx.stack, ctx.slots
+        dS, accumulate = stack._grad_for(slots)
+        dA = aggregate_bwd_into(dY, stack._buf[slots], A, dS, accumulate)
+        dlink = dY.new_empty(0, dtype=stack.dtype)
+        return dlink, (dA if ctx.needs_input_grad[1] else None), None, None
+
+
+class DepthStack:
+    """The depth stack of one forward pass: slot 0 = embedding, slot j = output of
+    block j-1, in one preallocated (n_slots, *tok, d) buffer (module docstring).
+
+    n_slots:    L + 1 for an L-block model
+    slot_shape: (*tok, d) of every slot
+    dtype, device: of the buffer (the activation dtype)
+    """
+
+    def __init__(self, n_slots: int, slot_shape: Sequence[int], *,
+                 dtype: torch.dtype = torch.float32, device=None):
+        if isinstance(n_slots, bool) or not isinstance(n_slots, int) or n_slots < 1:
+            raise ValueError(f"n_slots must be a positive int, got {n_slots!r}")
+        slot_shape = tuple(int(s) for s in slot_shape)
+        if len(slot_shape) < 2:
+            raise ValueError(f"slot_shape must be (*tok, d) with at least one token dim, "
+                             f"got {slot_shape}")
+        self._buf = torch.empty(n_slots, *slot_shape, dtype=dtype, device=device)
+        self._len = 0
+        self._link: Optional[Tensor] = None
+        self._newest: Optional[Tensor] = None
+        self._grad: Optional[Tensor] = None
+        self._grad_filled: list = []
+        self._grad_task: Optional[int] = None
+
+    @classmethod
+    def start(cls, x0: Tensor, n_slots: int) -> "DepthStack":
+        """A stack with x0's slot shape, dtype and device, x0 pushed into slot 0."""
+        check_tensor("x0", x0)
+        stack = cls(n_slots, x0.shape, dtype=x0.dtype, device=x0.device)
+        stack.push(x0)
+        return stack
+
+    # ------------------------------------------------------------------ state
+    @property
+    def n_slots(self) -> int:
+        return self._buf.shape[0]
+
+    @property
+    def slot_shape(self) -> tuple:
+        return tuple(self._buf.shape[1:])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._buf.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._buf.device
+
+    def __len__(self) -> int:
+        """Number of filled slots."""
+        return self._len
+
+    @property
+    def newest(self) -> Tensor:
+        """The tensor pushed last (autograd-tracked; not the buffer's copy)."""
+        if self._newest is None:
+            raise RuntimeError("the stack is empty: push a tensor first")
+        return self._newest
+
+    @property
+    def buffer(self) -> Tensor:
+        """The whole (n_slots, *tok, d) buffer, detached (for inspection only)."""
+        return self._buf.detach()
+
+    @property
+    def grad_buffer(self) -> Optional[Tensor]:
+        """The current backward pass's gradient buffer, or None."""
+        return self._grad
+
+    def __repr__(self) -> str:
+        return (f"DepthStack({self._len}/{self.n_slots} slots of {self.slot_shape}, "
+                f"{self.dtype}, {self.device})")
+
+    # ------------------------------------------------------------------ forward
+    def push(self, x: Tensor) -> None:
+        """Copy x (*tok, d) into the next free slot, in place."""
+        check_tensor("x", x)
+        if self._len >= self.n_slots:
+            raise RuntimeError(f"the stack is full ({self.n_slots} slots); a DepthStack "
+                               "holds one forward pass")
+        if tuple(x.shape) != self.slot_shape:
+            raise ValueError(f"x must have the stack's slot shape {self.slot_shape}, "
+                             f"got {tuple(x.shape)}")
+        if x.device != self.device:
+            raise ValueError(f"x is on {x.device} but the stack is on {self.device}")
+        j = self._len
+        self._link = _Push.apply(x, self._link, self, j, x.requires_grad and x.is_leaf)
+        self._newest = x
+        self._len += 1
+
+    def _slots(self, slots: Optional[slice]) -> slice:
+        if slots is None:
+            return slice(0, self._len)
+        if not isinstance(slots, slice):
+            raise TypeError(f"slots must be a slice or None, got {type(slots).__name__}")
+        idx = range(self.n_slots)[slots]
+        if len(idx) == 0:
+            raise ValueError(f"slots {slots} select no slot")
+        if max(idx) >= self._len:
+            raise ValueError(f"slots {slots} read slot {max(idx)} but only "
+                             f"{self._len} slots are filled")
+        return slice(idx.start, idx.stop, idx.step)
+
+    def aggregate(self, A: Tensor, slots: Optional[slice] = None) -> Tensor:
+        """Y_c = Σ_j A[.., c, j]·S_j over S = buf[slots] (default: every filled slot).
+
+        A: (*tok, C, l) per token or (C, l) static, l = number of selected slots.
+        returns Y: (C, *tok, d) in the stack's dtype.
+        """
+        s = self._slots(slots)
+        validate_depth_aggregate(self._buf[s], A)
+        return _Aggregate.apply(self._link, A, self, s)
+
+    # ------------------------------------------------------------------ backward
+    def _sync_task(self) -> None:
+        task = torch._C._current_graph_task_id()
+        if task != self._grad_task:  # a new backward pass: forget the last one (I4)
+            self._grad_task = task
+            self._grad = None
+            self._grad_filled = [False] * self.n_slots
+
+    def _grad_for(self, slots: slice) -> tuple:
+        """(G[slots], accumulate) for an aggregation backward; allocates G on first use."""
+        self._sync_task()
+        if self._grad is None:
+            self._grad = torch.empty_like(self._buf)
+        idx = range(self.n_slots)[slots]
+        filled = [self._grad_filled[j] for j in idx]
+        if all(filled):
+            accumulate = True
+        elif not any(filled):
+            accumulate = False
+        else:  # some slots seen before, some not: zero the new ones, then add
+            for j, f in zip(idx, filled):
+                if not f:
+                    self._grad[j].zero_()
+            accumulate = True
+        for j in idx:
+            self._grad_filled[j] = True
+        return self._grad[slots], accumulate
+
+    def _slot_grad(self, j: int) -> Optional[Tensor]:
+        """G[j] when an aggregation of this backward pass touched slot j, else None."""
+        self._sync_task()
+        if self._grad is None or not self._grad_filled[j]:
+            return None
+        return self._grad[j]
+
+    def _release_grad(self) -> None:
+        self._grad = None
+
+
+def stack_bytes(n_slots: int, slot_shape: Sequence[int], dtype: torch.dtype) -> int:
+    """Bytes of one buffer (the forward stack, or its gradient)."""
+    return n_slots * math.prod(slot_shape) * torch.empty((), dtype=dtype).element_size()

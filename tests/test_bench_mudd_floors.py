@@ -1,0 +1,149 @@
+"""CPU self-checks of bench/bench_mudd.py: the floor arithmetic against DESIGN.md and
+the docstring's table, argument parsing, the exit without a GPU, and the row building
+(gate, status, exit status) on tiny CPU tensors with the timer and compiler stubbed."""
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+
+@pytest.fixture(scope="module")
+def bm():
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module("bench_mudd")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_floors_match_design(bm):
+    # DESIGN.md "Traffic floors": mudd_weights d / 2d; depth_aggregate (l+C)d / (2l+C)d.
+    assert bm.weights_floor_elements("fwd") == 1
+    assert bm.weights_floor_elements("fwd+bwd") == 3
+    for l in (1, 13, 25, 49):
+        assert bm.aggregate_floor_elements("fwd", l) == l + 4
+        assert bm.aggregate_floor_elements("fwd+bwd", l) == (l + 4) + (2 * l + 4)
+    ms = lambda e: bm.floor_bytes(e, 16384, 2048, 2) / 3.00e12 * 1e3  # noqa: E731
+    assert round(ms(3), 2) == 0.07  # DESIGN.md mudd_weights yardstick
+    assert round(ms(bm.aggregate_floor_elements("fwd", 25)), 2) == 0.65
+    assert round(ms(bm.aggregate_floor_elements("fwd+bwd", 13)), 2) == 1.05
+    assert round(ms(bm.aggregate_floor_elements("fwd+bwd", 25)), 2) == 1.86
+    with pytest.raises(ValueError, match="unknown mode"):
+        bm.weights_floor_elements("bwd")
+
+
+def test_stack_floor_by_hand(bm):
+    # L = 1: one layer, l = 2, C = 1 (last layer): fwd 2 + 1 + 3; bwd 2 + 3 + 2.
+    assert bm.stack_floor_elements("fwd", 1) == 6
+    assert bm.stack_floor_elements("fwd+bwd", 1) == 6 + 7
+    # L = 2: layer 0 (l=2, C=4): fwd 9, bwd 2+6+4; layer 1 (l=3, C=1): fwd 7, bwd 2+4+3
+    assert bm.stack_floor_elements("fwd", 2) == 16
+    assert bm.stack_floor_elements("fwd+bwd", 2) == 16 + 12 + 9
+    assert bm.stack_floor_elements("fwd", 24) == 489
+    assert bm.stack_floor_elements("fwd+bwd", 24) == 1577
+
+
+def test_docstring_table_matches_the_arithmetic(bm):
+    doc = bm.__doc__
+    rows = {"mudd_weights fwd+bwd": bm.weights_floor_elements("fwd+bwd"),
+            "stack L=24 fwd": bm.stack_floor_elements("fwd", 24),
+            "stack L=24 fwd+bwd": bm.stack_floor_elements("fwd+bwd", 24)}
+    for l in (13, 25, 49):
+        for mode in ("fwd", "fwd+bwd"):
+            rows[f"aggregate l={l} {mode}"] = bm.aggregate_floor_elements(mode, l)
+    for label, elems in rows.items():
+        m = re.search(rf"^\s+{re.escape(label)}\s+(\d+)d\s+([\d.]+) GB\s+([\d.]+) ms", doc,
+                      re.MULTILINE)
+        assert m, f"docstring has no row {label!r}"
+        b = bm.floor_bytes(elems, 16384, 2048, 2)
+        assert int(m.group(1)) == elems, label
+        assert m.group(2) == f"{b / 1e9:.3f}", label
+        assert m.group(3) == f"{b / 3.00e12 * 1e3:.3f}", label
+
+
+def test_args(bm):
+    a = bm.parse_args([])
+    assert a.agg_ls == (13, 25, 49) and a.ops == list(bm.OPS) and a.N == 16384
+    assert bm.parse_args(["--quick"]).agg_ls == (25,)
+    assert bm.parse_args(["--variants", "fused"]).variants == ["eager_oracle", "fused"]
+    for bad in (["--ops", "hc"], ["--variants", "einsum"], ["--N", "0"]):
+        with pytest.raises(SystemExit):
+            bm.parse_args(bad)
+
+
+def test_main_without_gpu_exits_2():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, str(BENCH / "bench_mudd.py"), "--quick"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "no CUDA device" in p.stderr
+
+
+FAKE_MS = 2.0
+
+
+@pytest.fixture
+def cpu_bench(bm, monkeypatch):
+    monkeypatch.setattr(bm, "DEVICE", "cpu")
+    h = bm.harness
+
+    def fake_bench(fn, *, setup=None, **kw):
+        if setup is not None:
+            setup()
+        fn()
+        return h.Timing(median_ms=FAKE_MS, p20_ms=FAKE_MS, p80_ms=FAKE_MS, n_reps=1)
+
+    monkeypatch.setattr(h, "bench", fake_bench)
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: f)
+    return bm
+
+
+def test_rows_on_cpu(cpu_bench):
+    from crosslayer import nn as cnn
+    from crosslayer import ref
+    bm = cpu_bench
+    ops = types.SimpleNamespace(mudd_weights=ref.mudd_weights)
+    cases = [bm.weights_case(6, 8, torch.float32, ops, ref),
+             bm.aggregate_case(5, 6, 8, torch.float32, ops, ref, cnn),
+             bm.stack_case(3, 6, 8, torch.float32, cnn)]
+    rows = []
+    for case in cases:
+        rows += bm.run_case(case, bm.MODES, list(bm.VARIANTS), torch.float32, {}, True)
+    bm.harness.finalize_rows(rows, 3.0e12)
+    for r in rows:
+        assert r.status == ("ref" if r.variant == "eager_oracle" else "ok"), (r.op, r.variant,
+                                                                              r.mode, r.note)
+    stack_rows = [r for r in rows if r.op == "stack" and r.mode == "fwd+bwd"]
+    assert stack_rows[0].floor_bytes == 6 * bm.stack_floor_elements("fwd+bwd", 3) * 8 * 4
+    lines, ok = bm.summary_lines(rows, "fp32")
+    assert ok and all(line.endswith("| OK") for line in lines)
+    assert bm.exit_status(rows) == 0
+
+
+def test_missing_and_wrong_fused_rows(cpu_bench):
+    from crosslayer import ref
+    bm = cpu_bench
+    rows = bm.run_case(bm.weights_case(5, 8, torch.float32, types.SimpleNamespace(), ref),
+                       ("fwd",), list(bm.VARIANTS), torch.float32, {}, True)
+    fused = [r for r in rows if r.variant == "fused"]
+    assert fused[0].status == "failed: missing op" and bm.exit_status(rows) == 3
+
+    def wrong(x, W1, W2, bias, C, *a):
+        return ref.mudd_weights(x, W1, W2, bias, C, *a) * 1.01
+    rows = bm.run_case(bm.weights_case(5, 8, torch.float32,
+                                       types.SimpleNamespace(mudd_weights=wrong), ref),
+                       ("fwd",), list(bm.VARIANTS), torch.float32, {}, True)
+    assert [r.status for r in rows if r.variant == "fused"] == ["WRONG"]
+    lines, ok = bm.summary_lines(rows, "fp32")
+    assert not ok and bm.exit_status(rows) == 3
