@@ -3,13 +3,15 @@ signatures and semantics (crosslayer.ref is the spec)."""
 
 from crosslayer._extension import _C
 from crosslayer.ops.depth_aggregate import depth_aggregate
+from crosslayer.ops.depth_aggregate_norm import depth_aggregate_qkv_norm
 from crosslayer.ops.hc_mix import hc_post, stream_mix
 from crosslayer.ops.hc_pre import hc_pre
 
 # Ops with a fused CUDA kernel in this version (forward and backward). The others run
 # on the oracle everywhere until their kernels land.
-_KERNELS = ("depth_aggregate", "hc_pre", "hc_post", "stream_mix")
-ALL_OPS = ("hc_pre", "hc_post", "stream_mix", "mhc_coeffs", "depth_aggregate", "mudd_weights")
+_KERNELS = ("depth_aggregate", "depth_aggregate_qkv_norm", "hc_pre", "hc_post", "stream_mix")
+ALL_OPS = ("hc_pre", "hc_post", "stream_mix", "mhc_coeffs", "depth_aggregate", "depth_aggregate_qkv_norm",
+           "mudd_weights")
 
 
 def fused_ops() -> dict:
@@ -17,4 +19,4 @@ def fused_ops() -> dict:
     return {op: (_C is not None and op in _KERNELS) for op in ALL_OPS}
 
 
-__all__ = ["depth_aggregate", "hc_pre", "hc_post", "stream_mix", "fused_ops", "ALL_OPS"]
+__all__ = ["depth_aggregate", "depth_aggregate_qkv_norm", "hc_pre", "hc_post", "stream_mix", "fused_ops", "ALL_OPS"]
