@@ -338,13 +338,14 @@ def test_backward_op_matches_oracle(cuda, dtype, shape, static, accumulate):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_global_workspace_path(cuda, dtype):
     """d so large that the rows' stash and dg buffers leave shared memory for global
-    workspaces (fp32: 2·3·d·4 bytes > 227 KB in the backward, 3·d·4 in the forward)."""
-    d = 20_011 if dtype != F64 else 10_007
+    workspaces (fp32 accumulators: 2·3·d·4 bytes > 227 KB in the backward, 3·d·4 in
+    the forward)."""
+    d = 12_007 if dtype != F64 else 6_007  # backward buffers global, forward's in smem
     S, A, g = make_inputs(3, (6,), d, dtype=dtype, device=cuda)
     out = ops.depth_aggregate_qkv_norm(S, A, g, EPS)
     assert_policy("Out", out, *oracle_pair(fwd_oracle, S, A, g))
     check_backward_op(*flat(S, A), g, dtype, False)
-    d = 60_013 if dtype != F64 else 30_011  # the forward's stash too
+    d = 60_013 if dtype != F64 else 30_011  # the forward's stash global too
     S, A, g = make_inputs(2, (3,), d, dtype=dtype, device=cuda, static=True)
     out = ops.depth_aggregate_qkv_norm(S, A, g, EPS)
     assert_policy("Out", out, *oracle_pair(fwd_oracle, S, A, g))
@@ -528,7 +529,7 @@ def test_dwa_strided_slots_fused_without_copy(cuda, dtype, dilation, period):
         Y = ops.depth_aggregate(S, A)
         torch.cuda.synchronize()
         extra = torch.cuda.max_memory_allocated(cuda) - before
-        assert extra < N * d * elt + (1 << 20), (extra, S.shape)  # Y plus small change, no slot copy
+        assert extra <= N * d * elt + (64 << 10), (extra, S.shape)  # Y only: a copy adds >= N·d·elt
         assert_policy("Y", Y, *oracle_pair(ref.depth_aggregate, S, A))
         w = ref.dwa_init_weights(i, dilation).to(cuda)
         torch.testing.assert_close(ops.depth_aggregate(S, w)[0], S_full[i + 1], rtol=0, atol=0)

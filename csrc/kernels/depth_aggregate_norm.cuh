@@ -312,13 +312,14 @@ __global__ void __launch_bounds__(kDaNormThreads, kDaNormBwdMinBlocks)
   const DaNormSmem L = da_norm_smem_layout(rows, warps, l, ld, true, p.bufs_in_smem);
   acc* __restrict__ a_s = smem + L.a;
   acc* __restrict__ red = smem + L.red + ty * warps * kDaNormNormed;  // [warps][3]
-  acc* __restrict__ part_all = smem + L.part;                          // [rows][warps][8][l]
-  acc* __restrict__ part = part_all + ty * warps * kDaNormDots * l;    // [warps][8][l]
+  // part_all / part, dg_ws / dg alias each other: no __restrict__ on them.
+  acc* part_all = smem + L.part;                        // [rows][warps][8][l]
+  acc* part = part_all + ty * warps * kDaNormDots * l;  // [warps][8][l]
   const int64_t slice = (static_cast<int64_t>(blockIdx.x) * rows + ty) * kDaNormNormed * ld;
-  acc* __restrict__ dg_ws = static_cast<acc*>(p.dg_ws_ptr) + slice;
+  acc* dg_ws = static_cast<acc*>(p.dg_ws_ptr) + slice;
   acc* __restrict__ stash =
       p.bufs_in_smem ? smem + L.stash + ty * kDaNormNormed * ld : static_cast<acc*>(p.stash_ws_ptr) + slice;
-  acc* __restrict__ dg = p.bufs_in_smem ? smem + L.dg + ty * kDaNormNormed * ld : dg_ws;
+  acc* dg = p.bufs_in_smem ? smem + L.dg + ty * kDaNormNormed * ld : dg_ws;
 
   const T* __restrict__ S = static_cast<const T*>(p.s_ptr);
   const T* __restrict__ dOut = static_cast<const T*>(p.dout_ptr);
