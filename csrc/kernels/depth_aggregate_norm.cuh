@@ -351,27 +351,36 @@ __global__ void __launch_bounds__(kDaNormThreads, kDaNormBwdMinBlocks)
 
     // (1) per chunk: Y_n; dg and D partials; the stash; P and Q per slot.
     acc D[kDaNormNormed] = {};
+    // The chunk loop is warp-uniform (the shuffles in pass 2 need every lane): lanes
+    // past the row end (e >= d) work on zeros and touch no buffer.
     if (valid) {
-      for (int64_t e = tx * kVec; e < d; e += step) {
+      for (int64_t e0 = 0; e0 < d; e0 += step) {
+        const int64_t e = e0 + tx * kVec;
+        const bool in_row = e < d;
         acc y[kDaNormNormed][kVec] = {};
-        da_norm_aggregate<T, kVec, kDaNormNormed>(s_tok, p.s_slot_stride, a_row, l, e, d, y);
+        if (in_row) da_norm_aggregate<T, kVec, kDaNormNormed>(s_tok, p.s_slot_stride, a_row, l, e, d, y);
         acc z[kDaNormWays][kVec];
 #pragma unroll
         for (int c = 0; c < kDaNormWays; ++c) {
           const Vec<T, kVec> go = load_chunk_raw<T, kVec>(do_tok + c * p.dout_way_stride, e, d);
           if (c < kDaNormNormed) {
-            const Vec<acc, kVec> gv = *reinterpret_cast<const Vec<acc, kVec>*>(g + c * ld + e);
-            Vec<acc, kVec>& dgv = da_norm_vec<acc, kVec>(dg, c * ld + e);
-            Vec<acc, kVec> sy;
+            const Vec<acc, kVec> gv =
+                in_row ? *reinterpret_cast<const Vec<acc, kVec>*>(g + c * ld + e) : Vec<acc, kVec>{};
 #pragma unroll
             for (int k = 0; k < kVec; ++k) {
-              const acc o = to_acc(go.v[k]);
-              z[c][k] = gv.v[k] * o;
+              z[c][k] = gv.v[k] * to_acc(go.v[k]);
               D[c] += z[c][k] * y[c][k];
-              dgv.v[k] += o * y[c][k] * r[c];
-              sy.v[k] = y[c][k];
             }
-            da_norm_vec<acc, kVec>(stash, c * ld + e) = sy;
+            if (in_row) {
+              Vec<acc, kVec>& dgv = da_norm_vec<acc, kVec>(dg, c * ld + e);
+              Vec<acc, kVec> sy;
+#pragma unroll
+              for (int k = 0; k < kVec; ++k) {
+                dgv.v[k] += to_acc(go.v[k]) * y[c][k] * r[c];
+                sy.v[k] = y[c][k];
+              }
+              da_norm_vec<acc, kVec>(stash, c * ld + e) = sy;
+            }
           } else {
 #pragma unroll
             for (int k = 0; k < kVec; ++k) z[c][k] = to_acc(go.v[k]);
