@@ -265,8 +265,15 @@ def tok_for(l, d):
 SHAPES = [(l, d) for l in (1, 3, 25, 128) for d in (1, 7, 129, 2048, 4099)]
 
 
-def fwd_oracle(S, A, g):
-    return ref.depth_aggregate_qkv_norm(S, A, g, EPS)
+def fwd_oracle(S, A, g, eps=EPS):
+    return ref.depth_aggregate_qkv_norm(S, A, g, eps)
+
+
+def eps_for(d):
+    """RMSNorm over d = 1 feature is y·g/sqrt(y² + eps): near y = 0 it amplifies the
+    rounding error of y by up to 1/sqrt(eps), and the policy's 2× bound would measure
+    that conditioning, not the kernel. The d = 1 cases use a larger eps."""
+    return EPS if d > 1 else 0.1
 
 
 @gpu
@@ -276,12 +283,13 @@ def fwd_oracle(S, A, g):
 def test_forward_matches_oracle(cuda, dtype, shape, static):
     l, d = shape
     S, A, g = make_inputs(l, tok_for(l, d), d, dtype=dtype, device=cuda, static=static)
+    eps = eps_for(d)
     poison_allocator(cuda)
-    out = ops.depth_aggregate_qkv_norm(S, A, g, EPS)
-    assert_policy("Out", out, *oracle_pair(fwd_oracle, S, A, g))
-    _, rstd = depth_aggregate_qkv_norm_op(*flat(S, A), g, EPS)
+    out = ops.depth_aggregate_qkv_norm(S, A, g, eps)
+    assert_policy("Out", out, *oracle_pair(lambda *t: fwd_oracle(*t, eps), S, A, g))
+    _, rstd = depth_aggregate_qkv_norm_op(*flat(S, A), g, eps)
     Y = ref.depth_aggregate(*[t.double() for t in flat(S, A)])[:3]
-    want = torch.rsqrt(Y.square().mean(-1) + EPS)
+    want = torch.rsqrt(Y.square().mean(-1) + eps)
     torch.testing.assert_close(rstd.double(), want, rtol=1e-4 if dtype != F64 else 1e-10, atol=0)
 
 
@@ -295,9 +303,9 @@ def test_forward_strided_layouts(cuda, dtype, layout):
     assert_policy("Out", out, *oracle_pair(fwd_oracle, S, A, g))
 
 
-def bwd_oracle(accumulate):
+def bwd_oracle(accumulate, eps=EPS):
     def oracle(dOut, S, A, g, dS0):
-        dS, dA, dg = ref.depth_aggregate_qkv_norm_bwd(dOut, S, A, g, EPS)
+        dS, dA, dg = ref.depth_aggregate_qkv_norm_bwd(dOut, S, A, g, eps)
         if accumulate:  # add in the arithmetic dtype, round to S's dtype
             cd = F64 if dS0.dtype == F64 else torch.float32
             dS = (dS0.to(cd) + dS.to(cd)).to(dS0.dtype)
@@ -309,13 +317,14 @@ def bwd_oracle(accumulate):
 def check_backward_op(S3, A3, g, dtype, accumulate):
     l, N, d = S3.shape
     dev = S3.device
-    _, rstd = depth_aggregate_qkv_norm_op(S3, A3, g, EPS)
+    eps = eps_for(d)
+    _, rstd = depth_aggregate_qkv_norm_op(S3, A3, g, eps)
     dOut = torch.randn(4, N, d, device=dev).to(dtype)
     dS0 = torch.randn(l, N, d, device=dev).to(dtype)
     dS = dS0.clone() if accumulate else torch.full_like(dS0, float("nan"))
     poison_allocator(dev)
-    dA, dg = depth_aggregate_qkv_norm_bwd_op(dOut, S3, A3, g, rstd, dS, accumulate, EPS)
-    oracle = bwd_oracle(accumulate)
+    dA, dg = depth_aggregate_qkv_norm_bwd_op(dOut, S3, A3, g, rstd, dS, accumulate, eps)
+    oracle = bwd_oracle(accumulate, eps)
     low = oracle(dOut, S3, A3, g, dS0)
     high = oracle(dOut.double(), S3.double(), A3.double(), g.double(), dS0.double())
     assert_policy("dS", dS, low[0], high[0])
