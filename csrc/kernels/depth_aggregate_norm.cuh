@@ -38,9 +38,15 @@
 //                 reduce-scatter (9 shuffles a slot) into per-warp partials in smem;
 //             (2) after a barrier, dA from the partials (warp order), k_n; per chunk,
 //                 dY from the stash and dOut (re-read: an L2 hit), dS written.
+// The backward's chunk loop is warp-uniform (every lane reaches the shuffles); lanes
+// past the row end work on zeros and touch no buffer. The forward has no shuffles in
+// its chunk loop.
 // The row's buffers (stash: 3 × ld, backward dg: 3 × ld, fp32 / fp64) are in shared
-// memory when they fit, else in global workspace slices of the block's rows
-// (`bufs_in_smem`); both are indexed [n][e] with ld a multiple of 8.
+// memory when they fit the device's opt-in limit (fewer token rows per block first),
+// else in global workspace slices of the block's rows (`bufs_in_smem` = false, from
+// d ≈ 9.6K with fp32 accumulators in the backward, ≈ 19K in the forward; grid capped
+// at 4 blocks per SM there); both are indexed [n][e] with ld a multiple of 8.
+// Registers: 256 threads, at least 2 blocks per SM asked of ptxas (<= 128 a thread).
 //
 // HBM traffic per token (elements of the activation dtype): forward l·d read + 4·d
 // written; backward l·d (S) + 4·d (dOut) read, l·d written (+ l·d read when dS
