@@ -32,6 +32,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("depth_aggregate_bwd", &crosslayer::depth_aggregate_bwd,
         "dS (=|+=) Σ_c A·dY_c in place; returns dA", pybind11::arg("dY"), pybind11::arg("S"),
         pybind11::arg("A"), pybind11::arg("dS"), pybind11::arg("accumulate"));
+  m.def("depth_aggregate_norm_fwd", &crosslayer::depth_aggregate_norm_fwd,
+        "[Out, rstd]: 4-way depth aggregate, ways 0..2 RMS-normed", pybind11::arg("S"),
+        pybind11::arg("A"), pybind11::arg("norm_weights"), pybind11::arg("eps"));
+  m.def("depth_aggregate_norm_bwd", &crosslayer::depth_aggregate_norm_bwd,
+        "dS (=|+=) in place; returns [dA, dnorm_weights]", pybind11::arg("dOut"), pybind11::arg("S"),
+        pybind11::arg("A"), pybind11::arg("norm_weights"), pybind11::arg("rstd"), pybind11::arg("dS"),
+        pybind11::arg("accumulate"));
   m.def("hc_post_fwd", &crosslayer::hc_post_fwd, "H'_k = beta_k·y + Σ_i alpha[i, 1+k]·H_i",
         pybind11::arg("H"), pybind11::arg("y"), pybind11::arg("alpha"), pybind11::arg("beta"));
   m.def("hc_post_bwd", &crosslayer::hc_post_bwd, "[dH, dy, dalpha, dbeta] of hc_post",

@@ -20,6 +20,20 @@ at::Tensor depth_aggregate_fwd(const at::Tensor& S, const at::Tensor& A);
 at::Tensor depth_aggregate_bwd(const at::Tensor& dY, const at::Tensor& S, const at::Tensor& A,
                                const at::Tensor& dS, bool accumulate);
 
+// depth_aggregate_norm.cu (MUDD block input: 4 ways q, k, v, r; q, k, v RMS-normed)
+//   S (l, N, d); A (N, 4, l) or (4, l); norm_weights (3, d). Returns {Out (4, N, d) in S's
+//   dtype, Out_c = Y_c·rsqrt(mean Y_c² + eps)·g_c (c < 3), Out_3 = Y_3 with
+//   Y_c = Σ_j A[.., c, j]·S_j; rstd (3, N) in the accumulator dtype, for the backward}.
+std::vector<at::Tensor> depth_aggregate_norm_fwd(const at::Tensor& S, const at::Tensor& A,
+                                                 const at::Tensor& norm_weights, double eps);
+//   dOut (4, N, d); rstd from the forward (Y is recomputed from S). Writes (accumulate =
+//   false) or adds (true) the slots' gradient into dS (l, N, d) in place; returns {dA
+//   (A's shape and dtype, summed over tokens for static A), dnorm_weights (3, d)}.
+std::vector<at::Tensor> depth_aggregate_norm_bwd(const at::Tensor& dOut, const at::Tensor& S,
+                                                 const at::Tensor& A, const at::Tensor& norm_weights,
+                                                 const at::Tensor& rstd, const at::Tensor& dS,
+                                                 bool accumulate);
+
 // hc_mix.cu
 //   H (*lead, n, d), 1 <= n <= 16, any token/stream strides; y (*lead, d) of H's dtype;
 //   alpha (*lead, n, n+1) or (n, n+1); beta (*lead, n) or (n,) (coefficients of any

@@ -3,14 +3,17 @@ signatures and semantics (crosslayer.ref is the spec)."""
 
 from crosslayer._extension import _C
 from crosslayer.ops.depth_aggregate import depth_aggregate
+from crosslayer.ops.depth_aggregate_norm import depth_aggregate_qkv_norm
 from crosslayer.ops.hc_mix import hc_post, stream_mix
 from crosslayer.ops.hc_pre import hc_pre
 from crosslayer.ops.mudd_weights import mudd_weights
 
 # Ops with a fused CUDA kernel in this version (forward and backward). The others run
 # on the oracle everywhere until their kernels land.
-_KERNELS = ("depth_aggregate", "hc_pre", "hc_post", "stream_mix", "mudd_weights")
-ALL_OPS = ("hc_pre", "hc_post", "stream_mix", "mhc_coeffs", "depth_aggregate", "mudd_weights")
+_KERNELS = ("depth_aggregate", "depth_aggregate_qkv_norm", "hc_pre", "hc_post", "stream_mix",
+            "mudd_weights")
+ALL_OPS = ("hc_pre", "hc_post", "stream_mix", "mhc_coeffs", "depth_aggregate", "depth_aggregate_qkv_norm",
+           "mudd_weights")
 
 
 def fused_ops() -> dict:
@@ -18,4 +21,5 @@ def fused_ops() -> dict:
     return {op: (_C is not None and op in _KERNELS) for op in ALL_OPS}
 
 
-__all__ = ["depth_aggregate", "hc_pre", "hc_post", "stream_mix", "mudd_weights", "fused_ops", "ALL_OPS"]
+__all__ = ["depth_aggregate", "depth_aggregate_qkv_norm", "hc_pre", "hc_post", "stream_mix",
+           "mudd_weights", "fused_ops", "ALL_OPS"]

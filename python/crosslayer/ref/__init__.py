@@ -31,18 +31,23 @@ from crosslayer.ref.mhc import (
 from crosslayer.ref.mudd import (
     depth_aggregate,
     depth_aggregate_bwd,
+    depth_aggregate_qkv_norm,
+    depth_aggregate_qkv_norm_bwd,
+    dwa_init_weights,
     dwa_slots,
     mudd_weights,
     mudd_weights_bwd,
     validate_depth_aggregate,
+    validate_depth_aggregate_qkv_norm,
     validate_mudd_weights,
 )
 
 __all__ = [
     "hc_pre", "hc_pre_bwd", "hc_post", "hc_post_bwd", "stream_mix", "stream_mix_bwd",
     "mhc_coeffs", "mhc_coeffs_bwd", "sinkhorn", "sinkhorn_bwd",
-    "depth_aggregate", "depth_aggregate_bwd", "dwa_slots", "mudd_weights", "mudd_weights_bwd",
+    "depth_aggregate", "depth_aggregate_bwd", "depth_aggregate_qkv_norm",
+    "depth_aggregate_qkv_norm_bwd", "dwa_slots", "dwa_init_weights", "mudd_weights", "mudd_weights_bwd",
     "validate_hc_pre", "validate_hc_post", "validate_stream_mix", "validate_mhc_coeffs",
-    "validate_depth_aggregate", "validate_mudd_weights",
+    "validate_depth_aggregate", "validate_depth_aggregate_qkv_norm", "validate_mudd_weights",
     "hc_init_static", "expand_streams", "reduce_streams", "validate_sinkhorn",
 ]

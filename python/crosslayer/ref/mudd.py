@@ -11,6 +11,18 @@ depth_aggregate (C ways, l slots; A per token ``(*tok, C, l)`` or static ``(C, l
     backward  dS_j    = sum_c A[..., c, j] * dY_c                      (shape of S)
               dA[c,j] = <dY_c, S_j>_d        per token; summed over tokens when static
 
+depth_aggregate_qkv_norm (MUDDFormer's block input: C = 4 ways q, k, v, r; the q, k
+and v aggregates each through their own pre-attention RMSNorm, weight g_c: (3, d))::
+
+    forward   Y_c  = sum_j A[..., c, j] * S_j                          (c < 4)
+              r_c  = rsqrt(mean_d(Y_c^2) + eps)                        (c < 3)
+              Out_c = Y_c * r_c * g_c   (c < 3);   Out_3 = Y_3         Out: (4, *tok, d)
+    backward  Yh_c = Y_c * r_c
+              dY_c = r_c * (g_c*dOut_c - Yh_c * mean_d(g_c*dOut_c*Yh_c))   (c < 3)
+              dY_3 = dOut_3
+              dg_c = sum_tok dOut_c * Yh_c
+              then dS, dA from depth_aggregate_bwd(dY, S, A)
+
 DenseFormer DWA is depth_aggregate with static weights, C = 1, and the slots picked
 by `dwa_slots` (dilation k, period p); `dwa_init_weights` starts at the identity.
 
@@ -55,6 +67,7 @@ from crosslayer._checks import (
 )
 
 MAX_SLOTS = 128
+QKV_NORM_WAYS = 4  # q, k, v (normed) and r (raw)
 GELU_APPROXIMATIONS = ("none", "tanh")
 
 __all__ = [
@@ -62,6 +75,10 @@ __all__ = [
     "depth_aggregate",
     "depth_aggregate_bwd",
     "validate_depth_aggregate",
+    "depth_aggregate_qkv_norm",
+    "depth_aggregate_qkv_norm_bwd",
+    "validate_depth_aggregate_qkv_norm",
+    "QKV_NORM_WAYS",
     "dwa_slots",
     "dwa_init_weights",
     "mudd_weights",
@@ -169,6 +186,94 @@ def depth_aggregate_bwd(
         dS = torch.einsum("c...d,...cj->j...d", dYf, Af)
         dA = torch.einsum("c...d,j...d->...cj", dYf, Sf)
     return dS.to(S.dtype), dA
+
+
+# ---------------------------------------------------------------------------
+# depth_aggregate_qkv_norm
+# ---------------------------------------------------------------------------
+
+
+def validate_depth_aggregate_qkv_norm(S: torch.Tensor, A: torch.Tensor, norm_weights: torch.Tensor) -> None:
+    """Check the arguments of `depth_aggregate_qkv_norm` (shared by the oracle and the
+    fused op): those of `validate_depth_aggregate` with C = 4 ways (q, k, v, r), and
+    norm_weights: (3, d) float on S's device. Looks at metadata only (no device sync).
+    """
+    validate_depth_aggregate(S, A)
+    if A.shape[-2] != QKV_NORM_WAYS:
+        raise ValueError(
+            f"A must have C = {QKV_NORM_WAYS} ways (q, k, v, r) along dim -2, got shape {tuple(A.shape)}"
+        )
+    check_tensor("norm_weights", norm_weights)
+    d = S.shape[-1]
+    check_shape("norm_weights", norm_weights, (QKV_NORM_WAYS - 1, d), f"(3, d) with d = S.shape[-1] = {d}")
+    check_same_device(S=S, norm_weights=norm_weights)
+
+
+def _qkv_norm_parts(S, A, norm_weights, eps, cd):
+    """(Y, r) in the arithmetic dtype: Y (4, *tok, d) = depth aggregate, r (3, *tok, 1)."""
+    Sf, Af = S.to(cd), A.to(cd)
+    if A.dim() == 2:
+        Y = torch.einsum("j...d,cj->c...d", Sf, Af)
+    else:
+        Y = torch.einsum("j...d,...cj->c...d", Sf, Af)
+    r = torch.rsqrt(Y[:3].square().mean(-1, keepdim=True) + eps)
+    return Y, r
+
+
+def _expand_weights(norm_weights: torch.Tensor, ndim: int, cd) -> torch.Tensor:
+    """(3, d) -> (3, 1, ..., 1, d) broadcasting against (3, *tok, d)."""
+    g = norm_weights.to(cd)
+    return g.reshape(g.shape[0], *([1] * (ndim - 2)), g.shape[1])
+
+
+def depth_aggregate_qkv_norm(
+    S: torch.Tensor, A: torch.Tensor, norm_weights: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """MUDD block input: 4-way depth aggregate with q, k, v each RMS-normalised.
+
+    S: (l, *tok, d)               depth slots, any strides
+    A: (*tok, 4, l) or (4, l)     per-token or static weights, ways (q, k, v, r)
+    norm_weights: (3, d)          RMSNorm weights g_q, g_k, g_v
+    eps: RMSNorm epsilon
+    returns Out: (4, *tok, d)     dtype of S; Out_c = rms_norm(Y_c) * g_c for c < 3,
+                                  Out_3 = Y_3 (the residual way, not normalised)
+    """
+    validate_depth_aggregate_qkv_norm(S, A, norm_weights)
+    cd = compute_dtype(S, A, norm_weights)
+    Y, r = _qkv_norm_parts(S, A, norm_weights, eps, cd)
+    g = _expand_weights(norm_weights, Y.dim(), cd)
+    out = torch.cat([Y[:3] * r * g, Y[3:]], 0)
+    return out.to(S.dtype)
+
+
+def depth_aggregate_qkv_norm_bwd(
+    dOut: torch.Tensor, S: torch.Tensor, A: torch.Tensor, norm_weights: torch.Tensor, eps: float = 1e-6
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of `depth_aggregate_qkv_norm` (formulas in the module docstring).
+
+    dOut: (4, *tok, d)            gradient of Out, any float dtype
+    S, A, norm_weights, eps: as in the forward (Y is recomputed from S)
+    returns
+      dS: (l, *tok, d)            dtype of S
+      dA: shape of A              arithmetic dtype (summed over tokens when static)
+      dg: (3, d)                  arithmetic dtype, summed over tokens
+    """
+    validate_depth_aggregate_qkv_norm(S, A, norm_weights)
+    check_tensor("dOut", dOut)
+    check_shape("dOut", dOut, (QKV_NORM_WAYS, *S.shape[1:]), "(4, *tok, d) like the forward output")
+    check_same_device(S=S, dOut=dOut)
+    cd = compute_dtype(dOut, S, A, norm_weights)
+    Y, r = _qkv_norm_parts(S, A, norm_weights, eps, cd)
+    g = _expand_weights(norm_weights, Y.dim(), cd)
+    dO = dOut.to(cd)
+    Yh = Y[:3] * r
+    dYh = g * dO[:3]
+    dY_n = r * (dYh - Yh * (dYh * Yh).mean(-1, keepdim=True))
+    dY = torch.cat([dY_n, dO[3:]], 0)
+    tok_dims = tuple(range(1, Y.dim() - 1))
+    dg = (dO[:3] * Yh).sum(tok_dims)
+    dS, dA = depth_aggregate_bwd(dY, S.to(cd), A.to(cd))
+    return dS.to(S.dtype), dA, dg
 
 
 # ---------------------------------------------------------------------------

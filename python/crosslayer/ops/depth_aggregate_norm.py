@@ -1,0 +1,140 @@
+"""depth_aggregate_qkv_norm on the GPU: custom ops over crosslayer._C, their autograd,
+and the public function that mirrors `crosslayer.ref.depth_aggregate_qkv_norm`.
+
+Layers, bottom up:
+  _C.depth_aggregate_norm_fwd / _bwd              pybind11 launchers (csrc/depth_aggregate_norm.cu)
+  torch.ops.crosslayer.depth_aggregate_qkv_norm   custom op + fake + autograd: (Out, rstd);
+                                                  rstd (3, N) = rsqrt(mean Y_c² + eps) is
+                                                  saved for the backward, not differentiable
+  torch.ops.crosslayer.depth_aggregate_qkv_norm_bwd
+                                                  custom op mutating dS (= or +=); returns
+                                                  (dA, dnorm_weights)
+  depth_aggregate_qkv_norm(S, A, norm_weights)    any token dims; validates; dispatches
+
+The backward saves S, A, norm_weights and rstd, not Y: the kernel recomputes Y from S,
+which it reads anyway. The custom ops run the fused kernels on CUDA tensors and the
+oracle on CPU tensors, so their registration is exercised by opcheck and torch.compile
+on any machine.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from crosslayer import ref
+from crosslayer._checks import compute_dtype
+from crosslayer._extension import _C
+from crosslayer.ref.mudd import validate_depth_aggregate_qkv_norm
+
+
+def _fused() -> object:
+    if _C is None:
+        raise RuntimeError(
+            "crosslayer._C is not built, so the fused depth_aggregate_qkv_norm cannot run on "
+            "CUDA tensors; `python -m crosslayer.info` says why. "
+            "crosslayer.ops.depth_aggregate_qkv_norm uses the oracle in that case."
+        )
+    return _C
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' arithmetic dtype for activations of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rstd(S: Tensor, A: Tensor, eps: float) -> Tensor:
+    """The oracle's rstd (3, N) in the arithmetic dtype (CPU path of the forward op)."""
+    acc = _acc(S.dtype)
+    Y = ref.depth_aggregate(S.to(acc), A.to(acc))[:3]
+    return torch.rsqrt(Y.square().mean(-1) + eps).contiguous()
+
+
+@torch.library.custom_op("crosslayer::depth_aggregate_qkv_norm", mutates_args=())
+def depth_aggregate_qkv_norm_op(S: Tensor, A: Tensor, norm_weights: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """(Out, rstd). S: (l, N, d); A: (N, 4, l) or (4, l); norm_weights: (3, d).
+
+    Out: (4, N, d) in S's dtype; rstd: (3, N) in the arithmetic dtype.
+    """
+    if S.is_cuda:
+        out, rstd = _fused().depth_aggregate_norm_fwd(S, A, norm_weights, eps)
+        return out, rstd
+    acc = _acc(S.dtype)
+    out = ref.depth_aggregate_qkv_norm(S, A.to(acc), norm_weights.to(acc), eps)
+    return out.clone(memory_format=torch.contiguous_format), _rstd(S, A, eps)
+
+
+@depth_aggregate_qkv_norm_op.register_fake
+def _depth_aggregate_qkv_norm_fake(S, A, norm_weights, eps):
+    return S.new_empty((4, S.shape[1], S.shape[2])), S.new_empty((3, S.shape[1]), dtype=_acc(S.dtype))
+
+
+@torch.library.custom_op("crosslayer::depth_aggregate_qkv_norm_bwd", mutates_args=("dS",))
+def depth_aggregate_qkv_norm_bwd_op(dOut: Tensor, S: Tensor, A: Tensor, norm_weights: Tensor, rstd: Tensor,
+                                    dS: Tensor, accumulate: bool, eps: float) -> Tuple[Tensor, Tensor]:
+    """dS (+)= the slots' gradient in place (`+=` when accumulate, else `=`); returns
+    (dA, dnorm_weights).
+
+    dOut: (4, N, d) in S's dtype; rstd: (3, N) from the forward; eps: the forward's (the
+    CPU path recomputes from S). dA has A's shape and dtype (summed over tokens for
+    static A); dnorm_weights has norm_weights' shape and dtype.
+    """
+    if S.is_cuda:
+        dA, dg = _fused().depth_aggregate_norm_bwd(dOut, S, A, norm_weights, rstd, dS, accumulate)
+        return dA, dg
+    acc = _acc(S.dtype)
+    dS_new, dA, dg = ref.depth_aggregate_qkv_norm_bwd(dOut, S, A.to(acc), norm_weights.to(acc), eps)
+    if accumulate:
+        dS.add_(dS_new)
+    else:
+        dS.copy_(dS_new)
+    return dA.to(A.dtype).contiguous(), dg.to(norm_weights.dtype).contiguous()
+
+
+@depth_aggregate_qkv_norm_bwd_op.register_fake
+def _depth_aggregate_qkv_norm_bwd_fake(dOut, S, A, norm_weights, rstd, dS, accumulate, eps):
+    return A.new_empty(A.shape), norm_weights.new_empty(norm_weights.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    S, A, norm_weights, eps = inputs
+    _, rstd = output
+    ctx.mark_non_differentiable(rstd)
+    ctx.save_for_backward(S, A, norm_weights, rstd)
+    ctx.eps = eps
+
+
+def _backward(ctx, dOut: Tensor, drstd):
+    S, A, norm_weights, rstd = ctx.saved_tensors
+    dS = torch.empty(S.shape, dtype=S.dtype, device=S.device)
+    dA, dg = depth_aggregate_qkv_norm_bwd_op(dOut, S, A, norm_weights, rstd, dS, False, ctx.eps)
+    return dS, dA, dg, None
+
+
+depth_aggregate_qkv_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def depth_aggregate_qkv_norm(S: Tensor, A: Tensor, norm_weights: Tensor, eps: float = 1e-6) -> Tensor:
+    """MUDD block input: 4-way depth aggregate, q, k, v RMS-normed (see crosslayer.ref).
+
+    S: (l, *tok, d)               depth slots, any slot and token strides (e.g. full[:l]);
+                                  a feature dim with non-unit stride is copied once
+    A: (*tok, 4, l) or (4, l)     per-token or static weights, ways (q, k, v, r)
+    norm_weights: (3, d)          RMSNorm weights of q, k, v
+    eps: RMSNorm epsilon
+    returns Out: (4, *tok, d)     dtype of S: rms_norm(Y_c)·g_c for c < 3, Y_3 raw
+
+    Fused on CUDA when the extension is built (one kernel each way); the oracle
+    otherwise, and for float64 weights with lower-precision S (the kernel computes in
+    float32 for those).
+    """
+    validate_depth_aggregate_qkv_norm(S, A, norm_weights)
+    if not (S.is_cuda and _C is not None and compute_dtype(S, A, norm_weights) == _acc(S.dtype)):
+        return ref.depth_aggregate_qkv_norm(S, A, norm_weights, eps)
+    l, d = S.shape[0], S.shape[-1]
+    tok = S.shape[1:-1]
+    Out, _ = depth_aggregate_qkv_norm_op(S.reshape(l, -1, d), A if A.dim() == 2 else A.reshape(-1, 4, l),
+                                         norm_weights, float(eps))
+    return Out.view(4, *tok, d)
