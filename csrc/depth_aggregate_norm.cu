@@ -24,6 +24,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/launch.h"
 #include "kernels/depth_aggregate_norm.cuh"
 #include "ops.h"
 
@@ -69,12 +70,6 @@ bool strides_vec_ok(const void* ptr, std::initializer_list<std::pair<int64_t, in
   return true;
 }
 
-int device_attribute(cudaDeviceAttr attr, int device) {
-  int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, device));
-  return v;
-}
-
 void set_weight_strides(DaNormParams& p, const at::Tensor& A) {
   const bool per_token = A.dim() == 3;
   p.a_token_stride = per_token ? A.stride(0) : 0;
@@ -116,13 +111,6 @@ DaNormLaunch da_norm_block(int64_t N, int64_t d, int l, int64_t ld, int vec, boo
   b.smem_bytes = static_cast<int>(total);
   b.grid = (N + b.rows - 1) / b.rows;
   return b;
-}
-
-template <typename Kernel>
-void allow_smem(Kernel kernel, int bytes) {
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  }
 }
 
 // Persistent grid: at most what the device holds at once (each block row owns one

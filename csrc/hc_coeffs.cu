@@ -23,6 +23,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/launch.h"
 #include "common/layout.h"
 #include "kernels/hc_coeffs.cuh"
 #include "ops.h"
@@ -105,12 +106,6 @@ at::Tensor transposed_weights(const at::Tensor& W, at::ScalarType acc_type, int6
   return at::constant_pad_nd(W.to(acc_type).t(), {0, ldw - d}, 0).contiguous();
 }
 
-int device_attribute(cudaDeviceAttr attr, int device) {
-  int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, device));
-  return v;
-}
-
 struct HcPreLaunch {
   int threads_x, rows, smem_bytes;
   bool dw_in_smem;
@@ -141,13 +136,6 @@ HcPreLaunch hc_pre_block(int64_t N, int64_t d, int vec, int64_t ldw, bool backwa
   b.smem_bytes = static_cast<int>(total);
   b.grid = (N + b.rows - 1) / b.rows;
   return b;
-}
-
-template <typename Kernel>
-void allow_smem(Kernel kernel, int bytes) {
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  }
 }
 
 }  // namespace

@@ -28,6 +28,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"  // CL_BOOL_SWITCH
+#include "common/launch.h"
 #include "common/layout.h"
 #include "kernels/mudd_weights.cuh"
 #include "ops.h"
@@ -86,12 +87,6 @@ void check_per_token(const at::Tensor& t, const char* name, const char* what,
               "; all inputs must be on one device");
 }
 
-int device_attribute(cudaDeviceAttr attr, int device) {
-  int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, device));
-  return v;
-}
-
 bool tanh_form(const std::string& approximate) {
   TORCH_CHECK(approximate == "none" || approximate == "tanh",
               "approximate must be 'none' or 'tanh', got '", approximate, "'");
@@ -146,9 +141,7 @@ void launch_head(Kernel kernel, const MuddWeightsParams& p, int64_t smem, int de
   const int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   TORCH_CHECK(smem <= optin, what, ": needs ", smem, " bytes of shared memory (K = ", p.K, ", C*l = ",
               p.Cl, "), the device allows ", optin);
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
+  allow_smem(kernel, static_cast<int>(smem));
   const int sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
   const int64_t tiles = (p.n_tokens + kHeadTokens - 1) / kHeadTokens;
   const int64_t grid = std::min<int64_t>(tiles, static_cast<int64_t>(sms) * 8);
