@@ -405,3 +405,61 @@ def test_stack_gradients_with_frozen_embedding():
     g_ref = grads_of(run_oracle(x0, blocks, conns).sum(), None, params)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------- qkv-normed ways from the stack
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("stack_dtype", [F64, torch.float32])
+def test_stack_aggregate_qkv_norm_matches_oracle(static, stack_dtype):
+    """DepthStack.aggregate_qkv_norm (the custom op on CPU, its backward adding into the
+    one gradient buffer) against ref.depth_aggregate_qkv_norm on a stacked copy, with
+    several readers so slots are accumulated into more than once."""
+    L, tok, d = 4, (2, 3), 5
+    xs = [torch.randn(*tok, d, dtype=stack_dtype, requires_grad=True) for _ in range(L + 1)]
+    As = [(torch.randn(4, l) if static else torch.randn(*tok, 4, l)).requires_grad_(True)
+          for l in range(2, L + 2)]
+    g = torch.randn(3, d, requires_grad=True)
+
+    def model(use_stack):
+        st = cnn.DepthStack.start(xs[0], L + 1) if use_stack else [xs[0]]
+        outs = []
+        for i in range(L):
+            if use_stack:
+                st.push(xs[i + 1])
+                outs.append(st.aggregate_qkv_norm(As[i], g, 1e-5))
+            else:
+                st.append(xs[i + 1])
+                outs.append(ref.depth_aggregate_qkv_norm(torch.stack(st), As[i], g, 1e-5))
+        return outs
+
+    outs, outs_ref = model(True), model(False)
+    douts = [torch.randn_like(o) for o in outs_ref]
+    params = xs + As + [g]
+    grads = torch.autograd.grad(outs, params, douts)
+    grads_ref = torch.autograd.grad(outs_ref, params, douts)
+    tol = dict(atol=1e-5, rtol=1e-5) if stack_dtype == torch.float32 else {}
+    for a, b in zip(outs, outs_ref):
+        assert a.dtype == stack_dtype
+        torch.testing.assert_close(a, b, **tol)
+    for k, (a, b) in enumerate(zip(grads, grads_ref)):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"gradient {k}: {m}")
+
+
+def test_mudd_connection_norm_weights():
+    d, tok = 6, (4,)
+    c = cnn.MUDDConnection(d, 1, 4)
+    perturb([c])
+    xs = [torch.randn(*tok, d, dtype=F64) for _ in range(3)]
+    g = torch.randn(3, d, dtype=F64)
+    stack = cnn.DepthStack.start(xs[0], 3)
+    stack.push(xs[1])
+    stack.push(xs[2])
+    got = c(stack, norm_weights=g, norm_eps=1e-5)
+    torch.testing.assert_close(got, c(xs, norm_weights=g, norm_eps=1e-5))
+    A = ref.mudd_weights(xs[2], c.W1, c.W2, c.bias, 4, c.eps, c.gelu)
+    torch.testing.assert_close(got, ref.depth_aggregate_qkv_norm(torch.stack(xs), A, g, 1e-5))
+    last = cnn.MUDDConnection(d, 3, 4)
+    with pytest.raises(ValueError, match="norm_weights need the ways 'qkvr'"):
+        last([torch.randn(*tok, d) for _ in range(5)], norm_weights=g)

@@ -6,6 +6,7 @@ backward pass (DESIGN.md "MUDD family", memory rule).
         x = block(inputs)                          # block i's output
         stack.push(x)                              # copied into slot i+1, in place
         Y = stack.aggregate(A, slice(0, i + 2))    # (C, *tok, d) from a view of the buffer
+        # or stack.aggregate_qkv_norm(A, g): the 4 MUDD ways with q, k, v RMS-normed
 
 Forward. `push` copies a block's output into the next free slot of the buffer; an
 aggregation reads a view of the buffer (`buf[:l]`, or a strided DWA view such as
@@ -68,7 +69,9 @@ from crosslayer import ops
 from crosslayer._checks import check_tensor, compute_dtype
 from crosslayer._extension import _C
 from crosslayer.ops.depth_aggregate import depth_aggregate_bwd_op
-from crosslayer.ref.mudd import validate_depth_aggregate
+from crosslayer.ops.depth_aggregate_norm import (_acc, depth_aggregate_qkv_norm_bwd_op,
+                                                 depth_aggregate_qkv_norm_op)
+from crosslayer.ref.mudd import validate_depth_aggregate, validate_depth_aggregate_qkv_norm
 
 __all__ = ["DepthStack", "aggregate_bwd_into", "stack_bytes"]
 
@@ -169,6 +172,38 @@ class _Aggregate(torch.autograd.Function):
         dA = aggregate_bwd_into(dY, stack._buf[slots], A, dS, accumulate)
         dlink = dY.new_empty(0, dtype=stack.dtype)
         return dlink, (dA if ctx.needs_input_grad[1] else None), None, None
+
+
+class _AggregateQKVNorm(torch.autograd.Function):
+    """Out = depth_aggregate_qkv_norm(buf[slots], A, g) through the custom op (the fused
+    kernel on CUDA, the oracle on CPU). Backward: G[slots] (+)= the slots' gradient in
+    place (`crosslayer::depth_aggregate_qkv_norm_bwd`), returns dA and dg."""
+
+    @staticmethod
+    def forward(ctx, link: Tensor, A: Tensor, norm_weights: Tensor, stack: "DepthStack",
+                slots: slice, eps: float) -> Tensor:
+        S = stack._buf[slots]
+        l, d = S.shape[0], S.shape[-1]
+        A3 = A if A.dim() == 2 else A.reshape(-1, 4, l)
+        Out, rstd = depth_aggregate_qkv_norm_op(S.reshape(l, -1, d), A3, norm_weights, eps)
+        ctx.stack, ctx.slots, ctx.eps = stack, slots, eps
+        ctx.save_for_backward(A, norm_weights, rstd)
+        return Out.view(4, *S.shape[1:])
+
+    @staticmethod
+    def backward(ctx, dOut: Tensor):
+        A, norm_weights, rstd = ctx.saved_tensors
+        stack, slots = ctx.stack, ctx.slots
+        dS, accumulate = stack._grad_for(slots)
+        S = stack._buf[slots]
+        l, d = S.shape[0], S.shape[-1]
+        A3 = A if A.dim() == 2 else A.reshape(-1, 4, l)
+        dA, dg = depth_aggregate_qkv_norm_bwd_op(dOut.reshape(4, -1, d).contiguous(), S.reshape(l, -1, d),
+                                                 A3, norm_weights, rstd, dS.view(l, -1, d),
+                                                 accumulate, ctx.eps)
+        dlink = dOut.new_empty(0, dtype=stack.dtype)
+        return (dlink, dA.view(A.shape) if ctx.needs_input_grad[1] else None,
+                dg if ctx.needs_input_grad[2] else None, None, None, None)
 
 
 class DepthStack:
@@ -285,6 +320,30 @@ class DepthStack:
         s = self._slots(slots)
         validate_depth_aggregate(self._buf[s], A)
         return _Aggregate.apply(self._link, A, self, s)
+
+    def aggregate_qkv_norm(self, A: Tensor, norm_weights: Tensor, eps: float = 1e-6,
+                           slots: Optional[slice] = None) -> Tensor:
+        """MUDD block input (crosslayer.ops.depth_aggregate_qkv_norm) over buf[slots]:
+        Out_c = rms_norm(Y_c)·g_c for the ways q, k, v (c < 3), Out_3 = Y_3 raw.
+
+        A: (*tok, 4, l) or (4, l); norm_weights g: (3, d).
+        returns Out: (4, *tok, d) in the stack's dtype.
+
+        CPU, or CUDA with the extension built and float32 arithmetic (float64 for a
+        float64 stack): one custom op each way, its backward adding into the stack's
+        gradient buffer. Otherwise (no extension, or float64 weights on a lower-precision
+        CUDA stack): `aggregate` followed by the three RMSNorms in plain PyTorch.
+        """
+        s = self._slots(slots)
+        S = self._buf[s]
+        validate_depth_aggregate_qkv_norm(S, A, norm_weights)
+        cd = compute_dtype(S, A, norm_weights)
+        if not S.is_cuda or (_fused(S) and cd == _acc(S.dtype)):
+            return _AggregateQKVNorm.apply(self._link, A, norm_weights, self, s, float(eps))
+        Y = self.aggregate(A, s).to(cd)
+        qkv = Y[:3] * torch.rsqrt(Y[:3].square().mean(-1, keepdim=True) + eps)
+        qkv = qkv * norm_weights.to(cd).view(3, *([1] * (Y.dim() - 2)), -1)
+        return torch.cat([qkv, Y[3:]]).to(self.dtype)
 
     # ------------------------------------------------------------------ backward
     def _sync_task(self) -> None:

@@ -82,6 +82,8 @@ class MUDDConnection(nn.Module):
     forward(stack) -> Y (C, *tok, d) in the stack's dtype.
     """
 
+    static_parameter_names = ("bias",)  # no weight decay (crosslayer.nn.param_groups)
+
     def __init__(self, d: int, layer_index: int, n_layers: int, ways: str = "qkvr",
                  hidden_expand_last: int = 4, round64: bool = False, gelu: str = "none",
                  eps: float = 1e-6, *, device=None, dtype: Optional[torch.dtype] = None):
@@ -132,14 +134,27 @@ class MUDDConnection(nn.Module):
         fn = fn or mudd_weights_fn(x)
         return fn(x, self.W1, self.W2, self.bias, self.n_ways, self.eps, self.gelu)
 
-    def forward(self, stack: StackLike) -> Tensor:
+    def forward(self, stack: StackLike, norm_weights: Optional[Tensor] = None,
+                norm_eps: float = 1e-6) -> Tensor:
+        """Y (C, *tok, d). With norm_weights g (3, d) (ways 'qkvr' only), the next block's
+        three pre-attention RMSNorms are applied in the same pass: Y_c = rms_norm(Y_c)·g_c
+        for q, k, v (eps norm_eps) and Y_r raw (crosslayer.ops.depth_aggregate_qkv_norm)."""
         _check_stack(stack, self.n_slots, f"MUDDConnection(layer_index={self.layer_index})")
+        if norm_weights is not None and self.ways != "qkvr":
+            raise ValueError(f"norm_weights need the ways 'qkvr' (q, k, v normed, r raw); "
+                             f"this connection has ways {self.ways!r}")
+        slots = slice(0, self.n_slots)
         if isinstance(stack, DepthStack):
-            return stack.aggregate(self.weights(stack.newest), slice(0, self.n_slots))
+            A = self.weights(stack.newest)
+            if norm_weights is None:
+                return stack.aggregate(A, slots)
+            return stack.aggregate_qkv_norm(A, norm_weights, norm_eps, slots)
         # list-and-stack oracle
-        x = stack[-1]
-        A = self.weights(x, ref.mudd_weights)
-        return ref.depth_aggregate(torch.stack(list(stack)), A)
+        A = self.weights(stack[-1], ref.mudd_weights)
+        S = torch.stack(list(stack))
+        if norm_weights is None:
+            return ref.depth_aggregate(S, A)
+        return ref.depth_aggregate_qkv_norm(S, A, norm_weights, norm_eps)
 
 
 class DenseFormerDWA(nn.Module):
@@ -151,6 +166,8 @@ class DenseFormerDWA(nn.Module):
     returns the newest slot. alpha (1, l) starts at the identity (ref.dwa_init_weights).
     forward(stack) -> (*tok, d), the next block's input.
     """
+
+    static_parameter_names = ("alpha",)  # no weight decay (crosslayer.nn.param_groups)
 
     def __init__(self, layer_index: int, dilation: int = 1, period: int = 1, *,
                  device=None, dtype: Optional[torch.dtype] = None):
