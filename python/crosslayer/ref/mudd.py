@@ -259,8 +259,8 @@ def depth_aggregate_qkv_norm_bwd(
       dA: shape of A              arithmetic dtype (summed over tokens when static)
       dg: (3, d)                  arithmetic dtype, summed over tokens
     """
-    cd = compute_dtype(dOut, S, A, norm_weights)
     dY, dg = qkv_norm_bwd(dOut, S, A, norm_weights, eps)
+    cd = dY.dtype
     dS, dA = depth_aggregate_bwd(dY, S.to(cd), A.to(cd))
     return dS.to(S.dtype), dA, dg
 
