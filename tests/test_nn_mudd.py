@@ -463,3 +463,44 @@ def test_mudd_connection_norm_weights():
     last = cnn.MUDDConnection(d, 3, 4)
     with pytest.raises(ValueError, match="norm_weights need the ways 'qkvr'"):
         last([torch.randn(*tok, d) for _ in range(5)], norm_weights=g)
+
+@pytest.mark.parametrize("static", [False, True])
+def test_stack_aggregate_qkv_norm_gradients_fp64(static):
+    """DepthStack.aggregate_qkv_norm mixed with plain aggregations over shared slots:
+    output and the gradients of slots, weights and norm weights equal autograd through
+    the oracle on a stacked copy."""
+    tok, d, n = (2, 3), 5, 4
+    xs = [torch.randn(*tok, d, dtype=F64, requires_grad=True) for _ in range(n)]
+    g = (1 + 0.3 * torch.randn(3, d, dtype=F64)).requires_grad_()
+    readers = [slice(0, 2), slice(0, 3), slice(1, 4), slice(0, 4)]
+    As = [torch.randn(*(() if static else tok), 4, len(range(n)[sl]), dtype=F64, requires_grad=True)
+          for sl in readers]
+
+    def run(use_stack):
+        stack = cnn.DepthStack.start(xs[0], n) if use_stack else None
+        loss = 0
+        for k, (sl, A) in enumerate(zip(readers, As)):
+            while use_stack and len(stack) <= range(n)[sl][-1]:
+                stack.push(xs[len(stack)])
+            if k % 2 == 0:
+                out = (stack.aggregate_qkv_norm(A, g, 1e-5, sl) if use_stack
+                       else ref.depth_aggregate_qkv_norm(torch.stack(xs[sl]), A, g, 1e-5))
+            else:
+                out = stack.aggregate(A, sl) if use_stack else ref.depth_aggregate(torch.stack(xs[sl]), A)
+            loss = loss + (out * out.sin()).sum()
+        return loss
+
+    loss, loss_ref = run(True), run(False)
+    torch.testing.assert_close(loss, loss_ref)
+    for a, b in zip(torch.autograd.grad(loss, xs + As + [g]), torch.autograd.grad(loss_ref, xs + As + [g])):
+        torch.testing.assert_close(a, b)
+
+
+def test_stack_aggregate_qkv_norm_errors():
+    stack = cnn.DepthStack.start(torch.randn(3, 4), 3)
+    with pytest.raises(ValueError, match="C = 4 ways"):
+        stack.aggregate_qkv_norm(torch.randn(3, 2, 1), torch.ones(3, 4))
+    with pytest.raises(ValueError, match=r"norm_weights must have shape \(3, 4\)"):
+        stack.aggregate_qkv_norm(torch.randn(3, 4, 1), torch.ones(3, 5))
+    with pytest.raises(ValueError, match="only 1 slots are filled"):
+        stack.aggregate_qkv_norm(torch.randn(3, 4, 2), torch.ones(3, 4), slots=slice(0, 2))

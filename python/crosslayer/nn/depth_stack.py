@@ -6,7 +6,8 @@ backward pass (DESIGN.md "MUDD family", memory rule).
         x = block(inputs)                          # block i's output
         stack.push(x)                              # copied into slot i+1, in place
         Y = stack.aggregate(A, slice(0, i + 2))    # (C, *tok, d) from a view of the buffer
-        # or stack.aggregate_qkv_norm(A, g): the 4 MUDD ways with q, k, v RMS-normed
+        # or, for a MUDDFormer block input (q, k, v RMS-normed, r raw):
+        X = stack.aggregate_qkv_norm(A, g, eps, slice(0, i + 2))   # (4, *tok, d)
 
 Forward. `push` copies a block's output into the next free slot of the buffer; an
 aggregation reads a view of the buffer (`buf[:l]`, or a strided DWA view such as
@@ -24,6 +25,7 @@ Autograd design. Two autograd.Functions and a chain of empty "link" tensors:
 
     _Push.apply(x_j, link_{j-1}, stack, j)  -> link_j      forward: buf[j] = x_j
     _Aggregate.apply(link_k, A, stack, s)   -> Y           forward: Y = agg(buf[s], A)
+    _AggregateQKVNorm.apply(link_k, A, g, stack, s, eps) -> X   (the same, q/k/v normed)
 
 `link_j` (a 0-element tensor) stands for "the buffer after slot j was written". Every
 aggregation takes the newest link as an input; every push takes the previous link.
@@ -69,9 +71,8 @@ from crosslayer import ops
 from crosslayer._checks import check_tensor, compute_dtype
 from crosslayer._extension import _C
 from crosslayer.ops.depth_aggregate import depth_aggregate_bwd_op
-from crosslayer.ops.depth_aggregate_norm import (_acc, depth_aggregate_qkv_norm_bwd_op,
-                                                 depth_aggregate_qkv_norm_op)
-from crosslayer.ref.mudd import validate_depth_aggregate, validate_depth_aggregate_qkv_norm
+from crosslayer.ops.depth_aggregate_norm import depth_aggregate_qkv_norm_bwd_op, depth_aggregate_qkv_norm_op
+from crosslayer.ref.mudd import qkv_norm_bwd, validate_depth_aggregate, validate_depth_aggregate_qkv_norm
 
 __all__ = ["DepthStack", "aggregate_bwd_into", "stack_bytes"]
 
@@ -174,35 +175,54 @@ class _Aggregate(torch.autograd.Function):
         return dlink, (dA if ctx.needs_input_grad[1] else None), None, None
 
 
+def _fused_qkv_norm(S: Tensor, A: Tensor, g: Tensor) -> bool:
+    """The dispatch rule of ops.depth_aggregate_qkv_norm: fused on CUDA with _C built,
+    unless float64 weights meet lower-precision slots."""
+    acc = torch.float64 if S.dtype == torch.float64 else torch.float32
+    return _fused(S) and compute_dtype(S, A, g) == acc
+
+
 class _AggregateQKVNorm(torch.autograd.Function):
-    """Out = depth_aggregate_qkv_norm(buf[slots], A, g) through the custom op (the fused
-    kernel on CUDA, the oracle on CPU). Backward: G[slots] (+)= the slots' gradient in
-    place (`crosslayer::depth_aggregate_qkv_norm_bwd`), returns dA and dg."""
+    """X = depth_aggregate_qkv_norm(buf[slots], A, g, eps). Backward: G[slots] (+)= the
+    slots' gradient, returns (dA, dg). Fused: the kernels, rstd saved from the forward.
+    Otherwise: the norm backward gives dY (4·N·d), then aggregate_bwd_into's in-place
+    slot-by-slot fallback (never an l·N·d tensor)."""
 
     @staticmethod
-    def forward(ctx, link: Tensor, A: Tensor, norm_weights: Tensor, stack: "DepthStack",
-                slots: slice, eps: float) -> Tensor:
+    def forward(ctx, link: Tensor, A: Tensor, g: Tensor, stack: "DepthStack", slots: slice,
+                eps: float) -> Tensor:
         S = stack._buf[slots]
-        l, d = S.shape[0], S.shape[-1]
-        A3 = A if A.dim() == 2 else A.reshape(-1, 4, l)
-        Out, rstd = depth_aggregate_qkv_norm_op(S.reshape(l, -1, d), A3, norm_weights, eps)
+        l, d, tok = S.shape[0], S.shape[-1], S.shape[1:-1]
+        ctx.fused = _fused_qkv_norm(S, A, g)
+        if ctx.fused:
+            A3 = A if A.dim() == 2 else A.reshape(-1, 4, l)
+            X, rstd = depth_aggregate_qkv_norm_op(S.reshape(l, -1, d), A3, g, float(eps))
+            X = X.view(4, *tok, d)
+        else:
+            X = ops.depth_aggregate_qkv_norm(S, A, g, eps)
+            rstd = A.new_empty(0)
         ctx.stack, ctx.slots, ctx.eps = stack, slots, eps
-        ctx.save_for_backward(A, norm_weights, rstd)
-        return Out.view(4, *S.shape[1:])
+        ctx.save_for_backward(A, g, rstd)
+        return X
 
     @staticmethod
-    def backward(ctx, dOut: Tensor):
-        A, norm_weights, rstd = ctx.saved_tensors
+    def backward(ctx, dX: Tensor):
+        A, g, rstd = ctx.saved_tensors
         stack, slots = ctx.stack, ctx.slots
-        dS, accumulate = stack._grad_for(slots)
         S = stack._buf[slots]
-        l, d = S.shape[0], S.shape[-1]
-        A3 = A if A.dim() == 2 else A.reshape(-1, 4, l)
-        dA, dg = depth_aggregate_qkv_norm_bwd_op(dOut.reshape(4, -1, d).contiguous(), S.reshape(l, -1, d),
-                                                 A3, norm_weights, rstd, dS.view(l, -1, d),
-                                                 accumulate, ctx.eps)
-        dlink = dOut.new_empty(0, dtype=stack.dtype)
-        return (dlink, dA.view(A.shape) if ctx.needs_input_grad[1] else None,
+        dS, accumulate = stack._grad_for(slots)
+        if ctx.fused:
+            l, d = S.shape[0], S.shape[-1]
+            A3 = A if A.dim() == 2 else A.reshape(-1, 4, l)
+            dA, dg = depth_aggregate_qkv_norm_bwd_op(dX.reshape(4, -1, d), S.reshape(l, -1, d), A3, g,
+                                                     rstd, dS.view(l, -1, d), accumulate, float(ctx.eps))
+            dA = dA.view(A.shape)
+        else:
+            dY, dg = qkv_norm_bwd(dX, S, A, g, ctx.eps)
+            dA = aggregate_bwd_into(dY, S, A, dS, accumulate)
+            dg = dg.to(g.dtype)
+        dlink = dX.new_empty(0, dtype=stack.dtype)
+        return (dlink, dA if ctx.needs_input_grad[1] else None,
                 dg if ctx.needs_input_grad[2] else None, None, None, None)
 
 
@@ -323,27 +343,16 @@ class DepthStack:
 
     def aggregate_qkv_norm(self, A: Tensor, norm_weights: Tensor, eps: float = 1e-6,
                            slots: Optional[slice] = None) -> Tensor:
-        """MUDD block input (crosslayer.ops.depth_aggregate_qkv_norm) over buf[slots]:
-        Out_c = rms_norm(Y_c)·g_c for the ways q, k, v (c < 3), Out_3 = Y_3 raw.
+        """A MUDDFormer block input (ops.depth_aggregate_qkv_norm) over S = buf[slots]:
+        Out_c = rms_norm(Y_c)·g_c for the ways q, k, v (c < 3), Out_3 = Y_3 (r, raw),
+        Y_c = Σ_j A[.., c, j]·S_j.
 
-        A: (*tok, 4, l) or (4, l); norm_weights g: (3, d).
+        A: (*tok, 4, l) or (4, l); norm_weights: (3, d); eps: the RMSNorm epsilon.
         returns Out: (4, *tok, d) in the stack's dtype.
-
-        CPU, or CUDA with the extension built and float32 arithmetic (float64 for a
-        float64 stack): one custom op each way, its backward adding into the stack's
-        gradient buffer. Otherwise (no extension, or float64 weights on a lower-precision
-        CUDA stack): `aggregate` followed by the three RMSNorms in plain PyTorch.
         """
         s = self._slots(slots)
-        S = self._buf[s]
-        validate_depth_aggregate_qkv_norm(S, A, norm_weights)
-        cd = compute_dtype(S, A, norm_weights)
-        if not S.is_cuda or (_fused(S) and cd == _acc(S.dtype)):
-            return _AggregateQKVNorm.apply(self._link, A, norm_weights, self, s, float(eps))
-        Y = self.aggregate(A, s).to(cd)
-        qkv = Y[:3] * torch.rsqrt(Y[:3].square().mean(-1, keepdim=True) + eps)
-        qkv = qkv * norm_weights.to(cd).view(3, *([1] * (Y.dim() - 2)), -1)
-        return torch.cat([qkv, Y[3:]]).to(self.dtype)
+        validate_depth_aggregate_qkv_norm(self._buf[s], A, norm_weights)
+        return _AggregateQKVNorm.apply(self._link, A, norm_weights, self, s, eps)
 
     # ------------------------------------------------------------------ backward
     def _sync_task(self) -> None:

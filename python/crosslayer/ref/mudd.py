@@ -77,6 +77,7 @@ __all__ = [
     "validate_depth_aggregate",
     "depth_aggregate_qkv_norm",
     "depth_aggregate_qkv_norm_bwd",
+    "qkv_norm_bwd",
     "validate_depth_aggregate_qkv_norm",
     "QKV_NORM_WAYS",
     "dwa_slots",
@@ -258,6 +259,23 @@ def depth_aggregate_qkv_norm_bwd(
       dA: shape of A              arithmetic dtype (summed over tokens when static)
       dg: (3, d)                  arithmetic dtype, summed over tokens
     """
+    dY, dg = qkv_norm_bwd(dOut, S, A, norm_weights, eps)
+    cd = dY.dtype
+    dS, dA = depth_aggregate_bwd(dY, S.to(cd), A.to(cd))
+    return dS.to(S.dtype), dA, dg
+
+
+def qkv_norm_bwd(
+    dOut: torch.Tensor, S: torch.Tensor, A: torch.Tensor, norm_weights: torch.Tensor, eps: float = 1e-6
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The norm half of `depth_aggregate_qkv_norm_bwd`: the gradient of the raw
+    aggregate Y, before it goes through `depth_aggregate_bwd`.
+
+    Same arguments; Y (4, *tok, d) is recomputed from S and A.
+    returns
+      dY: (4, *tok, d)            arithmetic dtype (dY_3 = dOut_3)
+      dg: (3, d)                  arithmetic dtype, summed over tokens
+    """
     validate_depth_aggregate_qkv_norm(S, A, norm_weights)
     check_tensor("dOut", dOut)
     check_shape("dOut", dOut, (QKV_NORM_WAYS, *S.shape[1:]), "(4, *tok, d) like the forward output")
@@ -272,8 +290,7 @@ def depth_aggregate_qkv_norm_bwd(
     dY = torch.cat([dY_n, dO[3:]], 0)
     tok_dims = tuple(range(1, Y.dim() - 1))
     dg = (dO[:3] * Yh).sum(tok_dims)
-    dS, dA = depth_aggregate_bwd(dY, S.to(cd), A.to(cd))
-    return dS.to(S.dtype), dA, dg
+    return dY, dg
 
 
 # ---------------------------------------------------------------------------

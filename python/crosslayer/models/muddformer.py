@@ -1,0 +1,484 @@
+"""MUDDFormer (Caiyun-AI, arXiv 2502.12170) with the released PyTorch checkpoints'
+state_dict, running its dense connections on crosslayer's ops.
+
+Source: Caiyun-AI/MUDDFormer pytorch/muddformer/modeling_muddformer.py and
+configuration_muddformer.py, read at the mirror ArthurWANGZHE/MUDDFormer @9aa4b78 /
+@87967d3 (shared/notes/mudd.md section 1: Caiyun-AI @fc067b2). Written anew; the
+module tree and parameter names follow the release so its checkpoints load with
+`load_state_dict(strict=True)` (transformers is not needed: pass the tensors dict,
+e.g. from `safetensors.torch.load_file` or `torch.load`).
+
+State dict (L = n_layer, D = dim, V = vocab_size, H = n_head, hd = D / H, C = 4 ways,
+l_i = i + 2 slots, K_i the DA hidden width, F_i the FFN width of layer i):
+    tok_embeddings.weight (V, D)         norm.weight (D,)        output.weight (V, D)
+    layers.i.attention.{wq,wk,wv,wo}.weight (D, D)
+    layers.i.attention.{q_norm,k_norm}.weight (hd,)                 use_qk_norm only
+    layers.i.attention_norm.weight (D,)                             i = 0, or not sepln
+    layers.i.attention_norms.{0,1,2}.weight (D,)                    i > 0 with sepln
+    layers.i.ffn_norm.weight (D,)
+    layers.i.feed_forward.{w1,w3}.weight (F_i, D), .w2.weight (D, F_i)
+        F_i = round(I·(i/(L-1) + 1/2) / 128)·128   (Python round; I = intermediate_size)
+    dense_bs.i (C, l_i); last layer (1, l_{L-1})
+    dynamic_dense.i.w1.weight (K_i, D), .w2.weight (C·l_i, K_i)     rows of w2 C-major
+        K_i = C·l_i (×4 on the last layer with expand_last), then (K//64 + 1)·64 with round64
+
+Forward (tokens (B, T); the release's MUDDFormer.forward and TransformerBlock.forward):
+    S_0 = tok_embeddings(idx)
+    block 0:  h = S_0 + attn(q=k=v=attention_norm(S_0));  S_1 = h + ffn(ffn_norm(h))
+    after block i (output S_{i+1}):
+        A_i = GELU(rmsnorm_noscale(S_{i+1}) @ w1ᵀ) @ w2ᵀ + dense_bs[i]     (B, T, C, l_i)
+            -> crosslayer.ops.mudd_weights(S_{i+1}, w1.weight.T, w2.weight.T, dense_bs[i])
+        Y_c = Σ_j A_i[.., c, j]·S_j                                        c = q, k, v, r
+    block i+1: its attention_norms[0..2] on Y_q, Y_k, Y_v, the residual is Y_r
+            -> DepthStack.aggregate_qkv_norm / ops.depth_aggregate_qkv_norm (one pass;
+               the RMSNorm is the release's: Y·rsqrt(mean Y² + norm_eps)·g)
+        h = Y_r + attn(q, k, v);  S_{i+2} = h + ffn(ffn_norm(h))
+    last layer: one way, out = Y_r -> norm -> output (logits (B, T, V))
+Attention: wq/wk/wv, optional per-head q_norm/k_norm, RoPE (the release's bf16-rounded
+cos/sin table, 'half' pairing), causal softmax(q·kᵀ/√hd)·v, wo.
+
+Differences from the release, all deliberate:
+  - forward(idx) returns the logits tensor (no namedtuple) and, without input_pos, is
+    the training forward: no caches needed or touched, gradients flow through
+    everything, and the depth stack is one DepthStack buffer (O(L·N·D), no per-layer
+    stacking). With input_pos (after setup_caches) it is the cached inference path:
+    prefill (T > 1; positions 0..T-1 attend within the chunk, as in the release) and
+    single-token decode over the KV cache and the preallocated (L+1, B, 1, D) layer
+    cache, both under torch.no_grad.
+  - Caches are not in the state_dict, take any batch up to max_batch_size, and
+    default to the parameters' dtype (the release: always bfloat16).
+  - Attention is F.scaled_dot_product_attention (the release materialises q·kᵀ in the
+    activation dtype, then softmaxes in float32).
+  - In bf16/fp16 the DA runs in float32 (weights, aggregate and the q/k/v norms: one
+    rounding at the end); the release rounds dw, the aggregate and the normed value to
+    the activation dtype. Identical math in float32; float64 stays float64 where the
+    release would drop to float32 (its `.float()` upcasts).
+  - A fresh model starts the DA at the identity (w1 ~ N(0, 1/D), w2 = 0, dense_bs
+    one-hot on the newest slot: a plain pre-norm residual stream); the release draws
+    dense_bs from randn, fit only for loading checkpoints.
+  - Only the released configuration: dense, dynamic_dense, dense_type 'qkvr',
+    n_local_heads == n_head. stack_hidden, use_layer_cache and is_training only pick an
+    implementation in the release and change nothing here; tie_word_embeddings is
+    ignored as in the release (its tie_weights is a no-op).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from crosslayer import ops
+from crosslayer.nn.depth_stack import DepthStack
+from crosslayer.nn.mudd import mudd_hidden
+from crosslayer.ref.mudd import mudd_init_weights
+
+__all__ = ["MUDDFormerConfig", "MUDDFormer"]
+
+# Keys transformers writes into a config.json that are no model settings.
+_HF_METADATA = frozenset({"architectures", "auto_map", "model_type", "torch_dtype",
+                          "transformers_version", "_name_or_path"})
+
+
+def _find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - n % k
+
+
+@dataclass
+class MUDDFormerConfig:
+    """The release's MUDDFormerConfig fields and defaults; `__post_init__` is its
+    "post init" (n_local_heads -1 -> n_head; intermediate_size None -> 2/3 of 4·dim
+    rounded up to 256; head_dim = dim // n_head, whatever was given). The released
+    2.8B config.json overrides: use_qk_norm, expand_last, round64 True; head_dim 80;
+    intermediate_size 6912."""
+
+    block_size: int = 2048
+    vocab_size: int = 50432
+    n_layer: int = 32
+    n_head: int = 32
+    dim: int = 2560
+    intermediate_size: Optional[int] = None
+    n_local_heads: int = -1
+    head_dim: int = 64
+    rope_base: float = 10000
+    norm_eps: float = 1e-6
+    use_gradient_checkpointing: bool = False
+    is_training: bool = False
+    use_qk_norm: bool = False
+    pad_token_id: Optional[int] = None
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    tie_word_embeddings: bool = False
+    use_layer_cache: bool = True
+    stack_hidden: bool = False
+    dense: bool = True
+    dynamic_dense: bool = True
+    sepln: bool = True
+    dense_type: str = "qkvr"
+    expand_last: bool = False
+    round64: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_local_heads == -1:
+            self.n_local_heads = self.n_head
+        if self.intermediate_size is None:
+            self.intermediate_size = _find_multiple(int(2 * (4 * self.dim) / 3), 256)
+        self.head_dim = self.dim // self.n_head
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MUDDFormerConfig":
+        """From a released config.json's dict; transformers' metadata keys are skipped,
+        any other unknown key is an error."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names - _HF_METADATA)
+        if unknown:
+            raise ValueError(f"unknown MUDDFormerConfig field(s) {unknown}; known: {sorted(names)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_json(cls, path) -> "MUDDFormerConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+def _check_supported(cfg: MUDDFormerConfig) -> None:
+    if not (cfg.dense and cfg.dynamic_dense and cfg.dense_type == "qkvr"):
+        raise ValueError(
+            "crosslayer's MUDDFormer implements the released configuration dense=True, "
+            f"dynamic_dense=True, dense_type='qkvr'; got dense={cfg.dense}, "
+            f"dynamic_dense={cfg.dynamic_dense}, dense_type={cfg.dense_type!r}")
+    if cfg.n_layer < 2:
+        raise ValueError(f"n_layer must be >= 2 (the FFN width rule divides by n_layer - 1), got {cfg.n_layer}")
+    if cfg.dim % cfg.n_head or cfg.head_dim % 2:
+        raise ValueError(f"dim must be a multiple of n_head with an even head_dim = dim // n_head "
+                         f"(RoPE rotates pairs); got dim={cfg.dim}, n_head={cfg.n_head}")
+    if cfg.n_local_heads != cfg.n_head:
+        raise ValueError(f"n_local_heads must equal n_head (the release's attention has no grouped "
+                         f"heads), got n_local_heads={cfg.n_local_heads}, n_head={cfg.n_head}")
+
+
+def _up(x: Tensor) -> Tensor:
+    """The release's `.float()` upcast, keeping float64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def rope_table(n_pos: int, head_dim: int, base: float) -> Tensor:
+    """(n_pos, head_dim/2, 2) [cos, sin] of pos·base^(-2i/head_dim), computed in float32
+    and rounded to bfloat16 as the release's precompute_freqs_cis does, kept in float32."""
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    ang = torch.outer(torch.arange(n_pos), inv)
+    rot = torch.polar(torch.ones_like(ang), ang)
+    return torch.stack([rot.real, rot.imag], -1).to(torch.bfloat16).float()
+
+
+def apply_rope(x: Tensor, table: Tensor) -> Tensor:
+    """x (B, T, H, hd) rotated by table (T, hd/2, 2), the release's 'half' mode: pair i
+    is (x_i, x_{i+hd/2}); the output is written interleaved (pair i at 2i, 2i+1), as
+    the release writes it (q and k get the same permutation, so q·k is unchanged)."""
+    xs = _up(x).unflatten(-1, (2, -1)).transpose(-1, -2)  # (B, T, H, hd/2, 2)
+    cos, sin = table.to(xs.dtype)[:, None].unbind(-1)     # (T, 1, hd/2)
+    x0, x1 = xs.unbind(-1)
+    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1).flatten(-2).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    """The release's RMSNorm: (x·rsqrt(mean x² + eps)) in float32 (float64 kept), cast
+    back to x's dtype, then times weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = _up(x)
+        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: MUDDFormerConfig):
+        super().__init__()
+        self.n_head, self.head_dim, self.dim = cfg.n_head, cfg.head_dim, cfg.dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_head * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_local_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_local_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        if cfg.use_qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.use_qk_norm = cfg.use_qk_norm
+
+    def forward(self, xq: Tensor, xk: Tensor, xv: Tensor, rope: Tensor,
+                kv_cache: Optional[Tuple[Tensor, Tensor]], input_pos: Tensor) -> Tensor:
+        """x*: (B, T, D), already normed; rope: (T, hd/2, 2) for input_pos (T,).
+        kv_cache None: causal attention over the T tokens. Otherwise (k, v) caches
+        (max_B, H, S, hd), written at input_pos; decode (T = 1) attends over the cache
+        up to input_pos, prefill within its chunk (the release's masks)."""
+        B, T, _ = xq.shape
+        q = self.wq(xq).view(B, T, self.n_head, self.head_dim)
+        k = self.wk(xk).view(B, T, self.n_head, self.head_dim)
+        v = self.wv(xv).view(B, T, self.n_head, self.head_dim)
+        if self.use_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if kv_cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k_cache, v_cache = kv_cache
+            k_cache[:B, :, input_pos] = k
+            v_cache[:B, :, input_pos] = v
+            if T == 1:
+                k, v = k_cache[:B], v_cache[:B]
+            mask = torch.arange(k.shape[-2], device=q.device) <= input_pos[:, None]  # (T, keys)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: MUDDFormerConfig, lidx: int):
+        super().__init__()
+        hid = cfg.intermediate_size * (lidx / (cfg.n_layer - 1) + 0.5)  # the release's scale_with_layer
+        hid = round(hid / 128) * 128                                      # and round128
+        self.w1 = nn.Linear(cfg.dim, hid, bias=False)
+        self.w3 = nn.Linear(cfg.dim, hid, bias=False)
+        self.w2 = nn.Linear(hid, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: MUDDFormerConfig, lidx: int):
+        super().__init__()
+        self.lidx = lidx
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg, lidx)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        if cfg.sepln and lidx > 0:
+            self.attention_norms = nn.ModuleList([RMSNorm(cfg.dim, cfg.norm_eps) for _ in range(3)])
+        else:
+            self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def qkv_norm_weights(self) -> Tensor:
+        """(3, D): the weights of this block's q, k, v input norms (one shared norm
+        without sepln), for depth_aggregate_qkv_norm."""
+        if hasattr(self, "attention_norms"):
+            return torch.stack([n.weight for n in self.attention_norms])
+        return self.attention_norm.weight.expand(3, -1)
+
+    def forward(self, x: Tensor, rope: Tensor, kv_cache: Optional[Tuple[Tensor, Tensor]],
+                input_pos: Tensor) -> Tensor:
+        """x: block 0: (B, T, D), normed here; block i > 0: (4, B, T, D) from the
+        previous connection, q, k, v already through this block's input norms, r raw."""
+        if self.lidx == 0:
+            res = x
+            xq = xk = xv = self.attention_norm(x)
+        else:
+            xq, xk, xv, res = x.unbind(0)
+        h = res + self.attention(xq, xk, xv, rope, kv_cache, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class MultiwayDynamicDense(nn.Module):
+    """The weight MLP of the connection after block `lidx`, in the release's layout
+    (MultiwayDynamicDenseBlock): w1 (K, D), w2 (C·l, K), no biases; the bias (C, l) is
+    the model's dense_bs[lidx]. crosslayer's mudd_weights takes W1 = w1.weight.T and
+    W2 = w2.weight.T (transposed views, no copies)."""
+
+    def __init__(self, cfg: MUDDFormerConfig, lidx: int):
+        super().__init__()
+        last = lidx == cfg.n_layer - 1
+        self.n_ways = 1 if last else len(cfg.dense_type)
+        self.n_slots = lidx + 2
+        K = mudd_hidden(self.n_ways, self.n_slots, 4 if last and cfg.expand_last else 1, cfg.round64)
+        self.w1 = nn.Linear(cfg.dim, K, bias=False)
+        self.w2 = nn.Linear(K, self.n_ways * self.n_slots, bias=False)
+
+    def weights(self, x: Tensor, bias: Tensor, eps: float) -> Tensor:
+        """A (B, T, C, l) = GELU(rms(x) @ w1ᵀ) @ w2ᵀ + bias, float32 (float64 for float64 x)."""
+        return ops.mudd_weights(x, self.w1.weight.t(), self.w2.weight.t(), bias, self.n_ways, eps, "none")
+
+
+class _LayerCache:
+    """The decode depth stack: DepthStack's push/aggregate over a view of the
+    preallocated (L+1, B, 1, D) layer cache (the release's LayerCache, 'LBTD'). No
+    autograd: it runs under torch.no_grad."""
+
+    def __init__(self, buf: Tensor, x0: Tensor):
+        self._buf, self._len = buf, 0
+        self.push(x0)
+
+    def push(self, x: Tensor) -> None:
+        self._buf[self._len].copy_(x)
+        self._len += 1
+
+    def aggregate(self, A: Tensor, slots: slice) -> Tensor:
+        return ops.depth_aggregate(self._buf[slots], A)
+
+    def aggregate_qkv_norm(self, A: Tensor, norm_weights: Tensor, eps: float, slots: slice) -> Tensor:
+        return ops.depth_aggregate_qkv_norm(self._buf[slots], A, norm_weights, eps)
+
+
+class MUDDFormer(nn.Module):
+    """MUDDFormer language model (module docstring: state dict, math, differences).
+
+        model = MUDDFormer(MUDDFormerConfig.from_json("config.json"))
+        model.load_state_dict(state_dict, strict=True)      # the release's keys
+        logits = model(idx)                                  # training: (B, T, V)
+
+        model.setup_caches(max_batch_size=B, max_seq_length=S)
+        logits = model(prompt, torch.arange(T))              # prefill, positions 0..T-1
+        logits = model(next_tok, torch.tensor([T]))          # decode, one token
+    """
+
+    def __init__(self, config: MUDDFormerConfig):
+        super().__init__()
+        _check_supported(config)
+        self.config = cfg = config
+        L = cfg.n_layer
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(L))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.dynamic_dense = nn.ModuleList(MultiwayDynamicDense(cfg, i) for i in range(L))
+        self.dense_bs = nn.ParameterList(
+            nn.Parameter(torch.empty(dd.n_ways, dd.n_slots)) for dd in self.dynamic_dense)
+        self.register_buffer("rope", rope_table(cfg.block_size, cfg.head_dim, cfg.rope_base), persistent=False)
+        self.reset_dense_parameters()
+        self.kv_caches: Optional[List[Tuple[Tensor, Tensor]]] = None
+        self.layer_cache: Optional[Tensor] = None
+        self.max_batch_size = self.max_seq_length = -1
+        self.register_load_state_dict_pre_hook(_checkpoint_hints)
+
+    @torch.no_grad()
+    def reset_dense_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """Identity start of every connection (crosslayer.ref.mudd_init_weights)."""
+        for dd, b in zip(self.dynamic_dense, self.dense_bs):
+            W1, W2, bias = mudd_init_weights(self.config.dim, dd.n_slots, dd.n_ways, dd.w1.out_features,
+                                             generator=generator)
+            dd.w1.weight.copy_(W1.t())
+            dd.w2.weight.copy_(W2.t())
+            b.copy_(bias)
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype: Optional[torch.dtype] = None) -> None:
+        """Allocate the KV caches (max_batch_size, H, S, hd) per layer and the layer
+        cache (L+1, max_batch_size, 1, D), S = max_seq_length rounded up to a multiple
+        of 8, on the parameters' device, in `dtype` (default: the parameters'). Keeps
+        the current caches when they are large enough (as the release does)."""
+        cfg = self.config
+        if max_seq_length > cfg.block_size:
+            raise ValueError(f"max_seq_length must be <= block_size = {cfg.block_size} (the RoPE "
+                             f"table's length), got {max_seq_length}")
+        w = self.tok_embeddings.weight
+        dtype = dtype or w.dtype
+        if (self.layer_cache is not None and self.layer_cache.dtype == dtype and self.layer_cache.device == w.device
+                and self.max_batch_size >= max_batch_size and self.max_seq_length >= max_seq_length):
+            return
+        S = _find_multiple(max_seq_length, 8)
+        kv_shape = (max_batch_size, cfg.n_head, S, cfg.head_dim)
+        self.kv_caches = [(torch.zeros(kv_shape, dtype=dtype, device=w.device),
+                           torch.zeros(kv_shape, dtype=dtype, device=w.device)) for _ in range(cfg.n_layer)]
+        self.layer_cache = torch.zeros(cfg.n_layer + 1, max_batch_size, 1, cfg.dim, dtype=dtype, device=w.device)
+        self.max_batch_size, self.max_seq_length = max_batch_size, S
+
+    def forward(self, idx: Tensor, input_pos: Optional[Tensor] = None) -> Tensor:
+        """idx (B, T) token ids -> logits (B, T, V) in the parameters' dtype.
+
+        input_pos None: the training forward over positions 0..T-1 (T <= block_size).
+        input_pos (T,): cached inference (setup_caches first): T > 1 is a prefill
+        (input_pos = 0..T-1), T = 1 a decode step at position input_pos[0].
+        """
+        if idx.dim() != 2 or idx.dtype.is_floating_point or idx.dtype.is_complex:
+            raise ValueError(f"idx must be (B, T) integer token ids, got {idx.dtype} of shape {tuple(idx.shape)}")
+        B, T = idx.shape
+        if input_pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"T = {T} tokens exceed block_size = {self.config.block_size}")
+            return self._forward(idx, torch.arange(T, device=idx.device), cached=False)
+        self._check_cached_call(idx, input_pos)
+        with torch.no_grad():
+            return self._forward(idx, input_pos, cached=True)
+
+    def _check_cached_call(self, idx: Tensor, input_pos: Tensor) -> None:
+        if self.layer_cache is None:
+            raise RuntimeError("forward with input_pos is cached inference: call "
+                               "setup_caches(max_batch_size, max_seq_length) first")
+        B, T = idx.shape
+        if input_pos.shape != (T,) or input_pos.dtype.is_floating_point:
+            raise ValueError(f"input_pos must be ({T},) integer positions for idx of shape {tuple(idx.shape)}, "
+                             f"got {input_pos.dtype} of shape {tuple(input_pos.shape)}")
+        if B > self.max_batch_size or T > self.max_seq_length:
+            raise ValueError(f"idx {tuple(idx.shape)} exceeds the caches: max_batch_size = "
+                             f"{self.max_batch_size}, max_seq_length = {self.max_seq_length}")
+        w = self.tok_embeddings.weight
+        if self.layer_cache.dtype != w.dtype or self.layer_cache.device != w.device:
+            raise RuntimeError(f"the caches are {self.layer_cache.dtype} on {self.layer_cache.device} but the "
+                               f"model is {w.dtype} on {w.device}: call setup_caches again")
+
+    def _forward(self, idx: Tensor, input_pos: Tensor, cached: bool) -> Tensor:
+        cfg, L = self.config, self.config.n_layer
+        x = self.tok_embeddings(idx)
+        rope = self.rope[input_pos]
+        if cached and idx.shape[1] == 1:
+            stack = _LayerCache(self.layer_cache[:, : idx.shape[0]], x)
+        else:
+            stack = DepthStack.start(x, n_slots=L + 1)
+        remat = cfg.use_gradient_checkpointing and not cached and torch.is_grad_enabled()
+        h = x
+        for i, layer in enumerate(self.layers):
+            kv = self.kv_caches[i] if cached else None
+            if remat:  # the block only: pushes and aggregations stay outside (DepthStack's rule)
+                out = checkpoint(layer, h, rope, kv, input_pos, use_reentrant=False)
+            else:
+                out = layer(h, rope, kv, input_pos)
+            stack.push(out)
+            A = self.dynamic_dense[i].weights(out, self.dense_bs[i], cfg.norm_eps)
+            if i + 1 < L:
+                h = stack.aggregate_qkv_norm(A, self.layers[i + 1].qkv_norm_weights(), cfg.norm_eps,
+                                             slice(0, i + 2))
+            else:
+                h = stack.aggregate(A, slice(0, L + 1))[0]
+        return self.output(self.norm(h))
+
+
+def _checkpoint_hints(model: MUDDFormer, state_dict, prefix, local_metadata, strict, missing_keys,
+                      unexpected_keys, error_msgs) -> None:
+    """load_state_dict pre-hook (strict loads): when the checkpoint's structure does not
+    fit model.config, add one message naming the config fields that differ; torch then
+    raises it along with its missing / unexpected / size-mismatch lists."""
+    if not strict:
+        return
+    cfg = model.config
+    got = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    own = {k: v.shape for k, v in model.state_dict().items()}
+    hints = []
+    n = 1 + max((int(k.split(".")[1]) for k in got if k.startswith("layers.")), default=-1)
+    if n != cfg.n_layer:
+        hints.append(f"it has {n} layers (layers.*), config.n_layer = {cfg.n_layer}")
+    emb = got.get("tok_embeddings.weight")
+    if emb is not None and tuple(emb.shape) != tuple(own["tok_embeddings.weight"]):
+        hints.append(f"tok_embeddings.weight is {tuple(emb.shape)}, config (vocab_size, dim) = "
+                     f"{(cfg.vocab_size, cfg.dim)}")
+    if any(".attention.wqkv." in k for k in got):
+        hints.append("it has fused attention.wqkv weights: a model without dense connections "
+                     "(dense=False or dense_type='l'), which this class does not implement")
+    for flag, marker in (("use_qk_norm", ".attention.q_norm."), ("sepln", ".attention_norms.")):
+        has = any(marker in k for k in got)
+        if has != getattr(cfg, flag):
+            hints.append(f"it {'has' if has else 'lacks'} '{marker.strip('.')}' weights: {flag} = {has}, "
+                         f"config.{flag} = {getattr(cfg, flag)}")
+    for key_fmt, fields_ in (("dynamic_dense.{}.w1.weight", "round64 / expand_last"),
+                             ("layers.{}.feed_forward.w1.weight", "intermediate_size")):
+        for i in range(min(n, cfg.n_layer)):
+            k = key_fmt.format(i)
+            if k in got and tuple(got[k].shape) != tuple(own[k]):
+                hints.append(f"{k} is {tuple(got[k].shape)}, the config gives {tuple(own[k])}: check {fields_}")
+                break
+    if hints:
+        error_msgs.append("the checkpoint does not fit this MUDDFormerConfig: " + "; ".join(hints))
