@@ -51,12 +51,14 @@ def test_installed_package_is_the_tested_version():
 
 
 class Branch(nn.Module):
-    """y = tanh(x·W + b) on the last dim, computed in float32 and returned in x's dtype.
+    """y = tanh(x·W1 + b1) (then ·W2 + b2 when hidden != d) on the last dim, computed in
+    float32 and returned in x's dtype.
 
     In float32 internally so that low-precision comparisons test the HC math: a bf16
     branch on the CPU runs different GEMM paths for the package's strided branch input
-    and crosslayer's contiguous one, whose rounding differs systematically, and sums
-    over tokens (the static coefficients' gradients) amplify that."""
+    and crosslayer's contiguous one, with different rounding errors (the strided one's
+    twice as large in one measurement), and the token sums in the HC parameters'
+    gradients amplify such differences."""
 
     def __init__(self, d, hidden=None):
         super().__init__()
