@@ -3,7 +3,8 @@
 A fast op's output `out` is compared with the oracle in float64 on the same inputs
 (`ref64`). It passes when its error is at most twice the oracle's own error at the
 same dtype (`ref_lowp`: the oracle run on the low-precision inputs), plus a small floor
-scaled by the magnitude of the reference. NaN never passes.
+scaled by the magnitude of the reference (FLOOR by dtype, or the caller's `floor`).
+NaN never passes.
 """
 
 import torch
@@ -16,7 +17,8 @@ FLOOR = {
 }
 
 
-def assert_policy(name: str, out: torch.Tensor, ref_lowp: torch.Tensor, ref64: torch.Tensor) -> None:
+def assert_policy(name: str, out: torch.Tensor, ref_lowp: torch.Tensor, ref64: torch.Tensor,
+                  floor: float | None = None) -> None:
     assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
     assert out.dtype == ref_lowp.dtype, f"{name}: dtype {out.dtype} != oracle's {ref_lowp.dtype}"
     nan = torch.isnan(out)
@@ -27,13 +29,14 @@ def assert_policy(name: str, out: torch.Tensor, ref_lowp: torch.Tensor, ref64: t
     err = (out64 - ref64).abs()
     ref_err = (low64 - ref64).abs().max().item()
     scale = max(1.0, ref64.abs().max().item())
-    bound = 2.0 * ref_err + FLOOR[out.dtype] * scale
+    floor = FLOOR[out.dtype] if floor is None else floor
+    bound = 2.0 * ref_err + floor * scale
     worst = err.max().item()
     if worst > bound:
         idx = tuple(int(i) for i in torch.nonzero(err == err.max())[0])
         raise AssertionError(
             f"{name}: max error {worst:.3e} > bound {bound:.3e} (2 x oracle error "
-            f"{ref_err:.3e} + floor {FLOOR[out.dtype]:g} x {scale:.3g}); at {idx}: "
+            f"{ref_err:.3e} + floor {floor:g} x {scale:.3g}); at {idx}: "
             f"got {out64[idx].item():.6g}, want {ref64[idx].item():.6g}; "
             f"{int((err > bound).sum())} of {out.numel()} elements over"
         )

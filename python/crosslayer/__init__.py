@@ -4,6 +4,9 @@
     crosslayer.ops   the same ops, fused on CUDA when the extension is built,
                      the oracle otherwise (CPU tensors, or no extension)
     crosslayer.nn    modules: DepthStack, MUDDConnection, DenseFormerDWA
+    crosslayer.integrations.hyper_connections
+                     accelerate(model): lucidrains' hyper-connections package on
+                     crosslayer.ops, in place (import it explicitly; needs that package)
 
 `python -m crosslayer.info` says what was built and which ops run fused.
 """
