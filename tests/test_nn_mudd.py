@@ -504,3 +504,33 @@ def test_stack_aggregate_qkv_norm_errors():
         stack.aggregate_qkv_norm(torch.randn(3, 4, 1), torch.ones(3, 5))
     with pytest.raises(ValueError, match="only 1 slots are filled"):
         stack.aggregate_qkv_norm(torch.randn(3, 4, 2), torch.ones(3, 4), slots=slice(0, 2))
+
+
+@pytest.mark.parametrize("backward", [True, False])
+def test_stack_is_freed_by_refcount_alone(backward):
+    """No reference cycle between the DepthStack, its buffers and the autograd graph
+    (invariant I6): with the garbage collector off, dropping the output frees the
+    stack, its buffer and its gradient buffer, after a backward pass or without one."""
+    import gc
+    import weakref
+
+    L, d = 3, 8
+    blocks = ToyBlocks(L, d)
+    conns = [cnn.MUDDConnection(d, i, L, dtype=F64) for i in range(L)]
+    x0 = torch.randn(5, d, dtype=F64, requires_grad=True)
+    gc.collect()
+    gc.disable()
+    try:
+        stack = cnn.DepthStack.start(x0, n_slots=L + 1)
+        h = x0
+        for i in range(L):
+            stack.push(blocks(i, ways_of(conns[i - 1], h) if i else h))
+            h = conns[i](stack)
+        refs = [weakref.ref(stack), weakref.ref(stack._state), weakref.ref(stack.buffer.untyped_storage())]
+        out = h.sum()
+        if backward:
+            out.backward()
+        del stack, h, out
+        assert [r() is None for r in refs] == [True, True, True]
+    finally:
+        gc.enable()

@@ -52,6 +52,10 @@ Invariants (what makes G[j] complete when push j's backward runs):
       stack has another dtype; a leaf x_j gets a copy, so its .grad does not pin G.
       The push of the chain's root (the first push whose input needs a gradient)
       drops the stack's reference to G, which is freed once its slot views are.
+  I6  The autograd nodes keep the buffer and gradient state (`_Slots`), not the
+      DepthStack; the DepthStack keeps the newest link (and so the graph). Nothing
+      points back from the graph to the DepthStack, so there is no reference cycle:
+      the buffers are freed as soon as the graph and the DepthStack are dropped.
 
 Limits: one DepthStack per forward pass (it cannot be reused or rewound); do not
 put pushes and aggregations inside activation checkpointing (a recomputed push would
@@ -131,11 +135,69 @@ def aggregate_bwd_into(dY: Tensor, S: Tensor, A: Tensor, dS: Tensor, accumulate:
     return dA.reshape(A.shape).to(A.dtype)
 
 
+class _Slots:
+    """What the autograd nodes of one DepthStack share: the buffer and the backward
+    pass's gradient state (I4). The nodes hold this, never the DepthStack, which holds
+    the link tensors (and through them the nodes): no reference cycle, so a graph that
+    was run or dropped frees the buffers by reference counting alone (I6)."""
+
+    def __init__(self, buf: Tensor):
+        self._buf = buf
+        self._grad: Optional[Tensor] = None
+        self._grad_filled: list = []
+        self._grad_task: Optional[int] = None
+
+    @property
+    def n_slots(self) -> int:
+        return self._buf.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._buf.dtype
+
+    def _sync_task(self) -> None:
+        task = torch._C._current_graph_task_id()
+        if task != self._grad_task:  # a new backward pass: forget the last one (I4)
+            self._grad_task = task
+            self._grad = None
+            self._grad_filled = [False] * self.n_slots
+
+    def _grad_for(self, slots: slice) -> tuple:
+        """(G[slots], accumulate) for an aggregation backward; allocates G on first use."""
+        self._sync_task()
+        if self._grad is None:
+            self._grad = torch.empty_like(self._buf)
+        idx = range(self.n_slots)[slots]
+        filled = [self._grad_filled[j] for j in idx]
+        if all(filled):
+            accumulate = True
+        elif not any(filled):
+            accumulate = False
+        else:  # some slots seen before, some not: zero the new ones, then add
+            for j, f in zip(idx, filled):
+                if not f:
+                    self._grad[j].zero_()
+            accumulate = True
+        for j in idx:
+            self._grad_filled[j] = True
+        return self._grad[slots], accumulate
+
+    def _slot_grad(self, j: int) -> Optional[Tensor]:
+        """G[j] when an aggregation of this backward pass touched slot j, else None."""
+        self._sync_task()
+        if self._grad is None or not self._grad_filled[j]:
+            return None
+        return self._grad[j]
+
+    def _release_grad(self) -> None:
+        self._grad = None
+
+
 class _Push(torch.autograd.Function):
     """buf[j] = x (in place); returns link_j. Backward: G[j] -> x (see module doc)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, link: Optional[Tensor], stack: "DepthStack", j: int,
+    def forward(ctx, x: Tensor, link: Optional[Tensor], stack: _Slots, j: int,
                 x_is_leaf: bool) -> Tensor:
         stack._buf[j].copy_(x)
         ctx.stack, ctx.j = stack, j
@@ -158,7 +220,7 @@ class _Aggregate(torch.autograd.Function):
     """Y = depth_aggregate(buf[slots], A). Backward: G[slots] (+)= A·dY, returns dA."""
 
     @staticmethod
-    def forward(ctx, link: Tensor, A: Tensor, stack: "DepthStack", slots: slice) -> Tensor:
+    def forward(ctx, link: Tensor, A: Tensor, stack: _Slots, slots: slice) -> Tensor:
         S = stack._buf[slots]
         Y = ops.depth_aggregate(S, A)
         ctx.stack, ctx.slots = stack, slots
@@ -189,7 +251,7 @@ class _AggregateQKVNorm(torch.autograd.Function):
     slot-by-slot fallback (never an l·N·d tensor)."""
 
     @staticmethod
-    def forward(ctx, link: Tensor, A: Tensor, g: Tensor, stack: "DepthStack", slots: slice,
+    def forward(ctx, link: Tensor, A: Tensor, g: Tensor, stack: _Slots, slots: slice,
                 eps: float) -> Tensor:
         S = stack._buf[slots]
         l, d, tok = S.shape[0], S.shape[-1], S.shape[1:-1]
@@ -247,9 +309,7 @@ class DepthStack:
         self._len = 0
         self._link: Optional[Tensor] = None
         self._newest: Optional[Tensor] = None
-        self._grad: Optional[Tensor] = None
-        self._grad_filled: list = []
-        self._grad_task: Optional[int] = None
+        self._state = _Slots(self._buf)
 
     @classmethod
     def start(cls, x0: Tensor, n_slots: int) -> "DepthStack":
@@ -295,7 +355,7 @@ class DepthStack:
     @property
     def grad_buffer(self) -> Optional[Tensor]:
         """The current backward pass's gradient buffer, or None."""
-        return self._grad
+        return self._state._grad
 
     def __repr__(self) -> str:
         return (f"DepthStack({self._len}/{self.n_slots} slots of {self.slot_shape}, "
@@ -314,7 +374,7 @@ class DepthStack:
         if x.device != self.device:
             raise ValueError(f"x is on {x.device} but the stack is on {self.device}")
         j = self._len
-        self._link = _Push.apply(x, self._link, self, j, x.requires_grad and x.is_leaf)
+        self._link = _Push.apply(x, self._link, self._state, j, x.requires_grad and x.is_leaf)
         self._newest = x
         self._len += 1
 
@@ -339,7 +399,7 @@ class DepthStack:
         """
         s = self._slots(slots)
         validate_depth_aggregate(self._buf[s], A)
-        return _Aggregate.apply(self._link, A, self, s)
+        return _Aggregate.apply(self._link, A, self._state, s)
 
     def aggregate_qkv_norm(self, A: Tensor, norm_weights: Tensor, eps: float = 1e-6,
                            slots: Optional[slice] = None) -> Tensor:
@@ -352,45 +412,7 @@ class DepthStack:
         """
         s = self._slots(slots)
         validate_depth_aggregate_qkv_norm(self._buf[s], A, norm_weights)
-        return _AggregateQKVNorm.apply(self._link, A, norm_weights, self, s, eps)
-
-    # ------------------------------------------------------------------ backward
-    def _sync_task(self) -> None:
-        task = torch._C._current_graph_task_id()
-        if task != self._grad_task:  # a new backward pass: forget the last one (I4)
-            self._grad_task = task
-            self._grad = None
-            self._grad_filled = [False] * self.n_slots
-
-    def _grad_for(self, slots: slice) -> tuple:
-        """(G[slots], accumulate) for an aggregation backward; allocates G on first use."""
-        self._sync_task()
-        if self._grad is None:
-            self._grad = torch.empty_like(self._buf)
-        idx = range(self.n_slots)[slots]
-        filled = [self._grad_filled[j] for j in idx]
-        if all(filled):
-            accumulate = True
-        elif not any(filled):
-            accumulate = False
-        else:  # some slots seen before, some not: zero the new ones, then add
-            for j, f in zip(idx, filled):
-                if not f:
-                    self._grad[j].zero_()
-            accumulate = True
-        for j in idx:
-            self._grad_filled[j] = True
-        return self._grad[slots], accumulate
-
-    def _slot_grad(self, j: int) -> Optional[Tensor]:
-        """G[j] when an aggregation of this backward pass touched slot j, else None."""
-        self._sync_task()
-        if self._grad is None or not self._grad_filled[j]:
-            return None
-        return self._grad[j]
-
-    def _release_grad(self) -> None:
-        self._grad = None
+        return _AggregateQKVNorm.apply(self._link, A, norm_weights, self._state, s, eps)
 
 
 def stack_bytes(n_slots: int, slot_shape: Sequence[int], dtype: torch.dtype) -> int:
