@@ -113,7 +113,7 @@ bool use_mma(const at::Tensor& H) {
 // to cols, zeros; so reduction chunk c of 32 rows lies in stream c / (d_pad / 32).
 at::Tensor phi_padded(const at::Tensor& phi, int64_t n, int64_t d, int64_t d_pad, int64_t cols) {
   const int64_t M = phi.size(1);
-  return at::constant_pad_nd(phi.to(at::kFloat).view({n, d, M}), {0, cols - M, 0, d_pad - d}, 0)
+  return at::constant_pad_nd(phi.to(at::kFloat).reshape({n, d, M}), {0, cols - M, 0, d_pad - d}, 0)
       .view({n * d_pad, cols});
 }
 

@@ -370,6 +370,23 @@ def test_mhc_sublayer_with_hc_mixing_ops(cuda, dtype):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_strided_parameters(cuda, dtype):
+    """phi as a transposed view and b as a strided slice: the launcher reads any strides."""
+    lead, n, d = (40,), 4, 96
+    H = torch.randn(*lead, n, d, device=cuda).to(dtype)
+    phi, a_pre, a_post, a_res, b = make_params(n, d, dtype=dtype, device=cuda)
+    phi_t = phi.t().contiguous().t()
+    b_s = torch.stack([b, b], 1)[:, 0]
+    assert not phi_t.is_contiguous() and not b_s.is_contiguous()
+    params = (phi_t, a_pre, a_post, a_res, b_s)
+    alpha, beta, _, _ = mhc_coeffs_op(H, *params, *FLOATS)
+    for name, got, lo, hi in zip(("alpha", "beta"), (alpha, beta), oracle(H, params),
+                                 oracle(*double((H,)), double(params))):
+        assert_policy(name, got, lo, hi)
+
+
+@gpu
 def test_empty_tokens(cuda):
     H = torch.randn(0, 4, 8, device=cuda, requires_grad=True)
     params = [t.requires_grad_(True) for t in make_params(4, 8, dtype=torch.float32, device=cuda)]
