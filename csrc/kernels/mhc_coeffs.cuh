@@ -4,13 +4,14 @@
 // Napkin math (DESIGN.md "Traffic floors": n·d elements a token forward, 2n·d backward).
 // H100, 3.0 TB/s copy bandwidth, bf16, N = 16384, d = 2048, n = 4 (M = n²+2n = 24):
 //   forward  floor: read H = 16384·8192·2 B = 268 MB -> 0.089 ms. Also moved: the split-K
-//            partials u (S = 4 splits: 4·16384·25·4 B = 6.6 MB, written and read back,
-//            mostly from L2), u and r for the backward (1.6 MB), alpha/beta (2.4 MB):
-//            ~2.9 % over the floor; predicted 0.10-0.11 ms (copy kernels reach ~90 %).
+//            partials (3 splits at this size: 3·16384·25·4 B = 4.9 MB, written and read
+//            back), u and r for the backward and alpha/beta (3.3 MB): ~3 % over the floor,
+//            ~0.105 ms at 88 % of copy bandwidth, plus ~25 µs of phi packing (pad, hi/lo
+//            split, permute: small kernels): predicted ~0.13 ms (1.45× the floor).
 //   backward floor: read H, write dH = 537 MB -> 0.179 ms. This version also reads H a
-//            second time for dphi = xfᵀ·du (cuBLAS, +268 MB), so 805 MB -> ~0.27 ms
-//            predicted (1.5× the floor), plus the Sinkhorn recompute (~10 µs: 39 steps
-//            of 4-lane shuffles a token, 16384 tokens) and the du/dh workspaces (~5 MB).
+//            second time for dphi = xfᵀ·du (cuBLAS, +268 MB): 814 MB -> ~0.31 ms, plus the
+//            Sinkhorn epilogue (~20-40 µs, latency-bound at 4 lanes a token) and packing:
+//            predicted ~0.37 ms (2× the floor; fwd+bwd ~0.50 ms vs 0.268 ms).
 //   Arithmetic: 2·M = 48 FLOP per element of H; on tensor cores (two mma per fragment
 //   for phi = hi + lo) that is ~13 GFLOP forward, < 3 % of the bf16 mma rate.
 //
