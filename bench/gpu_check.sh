@@ -2,10 +2,10 @@
 # The one command for a GPU machine, from the repo root:
 #     bash bench/gpu_check.sh
 # Builds the CUDA extension in place, runs the GPU tests, runs the quick benchmarks
-# (bench_depth_aggregate.py, bench_hc.py, then bench_mudd.py, each even when another
+# (bench_depth_aggregate.py, bench_hc.py, bench_mudd.py, then bench_mhc.py, each even when another
 # failed) and prints a short summary last. Logs and the results CSV go to $OUT (default
 # bench/results): build.log, info.txt, tests_gpu.log, bench_depth_aggregate.log,
-# bench_hc.log, bench_mudd.log, results.csv (every bench appends to it).
+# bench_hc.log, bench_mudd.log, bench_mhc.log, results.csv (every bench appends to it).
 # Environment: OUT, PYTHON (default python3, else python), TORCH_CUDA_ARCH_LIST (9.0),
 # MAX_JOBS (16), BENCH_ARGS (--quick).
 # Exit status: 0 when the build, the GPU tests and the benchmarks' correctness gates
@@ -20,7 +20,7 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 BENCH_ARGS=${BENCH_ARGS:---quick}
 
-BENCHES="bench_depth_aggregate bench_hc bench_mudd"
+BENCHES="bench_depth_aggregate bench_hc bench_mudd bench_mhc"
 
 section() { printf '\n==== %s ====\n' "$*"; }
 bench_status_of() {

@@ -57,6 +57,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("dalpha"), pybind11::arg("dbeta"), pybind11::arg("H"), pybind11::arg("A"),
         pybind11::arg("B"), pybind11::arg("W"), pybind11::arg("s_a"), pybind11::arg("s_b"),
         pybind11::arg("q"), pybind11::arg("r"));
+  m.def("mhc_coeffs_fwd", &crosslayer::mhc_coeffs_fwd, "[alpha, beta, u, r] of the mHC coefficients",
+        pybind11::arg("H"), pybind11::arg("phi"), pybind11::arg("a_pre"), pybind11::arg("a_post"),
+        pybind11::arg("a_res"), pybind11::arg("b"), pybind11::arg("eps"), pybind11::arg("pre_eps"),
+        pybind11::arg("post_mult"), pybind11::arg("iters"), pybind11::arg("sinkhorn_eps"));
+  m.def("mhc_coeffs_bwd", &crosslayer::mhc_coeffs_bwd,
+        "[dH, dphi, da_pre, da_post, da_res, db] of the mHC coefficients", pybind11::arg("dalpha"),
+        pybind11::arg("dbeta"), pybind11::arg("H"), pybind11::arg("phi"), pybind11::arg("a_pre"),
+        pybind11::arg("a_post"), pybind11::arg("a_res"), pybind11::arg("b"), pybind11::arg("u"),
+        pybind11::arg("r"), pybind11::arg("eps"), pybind11::arg("pre_eps"), pybind11::arg("post_mult"),
+        pybind11::arg("iters"), pybind11::arg("sinkhorn_eps"));
   m.def("mudd_weights_fwd", &crosslayer::mudd_weights_fwd, "[A, u, r] of mudd_weights",
         pybind11::arg("x"), pybind11::arg("W1"), pybind11::arg("W2"), pybind11::arg("bias"),
         pybind11::arg("n_ways"), pybind11::arg("eps"), pybind11::arg("approximate"));

@@ -70,6 +70,26 @@ std::vector<at::Tensor> hc_pre_dhc_bwd(const at::Tensor& dx, const std::optional
                                        const at::Tensor& s_a, const at::Tensor& s_b, const at::Tensor& q,
                                        const at::Tensor& r);
 
+// mhc_coeffs.cu (mHC coefficients; the mixing itself is stream_mix / hc_post above)
+//   H (*lead, n, d), 1 <= n <= 16, d >= 1, any token/stream strides; phi (n·d, n²+2n);
+//   a_pre, a_post, a_res 0-dim; b (n²+2n); iters >= 1. Returns {alpha (*lead, n, n+1)
+//   (column 0 = pre, columns 1.. = Sinkhorn comb), beta (*lead, n) (= post), u = xf·phi
+//   (*lead, n²+2n), r = rsqrt(mean xf² + eps) (*lead)}, all in the accumulator dtype; u
+//   and r are what the backward needs.
+std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H, const at::Tensor& phi, const at::Tensor& a_pre,
+                                       const at::Tensor& a_post, const at::Tensor& a_res, const at::Tensor& b,
+                                       double eps, double pre_eps, double post_mult, int64_t iters,
+                                       double sinkhorn_eps);
+//   dalpha (*lead, n, n+1), dbeta (*lead, n) optional (zero when absent); u, r from the
+//   forward. Returns {dH (H's layout), dphi, da_pre, da_post, da_res, db}, parameter
+//   gradients summed over tokens (deterministic), each in its parameter's dtype.
+std::vector<at::Tensor> mhc_coeffs_bwd(const std::optional<at::Tensor>& dalpha,
+                                       const std::optional<at::Tensor>& dbeta, const at::Tensor& H,
+                                       const at::Tensor& phi, const at::Tensor& a_pre, const at::Tensor& a_post,
+                                       const at::Tensor& a_res, const at::Tensor& b, const at::Tensor& u,
+                                       const at::Tensor& r, double eps, double pre_eps, double post_mult,
+                                       int64_t iters, double sinkhorn_eps);
+
 // mudd_weights.cu
 //   x (*tok, d), d >= 1, any token strides; W1 (d, K), K >= 1; W2 (K, C*l); bias (C*l,) or
 //   (C, l); n_ways = C; approximate "none" (erf GELU) or "tanh". Returns {A (*tok, C, l),

@@ -6,12 +6,13 @@ from crosslayer.ops.depth_aggregate import depth_aggregate
 from crosslayer.ops.depth_aggregate_norm import depth_aggregate_qkv_norm
 from crosslayer.ops.hc_mix import hc_post, stream_mix
 from crosslayer.ops.hc_pre import hc_pre
+from crosslayer.ops.mhc_coeffs import mhc_coeffs
 from crosslayer.ops.mudd_weights import mudd_weights
 
 # Ops with a fused CUDA kernel in this version (forward and backward). The others run
 # on the oracle everywhere until their kernels land.
 _KERNELS = ("depth_aggregate", "depth_aggregate_qkv_norm", "hc_pre", "hc_post", "stream_mix",
-            "mudd_weights")
+            "mhc_coeffs", "mudd_weights")
 ALL_OPS = ("hc_pre", "hc_post", "stream_mix", "mhc_coeffs", "depth_aggregate", "depth_aggregate_qkv_norm",
            "mudd_weights")
 
@@ -22,4 +23,4 @@ def fused_ops() -> dict:
 
 
 __all__ = ["depth_aggregate", "depth_aggregate_qkv_norm", "hc_pre", "hc_post", "stream_mix",
-           "mudd_weights", "fused_ops", "ALL_OPS"]
+           "mhc_coeffs", "mudd_weights", "fused_ops", "ALL_OPS"]

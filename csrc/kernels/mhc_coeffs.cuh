@@ -1,0 +1,568 @@
+// mhc_coeffs: manifold-constrained Hyper-Connections (mHC) coefficients, forward and
+// backward (launchers in mhc_coeffs.cu; the oracle is crosslayer/ref/mhc.py).
+//
+// Napkin math (DESIGN.md "Traffic floors": n·d elements a token forward, 2n·d backward).
+// H100, 3.0 TB/s copy bandwidth, bf16, N = 16384, d = 2048, n = 4 (M = n²+2n = 24):
+//   forward  floor: read H = 16384·8192·2 B = 268 MB -> 0.089 ms. Also moved: the split-K
+//            partials (3 splits at this size: 3·16384·25·4 B = 4.9 MB, written and read
+//            back), u and r for the backward and alpha/beta (3.3 MB): ~3 % over the floor,
+//            ~0.105 ms at 88 % of copy bandwidth, plus ~25 µs of phi packing (pad, hi/lo
+//            split, permute: small kernels): predicted ~0.13 ms (1.45× the floor).
+//   backward floor: read H, write dH = 537 MB -> 0.179 ms. This version also reads H a
+//            second time for dphi = xfᵀ·du (cuBLAS, +268 MB): 814 MB -> ~0.31 ms, plus the
+//            Sinkhorn epilogue (~20-40 µs, latency-bound at 4 lanes a token) and packing:
+//            predicted ~0.37 ms (2× the floor; fwd+bwd ~0.50 ms vs 0.268 ms).
+//   Arithmetic: 2·M = 48 FLOP per element of H; on tensor cores (two mma per fragment
+//   for phi = hi + lo) that is ~13 GFLOP forward, < 3 % of the bf16 mma rate.
+//
+// Math, per token t: xf = vec(H_t) ∈ R^{n·d} (stream-major), phi: (n·d, M)
+//   forward
+//     u   = xf·phi                       (M values, = written: the backward takes them)
+//     r   = rsqrt(Σ xf² / (n·d) + eps)   (= written)
+//     h   = [a_pre·r·u_pre, a_post·r·u_post, a_res·r·u_res] + b
+//     alpha[i, 0]   = sigmoid(h_pre[i]) + pre_eps
+//     beta[i]       = post_mult·sigmoid(h_post[i])
+//     alpha[i, 1+j] = Sinkhorn(h_res as n×n, row-major)[i, j]
+//   Sinkhorn (DESIGN.md, pinned): P = softmax(L, -1) + eps; P /= colsum(P) + eps; then
+//   (iters − 1) × (P /= rowsum(P) + eps; P /= colsum(P) + eps). Step k of the 2·iters − 1
+//   normalisations is a column step for even k, a row step for odd k.
+//   backward (dalpha, dbeta; zero when absent)
+//     Sinkhorn: each step Q = P / c (c = sum + eps along the axis) has
+//       dP = (dQ − Σ_axis(dQ·Q)) / c; applied from the last step to the first, where
+//       Q_{k−1} = Q_k·c_k is rebuilt from the saved scale vectors c_k (exact up to one
+//       rounding a step: the iterates themselves, not the converged point); the softmax
+//       S gives dL = S·(dS − Σ_row(dS·S)).
+//     dh_pre = dpre·σ(1−σ); dh_post = post_mult·dpost·σ(1−σ); dh_res = dL
+//     dz = a·dh; du = r·dz (= written); s = <dz, u>·r³/(n·d) (= written)
+//     G[t] = [dh, dh·z] (= written; the launcher sums it over tokens with at::sum for db
+//            and da_*: deterministic, no atomics)
+//     dxf = du·phiᵀ − s·xf                (= written, mhc_dh_mma_kernel or at::mm)
+//     dphi = Σ_t xfᵀ·du                   (cuBLAS in the launcher)
+//
+// Kernels
+//   mhc_proj_mma_kernel<T, kVec, kNT>  bf16/fp16 H: partial u and Σ xf² over a split of
+//       the n·d reduction (split-K: grid.y), x·phi on tensor cores (mma.sync m16n8k16,
+//       fp32 accumulate) with phi as hi + lo 16-bit parts of H's own dtype (H is exact in
+//       it; residual 2^-17 relative, see kernels/mudd_weights.cuh for the measurement).
+//       kNT n-tiles (8 columns each) a pass: 3 for n = 4 (M = 24, one pass), 8 for the
+//       generic instantiation (passes of 64 columns; H is re-read per pass).
+//   mhc_fwd_epilogue_kernel<acc, kN>   sums the splits in split order, then rms scale,
+//       gates and Sinkhorn in registers; writes alpha, beta, u, r.
+//   mhc_bwd_epilogue_kernel<acc, kN>   Sinkhorn backward and the chain above; writes du,
+//       s, G.
+//   mhc_dh_mma_kernel<T, kVec>         bf16/fp16 H: dH = du·phiᵀ − s·xf on tensor cores
+//       (du and phi both fp32: bf16 hi/lo of each, three mma: hi·hi + lo·hi + hi·lo).
+//   (fp32/fp64 H, the correctness dtypes: the launcher computes u, Σ xf², dH with at::mm
+//   in the arithmetic dtype and runs the same epilogue kernels.)
+//
+// Fragment layouts (PTX ISA mma.m16n8k16 row.col; lane = 4·grp + tig) and the packing
+// of phi are those of kernels/mudd_weights.cuh (proj: W1f, dx: W1b) with W1 := phi
+// padded per stream to d_pad = d rounded up to 32 rows (zero rows), so reduction chunk
+// c of 32 features is stream c / cps, features 32·(c % cps) + 0..31 (cps = d_pad / 32),
+// and no chunk straddles two streams.
+//
+// Thread mapping
+//   proj / dh: a block of kMhcWarps warps; warp w owns tokens 16·(blockIdx.x·kMhcWarps
+//       + w) + 0..15 (rows grp and grp + 8 of the fragments), and chunks
+//       [blockIdx.y·chunks_per_split, ...) of the reduction (proj: partials per split;
+//       dh: disjoint outputs, no reduction).
+//   epilogues: a group of kN lanes per token (kN = 4 for n = 4, 16 otherwise; groups
+//       are aligned inside a warp): lane i of the group owns row i of the n×n Sinkhorn
+//       matrix (and pre_i, post_i) in registers; row sums are local, column sums are
+//       xor-butterfly sums over the group (the same bits in every lane). Every lane of
+//       every warp runs the same loop counts (n, iters uniform), so the full-mask
+//       shuffles are safe; lanes of rows >= n or tokens >= N carry zeros.
+//   The backward keeps each step's scale c_k (one value a lane) in a buffer `cbuf` at
+//   cbuf[k·cstride + lane id]: shared memory ([step][thread]) when it fits, else a global
+//   workspace ([step][global thread]).
+//
+// Assumptions (checked or arranged by the launcher):
+//   1) H, dH: features unit-stride; tokens through TokenLayout, streams any stride; with
+//      kVec, base 16-byte aligned and token/stream strides multiples of 8 elements;
+//   2) phif / phib packed as above, zero-padded (rows to d_pad per stream, columns to
+//      m_pad / ldu); 1 <= n <= 16, d >= 1;
+//   3) workspaces and u, r, du, s, G, alpha, beta contiguous in the accumulator dtype
+//      (the split partials of the mma path are fp32 = its accumulator dtype).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "common/reduce.cuh"
+#include "common/tokens.cuh"
+#include "common/vec.cuh"
+#include "kernels/mudd_weights.cuh"  // MmaOp, load8, split_bf16x2, acc_exp, acc_rsqrt_
+
+namespace crosslayer {
+
+constexpr int kMhcMaxStreams = 16;
+constexpr int kMhcWarps = 4;                         // warps a block (proj, dh)
+constexpr int kMhcThreads = kMhcWarps * kWarpSize;
+constexpr int kMhcEpiThreads = 128;                  // threads a block (epilogues)
+constexpr int kMhcDhTiles = 4;                       // n-tiles a dh chunk (32 features)
+
+struct MhcParams {
+  using index_t = int64_t;
+  index_t n_tokens;          // N
+  index_t d;                 // features a stream
+  int n;                     // streams
+  int M;                     // n² + 2n projections
+  int m_pad;                 // row stride of the u partials = columns of the packed phif
+  int ldu;                   // row stride of du (M rounded up to 16)
+  index_t cps;               // chunks of 32 features a stream (d_pad / 32)
+  index_t chunks_per_split;  // chunks of the n·cps a proj/dh block walks
+  int splits;                // proj: partial slices (gridDim.y)
+  int iters;                 // Sinkhorn iterations (>= 1)
+  double eps, pre_eps, post_mult, sinkhorn_eps;
+  TokenLayout h_tok;         // H (N, n, d): tokens
+  index_t h_stream_stride;
+  TokenLayout dh_tok;        // dH (N, n, d): tokens
+  index_t dh_stream_stride;
+  const void* __restrict__ h_ptr;
+  const void* __restrict__ phif_ptr;  // proj: packed phi (uint4 fragments)
+  const void* __restrict__ phib_ptr;  // dh: packed phi (uint4 fragments)
+  const void* __restrict__ scale_ptr; // (3) a_pre, a_post, a_res, accumulator dtype
+  const void* __restrict__ b_ptr;     // (M) accumulator dtype
+  // forward
+  void* __restrict__ up_ptr;     // (splits, N, m_pad) partial u
+  void* __restrict__ ssp_ptr;    // (splits, N) partial Σ xf²
+  void* __restrict__ alpha_ptr;  // (N, n, n+1)
+  void* __restrict__ beta_ptr;   // (N, n)
+  void* __restrict__ u_ptr;      // (N, M)   forward output, backward input
+  void* __restrict__ r_ptr;      // (N)      forward output, backward input
+  // backward
+  const void* __restrict__ dalpha_ptr;  // (N, n, n+1) or null (zero)
+  const void* __restrict__ dbeta_ptr;   // (N, n) or null (zero)
+  void* __restrict__ du_ptr;     // (N, ldu), zero-filled by the launcher (padding)
+  void* __restrict__ s_ptr;      // (N)
+  void* __restrict__ g_ptr;      // (N, 2M) [dh, dh·z]
+  void* __restrict__ cbuf_ptr;   // global Sinkhorn scale buffer, or null (shared memory)
+  void* __restrict__ dh_ptr;     // dH
+};
+
+// n = 4 (M = 24): 3 n-tiles in one pass; any other n: 8 n-tiles (64 columns) a pass.
+template <int kN>
+struct MhcProjTiles {
+  static constexpr int value = kN == 4 ? 3 : 8;
+};
+
+// --------------------------------------------------------------------------- proj
+
+// Partial u and Σ xf² of a split of the reduction, bf16/fp16 H.
+template <typename T, bool kVec, int kNT>
+__global__ void __launch_bounds__(kMhcThreads) mhc_proj_mma_kernel(const MhcParams p) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int grp = lane / 4, tig = lane % 4;
+  const int64_t N = p.n_tokens;
+  const int64_t t0 = (static_cast<int64_t>(blockIdx.x) * kMhcWarps + warp) * 16;
+  if (t0 >= N) return;  // no barriers in this kernel
+  const int64_t d = p.d;
+  const int64_t ta = t0 + grp, tb = t0 + grp + 8;  // the thread's two rows
+  const bool va = ta < N, vb = tb < N;
+  const T* __restrict__ H = static_cast<const T*>(p.h_ptr);
+  const T* __restrict__ xa = H + (va ? p.h_tok.offset(ta) : 0);
+  const T* __restrict__ xb = H + (vb ? p.h_tok.offset(tb) : 0);
+  const uint4* __restrict__ W = static_cast<const uint4*>(p.phif_ptr);
+  const int split = blockIdx.y;
+  const int64_t c_total = p.cps * p.n;
+  const int64_t c_begin = split * p.chunks_per_split;
+  const int64_t c_end = c_begin + p.chunks_per_split < c_total ? c_begin + p.chunks_per_split : c_total;
+  const int n_tiles = p.m_pad / 8;  // per chunk-step row of phif
+  float* __restrict__ U = static_cast<float*>(p.up_ptr) + static_cast<int64_t>(split) * N * p.m_pad;
+  float ssa = 0.f, ssb = 0.f;
+
+  for (int col0 = 0; col0 < p.m_pad; col0 += 8 * kNT) {
+    float acc[kNT][4];
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll 2
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const int64_t i = c / p.cps;
+      const int64_t e = (c - i * p.cps) * 32 + tig * 8;
+      const int64_t so = i * p.h_stream_stride;
+      const uint4 wa = va ? load8<T, kVec>(xa + so, e, d) : make_uint4(0, 0, 0, 0);
+      const uint4 wb = vb ? load8<T, kVec>(xb + so, e, d) : make_uint4(0, 0, 0, 0);
+      if (col0 == 0) {
+        ssa += sumsq8<T>(wa);
+        ssb += sumsq8<T>(wb);
+      }
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        const uint32_t a0 = s ? wa.z : wa.x, a2 = s ? wa.w : wa.y;
+        const uint32_t a1 = s ? wb.z : wb.x, a3 = s ? wb.w : wb.y;
+        const uint4* __restrict__ wrow = W + ((c * 2 + s) * n_tiles + col0 / 8) * kWarpSize + lane;
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+          if (col0 + 8 * j < p.M) {  // warp-uniform: skip all-padding tiles
+            const uint4 b = __ldg(wrow + j * kWarpSize);
+            MmaOp<T>::run(acc[j], a0, a1, a2, a3, b.x, b.y);
+            MmaOp<T>::run(acc[j], a0, a1, a2, a3, b.z, b.w);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+      const int k = col0 + j * 8 + tig * 2;
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        if (va) U[ta * p.m_pad + k + q] = acc[j][q];
+        if (vb) U[tb * p.m_pad + k + q] = acc[j][2 + q];
+      }
+    }
+  }
+  // Row sums over the 4 threads of a row (tig), fixed order.
+  ssa += __shfl_xor_sync(0xffffffffu, ssa, 1);
+  ssa += __shfl_xor_sync(0xffffffffu, ssa, 2);
+  ssb += __shfl_xor_sync(0xffffffffu, ssb, 1);
+  ssb += __shfl_xor_sync(0xffffffffu, ssb, 2);
+  if (tig == 0) {
+    float* __restrict__ SS = static_cast<float*>(p.ssp_ptr) + static_cast<int64_t>(split) * N;
+    if (va) SS[ta] = ssa;
+    if (vb) SS[tb] = ssb;
+  }
+#endif
+}
+
+// ------------------------------------------------------------------------ Sinkhorn
+
+__device__ __forceinline__ float acc_sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
+__device__ __forceinline__ double acc_sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
+
+// Sum of v over the kN aligned lanes of the caller's group, the same bits in each lane.
+template <int kN, typename acc>
+__device__ __forceinline__ acc group_sum(acc v) {
+#pragma unroll
+  for (int o = kN / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Forward Sinkhorn of the caller's row L (entries j < n; the row is active when the lane
+// owns a row i < n of a real token). S = softmax(L) (zero when inactive), P = the output
+// row. With cbuf, the scale c_k of step k owned by this lane (column step: the sum of
+// column `row` + eps; row step: the row sum + eps) goes to cbuf[k·cstride].
+template <typename acc, int kN>
+__device__ __forceinline__ void mhc_sinkhorn_fwd(const acc (&L)[kN], int n, int row, bool active,
+                                                 int iters, acc eps, acc (&S)[kN], acc (&P)[kN],
+                                                 acc* cbuf, int64_t cstride) {
+  acc mx = L[0];
+#pragma unroll
+  for (int j = 1; j < kN; ++j) mx = (j < n && L[j] > mx) ? L[j] : mx;
+  acc sum = acc(0);
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+    S[j] = j < n ? acc_exp(L[j] - mx) : acc(0);
+    sum += S[j];
+  }
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+    S[j] = active ? S[j] / sum : acc(0);
+    P[j] = (active && j < n) ? S[j] + eps : acc(0);
+  }
+  const int steps = 2 * iters - 1;
+  for (int k = 0; k < steps; ++k) {
+    acc c_own;
+    if (k % 2 == 0) {  // column step
+      c_own = eps;
+#pragma unroll
+      for (int j = 0; j < kN; ++j) {
+        const acc c = group_sum<kN>(P[j]) + eps;
+        P[j] = P[j] / c;
+        if (j == row) c_own = c;
+      }
+    } else {  // row step
+      acc s = acc(0);
+#pragma unroll
+      for (int j = 0; j < kN; ++j) s += P[j];
+      c_own = s + eps;
+#pragma unroll
+      for (int j = 0; j < kN; ++j) P[j] = P[j] / c_own;
+    }
+    if (cbuf != nullptr) cbuf[k * cstride] = c_own;
+  }
+}
+
+// ----------------------------------------------------------------------- epilogues
+
+// The lane's slice of a token: pre_i, post_i and row i of the residual logits.
+template <typename acc, int kN>
+struct MhcRow {
+  acc pre, post, res[kN];
+};
+
+// Sum of the split partials of the lane's row, in split order.
+template <typename acc, int kN>
+__device__ __forceinline__ MhcRow<acc, kN> mhc_load_row(const acc* __restrict__ base, int64_t split_stride,
+                                                        int splits, int n, int row, bool active) {
+  MhcRow<acc, kN> u;
+  u.pre = u.post = acc(0);
+#pragma unroll
+  for (int j = 0; j < kN; ++j) u.res[j] = acc(0);
+  if (!active) return u;
+  for (int sp = 0; sp < splits; ++sp) {
+    const acc* __restrict__ us = base + sp * split_stride;
+    u.pre += us[row];
+    u.post += us[n + row];
+#pragma unroll
+    for (int j = 0; j < kN; ++j) {
+      if (j < n) u.res[j] += us[2 * n + row * n + j];
+    }
+  }
+  return u;
+}
+
+template <typename acc, int kN>
+__global__ void __launch_bounds__(kMhcEpiThreads) mhc_fwd_epilogue_kernel(const MhcParams p) {
+  const int64_t N = p.n_tokens;
+  const int n = p.n, M = p.M;
+  const int64_t gt = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t t = gt / kN;
+  const int row = static_cast<int>(gt % kN);
+  const bool valid = t < N;
+  const bool active = valid && row < n;
+  const int64_t tc = valid ? t : 0;
+  const acc* __restrict__ up = static_cast<const acc*>(p.up_ptr);
+  const acc* __restrict__ ssp = static_cast<const acc*>(p.ssp_ptr);
+  const acc* __restrict__ b = static_cast<const acc*>(p.b_ptr);
+  const acc* __restrict__ sc = static_cast<const acc*>(p.scale_ptr);
+
+  acc ss = acc(0);
+  for (int sp = 0; sp < p.splits; ++sp) ss += ssp[sp * N + tc];
+  const MhcRow<acc, kN> u = mhc_load_row<acc, kN>(up + tc * p.m_pad, N * p.m_pad, p.splits, n, row, active);
+  const acc r = acc_rsqrt_(ss / static_cast<acc>(static_cast<int64_t>(n) * p.d) + static_cast<acc>(p.eps));
+  const acc a_pre = sc[0], a_post = sc[1], a_res = sc[2];
+  const int rr = active ? row : 0;
+  acc L[kN];
+#pragma unroll
+  for (int j = 0; j < kN; ++j) L[j] = (active && j < n) ? a_res * (r * u.res[j]) + b[2 * n + rr * n + j] : acc(0);
+  acc S[kN], P[kN];
+  mhc_sinkhorn_fwd<acc, kN>(L, n, row, active, p.iters, static_cast<acc>(p.sinkhorn_eps), S, P, nullptr, 0);
+  if (!active) return;  // after the last shuffle
+
+  const acc h_pre = a_pre * (r * u.pre) + b[row];
+  const acc h_post = a_post * (r * u.post) + b[n + row];
+  acc* __restrict__ alpha = static_cast<acc*>(p.alpha_ptr) + (t * n + row) * (n + 1);
+  alpha[0] = acc_sigmoid(h_pre) + static_cast<acc>(p.pre_eps);
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+    if (j < n) alpha[1 + j] = P[j];
+  }
+  static_cast<acc*>(p.beta_ptr)[t * n + row] = static_cast<acc>(p.post_mult) * acc_sigmoid(h_post);
+  acc* __restrict__ uo = static_cast<acc*>(p.u_ptr) + t * M;
+  uo[row] = u.pre;
+  uo[n + row] = u.post;
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+    if (j < n) uo[2 * n + row * n + j] = u.res[j];
+  }
+  if (row == 0) static_cast<acc*>(p.r_ptr)[t] = r;
+}
+
+// Dynamic shared memory: the Sinkhorn scales [2·iters − 1][blockDim.x] when cbuf_ptr is
+// null (else none).
+template <typename acc, int kN>
+__global__ void __launch_bounds__(kMhcEpiThreads) mhc_bwd_epilogue_kernel(const MhcParams p) {
+  extern __shared__ __align__(16) unsigned char mhc_smem[];
+  const int64_t N = p.n_tokens;
+  const int n = p.n, M = p.M;
+  const int64_t gt = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t t = gt / kN;
+  const int row = static_cast<int>(gt % kN);
+  const bool valid = t < N;
+  const bool active = valid && row < n;
+  const int64_t tc = valid ? t : 0;
+  const int rr = active ? row : 0;
+  const acc* __restrict__ b = static_cast<const acc*>(p.b_ptr);
+  const acc* __restrict__ sc = static_cast<const acc*>(p.scale_ptr);
+  const acc* __restrict__ dalpha = static_cast<const acc*>(p.dalpha_ptr);
+  const acc* __restrict__ dbeta = static_cast<const acc*>(p.dbeta_ptr);
+  acc* cbuf;
+  int64_t cstride;
+  if (p.cbuf_ptr != nullptr) {
+    cbuf = static_cast<acc*>(p.cbuf_ptr) + gt;
+    cstride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  } else {
+    cbuf = reinterpret_cast<acc*>(mhc_smem) + threadIdx.x;
+    cstride = blockDim.x;
+  }
+
+  const MhcRow<acc, kN> u = mhc_load_row<acc, kN>(static_cast<const acc*>(p.u_ptr) + tc * M, 0, 1, n, row, active);
+  const acc r = static_cast<const acc*>(p.r_ptr)[tc];
+  const acc a_pre = sc[0], a_post = sc[1], a_res = sc[2];
+  const acc eps = static_cast<acc>(p.sinkhorn_eps);
+  acc L[kN], zres[kN];
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+    zres[j] = r * u.res[j];
+    L[j] = (active && j < n) ? a_res * zres[j] + b[2 * n + rr * n + j] : acc(0);
+  }
+  acc S[kN], P[kN];
+  mhc_sinkhorn_fwd<acc, kN>(L, n, row, active, p.iters, eps, S, P, cbuf, cstride);
+
+  // g = dcomb row; P walks back from the last iterate to the first.
+  const acc* __restrict__ da_row = dalpha != nullptr ? dalpha + (tc * n + rr) * (n + 1) : nullptr;
+  acc g[kN];
+#pragma unroll
+  for (int j = 0; j < kN; ++j) g[j] = (active && j < n && da_row != nullptr) ? da_row[1 + j] : acc(0);
+  const int steps = 2 * p.iters - 1;
+  for (int k = steps - 1; k >= 0; --k) {
+    const acc c_own = cbuf[k * cstride];
+    if (k % 2 == 0) {  // column step: column j's scale is owned by lane j of the group
+#pragma unroll
+      for (int j = 0; j < kN; ++j) {
+        const acc dot = group_sum<kN>(g[j] * P[j]);
+        const acc c = __shfl_sync(0xffffffffu, c_own, j, kN);
+        g[j] = (g[j] - dot) / c;
+        P[j] = P[j] * c;
+      }
+    } else {
+      acc dot = acc(0);
+#pragma unroll
+      for (int j = 0; j < kN; ++j) dot += g[j] * P[j];
+#pragma unroll
+      for (int j = 0; j < kN; ++j) {
+        g[j] = (g[j] - dot) / c_own;
+        P[j] = P[j] * c_own;
+      }
+    }
+  }
+  acc dot = acc(0);
+#pragma unroll
+  for (int j = 0; j < kN; ++j) dot += g[j] * S[j];
+  acc dh_res[kN];
+#pragma unroll
+  for (int j = 0; j < kN; ++j) dh_res[j] = S[j] * (g[j] - dot);
+
+  // Gates, dz, du and the lane's share of dr = <dz, u>.
+  acc dh_pre = acc(0), dh_post = acc(0), z_pre = acc(0), z_post = acc(0);
+  if (active) {
+    z_pre = r * u.pre;
+    z_post = r * u.post;
+    const acc sp = acc_sigmoid(a_pre * z_pre + b[row]);
+    const acc so = acc_sigmoid(a_post * z_post + b[n + row]);
+    const acc dpre = da_row != nullptr ? da_row[0] : acc(0);
+    const acc dpost = dbeta != nullptr ? dbeta[t * n + row] : acc(0);
+    dh_pre = dpre * sp * (acc(1) - sp);
+    dh_post = static_cast<acc>(p.post_mult) * dpost * so * (acc(1) - so);
+  }
+  acc dr = a_pre * dh_pre * u.pre + a_post * dh_post * u.post;
+#pragma unroll
+  for (int j = 0; j < kN; ++j) dr += a_res * dh_res[j] * u.res[j];
+  dr = group_sum<kN>(dr);
+  if (!active) return;  // after the last shuffle
+
+  acc* __restrict__ du = static_cast<acc*>(p.du_ptr) + t * p.ldu;
+  acc* __restrict__ G = static_cast<acc*>(p.g_ptr) + t * 2 * M;
+  du[row] = r * a_pre * dh_pre;
+  du[n + row] = r * a_post * dh_post;
+  G[row] = dh_pre;
+  G[n + row] = dh_post;
+  G[M + row] = dh_pre * z_pre;
+  G[M + n + row] = dh_post * z_post;
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+    if (j < n) {
+      const int m = 2 * n + row * n + j;
+      du[m] = r * a_res * dh_res[j];
+      G[m] = dh_res[j];
+      G[M + m] = dh_res[j] * zres[j];
+    }
+  }
+  if (row == 0) static_cast<acc*>(p.s_ptr)[t] = dr * r * r * r / static_cast<acc>(static_cast<int64_t>(n) * p.d);
+}
+
+// ----------------------------------------------------------------------------- dH
+
+// dH = du·phiᵀ − s·xf for bf16/fp16 H; a block's warps walk chunks [blockIdx.y ·
+// chunks_per_split, ...) of the n·cps output chunks (disjoint outputs).
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kMhcThreads) mhc_dh_mma_kernel(const MhcParams p) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int grp = lane / 4, tig = lane % 4;
+  const int64_t N = p.n_tokens;
+  const int64_t t0 = (static_cast<int64_t>(blockIdx.x) * kMhcWarps + warp) * 16;
+  if (t0 >= N) return;
+  const int64_t d = p.d;
+  const int64_t ta = t0 + grp, tb = t0 + grp + 8;
+  const bool va = ta < N, vb = tb < N;
+  const T* __restrict__ H = static_cast<const T*>(p.h_ptr);
+  T* __restrict__ DH = static_cast<T*>(p.dh_ptr);
+  const T* __restrict__ xa = H + (va ? p.h_tok.offset(ta) : 0);
+  const T* __restrict__ xb = H + (vb ? p.h_tok.offset(tb) : 0);
+  T* __restrict__ dha = DH + (va ? p.dh_tok.offset(ta) : 0);
+  T* __restrict__ dhb = DH + (vb ? p.dh_tok.offset(tb) : 0);
+  const float* __restrict__ DU = static_cast<const float*>(p.du_ptr);
+  const float* __restrict__ ga = DU + (va ? ta : 0) * p.ldu;
+  const float* __restrict__ gb = DU + (vb ? tb : 0) * p.ldu;
+  const float sa = va ? static_cast<const float*>(p.s_ptr)[ta] : 0.f;
+  const float sb = vb ? static_cast<const float*>(p.s_ptr)[tb] : 0.f;
+  const uint4* __restrict__ W = static_cast<const uint4*>(p.phib_ptr);
+  const int ksteps = p.ldu / 16;
+  const int64_t c_total = p.cps * p.n;
+  const int64_t c_begin = blockIdx.y * p.chunks_per_split;
+  const int64_t c_end = c_begin + p.chunks_per_split < c_total ? c_begin + p.chunks_per_split : c_total;
+
+  for (int64_t c = c_begin; c < c_end; ++c) {
+    float acc[kMhcDhTiles][4];
+#pragma unroll
+    for (int j = 0; j < kMhcDhTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    for (int ks = 0; ks < ksteps; ++ks) {
+      const int k = ks * 16 + tig * 2;
+      const float2 g0 = va ? __ldg(reinterpret_cast<const float2*>(ga + k)) : make_float2(0.f, 0.f);
+      const float2 g1 = vb ? __ldg(reinterpret_cast<const float2*>(gb + k)) : make_float2(0.f, 0.f);
+      const float2 g2 = va ? __ldg(reinterpret_cast<const float2*>(ga + k + 8)) : make_float2(0.f, 0.f);
+      const float2 g3 = vb ? __ldg(reinterpret_cast<const float2*>(gb + k + 8)) : make_float2(0.f, 0.f);
+      uint32_t h0, h1, h2, h3, l0, l1, l2, l3;
+      split_bf16x2(g0.x, g0.y, h0, l0);
+      split_bf16x2(g1.x, g1.y, h1, l1);
+      split_bf16x2(g2.x, g2.y, h2, l2);
+      split_bf16x2(g3.x, g3.y, h3, l3);
+      const uint4* __restrict__ wrow = W + ((c * ksteps + ks) * kMhcDhTiles) * kWarpSize + lane;
+#pragma unroll
+      for (int j = 0; j < kMhcDhTiles; ++j) {
+        const uint4 b = __ldg(wrow + j * kWarpSize);
+        MmaOp<__nv_bfloat16>::run(acc[j], h0, h1, h2, h3, b.x, b.y);
+        MmaOp<__nv_bfloat16>::run(acc[j], l0, l1, l2, l3, b.x, b.y);
+        MmaOp<__nv_bfloat16>::run(acc[j], h0, h1, h2, h3, b.z, b.w);
+      }
+    }
+    // Thread holds features 32·(c % cps) + 8tig + 2j + {0, 1} of stream c / cps, rows a
+    // (c0, c1) and b (c2, c3).
+    const int64_t i = c / p.cps;
+    const int64_t e = (c - i * p.cps) * 32 + tig * 8;
+#pragma unroll
+    for (int rw = 0; rw < 2; ++rw) {
+      const bool v = rw ? vb : va;
+      if (!v) continue;
+      const uint4 xw = load8<T, kVec>((rw ? xb : xa) + i * p.h_stream_stride, e, d);
+      const T* xv = reinterpret_cast<const T*>(&xw);
+      const float s = rw ? sb : sa;
+      Vec<T, 8> out;
+#pragma unroll
+      for (int j = 0; j < kMhcDhTiles; ++j) {
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          out.v[2 * j + q] = from_acc<T>(acc[j][2 * rw + q] - s * to_acc(xv[2 * j + q]));
+        }
+      }
+      T* dst = (rw ? dhb : dha) + i * p.dh_stream_stride;
+      if (kVec && e + 8 <= d) {
+        *reinterpret_cast<Vec<T, 8>*>(dst + e) = out;
+      } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          if (e + k < d) dst[e + k] = out.v[k];
+        }
+      }
+    }
+  }
+#endif
+}
+
+}  // namespace crosslayer

@@ -1,0 +1,362 @@
+// Launchers for the mHC coefficients (kernels in kernels/mhc_coeffs.cuh).
+//
+//   mhc_coeffs_fwd(H (*, n, d), phi (n·d, M), a_pre, a_post, a_res (0-dim), b (M), eps,
+//                  pre_eps, post_mult, iters, sinkhorn_eps)
+//       -> {alpha (*, n, n+1), beta (*, n), u = xf·phi (*, M), r (*)}
+//   mhc_coeffs_bwd(dalpha?, dbeta?, H, phi, a_pre, a_post, a_res, b, u, r, <same floats>)
+//       -> {dH (H's layout), dphi, da_pre, da_post, da_res, db}
+//
+// M = n² + 2n. alpha, beta, u, r are in the accumulator dtype (float64 for float64 H,
+// float32 otherwise); u and r are what the backward needs (it never recomputes x·phi).
+// Work split:
+//   bf16/fp16 H, d >= 32   forward: mhc_proj_mma_kernel (split-K partials of u and Σ xf²)
+//                          + mhc_fwd_epilogue_kernel; backward: mhc_bwd_epilogue_kernel
+//                          (du, s, G), mhc_dh_mma_kernel (dH), cuBLAS dphi = xfᵀ·du with
+//                          xf as stored and du as 16-bit hi + lo (one GEMM, fp32 output).
+//   fp32/fp64 H (the correctness dtypes) and 16-bit H with d < 32 (where the rms
+//   Jacobian cancels and the hi/lo products' 2^-17 would show): u, Σ xf², dH and dphi by
+//   at::mm in the accumulator dtype, the same epilogue kernels.
+// The split count fills the GPU when N is small (about 16 warps per SM in flight); the
+// epilogue sums the splits in split order. Parameter gradients are sums over tokens by
+// at::sum of the per-token G = [dh, dh·z] and by cuBLAS: deterministic, no atomics. Every
+// launch runs on the current stream and is followed by a launch check; no host syncs.
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/dispatch.h"  // CL_BOOL_SWITCH
+#include "common/launch.h"
+#include "common/layout.h"
+#include "common/mma_pack.h"
+#include "kernels/mhc_coeffs.cuh"
+#include "ops.h"
+
+namespace crosslayer {
+namespace {
+
+// Runs the lambda with `constexpr int K_N` = 4 for n = 4, else the generic 16.
+#define CL_MHC_STREAMS_SWITCH(N, K_N, ...) \
+  [&] {                                    \
+    if ((N) == 4) {                        \
+      constexpr int K_N = 4;               \
+      return __VA_ARGS__();                \
+    } else {                               \
+      constexpr int K_N = kMhcMaxStreams;  \
+      return __VA_ARGS__();                \
+    }                                      \
+  }()
+
+// Warps a proj/dh launch aims to have resident per SM (bytes in flight for HBM).
+constexpr int64_t kWarpsPerSm = 16;
+// Smallest d on the tensor-core path (see the header comment).
+constexpr int64_t kMmaMinD = 32;
+// Largest shared-memory Sinkhorn scale buffer (no opt-in needed); beyond it, global.
+constexpr int64_t kCbufSmemMax = 48 * 1024;
+
+struct MhcShape {
+  std::vector<int64_t> lead;  // token dims
+  int64_t N, n, d, M;
+};
+
+MhcShape check_mhc_inputs(const at::Tensor& H, const at::Tensor& phi, const at::Tensor& a_pre,
+                          const at::Tensor& a_post, const at::Tensor& a_res, const at::Tensor& b,
+                          int64_t iters) {
+  CL_CHECK_CUDA(H, "H");
+  CL_CHECK_FLOATING(H, "H");
+  TORCH_CHECK(H.dim() >= 2, "H must have shape (..., n, d), got ", H.sizes());
+  MhcShape sh;
+  sh.n = H.size(-2);
+  sh.d = H.size(-1);
+  TORCH_CHECK(sh.n >= 1 && sh.n <= kMhcMaxStreams, "H must have 1 to ", kMhcMaxStreams,
+              " streams (dim -2 of (..., n, d)), got n = ", sh.n);
+  TORCH_CHECK(sh.d >= 1, "H must have d >= 1 features (its rms is over n·d), got ", H.sizes());
+  sh.M = sh.n * sh.n + 2 * sh.n;
+  sh.lead.assign(H.sizes().begin(), H.sizes().end() - 2);
+  sh.N = 1;
+  for (int64_t s : sh.lead) sh.N *= s;
+  check_floating(phi, "phi");
+  check_same_device(phi, "phi", H);
+  CL_CHECK_SHAPE(phi, "phi", "(n·d, n²+2n)", sh.n * sh.d, sh.M);
+  check_floating(b, "b");
+  check_same_device(b, "b", H);
+  CL_CHECK_SHAPE(b, "b", "(n²+2n,)", sh.M);
+  for (const auto& tn : {std::make_pair(&a_pre, "a_pre"), std::make_pair(&a_post, "a_post"),
+                         std::make_pair(&a_res, "a_res")}) {
+    TORCH_CHECK(tn.first->dim() == 0, tn.second, " must be a 0-dim tensor, got shape ", tn.first->sizes());
+    check_floating(*tn.first, tn.second);
+    check_same_device(*tn.first, tn.second, H);
+  }
+  TORCH_CHECK(iters >= 1, "iters must be >= 1, got ", iters);
+  return sh;
+}
+
+void check_per_token(const at::Tensor& t, const char* name, const char* what,
+                     const std::vector<int64_t>& expected, const at::Tensor& H) {
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(expected), name, " must have shape ", what, " = ",
+              at::IntArrayRef(expected), ", got ", t.sizes());
+  check_same_device(t, name, H);
+  check_floating(t, name);
+}
+
+bool use_mma(const at::Tensor& H) {
+  const at::ScalarType t = H.scalar_type();
+  return (t == at::kBFloat16 || t == at::kHalf) && H.size(-1) >= kMmaMinD;
+}
+
+// phi (n·d, M) as fp32 (n·d_pad, cols): each stream's d rows padded to d_pad, columns
+// to cols, zeros; so reduction chunk c of 32 rows lies in stream c / (d_pad / 32).
+at::Tensor phi_padded(const at::Tensor& phi, int64_t n, int64_t d, int64_t d_pad, int64_t cols) {
+  const int64_t M = phi.size(1);
+  return at::constant_pad_nd(phi.to(at::kFloat).reshape({n, d, M}), {0, cols - M, 0, d_pad - d}, 0)
+      .view({n * d_pad, cols});
+}
+
+// Shared fields of the params struct.
+MhcParams base_params(const MhcShape& sh, double eps, double pre_eps, double post_mult, int64_t iters,
+                      double sinkhorn_eps) {
+  MhcParams p{};
+  p.n_tokens = sh.N;
+  p.d = sh.d;
+  p.n = static_cast<int>(sh.n);
+  p.M = static_cast<int>(sh.M);
+  p.cps = round_up(sh.d, 32) / 32;
+  p.iters = static_cast<int>(iters);
+  p.eps = eps;
+  p.pre_eps = pre_eps;
+  p.post_mult = post_mult;
+  p.sinkhorn_eps = sinkhorn_eps;
+  return p;
+}
+
+// Splits of the n·cps reduction chunks so that about kWarpsPerSm warps per SM run:
+// sets p.chunks_per_split and returns the split count (grid.y).
+int64_t choose_splits(MhcParams& p, int64_t tiles, int device) {
+  const int64_t chunks = p.cps * p.n;
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  int64_t splits = (sms * kWarpsPerSm + tiles * kMhcWarps - 1) / (tiles * kMhcWarps);
+  splits = std::max<int64_t>(1, std::min<int64_t>({splits, chunks, 65535}));
+  p.chunks_per_split = (chunks + splits - 1) / splits;
+  return (chunks + p.chunks_per_split - 1) / p.chunks_per_split;
+}
+
+int64_t token_tiles(int64_t N) { return (N + 16 * kMhcWarps - 1) / (16 * kMhcWarps); }
+
+template <typename Kernel>
+void launch_epilogue(Kernel kernel, const MhcParams& p, int group, int smem) {
+  const int64_t blocks = (p.n_tokens * group + kMhcEpiThreads - 1) / kMhcEpiThreads;
+  allow_smem(kernel, smem);
+  kernel<<<dim3(static_cast<unsigned>(blocks)), dim3(kMhcEpiThreads), smem,
+           c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H_in, const at::Tensor& phi, const at::Tensor& a_pre,
+                                       const at::Tensor& a_post, const at::Tensor& a_res, const at::Tensor& b,
+                                       double eps, double pre_eps, double post_mult, int64_t iters,
+                                       double sinkhorn_eps) {
+  const MhcShape sh = check_mhc_inputs(H_in, phi, a_pre, a_post, a_res, b, iters);
+  const c10::cuda::CUDAGuard guard(H_in.device());
+  const at::ScalarType acc_type = acc_dtype(H_in.scalar_type());
+  const auto acc_opts = H_in.options().dtype(acc_type);
+  const int64_t n = sh.n, d = sh.d, N = sh.N, M = sh.M;
+  at::Tensor alpha = at::empty(with_tail(sh.lead, {n, n + 1}), acc_opts);
+  at::Tensor beta = at::empty(with_tail(sh.lead, {n}), acc_opts);
+  at::Tensor u = at::empty(with_tail(sh.lead, {M}), acc_opts);
+  at::Tensor r = at::empty(sh.lead, acc_opts);
+  if (N == 0) return {alpha, beta, u, r};
+
+  MhcParams p = base_params(sh, eps, pre_eps, post_mult, iters, sinkhorn_eps);
+  const at::Tensor scale = at::stack({a_pre.to(acc_type), a_post.to(acc_type), a_res.to(acc_type)});
+  const at::Tensor b_ = b.to(acc_type).contiguous();
+  p.scale_ptr = scale.data_ptr();
+  p.b_ptr = b_.data_ptr();
+  p.alpha_ptr = alpha.data_ptr();
+  p.beta_ptr = beta.data_ptr();
+  p.u_ptr = u.data_ptr();
+  p.r_ptr = r.data_ptr();
+  const int device = H_in.device().index();
+
+  at::Tensor up, ssp;
+  if (use_mma(H_in)) {
+    const at::Tensor H = readable(H_in, 2, &p.h_tok);
+    p.h_ptr = H.data_ptr();
+    p.h_stream_stride = stream_stride(H);
+    const int kNT = n == 4 ? MhcProjTiles<4>::value : MhcProjTiles<kMhcMaxStreams>::value;
+    p.m_pad = static_cast<int>(round_up(M, 8 * kNT));
+    const at::Tensor phif = pack_w1_proj(phi_padded(phi, n, d, p.cps * 32, M), H.scalar_type(), p.m_pad);
+    p.phif_ptr = phif.data_ptr();
+    const int64_t tiles = token_tiles(N);
+    p.splits = static_cast<int>(choose_splits(p, tiles, device));
+    up = at::empty({p.splits, N, p.m_pad}, acc_opts);
+    ssp = at::empty({p.splits, N}, acc_opts);
+    p.up_ptr = up.data_ptr();
+    p.ssp_ptr = ssp.data_ptr();
+    const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, 8);
+    const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(p.splits));
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    CL_BOOL_SWITCH(vectorize, kVec, [&] {
+      CL_MHC_STREAMS_SWITCH(n, kN, [&] {
+        constexpr int kNT_ = MhcProjTiles<kN>::value;
+        if (H.scalar_type() == at::kBFloat16) {
+          mhc_proj_mma_kernel<__nv_bfloat16, kVec, kNT_><<<grid, kMhcThreads, 0, stream>>>(p);
+        } else {
+          mhc_proj_mma_kernel<__half, kVec, kNT_><<<grid, kMhcThreads, 0, stream>>>(p);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  } else {
+    // The oracle's sequence: u = xf·phi, Σ xf² in the accumulator dtype (one split).
+    const at::Tensor xf = H_in.reshape({N, n * d}).to(acc_type);
+    up = at::mm(xf, phi.to(acc_type)).contiguous();
+    ssp = xf.square().sum(1);
+    p.m_pad = static_cast<int>(M);
+    p.splits = 1;
+    p.up_ptr = up.data_ptr();
+    p.ssp_ptr = ssp.data_ptr();
+  }
+
+  CL_MHC_STREAMS_SWITCH(n, kN, [&] {
+    if (acc_type == at::kDouble) {
+      launch_epilogue(mhc_fwd_epilogue_kernel<double, kN>, p, kN, 0);
+    } else {
+      launch_epilogue(mhc_fwd_epilogue_kernel<float, kN>, p, kN, 0);
+    }
+  });
+  return {alpha, beta, u, r};
+}
+
+std::vector<at::Tensor> mhc_coeffs_bwd(const std::optional<at::Tensor>& dalpha,
+                                       const std::optional<at::Tensor>& dbeta, const at::Tensor& H_in,
+                                       const at::Tensor& phi, const at::Tensor& a_pre, const at::Tensor& a_post,
+                                       const at::Tensor& a_res, const at::Tensor& b, const at::Tensor& u_in,
+                                       const at::Tensor& r_in, double eps, double pre_eps, double post_mult,
+                                       int64_t iters, double sinkhorn_eps) {
+  const MhcShape sh = check_mhc_inputs(H_in, phi, a_pre, a_post, a_res, b, iters);
+  const int64_t n = sh.n, d = sh.d, N = sh.N, M = sh.M;
+  if (dalpha) check_per_token(*dalpha, "dalpha", "(..., n, n+1)", with_tail(sh.lead, {n, n + 1}), H_in);
+  if (dbeta) check_per_token(*dbeta, "dbeta", "(..., n)", with_tail(sh.lead, {n}), H_in);
+  check_per_token(u_in, "u", "(..., n²+2n)", with_tail(sh.lead, {M}), H_in);
+  check_per_token(r_in, "r", "(...)", sh.lead, H_in);
+  const c10::cuda::CUDAGuard guard(H_in.device());
+  const at::ScalarType acc_type = acc_dtype(H_in.scalar_type());
+  const auto acc_opts = H_in.options().dtype(acc_type);
+
+  at::Tensor dH = at::empty_like(H_in);
+  if (N == 0) {
+    return {dH, at::zeros(phi.sizes(), phi.options()), at::zeros({}, a_pre.options()),
+            at::zeros({}, a_post.options()), at::zeros({}, a_res.options()), at::zeros(b.sizes(), b.options())};
+  }
+  MhcParams p = base_params(sh, eps, pre_eps, post_mult, iters, sinkhorn_eps);
+  const at::Tensor scale = at::stack({a_pre.to(acc_type), a_post.to(acc_type), a_res.to(acc_type)});
+  const at::Tensor b_ = b.to(acc_type).contiguous();
+  const at::Tensor u = u_in.to(acc_type).contiguous();
+  const at::Tensor r = r_in.to(acc_type).contiguous();
+  const at::Tensor dalpha_ = dalpha ? dalpha->to(acc_type).contiguous() : at::Tensor();
+  const at::Tensor dbeta_ = dbeta ? dbeta->to(acc_type).contiguous() : at::Tensor();
+  p.ldu = static_cast<int>(round_up(M, 16));
+  at::Tensor du = at::zeros({N, p.ldu}, acc_opts);
+  at::Tensor s = at::empty({N}, acc_opts);
+  at::Tensor G = at::empty({N, 2 * M}, acc_opts);
+  p.scale_ptr = scale.data_ptr();
+  p.b_ptr = b_.data_ptr();
+  p.u_ptr = const_cast<void*>(u.data_ptr());
+  p.r_ptr = const_cast<void*>(r.data_ptr());
+  p.dalpha_ptr = dalpha ? dalpha_.data_ptr() : nullptr;
+  p.dbeta_ptr = dbeta ? dbeta_.data_ptr() : nullptr;
+  p.du_ptr = du.data_ptr();
+  p.s_ptr = s.data_ptr();
+  p.g_ptr = G.data_ptr();
+  const int device = H_in.device().index();
+
+  // Sinkhorn scales: shared memory [steps][threads] when small, else a global workspace.
+  const int64_t steps = 2 * iters - 1;
+  const int64_t group = n == 4 ? 4 : kMhcMaxStreams;
+  const int64_t blocks = (N * group + kMhcEpiThreads - 1) / kMhcEpiThreads;
+  const int64_t cbuf_bytes = steps * kMhcEpiThreads * static_cast<int64_t>(at::elementSize(acc_type));
+  at::Tensor cbuf;
+  int smem = 0;
+  if (cbuf_bytes <= kCbufSmemMax) {
+    smem = static_cast<int>(cbuf_bytes);
+  } else {
+    cbuf = at::empty({steps, blocks * kMhcEpiThreads}, acc_opts);
+    p.cbuf_ptr = cbuf.data_ptr();
+  }
+  CL_MHC_STREAMS_SWITCH(n, kN, [&] {
+    if (acc_type == at::kDouble) {
+      launch_epilogue(mhc_bwd_epilogue_kernel<double, kN>, p, kN, smem);
+    } else {
+      launch_epilogue(mhc_bwd_epilogue_kernel<float, kN>, p, kN, smem);
+    }
+  });
+
+  // db = Σ_t dh; da_* = Σ_t Σ_{m in the group} dh·z.
+  const at::Tensor sums = G.sum(0);
+  const at::Tensor db = sums.narrow(0, 0, M);
+  const at::Tensor da_pre = sums.narrow(0, M, n).sum();
+  const at::Tensor da_post = sums.narrow(0, M + n, n).sum();
+  const at::Tensor da_res = sums.narrow(0, M + 2 * n, n * n).sum();
+  const at::Tensor duM = du.narrow(1, 0, M);
+
+  at::Tensor dphi;
+  if (use_mma(H_in)) {
+    const at::Tensor H = readable(H_in, 2, &p.h_tok);
+    at::Tensor dH_k = writable(dH, 2, &p.dh_tok);
+    p.h_ptr = H.data_ptr();
+    p.h_stream_stride = stream_stride(H);
+    p.dh_ptr = dH_k.data_ptr();
+    p.dh_stream_stride = stream_stride(dH_k);
+    const at::Tensor phib = pack_w1_dx(phi_padded(phi, n, d, p.cps * 32, M), p.ldu);
+    p.phib_ptr = phib.data_ptr();
+    const int64_t tiles = token_tiles(N);
+    const int64_t splits = choose_splits(p, tiles, device);
+    const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, 8) &&
+                           vec_ok(p.dh_ptr, p.dh_tok, p.dh_stream_stride, 8);
+    const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    CL_BOOL_SWITCH(vectorize, kVec, [&] {
+      if (H.scalar_type() == at::kBFloat16) {
+        mhc_dh_mma_kernel<__nv_bfloat16, kVec><<<grid, kMhcThreads, 0, stream>>>(p);
+      } else {
+        mhc_dh_mma_kernel<__half, kVec><<<grid, kMhcThreads, 0, stream>>>(p);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    copy_back(dH, dH_k);
+
+    // dphi = xfᵀ·du with xf as stored and du as 16-bit hi + lo in one GEMM over
+    // [hi | lo]. fp16 has a narrow exponent range: du is scaled by a power of two near
+    // 1/max|du| first (computed on the device, no sync) and the product unscaled.
+    const at::Tensor xf = H_in.reshape({N, n * d});
+    const at::ScalarType part = H_in.scalar_type();
+    at::Tensor gs = duM;
+    at::Tensor gscale;
+    if (part == at::kHalf) {
+      gscale = at::exp2(at::neg(at::floor(at::log2(at::clamp_min(duM.abs().amax(), 1e-30)))));
+      gs = duM * gscale;
+    }
+    const at::Tensor hi = gs.to(part);
+    const at::Tensor lo = (gs - hi.to(at::kFloat)).to(part);
+    const at::Tensor both = at::mm(xf.t(), at::cat({hi, lo}, 1), at::kFloat);  // (n·d, 2M)
+    dphi = both.narrow(1, 0, M) + both.narrow(1, M, M);
+    if (part == at::kHalf) dphi = dphi / gscale;
+  } else {
+    // The oracle's form: dxf = du·phiᵀ − s·xf, dphi = xfᵀ·du, in the accumulator dtype.
+    const at::Tensor xf = H_in.reshape({N, n * d}).to(acc_type);
+    const at::Tensor dxf = at::mm(duM, phi.to(acc_type).t()) - s.unsqueeze(1) * xf;
+    dH.copy_(dxf.view(H_in.sizes()));
+    dphi = at::mm(xf.t(), duM);
+  }
+  return {dH, dphi.to(phi.scalar_type()).contiguous(), da_pre.to(a_pre.scalar_type()),
+          da_post.to(a_post.scalar_type()), da_res.to(a_res.scalar_type()), db.to(b.scalar_type()).contiguous()};
+}
+
+}  // namespace crosslayer

@@ -1,0 +1,160 @@
+"""mhc_coeffs on the GPU: the mHC coefficient custom ops over crosslayer._C, their
+autograd, and the public function that mirrors `crosslayer.ref.mhc_coeffs`.
+
+Layers, bottom up:
+  _C.mhc_coeffs_fwd / _bwd                 pybind11 launchers (csrc/mhc_coeffs.cu)
+  torch.ops.crosslayer.mhc_coeffs          custom op + fake + autograd: (alpha, beta, u,
+                                           r); u = xf·phi and r = rsqrt(mean xf² + eps)
+                                           are saved for the backward, not differentiable
+  torch.ops.crosslayer.mhc_coeffs_bwd      custom op: (dH, dphi, da_pre, da_post, da_res, db)
+  mhc_coeffs(H, phi, a_pre, a_post, a_res, b, ...)
+                                           validates once, then the op above on CUDA (the
+                                           oracle on CPU, without the extension, or for
+                                           float64 parameters with lower-precision H)
+
+The mixing that follows reuses the HC ops: x = stream_mix(H, alpha[..., 0]) and
+H' = hc_post(H, y, alpha, beta) (H'_k = post_k·y + Σ_j comb[j, k]·H_j).
+
+H: (*lead, n, d) with any token and stream strides. alpha, beta, u, r are contiguous in
+the arithmetic dtype (float64 for float64 H, float32 otherwise); dH is allocated like
+H; parameter gradients are summed over tokens (deterministically) and come back in each
+parameter's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from crosslayer import ref
+from crosslayer._checks import compute_dtype
+from crosslayer._extension import _C
+from crosslayer.ops.hc_pre import _acc, _scalar_tensor
+from crosslayer.ref.hc import Scalar
+from crosslayer.ref.mhc import validate_mhc_coeffs
+
+
+def _fused() -> object:
+    if _C is None:
+        raise RuntimeError(
+            "crosslayer._C is not built, so the fused mhc_coeffs cannot run on CUDA tensors; "
+            "`python -m crosslayer.info` says why. crosslayer.ops.mhc_coeffs uses the oracle "
+            "in that case."
+        )
+    return _C
+
+
+def _projection(H: Tensor, phi: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """The oracle's (u, r) in the arithmetic dtype: u = xf·phi, r = rsqrt(mean xf² + eps)."""
+    acc = _acc(H.dtype)
+    xf = H.to(acc).flatten(-2)
+    return (xf @ phi.to(acc)).contiguous(), torch.rsqrt(xf.square().mean(-1) + eps).contiguous()
+
+
+@torch.library.custom_op("crosslayer::mhc_coeffs", mutates_args=())
+def mhc_coeffs_op(H: Tensor, phi: Tensor, a_pre: Tensor, a_post: Tensor, a_res: Tensor, b: Tensor,
+                  eps: float, pre_eps: float, post_mult: float, iters: int,
+                  sinkhorn_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """mHC coefficients: (alpha, beta, u, r).
+
+    H: (*lead, n, d); phi: (n·d, n²+2n); a_pre, a_post, a_res: 0-dim; b: (n²+2n,).
+    alpha: (*lead, n, n+1); beta: (*lead, n); u = xf·phi: (*lead, n²+2n);
+    r = rsqrt(mean xf² + eps): (*lead,) (arithmetic dtype).
+    """
+    if H.is_cuda:
+        alpha, beta, u, r = _fused().mhc_coeffs_fwd(H, phi, a_pre, a_post, a_res, b, eps, pre_eps,
+                                                    post_mult, iters, sinkhorn_eps)
+        return alpha, beta, u, r
+    acc = _acc(H.dtype)
+    alpha, beta = ref.mhc_coeffs(H, phi.to(acc), a_pre.to(acc), a_post.to(acc), a_res.to(acc),
+                                 b.to(acc), eps, pre_eps, post_mult, iters, sinkhorn_eps)
+    u, r = _projection(H, phi, eps)
+    return alpha.contiguous(), beta.contiguous(), u, r
+
+
+@mhc_coeffs_op.register_fake
+def _mhc_coeffs_fake(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters, sinkhorn_eps):
+    lead, n = H.shape[:-2], H.shape[-2]
+    acc = _acc(H.dtype)
+    return (H.new_empty((*lead, n, n + 1), dtype=acc), H.new_empty((*lead, n), dtype=acc),
+            H.new_empty((*lead, n * n + 2 * n), dtype=acc), H.new_empty(tuple(lead), dtype=acc))
+
+
+@torch.library.custom_op("crosslayer::mhc_coeffs_bwd", mutates_args=())
+def mhc_coeffs_bwd_op(dalpha: Optional[Tensor], dbeta: Optional[Tensor], H: Tensor, phi: Tensor,
+                      a_pre: Tensor, a_post: Tensor, a_res: Tensor, b: Tensor, u: Tensor, r: Tensor,
+                      eps: float, pre_eps: float, post_mult: float, iters: int,
+                      sinkhorn_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dH, dphi, da_pre, da_post, da_res, db) of mhc_coeffs.
+
+    dalpha: (*lead, n, n+1) or None; dbeta: (*lead, n) or None (None = zero); u, r: from
+    mhc_coeffs_op (the CPU path recomputes them from H). dH is allocated like H; the
+    parameter gradients are summed over tokens, each in its parameter's dtype.
+    """
+    if H.is_cuda:
+        dH, dphi, da_pre, da_post, da_res, db = _fused().mhc_coeffs_bwd(
+            dalpha, dbeta, H, phi, a_pre, a_post, a_res, b, u, r, eps, pre_eps, post_mult, iters,
+            sinkhorn_eps)
+        return dH, dphi, da_pre, da_post, da_res, db
+    acc = _acc(H.dtype)
+    dH, dphi, da_pre, da_post, da_res, db = ref.mhc_coeffs_bwd(
+        dalpha, dbeta, H, phi.to(acc), a_pre.to(acc), a_post.to(acc), a_res.to(acc), b.to(acc),
+        eps, pre_eps, post_mult, iters, sinkhorn_eps)
+    dH_like = torch.empty_like(H)
+    dH_like.copy_(dH)
+    return (dH_like, dphi.to(phi.dtype).contiguous(), da_pre.to(a_pre.dtype), da_post.to(a_post.dtype),
+            da_res.to(a_res.dtype), db.to(b.dtype).contiguous())
+
+
+@mhc_coeffs_bwd_op.register_fake
+def _mhc_coeffs_bwd_fake(dalpha, dbeta, H, phi, a_pre, a_post, a_res, b, u, r, eps, pre_eps,
+                         post_mult, iters, sinkhorn_eps):
+    return (torch.empty_like(H), phi.new_empty(phi.shape), a_pre.new_empty(()), a_post.new_empty(()),
+            a_res.new_empty(()), b.new_empty(b.shape))
+
+
+def _mhc_setup(ctx, inputs, output) -> None:
+    H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters, sinkhorn_eps = inputs
+    _, _, u, r = output
+    ctx.mark_non_differentiable(u, r)
+    ctx.save_for_backward(H, phi, a_pre, a_post, a_res, b, u, r)
+    ctx.floats = (eps, pre_eps, post_mult, iters, sinkhorn_eps)
+
+
+def _mhc_backward(ctx, dalpha, dbeta, du, dr):
+    H, phi, a_pre, a_post, a_res, b, u, r = ctx.saved_tensors
+    grads = mhc_coeffs_bwd_op(dalpha, dbeta, H, phi, a_pre, a_post, a_res, b, u, r, *ctx.floats)
+    return (*grads, None, None, None, None, None)
+
+
+mhc_coeffs_op.register_autograd(_mhc_backward, setup_context=_mhc_setup)
+
+
+def mhc_coeffs(H: Tensor, phi: Tensor, a_pre: Scalar, a_post: Scalar, a_res: Scalar, b: Tensor,
+               eps: float = 1e-6, pre_eps: float = 1e-6, post_mult: float = 2.0, iters: int = 20,
+               sinkhorn_eps: float = 1e-6):
+    """mHC coefficients in HC form (see crosslayer.ref.mhc_coeffs).
+
+    H: (..., n, d), 1 <= n <= 16     the streams; any token and stream strides; a feature
+                                      dim with non-unit stride is copied once
+    phi: (n·d, n²+2n)                 projection (RMSNorm weight folded in)
+    a_pre, a_post, a_res: 0-dim tensors or floats; b: (n²+2n,)
+    returns alpha: (..., n, n+1) (column 0 = pre, columns 1.. = comb) and beta: (..., n)
+            (= post), in the arithmetic dtype (float32; float64 for float64 inputs)
+
+    Fused on CUDA when the extension is built (forward: the projection and sum of
+    squares in one pass over H, then gates and Sinkhorn in registers; backward: the exact
+    Sinkhorn backward, dH in one pass, dphi by cuBLAS); the oracle otherwise, and for
+    float64 parameters with lower-precision H.
+    """
+    validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters)
+    scalars = [v for v in (a_pre, a_post, a_res) if isinstance(v, Tensor)]
+    ct = compute_dtype(H, phi, b, *scalars)
+    if not (H.is_cuda and _C is not None and ct == _acc(H.dtype)):
+        return ref.mhc_coeffs(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters,
+                              sinkhorn_eps)
+    a = [_scalar_tensor(v, ct, H.device) for v in (a_pre, a_post, a_res)]
+    alpha, beta, _, _ = mhc_coeffs_op(H, phi, *a, b, eps, pre_eps, post_mult, iters, sinkhorn_eps)
+    return alpha, beta

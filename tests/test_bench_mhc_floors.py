@@ -1,0 +1,133 @@
+"""CPU self-checks of bench/bench_mhc.py: the floor arithmetic against DESIGN.md and
+the docstring's table, argument parsing, the Liger lookup without liger_kernel and the
+exit without a GPU. No CUDA needed."""
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+
+@pytest.fixture(scope="module")
+def bm():
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module("bench_mhc")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.mark.parametrize("n,d", [(1, 1), (4, 2048), (8, 129), (16, 7168)])
+def test_floor_elements_match_design(bm, n, d):
+    # DESIGN.md "Traffic floors": mhc_coeffs n·d / 2n·d; the sublayer is the HC one.
+    assert bm.floor_elements("mhc_coeffs", "fwd", n, d) == n * d
+    assert bm.floor_elements("mhc_coeffs", "fwd+bwd", n, d) == 3 * n * d
+    assert bm.floor_elements("mhc_sublayer", "fwd", n, d) == 3 * n * d + 2 * d
+    assert bm.floor_elements("mhc_sublayer", "fwd+bwd", n, d) == 9 * n * d + 5 * d
+
+
+def test_sublayer_floor_matches_design_yardsticks(bm):
+    # DESIGN.md: mHC sublayer fwd+bwd, bf16, N=16384, n=4, 3.00 TB/s: 0.92 / 1.83 ms.
+    assert round(bm.floor_ms("mhc_sublayer", "fwd+bwd", 16384, 4, 2048, 2, 3.00e12), 2) == 0.92
+    assert round(bm.floor_ms("mhc_sublayer", "fwd+bwd", 16384, 4, 4096, 2, 3.00e12), 2) == 1.83
+
+
+def test_docstring_table_matches_the_arithmetic(bm):
+    rows = {"coeffs fwd": ("mhc_coeffs", "fwd"), "coeffs fwd+bwd": ("mhc_coeffs", "fwd+bwd"),
+            "sublayer fwd": ("mhc_sublayer", "fwd"), "sublayer fwd+bwd": ("mhc_sublayer", "fwd+bwd")}
+    for label, (op, mode) in rows.items():
+        m = re.search(rf"^\s+{re.escape(label)}\s+(\d+)d\s+(.+)$", bm.__doc__, re.MULTILINE)
+        assert m, f"docstring has no row {label!r}"
+        assert int(m.group(1)) * 2048 == bm.floor_elements(op, mode, 4, 2048)
+        want = []
+        for d in (2048, 4096):
+            b = bm.floor_bytes(op, mode, 16384, 4, d, 2)
+            want += [f"{b / 1e9:.3f}", f"{b / 3.00e12 * 1e3:.3f}"]
+        assert [v for v, _ in re.findall(r"([\d.]+) (GB|ms)", m.group(2))] == want, label
+
+
+def test_args(bm):
+    args = bm.parse_args([])
+    assert args.plan == [(4, 2048), (4, 4096), (4, 7168)] and args.N == 16384
+    assert bm.parse_args(["--quick"]).plan == [(4, 2048), (4, 4096)]
+    args = bm.parse_args(["--variants", "fused", "--d", "64", "--n", "2,4"])
+    assert args.variants == ["eager_oracle", "fused"] and args.plan == [(2, 64), (4, 64)]
+    for bad in (["--ops", "hc_post"], ["--modes", "bwd"], ["--variants", "x"], ["--n", "17"]):
+        with pytest.raises(SystemExit):
+            bm.parse_args(bad)
+    with pytest.raises(ValueError, match="unknown op"):
+        bm.floor_elements("hc_post", "fwd", 4, 8)
+
+
+def test_liger_lookup_says_why_when_absent(bm):
+    f, why = bm.liger_function("mhc_coeffs")
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        assert f is None and why == "not installed"
+    else:
+        assert f is not None or why
+
+
+def test_main_without_gpu_exits_2():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, str(BENCH / "bench_mhc.py"), "--quick"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "no CUDA device" in p.stderr
+
+
+FAKE_MS = 2.0
+
+
+def test_rows_on_cpu_with_stubbed_timer(bm, monkeypatch):
+    """bench_group on tiny CPU tensors: the timer reports FAKE_MS, torch.compile is the
+    identity; the fused rows (the oracle fallback on CPU, so fused_ops() is stubbed
+    True) pass the gate, and a wrong coefficient op is marked WRONG."""
+    import types
+
+    import torch
+
+    from crosslayer import ops, ref
+
+    harness = bm.harness
+    monkeypatch.setattr(bm, "DEVICE", "cpu")
+
+    def fake_bench(fn, *, setup=None, **kw):
+        if setup is not None:
+            setup()
+        fn()
+        return harness.Timing(median_ms=FAKE_MS, p20_ms=FAKE_MS, p80_ms=FAKE_MS, n_reps=1)
+
+    monkeypatch.setattr(harness, "bench", fake_bench)
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: f)
+    fused = lambda: dict.fromkeys(("mhc_coeffs", "stream_mix", "hc_post"), True)  # noqa: E731
+    good = types.SimpleNamespace(mhc_coeffs=ops.mhc_coeffs, stream_mix=ops.stream_mix,
+                                 hc_post=ops.hc_post, fused_ops=fused)
+
+    def wrong_coeffs(*a):
+        alpha, beta = ref.mhc_coeffs(*a)
+        return alpha, beta * 1.5
+
+    bad = types.SimpleNamespace(mhc_coeffs=wrong_coeffs, stream_mix=ops.stream_mix,
+                                hc_post=ops.hc_post, fused_ops=fused)
+    base, grads = bm.make_inputs(5, 3, 24, torch.float32)
+    variants = ["eager_oracle", "fused", "compile_oracle"]
+    for op in bm.OPS:
+        for mode in bm.MODES:
+            rows = bm.bench_group(op, mode, 5, 3, 24, torch.float32, base, grads, variants, {},
+                                  good, ref)
+            assert [r.variant for r in rows] == ["fused", "eager_oracle", "compile_oracle"]
+            assert [r.status for r in rows] == ["ok", "ref", "ok"], [(r.status, r.note) for r in rows]
+            assert rows[0].floor_bytes == 5 * bm.floor_elements(op, mode, 3, 24) * 4
+            rows = bm.bench_group(op, mode, 5, 3, 24, torch.float32, base, grads, variants, {},
+                                  bad, ref)
+            assert rows[0].status == "WRONG"
