@@ -257,6 +257,17 @@ def plot(results: List[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def cpu_name() -> str:
+    """The CPU's model name and the threads torch uses, e.g. 'AMD EPYC 9654 (2 threads)'."""
+    name = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name or 'cpu'} ({torch.get_num_threads()} threads)"
+
+
 def _require_demo_deps() -> None:
     missing = [m for m in ("tqdm", "matplotlib") if __import__("importlib").util.find_spec(m) is None]
     if missing:
@@ -322,7 +333,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         r = run_isolated(spec)
         results.append(r)
         print(f"  {scheme:<8} val {r['val_loss']:.4f}  {r['tokens_per_s']:,.0f} tok/s", flush=True)
-    device_name = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu"
+    device_name = torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_name()
     meta = {"preset": args.preset, "settings": preset, "device": device, "device_name": device_name,
             "torch": torch.__version__, "python": platform.python_version(), "seed": args.seed,
             "compile": args.compile, "wall_s": time.time() - t0}
