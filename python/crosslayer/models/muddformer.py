@@ -56,10 +56,15 @@ Differences from the release, all deliberate:
   - A fresh model starts the DA at the identity (w1 ~ N(0, 1/D), w2 = 0, dense_bs
     one-hot on the newest slot: a plain pre-norm residual stream); the release draws
     dense_bs from randn, fit only for loading checkpoints.
-  - Only the released configuration: dense, dynamic_dense, dense_type 'qkvr',
+  - MUDDFormerConfig only (a MUDDPythiaConfig is a TypeError), and only the released
+    configuration: dense, dynamic_dense, dense_type 'qkvr',
     n_local_heads == n_head. stack_hidden, use_layer_cache and is_training only pick an
     implementation in the release and change nothing here; tie_word_embeddings is
     ignored as in the release (its tie_weights is a no-op).
+
+The machinery is the class MUDDDecoder, shared with crosslayer.models.MUDDPythia
+(muddpythia.py), which swaps in its own block (LayerNorm, biases, GELU FFN, parallel
+residual), RoPE table and load hints.
 """
 
 from __future__ import annotations
@@ -89,8 +94,27 @@ def _find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - n % k
 
 
+class _ConfigIO:
+    """from_dict / from_json for the config dataclasses (shared with MUDDPythiaConfig)."""
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """From a released config.json's dict; transformers' metadata keys are skipped,
+        any other unknown key is an error."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names - _HF_METADATA)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(names)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_json(cls, path):
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
 @dataclass
-class MUDDFormerConfig:
+class MUDDFormerConfig(_ConfigIO):
     """The release's MUDDFormerConfig fields and defaults; `__post_init__` is its
     "post init" (n_local_heads -1 -> n_head; intermediate_size None -> 2/3 of 4·dim
     rounded up to 256; head_dim = dim // n_head, whatever was given). The released
@@ -130,32 +154,20 @@ class MUDDFormerConfig:
             self.intermediate_size = _find_multiple(int(2 * (4 * self.dim) / 3), 256)
         self.head_dim = self.dim // self.n_head
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "MUDDFormerConfig":
-        """From a released config.json's dict; transformers' metadata keys are skipped,
-        any other unknown key is an error."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names - _HF_METADATA)
-        if unknown:
-            raise ValueError(f"unknown MUDDFormerConfig field(s) {unknown}; known: {sorted(names)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
 
-    @classmethod
-    def from_json(cls, path) -> "MUDDFormerConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
-
-
-def _check_supported(cfg: MUDDFormerConfig) -> None:
+def _check_supported(cfg, name: str, rope_dims: int) -> None:
+    """The configurations `name` (MUDDFormer / MUDDPythia) implements; rope_dims: the
+    number of rotated features per head (head_dim, or MUDDPythia's rotary_pct share)."""
     if not (cfg.dense and cfg.dynamic_dense and cfg.dense_type == "qkvr"):
         raise ValueError(
-            "crosslayer's MUDDFormer implements the released configuration dense=True, "
+            f"crosslayer's {name} implements the released configuration dense=True, "
             f"dynamic_dense=True, dense_type='qkvr'; got dense={cfg.dense}, "
             f"dynamic_dense={cfg.dynamic_dense}, dense_type={cfg.dense_type!r}")
     if cfg.n_layer < 2:
         raise ValueError(f"n_layer must be >= 2 (the FFN width rule divides by n_layer - 1), got {cfg.n_layer}")
-    if cfg.dim % cfg.n_head or cfg.head_dim % 2:
-        raise ValueError(f"dim must be a multiple of n_head with an even head_dim = dim // n_head "
+    if cfg.dim % cfg.n_head or rope_dims % 2 or not 0 < rope_dims <= cfg.head_dim:
+        raise ValueError(f"dim must be a multiple of n_head, and the rotated features per head "
+                         f"({rope_dims} of head_dim = dim // n_head = {cfg.head_dim}) even and > 0 "
                          f"(RoPE rotates pairs); got dim={cfg.dim}, n_head={cfg.n_head}")
     if cfg.n_local_heads != cfg.n_head:
         raise ValueError(f"n_local_heads must equal n_head (the release's attention has no grouped "
@@ -167,20 +179,26 @@ def _up(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def rope_table(n_pos: int, head_dim: int, base: float) -> Tensor:
-    """(n_pos, head_dim/2, 2) [cos, sin] of pos·base^(-2i/head_dim), computed in float32
-    and rounded to bfloat16 as the release's precompute_freqs_cis does, kept in float32."""
-    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+def rope_table(n_pos: int, n_rot: int, base: float, round_to: torch.dtype = torch.bfloat16) -> Tensor:
+    """(n_pos, n_rot/2, 2) [cos, sin] of pos·base^(-2i/n_rot), computed in float32 and
+    rounded to `round_to` as the release's precompute_freqs_cis does (MUDDFormer:
+    bfloat16, MUDDPythia: float16), kept in float32."""
+    inv = 1.0 / (base ** (torch.arange(0, n_rot, 2)[: n_rot // 2].float() / n_rot))
     ang = torch.outer(torch.arange(n_pos), inv)
     rot = torch.polar(torch.ones_like(ang), ang)
-    return torch.stack([rot.real, rot.imag], -1).to(torch.bfloat16).float()
+    return torch.stack([rot.real, rot.imag], -1).to(round_to).float()
 
 
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:
-    """x (B, T, H, hd) rotated by table (T, hd/2, 2), the release's 'half' mode: pair i
-    is (x_i, x_{i+hd/2}); the output is written interleaved (pair i at 2i, 2i+1), as
-    the release writes it (q and k get the same permutation, so q·k is unchanged)."""
-    xs = _up(x).unflatten(-1, (2, -1)).transpose(-1, -2)  # (B, T, H, hd/2, 2)
+    """x (B, T, H, hd) rotated on its first r = 2·table.shape[-2] features by table
+    (T, r/2, 2), the release's 'half' mode: pair i is (x_i, x_{i+r/2}); the output is
+    written interleaved (pair i at 2i, 2i+1), as the release writes it (q and k get the
+    same permutation, so q·k is unchanged). Features r.. pass unchanged (MUDDPythia's
+    partial rotary, rotary_pct < 1: torch.cat((rotated, passed), -1) as the release)."""
+    r = 2 * table.shape[-2]
+    if r < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :r], table), x[..., r:]], -1)
+    xs = _up(x).unflatten(-1, (2, -1)).transpose(-1, -2)  # (B, T, H, r/2, 2)
     cos, sin = table.to(xs.dtype)[:, None].unbind(-1)     # (T, 1, hd/2)
     x0, x1 = xs.unbind(-1)
     return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1).flatten(-2).type_as(x)
@@ -201,13 +219,16 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: MUDDFormerConfig):
+    """The release's multiway Attention: separate wq / wk / wv (no fused wqkv), and wo;
+    with biases in MUDDPythia (bias=True there whatever use_linear_bias says)."""
+
+    def __init__(self, cfg, bias: bool = False):
         super().__init__()
         self.n_head, self.head_dim, self.dim = cfg.n_head, cfg.head_dim, cfg.dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_head * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_local_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_local_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, cfg.n_head * cfg.head_dim, bias=bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_local_heads * cfg.head_dim, bias=bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_local_heads * cfg.head_dim, bias=bias)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=bias)
         if cfg.use_qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
@@ -215,7 +236,7 @@ class Attention(nn.Module):
 
     def forward(self, xq: Tensor, xk: Tensor, xv: Tensor, rope: Tensor,
                 kv_cache: Optional[Tuple[Tensor, Tensor]], input_pos: Tensor) -> Tensor:
-        """x*: (B, T, D), already normed; rope: (T, hd/2, 2) for input_pos (T,).
+        """x*: (B, T, D), already normed; rope: (T, r/2, 2) for input_pos (T,).
         kv_cache None: causal attention over the T tokens. Otherwise (k, v) caches
         (max_B, H, S, hd), written at input_pos; decode (T = 1) attends over the cache
         up to input_pos, prefill within its chunk (the release's masks)."""
@@ -240,11 +261,17 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, self.dim))
 
 
+def ffn_width(cfg, lidx: int) -> int:
+    """F_i of layer lidx: the release's FeedForward scale_with_layer and round128
+    (MUDDFormer and MUDDPythia alike)."""
+    hid = cfg.intermediate_size * (lidx / (cfg.n_layer - 1) + 0.5)
+    return round(hid / 128) * 128
+
+
 class FeedForward(nn.Module):
     def __init__(self, cfg: MUDDFormerConfig, lidx: int):
         super().__init__()
-        hid = cfg.intermediate_size * (lidx / (cfg.n_layer - 1) + 0.5)  # the release's scale_with_layer
-        hid = round(hid / 128) * 128                                      # and round128
+        hid = ffn_width(cfg, lidx)
         self.w1 = nn.Linear(cfg.dim, hid, bias=False)
         self.w3 = nn.Linear(cfg.dim, hid, bias=False)
         self.w2 = nn.Linear(hid, cfg.dim, bias=False)
@@ -254,16 +281,40 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: MUDDFormerConfig, lidx: int):
+    """MUDDFormer's block (pre-norm, sequential residual). MUDDPythia's block subclasses
+    it through the make_* hooks, parallel_residual and gather."""
+
+    parallel_residual = False
+
+    def __init__(self, cfg, lidx: int):
         super().__init__()
-        self.lidx = lidx
-        self.attention = Attention(cfg)
-        self.feed_forward = FeedForward(cfg, lidx)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lidx, self.norm_eps = lidx, cfg.norm_eps
+        self.attention = self.make_attention(cfg)
+        self.feed_forward = self.make_feed_forward(cfg, lidx)
+        self.ffn_norm = self.make_norm(cfg)
         if cfg.sepln and lidx > 0:
-            self.attention_norms = nn.ModuleList([RMSNorm(cfg.dim, cfg.norm_eps) for _ in range(3)])
+            self.attention_norms = nn.ModuleList([self.make_norm(cfg) for _ in range(3)])
         else:
-            self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.attention_norm = self.make_norm(cfg)
+
+    @staticmethod
+    def make_norm(cfg) -> nn.Module:
+        """The model's norms (block and final): RMSNorm in MUDDFormer."""
+        return RMSNorm(cfg.dim, cfg.norm_eps)
+
+    @staticmethod
+    def make_attention(cfg) -> nn.Module:
+        return Attention(cfg, bias=False)
+
+    @staticmethod
+    def make_feed_forward(cfg, lidx: int) -> nn.Module:
+        return FeedForward(cfg, lidx)
+
+    def gather(self, stack, A: Tensor, slots: slice) -> Tensor:
+        """This block's input from the connection before it (lidx > 0): (4, B, T, D), the
+        ways q, k, v through this block's attention norms, r raw. One fused pass for
+        RMSNorm: stack.aggregate_qkv_norm (DepthStack, or the decode _LayerCache)."""
+        return stack.aggregate_qkv_norm(A, self.qkv_norm_weights(), self.norm_eps, slots)
 
     def qkv_norm_weights(self) -> Tensor:
         """(3, D): the weights of this block's q, k, v input norms (one shared norm
@@ -274,15 +325,17 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, rope: Tensor, kv_cache: Optional[Tuple[Tensor, Tensor]],
                 input_pos: Tensor) -> Tensor:
-        """x: block 0: (B, T, D), normed here; block i > 0: (4, B, T, D) from the
-        previous connection, q, k, v already through this block's input norms, r raw."""
+        """x: block 0: (B, T, D), normed here; block i > 0: gather's 4 ways (q, k, v
+        already through this block's input norms, r raw). Sequential residual:
+        out = h + ffn(ffn_norm(h)); parallel (MUDDPythia): out = h + ffn(ffn_norm(r)),
+        h = r + attn."""
         if self.lidx == 0:
             res = x
             xq = xk = xv = self.attention_norm(x)
         else:
-            xq, xk, xv, res = x.unbind(0)
+            xq, xk, xv, res = x
         h = res + self.attention(xq, xk, xv, rope, kv_cache, input_pos)
-        return h + self.feed_forward(self.ffn_norm(h))
+        return h + self.feed_forward(self.ffn_norm(res if self.parallel_residual else h))
 
 
 class MultiwayDynamicDense(nn.Module):
@@ -291,7 +344,7 @@ class MultiwayDynamicDense(nn.Module):
     the model's dense_bs[lidx]. crosslayer's mudd_weights takes W1 = w1.weight.T and
     W2 = w2.weight.T (transposed views, no copies)."""
 
-    def __init__(self, cfg: MUDDFormerConfig, lidx: int):
+    def __init__(self, cfg, lidx: int):
         super().__init__()
         last = lidx == cfg.n_layer - 1
         self.n_ways = 1 if last else len(cfg.dense_type)
@@ -325,31 +378,44 @@ class _LayerCache:
         return ops.depth_aggregate_qkv_norm(self._buf[slots], A, norm_weights, eps)
 
 
-class MUDDFormer(nn.Module):
-    """MUDDFormer language model (module docstring: state dict, math, differences).
+class MUDDDecoder(nn.Module):
+    """What MUDDFormer and MUDDPythia share: the module tree, the dense connections over
+    one DepthStack (training, prefill) or the layer cache (decode), the KV caches, the
+    forward and the checkpoint hints. A subclass names its config class, its block class
+    (which makes the norms, attention and FFN, and gathers its input from the stack), its
+    RoPE (rotated features per head, the table's rounding dtype) and its load hints."""
 
-        model = MUDDFormer(MUDDFormerConfig.from_json("config.json"))
-        model.load_state_dict(state_dict, strict=True)      # the release's keys
-        logits = model(idx)                                  # training: (B, T, V)
+    config_class: type = MUDDFormerConfig
+    block_class: type = TransformerBlock
+    rope_round_to: torch.dtype = torch.bfloat16
+    # (config flag, key marker): the checkpoint has the marker in some key iff flag is set
+    flag_markers: Tuple[Tuple[str, str], ...] = (("use_qk_norm", ".attention.q_norm."),
+                                                  ("sepln", ".attention_norms."))
+    # (key marker, hint): a key with the marker means another model family's checkpoint
+    foreign_marker: Optional[Tuple[str, str]] = None
 
-        model.setup_caches(max_batch_size=B, max_seq_length=S)
-        logits = model(prompt, torch.arange(T))              # prefill, positions 0..T-1
-        logits = model(next_tok, torch.tensor([T]))          # decode, one token
-    """
+    @staticmethod
+    def rope_dims(cfg) -> int:
+        """Rotated features per head."""
+        return cfg.head_dim
 
-    def __init__(self, config: MUDDFormerConfig):
+    def __init__(self, config):
         super().__init__()
-        _check_supported(config)
+        name = type(self).__name__
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{name} takes a {self.config_class.__name__}, got {type(config).__name__}")
+        _check_supported(config, name, self.rope_dims(config))
         self.config = cfg = config
         L = cfg.n_layer
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(L))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.layers = nn.ModuleList(self.block_class(cfg, i) for i in range(L))
+        self.norm = self.block_class.make_norm(cfg)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.dynamic_dense = nn.ModuleList(MultiwayDynamicDense(cfg, i) for i in range(L))
         self.dense_bs = nn.ParameterList(
             nn.Parameter(torch.empty(dd.n_ways, dd.n_slots)) for dd in self.dynamic_dense)
-        self.register_buffer("rope", rope_table(cfg.block_size, cfg.head_dim, cfg.rope_base), persistent=False)
+        rope = rope_table(cfg.block_size, self.rope_dims(cfg), cfg.rope_base, self.rope_round_to)
+        self.register_buffer("rope", rope, persistent=False)
         self.reset_dense_parameters()
         self.kv_caches: Optional[List[Tuple[Tensor, Tensor]]] = None
         self.layer_cache: Optional[Tensor] = None
@@ -440,14 +506,29 @@ class MUDDFormer(nn.Module):
             stack.push(out)
             A = self.dynamic_dense[i].weights(out, self.dense_bs[i], cfg.norm_eps)
             if i + 1 < L:
-                h = stack.aggregate_qkv_norm(A, self.layers[i + 1].qkv_norm_weights(), cfg.norm_eps,
-                                             slice(0, i + 2))
+                h = self.layers[i + 1].gather(stack, A, slice(0, i + 2))
             else:
                 h = stack.aggregate(A, slice(0, L + 1))[0]
         return self.output(self.norm(h))
 
 
-def _checkpoint_hints(model: MUDDFormer, state_dict, prefix, local_metadata, strict, missing_keys,
+class MUDDFormer(MUDDDecoder):
+    """MUDDFormer language model (module docstring: state dict, math, differences).
+
+        model = MUDDFormer(MUDDFormerConfig.from_json("config.json"))
+        model.load_state_dict(state_dict, strict=True)      # the release's keys
+        logits = model(idx)                                  # training: (B, T, V)
+
+        model.setup_caches(max_batch_size=B, max_seq_length=S)
+        logits = model(prompt, torch.arange(T))              # prefill, positions 0..T-1
+        logits = model(next_tok, torch.tensor([T]))          # decode, one token
+    """
+
+    foreign_marker = ("norm.bias", "it has LayerNorm biases (norm.bias): a MUDDPythia checkpoint, "
+                                   "which crosslayer.models.MUDDPythia loads")
+
+
+def _checkpoint_hints(model: MUDDDecoder, state_dict, prefix, local_metadata, strict, missing_keys,
                       unexpected_keys, error_msgs) -> None:
     """load_state_dict pre-hook (strict loads): when the checkpoint's structure does not
     fit model.config, add one message naming the config fields that differ; torch then
@@ -465,10 +546,12 @@ def _checkpoint_hints(model: MUDDFormer, state_dict, prefix, local_metadata, str
     if emb is not None and tuple(emb.shape) != tuple(own["tok_embeddings.weight"]):
         hints.append(f"tok_embeddings.weight is {tuple(emb.shape)}, config (vocab_size, dim) = "
                      f"{(cfg.vocab_size, cfg.dim)}")
+    if model.foreign_marker is not None and any(model.foreign_marker[0] in k for k in got):
+        hints.append(model.foreign_marker[1])
     if any(".attention.wqkv." in k for k in got):
         hints.append("it has fused attention.wqkv weights: a model without dense connections "
                      "(dense=False or dense_type='l'), which this class does not implement")
-    for flag, marker in (("use_qk_norm", ".attention.q_norm."), ("sepln", ".attention_norms.")):
+    for flag, marker in model.flag_markers:
         has = any(marker in k for k in got)
         if has != getattr(cfg, flag):
             hints.append(f"it {'has' if has else 'lacks'} '{marker.strip('.')}' weights: {flag} = {has}, "
@@ -481,4 +564,4 @@ def _checkpoint_hints(model: MUDDFormer, state_dict, prefix, local_metadata, str
                 hints.append(f"{k} is {tuple(got[k].shape)}, the config gives {tuple(own[k])}: check {fields_}")
                 break
     if hints:
-        error_msgs.append("the checkpoint does not fit this MUDDFormerConfig: " + "; ".join(hints))
+        error_msgs.append(f"the checkpoint does not fit this {type(cfg).__name__}: " + "; ".join(hints))
