@@ -186,6 +186,19 @@ class Block(nn.Module):
         h = r + self.attn(q, k, v)
         return h + self.ffn_branch(h)
 
+    def compile_sublayers(self, **compile_kwargs) -> None:
+        """torch.compile this block's sublayers in place (CrossLayerLM.compile_blocks):
+        the attention branch (attn_norm + attention; attention alone for a multiway
+        block, whose norms run inside the connection's fused pass) and the FFN branch
+        (ffn_norm + SwiGLU). The compiled callables shadow the methods on this instance,
+        so every caller (forward, forward_ways, an HC connection given blk.attn_branch)
+        runs them; parameters and the state_dict are unchanged."""
+        if self.multiway:
+            self.attn.compile(**compile_kwargs)
+        else:
+            self.attn_branch = torch.compile(self.attn_branch, **compile_kwargs)
+        self.ffn_branch = torch.compile(self.ffn_branch, **compile_kwargs)
+
 
 class CrossLayerLM(nn.Module):
     """Decoder LM over byte/token ids: forward(idx (B, T) int64) -> logits (B, T, vocab)."""
@@ -231,6 +244,19 @@ class CrossLayerLM(nn.Module):
                 nn.init.normal_(lin.weight, std=std)
             for lin in (blk.attn.wo, blk.ffn.w2):
                 nn.init.normal_(lin.weight, std=std / math.sqrt(2 * L))
+
+    def compile_blocks(self, **compile_kwargs) -> "CrossLayerLM":
+        """Regional compilation: torch.compile every block's sublayers (attention and FFN
+        branches, with their norms) with fullgraph=True unless compile_kwargs says
+        otherwise; embedding, connections, final norm and head stay eager (the
+        connections are fused kernels already). Works for every connection scheme,
+        including dwa/mudd, whose DepthStack a whole-model torch.compile graph-breaks at
+        (module docstring). Blocks of one model share one compiled graph per sublayer
+        kind. Returns self."""
+        compile_kwargs.setdefault("fullgraph", True)
+        for blk in self.blocks:
+            blk.compile_sublayers(**compile_kwargs)
+        return self
 
     def param_groups(self, weight_decay: float) -> list:
         """Optimizer groups: static connection parameters without weight decay
