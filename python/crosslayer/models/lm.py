@@ -200,6 +200,37 @@ class Block(nn.Module):
         self.ffn_branch = torch.compile(self.ffn_branch, **compile_kwargs)
 
 
+class _ScalarGradSync:
+    """Averages the gradients of `params` (replicated, outside FSDP) over `mesh` (every
+    dim; None = the default process group) once per backward pass: the first gradient
+    accumulated into one of them queues an autograd-engine callback, which runs after
+    the pass and does one all-reduce of all of them (ranks without a gradient for one
+    contribute zero)."""
+
+    def __init__(self, params, mesh=None):
+        import torch.distributed as dist
+        self.dist, self.params = dist, list(params)
+        self.groups = [None] if mesh is None else [mesh.get_group(i) for i in range(mesh.ndim)]
+        self.queued = False
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._on_grad)
+
+    def _on_grad(self, _param) -> None:
+        if not self.queued:
+            self.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._sync)
+
+    def _sync(self) -> None:
+        self.queued = False
+        flat = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
+        for group in self.groups:  # gloo has no AVG: sum, then divide
+            self.dist.all_reduce(flat, group=group)
+            flat /= self.dist.get_world_size(group)
+        for p, g in zip(self.params, flat.unbind(0)):
+            if p.grad is not None:
+                p.grad.copy_(g)
+
+
 class CrossLayerLM(nn.Module):
     """Decoder LM over byte/token ids: forward(idx (B, T) int64) -> logits (B, T, vocab)."""
 
@@ -256,6 +287,38 @@ class CrossLayerLM(nn.Module):
         compile_kwargs.setdefault("fullgraph", True)
         for blk in self.blocks:
             blk.compile_sublayers(**compile_kwargs)
+        return self
+
+    def fully_shard(self, **fsdp_kwargs) -> "CrossLayerLM":
+        """FSDP2 (torch.distributed.fsdp.fully_shard) over the units this model needs.
+        Call it after init_process_group and before building the optimizer; every
+        fsdp_kwarg (mesh, reshard_after_forward, mp_policy, ...) goes to each
+        fully_shard call. Returns self (now also an FSDPModule).
+
+        Units: each block's attention and FFN modules, then the root (embedding, head,
+        norms, connections, MUDD's qkv_norm). Not the Block: HC connections call a
+        block's branches, and a MUDD connection reads the next block's qkv_norm, without
+        going through Block.__call__, where FSDP2 would gather the unit's parameters (they
+        would meet still-sharded DTensors: "aten.mul.Tensor got mixed torch.Tensor and
+        DTensor").
+
+        0-dim parameters (HC: s_a, s_b; mHC: a_pre, a_post, a_res): fully_shard refuses
+        them ("fully_shard doesn't support scalar parameters"), so the root ignores them
+        (ignored_params: replicated, unsharded, not reduced by FSDP) and their gradients
+        are averaged over the mesh in one all-reduce at the end of each backward pass,
+        as DDP would (_ScalarGradSync).
+        """
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch < 2.6
+            from torch.distributed._composable.fsdp import fully_shard
+        scalars = [p for p in self.parameters() if p.dim() == 0]
+        for blk in self.blocks:
+            fully_shard(blk.attn, **fsdp_kwargs)
+            fully_shard(blk.ffn, **fsdp_kwargs)
+        fully_shard(self, ignored_params=set(scalars), **fsdp_kwargs)
+        if scalars:
+            self._scalar_grad_sync = _ScalarGradSync(scalars, fsdp_kwargs.get("mesh"))
         return self
 
     def param_groups(self, weight_decay: float) -> list:
