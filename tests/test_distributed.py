@@ -82,7 +82,8 @@ def _run_scheme(scheme, wrapper, rank):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         model.fully_shard()
         _train(model, model, batches, rank)
-        sharded = any(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
+        from torch.distributed.tensor import DTensor
+        sharded = any(isinstance(p, DTensor) for p in model.parameters())
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     _train(ref, ref, batches, None)
 
