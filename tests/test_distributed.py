@@ -7,10 +7,11 @@ same init. Each rank also trains that single-process reference itself, so the
 comparison needs no communication beyond the wrapper's own. Per-scheme tests then read
 the ranks' reports.
 
-The DepthStack keys its gradient buffer on autograd's graph-task id; DDP's gradient
-hooks fire inside that backward (allreduce per bucket) and FSDP2's pre-/post-backward
-hooks unshard and reduce-scatter per block inside it too, so equal gradients here mean
-the stack's buffer is neither reset nor leaked across those hooks.
+The DepthStack's gradient buffer travels along its autograd chain while DDP's hooks
+all-reduce buckets and FSDP2's hooks unshard and reduce-scatter inside the same
+backward pass; equal parameters here mean those hooks neither reorder nor cut that
+chain. FSDP2 goes through CrossLayerLM.fully_shard (its units, and its all-reduce of
+the 0-dim parameters that fully_shard refuses).
 
 A hang fails instead of blocking: the process group has a 60 s timeout and the parent
 kills the workers after JOIN_TIMEOUT_S.

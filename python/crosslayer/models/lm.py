@@ -31,6 +31,22 @@ Activation checkpointing (`activation_checkpointing=True`) recomputes each subla
 (HC: the connection and its sublayer together) in the backward pass; the DepthStack's
 pushes and aggregations stay outside checkpoints (a recomputed push would rewrite a
 slot), as in MUDDFormer, which checkpoints only the block.
+
+Scale-out (tests/test_compile.py, tests/test_distributed.py; CPU, oracle ops):
+  torch.compile(model, fullgraph=True)  every scheme, dwa/mudd included: no graph break
+                    (the DepthStack traces: nn/depth_stack.py), same loss and gradients
+                    as eager; under inductor the stack keeps one buffer and one gradient
+                    buffer. With activation checkpointing too.
+  compile_blocks()  regional compilation: each block's attention and FFN branches
+                    compiled (fullgraph), connections and DepthStack eager (fused kernels
+                    already); one graph per sublayer kind for all blocks, so compile time
+                    does not grow with depth. With activation checkpointing too.
+  DDP               wrap the model as is (2 gloo processes == one process on the whole
+                    batch, every scheme).
+  FSDP2             model.fully_shard(**fsdp_kwargs), not fully_shard per Block: the HC
+                    and MUDD connections use a block's parameters outside Block.__call__,
+                    and fully_shard refuses 0-dim parameters (HC s_a/s_b, mHC a_*); see
+                    fully_shard. Matches one process, full state_dict included.
 """
 
 from __future__ import annotations
@@ -279,11 +295,11 @@ class CrossLayerLM(nn.Module):
     def compile_blocks(self, **compile_kwargs) -> "CrossLayerLM":
         """Regional compilation: torch.compile every block's sublayers (attention and FFN
         branches, with their norms) with fullgraph=True unless compile_kwargs says
-        otherwise; embedding, connections, final norm and head stay eager (the
-        connections are fused kernels already). Works for every connection scheme,
-        including dwa/mudd, whose DepthStack a whole-model torch.compile graph-breaks at
-        (module docstring). Blocks of one model share one compiled graph per sublayer
-        kind. Returns self."""
+        otherwise; embedding, connections, DepthStack, final norm and head stay eager
+        (the connections are fused kernels already). Every connection scheme. Blocks of
+        one model share one compiled graph per sublayer kind, so compile time does not
+        grow with depth (a whole-model torch.compile also works, fullgraph, but traces
+        every layer). Returns self."""
         compile_kwargs.setdefault("fullgraph", True)
         for blk in self.blocks:
             blk.compile_sublayers(**compile_kwargs)

@@ -30,10 +30,10 @@ autograd.Functions (ctx.mark_dirty), one per push and one per aggregation:
 buf_0, buf_1, ... are one tensor (the same storage; each call returns its input marked
 dirty), so the graph is a chain and G is that chain's gradient: the first aggregation
 backward of a pass (the newest buffer version has no consumer, so it gets None)
-allocates G and writes its slots (`=`); every later node receives G, adds its slots in
-place (`+=`) and passes it on; each push's backward gives its slot's view to x_j. Nothing lives
-outside the graph, so torch.compile traces the stack with no graph break (the
-forward's copies into slots and the backward's in-place additions become
+allocates G and writes its slots (`=`); every later node receives G, adds its slots
+in place (`+=`) and passes it on; each push's backward gives its slot's view to x_j.
+Nothing lives outside the graph, so torch.compile traces the stack with no graph
+break (the forward's copies into slots and the backward's in-place additions become
 select_scatter / in-place custom ops, which inductor re-inplaces: one stack buffer,
 one G; "aot_eager", which does not re-inplace, copies the buffer per step).
 
