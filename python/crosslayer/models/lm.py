@@ -31,6 +31,22 @@ Activation checkpointing (`activation_checkpointing=True`) recomputes each subla
 (HC: the connection and its sublayer together) in the backward pass; the DepthStack's
 pushes and aggregations stay outside checkpoints (a recomputed push would rewrite a
 slot), as in MUDDFormer, which checkpoints only the block.
+
+Scale-out (tests/test_compile.py, tests/test_distributed.py; CPU, oracle ops):
+  torch.compile(model, fullgraph=True)  every scheme, dwa/mudd included: no graph break
+                    (the DepthStack traces: nn/depth_stack.py), same loss and gradients
+                    as eager; under inductor the stack keeps one buffer and one gradient
+                    buffer. With activation checkpointing too.
+  compile_blocks()  regional compilation: each block's attention and FFN branches
+                    compiled (fullgraph), connections and DepthStack eager (fused kernels
+                    already); one graph per sublayer kind for all blocks, so compile time
+                    does not grow with depth. With activation checkpointing too.
+  DDP               wrap the model as is (2 gloo processes == one process on the whole
+                    batch, every scheme).
+  FSDP2             model.fully_shard(**fsdp_kwargs), not fully_shard per Block: the HC
+                    and MUDD connections use a block's parameters outside Block.__call__,
+                    and fully_shard refuses 0-dim parameters (HC s_a/s_b, mHC a_*); see
+                    fully_shard. Matches one process, full state_dict included.
 """
 
 from __future__ import annotations
@@ -186,6 +202,50 @@ class Block(nn.Module):
         h = r + self.attn(q, k, v)
         return h + self.ffn_branch(h)
 
+    def compile_sublayers(self, **compile_kwargs) -> None:
+        """torch.compile this block's sublayers in place (CrossLayerLM.compile_blocks):
+        the attention branch (attn_norm + attention; attention alone for a multiway
+        block, whose norms run inside the connection's fused pass) and the FFN branch
+        (ffn_norm + SwiGLU). The compiled callables shadow the methods on this instance,
+        so every caller (forward, forward_ways, an HC connection given blk.attn_branch)
+        runs them; parameters and the state_dict are unchanged."""
+        if self.multiway:
+            self.attn.compile(**compile_kwargs)
+        else:
+            self.attn_branch = torch.compile(self.attn_branch, **compile_kwargs)
+        self.ffn_branch = torch.compile(self.ffn_branch, **compile_kwargs)
+
+
+class _ScalarGradSync:
+    """Averages the gradients of `params` (replicated, outside FSDP) over `mesh` (every
+    dim; None = the default process group) once per backward pass: the first gradient
+    accumulated into one of them queues an autograd-engine callback, which runs after
+    the pass and does one all-reduce of all of them (ranks without a gradient for one
+    contribute zero)."""
+
+    def __init__(self, params, mesh=None):
+        import torch.distributed as dist
+        self.dist, self.params = dist, list(params)
+        self.groups = [None] if mesh is None else [mesh.get_group(i) for i in range(mesh.ndim)]
+        self.queued = False
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._on_grad)
+
+    def _on_grad(self, _param) -> None:
+        if not self.queued:
+            self.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._sync)
+
+    def _sync(self) -> None:
+        self.queued = False
+        flat = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
+        for group in self.groups:  # gloo has no AVG: sum, then divide
+            self.dist.all_reduce(flat, group=group)
+            flat /= self.dist.get_world_size(group)
+        for p, g in zip(self.params, flat.unbind(0)):
+            if p.grad is not None:
+                p.grad.copy_(g)
+
 
 class CrossLayerLM(nn.Module):
     """Decoder LM over byte/token ids: forward(idx (B, T) int64) -> logits (B, T, vocab)."""
@@ -231,6 +291,51 @@ class CrossLayerLM(nn.Module):
                 nn.init.normal_(lin.weight, std=std)
             for lin in (blk.attn.wo, blk.ffn.w2):
                 nn.init.normal_(lin.weight, std=std / math.sqrt(2 * L))
+
+    def compile_blocks(self, **compile_kwargs) -> "CrossLayerLM":
+        """Regional compilation: torch.compile every block's sublayers (attention and FFN
+        branches, with their norms) with fullgraph=True unless compile_kwargs says
+        otherwise; embedding, connections, DepthStack, final norm and head stay eager
+        (the connections are fused kernels already). Every connection scheme. Blocks of
+        one model share one compiled graph per sublayer kind, so compile time does not
+        grow with depth (a whole-model torch.compile also works, fullgraph, but traces
+        every layer). Returns self."""
+        compile_kwargs.setdefault("fullgraph", True)
+        for blk in self.blocks:
+            blk.compile_sublayers(**compile_kwargs)
+        return self
+
+    def fully_shard(self, **fsdp_kwargs) -> "CrossLayerLM":
+        """FSDP2 (torch.distributed.fsdp.fully_shard) over the units this model needs.
+        Call it after init_process_group and before building the optimizer; every
+        fsdp_kwarg (mesh, reshard_after_forward, mp_policy, ...) goes to each
+        fully_shard call. Returns self (now also an FSDPModule).
+
+        Units: each block's attention and FFN modules, then the root (embedding, head,
+        norms, connections, MUDD's qkv_norm). Not the Block: HC connections call a
+        block's branches, and a MUDD connection reads the next block's qkv_norm, without
+        going through Block.__call__, where FSDP2 would gather the unit's parameters (they
+        would meet still-sharded DTensors: "aten.mul.Tensor got mixed torch.Tensor and
+        DTensor").
+
+        0-dim parameters (HC: s_a, s_b; mHC: a_pre, a_post, a_res): fully_shard refuses
+        them ("fully_shard doesn't support scalar parameters"), so the root ignores them
+        (ignored_params: replicated, unsharded, not reduced by FSDP) and their gradients
+        are averaged over the mesh in one all-reduce at the end of each backward pass,
+        as DDP would (_ScalarGradSync).
+        """
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch < 2.6
+            from torch.distributed._composable.fsdp import fully_shard
+        scalars = [p for p in self.parameters() if p.dim() == 0]
+        for blk in self.blocks:
+            fully_shard(blk.attn, **fsdp_kwargs)
+            fully_shard(blk.ffn, **fsdp_kwargs)
+        fully_shard(self, ignored_params=set(scalars), **fsdp_kwargs)
+        if scalars:
+            self._scalar_grad_sync = _ScalarGradSync(scalars, fsdp_kwargs.get("mesh"))
+        return self
 
     def param_groups(self, weight_decay: float) -> list:
         """Optimizer groups: static connection parameters without weight decay

@@ -13,54 +13,57 @@ Forward. `push` copies a block's output into the next free slot of the buffer; a
 aggregation reads a view of the buffer (`buf[:l]`, or a strided DWA view such as
 `buf[1:l:2]`), never a stacked or concatenated copy. Memory: the buffer, (L+1)·N·d.
 
-Backward. The stack owns ONE gradient buffer G of the buffer's shape, allocated by the
-first aggregation backward of a backward pass. Every aggregation backward adds
-Σ_c A[.., c, j]·dY_c into G[j] for the slots j it read, in place
-(`crosslayer::depth_aggregate_bwd_op` on CUDA; a slot-by-slot in-place fallback
-elsewhere that never forms an l·N·d tensor), and returns dA only. The push of slot j
-hands G[j] to the pushed tensor as its gradient. So no l·N·d gradient is materialised
-per layer, and the stack and its gradient stay O(L·N·d).
+Backward. ONE gradient buffer G of the buffer's shape per backward pass, accumulated
+in place: every aggregation backward adds Σ_c A[.., c, j]·dY_c into G[j] for the slots
+j it read (`crosslayer::depth_aggregate_bwd_op` on CUDA; a slot-by-slot in-place
+fallback elsewhere that never forms an l·N·d tensor) and returns dA; the push of slot
+j hands G[j] to the pushed tensor as its gradient. So no l·N·d gradient is
+materialised per layer, and the stack and its gradient stay O(L·N·d).
 
-Autograd design. Two autograd.Functions and a chain of empty "link" tensors:
+Autograd design: the buffer is threaded through a linear chain of in-place
+autograd.Functions (ctx.mark_dirty), one per push and one per aggregation:
 
-    _Push.apply(x_j, link_{j-1}, stack, j)  -> link_j      forward: buf[j] = x_j
-    _Aggregate.apply(link_k, A, stack, s)   -> Y           forward: Y = agg(buf[s], A)
-    _AggregateQKVNorm.apply(link_k, A, g, stack, s, eps) -> X   (the same, q/k/v normed)
+    buf_1 = _Push.apply(x_j, buf_0, j, ...)                  forward: buf[j] = x_j
+    Y, buf_2 = _Aggregate.apply(buf_1, A, start, stop, step) forward: Y = agg(buf[s], A)
+    X, buf_3 = _AggregateQKVNorm.apply(buf_2, A, g, ..., eps)  (the same, q/k/v normed)
 
-`link_j` (a 0-element tensor) stands for "the buffer after slot j was written". Every
-aggregation takes the newest link as an input; every push takes the previous link.
-The links carry no values (their gradients are empty tensors); they only put edges
-in the graph, and autograd runs a node only after every consumer of its outputs ran.
+buf_0, buf_1, ... are one tensor (the same storage; each call returns its input marked
+dirty), so the graph is a chain and G is that chain's gradient: the first aggregation
+backward of a pass (the newest buffer version has no consumer, so it gets None)
+allocates G and writes its slots (`=`); every later node receives G, adds its slots
+in place (`+=`) and passes it on; each push's backward gives its slot's view to x_j.
+Nothing lives outside the graph, so torch.compile traces the stack with no graph
+break (the forward's copies into slots and the backward's in-place additions become
+select_scatter / in-place custom ops, which inductor re-inplaces: one stack buffer,
+one G; "aot_eager", which does not re-inplace, copies the buffer per step).
 
-Invariants (what makes G[j] complete when push j's backward runs):
+Invariants:
   I1  Slot j is written exactly once per forward pass, before any aggregation reads
       it (`push` fills slots in order; `aggregate` may only read filled slots).
-  I2  An aggregation that reads slot j was created after push j, so it consumes a
-      link_k with k >= j; push k's backward waits for it, and push j's backward waits
-      for push j+1's (link_j feeds push j+1). Hence push j's backward runs after
-      every aggregation backward that accumulates into G[j]: reverse order of layers.
+  I2  Every push and aggregation takes the newest buffer version and returns the next
+      one, so backward visits them in exactly the reverse order: when push j's
+      backward runs, every aggregation that read slot j has added into G[j].
   I3  A slot is never rewritten after it is read (I1), so aggregations keep the
-      buffer as a ctx attribute rather than a saved tensor (a saved view would trip
-      the version counter on later pushes; the buffer's contents never change under
-      it).
-  I4  G is per backward pass: it is keyed on autograd's graph-task id, so a second
-      backward (retain_graph=True), or a partial one (autograd.grad on some inputs),
-      starts from a fresh buffer. Slots no aggregation touched in this pass get no
-      gradient from the stack (None). The first aggregation to touch a slot writes
-      it (`=`), later ones add (`+=`), so G is never zero-filled.
+      buffer as a ctx attribute rather than a saved tensor (a saved tensor would trip
+      the version counter on later pushes; the slots it reads never change under it).
+  I4  G belongs to one backward pass (it travels along the chain), so a second
+      backward (retain_graph=True) or a partial one (autograd.grad on some inputs)
+      starts a fresh one. Only slots the first aggregation does not read are zeroed
+      (none for MUDD). A slot no aggregation read gets a zero gradient, or none when
+      no aggregation after its push took part in the pass. Compiled, the traced
+      backward starts from a zero G instead (one (L+1)·N·d fill; Dynamo traces the
+      backward with a gradient for every output).
   I5  The gradient handed to x_j is a view of G (no copy), cast to x_j's dtype if the
       stack has another dtype; a leaf x_j gets a copy, so its .grad does not pin G.
-      The push of the chain's root (the first push whose input needs a gradient)
-      drops the stack's reference to G, which is freed once its slot views are.
-  I6  The autograd nodes keep the buffer and gradient state (`_Slots`), not the
-      DepthStack; the DepthStack keeps the newest link (and so the graph). Nothing
-      points back from the graph to the DepthStack, so there is no reference cycle:
-      the buffers are freed as soon as the graph and the DepthStack are dropped.
+      G is freed once the chain's root has run and the slot views are consumed.
+
+  I6  No reference cycle: the nodes keep a detached alias of the buffer (I3), never
+      the DepthStack, which keeps the newest buffer version (and so the graph); the
+      buffers are freed as soon as the graph and the DepthStack are dropped.
 
 Limits: one DepthStack per forward pass (it cannot be reused or rewound); do not
 put pushes and aggregations inside activation checkpointing (a recomputed push would
-rewrite a slot); torch.compile graph-breaks at the autograd.Functions (the fused
-custom ops underneath compile fine on their own).
+rewrite a slot).
 """
 
 from __future__ import annotations
@@ -113,7 +116,7 @@ def aggregate_bwd_into(dY: Tensor, S: Tensor, A: Tensor, dS: Tensor, accumulate:
         dYf = dY2.reshape(C, M * d)
         for j in range(l):
             Sj = S[j].to(cd).reshape(M * d)
-            torch.mv(dYf, Sj, out=dA[:, j])
+            dA[:, j] = torch.mv(dYf, Sj)  # not out=dA[:, j]: Dynamo traces setitem, not out= views
             a = Ac[:, j].reshape(1, C)
             if in_place:
                 dS[j].view(1, M * d).addmm_(a, dYf, beta=1 if accumulate else 0)
@@ -135,106 +138,69 @@ def aggregate_bwd_into(dY: Tensor, S: Tensor, A: Tensor, dS: Tensor, accumulate:
     return dA.reshape(A.shape).to(A.dtype)
 
 
-class _Slots:
-    """What the autograd nodes of one DepthStack share: the buffer and the backward
-    pass's gradient state (I4). The nodes hold this, never the DepthStack, which holds
-    the link tensors (and through them the nodes): no reference cycle, so a graph that
-    was run or dropped frees the buffers by reference counting alone (I6)."""
+def _as_slice(start: int, stop: int, step: int) -> slice:
+    return slice(start, stop, step)
 
-    def __init__(self, buf: Tensor):
-        self._buf = buf
-        self._grad: Optional[Tensor] = None
-        self._grad_filled: list = []
-        self._grad_task: Optional[int] = None
 
-    @property
-    def n_slots(self) -> int:
-        return self._buf.shape[0]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._buf.dtype
-
-    def _sync_task(self) -> None:
-        task = torch._C._current_graph_task_id()
-        if task != self._grad_task:  # a new backward pass: forget the last one (I4)
-            self._grad_task = task
-            self._grad = None
-            self._grad_filled = [False] * self.n_slots
-
-    def _grad_for(self, slots: slice) -> tuple:
-        """(G[slots], accumulate) for an aggregation backward; allocates G on first use."""
-        self._sync_task()
-        if self._grad is None:
-            self._grad = torch.empty_like(self._buf)
-        idx = range(self.n_slots)[slots]
-        filled = [self._grad_filled[j] for j in idx]
-        if all(filled):
-            accumulate = True
-        elif not any(filled):
-            accumulate = False
-        else:  # some slots seen before, some not: zero the new ones, then add
-            for j, f in zip(idx, filled):
-                if not f:
-                    self._grad[j].zero_()
-            accumulate = True
-        for j in idx:
-            self._grad_filled[j] = True
-        return self._grad[slots], accumulate
-
-    def _slot_grad(self, j: int) -> Optional[Tensor]:
-        """G[j] when an aggregation of this backward pass touched slot j, else None."""
-        self._sync_task()
-        if self._grad is None or not self._grad_filled[j]:
-            return None
-        return self._grad[j]
-
-    def _release_grad(self) -> None:
-        self._grad = None
+def _stack_grad(G: Optional[Tensor], buf: Tensor, slots: slice) -> tuple:
+    """(G, accumulate) for an aggregation backward. G is None for the first one of a
+    backward pass (autograd passes None for the newest buffer version, which nothing
+    consumes; the Functions do not materialise zeros): then G is allocated here, the
+    slots this aggregation reads are written (`=`) and only the others zeroed (none
+    for MUDD, whose last aggregation reads every slot). Later ones add (`+=`)."""
+    if G is not None:
+        return G, True
+    G = torch.empty_like(buf)
+    read = range(buf.shape[0])[slots]
+    for j in range(buf.shape[0]):
+        if j not in read:
+            G[j].zero_()
+    return G, False
 
 
 class _Push(torch.autograd.Function):
-    """buf[j] = x (in place); returns link_j. Backward: G[j] -> x (see module doc)."""
+    """buf[j] = x in place; returns buf (dirty). Backward: G[j] -> x, G -> the older buf."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, link: Optional[Tensor], stack: _Slots, j: int,
-                x_is_leaf: bool) -> Tensor:
-        stack._buf[j].copy_(x)
-        ctx.stack, ctx.j = stack, j
-        ctx.x_dtype, ctx.x_is_leaf = x.dtype, x_is_leaf
-        ctx.root = link is None or not link.requires_grad
-        return stack._buf.new_empty(0)
+    def forward(ctx, x: Tensor, buf: Tensor, j: int, x_is_leaf: bool) -> Tensor:
+        buf[j].copy_(x)
+        ctx.mark_dirty(buf)
+        ctx.set_materialize_grads(False)
+        ctx.j, ctx.x_dtype, ctx.x_is_leaf = j, x.dtype, x_is_leaf
+        return buf
 
     @staticmethod
-    def backward(ctx, dlink: Tensor):
-        stack, j = ctx.stack, ctx.j
-        g = stack._slot_grad(j)
-        if g is not None and (ctx.x_is_leaf or g.dtype != ctx.x_dtype):
+    def backward(ctx, G: Optional[Tensor]):
+        if G is None:  # no aggregation after this push took part in this backward pass
+            return None, None, None, None
+        g = G[ctx.j]
+        if ctx.x_is_leaf or g.dtype != ctx.x_dtype:
             g = g.to(ctx.x_dtype, copy=True)
-        if ctx.root:
-            stack._release_grad()
-        return g, (None if ctx.root else dlink), None, None, None
+        return g, G, None, None
 
 
 class _Aggregate(torch.autograd.Function):
-    """Y = depth_aggregate(buf[slots], A). Backward: G[slots] (+)= A·dY, returns dA."""
+    """Y = depth_aggregate(buf[start:stop:step], A); returns (Y, buf (dirty, unchanged)).
+    Backward: G[slots] += A·dY in place, returns (G, dA)."""
 
     @staticmethod
-    def forward(ctx, link: Tensor, A: Tensor, stack: _Slots, slots: slice) -> Tensor:
-        S = stack._buf[slots]
-        Y = ops.depth_aggregate(S, A)
-        ctx.stack, ctx.slots = stack, slots
+    def forward(ctx, buf: Tensor, A: Tensor, start: int, stop: int, step: int):
+        slots = _as_slice(start, stop, step)
+        Y = ops.depth_aggregate(buf[slots], A)
+        ctx.buf, ctx.slots = buf.detach(), slots  # I3: an attribute, not a saved tensor
         ctx.save_for_backward(A)
-        return Y
+        ctx.mark_dirty(buf)
+        ctx.set_materialize_grads(False)
+        return Y, buf
 
     @staticmethod
-    def backward(ctx, dY: Tensor):
+    def backward(ctx, dY: Optional[Tensor], G: Optional[Tensor]):
+        if dY is None:
+            return G, None, None, None, None
         (A,) = ctx.saved_tensors
-        stack, slots = ctx.stack, ctx.slots
-        dS, accumulate = stack._grad_for(slots)
-        dA = aggregate_bwd_into(dY, stack._buf[slots], A, dS, accumulate)
-        dlink = dY.new_empty(0, dtype=stack.dtype)
-        return dlink, (dA if ctx.needs_input_grad[1] else None), None, None
+        G, accumulate = _stack_grad(G, ctx.buf, ctx.slots)
+        dA = aggregate_bwd_into(dY, ctx.buf[ctx.slots], A, G[ctx.slots], accumulate)
+        return G, (dA if ctx.needs_input_grad[1] else None), None, None, None
 
 
 def _fused_qkv_norm(S: Tensor, A: Tensor, g: Tensor) -> bool:
@@ -245,15 +211,17 @@ def _fused_qkv_norm(S: Tensor, A: Tensor, g: Tensor) -> bool:
 
 
 class _AggregateQKVNorm(torch.autograd.Function):
-    """X = depth_aggregate_qkv_norm(buf[slots], A, g, eps). Backward: G[slots] (+)= the
-    slots' gradient, returns (dA, dg). Fused: the kernels, rstd saved from the forward.
-    Otherwise: the norm backward gives dY (4·N·d), then aggregate_bwd_into's in-place
-    slot-by-slot fallback (never an l·N·d tensor)."""
+    """X = depth_aggregate_qkv_norm(buf[slots], A, g, eps); returns (X, buf (dirty,
+    unchanged)). Backward: G[slots] += the slots' gradient in place, returns (G, dA,
+    dg). Fused: the kernels, rstd saved from the forward. Otherwise: the norm backward
+    gives dY (4·N·d), then aggregate_bwd_into's in-place slot-by-slot fallback (never
+    an l·N·d tensor)."""
 
     @staticmethod
-    def forward(ctx, link: Tensor, A: Tensor, g: Tensor, stack: _Slots, slots: slice,
-                eps: float) -> Tensor:
-        S = stack._buf[slots]
+    def forward(ctx, buf: Tensor, A: Tensor, g: Tensor, start: int, stop: int, step: int,
+                eps: float):
+        slots = _as_slice(start, stop, step)
+        S = buf[slots]
         l, d, tok = S.shape[0], S.shape[-1], S.shape[1:-1]
         ctx.fused = _fused_qkv_norm(S, A, g)
         if ctx.fused:
@@ -263,16 +231,19 @@ class _AggregateQKVNorm(torch.autograd.Function):
         else:
             X = ops.depth_aggregate_qkv_norm(S, A, g, eps)
             rstd = A.new_empty(0)
-        ctx.stack, ctx.slots, ctx.eps = stack, slots, eps
+        ctx.buf, ctx.slots, ctx.eps = buf.detach(), slots, eps
         ctx.save_for_backward(A, g, rstd)
-        return X
+        ctx.mark_dirty(buf)
+        ctx.set_materialize_grads(False)
+        return X, buf
 
     @staticmethod
-    def backward(ctx, dX: Tensor):
+    def backward(ctx, dX: Optional[Tensor], G: Optional[Tensor]):
+        if dX is None:
+            return G, None, None, None, None, None, None
         A, g, rstd = ctx.saved_tensors
-        stack, slots = ctx.stack, ctx.slots
-        S = stack._buf[slots]
-        dS, accumulate = stack._grad_for(slots)
+        G, accumulate = _stack_grad(G, ctx.buf, ctx.slots)
+        S, dS = ctx.buf[ctx.slots], G[ctx.slots]
         if ctx.fused:
             l, d = S.shape[0], S.shape[-1]
             A3 = A if A.dim() == 2 else A.reshape(-1, 4, l)
@@ -283,9 +254,8 @@ class _AggregateQKVNorm(torch.autograd.Function):
             dY, dg = qkv_norm_bwd(dX, S, A, g, ctx.eps)
             dA = aggregate_bwd_into(dY, S, A, dS, accumulate)
             dg = dg.to(g.dtype)
-        dlink = dX.new_empty(0, dtype=stack.dtype)
-        return (dlink, dA if ctx.needs_input_grad[1] else None,
-                dg if ctx.needs_input_grad[2] else None, None, None, None)
+        return (G, dA if ctx.needs_input_grad[1] else None,
+                dg if ctx.needs_input_grad[2] else None, None, None, None, None)
 
 
 class DepthStack:
@@ -307,9 +277,7 @@ class DepthStack:
                              f"got {slot_shape}")
         self._buf = torch.empty(n_slots, *slot_shape, dtype=dtype, device=device)
         self._len = 0
-        self._link: Optional[Tensor] = None
         self._newest: Optional[Tensor] = None
-        self._state = _Slots(self._buf)
 
     @classmethod
     def start(cls, x0: Tensor, n_slots: int) -> "DepthStack":
@@ -352,11 +320,6 @@ class DepthStack:
         """The whole (n_slots, *tok, d) buffer, detached (for inspection only)."""
         return self._buf.detach()
 
-    @property
-    def grad_buffer(self) -> Optional[Tensor]:
-        """The current backward pass's gradient buffer, or None."""
-        return self._state._grad
-
     def __repr__(self) -> str:
         return (f"DepthStack({self._len}/{self.n_slots} slots of {self.slot_shape}, "
                 f"{self.dtype}, {self.device})")
@@ -374,7 +337,8 @@ class DepthStack:
         if x.device != self.device:
             raise ValueError(f"x is on {x.device} but the stack is on {self.device}")
         j = self._len
-        self._link = _Push.apply(x, self._link, self._state, j, x.requires_grad and x.is_leaf)
+        # The newest buffer version (the same storage) replaces the old one (module doc).
+        self._buf = _Push.apply(x, self._buf, j, x.requires_grad and x.is_leaf)
         self._newest = x
         self._len += 1
 
@@ -399,7 +363,8 @@ class DepthStack:
         """
         s = self._slots(slots)
         validate_depth_aggregate(self._buf[s], A)
-        return _Aggregate.apply(self._link, A, self._state, s)
+        Y, self._buf = _Aggregate.apply(self._buf, A, s.start, s.stop, s.step)
+        return Y
 
     def aggregate_qkv_norm(self, A: Tensor, norm_weights: Tensor, eps: float = 1e-6,
                            slots: Optional[slice] = None) -> Tensor:
@@ -412,7 +377,8 @@ class DepthStack:
         """
         s = self._slots(slots)
         validate_depth_aggregate_qkv_norm(self._buf[s], A, norm_weights)
-        return _AggregateQKVNorm.apply(self._link, A, norm_weights, self._state, s, eps)
+        X, self._buf = _AggregateQKVNorm.apply(self._buf, A, norm_weights, s.start, s.stop, s.step, eps)
+        return X
 
 
 def stack_bytes(n_slots: int, slot_shape: Sequence[int], dtype: torch.dtype) -> int:
