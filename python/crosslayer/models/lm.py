@@ -324,10 +324,7 @@ class CrossLayerLM(nn.Module):
         are averaged over the mesh in one all-reduce at the end of each backward pass,
         as DDP would (_ScalarGradSync).
         """
-        try:
-            from torch.distributed.fsdp import fully_shard
-        except ImportError:  # torch < 2.6
-            from torch.distributed._composable.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard  # public since torch 2.6, our minimum
         scalars = [p for p in self.parameters() if p.dim() == 0]
         for blk in self.blocks:
             fully_shard(blk.attn, **fsdp_kwargs)
