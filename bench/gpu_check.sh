@@ -7,7 +7,13 @@
 # bench/results): build.log, info.txt, tests_gpu.log, bench_depth_aggregate.log,
 # bench_hc.log, bench_mudd.log, bench_mhc.log, results.csv (every bench appends to it).
 # Environment: OUT, PYTHON (default python3, else python), TORCH_CUDA_ARCH_LIST (9.0),
-# MAX_JOBS (16), BENCH_ARGS (--quick).
+# MAX_JOBS (16), BENCH_ARGS (--quick), STAGES (default "tests bench"; add "demo" for the
+# GPU demo table, python -m crosslayer.demo --preset gpu --steps DEMO_STEPS (300) on
+# DEMO_SCHEMES (all six), logs in $OUT/demo). The build always runs (incremental when
+# the in-place build is still there), so a device call limited to 10 minutes can run
+#     STAGES=tests bash bench/gpu_check.sh;  STAGES=bench bash bench/gpu_check.sh
+#     STAGES=demo bash bench/gpu_check.sh
+# as separate calls; a stage left out reads "not run" in the summary and does not fail.
 # Exit status: 0 when the build, the GPU tests and the benchmarks' correctness gates
 # all passed; 1 otherwise.
 set -euo pipefail
@@ -21,6 +27,11 @@ fi
 BENCH_ARGS=${BENCH_ARGS:---quick}
 
 BENCHES="bench_depth_aggregate bench_hc bench_mudd bench_mhc"
+STAGES=${STAGES:-tests bench}
+for stage in $STAGES; do
+    case "$stage" in tests|bench|demo) ;; *) echo "unknown stage '$stage' in STAGES (tests, bench, demo)"; exit 2 ;; esac
+done
+has_stage() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 section() { printf '\n==== %s ====\n' "$*"; }
 bench_status_of() {
@@ -60,6 +71,8 @@ tests_status="skipped (build failed)"
 tests_counts="-"
 tests_rc=1
 bench_rc=1
+demo_rc=0
+demo_status="not run"
 declare -A bench_status
 for b in $BENCHES; do
     bench_status[$b]="skipped (build failed)"
@@ -75,39 +88,59 @@ if [ "$build_rc" -eq 0 ]; then
     [ "$info_rc" -eq 0 ] || echo "python -m crosslayer.info exited $info_rc"
 
     # ---- 4. GPU tests (exit 5 = no tests collected counts as a failure: they must exist)
-    section "GPU tests"
-    set +e
-    "$PYTHON" -m pytest tests -q --maxfail=25 -m gpu 2>&1 | tee "$OUT/tests_gpu.log"
-    tests_rc=${PIPESTATUS[0]}
-    set -e
-    # The pytest summary line, e.g. "12 passed, 1 failed, 2 skipped in 3.41s".
-    counts_re='[0-9]+ (passed|failed|errors?|skipped|xfailed|xpassed|deselected|warnings?)'
-    summary_line=$(grep -E "$counts_re|no tests ran" "$OUT/tests_gpu.log" | tail -n 1 || true)
-    tests_counts=$(printf '%s\n' "$summary_line" | grep -Eo "$counts_re" | paste -sd, - || true)
-    [ -n "$tests_counts" ] || tests_counts="no summary line"
-    case "$tests_rc" in
-        0) tests_status=passed ;;
-        5) tests_status="FAILED (no GPU tests collected, pytest exit 5)" ;;
-        *) tests_status="FAILED (pytest exit $tests_rc)" ;;
-    esac
+    if has_stage tests; then
+        section "GPU tests"
+        set +e
+        "$PYTHON" -m pytest tests -q --maxfail=25 -m gpu 2>&1 | tee "$OUT/tests_gpu.log"
+        tests_rc=${PIPESTATUS[0]}
+        set -e
+        # The pytest summary line, e.g. "12 passed, 1 failed, 2 skipped in 3.41s".
+        counts_re='[0-9]+ (passed|failed|errors?|skipped|xfailed|xpassed|deselected|warnings?)'
+        summary_line=$(grep -E "$counts_re|no tests ran" "$OUT/tests_gpu.log" | tail -n 1 || true)
+        tests_counts=$(printf '%s\n' "$summary_line" | grep -Eo "$counts_re" | paste -sd, - || true)
+        [ -n "$tests_counts" ] || tests_counts="no summary line"
+        case "$tests_rc" in
+            0) tests_status=passed ;;
+            5) tests_status="FAILED (no GPU tests collected, pytest exit 5)" ;;
+            *) tests_status="FAILED (pytest exit $tests_rc)" ;;
+        esac
+    else
+        tests_status="not run"; tests_counts="-"; tests_rc=0
+    fi
 
     # ---- 5. quick benchmarks: each its own log, all appending to one results.csv; a
     # failing bench does not stop the next one.
-    section "benchmarks"
     bench_rc=0
-    for b in $BENCHES; do
-        section "benchmark $b"
+    if has_stage bench; then
+        section "benchmarks"
+        for b in $BENCHES; do
+            section "benchmark $b"
+            set +e
+            # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
+            "$PYTHON" "bench/$b.py" $BENCH_ARGS --csv "$OUT/results.csv" 2>&1 | tee "$OUT/$b.log"
+            rc=${PIPESTATUS[0]}
+            set -e
+            bench_status[$b]=$(bench_status_of "$rc")
+            [ "$rc" -eq 0 ] || bench_rc=1
+        done
+    else
+        for b in $BENCHES; do bench_status[$b]="not run"; done
+    fi
+
+    # ---- 6. the demo on the GPU preset (the README's GPU results table)
+    if has_stage demo; then
+        section "demo (--preset gpu)"
         set +e
-        # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
-        "$PYTHON" "bench/$b.py" $BENCH_ARGS --csv "$OUT/results.csv" 2>&1 | tee "$OUT/$b.log"
-        rc=${PIPESTATUS[0]}
+        "$PYTHON" -m crosslayer.demo --preset gpu --steps "${DEMO_STEPS:-300}" \
+            --schemes "${DEMO_SCHEMES:-residual,shc,dhc,mhc,dwa,mudd}" --no-progress \
+            --out "$OUT/demo" 2>&1 | tee "$OUT/demo.log"
+        demo_rc=${PIPESTATUS[0]}
         set -e
-        bench_status[$b]=$(bench_status_of "$rc")
-        [ "$rc" -eq 0 ] || bench_rc=1
-    done
+        if [ "$demo_rc" -eq 0 ]; then demo_status=ok; else demo_status="FAILED (exit $demo_rc)"; fi
+    fi
 fi
 
-# ---- 6. summary: each bench's SUMMARY / WRONG / FAILED lines, then the status table
+# ---- 7. summary: each bench's SUMMARY / WRONG / FAILED lines, then the status table
 # last (the device tool returns the tail of the output).
 section "summary"
 for b in $BENCHES; do
@@ -122,11 +155,12 @@ printf '%-22s %s [%s]\n' "GPU tests" "$tests_status" "$tests_counts"
 for b in $BENCHES; do
     printf '%-22s %s\n' "$b" "${bench_status[$b]}"
 done
+printf '%-22s %s\n' "demo (gpu preset)" "$demo_status"
 logs="build.log,info.txt,tests_gpu.log"
 for b in $BENCHES; do logs="$logs,$b.log"; done
 printf '%-22s %s\n' "logs" "$OUT/{$logs,results.csv}"
 
-if [ "$build_rc" -ne 0 ] || [ "$tests_rc" -ne 0 ] || [ "$bench_rc" -ne 0 ]; then
+if [ "$build_rc" -ne 0 ] || [ "$tests_rc" -ne 0 ] || [ "$bench_rc" -ne 0 ] || [ "$demo_rc" -ne 0 ]; then
     exit 1
 fi
 exit 0
