@@ -16,7 +16,7 @@ batches (a generator seeded for the data alone), identical optimizer and schedul
 (AdamW, linear warmup then cosine decay, gradient clipping at 1, no weight decay on
 static connection parameters). Reported per scheme: final train loss (mean of the last
 10% of steps), validation loss (fixed held-out batches), tokens/s of the training steps
-(evaluation excluded), peak memory (CUDA: max allocated bytes; CPU: the process's peak
+after the first 10% (warm-up and torch.compile excluded; evaluation excluded), peak memory (CUDA: max allocated bytes; CPU: the process's peak
 resident set, which includes the Python/torch baseline of a few hundred MiB), and the
 parameter count. Writes <out>/results.json and <out>/loss_curves.png.
 """
@@ -161,6 +161,7 @@ def train_one(spec: RunSpec) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     train_curve, val_curve = [], []
     train_time, tokens = 0.0, 0
+    warmup_steps = min(max(1, p["steps"] // 10), p["steps"] - 1)  # untimed: compile, allocator
     bar = _progress(p["steps"], f"{spec.scheme:>8}", spec.progress)
     for step, (x, y) in enumerate(batches(train, p["steps"], p["batch_size"], p["seq_len"], spec.seed)):
         for group in opt.param_groups:
@@ -172,8 +173,9 @@ def train_one(spec: RunSpec) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         loss_value = loss.item()  # syncs, so the step's time is complete
-        train_time += time.perf_counter() - t0
-        tokens += x.numel()
+        if step >= warmup_steps:
+            train_time += time.perf_counter() - t0
+            tokens += x.numel()
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"{spec.scheme}: loss became {loss_value} at step {step}")
         train_curve.append(loss_value)
