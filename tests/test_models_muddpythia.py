@@ -21,9 +21,10 @@ import torch
 from crosslayer.models import MUDDFormer, MUDDFormerConfig, MUDDPythia, MUDDPythiaConfig
 from muddformer_reference import ReferenceMUDDFormer
 from muddpythia_reference import ReferenceMUDDPythia
-from policy import assert_policy
+import mudd_model_checks as checks
+from mudd_model_checks import F64, RELEASED, Family
 
-F64 = torch.float64
+FAM = Family(MUDDPythiaConfig, MUDDPythia, ReferenceMUDDPythia)
 
 # The released config.json of Caiyun-AI/MUDDPythia-1.4B (pytorch/muddpythia/config_1p4b.json);
 # config_2p8b.json differs in dim 2560, head_dim 80, intermediate_size 10240, n_head 32,
@@ -44,7 +45,6 @@ RELEASED_1P4B = {
 RELEASED_2P8B = dict(RELEASED_1P4B, dim=2560, head_dim=80, intermediate_size=10240, n_head=32,
                      n_local_heads=32, n_layer=32)
 
-RELEASED = dict(use_qk_norm=True, expand_last=True, round64=True)  # the released flags
 CONFIGS = {
     "released": RELEASED,
     "defaults": {},
@@ -55,25 +55,14 @@ CONFIGS = {
 
 
 def tiny(**kw):
-    """head_dim 16: 4 rotated features at rotary_pct 0.25."""
-    base = dict(block_size=64, vocab_size=97, n_layer=3, n_head=4, dim=64)
-    return MUDDPythiaConfig(**{**base, **kw})
+    return FAM.tiny(**kw)
 
 
 def pair(cfg, dtype=F64):
-    """(reference with random weights, ours loaded from its state_dict with strict=True)."""
-    ref = ReferenceMUDDPythia(cfg).to(dtype)
-    with torch.no_grad():  # norm weights off 1, LayerNorm biases off 0: every weight matters
-        for name, p in ref.named_parameters():
-            if "norm" in name:
-                p.add_(0.2 * torch.randn_like(p))
-    ours = MUDDPythia(cfg).to(dtype)
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ref, ours
+    return checks.pair(FAM, cfg, dtype)
 
 
-def shapes(m):
-    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+shapes = checks.shapes
 
 
 # --------------------------------------------------------------------------- (a) keys
@@ -144,34 +133,12 @@ def test_config_classes_do_not_mix():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_forward_matches_release(name):
-    cfg = tiny(**CONFIGS[name])
-    ref, ours = pair(cfg)
-    idx = torch.randint(0, cfg.vocab_size, (2, 13))
-    ref64, out64 = ref(idx), ours(idx)
-    ref32, out32 = ref.float()(idx), ours.float()(idx)
-    torch.testing.assert_close(out64, ref64, rtol=0, atol=1e-10)
-    assert_policy(f"{name} logits", out32, ref32, ref64)
+    checks.check_forward(FAM, name, tiny(**CONFIGS[name]))
 
 
 @pytest.mark.parametrize("name", ["released", "sequential_no_bias"])
 def test_prefill_then_decode_matches_full_forward(name):
-    """Prefill 6 tokens, decode 5 one at a time, batch 2 in caches for 3: every step's
-    logits equal the reference's full forward at that position."""
-    cfg = tiny(**CONFIGS[name])
-    ref, ours = pair(cfg)
-    idx = torch.randint(0, cfg.vocab_size, (2, 11))
-    P = 6
-    ref64, ref32 = ref(idx).detach(), ref.float()(idx).detach()
-    for dtype in (F64, torch.float32):
-        ours.to(dtype).setup_caches(max_batch_size=3, max_seq_length=20)
-        steps = [ours(idx[:, :P], torch.arange(P))]
-        steps += [ours(idx[:, t:t + 1], torch.tensor([t])) for t in range(P, idx.shape[1])]
-        out = torch.cat(steps, 1)
-        assert not out.requires_grad  # cached inference builds no graph
-        if dtype == F64:
-            torch.testing.assert_close(out, ref64, rtol=0, atol=1e-10)
-        else:
-            assert_policy(f"{name} prefill+decode", out, ref32, ref64)
+    checks.check_prefill_decode(FAM, name, tiny(**CONFIGS[name]))
 
 
 def test_fresh_model_starts_as_residual_stream():
@@ -192,17 +159,7 @@ def test_fresh_model_starts_as_residual_stream():
 
 @pytest.mark.parametrize("name, remat", [(n, False) for n in CONFIGS] + [("released", True)])
 def test_gradients_match_release(name, remat):
-    cfg = tiny(**CONFIGS[name], use_gradient_checkpointing=remat)
-    ref, ours = pair(cfg)
-    idx = torch.randint(0, cfg.vocab_size, (2, 9))
-    dlogits = torch.randn(2, 9, cfg.vocab_size, dtype=F64)
-    (ref(idx) * dlogits).sum().backward()
-    (ours(idx) * dlogits).sum().backward()
-    ref_grads = dict(ref.named_parameters())
-    for k, p in ours.named_parameters():
-        assert p.grad is not None, f"{k} got no gradient"
-        g = ref_grads[k].grad
-        torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-11, msg=lambda m: f"{k}: {m}")
+    checks.check_gradients(FAM, tiny(**CONFIGS[name], use_gradient_checkpointing=remat))
 
 
 # --------------------------------------------------------------------------- (d) errors
@@ -216,11 +173,7 @@ def test_gradients_match_release(name, remat):
     (dict(intermediate_size=512), r"layers\.0\.feed_forward\.w1\.weight is \(256, 64\).*intermediate_size"),
 ])
 def test_mismatched_checkpoint_names_the_config_field(other, match):
-    ckpt = ReferenceMUDDPythia(tiny(**{**RELEASED, **other})).state_dict()
-    ours = MUDDPythia(tiny(**RELEASED))
-    with pytest.raises(RuntimeError, match="does not fit this MUDDPythiaConfig") as e:
-        ours.load_state_dict(ckpt, strict=True)
-    assert e.match(match)
+    checks.check_mismatched_checkpoint(FAM, other, match)
 
 
 def test_checkpoint_of_the_other_family_is_named():
@@ -253,43 +206,15 @@ def test_unsupported_config(kw, match):
 # --------------------------------------------------------------------------- GPU
 
 
-def check_lowp_vs_fp64(device, dtype):
-    """Ours on `device` in `dtype` (the fused ops on CUDA) against the float64 CPU
-    reference: logits (training forward, and prefill + decode) by DESIGN's policy with
-    the reference itself run on `device` in `dtype` as the low-precision oracle;
-    gradients by relative 2-norm error (a max is too noisy at bf16), same rule."""
-    cfg = tiny(**RELEASED)
-    ref, ours = pair(cfg)
-    idx = torch.randint(0, cfg.vocab_size, (2, 37))
-    dlogits = torch.randn(2, 37, cfg.vocab_size, dtype=F64)
-    ref64 = ref(idx)
-    (ref64 * dlogits).sum().backward()
-    ref_lp = ReferenceMUDDPythia(cfg).to(device, dtype)
-    ref_lp.load_state_dict(ref.state_dict())
-    ours = ours.to(device, dtype)
-    ic, dc = idx.to(device), dlogits.to(device, dtype)
-    out, out_lp = ours(ic), ref_lp(ic)
-    assert_policy(f"logits {dtype}", out.cpu(), out_lp.detach().cpu(), ref64.detach())
-    (out * dc).sum().backward()
-    (out_lp * dc).sum().backward()
-    lp_grads, ref_grads = dict(ref_lp.named_parameters()), dict(ref.named_parameters())
-    for k, p in ours.named_parameters():
-        g64 = ref_grads[k].grad
-        err, err_lp = (float((g.cpu().double() - g64).norm() / g64.norm()) for g in (p.grad, lp_grads[k].grad))
-        assert err <= 2 * err_lp + 1e-3, f"grad {k} {dtype}: relative error {err:.3e} > 2 x {err_lp:.3e} + 1e-3"
-    ours.setup_caches(2, 40)
-    steps = [ours(ic[:, :30], torch.arange(30, device=device))]
-    steps += [ours(ic[:, t:t + 1], torch.tensor([t], device=device)) for t in range(30, 37)]
-    assert_policy(f"prefill+decode {dtype}", torch.cat(steps, 1).cpu(), out_lp.detach().cpu(), ref64.detach())
 
 
 def test_bf16_cpu_vs_fp64():
     """The low-precision check on CPU (the oracle ops): the dtype plumbing and the
     bounds the GPU test uses."""
-    check_lowp_vs_fp64("cpu", torch.bfloat16)
+    checks.check_lowp_vs_fp64(FAM, "cpu", torch.bfloat16)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_vs_fp64_cpu(dtype):
-    check_lowp_vs_fp64("cuda", dtype)
+    checks.check_lowp_vs_fp64(FAM, "cuda", dtype)
