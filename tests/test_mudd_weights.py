@@ -23,6 +23,7 @@ from torch.library import opcheck
 from crosslayer import ops, ref
 from crosslayer._extension import _C
 from crosslayer.ops.mudd_weights import mudd_weights_bwd_op, mudd_weights_op
+from compile_check import assert_compiles_like_eager
 from policy import assert_policy, poison_allocator
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -115,16 +116,7 @@ def test_custom_op_compiles_fullgraph_cpu():
     def f(x, W1, W2, bias):
         return ops.mudd_weights(x, W1, W2, bias, 4).square().sum()
 
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True)
-    leaves_c = [t.clone().requires_grad_(True) for t in (x, *params)]
-    leaves_e = [t.clone().requires_grad_(True) for t in (x, *params)]
-    out = compiled(*leaves_c)
-    out.backward()
-    f(*leaves_e).backward()
-    torch.testing.assert_close(out, f(x, *params))
-    for a, b in zip(leaves_c, leaves_e):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compiles_like_eager(f, (x, *params))
 
 
 @pytest.mark.parametrize(
@@ -300,14 +292,7 @@ def test_compile_fullgraph_cuda(cuda):
     def f(x, W1, W2, bias):
         return ops.mudd_weights(x, W1, W2, bias, 4).square().sum()
 
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True)
-    leaves_c = [t.clone().requires_grad_(True) for t in (x, *params)]
-    leaves_e = [t.clone().requires_grad_(True) for t in (x, *params)]
-    compiled(*leaves_c).backward()
-    f(*leaves_e).backward()
-    for a, b in zip(leaves_c, leaves_e):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compiles_like_eager(f, (x, *params))
 
 
 @gpu
