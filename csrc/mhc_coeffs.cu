@@ -104,9 +104,11 @@ void check_per_token(const at::Tensor& t, const char* name, const char* what,
   check_floating(t, name);
 }
 
-bool use_mma(const at::Tensor& H) {
+// The tensor-core path: 16-bit activations, d >= kMmaMinD, and a device with 16-bit
+// mma.sync (sm 8.0+); otherwise the at::mm path computes the same product in fp32.
+bool use_mma(const at::Tensor& H, int device) {
   const at::ScalarType t = H.scalar_type();
-  return (t == at::kBFloat16 || t == at::kHalf) && H.size(-1) >= kMmaMinD;
+  return (t == at::kBFloat16 || t == at::kHalf) && H.size(-1) >= kMmaMinD && has_mma_sync_16bit(device);
 }
 
 // phi (n·d, M) as fp32 (n·d_pad, cols): each stream's d rows padded to d_pad, columns
@@ -185,7 +187,7 @@ std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H_in, const at::Tensor&
   const int device = H_in.device().index();
 
   at::Tensor up, ssp;
-  if (use_mma(H_in)) {
+  if (use_mma(H_in, device)) {
     const at::Tensor H = readable(H_in, 2, &p.h_tok);
     p.h_ptr = H.data_ptr();
     p.h_stream_stride = stream_stride(H);
@@ -307,7 +309,7 @@ std::vector<at::Tensor> mhc_coeffs_bwd(const std::optional<at::Tensor>& dalpha,
   const at::Tensor duM = du.narrow(1, 0, M);
 
   at::Tensor dphi;
-  if (use_mma(H_in)) {
+  if (use_mma(H_in, device)) {
     const at::Tensor H = readable(H_in, 2, &p.h_tok);
     at::Tensor dH_k = writable(dH, 2, &p.dh_tok);
     p.h_ptr = H.data_ptr();

@@ -99,9 +99,11 @@ bool tanh_form(const std::string& approximate) {
 // take the fp32 at::mm path (its cost is nothing at such d).
 constexpr int64_t kMmaMinD = 32;
 
-bool use_mma(const at::Tensor& x) {
+// The tensor-core path: 16-bit activations, d >= kMmaMinD, and a device with 16-bit
+// mma.sync (sm 8.0+); otherwise the at::mm path computes the same product in fp32.
+bool use_mma(const at::Tensor& x, int device) {
   const at::ScalarType t = x.scalar_type();
-  return (t == at::kBFloat16 || t == at::kHalf) && x.size(-1) >= kMmaMinD;
+  return (t == at::kBFloat16 || t == at::kHalf) && x.size(-1) >= kMmaMinD && has_mma_sync_16bit(device);
 }
 
 // Launches a head kernel over N tokens with `smem` bytes of dynamic shared memory.
@@ -156,7 +158,7 @@ std::vector<at::Tensor> mudd_weights_fwd(const at::Tensor& x_in, const at::Tenso
   p.a_ptr = A.data_ptr();
   const int device = x_in.device().index();
 
-  if (use_mma(x_in)) {
+  if (use_mma(x_in, device)) {
     const at::Tensor x = readable(x_in, 1, &p.x_tok);
     const at::Tensor w1f = pack_w1_proj(W1, x.scalar_type(), p.k_pad);
     p.x_ptr = x.data_ptr();
@@ -241,7 +243,7 @@ std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tens
 
   const at::Tensor gK = g.narrow(1, 0, sh.K);
   at::Tensor dW1;
-  if (use_mma(x_in)) {
+  if (use_mma(x_in, device)) {
     const at::Tensor x2 = x_in.reshape({sh.N, sh.d});
     // dW1 = xᵀ·g with x as stored and g as 16-bit hi + lo in one GEMM over [hi | lo].
     // fp16 has a narrow exponent range: g is scaled by a power of two near 1/max|g|

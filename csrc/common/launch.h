@@ -15,6 +15,13 @@ inline int device_attribute(cudaDeviceAttr attr, int device) {
   return v;
 }
 
+// True when `device` runs the bf16/fp16 mma.sync (m16n8k16) tensor-core kernels, which
+// exist from compute capability 8.0 on (their bodies compile empty below it, so the
+// launchers must take their at::mm paths on such a device, never launch them).
+inline bool has_mma_sync_16bit(int device) {
+  return device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 8;
+}
+
 // Lets `kernel` launch with `bytes` of dynamic shared memory (needed above 48 KB).
 template <typename Kernel>
 void allow_smem(Kernel kernel, int bytes) {
