@@ -510,28 +510,7 @@ __global__ void __launch_bounds__(kMhcThreads) mhc_dh_mma_kernel(const MhcParams
 
   for (int64_t c = c_begin; c < c_end; ++c) {
     float acc[kMhcDhTiles][4];
-#pragma unroll
-    for (int j = 0; j < kMhcDhTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-    for (int ks = 0; ks < ksteps; ++ks) {
-      const int k = ks * 16 + tig * 2;
-      const float2 g0 = va ? __ldg(reinterpret_cast<const float2*>(ga + k)) : make_float2(0.f, 0.f);
-      const float2 g1 = vb ? __ldg(reinterpret_cast<const float2*>(gb + k)) : make_float2(0.f, 0.f);
-      const float2 g2 = va ? __ldg(reinterpret_cast<const float2*>(ga + k + 8)) : make_float2(0.f, 0.f);
-      const float2 g3 = vb ? __ldg(reinterpret_cast<const float2*>(gb + k + 8)) : make_float2(0.f, 0.f);
-      uint32_t h0, h1, h2, h3, l0, l1, l2, l3;
-      split_bf16x2(g0.x, g0.y, h0, l0);
-      split_bf16x2(g1.x, g1.y, h1, l1);
-      split_bf16x2(g2.x, g2.y, h2, l2);
-      split_bf16x2(g3.x, g3.y, h3, l3);
-      const uint4* __restrict__ wrow = W + ((c * ksteps + ks) * kMhcDhTiles) * kWarpSize + lane;
-#pragma unroll
-      for (int j = 0; j < kMhcDhTiles; ++j) {
-        const uint4 b = __ldg(wrow + j * kWarpSize);
-        MmaOp<__nv_bfloat16>::run(acc[j], h0, h1, h2, h3, b.x, b.y);
-        MmaOp<__nv_bfloat16>::run(acc[j], l0, l1, l2, l3, b.x, b.y);
-        MmaOp<__nv_bfloat16>::run(acc[j], h0, h1, h2, h3, b.z, b.w);
-      }
-    }
+    mma_chunk_g_wt<kMhcDhTiles>(acc, ga, gb, va, vb, W, c, ksteps, tig, lane);
     // Thread holds features 32·(c % cps) + 8tig + 2j + {0, 1} of stream c / cps, rows a
     // (c0, c1) and b (c2, c3).
     const int64_t i = c / p.cps;

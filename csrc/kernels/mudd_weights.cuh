@@ -217,6 +217,42 @@ __device__ __forceinline__ void split_bf16x2(float v0, float v1, uint32_t& hi, u
   lo = *reinterpret_cast<const uint32_t*>(&l);
 }
 
+// One 32-feature output chunk c of G·Wᵀ for a warp's 16 rows: this thread's rows a
+// and b (rows grp and grp + 8 of the m16n8k16 tile; va / vb false past the last
+// token: zeros) of the fp32 matrix G (row pointers ga, gb; ksteps·16 columns), times
+// the packed bf16 W (uint4 per lane: {hi.b0, hi.b1, lo.b0, lo.b1}, laid out
+// [chunk][kstep][tile][lane]). G is split into bf16 hi + lo here; a tile gets
+// G_hi·W_hi + G_lo·W_hi + G_hi·W_lo (G_lo·W_lo, 2^-16 relative, is dropped).
+// acc[j] = the C fragment of output tile j (8 features), overwritten (=).
+template <int kTiles>
+__device__ __forceinline__ void mma_chunk_g_wt(float (&acc)[kTiles][4], const float* __restrict__ ga,
+                                               const float* __restrict__ gb, bool va, bool vb,
+                                               const uint4* __restrict__ W, int64_t c, int ksteps,
+                                               int tig, int lane) {
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  for (int ks = 0; ks < ksteps; ++ks) {
+    const int k = ks * 16 + tig * 2;
+    const float2 g0 = va ? __ldg(reinterpret_cast<const float2*>(ga + k)) : make_float2(0.f, 0.f);
+    const float2 g1 = vb ? __ldg(reinterpret_cast<const float2*>(gb + k)) : make_float2(0.f, 0.f);
+    const float2 g2 = va ? __ldg(reinterpret_cast<const float2*>(ga + k + 8)) : make_float2(0.f, 0.f);
+    const float2 g3 = vb ? __ldg(reinterpret_cast<const float2*>(gb + k + 8)) : make_float2(0.f, 0.f);
+    uint32_t h0, h1, h2, h3, l0, l1, l2, l3;
+    split_bf16x2(g0.x, g0.y, h0, l0);
+    split_bf16x2(g1.x, g1.y, h1, l1);
+    split_bf16x2(g2.x, g2.y, h2, l2);
+    split_bf16x2(g3.x, g3.y, h3, l3);
+    const uint4* __restrict__ wrow = W + ((c * ksteps + ks) * kTiles) * kWarpSize + lane;
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j) {
+      const uint4 b = __ldg(wrow + j * kWarpSize);
+      MmaOp<__nv_bfloat16>::run(acc[j], h0, h1, h2, h3, b.x, b.y);
+      MmaOp<__nv_bfloat16>::run(acc[j], l0, l1, l2, l3, b.x, b.y);
+      MmaOp<__nv_bfloat16>::run(acc[j], h0, h1, h2, h3, b.z, b.w);
+    }
+  }
+}
+
 // r and u = r·(x·W1) for bf16/fp16 x.
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kMuddThreads) mudd_proj_mma_kernel(const MuddWeightsParams p) {
@@ -321,28 +357,7 @@ __global__ void __launch_bounds__(kMuddThreads) mudd_dx_mma_kernel(const MuddWei
 
   for (int64_t c = 0; c < chunks; ++c) {
     float acc[kDxTiles][4];
-#pragma unroll
-    for (int j = 0; j < kDxTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-    for (int ks = 0; ks < ksteps; ++ks) {
-      const int k = ks * 16 + tig * 2;
-      const float2 g0 = va ? __ldg(reinterpret_cast<const float2*>(ga + k)) : make_float2(0.f, 0.f);
-      const float2 g1 = vb ? __ldg(reinterpret_cast<const float2*>(gb + k)) : make_float2(0.f, 0.f);
-      const float2 g2 = va ? __ldg(reinterpret_cast<const float2*>(ga + k + 8)) : make_float2(0.f, 0.f);
-      const float2 g3 = vb ? __ldg(reinterpret_cast<const float2*>(gb + k + 8)) : make_float2(0.f, 0.f);
-      uint32_t h0, h1, h2, h3, l0, l1, l2, l3;
-      split_bf16x2(g0.x, g0.y, h0, l0);
-      split_bf16x2(g1.x, g1.y, h1, l1);
-      split_bf16x2(g2.x, g2.y, h2, l2);
-      split_bf16x2(g3.x, g3.y, h3, l3);
-      const uint4* __restrict__ wrow = W + ((c * ksteps + ks) * kDxTiles) * kWarpSize + lane;
-#pragma unroll
-      for (int j = 0; j < kDxTiles; ++j) {
-        const uint4 b = __ldg(wrow + j * kWarpSize);
-        MmaOp<__nv_bfloat16>::run(acc[j], h0, h1, h2, h3, b.x, b.y);
-        MmaOp<__nv_bfloat16>::run(acc[j], l0, l1, l2, l3, b.x, b.y);
-        MmaOp<__nv_bfloat16>::run(acc[j], h0, h1, h2, h3, b.z, b.w);
-      }
-    }
+    mma_chunk_g_wt<kDxTiles>(acc, ga, gb, va, vb, W, c, ksteps, tig, lane);
     // Thread holds features 32c + 8tig + 2j + {0, 1} of rows a (c0, c1) and b (c2, c3).
     const int64_t e = c * 32 + tig * 8;
 #pragma unroll
