@@ -9,8 +9,8 @@
 # Environment: OUT, PYTHON (default python3, else python), TORCH_CUDA_ARCH_LIST (9.0),
 # MAX_JOBS (16), BENCH_ARGS (--quick), STAGES (default "tests bench"; add "demo" for the
 # GPU demo table, python -m crosslayer.demo --preset gpu --steps DEMO_STEPS (300) on
-# DEMO_SCHEMES (all six), logs in $OUT/demo). The build always runs (incremental when
-# the in-place build is still there), so a device call limited to 10 minutes can run
+# DEMO_SCHEMES (all six), logs in $OUT/demo). The build always runs first, so a device
+# call limited to 10 minutes can run
 #     STAGES=tests bash bench/gpu_check.sh;  STAGES=bench bash bench/gpu_check.sh
 #     STAGES=demo bash bench/gpu_check.sh
 # as separate calls; a stage left out reads "not run" in the summary and does not fail.
