@@ -15,7 +15,7 @@ sublayer output y (*tok, d) and returns the new streams H' (*tok, n, d):
     x = Σ_i alpha[i,0]·H_i,        H'_k = beta_k·y + Σ_i alpha[i,1+k]·H_i.
 
 HyperConnections computes alpha, beta with `crosslayer.ops.hc_pre` (static or dynamic),
-ManifoldHyperConnections with `mhc_coeffs` (one rms over vec(H), sigmoid gates and a
+ManifoldHyperConnections with `crosslayer.ops.mhc_coeffs` (one rms over vec(H), sigmoid gates and a
 Sinkhorn-projected mixing matrix); both mix with `crosslayer.ops.stream_mix` /
 `hc_post`. The ops run fused kernels for CUDA tensors when the extension is built and
 the oracle (crosslayer.ref) otherwise, so the modules run anywhere.
@@ -161,14 +161,6 @@ class HyperConnections(_StreamConnection):
         return x, functools.partial(ops.hc_post, H, alpha=alpha, beta=beta)
 
 
-def _mhc_coeffs_fn(H: Tensor) -> Callable[..., Tuple[Tensor, Tensor]]:
-    """The mhc_coeffs to call for H: the fused op for CUDA tensors when crosslayer.ops
-    has one (looked up at call time), the oracle otherwise."""
-    if H.is_cuda:
-        return getattr(ops, "mhc_coeffs", ref.mhc_coeffs)
-    return ref.mhc_coeffs
-
-
 class ManifoldHyperConnections(_StreamConnection):
     """Manifold-constrained hyper-connection (mHC, DeepSeek's convention) around one sublayer.
 
@@ -235,9 +227,8 @@ class ManifoldHyperConnections(_StreamConnection):
     def coefficients(self, H: Tensor) -> Tuple[Tensor, Tensor]:
         """alpha (*tok, n, n+1) = [pre | comb] and beta (*tok, n) = post, fp32 (fp64 for fp64)."""
         self._check_H(H)
-        fn = _mhc_coeffs_fn(H)
-        return fn(H, self.phi, self.a_pre, self.a_post, self.a_res, self.b, self.eps,
-                  self.pre_eps, self.post_mult, self.iters, self.sinkhorn_eps)
+        return ops.mhc_coeffs(H, self.phi, self.a_pre, self.a_post, self.a_res, self.b, self.eps,
+                              self.pre_eps, self.post_mult, self.iters, self.sinkhorn_eps)
 
     def pre(self, H: Tensor) -> Tuple[Tensor, Post]:
         """x (*tok, d), the sublayer input, and post: y (*tok, d) -> H' (*tok, n, d)."""
