@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from crosslayer import nn as cnn
-from crosslayer import ops, ref
+from crosslayer import ref
 from crosslayer.nn.depth_stack import aggregate_bwd_into
-from crosslayer.nn.mudd import mudd_hidden, mudd_weights_fn
+from crosslayer.nn.mudd import mudd_hidden
 from crosslayer.ref import mudd as ref_mudd
 
 F64 = torch.float64
@@ -189,17 +189,6 @@ def test_mudd_bad_arguments():
     with pytest.raises(ValueError, match="expects a stack with 3 filled slots"):
         c(stack)
 
-
-def test_mudd_weights_resolved_at_call_time(monkeypatch):
-    x = torch.randn(2, 4)
-    assert mudd_weights_fn(x) is ref.mudd_weights  # CPU: the oracle
-    cuda_like = torch.empty(0, device="meta")
-    monkeypatch.setattr(type(cuda_like), "is_cuda", property(lambda self: True))
-    want = getattr(ops, "mudd_weights", ref.mudd_weights)
-    assert mudd_weights_fn(cuda_like) is want
-    sentinel = lambda *a, **k: None  # noqa: E731
-    monkeypatch.setattr(ops, "mudd_weights", sentinel, raising=False)
-    assert mudd_weights_fn(cuda_like) is sentinel
 
 
 # --------------------------------------------------------------------------- DWA

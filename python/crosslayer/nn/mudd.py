@@ -17,9 +17,8 @@ DepthStack: then they run the list-and-stack oracle (`torch.stack` of the slots 
 
 Dispatch. On a DepthStack the aggregation runs `crosslayer.ops.depth_aggregate` (fused
 on CUDA with the extension built, the oracle otherwise) and its backward adds into the
-stack's one gradient buffer. The MUDD weights run `crosslayer.ops.mudd_weights` for
-CUDA tensors when that op exists in this install (looked up at call time), and
-`crosslayer.ref.mudd_weights` otherwise (CPU tensors, or no fused op yet).
+stack's one gradient buffer. The MUDD weights run `crosslayer.ops.mudd_weights` (fused
+on CUDA, the oracle otherwise).
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from crosslayer import ops, ref
 from crosslayer.ref import mudd as ref_mudd
 from crosslayer.nn.depth_stack import DepthStack
 
-__all__ = ["MUDDConnection", "DenseFormerDWA", "mudd_hidden", "mudd_weights_fn"]
+__all__ = ["MUDDConnection", "DenseFormerDWA", "mudd_hidden"]
 
 StackLike = Union[DepthStack, Sequence[Tensor]]
 
@@ -43,14 +42,6 @@ def mudd_hidden(n_ways: int, n_slots: int, expand: int = 1, round64: bool = Fals
     with round64 (K // 64 + 1)·64, which always rounds up (64 -> 128)."""
     K = n_ways * n_slots * expand
     return (K // 64 + 1) * 64 if round64 else K
-
-
-def mudd_weights_fn(x: Tensor) -> Callable[..., Tensor]:
-    """The mudd_weights to call for x: the fused op for CUDA tensors when
-    crosslayer.ops has one (resolved now, not at import), the oracle otherwise."""
-    if x.is_cuda:
-        return getattr(ops, "mudd_weights", ref.mudd_weights)
-    return ref.mudd_weights
 
 
 def _check_stack(stack: StackLike, n_filled: int, who: str) -> None:
@@ -131,7 +122,7 @@ class MUDDConnection(nn.Module):
 
     def weights(self, x: Tensor, fn: Optional[Callable[..., Tensor]] = None) -> Tensor:
         """A (*tok, C, l) from the newest slot x (*tok, d)."""
-        fn = fn or mudd_weights_fn(x)
+        fn = fn or ops.mudd_weights
         return fn(x, self.W1, self.W2, self.bias, self.n_ways, self.eps, self.gelu)
 
     def forward(self, stack: StackLike, norm_weights: Optional[Tensor] = None,
