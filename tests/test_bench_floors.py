@@ -3,28 +3,18 @@ argument parsing and plans, the exit without a GPU, and the row building (gate,
 status, derived columns, SUMMARY lines, exit status) on tiny CPU tensors with the
 timer and the compiler stubbed out. No CUDA needed."""
 
-import importlib
-import os
 import re
-import subprocess
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench"
+from bench_scripts import import_bench, run_bench
 
 
 @pytest.fixture(scope="module")
 def bh():
-    sys.path.insert(0, str(BENCH))
-    try:
-        return importlib.import_module("bench_hc")
-    finally:
-        sys.path.remove(str(BENCH))
+    return import_bench("bench_hc")
 
 
 @pytest.fixture(scope="module")
@@ -130,17 +120,13 @@ def test_explicit_sizes_modes_ops(bh):
 
 
 def test_main_without_gpu_exits_2():
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, str(BENCH / "bench_hc.py"), "--quick"], env=env,
-                       capture_output=True, text=True, timeout=300)
+    p = run_bench("bench_hc", "--quick", hide_gpu=True)
     assert p.returncode == 2, p.stdout + p.stderr
     assert "no CUDA device" in p.stderr
 
 
 def test_help_parses():
-    p = subprocess.run([sys.executable, str(BENCH / "bench_hc.py"), "--help"],
-                       capture_output=True, text=True, timeout=300)
+    p = run_bench("bench_hc", "--help")
     assert p.returncode == 0 and "--quick" in p.stdout
 
 

@@ -2,26 +2,16 @@
 the docstring's table, argument parsing, the Liger lookup without liger_kernel and the
 exit without a GPU. No CUDA needed."""
 
-import importlib
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench"
+from bench_scripts import import_bench, run_bench
 
 
 @pytest.fixture(scope="module")
 def bm():
-    sys.path.insert(0, str(BENCH))
-    try:
-        return importlib.import_module("bench_mhc")
-    finally:
-        sys.path.remove(str(BENCH))
+    return import_bench("bench_mhc")
 
 
 @pytest.mark.parametrize("n,d", [(1, 1), (4, 2048), (8, 129), (16, 7168)])
@@ -77,10 +67,7 @@ def test_liger_lookup_says_why_when_absent(bm):
 
 
 def test_main_without_gpu_exits_2():
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, str(BENCH / "bench_mhc.py"), "--quick"], env=env,
-                       capture_output=True, text=True, timeout=300)
+    p = run_bench("bench_mhc", "--quick", hide_gpu=True)
     assert p.returncode == 2, p.stdout + p.stderr
     assert "no CUDA device" in p.stderr
 

@@ -2,28 +2,18 @@
 the docstring's table, argument parsing, the exit without a GPU, and the row building
 (gate, status, exit status) on tiny CPU tensors with the timer and compiler stubbed."""
 
-import importlib
-import os
 import re
-import subprocess
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench"
+from bench_scripts import import_bench, run_bench
 
 
 @pytest.fixture(scope="module")
 def bm():
-    sys.path.insert(0, str(BENCH))
-    try:
-        return importlib.import_module("bench_mudd")
-    finally:
-        sys.path.remove(str(BENCH))
+    return import_bench("bench_mudd")
 
 
 def test_floors_match_design(bm):
@@ -82,10 +72,7 @@ def test_args(bm):
 
 
 def test_main_without_gpu_exits_2():
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, str(BENCH / "bench_mudd.py"), "--quick"], env=env,
-                       capture_output=True, text=True, timeout=300)
+    p = run_bench("bench_mudd", "--quick", hide_gpu=True)
     assert p.returncode == 2, p.stdout + p.stderr
     assert "no CUDA device" in p.stderr
 
