@@ -249,6 +249,33 @@ __global__ void __launch_bounds__(kHcMixMaxThreads, kHcMixMinBlocks) hc_post_fwd
   }
 }
 
+// hc_post backward, one chunk: out[v] = Σ_k w[k]·g_k[v] over this thread's kVec
+// elements of the n stream gradients g_k (= dH'_k), and part[k] += <g_k, x> summed over
+// the warp's chunk (lane 0 adds). Used with (w, x) = (beta, y) for dy and dbeta, and with
+// (alpha[i, 1:], H_i) for dH_i and dalpha[i, 1:]. Every lane must call it (warp_sum).
+template <typename T, int kVec, int kMax, typename acc>
+__device__ __forceinline__ void mix_grads_and_dot(const Vec<T, kVec> (&g)[kMax], int n,
+                                                  const acc* __restrict__ w, const Vec<T, kVec>& x,
+                                                  acc (&out)[kVec], acc* __restrict__ part, int lane) {
+#pragma unroll
+  for (int v = 0; v < kVec; ++v) out[v] = acc(0);
+#pragma unroll
+  for (int k = 0; k < kMax; ++k) {
+    if (k < n) {
+      const acc wk = w[k];
+      acc dot = acc(0);
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) {
+        const acc gv = to_acc(g[k].v[v]);
+        out[v] += wk * gv;
+        dot += gv * to_acc(x.v[v]);
+      }
+      dot = warp_sum(dot);
+      if (lane == 0) part[k] += dot;
+    }
+  }
+}
+
 template <typename T, int kVec, int kN>
 __global__ void __launch_bounds__(kHcMixMaxThreads, kHcMixMinBlocks) hc_post_bwd_kernel(const HcPostParams p) {
   using acc = acc_t<T>;
@@ -304,48 +331,15 @@ __global__ void __launch_bounds__(kHcMixMaxThreads, kHcMixMinBlocks) hc_post_bwd
         {
           const Vec<T, kVec> yv = load_chunk_raw<T, kVec>(y_tok, e, p.d);
           acc dy[kVec];
-#pragma unroll
-          for (int v = 0; v < kVec; ++v) dy[v] = acc(0);
-#pragma unroll
-          for (int k = 0; k < kMax; ++k) {
-            if (k < n) {
-              const acc b = b_row[k];
-              acc dot = acc(0);
-#pragma unroll
-              for (int v = 0; v < kVec; ++v) {
-                const acc gv = to_acc(g[k].v[v]);
-                dy[v] += b * gv;
-                dot += gv * to_acc(yv.v[v]);
-              }
-              dot = warp_sum(dot);
-              if (lane == 0) part[n * n + k] += dot;
-            }
-          }
+          mix_grads_and_dot<T, kVec, kMax>(g, n, b_row, yv, dy, part + n * n, lane);
           store_chunk<T, kVec>(dy_tok, e, p.d, dy);
         }
         // dH_i and dalpha[i, 1 + k] from H_i's chunk, one stream at a time.
 #pragma unroll(kN > 0 ? kN : 1)
         for (int i = 0; i < n; ++i) {
           const Vec<T, kVec> hv = load_chunk_raw<T, kVec>(h_tok + i * p.h_stream_stride, e, p.d);
-          const acc* __restrict__ a_i = a_row + i * (n + 1) + 1;
           acc dh[kVec];
-#pragma unroll
-          for (int v = 0; v < kVec; ++v) dh[v] = acc(0);
-#pragma unroll
-          for (int k = 0; k < kMax; ++k) {
-            if (k < n) {
-              const acc a = a_i[k];
-              acc dot = acc(0);
-#pragma unroll
-              for (int v = 0; v < kVec; ++v) {
-                const acc gv = to_acc(g[k].v[v]);
-                dh[v] += a * gv;
-                dot += gv * to_acc(hv.v[v]);
-              }
-              dot = warp_sum(dot);
-              if (lane == 0) part[i * n + k] += dot;
-            }
-          }
+          mix_grads_and_dot<T, kVec, kMax>(g, n, a_row + i * (n + 1) + 1, hv, dh, part + i * n, lane);
           store_chunk<T, kVec>(dh_tok + i * p.dh_stream_stride, e, p.d, dh);
         }
       }

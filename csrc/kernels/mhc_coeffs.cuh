@@ -515,31 +515,9 @@ __global__ void __launch_bounds__(kMhcThreads) mhc_dh_mma_kernel(const MhcParams
     // (c0, c1) and b (c2, c3).
     const int64_t i = c / p.cps;
     const int64_t e = (c - i * p.cps) * 32 + tig * 8;
-#pragma unroll
-    for (int rw = 0; rw < 2; ++rw) {
-      const bool v = rw ? vb : va;
-      if (!v) continue;
-      const uint4 xw = load8<T, kVec>((rw ? xb : xa) + i * p.h_stream_stride, e, d);
-      const T* xv = reinterpret_cast<const T*>(&xw);
-      const float s = rw ? sb : sa;
-      Vec<T, 8> out;
-#pragma unroll
-      for (int j = 0; j < kMhcDhTiles; ++j) {
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          out.v[2 * j + q] = from_acc<T>(acc[j][2 * rw + q] - s * to_acc(xv[2 * j + q]));
-        }
-      }
-      T* dst = (rw ? dhb : dha) + i * p.dh_stream_stride;
-      if (kVec && e + 8 <= d) {
-        *reinterpret_cast<Vec<T, 8>*>(dst + e) = out;
-      } else {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          if (e + k < d) dst[e + k] = out.v[k];
-        }
-      }
-    }
+    const int64_t hs = i * p.h_stream_stride, dhs = i * p.dh_stream_stride;
+    if (va) store_g_wt_minus_sx<T, kVec>(acc, 0, xa + hs, sa, dha + dhs, e, d);
+    if (vb) store_g_wt_minus_sx<T, kVec>(acc, 1, xb + hs, sb, dhb + dhs, e, d);
   }
 #endif
 }

@@ -253,6 +253,34 @@ __device__ __forceinline__ void mma_chunk_g_wt(float (&acc)[kTiles][4], const fl
   }
 }
 
+// Row rw (0: a, 1: b) of an mma_chunk_g_wt result minus s·x, written to this thread's 8
+// features [e, e + 8) of dst (features 8tig + 2j + {0, 1} of the chunk: acc[j][2rw + q]
+// is feature e + 2j + q); x read at the same features. Features past d are skipped.
+template <typename T, bool kVec, int kTiles>
+__device__ __forceinline__ void store_g_wt_minus_sx(const float (&acc)[kTiles][4], int rw,
+                                                    const T* __restrict__ x, float s,
+                                                    T* __restrict__ dst, int64_t e, int64_t d) {
+  static_assert(2 * kTiles == 8, "a thread holds 8 features of a 32-feature chunk");
+  const uint4 xw = load8<T, kVec>(x, e, d);
+  const T* xv = reinterpret_cast<const T*>(&xw);
+  Vec<T, 8> out;
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      out.v[2 * j + q] = from_acc<T>(acc[j][2 * rw + q] - s * to_acc(xv[2 * j + q]));
+    }
+  }
+  if (kVec && e + 8 <= d) {
+    *reinterpret_cast<Vec<T, 8>*>(dst + e) = out;
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      if (e + k < d) dst[e + k] = out.v[k];
+    }
+  }
+}
+
 // r and u = r·(x·W1) for bf16/fp16 x.
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kMuddThreads) mudd_proj_mma_kernel(const MuddWeightsParams p) {
@@ -360,31 +388,8 @@ __global__ void __launch_bounds__(kMuddThreads) mudd_dx_mma_kernel(const MuddWei
     mma_chunk_g_wt<kDxTiles>(acc, ga, gb, va, vb, W, c, ksteps, tig, lane);
     // Thread holds features 32c + 8tig + 2j + {0, 1} of rows a (c0, c1) and b (c2, c3).
     const int64_t e = c * 32 + tig * 8;
-#pragma unroll
-    for (int row = 0; row < 2; ++row) {
-      const bool v = row ? vb : va;
-      if (!v) continue;
-      const uint4 xw = load8<T, kVec>(row ? xb : xa, e, d);
-      const T* xv = reinterpret_cast<const T*>(&xw);
-      const float s = row ? sb : sa;
-      Vec<T, 8> out;
-#pragma unroll
-      for (int j = 0; j < kDxTiles; ++j) {
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          out.v[2 * j + q] = from_acc<T>(acc[j][2 * row + q] - s * to_acc(xv[2 * j + q]));
-        }
-      }
-      T* dst = row ? dxb : dxa;
-      if (kVec && e + 8 <= d) {
-        *reinterpret_cast<Vec<T, 8>*>(dst + e) = out;
-      } else {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          if (e + k < d) dst[e + k] = out.v[k];
-        }
-      }
-    }
+    if (va) store_g_wt_minus_sx<T, kVec>(acc, 0, xa, sa, dxa, e, d);
+    if (vb) store_g_wt_minus_sx<T, kVec>(acc, 1, xb, sb, dxb, e, d);
   }
 #endif
 }
