@@ -16,15 +16,18 @@ __device__ __forceinline__ T warp_sum(T x) {
   return x;
 }
 
-// One butterfly step of warp_reduce_scatter: lanes with bit O set keep the upper O of
-// their first 2·O values and receive their partner's; the others keep the lower O.
-template <int O, typename T>
-__device__ __forceinline__ void butterfly_step(T (&a)[kWarpSize], int lane) {
+// One butterfly step of a warp reduce-scatter, exchanging with lane ^ O: lanes with bit
+// O set keep the upper Half of their first 2·Half values and add their partner's; the
+// others keep the lower Half. warp_reduce_scatter uses Half = O; shorter arrays (M < 32
+// values) halve faster than the lane bits (e.g. Half = 4 at O = 16 for 8 values).
+template <int O, int Half = O, typename T, int M>
+__device__ __forceinline__ void butterfly_step(T (&a)[M], int lane) {
+  static_assert(2 * Half <= M, "a butterfly step reads 2·Half values");
   const bool upper = (lane & O) != 0;
 #pragma unroll
-  for (int k = 0; k < O; ++k) {
-    const T send = upper ? a[k] : a[k + O];
-    const T keep = upper ? a[k + O] : a[k];
+  for (int k = 0; k < Half; ++k) {
+    const T send = upper ? a[k] : a[k + Half];
+    const T keep = upper ? a[k + Half] : a[k];
     a[k] = keep + __shfl_xor_sync(0xffffffffu, send, O);
   }
 }

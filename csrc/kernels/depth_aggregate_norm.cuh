@@ -176,26 +176,13 @@ __device__ __forceinline__ void da_norm_aggregate(const T* __restrict__ s_tok, i
   }
 }
 
-// One step of the 8-value reduce-scatter: lanes with bit kOffset set keep the upper
-// kHalf of their first 2·kHalf values and add their partner's; the others the lower.
-template <int kOffset, int kHalf, typename T>
-__device__ __forceinline__ void da_norm_butterfly(T (&a)[kDaNormDots], int lane) {
-  const bool upper = (lane & kOffset) != 0;
-#pragma unroll
-  for (int k = 0; k < kHalf; ++k) {
-    const T send = upper ? a[k] : a[k + kHalf];
-    const T keep = upper ? a[k + kHalf] : a[k];
-    a[k] = keep + __shfl_xor_sync(0xffffffffu, send, kOffset);
-  }
-}
-
 // Warp reduce-scatter of 8 per-lane values in 9 shuffles (4 + 2 + 1 halving steps, then
 // 2 plain ones): returns, in every lane, the warp-wide sum of a[lane >> 2]. Fixed order.
 template <typename T>
 __device__ __forceinline__ T da_norm_reduce_scatter8(T (&a)[kDaNormDots], int lane) {
-  da_norm_butterfly<16, 4>(a, lane);
-  da_norm_butterfly<8, 2>(a, lane);
-  da_norm_butterfly<4, 1>(a, lane);
+  butterfly_step<16, 4>(a, lane);
+  butterfly_step<8, 2>(a, lane);
+  butterfly_step<4, 1>(a, lane);
   T v = a[0];
   v += __shfl_xor_sync(0xffffffffu, v, 2);
   v += __shfl_xor_sync(0xffffffffu, v, 1);
