@@ -1,0 +1,91 @@
+"""depth_aggregate's CUDA launchers and kernels on the CPU emulator (tools/cuemu).
+
+The launchers (csrc/depth_aggregate.cu) and kernels (csrc/kernels/depth_aggregate.cuh)
+run unchanged on CPU tensors; each result is held to DESIGN.md's policy against the
+float64 oracle, outputs poisoned with NaN, on the GPU tests' odd shapes, every dtype,
+static and per-token weights, C > 4, strided and misaligned slots (the scalar path)
+and in-place accumulation. What only a GPU shows (speed, streams, graphs, the
+hardware's own scheduling) stays with the `gpu` tests in test_depth_aggregate.py.
+"""
+
+import pytest
+import torch
+
+from crosslayer import ref
+from policy import assert_policy
+from test_depth_aggregate import DTYPES, make_inputs
+
+pytestmark = pytest.mark.cuemu
+
+SHAPES = [  # (l, N, d, C): d = 1, odd, not a multiple of the vector width, > one row of threads
+    (1, 1, 1, 1),
+    (3, 5, 7, 4),
+    (13, 9, 129, 4),
+    (2, 3, 4099, 3),
+    (25, 4, 2048, 4),
+    (5, 6, 300, 6),  # C > 4: two way groups
+    (128, 2, 33, 1),
+]
+
+
+def _ids(shape):
+    return "l%d-N%d-d%d-C%d" % shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+@pytest.mark.parametrize("static", [False, True])
+def test_forward(cuemu, poisoned, dtype, shape, static):
+    l, N, d, C = shape
+    S, A = make_inputs(l, (N,), d, C, dtype=dtype, device="cpu", static=static)
+    Y = cuemu.depth_aggregate_fwd(S, A)
+    assert_policy("Y", Y, ref.depth_aggregate(S, A), ref.depth_aggregate(S.double(), A.double()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_backward(cuemu, poisoned, dtype, shape, static, accumulate):
+    l, N, d, C = shape
+    S, A = make_inputs(l, (N,), d, C, dtype=dtype, device="cpu", static=static)
+    dY = torch.randn(C, N, d).to(dtype)
+    dS0 = torch.randn(l, N, d).to(dtype)
+    dS = dS0.clone() if accumulate else torch.full_like(dS0, float("nan"))
+    dA = cuemu.depth_aggregate_bwd(dY, S, A, dS, accumulate)
+
+    def oracle(dY, S, A, dS0):
+        dS_ref, dA_ref = ref.depth_aggregate_bwd(dY, S, A)
+        if accumulate:  # add in the arithmetic dtype, round to S's dtype
+            cd = torch.float64 if dS0.dtype == torch.float64 else torch.float32
+            dS_ref = (dS0.to(cd) + dS_ref.to(cd)).to(dS0.dtype)
+        return dS_ref, dA_ref.to(A.dtype)
+
+    low = oracle(dY, S, A, dS0)
+    high = oracle(dY.double(), S.double(), A.double(), dS0.double())
+    assert_policy("dS", dS, low[0], high[0])
+    assert_policy("dA", dA, low[1], high[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["stride2", "misaligned"])
+def test_strided_layouts(cuemu, poisoned, dtype, layout):
+    S, A = make_inputs(6, (7,), 131, 4, dtype=dtype, device="cpu", layout=layout)
+    assert not S.is_contiguous()
+    Y = cuemu.depth_aggregate_fwd(S, A)
+    assert_policy("Y", Y, ref.depth_aggregate(S, A), ref.depth_aggregate(S.double(), A.double()))
+    dY = torch.randn(4, 7, 131).to(dtype)
+    dS = torch.full_like(S, float("nan"))  # same strides as S
+    dA = cuemu.depth_aggregate_bwd(dY, S, A, dS, False)
+    dS_low, dA_low = ref.depth_aggregate_bwd(dY, S, A)
+    dS_hi, dA_hi = ref.depth_aggregate_bwd(dY.double(), S.double(), A.double())
+    assert_policy("dS", dS, dS_low, dS_hi)
+    assert_policy("dA", dA, dA_low, dA_hi)
+
+
+def test_launcher_errors_are_messaged(cuemu):
+    S = torch.randn(3, 4, 8)
+    with pytest.raises(RuntimeError, match=r"A must have shape \(N, C, l\)"):
+        cuemu.depth_aggregate_fwd(S, torch.randn(4, 2, 5))
+    with pytest.raises(RuntimeError, match=r"dS must have shape \(l, N, d\)"):
+        cuemu.depth_aggregate_bwd(torch.randn(2, 4, 8), S, torch.randn(4, 2, 3), torch.empty(2, 4, 8), False)

@@ -1,0 +1,166 @@
+"""Build crosslayer's launchers and kernels as a CPU extension that emulates the GPU.
+
+    python tools/cuemu/build.py            # builds (incrementally) and prints the module path
+    from tools.cuemu.build import load     # in tests: the module, same functions as crosslayer._C
+
+The module `crosslayer_cuemu` has the functions of `crosslayer._C` (csrc/bindings.cpp),
+taking CPU tensors where `_C` takes CUDA tensors. It is made from csrc/ by copying the
+sources into the build directory with four mechanical rewrites, and nothing else:
+
+  kernel<<<grid, block, smem, stream>>>(args);  ->  ::cuemu::Launch(grid, block, smem, stream).run(kernel, args);
+  extern __shared__ __align__(A) unsigned char s[];  ->  unsigned char* s = ::cuemu::dynamic_smem();
+  asm volatile("mma.sync..." : outs : ins);     ->  ::cuemu::mma_sync("mma.sync...", outs..., ins...);
+  x.is_cuda()                                    ->  x.is_cpu()   (the emulated device is the CPU)
+
+then compiling them with g++ (torch.utils.cpp_extension.load, so ninja rebuilds only what
+changed), with tools/cuemu/cuemu.h force-included and tools/cuemu/include/ ahead of the
+CUDA and c10/cuda headers. See cuemu.h for the execution model and what it checks.
+
+Environment: CUEMU_BUILD_DIR (default build/cuemu under the repo), MAX_JOBS.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+CSRC = os.path.join(ROOT, "csrc")
+MODULE = "crosslayer_cuemu"
+
+
+def _kernel_expr_start(src: str, end: int) -> int:
+    """Start of the kernel expression that ends at `end` (just before `<<<`): an
+    identifier path, optionally followed by one balanced template argument list."""
+    i = end
+    while i > 0 and src[i - 1].isspace():
+        i -= 1
+    if i > 0 and src[i - 1] == ">":
+        depth = 0
+        while i > 0:
+            i -= 1
+            if src[i] == ">":
+                depth += 1
+            elif src[i] == "<":
+                depth -= 1
+                if depth == 0:
+                    break
+    while i > 0 and (src[i - 1].isalnum() or src[i - 1] in "_:"):
+        i -= 1
+    return i
+
+
+def _balanced(src: str, open_at: int) -> int:
+    """Index just past the parenthesis that closes the one at `open_at`."""
+    depth = 0
+    for j in range(open_at, len(src)):
+        if src[j] == "(":
+            depth += 1
+        elif src[j] == ")":
+            depth -= 1
+            if depth == 0:
+                return j + 1
+    raise ValueError("unbalanced parentheses")
+
+
+def rewrite_launches(src: str) -> str:
+    out = []
+    pos = 0
+    while True:
+        k = src.find("<<<", pos)
+        if k < 0:
+            out.append(src[pos:])
+            return "".join(out)
+        start = _kernel_expr_start(src, k)
+        kernel = src[start:k].strip()
+        cfg_end = src.index(">>>", k)
+        config = src[k + 3 : cfg_end].strip()
+        paren = src.index("(", cfg_end)
+        close = _balanced(src, paren)
+        args = src[paren + 1 : close - 1].strip()
+        call = f"::cuemu::Launch({config}).run({kernel}{', ' + args if args else ''})"
+        out.append(src[pos:start])
+        out.append(call)
+        pos = close
+
+
+_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?unsigned\s+char\s+(\w+)\s*\[\s*\]\s*;")
+_ASM = re.compile(r"asm\s+volatile\s*\(\s*((?:\"[^\"]*\"\s*)+):([^:]*):([^;]*?)\)\s*;", re.S)
+_OPERAND = re.compile(r"\"[^\"]*\"\s*\(([^()]*(?:\([^()]*\)[^()]*)*)\)")
+
+
+def _rewrite_asm(m: re.Match) -> str:
+    instr = "".join(re.findall(r"\"([^\"]*)\"", m.group(1)))
+    outs = _OPERAND.findall(m.group(2))
+    ins = _OPERAND.findall(m.group(3))
+    if not instr.startswith("mma.sync") or len(outs) != 4 or len(ins) != 6:
+        raise ValueError(f"cuemu cannot emulate this inline asm: {m.group(0)!r}")
+    instr = instr.replace("\\n", "")
+    return f'::cuemu::mma_sync("{instr}", {", ".join(o.strip() for o in outs + ins)});'
+
+
+def rewrite(src: str) -> str:
+    src = rewrite_launches(src)
+    src = _SMEM.sub(r"unsigned char* \1 = ::cuemu::dynamic_smem();", src)
+    src = _ASM.sub(_rewrite_asm, src)
+    src = src.replace(".is_cuda()", ".is_cpu()")
+    return src
+
+
+def build_dir() -> str:
+    return os.environ.get("CUEMU_BUILD_DIR", os.path.join(ROOT, "build", "cuemu"))
+
+
+def write_sources(dst: str) -> list[str]:
+    """Rewritten copies of csrc/ under dst/src; returns the translation units. Files
+    whose text is unchanged are not rewritten, so ninja rebuilds only what changed."""
+    sources = []
+    for path in sorted(glob.glob(os.path.join(CSRC, "**", "*"), recursive=True)):
+        if os.path.isdir(path):
+            continue
+        rel = os.path.relpath(path, CSRC)
+        with open(path, encoding="utf-8") as f:
+            text = rewrite(f.read())
+        ext = os.path.splitext(rel)[1]
+        if ext == ".cu":
+            rel = rel[:-3] + ".cu.cpp"
+        target = os.path.join(dst, "src", rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        old = None
+        if os.path.exists(target):
+            with open(target, encoding="utf-8") as f:
+                old = f.read()
+        if old != text:
+            with open(target, "w", encoding="utf-8") as f:
+                f.write(text)
+        if rel.endswith((".cu.cpp", ".cpp")) and os.path.dirname(rel) == "":
+            sources.append(target)
+    return sources
+
+
+def load(verbose: bool = False):
+    """Builds (incrementally) and imports the emulated extension."""
+    from torch.utils.cpp_extension import load as load_ext
+
+    dst = build_dir()
+    sources = write_sources(dst)
+    os.makedirs(os.path.join(dst, "obj"), exist_ok=True)
+    return load_ext(
+        name=MODULE,
+        sources=sources,
+        extra_include_paths=[os.path.join(HERE, "include"), HERE, os.path.join(dst, "src")],
+        extra_cflags=["-O1", "-include", os.path.join(HERE, "cuemu.h"), "-Wno-unused-variable",
+                      "-Wno-attributes", "-Wno-ignored-attributes"],
+        extra_ldflags=["-Wl,--allow-multiple-definition"],
+        build_directory=os.path.join(dst, "obj"),
+        with_cuda=False,
+        verbose=verbose,
+    )
+
+
+if __name__ == "__main__":
+    mod = load(verbose="-v" in sys.argv)
+    print(mod.__file__)
