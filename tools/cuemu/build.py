@@ -82,6 +82,7 @@ def rewrite_launches(src: str) -> str:
         close = _balanced(src, paren)
         args = src[paren + 1 : close - 1].strip()
         call = f"::cuemu::Launch({config}).run({kernel}{', ' + args if args else ''})"
+        call = call.replace("\n", " ") + "\n" * src.count("\n", start, close)  # keep line numbers
         out.append(src[pos:start])
         out.append(call)
         pos = close
@@ -99,7 +100,8 @@ def _rewrite_asm(m: re.Match) -> str:
     if not instr.startswith("mma.sync") or len(outs) != 4 or len(ins) != 6:
         raise ValueError(f"cuemu cannot emulate this inline asm: {m.group(0)!r}")
     instr = instr.replace("\\n", "")
-    return f'::cuemu::mma_sync("{instr}", {", ".join(o.strip() for o in outs + ins)});'
+    operands = ", ".join(" ".join(o.split()) for o in outs + ins)
+    return f'::cuemu::mma_sync("{instr}", {operands});' + "\n" * m.group(0).count("\n")
 
 
 def rewrite(src: str) -> str:
@@ -114,14 +116,15 @@ def build_dir() -> str:
     return os.environ.get("CUEMU_BUILD_DIR", os.path.join(ROOT, "build", "cuemu"))
 
 
-def write_sources(dst: str) -> list[str]:
-    """Rewritten copies of csrc/ under dst/src; returns the translation units. Files
-    whose text is unchanged are not rewritten, so ninja rebuilds only what changed."""
+def write_sources(dst: str, src_root: str = CSRC) -> list[str]:
+    """Rewritten copies of src_root's files under dst/src; returns the translation units
+    (its top-level .cu and .cpp files). Files whose text is unchanged are not rewritten,
+    so ninja rebuilds only what changed."""
     sources = []
-    for path in sorted(glob.glob(os.path.join(CSRC, "**", "*"), recursive=True)):
+    for path in sorted(glob.glob(os.path.join(src_root, "**", "*"), recursive=True)):
         if os.path.isdir(path):
             continue
-        rel = os.path.relpath(path, CSRC)
+        rel = os.path.relpath(path, src_root)
         with open(path, encoding="utf-8") as f:
             text = rewrite(f.read())
         ext = os.path.splitext(rel)[1]
@@ -141,15 +144,16 @@ def write_sources(dst: str) -> list[str]:
     return sources
 
 
-def load(verbose: bool = False):
-    """Builds (incrementally) and imports the emulated extension."""
+def load(verbose: bool = False, name: str = MODULE, src_root: str = CSRC):
+    """Builds (incrementally) and imports the emulated extension: crosslayer's csrc/ by
+    default, or the sources under `src_root` as module `name` (the emulator's own tests)."""
     from torch.utils.cpp_extension import load as load_ext
 
-    dst = build_dir()
-    sources = write_sources(dst)
+    dst = build_dir() if src_root == CSRC else os.path.join(build_dir(), name)
+    sources = write_sources(dst, src_root)
     os.makedirs(os.path.join(dst, "obj"), exist_ok=True)
     return load_ext(
-        name=MODULE,
+        name=name,
         sources=sources,
         extra_include_paths=[os.path.join(HERE, "include"), HERE, os.path.join(dst, "src")],
         extra_cflags=["-O1", "-include", os.path.join(HERE, "cuemu.h"), "-Wno-unused-variable",

@@ -8,6 +8,7 @@
 #define C10_CUDA_CHECK(EXPR)                                                              \
   do {                                                                                    \
     const cudaError_t cuemu_err_ = (EXPR);                                                \
+    if (cuemu_err_ != cudaSuccess) (void)cudaGetLastError(); /* reported here, not again */ \
     TORCH_CHECK(cuemu_err_ == cudaSuccess, "CUDA error (cuemu): ",                        \
                 cudaGetErrorString(cuemu_err_), " [", #EXPR, " at ", __FILE__, ":", __LINE__, "]"); \
   } while (0)

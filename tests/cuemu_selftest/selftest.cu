@@ -1,0 +1,122 @@
+// Kernels that exercise the emulator's checks (tests/test_cuemu_selftest.py): each
+// either computes a known result or breaks one CUDA rule on purpose. Built only by
+// tools/cuemu (never by nvcc), as module cuemu_selftest.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+#include <cstdint>
+
+namespace {
+
+struct Params {
+  const float* in;
+  float* out;
+  int n;
+  int mode;
+};
+
+// out[t] = Σ_warp in (warp_sum by xor shuffles), then lane 0's sum broadcast by __shfl_sync.
+__global__ void warp_sum_kernel(Params p) {
+  const int t = threadIdx.x;
+  float v = t < p.n ? p.in[t] : 0.f;
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  v = __shfl_sync(0xffffffffu, v, 0);
+  if (t < p.n) p.out[t] = v;
+}
+
+// Thread 0 writes shared memory, every thread reads it: mode 0 with __syncthreads
+// between, mode 1 without (a race: the reverse order reads the poison).
+__global__ void broadcast_kernel(Params p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* s = reinterpret_cast<float*>(smem);
+  if (threadIdx.x == 0) s[0] = p.in[0];
+  if (p.mode == 0) __syncthreads();
+  p.out[threadIdx.x] = s[0];
+}
+
+// Threads >= n return, then the rest meet at __syncthreads (mode 0) or in a full-mask
+// shuffle (mode 1): undefined behaviour either way, reported by the emulator.
+__global__ void exit_then_sync_kernel(Params p) {
+  if (static_cast<int>(threadIdx.x) >= p.n) return;
+  if (p.mode == 0) {
+    __syncthreads();
+  } else {
+    p.out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, p.in[threadIdx.x], 1);
+    return;
+  }
+  p.out[threadIdx.x] = 1.f;
+}
+
+// Even threads meet at a second barrier the odd ones never reach.
+__global__ void deadlock_kernel(Params p) {
+  __syncthreads();
+  if (threadIdx.x % 2 == 0) {
+    __syncthreads();
+  }
+  p.out[threadIdx.x] = 0.f;
+}
+
+// One warp: D = A·B + C with A (16×16), B (16×8) bf16 given as fragments (a: 4 words a
+// lane, b: 2 words a lane, c: 4 floats a lane, packed on the host from the PTX layout).
+struct MmaParams {
+  const uint32_t* a;
+  const uint32_t* b;
+  const float* c;
+  float* d;
+};
+__global__ void mma_kernel(MmaParams p) {
+  const int l = threadIdx.x;
+  float c[4] = {p.c[4 * l], p.c[4 * l + 1], p.c[4 * l + 2], p.c[4 * l + 3]};
+  const uint32_t a0 = p.a[4 * l], a1 = p.a[4 * l + 1], a2 = p.a[4 * l + 2], a3 = p.a[4 * l + 3];
+  const uint32_t b0 = p.b[2 * l], b1 = p.b[2 * l + 1];
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  for (int q = 0; q < 4; ++q) p.d[4 * l + q] = c[q];
+}
+
+Params params(const at::Tensor& in, const at::Tensor& out, int n, int mode) {
+  return Params{in.data_ptr<float>(), out.data_ptr<float>(), n, mode};
+}
+
+at::Tensor run(const std::string& which, const at::Tensor& in, int64_t threads, int64_t smem,
+               int64_t mode, bool opt_in) {
+  at::Tensor out = at::full({threads}, -1.0f, in.options());
+  const Params p = params(in, out, static_cast<int>(in.numel()), static_cast<int>(mode));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 block(static_cast<unsigned>(threads));
+  if (which == "warp_sum") {
+    warp_sum_kernel<<<1, block, 0, stream>>>(p);
+  } else if (which == "broadcast") {
+    if (opt_in) C10_CUDA_CHECK(cudaFuncSetAttribute(broadcast_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    broadcast_kernel<<<1, block, smem, stream>>>(p);
+  } else if (which == "exit_then_sync") {
+    exit_then_sync_kernel<<<1, block, 0, stream>>>(p);
+  } else if (which == "deadlock") {
+    deadlock_kernel<<<1, block, 0, stream>>>(p);
+  } else {
+    TORCH_CHECK(false, "no kernel ", which);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+  at::Tensor d = at::empty_like(c);
+  const MmaParams p{reinterpret_cast<const uint32_t*>(a.data_ptr<int32_t>()),
+                    reinterpret_cast<const uint32_t*>(b.data_ptr<int32_t>()), c.data_ptr<float>(),
+                    d.data_ptr<float>()};
+  mma_kernel<<<1, 32, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("run", &run);
+  m.def("mma", &mma);
+}
