@@ -68,6 +68,9 @@ def test_launch_limits(st):
     assert (st.run("broadcast", x, 32, 65536, 0, True) == 1).all()  # after cudaFuncSetAttribute
     with pytest.raises(RuntimeError, match=r"above the opt-in limit"):
         st.run("broadcast", x, 32, 300000, 0, True)
+    assert (st.run("bounded", x, 64, 0, 0, False) == 2).all()
+    with pytest.raises(RuntimeError, match=r"block of 96 threads above the kernel's __launch_bounds__\(64\)"):
+        st.run("bounded", x, 96, 0, 0, False)
 
 
 def _pack(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:

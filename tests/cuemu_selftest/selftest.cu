@@ -57,6 +57,9 @@ __global__ void deadlock_kernel(Params p) {
   p.out[threadIdx.x] = 0.f;
 }
 
+// At most 64 threads a block.
+__global__ void __launch_bounds__(64) bounded_kernel(Params p) { p.out[threadIdx.x] = 2.f; }
+
 // One warp: D = A·B + C with A (16×16), B (16×8) bf16 given as fragments (a: 4 words a
 // lane, b: 2 words a lane, c: 4 floats a lane, packed on the host from the PTX layout).
 struct MmaParams {
@@ -95,6 +98,8 @@ at::Tensor run(const std::string& which, const at::Tensor& in, int64_t threads, 
     broadcast_kernel<<<1, block, smem, stream>>>(p);
   } else if (which == "exit_then_sync") {
     exit_then_sync_kernel<<<1, block, 0, stream>>>(p);
+  } else if (which == "bounded") {
+    bounded_kernel<<<1, block, 0, stream>>>(p);
   } else if (which == "deadlock") {
     deadlock_kernel<<<1, block, 0, stream>>>(p);
   } else {

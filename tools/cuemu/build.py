@@ -5,12 +5,13 @@
 
 The module `crosslayer_cuemu` has the functions of `crosslayer._C` (csrc/bindings.cpp),
 taking CPU tensors where `_C` takes CUDA tensors. It is made from csrc/ by copying the
-sources into the build directory with four mechanical rewrites, and nothing else:
+sources into the build directory with five mechanical rewrites, and nothing else:
 
   kernel<<<grid, block, smem, stream>>>(args);  ->  ::cuemu::Launch(grid, block, smem, stream).run(kernel, args);
   extern __shared__ __align__(A) unsigned char s[];  ->  unsigned char* s = ::cuemu::dynamic_smem();
   asm volatile("mma.sync..." : outs : ins);     ->  ::cuemu::mma_sync("mma.sync...", outs..., ins...);
   x.is_cuda()                                    ->  x.is_cpu()   (the emulated device is the CPU)
+  __global__ void __launch_bounds__(B) k(...) {  ->  __global__ void k(...) { ::cuemu::check_launch_bounds(B);
 
 then compiling them with g++ (torch.utils.cpp_extension.load, so ninja rebuilds only what
 changed), with tools/cuemu/cuemu.h force-included and tools/cuemu/include/ ahead of the
@@ -104,7 +105,26 @@ def _rewrite_asm(m: re.Match) -> str:
     return f'::cuemu::mma_sync("{instr}", {operands});' + "\n" * m.group(0).count("\n")
 
 
+_BOUNDS = re.compile(r"(__global__\s+void\s+)__launch_bounds__\(")
+
+
+def rewrite_launch_bounds(src: str) -> str:
+    """`__global__ void __launch_bounds__(B...) name(...) {` -> the bounds checked at run
+    time as the body's first statement (a block above them fails to launch on a GPU)."""
+    while True:
+        m = _BOUNDS.search(src)
+        if not m:
+            return src
+        open_at = m.end() - 1
+        close = _balanced(src, open_at)
+        bounds = src[open_at + 1 : close - 1]
+        body = src.index("{", close)
+        src = (src[: m.start()] + m.group(1) + src[close:body + 1]
+               + f" ::cuemu::check_launch_bounds({bounds});" + src[body + 1 :])
+
+
 def rewrite(src: str) -> str:
+    src = rewrite_launch_bounds(src)
     src = rewrite_launches(src)
     src = _SMEM.sub(r"unsigned char* \1 = ::cuemu::dynamic_smem();", src)
     src = _ASM.sub(_rewrite_asm, src)

@@ -21,7 +21,7 @@
 // float, at every block start).
 //
 // Checked, each failing the launch with a message (C10_CUDA_KERNEL_LAUNCH_CHECK
-// throws it): block size (1..1024 threads), grid limits, dynamic shared memory above
+// throws it): block size (1..1024 threads, and the kernel's __launch_bounds__), grid limits, dynamic shared memory above
 // 48 KB without cudaFuncSetAttribute or above the opt-in limit of an H100 (227 KB),
 // __syncthreads reached after some threads of the block exited (undefined behaviour
 // by the programming guide) or never reached by some (deadlock), a warp shuffle or
@@ -435,6 +435,17 @@ inline void mma_sync(const char* instr, float& d0, float& d1, float& d2, float& 
   }
   warp_meet(0xffffffffu, "mma.sync");  // every lane has gathered before xchg is reused
   for (int q = 0; q < 4; ++q) *out[q] = res[q];
+}
+
+// __launch_bounds__(max_threads[, min_blocks]) of the running kernel: a block larger
+// than max_threads does not launch on a GPU ("too many resources requested").
+inline void check_launch_bounds(long max_threads, long min_blocks = 0) {
+  (void)min_blocks;
+  const long threads = long(blockDim.x) * blockDim.y * blockDim.z;
+  if (threads > max_threads) {
+    fail("block of " + std::to_string(threads) + " threads above the kernel's __launch_bounds__(" +
+         std::to_string(max_threads) + "): the launch fails on a GPU");
+  }
 }
 
 inline void fiber_entry() {
