@@ -121,6 +121,15 @@ void launch_head(Kernel kernel, const MuddWeightsParams& p, int64_t smem, int de
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// a·b of 16-bit matrices with an fp32 result accumulated in fp32 (cuBLAS on CUDA).
+// at::mm's out_dtype overload (aten::mm.dtype) exists for CUDA only; on any other
+// device (the CPU emulator, tools/cuemu) the operands are widened first: 16-bit
+// values are exact in fp32, so the product is the same up to summation order.
+at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b) {
+  if (a.device().type() == at::kCUDA) return at::mm(a, b, at::kFloat);
+  return at::mm(a.to(at::kFloat), b.to(at::kFloat));
+}
+
 dim3 token_tile_grid(int64_t N) {
   return dim3(static_cast<unsigned>((N + 16 * kMuddWarps - 1) / (16 * kMuddWarps)));
 }
@@ -257,7 +266,7 @@ std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tens
     }
     const at::Tensor hi = gs.to(part);
     const at::Tensor lo = (gs - hi.to(at::kFloat)).to(part);
-    const at::Tensor both = at::mm(x2.t(), at::cat({hi, lo}, 1), at::kFloat);  // (d, 2K)
+    const at::Tensor both = mm_f32(x2.t(), at::cat({hi, lo}, 1));  // (d, 2K)
     dW1 = both.narrow(1, 0, sh.K) + both.narrow(1, sh.K, sh.K);
     if (part == at::kHalf) dW1 = dW1 / scale;
 
