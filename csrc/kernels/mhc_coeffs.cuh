@@ -408,6 +408,11 @@ __global__ void __launch_bounds__(kMhcEpiThreads) mhc_bwd_epilogue_kernel(const 
   acc g[kN];
 #pragma unroll
   for (int j = 0; j < kN; ++j) g[j] = (active && j < n && da_row != nullptr) ? da_row[1 + j] : acc(0);
+  // g stays 0 outside the n×n matrix (rows >= n, columns >= n, tokens >= N): there P = 0
+  // and the scale is eps (an empty sum), so a row step would give column j >= n
+  // g = −dot/c, the next column step divide it by eps, and so on: g grows by 1/eps every
+  // other step, overflows (fp32 by ~8 iterations; rows >= n likewise through the column
+  // steps) and inf·P = NaN poisons the dots of the real entries.
   const int steps = 2 * p.iters - 1;
   for (int k = steps - 1; k >= 0; --k) {
     const acc c_own = cbuf[k * cstride];
@@ -416,7 +421,7 @@ __global__ void __launch_bounds__(kMhcEpiThreads) mhc_bwd_epilogue_kernel(const 
       for (int j = 0; j < kN; ++j) {
         const acc dot = group_sum<kN>(g[j] * P[j]);
         const acc c = __shfl_sync(0xffffffffu, c_own, j, kN);
-        g[j] = (g[j] - dot) / c;
+        g[j] = (active && j < n) ? (g[j] - dot) / c : acc(0);
         P[j] = P[j] * c;
       }
     } else {
@@ -425,7 +430,7 @@ __global__ void __launch_bounds__(kMhcEpiThreads) mhc_bwd_epilogue_kernel(const 
       for (int j = 0; j < kN; ++j) dot += g[j] * P[j];
 #pragma unroll
       for (int j = 0; j < kN; ++j) {
-        g[j] = (g[j] - dot) / c_own;
+        g[j] = (active && j < n) ? (g[j] - dot) / c_own : acc(0);
         P[j] = P[j] * c_own;
       }
     }
