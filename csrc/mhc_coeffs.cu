@@ -149,6 +149,15 @@ int64_t choose_splits(MhcParams& p, int64_t tiles, int device) {
 
 int64_t token_tiles(int64_t N) { return (N + 16 * kMhcWarps - 1) / (16 * kMhcWarps); }
 
+// a·b of 16-bit operands with an fp32 result, as cuBLAS computes it (exact 16-bit
+// products, fp32 sums). ATen has mm.dtype for CUDA only: the CPU branch is reached only
+// by the CPU emulator (tools/cuemu; the launchers reject CPU tensors otherwise) and
+// computes the same product from fp32 copies (a 16-bit product is exact in fp32).
+at::Tensor mm_fp32_out(const at::Tensor& a, const at::Tensor& b) {
+  if (a.is_cpu()) return at::mm(a.to(at::kFloat), b.to(at::kFloat));
+  return at::mm(a, b, at::kFloat);
+}
+
 template <typename Kernel>
 void launch_epilogue(Kernel kernel, const MhcParams& p, int group, int smem) {
   const int64_t blocks = (p.n_tokens * group + kMhcEpiThreads - 1) / kMhcEpiThreads;
@@ -347,7 +356,7 @@ std::vector<at::Tensor> mhc_coeffs_bwd(const std::optional<at::Tensor>& dalpha,
     }
     const at::Tensor hi = gs.to(part);
     const at::Tensor lo = (gs - hi.to(at::kFloat)).to(part);
-    const at::Tensor both = at::mm(xf.t(), at::cat({hi, lo}, 1), at::kFloat);  // (n·d, 2M)
+    const at::Tensor both = mm_fp32_out(xf.t(), at::cat({hi, lo}, 1));  // (n·d, 2M)
     dphi = both.narrow(1, 0, M) + both.narrow(1, M, M);
     if (part == at::kHalf) dphi = dphi / gscale;
   } else {
