@@ -1,7 +1,12 @@
 """Loading of the compiled extension `crosslayer._C`, with clear errors.
 
 `load_extension()` returns the module, or None when the package was installed without
-it (pure-Python build, or CROSSLAYER_DISABLE_EXTENSION=1). An extension that was built
+it (pure-Python build, or CROSSLAYER_DISABLE_EXTENSION=1).
+
+`kernels_for(t, op)` / `runs_kernels(t)` are the one dispatch rule of every op: CUDA
+tensors run on `_C`, CPU tensors on the oracle -- or, inside `emulate(module)`, on the
+module built by tools/cuemu (the CUDA launchers and kernels compiled for the CPU
+emulator), so tests on a machine without a GPU run the ops' CUDA code path end to end. An extension that was built
 against another torch is refused with a message saying what was built against what
 and how to rebuild, instead of an undefined-symbol traceback from the dynamic loader.
 """
@@ -10,8 +15,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import contextlib
 from types import ModuleType
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -89,3 +95,40 @@ def load_extension() -> Optional[ModuleType]:
 
 
 _C = load_extension()
+
+
+# The kernels CPU tensors run on inside emulate(); None: the oracle.
+_emulated: Optional[ModuleType] = None
+
+
+def runs_kernels(t: torch.Tensor) -> bool:
+    """True when the ops run `t` on kernels: a CUDA tensor with _C built, or a CPU
+    tensor inside emulate(); False sends it to the oracle."""
+    return (_C is not None) if t.is_cuda else (_emulated is not None)
+
+
+def kernels_for(t: torch.Tensor, op: str) -> Optional[ModuleType]:
+    """The launcher module that runs the custom op `op` on `t`: _C for a CUDA tensor,
+    the emulated module for a CPU tensor inside emulate(), None for a CPU tensor
+    otherwise (the custom op runs the oracle). A CUDA tensor without _C is an error:
+    the public functions never send one to a custom op."""
+    if not t.is_cuda:
+        return _emulated
+    if _C is None:
+        raise RuntimeError(
+            f"crosslayer._C is not built, so the fused {op} cannot run on CUDA tensors; "
+            f"`python -m crosslayer.info` says why. crosslayer.ops.{op} uses the oracle in that case."
+        )
+    return _C
+
+
+@contextlib.contextmanager
+def emulate(module: ModuleType) -> Iterator[None]:
+    """Within the block, CPU tensors run on `module`'s launchers (tools/cuemu's build of
+    csrc/ for the CPU emulator) instead of the oracle. For tests without a GPU."""
+    global _emulated
+    previous, _emulated = _emulated, module
+    try:
+        yield
+    finally:
+        _emulated = previous

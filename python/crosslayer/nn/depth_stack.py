@@ -76,7 +76,7 @@ from torch import Tensor
 
 from crosslayer import ops
 from crosslayer._checks import check_tensor, compute_dtype
-from crosslayer._extension import _C
+from crosslayer._extension import runs_kernels
 from crosslayer.ops.depth_aggregate import depth_aggregate_bwd_op
 from crosslayer.ops.depth_aggregate_norm import depth_aggregate_qkv_norm_bwd_op, depth_aggregate_qkv_norm_op
 from crosslayer.ref.mudd import qkv_norm_bwd, validate_depth_aggregate, validate_depth_aggregate_qkv_norm
@@ -85,7 +85,7 @@ __all__ = ["DepthStack", "aggregate_bwd_into", "stack_bytes"]
 
 
 def _fused(S: Tensor) -> bool:
-    return S.is_cuda and _C is not None
+    return runs_kernels(S)
 
 
 def aggregate_bwd_into(dY: Tensor, S: Tensor, A: Tensor, dS: Tensor, accumulate: bool) -> Tensor:

@@ -19,25 +19,16 @@ import torch
 from torch import Tensor
 
 from crosslayer import ref
-from crosslayer._extension import _C
+from crosslayer._extension import kernels_for, runs_kernels
 from crosslayer.ref.mudd import validate_depth_aggregate
-
-
-def _fused() -> object:
-    if _C is None:
-        raise RuntimeError(
-            "crosslayer._C is not built, so the fused depth_aggregate cannot run on CUDA "
-            "tensors; `python -m crosslayer.info` says why. crosslayer.ops.depth_aggregate "
-            "uses the oracle in that case."
-        )
-    return _C
 
 
 @torch.library.custom_op("crosslayer::depth_aggregate", mutates_args=())
 def depth_aggregate_op(S: Tensor, A: Tensor) -> Tensor:
     """Y_c = Σ_j A[.., c, j]·S_j.  S: (l, N, d); A: (N, C, l) or (C, l) -> Y: (C, N, d)."""
-    if S.is_cuda:
-        return _fused().depth_aggregate_fwd(S, A)
+    kernels = kernels_for(S, "depth_aggregate")
+    if kernels is not None:
+        return kernels.depth_aggregate_fwd(S, A)
     # A custom op's output must not alias an input and must match the fake (contiguous).
     return ref.depth_aggregate(S, A).clone(memory_format=torch.contiguous_format)
 
@@ -54,8 +45,9 @@ def depth_aggregate_bwd_op(dY: Tensor, S: Tensor, A: Tensor, dS: Tensor, accumul
     dY: (C, N, d); S: (l, N, d); A: (N, C, l) or (C, l); dS: (l, N, d), S's dtype.
     dA has A's shape and dtype; for static A it is summed over tokens.
     """
-    if S.is_cuda:
-        return _fused().depth_aggregate_bwd(dY, S, A, dS, accumulate)
+    kernels = kernels_for(S, "depth_aggregate")
+    if kernels is not None:
+        return kernels.depth_aggregate_bwd(dY, S, A, dS, accumulate)
     dS_new, dA = ref.depth_aggregate_bwd(dY, S, A)
     if accumulate:
         dS.add_(dS_new)
@@ -97,7 +89,7 @@ def depth_aggregate(S: Tensor, A: Tensor) -> Tensor:
     Fused on CUDA when the extension is built; the oracle otherwise.
     """
     validate_depth_aggregate(S, A)
-    if not (S.is_cuda and _C is not None):
+    if not runs_kernels(S):
         return ref.depth_aggregate(S, A)
     l, d, C = S.shape[0], S.shape[-1], A.shape[-2]
     tok = S.shape[1:-1]

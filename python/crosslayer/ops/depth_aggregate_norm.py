@@ -26,18 +26,8 @@ from torch import Tensor
 
 from crosslayer import ref
 from crosslayer._checks import compute_dtype
-from crosslayer._extension import _C
+from crosslayer._extension import kernels_for, runs_kernels
 from crosslayer.ref.mudd import validate_depth_aggregate_qkv_norm
-
-
-def _fused() -> object:
-    if _C is None:
-        raise RuntimeError(
-            "crosslayer._C is not built, so the fused depth_aggregate_qkv_norm cannot run on "
-            "CUDA tensors; `python -m crosslayer.info` says why. "
-            "crosslayer.ops.depth_aggregate_qkv_norm uses the oracle in that case."
-        )
-    return _C
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -58,8 +48,9 @@ def depth_aggregate_qkv_norm_op(S: Tensor, A: Tensor, norm_weights: Tensor, eps:
 
     Out: (4, N, d) in S's dtype; rstd: (3, N) in the arithmetic dtype.
     """
-    if S.is_cuda:
-        out, rstd = _fused().depth_aggregate_norm_fwd(S, A, norm_weights, eps)
+    kernels = kernels_for(S, "depth_aggregate_qkv_norm")
+    if kernels is not None:
+        out, rstd = kernels.depth_aggregate_norm_fwd(S, A, norm_weights, eps)
         return out, rstd
     acc = _acc(S.dtype)
     out = ref.depth_aggregate_qkv_norm(S, A.to(acc), norm_weights.to(acc), eps)
@@ -81,8 +72,9 @@ def depth_aggregate_qkv_norm_bwd_op(dOut: Tensor, S: Tensor, A: Tensor, norm_wei
     CPU path recomputes from S). dA has A's shape and dtype (summed over tokens for
     static A); dnorm_weights has norm_weights' shape and dtype.
     """
-    if S.is_cuda:
-        dA, dg = _fused().depth_aggregate_norm_bwd(dOut, S, A, norm_weights, rstd, dS, accumulate)
+    kernels = kernels_for(S, "depth_aggregate_qkv_norm")
+    if kernels is not None:
+        dA, dg = kernels.depth_aggregate_norm_bwd(dOut, S, A, norm_weights, rstd, dS, accumulate)
         return dA, dg
     acc = _acc(S.dtype)
     dS_new, dA, dg = ref.depth_aggregate_qkv_norm_bwd(dOut, S, A.to(acc), norm_weights.to(acc), eps)
@@ -131,7 +123,7 @@ def depth_aggregate_qkv_norm(S: Tensor, A: Tensor, norm_weights: Tensor, eps: fl
     float32 for those).
     """
     validate_depth_aggregate_qkv_norm(S, A, norm_weights)
-    if not (S.is_cuda and _C is not None and compute_dtype(S, A, norm_weights) == _acc(S.dtype)):
+    if not (runs_kernels(S) and compute_dtype(S, A, norm_weights) == _acc(S.dtype)):
         return ref.depth_aggregate_qkv_norm(S, A, norm_weights, eps)
     l, d = S.shape[0], S.shape[-1]
     tok = S.shape[1:-1]

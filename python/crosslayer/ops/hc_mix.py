@@ -30,18 +30,8 @@ from torch import Tensor
 
 from crosslayer import ref
 from crosslayer._checks import compute_dtype
-from crosslayer._extension import _C
+from crosslayer._extension import kernels_for, runs_kernels
 from crosslayer.ref.hc import validate_hc_post, validate_stream_mix
-
-
-def _fused() -> object:
-    if _C is None:
-        raise RuntimeError(
-            "crosslayer._C is not built, so the fused hc_post / stream_mix cannot run on CUDA "
-            "tensors; `python -m crosslayer.info` says why. crosslayer.ops.hc_post and "
-            "crosslayer.ops.stream_mix use the oracle in that case."
-        )
-    return _C
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -70,8 +60,9 @@ def hc_post_op(H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
     H: (*lead, n, d); y: (*lead, d) (H's dtype on CUDA); alpha: (*lead, n, n+1) or
     (n, n+1); beta: (*lead, n) or (n,) -> H': allocated like H.
     """
-    if H.is_cuda:
-        return _fused().hc_post_fwd(H, y, alpha, beta)
+    kernels = kernels_for(H, "hc_post")
+    if kernels is not None:
+        return kernels.hc_post_fwd(H, y, alpha, beta)
     return _like(H, ref.hc_post(H, y, alpha, beta))
 
 
@@ -89,8 +80,9 @@ def hc_post_bwd_op(dH_new: Tensor, H: Tensor, y: Tensor, alpha: Tensor,
     have alpha's and beta's shapes (summed over tokens when static), dalpha[..., 0] = 0,
     in the arithmetic dtype (float64 for float64 H, float32 otherwise).
     """
-    if H.is_cuda:
-        dH, dy, dalpha, dbeta = _fused().hc_post_bwd(dH_new, H, y, alpha, beta)
+    kernels = kernels_for(H, "hc_post")
+    if kernels is not None:
+        dH, dy, dalpha, dbeta = kernels.hc_post_bwd(dH_new, H, y, alpha, beta)
         return dH, dy, dalpha, dbeta
     dH, dy, dalpha, dbeta = ref.hc_post_bwd(dH_new, H, y, alpha, beta)
     acc = _acc(H.dtype)
@@ -125,8 +117,9 @@ hc_post_op.register_autograd(_hc_post_backward, setup_context=_hc_post_setup)
 @torch.library.custom_op("crosslayer::stream_mix", mutates_args=())
 def stream_mix_op(H: Tensor, w: Tensor) -> Tensor:
     """x = Σ_i w[.., i]·H_i.  H: (*lead, n, d); w: (*lead, n) or (n,) -> x: (*lead, d)."""
-    if H.is_cuda:
-        return _fused().stream_mix_fwd(H, w)
+    kernels = kernels_for(H, "stream_mix")
+    if kernels is not None:
+        return kernels.stream_mix_fwd(H, w)
     return ref.stream_mix(H, w).contiguous()
 
 
@@ -142,8 +135,9 @@ def stream_mix_bwd_op(dx: Tensor, H: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]
     dH is allocated like H; dw has w's shape (summed over tokens when static) in the
     arithmetic dtype (float64 for float64 H, float32 otherwise).
     """
-    if H.is_cuda:
-        dH, dw = _fused().stream_mix_bwd(dx, H, w)
+    kernels = kernels_for(H, "stream_mix")
+    if kernels is not None:
+        dH, dw = kernels.stream_mix_bwd(dx, H, w)
         return dH, dw
     dH, dw = ref.stream_mix_bwd(dx, H, w)
     return _like(H, dH), dw.to(_acc(H.dtype)).contiguous()
@@ -173,9 +167,9 @@ stream_mix_op.register_autograd(_stream_mix_backward, setup_context=_stream_mix_
 
 
 def _fusable(H: Tensor, *others: Tensor) -> bool:
-    """The fused kernels cover this call: CUDA, extension built, one activation dtype,
+    """The fused kernels cover this call: runs_kernels(H), one activation dtype,
     and an arithmetic dtype the kernels use (no float64 coefficient with lower-precision H)."""
-    if not (H.is_cuda and _C is not None):
+    if not runs_kernels(H):
         return False
     return compute_dtype(H, *others) == _acc(H.dtype)
 

@@ -29,19 +29,9 @@ from torch import Tensor
 
 from crosslayer import ref
 from crosslayer._checks import compute_dtype
-from crosslayer._extension import _C
+from crosslayer._extension import kernels_for, runs_kernels
 from crosslayer.ops.hc_mix import stream_mix
 from crosslayer.ref.hc import Scalar, validate_hc_pre
-
-
-def _fused() -> object:
-    if _C is None:
-        raise RuntimeError(
-            "crosslayer._C is not built, so the fused hc_pre cannot run on CUDA tensors; "
-            "`python -m crosslayer.info` says why. crosslayer.ops.hc_pre uses the oracle "
-            "in that case."
-        )
-    return _C
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -66,8 +56,9 @@ def hc_pre_dhc_op(H: Tensor, A: Tensor, B: Tensor, W: Tensor, s_a: Tensor, s_b: 
     x: (*lead, d) in H's dtype; alpha: (*lead, n, n+1); beta: (*lead, n);
     q = H·W: (*lead, n, n+2); r = rsqrt(mean_d H² + eps): (*lead, n) (arithmetic dtype).
     """
-    if H.is_cuda:
-        x, alpha, beta, q, r = _fused().hc_pre_dhc_fwd(H, A, B, W, s_a, s_b, eps)
+    kernels = kernels_for(H, "hc_pre")
+    if kernels is not None:
+        x, alpha, beta, q, r = kernels.hc_pre_dhc_fwd(H, A, B, W, s_a, s_b, eps)
         return x, alpha, beta, q, r
     acc = _acc(H.dtype)
     x, alpha, beta = ref.hc_pre(H, A.to(acc), B.to(acc), W.to(acc), s_a.to(acc), s_b.to(acc), eps)
@@ -95,8 +86,9 @@ def hc_pre_dhc_bwd_op(dx: Tensor, dalpha: Optional[Tensor], dbeta: Optional[Tens
     recomputes from H). dH is allocated like H; the parameter gradients are summed over
     tokens, each in its parameter's dtype.
     """
-    if H.is_cuda:
-        dH, dA, dB, dW, ds_a, ds_b = _fused().hc_pre_dhc_bwd(dx, dalpha, dbeta, H, A, B, W, s_a, s_b, q, r)
+    kernels = kernels_for(H, "hc_pre")
+    if kernels is not None:
+        dH, dA, dB, dW, ds_a, ds_b = kernels.hc_pre_dhc_bwd(dx, dalpha, dbeta, H, A, B, W, s_a, s_b, q, r)
         return dH, dA, dB, dW, ds_a, ds_b
     acc = _acc(H.dtype)
     dH, dA, dB, dW, ds_a, ds_b = ref.hc_pre_bwd(
@@ -163,7 +155,7 @@ def hc_pre(H: Tensor, A: Tensor, B: Tensor, W: Optional[Tensor] = None,
     if W is None:
         alpha, beta = A.to(ct).clone(), B.to(ct).clone()
         return stream_mix(H, alpha[:, 0]), alpha, beta
-    if not (H.is_cuda and _C is not None and ct == _acc(H.dtype)):
+    if not (runs_kernels(H) and ct == _acc(H.dtype)):
         return ref.hc_pre(H, A, B, W, s_a, s_b, eps)
     sa = _scalar_tensor(s_a, ct, H.device)
     sb = _scalar_tensor(s_b, ct, H.device)

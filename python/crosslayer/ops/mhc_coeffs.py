@@ -30,20 +30,10 @@ from torch import Tensor
 
 from crosslayer import ref
 from crosslayer._checks import compute_dtype
-from crosslayer._extension import _C
+from crosslayer._extension import kernels_for, runs_kernels
 from crosslayer.ops.hc_pre import _acc, _scalar_tensor
 from crosslayer.ref.hc import Scalar
 from crosslayer.ref.mhc import validate_mhc_coeffs
-
-
-def _fused() -> object:
-    if _C is None:
-        raise RuntimeError(
-            "crosslayer._C is not built, so the fused mhc_coeffs cannot run on CUDA tensors; "
-            "`python -m crosslayer.info` says why. crosslayer.ops.mhc_coeffs uses the oracle "
-            "in that case."
-        )
-    return _C
 
 
 def _projection(H: Tensor, phi: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
@@ -63,8 +53,9 @@ def mhc_coeffs_op(H: Tensor, phi: Tensor, a_pre: Tensor, a_post: Tensor, a_res: 
     alpha: (*lead, n, n+1); beta: (*lead, n); u = xf·phi: (*lead, n²+2n);
     r = rsqrt(mean xf² + eps): (*lead,) (arithmetic dtype).
     """
-    if H.is_cuda:
-        alpha, beta, u, r = _fused().mhc_coeffs_fwd(H, phi, a_pre, a_post, a_res, b, eps, pre_eps,
+    kernels = kernels_for(H, "mhc_coeffs")
+    if kernels is not None:
+        alpha, beta, u, r = kernels.mhc_coeffs_fwd(H, phi, a_pre, a_post, a_res, b, eps, pre_eps,
                                                     post_mult, iters, sinkhorn_eps)
         return alpha, beta, u, r
     acc = _acc(H.dtype)
@@ -93,8 +84,9 @@ def mhc_coeffs_bwd_op(dalpha: Optional[Tensor], dbeta: Optional[Tensor], H: Tens
     mhc_coeffs_op (the CPU path recomputes them from H). dH is allocated like H; the
     parameter gradients are summed over tokens, each in its parameter's dtype.
     """
-    if H.is_cuda:
-        dH, dphi, da_pre, da_post, da_res, db = _fused().mhc_coeffs_bwd(
+    kernels = kernels_for(H, "mhc_coeffs")
+    if kernels is not None:
+        dH, dphi, da_pre, da_post, da_res, db = kernels.mhc_coeffs_bwd(
             dalpha, dbeta, H, phi, a_pre, a_post, a_res, b, u, r, eps, pre_eps, post_mult, iters,
             sinkhorn_eps)
         return dH, dphi, da_pre, da_post, da_res, db
@@ -152,7 +144,7 @@ def mhc_coeffs(H: Tensor, phi: Tensor, a_pre: Scalar, a_post: Scalar, a_res: Sca
     validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters)
     scalars = [v for v in (a_pre, a_post, a_res) if isinstance(v, Tensor)]
     ct = compute_dtype(H, phi, b, *scalars)
-    if not (H.is_cuda and _C is not None and ct == _acc(H.dtype)):
+    if not (runs_kernels(H) and ct == _acc(H.dtype)):
         return ref.mhc_coeffs(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters,
                               sinkhorn_eps)
     a = [_scalar_tensor(v, ct, H.device) for v in (a_pre, a_post, a_res)]

@@ -30,18 +30,8 @@ from torch import Tensor
 
 from crosslayer import ref
 from crosslayer._checks import compute_dtype
-from crosslayer._extension import _C
+from crosslayer._extension import kernels_for, runs_kernels
 from crosslayer.ref.mudd import _check_approximate, validate_mudd_weights
-
-
-def _fused() -> object:
-    if _C is None:
-        raise RuntimeError(
-            "crosslayer._C is not built, so the fused mudd_weights cannot run on CUDA tensors; "
-            "`python -m crosslayer.info` says why. crosslayer.ops.mudd_weights uses the oracle "
-            "in that case."
-        )
-    return _C
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -66,8 +56,9 @@ def mudd_weights_op(x: Tensor, W1: Tensor, W2: Tensor, bias: Tensor, n_ways: int
     A: (*tok, C, l); u = rms(x)·W1: (*tok, K); r = rsqrt(mean_d x² + eps): (*tok,)
     (arithmetic dtype).
     """
-    if x.is_cuda:
-        A, u, r = _fused().mudd_weights_fwd(x, W1, W2, bias, n_ways, eps, approximate)
+    kernels = kernels_for(x, "mudd_weights")
+    if kernels is not None:
+        A, u, r = kernels.mudd_weights_fwd(x, W1, W2, bias, n_ways, eps, approximate)
         return A, u, r
     acc = _acc(x.dtype)
     A = ref.mudd_weights(x, W1.to(acc), W2.to(acc), bias.to(acc), n_ways, eps, approximate)
@@ -93,8 +84,9 @@ def mudd_weights_bwd_op(dA: Tensor, x: Tensor, W1: Tensor, W2: Tensor, bias: Ten
     CPU path recomputes from x). dx is contiguous in x's dtype; the parameter gradients
     are summed over tokens, each in its parameter's dtype.
     """
-    if x.is_cuda:
-        dx, dW1, dW2, dbias = _fused().mudd_weights_bwd(dA, x, W1, W2, bias, u, r, n_ways, eps, approximate)
+    kernels = kernels_for(x, "mudd_weights")
+    if kernels is not None:
+        dx, dW1, dW2, dbias = kernels.mudd_weights_bwd(dA, x, W1, W2, bias, u, r, n_ways, eps, approximate)
         return dx, dW1, dW2, dbias
     acc = _acc(x.dtype)
     dx, dW1, dW2, dbias = ref.mudd_weights_bwd(dA.to(acc), x, W1.to(acc), W2.to(acc), bias.to(acc),
@@ -149,7 +141,7 @@ def mudd_weights(x: Tensor, W1: Tensor, W2: Tensor, bias: Tensor, n_ways: int, e
     validate_mudd_weights(x, W1, W2, bias, n_ways)
     _check_approximate(approximate)
     ct = compute_dtype(x, W1, W2, bias)
-    if not (x.is_cuda and _C is not None and ct == _acc(x.dtype) and x.shape[-1] >= 1 and W1.shape[1] >= 1):
+    if not (runs_kernels(x) and ct == _acc(x.dtype) and x.shape[-1] >= 1 and W1.shape[1] >= 1):
         return ref.mudd_weights(x, W1, W2, bias, n_ways, eps, approximate)
     A, _, _ = mudd_weights_op(x, W1, W2, bias, n_ways, eps, approximate)
     return A
