@@ -192,6 +192,11 @@ def test_empty_shapes(cuemu):
     dS = torch.full((3, 4, 0), float("nan"))
     dA, dg = cuemu.depth_aggregate_norm_bwd(torch.randn(4, 4, 0), S, A, g, rstd, dS, False)
     assert torch.equal(dA, torch.zeros_like(A)) and dg.shape == (3, 0)
+    S = torch.randn(3, 0, 8)  # no tokens, static weights: dA and dg are sums over nothing
+    A = torch.randn(4, 3)
+    dA, dg = cuemu.depth_aggregate_norm_bwd(torch.randn(4, 0, 8), S, A, torch.randn(3, 8), torch.ones(3, 0),
+                                            torch.empty(3, 0, 8), True)
+    assert torch.equal(dA, torch.zeros(4, 3)) and torch.equal(dg, torch.zeros(3, 8))
 
 
 def test_launcher_errors_are_messaged(cuemu):
