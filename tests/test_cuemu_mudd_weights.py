@@ -1,0 +1,251 @@
+"""mudd_weights' CUDA launchers and kernels on the CPU emulator (tools/cuemu).
+
+The launchers (csrc/mudd_weights.cu) and kernels (csrc/kernels/mudd_weights.cuh) run
+unchanged on CPU tensors: bf16/fp16 x with d >= 32 take the tensor-core kernels
+(mudd_proj_mma_kernel with W1 split hi + lo, mudd_dx_mma_kernel) around the head
+kernels, fp32/fp64 x (and 16-bit x with d < 32) the at::mm paths around the same head
+kernels. Each result (A, u, r; dx, dW1, dW2, dbias) is held to DESIGN.md's policy
+against the oracle at the input dtype and in float64, outputs poisoned with NaN, on
+the GPU tests' kinds of shapes scaled down for the emulator: every dtype, both GELU
+forms, C in {1, 4}, l in {1, 3, 25}, K in {1, 3, 5, 24, 40, 64, 128, 130, 200} (> 128:
+two projection column passes), d in {1, 7, 33, 40, 64, 96, 129, 1031, 1032, 4099}
+(the scalar and the 16-byte paths, chunk tails), N not a multiple of the 16-token warp
+tile or the 8-token head tile, two proj blocks, head blocks taking a second tile;
+token-strided, two-dim-strided and misaligned x; fp16's dW1 scaling at small and
+large gradients; 16-bit parameters; empty N; fp64 gradcheck through the emulated
+launchers; the launchers' messages. What only a GPU shows (speed, streams, graphs,
+cuBLAS) stays with the `gpu` tests in test_mudd_weights.py.
+"""
+
+import pytest
+import torch
+
+from policy import FLOOR, assert_policy
+from test_mudd_weights import DTYPES, EPS, bwd_pair, fwd_pair, make_dA, make_params, make_x
+
+pytestmark = pytest.mark.cuemu
+
+# (lead, d, K, C, l). Emulated mma.sync is slow: N·d·K stays small for the 16-bit dtypes.
+SHAPES = [
+    ((1,), 1, 5, 4, 3),  # d = 1: the fp32 path for 16-bit x too
+    ((5,), 7, 1, 1, 1),  # K = 1
+    ((37,), 129, 40, 4, 3),  # N = 37: a partial warp tile (tokens 32..36); scalar x loads
+    ((3, 5), 1031, 24, 4, 25),  # d > 1024, odd: 33 chunks, the last one 7 features
+    ((3,), 4099, 128, 4, 25),  # DESIGN.md's odd width: 129 chunks, one full column pass
+    ((9,), 1032, 5, 1, 25),  # d > 1024, a multiple of 8: 16-byte loads with a chunk tail
+    ((19,), 33, 200, 1, 25),  # K = 200: two column passes, the second 72 wide
+    ((2, 9), 1, 130, 4, 1),  # K just over one pass; l = 1
+    ((17,), 96, 130, 4, 3),  # 16-byte path, two passes
+    ((21,), 64, 128, 4, 25),  # K = 128: exactly one pass, no column tail
+    ((150,), 40, 64, 1, 3),  # two proj/dx blocks (128 tokens a block), the second partial
+]
+
+
+def _ids(shape):
+    lead, d, K, C, l = shape
+    return "N%s-d%d-K%d-C%d-l%d" % ("x".join(map(str, lead)), d, K, C, l)
+
+
+def _check_forward(cuemu, x, params, C, approximate):
+    A, u, r = cuemu.mudd_weights_fwd(x, *params, C, EPS, approximate)
+    low, high = fwd_pair(x, *params, C, approximate)
+    assert_policy("A", A, low, high)
+    # u and r are what the backward consumes: the oracle's projection.
+    xc, x64 = x.to(A.dtype), x.double()
+    r_lo = torch.rsqrt(xc.square().mean(-1) + EPS)
+    r_hi = torch.rsqrt(x64.square().mean(-1) + EPS)
+    assert_policy("r", r, r_lo, r_hi)
+    assert_policy("u", u, (xc * r_lo[..., None]) @ params[0], (x64 * r_hi[..., None]) @ params[0].double())
+    return A, u, r
+
+
+def _check_backward(cuemu, x, params, C, l, approximate):
+    lead = x.shape[:-1]
+    dA = make_dA(lead, C, l, dtype=x.dtype, device="cpu")
+    _, u, r = cuemu.mudd_weights_fwd(x, *params, C, EPS, approximate)
+    got = cuemu.mudd_weights_bwd(dA, x, *params, u, r, C, EPS, approximate)
+    low, high = bwd_pair(dA, x, *params, C, approximate)
+    for name, g, lo, hi in zip(("dx", "dW1", "dW2", "dbias"), got, low, high):
+        assert g.is_contiguous(), name
+        assert_policy(name, g, lo, hi)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_forward(cuemu, poisoned, dtype, approximate, shape):
+    lead, d, K, C, l = shape
+    x = make_x(lead, d, dtype=dtype, device="cpu")
+    params = make_params(d, K, C, l, dtype=dtype, device="cpu")
+    A, u, r = _check_forward(cuemu, x, params, C, approximate)
+    assert A.shape == (*lead, C, l) and u.shape == (*lead, K) and r.shape == lead
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_backward(cuemu, poisoned, dtype, approximate, shape):
+    lead, d, K, C, l = shape
+    x = make_x(lead, d, dtype=dtype, device="cpu")
+    params = make_params(d, K, C, l, dtype=dtype, device="cpu", bias_2d=True)
+    _check_backward(cuemu, x, params, C, l, approximate)
+
+
+def _layout(kind, dtype):
+    """x of 13 (15) tokens, d = 136 (a multiple of 8), in a non-contiguous layout."""
+    d = 136
+    if kind == "token_stride_odd":  # rows d + 3 apart: the scalar path
+        x = make_x((13,), d, dtype=dtype, device="cpu", strided=True)
+    elif kind == "token_stride_vec":  # rows d + 8 apart: 16-byte loads through the stride
+        x = torch.randn(13, d + 8).to(dtype)[:, :d]
+    elif kind == "two_dims":  # tokens (3, 5) with strides (7d, d): two TokenLayout dims
+        x = torch.randn(3, 7, d).to(dtype)[:, :5]
+    elif kind == "misaligned":  # base one element past a 16-byte boundary: the scalar path
+        x = torch.randn(13 * d + 1).to(dtype)[1:].view(13, d)
+    assert x.stride(-1) == 1
+    assert kind == "misaligned" or not x.is_contiguous()
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("kind", ["token_stride_odd", "token_stride_vec", "two_dims", "misaligned"])
+def test_strided_x(cuemu, poisoned, dtype, kind):
+    x = _layout(kind, dtype)
+    C, l = 4, 3
+    params = make_params(x.shape[-1], 24, C, l, dtype=dtype, device="cpu")
+    _check_forward(cuemu, x, params, C, "none")
+    _check_backward(cuemu, x, params, C, l, "none")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_empty_tokens(cuemu, poisoned, dtype):
+    x = torch.randn(0, 64).to(dtype)
+    params = make_params(64, 16, 4, 3, dtype=dtype, device="cpu")
+    A, u, r = cuemu.mudd_weights_fwd(x, *params, 4, EPS, "none")
+    assert A.shape == (0, 4, 3) and u.shape == (0, 16) and r.shape == (0,)
+    dx, *grads = cuemu.mudd_weights_bwd(A, x, *params, u, r, 4, EPS, "none")
+    assert dx.shape == x.shape
+    for g, p in zip(grads, params):
+        assert torch.equal(g, torch.zeros_like(p))
+
+
+def test_launcher_errors_are_messaged(cuemu):
+    x = make_x((3,), 8, dtype=torch.float32, device="cpu")
+    W1, W2, bias = make_params(8, 6, 4, 3, dtype=torch.float32, device="cpu")
+    with pytest.raises(RuntimeError, match=r"W1 must have shape \(d, K\) with d = x.shape\[-1\] = 8"):
+        cuemu.mudd_weights_fwd(x, W1[:7], W2, bias, 4, EPS, "none")
+    with pytest.raises(RuntimeError, match=r"W2 must have shape \(K, C\*l\) with K = W1.shape\[1\] = 6"):
+        cuemu.mudd_weights_fwd(x, W1, W2[:5], bias, 4, EPS, "none")
+    with pytest.raises(RuntimeError, match=r"W2 must have shape \(K, C\*l\) with C = n_ways = 5"):
+        cuemu.mudd_weights_fwd(x, W1, W2, bias, 5, EPS, "none")
+    with pytest.raises(RuntimeError, match=r"bias must have shape"):
+        cuemu.mudd_weights_fwd(x, W1, W2, bias[:5], 4, EPS, "none")
+    with pytest.raises(RuntimeError, match="approximate must be 'none' or 'tanh'"):
+        cuemu.mudd_weights_fwd(x, W1, W2, bias, 4, EPS, "erf")
+    with pytest.raises(RuntimeError, match="n_ways must be >= 1"):
+        cuemu.mudd_weights_fwd(x, W1, W2, bias, 0, EPS, "none")
+    with pytest.raises(RuntimeError, match="d >= 1"):
+        cuemu.mudd_weights_fwd(x[:, :0], W1[:0], W2, bias, 4, EPS, "none")
+    with pytest.raises(RuntimeError, match="x must have dtype"):
+        cuemu.mudd_weights_fwd(x.to(torch.int32), W1, W2, bias, 4, EPS, "none")
+    A, u, r = cuemu.mudd_weights_fwd(x, W1, W2, bias, 4, EPS, "none")
+    with pytest.raises(RuntimeError, match=r"dA must have shape \(\*tok, C, l\)"):
+        cuemu.mudd_weights_bwd(A[:, :3], x, W1, W2, bias, u, r, 4, EPS, "none")
+    with pytest.raises(RuntimeError, match=r"u must have shape \(\*tok, K\)"):
+        cuemu.mudd_weights_bwd(A, x, W1, W2, bias, u[:, :5], r, 4, EPS, "none")
+    with pytest.raises(RuntimeError, match=r"r must have shape \(\*tok,\)"):
+        cuemu.mudd_weights_bwd(A, x, W1, W2, bias, u, r[:2], 4, EPS, "none")
+    with pytest.raises(RuntimeError, match="approximate must be 'none' or 'tanh'"):
+        cuemu.mudd_weights_bwd(A, x, W1, W2, bias, u, r, 4, EPS, "sigmoid")
+
+
+def test_head_shared_memory_limit_is_messaged(cuemu):
+    """The head kernels stage kHeadTokens tokens of u (and dA) in shared memory; a K
+    too wide for the device is refused with the sizes, not launched."""
+    x = torch.randn(2, 4, dtype=torch.float64)
+    W1, W2, bias = make_params(4, 8192, 1, 1, dtype=torch.float64, device="cpu")
+    with pytest.raises(RuntimeError, match=r"mudd_weights_fwd: needs 524288 bytes of shared memory \(K = 8192"):
+        cuemu.mudd_weights_fwd(x, W1, W2, bias, 1, EPS, "none")
+    # K = 3000, C·l = 1000: the forward's 192000 bytes fit (above 48 KB: the opt-in),
+    # the backward's 8 x (1000 + 3000) x 8 = 256000 do not.
+    W1, W2, bias = make_params(4, 3000, 8, 125, dtype=torch.float64, device="cpu")
+    A, u, r = cuemu.mudd_weights_fwd(x, W1, W2, bias, 8, EPS, "none")
+    low, high = fwd_pair(x, W1, W2, bias, 8, "none")
+    assert_policy("A", A, low, high)
+    with pytest.raises(RuntimeError, match=r"mudd_weights_bwd: needs 256000 bytes of shared memory \(K = 3000, C\*l = 1000\)"):
+        cuemu.mudd_weights_bwd(A, x, W1, W2, bias, u, r, 8, EPS, "none")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_grid_stride(cuemu, poisoned, dtype):
+    """N > kHeadTokens x 8 x SMs (8 x 1056 = 8448 tokens): the head kernels' blocks take
+    a second token tile. d = 7 keeps 16-bit x on the at::mm path (cheap to emulate)."""
+    lead, d, K, C, l = (8457,), 7, 3, 1, 2
+    x = make_x(lead, d, dtype=dtype, device="cpu")
+    params = make_params(d, K, C, l, dtype=dtype, device="cpu", bias_2d=True)
+    _check_forward(cuemu, x, params, C, "none")
+    _check_backward(cuemu, x, params, C, l, "tanh")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1e-4, 1e3])
+def test_dW1_gradient_scale(cuemu, poisoned, dtype, scale):
+    """dW1 = x^T g with g in 16-bit hi + lo parts: fp16 has a narrow exponent range, so
+    the launcher scales g by a power of two near 1/max|g| first. A small dA (g's lo part
+    subnormal in fp16 without the scaling) and a large one; dW1 is linear in dA, so it
+    is held to the policy after dividing out the scale."""
+    lead, d, K, C, l = (19,), 40, 24, 4, 3
+    x = make_x(lead, d, dtype=dtype, device="cpu")
+    params = make_params(d, K, C, l, dtype=dtype, device="cpu")
+    dA = make_dA(lead, C, l, dtype=dtype, device="cpu") * scale
+    _, u, r = cuemu.mudd_weights_fwd(x, *params, C, EPS, "none")
+    dx, dW1, dW2, dbias = cuemu.mudd_weights_bwd(dA, x, *params, u, r, C, EPS, "none")
+    low, high = bwd_pair(dA, x, *params, C, "none")
+    assert_policy("dW1", dW1 / scale, low[1] / scale, high[1] / scale)
+    assert_policy("dW2", dW2 / scale, low[2] / scale, high[2] / scale)
+    assert_policy("dx", (dx.double() / scale).to(torch.float32), (low[0].double() / scale).to(torch.float32),
+                  high[0] / scale, floor=FLOOR[dtype])
+
+
+class _Emulated(torch.autograd.Function):
+    """mudd_weights through the emulated launchers, for gradcheck."""
+
+    @staticmethod
+    def forward(ctx, module, x, W1, W2, bias, C, approximate):
+        A, u, r = module.mudd_weights_fwd(x, W1, W2, bias, C, EPS, approximate)
+        ctx.save_for_backward(x, W1, W2, bias, u, r)
+        ctx.module, ctx.C, ctx.approximate = module, C, approximate
+        return A
+
+    @staticmethod
+    def backward(ctx, dA):
+        x, W1, W2, bias, u, r = ctx.saved_tensors
+        grads = ctx.module.mudd_weights_bwd(dA.contiguous(), x, W1, W2, bias, u, r, ctx.C, EPS,
+                                            ctx.approximate)
+        return (None, *grads, None, None)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gradcheck_fp64(cuemu, approximate):
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    params = [t.requires_grad_(True) for t in make_params(5, 4, 2, 3, dtype=torch.float64, device="cpu")]
+    assert torch.autograd.gradcheck(lambda *a: _Emulated.apply(cuemu, *a, 2, approximate), (x, *params))
+
+
+def test_parameter_dtypes(cuemu, poisoned):
+    """16-bit parameters: read as they are (W1 split into hi + lo exactly), gradients
+    returned in each parameter's dtype; the oracle's, rounded to that dtype, is the
+    low-precision reference."""
+    lead, d, K, C, l = (23,), 48, 20, 4, 3
+    x = make_x(lead, d, dtype=torch.bfloat16, device="cpu")
+    W1, W2, bias = make_params(d, K, C, l, dtype=torch.bfloat16, device="cpu", bias_2d=True)
+    params = (W1.to(torch.bfloat16), W2.to(torch.float16), bias.to(torch.bfloat16))
+    A, u, r = cuemu.mudd_weights_fwd(x, *params, C, EPS, "tanh")
+    low, high = fwd_pair(x, *params, C, "tanh")
+    assert_policy("A", A, low, high)
+    dA = make_dA(lead, C, l, dtype=torch.bfloat16, device="cpu")
+    got = cuemu.mudd_weights_bwd(dA, x, *params, u, r, C, EPS, "tanh")
+    low, high = bwd_pair(dA, x, *params, C, "tanh")
+    for name, g, p, lo, hi in zip(("dx", "dW1", "dW2", "dbias"), got, (x, *params), low, high):
+        assert g.dtype == p.dtype and g.shape == p.shape, name
+        assert_policy(name, g, lo.to(p.dtype), hi)
