@@ -11,7 +11,7 @@ forms, C in {1, 4}, l in {1, 3, 25}, K in {1, 3, 5, 24, 40, 64, 128, 130, 200} (
 two projection column passes), d in {1, 7, 33, 40, 64, 96, 129, 1031, 1032, 4099}
 (the scalar and the 16-byte paths, chunk tails), N not a multiple of the 16-token warp
 tile or the 8-token head tile, two proj blocks, head blocks taking a second tile;
-token-strided, two-dim-strided and misaligned x; fp16's dW1 scaling at small and
+token-strided, two- and three-dim-strided and misaligned x; fp16's dW1 scaling at small and
 large gradients; 16-bit parameters; empty N; fp64 gradcheck through the emulated
 launchers; the launchers' messages. What only a GPU shows (speed, streams, graphs,
 cuBLAS) stays with the `gpu` tests in test_mudd_weights.py.
@@ -92,7 +92,7 @@ def test_backward(cuemu, poisoned, dtype, approximate, shape):
 
 
 def _layout(kind, dtype):
-    """x of 13 (15) tokens, d = 136 (a multiple of 8), in a non-contiguous layout."""
+    """x of 13 (15, 24) tokens, d = 136 (a multiple of 8), in a non-contiguous layout."""
     d = 136
     if kind == "token_stride_odd":  # rows d + 3 apart: the scalar path
         x = make_x((13,), d, dtype=dtype, device="cpu", strided=True)
@@ -100,6 +100,8 @@ def _layout(kind, dtype):
         x = torch.randn(13, d + 8).to(dtype)[:, :d]
     elif kind == "two_dims":  # tokens (3, 5) with strides (7d, d): two TokenLayout dims
         x = torch.randn(3, 7, d).to(dtype)[:, :5]
+    elif kind == "three_dims":  # tokens (3, 2, 4) in three strides: the launcher copies x once
+        x = torch.randn(2, 3, 4, d).to(dtype).permute(1, 0, 2, 3)
     elif kind == "misaligned":  # base one element past a 16-byte boundary: the scalar path
         x = torch.randn(13 * d + 1).to(dtype)[1:].view(13, d)
     assert x.stride(-1) == 1
@@ -108,7 +110,7 @@ def _layout(kind, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("kind", ["token_stride_odd", "token_stride_vec", "two_dims", "misaligned"])
+@pytest.mark.parametrize("kind", ["token_stride_odd", "token_stride_vec", "two_dims", "three_dims", "misaligned"])
 def test_strided_x(cuemu, poisoned, dtype, kind):
     x = _layout(kind, dtype)
     C, l = 4, 3
