@@ -2,6 +2,10 @@
 
 - Tests marked `gpu` need a CUDA device and are skipped without one; on a machine
   with a GPU they also require the fused kernels to be built (they fail otherwise).
+  With CROSSLAYER_GPU_TESTS=cuemu they run instead on the CPU with every op's kernels
+  on the emulator (tools/cuemu) and outputs NaN-poisoned: a way to run the GPU tests'
+  own code without a GPU. Tests that need the CUDA runtime itself (streams, graphs,
+  synchronisation) fail in that mode; their results say nothing about the kernels.
 - Tests marked `cuemu` run the CUDA launchers and kernels on the CPU through
   tools/cuemu (the `cuemu` fixture builds the emulated extension once per session,
   incrementally); they run everywhere, GPU or not, and never skip.
@@ -19,12 +23,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HAS_CUDA = torch.cuda.is_available()
+GPU_TESTS_ON_CUEMU = os.environ.get("CROSSLAYER_GPU_TESTS") == "cuemu"
 
 
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords and not HAS_CUDA:
+        if "gpu" in item.keywords and not (HAS_CUDA or GPU_TESTS_ON_CUEMU):
             item.add_marker(skip)
 
 
@@ -54,3 +59,27 @@ def poisoned():
         yield
     finally:
         torch.use_deterministic_algorithms(was)
+
+
+@pytest.fixture
+def gpu_device(request):
+    """gpu_device(*ops) -> the device a `gpu` test runs on, after checking that the
+    named ops (crosslayer.ops.ALL_OPS names) run fused: CUDA; or, with
+    CROSSLAYER_GPU_TESTS=cuemu, the CPU, the ops' kernels on the emulator for the
+    test's duration and every torch.empty NaN-filled."""
+    from crosslayer import ops
+
+    if not GPU_TESTS_ON_CUEMU:
+        def device(*names):
+            fused = ops.fused_ops()
+            assert all(fused[n] for n in names), "a GPU is present but the extension is not built"
+            return torch.device("cuda")
+
+        yield device
+        return
+    from crosslayer._extension import emulate
+
+    module = request.getfixturevalue("cuemu")
+    request.getfixturevalue("poisoned")
+    with emulate(module):
+        yield lambda *names: torch.device("cpu")

@@ -39,3 +39,14 @@ def make_vec(lead, d, *, dtype, device, misaligned=False):
     if misaligned:
         return torch.randn(*lead, d + 3, device=device).to(dtype)[..., 1 : 1 + d]
     return torch.randn(*lead, d, device=device).to(dtype)
+
+
+def is_dense(t):
+    """Non-overlapping and dense (a permutation of a contiguous tensor): the layouts
+    empty_like keeps, so the launchers' outputs must have their input's strides."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True

@@ -45,5 +45,7 @@ def assert_policy(name: str, out: torch.Tensor, ref_lowp: torch.Tensor, ref64: t
 def poison_allocator(device, nbytes: int = 1 << 26) -> None:
     """Fill and free a block so the next allocations likely start as NaN: a kernel that
     skips an output element then fails assert_policy's NaN check."""
+    if torch.device(device).type != "cuda":  # the emulated GPU tests poison every torch.empty
+        return
     torch.full((nbytes // 4,), float("nan"), device=device).fill_(float("nan"))
     torch.cuda.synchronize()

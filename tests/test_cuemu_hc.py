@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from crosslayer import ref
-from hc_inputs import make_streams, make_vec
+from hc_inputs import is_dense, make_streams, make_vec
 from policy import assert_policy
 from test_hc_mix import (DTYPES, check_hc_post_bwd, check_stream_mix_bwd, make_coeffs, make_hc_post,
                          make_stream_mix, oracle_pair)
@@ -41,17 +41,6 @@ LAYOUTS = ["padded", "stream_stride", "folded", "tokens_transposed", "misaligned
 # n² dots per chunk), an exact and a generic instantiation on the large d.
 CASES = [((), 7), ((3,), 1), ((11,), 7), ((3,), 129), ((5,), 136), ((1,), 4099), ((2,), 2056)]
 CASE_STREAMS = {7: STREAMS, 1: STREAMS, 129: STREAMS[:-1], 136: STREAMS[:-1], 4099: [2, 3], 2056: [1, 4]}
-
-
-def _dense(t):
-    """Non-overlapping and dense (a permutation of a contiguous tensor): the layouts
-    empty_like keeps, so the launchers' outputs must have their input's strides."""
-    expected = 1
-    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _cases(flag):
@@ -114,12 +103,12 @@ def test_hc_mix_layouts(cuemu, poisoned, dtype, layout, n, d):
     H, y, alpha, beta = make_hc_post(lead, n, d, dtype=dtype, device="cpu", layout=layout)
     assert n == 1 or not H.is_contiguous()
     out = cuemu.hc_post_fwd(H, y, alpha, beta)
-    if _dense(H):
+    if is_dense(H):
         assert out.stride() == H.stride()
     assert_policy("H'", out, *oracle_pair(ref.hc_post, H, y, alpha, beta))
     dHn = make_streams(lead, n, d, dtype=dtype, device="cpu", layout=layout)
     got = cuemu.hc_post_bwd(dHn, H, y, alpha, beta)
-    if _dense(H):
+    if is_dense(H):
         assert got[0].stride() == H.stride()
     check_hc_post_bwd(dHn, H, y, alpha, beta, got)
 
@@ -290,7 +279,7 @@ def test_hc_pre_backward(cuemu, poisoned, dtype, shape, n, coeff_grads):
         dalpha = dbeta = None
     _, _, _, q, r = cuemu.hc_pre_dhc_fwd(H, *params, EPS)
     got = cuemu.hc_pre_dhc_bwd(dx, dalpha, dbeta, H, *params, q, r)
-    if _dense(H):
+    if is_dense(H):
         assert got[0].stride() == H.stride()
     _check_pre_bwd(dx, dalpha, dbeta, H, params, got)
 
@@ -307,7 +296,7 @@ def test_hc_pre_layouts(cuemu, poisoned, dtype, layout, n):
     _, dalpha, dbeta = make_grads(lead, n, d, dtype=dtype, device="cpu")
     _, _, _, q, r = cuemu.hc_pre_dhc_fwd(H, *params, EPS)
     got = cuemu.hc_pre_dhc_bwd(dx, dalpha, dbeta, H, *params, q, r)
-    if _dense(H):
+    if is_dense(H):
         assert got[0].stride() == H.stride()
     _check_pre_bwd(dx, dalpha, dbeta, H, params, got)
 

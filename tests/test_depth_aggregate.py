@@ -137,9 +137,8 @@ def oracle_pair(fn, *tensors):
 
 
 @pytest.fixture
-def cuda():
-    assert ops.fused_ops()["depth_aggregate"], "a GPU is present but the extension is not built"
-    return torch.device("cuda")
+def cuda(gpu_device):
+    return gpu_device("depth_aggregate")
 
 
 SHAPES = [  # (l, tok, d, C)

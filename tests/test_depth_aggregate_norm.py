@@ -248,9 +248,8 @@ def oracle_pair(fn, *tensors):
 
 
 @pytest.fixture
-def cuda():
-    assert ops.fused_ops()["depth_aggregate_qkv_norm"], "a GPU is present but the extension is not built"
-    return torch.device("cuda")
+def cuda(gpu_device):
+    return gpu_device("depth_aggregate_qkv_norm")
 
 
 def tok_for(l, d):

@@ -22,7 +22,7 @@ from torch.library import opcheck
 from crosslayer import ops, ref
 from crosslayer._extension import _C
 from crosslayer.ops.hc_mix import hc_post_bwd_op, hc_post_op, stream_mix_bwd_op, stream_mix_op
-from hc_inputs import make_streams, make_vec
+from hc_inputs import is_dense, make_streams, make_vec
 from policy import assert_policy, poison_allocator
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -215,10 +215,8 @@ def oracle_pair(fn, *tensors):
 
 
 @pytest.fixture
-def cuda():
-    fused = ops.fused_ops()
-    assert fused["hc_post"] and fused["stream_mix"], "a GPU is present but the extension is not built"
-    return torch.device("cuda")
+def cuda(gpu_device):
+    return gpu_device("hc_post", "stream_mix")
 
 
 STREAMS = [1, 2, 3, 4, 8, 16]
@@ -292,7 +290,7 @@ def test_layouts_autograd(cuda, dtype, layout, n, d):
     leaves = [t.detach().requires_grad_(True) for t in (H, y, alpha, beta)]
     poison_allocator(cuda)
     out = ops.hc_post(*leaves)
-    if layout in ("contiguous", "padded", "folded", "tokens_transposed") and H.is_non_overlapping_and_dense():
+    if layout in ("contiguous", "padded", "folded", "tokens_transposed") and is_dense(H):
         assert out.stride() == H.stride()
     assert_policy("H'", out.detach(), *oracle_pair(ref.hc_post, H, y, alpha, beta))
     dHn = make_streams(lead, n, d, dtype=dtype, device=cuda, layout=layout)

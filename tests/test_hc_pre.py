@@ -184,9 +184,8 @@ gpu = pytest.mark.gpu
 
 
 @pytest.fixture
-def cuda():
-    assert ops.fused_ops()["hc_pre"], "a GPU is present but the extension is not built"
-    return torch.device("cuda")
+def cuda(gpu_device):
+    return gpu_device("hc_pre")
 
 
 NS = [1, 2, 3, 4, 8, 16]

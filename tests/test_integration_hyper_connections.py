@@ -27,7 +27,6 @@ import hyper_connections
 from hyper_connections import HyperConnections, get_init_and_expand_reduce_stream_functions
 from hyper_connections import hyper_connections_channel_first
 
-import crosslayer
 from crosslayer.integrations.hyper_connections import (
     TESTED_VERSION,
     FusedHyperConnections,
@@ -450,9 +449,8 @@ gpu = pytest.mark.gpu
 
 
 @pytest.fixture
-def cuda():
-    assert crosslayer._C is not None, "GPU tests need the fused kernels built"
-    return torch.device("cuda")
+def cuda(gpu_device):
+    return gpu_device("hc_pre", "hc_post", "stream_mix")
 
 
 @gpu

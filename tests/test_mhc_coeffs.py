@@ -216,9 +216,8 @@ gpu = pytest.mark.gpu
 
 
 @pytest.fixture
-def cuda():
-    assert ops.fused_ops()["mhc_coeffs"], "a GPU is present but the extension is not built"
-    return torch.device("cuda")
+def cuda(gpu_device):
+    return gpu_device("mhc_coeffs")
 
 
 NS = [1, 2, 4, 5, 8]

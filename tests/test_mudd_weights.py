@@ -163,9 +163,8 @@ gpu = pytest.mark.gpu
 
 
 @pytest.fixture
-def cuda():
-    assert ops.fused_ops()["mudd_weights"], "a GPU is present but the extension is not built"
-    return torch.device("cuda")
+def cuda(gpu_device):
+    return gpu_device("mudd_weights")
 
 
 # (lead, d, K, C, l): odd N everywhere; d = 1, 7 (fp32 path for 16-bit x), 129, 2048,
