@@ -202,7 +202,25 @@ std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H_in, const at::Tensor&
     p.h_stream_stride = stream_stride(H);
     const int kNT = n == 4 ? MhcProjTiles<4>::value : MhcProjTiles<kMhcMaxStreams>::value;
     p.m_pad = static_cast<int>(round_up(M, 8 * kNT));
-    const at::Tensor phif = pack_w1_proj(phi_padded(phi, n, d, p.cps * 32, M), H.scalar_type(), p.m_pad);
+    // phi in 16-bit parts (see the kernel's header): fp16 scaled by a power of two 2^k
+    // with max|phi|·2^k in [2^14, 2^15) first (computed on the device: no sync); bf16
+    // with a third part, the bf16 of phi − hi − lo: pack_w1_proj orders its output
+    // [chunk][s][n-tile][grp][tig][part][half][j], so joining the packings of phi and of
+    // the rest at dim 5 gives each lane {hi, lo} then {rest, rest's own lo (unused)}.
+    at::Tensor phiw = phi_padded(phi, n, d, p.cps * 32, M);
+    at::Tensor unscale, phif;
+    if (H.scalar_type() == at::kHalf) {
+      const at::Tensor e = at::floor(at::log2(at::clamp_min(phiw.abs().amax(), 1e-30)));
+      phiw = phiw * at::exp2(14.0 - e);
+      unscale = at::exp2(e - 14.0);
+      p.proj_unscale_ptr = unscale.data_ptr<float>();
+      phif = pack_w1_proj(phiw, at::kHalf, p.m_pad);
+    } else {
+      const at::Tensor hi = phiw.to(at::kBFloat16).to(at::kFloat);
+      const at::Tensor lo = (phiw - hi).to(at::kBFloat16).to(at::kFloat);
+      phif = at::cat({pack_w1_proj(phiw, at::kBFloat16, p.m_pad),
+                      pack_w1_proj(phiw - hi - lo, at::kBFloat16, p.m_pad)}, 5).contiguous();
+    }
     p.phif_ptr = phif.data_ptr();
     const int64_t tiles = token_tiles(N);
     p.splits = static_cast<int>(choose_splits(p, tiles, device));

@@ -13,7 +13,7 @@
 //            Sinkhorn epilogue (~20-40 µs, latency-bound at 4 lanes a token) and packing:
 //            predicted ~0.37 ms (2× the floor; fwd+bwd ~0.50 ms vs 0.268 ms).
 //   Arithmetic: 2·M = 48 FLOP per element of H; on tensor cores (two mma per fragment
-//   for phi = hi + lo) that is ~13 GFLOP forward, < 3 % of the bf16 mma rate.
+//   for phi = hi + lo, three for bf16) that is ~13 GFLOP forward, < 3 % of the bf16 mma rate.
 //
 // Math, per token t: xf = vec(H_t) ∈ R^{n·d} (stream-major), phi: (n·d, M)
 //   forward
@@ -42,8 +42,15 @@
 // Kernels
 //   mhc_proj_mma_kernel<T, kVec, kNT>  bf16/fp16 H: partial u and Σ xf² over a split of
 //       the n·d reduction (split-K: grid.y), x·phi on tensor cores (mma.sync m16n8k16,
-//       fp32 accumulate) with phi as hi + lo 16-bit parts of H's own dtype (H is exact in
-//       it; residual 2^-17 relative, see kernels/mudd_weights.cuh for the measurement).
+//       fp32 accumulate) with phi as 16-bit parts of H's own dtype (H is exact in it):
+//       fp16: hi + lo of phi·2^k, k chosen on the device so that max|phi|·2^k lies in
+//             [2^14, 2^15) (fp16's narrow exponent range would flush the lo parts of a
+//             small phi to subnormals: phi ~ 1e-4 gave u 1e-2 off), the partials scaled
+//             back by 2^-k (exact); residual 2^-22 relative;
+//       bf16: hi + lo + rest (the bf16 of phi − hi − lo), three mma a fragment: hi + lo
+//             alone leaves 2^-17 relative in u, which the parameter gradients (sums over
+//             tokens, fp32 outputs, floor 1e-5) do not absorb (cuemu: da_post 1.117e-5
+//             off with bound 1.113e-5 at N = 19, n = 2, d = 129); residual 2^-25.
 //       kNT n-tiles (8 columns each) a pass: 3 for n = 4 (M = 24, one pass), 8 for the
 //       generic instantiation (passes of 64 columns; H is re-read per pass).
 //   mhc_fwd_epilogue_kernel<acc, kN>   sums the splits in split order, then rms scale,
@@ -79,7 +86,8 @@
 // Assumptions (checked or arranged by the launcher):
 //   1) H, dH: features unit-stride; tokens through TokenLayout, streams any stride; with
 //      kVec, base 16-byte aligned and token/stream strides multiples of 8 elements;
-//   2) phif / phib packed as above, zero-padded (rows to d_pad per stream, columns to
+//   2) phif / phib packed as above (bf16 phif: each lane's uint4 followed by the one of
+//      the rest, {hi b0, hi b1, unused, unused}), zero-padded (rows to d_pad per stream, columns to
 //      m_pad / ldu); 1 <= n <= 16, d >= 1;
 //   3) workspaces and u, r, du, s, G, alpha, beta contiguous in the accumulator dtype
 //      (the split partials of the mma path are fp32 = its accumulator dtype).
@@ -89,6 +97,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/reduce.cuh"
 #include "common/tokens.cuh"
@@ -121,7 +130,8 @@ struct MhcParams {
   TokenLayout dh_tok;        // dH (N, n, d): tokens
   index_t dh_stream_stride;
   const void* __restrict__ h_ptr;
-  const void* __restrict__ phif_ptr;  // proj: packed phi (uint4 fragments)
+  const void* __restrict__ phif_ptr;  // proj: packed phi (uint4 fragments; bf16: 2 uint4)
+  const float* __restrict__ proj_unscale_ptr;  // proj, fp16: 2^-k (device scalar), or null
   const void* __restrict__ phib_ptr;  // dh: packed phi (uint4 fragments)
   const void* __restrict__ scale_ptr; // (3) a_pre, a_post, a_res, accumulator dtype
   const void* __restrict__ b_ptr;     // (M) accumulator dtype
@@ -167,6 +177,8 @@ __global__ void __launch_bounds__(kMhcThreads) mhc_proj_mma_kernel(const MhcPara
   const T* __restrict__ xa = H + (va ? p.h_tok.offset(ta) : 0);
   const T* __restrict__ xb = H + (vb ? p.h_tok.offset(tb) : 0);
   const uint4* __restrict__ W = static_cast<const uint4*>(p.phif_ptr);
+  constexpr bool kRest = std::is_same<T, __nv_bfloat16>::value;  // third part of phi
+  constexpr int kRec = kRest ? 2 : 1;  // uint4 a (lane, tile) fragment record
   const int split = blockIdx.y;
   const int64_t c_total = p.cps * p.n;
   const int64_t c_begin = split * p.chunks_per_split;
@@ -179,7 +191,9 @@ __global__ void __launch_bounds__(kMhcThreads) mhc_proj_mma_kernel(const MhcPara
     float acc[kNT][4];
 #pragma unroll
     for (int j = 0; j < kNT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-#pragma unroll 2
+    // Two chunks in flight; one for bf16, whose third part of phi made ptxas spill at
+    // unroll 2 (sm_90, 4-28 bytes, every layout of the rest fragments tried).
+#pragma unroll(kRest ? 1 : 2)
     for (int64_t c = c_begin; c < c_end; ++c) {
       const int64_t i = c / p.cps;
       const int64_t e = (c - i * p.cps) * 32 + tig * 8;
@@ -194,24 +208,30 @@ __global__ void __launch_bounds__(kMhcThreads) mhc_proj_mma_kernel(const MhcPara
       for (int s = 0; s < 2; ++s) {
         const uint32_t a0 = s ? wa.z : wa.x, a2 = s ? wa.w : wa.y;
         const uint32_t a1 = s ? wb.z : wb.x, a3 = s ? wb.w : wb.y;
-        const uint4* __restrict__ wrow = W + ((c * 2 + s) * n_tiles + col0 / 8) * kWarpSize + lane;
+        const int64_t widx = ((c * 2 + s) * n_tiles + col0 / 8) * kWarpSize + lane;
 #pragma unroll
         for (int j = 0; j < kNT; ++j) {
           if (col0 + 8 * j < p.M) {  // warp-uniform: skip all-padding tiles
-            const uint4 b = __ldg(wrow + j * kWarpSize);
+            const uint4* __restrict__ wl = W + (widx + j * kWarpSize) * kRec;
+            const uint4 b = __ldg(wl);
             MmaOp<T>::run(acc[j], a0, a1, a2, a3, b.x, b.y);
             MmaOp<T>::run(acc[j], a0, a1, a2, a3, b.z, b.w);
+            if (kRest) {
+              const uint4 br = __ldg(wl + 1);
+              MmaOp<T>::run(acc[j], a0, a1, a2, a3, br.x, br.y);
+            }
           }
         }
       }
     }
+    const float unscale = p.proj_unscale_ptr != nullptr ? *p.proj_unscale_ptr : 1.f;
 #pragma unroll
     for (int j = 0; j < kNT; ++j) {
       const int k = col0 + j * 8 + tig * 2;
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
-        if (va) U[ta * p.m_pad + k + q] = acc[j][q];
-        if (vb) U[tb * p.m_pad + k + q] = acc[j][2 + q];
+        if (va) U[ta * p.m_pad + k + q] = acc[j][q] * unscale;
+        if (vb) U[tb * p.m_pad + k + q] = acc[j][2 + q] * unscale;
       }
     }
   }
