@@ -11,8 +11,8 @@
 // Work split:
 //   bf16/fp16 x   forward: mudd_proj_mma_kernel (r, u on tensor cores) + head kernel;
 //                 backward: head kernel (h, g, s), mudd_dx_mma_kernel (dx), cuBLAS for
-//                 dW1 = xᵀ·g (x as stored, g split into 16-bit hi/lo, fp32 output) and
-//                 dW2 = hᵀ·dA, at::sum for dbias.
+//                 dW1 = xᵀ·g (x as stored, g split into 16-bit hi/lo, fp32 output:
+//                 mm_f32_split in common/mma_pack.h) and dW2 = hᵀ·dA, at::sum for dbias.
 //   fp32/fp64 x   (correctness dtypes), and 16-bit x with d < 32: x·W1, g·W1ᵀ and xᵀ·g by
 //                 at::mm in the accumulator dtype, the head kernels as above.
 // Every reduction over tokens is a cuBLAS GEMM or at::sum: deterministic. Every launch
@@ -121,15 +121,6 @@ void launch_head(Kernel kernel, const MuddWeightsParams& p, int64_t smem, int de
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// a·b of 16-bit matrices with an fp32 result accumulated in fp32 (cuBLAS on CUDA).
-// at::mm's out_dtype overload (aten::mm.dtype) exists for CUDA only; on any other
-// device (the CPU emulator, tools/cuemu) the operands are widened first: 16-bit
-// values are exact in fp32, so the product is the same up to summation order.
-at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b) {
-  if (a.device().type() == at::kCUDA) return at::mm(a, b, at::kFloat);
-  return at::mm(a.to(at::kFloat), b.to(at::kFloat));
-}
-
 dim3 token_tile_grid(int64_t N) {
   return dim3(static_cast<unsigned>((N + 16 * kMuddWarps - 1) / (16 * kMuddWarps)));
 }
@@ -169,7 +160,16 @@ std::vector<at::Tensor> mudd_weights_fwd(const at::Tensor& x_in, const at::Tenso
 
   if (use_mma(x_in, device)) {
     const at::Tensor x = readable(x_in, 1, &p.x_tok);
-    const at::Tensor w1f = pack_w1_proj(W1, x.scalar_type(), p.k_pad);
+    // W1 in hi + lo parts of x's dtype; fp16 scaled by 2^k first (max|W1|·2^k in
+    // [2^14, 2^15), on the device: no sync), the kernel scaling u back by 2^-k.
+    at::Tensor w1 = W1.to(at::kFloat);
+    Pow2Scale sc;
+    if (x.scalar_type() == at::kHalf) {
+      sc = fp16_split_scale(w1);
+      w1 = w1 * sc.scale;
+      p.w1f_unscale_ptr = sc.unscale.data_ptr<float>();
+    }
+    const at::Tensor w1f = pack_w1_proj(w1, x.scalar_type(), p.k_pad);
     p.x_ptr = x.data_ptr();
     p.w1f_ptr = w1f.data_ptr();
     const bool vectorize = vec_ok(p.x_ptr, p.x_tok, 0, 8);
@@ -254,21 +254,9 @@ std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tens
   at::Tensor dW1;
   if (use_mma(x_in, device)) {
     const at::Tensor x2 = x_in.reshape({sh.N, sh.d});
-    // dW1 = xᵀ·g with x as stored and g as 16-bit hi + lo in one GEMM over [hi | lo].
-    // fp16 has a narrow exponent range: g is scaled by a power of two near 1/max|g|
-    // first (computed on the device, no sync) and the product unscaled.
+    // dW1 = xᵀ·g with x as stored and g as 16-bit hi + lo (fp16: scaled) in one GEMM.
+    dW1 = mm_f32_split(x2.t(), gK);
     const at::ScalarType part = x_in.scalar_type();
-    at::Tensor scale;
-    at::Tensor gs = gK;
-    if (part == at::kHalf) {
-      scale = at::exp2(at::neg(at::floor(at::log2(at::clamp_min(gK.abs().amax(), 1e-30)))));
-      gs = gK * scale;
-    }
-    const at::Tensor hi = gs.to(part);
-    const at::Tensor lo = (gs - hi.to(at::kFloat)).to(part);
-    const at::Tensor both = mm_f32(x2.t(), at::cat({hi, lo}, 1));  // (d, 2K)
-    dW1 = both.narrow(1, 0, sh.K) + both.narrow(1, sh.K, sh.K);
-    if (part == at::kHalf) dW1 = dW1 / scale;
 
     const at::Tensor w1b = pack_w1_dx(W1, ldg);
     at::Tensor dx_k = writable(dx, 1, &p.dx_tok);

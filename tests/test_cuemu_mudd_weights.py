@@ -12,7 +12,9 @@ two projection column passes), d in {1, 7, 33, 40, 64, 96, 129, 1031, 1032, 4099
 (the scalar and the 16-byte paths, chunk tails), N not a multiple of the 16-token warp
 tile or the 8-token head tile, two proj blocks, head blocks taking a second tile;
 token-strided, two- and three-dim-strided and misaligned x; fp16's dW1 scaling at small and
-large gradients; 16-bit parameters; empty N; fp64 gradcheck through the emulated
+large gradients; small W1 (1e-2, 1e-4 of N(0, 1/d): fp16's W1 scaling in the projection,
+which without it left A 0.8x and 70-115x of its bound); N = 2000 tokens at d = 32 (dW1,
+dW2, dbias summed over many tokens), several seeds; 16-bit parameters; empty N; fp64 gradcheck through the emulated
 launchers; the launchers' messages. What only a GPU shows (speed, streams, graphs,
 cuBLAS) stays with the `gpu` tests in test_mudd_weights.py.
 """
@@ -251,3 +253,52 @@ def test_parameter_dtypes(cuemu, poisoned):
     for name, g, p, lo, hi in zip(("dx", "dW1", "dW2", "dbias"), got, (x, *params), low, high):
         assert g.dtype == p.dtype and g.shape == p.shape, name
         assert_policy(name, g, lo.to(p.dtype), hi)
+
+
+def _check_all(cuemu, x, params, C, l, approximate, dA=None):
+    """Forward (A, u, r) and backward (dx, dW1, dW2, dbias) held to the policy."""
+    _check_forward(cuemu, x, params, C, approximate)
+    lead = x.shape[:-1]
+    if dA is None:
+        dA = make_dA(lead, C, l, dtype=x.dtype, device="cpu")
+    _, u, r = cuemu.mudd_weights_fwd(x, *params, C, EPS, approximate)
+    got = cuemu.mudd_weights_bwd(dA, x, *params, u, r, C, EPS, approximate)
+    low, high = bwd_pair(dA, x, *params, C, approximate)
+    for name, g, lo, hi in zip(("dx", "dW1", "dW2", "dbias"), got, low, high):
+        assert_policy(name, g, lo, hi)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("w1_scale", [1e-2, 1e-4])
+@pytest.mark.parametrize("seed", range(2))
+def test_small_W1(cuemu, poisoned, dtype, w1_scale, seed):
+    """W1 ~ N(0, 1/d)·w1_scale (a trained W1 may carry a folded norm weight), W2 scaled
+    inversely so that u·W2 and A stay O(1): fp16's narrow exponent range must not
+    flush W1's 16-bit parts (hi, let alone lo, of W1 ~ 1e-6 are fp16 subnormals)."""
+    torch.manual_seed(seed)
+    lead, d, K, C, l = (37,), 96, 40, 4, 3
+    x = make_x(lead, d, dtype=dtype, device="cpu")
+    W1, W2, bias = make_params(d, K, C, l, dtype=dtype, device="cpu")
+    params = (W1 * w1_scale, W2 / w1_scale, bias)
+    _check_all(cuemu, x, params, C, l, "none")
+    # u itself ~ w1_scale: the policy's absolute floor would not see a relative error
+    # in it, so u / w1_scale against the oracle's projection of W1 / w1_scale' values.
+    _, u, r = cuemu.mudd_weights_fwd(x, *params, C, EPS, "none")
+    xc, x64 = x.float(), x.double()
+    r_lo = torch.rsqrt(xc.square().mean(-1) + EPS)
+    r_hi = torch.rsqrt(x64.square().mean(-1) + EPS)
+    assert_policy("u / w1_scale", u / w1_scale, ((xc * r_lo[..., None]) @ params[0]) / w1_scale,
+                  ((x64 * r_hi[..., None]) @ params[0].double()) / w1_scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seed", range(3))
+def test_many_tokens_parameter_gradients(cuemu, poisoned, dtype, seed):
+    """dW1, dW2, dbias are sums over tokens (fp32 outputs, floor 1e-5): N = 2000 at
+    small d stresses the projection's and dW1's 16-bit splits against the oracle's own
+    fp32 error."""
+    torch.manual_seed(seed)
+    lead, d, K, C, l = (2000,), 32, 24, 4, 3
+    x = make_x(lead, d, dtype=dtype, device="cpu")
+    params = make_params(d, K, C, l, dtype=dtype, device="cpu", bias_2d=True)
+    _check_all(cuemu, x, params, C, l, "tanh")

@@ -30,7 +30,14 @@
 // far outside DESIGN.md's policy, so W1 is split into hi + lo 16-bit parts (x's own
 // dtype: x is exact in it) and x·W1 = x·W1_hi + x·W1_lo, two mma per fragment into one
 // fp32 accumulator (residual 2^-17 relative; measured on CPU at d = 4099: 4× inside
-// the policy bound, hi only fails by 100×). In dx both operands are fp32 (g and W1):
+// the policy bound, hi only fails by 100×). fp16: W1·2^k is split, k chosen on the
+// device so that max|W1|·2^k lies in [2^14, 2^15) (common/mma_pack.h,
+// fp16_split_scale), and the kernel scales u by 2^-k (exact): unscaled, W1 ~ 1e-4/√d
+// has subnormal lo (and hi) parts, and cuemu showed A 0.8x (W1 scale 1e-2) and 70-115x
+// (1e-4) of the policy bound. bf16 needs no scaling, and hi + lo suffice: at W1 scales
+// 1, 1e-2, 1e-4 and N up to 4000 (the dW1 / dW2 sums over tokens) cuemu measured every
+// output at most 0.53x of its bound (unlike mhc_coeffs, whose scalar da_post failed at
+// 1.004x with hi + lo and took a third part of phi). In dx both operands are fp32 (g and W1):
 // bf16 hi/lo of each and g_hi·W_hi + g_lo·W_hi + g_hi·W_lo (three mma; one alone
 // fails the policy for fp16 dx).
 //
@@ -70,7 +77,8 @@
 //   1) x and dx: features unit-stride, tokens through TokenLayout; for 16-byte access
 //      (kVec) base 16-byte aligned and token strides multiples of 8 elements, else the
 //      scalar path (kVec = false) is used;
-//   2) W1f / W1b packed as above, zero-padded to whole chunks / tiles;
+//   2) W1f / W1b packed as above, zero-padded to whole chunks / tiles; for fp16 x W1f
+//      packs W1·2^k and w1f_unscale_ptr points to 2^-k (null: no scaling);
 //   3) u, g, h, s, r, A, dA contiguous in the accumulator dtype; g has row stride
 //      ldg = K rounded up to 16, zero-padded.
 #pragma once
@@ -108,6 +116,7 @@ struct MuddWeightsParams {
   TokenLayout dx_tok;  // dx (N, d)
   const void* __restrict__ x_ptr;
   const void* __restrict__ w1f_ptr;  // proj: packed W1 (uint4 fragments)
+  const float* __restrict__ w1f_unscale_ptr;  // proj, fp16: 2^-k of W1f (device scalar), or null
   const void* __restrict__ w1b_ptr;  // dx: packed W1 (uint4 fragments)
   const void* __restrict__ w2_ptr;   // W2 (K, Cl), accumulator dtype, contiguous
   const void* __restrict__ w2t_ptr;  // W2ᵀ (Cl, K), accumulator dtype, contiguous
@@ -328,6 +337,7 @@ __global__ void __launch_bounds__(kMuddThreads) mudd_proj_mma_kernel(const MuddW
         }
       }
     }
+    const float unscale = p.w1f_unscale_ptr != nullptr ? *p.w1f_unscale_ptr : 1.f;
     if (col0 == 0) {
       // Row sums over the 4 threads of a row (tig), fixed order.
       ssa += __shfl_xor_sync(0xffffffffu, ssa, 1);
@@ -347,8 +357,8 @@ __global__ void __launch_bounds__(kMuddThreads) mudd_proj_mma_kernel(const MuddW
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
         if (k + q < p.K) {
-          if (va) U[ta * p.K + k + q] = acc[j][q] * ra;
-          if (vb) U[tb * p.K + k + q] = acc[j][2 + q] * rb;
+          if (va) U[ta * p.K + k + q] = acc[j][q] * unscale * ra;
+          if (vb) U[tb * p.K + k + q] = acc[j][2 + q] * unscale * rb;
         }
       }
     }
