@@ -149,15 +149,6 @@ int64_t choose_splits(MhcParams& p, int64_t tiles, int device) {
 
 int64_t token_tiles(int64_t N) { return (N + 16 * kMhcWarps - 1) / (16 * kMhcWarps); }
 
-// a·b of 16-bit operands with an fp32 result, as cuBLAS computes it (exact 16-bit
-// products, fp32 sums). ATen has mm.dtype for CUDA only: the CPU branch is reached only
-// by the CPU emulator (tools/cuemu; the launchers reject CPU tensors otherwise) and
-// computes the same product from fp32 copies (a 16-bit product is exact in fp32).
-at::Tensor mm_fp32_out(const at::Tensor& a, const at::Tensor& b) {
-  if (a.is_cpu()) return at::mm(a.to(at::kFloat), b.to(at::kFloat));
-  return at::mm(a, b, at::kFloat);
-}
-
 template <typename Kernel>
 void launch_epilogue(Kernel kernel, const MhcParams& p, int group, int smem) {
   const int64_t blocks = (p.n_tokens * group + kMhcEpiThreads - 1) / kMhcEpiThreads;
@@ -210,9 +201,9 @@ std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H_in, const at::Tensor&
     at::Tensor phiw = phi_padded(phi, n, d, p.cps * 32, M);
     at::Tensor unscale, phif;
     if (H.scalar_type() == at::kHalf) {
-      const at::Tensor e = at::floor(at::log2(at::clamp_min(phiw.abs().amax(), 1e-30)));
-      phiw = phiw * at::exp2(14.0 - e);
-      unscale = at::exp2(e - 14.0);
+      const Pow2Scale sc = fp16_split_scale(phiw);
+      phiw = phiw * sc.scale;
+      unscale = sc.unscale;
       p.proj_unscale_ptr = unscale.data_ptr<float>();
       phif = pack_w1_proj(phiw, at::kHalf, p.m_pad);
     } else {
@@ -361,22 +352,9 @@ std::vector<at::Tensor> mhc_coeffs_bwd(const std::optional<at::Tensor>& dalpha,
     });
     copy_back(dH, dH_k);
 
-    // dphi = xfᵀ·du with xf as stored and du as 16-bit hi + lo in one GEMM over
-    // [hi | lo]. fp16 has a narrow exponent range: du is scaled by a power of two near
-    // 1/max|du| first (computed on the device, no sync) and the product unscaled.
-    const at::Tensor xf = H_in.reshape({N, n * d});
-    const at::ScalarType part = H_in.scalar_type();
-    at::Tensor gs = duM;
-    at::Tensor gscale;
-    if (part == at::kHalf) {
-      gscale = at::exp2(at::neg(at::floor(at::log2(at::clamp_min(duM.abs().amax(), 1e-30)))));
-      gs = duM * gscale;
-    }
-    const at::Tensor hi = gs.to(part);
-    const at::Tensor lo = (gs - hi.to(at::kFloat)).to(part);
-    const at::Tensor both = mm_fp32_out(xf.t(), at::cat({hi, lo}, 1));  // (n·d, 2M)
-    dphi = both.narrow(1, 0, M) + both.narrow(1, M, M);
-    if (part == at::kHalf) dphi = dphi / gscale;
+    // dphi = xfᵀ·du with xf as stored and du as 16-bit hi + lo (fp16: scaled) in one
+    // GEMM (common/mma_pack.h).
+    dphi = mm_f32_split(H_in.reshape({N, n * d}).t(), duM);
   } else {
     // The oracle's form: dxf = du·phiᵀ − s·xf, dphi = xfᵀ·du, in the accumulator dtype.
     const at::Tensor xf = H_in.reshape({N, n * d}).to(acc_type);
