@@ -13,7 +13,7 @@ import torch
 
 from crosslayer import ref
 from policy import assert_policy
-from test_depth_aggregate import DTYPES, make_inputs
+from test_depth_aggregate import DTYPES, check_backward, make_inputs
 
 pytestmark = pytest.mark.cuemu
 
@@ -53,18 +53,7 @@ def test_backward(cuemu, poisoned, dtype, shape, static, accumulate):
     dS0 = torch.randn(l, N, d).to(dtype)
     dS = dS0.clone() if accumulate else torch.full_like(dS0, float("nan"))
     dA = cuemu.depth_aggregate_bwd(dY, S, A, dS, accumulate)
-
-    def oracle(dY, S, A, dS0):
-        dS_ref, dA_ref = ref.depth_aggregate_bwd(dY, S, A)
-        if accumulate:  # add in the arithmetic dtype, round to S's dtype
-            cd = torch.float64 if dS0.dtype == torch.float64 else torch.float32
-            dS_ref = (dS0.to(cd) + dS_ref.to(cd)).to(dS0.dtype)
-        return dS_ref, dA_ref.to(A.dtype)
-
-    low = oracle(dY, S, A, dS0)
-    high = oracle(dY.double(), S.double(), A.double(), dS0.double())
-    assert_policy("dS", dS, low[0], high[0])
-    assert_policy("dA", dA, low[1], high[1])
+    check_backward(dS, dA, dY, S, A, dS0, accumulate)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -89,16 +89,21 @@ def check_backward(cuemu, H, params, dalpha, dbeta, u, r, iters=20):
     return got
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", NS)
-@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
-def test_forward_backward(cuemu, poisoned, dtype, n, shape):
-    lead, d = shape
+def forward_backward(cuemu, lead, n, d, dtype):
+    """Forward and backward on random H (*lead, n, d) and gradients, both checked."""
     H = torch.randn(*lead, n, d).to(dtype)
     params = make_params(n, d, dtype=dtype, device="cpu")
     _, _, u, r = check_forward(cuemu, H, params)
     dalpha, dbeta = make_grads(lead, n, dtype=dtype, device="cpu")
     check_backward(cuemu, H, params, dalpha, dbeta, u, r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+def test_forward_backward(cuemu, poisoned, dtype, n, shape):
+    lead, d = shape
+    forward_backward(cuemu, lead, n, d, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -135,11 +140,7 @@ MMA_SHAPES = [((5,), 3, 5700), ((70,), 4, 2200), ((70,), 4, 130), ((9,), 5, 33),
 @pytest.mark.parametrize("shape", MMA_SHAPES, ids=lambda s: "N%d-n%d-d%d" % (s[0][0], s[1], s[2]))
 def test_more_streams_and_splits(cuemu, poisoned, dtype, shape):
     lead, n, d = shape
-    H = torch.randn(*lead, n, d).to(dtype)
-    params = make_params(n, d, dtype=dtype, device="cpu")
-    _, _, u, r = check_forward(cuemu, H, params)
-    dalpha, dbeta = make_grads(lead, n, dtype=dtype, device="cpu")
-    check_backward(cuemu, H, params, dalpha, dbeta, u, r)
+    forward_backward(cuemu, lead, n, d, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

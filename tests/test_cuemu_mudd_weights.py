@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from policy import FLOOR, assert_policy
-from test_mudd_weights import DTYPES, EPS, bwd_pair, fwd_pair, make_dA, make_params, make_x
+from test_mudd_weights import DTYPES, EPS, bwd_pair, check_forward, fwd_pair, make_dA, make_params, make_x
 
 pytestmark = pytest.mark.cuemu
 
@@ -49,16 +49,9 @@ def _ids(shape):
 
 
 def _check_forward(cuemu, x, params, C, approximate):
-    A, u, r = cuemu.mudd_weights_fwd(x, *params, C, EPS, approximate)
-    low, high = fwd_pair(x, *params, C, approximate)
-    assert_policy("A", A, low, high)
-    # u and r are what the backward consumes: the oracle's projection.
-    xc, x64 = x.to(A.dtype), x.double()
-    r_lo = torch.rsqrt(xc.square().mean(-1) + EPS)
-    r_hi = torch.rsqrt(x64.square().mean(-1) + EPS)
-    assert_policy("r", r, r_lo, r_hi)
-    assert_policy("u", u, (xc * r_lo[..., None]) @ params[0], (x64 * r_hi[..., None]) @ params[0].double())
-    return A, u, r
+    outputs = cuemu.mudd_weights_fwd(x, *params, C, EPS, approximate)
+    check_forward(outputs, x, params, C, approximate)
+    return outputs
 
 
 def _check_backward(cuemu, x, params, C, l, approximate):

@@ -40,6 +40,23 @@ def make_inputs(l, tok, d, C, *, dtype, device, static=False, layout="contiguous
     return S, A
 
 
+def check_backward(dS, dA, dY, S, A, dS0, accumulate):
+    """dS (written, or added to dS0 when accumulate) and dA of the backward op under the
+    policy, against the oracle at the inputs' dtype and in float64."""
+
+    def oracle(dY, S, A, dS0):
+        dS_ref, dA_ref = ref.depth_aggregate_bwd(dY, S, A)
+        if accumulate:  # add in the arithmetic dtype, round to S's dtype
+            cd = torch.float64 if dS0.dtype == torch.float64 else torch.float32
+            dS_ref = (dS0.to(cd) + dS_ref.to(cd)).to(dS0.dtype)
+        return dS_ref, dA_ref.to(A.dtype)
+
+    low = oracle(dY, S, A, dS0)
+    high = oracle(dY.double(), S.double(), A.double(), dS0.double())
+    assert_policy("dS", dS, low[0], high[0])
+    assert_policy("dA", dA, low[1], high[1])
+
+
 # --------------------------------------------------------------------------- CPU
 
 
@@ -189,18 +206,7 @@ def test_backward_op_matches_oracle(cuda, dtype, shape, static, accumulate):
     dS0 = torch.randn(l, N, d, device=cuda).to(dtype)
     dS = dS0.clone() if accumulate else torch.full_like(dS0, float("nan"))
     dA = depth_aggregate_bwd_op(dY, S3, A3, dS, accumulate)
-
-    def oracle(dY, S, A, dS0):
-        dS_ref, dA_ref = ref.depth_aggregate_bwd(dY, S, A)
-        if accumulate:  # add in the arithmetic dtype, round to S's dtype
-            cd = torch.float64 if dS0.dtype == torch.float64 else torch.float32
-            dS_ref = (dS0.to(cd) + dS_ref.to(cd)).to(dS0.dtype)
-        return dS_ref, dA_ref.to(A.dtype)
-
-    low = oracle(dY, S3, A3, dS0)
-    high = oracle(dY.double(), S3.double(), A3.double(), dS0.double())
-    assert_policy("dS", dS, low[0], high[0])
-    assert_policy("dA", dA, low[1], high[1])
+    check_backward(dS, dA, dY, S3, A3, dS0, accumulate)
 
 
 @gpu

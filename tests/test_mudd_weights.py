@@ -187,6 +187,19 @@ def fwd_pair(x, W1, W2, bias, C, approximate):
     return low, high
 
 
+def check_forward(outputs, x, params, C, approximate):
+    """A, u, r of the forward op under the policy: A against the oracle, u and r (what
+    the backward consumes) against the oracle's projection."""
+    A, u, r = outputs
+    low, high = fwd_pair(x, *params, C, approximate)
+    assert_policy("A", A, low, high)
+    xc, x64 = x.to(A.dtype), x.double()
+    r_lo = torch.rsqrt(xc.square().mean(-1) + EPS)
+    r_hi = torch.rsqrt(x64.square().mean(-1) + EPS)
+    assert_policy("r", r, r_lo, r_hi)
+    assert_policy("u", u, (xc * r_lo[..., None]) @ params[0], (x64 * r_hi[..., None]) @ params[0].double())
+
+
 def bwd_pair(dA, x, W1, W2, bias, C, approximate):
     low = ref.mudd_weights_bwd(dA, x, W1, W2, bias, C, EPS, approximate)
     high = ref.mudd_weights_bwd(*double((dA, x, W1, W2, bias)), C, EPS, approximate)
@@ -202,15 +215,7 @@ def test_forward_matches_oracle(cuda, dtype, approximate, shape):
     x = make_x(lead, d, dtype=dtype, device=cuda)
     params = make_params(d, K, C, l, dtype=dtype, device=cuda)
     poison_allocator(cuda)
-    A, u, r = mudd_weights_op(x, *params, C, EPS, approximate)
-    low, high = fwd_pair(x, *params, C, approximate)
-    assert_policy("A", A, low, high)
-    # u and r are what the backward consumes: the oracle's projection.
-    xc, x64 = x.to(A.dtype), x.double()
-    r_lo = torch.rsqrt(xc.square().mean(-1) + EPS)
-    r_hi = torch.rsqrt(x64.square().mean(-1) + EPS)
-    assert_policy("r", r, r_lo, r_hi)
-    assert_policy("u", u, (xc * r_lo[..., None]) @ params[0], (x64 * r_hi[..., None]) @ params[0].double())
+    check_forward(mudd_weights_op(x, *params, C, EPS, approximate), x, params, C, approximate)
 
 
 @gpu
