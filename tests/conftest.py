@@ -3,8 +3,8 @@
 - Tests marked `gpu` need a CUDA device and are skipped without one; on a machine
   with a GPU they also require the fused kernels to be built (they fail otherwise).
   With CROSSLAYER_GPU_TESTS=cuemu they run instead on the CPU with every op's kernels
-  on the emulator (tools/cuemu) and outputs NaN-poisoned: a way to run the GPU tests'
-  own code without a GPU. Tests that need the CUDA runtime itself (streams, graphs,
+  on the emulator (tools/cuemu), a test module's `_C` the emulated module, and outputs
+  NaN-poisoned: a way to run the GPU tests' own code without a GPU. Tests that need the CUDA runtime itself (streams, graphs,
   synchronisation) fail in that mode; their results say nothing about the kernels.
 - Tests marked `cuemu` run the CUDA launchers and kernels on the CPU through
   tools/cuemu (the `cuemu` fixture builds the emulated extension once per session,
@@ -81,5 +81,7 @@ def gpu_device(request):
 
     module = request.getfixturevalue("cuemu")
     request.getfixturevalue("poisoned")
+    if hasattr(request.module, "_C"):  # tests that call the launchers directly
+        request.getfixturevalue("monkeypatch").setattr(request.module, "_C", module)
     with emulate(module):
         yield lambda *names: torch.device("cpu")

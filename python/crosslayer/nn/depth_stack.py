@@ -101,9 +101,10 @@ def aggregate_bwd_into(dY: Tensor, S: Tensor, A: Tensor, dS: Tensor, accumulate:
     l, d, C = S.shape[0], S.shape[-1], A.shape[-2]
     static = A.dim() == 2
     if _fused(S):
-        A3 = A if static else A.reshape(-1, C, l)
-        dA = depth_aggregate_bwd_op(dY.reshape(C, -1, d), S.reshape(l, -1, d), A3,
-                                    dS.view(l, -1, d), accumulate)
+        N = S.shape[1:-1].numel()  # not -1: reshape cannot infer it when d = 0
+        A3 = A if static else A.reshape(N, C, l)
+        dA = depth_aggregate_bwd_op(dY.reshape(C, N, d), S.reshape(l, N, d), A3,
+                                    dS.view(l, N, d), accumulate)
         return dA.view(A.shape)
 
     cd = compute_dtype(dY, S, A)
@@ -225,8 +226,9 @@ class _AggregateQKVNorm(torch.autograd.Function):
         l, d, tok = S.shape[0], S.shape[-1], S.shape[1:-1]
         ctx.fused = _fused_qkv_norm(S, A, g)
         if ctx.fused:
-            A3 = A if A.dim() == 2 else A.reshape(-1, 4, l)
-            X, rstd = depth_aggregate_qkv_norm_op(S.reshape(l, -1, d), A3, g, float(eps))
+            N = tok.numel()
+            A3 = A if A.dim() == 2 else A.reshape(N, 4, l)
+            X, rstd = depth_aggregate_qkv_norm_op(S.reshape(l, N, d), A3, g, float(eps))
             X = X.view(4, *tok, d)
         else:
             X = ops.depth_aggregate_qkv_norm(S, A, g, eps)
@@ -245,10 +247,10 @@ class _AggregateQKVNorm(torch.autograd.Function):
         G, accumulate = _stack_grad(G, ctx.buf, ctx.slots)
         S, dS = ctx.buf[ctx.slots], G[ctx.slots]
         if ctx.fused:
-            l, d = S.shape[0], S.shape[-1]
-            A3 = A if A.dim() == 2 else A.reshape(-1, 4, l)
-            dA, dg = depth_aggregate_qkv_norm_bwd_op(dX.reshape(4, -1, d), S.reshape(l, -1, d), A3, g,
-                                                     rstd, dS.view(l, -1, d), accumulate, float(ctx.eps))
+            l, d, N = S.shape[0], S.shape[-1], S.shape[1:-1].numel()
+            A3 = A if A.dim() == 2 else A.reshape(N, 4, l)
+            dA, dg = depth_aggregate_qkv_norm_bwd_op(dX.reshape(4, N, d), S.reshape(l, N, d), A3, g,
+                                                     rstd, dS.view(l, N, d), accumulate, float(ctx.eps))
             dA = dA.view(A.shape)
         else:
             dY, dg = qkv_norm_bwd(dX, S, A, g, ctx.eps)

@@ -93,5 +93,6 @@ def depth_aggregate(S: Tensor, A: Tensor) -> Tensor:
         return ref.depth_aggregate(S, A)
     l, d, C = S.shape[0], S.shape[-1], A.shape[-2]
     tok = S.shape[1:-1]
-    Y = depth_aggregate_op(S.reshape(l, -1, d), A if A.dim() == 2 else A.reshape(-1, C, l))
+    N = tok.numel()  # not -1: reshape cannot infer it when d = 0
+    Y = depth_aggregate_op(S.reshape(l, N, d), A if A.dim() == 2 else A.reshape(N, C, l))
     return Y.view(C, *tok, d)

@@ -127,6 +127,7 @@ def depth_aggregate_qkv_norm(S: Tensor, A: Tensor, norm_weights: Tensor, eps: fl
         return ref.depth_aggregate_qkv_norm(S, A, norm_weights, eps)
     l, d = S.shape[0], S.shape[-1]
     tok = S.shape[1:-1]
-    Out, _ = depth_aggregate_qkv_norm_op(S.reshape(l, -1, d), A if A.dim() == 2 else A.reshape(-1, 4, l),
+    N = tok.numel()  # not -1: reshape cannot infer it when d = 0
+    Out, _ = depth_aggregate_qkv_norm_op(S.reshape(l, N, d), A if A.dim() == 2 else A.reshape(N, 4, l),
                                          norm_weights, float(eps))
     return Out.view(4, *tok, d)
