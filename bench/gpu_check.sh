@@ -58,6 +58,13 @@ command -v nvcc >/dev/null 2>&1 && nvcc --version | tail -n 2 || echo "nvcc not 
 
 # ---- 2. build in place (ptxas register/spill report lands in build.log)
 section "build"
+# Wheels for the benchmarks' comparators, which the GPU machine (no network) cannot
+# download: fetch them on a networked machine into .whl/ (ignored by git), e.g.
+#     pip download --no-deps -d .whl liger-kernel
+# and carry .whl with the device call; they are installed here, without dependencies.
+if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PYTHON" -m pip install -q --no-deps --no-index .whl/*.whl || echo "installing .whl/*.whl failed"
+fi
 set +e
 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
     CROSSLAYER_BUILD_CUDA=1 CROSSLAYER_PTXAS_VERBOSE=1 \
