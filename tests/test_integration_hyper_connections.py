@@ -17,6 +17,7 @@ kernels in bfloat16 and float32.
 import copy
 import io
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ import hyper_connections
 from hyper_connections import HyperConnections, get_init_and_expand_reduce_stream_functions
 from hyper_connections import hyper_connections_channel_first
 
+from crosslayer import ops
 from crosslayer.integrations.hyper_connections import (
     TESTED_VERSION,
     FusedHyperConnections,
@@ -160,6 +162,50 @@ def hc_param_grad_keys(model):
             for p in HC_PARAMS}
 
 
+# The HC parameters whose gradients are plain token sums of per-token coefficient
+# gradients: dA = Σ_t G_t, dB = Σ_t Gb_t, ds_a = Σ_t Σ_ij G_t,ij·tanh_t,ij, ds_b likewise.
+TOKEN_SUMS = ("static_alpha", "static_beta", "dynamic_alpha_scale", "dynamic_beta_scale")
+
+
+def token_sum_masses(model64, inp, grad_out64):
+    """{'d<module>.<param>': Σ over tokens (and, for the scales, coefficients) of the
+    absolute per-token terms of that TOKEN_SUMS gradient, in float64} for every
+    HyperConnections module of `model64` (float64).
+
+    Measured on an accelerated float64 copy: its per-token coefficients alpha, beta and
+    their gradients G, Gb are what the package computes there (the float64 tests check
+    them to 1e-12); the masses only set a magnitude, never a reference value."""
+    m = copy.deepcopy(model64)
+    accelerate(m, strict=True)
+    names = {id(hc.static_alpha): name for name, hc in m.named_modules()
+             if isinstance(hc, HyperConnections)}
+    seen = {}
+    hc_pre = ops.hc_pre
+
+    def recording_hc_pre(H, A, B, W, s_a, s_b, eps):
+        x, alpha, beta = hc_pre(H, A, B, W, s_a, s_b, eps=eps)
+        alpha.retain_grad()
+        beta.retain_grad()
+        seen[names[id(A)]] = (alpha, beta, A.detach(), B.detach(), s_a.detach(), s_b.detach())
+        return x, alpha, beta
+
+    with mock.patch.object(ops, "hc_pre", recording_hc_pre):
+        m(inp).backward(grad_out64)
+    masses = {}
+    for name, (alpha, beta, A, B, s_a, s_b) in seen.items():
+        G, Gb = alpha.grad, beta.grad
+        tokens = tuple(range(G.dim() - 2))
+        prefix = f"d{name}." if name else "d"
+        masses[prefix + "static_alpha"] = G.abs().sum(tokens)
+        masses[prefix + "static_beta"] = Gb.abs().sum(tokens)
+        # tanh terms recovered from alpha = A + s_a·tanh (s_a != 0: perturbed models)
+        masses[prefix + "dynamic_alpha_scale"] = (G * (alpha.detach() - A)).abs().sum() / s_a.abs()
+        masses[prefix + "dynamic_beta_scale"] = (Gb * (beta.detach() - B)).abs().sum() / s_b.abs()
+    for key, v in masses.items():
+        assert torch.isfinite(v).all(), f"{key}: token-sum mass {v}"
+    return masses
+
+
 def assert_matches_package(model, inp, *, expect_accelerated):
     """Accelerate a copy of `model` and compare it, under the policy, with the package's
     forward at the model's dtype and in float64.
@@ -170,7 +216,19 @@ def assert_matches_package(model, inp, *, expect_accelerated):
     step); and 8 ulps for the HC parameters' gradients, which are sums over every token
     of products of bf16-rounded activations and gradients: both sides' errors there are
     a few ulps of the result and vary from seed to seed, so twice the package's error
-    alone is no stable bound (up to 7.5 ulps measured over seeds of TinyHCModel)."""
+    alone is no stable bound (up to 7.5 ulps measured over seeds of TinyHCModel).
+
+    For the plain token sums (TOKEN_SUMS: dA, dB, ds_a, ds_b) the floor is at least one
+    ulp of the sum's mass Σ_t |term_t| (token_sum_masses; the largest over the
+    parameter's elements), the first-order error bound
+    of a sum whose terms each carry a relative error up to eps: every term is a product
+    of bf16-rounded activations, and the sum cancels, so ulps of the result are the
+    wrong unit. Measured on the GPU test's TinyHCModel(4, 128, 3), 2 x 64 tokens, over
+    20 seeds: cancellation |result| / mass down to 1/3459 (ds_a), the worst error in
+    eps·mass 0.57 fused (= the oracle path: the emulated kernels are bitwise equal to
+    crosslayer.ref there) and 0.98 for the package itself; in ulps of the result the
+    package reached 101 (fused 24). The test seed's dffn.2.dynamic_alpha_scale: mass
+    201 for a result of 1.55, error 0.143 eps·mass fused, 0.034 package."""
     dtype = next(model.parameters()).dtype
     low = dtype in (torch.bfloat16, torch.float16)
     floor = torch.finfo(dtype).eps if low else None
@@ -185,11 +243,15 @@ def assert_matches_package(model, inp, *, expect_accelerated):
     grad_out = torch.randn(out_shape, device=inp.device).to(dtype)
     want_lowp = outputs_and_grads(model, inp, grad_out)
     want64 = outputs_and_grads(ref64, inp64, grad_out.double())
+    masses = token_sum_masses(ref64, inp64, grad_out.double()) if low else {}
     got = outputs_and_grads(fused, inp, grad_out)
     assert got.keys() == want64.keys()
-    assert reduced <= got.keys()
+    assert reduced <= got.keys() and masses.keys() <= reduced
     for key in want64:
         key_floor = 8 * floor if key in reduced else floor
+        if key in masses:  # assert_policy multiplies the floor by max(1, max |ref|)
+            scale = max(1.0, want64[key].abs().max().item())
+            key_floor = max(key_floor, floor * masses[key].max().item() / scale)
         assert_policy(key, got[key], want_lowp[key], want64[key], floor=key_floor)
 
 
