@@ -201,6 +201,7 @@ def token_sum_masses(model64, inp, grad_out64):
         # tanh terms recovered from alpha = A + s_a·tanh (s_a != 0: perturbed models)
         masses[prefix + "dynamic_alpha_scale"] = (G * (alpha.detach() - A)).abs().sum() / s_a.abs()
         masses[prefix + "dynamic_beta_scale"] = (Gb * (beta.detach() - B)).abs().sum() / s_b.abs()
+    assert {key[1:].rsplit(".", 1)[-1] for key in masses} == set(TOKEN_SUMS)  # key: "d<module>.<param>"
     for key, v in masses.items():
         assert torch.isfinite(v).all(), f"{key}: token-sum mass {v}"
     return masses
