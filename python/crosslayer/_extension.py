@@ -123,9 +123,10 @@ def kernels_for(t: torch.Tensor, op: str) -> Optional[ModuleType]:
 
 
 @contextlib.contextmanager
-def emulate(module: ModuleType) -> Iterator[None]:
+def emulate(module: Optional[ModuleType]) -> Iterator[None]:
     """Within the block, CPU tensors run on `module`'s launchers (tools/cuemu's build of
-    csrc/ for the CPU emulator) instead of the oracle. For tests without a GPU."""
+    csrc/ for the CPU emulator) instead of the oracle; None: on the oracle again (nested
+    blocks restore the outer setting). For tests without a GPU."""
     global _emulated
     previous, _emulated = _emulated, module
     try:
