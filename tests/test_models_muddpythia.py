@@ -216,5 +216,5 @@ def test_bf16_cpu_vs_fp64():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gpu_vs_fp64_cpu(dtype):
-    checks.check_lowp_vs_fp64(FAM, "cuda", dtype)
+def test_gpu_vs_fp64_cpu(gpu_device, dtype):
+    checks.check_lowp_vs_fp64(FAM, gpu_device("mudd_weights", "depth_aggregate", "depth_aggregate_qkv_norm"), dtype)

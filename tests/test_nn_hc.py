@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from crosslayer import ref
+from crosslayer._extension import emulate
 from crosslayer.nn import (DenseFormerDWA, HyperConnections, ManifoldHyperConnections, MUDDConnection,
                            expand_streams, param_groups, reduce_streams, static_connection_parameters)
 from policy import assert_policy
@@ -219,7 +220,7 @@ def test_hc_modules_compile_without_graph_breaks():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["dhc", "shc", "mhc"])
-def test_modules_on_cuda_follow_the_policy(kind, dtype):
+def test_modules_on_cuda_follow_the_policy(gpu_device, kind, dtype):
     d, n = 129, 4
     if kind == "mhc":
         mod = ManifoldHyperConnections(d, n)
@@ -232,13 +233,16 @@ def test_modules_on_cuda_follow_the_policy(kind, dtype):
     def run(device, dt, act_dt):
         m = mod.to(device=device, dtype=dt)
         b = lin.to(device=device, dtype=act_dt)
-        Hd = H.to(device=device, dtype=act_dt).requires_grad_(True)
+        # detach first: .to() returns H itself when nothing changes, and a leaf H that
+        # requires grad would make the later runs' conversions non-leaves without .grad
+        Hd = H.detach().to(device=device, dtype=act_dt).requires_grad_(True)
         out = m(Hd, b)
         out.backward(torch.ones_like(out))
         return out.detach(), Hd.grad
 
-    out, dH = run("cuda", torch.float32, dtype)
-    ref_low, dH_low = run("cpu", torch.float32, dtype)
-    ref64, dH64 = run("cpu", torch.float64, torch.float64)
+    out, dH = run(gpu_device("hc_pre", "hc_post", "stream_mix", "mhc_coeffs"), torch.float32, dtype)
+    with emulate(None):  # the references on the oracle, also when the GPU tests are emulated
+        ref_low, dH_low = run("cpu", torch.float32, dtype)
+        ref64, dH64 = run("cpu", torch.float64, torch.float64)
     assert_policy(f"{kind} out", out.cpu(), ref_low, ref64)
     assert_policy(f"{kind} dH", dH.cpu(), dH_low, dH64)
