@@ -300,8 +300,11 @@ std::vector<at::Tensor> hc_pre_dhc_bwd(const at::Tensor& dx_in, const std::optio
   const at::Tensor dWt = dw_ws.sum(0);                  // (J, ldw)
   const at::Tensor coef = coef_ws.sum(0);               // (n, n+4)
   const at::Tensor dW = dWt.narrow(1, 0, d).t().contiguous().to(W.scalar_type());
-  const at::Tensor dA = coef.narrow(1, 0, n + 1).contiguous().to(A.scalar_type());
-  const at::Tensor dB = coef.select(1, n + 1).contiguous().to(B.scalar_type());
+  // Copies (copy = true), never views of coef: at n = 1 both slices are contiguous and
+  // .contiguous()/.to() would return views, two outputs of the custom op sharing storage,
+  // which torch.library refuses.
+  const at::Tensor dA = coef.narrow(1, 0, n + 1).to(A.scalar_type(), false, true);
+  const at::Tensor dB = coef.select(1, n + 1).to(B.scalar_type(), false, true);
   const at::Tensor ds_a = coef.select(1, n + 2).sum().to(s_a.scalar_type());
   const at::Tensor ds_b = coef.select(1, n + 3).sum().to(s_b.scalar_type());
   return {dH, dA, dB, dW, ds_a, ds_b};

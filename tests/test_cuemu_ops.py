@@ -234,3 +234,14 @@ def test_depth_stack_accumulates_in_place(emulated):
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
     for g, w in zip(got[2], want[2]):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_hc_pre_bwd_outputs_are_distinct_at_one_stream(emulated):
+    """n = 1: dA (1, 2) and dB (1,) are contiguous slices of one coefficient sum; the
+    launcher must return copies (torch.library refuses outputs that share storage)."""
+    n, d = 1, 9
+    H, A, B, W, s = torch.randn(4, n, d), torch.randn(n, n + 1), torch.randn(n), torch.randn(d, n + 2), torch.tensor(0.5)
+    _, _, _, q, r = hc_pre_dhc_op(H, A, B, W, s, s, 1e-6)
+    grads = hc_pre_dhc_bwd_op(torch.randn(4, d), torch.randn(4, n, n + 1), torch.randn(4, n), H, A, B, W, s, s,
+                              q, r, 1e-6)
+    assert grads[1].untyped_storage().data_ptr() != grads[2].untyped_storage().data_ptr()
