@@ -1,14 +1,14 @@
 """Loading of the compiled extension `crosslayer._C`, with clear errors.
 
 `load_extension()` returns the module, or None when the package was installed without
-it (pure-Python build, or CROSSLAYER_DISABLE_EXTENSION=1).
+it (pure-Python build, or CROSSLAYER_DISABLE_EXTENSION=1). An extension that was built
+against another torch is refused with a message saying what was built against what
+and how to rebuild, instead of an undefined-symbol traceback from the dynamic loader.
 
 `kernels_for(t, op)` / `runs_kernels(t)` are the one dispatch rule of every op: CUDA
 tensors run on `_C`, CPU tensors on the oracle -- or, inside `emulate(module)`, on the
 module built by tools/cuemu (the CUDA launchers and kernels compiled for the CPU
-emulator), so tests on a machine without a GPU run the ops' CUDA code path end to end. An extension that was built
-against another torch is refused with a message saying what was built against what
-and how to rebuild, instead of an undefined-symbol traceback from the dynamic loader.
+emulator), so tests on a machine without a GPU run the ops' CUDA code path end to end.
 """
 
 from __future__ import annotations

@@ -84,10 +84,6 @@ from crosslayer.ref.mudd import qkv_norm_bwd, validate_depth_aggregate, validate
 __all__ = ["DepthStack", "aggregate_bwd_into", "stack_bytes"]
 
 
-def _fused(S: Tensor) -> bool:
-    return runs_kernels(S)
-
-
 def aggregate_bwd_into(dY: Tensor, S: Tensor, A: Tensor, dS: Tensor, accumulate: bool) -> Tensor:
     """Backward of depth_aggregate into a given buffer; returns dA (A's shape and dtype).
 
@@ -100,7 +96,7 @@ def aggregate_bwd_into(dY: Tensor, S: Tensor, A: Tensor, dS: Tensor, accumulate:
     """
     l, d, C = S.shape[0], S.shape[-1], A.shape[-2]
     static = A.dim() == 2
-    if _fused(S):
+    if runs_kernels(S):
         N = S.shape[1:-1].numel()  # not -1: reshape cannot infer it when d = 0
         A3 = A if static else A.reshape(N, C, l)
         dA = depth_aggregate_bwd_op(dY.reshape(C, N, d), S.reshape(l, N, d), A3,
@@ -208,7 +204,7 @@ def _fused_qkv_norm(S: Tensor, A: Tensor, g: Tensor) -> bool:
     """The dispatch rule of ops.depth_aggregate_qkv_norm: fused on CUDA with _C built,
     unless float64 weights meet lower-precision slots."""
     acc = torch.float64 if S.dtype == torch.float64 else torch.float32
-    return _fused(S) and compute_dtype(S, A, g) == acc
+    return runs_kernels(S) and compute_dtype(S, A, g) == acc
 
 
 class _AggregateQKVNorm(torch.autograd.Function):
