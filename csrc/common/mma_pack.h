@@ -10,20 +10,23 @@
 
 #include <cstdint>
 
+#ifdef CUEMU
+#include "cuemu_aten.h"  // tools/cuemu/include
+#endif
+
 namespace crosslayer {
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // a·b for 16-bit a and b of one dtype with an fp32 result: exact 16-bit products summed
-// in fp32, as cuBLAS computes it on CUDA (at::mm's out_dtype overload, aten::mm.dtype).
-// That overload exists for CUDA only; the other branch is reached only by the CPU
-// emulator (tools/cuemu runs the launchers on CPU tensors; CL_CHECK_CUDA rejects them
-// otherwise) and widens the operands first: a 16-bit value, and the product of two, is
-// exact in fp32, so the result is the same up to the order of the fp32 sums. (The
-// test is on the device type, not x.is_cuda(), which tools/cuemu rewrites to is_cpu().)
+// in fp32, as cuBLAS computes it (at::mm's out_dtype overload, aten::mm.dtype, which
+// exists for CUDA only; the CPU emulator tools/cuemu supplies its own).
 inline at::Tensor mm_f32_out(const at::Tensor& a, const at::Tensor& b) {
-  if (a.device().type() == at::kCUDA) return at::mm(a, b, at::kFloat);
-  return at::mm(a.to(at::kFloat), b.to(at::kFloat));
+#ifdef CUEMU
+  return ::cuemu::mm_f32_out(a, b);
+#else
+  return at::mm(a, b, at::kFloat);
+#endif
 }
 
 // Power-of-two scaling for an fp16 hi + lo split of the fp32 tensor t: 0-dim fp32

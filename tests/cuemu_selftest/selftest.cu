@@ -81,6 +81,66 @@ __global__ void mma_kernel(MmaParams p) {
   for (int q = 0; q < 4; ++q) p.d[4 * l + q] = c[q];
 }
 
+// Kernels with known global traffic, for the counter's tests (tools/cuemu/count_rt.cpp).
+struct TrafficParams {
+  const float* in;
+  float* out;
+  int64_t n;       // elements written
+  int64_t stride;  // gather: in's stride in elements
+  int mode;        // copy4: 0 = 16-byte accesses, 1 = four 4-byte ones
+};
+
+// out[i] = in[i·stride], one element a thread (grid-stride): 4-byte loads and stores.
+__global__ void gather_kernel(TrafficParams p) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < p.n; i += gridDim.x * int64_t(blockDim.x)) {
+    p.out[i] = p.in[i * p.stride];
+  }
+}
+
+// out[4c..4c+3] = in[4c..4c+3] for chunk c = the thread's index (n a multiple of 4): one
+// 16-byte load and store (mode 0), or four 4-byte ones, the launchers' scalar path for
+// pointers that are not 16-byte aligned (mode 1).
+__global__ void copy4_kernel(TrafficParams p) {
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (4 * c + 4 > p.n) return;
+  if (p.mode == 0) {
+    *reinterpret_cast<float4*>(p.out + 4 * c) = *reinterpret_cast<const float4*>(p.in + 4 * c);
+  } else {
+    for (int k = 0; k < 4; ++k) p.out[4 * c + k] = p.in[4 * c + k];
+  }
+}
+
+// out[i] = in[0] through shared memory: thread 0 of each block loads in[0] into shared
+// memory, every thread then reads it there (shared memory is not global traffic).
+__global__ void broadcast_read_kernel(TrafficParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* s = reinterpret_cast<float*>(smem);
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (threadIdx.x == 0) s[0] = p.in[0];
+  __syncthreads();
+  const float every_thread = p.in[blockIdx.x % 2];
+  if (i < p.n) p.out[i] = s[0] + 0.f * every_thread;
+}
+
+at::Tensor traffic(const std::string& which, const at::Tensor& in, int64_t n, int64_t stride, int64_t mode,
+                   int64_t threads, int64_t blocks) {
+  at::Tensor out = at::empty({n}, in.options());
+  const TrafficParams p{in.data_ptr<float>(), out.data_ptr<float>(), n, stride, static_cast<int>(mode)};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned>(blocks)), block(static_cast<unsigned>(threads));
+  if (which == "gather") {
+    gather_kernel<<<grid, block, 0, stream>>>(p);
+  } else if (which == "copy4") {
+    copy4_kernel<<<grid, block, 0, stream>>>(p);
+  } else if (which == "broadcast_read") {
+    broadcast_read_kernel<<<grid, block, 16, stream>>>(p);
+  } else {
+    TORCH_CHECK(false, "no kernel ", which);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 Params params(const at::Tensor& in, const at::Tensor& out, int n, int mode) {
   return Params{in.data_ptr<float>(), out.data_ptr<float>(), n, mode};
 }
@@ -124,4 +184,5 @@ at::Tensor mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("run", &run);
   m.def("mma", &mma);
+  m.def("traffic", &traffic);
 }

@@ -7,7 +7,7 @@ The module `crosslayer_cuemu` has the functions of `crosslayer._C` (csrc/binding
 taking CPU tensors where `_C` takes CUDA tensors. It is made from csrc/ by copying the
 sources into the build directory with five mechanical rewrites, and nothing else:
 
-  kernel<<<grid, block, smem, stream>>>(args);  ->  ::cuemu::Launch(grid, block, smem, stream).run(kernel, args);
+  kernel<<<grid, block, smem, stream>>>(args);  ->  ::cuemu::Launch(grid, block, smem, stream).run("kernel", kernel, args);
   extern __shared__ __align__(A) unsigned char s[];  ->  unsigned char* s = ::cuemu::dynamic_smem();
   asm volatile("mma.sync..." : outs : ins);     ->  ::cuemu::mma_sync("mma.sync...", outs..., ins...);
   x.is_cuda()                                    ->  x.is_cpu()   (the emulated device is the CPU)
@@ -16,6 +16,11 @@ sources into the build directory with five mechanical rewrites, and nothing else
 then compiling them with g++ (torch.utils.cpp_extension.load, so ninja rebuilds only what
 changed), with tools/cuemu/cuemu.h force-included and tools/cuemu/include/ ahead of the
 CUDA and c10/cuda headers. See cuemu.h for the execution model and what it checks.
+
+Every memory access of the emulated code calls the traffic counter (module cuemu_count,
+tools/cuemu/count_rt.cpp, built first and linked by path): the sources are compiled with
+AddressSanitizer's instrumentation in call mode, whose callbacks are the counter's. When
+nothing is being counted a callback returns at once; see count_rt.cpp for what it counts.
 
 Environment: CUEMU_BUILD_DIR (default build/cuemu under the repo), MAX_JOBS.
 """
@@ -31,6 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CSRC = os.path.join(ROOT, "csrc")
 MODULE = "crosslayer_cuemu"
+COUNTER = "cuemu_count"
 
 
 def _kernel_expr_start(src: str, end: int) -> int:
@@ -82,7 +88,8 @@ def rewrite_launches(src: str) -> str:
         paren = src.index("(", cfg_end)
         close = _balanced(src, paren)
         args = src[paren + 1 : close - 1].strip()
-        call = f"::cuemu::Launch({config}).run({kernel}{', ' + args if args else ''})"
+        name = " ".join(kernel.split())
+        call = f"::cuemu::Launch({config}).run(\"{name}\", {kernel}{', ' + args if args else ''})"
         call = call.replace("\n", " ") + "\n" * src.count("\n", start, close)  # keep line numbers
         out.append(src[pos:start])
         out.append(call)
@@ -164,11 +171,37 @@ def write_sources(dst: str, src_root: str = CSRC) -> list[str]:
     return sources
 
 
-def load(verbose: bool = False, name: str = MODULE, src_root: str = CSRC):
-    """Builds (incrementally) and imports the emulated extension: crosslayer's csrc/ by
-    default, or the sources under `src_root` as module `name` (the emulator's own tests)."""
+# Every access through a callback of the counter (count_rt.cpp): AddressSanitizer's
+# instrumentation in call mode, without its stack and global redzones; frame pointers so
+# the counter can name an access by its call site and its caller's.
+INSTRUMENT = ["-fsanitize=address", "--param", "asan-instrumentation-with-call-threshold=0",
+              "--param", "asan-stack=0", "--param", "asan-globals=0", "-fno-omit-frame-pointer"]
+
+
+def load_counter(verbose: bool = False):
+    """Builds (incrementally) and imports the traffic counter, module cuemu_count. Import
+    it before allocating the tensors to count: its allocator registers them."""
     from torch.utils.cpp_extension import load as load_ext
 
+    dst = os.path.join(build_dir(), COUNTER)
+    os.makedirs(dst, exist_ok=True)
+    return load_ext(
+        name=COUNTER,
+        sources=[os.path.join(HERE, "count_rt.cpp")],
+        extra_cflags=["-O2", "-fno-omit-frame-pointer"],
+        build_directory=dst,
+        with_cuda=False,
+        verbose=verbose,
+    )
+
+
+def load(verbose: bool = False, name: str = MODULE, src_root: str = CSRC):
+    """Builds (incrementally) and imports the emulated extension: crosslayer's csrc/ by
+    default, or the sources under `src_root` as module `name` (the emulator's own tests).
+    The counter (load_counter) is built and imported first: the module links against it."""
+    from torch.utils.cpp_extension import load as load_ext
+
+    counter = load_counter(verbose)
     dst = build_dir() if src_root == CSRC else os.path.join(build_dir(), name)
     sources = write_sources(dst, src_root)
     os.makedirs(os.path.join(dst, "obj"), exist_ok=True)
@@ -177,8 +210,8 @@ def load(verbose: bool = False, name: str = MODULE, src_root: str = CSRC):
         sources=sources,
         extra_include_paths=[os.path.join(HERE, "include"), HERE, os.path.join(dst, "src")],
         extra_cflags=["-O1", "-include", os.path.join(HERE, "cuemu.h"), "-Wno-unused-variable",
-                      "-Wno-attributes", "-Wno-ignored-attributes"],
-        extra_ldflags=["-Wl,--allow-multiple-definition"],
+                      "-Wno-attributes", "-Wno-ignored-attributes", *INSTRUMENT],
+        extra_ldflags=["-Wl,--allow-multiple-definition", counter.__file__],
         build_directory=os.path.join(dst, "obj"),
         with_cuda=False,
         verbose=verbose,

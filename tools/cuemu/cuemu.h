@@ -63,6 +63,10 @@
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define CUEMU 1
+// The emulator's own functions are not instrumented for the traffic counter: none of
+// their accesses is a kernel's global-memory access, and the mma gather alone would
+// otherwise call the counter tens of thousands of times per instruction.
+#define CUEMU_UNCOUNTED __attribute__((no_sanitize_address))
 
 // ------------------------------------------------------------------ vector types
 struct __attribute__((aligned(8))) float2 { float x, y; };
@@ -169,10 +173,25 @@ enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 #define CUDART_VERSION 13000
 #endif
 
+// The traffic counter (tools/cuemu/count_rt.cpp, module cuemu_count), which every
+// emulated module links against: it sees each global load and store through the
+// AddressSanitizer callbacks the sources are instrumented with, and these calls tell it
+// which launch, block and thread runs.
+extern "C" {
+int cuemu_rt_sm_count();
+void cuemu_rt_set_thread(int linear);
+void cuemu_rt_launch_begin(const void* kernel, const char* name, const unsigned* grid,
+                           const unsigned* block, size_t smem);
+void cuemu_rt_block_begin(int nthreads);
+void cuemu_rt_block_end();
+void cuemu_rt_launch_end();
+void cuemu_rt_library_call(const char* name, uint64_t bytes_read, uint64_t bytes_written);
+}
+
 namespace cuemu {
 
-// The emulated device: an H100 SXM (the yardstick GPU of DESIGN.md).
-constexpr int kSMs = 132;
+// The emulated device: an H100 SXM (the yardstick GPU of DESIGN.md); its SM count is
+// the counter's (132 unless tools/cuemu/count.py scales the device with the tokens).
 constexpr int kSmemOptin = 232448;     // 227 KB per block with the opt-in
 constexpr int kSmemDefault = 49152;    // without cudaFuncSetAttribute
 constexpr int kSmemPerSM = 233472;     // 228 KB
@@ -270,13 +289,13 @@ namespace cuemu {
 
 inline void fail(const std::string& msg);
 
-inline void yield_to_scheduler() {
+CUEMU_UNCOUNTED inline void yield_to_scheduler() {
   Emu& e = emu();
   Fiber& f = e.fibers[e.current];
   cuemu_switch(&f.sp, e.sched_sp);
 }
 
-inline std::string thread_name(const Fiber& f) {
+CUEMU_UNCOUNTED inline std::string thread_name(const Fiber& f) {
   return "thread (" + std::to_string(f.tid.x) + "," + std::to_string(f.tid.y) + "," +
          std::to_string(f.tid.z) + ") of block (" + std::to_string(blockIdx.x) + "," +
          std::to_string(blockIdx.y) + "," + std::to_string(blockIdx.z) + ")";
@@ -284,7 +303,7 @@ inline std::string thread_name(const Fiber& f) {
 
 // Records the first error of the launch and parks the calling fiber for good (its stack
 // is abandoned; the scheduler ends the launch).
-inline void fail(const std::string& msg) {
+CUEMU_UNCOUNTED inline void fail(const std::string& msg) {
   Emu& e = emu();
   if (e.error.empty()) e.error = msg;
   Fiber& f = e.fibers[e.current];
@@ -292,7 +311,7 @@ inline void fail(const std::string& msg) {
   for (;;) yield_to_scheduler();
 }
 
-inline void syncthreads(const char* site) {
+CUEMU_UNCOUNTED inline void syncthreads(const char* site) {
   Emu& e = emu();
   Fiber& f = e.fibers[e.current];
   if (e.exited > 0) {
@@ -313,10 +332,10 @@ inline void syncthreads(const char* site) {
   f.waiting = nullptr;
 }
 
-inline int lane_of(const Fiber& f) { return f.linear % 32; }
+CUEMU_UNCOUNTED inline int lane_of(const Fiber& f) { return f.linear % 32; }
 
 // All lanes in `mask` meet here (the caller's lane must be in it); returns when all did.
-inline void warp_meet(unsigned mask, const char* what) {
+CUEMU_UNCOUNTED inline void warp_meet(unsigned mask, const char* what) {
   Emu& e = emu();
   Fiber& f = e.fibers[e.current];
   const int lane = lane_of(f);
@@ -352,7 +371,7 @@ inline void warp_meet(unsigned mask, const char* what) {
 }
 
 template <typename T>
-inline T shfl(unsigned mask, T v, int src_lane, int width, const char* what) {
+CUEMU_UNCOUNTED inline T shfl(unsigned mask, T v, int src_lane, int width, const char* what) {
   static_assert(sizeof(T) <= 64, "shuffle payload");
   Emu& e = emu();
   Fiber& f = e.fibers[e.current];
@@ -383,11 +402,11 @@ struct MmaRegs {
   uint32_t b[2];
 };
 
-inline float half16_to_float(uint16_t bits, bool bf16) {
+CUEMU_UNCOUNTED inline float half16_to_float(uint16_t bits, bool bf16) {
   return bf16 ? bf16_bits_to_float(bits) : half_bits_to_float(bits);
 }
 
-inline void mma_sync(const char* instr, float& d0, float& d1, float& d2, float& d3, uint32_t a0,
+CUEMU_UNCOUNTED inline void mma_sync(const char* instr, float& d0, float& d1, float& d2, float& d3, uint32_t a0,
                      uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
   Emu& e = emu();
   Fiber& f = e.fibers[e.current];
@@ -439,7 +458,7 @@ inline void mma_sync(const char* instr, float& d0, float& d1, float& d2, float& 
 
 // __launch_bounds__(max_threads[, min_blocks]) of the running kernel: a block larger
 // than max_threads does not launch on a GPU ("too many resources requested").
-inline void check_launch_bounds(long max_threads, long min_blocks = 0) {
+CUEMU_UNCOUNTED inline void check_launch_bounds(long max_threads, long min_blocks = 0) {
   (void)min_blocks;
   const long threads = long(blockDim.x) * blockDim.y * blockDim.z;
   if (threads > max_threads) {
@@ -448,7 +467,7 @@ inline void check_launch_bounds(long max_threads, long min_blocks = 0) {
   }
 }
 
-inline void fiber_entry() {
+CUEMU_UNCOUNTED inline void fiber_entry() {
   Emu& e = emu();
   e.body();
   Fiber& f = e.fibers[e.current];
@@ -463,7 +482,7 @@ inline void fiber_entry() {
 // A fresh fiber's stack: the frame cuemu_switch pops (MXCSR and x87 control word at
 // their defaults, six zero registers), then fiber_entry as the return address, then a
 // null slot so fiber_entry starts with the stack alignment of a called function.
-inline void* fresh_stack(void* stack_base) {
+CUEMU_UNCOUNTED inline void* fresh_stack(void* stack_base) {
   uint64_t* top = reinterpret_cast<uint64_t*>(static_cast<char*>(stack_base) + kStackBytes);
   *--top = 0;
   *--top = reinterpret_cast<uint64_t>(&fiber_entry);
@@ -472,7 +491,7 @@ inline void* fresh_stack(void* stack_base) {
   return top;
 }
 
-inline void* stack_for(size_t i) {
+CUEMU_UNCOUNTED inline void* stack_for(size_t i) {
   Emu& e = emu();
   while (e.stacks.size() <= i) {
     const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
@@ -484,7 +503,7 @@ inline void* stack_for(size_t i) {
   return e.stacks[i];
 }
 
-inline std::string deadlock_message() {
+CUEMU_UNCOUNTED inline std::string deadlock_message() {
   Emu& e = emu();
   std::string msg = "deadlock in block (" + std::to_string(blockIdx.x) + "," +
                     std::to_string(blockIdx.y) + "," + std::to_string(blockIdx.z) + "): ";
@@ -500,7 +519,7 @@ inline std::string deadlock_message() {
 }
 
 // Runs one block: every thread a fiber, round-robin between synchronisation points.
-inline void run_block(size_t smem_bytes) {
+CUEMU_UNCOUNTED inline void run_block(size_t smem_bytes) {
   Emu& e = emu();
   const int n = static_cast<int>(blockDim.x * blockDim.y * blockDim.z);
   e.fibers.assign(n, Fiber{});
@@ -520,6 +539,7 @@ inline void run_block(size_t smem_bytes) {
              static_cast<unsigned>(i / (blockDim.x * blockDim.y))};
     f.sp = fresh_stack(stack_for(i));
   }
+  cuemu_rt_block_begin(n);
   while (e.live > 0 && e.error.empty()) {
     const uint64_t before = e.progress;
     for (int k = 0; k < n && e.error.empty(); ++k) {
@@ -528,19 +548,22 @@ inline void run_block(size_t smem_bytes) {
       if (f.done) continue;
       e.current = i;
       threadIdx = f.tid;
+      cuemu_rt_set_thread(i);
       cuemu_switch(&e.sched_sp, f.sp);
+      cuemu_rt_set_thread(-1);
     }
     if (e.live > 0 && e.progress == before && e.error.empty()) e.error = deadlock_message();
   }
+  cuemu_rt_block_end();
   e.current = -1;
 }
 
-inline unsigned char* dynamic_smem() {
+CUEMU_UNCOUNTED inline unsigned char* dynamic_smem() {
   Emu& e = emu();
   return e.smem.data();
 }
 
-inline void set_error(cudaError_t code, const std::string& msg) {
+CUEMU_UNCOUNTED inline void set_error(cudaError_t code, const std::string& msg) {
   Emu& e = emu();
   if (e.last_error == cudaSuccess) {
     e.last_error = code;
@@ -553,8 +576,10 @@ struct Launch {
   size_t smem;
   Launch(dim3 g, dim3 b, size_t s = 0, cudaStream_t = nullptr) : grid(g), block(b), smem(s) {}
 
+  // `name`: the kernel expression as written at the launch (the counter prefers the
+  // instantiation's symbol when the dynamic loader knows it).
   template <typename... P, typename... A>
-  void run(void (*kernel)(P...), A&&... args) const {
+  CUEMU_UNCOUNTED void run(const char* name, void (*kernel)(P...), A&&... args) const {
     Emu& e = emu();
     ++e.launches;
     const uint64_t threads = uint64_t(block.x) * block.y * block.z;
@@ -585,12 +610,15 @@ struct Launch {
     e.reverse = !(order && std::string(order) == "forward");
     gridDim = grid;
     blockDim = block;
+    const unsigned g3[3] = {grid.x, grid.y, grid.z}, b3[3] = {block.x, block.y, block.z};
+    cuemu_rt_launch_begin(reinterpret_cast<const void*>(kernel), name, g3, b3, smem);
     for (unsigned z = 0; z < grid.z && e.error.empty(); ++z)
       for (unsigned y = 0; y < grid.y && e.error.empty(); ++y)
         for (unsigned x = 0; x < grid.x && e.error.empty(); ++x) {
           blockIdx = {x, y, z};
           run_block(smem);
         }
+    cuemu_rt_launch_end();
     e.body = nullptr;
     if (!e.error.empty()) set_error(cudaErrorLaunchFailure, e.error);
   }
@@ -606,12 +634,12 @@ struct Launch {
                                            "__syncwarp at " __FILE__ ":" CUEMU_STR(__LINE__))
 
 template <typename T>
-inline T cuemu_shfl_xor(unsigned mask, T v, int lane_mask, int width, const char* site) {
+CUEMU_UNCOUNTED inline T cuemu_shfl_xor(unsigned mask, T v, int lane_mask, int width, const char* site) {
   const int lane = ::cuemu::lane_of(::cuemu::emu().fibers[::cuemu::emu().current]);
   return ::cuemu::shfl(mask, v, lane ^ lane_mask, width, site);
 }
 template <typename T>
-inline T cuemu_shfl_idx(unsigned mask, T v, int src, int width, const char* site) {
+CUEMU_UNCOUNTED inline T cuemu_shfl_idx(unsigned mask, T v, int src, int width, const char* site) {
   const int lane = ::cuemu::lane_of(::cuemu::emu().fibers[::cuemu::emu().current]);
   return ::cuemu::shfl(mask, v, (lane & ~(width - 1)) + (src % width), width, site);
 }
@@ -632,7 +660,7 @@ inline const char* cudaGetErrorString(cudaError_t) { return cuemu::emu().last_me
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
   switch (attr) {
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = cuemu::kSmemOptin; break;
-    case cudaDevAttrMultiProcessorCount: *v = cuemu::kSMs; break;
+    case cudaDevAttrMultiProcessorCount: *v = cuemu_rt_sm_count(); break;
     case cudaDevAttrComputeCapabilityMajor: *v = 9; break;
     case cudaDevAttrComputeCapabilityMinor: *v = 0; break;
     case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *v = cuemu::kSmemPerSM; break;

@@ -1,0 +1,479 @@
+"""Bytes, sectors and launches per op and per connection sublayer, counted on the CPU.
+
+    python bench/traffic.py [--quick] [--csv PATH] [--rows dhc_sublayer,...] [-v]
+
+No GPU needed: every call runs the ops' CUDA code path on the emulator (tools/cuemu,
+the launchers and kernels compiled for the CPU) with the traffic counter on
+(tools/cuemu/count.py): every kernel's global loads and stores, sector by sector, and
+every ATen op and library call around the kernels (launchers, custom ops, autograd).
+
+Napkin math (DESIGN.md "Traffic floors"): a DHC sublayer forward+backward at bf16,
+n = 4, d = 2048 must move at least (9n + 5)·d·2 B = 168 KB per token: 2.75 GB at
+N = 16384, 0.92 ms at 3.0 TB/s. Counted bytes per token / that floor is the `ratio`
+column; it is how every kernel is judged until a GPU measures time.
+
+Tokens. The shapes are DESIGN.md's (bf16, d = 2048 and 4096, n = 4, C = 4, l = 13 /
+25 / 49) with N scaled down, and the emulated device scaled with it: s SMs and
+N = round(16384·s/132) tokens (124 per SM, as N = 16384 on an H100's 132 SMs), so grids
+sized by the SM count (persistent grids, split-K) have the blocks per token they have at
+full size. Each row runs at two (full: three) such sizes; a line through the totals
+gives bytes per token (the slope, `bytes_per_token`) and the bytes of one call that do
+not grow with tokens (`fixed_bytes`: weights, their gradients, packing). The per-size
+columns show bytes/token does not change with N beyond that fixed part.
+
+Predicted H100 time = bytes at N = 16384 / 3.0 TB/s + launches x LAUNCH_US. LAUNCH_US
+(default 3 us) is the cost of one more kernel in a chain of memory-bound kernels on one
+stream: about 1 us from one kernel's end to the next one's start, plus about 2 us in
+which a short kernel's first and last waves do not keep HBM busy (a memory-bound kernel
+reaches full bandwidth only once every SM has loads in flight, ~1 us of HBM latency at
+each end). It leaves out the CPU: PyTorch eager spends 5-20 us of host time per op, so
+a sublayer of many small ops can be bound by the host, which only a CUDA graph or fewer
+launches remove.
+
+Output: a table per row (fwd, fwd+bwd) with the floor and ratio, then per kernel the
+sectors per request (loads and stores) against the ideal for its access width; with -v
+every kernel launch, ATen op and library call with its bytes and the tensors it touches.
+CSV (--csv): op, mode, d, n, l, dtype, bytes_per_token, floor_bytes_per_token, ratio,
+launches, plus fixed_bytes, bytes_per_token_N<k>, kernel_bytes_per_token,
+aten_bytes_per_token, predicted_h100_us, git_commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "tools", "cuemu"))
+import count as cuemu_count  # noqa: E402  (before torch allocates anything we count)
+
+TOKENS_FULL = 16384
+SMS_FULL = 132
+COPY_BANDWIDTH = 3.0e12  # B/s, DESIGN.md's measured H100 copy bandwidth
+LAUNCH_US = 3.0
+
+
+def tokens_for(sms: int) -> int:
+    return round(TOKENS_FULL * sms / SMS_FULL)
+
+
+# --------------------------------------------------------------------------- floors
+# Elements of the activation dtype per token (DESIGN.md "Traffic floors").
+
+def floor_hc_sublayer(d: int, n: int, mode: str) -> int:
+    return (3 * n * d + 2 * d) if mode == "fwd" else (9 * n * d + 5 * d)
+
+
+def floor_depth_aggregate(d: int, l: int, C: int, mode: str, accumulate: bool = False) -> int:
+    fwd = (l + C) * d
+    bwd = ((3 if accumulate else 2) * l + C) * d
+    return fwd if mode == "fwd" else fwd + bwd
+
+
+def floor_mudd_weights(d: int, mode: str) -> int:
+    return d if mode == "fwd" else 3 * d
+
+
+def floor_depth_stack(d: int, layers: int, mode: str) -> int:
+    """Every layer's mudd_weights and depth_aggregate (C = 4, the last layer C = 1); in
+    backward the stack's gradient accumulates in place except in the first aggregation
+    backward (the last layer's). Slots are written by the blocks (DESIGN.md): the push
+    copies are not in the floor."""
+    total = 0
+    for i in range(layers):
+        last = i == layers - 1
+        total += floor_mudd_weights(d, mode)
+        total += floor_depth_aggregate(d, i + 2, 1 if last else 4, mode, accumulate=not last)
+    return total
+
+
+# --------------------------------------------------------------------------- cases
+
+@dataclass
+class Case:
+    """One row at one size: setup() builds the inputs (not counted), forward(state)
+    returns (outputs, grads-wrt), backward(...) runs autograd.grad with fresh output
+    gradients. `named` tensors label the per-allocation detail of -v."""
+    op: str
+    d: int
+    n: int
+    l: int
+    floor: Callable[[str], int]
+    setup: Callable[[int], dict]
+    forward: Callable[[dict, "cuemu_count.Count"], tuple]
+    named: Callable[[dict], dict] = field(default=lambda s: {})
+
+
+def hc_case(kind: str, d: int, n: int, dtype) -> Case:
+    import torch
+    from crosslayer.nn import HyperConnections, ManifoldHyperConnections
+
+    def setup(N: int) -> dict:
+        torch.manual_seed(0)
+        hc = (ManifoldHyperConnections(d, n) if kind == "mhc"
+              else HyperConnections(d, n, layer_index=1, dynamic=(kind == "dhc")))
+        H = torch.randn(N, n, d, dtype=dtype, requires_grad=True)
+        return {"hc": hc, "H": H, "dH_next": torch.randn(N, n, d, dtype=dtype)}
+
+    def forward(s, c):
+        x, post = s["hc"].pre(s["H"])
+        H_next = post(x)  # identity branch: y = x
+        return [H_next], [s["H"], *s["hc"].parameters()], [s["dH_next"]]
+
+    return Case(f"{kind}_sublayer", d, n, 0, lambda m: floor_hc_sublayer(d, n, m), setup, forward,
+                lambda s: {"H": s["H"], "dH_next": s["dH_next"]})
+
+
+def depth_aggregate_case(d: int, l: int, C: int, dtype, qkv_norm: bool) -> Case:
+    import torch
+    from crosslayer import ops
+
+    def setup(N: int) -> dict:
+        torch.manual_seed(0)
+        S = torch.randn(l, N, d, dtype=dtype, requires_grad=True)
+        A = torch.randn(N, C, l, requires_grad=True)
+        g = torch.rand(3, d, requires_grad=True) + 0.5 if qkv_norm else None
+        return {"S": S, "A": A, "g": g, "dY": torch.randn(C, N, d, dtype=dtype)}
+
+    def forward(s, c):
+        if qkv_norm:
+            Y = ops.depth_aggregate_qkv_norm(s["S"], s["A"], s["g"])
+            return [Y], [s["S"], s["A"], s["g"]], [s["dY"]]
+        return [ops.depth_aggregate(s["S"], s["A"])], [s["S"], s["A"]], [s["dY"]]
+
+    name = "depth_aggregate_qkv_norm" if qkv_norm else "depth_aggregate"
+    return Case(name, d, 0, l, lambda m: floor_depth_aggregate(d, l, C, m), setup, forward,
+                lambda s: {"S": s["S"], "A": s["A"], "dY": s["dY"]})
+
+
+def mudd_weights_case(d: int, l: int, C: int, dtype) -> Case:
+    import torch
+    from crosslayer import ops
+    from crosslayer.nn import MUDDConnection
+
+    def setup(N: int) -> dict:
+        torch.manual_seed(0)
+        conn = MUDDConnection(d, layer_index=l - 2, n_layers=l)
+        x = torch.randn(N, d, dtype=dtype, requires_grad=True)
+        return {"conn": conn, "x": x, "dA": torch.randn(N, C, l)}
+
+    def forward(s, c):
+        m = s["conn"]
+        A = ops.mudd_weights(s["x"], m.W1, m.W2, m.bias, m.n_ways, m.eps)
+        return [A], [s["x"], m.W1, m.W2, m.bias], [s["dA"]]
+
+    return Case("mudd_weights", d, 0, l, lambda m: floor_mudd_weights(d, m), setup, forward,
+                lambda s: {"x": s["x"], "dA": s["dA"]})
+
+
+def _filled_stack(N: int, d: int, l: int, n_slots: int, dtype):
+    """A DepthStack with l slots filled outside the count. Each slot holds a view of a
+    leaf (not the leaf: a leaf's push backward copies its slot gradient out)."""
+    import torch
+    from crosslayer.nn import DepthStack
+
+    leaves = [torch.randn(N, d, dtype=dtype, requires_grad=True) for _ in range(l)]
+    views = [x.view_as(x) for x in leaves]
+    stack = DepthStack.start(views[0], n_slots)
+    for v in views[1:]:
+        stack.push(v)
+    return stack, views
+
+
+def mudd_layer_case(d: int, l: int, dtype) -> Case:
+    """One MUDD connection (qkvr ways, q/k/v RMS-normed) over l filled slots: its weight
+    MLP on the newest slot and the normed aggregation; the backward writes the stack's
+    fresh gradient buffer (this is the pass's first aggregation backward)."""
+    import torch
+    from crosslayer.nn import MUDDConnection
+
+    def setup(N: int) -> dict:
+        torch.manual_seed(0)
+        stack, views = _filled_stack(N, d, l, l, dtype)
+        conn = MUDDConnection(d, layer_index=l - 2, n_layers=l)
+        g = torch.rand(3, d, requires_grad=True) + 0.5
+        return {"stack": stack, "views": views, "conn": conn, "g": g,
+                "dX": torch.randn(4, N, d, dtype=dtype)}
+
+    def forward(s, c):
+        X = s["conn"](s["stack"], norm_weights=s["g"])
+        return [X], [*s["views"], *s["conn"].parameters(), s["g"]], [s["dX"]]
+
+    floor = lambda m: floor_mudd_weights(d, m) + floor_depth_aggregate(d, l, 4, m)  # noqa: E731
+    return Case("mudd_layer", d, 0, l, floor, setup, forward,
+                lambda s: {"stack": s["stack"].buffer, "dX": s["dX"]})
+
+
+def dwa_layer_case(d: int, l: int, dtype) -> Case:
+    """One DenseFormer DWA (static weights, one output) over l filled slots."""
+    import torch
+    from crosslayer.nn import DenseFormerDWA
+
+    def setup(N: int) -> dict:
+        torch.manual_seed(0)
+        stack, views = _filled_stack(N, d, l, l, dtype)
+        dwa = DenseFormerDWA(layer_index=l - 2)
+        return {"stack": stack, "views": views, "dwa": dwa, "dY": torch.randn(N, d, dtype=dtype)}
+
+    def forward(s, c):
+        Y = s["dwa"](s["stack"])
+        return [Y], [*s["views"], s["dwa"].alpha], [s["dY"]]
+
+    return Case("dwa_layer", d, 0, l, lambda m: floor_depth_aggregate(d, l, 1, m), setup, forward,
+                lambda s: {"stack": s["stack"].buffer, "dY": s["dY"]})
+
+
+def depth_stack_case(d: int, layers: int, dtype) -> Case:
+    """A whole MUDD stack: `layers` blocks, each a stand-in that is not counted (its
+    output x = the sum of its input's ways, its backward a fresh contiguous gradient for
+    each way), pushed into a DepthStack and followed by its MUDDConnection (q/k/v-normed
+    ways; the last layer one way, r, with a 4x wider MLP)."""
+    import torch
+    from crosslayer.nn import DepthStack, MUDDConnection
+
+    class Block(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h, count):
+            ctx.count, ctx.ways = count, h.shape[0]
+            with count.excluded():
+                return h.sum(0)
+
+        @staticmethod
+        def backward(ctx, dx):
+            with ctx.count.excluded():
+                return dx.expand(ctx.ways, *dx.shape).contiguous(), None
+
+    def setup(N: int) -> dict:
+        torch.manual_seed(0)
+        conns = [MUDDConnection(d, i, layers) for i in range(layers)]
+        gs = [torch.rand(3, d, requires_grad=True) + 0.5 for _ in range(layers - 1)]
+        x0 = torch.randn(N, d, dtype=dtype, requires_grad=True)
+        return {"conns": conns, "gs": gs, "x0": x0, "dout": torch.randn(1, N, d, dtype=dtype)}
+
+    def forward(s, c):
+        x0 = s["x0"].view_as(s["x0"])
+        stack = DepthStack.start(x0, layers + 1)
+        h = x0.unsqueeze(0)
+        for i, conn in enumerate(s["conns"]):
+            stack.push(Block.apply(h, c))
+            h = conn(stack, norm_weights=s["gs"][i] if i < layers - 1 else None)
+        params = [p for conn in s["conns"] for p in conn.parameters()]
+        return [h], [x0, *params, *s["gs"]], [s["dout"]]
+
+    return Case("depth_stack", d, 0, layers + 1, lambda m: floor_depth_stack(d, layers, m), setup,
+                forward, lambda s: {"x0": s["x0"], "dout": s["dout"]})
+
+
+def cases(quick: bool, only: Optional[set]) -> list[Case]:
+    import torch
+    dt = torch.bfloat16
+    n, C = 4, 4
+    ds = (2048,) if quick else (2048, 4096)
+    ls = (13,) if quick else (13, 25, 49)
+    out: list[Case] = []
+    for d in ds:
+        for kind in ("dhc", "shc", "mhc"):
+            out.append(hc_case(kind, d, n, dt))
+    for l in ls:
+        out.append(depth_aggregate_case(2048, l, C, dt, qkv_norm=False))
+        out.append(depth_aggregate_case(2048, l, C, dt, qkv_norm=True))
+        out.append(mudd_weights_case(2048, l, C, dt))
+        out.append(mudd_layer_case(2048, l, dt))
+        out.append(dwa_layer_case(2048, l, dt))
+    out.append(depth_stack_case(2048, 24, dt))
+    return [c for c in out if only is None or c.op in only]
+
+
+# --------------------------------------------------------------------------- counting
+
+@dataclass
+class Measured:
+    N: int
+    fwd: "cuemu_count.Count"
+    bwd: "cuemu_count.Count"
+
+
+def measure(case: Case, counter, module, sms: int) -> Measured:
+    import torch
+    from crosslayer._extension import emulate
+
+    N = tokens_for(sms)
+    with cuemu_count.device_sms(counter, sms), emulate(module):
+        state = case.setup(N)
+        with cuemu_count.counting(counter) as fwd:
+            outputs, wrt, grads = case.forward(state, fwd)
+        wrt = [t for t in wrt if t.requires_grad]
+        with cuemu_count.counting(counter) as bwd:
+            torch.autograd.grad(outputs, wrt, grads, allow_unused=True)
+        named = case.named(state)
+        fwd.name_allocations(counter, named)
+        bwd.name_allocations(counter, named)
+    return Measured(N, fwd, bwd)
+
+
+def rows_of(m: Measured, mode: str) -> list:
+    return m.fwd.rows if mode == "fwd" else m.fwd.rows + m.bwd.rows
+
+
+def fit(points: list[tuple[int, int]]) -> tuple[float, float, float]:
+    """Least-squares line bytes = a·N + b through (N, bytes): (a, b, max relative residual)."""
+    k = len(points)
+    mx = sum(p[0] for p in points) / k
+    my = sum(p[1] for p in points) / k
+    sxx = sum((p[0] - mx) ** 2 for p in points)
+    a = sum((p[0] - mx) * (p[1] - my) for p in points) / sxx
+    b = my - a * mx
+    resid = max(abs(a * p[0] + b - p[1]) / max(p[1], 1) for p in points)
+    return a, b, resid
+
+
+def summarize(case: Case, ms: list[Measured], itemsize: int) -> list[dict]:
+    out = []
+    for mode in ("fwd", "fwd+bwd"):
+        totals = [(m.N, sum(r.bytes for r in rows_of(m, mode))) for m in ms]
+        a, b, resid = fit(totals)
+        kern = fit([(m.N, sum(r.bytes for r in rows_of(m, mode) if r.kind == "kernel")) for m in ms])[0]
+        launches = [sum(r.launch for r in rows_of(m, mode)) for m in ms]
+        floor = case.floor(mode) * itemsize
+        row = {
+            "op": case.op, "mode": mode, "d": case.d, "n": case.n, "l": case.l, "dtype": "bf16",
+            "bytes_per_token": round(a, 1), "floor_bytes_per_token": floor,
+            "ratio": round(a / floor, 3), "launches": launches[-1],
+            "fixed_bytes": round(b), "fit_residual": f"{resid:.1e}",
+            "kernel_bytes_per_token": round(kern, 1),
+            "aten_bytes_per_token": round(a - kern, 1),
+            "predicted_h100_us": round(((a * TOKENS_FULL + b) / COPY_BANDWIDTH) * 1e6
+                                       + launches[-1] * LAUNCH_US, 1),
+            "floor_h100_us": round(floor * TOKENS_FULL / COPY_BANDWIDTH * 1e6, 1),
+        }
+        for m, (N, total) in zip(ms, totals):
+            row[f"bytes_per_token_N{N}"] = round(total / N, 1)
+        if len(set(launches)) != 1:
+            row["launches"] = "/".join(map(str, launches))
+        out.append(row)
+    return out
+
+
+def kernel_table(m: Measured) -> list[dict]:
+    """Per kernel name (its launches in fwd and bwd summed): HBM and L2 bytes per token,
+    sectors per request, and the sectors per request the same distinct bytes would need
+    packed from a sector boundary (`ideal`; equal = perfectly coalesced)."""
+    agg: dict[str, dict] = {}
+    for r in m.fwd.kernels() + m.bwd.kernels():
+        k = agg.setdefault(r.name, {"launches": 0, "hbm": 0})
+        k["launches"] += 1
+        k["hbm"] += r.bytes
+        for key in ("requests", "sectors", "ideal_sectors"):
+            for io in ("ld", "st"):
+                k[f"{io}_{key}"] = k.get(f"{io}_{key}", 0) + r.detail[f"{io}_{key}"]
+    out = []
+    for name, k in agg.items():
+        row = {"kernel": name, "launches": k["launches"], "hbm_bytes_per_token": k["hbm"] / m.N,
+               "l2_bytes_per_token": (k["ld_sectors"] + k["st_sectors"]) * cuemu_count.SECTOR / m.N}
+        for io in ("ld", "st"):
+            req = k[f"{io}_requests"]
+            row[f"{io}_sectors_per_request"] = k[f"{io}_sectors"] / req if req else 0.0
+            row[f"{io}_ideal"] = k[f"{io}_ideal_sectors"] / req if req else 0.0
+        out.append(row)
+    return out
+
+
+def short(name: str, width: int = 60) -> str:
+    name = name.replace("void crosslayer::", "").replace("crosslayer::", "").replace("__nv_bfloat16", "bf16")
+    name = name.split("(")[0]
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def print_case(case: Case, summary: list[dict], kernels: list[dict], ms: list[Measured], verbose: bool):
+    sizes = ", ".join(str(m.N) for m in ms)
+    print(f"\n== {case.op}  d={case.d} n={case.n} l={case.l} bf16   (N = {sizes}; "
+          f"SMs = {', '.join(str(round(m.N * SMS_FULL / TOKENS_FULL)) for m in ms)})")
+    print(f"   {'mode':8s} {'B/token':>10s} {'floor':>10s} {'ratio':>6s} {'launches':>8s} "
+          f"{'kernels':>10s} {'aten':>9s} {'fixed B':>10s} {'per-N B/token':>22s} {'H100 us':>8s} {'floor us':>8s}")
+    for r in summary:
+        per_n = " ".join(f"{r[f'bytes_per_token_N{m.N}']:.0f}" for m in ms)
+        print(f"   {r['mode']:8s} {r['bytes_per_token']:10.0f} {r['floor_bytes_per_token']:10d} "
+              f"{r['ratio']:6.3f} {str(r['launches']):>8s} {r['kernel_bytes_per_token']:10.0f} "
+              f"{r['aten_bytes_per_token']:9.0f} {r['fixed_bytes']:10d} {per_n:>22s} "
+              f"{r['predicted_h100_us']:8.1f} {r['floor_h100_us']:8.1f}")
+    print(f"   {'kernel':60s} {'n':>3s} {'B/token':>9s} {'L2 B/tok':>9s} {'ld sec/req':>10s} {'ideal':>6s} "
+          f"{'st sec/req':>10s} {'ideal':>6s}")
+    for k in kernels:
+        print(f"   {short(k['kernel']):60s} {k['launches']:3d} {k['hbm_bytes_per_token']:9.0f} "
+              f"{k['l2_bytes_per_token']:9.0f} "
+              f"{k['ld_sectors_per_request']:10.2f} {k['ld_ideal']:6.2f} "
+              f"{k['st_sectors_per_request']:10.2f} {k['st_ideal']:6.2f}")
+    if verbose:
+        m = ms[-1]
+        for phase, cnt in (("fwd", m.fwd), ("bwd", m.bwd)):
+            print(f"   -- {phase} at N = {m.N}: every row (bytes per token read / written)")
+            for r in cnt.rows:
+                if not (r.bytes or r.launch):
+                    continue
+                where = ""
+                if r.kind == "kernel":
+                    where = "  " + ", ".join(
+                        f"{a.get('name') or 'tmp'}:{(a['ld_unique_sectors'] * 32) / m.N:.0f}r/"
+                        f"{(a['st_unique_sectors'] * 32) / m.N:.0f}w" for a in r.detail["allocs"])
+                print(f"      {r.kind:7s} {short(r.name, 48):48s} {r.read / m.N:9.0f} {r.written / m.N:9.0f}{where}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="d = 2048 and l = 13 only, two sizes")
+    p.add_argument("--csv", help="write the rows to this CSV file (replaced)")
+    p.add_argument("--rows", help="comma-separated row names (default: all)")
+    p.add_argument("--sms", help="SM counts of the sizes, e.g. 1,2 (default: 1,2 quick, 1,2,3 full)")
+    p.add_argument("-v", "--verbose", action="store_true", help="every kernel launch and ATen op")
+    args = p.parse_args(argv)
+
+    counter, module = cuemu_count.load()
+    from harness import git_commit  # noqa: E402  (bench/harness.py; imports torch)
+
+    only = set(args.rows.split(",")) if args.rows else None
+    sms = [int(s) for s in args.sms.split(",")] if args.sms else ([1, 2] if args.quick else [1, 2, 3])
+    if len(sms) < 2:
+        p.error("--sms needs at least two sizes (bytes per token is the slope between them)")
+    commit = git_commit()
+    all_rows = []
+    start = time.time()
+    for case in cases(args.quick, only):
+        t0 = time.time()
+        ms = [measure(case, counter, module, s) for s in sms]
+        summary = summarize(case, ms, itemsize=2)
+        print_case(case, summary, kernel_table(ms[-1]), ms, args.verbose)
+        print(f"   ({time.time() - t0:.0f} s)", flush=True)
+        for r in summary:
+            r["git_commit"] = commit
+        all_rows += summary
+    print(f"\n{'op':26s} {'mode':8s} {'d':>5s} {'l':>3s} {'B/token':>10s} {'floor':>10s} {'ratio':>6s} {'launches':>8s}")
+    for r in all_rows:
+        print(f"{r['op']:26s} {r['mode']:8s} {r['d']:5d} {r['l']:3d} {r['bytes_per_token']:10.0f} "
+              f"{r['floor_bytes_per_token']:10d} {r['ratio']:6.3f} {str(r['launches']):>8s}")
+    print(f"({time.time() - start:.0f} s; counted on the CPU emulator, H100 shapes scaled to "
+          f"{', '.join(map(str, sms))} SMs; predicted times assume {COPY_BANDWIDTH / 1e12:.1f} TB/s and "
+          f"{LAUNCH_US:.0f} us a launch)")
+    if args.csv:
+        write_csv(args.csv, all_rows)
+    return 0
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

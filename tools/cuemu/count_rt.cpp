@@ -1,0 +1,489 @@
+// cuemu's traffic counter: every global-memory load and store of an emulated kernel,
+// as a GPU's memory system would see it. Built as its own module (cuemu_count, without
+// instrumentation) that the emulated extensions link against (tools/cuemu/build.py).
+//
+// How accesses are seen. The emulated sources are compiled with gcc's AddressSanitizer
+// instrumentation in call mode (-fsanitize=address, asan-instrumentation-with-call-threshold=0,
+// no stack or global redzones): every memory access of a kernel calls __asan_loadN /
+// __asan_storeN (N = 1, 2, 4, 8, 16 bytes, or the sized form) with its address. Nothing
+// of AddressSanitizer's runtime is linked: the callbacks below are this counter.
+//
+// What counts as global memory: an address inside a live allocation of torch's CPU
+// allocator, which this module wraps at import (c10::SetCPUAllocator) to keep a registry
+// of every allocation's range. Fiber stacks (registers and local memory), shared memory,
+// the launch's parameter copy and the emulator's own state are other memory and are
+// not counted. Tensors allocated before this module was imported are not in the
+// registry, so tools/cuemu/count.py imports it before anything is allocated.
+//
+// Only accesses made while a kernel's thread runs are counted (cuemu.h tells the
+// counter which thread of the block runs, and when the scheduler runs instead).
+//
+// Requests. A GPU issues one request per warp per memory instruction: the sectors
+// (32 bytes, aligned) that the warp's active lanes touch together. The emulator runs
+// the lanes of a warp one after another, so the counter rebuilds the requests: the k-th
+// execution of one memory instruction by each lane of a warp is one request. An
+// instruction is its call site (the return address of the callback) and the caller's
+// call site (the next frame up, so an out-of-line helper called from two loops is two
+// instructions), and whether it loads or stores. For convergent code that is exactly
+// what the hardware issues; a lane that skips an execution which later lanes make
+// (divergence inside a loop) shifts its later executions into other requests.
+//
+// Per launch the counter reports, per allocation and for loads and stores apart:
+// bytes requested, sectors requested (the L1-to-L2 traffic with no L1 hits: every
+// request's sectors), and unique sectors (the HBM traffic when nothing survives in L2
+// between launches and everything a launch touches twice stays in L2 within it); per
+// kernel the requests, their sectors (Nsight Compute's sectors/request) and the sectors
+// the same distinct bytes would need, packed (coalescing: 1.0 sectors per ideal sector).
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <dlfcn.h>
+#include <cxxabi.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr int kSectorBits = 5;  // 32-byte sectors
+
+// ------------------------------------------------------------------ allocation registry
+struct Range {
+  uintptr_t base = 0, end = 0;
+  uint64_t id = 0;
+};
+
+std::mutex g_registry_mutex;
+std::map<uintptr_t, Range> g_registry;  // base -> range
+uint64_t g_next_id = 1;
+
+struct RegisteredAllocation {
+  c10::DataPtr inner;
+  uintptr_t base;
+};
+
+void delete_registered(void* ctx) {
+  auto* r = static_cast<RegisteredAllocation*>(ctx);
+  {
+    std::lock_guard<std::mutex> lock(g_registry_mutex);
+    g_registry.erase(r->base);
+  }
+  delete r;  // frees the inner allocation
+}
+
+// Wraps torch's CPU allocator: every allocation's range enters the registry.
+struct RegistryAllocator final : c10::Allocator {
+  c10::Allocator* inner;
+  explicit RegistryAllocator(c10::Allocator* a) : inner(a) {}
+  c10::DataPtr allocate(size_t n) override {
+    c10::DataPtr d = inner->allocate(n);
+    void* p = d.get();
+    if (p == nullptr || n == 0) return d;
+    const c10::Device device = d.device();
+    auto* r = new RegisteredAllocation{std::move(d), reinterpret_cast<uintptr_t>(p)};
+    {
+      std::lock_guard<std::mutex> lock(g_registry_mutex);
+      g_registry[r->base] = Range{r->base, r->base + n, g_next_id++};
+    }
+    return c10::DataPtr(p, r, &delete_registered, device);
+  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    inner->copy_data(dest, src, count);
+  }
+};
+
+bool g_installed = false;
+
+void install_allocator() {
+  if (g_installed) return;
+  static RegistryAllocator alloc(c10::GetCPUAllocator());
+  c10::SetCPUAllocator(&alloc, /*priority=*/200);
+  TORCH_CHECK(c10::GetCPUAllocator() == &alloc,
+              "cuemu_count: another CPU allocator of higher priority is installed; cannot count");
+  g_installed = true;
+}
+
+// ------------------------------------------------------------------ per-launch state
+struct AllocStats {
+  uint64_t id = 0;
+  uintptr_t base = 0;
+  uint64_t size = 0;
+  uint64_t bytes[2] = {0, 0};       // requested; [0] loads, [1] stores
+  uint64_t l2_sectors[2] = {0, 0};  // sectors of every request
+  uint64_t unique_sectors[2] = {0, 0};
+  std::vector<uint64_t> touched[2];  // bitmap of the sectors touched (from the allocation's first sector)
+};
+
+struct Group {  // one warp-level request being gathered
+  uint64_t bytes = 0;
+  int alloc = -1;
+  bool store = false;
+  std::vector<std::pair<uint64_t, uint32_t>> accesses;  // (address, size) of each lane's access
+};
+
+// The requests of one instruction in one warp, by execution number k.
+struct InstrGroups {
+  uint64_t instr;
+  std::vector<Group> by_k;
+};
+
+struct Record {
+  std::string name;
+  int64_t grid[3], block[3], smem;
+  // [0] loads, [1] stores: requests, their sectors, the sectors they would need with
+  // the same distinct bytes packed from a sector boundary (ceil(distinct / 32) each), and
+  // the bytes requested (lanes reading the same byte count it each time).
+  uint64_t requests[2] = {0, 0}, sectors[2] = {0, 0}, ideal_sectors[2] = {0, 0}, bytes[2] = {0, 0};
+  std::vector<AllocStats> allocs;
+};
+
+struct LibraryCall {
+  std::string name;
+  uint64_t read = 0, written = 0;
+};
+
+bool g_counting = false;
+uint64_t g_seq = 0;
+std::vector<std::pair<uint64_t, Record>> g_records;
+std::vector<std::pair<uint64_t, LibraryCall>> g_library;
+int g_sm_count = 132;
+
+// Pages known to lie wholly inside one allocation of the snapshot (idx >= 0) or wholly
+// outside all of them (idx = -1): most accesses are to registers and local memory on
+// the fiber stacks, rejected here without a search.
+constexpr int kPageBits = 12, kPageCacheSize = 1 << 14;
+struct PageEntry {
+  uint64_t page = ~0ull;
+  int idx = -1;
+};
+
+struct Launch {
+  bool active = false;
+  Record rec;
+  std::vector<Range> snapshot;   // sorted by base
+  std::vector<int> alloc_index;  // snapshot index -> rec.allocs index (-1: none yet)
+  std::vector<PageEntry> pages = std::vector<PageEntry>(kPageCacheSize);
+  std::vector<std::vector<std::pair<uint64_t, uint32_t>>> executions;  // per thread: (instr, count)
+  std::vector<std::vector<InstrGroups>> groups;                          // per warp
+};
+Launch g_launch;
+// The running kernel thread (linear index in its block), -1 outside kernels. A plain
+// global, not thread_local: every callback reads it first, and a thread-local in a
+// shared library costs a __tls_get_addr call; kernels run on one host thread at a time
+// and no other thread runs instrumented code (the ATen worker threads run torch's own).
+int t_thread = -1;
+
+// Index in the snapshot of the allocation holding [a, a + 1), or -1.
+int search_range(uintptr_t a) {
+  const auto& s = g_launch.snapshot;
+  auto it = std::upper_bound(s.begin(), s.end(), a, [](uintptr_t v, const Range& r) { return v < r.base; });
+  if (it == s.begin()) return -1;
+  --it;
+  return a < it->end ? static_cast<int>(it - s.begin()) : -1;
+}
+
+int find_range(uintptr_t a) {
+  const uint64_t page = a >> kPageBits;
+  PageEntry& e = g_launch.pages[page & (kPageCacheSize - 1)];
+  if (e.page == page) return e.idx;
+  const int idx = search_range(a);
+  const uintptr_t lo = page << kPageBits, hi = lo + (uintptr_t(1) << kPageBits);
+  bool whole;
+  if (idx >= 0) {
+    whole = g_launch.snapshot[idx].base <= lo && hi <= g_launch.snapshot[idx].end;
+  } else {  // no allocation may start inside the page
+    const auto& s = g_launch.snapshot;
+    auto it = std::lower_bound(s.begin(), s.end(), lo, [](const Range& r, uintptr_t v) { return r.base < v; });
+    whole = (it == s.end() || it->base >= hi) && search_range(lo) < 0;
+  }
+  if (whole) e = PageEntry{page, idx};
+  return idx;
+}
+
+Group& group_of(uint64_t instr) {
+  auto& counts = g_launch.executions[t_thread];
+  uint32_t k = 0;
+  auto c = std::find_if(counts.begin(), counts.end(), [&](const auto& x) { return x.first == instr; });
+  if (c == counts.end()) {
+    counts.emplace_back(instr, 1);
+  } else {
+    k = c->second++;
+  }
+  auto& warp = g_launch.groups[t_thread / 32];
+  auto g = std::find_if(warp.begin(), warp.end(), [&](const InstrGroups& x) { return x.instr == instr; });
+  if (g == warp.end()) {
+    warp.push_back(InstrGroups{instr, {}});
+    g = warp.end() - 1;
+  }
+  if (g->by_k.size() <= k) g->by_k.resize(k + 1);
+  return g->by_k[k];
+}
+
+void record_access(uintptr_t addr, uint64_t size, bool store, uintptr_t pc, uintptr_t ctx) {
+  const int r = find_range(addr);
+  if (r < 0) return;
+  Launch& L = g_launch;
+  int& ai = L.alloc_index[r];
+  if (ai < 0) {
+    ai = static_cast<int>(L.rec.allocs.size());
+    AllocStats s;
+    s.id = L.snapshot[r].id;
+    s.base = L.snapshot[r].base;
+    s.size = L.snapshot[r].end - L.snapshot[r].base;
+    L.rec.allocs.push_back(std::move(s));
+  }
+  const uint64_t instr = (pc * 0x100000001B3ull) ^ (ctx * 0xC2B2AE3D27D4EB4Full) ^ (store ? 1 : 0);
+  Group& g = group_of(instr);
+  g.bytes += size;
+  g.alloc = ai;
+  g.store = store;
+  AllocStats& st = L.rec.allocs[ai];
+  st.bytes[store] += size;
+  std::vector<uint64_t>& bits = st.touched[store];
+  const uint64_t base_sector = st.base >> kSectorBits;
+  if (bits.empty()) bits.assign((((st.base + st.size - 1) >> kSectorBits) - base_sector) / 64 + 1, 0);
+  g.accesses.emplace_back(addr, static_cast<uint32_t>(size));
+  const uint64_t first = addr >> kSectorBits, last = (addr + size - 1) >> kSectorBits;
+  for (uint64_t s = first; s <= last; ++s) {
+    const uint64_t i = s - base_sector;
+    if (i / 64 < bits.size() && !(bits[i / 64] >> (i % 64) & 1)) {
+      bits[i / 64] |= uint64_t(1) << (i % 64);
+      ++st.unique_sectors[store];
+    }
+  }
+}
+
+void flush_groups() {
+  Launch& L = g_launch;
+  for (auto& warp : L.groups) {
+    for (auto& instr : warp) {
+      for (Group& g : instr.by_k) {
+        if (g.alloc < 0) continue;
+        // The union of the lanes' byte ranges: its sectors and its size.
+        std::sort(g.accesses.begin(), g.accesses.end());
+        uint64_t sectors = 0, distinct = 0, covered_to = 0, last_sector = ~0ull;
+        for (const auto& [a, n] : g.accesses) {
+          const uint64_t from = std::max<uint64_t>(a, covered_to), to = a + n;
+          if (to <= from) continue;
+          distinct += to - from;
+          covered_to = to;
+          for (uint64_t s = from >> kSectorBits; s <= (to - 1) >> kSectorBits; ++s) {
+            if (s != last_sector) ++sectors;
+            last_sector = s;
+          }
+        }
+        L.rec.requests[g.store] += 1;
+        L.rec.sectors[g.store] += sectors;
+        L.rec.ideal_sectors[g.store] += (distinct + (1u << kSectorBits) - 1) >> kSectorBits;
+        L.rec.bytes[g.store] += g.bytes;
+        L.rec.allocs[g.alloc].l2_sectors[g.store] += sectors;
+      }
+    }
+    warp.clear();
+  }
+  for (auto& e : L.executions) e.clear();
+}
+
+std::string demangled(const void* fn, const char* fallback) {
+  Dl_info info;
+  if (fn != nullptr && dladdr(fn, &info) != 0 && info.dli_sname != nullptr) {
+    int status = 0;
+    char* d = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
+    if (status == 0 && d != nullptr) {
+      std::string s(d);
+      std::free(d);
+      return s;
+    }
+  }
+  return fallback;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ cuemu.h's calls
+extern "C" {
+
+int cuemu_rt_sm_count() { return g_sm_count; }
+
+void cuemu_rt_set_thread(int linear) { t_thread = g_launch.active ? linear : -1; }
+
+void cuemu_rt_launch_begin(const void* kernel, const char* name, const unsigned* grid, const unsigned* block,
+                           size_t smem) {
+  if (!g_counting) return;
+  Launch& L = g_launch;
+  L.active = true;
+  L.rec = Record{};
+  L.rec.name = demangled(kernel, name);
+  for (int i = 0; i < 3; ++i) {
+    L.rec.grid[i] = grid[i];
+    L.rec.block[i] = block[i];
+  }
+  L.rec.smem = static_cast<int64_t>(smem);
+  {
+    std::lock_guard<std::mutex> lock(g_registry_mutex);
+    L.snapshot.clear();
+    for (const auto& [base, r] : g_registry) L.snapshot.push_back(r);
+  }
+  L.alloc_index.assign(L.snapshot.size(), -1);
+  std::fill(L.pages.begin(), L.pages.end(), PageEntry{});
+}
+
+void cuemu_rt_block_begin(int nthreads) {
+  Launch& L = g_launch;
+  if (!L.active) return;
+  L.executions.resize(nthreads);
+  L.groups.resize((nthreads + 31) / 32);
+}
+
+void cuemu_rt_block_end() {
+  if (g_launch.active) flush_groups();
+}
+
+void cuemu_rt_launch_end() {
+  Launch& L = g_launch;
+  if (!L.active) return;
+  flush_groups();
+  L.active = false;
+  t_thread = -1;
+  g_records.emplace_back(g_seq++, std::move(L.rec));
+  L.rec = Record{};
+}
+
+// A library call the emulator stands in for (cuBLAS on a GPU): its logical traffic.
+void cuemu_rt_library_call(const char* name, uint64_t bytes_read, uint64_t bytes_written) {
+  if (!g_counting) return;
+  g_library.emplace_back(g_seq++, LibraryCall{name, bytes_read, bytes_written});
+}
+
+// ------------------------------------------------------------------ AddressSanitizer callbacks
+#define CUEMU_NOINLINE __attribute__((noinline))
+#define CUEMU_CALLER() reinterpret_cast<uintptr_t>(__builtin_return_address(0))
+#define CUEMU_CONTEXT() reinterpret_cast<uintptr_t>(__builtin_return_address(1))
+#define CUEMU_ACCESS(kind, store, n)                                                    \
+  CUEMU_NOINLINE void __asan_##kind##n(uintptr_t a) {                                   \
+    if (t_thread >= 0) record_access(a, n, store, CUEMU_CALLER(), CUEMU_CONTEXT());     \
+  }                                                                                     \
+  CUEMU_NOINLINE void __asan_##kind##n##_noabort(uintptr_t a) {                         \
+    if (t_thread >= 0) record_access(a, n, store, CUEMU_CALLER(), CUEMU_CONTEXT());     \
+  }
+CUEMU_ACCESS(load, false, 1)
+CUEMU_ACCESS(load, false, 2)
+CUEMU_ACCESS(load, false, 4)
+CUEMU_ACCESS(load, false, 8)
+CUEMU_ACCESS(load, false, 16)
+CUEMU_ACCESS(store, true, 1)
+CUEMU_ACCESS(store, true, 2)
+CUEMU_ACCESS(store, true, 4)
+CUEMU_ACCESS(store, true, 8)
+CUEMU_ACCESS(store, true, 16)
+CUEMU_NOINLINE void __asan_loadN(uintptr_t a, size_t n) {
+  if (t_thread >= 0 && n > 0) record_access(a, n, false, CUEMU_CALLER(), CUEMU_CONTEXT());
+}
+CUEMU_NOINLINE void __asan_storeN(uintptr_t a, size_t n) {
+  if (t_thread >= 0 && n > 0) record_access(a, n, true, CUEMU_CALLER(), CUEMU_CONTEXT());
+}
+CUEMU_NOINLINE void __asan_loadN_noabort(uintptr_t a, size_t n) { __asan_loadN(a, n); }
+CUEMU_NOINLINE void __asan_storeN_noabort(uintptr_t a, size_t n) { __asan_storeN(a, n); }
+// The rest of the instrumentation's interface: nothing to do.
+void __asan_init() {}
+void __asan_version_mismatch_check_v8() {}
+void __asan_handle_no_return() {}
+void __asan_before_dynamic_init(const char*) {}
+void __asan_after_dynamic_init() {}
+
+}  // extern "C"
+
+// ------------------------------------------------------------------ Python interface
+namespace {
+
+py::list drain() {
+  py::list out;
+  size_t i = 0, j = 0;
+  while (i < g_records.size() || j < g_library.size()) {
+    const bool take_record =
+        j >= g_library.size() || (i < g_records.size() && g_records[i].first < g_library[j].first);
+    if (take_record) {
+      const Record& r = g_records[i++].second;
+      py::dict d;
+      d["kind"] = "kernel";
+      d["name"] = r.name;
+      d["grid"] = py::make_tuple(r.grid[0], r.grid[1], r.grid[2]);
+      d["block"] = py::make_tuple(r.block[0], r.block[1], r.block[2]);
+      d["smem"] = r.smem;
+      d["ld_requests"] = r.requests[0];
+      d["st_requests"] = r.requests[1];
+      d["ld_sectors"] = r.sectors[0];
+      d["st_sectors"] = r.sectors[1];
+      d["ld_ideal_sectors"] = r.ideal_sectors[0];
+      d["st_ideal_sectors"] = r.ideal_sectors[1];
+      d["ld_bytes"] = r.bytes[0];
+      d["st_bytes"] = r.bytes[1];
+      py::list allocs;
+      for (const AllocStats& a : r.allocs) {
+        py::dict x;
+        x["id"] = a.id;
+        x["base"] = a.base;
+        x["size"] = a.size;
+        x["ld_bytes"] = a.bytes[0];
+        x["st_bytes"] = a.bytes[1];
+        x["ld_l2_sectors"] = a.l2_sectors[0];
+        x["st_l2_sectors"] = a.l2_sectors[1];
+        x["ld_unique_sectors"] = a.unique_sectors[0];
+        x["st_unique_sectors"] = a.unique_sectors[1];
+        allocs.append(x);
+      }
+      d["allocs"] = allocs;
+      out.append(d);
+    } else {
+      const LibraryCall& c = g_library[j++].second;
+      py::dict d;
+      d["kind"] = "library";
+      d["name"] = c.name;
+      d["read"] = c.read;
+      d["written"] = c.written;
+      out.append(d);
+    }
+  }
+  g_records.clear();
+  g_library.clear();
+  return out;
+}
+
+void begin() {
+  TORCH_CHECK(g_installed, "cuemu_count: the registry allocator is not installed");
+  g_counting = true;
+}
+
+void end() { g_counting = false; }
+
+void set_sm_count(int64_t n) {
+  TORCH_CHECK(n >= 1 && n <= 1024, "cuemu_count: SM count must be in [1, 1024], got ", n);
+  g_sm_count = static_cast<int>(n);
+}
+
+py::tuple allocation_of(uintptr_t ptr) {
+  std::lock_guard<std::mutex> lock(g_registry_mutex);
+  auto it = g_registry.upper_bound(ptr);
+  if (it == g_registry.begin()) return py::make_tuple();
+  --it;
+  if (ptr >= it->second.end) return py::make_tuple();
+  return py::make_tuple(it->second.id, it->second.base, it->second.end - it->second.base);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  install_allocator();
+  m.doc() = "cuemu's traffic counter (see tools/cuemu/count_rt.cpp)";
+  m.def("begin", &begin, "start (or resume) counting");
+  m.def("end", &end, "stop (or pause) counting");
+  m.def("counting", [] { return g_counting; });
+  m.def("drain", &drain, "the records since the last drain, in launch order");
+  m.def("set_sm_count", &set_sm_count, "SMs the emulated device reports (default 132, an H100 SXM)");
+  m.def("sm_count", [] { return g_sm_count; });
+  m.def("allocation_of", &allocation_of, "(id, base, size) of the registered allocation holding ptr, or ()");
+}
