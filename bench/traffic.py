@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import sys
 import time
@@ -127,7 +128,7 @@ def hc_case(kind: str, d: int, n: int, dtype) -> Case:
         return [H_next], [s["H"], *s["hc"].parameters()], [s["dH_next"]]
 
     return Case(f"{kind}_sublayer", d, n, 0, lambda m: floor_hc_sublayer(d, n, m), setup, forward,
-                lambda s: {"H": s["H"], "dH_next": s["dH_next"]})
+                lambda s: {"H": s["H"], "dH_next": s["dH_next"], **dict(s["hc"].named_parameters())})
 
 
 def depth_aggregate_case(d: int, l: int, C: int, dtype, qkv_norm: bool) -> Case:
@@ -169,7 +170,7 @@ def mudd_weights_case(d: int, l: int, C: int, dtype) -> Case:
         return [A], [s["x"], m.W1, m.W2, m.bias], [s["dA"]]
 
     return Case("mudd_weights", d, 0, l, lambda m: floor_mudd_weights(d, m), setup, forward,
-                lambda s: {"x": s["x"], "dA": s["dA"]})
+                lambda s: {"x": s["x"], "dA": s["dA"], **dict(s["conn"].named_parameters())})
 
 
 def _filled_stack(N: int, d: int, l: int, n_slots: int, dtype):
@@ -207,7 +208,8 @@ def mudd_layer_case(d: int, l: int, dtype) -> Case:
 
     floor = lambda m: floor_mudd_weights(d, m) + floor_depth_aggregate(d, l, 4, m)  # noqa: E731
     return Case("mudd_layer", d, 0, l, floor, setup, forward,
-                lambda s: {"stack": s["stack"].buffer, "dX": s["dX"]})
+                lambda s: {"stack": s["stack"].buffer, "dX": s["dX"], "g": s["g"],
+                           **dict(s["conn"].named_parameters())})
 
 
 def dwa_layer_case(d: int, l: int, dtype) -> Case:
@@ -344,18 +346,18 @@ def summarize(case: Case, ms: list[Measured], itemsize: int) -> list[dict]:
         row = {
             "op": case.op, "mode": mode, "d": case.d, "n": case.n, "l": case.l, "dtype": "bf16",
             "bytes_per_token": round(a, 1), "floor_bytes_per_token": floor,
-            "ratio": round(a / floor, 3), "launches": launches[-1],
+            "ratio": round(a / floor, 3), "launches": max(launches),
             "fixed_bytes": round(b), "fit_residual": f"{resid:.1e}",
             "kernel_bytes_per_token": round(kern, 1),
             "aten_bytes_per_token": round(a - kern, 1),
             "predicted_h100_us": round(((a * TOKENS_FULL + b) / COPY_BANDWIDTH) * 1e6
-                                       + launches[-1] * LAUNCH_US, 1),
+                                       + max(launches) * LAUNCH_US, 1),
             "floor_h100_us": round(floor * TOKENS_FULL / COPY_BANDWIDTH * 1e6, 1),
         }
         for m, (N, total) in zip(ms, totals):
             row[f"bytes_per_token_N{N}"] = round(total / N, 1)
         if len(set(launches)) != 1:
-            row["launches"] = "/".join(map(str, launches))
+            row["launches_per_size"] = "/".join(map(str, launches))
         out.append(row)
     return out
 
@@ -424,6 +426,56 @@ def print_case(case: Case, summary: list[dict], kernels: list[dict], ms: list[Me
                 print(f"      {r.kind:7s} {short(r.name, 48):48s} {r.read / m.N:9.0f} {r.written / m.N:9.0f}{where}")
 
 
+CEILING = os.path.join(HERE, "traffic_ceiling.csv")
+CEILING_KEYS = ("op", "mode", "d", "n", "l")
+
+
+def run(quick: bool, only: Optional[set] = None, sms: Optional[list] = None, verbose: bool = False,
+        echo: bool = True, launches: Optional[dict] = None) -> list[dict]:
+    """Counts every row (all, or those named in `only`) at the SM counts `sms` and
+    returns the summary rows; prints the tables when `echo`. `launches`, when given,
+    collects {kernel name: (threads per block, dynamic shared memory bytes)} of the
+    launches at the largest size."""
+    counter, module = cuemu_count.load()
+    from harness import git_commit  # bench/harness.py (imports torch: after the counter)
+
+    sms = sms or ([1, 2] if quick else [1, 2, 3])
+    if len(sms) < 2:
+        raise ValueError("at least two sizes: bytes per token is the slope between them")
+    commit = git_commit()
+    rows = []
+    for case in cases(quick, only):
+        t0 = time.time()
+        ms = [measure(case, counter, module, s) for s in sms]
+        summary = summarize(case, ms, itemsize=2)
+        if launches is not None:
+            for r in ms[-1].fwd.kernels() + ms[-1].bwd.kernels():
+                launches[r.name] = (math.prod(r.detail["block"]), r.detail["smem"])
+        if echo:
+            print_case(case, summary, kernel_table(ms[-1]), ms, verbose)
+            print(f"   ({time.time() - t0:.0f} s)", flush=True)
+        for r in summary:
+            r["git_commit"] = commit
+        rows += summary
+    return rows
+
+
+def read_ceiling(path: str = CEILING) -> dict:
+    """{(op, mode, d, n, l): (bytes_per_token, launches)} recorded by --write-ceiling."""
+    with open(path, newline="") as f:
+        return {tuple(r[k] if k in ("op", "mode") else int(r[k]) for k in CEILING_KEYS):
+                (float(r["bytes_per_token"]), int(r["launches"])) for r in csv.DictReader(f)}
+
+
+def write_ceiling(rows: list[dict], path: str = CEILING) -> None:
+    """The counts of `rows` as the new ceiling (bytes per token rounded up)."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*CEILING_KEYS, "bytes_per_token", "launches"])
+        for r in rows:
+            w.writerow([r[k] for k in CEILING_KEYS] + [math.ceil(r["bytes_per_token"]), r["launches"]])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -431,38 +483,51 @@ def main(argv=None) -> int:
     p.add_argument("--csv", help="write the rows to this CSV file (replaced)")
     p.add_argument("--rows", help="comma-separated row names (default: all)")
     p.add_argument("--sms", help="SM counts of the sizes, e.g. 1,2 (default: 1,2 quick, 1,2,3 full)")
+    p.add_argument("--write-ceiling", action="store_true",
+                   help=f"record the counts as the CI guard's ceiling ({os.path.relpath(CEILING, ROOT)}; with --quick)")
+    p.add_argument("--sass", action="store_true",
+                   help="then tools/sass_report.py on the built extension's sm_90 code of every kernel "
+                        "launched, at the launches' threads and shared memory")
     p.add_argument("-v", "--verbose", action="store_true", help="every kernel launch and ATen op")
     args = p.parse_args(argv)
+    if args.write_ceiling and not args.quick:
+        p.error("--write-ceiling records the --quick rows (the ones the CI guard counts)")
 
-    counter, module = cuemu_count.load()
-    from harness import git_commit  # noqa: E402  (bench/harness.py; imports torch)
-
-    only = set(args.rows.split(",")) if args.rows else None
-    sms = [int(s) for s in args.sms.split(",")] if args.sms else ([1, 2] if args.quick else [1, 2, 3])
-    if len(sms) < 2:
-        p.error("--sms needs at least two sizes (bytes per token is the slope between them)")
-    commit = git_commit()
-    all_rows = []
     start = time.time()
-    for case in cases(args.quick, only):
-        t0 = time.time()
-        ms = [measure(case, counter, module, s) for s in sms]
-        summary = summarize(case, ms, itemsize=2)
-        print_case(case, summary, kernel_table(ms[-1]), ms, args.verbose)
-        print(f"   ({time.time() - t0:.0f} s)", flush=True)
-        for r in summary:
-            r["git_commit"] = commit
-        all_rows += summary
+    sms = [int(s) for s in args.sms.split(",")] if args.sms else None
+    launched: dict = {}
+    try:
+        all_rows = run(args.quick, set(args.rows.split(",")) if args.rows else None, sms, args.verbose,
+                       launches=launched)
+    except ValueError as e:
+        p.error(str(e))
+    if args.sass:
+        print_sass(launched, args.verbose)
     print(f"\n{'op':26s} {'mode':8s} {'d':>5s} {'l':>3s} {'B/token':>10s} {'floor':>10s} {'ratio':>6s} {'launches':>8s}")
     for r in all_rows:
         print(f"{r['op']:26s} {r['mode']:8s} {r['d']:5d} {r['l']:3d} {r['bytes_per_token']:10.0f} "
               f"{r['floor_bytes_per_token']:10d} {r['ratio']:6.3f} {str(r['launches']):>8s}")
     print(f"({time.time() - start:.0f} s; counted on the CPU emulator, H100 shapes scaled to "
-          f"{', '.join(map(str, sms))} SMs; predicted times assume {COPY_BANDWIDTH / 1e12:.1f} TB/s and "
-          f"{LAUNCH_US:.0f} us a launch)")
+          f"{args.sms or ('1,2' if args.quick else '1,2,3')} SMs; predicted times assume "
+          f"{COPY_BANDWIDTH / 1e12:.1f} TB/s and {LAUNCH_US:.0f} us a launch)")
     if args.csv:
         write_csv(args.csv, all_rows)
+    if args.write_ceiling:
+        write_ceiling(all_rows)
     return 0
+
+
+def print_sass(launched: dict, verbose: bool) -> None:
+    """Registers, blocks per SM and loads in flight (tools/sass_report.py) of the launched
+    kernels, from the built extension's sm_90 code (what the emulator ran, compiled)."""
+    import re
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import sass_report
+
+    exact = {"^" + re.escape(name) + "$": cfg for name, cfg in launched.items()}
+    rows = sass_report.report(sass_report.default_so(), "sm_90", "|".join(exact), exact)
+    print("\n== SASS (sm_90) of the launched kernels, at their launches' threads and dynamic shared memory")
+    print(sass_report.format_table(rows, verbose))
 
 
 def write_csv(path: str, rows: list[dict]) -> None:

@@ -209,7 +209,7 @@ def load(verbose: bool = False, name: str = MODULE, src_root: str = CSRC):
         name=name,
         sources=sources,
         extra_include_paths=[os.path.join(HERE, "include"), HERE, os.path.join(dst, "src")],
-        extra_cflags=["-O1", "-include", os.path.join(HERE, "cuemu.h"), "-Wno-unused-variable",
+        extra_cflags=["-O1", "-finline-small-functions", "-include", os.path.join(HERE, "cuemu.h"), "-Wno-unused-variable",
                       "-Wno-attributes", "-Wno-ignored-attributes", *INSTRUMENT],
         extra_ldflags=["-Wl,--allow-multiple-definition", counter.__file__],
         build_directory=os.path.join(dst, "obj"),

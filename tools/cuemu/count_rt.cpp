@@ -161,12 +161,13 @@ struct PageEntry {
   int idx = -1;
 };
 
+PageEntry g_pages[kPageCacheSize];
+
 struct Launch {
   bool active = false;
   Record rec;
   std::vector<Range> snapshot;   // sorted by base
   std::vector<int> alloc_index;  // snapshot index -> rec.allocs index (-1: none yet)
-  std::vector<PageEntry> pages = std::vector<PageEntry>(kPageCacheSize);
   std::vector<std::vector<std::pair<uint64_t, uint32_t>>> executions;  // per thread: (instr, count)
   std::vector<std::vector<InstrGroups>> groups;                          // per warp
 };
@@ -188,7 +189,7 @@ int search_range(uintptr_t a) {
 
 int find_range(uintptr_t a) {
   const uint64_t page = a >> kPageBits;
-  PageEntry& e = g_launch.pages[page & (kPageCacheSize - 1)];
+  PageEntry& e = g_pages[page & (kPageCacheSize - 1)];
   if (e.page == page) return e.idx;
   const int idx = search_range(a);
   const uintptr_t lo = page << kPageBits, hi = lo + (uintptr_t(1) << kPageBits);
@@ -202,6 +203,13 @@ int find_range(uintptr_t a) {
   }
   if (whole) e = PageEntry{page, idx};
   return idx;
+}
+
+// False for an address on a page known to hold no allocation (the callbacks' fast path).
+inline bool maybe_global(uintptr_t a) {
+  const uint64_t page = a >> kPageBits;
+  const PageEntry& e = g_pages[page & (kPageCacheSize - 1)];
+  return !(e.page == page && e.idx < 0);
 }
 
 Group& group_of(uint64_t instr) {
@@ -329,7 +337,7 @@ void cuemu_rt_launch_begin(const void* kernel, const char* name, const unsigned*
     for (const auto& [base, r] : g_registry) L.snapshot.push_back(r);
   }
   L.alloc_index.assign(L.snapshot.size(), -1);
-  std::fill(L.pages.begin(), L.pages.end(), PageEntry{});
+  std::fill(std::begin(g_pages), std::end(g_pages), PageEntry{});
 }
 
 void cuemu_rt_block_begin(int nthreads) {
@@ -365,10 +373,10 @@ void cuemu_rt_library_call(const char* name, uint64_t bytes_read, uint64_t bytes
 #define CUEMU_CONTEXT() reinterpret_cast<uintptr_t>(__builtin_return_address(1))
 #define CUEMU_ACCESS(kind, store, n)                                                    \
   CUEMU_NOINLINE void __asan_##kind##n(uintptr_t a) {                                   \
-    if (t_thread >= 0) record_access(a, n, store, CUEMU_CALLER(), CUEMU_CONTEXT());     \
+    if (t_thread >= 0 && maybe_global(a)) record_access(a, n, store, CUEMU_CALLER(), CUEMU_CONTEXT()); \
   }                                                                                     \
   CUEMU_NOINLINE void __asan_##kind##n##_noabort(uintptr_t a) {                         \
-    if (t_thread >= 0) record_access(a, n, store, CUEMU_CALLER(), CUEMU_CONTEXT());     \
+    if (t_thread >= 0 && maybe_global(a)) record_access(a, n, store, CUEMU_CALLER(), CUEMU_CONTEXT()); \
   }
 CUEMU_ACCESS(load, false, 1)
 CUEMU_ACCESS(load, false, 2)
@@ -381,10 +389,10 @@ CUEMU_ACCESS(store, true, 4)
 CUEMU_ACCESS(store, true, 8)
 CUEMU_ACCESS(store, true, 16)
 CUEMU_NOINLINE void __asan_loadN(uintptr_t a, size_t n) {
-  if (t_thread >= 0 && n > 0) record_access(a, n, false, CUEMU_CALLER(), CUEMU_CONTEXT());
+  if (t_thread >= 0 && n > 0 && maybe_global(a)) record_access(a, n, false, CUEMU_CALLER(), CUEMU_CONTEXT());
 }
 CUEMU_NOINLINE void __asan_storeN(uintptr_t a, size_t n) {
-  if (t_thread >= 0 && n > 0) record_access(a, n, true, CUEMU_CALLER(), CUEMU_CONTEXT());
+  if (t_thread >= 0 && n > 0 && maybe_global(a)) record_access(a, n, true, CUEMU_CALLER(), CUEMU_CONTEXT());
 }
 CUEMU_NOINLINE void __asan_loadN_noabort(uintptr_t a, size_t n) { __asan_loadN(a, n); }
 CUEMU_NOINLINE void __asan_storeN_noabort(uintptr_t a, size_t n) { __asan_storeN(a, n); }

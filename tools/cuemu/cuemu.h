@@ -67,6 +67,8 @@
 // their accesses is a kernel's global-memory access, and the mma gather alone would
 // otherwise call the counter tens of thousands of times per instruction.
 #define CUEMU_UNCOUNTED __attribute__((no_sanitize_address))
+// The 16-bit conversions every emulated load and store of a bf16/fp16 value runs.
+#define CUEMU_ALWAYS_INLINE __attribute__((always_inline))
 
 // ------------------------------------------------------------------ vector types
 struct __attribute__((aligned(8))) float2 { float x, y; };
@@ -92,20 +94,20 @@ constexpr int warpSize = 32;
 
 // ------------------------------------------------------------------ 16-bit floats
 namespace cuemu {
-inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
-inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline uint16_t float_to_bf16_bits(float f) {
+CUEMU_ALWAYS_INLINE inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+CUEMU_ALWAYS_INLINE inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+CUEMU_ALWAYS_INLINE inline uint16_t float_to_bf16_bits(float f) {
   uint32_t u = f2u(f);
   if (std::isnan(f)) return 0x7fc0;
   u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
   return static_cast<uint16_t>(u >> 16);
 }
-inline float bf16_bits_to_float(uint16_t b) { return u2f(static_cast<uint32_t>(b) << 16); }
-inline uint16_t float_to_half_bits(float f) {
+CUEMU_ALWAYS_INLINE inline float bf16_bits_to_float(uint16_t b) { return u2f(static_cast<uint32_t>(b) << 16); }
+CUEMU_ALWAYS_INLINE inline uint16_t float_to_half_bits(float f) {
   _Float16 h = static_cast<_Float16>(f);  // round to nearest even
   uint16_t b; std::memcpy(&b, &h, 2); return b;
 }
-inline float half_bits_to_float(uint16_t b) {
+CUEMU_ALWAYS_INLINE inline float half_bits_to_float(uint16_t b) {
   _Float16 h; std::memcpy(&h, &b, 2); return static_cast<float>(h);
 }
 }  // namespace cuemu
@@ -239,6 +241,7 @@ struct Fiber {
   bool done = false;
   bool started = false;
   const char* waiting = nullptr;  // where it waits, for the deadlock message
+  int internal = 0;               // depth of emulator internals it runs (not counted)
 };
 
 struct WarpState {
@@ -247,6 +250,8 @@ struct WarpState {
   unsigned mask = 0;           // mask of the meeting being gathered
   uint64_t gen = 0;
   alignas(16) unsigned char xchg[32][64];  // per-lane payload (shuffles: one value; mma: registers)
+  uint64_t mma_gen = ~0ull;    // the meeting whose mma results mma_out holds
+  float mma_out[32][4];        // D fragments of every lane, computed once per mma
 };
 
 struct Emu {
@@ -273,17 +278,37 @@ struct Emu {
   bool reverse = true;
 };
 
+// Thread-local state in the initial-exec TLS model: a plain %fs-relative access, where
+// the default model in a shared library calls __tls_get_addr on every threadIdx read
+// (the emulated module is dlopen'ed; these few bytes fit glibc's static TLS surplus).
+#define CUEMU_TLS __attribute__((tls_model("initial-exec")))
+
 inline Emu& emu() {
-  static thread_local Emu e;
-  return e;
+  static thread_local Emu* e CUEMU_TLS = nullptr;
+  if (e == nullptr) e = new Emu();  // one per host thread, for the process's lifetime
+  return *e;
 }
+
+// While it lives, the running fiber executes the emulator's own code (a barrier, a
+// shuffle, an mma): the traffic counter ignores its accesses (none is a kernel's
+// global-memory access). Per fiber, because fibers switch inside these functions.
+struct Internal {
+  CUEMU_UNCOUNTED Internal() {
+    Emu& e = emu();
+    if (e.current >= 0 && e.fibers[e.current].internal++ == 0) cuemu_rt_set_thread(-1);
+  }
+  CUEMU_UNCOUNTED ~Internal() {
+    Emu& e = emu();
+    if (e.current >= 0 && --e.fibers[e.current].internal == 0) cuemu_rt_set_thread(e.current);
+  }
+};
 
 }  // namespace cuemu
 
-inline thread_local uint3 threadIdx;
-inline thread_local uint3 blockIdx;
-inline thread_local dim3 blockDim;
-inline thread_local dim3 gridDim;
+inline thread_local uint3 threadIdx CUEMU_TLS;
+inline thread_local uint3 blockIdx CUEMU_TLS;
+inline thread_local dim3 blockDim CUEMU_TLS;
+inline thread_local dim3 gridDim CUEMU_TLS;
 
 namespace cuemu {
 
@@ -312,6 +337,7 @@ CUEMU_UNCOUNTED inline void fail(const std::string& msg) {
 }
 
 CUEMU_UNCOUNTED inline void syncthreads(const char* site) {
+  const Internal internal;
   Emu& e = emu();
   Fiber& f = e.fibers[e.current];
   if (e.exited > 0) {
@@ -336,6 +362,7 @@ CUEMU_UNCOUNTED inline int lane_of(const Fiber& f) { return f.linear % 32; }
 
 // All lanes in `mask` meet here (the caller's lane must be in it); returns when all did.
 CUEMU_UNCOUNTED inline void warp_meet(unsigned mask, const char* what) {
+  const Internal internal;
   Emu& e = emu();
   Fiber& f = e.fibers[e.current];
   const int lane = lane_of(f);
@@ -373,6 +400,7 @@ CUEMU_UNCOUNTED inline void warp_meet(unsigned mask, const char* what) {
 template <typename T>
 CUEMU_UNCOUNTED inline T shfl(unsigned mask, T v, int src_lane, int width, const char* what) {
   static_assert(sizeof(T) <= 64, "shuffle payload");
+  const Internal internal;
   Emu& e = emu();
   Fiber& f = e.fibers[e.current];
   const int lane = lane_of(f);
@@ -406,8 +434,42 @@ CUEMU_UNCOUNTED inline float half16_to_float(uint16_t bits, bool bf16) {
   return bf16 ? bf16_bits_to_float(bits) : half_bits_to_float(bits);
 }
 
+// D = A·B + C of one warp from the fragments in w.xchg (MmaRegs per lane) into w.mma_out.
+CUEMU_UNCOUNTED inline uint16_t half_of(uint32_t reg, int h) {
+  return static_cast<uint16_t>(h ? reg >> 16 : reg & 0xffff);
+}
+CUEMU_UNCOUNTED inline void mma_compute(WarpState& w, bool bf16) {
+  float A[16][16], B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    MmaRegs r;
+    std::memcpy(&r, w.xchg[l], sizeof r);
+    const int g = l / 4, t = l % 4;
+    for (int h = 0; h < 2; ++h) {
+      A[g][2 * t + h] = half16_to_float(half_of(r.a[0], h), bf16);
+      A[g + 8][2 * t + h] = half16_to_float(half_of(r.a[1], h), bf16);
+      A[g][2 * t + 8 + h] = half16_to_float(half_of(r.a[2], h), bf16);
+      A[g + 8][2 * t + 8 + h] = half16_to_float(half_of(r.a[3], h), bf16);
+      B[2 * t + h][g] = half16_to_float(half_of(r.b[0], h), bf16);
+      B[2 * t + 8 + h][g] = half16_to_float(half_of(r.b[1], h), bf16);
+    }
+  }
+  for (int l = 0; l < 32; ++l) {
+    MmaRegs r;
+    std::memcpy(&r, w.xchg[l], sizeof r);
+    const int g = l / 4, t = l % 4;
+    const int rows[4] = {g, g, g + 8, g + 8};
+    const int cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+    for (int q = 0; q < 4; ++q) {
+      float acc = r.c[q];
+      for (int k = 0; k < 16; ++k) acc += A[rows[q]][k] * B[k][cols[q]];
+      w.mma_out[l][q] = acc;
+    }
+  }
+}
+
 CUEMU_UNCOUNTED inline void mma_sync(const char* instr, float& d0, float& d1, float& d2, float& d3, uint32_t a0,
                      uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+  const Internal internal;
   Emu& e = emu();
   Fiber& f = e.fibers[e.current];
   const std::string s(instr);
@@ -426,33 +488,14 @@ CUEMU_UNCOUNTED inline void mma_sync(const char* instr, float& d0, float& d1, fl
   static_assert(sizeof(MmaRegs) <= sizeof(w.xchg[0]), "mma payload");
   std::memcpy(w.xchg[lane], &mine, sizeof mine);
   warp_meet(0xffffffffu, "mma.sync");  // .aligned: the whole warp executes it
-  // Gather A (16×16), B (16×8) from the fragments of all lanes.
-  float A[16][16], B[16][8];
-  for (int l = 0; l < 32; ++l) {
-    MmaRegs r;
-    std::memcpy(&r, w.xchg[l], sizeof r);
-    const int g = l / 4, t = l % 4;
-    for (int h = 0; h < 2; ++h) {
-      const auto lo_hi = [&](uint32_t reg) { return static_cast<uint16_t>(h ? reg >> 16 : reg & 0xffff); };
-      A[g][2 * t + h] = half16_to_float(lo_hi(r.a[0]), bf16);
-      A[g + 8][2 * t + h] = half16_to_float(lo_hi(r.a[1]), bf16);
-      A[g][2 * t + 8 + h] = half16_to_float(lo_hi(r.a[2]), bf16);
-      A[g + 8][2 * t + 8 + h] = half16_to_float(lo_hi(r.a[3]), bf16);
-      B[2 * t + h][g] = half16_to_float(lo_hi(r.b[0]), bf16);
-      B[2 * t + 8 + h][g] = half16_to_float(lo_hi(r.b[1]), bf16);
-    }
+  if (w.mma_gen != w.gen) {  // the first lane to resume computes D for the whole warp
+    mma_compute(w, bf16);
+    w.mma_gen = w.gen;
   }
-  const int g = lane / 4, t = lane % 4;
-  float* out[4] = {&d0, &d1, &d2, &d3};
-  const int rows[4] = {g, g, g + 8, g + 8};
-  const int cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
   float res[4];
-  for (int q = 0; q < 4; ++q) {
-    float acc = mine.c[q];
-    for (int k = 0; k < 16; ++k) acc += A[rows[q]][k] * B[k][cols[q]];
-    res[q] = acc;
-  }
-  warp_meet(0xffffffffu, "mma.sync");  // every lane has gathered before xchg is reused
+  std::memcpy(res, w.mma_out[lane], sizeof res);
+  warp_meet(0xffffffffu, "mma.sync");  // every lane has read before xchg is reused
+  float* out[4] = {&d0, &d1, &d2, &d3};
   for (int q = 0; q < 4; ++q) *out[q] = res[q];
 }
 
@@ -548,7 +591,7 @@ CUEMU_UNCOUNTED inline void run_block(size_t smem_bytes) {
       if (f.done) continue;
       e.current = i;
       threadIdx = f.tid;
-      cuemu_rt_set_thread(i);
+      cuemu_rt_set_thread(f.internal ? -1 : i);
       cuemu_switch(&e.sched_sp, f.sp);
       cuemu_rt_set_thread(-1);
     }

@@ -1,0 +1,53 @@
+"""CI guard on traffic: every row of `bench/traffic.py --quick`, counted on the CPU
+emulator, moves at most the bytes per token and makes at most the launches recorded in
+bench/traffic_ceiling.csv. A change that adds traffic fails here; one that removes
+traffic fails too, until the ceiling is tightened to the new count
+(`python bench/traffic.py --quick --write-ceiling`), so the ceiling is always today's."""
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.cuemu
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIGHTEN_BELOW = 0.99  # a count this far under its ceiling must be recorded
+
+
+def _traffic():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    spec = importlib.util.spec_from_file_location("bench_traffic", os.path.join(ROOT, "bench", "traffic.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_traffic"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+traffic = _traffic()
+CEILING = traffic.read_ceiling()
+OPS = sorted({key[0] for key in CEILING})
+
+
+def test_ceiling_covers_every_quick_row():
+    assert OPS == sorted({c.op for c in traffic.cases(quick=True, only=None)})
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_row_within_ceiling(op):
+    rows = traffic.run(quick=True, only={op}, echo=False)
+    assert rows, f"bench/traffic.py has no quick row {op}"
+    for r in rows:
+        key = tuple(r[k] for k in traffic.CEILING_KEYS)
+        bytes_ceiling, launch_ceiling = CEILING[key]
+        what = f"{op} {r['mode']} (d={r['d']}, l={r['l']})"
+        assert r["bytes_per_token"] <= bytes_ceiling, (
+            f"{what} moves {r['bytes_per_token']:.0f} B/token, above its ceiling {bytes_ceiling:.0f} "
+            f"(floor {r['floor_bytes_per_token']}): run `python bench/traffic.py --quick --rows {op} -v` "
+            f"to see which kernel or ATen op added it")
+        assert r["launches"] <= launch_ceiling, f"{what}: {r['launches']} launches, ceiling {launch_ceiling}"
+        assert r["bytes_per_token"] >= TIGHTEN_BELOW * bytes_ceiling and r["launches"] == launch_ceiling, (
+            f"{what} now moves {r['bytes_per_token']:.0f} B/token in {r['launches']} launches, under its "
+            f"ceiling ({bytes_ceiling:.0f} B/token, {launch_ceiling} launches): record the gain with "
+            f"`python bench/traffic.py --quick --write-ceiling` and note it in bench/NOTES.md")
