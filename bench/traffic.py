@@ -414,7 +414,8 @@ def print_case(case: Case, summary: list[dict], kernels: list[dict], ms: list[Me
     if verbose:
         m = ms[-1]
         for phase, cnt in (("fwd", m.fwd), ("bwd", m.bwd)):
-            print(f"   -- {phase} at N = {m.N}: every row (bytes per token read / written)")
+            print(f"   -- {phase} at N = {m.N}: every row that moves bytes or launches (kind, name, "
+                  f"launch on a GPU, bytes per token read / written, per tensor for kernels)")
             for r in cnt.rows:
                 if not (r.bytes or r.launch):
                     continue
@@ -423,7 +424,8 @@ def print_case(case: Case, summary: list[dict], kernels: list[dict], ms: list[Me
                     where = "  " + ", ".join(
                         f"{a.get('name') or 'tmp'}:{(a['ld_unique_sectors'] * 32) / m.N:.0f}r/"
                         f"{(a['st_unique_sectors'] * 32) / m.N:.0f}w" for a in r.detail["allocs"])
-                print(f"      {r.kind:7s} {short(r.name, 48):48s} {r.read / m.N:9.0f} {r.written / m.N:9.0f}{where}")
+                print(f"      {r.kind:7s} {short(r.name, 48):48s} {'launch' if r.launch else '-':6s} "
+                      f"{r.read / m.N:9.0f} {r.written / m.N:9.0f}{where}")
 
 
 CEILING = os.path.join(HERE, "traffic_ceiling.csv")

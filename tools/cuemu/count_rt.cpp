@@ -61,36 +61,32 @@ std::mutex g_registry_mutex;
 std::map<uintptr_t, Range> g_registry;  // base -> range
 uint64_t g_next_id = 1;
 
-struct RegisteredAllocation {
-  c10::DataPtr inner;
-  uintptr_t base;
-};
+c10::DeleterFnPtr g_inner_deleter = nullptr;
 
-void delete_registered(void* ctx) {
-  auto* r = static_cast<RegisteredAllocation*>(ctx);
-  {
+void delete_registered(void* p) {
+  if (p != nullptr) {
     std::lock_guard<std::mutex> lock(g_registry_mutex);
-    g_registry.erase(r->base);
+    g_registry.erase(reinterpret_cast<uintptr_t>(p));
   }
-  delete r;  // frees the inner allocation
+  g_inner_deleter(p);
 }
 
-// Wraps torch's CPU allocator: every allocation's range enters the registry.
+// Wraps torch's CPU allocator: every allocation's range enters the registry. Its data
+// pointers stay simple (context = data, one raw deleter), as code that allocates through
+// raw_allocate / raw_deallocate (oneDNN's buffers) requires.
 struct RegistryAllocator final : c10::Allocator {
   c10::Allocator* inner;
   explicit RegistryAllocator(c10::Allocator* a) : inner(a) {}
   c10::DataPtr allocate(size_t n) override {
-    c10::DataPtr d = inner->allocate(n);
-    void* p = d.get();
-    if (p == nullptr || n == 0) return d;
-    const c10::Device device = d.device();
-    auto* r = new RegisteredAllocation{std::move(d), reinterpret_cast<uintptr_t>(p)};
-    {
+    void* p = inner->raw_allocate(n);
+    if (p != nullptr && n > 0) {
+      const uintptr_t base = reinterpret_cast<uintptr_t>(p);
       std::lock_guard<std::mutex> lock(g_registry_mutex);
-      g_registry[r->base] = Range{r->base, r->base + n, g_next_id++};
+      g_registry[base] = Range{base, base + n, g_next_id++};
     }
-    return c10::DataPtr(p, r, &delete_registered, device);
+    return c10::DataPtr(p, p, &delete_registered, c10::Device(c10::DeviceType::CPU));
   }
+  c10::DeleterFnPtr raw_deleter() const override { return &delete_registered; }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     inner->copy_data(dest, src, count);
   }
@@ -100,7 +96,10 @@ bool g_installed = false;
 
 void install_allocator() {
   if (g_installed) return;
-  static RegistryAllocator alloc(c10::GetCPUAllocator());
+  c10::Allocator* inner = c10::GetCPUAllocator();
+  g_inner_deleter = inner->raw_deleter();
+  TORCH_CHECK(g_inner_deleter != nullptr, "cuemu_count: torch's CPU allocator has no raw deleter; cannot wrap it");
+  static RegistryAllocator alloc(inner);
   c10::SetCPUAllocator(&alloc, /*priority=*/200);
   TORCH_CHECK(c10::GetCPUAllocator() == &alloc,
               "cuemu_count: another CPU allocator of higher priority is installed; cannot count");
@@ -408,6 +407,12 @@ void __asan_after_dynamic_init() {}
 // ------------------------------------------------------------------ Python interface
 namespace {
 
+// d["ld_<key>"] = v[0] (loads), d["st_<key>"] = v[1] (stores).
+void put_io(py::dict& d, const std::string& key, const uint64_t (&v)[2]) {
+  d[py::str("ld_" + key)] = v[0];
+  d[py::str("st_" + key)] = v[1];
+}
+
 py::list drain() {
   py::list out;
   size_t i = 0, j = 0;
@@ -422,26 +427,19 @@ py::list drain() {
       d["grid"] = py::make_tuple(r.grid[0], r.grid[1], r.grid[2]);
       d["block"] = py::make_tuple(r.block[0], r.block[1], r.block[2]);
       d["smem"] = r.smem;
-      d["ld_requests"] = r.requests[0];
-      d["st_requests"] = r.requests[1];
-      d["ld_sectors"] = r.sectors[0];
-      d["st_sectors"] = r.sectors[1];
-      d["ld_ideal_sectors"] = r.ideal_sectors[0];
-      d["st_ideal_sectors"] = r.ideal_sectors[1];
-      d["ld_bytes"] = r.bytes[0];
-      d["st_bytes"] = r.bytes[1];
+      put_io(d, "requests", r.requests);
+      put_io(d, "sectors", r.sectors);
+      put_io(d, "ideal_sectors", r.ideal_sectors);
+      put_io(d, "bytes", r.bytes);
       py::list allocs;
       for (const AllocStats& a : r.allocs) {
         py::dict x;
         x["id"] = a.id;
         x["base"] = a.base;
         x["size"] = a.size;
-        x["ld_bytes"] = a.bytes[0];
-        x["st_bytes"] = a.bytes[1];
-        x["ld_l2_sectors"] = a.l2_sectors[0];
-        x["st_l2_sectors"] = a.l2_sectors[1];
-        x["ld_unique_sectors"] = a.unique_sectors[0];
-        x["st_unique_sectors"] = a.unique_sectors[1];
+        put_io(x, "bytes", a.bytes);
+        put_io(x, "l2_sectors", a.l2_sectors);
+        put_io(x, "unique_sectors", a.unique_sectors);
         allocs.append(x);
       }
       d["allocs"] = allocs;
