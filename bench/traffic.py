@@ -98,16 +98,17 @@ def floor_depth_stack(d: int, layers: int, mode: str) -> int:
 
 @dataclass
 class Case:
-    """One row at one size: setup() builds the inputs (not counted), forward(state)
-    returns (outputs, grads-wrt), backward(...) runs autograd.grad with fresh output
-    gradients. `named` tensors label the per-allocation detail of -v."""
+    """One row: setup(N) builds the inputs for N tokens (not counted); forward(state)
+    runs the forward (counted) and returns (outputs, tensors to differentiate, fresh
+    output gradients) for the counted autograd.grad of `measure`. `named(state)` names
+    tensors for the per-allocation detail of -v. floor(mode): elements per token."""
     op: str
     d: int
     n: int
     l: int
     floor: Callable[[str], int]
     setup: Callable[[int], dict]
-    forward: Callable[[dict, "cuemu_count.Count"], tuple]
+    forward: Callable[[dict], tuple]
     named: Callable[[dict], dict] = field(default=lambda s: {})
 
 
@@ -122,7 +123,7 @@ def hc_case(kind: str, d: int, n: int, dtype) -> Case:
         H = torch.randn(N, n, d, dtype=dtype, requires_grad=True)
         return {"hc": hc, "H": H, "dH_next": torch.randn(N, n, d, dtype=dtype)}
 
-    def forward(s, c):
+    def forward(s):
         x, post = s["hc"].pre(s["H"])
         H_next = post(x)  # identity branch: y = x
         return [H_next], [s["H"], *s["hc"].parameters()], [s["dH_next"]]
@@ -142,7 +143,7 @@ def depth_aggregate_case(d: int, l: int, C: int, dtype, qkv_norm: bool) -> Case:
         g = torch.rand(3, d, requires_grad=True) + 0.5 if qkv_norm else None
         return {"S": S, "A": A, "g": g, "dY": torch.randn(C, N, d, dtype=dtype)}
 
-    def forward(s, c):
+    def forward(s):
         if qkv_norm:
             Y = ops.depth_aggregate_qkv_norm(s["S"], s["A"], s["g"])
             return [Y], [s["S"], s["A"], s["g"]], [s["dY"]]
@@ -164,7 +165,7 @@ def mudd_weights_case(d: int, l: int, C: int, dtype) -> Case:
         x = torch.randn(N, d, dtype=dtype, requires_grad=True)
         return {"conn": conn, "x": x, "dA": torch.randn(N, C, l)}
 
-    def forward(s, c):
+    def forward(s):
         m = s["conn"]
         A = ops.mudd_weights(s["x"], m.W1, m.W2, m.bias, m.n_ways, m.eps)
         return [A], [s["x"], m.W1, m.W2, m.bias], [s["dA"]]
@@ -202,7 +203,7 @@ def mudd_layer_case(d: int, l: int, dtype) -> Case:
         return {"stack": stack, "views": views, "conn": conn, "g": g,
                 "dX": torch.randn(4, N, d, dtype=dtype)}
 
-    def forward(s, c):
+    def forward(s):
         X = s["conn"](s["stack"], norm_weights=s["g"])
         return [X], [*s["views"], *s["conn"].parameters(), s["g"]], [s["dX"]]
 
@@ -223,7 +224,7 @@ def dwa_layer_case(d: int, l: int, dtype) -> Case:
         dwa = DenseFormerDWA(layer_index=l - 2)
         return {"stack": stack, "views": views, "dwa": dwa, "dY": torch.randn(N, d, dtype=dtype)}
 
-    def forward(s, c):
+    def forward(s):
         Y = s["dwa"](s["stack"])
         return [Y], [*s["views"], s["dwa"].alpha], [s["dY"]]
 
@@ -241,15 +242,15 @@ def depth_stack_case(d: int, layers: int, dtype) -> Case:
 
     class Block(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, h, count):
-            ctx.count, ctx.ways = count, h.shape[0]
-            with count.excluded():
+        def forward(ctx, h):
+            ctx.ways = h.shape[0]
+            with cuemu_count.excluded():
                 return h.sum(0)
 
         @staticmethod
         def backward(ctx, dx):
-            with ctx.count.excluded():
-                return dx.expand(ctx.ways, *dx.shape).contiguous(), None
+            with cuemu_count.excluded():
+                return dx.expand(ctx.ways, *dx.shape).contiguous()
 
     def setup(N: int) -> dict:
         torch.manual_seed(0)
@@ -258,12 +259,12 @@ def depth_stack_case(d: int, layers: int, dtype) -> Case:
         x0 = torch.randn(N, d, dtype=dtype, requires_grad=True)
         return {"conns": conns, "gs": gs, "x0": x0, "dout": torch.randn(1, N, d, dtype=dtype)}
 
-    def forward(s, c):
+    def forward(s):
         x0 = s["x0"].view_as(s["x0"])
         stack = DepthStack.start(x0, layers + 1)
         h = x0.unsqueeze(0)
         for i, conn in enumerate(s["conns"]):
-            stack.push(Block.apply(h, c))
+            stack.push(Block.apply(h))
             h = conn(stack, norm_weights=s["gs"][i] if i < layers - 1 else None)
         params = [p for conn in s["conns"] for p in conn.parameters()]
         return [h], [x0, *params, *s["gs"]], [s["dout"]]
@@ -309,7 +310,7 @@ def measure(case: Case, counter, module, sms: int) -> Measured:
     with cuemu_count.device_sms(counter, sms), emulate(module):
         state = case.setup(N)
         with cuemu_count.counting(counter) as fwd:
-            outputs, wrt, grads = case.forward(state, fwd)
+            outputs, wrt, grads = case.forward(state)
         wrt = [t for t in wrt if t.requires_grad]
         with cuemu_count.counting(counter) as bwd:
             torch.autograd.grad(outputs, wrt, grads, allow_unused=True)

@@ -82,6 +82,23 @@ def test_scalar_path_takes_four_requests_for_one(count, counter, st):
     assert (row.read, row.written) == (4 * n, 4 * n)
 
 
+def test_vector_value_used_by_element_stays_one_16_byte_load(count, counter, st):
+    """The kernels load Vec<T, N> whole and read its elements: the emulator must count one
+    16-byte load a lane, as nvcc's LDG.128 (g++'s scalar replacement of aggregates split
+    it into eight 2-byte loads until tools/cuemu/build.py turned it off)."""
+    n = 4096  # floats: two ways of n/2 floats = n bf16 each
+    x = torch.randn(2 * n).to(torch.bfloat16).view(torch.float32)
+    row, a = launch(count, counter, st, "vec_ways", x, n, 1, 2, 256, 2)
+    d = row.detail
+    warps = n // 8 // 32
+    assert d["ld_requests"] == 2 * warps  # one 16-byte load a lane a way
+    assert d["ld_sectors"] == d["ld_ideal_sectors"] == 2 * 16 * warps
+    assert a["in"]["ld_unique_sectors"] == 4 * n // 32  # the whole input, once
+    bf = x.view(torch.bfloat16).float().reshape(2, n // 8, 8)  # way, thread, element
+    out = st.traffic("vec_ways", x, n, 1, 2, 256, 2)[: n // 8]
+    torch.testing.assert_close(out, bf.sum((0, 2)), rtol=1e-5, atol=1e-4)
+
+
 def test_strided_gather_reads_a_sector_per_element(count, counter, st):
     n, stride = 2048, 8  # 32 bytes apart: every lane in its own sector
     x = torch.randn(n * stride)
@@ -148,8 +165,29 @@ def test_aten_rows_from_schemas(count, counter):
 def test_excluded_region_is_not_counted(count, counter, st):
     x = torch.randn(1024)
     with count.counting(counter) as c:
-        with c.excluded():
+        with count.excluded():
             st.traffic("copy4", x, 1024, 1, 0, 256, 1)
             _ = x * 2
         _ = x + 1
     assert [r.name for r in c.rows if r.launch] == ["aten::add.Tensor"]
+
+
+def test_excluded_backward_is_not_counted_in_the_backward_region(count, counter):
+    class Uncounted(torch.autograd.Function):  # a stand-in layer, as bench/traffic.py's Block
+        @staticmethod
+        def forward(ctx, h):
+            with count.excluded():
+                return h * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            with count.excluded():
+                return g * 2
+
+    x, dy = torch.randn(64, requires_grad=True), torch.ones(64)
+    with count.counting(counter) as fwd:
+        y = Uncounted.apply(x) + 1
+    with count.counting(counter) as bwd:
+        torch.autograd.grad(y, x, dy)
+    assert [r.name for r in fwd.rows if r.launch] == ["aten::add.Tensor"]
+    assert [r.name for r in bwd.rows if r.launch] == []

@@ -110,6 +110,37 @@ __global__ void copy4_kernel(TrafficParams p) {
   }
 }
 
+// The kernels' Vec pattern (depth_aggregate_bwd's dY): two ways of 8 bf16 a thread, each
+// loaded whole (16 bytes) through a condition into an array, then read by element:
+// out[i] = Σ_w Σ_k in_bf16[w·n + 8i + k], the n floats of `in` seen as 2n bf16 (way w
+// is the w-th half), for i < n/8. g++'s scalar replacement of aggregates turns
+// each 16-byte load into eight 2-byte ones unless it is off (tools/cuemu/build.py).
+struct alignas(16) Bf16x8 {
+  __nv_bfloat16 v[8];
+};
+
+// Elements [e, e + 8) of row as one 16-byte load, or element by element past d (vec.cuh's
+// load_chunk_raw).
+__device__ Bf16x8 load_bf16x8(const __nv_bfloat16* __restrict__ row, int64_t e, int64_t d) {
+  if (e + 8 <= d) return *reinterpret_cast<const Bf16x8*>(row + e);
+  Bf16x8 x;
+  for (int k = 0; k < 8; ++k) x.v[k] = e + k < d ? row[e + k] : __nv_bfloat16(0.f);
+  return x;
+}
+
+__global__ void vec_ways_kernel(TrafficParams p) {
+  const __nv_bfloat16* in = reinterpret_cast<const __nv_bfloat16*>(p.in);
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= p.n / 8) return;
+  Bf16x8 g[2];
+  for (int w = 0; w < 2; ++w) g[w] = w < p.mode ? load_bf16x8(in + w * p.n, 8 * i, p.n) : Bf16x8{};
+  float sum = 0.f;
+  for (int w = 0; w < 2; ++w) {
+    for (int k = 0; k < 8; ++k) sum += static_cast<float>(g[w].v[k]);
+  }
+  p.out[i] = sum;
+}
+
 // out[i] = in[0] through shared memory: thread 0 of each block loads in[0] into shared
 // memory, every thread then reads it there (shared memory is not global traffic).
 __global__ void broadcast_read_kernel(TrafficParams p) {
@@ -132,6 +163,8 @@ at::Tensor traffic(const std::string& which, const at::Tensor& in, int64_t n, in
     gather_kernel<<<grid, block, 0, stream>>>(p);
   } else if (which == "copy4") {
     copy4_kernel<<<grid, block, 0, stream>>>(p);
+  } else if (which == "vec_ways") {
+    vec_ways_kernel<<<grid, block, 0, stream>>>(p);
   } else if (which == "broadcast_read") {
     broadcast_read_kernel<<<grid, block, 16, stream>>>(p);
   } else {

@@ -133,23 +133,6 @@ class Count:
 
     def __init__(self):
         self.rows: list[Row] = []
-        self._mode: Optional["_DispatchCounter"] = None
-
-    @contextlib.contextmanager
-    def excluded(self) -> Iterator[None]:
-        """Nothing inside the block is counted (e.g. a stand-in for a model's own layers
-        between the connections being counted). Nestable inside autograd Functions."""
-        mode = self._mode
-        was = mode.paused
-        mode.drain()
-        mode.paused = True
-        mode.counter.end()
-        try:
-            yield
-        finally:
-            mode.paused = was
-            if not was:
-                mode.counter.begin()
 
     def bytes(self, kind: Optional[str] = None) -> int:
         return sum(r.bytes for r in self.rows if kind is None or r.kind == kind)
@@ -203,20 +186,46 @@ class _DispatchCounter(TorchDispatchMode):
         return out
 
 
+_active: Optional[_DispatchCounter] = None  # the counting region running now
+
+
 @contextlib.contextmanager
 def counting(counter) -> Iterator[Count]:
     """Counts every kernel launch, ATen op and library call inside the block."""
+    global _active
+    if _active is not None:
+        raise RuntimeError("counting regions do not nest")
     count = Count()
     mode = _DispatchCounter(counter, count)
-    count._mode = mode
     counter.drain()  # records of an earlier region that ended without draining
     counter.begin()
+    _active = mode
     try:
         with mode:
             yield count
     finally:
+        _active = None
         counter.end()
         mode.drain()
+
+
+@contextlib.contextmanager
+def excluded() -> Iterator[None]:
+    """Nothing inside the block is counted by the region running now (if any), e.g. a
+    stand-in for a model's own layers between the connections being counted: the forward
+    of an autograd Function and, in the backward's region, its backward."""
+    mode = _active
+    if mode is None or mode.paused:
+        yield
+        return
+    mode.drain()
+    mode.paused = True
+    mode.counter.end()
+    try:
+        yield
+    finally:
+        mode.paused = False
+        mode.counter.begin()
 
 
 @contextlib.contextmanager
