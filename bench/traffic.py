@@ -52,7 +52,7 @@ from typing import Callable, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tools", "cuemu"))
-import count as cuemu_count  # noqa: E402  (before torch allocates anything we count)
+import count as cuemu_count  # noqa: E402  (tools/cuemu/count.py)
 
 TOKENS_FULL = 16384
 SMS_FULL = 132
