@@ -92,14 +92,6 @@ HcPreShape check_hc_pre_inputs(const at::Tensor& H, const at::Tensor& A, const a
   return sh;
 }
 
-void check_per_token(const at::Tensor& t, const char* name, const char* what,
-                     const std::vector<int64_t>& expected, const at::Tensor& H) {
-  TORCH_CHECK(t.sizes() == at::IntArrayRef(expected), name, " must have shape ", what, " = ",
-              at::IntArrayRef(expected), ", got ", t.sizes());
-  check_same_device(t, name, H);
-  check_floating(t, name);
-}
-
 // W transposed to (n+2, ldw), ldw = d rounded up to 8, zero-padded, accumulator dtype.
 at::Tensor transposed_weights(const at::Tensor& W, at::ScalarType acc_type, int64_t ldw) {
   const int64_t d = W.size(0);

@@ -96,14 +96,6 @@ MhcShape check_mhc_inputs(const at::Tensor& H, const at::Tensor& phi, const at::
   return sh;
 }
 
-void check_per_token(const at::Tensor& t, const char* name, const char* what,
-                     const std::vector<int64_t>& expected, const at::Tensor& H) {
-  TORCH_CHECK(t.sizes() == at::IntArrayRef(expected), name, " must have shape ", what, " = ",
-              at::IntArrayRef(expected), ", got ", t.sizes());
-  check_same_device(t, name, H);
-  check_floating(t, name);
-}
-
 // The tensor-core path: 16-bit activations, d >= kMmaMinD, and a device with 16-bit
 // mma.sync (sm 8.0+); otherwise the at::mm path computes the same product in fp32.
 bool use_mma(const at::Tensor& H, int device) {

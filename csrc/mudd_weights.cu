@@ -79,15 +79,6 @@ MuddShape check_mudd_inputs(const at::Tensor& x, const at::Tensor& W1, const at:
   return sh;
 }
 
-void check_per_token(const at::Tensor& t, const char* name, const char* what,
-                     const std::vector<int64_t>& expected, const at::Tensor& x) {
-  TORCH_CHECK(t.sizes() == at::IntArrayRef(expected), name, " must have shape ", what, " = ",
-              at::IntArrayRef(expected), ", got ", t.sizes());
-  check_floating(t, name);
-  TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device(),
-              "; all inputs must be on one device");
-}
-
 bool tanh_form(const std::string& approximate) {
   TORCH_CHECK(approximate == "none" || approximate == "tanh",
               "approximate must be 'none' or 'tanh', got '", approximate, "'");
@@ -206,9 +197,9 @@ std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tens
   const MuddShape sh = check_mudd_inputs(x_in, W1, W2, bias, n_ways);
   const bool tanh_gelu = tanh_form(approximate);
   (void)eps;  // r carries it
-  check_per_token(dA_in, "dA", "(*tok, C, l)", with_tail(sh.lead, {sh.C, sh.l}), x_in);
-  check_per_token(u_in, "u", "(*tok, K)", with_tail(sh.lead, {sh.K}), x_in);
-  check_per_token(r_in, "r", "(*tok,)", sh.lead, x_in);
+  check_per_token(dA_in, "dA", "(*tok, C, l)", with_tail(sh.lead, {sh.C, sh.l}), x_in, "x");
+  check_per_token(u_in, "u", "(*tok, K)", with_tail(sh.lead, {sh.K}), x_in, "x");
+  check_per_token(r_in, "r", "(*tok,)", sh.lead, x_in, "x");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::ScalarType acc_type = acc_dtype(x_in.scalar_type());
   const auto acc_opts = x_in.options().dtype(acc_type);

@@ -1,4 +1,4 @@
-// Host-side helpers shared by the HC launchers: run-time-named checks, and reading and
+// Host-side helpers shared by the launchers: run-time-named checks, and reading and
 // writing activations through TokenLayout (kernels/..., common/tokens.cuh).
 #pragma once
 
@@ -21,9 +21,10 @@ inline void check_floating(const at::Tensor& t, const char* name) {
               " must have dtype float32, bfloat16, float16 or float64, got ", t.scalar_type());
 }
 
-inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& H) {
-  TORCH_CHECK(t.device() == H.device(), name, " is on ", t.device(), " but H is on ", H.device(),
-              "; all inputs must be on one device");
+inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                              const char* ref_name = "H") {
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ",
+              ref.device(), "; all inputs must be on one device");
 }
 
 // `lead` followed by `tail`: the shape of a per-token tensor.
@@ -32,6 +33,17 @@ inline std::vector<int64_t> with_tail(const std::vector<int64_t>& lead,
   std::vector<int64_t> out(lead);
   out.insert(out.end(), tail);
   return out;
+}
+
+// A per-token input of a backward launcher (saved statistics, output gradients): shape
+// `expected` (spelled `what` in the message), a floating dtype, on `ref`'s device.
+inline void check_per_token(const at::Tensor& t, const char* name, const char* what,
+                            const std::vector<int64_t>& expected, const at::Tensor& ref,
+                            const char* ref_name = "H") {
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(expected), name, " must have shape ", what, " = ",
+              at::IntArrayRef(expected), ", got ", t.sizes());
+  check_same_device(t, name, ref, ref_name);
+  check_floating(t, name);
 }
 
 // An activation input whose tokens one TokenLayout addresses and whose features have

@@ -60,3 +60,9 @@ def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
         return torch.float64
     return torch.float32
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' arithmetic dtype for activations of `dtype`: float64 for float64,
+    float32 otherwise (coefficients, accumulators and parameter gradients)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

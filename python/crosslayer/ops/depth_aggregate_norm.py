@@ -25,19 +25,14 @@ import torch
 from torch import Tensor
 
 from crosslayer import ref
-from crosslayer._checks import compute_dtype
+from crosslayer._checks import acc_dtype, compute_dtype
 from crosslayer._extension import kernels_for, runs_kernels
 from crosslayer.ref.mudd import validate_depth_aggregate_qkv_norm
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    """The kernels' arithmetic dtype for activations of `dtype`."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _rstd(S: Tensor, A: Tensor, eps: float) -> Tensor:
     """The oracle's rstd (3, N) in the arithmetic dtype (CPU path of the forward op)."""
-    acc = _acc(S.dtype)
+    acc = acc_dtype(S.dtype)
     Y = ref.depth_aggregate(S.to(acc), A.to(acc))[:3]
     return torch.rsqrt(Y.square().mean(-1) + eps).contiguous()
 
@@ -52,14 +47,14 @@ def depth_aggregate_qkv_norm_op(S: Tensor, A: Tensor, norm_weights: Tensor, eps:
     if kernels is not None:
         out, rstd = kernels.depth_aggregate_norm_fwd(S, A, norm_weights, eps)
         return out, rstd
-    acc = _acc(S.dtype)
+    acc = acc_dtype(S.dtype)
     out = ref.depth_aggregate_qkv_norm(S, A.to(acc), norm_weights.to(acc), eps)
     return out.clone(memory_format=torch.contiguous_format), _rstd(S, A, eps)
 
 
 @depth_aggregate_qkv_norm_op.register_fake
 def _depth_aggregate_qkv_norm_fake(S, A, norm_weights, eps):
-    return S.new_empty((4, S.shape[1], S.shape[2])), S.new_empty((3, S.shape[1]), dtype=_acc(S.dtype))
+    return S.new_empty((4, S.shape[1], S.shape[2])), S.new_empty((3, S.shape[1]), dtype=acc_dtype(S.dtype))
 
 
 @torch.library.custom_op("crosslayer::depth_aggregate_qkv_norm_bwd", mutates_args=("dS",))
@@ -76,7 +71,7 @@ def depth_aggregate_qkv_norm_bwd_op(dOut: Tensor, S: Tensor, A: Tensor, norm_wei
     if kernels is not None:
         dA, dg = kernels.depth_aggregate_norm_bwd(dOut, S, A, norm_weights, rstd, dS, accumulate)
         return dA, dg
-    acc = _acc(S.dtype)
+    acc = acc_dtype(S.dtype)
     dS_new, dA, dg = ref.depth_aggregate_qkv_norm_bwd(dOut, S, A.to(acc), norm_weights.to(acc), eps)
     if accumulate:
         dS.add_(dS_new)
@@ -123,7 +118,7 @@ def depth_aggregate_qkv_norm(S: Tensor, A: Tensor, norm_weights: Tensor, eps: fl
     float32 for those).
     """
     validate_depth_aggregate_qkv_norm(S, A, norm_weights)
-    if not (runs_kernels(S) and compute_dtype(S, A, norm_weights) == _acc(S.dtype)):
+    if not (runs_kernels(S) and compute_dtype(S, A, norm_weights) == acc_dtype(S.dtype)):
         return ref.depth_aggregate_qkv_norm(S, A, norm_weights, eps)
     l, d = S.shape[0], S.shape[-1]
     tok = S.shape[1:-1]

@@ -29,14 +29,9 @@ import torch
 from torch import Tensor
 
 from crosslayer import ref
-from crosslayer._checks import compute_dtype
+from crosslayer._checks import acc_dtype, compute_dtype
 from crosslayer._extension import kernels_for, runs_kernels
 from crosslayer.ref.hc import validate_hc_post, validate_stream_mix
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    """The kernels' arithmetic dtype for activations of `dtype`."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _like(H: Tensor, value: Tensor) -> Tensor:
@@ -85,13 +80,13 @@ def hc_post_bwd_op(dH_new: Tensor, H: Tensor, y: Tensor, alpha: Tensor,
         dH, dy, dalpha, dbeta = kernels.hc_post_bwd(dH_new, H, y, alpha, beta)
         return dH, dy, dalpha, dbeta
     dH, dy, dalpha, dbeta = ref.hc_post_bwd(dH_new, H, y, alpha, beta)
-    acc = _acc(H.dtype)
+    acc = acc_dtype(H.dtype)
     return _like(H, dH), dy.contiguous(), dalpha.to(acc).contiguous(), dbeta.to(acc).contiguous()
 
 
 @hc_post_bwd_op.register_fake
 def _hc_post_bwd_fake(dH_new: Tensor, H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor):
-    acc = _acc(H.dtype)
+    acc = acc_dtype(H.dtype)
     return (torch.empty_like(H), y.new_empty(_lead_d(H)), alpha.new_empty(alpha.shape, dtype=acc),
             beta.new_empty(beta.shape, dtype=acc))
 
@@ -140,12 +135,12 @@ def stream_mix_bwd_op(dx: Tensor, H: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]
         dH, dw = kernels.stream_mix_bwd(dx, H, w)
         return dH, dw
     dH, dw = ref.stream_mix_bwd(dx, H, w)
-    return _like(H, dH), dw.to(_acc(H.dtype)).contiguous()
+    return _like(H, dH), dw.to(acc_dtype(H.dtype)).contiguous()
 
 
 @stream_mix_bwd_op.register_fake
 def _stream_mix_bwd_fake(dx: Tensor, H: Tensor, w: Tensor):
-    return torch.empty_like(H), w.new_empty(w.shape, dtype=_acc(H.dtype))
+    return torch.empty_like(H), w.new_empty(w.shape, dtype=acc_dtype(H.dtype))
 
 
 def _stream_mix_setup(ctx, inputs, output) -> None:
@@ -171,7 +166,7 @@ def _fusable(H: Tensor, *others: Tensor) -> bool:
     and an arithmetic dtype the kernels use (no float64 coefficient with lower-precision H)."""
     if not runs_kernels(H):
         return False
-    return compute_dtype(H, *others) == _acc(H.dtype)
+    return compute_dtype(H, *others) == acc_dtype(H.dtype)
 
 
 def hc_post(H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:

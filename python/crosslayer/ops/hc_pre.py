@@ -28,20 +28,15 @@ import torch
 from torch import Tensor
 
 from crosslayer import ref
-from crosslayer._checks import compute_dtype
+from crosslayer._checks import acc_dtype, compute_dtype
 from crosslayer._extension import kernels_for, runs_kernels
 from crosslayer.ops.hc_mix import stream_mix
 from crosslayer.ref.hc import Scalar, validate_hc_pre
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    """The kernels' arithmetic dtype for activations of `dtype`."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _projection(H: Tensor, W: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     """The oracle's (q, r) in the arithmetic dtype: q = H·W, r = rsqrt(mean_d H² + eps)."""
-    acc = _acc(H.dtype)
+    acc = acc_dtype(H.dtype)
     Hc = H.to(acc)
     r = torch.rsqrt(Hc.square().mean(-1) + eps)
     return (Hc @ W.to(acc)).contiguous(), r.contiguous()
@@ -60,7 +55,7 @@ def hc_pre_dhc_op(H: Tensor, A: Tensor, B: Tensor, W: Tensor, s_a: Tensor, s_b: 
     if kernels is not None:
         x, alpha, beta, q, r = kernels.hc_pre_dhc_fwd(H, A, B, W, s_a, s_b, eps)
         return x, alpha, beta, q, r
-    acc = _acc(H.dtype)
+    acc = acc_dtype(H.dtype)
     x, alpha, beta = ref.hc_pre(H, A.to(acc), B.to(acc), W.to(acc), s_a.to(acc), s_b.to(acc), eps)
     q, r = _projection(H, W, eps)
     return x.contiguous(), alpha.contiguous(), beta.contiguous(), q, r
@@ -69,7 +64,7 @@ def hc_pre_dhc_op(H: Tensor, A: Tensor, B: Tensor, W: Tensor, s_a: Tensor, s_b: 
 @hc_pre_dhc_op.register_fake
 def _hc_pre_dhc_fake(H, A, B, W, s_a, s_b, eps):
     lead, n, d = H.shape[:-2], H.shape[-2], H.shape[-1]
-    acc = _acc(H.dtype)
+    acc = acc_dtype(H.dtype)
     return (H.new_empty((*lead, d)), H.new_empty((*lead, n, n + 1), dtype=acc),
             H.new_empty((*lead, n), dtype=acc), H.new_empty((*lead, n, n + 2), dtype=acc),
             H.new_empty((*lead, n), dtype=acc))
@@ -90,7 +85,7 @@ def hc_pre_dhc_bwd_op(dx: Tensor, dalpha: Optional[Tensor], dbeta: Optional[Tens
     if kernels is not None:
         dH, dA, dB, dW, ds_a, ds_b = kernels.hc_pre_dhc_bwd(dx, dalpha, dbeta, H, A, B, W, s_a, s_b, q, r)
         return dH, dA, dB, dW, ds_a, ds_b
-    acc = _acc(H.dtype)
+    acc = acc_dtype(H.dtype)
     dH, dA, dB, dW, ds_a, ds_b = ref.hc_pre_bwd(
         dx, dalpha, dbeta, H, A.to(acc), B.to(acc), W.to(acc), s_a.to(acc), s_b.to(acc), eps)
     dH_like = torch.empty_like(H)
@@ -155,7 +150,7 @@ def hc_pre(H: Tensor, A: Tensor, B: Tensor, W: Optional[Tensor] = None,
     if W is None:
         alpha, beta = A.to(ct).clone(), B.to(ct).clone()
         return stream_mix(H, alpha[:, 0]), alpha, beta
-    if not (runs_kernels(H) and ct == _acc(H.dtype)):
+    if not (runs_kernels(H) and ct == acc_dtype(H.dtype)):
         return ref.hc_pre(H, A, B, W, s_a, s_b, eps)
     sa = _scalar_tensor(s_a, ct, H.device)
     sb = _scalar_tensor(s_b, ct, H.device)

@@ -29,16 +29,16 @@ import torch
 from torch import Tensor
 
 from crosslayer import ref
-from crosslayer._checks import compute_dtype
+from crosslayer._checks import acc_dtype, compute_dtype
 from crosslayer._extension import kernels_for, runs_kernels
-from crosslayer.ops.hc_pre import _acc, _scalar_tensor
+from crosslayer.ops.hc_pre import _scalar_tensor
 from crosslayer.ref.hc import Scalar
 from crosslayer.ref.mhc import validate_mhc_coeffs
 
 
 def _projection(H: Tensor, phi: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     """The oracle's (u, r) in the arithmetic dtype: u = xf·phi, r = rsqrt(mean xf² + eps)."""
-    acc = _acc(H.dtype)
+    acc = acc_dtype(H.dtype)
     xf = H.to(acc).flatten(-2)
     return (xf @ phi.to(acc)).contiguous(), torch.rsqrt(xf.square().mean(-1) + eps).contiguous()
 
@@ -58,7 +58,7 @@ def mhc_coeffs_op(H: Tensor, phi: Tensor, a_pre: Tensor, a_post: Tensor, a_res: 
         alpha, beta, u, r = kernels.mhc_coeffs_fwd(H, phi, a_pre, a_post, a_res, b, eps, pre_eps,
                                                     post_mult, iters, sinkhorn_eps)
         return alpha, beta, u, r
-    acc = _acc(H.dtype)
+    acc = acc_dtype(H.dtype)
     alpha, beta = ref.mhc_coeffs(H, phi.to(acc), a_pre.to(acc), a_post.to(acc), a_res.to(acc),
                                  b.to(acc), eps, pre_eps, post_mult, iters, sinkhorn_eps)
     u, r = _projection(H, phi, eps)
@@ -68,7 +68,7 @@ def mhc_coeffs_op(H: Tensor, phi: Tensor, a_pre: Tensor, a_post: Tensor, a_res: 
 @mhc_coeffs_op.register_fake
 def _mhc_coeffs_fake(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters, sinkhorn_eps):
     lead, n = H.shape[:-2], H.shape[-2]
-    acc = _acc(H.dtype)
+    acc = acc_dtype(H.dtype)
     return (H.new_empty((*lead, n, n + 1), dtype=acc), H.new_empty((*lead, n), dtype=acc),
             H.new_empty((*lead, n * n + 2 * n), dtype=acc), H.new_empty(tuple(lead), dtype=acc))
 
@@ -90,7 +90,7 @@ def mhc_coeffs_bwd_op(dalpha: Optional[Tensor], dbeta: Optional[Tensor], H: Tens
             dalpha, dbeta, H, phi, a_pre, a_post, a_res, b, u, r, eps, pre_eps, post_mult, iters,
             sinkhorn_eps)
         return dH, dphi, da_pre, da_post, da_res, db
-    acc = _acc(H.dtype)
+    acc = acc_dtype(H.dtype)
     dH, dphi, da_pre, da_post, da_res, db = ref.mhc_coeffs_bwd(
         dalpha, dbeta, H, phi.to(acc), a_pre.to(acc), a_post.to(acc), a_res.to(acc), b.to(acc),
         eps, pre_eps, post_mult, iters, sinkhorn_eps)
@@ -144,7 +144,7 @@ def mhc_coeffs(H: Tensor, phi: Tensor, a_pre: Scalar, a_post: Scalar, a_res: Sca
     validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters)
     scalars = [v for v in (a_pre, a_post, a_res) if isinstance(v, Tensor)]
     ct = compute_dtype(H, phi, b, *scalars)
-    if not (runs_kernels(H) and ct == _acc(H.dtype)):
+    if not (runs_kernels(H) and ct == acc_dtype(H.dtype)):
         return ref.mhc_coeffs(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters,
                               sinkhorn_eps)
     a = [_scalar_tensor(v, ct, H.device) for v in (a_pre, a_post, a_res)]

@@ -29,19 +29,14 @@ import torch
 from torch import Tensor
 
 from crosslayer import ref
-from crosslayer._checks import compute_dtype
+from crosslayer._checks import acc_dtype, compute_dtype
 from crosslayer._extension import kernels_for, runs_kernels
 from crosslayer.ref.mudd import _check_approximate, validate_mudd_weights
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    """The kernels' arithmetic dtype for activations of `dtype`."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _projection(x: Tensor, W1: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     """The oracle's (u, r) in the arithmetic dtype: r = rsqrt(mean_d x² + eps), u = (x·r)·W1."""
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     xf = x.to(acc)
     r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
     return ((xf * r) @ W1.to(acc)).contiguous(), r.squeeze(-1).contiguous()
@@ -60,7 +55,7 @@ def mudd_weights_op(x: Tensor, W1: Tensor, W2: Tensor, bias: Tensor, n_ways: int
     if kernels is not None:
         A, u, r = kernels.mudd_weights_fwd(x, W1, W2, bias, n_ways, eps, approximate)
         return A, u, r
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     A = ref.mudd_weights(x, W1.to(acc), W2.to(acc), bias.to(acc), n_ways, eps, approximate)
     u, r = _projection(x, W1, eps)
     return A.contiguous(), u, r
@@ -69,7 +64,7 @@ def mudd_weights_op(x: Tensor, W1: Tensor, W2: Tensor, bias: Tensor, n_ways: int
 @mudd_weights_op.register_fake
 def _mudd_weights_fake(x, W1, W2, bias, n_ways, eps, approximate):
     lead, K, Cl = x.shape[:-1], W1.shape[1], W2.shape[1]
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     return (x.new_empty((*lead, n_ways, Cl // n_ways), dtype=acc), x.new_empty((*lead, K), dtype=acc),
             x.new_empty(lead, dtype=acc))
 
@@ -88,7 +83,7 @@ def mudd_weights_bwd_op(dA: Tensor, x: Tensor, W1: Tensor, W2: Tensor, bias: Ten
     if kernels is not None:
         dx, dW1, dW2, dbias = kernels.mudd_weights_bwd(dA, x, W1, W2, bias, u, r, n_ways, eps, approximate)
         return dx, dW1, dW2, dbias
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     dx, dW1, dW2, dbias = ref.mudd_weights_bwd(dA.to(acc), x, W1.to(acc), W2.to(acc), bias.to(acc),
                                                n_ways, eps, approximate)
     return (dx.contiguous(), dW1.to(W1.dtype).contiguous(), dW2.to(W2.dtype).contiguous(),
@@ -141,7 +136,7 @@ def mudd_weights(x: Tensor, W1: Tensor, W2: Tensor, bias: Tensor, n_ways: int, e
     validate_mudd_weights(x, W1, W2, bias, n_ways)
     _check_approximate(approximate)
     ct = compute_dtype(x, W1, W2, bias)
-    if not (runs_kernels(x) and ct == _acc(x.dtype) and x.shape[-1] >= 1 and W1.shape[1] >= 1):
+    if not (runs_kernels(x) and ct == acc_dtype(x.dtype) and x.shape[-1] >= 1 and W1.shape[1] >= 1):
         return ref.mudd_weights(x, W1, W2, bias, n_ways, eps, approximate)
     A, _, _ = mudd_weights_op(x, W1, W2, bias, n_ways, eps, approximate)
     return A
