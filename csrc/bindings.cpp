@@ -7,6 +7,7 @@
 
 #include <string>
 
+#include "common/limits.h"
 #include "ops.h"
 
 namespace {
@@ -24,6 +25,8 @@ std::string built_cuda_version() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "crosslayer CUDA kernels (use crosslayer.ops, not this module)";
+  m.attr("MAX_STREAMS") = crosslayer::kMaxStreams;  // n of the HC ops (crosslayer.ref.hc.MAX_STREAMS)
+  m.attr("MAX_SLOTS") = crosslayer::kMaxSlots;      // l of the depth ops (crosslayer.ref.mudd.MAX_SLOTS)
   m.def("built_torch_version", &built_torch_version,
         "major.minor.patch of the torch headers this module was compiled against");
   m.def("built_cuda_version", &built_cuda_version, "CUDA runtime version of the build");

@@ -40,8 +40,8 @@ DepthAggregateShape check_depth_aggregate_inputs(const at::Tensor& S, const at::
   sh.d = S.size(2);
   sh.C = A.size(-2);
   sh.static_weights = A.dim() == 2;
-  TORCH_CHECK(sh.l >= 1 && sh.l <= kDepthAggregateMaxSlots, "S must hold 1 to ",
-              kDepthAggregateMaxSlots, " slots along dim 0, got ", sh.l);
+  TORCH_CHECK(sh.l >= 1 && sh.l <= kMaxSlots, "S must hold 1 to ",
+              kMaxSlots, " slots along dim 0, got ", sh.l);
   TORCH_CHECK(sh.C >= 1, "A must have at least one way (dim -2), got shape ", A.sizes());
   if (sh.static_weights) {
     CL_CHECK_SHAPE(A, "A", "(C, l)", sh.C, sh.l);

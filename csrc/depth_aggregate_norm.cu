@@ -51,7 +51,7 @@ DaNormShape check_depth_aggregate_norm_inputs(const at::Tensor& S, const at::Ten
   sh.N = S.size(1);
   sh.d = S.size(2);
   sh.static_weights = A.dim() == 2;
-  TORCH_CHECK(sh.l >= 1 && sh.l <= kDaNormMaxSlots, "S must hold 1 to ", kDaNormMaxSlots,
+  TORCH_CHECK(sh.l >= 1 && sh.l <= kMaxSlots, "S must hold 1 to ", kMaxSlots,
               " slots along dim 0, got ", sh.l);
   if (sh.static_weights) {
     CL_CHECK_SHAPE(A, "A", "(4, l)", kDaNormWays, sh.l);

@@ -48,7 +48,7 @@ namespace {
         return __VA_ARGS__();                \
       }                                      \
       default: {                             \
-        constexpr int K_N = kHcMaxStreams;   \
+        constexpr int K_N = kMaxStreams;     \
         return __VA_ARGS__();                \
       }                                      \
     }                                        \
@@ -73,7 +73,7 @@ HcPreShape check_hc_pre_inputs(const at::Tensor& H, const at::Tensor& A, const a
   HcPreShape sh;
   sh.n = H.size(-2);
   sh.d = H.size(-1);
-  TORCH_CHECK(sh.n >= 1 && sh.n <= kHcMaxStreams, "H must have 1 to ", kHcMaxStreams,
+  TORCH_CHECK(sh.n >= 1 && sh.n <= kMaxStreams, "H must have 1 to ", kMaxStreams,
               " streams (dim -2 of (..., n, d)), got n = ", sh.n);
   TORCH_CHECK(sh.d >= 1, "H must have d >= 1 features for dynamic HC (its rms is over d), got ",
               H.sizes());

@@ -46,7 +46,7 @@ HcMixShape check_streams(const at::Tensor& H) {
   HcMixShape sh;
   sh.n = H.size(-2);
   sh.d = H.size(-1);
-  TORCH_CHECK(sh.n >= 1 && sh.n <= kHcMixMaxStreams, "H must have 1 to ", kHcMixMaxStreams,
+  TORCH_CHECK(sh.n >= 1 && sh.n <= kMaxStreams, "H must have 1 to ", kMaxStreams,
               " streams (dim -2 of (*lead, n, d)), got n = ", sh.n, " (shape ", H.sizes(), ")");
   sh.lead.assign(H.sizes().begin(), H.sizes().end() - 2);
   sh.N = 1;

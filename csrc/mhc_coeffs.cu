@@ -47,7 +47,7 @@ namespace {
       constexpr int K_N = 4;               \
       return __VA_ARGS__();                \
     } else {                               \
-      constexpr int K_N = kMhcMaxStreams;  \
+      constexpr int K_N = kMaxStreams;     \
       return __VA_ARGS__();                \
     }                                      \
   }()
@@ -73,7 +73,7 @@ MhcShape check_mhc_inputs(const at::Tensor& H, const at::Tensor& phi, const at::
   MhcShape sh;
   sh.n = H.size(-2);
   sh.d = H.size(-1);
-  TORCH_CHECK(sh.n >= 1 && sh.n <= kMhcMaxStreams, "H must have 1 to ", kMhcMaxStreams,
+  TORCH_CHECK(sh.n >= 1 && sh.n <= kMaxStreams, "H must have 1 to ", kMaxStreams,
               " streams (dim -2 of (..., n, d)), got n = ", sh.n);
   TORCH_CHECK(sh.d >= 1, "H must have d >= 1 features (its rms is over n·d), got ", H.sizes());
   sh.M = sh.n * sh.n + 2 * sh.n;
@@ -183,7 +183,7 @@ std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H_in, const at::Tensor&
     const at::Tensor H = readable(H_in, 2, &p.h_tok);
     p.h_ptr = H.data_ptr();
     p.h_stream_stride = stream_stride(H);
-    const int kNT = n == 4 ? MhcProjTiles<4>::value : MhcProjTiles<kMhcMaxStreams>::value;
+    const int kNT = n == 4 ? MhcProjTiles<4>::value : MhcProjTiles<kMaxStreams>::value;
     p.m_pad = static_cast<int>(round_up(M, 8 * kNT));
     // phi in 16-bit parts (see the kernel's header): fp16 scaled by a power of two 2^k
     // with max|phi|·2^k in [2^14, 2^15) first (computed on the device: no sync); bf16
@@ -291,7 +291,7 @@ std::vector<at::Tensor> mhc_coeffs_bwd(const std::optional<at::Tensor>& dalpha,
 
   // Sinkhorn scales: shared memory [steps][threads] when small, else a global workspace.
   const int64_t steps = 2 * iters - 1;
-  const int64_t group = n == 4 ? 4 : kMhcMaxStreams;
+  const int64_t group = n == 4 ? 4 : kMaxStreams;
   const int64_t blocks = (N * group + kMhcEpiThreads - 1) / kMhcEpiThreads;
   const int64_t cbuf_bytes = steps * kMhcEpiThreads * static_cast<int64_t>(at::elementSize(acc_type));
   at::Tensor cbuf;

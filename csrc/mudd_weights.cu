@@ -30,6 +30,7 @@
 #include "common/dispatch.h"  // CL_BOOL_SWITCH
 #include "common/launch.h"
 #include "common/layout.h"
+#include "common/limits.h"
 #include "common/mma_pack.h"
 #include "kernels/mudd_weights.cuh"
 #include "ops.h"
@@ -37,7 +38,6 @@
 namespace crosslayer {
 namespace {
 
-constexpr int64_t kMaxSlots = 128;
 
 struct MuddShape {
   std::vector<int64_t> lead;  // token dims

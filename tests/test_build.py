@@ -347,3 +347,21 @@ def test_info_gpu_line(monkeypatch, built, archs, want):
     assert "NVIDIA H100 80GB HBM3 (sm 9.0)" in gpu and want in gpu, gpu
     if built:
         assert f"for sm {', '.join(archs)}" in out
+
+
+def test_extension_limits_match_the_oracle():
+    """One definition of the shape limits (csrc/common/limits.h), exported by _C, equal
+    to the oracle's."""
+    from crosslayer._extension import _C
+    from crosslayer.ref import hc, mudd
+
+    if _C is None:
+        pytest.skip("crosslayer._C is not built")
+    assert (_C.MAX_STREAMS, _C.MAX_SLOTS) == (hc.MAX_STREAMS, mudd.MAX_SLOTS)
+
+
+@pytest.mark.cuemu
+def test_emulated_extension_limits_match_the_oracle(cuemu):
+    from crosslayer.ref import hc, mudd
+
+    assert (cuemu.MAX_STREAMS, cuemu.MAX_SLOTS) == (hc.MAX_STREAMS, mudd.MAX_SLOTS)

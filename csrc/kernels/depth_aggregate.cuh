@@ -30,12 +30,12 @@
 
 #include <cstdint>
 
+#include "common/limits.h"
 #include "common/reduce.cuh"
 #include "common/vec.cuh"
 
 namespace crosslayer {
 
-constexpr int kDepthAggregateMaxSlots = 128;
 constexpr int kDepthAggregateMaxThreads = 256;
 constexpr int kDepthAggregateSmemBudget = 48 * 1024;
 // Resident 256-thread blocks asked of the backward (at most 128 registers a thread):

@@ -57,18 +57,18 @@
 //   1) features have unit stride in S, Out, dOut and dS; every other stride is free;
 //   2) with kVec > 1, every base pointer is 16-byte aligned and every stride a multiple
 //      of kVec elements, so each full chunk is one 16-byte access;
-//   3) 1 <= l <= kDaNormMaxSlots; A, g (padded to (3, ld) with zeros), rstd, dA and the
+//   3) 1 <= l <= kMaxSlots; A, g (padded to (3, ld) with zeros), rstd, dA and the
 //      workspaces in the accumulator dtype, contiguous; ld >= d, a multiple of 8.
 #pragma once
 
 #include <cstdint>
 
+#include "common/limits.h"
 #include "common/reduce.cuh"
 #include "common/vec.cuh"
 
 namespace crosslayer {
 
-constexpr int kDaNormMaxSlots = 128;
 constexpr int kDaNormWays = 4;    // q, k, v, r
 constexpr int kDaNormNormed = 3;  // q, k, v
 constexpr int kDaNormThreads = 256;

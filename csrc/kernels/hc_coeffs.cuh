@@ -50,13 +50,13 @@
 
 #include <cstdint>
 
+#include "common/limits.h"
 #include "common/reduce.cuh"
 #include "common/tokens.cuh"
 #include "common/vec.cuh"
 
 namespace crosslayer {
 
-constexpr int kHcMaxStreams = 16;
 constexpr int kHcPreThreads = 256;
 
 // Streams per group and chunks cached in registers, by compile-time stream bound kN.
@@ -68,7 +68,7 @@ template <int kN, typename acc>
 struct HcPreConfig {
   // fp64 (gradcheck and tests, not speed) halves the group: its registers are twice as wide.
   // The generic instantiation (kJ = 18) also halves it: its partial sums are kG·19.
-  static constexpr int kG = kN < 4 ? kN : (sizeof(acc) == 8 || kN == kHcMaxStreams ? 2 : 4);
+  static constexpr int kG = kN < 4 ? kN : (sizeof(acc) == 8 || kN == kMaxStreams ? 2 : 4);
   // Resident 256-thread blocks asked of ptxas: 2 (at most 128 registers a thread); 1 for
   // fp64, a correctness dtype whose generic instantiation spilled at 128.
   static constexpr int kMinBlocks = sizeof(acc) == 8 ? 1 : 2;

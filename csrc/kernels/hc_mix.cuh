@@ -28,7 +28,7 @@
 //                  at a time (one accumulator live).
 //   stream_mix     one input chunk live; kVec accumulators.
 // n is a template parameter kN for n = 2, 4, 8; kN = 0 is the generic instantiation for
-// every other n in 1..16: loops run to kHcMixMaxStreams, fully unrolled and predicated
+// every other n in 1..16: loops run to kMaxStreams, fully unrolled and predicated
 // on `i < n`, so register arrays are only ever indexed by constants (a dynamically
 // indexed array would live in local memory).
 //
@@ -42,19 +42,19 @@
 //      described by a TokenLayout, stream strides are free;
 //   2) with kVec > 1, every base pointer is 16-byte aligned and every token and stream
 //      stride is a multiple of kVec elements, so each full chunk is one 16-byte access;
-//   3) 1 <= n <= kHcMixMaxStreams; coefficients are in the accumulator dtype, one
+//   3) 1 <= n <= kMaxStreams; coefficients are in the accumulator dtype, one
 //      contiguous row per token (alpha n·(n+1), beta n, w n); gradient rows likewise.
 #pragma once
 
 #include <cstdint>
 
+#include "common/limits.h"
 #include "common/reduce.cuh"
 #include "common/tokens.cuh"
 #include "common/vec.cuh"
 
 namespace crosslayer {
 
-constexpr int kHcMixMaxStreams = 16;
 constexpr int kHcMixMaxThreads = 256;
 constexpr int kHcMixSmemBudget = 48 * 1024;
 // Resident blocks asked of every kernel. Stated explicitly: with __launch_bounds__(256)
@@ -198,7 +198,7 @@ __device__ __forceinline__ void hc_mix_write_dots(const acc* __restrict__ part, 
 template <typename T, int kVec, int kN>
 __global__ void __launch_bounds__(kHcMixMaxThreads, kHcMixMinBlocks) hc_post_fwd_kernel(const HcPostParams p) {
   using acc = acc_t<T>;
-  constexpr int kMax = kN > 0 ? kN : kHcMixMaxStreams;
+  constexpr int kMax = kN > 0 ? kN : kMaxStreams;
   const int n = kN > 0 ? kN : p.n;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc* __restrict__ coef_s = reinterpret_cast<acc*>(smem_raw);  // [rows][alpha n(n+1) | beta n]
@@ -279,7 +279,7 @@ __device__ __forceinline__ void mix_grads_and_dot(const Vec<T, kVec> (&g)[kMax],
 template <typename T, int kVec, int kN>
 __global__ void __launch_bounds__(kHcMixMaxThreads, kHcMixMinBlocks) hc_post_bwd_kernel(const HcPostParams p) {
   using acc = acc_t<T>;
-  constexpr int kMax = kN > 0 ? kN : kHcMixMaxStreams;
+  constexpr int kMax = kN > 0 ? kN : kMaxStreams;
   const int n = kN > 0 ? kN : p.n;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int rows = blockDim.y;
@@ -359,7 +359,7 @@ __global__ void __launch_bounds__(kHcMixMaxThreads, kHcMixMinBlocks) hc_post_bwd
 template <typename T, int kVec, int kN>
 __global__ void __launch_bounds__(kHcMixMaxThreads, kHcMixMinBlocks) stream_mix_fwd_kernel(const StreamMixParams p) {
   using acc = acc_t<T>;
-  constexpr int kMax = kN > 0 ? kN : kHcMixMaxStreams;
+  constexpr int kMax = kN > 0 ? kN : kMaxStreams;
   const int n = kN > 0 ? kN : p.n;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc* __restrict__ w_s = reinterpret_cast<acc*>(smem_raw);  // [rows][n]
@@ -399,7 +399,7 @@ __global__ void __launch_bounds__(kHcMixMaxThreads, kHcMixMinBlocks) stream_mix_
 template <typename T, int kVec, int kN>
 __global__ void __launch_bounds__(kHcMixMaxThreads, kHcMixMinBlocks) stream_mix_bwd_kernel(const StreamMixParams p) {
   using acc = acc_t<T>;
-  constexpr int kMax = kN > 0 ? kN : kHcMixMaxStreams;
+  constexpr int kMax = kN > 0 ? kN : kMaxStreams;
   const int n = kN > 0 ? kN : p.n;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int rows = blockDim.y;

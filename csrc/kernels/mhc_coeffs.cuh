@@ -99,6 +99,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/limits.h"
 #include "common/reduce.cuh"
 #include "common/tokens.cuh"
 #include "common/vec.cuh"
@@ -106,7 +107,6 @@
 
 namespace crosslayer {
 
-constexpr int kMhcMaxStreams = 16;
 constexpr int kMhcWarps = 4;                         // warps a block (proj, dh)
 constexpr int kMhcThreads = kMhcWarps * kWarpSize;
 constexpr int kMhcEpiThreads = 128;                  // threads a block (epilogues)
