@@ -355,7 +355,7 @@ def summarize(case: Case, ms: list[Measured], itemsize: int) -> list[dict]:
                                        + max(launches) * LAUNCH_US, 1),
             "floor_h100_us": round(floor * TOKENS_FULL / COPY_BANDWIDTH * 1e6, 1),
         }
-        for m, (N, total) in zip(ms, totals):
+        for N, total in totals:
             row[f"bytes_per_token_N{N}"] = round(total / N, 1)
         if len(set(launches)) != 1:
             row["launches_per_size"] = "/".join(map(str, launches))

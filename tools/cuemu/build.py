@@ -27,6 +27,7 @@ Environment: CUEMU_BUILD_DIR (default build/cuemu under the repo), MAX_JOBS.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import re
@@ -180,9 +181,10 @@ INSTRUMENT = ["-fsanitize=address", "--param", "asan-instrumentation-with-call-t
               "--param", "asan-stack=0", "--param", "asan-globals=0", "-fno-omit-frame-pointer"]
 
 
+@functools.lru_cache(maxsize=None)
 def load_counter(verbose: bool = False):
-    """Builds (incrementally) and imports the traffic counter, module cuemu_count. Import
-    it before allocating the tensors to count: its allocator registers them."""
+    """Builds (incrementally) and imports the traffic counter, module cuemu_count, once a
+    process. Import it before allocating the tensors to count: its allocator registers them."""
     from torch.utils.cpp_extension import load as load_ext
 
     dst = os.path.join(build_dir(), COUNTER)

@@ -43,7 +43,7 @@ SECTOR = 32
 
 # ATen ops whose mutated `self` is written without being read.
 _WRITE_ONLY_SELF = {"copy_", "fill_", "zero_", "normal_", "uniform_", "random_", "bernoulli_",
-                    "exponential_", "set_", "resize_"}
+                    "exponential_"}
 # Ops that allocate or describe memory and move none.
 _NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
                "empty_permuted", "resize_", "set_", "_has_compatible_shallow_copy_type",
@@ -58,8 +58,8 @@ def load(verbose: bool = False):
         import build
     finally:
         sys.path.remove(HERE)
-    counter = build.load_counter(verbose)
-    return counter, build.load(verbose)
+    module = build.load(verbose)  # imports the counter before it builds the module
+    return build.load_counter(verbose), module
 
 
 def unique_bytes(t: torch.Tensor) -> int:
@@ -116,8 +116,9 @@ def aten_row(func, args, kwargs, out) -> Row:
                     read += nbytes
             else:
                 read += nbytes
+    inputs = {id(t) for t in _tensors(list(bound.values()))}
     for t in _tensors(out):
-        if id(t) not in written_ids and not any(t is x for x in _tensors(list(bound.values()))):
+        if id(t) not in written_ids and id(t) not in inputs:  # a new tensor, not an alias of an argument
             written += unique_bytes(t)
     return Row("aten", name, read, written, read + written > 0)
 
@@ -197,7 +198,6 @@ def counting(counter) -> Iterator[Count]:
         raise RuntimeError("counting regions do not nest")
     count = Count()
     mode = _DispatchCounter(counter, count)
-    counter.drain()  # records of an earlier region that ended without draining
     counter.begin()
     _active = mode
     try:

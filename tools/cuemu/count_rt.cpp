@@ -352,12 +352,10 @@ void cuemu_rt_block_end() {
 
 void cuemu_rt_launch_end() {
   Launch& L = g_launch;
-  if (!L.active) return;
-  flush_groups();
+  if (!L.active) return;  // every block's requests were flushed at its end
   L.active = false;
   t_thread = -1;
   g_records.emplace_back(g_seq++, std::move(L.rec));
-  L.rec = Record{};
 }
 
 // A library call the emulator stands in for (cuBLAS on a GPU): its logical traffic.
@@ -370,11 +368,8 @@ void cuemu_rt_library_call(const char* name, uint64_t bytes_read, uint64_t bytes
 #define CUEMU_NOINLINE __attribute__((noinline))
 #define CUEMU_CALLER() reinterpret_cast<uintptr_t>(__builtin_return_address(0))
 #define CUEMU_CONTEXT() reinterpret_cast<uintptr_t>(__builtin_return_address(1))
-#define CUEMU_ACCESS(kind, store, n)                                                    \
-  CUEMU_NOINLINE void __asan_##kind##n(uintptr_t a) {                                   \
-    if (t_thread >= 0 && maybe_global(a)) record_access(a, n, store, CUEMU_CALLER(), CUEMU_CONTEXT()); \
-  }                                                                                     \
-  CUEMU_NOINLINE void __asan_##kind##n##_noabort(uintptr_t a) {                         \
+#define CUEMU_ACCESS(kind, store, n)                                                                  \
+  CUEMU_NOINLINE void __asan_##kind##n(uintptr_t a) {                                                 \
     if (t_thread >= 0 && maybe_global(a)) record_access(a, n, store, CUEMU_CALLER(), CUEMU_CONTEXT()); \
   }
 CUEMU_ACCESS(load, false, 1)
@@ -393,8 +388,6 @@ CUEMU_NOINLINE void __asan_loadN(uintptr_t a, size_t n) {
 CUEMU_NOINLINE void __asan_storeN(uintptr_t a, size_t n) {
   if (t_thread >= 0 && n > 0 && maybe_global(a)) record_access(a, n, true, CUEMU_CALLER(), CUEMU_CONTEXT());
 }
-CUEMU_NOINLINE void __asan_loadN_noabort(uintptr_t a, size_t n) { __asan_loadN(a, n); }
-CUEMU_NOINLINE void __asan_storeN_noabort(uintptr_t a, size_t n) { __asan_storeN(a, n); }
 // The rest of the instrumentation's interface: nothing to do.
 void __asan_init() {}
 void __asan_version_mismatch_check_v8() {}
