@@ -36,7 +36,7 @@ norm and the mix (~15 FLOP per 2-byte element, ~7 FLOP/byte at n = 4); the H100 
 ~60 TFLOP/s of fp32 FMA (non-tensor) against 3 TB/s, 20 FLOP/byte, so even DHC pre is
 memory-bound, as long as the projection is not done with scalar loads.
 
-Ops (rows' `op`): hc_pre_dhc (W given), hc_pre_shc, hc_post (per-token alpha and beta
+Ops (rows' `op`): hc_pre (W given), hc_pre_shc, hc_post (per-token alpha and beta
 from a DHC pre), hc_sublayer (DHC pre -> y = x -> post, DESIGN.md's yardstick:
 torch.compile oracle 8.2 ms at d=2048, 15.9 ms at d=4096, n=4). Modes: fwd, fwd+bwd
 (gradients w.r.t. H, W, A, B, s_a, s_b; and y, alpha, beta for hc_post; hc_pre's
@@ -50,7 +50,7 @@ W ~ N(0, 0.02) (W = 0 would make the tanh terms vanish); s_a = s_b = 0.01 as fp3
 0-dim tensors. Every variant is checked against the eager oracle before it is timed.
 
 Run: python bench/bench_hc.py [--quick] [--dtype bf16] [--d 1024,2048,4096,8192]
-     [--n 2,4,8] [--N 16384] [--ops hc_pre_dhc,hc_pre_shc,hc_post,hc_sublayer]
+     [--n 2,4,8] [--N 16384] [--ops hc_pre,hc_pre_shc,hc_post,hc_sublayer]
 --quick: n=4: every op at d=2048, and the sublayer fwd+bwd at d=4096.
 Exit: 0 ok; 2 no CUDA device; 3 a fused op was WRONG, failed, missing or not fused.
 """
@@ -69,7 +69,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 import torch  # noqa: E402
 
-OPS = ("hc_pre_dhc", "hc_pre_shc", "hc_post", "hc_sublayer")
+OPS = ("hc_pre", "hc_pre_shc", "hc_post", "hc_sublayer")
 VARIANTS = ("eager_oracle", "fused", "compile_oracle")
 DISPLAY_ORDER = ("fused", "eager_oracle", "compile_oracle")
 MODES = ("fwd", "fwd+bwd")
@@ -84,7 +84,7 @@ QUICK_PLAN = (
 )
 # The crosslayer.ops functions each op's fused variant needs.
 FUSED_NEEDS = {
-    "hc_pre_dhc": ("hc_pre",),
+    "hc_pre": ("hc_pre",),
     "hc_pre_shc": ("hc_pre",),
     "hc_post": ("hc_post",),
     "hc_sublayer": ("hc_pre", "hc_post"),
@@ -106,7 +106,7 @@ FLOOR_TERMS = {
 
 
 def floor_kind(op: str) -> str:
-    """The floor family of a row's op: hc_pre_dhc / hc_pre_shc -> hc_pre."""
+    """The floor family of a row's op: hc_pre / hc_pre_shc -> hc_pre."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     return "hc_pre" if op.startswith("hc_pre") else op
@@ -268,19 +268,19 @@ def make_base_grads(N: int, n: int, d: int, dtype: torch.dtype) -> dict:
 
 # Argument names, output names and gradient outputs of each op.
 OP_ARGS = {
-    "hc_pre_dhc": ("H", "A", "B", "W", "s_a", "s_b"),
+    "hc_pre": ("H", "A", "B", "W", "s_a", "s_b"),
     "hc_pre_shc": ("H", "A", "B"),
     "hc_post": ("H", "y", "alpha", "beta"),
     "hc_sublayer": ("H", "A", "B", "W", "s_a", "s_b"),
 }
 OP_OUTS = {
-    "hc_pre_dhc": ("x", "alpha", "beta"),
+    "hc_pre": ("x", "alpha", "beta"),
     "hc_pre_shc": ("x", "alpha", "beta"),
     "hc_post": ("H'",),
     "hc_sublayer": ("H'",),
 }
 OP_GRAD_OUTS = {
-    "hc_pre_dhc": ("dx", "dalpha", "dbeta"),
+    "hc_pre": ("dx", "dalpha", "dbeta"),
     "hc_pre_shc": ("dx", "dalpha_static", "dbeta_static"),
     "hc_post": ("dH_new",),
     "hc_sublayer": ("dH_new",),
@@ -311,10 +311,10 @@ def make_case(op: str, mode: str, base: dict, grads: dict | None) -> Case:
 
 def op_function(op: str, hc_pre, hc_post) -> Callable:
     """The callable a variant times, built from a pair of hc_pre / hc_post."""
-    if op == "hc_pre_dhc":
-        def hc_pre_dhc(H, A, B, W, s_a, s_b):
+    if op == "hc_pre":
+        def hc_pre(H, A, B, W, s_a, s_b):
             return hc_pre(H, A, B, W, s_a, s_b)
-        return hc_pre_dhc
+        return hc_pre
     if op == "hc_pre_shc":
         def hc_pre_shc(H, A, B):
             return hc_pre(H, A, B)

@@ -35,10 +35,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("depth_aggregate_bwd", &crosslayer::depth_aggregate_bwd,
         "dS (=|+=) Σ_c A·dY_c in place; returns dA", pybind11::arg("dY"), pybind11::arg("S"),
         pybind11::arg("A"), pybind11::arg("dS"), pybind11::arg("accumulate"));
-  m.def("depth_aggregate_norm_fwd", &crosslayer::depth_aggregate_norm_fwd,
+  m.def("depth_aggregate_qkv_norm_fwd", &crosslayer::depth_aggregate_qkv_norm_fwd,
         "[Out, rstd]: 4-way depth aggregate, ways 0..2 RMS-normed", pybind11::arg("S"),
         pybind11::arg("A"), pybind11::arg("norm_weights"), pybind11::arg("eps"));
-  m.def("depth_aggregate_norm_bwd", &crosslayer::depth_aggregate_norm_bwd,
+  m.def("depth_aggregate_qkv_norm_bwd", &crosslayer::depth_aggregate_qkv_norm_bwd,
         "dS (=|+=) in place; returns [dA, dnorm_weights]", pybind11::arg("dOut"), pybind11::arg("S"),
         pybind11::arg("A"), pybind11::arg("norm_weights"), pybind11::arg("rstd"), pybind11::arg("dS"),
         pybind11::arg("accumulate"));
@@ -51,11 +51,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("w"));
   m.def("stream_mix_bwd", &crosslayer::stream_mix_bwd, "[dH, dw] of stream_mix",
         pybind11::arg("dx"), pybind11::arg("H"), pybind11::arg("w"));
-  m.def("hc_pre_dhc_fwd", &crosslayer::hc_pre_dhc_fwd,
+  m.def("hc_pre_fwd", &crosslayer::hc_pre_fwd,
         "[x, alpha, beta, q, r] of dynamic-HC hc_pre", pybind11::arg("H"), pybind11::arg("A"),
         pybind11::arg("B"), pybind11::arg("W"), pybind11::arg("s_a"), pybind11::arg("s_b"),
         pybind11::arg("eps"));
-  m.def("hc_pre_dhc_bwd", &crosslayer::hc_pre_dhc_bwd,
+  m.def("hc_pre_bwd", &crosslayer::hc_pre_bwd,
         "[dH, dA, dB, dW, ds_a, ds_b] of dynamic-HC hc_pre", pybind11::arg("dx"),
         pybind11::arg("dalpha"), pybind11::arg("dbeta"), pybind11::arg("H"), pybind11::arg("A"),
         pybind11::arg("B"), pybind11::arg("W"), pybind11::arg("s_a"), pybind11::arg("s_b"),

@@ -20,16 +20,16 @@ at::Tensor depth_aggregate_fwd(const at::Tensor& S, const at::Tensor& A);
 at::Tensor depth_aggregate_bwd(const at::Tensor& dY, const at::Tensor& S, const at::Tensor& A,
                                const at::Tensor& dS, bool accumulate);
 
-// depth_aggregate_norm.cu (MUDD block input: 4 ways q, k, v, r; q, k, v RMS-normed)
+// depth_aggregate_qkv_norm.cu (MUDD block input: 4 ways q, k, v, r; q, k, v RMS-normed)
 //   S (l, N, d); A (N, 4, l) or (4, l); norm_weights (3, d). Returns {Out (4, N, d) in S's
 //   dtype, Out_c = Y_c·rsqrt(mean Y_c² + eps)·g_c (c < 3), Out_3 = Y_3 with
 //   Y_c = Σ_j A[.., c, j]·S_j; rstd (3, N) in the accumulator dtype, for the backward}.
-std::vector<at::Tensor> depth_aggregate_norm_fwd(const at::Tensor& S, const at::Tensor& A,
+std::vector<at::Tensor> depth_aggregate_qkv_norm_fwd(const at::Tensor& S, const at::Tensor& A,
                                                  const at::Tensor& norm_weights, double eps);
 //   dOut (4, N, d); rstd from the forward (Y is recomputed from S). Writes (accumulate =
 //   false) or adds (true) the slots' gradient into dS (l, N, d) in place; returns {dA
 //   (A's shape and dtype, summed over tokens for static A), dnorm_weights (3, d)}.
-std::vector<at::Tensor> depth_aggregate_norm_bwd(const at::Tensor& dOut, const at::Tensor& S,
+std::vector<at::Tensor> depth_aggregate_qkv_norm_bwd(const at::Tensor& dOut, const at::Tensor& S,
                                                  const at::Tensor& A, const at::Tensor& norm_weights,
                                                  const at::Tensor& rstd, const at::Tensor& dS,
                                                  bool accumulate);
@@ -53,18 +53,18 @@ at::Tensor stream_mix_fwd(const at::Tensor& H, const at::Tensor& w);
 //   (w's shape, summed over tokens when static, accumulator dtype)}.
 std::vector<at::Tensor> stream_mix_bwd(const at::Tensor& dx, const at::Tensor& H, const at::Tensor& w);
 
-// hc_coeffs.cu (dynamic HC; static HC is stream_mix with w = A[:, 0])
+// hc_pre.cu (dynamic HC; static HC is stream_mix with w = A[:, 0])
 //   H (*lead, n, d), 1 <= n <= 16, d >= 1, any token/stream strides; A (n, n+1); B (n);
 //   W (d, n+2); s_a, s_b 0-dim. Returns {x (*lead, d) in H's dtype, alpha (*lead, n, n+1),
 //   beta (*lead, n), q = H·W (*lead, n, n+2), r = rsqrt(mean H² + eps) (*lead, n)}, the
 //   last four in the accumulator dtype; q and r are what the backward needs.
-std::vector<at::Tensor> hc_pre_dhc_fwd(const at::Tensor& H, const at::Tensor& A, const at::Tensor& B,
+std::vector<at::Tensor> hc_pre_fwd(const at::Tensor& H, const at::Tensor& A, const at::Tensor& B,
                                        const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b,
                                        double eps);
 //   dx (*lead, d) in H's dtype; dalpha (*lead, n, n+1) and dbeta (*lead, n) optional (zero
 //   when absent); q, r from the forward. Returns {dH (H's layout), dA, dB, dW, ds_a, ds_b},
 //   parameter gradients summed over tokens, each in its parameter's dtype.
-std::vector<at::Tensor> hc_pre_dhc_bwd(const at::Tensor& dx, const std::optional<at::Tensor>& dalpha,
+std::vector<at::Tensor> hc_pre_bwd(const at::Tensor& dx, const std::optional<at::Tensor>& dalpha,
                                        const std::optional<at::Tensor>& dbeta, const at::Tensor& H,
                                        const at::Tensor& A, const at::Tensor& B, const at::Tensor& W,
                                        const at::Tensor& s_a, const at::Tensor& s_b, const at::Tensor& q,

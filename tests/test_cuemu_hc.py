@@ -1,7 +1,7 @@
 """The HC family's CUDA launchers and kernels on the CPU emulator (tools/cuemu).
 
 hc_post / stream_mix (csrc/hc_mix.cu, csrc/kernels/hc_mix.cuh) and dynamic-HC hc_pre
-(csrc/hc_coeffs.cu, csrc/kernels/hc_coeffs.cuh) run unchanged on CPU tensors; each
+(csrc/hc_pre.cu, csrc/kernels/hc_pre.cuh) run unchanged on CPU tensors; each
 result is held to DESIGN.md's policy (tests/policy.py) against the float64 oracle
 (python/crosslayer/ref/hc.py), outputs poisoned with NaN, on the GPU tests' kinds of
 input: n in {1, 2, 3, 4, 8, 16} (2, 4, 8 exact instantiations, the others generic),
@@ -266,7 +266,7 @@ def _check_pre_bwd(dx, dalpha, dbeta, H, params, got):
 def test_hc_pre_forward(cuemu, poisoned, dtype, shape, n, _):
     lead, d = shape
     H, params = _pre_inputs(lead, n, d, dtype)
-    _check_pre_fwd(H, params, cuemu.hc_pre_dhc_fwd(H, *params, EPS))
+    _check_pre_fwd(H, params, cuemu.hc_pre_fwd(H, *params, EPS))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -277,8 +277,8 @@ def test_hc_pre_backward(cuemu, poisoned, dtype, shape, n, coeff_grads):
     dx, dalpha, dbeta = make_grads(lead, n, d, dtype=dtype, device="cpu")
     if not coeff_grads:
         dalpha = dbeta = None
-    _, _, _, q, r = cuemu.hc_pre_dhc_fwd(H, *params, EPS)
-    got = cuemu.hc_pre_dhc_bwd(dx, dalpha, dbeta, H, *params, q, r)
+    _, _, _, q, r = cuemu.hc_pre_fwd(H, *params, EPS)
+    got = cuemu.hc_pre_bwd(dx, dalpha, dbeta, H, *params, q, r)
     if is_dense(H):
         assert got[0].stride() == H.stride()
     _check_pre_bwd(dx, dalpha, dbeta, H, params, got)
@@ -291,11 +291,11 @@ def test_hc_pre_layouts(cuemu, poisoned, dtype, layout, n):
     lead, d = (2, 3), 131 if layout == "misaligned" else 136
     H, params = _pre_inputs(lead, n, d, dtype, layout)
     assert not H.is_contiguous()
-    _check_pre_fwd(H, params, cuemu.hc_pre_dhc_fwd(H, *params, EPS))
+    _check_pre_fwd(H, params, cuemu.hc_pre_fwd(H, *params, EPS))
     dx = make_vec(lead, d, dtype=dtype, device="cpu", misaligned=layout == "misaligned")
     _, dalpha, dbeta = make_grads(lead, n, d, dtype=dtype, device="cpu")
-    _, _, _, q, r = cuemu.hc_pre_dhc_fwd(H, *params, EPS)
-    got = cuemu.hc_pre_dhc_bwd(dx, dalpha, dbeta, H, *params, q, r)
+    _, _, _, q, r = cuemu.hc_pre_fwd(H, *params, EPS)
+    got = cuemu.hc_pre_bwd(dx, dalpha, dbeta, H, *params, q, r)
     if is_dense(H):
         assert got[0].stride() == H.stride()
     _check_pre_bwd(dx, dalpha, dbeta, H, params, got)
@@ -306,10 +306,10 @@ def test_hc_pre_copied_layouts(cuemu, poisoned):
     for H in (_uncollapsible(4, 12, torch.bfloat16), torch.randn(5, 12, 4).to(torch.bfloat16).transpose(-1, -2)):
         n, d, lead = H.shape[-2], H.shape[-1], H.shape[:-2]
         params = make_params(n, d, dtype=torch.bfloat16, device="cpu")
-        outs = cuemu.hc_pre_dhc_fwd(H, *params, EPS)
+        outs = cuemu.hc_pre_fwd(H, *params, EPS)
         _check_pre_fwd(H, params, outs)
         dx, dalpha, dbeta = make_grads(lead, n, d, dtype=torch.bfloat16, device="cpu")
-        got = cuemu.hc_pre_dhc_bwd(dx, dalpha, dbeta, H, *params, *outs[3:])
+        got = cuemu.hc_pre_bwd(dx, dalpha, dbeta, H, *params, *outs[3:])
         assert got[0].stride() == H.stride()
         _check_pre_bwd(dx, dalpha, dbeta, H, params, got)
 
@@ -325,8 +325,8 @@ def test_hc_pre_backward_dw_in_global_workspace(cuemu, poisoned, dtype, n, d):
     lead = (3,)
     H, params = _pre_inputs(lead, n, d, dtype)
     dx, dalpha, dbeta = make_grads(lead, n, d, dtype=dtype, device="cpu")
-    _, _, _, q, r = cuemu.hc_pre_dhc_fwd(H, *params, EPS)
-    _check_pre_bwd(dx, dalpha, dbeta, H, params, cuemu.hc_pre_dhc_bwd(dx, dalpha, dbeta, H, *params, q, r))
+    _, _, _, q, r = cuemu.hc_pre_fwd(H, *params, EPS)
+    _check_pre_bwd(dx, dalpha, dbeta, H, params, cuemu.hc_pre_bwd(dx, dalpha, dbeta, H, *params, q, r))
 
 
 def test_hc_pre_backward_persistent_grid(cuemu, poisoned):
@@ -337,9 +337,9 @@ def test_hc_pre_backward_persistent_grid(cuemu, poisoned):
     lead, n, d = (132 + 5,), 3, 1700
     H, params = _pre_inputs(lead, n, d, torch.float32)
     dx, dalpha, dbeta = make_grads(lead, n, d, dtype=torch.float32, device="cpu")
-    outs = cuemu.hc_pre_dhc_fwd(H, *params, EPS)
+    outs = cuemu.hc_pre_fwd(H, *params, EPS)
     _check_pre_fwd(H, params, outs)
-    _check_pre_bwd(dx, dalpha, dbeta, H, params, cuemu.hc_pre_dhc_bwd(dx, dalpha, dbeta, H, *params, *outs[3:]))
+    _check_pre_bwd(dx, dalpha, dbeta, H, params, cuemu.hc_pre_bwd(dx, dalpha, dbeta, H, *params, *outs[3:]))
 
 
 @pytest.mark.parametrize("which", ["dalpha", "dbeta"])
@@ -352,8 +352,8 @@ def test_hc_pre_backward_one_coefficient_gradient(cuemu, poisoned, which):
         dbeta = None
     else:
         dalpha = None
-    _, _, _, q, r = cuemu.hc_pre_dhc_fwd(H, *params, EPS)
-    _check_pre_bwd(dx, dalpha, dbeta, H, params, cuemu.hc_pre_dhc_bwd(dx, dalpha, dbeta, H, *params, q, r))
+    _, _, _, q, r = cuemu.hc_pre_fwd(H, *params, EPS)
+    _check_pre_bwd(dx, dalpha, dbeta, H, params, cuemu.hc_pre_bwd(dx, dalpha, dbeta, H, *params, q, r))
 
 
 def test_results_do_not_depend_on_thread_order(cuemu, poisoned, monkeypatch):
@@ -370,8 +370,8 @@ def test_results_do_not_depend_on_thread_order(cuemu, poisoned, monkeypatch):
                      cuemu.stream_mix_fwd(H, beta), *cuemu.stream_mix_bwd(y, H, beta)]
             params = make_params(n, d, dtype=torch.bfloat16, device="cpu")
             dx, dalpha, dbeta = make_grads(lead, n, d, dtype=torch.bfloat16, device="cpu")
-            fwd = cuemu.hc_pre_dhc_fwd(H, *params, EPS)
-            outs += [*fwd, *cuemu.hc_pre_dhc_bwd(dx, dalpha, dbeta, H, *params, fwd[3], fwd[4])]
+            fwd = cuemu.hc_pre_fwd(H, *params, EPS)
+            outs += [*fwd, *cuemu.hc_pre_bwd(dx, dalpha, dbeta, H, *params, fwd[3], fwd[4])]
         return outs
 
     seed = torch.initial_seed()
@@ -387,10 +387,10 @@ def test_results_do_not_depend_on_thread_order(cuemu, poisoned, monkeypatch):
 def test_hc_pre_empty_tokens(cuemu, poisoned):
     H = torch.randn(0, 4, 8)
     params = make_params(4, 8, dtype=torch.float32, device="cpu")
-    x, alpha, beta, q, r = cuemu.hc_pre_dhc_fwd(H, *params, EPS)
+    x, alpha, beta, q, r = cuemu.hc_pre_fwd(H, *params, EPS)
     assert x.shape == (0, 8) and alpha.shape == (0, 4, 5) and beta.shape == (0, 4)
     assert q.shape == (0, 4, 6) and r.shape == (0, 4)
-    got = cuemu.hc_pre_dhc_bwd(torch.randn(0, 8), None, None, H, *params, q, r)
+    got = cuemu.hc_pre_bwd(torch.randn(0, 8), None, None, H, *params, q, r)
     assert got[0].shape == H.shape
     for g, p in zip(got[1:], params):
         assert torch.equal(g, torch.zeros_like(p))
@@ -400,24 +400,24 @@ def test_hc_pre_launcher_errors_are_messaged(cuemu):
     H = torch.randn(3, 4, 8)
     A, B, W, s_a, s_b = make_params(4, 8, dtype=torch.float32, device="cpu")
     with pytest.raises(RuntimeError, match=re.escape("W must have shape (d, n+2) = [8, 6], got [8, 5]")):
-        cuemu.hc_pre_dhc_fwd(H, A, B, W[:, :5], s_a, s_b, EPS)
+        cuemu.hc_pre_fwd(H, A, B, W[:, :5], s_a, s_b, EPS)
     with pytest.raises(RuntimeError, match=re.escape("A must have shape (n, n+1) = [4, 5]")):
-        cuemu.hc_pre_dhc_fwd(H, A[:, :4], B, W, s_a, s_b, EPS)
+        cuemu.hc_pre_fwd(H, A[:, :4], B, W, s_a, s_b, EPS)
     with pytest.raises(RuntimeError, match=r"s_a must be a 0-dim tensor"):
-        cuemu.hc_pre_dhc_fwd(H, A, B, W, s_a.reshape(1), s_b, EPS)
+        cuemu.hc_pre_fwd(H, A, B, W, s_a.reshape(1), s_b, EPS)
     with pytest.raises(RuntimeError, match="d >= 1"):
-        cuemu.hc_pre_dhc_fwd(H[..., :0], A, B, W[:0], s_a, s_b, EPS)
+        cuemu.hc_pre_fwd(H[..., :0], A, B, W[:0], s_a, s_b, EPS)
     with pytest.raises(RuntimeError, match="H must have 1 to 16 streams"):
-        cuemu.hc_pre_dhc_fwd(torch.randn(3, 17, 8), torch.randn(17, 18), torch.randn(17), torch.randn(8, 19),
+        cuemu.hc_pre_fwd(torch.randn(3, 17, 8), torch.randn(17, 18), torch.randn(17), torch.randn(8, 19),
                              s_a, s_b, EPS)
     with pytest.raises(RuntimeError, match="W is on meta but H is on cpu"):
-        cuemu.hc_pre_dhc_fwd(H, A, B, W.to("meta"), s_a, s_b, EPS)
-    x, alpha, beta, q, r = cuemu.hc_pre_dhc_fwd(H, A, B, W, s_a, s_b, EPS)
+        cuemu.hc_pre_fwd(H, A, B, W.to("meta"), s_a, s_b, EPS)
+    x, alpha, beta, q, r = cuemu.hc_pre_fwd(H, A, B, W, s_a, s_b, EPS)
     with pytest.raises(RuntimeError, match=r"dalpha must have shape \(\.\.\., n, n\+1\)"):
-        cuemu.hc_pre_dhc_bwd(torch.randn(3, 8), alpha[:, :, :4], None, H, A, B, W, s_a, s_b, q, r)
+        cuemu.hc_pre_bwd(torch.randn(3, 8), alpha[:, :, :4], None, H, A, B, W, s_a, s_b, q, r)
     with pytest.raises(RuntimeError, match=r"dbeta must have shape \(\.\.\., n\)"):
-        cuemu.hc_pre_dhc_bwd(torch.randn(3, 8), None, beta[:2], H, A, B, W, s_a, s_b, q, r)
+        cuemu.hc_pre_bwd(torch.randn(3, 8), None, beta[:2], H, A, B, W, s_a, s_b, q, r)
     with pytest.raises(RuntimeError, match=r"q must have shape \(\.\.\., n, n\+2\)"):
-        cuemu.hc_pre_dhc_bwd(torch.randn(3, 8), None, None, H, A, B, W, s_a, s_b, q[..., :5], r)
+        cuemu.hc_pre_bwd(torch.randn(3, 8), None, None, H, A, B, W, s_a, s_b, q[..., :5], r)
     with pytest.raises(RuntimeError, match="dx must have H's dtype"):
-        cuemu.hc_pre_dhc_bwd(torch.randn(3, 8, dtype=torch.float64), None, None, H, A, B, W, s_a, s_b, q, r)
+        cuemu.hc_pre_bwd(torch.randn(3, 8, dtype=torch.float64), None, None, H, A, B, W, s_a, s_b, q, r)

@@ -19,9 +19,10 @@ from crosslayer import ops, ref
 from crosslayer._extension import emulate
 from crosslayer.models import CONNECTIONS, CrossLayerLM, LMConfig
 from crosslayer.ops.depth_aggregate import depth_aggregate_bwd_op, depth_aggregate_op
-from crosslayer.ops.depth_aggregate_norm import depth_aggregate_qkv_norm_bwd_op, depth_aggregate_qkv_norm_op
-from crosslayer.ops.hc_mix import hc_post_bwd_op, hc_post_op, stream_mix_bwd_op, stream_mix_op
-from crosslayer.ops.hc_pre import hc_pre_dhc_bwd_op, hc_pre_dhc_op
+from crosslayer.ops.depth_aggregate_qkv_norm import depth_aggregate_qkv_norm_bwd_op, depth_aggregate_qkv_norm_op
+from crosslayer.ops.hc_post import hc_post_bwd_op, hc_post_op
+from crosslayer.ops.stream_mix import stream_mix_bwd_op, stream_mix_op
+from crosslayer.ops.hc_pre import hc_pre_bwd_op, hc_pre_op
 from crosslayer.ops.mhc_coeffs import mhc_coeffs_bwd_op, mhc_coeffs_op
 from crosslayer.ops.mudd_weights import mudd_weights_bwd_op, mudd_weights_op
 from policy import assert_policy
@@ -92,7 +93,7 @@ def test_hc_post_and_stream_mix_autograd(emulated, dtype, static):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_hc_pre_dhc_autograd(emulated, dtype):
+def test_hc_pre_autograd(emulated, dtype):
     n, d = 4, 45
     H = torch.randn(5, n, d).to(dtype)
     A = ref.hc_init_static(n, 1)[0] + 0.1 * torch.randn(n, n + 1)
@@ -151,9 +152,9 @@ def test_opcheck_every_custom_op(emulated):
     opcheck(stream_mix_bwd_op, (torch.randn(6, d), H, beta))
     A_hc, B_hc, W = torch.randn(n, n + 1), torch.randn(n), torch.randn(d, n + 2)
     s = torch.tensor(0.5)
-    x, al, be, q, r = hc_pre_dhc_op(H, A_hc, B_hc, W, s, s, 1e-6)
-    opcheck(hc_pre_dhc_op, (H, A_hc, B_hc, W, s, s, 1e-6))
-    opcheck(hc_pre_dhc_bwd_op, (torch.randn(6, d), torch.randn(6, n, n + 1), torch.randn(6, n), H, A_hc, B_hc,
+    x, al, be, q, r = hc_pre_op(H, A_hc, B_hc, W, s, s, 1e-6)
+    opcheck(hc_pre_op, (H, A_hc, B_hc, W, s, s, 1e-6))
+    opcheck(hc_pre_bwd_op, (torch.randn(6, d), torch.randn(6, n, n + 1), torch.randn(6, n), H, A_hc, B_hc,
                                 W, s, s, q, r, 1e-6))
     phi, bm = torch.randn(n * d, n * n + 2 * n) / 8, torch.randn(n * n + 2 * n)
     mhc_args = (H, phi, s, s, s, bm, 1e-6, 1e-6, 2.0, 5, 1e-6)
@@ -241,7 +242,7 @@ def test_hc_pre_bwd_outputs_are_distinct_at_one_stream(emulated):
     launcher must return copies (torch.library refuses outputs that share storage)."""
     n, d = 1, 9
     H, A, B, W, s = torch.randn(4, n, d), torch.randn(n, n + 1), torch.randn(n), torch.randn(d, n + 2), torch.tensor(0.5)
-    _, _, _, q, r = hc_pre_dhc_op(H, A, B, W, s, s, 1e-6)
-    grads = hc_pre_dhc_bwd_op(torch.randn(4, d), torch.randn(4, n, n + 1), torch.randn(4, n), H, A, B, W, s, s,
+    _, _, _, q, r = hc_pre_op(H, A, B, W, s, s, 1e-6)
+    grads = hc_pre_bwd_op(torch.randn(4, d), torch.randn(4, n, n + 1), torch.randn(4, n), H, A, B, W, s, s,
                               q, r, 1e-6)
     assert grads[1].untyped_storage().data_ptr() != grads[2].untyped_storage().data_ptr()

@@ -21,7 +21,8 @@ from torch.library import opcheck
 
 from crosslayer import ops, ref
 from crosslayer._extension import _C
-from crosslayer.ops.hc_mix import hc_post_bwd_op, hc_post_op, stream_mix_bwd_op, stream_mix_op
+from crosslayer.ops.hc_post import hc_post_bwd_op, hc_post_op
+from crosslayer.ops.stream_mix import stream_mix_bwd_op, stream_mix_op
 from hc_inputs import is_dense, make_streams, make_vec
 from policy import assert_policy, poison_allocator
 

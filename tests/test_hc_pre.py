@@ -22,7 +22,7 @@ from torch.library import opcheck
 
 from crosslayer import ops, ref
 from crosslayer._extension import _C
-from crosslayer.ops.hc_pre import hc_pre_dhc_bwd_op, hc_pre_dhc_op
+from crosslayer.ops.hc_pre import hc_pre_bwd_op, hc_pre_op
 from hc_inputs import make_streams, make_vec
 from compile_check import assert_compiles_like_eager
 from policy import assert_policy, poison_allocator
@@ -109,7 +109,7 @@ def test_custom_op_autograd_matches_hand_derived_cpu(with_coeff_grads):
     H = torch.randn(*lead, n, d, dtype=torch.float64)
     params = make_params(n, d, dtype=torch.float64, device="cpu")
     leaves = [t.clone().requires_grad_(True) for t in (H, *params)]
-    x, alpha, beta, q, r = hc_pre_dhc_op(*leaves, EPS)
+    x, alpha, beta, q, r = hc_pre_op(*leaves, EPS)
     assert not q.requires_grad and not r.requires_grad
     dx, dalpha, dbeta = make_grads(lead, n, d, dtype=torch.float64, device="cpu")
     loss = (x * dx).sum()
@@ -127,12 +127,12 @@ def test_custom_ops_opcheck_cpu(layout):
     lead, n, d = (3, 5), 4, 6
     H = make_streams(lead, n, d, dtype=torch.float32, device="cpu", layout=layout)
     params = make_params(n, d, dtype=torch.float32, device="cpu")
-    opcheck(hc_pre_dhc_op, (H, *params, EPS))
-    opcheck(hc_pre_dhc_op, (*[t.detach().clone().requires_grad_(True) for t in (H, *params)], EPS))
-    _, _, _, q, r = hc_pre_dhc_op(H, *params, EPS)
+    opcheck(hc_pre_op, (H, *params, EPS))
+    opcheck(hc_pre_op, (*[t.detach().clone().requires_grad_(True) for t in (H, *params)], EPS))
+    _, _, _, q, r = hc_pre_op(H, *params, EPS)
     dx, dalpha, dbeta = make_grads(lead, n, d, dtype=torch.float32, device="cpu")
-    opcheck(hc_pre_dhc_bwd_op, (dx, dalpha, dbeta, H, *params, q, r, EPS))
-    opcheck(hc_pre_dhc_bwd_op, (dx, None, None, H, *params, q, r, EPS))
+    opcheck(hc_pre_bwd_op, (dx, dalpha, dbeta, H, *params, q, r, EPS))
+    opcheck(hc_pre_bwd_op, (dx, None, None, H, *params, q, r, EPS))
 
 
 @pytest.mark.compile
@@ -175,7 +175,7 @@ def test_launcher_rejects_cpu_tensors():
     H = torch.randn(3, 4, 8)
     params = make_params(4, 8, dtype=torch.float32, device="cpu")
     with pytest.raises(RuntimeError, match="H must be a CUDA tensor"):
-        _C.hc_pre_dhc_fwd(H, *params, EPS)
+        _C.hc_pre_fwd(H, *params, EPS)
 
 
 # --------------------------------------------------------------------------- GPU
@@ -205,7 +205,7 @@ def test_forward_matches_oracle(cuda, dtype, n, shape):
     H = torch.randn(*lead, n, d, device=cuda).to(dtype)
     params = make_params(n, d, dtype=dtype, device=cuda)
     poison_allocator(cuda)
-    x, alpha, beta, q, r = hc_pre_dhc_op(H, *params, EPS)
+    x, alpha, beta, q, r = hc_pre_op(H, *params, EPS)
     low = fwd_oracle(H, *params)
     high = fwd_oracle(*double((H, *params)))
     for name, got, lo, hi in zip(("x", "alpha", "beta"), (x, alpha, beta), low, high):
@@ -229,9 +229,9 @@ def test_backward_op_matches_oracle(cuda, dtype, n, shape, coeff_grads):
     dx, dalpha, dbeta = make_grads(lead, n, d, dtype=dtype, device=cuda)
     if not coeff_grads:
         dalpha = dbeta = None
-    _, _, _, q, r = hc_pre_dhc_op(H, *params, EPS)
+    _, _, _, q, r = hc_pre_op(H, *params, EPS)
     poison_allocator(cuda)
-    got = hc_pre_dhc_bwd_op(dx, dalpha, dbeta, H, *params, q, r, EPS)
+    got = hc_pre_bwd_op(dx, dalpha, dbeta, H, *params, q, r, EPS)
     low = ref.hc_pre_bwd(dx, dalpha, dbeta, H, *params, eps=EPS)
     high = ref.hc_pre_bwd(*double((dx, dalpha, dbeta, H, *params)), eps=EPS)
     for name, g, lo, hi in zip(("dH", "dA", "dB", "dW", "ds_a", "ds_b"), got, low, high):
@@ -273,8 +273,8 @@ def test_backward_dw_in_global_workspace(cuda, dtype, n, d):
     H = torch.randn(*lead, n, d, device=cuda).to(dtype)
     params = make_params(n, d, dtype=dtype, device=cuda)
     dx, dalpha, dbeta = make_grads(lead, n, d, dtype=dtype, device=cuda)
-    _, _, _, q, r = hc_pre_dhc_op(H, *params, EPS)
-    got = hc_pre_dhc_bwd_op(dx, dalpha, dbeta, H, *params, q, r, EPS)
+    _, _, _, q, r = hc_pre_op(H, *params, EPS)
+    got = hc_pre_bwd_op(dx, dalpha, dbeta, H, *params, q, r, EPS)
     low = ref.hc_pre_bwd(dx, dalpha, dbeta, H, *params, eps=EPS)
     high = ref.hc_pre_bwd(*double((dx, dalpha, dbeta, H, *params)), eps=EPS)
     for name, g, lo, hi in zip(("dH", "dA", "dB", "dW", "ds_a", "ds_b"), got, low, high):
@@ -327,12 +327,12 @@ def test_opcheck_cuda(cuda, dtype):
     lead, n, d = (33,), 4, 70
     H = torch.randn(*lead, n, d, device=cuda).to(dtype)
     params = make_params(n, d, dtype=dtype, device=cuda)
-    opcheck(hc_pre_dhc_op, (H, *params, EPS))
-    opcheck(hc_pre_dhc_op, (*[t.detach().clone().requires_grad_(True) for t in (H, *params)], EPS))
-    _, _, _, q, r = hc_pre_dhc_op(H, *params, EPS)
+    opcheck(hc_pre_op, (H, *params, EPS))
+    opcheck(hc_pre_op, (*[t.detach().clone().requires_grad_(True) for t in (H, *params)], EPS))
+    _, _, _, q, r = hc_pre_op(H, *params, EPS)
     dx, dalpha, dbeta = make_grads(lead, n, d, dtype=dtype, device=cuda)
-    opcheck(hc_pre_dhc_bwd_op, (dx, dalpha, dbeta, H, *params, q, r, EPS))
-    opcheck(hc_pre_dhc_bwd_op, (dx, None, None, H, *params, q, r, EPS))
+    opcheck(hc_pre_bwd_op, (dx, dalpha, dbeta, H, *params, q, r, EPS))
+    opcheck(hc_pre_bwd_op, (dx, None, None, H, *params, q, r, EPS))
 
 
 @gpu
@@ -357,13 +357,13 @@ def test_cuda_graph_capture(cuda):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm up outside the graph
-        outs = hc_pre_dhc_op(H, *params, EPS)
-        hc_pre_dhc_bwd_op(dx, dalpha, dbeta, H, *params, outs[3], outs[4], EPS)
+        outs = hc_pre_op(H, *params, EPS)
+        hc_pre_bwd_op(dx, dalpha, dbeta, H, *params, outs[3], outs[4], EPS)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        outs = hc_pre_dhc_op(H, *params, EPS)
-        grads = hc_pre_dhc_bwd_op(dx, dalpha, dbeta, H, *params, outs[3], outs[4], EPS)
+        outs = hc_pre_op(H, *params, EPS)
+        grads = hc_pre_bwd_op(dx, dalpha, dbeta, H, *params, outs[3], outs[4], EPS)
     for _ in range(2):  # new inputs copied into the captured buffers
         H.copy_(torch.randn_like(H, dtype=torch.float32))
         for p, fresh in zip(params, make_params(n, d, dtype=torch.bfloat16, device=cuda)):
@@ -389,7 +389,7 @@ def test_runs_on_current_stream(cuda):
         torch.cuda._sleep(50_000_000)  # keep the side stream busy before the inputs exist
         H = torch.randn(4096, 4, 512, device=cuda).to(torch.bfloat16)
         params = make_params(4, 512, dtype=torch.bfloat16, device=cuda)
-        x, alpha, beta, _, _ = hc_pre_dhc_op(H, *params, EPS)
+        x, alpha, beta, _, _ = hc_pre_op(H, *params, EPS)
     torch.cuda.synchronize()
     low, high = fwd_oracle(H, *params), fwd_oracle(*double((H, *params)))
     for name, got, lo, hi in zip(("x", "alpha", "beta"), (x, alpha, beta), low, high):
@@ -403,9 +403,9 @@ def test_backward_deterministic(cuda, n, d):
     H = torch.randn(*lead, n, d, device=cuda).to(torch.bfloat16)
     params = make_params(n, d, dtype=torch.bfloat16, device=cuda)
     dx, dalpha, dbeta = make_grads(lead, n, d, dtype=torch.bfloat16, device=cuda)
-    _, _, _, q, r = hc_pre_dhc_op(H, *params, EPS)
-    first = hc_pre_dhc_bwd_op(dx, dalpha, dbeta, H, *params, q, r, EPS)
-    second = hc_pre_dhc_bwd_op(dx, dalpha, dbeta, H, *params, q, r, EPS)
+    _, _, _, q, r = hc_pre_op(H, *params, EPS)
+    first = hc_pre_bwd_op(dx, dalpha, dbeta, H, *params, q, r, EPS)
+    second = hc_pre_bwd_op(dx, dalpha, dbeta, H, *params, q, r, EPS)
     for name, a, b in zip(("dH", "dA", "dB", "dW", "ds_a", "ds_b"), first, second):
         assert torch.equal(a, b), f"{name} differs between two runs"
 
@@ -415,15 +415,15 @@ def test_launcher_errors_are_messaged(cuda):
     H = torch.randn(3, 4, 8, device=cuda)
     A, B, W, s_a, s_b = make_params(4, 8, dtype=torch.float32, device=cuda)
     with pytest.raises(RuntimeError, match=r"W must have shape \(d, n\+2\)"):
-        _C.hc_pre_dhc_fwd(H, A, B, W[:, :5], s_a, s_b, EPS)
+        _C.hc_pre_fwd(H, A, B, W[:, :5], s_a, s_b, EPS)
     with pytest.raises(RuntimeError, match=r"s_a must be a 0-dim tensor"):
-        _C.hc_pre_dhc_fwd(H, A, B, W, s_a.reshape(1), s_b, EPS)
+        _C.hc_pre_fwd(H, A, B, W, s_a.reshape(1), s_b, EPS)
     with pytest.raises(RuntimeError, match="d >= 1"):
-        _C.hc_pre_dhc_fwd(H[..., :0], A, B, W[:0], s_a, s_b, EPS)
-    x, alpha, beta, q, r = _C.hc_pre_dhc_fwd(H, A, B, W, s_a, s_b, EPS)
+        _C.hc_pre_fwd(H[..., :0], A, B, W[:0], s_a, s_b, EPS)
+    x, alpha, beta, q, r = _C.hc_pre_fwd(H, A, B, W, s_a, s_b, EPS)
     with pytest.raises(RuntimeError, match=r"dalpha must have shape \(\.\.\., n, n\+1\)"):
-        _C.hc_pre_dhc_bwd(torch.randn(3, 8, device=cuda), alpha[:, :, :4], None, H, A, B, W,
+        _C.hc_pre_bwd(torch.randn(3, 8, device=cuda), alpha[:, :, :4], None, H, A, B, W,
                           s_a, s_b, q, r)
     with pytest.raises(RuntimeError, match="dx must have H's dtype"):
-        _C.hc_pre_dhc_bwd(torch.randn(3, 8, device=cuda, dtype=torch.float64), None, None, H, A,
+        _C.hc_pre_bwd(torch.randn(3, 8, device=cuda, dtype=torch.float64), None, None, H, A,
                           B, W, s_a, s_b, q, r)

@@ -225,7 +225,7 @@ class StreamMixFn(torch.autograd.Function):
         return hc.stream_mix_bwd(dx, *ctx.saved_tensors)
 
 
-def test_gradcheck_hc_pre_dhc():
+def test_gradcheck_hc_pre():
     torch.manual_seed(3)
     H = rand(2, 3, 4, grad=True)
     params = dhc_params(3, 4, grad=True)

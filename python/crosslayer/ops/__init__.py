@@ -3,11 +3,12 @@ signatures and semantics (crosslayer.ref is the spec)."""
 
 from crosslayer._extension import _C
 from crosslayer.ops.depth_aggregate import depth_aggregate
-from crosslayer.ops.depth_aggregate_norm import depth_aggregate_qkv_norm
-from crosslayer.ops.hc_mix import hc_post, stream_mix
+from crosslayer.ops.depth_aggregate_qkv_norm import depth_aggregate_qkv_norm
+from crosslayer.ops.hc_post import hc_post
 from crosslayer.ops.hc_pre import hc_pre
 from crosslayer.ops.mhc_coeffs import mhc_coeffs
 from crosslayer.ops.mudd_weights import mudd_weights
+from crosslayer.ops.stream_mix import stream_mix
 
 ALL_OPS = ("hc_pre", "hc_post", "stream_mix", "mhc_coeffs", "depth_aggregate", "depth_aggregate_qkv_norm",
            "mudd_weights")

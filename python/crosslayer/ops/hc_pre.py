@@ -2,11 +2,11 @@
 the public function that mirrors `crosslayer.ref.hc_pre`.
 
 Layers, bottom up:
-  _C.hc_pre_dhc_fwd / _bwd                 pybind11 launchers (csrc/hc_coeffs.cu)
-  torch.ops.crosslayer.hc_pre_dhc          custom op + fake + autograd: (x, alpha, beta,
+  _C.hc_pre_fwd / _bwd                 pybind11 launchers (csrc/hc_pre.cu)
+  torch.ops.crosslayer.hc_pre          custom op + fake + autograd: (x, alpha, beta,
                                            q, r); q = H·W and r = rsqrt(mean H² + eps)
                                            are saved for the backward, not differentiable
-  torch.ops.crosslayer.hc_pre_dhc_bwd      custom op: (dH, dA, dB, dW, ds_a, ds_b)
+  torch.ops.crosslayer.hc_pre_bwd      custom op: (dH, dA, dB, dW, ds_a, ds_b)
   hc_pre(H, A, B, W, s_a, s_b, eps)        validates once; DHC -> the op above; SHC ->
                                            stream_mix(H, A[:, 0]) (one fused kernel each
                                            way) and copies of A and B as alpha and beta
@@ -29,9 +29,10 @@ from torch import Tensor
 
 from crosslayer import ref
 from crosslayer._checks import acc_dtype, compute_dtype
-from crosslayer._extension import kernels_for, runs_kernels
-from crosslayer.ops.hc_mix import stream_mix
-from crosslayer.ref.hc import Scalar, validate_hc_pre
+from crosslayer._extension import kernels_for
+from crosslayer.ops._common import Scalar, fusable, scalar_tensor
+from crosslayer.ops.stream_mix import stream_mix
+from crosslayer.ref.hc import validate_hc_pre
 
 
 def _projection(H: Tensor, W: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
@@ -42,8 +43,8 @@ def _projection(H: Tensor, W: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     return (Hc @ W.to(acc)).contiguous(), r.contiguous()
 
 
-@torch.library.custom_op("crosslayer::hc_pre_dhc", mutates_args=())
-def hc_pre_dhc_op(H: Tensor, A: Tensor, B: Tensor, W: Tensor, s_a: Tensor, s_b: Tensor,
+@torch.library.custom_op("crosslayer::hc_pre", mutates_args=())
+def hc_pre_op(H: Tensor, A: Tensor, B: Tensor, W: Tensor, s_a: Tensor, s_b: Tensor,
                   eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Dynamic HC: (x, alpha, beta, q, r).
 
@@ -53,7 +54,7 @@ def hc_pre_dhc_op(H: Tensor, A: Tensor, B: Tensor, W: Tensor, s_a: Tensor, s_b: 
     """
     kernels = kernels_for(H, "hc_pre")
     if kernels is not None:
-        x, alpha, beta, q, r = kernels.hc_pre_dhc_fwd(H, A, B, W, s_a, s_b, eps)
+        x, alpha, beta, q, r = kernels.hc_pre_fwd(H, A, B, W, s_a, s_b, eps)
         return x, alpha, beta, q, r
     acc = acc_dtype(H.dtype)
     x, alpha, beta = ref.hc_pre(H, A.to(acc), B.to(acc), W.to(acc), s_a.to(acc), s_b.to(acc), eps)
@@ -61,8 +62,8 @@ def hc_pre_dhc_op(H: Tensor, A: Tensor, B: Tensor, W: Tensor, s_a: Tensor, s_b: 
     return x.contiguous(), alpha.contiguous(), beta.contiguous(), q, r
 
 
-@hc_pre_dhc_op.register_fake
-def _hc_pre_dhc_fake(H, A, B, W, s_a, s_b, eps):
+@hc_pre_op.register_fake
+def _hc_pre_fake(H, A, B, W, s_a, s_b, eps):
     lead, n, d = H.shape[:-2], H.shape[-2], H.shape[-1]
     acc = acc_dtype(H.dtype)
     return (H.new_empty((*lead, d)), H.new_empty((*lead, n, n + 1), dtype=acc),
@@ -70,20 +71,20 @@ def _hc_pre_dhc_fake(H, A, B, W, s_a, s_b, eps):
             H.new_empty((*lead, n), dtype=acc))
 
 
-@torch.library.custom_op("crosslayer::hc_pre_dhc_bwd", mutates_args=())
-def hc_pre_dhc_bwd_op(dx: Tensor, dalpha: Optional[Tensor], dbeta: Optional[Tensor], H: Tensor,
+@torch.library.custom_op("crosslayer::hc_pre_bwd", mutates_args=())
+def hc_pre_bwd_op(dx: Tensor, dalpha: Optional[Tensor], dbeta: Optional[Tensor], H: Tensor,
                       A: Tensor, B: Tensor, W: Tensor, s_a: Tensor, s_b: Tensor, q: Tensor,
                       r: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dH, dA, dB, dW, ds_a, ds_b) of dynamic HC.
 
     dx: (*lead, d) in H's dtype; dalpha: (*lead, n, n+1) or None; dbeta: (*lead, n) or
-    None (None = zero); q, r: from hc_pre_dhc; eps: the forward's (the CPU path
+    None (None = zero); q, r: from hc_pre; eps: the forward's (the CPU path
     recomputes from H). dH is allocated like H; the parameter gradients are summed over
     tokens, each in its parameter's dtype.
     """
     kernels = kernels_for(H, "hc_pre")
     if kernels is not None:
-        dH, dA, dB, dW, ds_a, ds_b = kernels.hc_pre_dhc_bwd(dx, dalpha, dbeta, H, A, B, W, s_a, s_b, q, r)
+        dH, dA, dB, dW, ds_a, ds_b = kernels.hc_pre_bwd(dx, dalpha, dbeta, H, A, B, W, s_a, s_b, q, r)
         return dH, dA, dB, dW, ds_a, ds_b
     acc = acc_dtype(H.dtype)
     dH, dA, dB, dW, ds_a, ds_b = ref.hc_pre_bwd(
@@ -94,8 +95,8 @@ def hc_pre_dhc_bwd_op(dx: Tensor, dalpha: Optional[Tensor], dbeta: Optional[Tens
             dW.to(W.dtype).contiguous(), ds_a.to(s_a.dtype), ds_b.to(s_b.dtype))
 
 
-@hc_pre_dhc_bwd_op.register_fake
-def _hc_pre_dhc_bwd_fake(dx, dalpha, dbeta, H, A, B, W, s_a, s_b, q, r, eps):
+@hc_pre_bwd_op.register_fake
+def _hc_pre_bwd_fake(dx, dalpha, dbeta, H, A, B, W, s_a, s_b, q, r, eps):
     return (torch.empty_like(H), A.new_empty(A.shape), B.new_empty(B.shape), W.new_empty(W.shape),
             s_a.new_empty(()), s_b.new_empty(()))
 
@@ -112,19 +113,11 @@ def _hc_pre_backward(ctx, dx, dalpha, dbeta, dq, dr):
     H, A, B, W, s_a, s_b, q, r = ctx.saved_tensors
     if dx is None:
         dx = H.new_zeros((*H.shape[:-2], H.shape[-1]))
-    dH, dA, dB, dW, ds_a, ds_b = hc_pre_dhc_bwd_op(dx, dalpha, dbeta, H, A, B, W, s_a, s_b, q, r, ctx.eps)
+    dH, dA, dB, dW, ds_a, ds_b = hc_pre_bwd_op(dx, dalpha, dbeta, H, A, B, W, s_a, s_b, q, r, ctx.eps)
     return dH, dA, dB, dW, ds_a, ds_b, None
 
 
-hc_pre_dhc_op.register_autograd(_hc_pre_backward, setup_context=_hc_pre_setup)
-
-
-def _scalar_tensor(v: Scalar, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A python float as a 0-dim tensor (a fill kernel, no host-to-device copy); tensors
-    pass through, so their gradient flows."""
-    if isinstance(v, Tensor):
-        return v
-    return torch.full((), float(v), dtype=dtype, device=device)
+hc_pre_op.register_autograd(_hc_pre_backward, setup_context=_hc_pre_setup)
 
 
 def hc_pre(H: Tensor, A: Tensor, B: Tensor, W: Optional[Tensor] = None,
@@ -146,13 +139,14 @@ def hc_pre(H: Tensor, A: Tensor, B: Tensor, W: Optional[Tensor] = None,
     lower-precision H.
     """
     validate_hc_pre(H, A, B, W, s_a, s_b)
-    ct = compute_dtype(H, A, B, W, *[v for v in (s_a, s_b) if isinstance(v, Tensor)])
+    scales = [v for v in (s_a, s_b) if isinstance(v, Tensor)]
+    ct = compute_dtype(H, A, B, W, *scales)
     if W is None:
         alpha, beta = A.to(ct).clone(), B.to(ct).clone()
         return stream_mix(H, alpha[:, 0]), alpha, beta
-    if not (runs_kernels(H) and ct == acc_dtype(H.dtype)):
+    if not fusable(H, A, B, W, *scales):
         return ref.hc_pre(H, A, B, W, s_a, s_b, eps)
-    sa = _scalar_tensor(s_a, ct, H.device)
-    sb = _scalar_tensor(s_b, ct, H.device)
-    x, alpha, beta, _, _ = hc_pre_dhc_op(H, A, B, W, sa, sb, eps)
+    sa = scalar_tensor(s_a, ct, H.device)
+    sb = scalar_tensor(s_b, ct, H.device)
+    x, alpha, beta, _, _ = hc_pre_op(H, A, B, W, sa, sb, eps)
     return x, alpha, beta

@@ -29,10 +29,9 @@ import torch
 from torch import Tensor
 
 from crosslayer import ref
-from crosslayer._checks import acc_dtype, compute_dtype
-from crosslayer._extension import kernels_for, runs_kernels
-from crosslayer.ops.hc_pre import _scalar_tensor
-from crosslayer.ref.hc import Scalar
+from crosslayer._checks import acc_dtype
+from crosslayer._extension import kernels_for
+from crosslayer.ops._common import Scalar, fusable, scalar_tensor
 from crosslayer.ref.mhc import validate_mhc_coeffs
 
 
@@ -143,10 +142,9 @@ def mhc_coeffs(H: Tensor, phi: Tensor, a_pre: Scalar, a_post: Scalar, a_res: Sca
     """
     validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters)
     scalars = [v for v in (a_pre, a_post, a_res) if isinstance(v, Tensor)]
-    ct = compute_dtype(H, phi, b, *scalars)
-    if not (runs_kernels(H) and ct == acc_dtype(H.dtype)):
+    if not fusable(H, phi, b, *scalars):
         return ref.mhc_coeffs(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters,
                               sinkhorn_eps)
-    a = [_scalar_tensor(v, ct, H.device) for v in (a_pre, a_post, a_res)]
+    a = [scalar_tensor(v, acc_dtype(H.dtype), H.device) for v in (a_pre, a_post, a_res)]
     alpha, beta, _, _ = mhc_coeffs_op(H, phi, *a, b, eps, pre_eps, post_mult, iters, sinkhorn_eps)
     return alpha, beta

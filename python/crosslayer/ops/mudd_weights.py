@@ -29,8 +29,9 @@ import torch
 from torch import Tensor
 
 from crosslayer import ref
-from crosslayer._checks import acc_dtype, compute_dtype
-from crosslayer._extension import kernels_for, runs_kernels
+from crosslayer._checks import acc_dtype
+from crosslayer._extension import kernels_for
+from crosslayer.ops._common import fusable
 from crosslayer.ref.mudd import _check_approximate, validate_mudd_weights
 
 
@@ -135,8 +136,7 @@ def mudd_weights(x: Tensor, W1: Tensor, W2: Tensor, bias: Tensor, n_ways: int, e
     """
     validate_mudd_weights(x, W1, W2, bias, n_ways)
     _check_approximate(approximate)
-    ct = compute_dtype(x, W1, W2, bias)
-    if not (runs_kernels(x) and ct == acc_dtype(x.dtype) and x.shape[-1] >= 1 and W1.shape[1] >= 1):
+    if not (fusable(x, W1, W2, bias) and x.shape[-1] >= 1 and W1.shape[1] >= 1):
         return ref.mudd_weights(x, W1, W2, bias, n_ways, eps, approximate)
     A, _, _ = mudd_weights_op(x, W1, W2, bias, n_ways, eps, approximate)
     return A

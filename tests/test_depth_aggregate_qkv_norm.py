@@ -23,7 +23,7 @@ from torch.library import opcheck
 from crosslayer import ops, ref
 from crosslayer._extension import _C
 from crosslayer.ref.mudd import mudd_init_weights
-from crosslayer.ops.depth_aggregate_norm import depth_aggregate_qkv_norm_bwd_op, depth_aggregate_qkv_norm_op
+from crosslayer.ops.depth_aggregate_qkv_norm import depth_aggregate_qkv_norm_bwd_op, depth_aggregate_qkv_norm_op
 from policy import assert_policy, poison_allocator
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -209,7 +209,7 @@ def test_oracle_bwd_rejects_bad_dout():
 @pytest.mark.skipif(_C is None, reason="extension not built")
 def test_launcher_rejects_cpu_tensors():
     with pytest.raises(RuntimeError, match="S must be a CUDA tensor"):
-        _C.depth_aggregate_norm_fwd(torch.randn(2, 3, 4), torch.randn(4, 2), torch.randn(3, 4), EPS)
+        _C.depth_aggregate_qkv_norm_fwd(torch.randn(2, 3, 4), torch.randn(4, 2), torch.randn(3, 4), EPS)
 
 
 # --------------------------------------------------------------------------- CPU: DenseFormer
@@ -497,17 +497,17 @@ def test_launcher_errors_are_messaged(cuda):
     A = torch.randn(4, 4, 3, device=cuda)
     g = torch.randn(3, 8, device=cuda)
     with pytest.raises(RuntimeError, match=r"A must have shape \(N, 4, l\)"):
-        _C.depth_aggregate_norm_fwd(S, torch.randn(4, 3, 3, device=cuda), g, EPS)
+        _C.depth_aggregate_qkv_norm_fwd(S, torch.randn(4, 3, 3, device=cuda), g, EPS)
     with pytest.raises(RuntimeError, match=r"norm_weights must have shape \(3, d\)"):
-        _C.depth_aggregate_norm_fwd(S, A, torch.randn(3, 9, device=cuda), EPS)
+        _C.depth_aggregate_qkv_norm_fwd(S, A, torch.randn(3, 9, device=cuda), EPS)
     rstd = torch.ones(3, 4, device=cuda)
     dOut = torch.randn(4, 4, 8, device=cuda)
     with pytest.raises(RuntimeError, match=r"dS must have shape \(l, N, d\)"):
-        _C.depth_aggregate_norm_bwd(dOut, S, A, g, rstd, torch.empty(2, 4, 8, device=cuda), False)
+        _C.depth_aggregate_qkv_norm_bwd(dOut, S, A, g, rstd, torch.empty(2, 4, 8, device=cuda), False)
     with pytest.raises(RuntimeError, match=r"rstd must have shape \(3, N\)"):
-        _C.depth_aggregate_norm_bwd(dOut, S, A, g, torch.ones(3, 5, device=cuda), torch.empty_like(S), False)
+        _C.depth_aggregate_qkv_norm_bwd(dOut, S, A, g, torch.ones(3, 5, device=cuda), torch.empty_like(S), False)
     with pytest.raises(RuntimeError, match="unit stride"):
-        _C.depth_aggregate_norm_bwd(dOut, S, A, g, rstd, torch.empty(3, 4, 16, device=cuda)[..., ::2], False)
+        _C.depth_aggregate_qkv_norm_bwd(dOut, S, A, g, rstd, torch.empty(3, 4, 16, device=cuda)[..., ::2], False)
 
 
 # --------------------------------------------------------------------------- GPU: DenseFormer

@@ -2,7 +2,7 @@
 and the public function that mirrors `crosslayer.ref.depth_aggregate_qkv_norm`.
 
 Layers, bottom up:
-  _C.depth_aggregate_norm_fwd / _bwd              pybind11 launchers (csrc/depth_aggregate_norm.cu)
+  _C.depth_aggregate_qkv_norm_fwd / _bwd              pybind11 launchers (csrc/depth_aggregate_qkv_norm.cu)
   torch.ops.crosslayer.depth_aggregate_qkv_norm   custom op + fake + autograd: (Out, rstd);
                                                   rstd (3, N) = rsqrt(mean Y_c² + eps) is
                                                   saved for the backward, not differentiable
@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 
 from crosslayer import ref
-from crosslayer._checks import acc_dtype, compute_dtype
-from crosslayer._extension import kernels_for, runs_kernels
+from crosslayer._checks import acc_dtype
+from crosslayer._extension import kernels_for
+from crosslayer.ops._common import fusable
 from crosslayer.ref.mudd import validate_depth_aggregate_qkv_norm
 
 
@@ -45,7 +46,7 @@ def depth_aggregate_qkv_norm_op(S: Tensor, A: Tensor, norm_weights: Tensor, eps:
     """
     kernels = kernels_for(S, "depth_aggregate_qkv_norm")
     if kernels is not None:
-        out, rstd = kernels.depth_aggregate_norm_fwd(S, A, norm_weights, eps)
+        out, rstd = kernels.depth_aggregate_qkv_norm_fwd(S, A, norm_weights, eps)
         return out, rstd
     acc = acc_dtype(S.dtype)
     out = ref.depth_aggregate_qkv_norm(S, A.to(acc), norm_weights.to(acc), eps)
@@ -69,7 +70,7 @@ def depth_aggregate_qkv_norm_bwd_op(dOut: Tensor, S: Tensor, A: Tensor, norm_wei
     """
     kernels = kernels_for(S, "depth_aggregate_qkv_norm")
     if kernels is not None:
-        dA, dg = kernels.depth_aggregate_norm_bwd(dOut, S, A, norm_weights, rstd, dS, accumulate)
+        dA, dg = kernels.depth_aggregate_qkv_norm_bwd(dOut, S, A, norm_weights, rstd, dS, accumulate)
         return dA, dg
     acc = acc_dtype(S.dtype)
     dS_new, dA, dg = ref.depth_aggregate_qkv_norm_bwd(dOut, S, A.to(acc), norm_weights.to(acc), eps)
@@ -118,7 +119,7 @@ def depth_aggregate_qkv_norm(S: Tensor, A: Tensor, norm_weights: Tensor, eps: fl
     float32 for those).
     """
     validate_depth_aggregate_qkv_norm(S, A, norm_weights)
-    if not (runs_kernels(S) and compute_dtype(S, A, norm_weights) == acc_dtype(S.dtype)):
+    if not fusable(S, A, norm_weights):
         return ref.depth_aggregate_qkv_norm(S, A, norm_weights, eps)
     l, d = S.shape[0], S.shape[-1]
     tok = S.shape[1:-1]

@@ -1,8 +1,8 @@
 """depth_aggregate_qkv_norm's CUDA launchers and kernels on the CPU emulator (tools/cuemu).
 
-The launchers (csrc/depth_aggregate_norm.cu) and kernels
-(csrc/kernels/depth_aggregate_norm.cuh) run unchanged on CPU tensors, called the way the
-custom ops in crosslayer/ops/depth_aggregate_norm.py call them; every result (Out, rstd,
+The launchers (csrc/depth_aggregate_qkv_norm.cu) and kernels
+(csrc/kernels/depth_aggregate_qkv_norm.cuh) run unchanged on CPU tensors, called the way the
+custom ops in crosslayer/ops/depth_aggregate_qkv_norm.py call them; every result (Out, rstd,
 dS written and accumulated, dA, dnorm_weights) is held to DESIGN.md's policy against the
 float64 oracle, outputs poisoned with NaN, for every dtype, static and per-token weights,
 the GPU tests' odd sizes (d = 1, 7, 129, 2048, 4099; l = 1 .. 128) at small N, block
@@ -10,15 +10,15 @@ configurations with unused token rows and partly idle warps, strided and misalig
 (the scalar path), strided dOut / dS, the global-workspace path (row buffers too big for
 shared memory), the persistent grid's token loop, and the launchers' messages. What only
 a GPU shows (speed, streams, graphs, compile) stays with the `gpu` tests in
-test_depth_aggregate_norm.py.
+test_depth_aggregate_qkv_norm.py.
 """
 
 import pytest
 import torch
 
-from crosslayer.ops.depth_aggregate_norm import _rstd
+from crosslayer.ops.depth_aggregate_qkv_norm import _rstd
 from policy import assert_policy
-from test_depth_aggregate_norm import DTYPES, EPS, F64, bwd_oracle, eps_for, fwd_oracle, make_inputs, oracle_pair
+from test_depth_aggregate_qkv_norm import DTYPES, EPS, F64, bwd_oracle, eps_for, fwd_oracle, make_inputs, oracle_pair
 
 pytestmark = pytest.mark.cuemu
 
@@ -41,7 +41,7 @@ def _ids(shape):
 
 def _check_forward(cuemu, S, A, g, eps):
     """The forward launcher on (l, N, d) S: Out and rstd against the oracle."""
-    Out, rstd = cuemu.depth_aggregate_norm_fwd(S, A, g, eps)
+    Out, rstd = cuemu.depth_aggregate_qkv_norm_fwd(S, A, g, eps)
     assert_policy("Out", Out, *oracle_pair(lambda *t: fwd_oracle(*t, eps), S, A, g))
     assert_policy("rstd", rstd, _rstd(S, A, eps), _rstd(S.double(), A.double(), eps))
     return rstd
@@ -64,7 +64,7 @@ def _check_backward(cuemu, S, A, g, dtype, accumulate, *, dOut=None, dS=None, ep
     dS0 = dS.clone()
     if not accumulate:
         dS.fill_(float("nan"))  # every element must be written
-    dA, dg = cuemu.depth_aggregate_norm_bwd(dOut, S, A, g, rstd, dS, accumulate)
+    dA, dg = cuemu.depth_aggregate_qkv_norm_bwd(dOut, S, A, g, rstd, dS, accumulate)
     assert dA.shape == A.shape and dA.dtype == A.dtype
     assert dg.shape == g.shape and dg.dtype == g.dtype
     oracle = bwd_oracle(accumulate, eps)
@@ -181,20 +181,20 @@ def test_persistent_grid_loops_over_tokens(cuemu, poisoned):
 
 def test_empty_shapes(cuemu):
     S = torch.randn(3, 0, 8)
-    Out, rstd = cuemu.depth_aggregate_norm_fwd(S, torch.randn(0, 4, 3), torch.randn(3, 8), EPS)
+    Out, rstd = cuemu.depth_aggregate_qkv_norm_fwd(S, torch.randn(0, 4, 3), torch.randn(3, 8), EPS)
     assert Out.shape == (4, 0, 8) and rstd.shape == (3, 0)
     S = torch.randn(3, 4, 0)
     A = torch.randn(4, 4, 3)
     g = torch.randn(3, 0)
-    Out, rstd = cuemu.depth_aggregate_norm_fwd(S, A, g, EPS)
+    Out, rstd = cuemu.depth_aggregate_qkv_norm_fwd(S, A, g, EPS)
     assert Out.shape == (4, 4, 0)
     torch.testing.assert_close(rstd, torch.full((3, 4), EPS ** -0.5))
     dS = torch.full((3, 4, 0), float("nan"))
-    dA, dg = cuemu.depth_aggregate_norm_bwd(torch.randn(4, 4, 0), S, A, g, rstd, dS, False)
+    dA, dg = cuemu.depth_aggregate_qkv_norm_bwd(torch.randn(4, 4, 0), S, A, g, rstd, dS, False)
     assert torch.equal(dA, torch.zeros_like(A)) and dg.shape == (3, 0)
     S = torch.randn(3, 0, 8)  # no tokens, static weights: dA and dg are sums over nothing
     A = torch.randn(4, 3)
-    dA, dg = cuemu.depth_aggregate_norm_bwd(torch.randn(4, 0, 8), S, A, torch.randn(3, 8), torch.ones(3, 0),
+    dA, dg = cuemu.depth_aggregate_qkv_norm_bwd(torch.randn(4, 0, 8), S, A, torch.randn(3, 8), torch.ones(3, 0),
                                             torch.empty(3, 0, 8), True)
     assert torch.equal(dA, torch.zeros(4, 3)) and torch.equal(dg, torch.zeros(3, 8))
 
@@ -204,24 +204,24 @@ def test_launcher_errors_are_messaged(cuemu):
     A = torch.randn(4, 4, 3)
     g = torch.randn(3, 8)
     with pytest.raises(RuntimeError, match=r"A must have shape \(N, 4, l\)"):
-        cuemu.depth_aggregate_norm_fwd(S, torch.randn(4, 3, 3), g, EPS)
+        cuemu.depth_aggregate_qkv_norm_fwd(S, torch.randn(4, 3, 3), g, EPS)
     with pytest.raises(RuntimeError, match=r"A must have shape \(4, l\)"):
-        cuemu.depth_aggregate_norm_fwd(S, torch.randn(4, 2), g, EPS)
+        cuemu.depth_aggregate_qkv_norm_fwd(S, torch.randn(4, 2), g, EPS)
     with pytest.raises(RuntimeError, match=r"norm_weights must have shape \(3, d\)"):
-        cuemu.depth_aggregate_norm_fwd(S, A, torch.randn(3, 9), EPS)
+        cuemu.depth_aggregate_qkv_norm_fwd(S, A, torch.randn(3, 9), EPS)
     with pytest.raises(RuntimeError, match=r"S must hold 1 to 128 slots"):
-        cuemu.depth_aggregate_norm_fwd(torch.randn(129, 2, 4), torch.randn(4, 129), torch.randn(3, 4), EPS)
+        cuemu.depth_aggregate_qkv_norm_fwd(torch.randn(129, 2, 4), torch.randn(4, 129), torch.randn(3, 4), EPS)
     rstd = torch.ones(3, 4)
     dOut = torch.randn(4, 4, 8)
     with pytest.raises(RuntimeError, match=r"dOut must have shape \(4, N, d\)"):
-        cuemu.depth_aggregate_norm_bwd(torch.randn(3, 4, 8), S, A, g, rstd, torch.empty_like(S), False)
+        cuemu.depth_aggregate_qkv_norm_bwd(torch.randn(3, 4, 8), S, A, g, rstd, torch.empty_like(S), False)
     with pytest.raises(RuntimeError, match=r"dS must have shape \(l, N, d\)"):
-        cuemu.depth_aggregate_norm_bwd(dOut, S, A, g, rstd, torch.empty(2, 4, 8), False)
+        cuemu.depth_aggregate_qkv_norm_bwd(dOut, S, A, g, rstd, torch.empty(2, 4, 8), False)
     with pytest.raises(RuntimeError, match=r"rstd must have shape \(3, N\)"):
-        cuemu.depth_aggregate_norm_bwd(dOut, S, A, g, torch.ones(3, 5), torch.empty_like(S), False)
+        cuemu.depth_aggregate_qkv_norm_bwd(dOut, S, A, g, torch.ones(3, 5), torch.empty_like(S), False)
     with pytest.raises(RuntimeError, match="unit stride"):
-        cuemu.depth_aggregate_norm_bwd(dOut, S, A, g, rstd, torch.empty(3, 4, 16)[..., ::2], False)
+        cuemu.depth_aggregate_qkv_norm_bwd(dOut, S, A, g, rstd, torch.empty(3, 4, 16)[..., ::2], False)
     with pytest.raises(RuntimeError, match="dS must have S's dtype"):
-        cuemu.depth_aggregate_norm_bwd(dOut, S, A, g, rstd, torch.empty(3, 4, 8, dtype=torch.float64), False)
+        cuemu.depth_aggregate_qkv_norm_bwd(dOut, S, A, g, rstd, torch.empty(3, 4, 8, dtype=torch.float64), False)
     with pytest.raises(RuntimeError, match="dOut must have S's dtype"):
-        cuemu.depth_aggregate_norm_bwd(dOut.double(), S, A, g, rstd, torch.empty_like(S), False)
+        cuemu.depth_aggregate_qkv_norm_bwd(dOut.double(), S, A, g, rstd, torch.empty_like(S), False)

@@ -26,7 +26,7 @@ def harness(bh):
 
 def test_import_needs_no_gpu(bh):
     assert bh.DEVICE == "cuda"  # importing did not exit or touch the device
-    assert set(bh.OPS) == {"hc_pre_dhc", "hc_pre_shc", "hc_post", "hc_sublayer"}
+    assert set(bh.OPS) == {"hc_pre", "hc_pre_shc", "hc_post", "hc_sublayer"}
 
 
 @pytest.mark.parametrize("n,d", [(1, 1), (2, 1024), (4, 2048), (8, 8192), (16, 129)])
@@ -63,7 +63,7 @@ def test_bad_op_or_mode_raise(bh):
 def test_docstring_table_matches_the_arithmetic(bh):
     """Every number of the docstring's worked table equals what the functions give."""
     doc = bh.__doc__
-    rows = {"hc_pre fwd": ("hc_pre_dhc", "fwd"), "hc_pre fwd+bwd": ("hc_pre_dhc", "fwd+bwd"),
+    rows = {"hc_pre fwd": ("hc_pre", "fwd"), "hc_pre fwd+bwd": ("hc_pre", "fwd+bwd"),
             "hc_post fwd": ("hc_post", "fwd"), "hc_post fwd+bwd": ("hc_post", "fwd+bwd"),
             "sublayer fwd": ("hc_sublayer", "fwd"),
             "sublayer fwd+bwd": ("hc_sublayer", "fwd+bwd")}
@@ -220,8 +220,8 @@ def test_fwd_bwd_gate_covers_every_gradient(cpu_bench):
 
     rows = _run(bh, _ops_module(bad_pre, ref.hc_post))
     st = {(r.op, r.mode): r.status for r in rows if r.variant == "fused"}
-    assert st[("hc_pre_dhc", "fwd")] == "ok" and st[("hc_pre_shc", "fwd+bwd")] == "ok"
-    assert st[("hc_pre_dhc", "fwd+bwd")] == "WRONG"
+    assert st[("hc_pre", "fwd")] == "ok" and st[("hc_pre_shc", "fwd+bwd")] == "ok"
+    assert st[("hc_pre", "fwd+bwd")] == "WRONG"
     assert st[("hc_sublayer", "fwd+bwd")] == "WRONG"
     assert st[("hc_post", "fwd+bwd")] == "ok"
     assert bh.exit_status(rows) == 3
@@ -235,7 +235,7 @@ def test_missing_fused_ops_fail_not_crash(cpu_bench, capsys):
     rows = _run(bh, _ops_module(hc_pre=None, hc_post=ref.hc_post), modes=("fwd",))
     st = {r.op: (r.status, r.note) for r in rows if r.variant == "fused"}
     assert st["hc_post"][0] == "ok"
-    for op in ("hc_pre_dhc", "hc_pre_shc", "hc_sublayer"):
+    for op in ("hc_pre", "hc_pre_shc", "hc_sublayer"):
         assert st[op][0] == "failed: missing op" and "hc_pre" in st[op][1]
     # The oracle rows still ran.
     assert all(r.status in ("ref", "ok") for r in rows if r.variant != "fused")

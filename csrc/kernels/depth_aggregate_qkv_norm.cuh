@@ -196,7 +196,7 @@ __device__ __forceinline__ Vec<acc, kVec>& da_norm_vec(acc* base, int64_t i) {
 
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kDaNormThreads, kDaNormFwdMinBlocks)
-    depth_aggregate_norm_fwd_kernel(const DaNormParams p) {
+    depth_aggregate_qkv_norm_fwd_kernel(const DaNormParams p) {
   using acc = acc_t<T>;
   extern __shared__ __align__(32) unsigned char da_norm_smem[];
   acc* smem = reinterpret_cast<acc*>(da_norm_smem);
@@ -286,7 +286,7 @@ __global__ void __launch_bounds__(kDaNormThreads, kDaNormFwdMinBlocks)
 
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kDaNormThreads, kDaNormBwdMinBlocks)
-    depth_aggregate_norm_bwd_kernel(const DaNormParams p) {
+    depth_aggregate_qkv_norm_bwd_kernel(const DaNormParams p) {
   using acc = acc_t<T>;
   extern __shared__ __align__(32) unsigned char da_norm_smem[];
   acc* smem = reinterpret_cast<acc*>(da_norm_smem);

@@ -1,8 +1,8 @@
-// Launchers for hc_pre of dynamic Hyper-Connections (kernels in kernels/hc_coeffs.cuh).
+// Launchers for hc_pre of dynamic Hyper-Connections (kernels in kernels/hc_pre.cuh).
 //
-//   hc_pre_dhc_fwd(H (*, n, d), A (n, n+1), B (n), W (d, n+2), s_a, s_b, eps)
+//   hc_pre_fwd(H (*, n, d), A (n, n+1), B (n), W (d, n+2), s_a, s_b, eps)
 //       -> {x (*, d), alpha (*, n, n+1), beta (*, n), q (*, n, n+2), r (*, n)}
-//   hc_pre_dhc_bwd(dx (*, d), dalpha?, dbeta?, H, A, B, W, s_a, s_b, q, r)
+//   hc_pre_bwd(dx (*, d), dalpha?, dbeta?, H, A, B, W, s_a, s_b, q, r)
 //       -> {dH (*, n, d), dA, dB, dW, ds_a, ds_b}
 //
 // One validator serves both directions. H's token dims may have any strides that
@@ -25,7 +25,7 @@
 #include "common/dispatch.h"
 #include "common/launch.h"
 #include "common/layout.h"
-#include "kernels/hc_coeffs.cuh"
+#include "kernels/hc_pre.cuh"
 #include "ops.h"
 
 namespace crosslayer {
@@ -132,7 +132,7 @@ HcPreLaunch hc_pre_block(int64_t N, int64_t d, int vec, int64_t ldw, bool backwa
 
 }  // namespace
 
-std::vector<at::Tensor> hc_pre_dhc_fwd(const at::Tensor& H_in, const at::Tensor& A, const at::Tensor& B,
+std::vector<at::Tensor> hc_pre_fwd(const at::Tensor& H_in, const at::Tensor& A, const at::Tensor& B,
                                        const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b,
                                        double eps) {
   const HcPreShape sh = check_hc_pre_inputs(H_in, A, B, W, s_a, s_b);
@@ -176,7 +176,7 @@ std::vector<at::Tensor> hc_pre_dhc_fwd(const at::Tensor& H_in, const at::Tensor&
 
   const int device = H.device().index();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  CL_DISPATCH_FLOATING(H.scalar_type(), "hc_pre_dhc_fwd", [&] {
+  CL_DISPATCH_FLOATING(H.scalar_type(), "hc_pre_fwd", [&] {
     using acc = acc_t<scalar_t>;
     const int vec = kVec16<scalar_t>;
     const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) &&
@@ -196,7 +196,7 @@ std::vector<at::Tensor> hc_pre_dhc_fwd(const at::Tensor& H_in, const at::Tensor&
   return {x, alpha, beta, q, r};
 }
 
-std::vector<at::Tensor> hc_pre_dhc_bwd(const at::Tensor& dx_in, const std::optional<at::Tensor>& dalpha,
+std::vector<at::Tensor> hc_pre_bwd(const at::Tensor& dx_in, const std::optional<at::Tensor>& dalpha,
                                        const std::optional<at::Tensor>& dbeta, const at::Tensor& H_in,
                                        const at::Tensor& A, const at::Tensor& B, const at::Tensor& W,
                                        const at::Tensor& s_a, const at::Tensor& s_b, const at::Tensor& q,
@@ -259,7 +259,7 @@ std::vector<at::Tensor> hc_pre_dhc_bwd(const at::Tensor& dx_in, const std::optio
   const int device = Hl.device().index();
   const int sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  CL_DISPATCH_FLOATING(Hl.scalar_type(), "hc_pre_dhc_bwd", [&] {
+  CL_DISPATCH_FLOATING(Hl.scalar_type(), "hc_pre_bwd", [&] {
     using acc = acc_t<scalar_t>;
     const int vec = kVec16<scalar_t>;
     const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) &&

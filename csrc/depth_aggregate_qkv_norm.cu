@@ -1,8 +1,8 @@
-// Launchers for depth_aggregate_qkv_norm (kernels in kernels/depth_aggregate_norm.cuh).
+// Launchers for depth_aggregate_qkv_norm (kernels in kernels/depth_aggregate_qkv_norm.cuh).
 //
-//   depth_aggregate_norm_fwd(S (l, N, d), A (N, 4, l) | (4, l), g (3, d), eps)
+//   depth_aggregate_qkv_norm_fwd(S (l, N, d), A (N, 4, l) | (4, l), g (3, d), eps)
 //       -> {Out (4, N, d), rstd (3, N)}
-//   depth_aggregate_norm_bwd(dOut (4, N, d), S, A, g, rstd, dS (l, N, d) mutated,
+//   depth_aggregate_qkv_norm_bwd(dOut (4, N, d), S, A, g, rstd, dS (l, N, d) mutated,
 //       accumulate) -> {dA, dg}
 //
 // Shapes are checked by one validator shared by both directions. A and g are converted
@@ -25,7 +25,7 @@
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/launch.h"
-#include "kernels/depth_aggregate_norm.cuh"
+#include "kernels/depth_aggregate_qkv_norm.cuh"
 #include "ops.h"
 
 namespace crosslayer {
@@ -36,7 +36,7 @@ struct DaNormShape {
   bool static_weights;
 };
 
-DaNormShape check_depth_aggregate_norm_inputs(const at::Tensor& S, const at::Tensor& A,
+DaNormShape check_depth_aggregate_qkv_norm_inputs(const at::Tensor& S, const at::Tensor& A,
                                               const at::Tensor& g) {
   CL_CHECK_CUDA(S, "S");
   CL_CHECK_SAME_DEVICE(A, S, "A", "S");
@@ -129,9 +129,9 @@ int64_t persistent_grid(Kernel kernel, const DaNormLaunch& b, int device) {
 
 }  // namespace
 
-std::vector<at::Tensor> depth_aggregate_norm_fwd(const at::Tensor& S_in, const at::Tensor& A_in,
+std::vector<at::Tensor> depth_aggregate_qkv_norm_fwd(const at::Tensor& S_in, const at::Tensor& A_in,
                                                  const at::Tensor& g_in, double eps) {
-  const DaNormShape sh = check_depth_aggregate_norm_inputs(S_in, A_in, g_in);
+  const DaNormShape sh = check_depth_aggregate_qkv_norm_inputs(S_in, A_in, g_in);
   const c10::cuda::CUDAGuard guard(S_in.device());
   const at::Tensor S = features_contiguous(S_in);
   const at::ScalarType acc_type = acc_dtype(S.scalar_type());
@@ -166,7 +166,7 @@ std::vector<at::Tensor> depth_aggregate_norm_fwd(const at::Tensor& S_in, const a
   const int device = S.device().index();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor stash_ws;
-  CL_DISPATCH_FLOATING(S.scalar_type(), "depth_aggregate_norm_fwd", [&] {
+  CL_DISPATCH_FLOATING(S.scalar_type(), "depth_aggregate_qkv_norm_fwd", [&] {
     using acc = acc_t<scalar_t>;
     const int vec = kVec16<scalar_t>;
     const bool vectorize = strides_vec_ok(p.s_ptr, {{sh.l, p.s_slot_stride}, {sh.N, p.s_token_stride}}, vec) &&
@@ -174,7 +174,7 @@ std::vector<at::Tensor> depth_aggregate_norm_fwd(const at::Tensor& S_in, const a
     CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
       constexpr int kVec = kVectorize ? kVec16<scalar_t> : 1;
       DaNormLaunch b = da_norm_block<acc>(sh.N, sh.d, p.n_slots, ld, kVec, false, device);
-      auto kernel = depth_aggregate_norm_fwd_kernel<scalar_t, kVec>;
+      auto kernel = depth_aggregate_qkv_norm_fwd_kernel<scalar_t, kVec>;
       allow_smem(kernel, b.smem_bytes);
       b.grid = persistent_grid(kernel, b, device);
       p.bufs_in_smem = b.bufs_in_smem;
@@ -189,11 +189,11 @@ std::vector<at::Tensor> depth_aggregate_norm_fwd(const at::Tensor& S_in, const a
   return {Out, rstd};
 }
 
-std::vector<at::Tensor> depth_aggregate_norm_bwd(const at::Tensor& dOut_in, const at::Tensor& S_in,
+std::vector<at::Tensor> depth_aggregate_qkv_norm_bwd(const at::Tensor& dOut_in, const at::Tensor& S_in,
                                                  const at::Tensor& A_in, const at::Tensor& g_in,
                                                  const at::Tensor& rstd_in, const at::Tensor& dS,
                                                  bool accumulate) {
-  const DaNormShape sh = check_depth_aggregate_norm_inputs(S_in, A_in, g_in);
+  const DaNormShape sh = check_depth_aggregate_qkv_norm_inputs(S_in, A_in, g_in);
   CL_CHECK_SAME_DEVICE(dOut_in, S_in, "dOut", "S");
   CL_CHECK_SAME_DEVICE(rstd_in, S_in, "rstd", "S");
   CL_CHECK_SAME_DEVICE(dS, S_in, "dS", "S");
@@ -246,7 +246,7 @@ std::vector<at::Tensor> depth_aggregate_norm_bwd(const at::Tensor& dOut_in, cons
   const int device = S.device().index();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor dg_ws, stash_ws;
-  CL_DISPATCH_FLOATING(S.scalar_type(), "depth_aggregate_norm_bwd", [&] {
+  CL_DISPATCH_FLOATING(S.scalar_type(), "depth_aggregate_qkv_norm_bwd", [&] {
     using acc = acc_t<scalar_t>;
     const int vec = kVec16<scalar_t>;
     const bool vectorize =
@@ -256,7 +256,7 @@ std::vector<at::Tensor> depth_aggregate_norm_bwd(const at::Tensor& dOut_in, cons
     CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
       constexpr int kVec = kVectorize ? kVec16<scalar_t> : 1;
       DaNormLaunch b = da_norm_block<acc>(sh.N, sh.d, p.n_slots, ld, kVec, true, device);
-      auto kernel = depth_aggregate_norm_bwd_kernel<scalar_t, kVec>;
+      auto kernel = depth_aggregate_qkv_norm_bwd_kernel<scalar_t, kVec>;
       allow_smem(kernel, b.smem_bytes);
       b.grid = persistent_grid(kernel, b, device);
       p.bufs_in_smem = b.bufs_in_smem;
