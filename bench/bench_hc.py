@@ -312,9 +312,9 @@ def make_case(op: str, mode: str, base: dict, grads: dict | None) -> Case:
 def op_function(op: str, hc_pre, hc_post) -> Callable:
     """The callable a variant times, built from a pair of hc_pre / hc_post."""
     if op == "hc_pre":
-        def hc_pre(H, A, B, W, s_a, s_b):
+        def hc_pre_(H, A, B, W, s_a, s_b):
             return hc_pre(H, A, B, W, s_a, s_b)
-        return hc_pre
+        return hc_pre_
     if op == "hc_pre_shc":
         def hc_pre_shc(H, A, B):
             return hc_pre(H, A, B)

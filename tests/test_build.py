@@ -349,19 +349,19 @@ def test_info_gpu_line(monkeypatch, built, archs, want):
         assert f"for sm {', '.join(archs)}" in out
 
 
-def test_extension_limits_match_the_oracle():
+def test_extension_limits_match_the_contracts():
     """One definition of the shape limits (csrc/common/limits.h), exported by _C, equal
-    to the oracle's."""
+    to crosslayer.contracts' (which the oracle and the validators use)."""
+    from crosslayer import contracts
     from crosslayer._extension import _C
-    from crosslayer.ref import hc, mudd
 
     if _C is None:
         pytest.skip("crosslayer._C is not built")
-    assert (_C.MAX_STREAMS, _C.MAX_SLOTS) == (hc.MAX_STREAMS, mudd.MAX_SLOTS)
+    assert (_C.MAX_STREAMS, _C.MAX_SLOTS) == (contracts.MAX_STREAMS, contracts.MAX_SLOTS)
 
 
 @pytest.mark.cuemu
-def test_emulated_extension_limits_match_the_oracle(cuemu):
-    from crosslayer.ref import hc, mudd
+def test_emulated_extension_limits_match_the_contracts(cuemu):
+    from crosslayer import contracts
 
-    assert (cuemu.MAX_STREAMS, cuemu.MAX_SLOTS) == (hc.MAX_STREAMS, mudd.MAX_SLOTS)
+    assert (cuemu.MAX_STREAMS, cuemu.MAX_SLOTS) == (contracts.MAX_STREAMS, contracts.MAX_SLOTS)

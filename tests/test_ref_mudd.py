@@ -19,9 +19,8 @@ from crosslayer.ref.mudd import (
     mudd_init_weights,
     mudd_weights,
     mudd_weights_bwd,
-    validate_depth_aggregate,
-    validate_mudd_weights,
 )
+from crosslayer.contracts import validate_depth_aggregate, validate_mudd_weights
 
 F64 = torch.float64
 

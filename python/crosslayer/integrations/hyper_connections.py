@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from crosslayer import ops
-from crosslayer.ref.hc import MAX_STREAMS
+from crosslayer.contracts import MAX_STREAMS
 
 try:
     from hyper_connections import hyper_connections as hc_lib

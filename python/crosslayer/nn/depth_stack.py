@@ -79,7 +79,8 @@ from crosslayer._checks import check_tensor, compute_dtype
 from crosslayer._extension import runs_kernels
 from crosslayer.ops.depth_aggregate import depth_aggregate_bwd_op
 from crosslayer.ops.depth_aggregate_qkv_norm import depth_aggregate_qkv_norm_bwd_op, depth_aggregate_qkv_norm_op
-from crosslayer.ref.mudd import qkv_norm_bwd, validate_depth_aggregate, validate_depth_aggregate_qkv_norm
+from crosslayer.contracts import validate_depth_aggregate, validate_depth_aggregate_qkv_norm
+from crosslayer.ref.mudd import qkv_norm_bwd
 
 __all__ = ["DepthStack", "aggregate_bwd_into", "stack_bytes"]
 

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from crosslayer import ops, ref
-from crosslayer.ref.hc import MAX_STREAMS
+from crosslayer.contracts import MAX_STREAMS, check_streams
 
 __all__ = ["HyperConnections", "ManifoldHyperConnections", "expand_streams", "reduce_streams",
            "static_connection_parameters", "param_groups"]
@@ -51,7 +51,7 @@ def expand_streams(x: Tensor, n: int) -> Tensor:
 def reduce_streams(H: Tensor) -> Tensor:
     """Exit: the sum of the streams, (*tok, n, d) -> (*tok, d) in H's dtype (one fused
     pass on CUDA: stream_mix with unit weights)."""
-    ref.hc.check_streams("H", H)
+    check_streams("H", H)
     return ops.stream_mix(H, H.new_ones(H.shape[-2], dtype=torch.float32))
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from crosslayer import ops, ref
+from crosslayer.contracts import GELU_APPROXIMATIONS, MAX_SLOTS
 from crosslayer.ref import mudd as ref_mudd
 from crosslayer.nn.depth_stack import DepthStack
 
@@ -88,16 +89,16 @@ class MUDDConnection(nn.Module):
         if not isinstance(ways, str) or not ways or len(set(ways)) != len(ways):
             raise ValueError(f"ways must be a non-empty string of distinct way names, "
                              f"e.g. 'qkvr' or 'r', got {ways!r}")
-        if gelu not in ref_mudd.GELU_APPROXIMATIONS:
+        if gelu not in GELU_APPROXIMATIONS:
             raise ValueError(f"gelu must be 'none' or 'tanh', got {gelu!r}")
         self.d, self.layer_index, self.n_layers = d, layer_index, n_layers
         self.is_last = layer_index == n_layers - 1
         self.ways = ways[-1] if self.is_last else ways
         self.n_ways = len(self.ways)
         self.n_slots = layer_index + 2
-        if self.n_slots > ref_mudd.MAX_SLOTS:
-            raise ValueError(f"at most {ref_mudd.MAX_SLOTS} slots: layer_index must be < "
-                             f"{ref_mudd.MAX_SLOTS - 1}, got {layer_index}")
+        if self.n_slots > MAX_SLOTS:
+            raise ValueError(f"at most {MAX_SLOTS} slots: layer_index must be < "
+                             f"{MAX_SLOTS - 1}, got {layer_index}")
         self.hidden = mudd_hidden(self.n_ways, self.n_slots,
                                   hidden_expand_last if self.is_last else 1, round64)
         self.gelu, self.eps, self.round64 = gelu, eps, round64

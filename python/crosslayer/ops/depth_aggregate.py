@@ -20,7 +20,7 @@ from torch import Tensor
 
 from crosslayer import ref
 from crosslayer._extension import kernels_for, runs_kernels
-from crosslayer.ref.mudd import validate_depth_aggregate
+from crosslayer.contracts import validate_depth_aggregate
 
 
 @torch.library.custom_op("crosslayer::depth_aggregate", mutates_args=())

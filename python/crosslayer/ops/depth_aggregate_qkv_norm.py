@@ -28,7 +28,7 @@ from crosslayer import ref
 from crosslayer._checks import acc_dtype
 from crosslayer._extension import kernels_for
 from crosslayer.ops._common import fusable
-from crosslayer.ref.mudd import validate_depth_aggregate_qkv_norm
+from crosslayer.contracts import validate_depth_aggregate_qkv_norm
 
 
 def _rstd(S: Tensor, A: Tensor, eps: float) -> Tensor:

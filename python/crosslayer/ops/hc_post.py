@@ -30,7 +30,7 @@ from crosslayer import ref
 from crosslayer._checks import acc_dtype
 from crosslayer._extension import kernels_for
 from crosslayer.ops._common import fusable, lead_d, like
-from crosslayer.ref.hc import validate_hc_post
+from crosslayer.contracts import validate_hc_post
 
 
 @torch.library.custom_op("crosslayer::hc_post", mutates_args=())

@@ -32,7 +32,7 @@ from crosslayer._checks import acc_dtype, compute_dtype
 from crosslayer._extension import kernels_for
 from crosslayer.ops._common import Scalar, fusable, scalar_tensor
 from crosslayer.ops.stream_mix import stream_mix
-from crosslayer.ref.hc import validate_hc_pre
+from crosslayer.contracts import validate_hc_pre
 
 
 def _projection(H: Tensor, W: Tensor, eps: float) -> Tuple[Tensor, Tensor]:

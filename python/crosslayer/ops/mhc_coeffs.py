@@ -32,7 +32,7 @@ from crosslayer import ref
 from crosslayer._checks import acc_dtype
 from crosslayer._extension import kernels_for
 from crosslayer.ops._common import Scalar, fusable, scalar_tensor
-from crosslayer.ref.mhc import validate_mhc_coeffs
+from crosslayer.contracts import validate_mhc_coeffs
 
 
 def _projection(H: Tensor, phi: Tensor, eps: float) -> Tuple[Tensor, Tensor]:

@@ -32,7 +32,7 @@ from crosslayer import ref
 from crosslayer._checks import acc_dtype
 from crosslayer._extension import kernels_for
 from crosslayer.ops._common import fusable
-from crosslayer.ref.mudd import _check_approximate, validate_mudd_weights
+from crosslayer.contracts import check_approximate, validate_mudd_weights
 
 
 def _projection(x: Tensor, W1: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
@@ -135,7 +135,7 @@ def mudd_weights(x: Tensor, W1: Tensor, W2: Tensor, bias: Tensor, n_ways: int, e
     oracle otherwise, and for float64 parameters with lower-precision x.
     """
     validate_mudd_weights(x, W1, W2, bias, n_ways)
-    _check_approximate(approximate)
+    check_approximate(approximate)
     if not (fusable(x, W1, W2, bias) and x.shape[-1] >= 1 and W1.shape[1] >= 1):
         return ref.mudd_weights(x, W1, W2, bias, n_ways, eps, approximate)
     A, _, _ = mudd_weights_op(x, W1, W2, bias, n_ways, eps, approximate)

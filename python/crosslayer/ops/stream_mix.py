@@ -23,7 +23,7 @@ from crosslayer import ref
 from crosslayer._checks import acc_dtype
 from crosslayer._extension import kernels_for
 from crosslayer.ops._common import fusable, lead_d, like
-from crosslayer.ref.hc import validate_stream_mix
+from crosslayer.contracts import validate_stream_mix
 
 
 @torch.library.custom_op("crosslayer::stream_mix", mutates_args=())

@@ -41,53 +41,17 @@ from typing import Optional, Union
 import torch
 
 from crosslayer._checks import check_same_device, check_shape, check_tensor, compute_dtype
+from crosslayer.contracts import (
+    MAX_STREAMS,
+    check_coeff,
+    check_streams,
+    tensors_only,
+    validate_hc_post,
+    validate_hc_pre,
+    validate_stream_mix,
+)
 
 Scalar = Union[torch.Tensor, float]
-
-MAX_STREAMS = 16
-
-
-def check_streams(name: str, H) -> None:
-    """`H` is a float tensor (..., n, d) with 1 <= n <= 16 streams."""
-    check_tensor(name, H)
-    if H.dim() < 2:
-        raise ValueError(
-            f"{name} must have shape (..., n, d) with at least 2 dims, got {tuple(H.shape)}"
-        )
-    n = H.shape[-2]
-    if not 1 <= n <= MAX_STREAMS:
-        raise ValueError(
-            f"{name} must have 1 to {MAX_STREAMS} streams (dim -2 of (..., n, d)), "
-            f"got n = {n} (shape {tuple(H.shape)})"
-        )
-
-
-def check_scalar(name: str, v) -> None:
-    """`v` is a python float/int or a 0-dim float tensor."""
-    if isinstance(v, bool):
-        raise TypeError(f"{name} must be a float or a 0-dim float tensor, got bool")
-    if isinstance(v, (int, float)):
-        return
-    if not isinstance(v, torch.Tensor):
-        raise TypeError(
-            f"{name} must be a float or a 0-dim float tensor, got {type(v).__name__}"
-        )
-    check_tensor(name, v)
-    if v.dim() != 0:
-        raise ValueError(f"{name} must be a 0-dim tensor, got shape {tuple(v.shape)}")
-
-
-def check_coeff(name: str, t, static_shape: tuple, lead: tuple) -> None:
-    """`t` has the static shape or the per-token shape lead + static_shape."""
-    check_tensor(name, t)
-    if tuple(t.shape) != tuple(static_shape):
-        check_shape(name, t, tuple(lead) + tuple(static_shape),
-                    f"(per token) or {tuple(static_shape)} (static)")
-
-
-def tensors_only(**kw) -> dict:
-    """The keyword arguments that are tensors (python scalars and None dropped)."""
-    return {k: v for k, v in kw.items() if isinstance(v, torch.Tensor)}
 
 
 def as_scalar(v: Scalar, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -105,30 +69,6 @@ def sum_to(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- hc_pre
-
-
-def validate_hc_pre(H, A, B, W=None, s_a=None, s_b=None) -> None:
-    """Checks for `hc_pre` / `hc_pre_bwd`.
-
-    H: (..., n, d), 1 <= n <= 16; A: (n, n+1); B: (n,); W: (d, n+2) or None;
-    s_a, s_b: 0-dim tensors or floats, required when W is given.
-    """
-    check_streams("H", H)
-    n, d = H.shape[-2], H.shape[-1]
-    check_tensor("A", A)
-    check_shape("A", A, (n, n + 1), "(n, n+1) for H with n streams")
-    check_tensor("B", B)
-    check_shape("B", B, (n,), "(n,) for H with n streams")
-    if W is not None:
-        check_tensor("W", W)
-        check_shape("W", W, (d, n + 2), "(d, n+2) for H of shape (..., n, d)")
-        if s_a is None:
-            raise ValueError("s_a is required when W is given (dynamic HC)")
-        if s_b is None:
-            raise ValueError("s_b is required when W is given (dynamic HC)")
-        check_scalar("s_a", s_a)
-        check_scalar("s_b", s_b)
-    check_same_device(**tensors_only(H=H, A=A, B=B, W=W, s_a=s_a, s_b=s_b))
 
 
 def _dhc_projection(Hc, W, eps):
@@ -238,21 +178,6 @@ def hc_pre_bwd(dx, dalpha, dbeta, H, A, B, W=None, s_a=None, s_b=None, eps: floa
 # ---------------------------------------------------------------------------- hc_post
 
 
-def validate_hc_post(H, y, alpha, beta) -> None:
-    """Checks for `hc_post` / `hc_post_bwd`.
-
-    H: (..., n, d), 1 <= n <= 16; y: (..., d); alpha: (n, n+1) or (..., n, n+1);
-    beta: (n,) or (..., n).
-    """
-    check_streams("H", H)
-    lead, n, d = H.shape[:-2], H.shape[-2], H.shape[-1]
-    check_tensor("y", y)
-    check_shape("y", y, tuple(lead) + (d,), "(..., d) for H of shape (..., n, d)")
-    check_coeff("alpha", alpha, (n, n + 1), lead)
-    check_coeff("beta", beta, (n,), lead)
-    check_same_device(H=H, y=y, alpha=alpha, beta=beta)
-
-
 def hc_post(H, y, alpha, beta):
     """Width and depth connection: H'_k = beta_k·y + Σ_i alpha[i,1+k]·H_i.
 
@@ -290,13 +215,6 @@ def hc_post_bwd(dH_new, H, y, alpha, beta):
 
 
 # ------------------------------------------------------------------------- stream_mix
-
-
-def validate_stream_mix(H, w) -> None:
-    """Checks for `stream_mix` / `stream_mix_bwd`. H: (..., n, d); w: (n,) or (..., n)."""
-    check_streams("H", H)
-    check_coeff("w", w, (H.shape[-2],), H.shape[:-2])
-    check_same_device(H=H, w=w)
 
 
 def stream_mix(H, w):

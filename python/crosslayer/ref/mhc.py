@@ -36,37 +36,15 @@ their gradients come back in the arithmetic dtype, dH in the dtype of H.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
 from crosslayer._checks import check_same_device, check_shape, check_tensor, compute_dtype
-from crosslayer.ref.hc import MAX_STREAMS, as_scalar, check_scalar, check_streams, tensors_only
-
-
-def check_iters(iters) -> None:
-    """`iters` is a python int >= 1."""
-    if isinstance(iters, bool) or not isinstance(iters, int):
-        raise TypeError(f"iters must be an int, got {type(iters).__name__}")
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}")
+from crosslayer.contracts import tensors_only, validate_mhc_coeffs, validate_sinkhorn
+from crosslayer.ref.hc import as_scalar
 
 
 # --------------------------------------------------------------------------- sinkhorn
-
-
-def validate_sinkhorn(logits, iters: int = 20) -> None:
-    """Checks for `sinkhorn` / `sinkhorn_bwd`. logits: (..., n, n), 1 <= n <= 16; iters >= 1."""
-    check_tensor("logits", logits)
-    if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
-        raise ValueError(f"logits must have shape (..., n, n), got {tuple(logits.shape)}")
-    n = logits.shape[-1]
-    if not 1 <= n <= MAX_STREAMS:
-        raise ValueError(
-            f"logits must be n x n with 1 <= n <= {MAX_STREAMS}, got n = {n} "
-            f"(shape {tuple(logits.shape)})"
-        )
-    check_iters(iters)
 
 
 def _sinkhorn_trace(L: torch.Tensor, iters: int, eps: float):
@@ -111,28 +89,6 @@ def sinkhorn_bwd(dP, logits, iters: int = 20, eps: float = 1e-6):
 
 
 # ------------------------------------------------------------------------- mhc_coeffs
-
-
-def validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters: Optional[int] = None) -> None:
-    """Checks for `mhc_coeffs` / `mhc_coeffs_bwd`.
-
-    H: (..., n, d), 1 <= n <= 16; phi: (n·d, n²+2n); a_pre, a_post, a_res: 0-dim
-    tensors or floats; b: (n²+2n,); iters (when given): int >= 1.
-    """
-    check_streams("H", H)
-    n, d = H.shape[-2], H.shape[-1]
-    m = n * n + 2 * n
-    check_tensor("phi", phi)
-    check_shape("phi", phi, (n * d, m), "(n·d, n²+2n) for H of shape (..., n, d)")
-    check_scalar("a_pre", a_pre)
-    check_scalar("a_post", a_post)
-    check_scalar("a_res", a_res)
-    check_tensor("b", b)
-    check_shape("b", b, (m,), "(n²+2n,) for H with n streams")
-    if iters is not None:
-        check_iters(iters)
-    check_same_device(**tensors_only(H=H, phi=phi, a_pre=a_pre, a_post=a_post,
-                                     a_res=a_res, b=b))
 
 
 def _mhc_forward(H, phi, a_pre, a_post, a_res, b, eps, ct):

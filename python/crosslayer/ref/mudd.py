@@ -59,16 +59,17 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from crosslayer._checks import (
-    check_same_device,
-    check_shape,
-    check_tensor,
-    compute_dtype,
+from crosslayer._checks import check_same_device, check_shape, check_tensor, compute_dtype
+from crosslayer.contracts import (
+    MAX_SLOTS,
+    QKV_NORM_WAYS,
+    check_approximate,
+    check_int,
+    validate_depth_aggregate,
+    validate_depth_aggregate_qkv_norm,
+    validate_mudd_weights,
 )
 
-MAX_SLOTS = 128
-QKV_NORM_WAYS = 4  # q, k, v (normed) and r (raw)
-GELU_APPROXIMATIONS = ("none", "tanh")
 
 __all__ = [
     "MAX_SLOTS",
@@ -89,58 +90,9 @@ __all__ = [
 ]
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _check_approximate(approximate) -> None:
-    if approximate not in GELU_APPROXIMATIONS:
-        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
-
-
 # ---------------------------------------------------------------------------
 # depth_aggregate
 # ---------------------------------------------------------------------------
-
-
-def validate_depth_aggregate(S: torch.Tensor, A: torch.Tensor) -> None:
-    """Check the arguments of `depth_aggregate` (shared by the oracle and the fused op).
-
-    S: (l, *tok, d) float tensor with at least one token dim (S.dim() >= 3) and
-       1 <= l <= 128 slots; any strides.
-    A: (*tok, C, l) per token (A.dim() == S.dim(), token dims equal to S's) or
-       (C, l) static; C >= 1; float; on S's device.
-    Raises TypeError / ValueError naming the argument, the expected and the actual
-    shape, dtype or device. Looks at metadata only (no device sync).
-    """
-    check_tensor("S", S)
-    check_tensor("A", A)
-    if S.dim() < 3:
-        raise ValueError(
-            f"S must have shape (l, *tok, d) with at least one token dim (>= 3 dims), "
-            f"got {S.dim()} dims (shape {tuple(S.shape)})"
-        )
-    l = S.shape[0]
-    if not 1 <= l <= MAX_SLOTS:
-        raise ValueError(
-            f"S must have 1 to {MAX_SLOTS} depth slots (dim 0), got {l} (shape {tuple(S.shape)})"
-        )
-    if A.dim() == 2:
-        check_shape("A", A, (None, l), f"(static (C, l), l = S.shape[0] = {l})")
-    elif A.dim() == S.dim():
-        tok = tuple(S.shape[1:-1])
-        check_shape("A", A, (*tok, None, l), f"(per token (*tok, C, l), tok = S.shape[1:-1] = {tok}, l = {l})")
-    else:
-        raise ValueError(
-            f"A must have 2 dims (static (C, l)) or {S.dim()} dims (per token (*tok, C, l) "
-            f"for S of shape {tuple(S.shape)}), got shape {tuple(A.shape)}"
-        )
-    if A.shape[-2] < 1:
-        raise ValueError(f"A must have C >= 1 ways (dim -2), got shape {tuple(A.shape)}")
-    check_same_device(S=S, A=A)
 
 
 def depth_aggregate(S: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
@@ -192,22 +144,6 @@ def depth_aggregate_bwd(
 # ---------------------------------------------------------------------------
 # depth_aggregate_qkv_norm
 # ---------------------------------------------------------------------------
-
-
-def validate_depth_aggregate_qkv_norm(S: torch.Tensor, A: torch.Tensor, norm_weights: torch.Tensor) -> None:
-    """Check the arguments of `depth_aggregate_qkv_norm` (shared by the oracle and the
-    fused op): those of `validate_depth_aggregate` with C = 4 ways (q, k, v, r), and
-    norm_weights: (3, d) float on S's device. Looks at metadata only (no device sync).
-    """
-    validate_depth_aggregate(S, A)
-    if A.shape[-2] != QKV_NORM_WAYS:
-        raise ValueError(
-            f"A must have C = {QKV_NORM_WAYS} ways (q, k, v, r) along dim -2, got shape {tuple(A.shape)}"
-        )
-    check_tensor("norm_weights", norm_weights)
-    d = S.shape[-1]
-    check_shape("norm_weights", norm_weights, (QKV_NORM_WAYS - 1, d), f"(3, d) with d = S.shape[-1] = {d}")
-    check_same_device(S=S, norm_weights=norm_weights)
 
 
 def _qkv_norm_parts(S, A, norm_weights, eps, cd):
@@ -309,9 +245,9 @@ def dwa_slots(block_index: int, dilation: int = 1, period: int = 1) -> Optional[
     layout of epfml/DenseFormer's alphas[i]. S_full[dwa_slots(i, k, p)] is a
     strided view of the (L+1, *tok, d) stack usable directly as S.
     """
-    _check_int("block_index", block_index, 0)
-    _check_int("dilation", dilation, 1)
-    _check_int("period", period, 1)
+    check_int("block_index", block_index, 0)
+    check_int("dilation", dilation, 1)
+    check_int("period", period, 1)
     if (block_index + 1) % period != 0:
         return None
     return slice((block_index + 1) % dilation, block_index + 2, dilation)
@@ -325,8 +261,8 @@ def dwa_init_weights(
     returns (1, l), l = (block_index + 1 + dilation) // dilation: zeros with 1 on the
     newest slot (the last entry), so at init the DWA returns block i's output.
     """
-    _check_int("block_index", block_index, 0)
-    _check_int("dilation", dilation, 1)
+    check_int("block_index", block_index, 0)
+    check_int("dilation", dilation, 1)
     l = (block_index + 1 + dilation) // dilation
     w = torch.zeros(1, l, dtype=dtype)
     w[0, -1] = 1
@@ -336,43 +272,6 @@ def dwa_init_weights(
 # ---------------------------------------------------------------------------
 # mudd_weights
 # ---------------------------------------------------------------------------
-
-
-def validate_mudd_weights(
-    x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor, bias: torch.Tensor, n_ways: int
-) -> None:
-    """Check the arguments of `mudd_weights` (shared by the oracle and the fused op).
-
-    x: (*tok, d) with at least one token dim (x.dim() >= 2); W1: (d, K);
-    W2: (K, C*l) with C = n_ways >= 1 and 1 <= l <= 128; bias: (C*l,) or (C, l).
-    All float, on one device. Looks at metadata only (no device sync).
-    """
-    _check_int("n_ways", n_ways, 1)
-    check_tensor("x", x)
-    check_tensor("W1", W1, ndim=2)
-    check_tensor("W2", W2, ndim=2)
-    check_tensor("bias", bias, ndim=(1, 2))
-    if x.dim() < 2:
-        raise ValueError(
-            f"x must have shape (*tok, d) with at least one token dim (>= 2 dims), "
-            f"got {x.dim()} dims (shape {tuple(x.shape)})"
-        )
-    d = x.shape[-1]
-    check_shape("W1", W1, (d, None), f"(d, K) with d = x.shape[-1] = {d}")
-    K = W1.shape[1]
-    check_shape("W2", W2, (K, None), f"(K, C*l) with K = W1.shape[1] = {K}")
-    Cl = W2.shape[1]
-    if Cl % n_ways != 0 or not 1 <= Cl // n_ways <= MAX_SLOTS:
-        raise ValueError(
-            f"W2 must have shape (K, C*l) with C = n_ways = {n_ways} and 1 <= l <= {MAX_SLOTS}, "
-            f"got {tuple(W2.shape)}"
-        )
-    l = Cl // n_ways
-    if bias.dim() == 1:
-        check_shape("bias", bias, (Cl,), f"(C*l,) with C = {n_ways}, l = {l}")
-    else:
-        check_shape("bias", bias, (n_ways, l), f"(C, l) with C = {n_ways}, l = {l}")
-    check_same_device(x=x, W1=W1, W2=W2, bias=bias)
 
 
 def _gelu_grad(u: torch.Tensor, approximate: str) -> torch.Tensor:
@@ -406,7 +305,7 @@ def mudd_weights(
     returns A: (*tok, C, l)       arithmetic dtype
     """
     validate_mudd_weights(x, W1, W2, bias, n_ways)
-    _check_approximate(approximate)
+    check_approximate(approximate)
     cd = compute_dtype(x, W1, W2, bias)
     xf = x.to(cd)
     r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
@@ -437,7 +336,7 @@ def mudd_weights_bwd(
       dbias: shape of bias        arithmetic dtype
     """
     validate_mudd_weights(x, W1, W2, bias, n_ways)
-    _check_approximate(approximate)
+    check_approximate(approximate)
     check_tensor("dA", dA)
     Cl = W2.shape[1]
     check_shape("dA", dA, (*x.shape[:-1], n_ways, Cl // n_ways), "(*tok, C, l) like the forward output A")
@@ -478,10 +377,10 @@ def mudd_init_weights(
       bias: (C, l)                zeros with 1 on the newest slot j = l-1 of every way,
                                   so every way of the aggregate equals slot l-1
     """
-    _check_int("d", d, 1)
-    _check_int("l", l, 1)
-    _check_int("n_ways", n_ways, 1)
-    _check_int("hidden", hidden, 1)
+    check_int("d", d, 1)
+    check_int("l", l, 1)
+    check_int("n_ways", n_ways, 1)
+    check_int("hidden", hidden, 1)
     if l > MAX_SLOTS:
         raise ValueError(f"l must be <= {MAX_SLOTS}, got {l}")
     W1 = (torch.randn(d, hidden, generator=generator, dtype=torch.float32) / math.sqrt(d)).to(dtype)
