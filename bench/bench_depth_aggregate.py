@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
 import torch  # noqa: E402
+from crosslayer.contracts import CONTRACTS  # noqa: E402
 
 OP = "depth_aggregate"
 VARIANTS = ("eager_oracle", "fused", "compile_oracle", "einsum")
@@ -58,8 +59,7 @@ QUICK_SIZES = [(25, 16384), (49, 8192)]
 
 def floor_elements(mode: str, l: int, C: int) -> int:
     """Activation elements per token per feature (x d), fresh-gradient backward."""
-    fwd = l + C
-    return fwd if mode == "fwd" else fwd + (2 * l + C)
+    return CONTRACTS["depth_aggregate"].floor_elements(mode, d=1, l=l, C=C)
 
 
 def floor_bytes(mode: str, l: int, N: int, d: int, C: int, elem_bytes: int) -> int:

@@ -68,6 +68,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
 import torch  # noqa: E402
+from crosslayer.contracts import CONTRACTS  # noqa: E402
 
 OPS = ("hc_pre", "hc_pre_shc", "hc_post", "hc_sublayer")
 VARIANTS = ("eager_oracle", "fused", "compile_oracle")
@@ -94,15 +95,6 @@ DEVICE = "cuda"
 
 # --------------------------------------------------------------------------- floors
 
-# Elements per token = a*n*d + b*d (DESIGN.md "Traffic floors").
-FLOOR_TERMS = {
-    ("hc_pre", "fwd"): (1, 1),
-    ("hc_pre", "bwd"): (2, 1),
-    ("hc_post", "fwd"): (2, 1),
-    ("hc_post", "bwd"): (3, 2),
-    ("hc_sublayer", "fwd"): (3, 2),
-    ("hc_sublayer", "bwd"): (6, 3),
-}
 
 
 def floor_kind(op: str) -> str:
@@ -117,12 +109,7 @@ def floor_elements(op: str, mode: str, n: int, d: int) -> int:
     kind = floor_kind(op)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-    parts = ["fwd"] if mode == "fwd" else ["fwd", "bwd"]
-    total = 0
-    for p in parts:
-        a, b = FLOOR_TERMS[(kind, p)]
-        total += a * n * d + b * d
-    return total
+    return CONTRACTS[kind].floor_elements(mode, d=d, n=n)
 
 
 def floor_bytes(op: str, mode: str, N: int, n: int, d: int, elem_bytes: int) -> int:

@@ -53,6 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_hc  # noqa: E402  (shared row building: Case, run_outputs, summary_lines)
 import harness  # noqa: E402
 import torch  # noqa: E402
+from crosslayer.contracts import CONTRACTS  # noqa: E402
 
 OPS = ("mhc_coeffs", "mhc_sublayer")
 VARIANTS = ("eager_oracle", "fused", "compile_oracle", "liger")
@@ -64,13 +65,8 @@ QUICK_DS = (2048, 4096)
 FUSED_NEEDS = {"mhc_coeffs": ("mhc_coeffs",), "mhc_sublayer": ("mhc_coeffs", "stream_mix", "hc_post")}
 DEVICE = "cuda"
 
-# Elements per token = a*n*d + b*d.
-FLOOR_TERMS = {
-    ("mhc_coeffs", "fwd"): (1, 0),
-    ("mhc_coeffs", "bwd"): (2, 0),
-    ("mhc_sublayer", "fwd"): (3, 2),
-    ("mhc_sublayer", "bwd"): (6, 3),
-}
+# Floors (DESIGN.md): the mHC sublayer moves what the HC sublayer does.
+FLOOR_CONTRACT = {"mhc_coeffs": "mhc_coeffs", "mhc_sublayer": "hc_sublayer"}
 
 
 def floor_elements(op: str, mode: str, n: int, d: int) -> int:
@@ -78,11 +74,7 @@ def floor_elements(op: str, mode: str, n: int, d: int) -> int:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-    total = 0
-    for part in (["fwd"] if mode == "fwd" else ["fwd", "bwd"]):
-        a, b = FLOOR_TERMS[(op, part)]
-        total += a * n * d + b * d
-    return total
+    return CONTRACTS[FLOOR_CONTRACT[op]].floor_elements(mode, d=d, n=n)
 
 
 def floor_bytes(op: str, mode: str, N: int, n: int, d: int, elem_bytes: int) -> int:

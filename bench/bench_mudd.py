@@ -75,6 +75,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
 import torch  # noqa: E402
+from crosslayer.contracts import CONTRACTS  # noqa: E402
 
 OPS = ("mudd_weights", "aggregate", "stack", "memory")
 VARIANTS = ("eager_oracle", "fused", "compile_oracle")
@@ -95,14 +96,13 @@ DEVICE = "cuda"  # tests of the row building set it to "cpu"
 def weights_floor_elements(mode: str) -> int:
     """mudd_weights: elements per token as a multiple of d."""
     _check_mode(mode)
-    return 1 if mode == "fwd" else 3
+    return CONTRACTS["mudd_weights"].floor_elements(mode, d=1)
 
 
 def aggregate_floor_elements(mode: str, l: int, C: int = C_WAYS) -> int:
     """One aggregation on a DepthStack, fresh gradient buffer (multiple of d)."""
     _check_mode(mode)
-    fwd = l + C
-    return fwd if mode == "fwd" else fwd + 2 * l + C
+    return CONTRACTS["depth_aggregate"].floor_elements(mode, d=1, l=l, C=C)
 
 
 def stack_floor_elements(mode: str, L: int, C: int = C_WAYS) -> int:

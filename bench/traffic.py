@@ -53,6 +53,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tools", "cuemu"))
 import count as cuemu_count  # noqa: E402  (tools/cuemu/count.py)
+from crosslayer.contracts import CONTRACTS  # noqa: E402
 
 TOKENS_FULL = 16384
 SMS_FULL = 132
@@ -68,17 +69,15 @@ def tokens_for(sms: int) -> int:
 # Elements of the activation dtype per token (DESIGN.md "Traffic floors").
 
 def floor_hc_sublayer(d: int, n: int, mode: str) -> int:
-    return (3 * n * d + 2 * d) if mode == "fwd" else (9 * n * d + 5 * d)
+    return CONTRACTS["hc_sublayer"].floor_elements(mode, d=d, n=n)
 
 
 def floor_depth_aggregate(d: int, l: int, C: int, mode: str, accumulate: bool = False) -> int:
-    fwd = (l + C) * d
-    bwd = ((3 if accumulate else 2) * l + C) * d
-    return fwd if mode == "fwd" else fwd + bwd
+    return CONTRACTS["depth_aggregate"].floor_elements(mode, d=d, l=l, C=C, accumulate=accumulate)
 
 
 def floor_mudd_weights(d: int, mode: str) -> int:
-    return d if mode == "fwd" else 3 * d
+    return CONTRACTS["mudd_weights"].floor_elements(mode, d=d)
 
 
 def floor_depth_stack(d: int, layers: int, mode: str) -> int:
