@@ -26,11 +26,21 @@ HAS_CUDA = torch.cuda.is_available()
 GPU_TESTS_ON_CUEMU = os.environ.get("CROSSLAYER_GPU_TESTS") == "cuemu"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--exhaustive", action="store_true",
+                     help="also run the tests marked `exhaustive` (the full emulator and compile "
+                          "matrices; deselected by default)")
+
+
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords and not (HAS_CUDA or GPU_TESTS_ON_CUEMU):
             item.add_marker(skip)
+    if not config.getoption("--exhaustive"):
+        kept = [item for item in items if "exhaustive" not in item.keywords]
+        config.hook.pytest_deselected(items=[item for item in items if "exhaustive" in item.keywords])
+        items[:] = kept
 
 
 @pytest.fixture(autouse=True)

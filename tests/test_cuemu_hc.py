@@ -12,7 +12,7 @@ the dW partials in shared memory and in the global workspace, blocks that walk m
 than one tile, and the launchers' messages. Shapes are small: emulation is about a
 thousand times slower than a GPU. What only a GPU shows (speed, streams, graphs,
 determinism under the hardware's scheduling) stays with the `gpu` tests in
-test_hc_mix.py and test_hc_pre.py.
+test_hc_post.py and test_hc_pre.py.
 """
 
 import re
@@ -23,7 +23,7 @@ import torch
 from crosslayer import ref
 from hc_inputs import is_dense, make_streams, make_vec
 from policy import assert_policy
-from test_hc_mix import (DTYPES, check_hc_post_bwd, check_stream_mix_bwd, make_coeffs, make_hc_post,
+from test_hc_post import (DTYPES, check_hc_post_bwd, check_stream_mix_bwd, make_coeffs, make_hc_post,
                          make_stream_mix, oracle_pair)
 from test_hc_pre import EPS, double, fwd_oracle, make_grads, make_params
 

@@ -2,26 +2,26 @@
 
 CPU tests (run everywhere): the oracle's hand-derived backward against autograd in
 float64 and gradcheck; the oracle against an independent composition (depth_aggregate
-then F.rms_norm); the public op dispatches to the oracle; the custom ops' registration
-(schema, fake, autograd, mutation) passes opcheck and compiles with fullgraph=True
-through their CPU path; bad input raises clear errors; DenseFormer slot selection and
+then F.rms_norm); the custom ops' registration
+(schema, fake, autograd, mutation) matches the oracle through the CPU path; bad input raises clear errors; DenseFormer slot selection and
 identity init through ops.depth_aggregate.
 
 GPU tests (marked `gpu`): the fused kernels against the float64 oracle under
 DESIGN.md's policy (tests/policy.py) for every dtype, d in {1, 7, 129, 2048, 4099}, l in
 {1, 3, 25, 128}, static and per-token weights, strided slots, poisoned outputs, dS
-written and accumulated, the shared-memory and global-workspace paths, gradcheck,
-opcheck, torch.compile, CUDA graphs, side streams, determinism, launcher messages; and
+written and accumulated, the shared-memory and global-workspace paths, gradcheck; and
 depth_aggregate on DenseFormer's strided slot views without a copy.
+
+The checks every op shares (oracle agreement on every backend, opcheck, torch.compile,
+CUDA graphs, the current stream, determinism, the launchers' messages) run over every
+op in tests/test_contract.py; this file keeps what only this op has.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.library import opcheck
 
 from crosslayer import ops, ref
-from crosslayer._extension import _C
 from crosslayer.ref.mudd import mudd_init_weights
 from crosslayer.ops.depth_aggregate_qkv_norm import depth_aggregate_qkv_norm_bwd_op, depth_aggregate_qkv_norm_op
 from policy import assert_policy, poison_allocator
@@ -111,12 +111,6 @@ def test_oracle_low_precision_returns_activation_dtype():
 # --------------------------------------------------------------------------- CPU: op
 
 
-def test_cpu_dispatches_to_oracle():
-    S, A, g = make_inputs(5, (3, 4), 7, dtype=torch.float32, device="cpu")
-    torch.testing.assert_close(ops.depth_aggregate_qkv_norm(S, A, g, 1e-5),
-                               ref.depth_aggregate_qkv_norm(S, A, g, 1e-5), rtol=0, atol=0)
-
-
 @pytest.mark.parametrize("static", [False, True])
 def test_custom_op_gradients_match_oracle_cpu(static):
     S, A, g = make_inputs(3, (6,), 5, dtype=F64, device="cpu", static=static)
@@ -131,18 +125,6 @@ def test_custom_op_gradients_match_oracle_cpu(static):
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("static", [False, True])
-def test_custom_op_opcheck_cpu(static):
-    S, A, g = make_inputs(4, (9,), 6, dtype=torch.float32, device="cpu", static=static)
-    opcheck(depth_aggregate_qkv_norm_op, (S, A, g, EPS))
-    opcheck(depth_aggregate_qkv_norm_op, (S.requires_grad_(True), A.requires_grad_(True), g.requires_grad_(True), EPS))
-    S, A, g = S.detach(), A.detach(), g.detach()
-    _, rstd = depth_aggregate_qkv_norm_op(S, A, g, EPS)
-    dOut = torch.randn(4, 9, 6)
-    for accumulate in (False, True):
-        opcheck(depth_aggregate_qkv_norm_bwd_op, (dOut, S, A, g, rstd, torch.randn(4, 9, 6), accumulate, EPS))
-
-
 def test_custom_op_bwd_accumulates_cpu():
     S, A, g = make_inputs(3, (5,), 4, dtype=F64, device="cpu")
     _, rstd = depth_aggregate_qkv_norm_op(S, A, g, EPS)
@@ -154,26 +136,6 @@ def test_custom_op_bwd_accumulates_cpu():
     torch.testing.assert_close(dS, dS0 + want_dS)
     torch.testing.assert_close(dA, want_dA)
     torch.testing.assert_close(dg, want_dg)
-
-
-@pytest.mark.compile
-def test_custom_op_compiles_fullgraph_cpu():
-    S, A, g = make_inputs(4, (10,), 8, dtype=torch.float32, device="cpu")
-
-    def f(S, A, g):
-        out, _ = depth_aggregate_qkv_norm_op(S, A, g, EPS)
-        return out.square().sum()
-
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True)
-    a = [t.clone().requires_grad_(True) for t in (S, A, g)]
-    b = [t.clone().requires_grad_(True) for t in (S, A, g)]
-    out = compiled(*a)
-    out.backward()
-    f(*b).backward()
-    torch.testing.assert_close(out, f(S, A, g))
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x.grad, y.grad)
 
 
 @pytest.mark.parametrize(
@@ -204,12 +166,6 @@ def test_oracle_bwd_rejects_bad_dout():
     S, A, g = make_inputs(3, (4,), 8, dtype=torch.float32, device="cpu")
     with pytest.raises(ValueError, match=r"dOut must have shape \(4, 4, 8\)"):
         ref.depth_aggregate_qkv_norm_bwd(torch.randn(3, 4, 8), S, A, g)
-
-
-@pytest.mark.skipif(_C is None, reason="extension not built")
-def test_launcher_rejects_cpu_tensors():
-    with pytest.raises(RuntimeError, match="S must be a CUDA tensor"):
-        _C.depth_aggregate_qkv_norm_fwd(torch.randn(2, 3, 4), torch.randn(4, 2), torch.randn(3, 4), EPS)
 
 
 # --------------------------------------------------------------------------- CPU: DenseFormer
@@ -397,117 +353,6 @@ def test_gradcheck_fp64(cuda):
         S, A, g = make_inputs(3, (2, 3), 5, dtype=F64, device=cuda, static=static)
         args = (S.requires_grad_(True), A.requires_grad_(True), g.requires_grad_(True))
         assert torch.autograd.gradcheck(lambda *a: ops.depth_aggregate_qkv_norm(*a, eps=EPS), args)
-
-
-@gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck_cuda(cuda, dtype):
-    S, A, g = make_inputs(5, (33,), 70, dtype=dtype, device=cuda)
-    opcheck(depth_aggregate_qkv_norm_op, (S, A, g, EPS))
-    opcheck(depth_aggregate_qkv_norm_op, (S.requires_grad_(True), A.requires_grad_(True), g.requires_grad_(True), EPS))
-    S, A, g = S.detach(), A.detach(), g.detach()
-    _, rstd = depth_aggregate_qkv_norm_op(S, A, g, EPS)
-    dOut = torch.randn(4, 33, 70, device=cuda).to(dtype)
-    dS = torch.randn(5, 33, 70, device=cuda).to(dtype)
-    opcheck(depth_aggregate_qkv_norm_bwd_op, (dOut, S, A, g, rstd, dS, True, EPS))
-
-
-@gpu
-@pytest.mark.compile
-def test_compile_fullgraph_cuda(cuda):
-    S, A, g = make_inputs(7, (4, 9), 136, dtype=torch.bfloat16, device=cuda)
-
-    def f(S, A, g):
-        return (ops.depth_aggregate_qkv_norm(S, A, g).float() * 2).sum()
-
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True)
-    a = [t.clone().requires_grad_(True) for t in (S, A, g)]
-    b = [t.clone().requires_grad_(True) for t in (S, A, g)]
-    compiled(*a).backward()
-    f(*b).backward()
-    assert torch.equal(a[0].grad, b[0].grad)
-    torch.testing.assert_close(a[1].grad, b[1].grad)
-    torch.testing.assert_close(a[2].grad, b[2].grad)
-
-
-@gpu
-def test_cuda_graph_capture(cuda):
-    S, A, g = make_inputs(9, (300,), 256, dtype=torch.bfloat16, device=cuda)
-    dOut = torch.randn(4, 300, 256, device=cuda).to(torch.bfloat16)
-    dS = torch.empty_like(S)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up outside the graph
-        _, rstd = depth_aggregate_qkv_norm_op(S, A, g, EPS)
-        depth_aggregate_qkv_norm_bwd_op(dOut, S, A, g, rstd, dS, False, EPS)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, rstd = depth_aggregate_qkv_norm_op(S, A, g, EPS)
-        dA, dg = depth_aggregate_qkv_norm_bwd_op(dOut, S, A, g, rstd, dS, False, EPS)
-    for _ in range(2):  # new inputs copied into the captured buffers
-        S.copy_(torch.randn_like(S, dtype=torch.float32))
-        A.copy_(torch.randn_like(A))
-        g.copy_(torch.randn_like(g))
-        dOut.copy_(torch.randn_like(dOut, dtype=torch.float32))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert_policy("Out", out, *oracle_pair(fwd_oracle, S, A, g))
-        low = bwd_oracle(False)(dOut, S, A, g, dS)
-        high = bwd_oracle(False)(dOut.double(), S.double(), A.double(), g.double(), dS.double())
-        assert_policy("dS", dS, low[0], high[0])
-        assert_policy("dA", dA, low[1], high[1])
-        assert_policy("dg", dg, low[2], high[2])
-
-
-@gpu
-def test_runs_on_current_stream(cuda):
-    """Inputs produced on a side stream and consumed there: a kernel launched on the
-    default stream instead would race with the producer."""
-    side = torch.cuda.Stream()
-    with torch.cuda.stream(side):
-        torch.cuda._sleep(50_000_000)  # keep the side stream busy before the inputs exist
-        S = torch.randn(13, 4096, 512, device=cuda).to(torch.bfloat16)
-        A = torch.randn(4096, 4, 13, device=cuda)
-        g = torch.randn(3, 512, device=cuda)
-        out = ops.depth_aggregate_qkv_norm(S, A, g, EPS)
-    torch.cuda.synchronize()
-    assert_policy("Out", out, *oracle_pair(fwd_oracle, S, A, g))
-
-
-@gpu
-def test_deterministic(cuda):
-    for static in (False, True):
-        S, A, g = make_inputs(25, (2048,), 1024, dtype=torch.bfloat16, device=cuda, static=static)
-        dOut = torch.randn(4, 2048, 1024, device=cuda).to(torch.bfloat16)
-        runs = []
-        for _ in range(2):
-            out, rstd = depth_aggregate_qkv_norm_op(S, A, g, EPS)
-            dS = torch.empty_like(S)
-            dA, dg = depth_aggregate_qkv_norm_bwd_op(dOut, S, A, g, rstd, dS, False, EPS)
-            runs.append((out, rstd, dS, dA, dg))
-        for x, y in zip(*runs):
-            assert torch.equal(x, y)
-
-
-@gpu
-def test_launcher_errors_are_messaged(cuda):
-    S = torch.randn(3, 4, 8, device=cuda)
-    A = torch.randn(4, 4, 3, device=cuda)
-    g = torch.randn(3, 8, device=cuda)
-    with pytest.raises(RuntimeError, match=r"A must have shape \(N, 4, l\)"):
-        _C.depth_aggregate_qkv_norm_fwd(S, torch.randn(4, 3, 3, device=cuda), g, EPS)
-    with pytest.raises(RuntimeError, match=r"norm_weights must have shape \(3, d\)"):
-        _C.depth_aggregate_qkv_norm_fwd(S, A, torch.randn(3, 9, device=cuda), EPS)
-    rstd = torch.ones(3, 4, device=cuda)
-    dOut = torch.randn(4, 4, 8, device=cuda)
-    with pytest.raises(RuntimeError, match=r"dS must have shape \(l, N, d\)"):
-        _C.depth_aggregate_qkv_norm_bwd(dOut, S, A, g, rstd, torch.empty(2, 4, 8, device=cuda), False)
-    with pytest.raises(RuntimeError, match=r"rstd must have shape \(3, N\)"):
-        _C.depth_aggregate_qkv_norm_bwd(dOut, S, A, g, torch.ones(3, 5, device=cuda), torch.empty_like(S), False)
-    with pytest.raises(RuntimeError, match="unit stride"):
-        _C.depth_aggregate_qkv_norm_bwd(dOut, S, A, g, rstd, torch.empty(3, 4, 16, device=cuda)[..., ::2], False)
 
 
 # --------------------------------------------------------------------------- GPU: DenseFormer

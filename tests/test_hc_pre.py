@@ -1,6 +1,6 @@
 """crosslayer.ops.hc_pre (static and dynamic HC) against the oracle.
 
-CPU tests (run everywhere): the public op dispatches to the oracle; the dynamic-HC
+CPU tests (run everywhere): the dynamic-HC
 custom ops' registration (schema, fakes, autograd with non-differentiable q and r)
 passes opcheck, matches the hand-derived backward and compiles with fullgraph=True
 through their CPU path; bad input raises clear errors.
@@ -10,21 +10,21 @@ DESIGN.md's policy (tests/policy.py): n in {1, 2, 3, 4, 8, 16} (1, 3 and 16 run 
 generic instantiation), odd d and N, every dtype, random parameters (W far from its
 zero init, so every term of the backward is exercised), optional dalpha/dbeta,
 strided / folded / padded / misaligned layouts, dW partials in shared memory and in
-the global-workspace fallback, empty shapes, gradcheck, opcheck, torch.compile, CUDA
-graphs, side streams, bit-identical backward runs and the launchers' messages.
+the global-workspace fallback, empty shapes, gradcheck.
+
+The checks every op shares (oracle agreement on every backend, opcheck, torch.compile,
+CUDA graphs, the current stream, determinism, the launchers' messages) run over every
+op in tests/test_contract.py; this file keeps what only this op has.
 """
 
 import math
 
 import pytest
 import torch
-from torch.library import opcheck
 
 from crosslayer import ops, ref
-from crosslayer._extension import _C
 from crosslayer.ops.hc_pre import hc_pre_bwd_op, hc_pre_op
 from hc_inputs import make_streams, make_vec
-from compile_check import assert_compiles_like_eager
 from policy import assert_policy, poison_allocator
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -61,15 +61,6 @@ def double(ts):
 
 
 # --------------------------------------------------------------------------- CPU
-
-
-@pytest.mark.parametrize("dynamic", [False, True])
-def test_cpu_dispatches_to_oracle(dynamic):
-    H = torch.randn(3, 5, 4, 9)
-    A, B, W, s_a, s_b = make_params(4, 9, dtype=torch.float32, device="cpu")
-    args = (H, A, B, W, s_a, s_b) if dynamic else (H, A, B)
-    for got, want in zip(ops.hc_pre(*args), ref.hc_pre(*args)):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
@@ -122,31 +113,6 @@ def test_custom_op_autograd_matches_hand_derived_cpu(with_coeff_grads):
         torch.testing.assert_close(leaf.grad, g, msg=lambda m: f"d{name}: {m}")
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "folded", "stream_stride"])
-def test_custom_ops_opcheck_cpu(layout):
-    lead, n, d = (3, 5), 4, 6
-    H = make_streams(lead, n, d, dtype=torch.float32, device="cpu", layout=layout)
-    params = make_params(n, d, dtype=torch.float32, device="cpu")
-    opcheck(hc_pre_op, (H, *params, EPS))
-    opcheck(hc_pre_op, (*[t.detach().clone().requires_grad_(True) for t in (H, *params)], EPS))
-    _, _, _, q, r = hc_pre_op(H, *params, EPS)
-    dx, dalpha, dbeta = make_grads(lead, n, d, dtype=torch.float32, device="cpu")
-    opcheck(hc_pre_bwd_op, (dx, dalpha, dbeta, H, *params, q, r, EPS))
-    opcheck(hc_pre_bwd_op, (dx, None, None, H, *params, q, r, EPS))
-
-
-@pytest.mark.compile
-def test_custom_op_compiles_fullgraph_cpu():
-    H = torch.randn(10, 4, 8)
-    params = make_params(4, 8, dtype=torch.float32, device="cpu")
-
-    def f(H, A, B, W, s_a, s_b):
-        x, alpha, beta = ops.hc_pre(H, A, B, W, s_a, s_b)
-        return x.square().sum() + alpha.sum() + beta.square().sum()
-
-    assert_compiles_like_eager(f, (H, *params))
-
-
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
@@ -168,14 +134,6 @@ def test_bad_input_raises(kwargs, exc, match):
     s_a = None if kwargs.get("drop_s_a") else 0.01
     with pytest.raises(exc, match=match):
         ops.hc_pre(H, A, B, W, s_a, 0.01)
-
-
-@pytest.mark.skipif(_C is None, reason="extension not built")
-def test_launcher_rejects_cpu_tensors():
-    H = torch.randn(3, 4, 8)
-    params = make_params(4, 8, dtype=torch.float32, device="cpu")
-    with pytest.raises(RuntimeError, match="H must be a CUDA tensor"):
-        _C.hc_pre_fwd(H, *params, EPS)
 
 
 # --------------------------------------------------------------------------- GPU
@@ -321,109 +279,3 @@ def test_gradcheck_fp64(cuda, n):
     assert torch.autograd.gradcheck(lambda *a: ops.hc_pre(*a), (H, *params))
 
 
-@gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck_cuda(cuda, dtype):
-    lead, n, d = (33,), 4, 70
-    H = torch.randn(*lead, n, d, device=cuda).to(dtype)
-    params = make_params(n, d, dtype=dtype, device=cuda)
-    opcheck(hc_pre_op, (H, *params, EPS))
-    opcheck(hc_pre_op, (*[t.detach().clone().requires_grad_(True) for t in (H, *params)], EPS))
-    _, _, _, q, r = hc_pre_op(H, *params, EPS)
-    dx, dalpha, dbeta = make_grads(lead, n, d, dtype=dtype, device=cuda)
-    opcheck(hc_pre_bwd_op, (dx, dalpha, dbeta, H, *params, q, r, EPS))
-    opcheck(hc_pre_bwd_op, (dx, None, None, H, *params, q, r, EPS))
-
-
-@gpu
-@pytest.mark.compile
-def test_compile_fullgraph_cuda(cuda):
-    H = torch.randn(4, 9, 4, 136, device=cuda).to(torch.bfloat16)
-    params = make_params(4, 136, dtype=torch.bfloat16, device=cuda)
-
-    def f(H, A, B, W, s_a, s_b):
-        x, alpha, beta = ops.hc_pre(H, A, B, W, s_a, s_b)
-        return (x.float() * 2).sum() + alpha.square().sum() + beta.sum()
-
-    assert_compiles_like_eager(f, (H, *params), exact_grads=(0,))
-
-
-@gpu
-def test_cuda_graph_capture(cuda):
-    lead, n, d = (300,), 4, 256
-    H = torch.randn(*lead, n, d, device=cuda).to(torch.bfloat16)
-    params = make_params(n, d, dtype=torch.bfloat16, device=cuda)
-    dx, dalpha, dbeta = make_grads(lead, n, d, dtype=torch.bfloat16, device=cuda)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up outside the graph
-        outs = hc_pre_op(H, *params, EPS)
-        hc_pre_bwd_op(dx, dalpha, dbeta, H, *params, outs[3], outs[4], EPS)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = hc_pre_op(H, *params, EPS)
-        grads = hc_pre_bwd_op(dx, dalpha, dbeta, H, *params, outs[3], outs[4], EPS)
-    for _ in range(2):  # new inputs copied into the captured buffers
-        H.copy_(torch.randn_like(H, dtype=torch.float32))
-        for p, fresh in zip(params, make_params(n, d, dtype=torch.bfloat16, device=cuda)):
-            p.copy_(fresh)
-        dx.copy_(torch.randn_like(dx, dtype=torch.float32))
-        graph.replay()
-        torch.cuda.synchronize()
-        low, high = fwd_oracle(H, *params), fwd_oracle(*double((H, *params)))
-        for name, got, lo, hi in zip(("x", "alpha", "beta"), outs[:3], low, high):
-            assert_policy(name, got, lo, hi)
-        low = ref.hc_pre_bwd(dx, dalpha, dbeta, H, *params, eps=EPS)
-        high = ref.hc_pre_bwd(*double((dx, dalpha, dbeta, H, *params)), eps=EPS)
-        for name, g, lo, hi in zip(("dH", "dA", "dB", "dW", "ds_a", "ds_b"), grads, low, high):
-            assert_policy(name, g, lo, hi)
-
-
-@gpu
-def test_runs_on_current_stream(cuda):
-    """Inputs produced on a side stream and consumed there: a kernel launched on the
-    default stream instead would race with the producer."""
-    side = torch.cuda.Stream()
-    with torch.cuda.stream(side):
-        torch.cuda._sleep(50_000_000)  # keep the side stream busy before the inputs exist
-        H = torch.randn(4096, 4, 512, device=cuda).to(torch.bfloat16)
-        params = make_params(4, 512, dtype=torch.bfloat16, device=cuda)
-        x, alpha, beta, _, _ = hc_pre_op(H, *params, EPS)
-    torch.cuda.synchronize()
-    low, high = fwd_oracle(H, *params), fwd_oracle(*double((H, *params)))
-    for name, got, lo, hi in zip(("x", "alpha", "beta"), (x, alpha, beta), low, high):
-        assert_policy(name, got, lo, hi)
-
-
-@gpu
-@pytest.mark.parametrize("n, d", [(4, 2048), (8, 1024), (3, 512)])
-def test_backward_deterministic(cuda, n, d):
-    lead = (4099,)
-    H = torch.randn(*lead, n, d, device=cuda).to(torch.bfloat16)
-    params = make_params(n, d, dtype=torch.bfloat16, device=cuda)
-    dx, dalpha, dbeta = make_grads(lead, n, d, dtype=torch.bfloat16, device=cuda)
-    _, _, _, q, r = hc_pre_op(H, *params, EPS)
-    first = hc_pre_bwd_op(dx, dalpha, dbeta, H, *params, q, r, EPS)
-    second = hc_pre_bwd_op(dx, dalpha, dbeta, H, *params, q, r, EPS)
-    for name, a, b in zip(("dH", "dA", "dB", "dW", "ds_a", "ds_b"), first, second):
-        assert torch.equal(a, b), f"{name} differs between two runs"
-
-
-@gpu
-def test_launcher_errors_are_messaged(cuda):
-    H = torch.randn(3, 4, 8, device=cuda)
-    A, B, W, s_a, s_b = make_params(4, 8, dtype=torch.float32, device=cuda)
-    with pytest.raises(RuntimeError, match=r"W must have shape \(d, n\+2\)"):
-        _C.hc_pre_fwd(H, A, B, W[:, :5], s_a, s_b, EPS)
-    with pytest.raises(RuntimeError, match=r"s_a must be a 0-dim tensor"):
-        _C.hc_pre_fwd(H, A, B, W, s_a.reshape(1), s_b, EPS)
-    with pytest.raises(RuntimeError, match="d >= 1"):
-        _C.hc_pre_fwd(H[..., :0], A, B, W[:0], s_a, s_b, EPS)
-    x, alpha, beta, q, r = _C.hc_pre_fwd(H, A, B, W, s_a, s_b, EPS)
-    with pytest.raises(RuntimeError, match=r"dalpha must have shape \(\.\.\., n, n\+1\)"):
-        _C.hc_pre_bwd(torch.randn(3, 8, device=cuda), alpha[:, :, :4], None, H, A, B, W,
-                          s_a, s_b, q, r)
-    with pytest.raises(RuntimeError, match="dx must have H's dtype"):
-        _C.hc_pre_bwd(torch.randn(3, 8, device=cuda, dtype=torch.float64), None, None, H, A,
-                          B, W, s_a, s_b, q, r)

@@ -1,6 +1,6 @@
 """crosslayer.ops.mhc_coeffs (mHC coefficients) against the oracle (crosslayer.ref.mhc).
 
-CPU tests (run everywhere): the public op dispatches to the oracle; the custom ops'
+CPU tests (run everywhere): the custom ops'
 registration (schema, fakes, autograd with non-differentiable u and r) passes opcheck,
 matches the hand-derived backward and compiles with fullgraph=True through the CPU
 path; the kernel's Sinkhorn-backward scheme (scale vectors saved, iterates rebuilt
@@ -13,22 +13,21 @@ others the generic instantiation), odd d (1 and 7 take the at::mm path for 16-bi
 129 and 4099 the tensor-core path with tails) and N, every dtype, random parameters and
 random (far from converged) Sinkhorn logits, optional dalpha/dbeta, strided / folded /
 padded / misaligned layouts, the Sinkhorn scale buffer in shared and in global memory,
-the whole mHC sublayer with stream_mix and hc_post, empty shapes, gradcheck, opcheck,
-torch.compile, CUDA graphs, the current stream, bit-identical backward runs and the
-launchers' messages.
+the whole mHC sublayer with stream_mix and hc_post, empty shapes, gradcheck.
+
+The checks every op shares (oracle agreement on every backend, opcheck, torch.compile,
+CUDA graphs, the current stream, determinism, the launchers' messages) run over every
+op in tests/test_contract.py; this file keeps what only this op has.
 """
 
 import math
 
 import pytest
 import torch
-from torch.library import opcheck
 
 from crosslayer import ops, ref
-from crosslayer._extension import _C
 from crosslayer.ops.mhc_coeffs import mhc_coeffs_bwd_op, mhc_coeffs_op
 from hc_inputs import make_streams
-from compile_check import assert_compiles_like_eager
 from policy import assert_policy, poison_allocator
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -72,20 +71,6 @@ GRAD_NAMES = ("dH", "dphi", "da_pre", "da_post", "da_res", "db")
 
 
 # --------------------------------------------------------------------------- CPU
-
-
-@pytest.mark.parametrize("scalars", ["tensors", "floats"])
-def test_cpu_dispatches_to_oracle(scalars):
-    H = torch.randn(3, 5, 4, 9)
-    phi, a_pre, a_post, a_res, b = make_params(4, 9, dtype=torch.float32, device="cpu")
-    if scalars == "floats":
-        a_pre, a_post, a_res = 0.3, 0.7, 1.1
-    args = (H, phi, a_pre, a_post, a_res, b)
-    got = ops.mhc_coeffs(*args, iters=7)
-    want = ref.mhc_coeffs(*args, iters=7)
-    assert got[0].shape == (3, 5, 4, 5) and got[1].shape == (3, 5, 4)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "folded"])
@@ -153,31 +138,6 @@ def test_kernel_sinkhorn_scheme_is_exact_fp64(n):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "folded", "stream_stride"])
-def test_custom_ops_opcheck_cpu(layout):
-    lead, n, d = (3, 5), 4, 6
-    H = make_streams(lead, n, d, dtype=torch.float32, device="cpu", layout=layout)
-    params = make_params(n, d, dtype=torch.float32, device="cpu")
-    opcheck(mhc_coeffs_op, (H, *params, *FLOATS))
-    opcheck(mhc_coeffs_op, (*[t.detach().clone().requires_grad_(True) for t in (H, *params)], *FLOATS))
-    _, _, u, r = mhc_coeffs_op(H, *params, *FLOATS)
-    dalpha, dbeta = make_grads(lead, n, dtype=torch.float32, device="cpu")
-    opcheck(mhc_coeffs_bwd_op, (dalpha, dbeta, H, *params, u, r, *FLOATS))
-    opcheck(mhc_coeffs_bwd_op, (None, None, H, *params, u, r, *FLOATS))
-
-
-@pytest.mark.compile
-def test_custom_op_compiles_fullgraph_cpu():
-    H = torch.randn(10, 4, 8)
-    params = make_params(4, 8, dtype=torch.float32, device="cpu")
-
-    def f(H, phi, a_pre, a_post, a_res, b):
-        alpha, beta = ops.mhc_coeffs(H, phi, a_pre, a_post, a_res, b)
-        return alpha.square().sum() + (beta * 3).sum()
-
-    assert_compiles_like_eager(f, (H, *params))
-
-
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
@@ -200,14 +160,6 @@ def test_bad_input_raises(kwargs, exc, match):
     a_pre = torch.rand(*kwargs["a_shape"]) if "a_shape" in kwargs else 0.5
     with pytest.raises(exc, match=match):
         ops.mhc_coeffs(H, phi, a_pre, 0.5, 0.5, b, iters=kwargs.get("iters", 20))
-
-
-@pytest.mark.skipif(_C is None, reason="extension not built")
-def test_launcher_rejects_cpu_tensors():
-    H = torch.randn(3, 4, 8)
-    params = make_params(4, 8, dtype=torch.float32, device="cpu")
-    with pytest.raises(RuntimeError, match="H must be a CUDA tensor"):
-        _C.mhc_coeffs_fwd(H, *params, *FLOATS)
 
 
 # --------------------------------------------------------------------------- GPU
@@ -396,109 +348,3 @@ def test_gradcheck_fp64(cuda, n):
     assert torch.autograd.gradcheck(lambda *a: ops.mhc_coeffs(*a, iters=6), (H, *params))
 
 
-@gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck_cuda(cuda, dtype):
-    lead, n, d = (33,), 4, 70
-    H = torch.randn(*lead, n, d, device=cuda).to(dtype)
-    params = make_params(n, d, dtype=dtype, device=cuda)
-    opcheck(mhc_coeffs_op, (H, *params, *FLOATS))
-    opcheck(mhc_coeffs_op, (*[t.detach().clone().requires_grad_(True) for t in (H, *params)], *FLOATS))
-    _, _, u, r = mhc_coeffs_op(H, *params, *FLOATS)
-    dalpha, dbeta = make_grads(lead, n, dtype=dtype, device=cuda)
-    opcheck(mhc_coeffs_bwd_op, (dalpha, dbeta, H, *params, u, r, *FLOATS))
-    opcheck(mhc_coeffs_bwd_op, (None, None, H, *params, u, r, *FLOATS))
-
-
-@gpu
-@pytest.mark.compile
-def test_compile_fullgraph_cuda(cuda):
-    H = torch.randn(4, 9, 4, 136, device=cuda).to(torch.bfloat16)
-    params = make_params(4, 136, dtype=torch.bfloat16, device=cuda)
-
-    def f(H, phi, a_pre, a_post, a_res, b):
-        alpha, beta = ops.mhc_coeffs(H, phi, a_pre, a_post, a_res, b)
-        return alpha.square().sum() + (beta * 3).sum()
-
-    assert_compiles_like_eager(f, (H, *params), exact_grads=(0,))
-
-
-@gpu
-def test_cuda_graph_capture(cuda):
-    lead, n, d = (300,), 4, 256
-    H = torch.randn(*lead, n, d, device=cuda).to(torch.bfloat16)
-    params = make_params(n, d, dtype=torch.bfloat16, device=cuda)
-    dalpha, dbeta = make_grads(lead, n, dtype=torch.bfloat16, device=cuda)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up outside the graph
-        outs = mhc_coeffs_op(H, *params, *FLOATS)
-        mhc_coeffs_bwd_op(dalpha, dbeta, H, *params, outs[2], outs[3], *FLOATS)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = mhc_coeffs_op(H, *params, *FLOATS)
-        grads = mhc_coeffs_bwd_op(dalpha, dbeta, H, *params, outs[2], outs[3], *FLOATS)
-    for _ in range(2):  # new inputs copied into the captured buffers
-        H.copy_(torch.randn_like(H, dtype=torch.float32))
-        for p, fresh in zip(params, make_params(n, d, dtype=torch.bfloat16, device=cuda)):
-            p.copy_(fresh)
-        graph.replay()
-        torch.cuda.synchronize()
-        for name, got, lo, hi in zip(("alpha", "beta"), outs[:2], oracle(H, params),
-                                     oracle(*double((H,)), double(params))):
-            assert_policy(name, got, lo, hi)
-        low = oracle_bwd(dalpha, dbeta, H, params)
-        high = oracle_bwd(*double((dalpha, dbeta, H)), double(params))
-        for name, g, lo, hi in zip(GRAD_NAMES, grads, low, high):
-            assert_policy(name, g, lo, hi)
-
-
-@gpu
-def test_runs_on_current_stream(cuda):
-    """Inputs produced on a side stream and consumed there: a kernel launched on the
-    default stream instead would race with the producer."""
-    side = torch.cuda.Stream()
-    with torch.cuda.stream(side):
-        torch.cuda._sleep(50_000_000)  # keep the side stream busy before the inputs exist
-        H = torch.randn(4096, 4, 512, device=cuda).to(torch.bfloat16)
-        params = make_params(4, 512, dtype=torch.bfloat16, device=cuda)
-        alpha, beta, _, _ = mhc_coeffs_op(H, *params, *FLOATS)
-    torch.cuda.synchronize()
-    for name, got, lo, hi in zip(("alpha", "beta"), (alpha, beta), oracle(H, params),
-                                 oracle(*double((H,)), double(params))):
-        assert_policy(name, got, lo, hi)
-
-
-@gpu
-@pytest.mark.parametrize("n, d", [(4, 2048), (8, 1024), (3, 512)])
-def test_backward_deterministic(cuda, n, d):
-    lead = (4099,)
-    H = torch.randn(*lead, n, d, device=cuda).to(torch.bfloat16)
-    params = make_params(n, d, dtype=torch.bfloat16, device=cuda)
-    dalpha, dbeta = make_grads(lead, n, dtype=torch.bfloat16, device=cuda)
-    fwd1 = mhc_coeffs_op(H, *params, *FLOATS)
-    fwd2 = mhc_coeffs_op(H, *params, *FLOATS)
-    for name, a, b in zip(("alpha", "beta", "u", "r"), fwd1, fwd2):
-        assert torch.equal(a, b), f"{name} differs between two runs"
-    first = mhc_coeffs_bwd_op(dalpha, dbeta, H, *params, fwd1[2], fwd1[3], *FLOATS)
-    second = mhc_coeffs_bwd_op(dalpha, dbeta, H, *params, fwd1[2], fwd1[3], *FLOATS)
-    for name, a, b in zip(GRAD_NAMES, first, second):
-        assert torch.equal(a, b), f"{name} differs between two runs"
-
-
-@gpu
-def test_launcher_errors_are_messaged(cuda):
-    H = torch.randn(3, 4, 8, device=cuda)
-    phi, a_pre, a_post, a_res, b = make_params(4, 8, dtype=torch.float32, device=cuda)
-    with pytest.raises(RuntimeError, match=r"phi must have shape \(n·d, n²\+2n\)"):
-        _C.mhc_coeffs_fwd(H, phi[:, :23], a_pre, a_post, a_res, b, *FLOATS)
-    with pytest.raises(RuntimeError, match=r"a_res must be a 0-dim tensor"):
-        _C.mhc_coeffs_fwd(H, phi, a_pre, a_post, a_res.reshape(1), b, *FLOATS)
-    with pytest.raises(RuntimeError, match="iters must be >= 1"):
-        _C.mhc_coeffs_fwd(H, phi, a_pre, a_post, a_res, b, EPS, PRE_EPS, POST_MULT, 0, SK_EPS)
-    alpha, beta, u, r = _C.mhc_coeffs_fwd(H, phi, a_pre, a_post, a_res, b, *FLOATS)
-    with pytest.raises(RuntimeError, match=r"dalpha must have shape \(\.\.\., n, n\+1\)"):
-        _C.mhc_coeffs_bwd(alpha[:, :, :4], None, H, phi, a_pre, a_post, a_res, b, u, r, *FLOATS)
-    with pytest.raises(RuntimeError, match=r"u must have shape"):
-        _C.mhc_coeffs_bwd(alpha, beta, H, phi, a_pre, a_post, a_res, b, u[:, :5], r, *FLOATS)

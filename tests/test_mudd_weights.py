@@ -1,29 +1,29 @@
 """crosslayer.ops.mudd_weights against the oracle.
 
-CPU tests (run everywhere): the public op dispatches to the oracle; the custom ops'
+CPU tests (run everywhere): the custom ops'
 registration (schema, fakes, autograd with non-differentiable u and r) passes opcheck,
 matches the hand-derived backward and compiles with fullgraph=True through their CPU
-path; bad input raises clear errors; the launchers reject CPU tensors.
+path; bad input raises clear errors.
 
 GPU tests (marked `gpu`): the fused kernels against the float64 oracle under
 DESIGN.md's policy (tests/policy.py): every dtype, both GELU forms, d in {1, 7, 129,
 2048, 4099} (d < 32 takes the fp32 at::mm path for 16-bit x, the rest the tensor-core
 kernels), K in {1, 5, 64, 128, 200} (K > 128 runs two column passes), C in {1, 4},
-l in {1, 3, 25}, odd N, token-strided x, poisoned outputs, empty N, gradcheck,
-opcheck, torch.compile, CUDA graphs, side streams, bit-identical backward runs and the
-launchers' messages.
+l in {1, 3, 25}, odd N, token-strided x, poisoned outputs, empty N, gradcheck.
+
+The checks every op shares (oracle agreement on every backend, opcheck, torch.compile,
+CUDA graphs, the current stream, determinism, the launchers' messages) run over every
+op in tests/test_contract.py; this file keeps what only this op has.
 """
 
 import math
 
 import pytest
 import torch
-from torch.library import opcheck
 
 from crosslayer import ops, ref
 from crosslayer._extension import _C
 from crosslayer.ops.mudd_weights import mudd_weights_bwd_op, mudd_weights_op
-from compile_check import assert_compiles_like_eager
 from policy import assert_policy, poison_allocator
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -61,16 +61,6 @@ def double(ts):
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-@pytest.mark.parametrize("bias_2d", [False, True])
-def test_cpu_dispatches_to_oracle(approximate, bias_2d):
-    x = torch.randn(3, 5, 9)
-    W1, W2, bias = make_params(9, 6, 4, 3, dtype=torch.float32, device="cpu", bias_2d=bias_2d)
-    got = ops.mudd_weights(x, W1, W2, bias, 4, approximate=approximate)
-    want = ref.mudd_weights(x, W1, W2, bias, 4, approximate=approximate)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_custom_op_autograd_matches_hand_derived_cpu(approximate):
     """The custom op's CPU path through its registered autograd (not the oracle's)."""
     lead, d, K, C, l = (2, 7), 6, 5, 4, 3
@@ -96,29 +86,6 @@ def test_cpu_projection_outputs_match_oracle():
     torch.testing.assert_close(u, (x * want_r[:, None]) @ W1)
 
 
-@pytest.mark.parametrize("bias_2d", [False, True])
-def test_custom_ops_opcheck_cpu(bias_2d):
-    lead, d, K, C, l = (3, 5), 6, 7, 2, 3
-    x = torch.randn(*lead, d)
-    params = make_params(d, K, C, l, dtype=torch.float32, device="cpu", bias_2d=bias_2d)
-    opcheck(mudd_weights_op, (x, *params, C, EPS, "none"))
-    opcheck(mudd_weights_op, (*[t.detach().clone().requires_grad_(True) for t in (x, *params)], C, EPS, "tanh"))
-    _, u, r = mudd_weights_op(x, *params, C, EPS, "none")
-    dA = make_dA(lead, C, l, dtype=torch.float32, device="cpu")
-    opcheck(mudd_weights_bwd_op, (dA, x, *params, u, r, C, EPS, "none"))
-
-
-@pytest.mark.compile
-def test_custom_op_compiles_fullgraph_cpu():
-    x = torch.randn(10, 8)
-    params = make_params(8, 6, 4, 3, dtype=torch.float32, device="cpu")
-
-    def f(x, W1, W2, bias):
-        return ops.mudd_weights(x, W1, W2, bias, 4).square().sum()
-
-    assert_compiles_like_eager(f, (x, *params))
-
-
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
@@ -140,17 +107,6 @@ def test_bad_input_raises(kwargs, exc, match):
     bias = torch.randn(*kwargs.get("bias_shape", (4, 3)))
     with pytest.raises(exc, match=match):
         ops.mudd_weights(x, W1, W2, bias, kwargs.get("n_ways", 4), approximate=kwargs.get("approximate", "none"))
-
-
-@pytest.mark.skipif(_C is None, reason="extension not built")
-def test_launcher_rejects_cpu_tensors():
-    x = torch.randn(3, 8)
-    W1, W2, bias = make_params(8, 6, 4, 3, dtype=torch.float32, device="cpu")
-    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
-        _C.mudd_weights_fwd(x, W1, W2, bias, 4, EPS, "none")
-    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
-        _C.mudd_weights_bwd(torch.randn(3, 4, 3), x, W1, W2, bias, torch.randn(3, 6), torch.randn(3), 4,
-                            EPS, "none")
 
 
 def test_fused_ops_lists_mudd_weights():
@@ -274,111 +230,3 @@ def test_gradcheck_fp64(cuda, approximate):
     assert torch.autograd.gradcheck(lambda *a: ops.mudd_weights(*a, 2, approximate=approximate), (x, *params))
 
 
-@gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck_cuda(cuda, dtype):
-    lead, d, K, C, l = (33,), 70, 20, 4, 3
-    x = make_x(lead, d, dtype=dtype, device=cuda)
-    params = make_params(d, K, C, l, dtype=dtype, device=cuda)
-    opcheck(mudd_weights_op, (x, *params, C, EPS, "none"))
-    opcheck(mudd_weights_op, (*[t.detach().clone().requires_grad_(True) for t in (x, *params)], C, EPS, "tanh"))
-    _, u, r = mudd_weights_op(x, *params, C, EPS, "none")
-    dA = make_dA(lead, C, l, dtype=dtype, device=cuda)
-    opcheck(mudd_weights_bwd_op, (dA, x, *params, u, r, C, EPS, "none"))
-
-
-@gpu
-@pytest.mark.compile
-def test_compile_fullgraph_cuda(cuda):
-    x = make_x((4, 9), 136, dtype=torch.bfloat16, device=cuda)
-    params = make_params(136, 64, 4, 5, dtype=torch.bfloat16, device=cuda)
-
-    def f(x, W1, W2, bias):
-        return ops.mudd_weights(x, W1, W2, bias, 4).square().sum()
-
-    assert_compiles_like_eager(f, (x, *params))
-
-
-@gpu
-def test_cuda_graph_capture(cuda):
-    lead, d, K, C, l = (300,), 256, 128, 4, 7
-    x = make_x(lead, d, dtype=torch.bfloat16, device=cuda)
-    params = make_params(d, K, C, l, dtype=torch.bfloat16, device=cuda)
-    dA = make_dA(lead, C, l, dtype=torch.bfloat16, device=cuda)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up outside the graph (cuBLAS workspaces)
-        A, u, r = mudd_weights_op(x, *params, C, EPS, "none")
-        mudd_weights_bwd_op(dA, x, *params, u, r, C, EPS, "none")
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        A, u, r = mudd_weights_op(x, *params, C, EPS, "none")
-        grads = mudd_weights_bwd_op(dA, x, *params, u, r, C, EPS, "none")
-    for _ in range(2):  # new inputs copied into the captured buffers
-        x.copy_(torch.randn_like(x, dtype=torch.float32))
-        for p, fresh in zip(params, make_params(d, K, C, l, dtype=torch.bfloat16, device=cuda)):
-            p.copy_(fresh)
-        dA.copy_(torch.randn_like(dA))
-        graph.replay()
-        torch.cuda.synchronize()
-        low, high = fwd_pair(x, *params, C, "none")
-        assert_policy("A", A, low, high)
-        low, high = bwd_pair(dA, x, *params, C, "none")
-        for name, g, lo, hi in zip(("dx", "dW1", "dW2", "dbias"), grads, low, high):
-            assert_policy(name, g, lo, hi)
-
-
-@gpu
-def test_runs_on_current_stream(cuda):
-    """Inputs produced on a side stream and consumed there: a kernel launched on the
-    default stream instead would race with the producer."""
-    side = torch.cuda.Stream()
-    with torch.cuda.stream(side):
-        torch.cuda._sleep(50_000_000)  # keep the side stream busy before the inputs exist
-        x = make_x((4096,), 512, dtype=torch.bfloat16, device=cuda)
-        params = make_params(512, 128, 4, 9, dtype=torch.bfloat16, device=cuda)
-        dA = make_dA((4096,), 4, 9, dtype=torch.bfloat16, device=cuda)
-        A, u, r = mudd_weights_op(x, *params, 4, EPS, "none")
-        grads = mudd_weights_bwd_op(dA, x, *params, u, r, 4, EPS, "none")
-    torch.cuda.synchronize()
-    low, high = fwd_pair(x, *params, 4, "none")
-    assert_policy("A", A, low, high)
-    low, high = bwd_pair(dA, x, *params, 4, "none")
-    for name, g, lo, hi in zip(("dx", "dW1", "dW2", "dbias"), grads, low, high):
-        assert_policy(name, g, lo, hi)
-
-
-@gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_backward_deterministic(cuda, dtype):
-    lead, d, K, C, l = (4099,), 2048, 128, 4, 25
-    x = make_x(lead, d, dtype=dtype, device=cuda)
-    params = make_params(d, K, C, l, dtype=dtype, device=cuda)
-    dA = make_dA(lead, C, l, dtype=dtype, device=cuda)
-    _, u, r = mudd_weights_op(x, *params, C, EPS, "none")
-    first = mudd_weights_bwd_op(dA, x, *params, u, r, C, EPS, "none")
-    second = mudd_weights_bwd_op(dA, x, *params, u, r, C, EPS, "none")
-    for name, a, b in zip(("dx", "dW1", "dW2", "dbias"), first, second):
-        assert torch.equal(a, b), f"{name} differs between two runs"
-
-
-@gpu
-def test_launcher_errors_are_messaged(cuda):
-    x = make_x((3,), 8, dtype=torch.float32, device=cuda)
-    W1, W2, bias = make_params(8, 6, 4, 3, dtype=torch.float32, device=cuda)
-    with pytest.raises(RuntimeError, match=r"W1 must have shape \(d, K\) with d = x.shape\[-1\] = 8"):
-        _C.mudd_weights_fwd(x, W1[:7], W2, bias, 4, EPS, "none")
-    with pytest.raises(RuntimeError, match=r"W2 must have shape \(K, C\*l\) with C = n_ways = 5"):
-        _C.mudd_weights_fwd(x, W1, W2, bias, 5, EPS, "none")
-    with pytest.raises(RuntimeError, match=r"bias must have shape"):
-        _C.mudd_weights_fwd(x, W1, W2, bias[:5], 4, EPS, "none")
-    with pytest.raises(RuntimeError, match="approximate must be 'none' or 'tanh'"):
-        _C.mudd_weights_fwd(x, W1, W2, bias, 4, EPS, "erf")
-    with pytest.raises(RuntimeError, match="d >= 1"):
-        _C.mudd_weights_fwd(x[:, :0], W1[:0], W2, bias, 4, EPS, "none")
-    A, u, r = _C.mudd_weights_fwd(x, W1, W2, bias, 4, EPS, "none")
-    with pytest.raises(RuntimeError, match=r"dA must have shape \(\*tok, C, l\)"):
-        _C.mudd_weights_bwd(A[:, :3], x, W1, W2, bias, u, r, 4, EPS, "none")
-    with pytest.raises(RuntimeError, match=r"u must have shape \(\*tok, K\)"):
-        _C.mudd_weights_bwd(A, x, W1, W2, bias, u[:, :5], r, 4, EPS, "none")

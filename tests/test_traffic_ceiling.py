@@ -28,13 +28,17 @@ def _traffic():
 traffic = _traffic()
 CEILING = traffic.read_ceiling()
 OPS = sorted({key[0] for key in CEILING})
+# depth_stack (a whole 8-layer DepthStack, about two minutes on 2 cores) composes the
+# kernels the depth_aggregate and mudd_weights rows already guard: exhaustive tier.
+SLOW_ROWS = {"depth_stack"}
 
 
 def test_ceiling_covers_every_quick_row():
     assert OPS == sorted({c.op for c in traffic.cases(quick=True, only=None)})
 
 
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", [pytest.param(op, marks=pytest.mark.exhaustive) if op in SLOW_ROWS else op
+                                for op in OPS])
 def test_row_within_ceiling(op):
     rows = traffic.run(quick=True, only={op}, echo=False)
     assert rows, f"bench/traffic.py has no quick row {op}"

@@ -1,0 +1,476 @@
+"""The tests' op registry: one OpSpec per public op of crosslayer.ops.
+
+An entry holds what every contract check needs (tests/test_contract.py runs them all
+over every backend):
+  sample(case, dtype, device)   fresh random inputs: the differentiable tensors and the
+                                call of the op on a module (crosslayer.ops or .ref)
+  cases                         representative shapes (odd sizes, strided layouts,
+                                static and per-token coefficients): the default tier
+  exhaustive_cases              more of them, run behind the `exhaustive` marker
+  opcheck_calls(dtype, device)  every custom op of the public op with sample arguments
+  launcher_errors(kernels, dev) calls of the launchers with bad arguments and the
+                                message each must raise
+  big                           a GPU-sized case (many blocks: determinism, streams)
+  contract                      crosslayer.contracts' validator and traffic floor
+
+Adding an op: its contract in crosslayer/contracts.py, then one OpSpec here; the
+op-specific tests (paths only that op has) go in tests/test_<op>.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+
+from crosslayer.contracts import CONTRACTS, Contract
+from crosslayer.ops.depth_aggregate import depth_aggregate_bwd_op, depth_aggregate_op
+from crosslayer.ops.depth_aggregate_qkv_norm import depth_aggregate_qkv_norm_bwd_op, depth_aggregate_qkv_norm_op
+from crosslayer.ops.hc_post import hc_post_bwd_op, hc_post_op
+from crosslayer.ops.hc_pre import hc_pre_bwd_op, hc_pre_op
+from crosslayer.ops.mhc_coeffs import mhc_coeffs_bwd_op, mhc_coeffs_op
+from crosslayer.ops.mudd_weights import mudd_weights_bwd_op, mudd_weights_op
+from crosslayer.ops.stream_mix import stream_mix_bwd_op, stream_mix_op
+from hc_inputs import make_streams, make_vec
+
+EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input configuration; `id` names it in test ids, `p` holds its sizes/flags."""
+
+    id: str
+    p: Dict = field(default_factory=dict)
+
+    def __getitem__(self, key):
+        return self.p[key]
+
+    def get(self, key, default=None):
+        return self.p.get(key, default)
+
+
+@dataclass
+class Sample:
+    """Inputs of one call: `tensors` are the differentiable inputs; call(module, *tensors)
+    runs the op of `module` (crosslayer.ops or crosslayer.ref) with the fixed arguments
+    bound, returning a tensor or a tuple of tensors."""
+
+    tensors: List[torch.Tensor]
+    call: Callable
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    sample: Callable[[Case, torch.dtype, torch.device], Sample]
+    cases: Tuple[Case, ...]
+    exhaustive_cases: Tuple[Case, ...]
+    opcheck_calls: Callable[[torch.dtype, torch.device], List[Tuple[object, tuple]]]
+    launcher_errors: Callable[[object, torch.device], List[Tuple[Callable[[], object], str]]]
+    big: Case  # many tokens at a real width: multi-block reductions (determinism on a GPU)
+
+    @property
+    def contract(self) -> Contract:
+        return CONTRACTS[self.name]
+
+
+def acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", scale=1.0):
+    return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+
+# ----------------------------------------------------------------------------- hc_pre
+
+
+def hc_pre_params(n, d, dtype, device, dynamic=True):
+    """Random A, B (and W ~ N(0, 1/d), s_a, s_b of order one for DHC) in the arithmetic
+    dtype: far from the init, so every backward term matters."""
+    cd = acc(dtype)
+    A = torch.randn(n, n + 1, device=device, dtype=cd)
+    B = torch.randn(n, device=device, dtype=cd)
+    if not dynamic:
+        return [A, B]
+    W = torch.randn(d, n + 2, device=device, dtype=cd) / math.sqrt(d)
+    s_a = torch.rand((), device=device, dtype=cd) + 0.5
+    s_b = torch.rand((), device=device, dtype=cd) + 0.5
+    return [A, B, W, s_a, s_b]
+
+
+def hc_pre_sample(case, dtype, device):
+    lead, n, d = case["lead"], case["n"], case["d"]
+    H = make_streams(lead, n, d, dtype=dtype, device=device, layout=case.get("layout", "contiguous"))
+    params = hc_pre_params(n, d, dtype, device, dynamic=not case.get("static", False))
+    return Sample([H, *params], lambda m, *t: m.hc_pre(*t, eps=EPS))
+
+
+def hc_pre_opcheck(dtype, device):
+    n, d = 3, 20
+    calls = []
+    for layout in ("contiguous", "folded", "stream_stride"):  # dH allocated like H
+        H = make_streams((2, 3), n, d, dtype=dtype, device=device, layout=layout)
+        params = hc_pre_params(n, d, dtype, device)
+        _, alpha, beta, q, r = hc_pre_op(H, *params, EPS)
+        dx = rand(2, 3, d, dtype=dtype, device=device)
+        calls += [(hc_pre_op, (H, *params, EPS)),
+                  (hc_pre_op, tuple(t.detach().clone().requires_grad_(True) for t in (H, *params)) + (EPS,)),
+                  (hc_pre_bwd_op, (dx, torch.randn_like(alpha), torch.randn_like(beta), H, *params, q, r, EPS)),
+                  (hc_pre_bwd_op, (dx, None, None, H, *params, q, r, EPS))]
+    return calls
+
+
+def hc_pre_launcher_errors(kernels, device):
+    H = torch.randn(3, 4, 8, device=device)
+    A, B, W, s_a, s_b = hc_pre_params(4, 8, torch.float32, device)
+    x, alpha, beta, q, r = kernels.hc_pre_fwd(H, A, B, W, s_a, s_b, EPS)
+    dx = torch.randn(3, 8, device=device)
+    return [
+        (lambda: kernels.hc_pre_fwd(H, A, B, W[:, :5], s_a, s_b, EPS), r"W must have shape \(d, n\+2\)"),
+        (lambda: kernels.hc_pre_fwd(H, A, B, W, s_a.reshape(1), s_b, EPS), r"s_a must be a 0-dim tensor"),
+        (lambda: kernels.hc_pre_fwd(H[..., :0], A, B, W[:0], s_a, s_b, EPS), "d >= 1"),
+        (lambda: kernels.hc_pre_bwd(dx, alpha[:, :, :4], None, H, A, B, W, s_a, s_b, q, r),
+         r"dalpha must have shape \(\.\.\., n, n\+1\)"),
+        (lambda: kernels.hc_pre_bwd(dx.double(), None, None, H, A, B, W, s_a, s_b, q, r),
+         "dx must have H's dtype"),
+    ]
+
+
+# ------------------------------------------------------------------ hc_post, stream_mix
+
+
+def hc_coeffs(lead, n, dtype, device, static):
+    """Random alpha (n, n+1) or (*lead, n, n+1) and beta (n,) or (*lead, n), arithmetic dtype."""
+    shape = () if static else tuple(lead)
+    cd = acc(dtype)
+    return (torch.randn(*shape, n, n + 1, device=device, dtype=cd),
+            torch.randn(*shape, n, device=device, dtype=cd))
+
+
+def hc_post_sample(case, dtype, device):
+    lead, n, d, layout = case["lead"], case["n"], case["d"], case.get("layout", "contiguous")
+    H = make_streams(lead, n, d, dtype=dtype, device=device, layout=layout)
+    y = make_vec(lead, d, dtype=dtype, device=device, misaligned=layout == "misaligned")
+    alpha, beta = hc_coeffs(lead, n, dtype, device, case.get("static", False))
+    return Sample([H, y, alpha, beta], lambda m, *t: m.hc_post(*t))
+
+
+def stream_mix_sample(case, dtype, device):
+    lead, n, d = case["lead"], case["n"], case["d"]
+    H = make_streams(lead, n, d, dtype=dtype, device=device, layout=case.get("layout", "contiguous"))
+    w = hc_coeffs(lead, n, dtype, device, case.get("static", False))[1]
+    return Sample([H, w], lambda m, *t: m.stream_mix(*t))
+
+
+def hc_post_opcheck(dtype, device):
+    calls = []
+    for static, layout in ((False, "contiguous"), (True, "folded"), (False, "stream_stride")):
+        H = make_streams((2, 3), 3, 20, dtype=dtype, device=device, layout=layout)
+        y = rand(2, 3, 20, dtype=dtype, device=device)
+        alpha, beta = hc_coeffs((2, 3), 3, dtype, device, static)
+        calls += [(hc_post_op, (H, y, alpha, beta)),
+                  (hc_post_bwd_op, (torch.randn_like(H), H, y, alpha, beta))]
+    return calls
+
+
+def stream_mix_opcheck(dtype, device):
+    calls = []
+    for static, layout in ((False, "contiguous"), (True, "folded"), (False, "stream_stride")):
+        H = make_streams((2, 3), 3, 20, dtype=dtype, device=device, layout=layout)
+        w = hc_coeffs((2, 3), 3, dtype, device, static)[1]
+        calls += [(stream_mix_op, (H, w)),
+                  (stream_mix_bwd_op, (rand(2, 3, 20, dtype=dtype, device=device), H, w))]
+    return calls
+
+
+def hc_post_launcher_errors(kernels, device):
+    H = torch.randn(3, 4, 8, device=device)
+    y = torch.randn(3, 8, device=device)
+    alpha, beta = hc_coeffs((3,), 4, torch.float32, device, False)
+    return [
+        (lambda: kernels.hc_post_fwd(H, y[:, :5], alpha, beta), r"y must have shape"),
+        (lambda: kernels.hc_post_fwd(H, y.double(), alpha, beta), r"y must have H's dtype"),
+        (lambda: kernels.hc_post_fwd(H, y, alpha[..., :3], beta), r"alpha must have shape"),
+        (lambda: kernels.hc_post_bwd(H[:, :3], H, y, alpha, beta), r"dH_new must have shape"),
+    ]
+
+
+def stream_mix_launcher_errors(kernels, device):
+    H = torch.randn(3, 4, 8, device=device)
+    w = torch.randn(3, 4, device=device)
+    return [
+        (lambda: kernels.stream_mix_fwd(H, w[:, :3]), r"w must have shape"),
+        (lambda: kernels.stream_mix_bwd(torch.randn(3, 8, device=device).double(), H, w),
+         r"dx must have H's dtype"),
+    ]
+
+
+# ------------------------------------------------------------------------- mhc_coeffs
+
+
+def mhc_params(n, d, dtype, device):
+    """phi ~ N(0, 1/(n·d)), a_* in [0.5, 1.5], b ~ N(0, 1): O(1), far-from-converged
+    Sinkhorn logits, so every iterate matters in the backward."""
+    cd, m = acc(dtype), n * n + 2 * n
+    phi = torch.randn(n * d, m, device=device, dtype=cd) / math.sqrt(n * d)
+    a = [torch.rand((), device=device, dtype=cd) + 0.5 for _ in range(3)]
+    return [phi, *a, torch.randn(m, device=device, dtype=cd)]
+
+
+def mhc_coeffs_sample(case, dtype, device):
+    lead, n, d = case["lead"], case["n"], case["d"]
+    H = make_streams(lead, n, d, dtype=dtype, device=device, layout=case.get("layout", "contiguous"))
+    iters = case.get("iters", 20)
+    return Sample([H, *mhc_params(n, d, dtype, device)], lambda m, *t: m.mhc_coeffs(*t, iters=iters))
+
+
+MHC_FLOATS = (EPS, EPS, 2.0, 5, EPS)  # eps, pre_eps, post_mult, iters, sinkhorn_eps
+
+
+def mhc_coeffs_opcheck(dtype, device):
+    n, d = 3, 20
+    calls = []
+    for layout in ("contiguous", "folded", "stream_stride"):
+        H = make_streams((2, 3), n, d, dtype=dtype, device=device, layout=layout)
+        params = mhc_params(n, d, dtype, device)
+        alpha, beta, u, r = mhc_coeffs_op(H, *params, *MHC_FLOATS)
+        calls += [(mhc_coeffs_op, (H, *params, *MHC_FLOATS)),
+                  (mhc_coeffs_bwd_op, (torch.randn_like(alpha), torch.randn_like(beta), H, *params, u, r,
+                                       *MHC_FLOATS)),
+                  (mhc_coeffs_bwd_op, (None, torch.randn_like(beta), H, *params, u, r, *MHC_FLOATS))]
+    return calls
+
+
+def mhc_coeffs_launcher_errors(kernels, device):
+    H = torch.randn(3, 4, 8, device=device)
+    phi, a_pre, a_post, a_res, b = mhc_params(4, 8, torch.float32, device)
+    alpha, beta, u, r = kernels.mhc_coeffs_fwd(H, phi, a_pre, a_post, a_res, b, *MHC_FLOATS)
+    return [
+        (lambda: kernels.mhc_coeffs_fwd(H, phi[:, :5], a_pre, a_post, a_res, b, *MHC_FLOATS), r"phi must have shape"),
+        (lambda: kernels.mhc_coeffs_fwd(H, phi, a_pre.reshape(1), a_post, a_res, b, *MHC_FLOATS),
+         r"a_pre must be a 0-dim tensor"),
+        (lambda: kernels.mhc_coeffs_bwd(alpha[..., :3], beta, H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
+         r"dalpha must have shape"),
+    ]
+
+
+# -------------------------------------------------------------------- depth_aggregate
+
+
+def depth_slots(l, tok, d, dtype, device, layout):
+    """S (l, *tok, d): contiguous, every other slot of a bigger stack (stride2), token
+    dims transposed, or misaligned (base 2 elements past 16 bytes, odd row stride)."""
+    if layout == "contiguous":
+        return rand(l, *tok, d, dtype=dtype, device=device)
+    if layout == "stride2":
+        return rand(2 * l + 1, *tok, d, dtype=dtype, device=device)[1::2]
+    if layout == "tokens_transposed":
+        return rand(l, tok[1], tok[0], d, dtype=dtype, device=device).transpose(1, 2)
+    if layout == "misaligned":
+        return rand(l, *tok, d + 3, dtype=dtype, device=device)[..., 2:2 + d]
+    raise ValueError(layout)
+
+
+def depth_aggregate_sample(case, dtype, device):
+    l, tok, d, C = case["l"], case["tok"], case["d"], case["C"]
+    S = depth_slots(l, tok, d, dtype, device, case.get("layout", "contiguous"))
+    A = torch.randn((C, l) if case.get("static", False) else (*tok, C, l), device=device, dtype=acc(dtype))
+    return Sample([S, A], lambda m, *t: m.depth_aggregate(*t))
+
+
+def depth_aggregate_opcheck(dtype, device):
+    S = rand(4, 9, 20, dtype=dtype, device=device)
+    calls = []
+    for A in (torch.randn(9, 3, 4, device=device), torch.randn(3, 4, device=device)):
+        dS = rand(4, 9, 20, dtype=dtype, device=device)
+        calls += [(depth_aggregate_op, (S, A)),
+                  (depth_aggregate_bwd_op, (rand(3, 9, 20, dtype=dtype, device=device), S, A, dS, True)),
+                  (depth_aggregate_bwd_op, (rand(3, 9, 20, dtype=dtype, device=device), S, A, dS, False))]
+    return calls
+
+
+def depth_aggregate_launcher_errors(kernels, device):
+    S = torch.randn(4, 9, 20, device=device)
+    A = torch.randn(9, 3, 4, device=device)
+    dY = torch.randn(3, 9, 20, device=device)
+    return [
+        (lambda: kernels.depth_aggregate_fwd(S, A[..., :3]), r"A must have shape"),
+        (lambda: kernels.depth_aggregate_bwd(dY[:2], S, A, torch.empty_like(S), False), r"dY must have shape"),
+        (lambda: kernels.depth_aggregate_bwd(dY, S, A, torch.empty_like(S).double(), False), r"dS must have"),
+    ]
+
+
+def qkv_norm_sample(case, dtype, device):
+    l, tok, d = case["l"], case["tok"], case["d"]
+    S = depth_slots(l, tok, d, dtype, device, case.get("layout", "contiguous"))
+    cd = acc(dtype)
+    A = torch.randn((4, l) if case.get("static", False) else (*tok, 4, l), device=device, dtype=cd)
+    g = 1 + 0.5 * torch.randn(3, d, device=device, dtype=cd)
+    return Sample([S, A, g], lambda m, *t: m.depth_aggregate_qkv_norm(*t, EPS))
+
+
+def qkv_norm_opcheck(dtype, device):
+    S = rand(4, 9, 20, dtype=dtype, device=device)
+    A, g = torch.randn(9, 4, 4, device=device), torch.ones(3, 20, device=device)
+    out, rstd = depth_aggregate_qkv_norm_op(S, A, g, EPS)
+    dOut = rand(4, 9, 20, dtype=dtype, device=device)
+    return [(depth_aggregate_qkv_norm_op, (S, A, g, EPS)),
+            (depth_aggregate_qkv_norm_bwd_op, (dOut, S, A, g, rstd, rand(4, 9, 20, dtype=dtype, device=device),
+                                               False, EPS)),
+            (depth_aggregate_qkv_norm_bwd_op, (dOut, S, A, g, rstd, rand(4, 9, 20, dtype=dtype, device=device),
+                                               True, EPS))]
+
+
+def qkv_norm_launcher_errors(kernels, device):
+    S = torch.randn(4, 9, 20, device=device)
+    A, g = torch.randn(9, 4, 4, device=device), torch.ones(3, 20, device=device)
+    out, rstd = kernels.depth_aggregate_qkv_norm_fwd(S, A, g, EPS)
+    return [
+        (lambda: kernels.depth_aggregate_qkv_norm_fwd(S, A[:, :3], g, EPS), r"A must have"),
+        (lambda: kernels.depth_aggregate_qkv_norm_fwd(S, A, g[:, :7], EPS), r"norm_weights must have shape"),
+        (lambda: kernels.depth_aggregate_qkv_norm_bwd(out[:3], S, A, g, rstd, torch.empty_like(S), False),
+         r"dOut must have shape"),
+    ]
+
+
+# ----------------------------------------------------------------------- mudd_weights
+
+
+def mudd_params(d, K, C, l, dtype, device, bias_2d=False):
+    """W1 ~ N(0, 1/d), W2 ~ N(0, 1/K), bias ~ N(0, 1) (far from the W2 = 0 init)."""
+    cd = acc(dtype)
+    W1 = torch.randn(d, K, device=device, dtype=cd) / math.sqrt(d)
+    W2 = torch.randn(K, C * l, device=device, dtype=cd) / math.sqrt(K)
+    bias = torch.randn(*((C, l) if bias_2d else (C * l,)), device=device, dtype=cd)
+    return [W1, W2, bias]
+
+
+def mudd_weights_sample(case, dtype, device):
+    tok, d, K, C, l = case["tok"], case["d"], case["K"], case["C"], case["l"]
+    if case.get("strided", False):
+        x = rand(*tok, d + 3, dtype=dtype, device=device)[..., :d]
+    else:
+        x = rand(*tok, d, dtype=dtype, device=device)
+    approximate = case.get("approximate", "none")
+    params = mudd_params(d, K, C, l, dtype, device, case.get("bias_2d", False))
+    return Sample([x, *params], lambda m, *t: m.mudd_weights(*t, C, EPS, approximate=approximate))
+
+
+def mudd_weights_opcheck(dtype, device):
+    calls = []
+    x = rand(7, 40, dtype=dtype, device=device)
+    for approximate in ("none", "tanh"):
+        W1, W2, bias = mudd_params(40, 16, 4, 2, dtype, device)
+        A, u, r = mudd_weights_op(x, W1, W2, bias, 4, EPS, approximate)
+        calls += [(mudd_weights_op, (x, W1, W2, bias, 4, EPS, approximate)),
+                  (mudd_weights_bwd_op, (torch.randn_like(A), x, W1, W2, bias, u, r, 4, EPS, approximate))]
+    return calls
+
+
+def mudd_weights_launcher_errors(kernels, device):
+    x = torch.randn(7, 40, device=device)
+    W1, W2, bias = mudd_params(40, 16, 4, 2, torch.float32, device)
+    A, u, r = kernels.mudd_weights_fwd(x, W1, W2, bias, 4, EPS, "none")
+    return [
+        (lambda: kernels.mudd_weights_fwd(x, W1[:5], W2, bias, 4, EPS, "none"), r"W1 must have shape"),
+        (lambda: kernels.mudd_weights_fwd(x, W1, W2, bias, 4, EPS, "sigmoid"), r"approximate"),
+        (lambda: kernels.mudd_weights_bwd(A[..., :1], x, W1, W2, bias, u, r, 4, EPS, "none"), r"dA must have shape"),
+    ]
+
+
+# ---------------------------------------------------------------------------- registry
+
+
+def _cases(*entries) -> Tuple[Case, ...]:
+    return tuple(Case(id_, p) for id_, p in entries)
+
+
+SPECS: Tuple[OpSpec, ...] = (
+    OpSpec("hc_pre", hc_pre_sample,
+           cases=_cases(("N5x7-n4-d129", dict(lead=(5, 7), n=4, d=129)),
+                        ("N11-n3-d7-misaligned", dict(lead=(11,), n=3, d=7, layout="misaligned")),
+                        ("N2x5-n4-d40-folded-shc", dict(lead=(2, 5), n=4, d=40, layout="folded", static=True))),
+           exhaustive_cases=_cases(*[(f"N{N}-n{n}-d{d}-{lay}", dict(lead=(N,), n=n, d=d, layout=lay))
+                                     for N, n, d, lay in [(1, 1, 1, "contiguous"), (33, 2, 515, "padded"),
+                                                          (9, 8, 64, "stream_stride"), (17, 16, 33, "contiguous"),
+                                                          (70, 5, 2200, "misaligned")]]
+                                   + [("N3x6-n4-d96-tokens_transposed",
+                                       dict(lead=(3, 6), n=4, d=96, layout="tokens_transposed"))]),
+           opcheck_calls=hc_pre_opcheck, launcher_errors=hc_pre_launcher_errors,
+           big=Case("N4099-n4-d2048", dict(lead=(4099,), n=4, d=2048))),
+    OpSpec("hc_post", hc_post_sample,
+           cases=_cases(("N5x7-n4-d129", dict(lead=(5, 7), n=4, d=129)),
+                        ("N11-n3-d7-misaligned-static", dict(lead=(11,), n=3, d=7, layout="misaligned", static=True)),
+                        ("N2x5-n4-d40-folded", dict(lead=(2, 5), n=4, d=40, layout="folded"))),
+           exhaustive_cases=_cases(*[(f"N{N}-n{n}-d{d}-{lay}-{'static' if st else 'token'}",
+                                      dict(lead=(N,), n=n, d=d, layout=lay, static=st))
+                                     for N, n, d, lay, st in [(1, 1, 1, "contiguous", False),
+                                                              (33, 2, 515, "padded", True),
+                                                              (9, 8, 64, "stream_stride", False),
+                                                              (17, 16, 33, "contiguous", True),
+                                                              (300, 4, 2048, "contiguous", False)]]),
+           opcheck_calls=hc_post_opcheck, launcher_errors=hc_post_launcher_errors,
+           big=Case("N4099-n4-d2048", dict(lead=(4099,), n=4, d=2048))),
+    OpSpec("stream_mix", stream_mix_sample,
+           cases=_cases(("N5x7-n4-d129", dict(lead=(5, 7), n=4, d=129)),
+                        ("N11-n3-d7-misaligned-static", dict(lead=(11,), n=3, d=7, layout="misaligned", static=True))),
+           exhaustive_cases=_cases(*[(f"N{N}-n{n}-d{d}-{lay}", dict(lead=(N,), n=n, d=d, layout=lay))
+                                     for N, n, d, lay in [(1, 1, 1, "contiguous"), (33, 16, 515, "padded"),
+                                                          (9, 8, 64, "stream_stride")]]),
+           opcheck_calls=stream_mix_opcheck, launcher_errors=stream_mix_launcher_errors,
+           big=Case("N4099-n4-d2048-static", dict(lead=(4099,), n=4, d=2048, static=True))),
+    OpSpec("mhc_coeffs", mhc_coeffs_sample,
+           cases=_cases(("N7-n4-d24", dict(lead=(7,), n=4, d=24)),
+                        ("N3x5-n3-d7-stream_stride", dict(lead=(3, 5), n=3, d=7, layout="stream_stride", iters=5))),
+           exhaustive_cases=_cases(*[(f"N{N}-n{n}-d{d}-{lay}", dict(lead=(N,), n=n, d=d, layout=lay))
+                                     for N, n, d, lay in [(1, 1, 1, "contiguous"), (19, 8, 129, "padded"),
+                                                          (21, 5, 515, "misaligned"), (70, 4, 2200, "contiguous")]]),
+           opcheck_calls=mhc_coeffs_opcheck, launcher_errors=mhc_coeffs_launcher_errors,
+           big=Case("N4099-n4-d2048", dict(lead=(4099,), n=4, d=2048))),
+    OpSpec("depth_aggregate", depth_aggregate_sample,
+           cases=_cases(("l5-N3x4-d37-C4", dict(l=5, tok=(3, 4), d=37, C=4)),
+                        ("l3-N9-d7-C1-static-stride2", dict(l=3, tok=(9,), d=7, C=1, static=True, layout="stride2")),
+                        ("l4-N2x3-d40-C4-misaligned", dict(l=4, tok=(2, 3), d=40, C=4, layout="misaligned"))),
+           exhaustive_cases=_cases(*[(f"l{l}-N{N}-d{d}-C{C}-{lay}", dict(l=l, tok=(N,), d=d, C=C, layout=lay))
+                                     for l, N, d, C, lay in [(1, 1, 1, 1, "contiguous"), (25, 4, 2048, 4, "contiguous"),
+                                                             (13, 33, 129, 6, "stride2"), (128, 3, 64, 4, "contiguous")]]),
+           opcheck_calls=depth_aggregate_opcheck, launcher_errors=depth_aggregate_launcher_errors,
+           big=Case("l25-N4099-d2048-C4-static", dict(l=25, tok=(4099,), d=2048, C=4, static=True))),
+    OpSpec("depth_aggregate_qkv_norm", qkv_norm_sample,
+           cases=_cases(("l3-N6-d70", dict(l=3, tok=(6,), d=70)),
+                        ("l5-N2x3-d7-static-stride2", dict(l=5, tok=(2, 3), d=7, static=True, layout="stride2"))),
+           exhaustive_cases=_cases(*[(f"l{l}-N{N}-d{d}-{lay}", dict(l=l, tok=(N,), d=d, layout=lay))
+                                     for l, N, d, lay in [(1, 1, 1, "contiguous"), (25, 4, 2048, "misaligned"),
+                                                          (128, 3, 129, "contiguous")]]),
+           opcheck_calls=qkv_norm_opcheck, launcher_errors=qkv_norm_launcher_errors,
+           big=Case("l25-N4099-d2048-static", dict(l=25, tok=(4099,), d=2048, static=True))),
+    OpSpec("mudd_weights", mudd_weights_sample,
+           cases=_cases(("N2x9-d40-K24-C4-l3", dict(tok=(2, 9), d=40, K=24, C=4, l=3)),
+                        ("N5-d7-K5-C1-l2-tanh-strided", dict(tok=(5,), d=7, K=5, C=1, l=2, approximate="tanh",
+                                                             strided=True, bias_2d=True))),
+           exhaustive_cases=_cases(*[(f"N{N}-d{d}-K{K}-C{C}-l{l}", dict(tok=(N,), d=d, K=K, C=C, l=l))
+                                     for N, d, K, C, l in [(1, 1, 1, 1, 1), (33, 129, 64, 4, 25),
+                                                           (17, 2048, 200, 4, 3), (9, 4099, 128, 1, 13)]]),
+           opcheck_calls=mudd_weights_opcheck, launcher_errors=mudd_weights_launcher_errors,
+           big=Case("N4099-d2048-K128-C4-l25", dict(tok=(4099,), d=2048, K=128, C=4, l=25))),
+)
+
+BY_NAME: Dict[str, OpSpec] = {s.name: s for s in SPECS}
+
+
+def case_params(specs: Sequence[OpSpec], exhaustive: bool = False):
+    """(spec, case) pairs with readable ids for pytest.mark.parametrize."""
+    import pytest
+
+    out = []
+    for s in specs:
+        for c in s.cases:
+            out.append(pytest.param(s, c, id=f"{s.name}-{c.id}"))
+        if exhaustive:
+            for c in s.exhaustive_cases:
+                out.append(pytest.param(s, c, id=f"{s.name}-{c.id}", marks=pytest.mark.exhaustive))
+    return out
