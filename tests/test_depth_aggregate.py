@@ -19,6 +19,7 @@ import torch
 
 from crosslayer import ops, ref
 from crosslayer.ops.depth_aggregate import depth_aggregate_bwd_op
+from op_specs import depth_slots
 from policy import assert_policy, poison_allocator
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -26,17 +27,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 def make_inputs(l, tok, d, C, *, dtype, device, static=False, layout="contiguous"):
     """S (l, *tok, d) in one of several layouts and A per token or static, random."""
-    if layout == "contiguous":
-        S = torch.randn(l, *tok, d, device=device).to(dtype)
-    elif layout == "stride2":  # every other slot of a bigger stack: slot stride 2·N·d
-        S = torch.randn(2 * l + 1, *tok, d, device=device).to(dtype)[1::2]
-    elif layout == "tokens_transposed":  # token dims swapped: token strides out of order
-        assert len(tok) == 2
-        S = torch.randn(l, tok[1], tok[0], d, device=device).to(dtype).transpose(1, 2)
-    elif layout == "misaligned":  # base 2 elements past a 16-byte boundary, odd row stride
-        S = torch.randn(l, *tok, d + 3, device=device).to(dtype)[..., 2 : 2 + d]
-    else:
-        raise ValueError(layout)
+    S = depth_slots(l, tok, d, dtype, device, layout)
     shape_A = (C, l) if static else (*tok, C, l)
     A = torch.randn(shape_A, device=device)
     return S, A

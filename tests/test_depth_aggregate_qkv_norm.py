@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from crosslayer import ops, ref
 from crosslayer.ref.mudd import mudd_init_weights
 from crosslayer.ops.depth_aggregate_qkv_norm import depth_aggregate_qkv_norm_bwd_op, depth_aggregate_qkv_norm_op
+from op_specs import depth_slots
 from policy import assert_policy, poison_allocator
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -33,17 +34,7 @@ EPS = 1e-6
 
 def make_inputs(l, tok, d, *, dtype, device, static=False, layout="contiguous"):
     """S (l, *tok, d) in one of several layouts, A (*tok, 4, l) or (4, l), g (3, d)."""
-    if layout == "contiguous":
-        S = torch.randn(l, *tok, d, device=device).to(dtype)
-    elif layout == "stride2":  # every other slot of a bigger stack: slot stride 2·N·d
-        S = torch.randn(2 * l + 1, *tok, d, device=device).to(dtype)[1::2]
-    elif layout == "tokens_transposed":  # token dims swapped: token strides out of order
-        assert len(tok) == 2
-        S = torch.randn(l, tok[1], tok[0], d, device=device).to(dtype).transpose(1, 2)
-    elif layout == "misaligned":  # base 2 elements past a 16-byte boundary, odd row stride
-        S = torch.randn(l, *tok, d + 3, device=device).to(dtype)[..., 2 : 2 + d]
-    else:
-        raise ValueError(layout)
+    S = depth_slots(l, tok, d, dtype, device, layout)
     wdt = F64 if dtype == F64 else torch.float32  # weights: float32, float64 with float64 S
     A = torch.randn((4, l) if static else (*tok, 4, l), device=device, dtype=wdt)
     g = 1 + 0.5 * torch.randn(3, d, device=device, dtype=wdt)

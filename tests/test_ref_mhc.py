@@ -15,13 +15,7 @@ import torch
 import crosslayer.ref.hc as hc
 import crosslayer.ref.mhc as mhc
 
-F64 = torch.float64
-TOL = dict(rtol=1e-9, atol=1e-11)
-
-
-def rand(*shape, scale=1.0, grad=False):
-    t = torch.randn(*shape, dtype=F64) * scale
-    return t.requires_grad_(grad)
+from test_ref_hc import F64, TOL, rand
 
 
 def mhc_params(n, d, grad=False):
