@@ -1,4 +1,5 @@
-"""The bench/ scripts as the tests load and run them (they are scripts, not a package)."""
+"""The bench/ scripts as the tests load and run them (they are scripts, not a package),
+and a CPU stand-in for their timer."""
 
 import importlib
 import os
@@ -27,3 +28,25 @@ def run_bench(name: str, *args: str, hide_gpu: bool = False) -> subprocess.Compl
         env["CUDA_VISIBLE_DEVICES"] = ""
     return subprocess.run([sys.executable, str(BENCH / f"{name}.py"), *args], env=env,
                           capture_output=True, text=True, timeout=300)
+
+
+FAKE_MS = 2.0
+
+
+def run_on_cpu_with_fake_timer(bench, harness, monkeypatch):
+    """`bench` (an imported bench script) allocates on the CPU, harness.bench runs the
+    timed function once and reports FAKE_MS, torch.compile is the identity: the row
+    building, checking and reporting run without a GPU or a compiler."""
+    import torch
+
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+
+    def fake_bench(fn, *, setup=None, **kw):
+        if setup is not None:
+            setup()
+        fn()
+        return harness.Timing(median_ms=FAKE_MS, p20_ms=FAKE_MS, p80_ms=FAKE_MS, n_reps=1)
+
+    monkeypatch.setattr(harness, "bench", fake_bench)
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: f)
+    return bench

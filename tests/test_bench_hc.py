@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from bench_scripts import import_bench, run_bench
+from bench_scripts import FAKE_MS, import_bench, run_bench, run_on_cpu_with_fake_timer
 
 
 @pytest.fixture(scope="module")
@@ -132,24 +132,9 @@ def test_help_parses():
 
 # ------------------------------------------------------------------- rows on CPU
 
-FAKE_MS = 2.0
-
-
 @pytest.fixture
 def cpu_bench(bh, harness, monkeypatch):
-    """bench_hc on CPU: tensors on the CPU, bench() runs fn once and reports FAKE_MS,
-    torch.compile is the identity (the compile row's plumbing without a compiler)."""
-    monkeypatch.setattr(bh, "DEVICE", "cpu")
-
-    def fake_bench(fn, *, setup=None, **kw):
-        if setup is not None:
-            setup()
-        fn()
-        return harness.Timing(median_ms=FAKE_MS, p20_ms=FAKE_MS, p80_ms=FAKE_MS, n_reps=1)
-
-    monkeypatch.setattr(harness, "bench", fake_bench)
-    monkeypatch.setattr(torch, "compile", lambda f, **kw: f)
-    return bh
+    return run_on_cpu_with_fake_timer(bh, harness, monkeypatch)
 
 
 def _ops_module(hc_pre=None, hc_post=None, fused=True):

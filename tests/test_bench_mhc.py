@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from bench_scripts import import_bench, run_bench
+from bench_scripts import import_bench, run_bench, run_on_cpu_with_fake_timer
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +72,6 @@ def test_main_without_gpu_exits_2():
     assert "no CUDA device" in p.stderr
 
 
-FAKE_MS = 2.0
-
-
 def test_rows_on_cpu_with_stubbed_timer(bm, monkeypatch):
     """bench_group on tiny CPU tensors: the timer reports FAKE_MS, torch.compile is the
     identity; the fused rows (the oracle fallback on CPU, so fused_ops() is stubbed
@@ -85,17 +82,7 @@ def test_rows_on_cpu_with_stubbed_timer(bm, monkeypatch):
 
     from crosslayer import ops, ref
 
-    harness = bm.harness
-    monkeypatch.setattr(bm, "DEVICE", "cpu")
-
-    def fake_bench(fn, *, setup=None, **kw):
-        if setup is not None:
-            setup()
-        fn()
-        return harness.Timing(median_ms=FAKE_MS, p20_ms=FAKE_MS, p80_ms=FAKE_MS, n_reps=1)
-
-    monkeypatch.setattr(harness, "bench", fake_bench)
-    monkeypatch.setattr(torch, "compile", lambda f, **kw: f)
+    run_on_cpu_with_fake_timer(bm, bm.harness, monkeypatch)
     fused = lambda: dict.fromkeys(("mhc_coeffs", "stream_mix", "hc_post"), True)  # noqa: E731
     good = types.SimpleNamespace(mhc_coeffs=ops.mhc_coeffs, stream_mix=ops.stream_mix,
                                  hc_post=ops.hc_post, fused_ops=fused)

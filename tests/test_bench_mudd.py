@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from bench_scripts import import_bench, run_bench
+from bench_scripts import import_bench, run_bench, run_on_cpu_with_fake_timer
 
 
 @pytest.fixture(scope="module")
@@ -77,23 +77,9 @@ def test_main_without_gpu_exits_2():
     assert "no CUDA device" in p.stderr
 
 
-FAKE_MS = 2.0
-
-
 @pytest.fixture
 def cpu_bench(bm, monkeypatch):
-    monkeypatch.setattr(bm, "DEVICE", "cpu")
-    h = bm.harness
-
-    def fake_bench(fn, *, setup=None, **kw):
-        if setup is not None:
-            setup()
-        fn()
-        return h.Timing(median_ms=FAKE_MS, p20_ms=FAKE_MS, p80_ms=FAKE_MS, n_reps=1)
-
-    monkeypatch.setattr(h, "bench", fake_bench)
-    monkeypatch.setattr(torch, "compile", lambda f, **kw: f)
-    return bm
+    return run_on_cpu_with_fake_timer(bm, bm.harness, monkeypatch)
 
 
 def test_rows_on_cpu(cpu_bench):
