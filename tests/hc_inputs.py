@@ -3,6 +3,9 @@ must handle, and per-token vectors (y, dx)."""
 
 import torch
 
+# The non-contiguous layouts of make_streams (every kernel must handle each).
+STREAM_LAYOUTS = ("padded", "stream_stride", "folded", "tokens_transposed", "misaligned")
+
 
 def make_streams(lead, n, d, *, dtype, device, layout="contiguous"):
     """H (*lead, n, d), random, in one of several memory layouts.

@@ -33,9 +33,10 @@ from crosslayer.ops.hc_pre import hc_pre_bwd_op, hc_pre_op
 from crosslayer.ops.mhc_coeffs import mhc_coeffs_bwd_op, mhc_coeffs_op
 from crosslayer.ops.mudd_weights import mudd_weights_bwd_op, mudd_weights_op
 from crosslayer.ops.stream_mix import stream_mix_bwd_op, stream_mix_op
-from hc_inputs import make_streams, make_vec
+from hc_inputs import STREAM_LAYOUTS, make_streams, make_vec
 
 EPS = 1e-6
+SLOT_LAYOUTS = ("stride2", "tokens_transposed", "misaligned")
 
 
 @dataclass(frozen=True)
@@ -398,8 +399,8 @@ SPECS: Tuple[OpSpec, ...] = (
                                      for N, n, d, lay in [(1, 1, 1, "contiguous"), (33, 2, 515, "padded"),
                                                           (9, 8, 64, "stream_stride"), (17, 16, 33, "contiguous"),
                                                           (70, 5, 2200, "misaligned")]]
-                                   + [("N3x6-n4-d96-tokens_transposed",
-                                       dict(lead=(3, 6), n=4, d=96, layout="tokens_transposed"))]),
+                                   + [(f"N5x7-n{n}-d131-{lay}", dict(lead=(5, 7), n=n, d=131, layout=lay))
+                                      for lay in STREAM_LAYOUTS for n in (4, 3)]),
            opcheck_calls=hc_pre_opcheck, launcher_errors=hc_pre_launcher_errors,
            big=Case("N4099-n4-d2048", dict(lead=(4099,), n=4, d=2048))),
     OpSpec("hc_post", hc_post_sample,
@@ -412,7 +413,9 @@ SPECS: Tuple[OpSpec, ...] = (
                                                               (33, 2, 515, "padded", True),
                                                               (9, 8, 64, "stream_stride", False),
                                                               (17, 16, 33, "contiguous", True),
-                                                              (300, 4, 2048, "contiguous", False)]]),
+                                                              (300, 4, 2048, "contiguous", False)]]
+                                   + [(f"N3x7-n{n}-d{d}-{lay}", dict(lead=(3, 7), n=n, d=d, layout=lay))
+                                      for lay in STREAM_LAYOUTS for n in (1, 4, 16) for d in (129, 2048)]),
            opcheck_calls=hc_post_opcheck, launcher_errors=hc_post_launcher_errors,
            big=Case("N4099-n4-d2048", dict(lead=(4099,), n=4, d=2048))),
     OpSpec("stream_mix", stream_mix_sample,
@@ -420,7 +423,9 @@ SPECS: Tuple[OpSpec, ...] = (
                         ("N11-n3-d7-misaligned-static", dict(lead=(11,), n=3, d=7, layout="misaligned", static=True))),
            exhaustive_cases=_cases(*[(f"N{N}-n{n}-d{d}-{lay}", dict(lead=(N,), n=n, d=d, layout=lay))
                                      for N, n, d, lay in [(1, 1, 1, "contiguous"), (33, 16, 515, "padded"),
-                                                          (9, 8, 64, "stream_stride")]]),
+                                                          (9, 8, 64, "stream_stride")]]
+                                   + [(f"N3x7-n{n}-d{d}-{lay}", dict(lead=(3, 7), n=n, d=d, layout=lay))
+                                      for lay in STREAM_LAYOUTS for n in (1, 4, 16) for d in (129, 2048)]),
            opcheck_calls=stream_mix_opcheck, launcher_errors=stream_mix_launcher_errors,
            big=Case("N4099-n4-d2048-static", dict(lead=(4099,), n=4, d=2048, static=True))),
     OpSpec("mhc_coeffs", mhc_coeffs_sample,
@@ -428,7 +433,9 @@ SPECS: Tuple[OpSpec, ...] = (
                         ("N3x5-n3-d7-stream_stride", dict(lead=(3, 5), n=3, d=7, layout="stream_stride", iters=5))),
            exhaustive_cases=_cases(*[(f"N{N}-n{n}-d{d}-{lay}", dict(lead=(N,), n=n, d=d, layout=lay))
                                      for N, n, d, lay in [(1, 1, 1, "contiguous"), (19, 8, 129, "padded"),
-                                                          (21, 5, 515, "misaligned"), (70, 4, 2200, "contiguous")]]),
+                                                          (21, 5, 515, "misaligned"), (70, 4, 2200, "contiguous")]]
+                                   + [(f"N5x7-n{n}-d131-{lay}", dict(lead=(5, 7), n=n, d=131, layout=lay))
+                                      for lay in STREAM_LAYOUTS for n in (4, 3)]),
            opcheck_calls=mhc_coeffs_opcheck, launcher_errors=mhc_coeffs_launcher_errors,
            big=Case("N4099-n4-d2048", dict(lead=(4099,), n=4, d=2048))),
     OpSpec("depth_aggregate", depth_aggregate_sample,
@@ -437,7 +444,9 @@ SPECS: Tuple[OpSpec, ...] = (
                         ("l4-N2x3-d40-C4-misaligned", dict(l=4, tok=(2, 3), d=40, C=4, layout="misaligned"))),
            exhaustive_cases=_cases(*[(f"l{l}-N{N}-d{d}-C{C}-{lay}", dict(l=l, tok=(N,), d=d, C=C, layout=lay))
                                      for l, N, d, C, lay in [(1, 1, 1, 1, "contiguous"), (25, 4, 2048, 4, "contiguous"),
-                                                             (13, 33, 129, 6, "stride2"), (128, 3, 64, 4, "contiguous")]]),
+                                                             (13, 33, 129, 6, "stride2"), (128, 3, 64, 4, "contiguous")]]
+                                   + [(f"l6-N7x5-d131-C4-{lay}", dict(l=6, tok=(7, 5), d=131, C=4, layout=lay))
+                                      for lay in SLOT_LAYOUTS]),
            opcheck_calls=depth_aggregate_opcheck, launcher_errors=depth_aggregate_launcher_errors,
            big=Case("l25-N4099-d2048-C4-static", dict(l=25, tok=(4099,), d=2048, C=4, static=True))),
     OpSpec("depth_aggregate_qkv_norm", qkv_norm_sample,
@@ -445,7 +454,9 @@ SPECS: Tuple[OpSpec, ...] = (
                         ("l5-N2x3-d7-static-stride2", dict(l=5, tok=(2, 3), d=7, static=True, layout="stride2"))),
            exhaustive_cases=_cases(*[(f"l{l}-N{N}-d{d}-{lay}", dict(l=l, tok=(N,), d=d, layout=lay))
                                      for l, N, d, lay in [(1, 1, 1, "contiguous"), (25, 4, 2048, "misaligned"),
-                                                          (128, 3, 129, "contiguous")]]),
+                                                          (128, 3, 129, "contiguous")]]
+                                   + [(f"l6-N7x5-d131-{lay}", dict(l=6, tok=(7, 5), d=131, layout=lay))
+                                      for lay in SLOT_LAYOUTS]),
            opcheck_calls=qkv_norm_opcheck, launcher_errors=qkv_norm_launcher_errors,
            big=Case("l25-N4099-d2048-static", dict(l=25, tok=(4099,), d=2048, static=True))),
     OpSpec("mudd_weights", mudd_weights_sample,
@@ -454,7 +465,9 @@ SPECS: Tuple[OpSpec, ...] = (
                                                              strided=True, bias_2d=True))),
            exhaustive_cases=_cases(*[(f"N{N}-d{d}-K{K}-C{C}-l{l}", dict(tok=(N,), d=d, K=K, C=C, l=l))
                                      for N, d, K, C, l in [(1, 1, 1, 1, 1), (33, 129, 64, 4, 25),
-                                                           (17, 2048, 200, 4, 3), (9, 4099, 128, 1, 13)]]),
+                                                           (17, 2048, 200, 4, 3), (9, 4099, 128, 1, 13)]]
+                                   + [(f"N5x7-d{d}-K128-C4-l25-strided", dict(tok=(5, 7), d=d, K=128, C=4, l=25,
+                                                                             strided=True)) for d in (129, 2048)]),
            opcheck_calls=mudd_weights_opcheck, launcher_errors=mudd_weights_launcher_errors,
            big=Case("N4099-d2048-K128-C4-l25", dict(tok=(4099,), d=2048, K=128, C=4, l=25))),
 )

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from crosslayer import ref
-from hc_inputs import is_dense, make_streams, make_vec
+from hc_inputs import STREAM_LAYOUTS, is_dense, make_streams, make_vec
 from policy import assert_policy
 from test_hc_post import (DTYPES, check_hc_post_bwd, check_stream_mix_bwd, make_coeffs, make_hc_post,
                          make_stream_mix, oracle_pair)
@@ -30,7 +30,6 @@ from test_hc_pre import EPS, double, fwd_oracle, make_grads, make_params
 pytestmark = pytest.mark.cuemu
 
 STREAMS = [1, 2, 3, 4, 8, 16]
-LAYOUTS = ["padded", "stream_stride", "folded", "tokens_transposed", "misaligned"]
 
 # (lead, d). d = 1, 7, 129, 4099 take the scalar path (a stride is not a multiple of the
 # vector width); 136 and 2056 the 16-byte path, 136 with a row of threads only partly
@@ -92,7 +91,7 @@ def test_stream_mix(cuemu, poisoned, dtype, shape, n, static):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", STREAM_LAYOUTS)
 @pytest.mark.parametrize("n", [1, 3, 4])
 @pytest.mark.parametrize("d", [9, 136])
 def test_hc_mix_layouts(cuemu, poisoned, dtype, layout, n, d):
@@ -285,7 +284,7 @@ def test_hc_pre_backward(cuemu, poisoned, dtype, shape, n, coeff_grads):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", STREAM_LAYOUTS)
 @pytest.mark.parametrize("n", [4, 3])
 def test_hc_pre_layouts(cuemu, poisoned, dtype, layout, n):
     lead, d = (2, 3), 131 if layout == "misaligned" else 136

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from crosslayer import ref
-from hc_inputs import make_streams
+from hc_inputs import STREAM_LAYOUTS, make_streams
 from policy import assert_policy
 from test_mhc_coeffs import (
     DTYPES,
@@ -192,11 +192,10 @@ def test_scale_buffer_in_global_memory(cuemu, poisoned, dtype):
     check_backward(cuemu, H, params, dalpha, dbeta, u, r, 60)
 
 
-LAYOUTS = ["padded", "stream_stride", "folded", "tokens_transposed", "misaligned"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", STREAM_LAYOUTS)
 @pytest.mark.parametrize("n", [4, 3])
 def test_strided_layouts(cuemu, poisoned, dtype, layout, n):
     lead, d = (3, 5), 131

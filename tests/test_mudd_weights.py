@@ -192,24 +192,6 @@ def test_backward_op_matches_oracle(cuda, dtype, approximate, shape):
 
 
 @gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("d", [129, 2048])
-def test_autograd_token_strided(cuda, dtype, d):
-    lead, K, C, l = (5, 7), 128, 4, 25
-    x = make_x(lead, d, dtype=dtype, device=cuda, strided=True)
-    params = make_params(d, K, C, l, dtype=dtype, device=cuda)
-    leaves = [t.detach().requires_grad_(True) for t in (x, *params)]
-    A = ops.mudd_weights(*leaves, C)
-    low, high = fwd_pair(x, *params, C, "none")
-    assert_policy("A", A, low, high)
-    dA = make_dA(lead, C, l, dtype=dtype, device=cuda)
-    (A * dA).sum().backward()
-    low, high = bwd_pair(dA, x, *params, C, "none")
-    for name, leaf, lo, hi in zip(("dx", "dW1", "dW2", "dbias"), leaves, low, high):
-        assert_policy(name, leaf.grad, lo, hi)
-
-
-@gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_empty_tokens(cuda, dtype):
     x = torch.randn(0, 64, device=cuda).to(dtype).requires_grad_(True)
