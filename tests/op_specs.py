@@ -20,6 +20,7 @@ op-specific tests (paths only that op has) go in tests/test_<op>.py.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -130,14 +131,20 @@ def hc_pre_launcher_errors(kernels, device):
     A, B, W, s_a, s_b = hc_pre_params(4, 8, torch.float32, device)
     x, alpha, beta, q, r = kernels.hc_pre_fwd(H, A, B, W, s_a, s_b, EPS)
     dx = torch.randn(3, 8, device=device)
+    H17 = torch.randn(3, 17, 8, device=device)
+    fwd, bwd = kernels.hc_pre_fwd, kernels.hc_pre_bwd
     return [
-        (lambda: kernels.hc_pre_fwd(H, A, B, W[:, :5], s_a, s_b, EPS), r"W must have shape \(d, n\+2\)"),
-        (lambda: kernels.hc_pre_fwd(H, A, B, W, s_a.reshape(1), s_b, EPS), r"s_a must be a 0-dim tensor"),
-        (lambda: kernels.hc_pre_fwd(H[..., :0], A, B, W[:0], s_a, s_b, EPS), "d >= 1"),
-        (lambda: kernels.hc_pre_bwd(dx, alpha[:, :, :4], None, H, A, B, W, s_a, s_b, q, r),
-         r"dalpha must have shape \(\.\.\., n, n\+1\)"),
-        (lambda: kernels.hc_pre_bwd(dx.double(), None, None, H, A, B, W, s_a, s_b, q, r),
-         "dx must have H's dtype"),
+        (lambda: fwd(H, A, B, W[:, :5], s_a, s_b, EPS), re.escape("W must have shape (d, n+2) = [8, 6], got [8, 5]")),
+        (lambda: fwd(H, A[:, :4], B, W, s_a, s_b, EPS), re.escape("A must have shape (n, n+1) = [4, 5]")),
+        (lambda: fwd(H, A, B, W, s_a.reshape(1), s_b, EPS), r"s_a must be a 0-dim tensor"),
+        (lambda: fwd(H[..., :0], A, B, W[:0], s_a, s_b, EPS), "d >= 1"),
+        (lambda: fwd(H17, H17.new_zeros(17, 18), H17.new_zeros(17), H17.new_zeros(8, 19), s_a, s_b, EPS),
+         "H must have 1 to 16 streams"),
+        (lambda: fwd(H, A, B, W.to("meta"), s_a, s_b, EPS), "W is on meta but H is on"),
+        (lambda: bwd(dx, alpha[:, :, :4], None, H, A, B, W, s_a, s_b, q, r), r"dalpha must have shape \(\.\.\., n, n\+1\)"),
+        (lambda: bwd(dx, None, beta[:2], H, A, B, W, s_a, s_b, q, r), r"dbeta must have shape \(\.\.\., n\)"),
+        (lambda: bwd(dx, None, None, H, A, B, W, s_a, s_b, q[..., :5], r), r"q must have shape \(\.\.\., n, n\+2\)"),
+        (lambda: bwd(dx.double(), None, None, H, A, B, W, s_a, s_b, q, r), "dx must have H's dtype"),
     ]
 
 
@@ -191,22 +198,31 @@ def stream_mix_opcheck(dtype, device):
 def hc_post_launcher_errors(kernels, device):
     H = torch.randn(3, 4, 8, device=device)
     y = torch.randn(3, 8, device=device)
-    alpha, beta = hc_coeffs((3,), 4, torch.float32, device, False)
+    alpha, beta = torch.randn(4, 5, device=device), torch.randn(4, device=device)
+    fwd = kernels.hc_post_fwd
     return [
-        (lambda: kernels.hc_post_fwd(H, y[:, :5], alpha, beta), r"y must have shape"),
-        (lambda: kernels.hc_post_fwd(H, y.double(), alpha, beta), r"y must have H's dtype"),
-        (lambda: kernels.hc_post_fwd(H, y, alpha[..., :3], beta), r"alpha must have shape"),
-        (lambda: kernels.hc_post_bwd(H[:, :3], H, y, alpha, beta), r"dH_new must have shape"),
+        (lambda: fwd(H, y[:, :7], alpha, beta), re.escape("y must have shape (*lead, d) = [3, 8], got [3, 7]")),
+        (lambda: fwd(H, y, torch.randn_like(H[..., :4]), beta), re.escape("alpha must have shape (*lead, n, n+1) = [3, 4, 5]")),
+        (lambda: fwd(H, y, alpha, beta.new_zeros(3, 5)), re.escape("beta must have shape (*lead, n) = [3, 4]")),
+        (lambda: fwd(H, y.double(), alpha, beta), "y must have H's dtype"),
+        (lambda: fwd(H, y, alpha.int(), beta), "alpha must have dtype float32, bfloat16, float16 or float64"),
+        (lambda: fwd(H, y, alpha.to("meta"), beta), "alpha is on meta but H is on"),
+        (lambda: kernels.hc_post_bwd(torch.randn_like(H[..., :1]).expand(3, 4, 9).contiguous(), H, y, alpha, beta),
+         re.escape("dH_new must have shape (*lead, n, d) = [3, 4, 8]")),
     ]
 
 
 def stream_mix_launcher_errors(kernels, device):
     H = torch.randn(3, 4, 8, device=device)
-    w = torch.randn(3, 4, device=device)
+    w = torch.randn(4, device=device)
     return [
-        (lambda: kernels.stream_mix_fwd(H, w[:, :3]), r"w must have shape"),
-        (lambda: kernels.stream_mix_bwd(torch.randn(3, 8, device=device).double(), H, w),
-         r"dx must have H's dtype"),
+        (lambda: kernels.stream_mix_fwd(H.int(), w), "H must have dtype float32, bfloat16, float16 or float64"),
+        (lambda: kernels.stream_mix_fwd(H.new_zeros(3, 17, 8), H.new_zeros(17)), "H must have 1 to 16 streams"),
+        (lambda: kernels.stream_mix_fwd(H.new_zeros(8), H.new_zeros(1)),
+         re.escape("H must have shape (*lead, n, d) with at least 2 dims")),
+        (lambda: kernels.stream_mix_bwd(H[:, 0], H, w.new_zeros(5)), re.escape("w must have shape (*lead, n) = [3, 4]")),
+        (lambda: kernels.stream_mix_bwd(H.new_zeros(3, 9), H, w), re.escape("dx must have shape (*lead, d) = [3, 8]")),
+        (lambda: kernels.stream_mix_bwd(H[:, 0].double(), H, w), "dx must have H's dtype"),
     ]
 
 
@@ -249,13 +265,23 @@ def mhc_coeffs_opcheck(dtype, device):
 def mhc_coeffs_launcher_errors(kernels, device):
     H = torch.randn(3, 4, 8, device=device)
     phi, a_pre, a_post, a_res, b = mhc_params(4, 8, torch.float32, device)
-    alpha, beta, u, r = kernels.mhc_coeffs_fwd(H, phi, a_pre, a_post, a_res, b, *MHC_FLOATS)
+    fwd, bwd = kernels.mhc_coeffs_fwd, kernels.mhc_coeffs_bwd
+    alpha, beta, u, r = fwd(H, phi, a_pre, a_post, a_res, b, *MHC_FLOATS)
+    eps, pre_eps, post_mult, _, sk_eps = MHC_FLOATS
     return [
-        (lambda: kernels.mhc_coeffs_fwd(H, phi[:, :5], a_pre, a_post, a_res, b, *MHC_FLOATS), r"phi must have shape"),
-        (lambda: kernels.mhc_coeffs_fwd(H, phi, a_pre.reshape(1), a_post, a_res, b, *MHC_FLOATS),
-         r"a_pre must be a 0-dim tensor"),
-        (lambda: kernels.mhc_coeffs_bwd(alpha[..., :3], beta, H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
-         r"dalpha must have shape"),
+        (lambda: fwd(H, phi[:, :23], a_pre, a_post, a_res, b, *MHC_FLOATS), r"phi must have shape \(n·d, n²\+2n\)"),
+        (lambda: fwd(H, phi, a_pre, a_post, a_res, b[:23], *MHC_FLOATS), r"b must have shape \(n²\+2n,\)"),
+        (lambda: fwd(H, phi, a_pre, a_post, a_res.reshape(1), b, *MHC_FLOATS), r"a_res must be a 0-dim tensor"),
+        (lambda: fwd(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, 0, sk_eps), "iters must be >= 1"),
+        (lambda: fwd(H.new_zeros(2, 17, 2), H.new_zeros(34, 323), a_pre, a_post, a_res, H.new_zeros(323), *MHC_FLOATS),
+         "H must have 1 to 16 streams"),
+        (lambda: fwd(H[..., :0], phi[:0], a_pre, a_post, a_res, b, *MHC_FLOATS), r"H must have d >= 1"),
+        (lambda: fwd(H.new_zeros(8), phi, a_pre, a_post, a_res, b, *MHC_FLOATS), r"H must have shape \(\.\.\., n, d\)"),
+        (lambda: bwd(alpha[:, :, :4], None, H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
+         r"dalpha must have shape \(\.\.\., n, n\+1\)"),
+        (lambda: bwd(None, beta[:2], H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS), r"dbeta must have shape \(\.\.\., n\)"),
+        (lambda: bwd(alpha, beta, H, phi, a_pre, a_post, a_res, b, u[:, :5], r, *MHC_FLOATS), r"u must have shape"),
+        (lambda: bwd(alpha, beta, H, phi, a_pre, a_post, a_res, b, u, r[:2], *MHC_FLOATS), r"r must have shape"),
     ]
 
 
@@ -295,13 +321,13 @@ def depth_aggregate_opcheck(dtype, device):
 
 
 def depth_aggregate_launcher_errors(kernels, device):
-    S = torch.randn(4, 9, 20, device=device)
-    A = torch.randn(9, 3, 4, device=device)
-    dY = torch.randn(3, 9, 20, device=device)
+    S = torch.randn(3, 4, 8, device=device)
     return [
-        (lambda: kernels.depth_aggregate_fwd(S, A[..., :3]), r"A must have shape"),
-        (lambda: kernels.depth_aggregate_bwd(dY[:2], S, A, torch.empty_like(S), False), r"dY must have shape"),
-        (lambda: kernels.depth_aggregate_bwd(dY, S, A, torch.empty_like(S).double(), False), r"dS must have"),
+        (lambda: kernels.depth_aggregate_fwd(S, S.new_zeros(4, 2, 5)), r"A must have shape \(N, C, l\)"),
+        (lambda: kernels.depth_aggregate_bwd(S.new_zeros(2, 4, 8), S, S.new_zeros(4, 2, 3), S.new_zeros(2, 4, 8), False),
+         r"dS must have shape \(l, N, d\)"),
+        (lambda: kernels.depth_aggregate_bwd(S.new_zeros(2, 4, 8), S, S.new_zeros(4, 2, 3), S.new_zeros(3, 4, 16)[..., ::2],
+                                             False), "unit stride"),
     ]
 
 
@@ -327,14 +353,23 @@ def qkv_norm_opcheck(dtype, device):
 
 
 def qkv_norm_launcher_errors(kernels, device):
-    S = torch.randn(4, 9, 20, device=device)
-    A, g = torch.randn(9, 4, 4, device=device), torch.ones(3, 20, device=device)
-    out, rstd = kernels.depth_aggregate_qkv_norm_fwd(S, A, g, EPS)
+    S = torch.randn(3, 4, 8, device=device)
+    A = torch.randn(4, 4, 3, device=device)
+    g = torch.randn(3, 8, device=device)
+    rstd = torch.ones(3, 4, device=device)
+    dOut = torch.randn(4, 4, 8, device=device)
+    fwd, bwd = kernels.depth_aggregate_qkv_norm_fwd, kernels.depth_aggregate_qkv_norm_bwd
     return [
-        (lambda: kernels.depth_aggregate_qkv_norm_fwd(S, A[:, :3], g, EPS), r"A must have"),
-        (lambda: kernels.depth_aggregate_qkv_norm_fwd(S, A, g[:, :7], EPS), r"norm_weights must have shape"),
-        (lambda: kernels.depth_aggregate_qkv_norm_bwd(out[:3], S, A, g, rstd, torch.empty_like(S), False),
-         r"dOut must have shape"),
+        (lambda: fwd(S, A[:, :3], g, EPS), r"A must have shape \(N, 4, l\)"),
+        (lambda: fwd(S, A[0, :, :2], g, EPS), r"A must have shape \(4, l\)"),
+        (lambda: fwd(S, A, g.new_zeros(3, 9), EPS), r"norm_weights must have shape \(3, d\)"),
+        (lambda: fwd(S.new_zeros(129, 2, 4), S.new_zeros(4, 129), S.new_zeros(3, 4), EPS), r"S must hold 1 to 128 slots"),
+        (lambda: bwd(dOut[:3], S, A, g, rstd, torch.empty_like(S), False), r"dOut must have shape \(4, N, d\)"),
+        (lambda: bwd(dOut, S, A, g, rstd, S.new_zeros(2, 4, 8), False), r"dS must have shape \(l, N, d\)"),
+        (lambda: bwd(dOut, S, A, g, rstd.new_ones(3, 5), torch.empty_like(S), False), r"rstd must have shape \(3, N\)"),
+        (lambda: bwd(dOut, S, A, g, rstd, S.new_zeros(3, 4, 16)[..., ::2], False), "unit stride"),
+        (lambda: bwd(dOut, S, A, g, rstd, S.new_zeros(3, 4, 8).double(), False), "dS must have S's dtype"),
+        (lambda: bwd(dOut.double(), S, A, g, rstd, torch.empty_like(S), False), "dOut must have S's dtype"),
     ]
 
 
@@ -373,13 +408,23 @@ def mudd_weights_opcheck(dtype, device):
 
 
 def mudd_weights_launcher_errors(kernels, device):
-    x = torch.randn(7, 40, device=device)
-    W1, W2, bias = mudd_params(40, 16, 4, 2, torch.float32, device)
-    A, u, r = kernels.mudd_weights_fwd(x, W1, W2, bias, 4, EPS, "none")
+    x = torch.randn(3, 8, device=device)
+    W1, W2, bias = mudd_params(8, 6, 4, 3, torch.float32, device)
+    fwd, bwd = kernels.mudd_weights_fwd, kernels.mudd_weights_bwd
+    A, u, r = fwd(x, W1, W2, bias, 4, EPS, "none")
     return [
-        (lambda: kernels.mudd_weights_fwd(x, W1[:5], W2, bias, 4, EPS, "none"), r"W1 must have shape"),
-        (lambda: kernels.mudd_weights_fwd(x, W1, W2, bias, 4, EPS, "sigmoid"), r"approximate"),
-        (lambda: kernels.mudd_weights_bwd(A[..., :1], x, W1, W2, bias, u, r, 4, EPS, "none"), r"dA must have shape"),
+        (lambda: fwd(x, W1[:7], W2, bias, 4, EPS, "none"), r"W1 must have shape \(d, K\) with d = x.shape\[-1\] = 8"),
+        (lambda: fwd(x, W1, W2[:5], bias, 4, EPS, "none"), r"W2 must have shape \(K, C\*l\) with K = W1.shape\[1\] = 6"),
+        (lambda: fwd(x, W1, W2, bias, 5, EPS, "none"), r"W2 must have shape \(K, C\*l\) with C = n_ways = 5"),
+        (lambda: fwd(x, W1, W2, bias[:5], 4, EPS, "none"), r"bias must have shape"),
+        (lambda: fwd(x, W1, W2, bias, 4, EPS, "erf"), "approximate must be 'none' or 'tanh'"),
+        (lambda: fwd(x, W1, W2, bias, 0, EPS, "none"), "n_ways must be >= 1"),
+        (lambda: fwd(x[:, :0], W1[:0], W2, bias, 4, EPS, "none"), "d >= 1"),
+        (lambda: fwd(x.to(torch.int32), W1, W2, bias, 4, EPS, "none"), "x must have dtype"),
+        (lambda: bwd(A[:, :3], x, W1, W2, bias, u, r, 4, EPS, "none"), r"dA must have shape \(\*tok, C, l\)"),
+        (lambda: bwd(A, x, W1, W2, bias, u[:, :5], r, 4, EPS, "none"), r"u must have shape \(\*tok, K\)"),
+        (lambda: bwd(A, x, W1, W2, bias, u, r[:2], 4, EPS, "none"), r"r must have shape \(\*tok,\)"),
+        (lambda: bwd(A, x, W1, W2, bias, u, r, 4, EPS, "sigmoid"), "approximate must be 'none' or 'tanh'"),
     ]
 
 
