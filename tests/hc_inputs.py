@@ -1,6 +1,7 @@
 """Input builders shared by the HC tests: streams H in the memory layouts the kernels
 must handle, and per-token vectors (y, dx)."""
 
+import pytest
 import torch
 
 # The non-contiguous layouts of make_streams (every kernel must handle each).
@@ -44,6 +45,13 @@ def make_vec(lead, d, *, dtype, device, misaligned=False):
     return torch.randn(*lead, d, device=device).to(dtype)
 
 
+def uncollapsible_streams(n, d, dtype):
+    """H (3, 2, 4, n, d) whose three token dims merge into no fewer than three strided
+    dims (strides 4nd, 12nd, nd): the launchers copy it, and write outputs allocated
+    like it (empty_like keeps the dense permutation) through a scratch tensor."""
+    return torch.randn(2, 3, 4, n, d).to(dtype).permute(1, 0, 2, 3, 4)
+
+
 def is_dense(t):
     """Non-overlapping and dense (a permutation of a contiguous tensor): the layouts
     empty_like keeps, so the launchers' outputs must have their input's strides."""
@@ -53,3 +61,33 @@ def is_dense(t):
             return False
         expected *= size
     return True
+
+
+# The emulator's matrix for the HC kernels: (lead, d) shapes and the stream counts each runs.
+STREAMS = [1, 2, 3, 4, 8, 16]
+
+# (lead, d). d = 1, 7, 129, 4099 take the scalar path (a stride is not a multiple of the
+# vector width); 136 and 2056 the 16-byte path, 136 with a row of threads only partly
+# used and 2056 with a second chunk round that only some threads reach (bf16: 257
+# chunks of 8). () is one token with no token dims; 11 tokens of d = 7 are one full
+# tile of 8 rows and a partial one, 5 tokens of d = 136 in fp32 two tiles of 4.
+# Streams: every n on d <= 7, n <= 8 on d = 129 and 136 (n = 16 costs the emulator
+# n² dots per chunk), an exact and a generic instantiation on the large d.
+CASES = [((), 7), ((3,), 1), ((11,), 7), ((3,), 129), ((5,), 136), ((1,), 4099), ((2,), 2056)]
+CASE_STREAMS = {7: STREAMS, 1: STREAMS, 129: STREAMS[:-1], 136: STREAMS[:-1], 4099: [2, 3], 2056: [1, 4]}
+
+
+def stream_cases(flag):
+    """(shape, n, flag) for every shape and its streams; the boolean `flag` (static
+    coefficients, coefficient gradients) alternates along the list, so that every n and
+    every shape sees both values while each case runs once per dtype."""
+    out, k = [], 0
+    for lead, d in CASES:
+        for n in CASE_STREAMS[d]:
+            val = k % 2 == 1
+            k += 1
+            name = "N%s-d%d-n%d" % ("x".join(map(str, lead)) or "1", d, n)
+            if flag:
+                name += "-" + (flag if val else "no_" + flag)
+            out.append(pytest.param((lead, d), n, val, id=name))
+    return out

@@ -11,6 +11,8 @@ over every backend):
   launcher_errors(kernels, dev) calls of the launchers with bad arguments and the
                                 message each must raise
   big                           a GPU-sized case (many blocks: determinism, streams)
+  wide                          several warps a token, several tokens a block (the
+                                emulator's thread-order check)
   contract                      crosslayer.contracts' validator and traffic floor
 
 Adding an op: its contract in crosslayer/contracts.py, then one OpSpec here; the
@@ -73,6 +75,7 @@ class OpSpec:
     opcheck_calls: Callable[[torch.dtype, torch.device], List[Tuple[object, tuple]]]
     launcher_errors: Callable[[object, torch.device], List[Tuple[Callable[[], object], str]]]
     big: Case  # many tokens at a real width: multi-block reductions (determinism on a GPU)
+    wide: Case  # several warps a token and several tokens a block, emulator-sized
 
     @property
     def contract(self) -> Contract:
@@ -447,7 +450,8 @@ SPECS: Tuple[OpSpec, ...] = (
                                    + [(f"N5x7-n{n}-d131-{lay}", dict(lead=(5, 7), n=n, d=131, layout=lay))
                                       for lay in STREAM_LAYOUTS for n in (4, 3)]),
            opcheck_calls=hc_pre_opcheck, launcher_errors=hc_pre_launcher_errors,
-           big=Case("N4099-n4-d2048", dict(lead=(4099,), n=4, d=2048))),
+           big=Case("N4099-n4-d2048", dict(lead=(4099,), n=4, d=2048)),
+           wide=Case("N3-n4-d2056", dict(lead=(3,), n=4, d=2056))),
     OpSpec("hc_post", hc_post_sample,
            cases=_cases(("N5x7-n4-d129", dict(lead=(5, 7), n=4, d=129)),
                         ("N11-n3-d7-misaligned-static", dict(lead=(11,), n=3, d=7, layout="misaligned", static=True)),
@@ -462,7 +466,8 @@ SPECS: Tuple[OpSpec, ...] = (
                                    + [(f"N3x7-n{n}-d{d}-{lay}", dict(lead=(3, 7), n=n, d=d, layout=lay))
                                       for lay in STREAM_LAYOUTS for n in (1, 4, 16) for d in (129, 2048)]),
            opcheck_calls=hc_post_opcheck, launcher_errors=hc_post_launcher_errors,
-           big=Case("N4099-n4-d2048", dict(lead=(4099,), n=4, d=2048))),
+           big=Case("N4099-n4-d2048", dict(lead=(4099,), n=4, d=2048)),
+           wide=Case("N3-n4-d2056", dict(lead=(3,), n=4, d=2056))),
     OpSpec("stream_mix", stream_mix_sample,
            cases=_cases(("N5x7-n4-d129", dict(lead=(5, 7), n=4, d=129)),
                         ("N11-n3-d7-misaligned-static", dict(lead=(11,), n=3, d=7, layout="misaligned", static=True))),
@@ -472,7 +477,8 @@ SPECS: Tuple[OpSpec, ...] = (
                                    + [(f"N3x7-n{n}-d{d}-{lay}", dict(lead=(3, 7), n=n, d=d, layout=lay))
                                       for lay in STREAM_LAYOUTS for n in (1, 4, 16) for d in (129, 2048)]),
            opcheck_calls=stream_mix_opcheck, launcher_errors=stream_mix_launcher_errors,
-           big=Case("N4099-n4-d2048-static", dict(lead=(4099,), n=4, d=2048, static=True))),
+           big=Case("N4099-n4-d2048-static", dict(lead=(4099,), n=4, d=2048, static=True)),
+           wide=Case("N3-n4-d2056", dict(lead=(3,), n=4, d=2056))),
     OpSpec("mhc_coeffs", mhc_coeffs_sample,
            cases=_cases(("N7-n4-d24", dict(lead=(7,), n=4, d=24)),
                         ("N3x5-n3-d7-stream_stride", dict(lead=(3, 5), n=3, d=7, layout="stream_stride", iters=5))),
@@ -482,7 +488,8 @@ SPECS: Tuple[OpSpec, ...] = (
                                    + [(f"N5x7-n{n}-d131-{lay}", dict(lead=(5, 7), n=n, d=131, layout=lay))
                                       for lay in STREAM_LAYOUTS for n in (4, 3)]),
            opcheck_calls=mhc_coeffs_opcheck, launcher_errors=mhc_coeffs_launcher_errors,
-           big=Case("N4099-n4-d2048", dict(lead=(4099,), n=4, d=2048))),
+           big=Case("N4099-n4-d2048", dict(lead=(4099,), n=4, d=2048)),
+           wide=Case("N3-n4-d2056", dict(lead=(3,), n=4, d=2056))),
     OpSpec("depth_aggregate", depth_aggregate_sample,
            cases=_cases(("l5-N3x4-d37-C4", dict(l=5, tok=(3, 4), d=37, C=4)),
                         ("l3-N9-d7-C1-static-stride2", dict(l=3, tok=(9,), d=7, C=1, static=True, layout="stride2")),
@@ -493,7 +500,8 @@ SPECS: Tuple[OpSpec, ...] = (
                                    + [(f"l6-N7x5-d131-C4-{lay}", dict(l=6, tok=(7, 5), d=131, C=4, layout=lay))
                                       for lay in SLOT_LAYOUTS]),
            opcheck_calls=depth_aggregate_opcheck, launcher_errors=depth_aggregate_launcher_errors,
-           big=Case("l25-N4099-d2048-C4-static", dict(l=25, tok=(4099,), d=2048, C=4, static=True))),
+           big=Case("l25-N4099-d2048-C4-static", dict(l=25, tok=(4099,), d=2048, C=4, static=True)),
+           wide=Case("l5-N3-d2056-C4", dict(l=5, tok=(3,), d=2056, C=4))),
     OpSpec("depth_aggregate_qkv_norm", qkv_norm_sample,
            cases=_cases(("l3-N6-d70", dict(l=3, tok=(6,), d=70)),
                         ("l5-N2x3-d7-static-stride2", dict(l=5, tok=(2, 3), d=7, static=True, layout="stride2"))),
@@ -503,7 +511,8 @@ SPECS: Tuple[OpSpec, ...] = (
                                    + [(f"l6-N7x5-d131-{lay}", dict(l=6, tok=(7, 5), d=131, layout=lay))
                                       for lay in SLOT_LAYOUTS]),
            opcheck_calls=qkv_norm_opcheck, launcher_errors=qkv_norm_launcher_errors,
-           big=Case("l25-N4099-d2048-static", dict(l=25, tok=(4099,), d=2048, static=True))),
+           big=Case("l25-N4099-d2048-static", dict(l=25, tok=(4099,), d=2048, static=True)),
+           wide=Case("l5-N3-d2056", dict(l=5, tok=(3,), d=2056))),
     OpSpec("mudd_weights", mudd_weights_sample,
            cases=_cases(("N2x9-d40-K24-C4-l3", dict(tok=(2, 9), d=40, K=24, C=4, l=3)),
                         ("N5-d7-K5-C1-l2-tanh-strided", dict(tok=(5,), d=7, K=5, C=1, l=2, approximate="tanh",
@@ -514,7 +523,8 @@ SPECS: Tuple[OpSpec, ...] = (
                                    + [(f"N5x7-d{d}-K128-C4-l25-strided", dict(tok=(5, 7), d=d, K=128, C=4, l=25,
                                                                              strided=True)) for d in (129, 2048)]),
            opcheck_calls=mudd_weights_opcheck, launcher_errors=mudd_weights_launcher_errors,
-           big=Case("N4099-d2048-K128-C4-l25", dict(tok=(4099,), d=2048, K=128, C=4, l=25))),
+           big=Case("N4099-d2048-K128-C4-l25", dict(tok=(4099,), d=2048, K=128, C=4, l=25)),
+           wide=Case("N9-d2056-K64-C4-l3", dict(tok=(9,), d=2056, K=64, C=4, l=3))),
 )
 
 BY_NAME: Dict[str, OpSpec] = {s.name: s for s in SPECS}

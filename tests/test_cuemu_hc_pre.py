@@ -1,0 +1,153 @@
+"""Dynamic-HC hc_pre launchers and kernels (csrc/hc_pre.cu, csrc/kernels/hc_pre.cuh) on
+the CPU emulator (tools/cuemu), against the float64 oracle under DESIGN.md's policy,
+outputs poisoned with NaN: the HC shape matrix of hc_inputs.stream_cases (every n, odd d
+and token counts, every dtype), with and without coefficient gradients, strided and
+copied layouts, the dW partials in shared memory and in the global workspace, the
+persistent grid, one coefficient gradient, empty token sets. The checks every op shares
+are in test_contract.py.
+"""
+
+
+import pytest
+import torch
+
+from crosslayer import ref
+from hc_inputs import STREAM_LAYOUTS, is_dense, make_streams, make_vec, stream_cases, uncollapsible_streams
+from policy import assert_policy
+from test_hc_post import DTYPES
+from test_hc_pre import EPS, double, fwd_oracle, make_grads, make_params
+
+pytestmark = pytest.mark.cuemu
+
+
+def _pre_inputs(lead, n, d, dtype, layout="contiguous"):
+    H = make_streams(lead, n, d, dtype=dtype, device="cpu", layout=layout)
+    return H, make_params(n, d, dtype=dtype, device="cpu")
+
+
+def _check_pre_fwd(H, params, outs):
+    x, alpha, beta, q, r = outs
+    for name, got, lo, hi in zip(("x", "alpha", "beta"), (x, alpha, beta), fwd_oracle(H, *params),
+                                 fwd_oracle(*double((H, *params)))):
+        assert_policy(name, got, lo, hi)
+    # q and r are what the backward consumes: the oracle's projection.
+    Hc = H.to(alpha.dtype)
+    assert_policy("q", q, Hc @ params[2], H.double() @ params[2].double())
+    assert_policy("r", r, torch.rsqrt(Hc.square().mean(-1) + EPS), torch.rsqrt(H.double().square().mean(-1) + EPS))
+
+
+def _check_pre_bwd(dx, dalpha, dbeta, H, params, got):
+    low = ref.hc_pre_bwd(dx, dalpha, dbeta, H, *params, eps=EPS)
+    high = ref.hc_pre_bwd(*double((dx, dalpha, dbeta, H, *params)), eps=EPS)
+    for name, g, lo, hi, p in zip(("dH", "dA", "dB", "dW", "ds_a", "ds_b"), got, low, high, (H, *params)):
+        assert g.dtype == p.dtype, f"{name}: dtype {g.dtype} != {p.dtype}"
+        assert_policy(name, g, lo, hi)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, n, _", stream_cases(None))
+def test_hc_pre_forward(cuemu, poisoned, dtype, shape, n, _):
+    lead, d = shape
+    H, params = _pre_inputs(lead, n, d, dtype)
+    _check_pre_fwd(H, params, cuemu.hc_pre_fwd(H, *params, EPS))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, n, coeff_grads", stream_cases("coeff_grads"))
+def test_hc_pre_backward(cuemu, poisoned, dtype, shape, n, coeff_grads):
+    lead, d = shape
+    H, params = _pre_inputs(lead, n, d, dtype)
+    dx, dalpha, dbeta = make_grads(lead, n, d, dtype=dtype, device="cpu")
+    if not coeff_grads:
+        dalpha = dbeta = None
+    _, _, _, q, r = cuemu.hc_pre_fwd(H, *params, EPS)
+    got = cuemu.hc_pre_bwd(dx, dalpha, dbeta, H, *params, q, r)
+    if is_dense(H):
+        assert got[0].stride() == H.stride()
+    _check_pre_bwd(dx, dalpha, dbeta, H, params, got)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", STREAM_LAYOUTS)
+@pytest.mark.parametrize("n", [4, 3])
+def test_hc_pre_layouts(cuemu, poisoned, dtype, layout, n):
+    lead, d = (2, 3), 131 if layout == "misaligned" else 136
+    H, params = _pre_inputs(lead, n, d, dtype, layout)
+    assert not H.is_contiguous()
+    _check_pre_fwd(H, params, cuemu.hc_pre_fwd(H, *params, EPS))
+    dx = make_vec(lead, d, dtype=dtype, device="cpu", misaligned=layout == "misaligned")
+    _, dalpha, dbeta = make_grads(lead, n, d, dtype=dtype, device="cpu")
+    _, _, _, q, r = cuemu.hc_pre_fwd(H, *params, EPS)
+    got = cuemu.hc_pre_bwd(dx, dalpha, dbeta, H, *params, q, r)
+    if is_dense(H):
+        assert got[0].stride() == H.stride()
+    _check_pre_bwd(dx, dalpha, dbeta, H, params, got)
+
+
+def test_hc_pre_copied_layouts(cuemu, poisoned):
+    """Token dims that do not collapse to two and a non-unit feature stride: copied."""
+    for H in (uncollapsible_streams(4, 12, torch.bfloat16), torch.randn(5, 12, 4).to(torch.bfloat16).transpose(-1, -2)):
+        n, d, lead = H.shape[-2], H.shape[-1], H.shape[:-2]
+        params = make_params(n, d, dtype=torch.bfloat16, device="cpu")
+        outs = cuemu.hc_pre_fwd(H, *params, EPS)
+        _check_pre_fwd(H, params, outs)
+        dx, dalpha, dbeta = make_grads(lead, n, d, dtype=torch.bfloat16, device="cpu")
+        got = cuemu.hc_pre_bwd(dx, dalpha, dbeta, H, *params, *outs[3:])
+        assert got[0].stride() == H.stride()
+        _check_pre_bwd(dx, dalpha, dbeta, H, params, got)
+
+
+@pytest.mark.parametrize("dtype, n, d", [
+    (torch.float32, 16, 3300),   # generic: 18 rows of dW partials of ldw = 3304 floats > 227 KB
+    (torch.bfloat16, 8, 5816),   # 10 rows of 5816 floats > 227 KB
+    (torch.float64, 5, 1700),    # generic in fp64
+])
+def test_hc_pre_backward_dw_in_global_workspace(cuemu, poisoned, dtype, n, d):
+    """(n+2)·d accumulator partials beyond shared memory: the kernel accumulates dW in
+    its global workspace slice instead (and with d a multiple of 8, 16-byte accesses)."""
+    lead = (3,)
+    H, params = _pre_inputs(lead, n, d, dtype)
+    dx, dalpha, dbeta = make_grads(lead, n, d, dtype=dtype, device="cpu")
+    _, _, _, q, r = cuemu.hc_pre_fwd(H, *params, EPS)
+    _check_pre_bwd(dx, dalpha, dbeta, H, params, cuemu.hc_pre_bwd(dx, dalpha, dbeta, H, *params, q, r))
+
+
+def test_hc_pre_backward_persistent_grid(cuemu, poisoned):
+    """More token tiles than resident blocks: with 135 KB of shared memory (the dW
+    partials of the generic instantiation, 18 rows of 1704 floats) one block fits an
+    SM, so the grid is 132 blocks and the first five walk two tokens, their partials
+    summed over both."""
+    lead, n, d = (132 + 5,), 3, 1700
+    H, params = _pre_inputs(lead, n, d, torch.float32)
+    dx, dalpha, dbeta = make_grads(lead, n, d, dtype=torch.float32, device="cpu")
+    outs = cuemu.hc_pre_fwd(H, *params, EPS)
+    _check_pre_fwd(H, params, outs)
+    _check_pre_bwd(dx, dalpha, dbeta, H, params, cuemu.hc_pre_bwd(dx, dalpha, dbeta, H, *params, *outs[3:]))
+
+
+@pytest.mark.parametrize("which", ["dalpha", "dbeta"])
+def test_hc_pre_backward_one_coefficient_gradient(cuemu, poisoned, which):
+    """Only one of dalpha / dbeta given: the other is zero."""
+    lead, n, d = (5,), 4, 40
+    H, params = _pre_inputs(lead, n, d, torch.float32)
+    dx, dalpha, dbeta = make_grads(lead, n, d, dtype=torch.float32, device="cpu")
+    if which == "dalpha":
+        dbeta = None
+    else:
+        dalpha = None
+    _, _, _, q, r = cuemu.hc_pre_fwd(H, *params, EPS)
+    _check_pre_bwd(dx, dalpha, dbeta, H, params, cuemu.hc_pre_bwd(dx, dalpha, dbeta, H, *params, q, r))
+
+
+def test_hc_pre_empty_tokens(cuemu, poisoned):
+    H = torch.randn(0, 4, 8)
+    params = make_params(4, 8, dtype=torch.float32, device="cpu")
+    x, alpha, beta, q, r = cuemu.hc_pre_fwd(H, *params, EPS)
+    assert x.shape == (0, 8) and alpha.shape == (0, 4, 5) and beta.shape == (0, 4)
+    assert q.shape == (0, 4, 6) and r.shape == (0, 4)
+    got = cuemu.hc_pre_bwd(torch.randn(0, 8), None, None, H, *params, q, r)
+    assert got[0].shape == H.shape
+    for g, p in zip(got[1:], params):
+        assert torch.equal(g, torch.zeros_like(p))
+
+
