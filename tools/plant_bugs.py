@@ -1,0 +1,139 @@
+"""Plant known bugs in the kernels, one at a time, and check that the emulator tests of
+the default test run catch each one: the measure of the tests' power.
+
+    python tools/plant_bugs.py                 # the tests and kernels of HEAD
+    python tools/plant_bugs.py --rev b7ed1a6   # the same bugs against an older tree
+    python tools/plant_bugs.py --only tail     # the mutations whose name contains "tail"
+
+The revision is checked out into a throwaway git worktree (under --workdir, kept for
+incremental rebuilds between runs), whose own Python package, tests and emulator build
+are used (PYTHONPATH and CUEMU_BUILD_DIR point into it). Its emulator tests must pass as
+they are; then for each mutation the one line it names is changed in csrc/ (the text must
+occur exactly once, wherever a rename moved it), the emulated module rebuilt (ninja: the
+changed translation units only) and `pytest tests -m cuemu -x` run (the traffic ceiling
+left out: it counts bytes, not results). A mutation is caught when that run fails.
+Exit 0 when every mutation was caught, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    find: str      # must occur exactly once in csrc/**
+    replace: str
+    why: str
+
+
+# Each is a bug a plausible edit could make; together they touch every op's kernels.
+MUTATIONS = (
+    Mutation("hc_post_skips_last_stream", "      for (int k = 0; k < n; ++k) {\n        const acc b = b_row[k];",
+             "      for (int k = 0; k < n - 1; ++k) {\n        const acc b = b_row[k];",
+             "hc_post forward: a loop bound off by one (the last output stream never written)"),
+    Mutation("hc_post_missing_barrier",
+             "static_cast<const acc*>(p.b_ptr), p.b_token_stride);\n    __syncthreads();\n    const int64_t t = t0 + threadIdx.y;\n    if (t >= p.n_tokens) continue;\n    const acc* __restrict__ a_row = coef_s + threadIdx.y * per_row;  // alpha[i][c] at i(n+1)+c",
+             "static_cast<const acc*>(p.b_ptr), p.b_token_stride);\n    const int64_t t = t0 + threadIdx.y;\n    if (t >= p.n_tokens) continue;\n    const acc* __restrict__ a_row = coef_s + threadIdx.y * per_row;  // alpha[i][c] at i(n+1)+c",
+             "hc_post forward: the barrier after staging the coefficients in shared memory removed"),
+    Mutation("hc_pre_mean_over_d_plus_1", "acc_rsqrt(ss / static_cast<acc>(d) + static_cast<acc>(p.eps))",
+             "acc_rsqrt(ss / static_cast<acc>(d + 1) + static_cast<acc>(p.eps))",
+             "hc_pre: the rms of a stream averaged over d + 1"),
+    Mutation("depth_aggregate_fwd_drops_first_slot",
+             "        for (int j = 0; j < l; ++j) {\n          acc s[kVec];\n          load_chunk<T, kVec>(s_tok + j * p.s_slot_stride, e, p.d, s);",
+             "        for (int j = 1; j < l; ++j) {\n          acc s[kVec];\n          load_chunk<T, kVec>(s_tok + j * p.s_slot_stride, e, p.d, s);",
+             "depth_aggregate forward: slot 0 never read"),
+    Mutation("qkv_norm_mean_over_d_plus_1", "da_norm_rsqrt(s / static_cast<acc>(d) + static_cast<acc>(p.eps))",
+             "da_norm_rsqrt(s / static_cast<acc>(d + 1) + static_cast<acc>(p.eps))",
+             "depth_aggregate_qkv_norm: the rms averaged over d + 1"),
+    Mutation("sinkhorn_one_step_short", "  const int steps = 2 * iters - 1;\n  for (int k = 0; k < steps; ++k) {",
+             "  const int steps = 2 * iters - 1;\n  for (int k = 1; k < steps; ++k) {",
+             "mhc_coeffs: the first Sinkhorn normalisation skipped"),
+    Mutation("gelu_erf_constant", "return acc(0.5) * u * (acc(1) + acc_erf(u * acc(0.7071067811865476)));",
+             "return acc(0.5) * u * (acc(1) + acc_erf(u * acc(0.7071)));",
+             "mudd_weights: exact GELU with a truncated 1/sqrt(2)"),
+    Mutation("mudd_tail_element_dropped", "v.v[k] = (e + k < d) ? row[e + k] : T(0.0f);",
+             "v.v[k] = (e + k < d - 1) ? row[e + k] : T(0.0f);",
+             "mudd_weights: the last feature of a row not a multiple of 8 read as zero"),
+)
+
+
+def run(cmd, cwd, env=None, log=None) -> int:
+    with open(log or os.devnull, "w") as out:
+        return subprocess.run(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+
+
+def worktree(rev: str, workdir: str) -> str:
+    sha = subprocess.check_output(["git", "rev-parse", "--short", rev], cwd=ROOT, text=True).strip()
+    path = os.path.join(workdir, f"crosslayer-plant-{sha}")
+    if not os.path.isdir(path):
+        subprocess.check_call(["git", "worktree", "add", "--detach", path, sha], cwd=ROOT,
+                              stdout=subprocess.DEVNULL)
+    return path
+
+
+def locate(tree: str, text: str) -> str:
+    hits = []
+    for path in glob.glob(os.path.join(tree, "csrc", "**", "*"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                hits += [path] * f.read().count(text)
+    if len(hits) != 1:
+        raise SystemExit(f"plant_bugs: {text!r} occurs {len(hits)} times under {tree}/csrc (need exactly 1)")
+    return hits[0]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rev", default="HEAD")
+    p.add_argument("--workdir", default="/tmp")
+    p.add_argument("--only", default="", help="run the mutations whose name contains this")
+    args = p.parse_args(argv)
+    tree = worktree(args.rev, args.workdir)
+    env = dict(os.environ, PYTHONPATH=os.path.join(tree, "python"),
+               CUEMU_BUILD_DIR=os.path.join(tree, "build", "cuemu"), CROSSLAYER_DISABLE_EXTENSION="1")
+    tests = [sys.executable, "-m", "pytest", "tests", "-q", "-x", "-m", "cuemu", "-p", "no:cacheprovider",
+             "--deselect", "tests/test_traffic_ceiling.py"]
+    chosen = [m for m in MUTATIONS if args.only in m.name]
+    targets = {m.name: locate(tree, m.find) for m in chosen}  # fail early on a stale pattern
+    t0 = time.time()
+    if run(tests, tree, env, os.path.join(tree, "plant-baseline.log")) != 0:
+        raise SystemExit(f"plant_bugs: the tests fail without a planted bug; see {tree}/plant-baseline.log")
+    print(f"{args.rev}: baseline passes ({time.time() - t0:.0f} s)")
+    missed = []
+    for m in chosen:
+        path = targets[m.name]
+        with open(path, encoding="utf-8") as f:
+            original = f.read()
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(original.replace(m.find, m.replace))
+            t = time.time()
+            log = os.path.join(tree, f"plant-{m.name}.log")
+            caught = run(tests, tree, env, log) != 0
+        finally:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(original)
+        first = ""
+        if caught:
+            with open(log, encoding="utf-8") as f:
+                first = next((line.split(" - ")[0] for line in f if line.startswith("FAILED")), "build failed")
+        else:
+            missed.append(m.name)
+        print(f"  {m.name:<32} {'caught' if caught else 'MISSED':<7} {time.time() - t:5.0f} s  "
+              f"{os.path.relpath(path, tree)}  {first}")
+    print(f"{len(chosen) - len(missed)} of {len(chosen)} caught" + (f"; missed: {', '.join(missed)}" if missed else ""))
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
