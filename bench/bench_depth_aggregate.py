@@ -176,13 +176,7 @@ def bench_size(args, l: int, N: int, dtype: torch.dtype, copy_bw: float,
             row = harness.Row(op=OP, variant=variant, mode=mode, shape=shape, dtype=dname,
                               floor_bytes=floor_bytes(mode, l, N, d, C, elem))
 
-            if mode == "fwd":
-                def timed(f=f):
-                    return harness.bench(lambda: f(S_in, A_in), **timing_kw)
-            else:
-                def timed(f=f):
-                    fn, setup = harness.fwd_bwd(lambda: f(S_in, A_in), dY, [S_in, A_in])
-                    return harness.bench(fn, setup=setup, **timing_kw)
+            timed = harness.timer(lambda f=f: f(S_in, A_in), mode, dY, [S_in, A_in], **timing_kw)
 
             if variant == "eager_oracle":
                 def gate():
@@ -262,14 +256,7 @@ def main(argv=None) -> int:
     if not fused_available:
         print(f"warning: crosslayer.ops.fused_ops()[{OP!r}] is False: the 'fused' rows "
               f"time the fallback, and are marked not-fused", file=sys.stderr)
-    if args.quick:
-        timing_kw = dict(warmup_ms=10.0, rep_ms=60.0, min_reps=3)
-    else:
-        timing_kw = dict(warmup_ms=25.0, rep_ms=200.0, min_reps=5)
-    if args.warmup_ms is not None:
-        timing_kw["warmup_ms"] = args.warmup_ms
-    if args.rep_ms is not None:
-        timing_kw["rep_ms"] = args.rep_ms
+    timing_kw = harness.timing_kwargs(args.quick, args.warmup_ms, args.rep_ms)
 
     copy_bw = harness.measure_copy_bandwidth()
     harness.print_header(copy_bw)

@@ -385,13 +385,7 @@ def bench_group(op: str, mode: str, N: int, n: int, d: int, dtype: torch.dtype,
         else:
             f, fstatus, fnote = fused_status(op, ops)
 
-        if mode == "fwd":
-            def timed(f=f):
-                return harness.bench(lambda: f(*case.args), **timing_kw)
-        else:
-            def timed(f=f):
-                fn, setup = harness.fwd_bwd(lambda: f(*case.args), case.grads, case.leaves)
-                return harness.bench(fn, setup=setup, **timing_kw)
+        timed = harness.timer(lambda f=f: f(*case.args), mode, case.grads, case.leaves, **timing_kw)
 
         if f is None:
             row.status = "failed: missing op"
@@ -525,14 +519,7 @@ def main(argv=None) -> int:
                 print(f"warning: crosslayer.ops.fused_ops()[{name!r}] is False: its fused "
                       f"rows time the fallback and are marked not-fused (exit 3)",
                       file=sys.stderr)
-    if args.quick:
-        timing_kw = dict(warmup_ms=10.0, rep_ms=60.0, min_reps=3)
-    else:
-        timing_kw = dict(warmup_ms=25.0, rep_ms=200.0, min_reps=5)
-    if args.warmup_ms is not None:
-        timing_kw["warmup_ms"] = args.warmup_ms
-    if args.rep_ms is not None:
-        timing_kw["rep_ms"] = args.rep_ms
+    timing_kw = harness.timing_kwargs(args.quick, args.warmup_ms, args.rep_ms)
 
     t_start = time.perf_counter()
     copy_bw = harness.measure_copy_bandwidth()

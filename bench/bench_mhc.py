@@ -219,13 +219,7 @@ def bench_group(op, mode, N, n, d, dtype, base, grads, variants, timing_kw, ops,
             note = f"crosslayer.ops has no {', '.join(missing)}" if missing else ""
             not_fused = not missing and not all(ops.fused_ops().get(k, False) for k in FUSED_NEEDS[op])
 
-        if mode == "fwd":
-            def timed(f=f):
-                return harness.bench(lambda: f(*case.args), **timing_kw)
-        else:
-            def timed(f=f):
-                fn, setup = harness.fwd_bwd(lambda: f(*case.args), case.grads, case.leaves)
-                return harness.bench(fn, setup=setup, **timing_kw)
+        timed = harness.timer(lambda f=f: f(*case.args), mode, case.grads, case.leaves, **timing_kw)
 
         if f is None:
             row.status = "not installed" if variant == "liger" else "failed: missing op"
@@ -276,12 +270,7 @@ def main(argv=None) -> int:
     import crosslayer.ops as ops
     import crosslayer.ref as ref
 
-    timing_kw = (dict(warmup_ms=10.0, rep_ms=60.0, min_reps=3) if args.quick
-                 else dict(warmup_ms=25.0, rep_ms=200.0, min_reps=5))
-    if args.warmup_ms is not None:
-        timing_kw["warmup_ms"] = args.warmup_ms
-    if args.rep_ms is not None:
-        timing_kw["rep_ms"] = args.rep_ms
+    timing_kw = harness.timing_kwargs(args.quick, args.warmup_ms, args.rep_ms)
     if "liger" in args.variants and liger_function("mhc_coeffs")[0] is None:
         print(f"liger: {liger_function('mhc_coeffs')[1]}")
     copy_bw = harness.measure_copy_bandwidth()

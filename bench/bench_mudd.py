@@ -425,12 +425,7 @@ def main(argv=None) -> int:
     import crosslayer.ref as ref
 
     fused = ops.fused_ops()
-    timing_kw = (dict(warmup_ms=10.0, rep_ms=60.0, min_reps=3) if args.quick
-                 else dict(warmup_ms=25.0, rep_ms=200.0, min_reps=5))
-    if args.warmup_ms is not None:
-        timing_kw["warmup_ms"] = args.warmup_ms
-    if args.rep_ms is not None:
-        timing_kw["rep_ms"] = args.rep_ms
+    timing_kw = harness.timing_kwargs(args.quick, args.warmup_ms, args.rep_ms)
 
     t0 = time.perf_counter()
     copy_bw = harness.measure_copy_bandwidth()

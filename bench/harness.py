@@ -191,6 +191,31 @@ def fwd_bwd(forward: Callable[[], torch.Tensor | Sequence[torch.Tensor]],
     return fn, setup
 
 
+def timer(forward: Callable[[], object], mode: str, grad_outputs=None, inputs: Sequence[torch.Tensor] = (),
+          **timing_kw) -> Callable[[], Timing]:
+    """A zero-argument callable timing `forward` ("fwd") or forward + backward into
+    `inputs`' fresh gradients ("fwd+bwd", see fwd_bwd) with bench(**timing_kw)."""
+    if mode == "fwd":
+        return lambda: bench(forward, **timing_kw)
+
+    def timed() -> Timing:
+        fn, setup = fwd_bwd(forward, grad_outputs, inputs)
+        return bench(fn, setup=setup, **timing_kw)
+
+    return timed
+
+
+def timing_kwargs(quick: bool, warmup_ms: float | None = None, rep_ms: float | None = None) -> dict:
+    """bench()'s warm-up and repetition budget: short with --quick; --warmup-ms and
+    --rep-ms override."""
+    kw = dict(warmup_ms=10.0, rep_ms=60.0, min_reps=3) if quick else dict(warmup_ms=25.0, rep_ms=200.0, min_reps=5)
+    if warmup_ms is not None:
+        kw["warmup_ms"] = warmup_ms
+    if rep_ms is not None:
+        kw["rep_ms"] = rep_ms
+    return kw
+
+
 @functools.cache
 def measure_copy_bandwidth() -> float:
     """Bytes/s of a 1 GiB bf16 device-to-device copy, counting read + write bytes.

@@ -68,6 +68,17 @@ def check_coeff(name: str, t, static_shape: tuple, lead: tuple) -> None:
                     f"(per token) or {tuple(static_shape)} (static)")
 
 
+def check_coeff_grads(dalpha, dbeta, lead: tuple, n: int) -> None:
+    """The gradients of per-token HC coefficients, each optional (None = zero):
+    dalpha (*lead, n, n+1) like alpha, dbeta (*lead, n) like beta."""
+    if dalpha is not None:
+        check_tensor("dalpha", dalpha)
+        check_shape("dalpha", dalpha, tuple(lead) + (n, n + 1), "(the shape of alpha)")
+    if dbeta is not None:
+        check_tensor("dbeta", dbeta)
+        check_shape("dbeta", dbeta, tuple(lead) + (n,), "(the shape of beta)")
+
+
 def tensors_only(**kw) -> dict:
     """The keyword arguments that are tensors (python scalars and None dropped)."""
     return {k: v for k, v in kw.items() if isinstance(v, torch.Tensor)}

@@ -77,6 +77,7 @@ from torch import Tensor
 from crosslayer import ops
 from crosslayer._checks import check_tensor, compute_dtype
 from crosslayer._extension import runs_kernels
+from crosslayer.ops._common import fusable
 from crosslayer.ops.depth_aggregate import depth_aggregate_bwd_op
 from crosslayer.ops.depth_aggregate_qkv_norm import depth_aggregate_qkv_norm_bwd_op, depth_aggregate_qkv_norm_op
 from crosslayer.contracts import validate_depth_aggregate, validate_depth_aggregate_qkv_norm
@@ -201,13 +202,6 @@ class _Aggregate(torch.autograd.Function):
         return G, (dA if ctx.needs_input_grad[1] else None), None, None, None
 
 
-def _fused_qkv_norm(S: Tensor, A: Tensor, g: Tensor) -> bool:
-    """The dispatch rule of ops.depth_aggregate_qkv_norm: fused on CUDA with _C built,
-    unless float64 weights meet lower-precision slots."""
-    acc = torch.float64 if S.dtype == torch.float64 else torch.float32
-    return runs_kernels(S) and compute_dtype(S, A, g) == acc
-
-
 class _AggregateQKVNorm(torch.autograd.Function):
     """X = depth_aggregate_qkv_norm(buf[slots], A, g, eps); returns (X, buf (dirty,
     unchanged)). Backward: G[slots] += the slots' gradient in place, returns (G, dA,
@@ -221,7 +215,7 @@ class _AggregateQKVNorm(torch.autograd.Function):
         slots = _as_slice(start, stop, step)
         S = buf[slots]
         l, d, tok = S.shape[0], S.shape[-1], S.shape[1:-1]
-        ctx.fused = _fused_qkv_norm(S, A, g)
+        ctx.fused = fusable(S, A, g)  # the dispatch rule of ops.depth_aggregate_qkv_norm
         if ctx.fused:
             N = tok.numel()
             A3 = A if A.dim() == 2 else A.reshape(N, 4, l)

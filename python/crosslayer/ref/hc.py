@@ -44,6 +44,7 @@ from crosslayer._checks import check_same_device, check_shape, check_tensor, com
 from crosslayer.contracts import (
     MAX_STREAMS,
     check_coeff,
+    check_coeff_grads,
     check_streams,
     tensors_only,
     validate_hc_post,
@@ -123,12 +124,7 @@ def hc_pre_bwd(dx, dalpha, dbeta, H, A, B, W=None, s_a=None, s_b=None, eps: floa
         if dbeta is not None:
             check_coeff("dbeta", dbeta, (n,), lead)
     else:
-        if dalpha is not None:
-            check_tensor("dalpha", dalpha)
-            check_shape("dalpha", dalpha, tuple(lead) + (n, n + 1), "(the shape of alpha)")
-        if dbeta is not None:
-            check_tensor("dbeta", dbeta)
-            check_shape("dbeta", dbeta, tuple(lead) + (n,), "(the shape of beta)")
+        check_coeff_grads(dalpha, dbeta, lead, n)
     check_same_device(**tensors_only(H=H, dx=dx, dalpha=dalpha, dbeta=dbeta))
     ct = compute_dtype(H, A, B, W, dx, dalpha, dbeta,
                        *tensors_only(s_a=s_a, s_b=s_b).values())

@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 
 from crosslayer._checks import check_same_device, check_shape, check_tensor, compute_dtype
-from crosslayer.contracts import tensors_only, validate_mhc_coeffs, validate_sinkhorn
+from crosslayer.contracts import check_coeff_grads, tensors_only, validate_mhc_coeffs, validate_sinkhorn
 from crosslayer.ref.hc import as_scalar
 
 
@@ -134,12 +134,7 @@ def mhc_coeffs_bwd(dalpha, dbeta, H, phi, a_pre, a_post, a_res, b, eps: float = 
     """
     validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters)
     lead, n, d = H.shape[:-2], H.shape[-2], H.shape[-1]
-    if dalpha is not None:
-        check_tensor("dalpha", dalpha)
-        check_shape("dalpha", dalpha, tuple(lead) + (n, n + 1), "(the shape of alpha)")
-    if dbeta is not None:
-        check_tensor("dbeta", dbeta)
-        check_shape("dbeta", dbeta, tuple(lead) + (n,), "(the shape of beta)")
+    check_coeff_grads(dalpha, dbeta, lead, n)
     check_same_device(**tensors_only(H=H, dalpha=dalpha, dbeta=dbeta))
     ct = compute_dtype(H, phi, b, dalpha, dbeta,
                        *tensors_only(a_pre=a_pre, a_post=a_post, a_res=a_res).values())
