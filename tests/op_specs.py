@@ -11,6 +11,8 @@ over every backend):
   launcher_errors(kernels, dev) calls of the launchers with bad arguments and the
                                 message each must raise
   big                           a GPU-sized case (many blocks: determinism, streams)
+  tiny                          a float64 gradcheck case (finite differences per element)
+  empty                         no tokens at all
   wide                          several warps a token, several tokens a block (the
                                 emulator's thread-order check)
   contract                      crosslayer.contracts' validator and traffic floor
@@ -44,7 +46,9 @@ SLOT_LAYOUTS = ("stride2", "tokens_transposed", "misaligned")
 
 @dataclass(frozen=True)
 class Case:
-    """One input configuration; `id` names it in test ids, `p` holds its sizes/flags."""
+    """One input configuration; `id` names it in test ids, `p` holds its sizes/flags.
+    `grad_outputs` (optional): the indices of the outputs that receive a gradient (the
+    others' backward input is None, the kernels' absent-gradient path); default all."""
 
     id: str
     p: Dict = field(default_factory=dict)
@@ -76,6 +80,8 @@ class OpSpec:
     launcher_errors: Callable[[object, torch.device], List[Tuple[Callable[[], object], str]]]
     big: Case  # many tokens at a real width: multi-block reductions (determinism on a GPU)
     wide: Case  # several warps a token and several tokens a block, emulator-sized
+    tiny: Case  # gradcheck-sized
+    empty: Case  # zero tokens
 
     @property
     def contract(self) -> Contract:
@@ -431,6 +437,33 @@ def mudd_weights_launcher_errors(kernels, device):
     ]
 
 
+# ------------------------------------------------------------------ the GPU matrices
+# Every dtype runs them on CUDA by default; the emulator runs them under --exhaustive.
+# Odd token counts; d = 1, 7 (scalar path), 129, 4099 (vector path with tails), 2048.
+
+HC_SHAPES = [((1,), 1), ((5,), 7), ((37,), 129), ((3, 11), 4099), ((64,), 2048)]
+
+
+def hc_matrix(ns, shapes=HC_SHAPES, flags=((),)):
+    """(lead, n, d) cases for every shape and n, cycling through `flags` (dicts of extra
+    parameters) so that every shape and every n sees each."""
+    out = []
+    for k, ((lead, d), n) in enumerate((shape, n) for shape in shapes for n in ns):
+        extra = dict(flags[k % len(flags)])
+        tag = "-".join(key if v is True else "grads" + "".join(map(str, v)) if key == "grad_outputs" else key
+                       for key, v in extra.items() if v is not False)
+        out.append((f"N{'x'.join(map(str, lead))}-n{n}-d{d}" + (f"-{tag}" if tag else ""),
+                    dict(lead=lead, n=n, d=d, **extra)))
+    return out
+
+
+DEPTH_SHAPES = [(1, (1,), 1, 1), (3, (5,), 7, 4), (13, (37,), 129, 4), (2, (3, 11), 4099, 3), (25, (64,), 2048, 4),
+                (5, (17,), 300, 6), (128, (3,), 33, 1)]  # (l, tok, d, C); C = 6: two way groups
+MUDD_SHAPES = [((1,), 1, 5, 4, 3), ((5,), 7, 1, 1, 1), ((37,), 129, 64, 4, 3), ((3, 11), 4099, 128, 4, 25),
+               ((67,), 2048, 128, 4, 25), ((19,), 2048, 200, 1, 25), ((45,), 129, 5, 1, 25),
+               ((2, 17), 1, 200, 4, 1)]  # (tok, d, K, C, l); K > 128: two column passes
+
+
 # ---------------------------------------------------------------------------- registry
 
 
@@ -448,10 +481,13 @@ SPECS: Tuple[OpSpec, ...] = (
                                                           (9, 8, 64, "stream_stride"), (17, 16, 33, "contiguous"),
                                                           (70, 5, 2200, "misaligned")]]
                                    + [(f"N5x7-n{n}-d131-{lay}", dict(lead=(5, 7), n=n, d=131, layout=lay))
-                                      for lay in STREAM_LAYOUTS for n in (4, 3)]),
+                                      for lay in STREAM_LAYOUTS for n in (4, 3)]
+                                   + hc_matrix((1, 2, 3, 4, 8, 16), flags=({}, dict(grad_outputs=(0,)), dict(static=True)))),
            opcheck_calls=hc_pre_opcheck, launcher_errors=hc_pre_launcher_errors,
            big=Case("N4099-n4-d2048", dict(lead=(4099,), n=4, d=2048)),
-           wide=Case("N3-n4-d2056", dict(lead=(3,), n=4, d=2056))),
+           wide=Case("N3-n4-d2056", dict(lead=(3,), n=4, d=2056)),
+           tiny=Case("N3-n2-d5", dict(lead=(3,), n=2, d=5)),
+           empty=Case("N0-n4-d8", dict(lead=(0,), n=4, d=8))),
     OpSpec("hc_post", hc_post_sample,
            cases=_cases(("N5x7-n4-d129", dict(lead=(5, 7), n=4, d=129)),
                         ("N11-n3-d7-misaligned-static", dict(lead=(11,), n=3, d=7, layout="misaligned", static=True)),
@@ -464,10 +500,13 @@ SPECS: Tuple[OpSpec, ...] = (
                                                               (17, 16, 33, "contiguous", True),
                                                               (300, 4, 2048, "contiguous", False)]]
                                    + [(f"N3x7-n{n}-d{d}-{lay}", dict(lead=(3, 7), n=n, d=d, layout=lay))
-                                      for lay in STREAM_LAYOUTS for n in (1, 4, 16) for d in (129, 2048)]),
+                                      for lay in STREAM_LAYOUTS for n in (1, 4, 16) for d in (129, 2048)]
+                                   + hc_matrix((1, 2, 3, 4, 8, 16), [((), 7), ((3,), 1), ((5,), 7), ((37,), 129), ((3, 9), 4099), ((33,), 2048)], flags=(dict(static=False), dict(static=True)))),
            opcheck_calls=hc_post_opcheck, launcher_errors=hc_post_launcher_errors,
            big=Case("N4099-n4-d2048", dict(lead=(4099,), n=4, d=2048)),
-           wide=Case("N3-n4-d2056", dict(lead=(3,), n=4, d=2056))),
+           wide=Case("N3-n4-d2056", dict(lead=(3,), n=4, d=2056)),
+           tiny=Case("N3-n2-d5", dict(lead=(3,), n=2, d=5)),
+           empty=Case("N0-n4-d8", dict(lead=(0,), n=4, d=8))),
     OpSpec("stream_mix", stream_mix_sample,
            cases=_cases(("N5x7-n4-d129", dict(lead=(5, 7), n=4, d=129)),
                         ("N11-n3-d7-misaligned-static", dict(lead=(11,), n=3, d=7, layout="misaligned", static=True))),
@@ -475,10 +514,13 @@ SPECS: Tuple[OpSpec, ...] = (
                                      for N, n, d, lay in [(1, 1, 1, "contiguous"), (33, 16, 515, "padded"),
                                                           (9, 8, 64, "stream_stride")]]
                                    + [(f"N3x7-n{n}-d{d}-{lay}", dict(lead=(3, 7), n=n, d=d, layout=lay))
-                                      for lay in STREAM_LAYOUTS for n in (1, 4, 16) for d in (129, 2048)]),
+                                      for lay in STREAM_LAYOUTS for n in (1, 4, 16) for d in (129, 2048)]
+                                   + hc_matrix((1, 2, 3, 4, 8, 16), [((), 7), ((3,), 1), ((5,), 7), ((37,), 129), ((3, 9), 4099), ((33,), 2048)], flags=(dict(static=False), dict(static=True)))),
            opcheck_calls=stream_mix_opcheck, launcher_errors=stream_mix_launcher_errors,
            big=Case("N4099-n4-d2048-static", dict(lead=(4099,), n=4, d=2048, static=True)),
-           wide=Case("N3-n4-d2056", dict(lead=(3,), n=4, d=2056))),
+           wide=Case("N3-n4-d2056", dict(lead=(3,), n=4, d=2056)),
+           tiny=Case("N3-n2-d5-static", dict(lead=(3,), n=2, d=5, static=True)),
+           empty=Case("N0x3-n4-d8", dict(lead=(0, 3), n=4, d=8))),
     OpSpec("mhc_coeffs", mhc_coeffs_sample,
            cases=_cases(("N7-n4-d24", dict(lead=(7,), n=4, d=24)),
                         ("N3x5-n3-d7-stream_stride", dict(lead=(3, 5), n=3, d=7, layout="stream_stride", iters=5))),
@@ -486,10 +528,13 @@ SPECS: Tuple[OpSpec, ...] = (
                                      for N, n, d, lay in [(1, 1, 1, "contiguous"), (19, 8, 129, "padded"),
                                                           (21, 5, 515, "misaligned"), (70, 4, 2200, "contiguous")]]
                                    + [(f"N5x7-n{n}-d131-{lay}", dict(lead=(5, 7), n=n, d=131, layout=lay))
-                                      for lay in STREAM_LAYOUTS for n in (4, 3)]),
+                                      for lay in STREAM_LAYOUTS for n in (4, 3)]
+                                   + hc_matrix((1, 2, 4, 5, 8), [((1,), 1), ((5,), 7), ((37,), 129), ((3, 11), 4099), ((70,), 2048)], flags=({}, dict(grad_outputs=(0,)), dict(grad_outputs=(1,))))),
            opcheck_calls=mhc_coeffs_opcheck, launcher_errors=mhc_coeffs_launcher_errors,
            big=Case("N4099-n4-d2048", dict(lead=(4099,), n=4, d=2048)),
-           wide=Case("N3-n4-d2056", dict(lead=(3,), n=4, d=2056))),
+           wide=Case("N3-n4-d2056", dict(lead=(3,), n=4, d=2056)),
+           tiny=Case("N2-n2-d3", dict(lead=(2,), n=2, d=3, iters=4)),
+           empty=Case("N0-n4-d8", dict(lead=(0,), n=4, d=8))),
     OpSpec("depth_aggregate", depth_aggregate_sample,
            cases=_cases(("l5-N3x4-d37-C4", dict(l=5, tok=(3, 4), d=37, C=4)),
                         ("l3-N9-d7-C1-static-stride2", dict(l=3, tok=(9,), d=7, C=1, static=True, layout="stride2")),
@@ -498,10 +543,13 @@ SPECS: Tuple[OpSpec, ...] = (
                                      for l, N, d, C, lay in [(1, 1, 1, 1, "contiguous"), (25, 4, 2048, 4, "contiguous"),
                                                              (13, 33, 129, 6, "stride2"), (128, 3, 64, 4, "contiguous")]]
                                    + [(f"l6-N7x5-d131-C4-{lay}", dict(l=6, tok=(7, 5), d=131, C=4, layout=lay))
-                                      for lay in SLOT_LAYOUTS]),
+                                      for lay in SLOT_LAYOUTS]
+                                   + [(f"l{l}-N{'x'.join(map(str, tok))}-d{d}-C{C}-{'static' if st else 'token'}", dict(l=l, tok=tok, d=d, C=C, static=st)) for l, tok, d, C in DEPTH_SHAPES for st in (False, True)]),
            opcheck_calls=depth_aggregate_opcheck, launcher_errors=depth_aggregate_launcher_errors,
            big=Case("l25-N4099-d2048-C4-static", dict(l=25, tok=(4099,), d=2048, C=4, static=True)),
-           wide=Case("l5-N3-d2056-C4", dict(l=5, tok=(3,), d=2056, C=4))),
+           wide=Case("l5-N3-d2056-C4", dict(l=5, tok=(3,), d=2056, C=4)),
+           tiny=Case("l3-N4-d5-C2", dict(l=3, tok=(4,), d=5, C=2)),
+           empty=Case("l3-N0-d8-C4", dict(l=3, tok=(0,), d=8, C=4))),
     OpSpec("depth_aggregate_qkv_norm", qkv_norm_sample,
            cases=_cases(("l3-N6-d70", dict(l=3, tok=(6,), d=70)),
                         ("l5-N2x3-d7-static-stride2", dict(l=5, tok=(2, 3), d=7, static=True, layout="stride2"))),
@@ -512,7 +560,9 @@ SPECS: Tuple[OpSpec, ...] = (
                                       for lay in SLOT_LAYOUTS]),
            opcheck_calls=qkv_norm_opcheck, launcher_errors=qkv_norm_launcher_errors,
            big=Case("l25-N4099-d2048-static", dict(l=25, tok=(4099,), d=2048, static=True)),
-           wide=Case("l5-N3-d2056", dict(l=5, tok=(3,), d=2056))),
+           wide=Case("l5-N3-d2056", dict(l=5, tok=(3,), d=2056)),
+           tiny=Case("l2-N3-d4", dict(l=2, tok=(3,), d=4)),
+           empty=Case("l3-N0-d8", dict(l=3, tok=(0,), d=8))),
     OpSpec("mudd_weights", mudd_weights_sample,
            cases=_cases(("N2x9-d40-K24-C4-l3", dict(tok=(2, 9), d=40, K=24, C=4, l=3)),
                         ("N5-d7-K5-C1-l2-tanh-strided", dict(tok=(5,), d=7, K=5, C=1, l=2, approximate="tanh",
@@ -521,10 +571,13 @@ SPECS: Tuple[OpSpec, ...] = (
                                      for N, d, K, C, l in [(1, 1, 1, 1, 1), (33, 129, 64, 4, 25),
                                                            (17, 2048, 200, 4, 3), (9, 4099, 128, 1, 13)]]
                                    + [(f"N5x7-d{d}-K128-C4-l25-strided", dict(tok=(5, 7), d=d, K=128, C=4, l=25,
-                                                                             strided=True)) for d in (129, 2048)]),
+                                                                             strided=True)) for d in (129, 2048)]
+                                   + [(f"N{'x'.join(map(str, tok))}-d{d}-K{K}-C{C}-l{l}-{ap}", dict(tok=tok, d=d, K=K, C=C, l=l, approximate=ap, bias_2d=ap == "tanh")) for tok, d, K, C, l in MUDD_SHAPES for ap in ("none", "tanh")]),
            opcheck_calls=mudd_weights_opcheck, launcher_errors=mudd_weights_launcher_errors,
            big=Case("N4099-d2048-K128-C4-l25", dict(tok=(4099,), d=2048, K=128, C=4, l=25)),
-           wide=Case("N9-d2056-K64-C4-l3", dict(tok=(9,), d=2056, K=64, C=4, l=3))),
+           wide=Case("N9-d2056-K64-C4-l3", dict(tok=(9,), d=2056, K=64, C=4, l=3)),
+           tiny=Case("N3-d6-K4-C2-l2", dict(tok=(3,), d=6, K=4, C=2, l=2)),
+           empty=Case("N0-d64-K16-C4-l3", dict(tok=(0,), d=64, K=16, C=4, l=3))),
 )
 
 BY_NAME: Dict[str, OpSpec] = {s.name: s for s in SPECS}

@@ -60,21 +60,24 @@ def as_tuple(out):
     return out if isinstance(out, tuple) else (out,)
 
 
-def run(call, module, tensors, grads=None):
+def run(call, module, tensors, grads=None, grad_outputs=None):
     """Outputs of call(module, *tensors) and the gradients of Σ <out, grad> with
-    respect to every input (fresh random grads when None; returned for reuse)."""
+    respect to every input (fresh random grads when None, returned for reuse), over the
+    outputs listed in grad_outputs (default all: the others get no gradient)."""
     leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
     outs = as_tuple(call(module, *leaves))
     if grads is None:
         grads = [torch.randn(o.shape, device=o.device) for o in outs]
-    torch.autograd.backward(list(outs), [g.to(o.dtype) for o, g in zip(outs, grads)])
-    return [o.detach() for o in outs], [t.grad for t in leaves], grads
+    chosen = range(len(outs)) if grad_outputs is None else grad_outputs
+    torch.autograd.backward([outs[i] for i in chosen], [grads[i].to(outs[i].dtype) for i in chosen])
+    grads_in = [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
+    return [o.detach() for o in outs], grads_in, grads
 
 
-def oracle_run(call, tensors, grads):
+def oracle_run(call, tensors, grads, grad_outputs=None):
     with emulate(None):
-        low = run(call, ref, tensors, grads)
-        high = run(call, ref, [t.double() for t in tensors], [g.double() for g in grads])
+        low = run(call, ref, tensors, grads, grad_outputs)
+        high = run(call, ref, [t.double() for t in tensors], [g.double() for g in grads], grad_outputs)
     return low, high
 
 
@@ -83,23 +86,56 @@ def dtypes_for(name):
             "cuda": [torch.float32, torch.bfloat16, torch.float16, torch.float64]}[name]
 
 
+def check_against_oracle(spec, case, dtype, device, exact=False):
+    """Outputs and input gradients of the public op against the oracle at the inputs'
+    dtype and in float64 under the policy (exact: equal to the oracle's bits)."""
+    sample = spec.sample(case, dtype, device)
+    which = case.get("grad_outputs")
+    outs, grads, douts = run(sample.call, ops, sample.tensors, grad_outputs=which)
+    if exact:
+        want_outs, want_grads, _ = run(sample.call, ref, sample.tensors, douts, which)
+        for what, got, want in zip(("out", "grad"), (outs, grads), (want_outs, want_grads)):
+            for i, (g, w) in enumerate(zip(got, want)):
+                torch.testing.assert_close(g, w, rtol=0, atol=0, msg=lambda m: f"{what} {i}: {m}")
+        return
+    (lo_outs, lo_grads, _), (hi_outs, hi_grads, _) = oracle_run(sample.call, sample.tensors, douts, which)
+    for i, (o, lo, hi) in enumerate(zip(outs, lo_outs, hi_outs)):
+        assert_policy(f"{spec.name} {dtype} output {i}", o, lo, hi)
+    for i, (g, lo, hi) in enumerate(zip(grads, lo_grads, hi_grads)):
+        assert_policy(f"{spec.name} {dtype} grad of input {i}", g, lo, hi)
+
+
 @pytest.mark.parametrize("spec, case", case_params(SPECS, exhaustive=True))
 def test_matches_oracle(backend, spec, case):
+    """Every case on the oracle path (bit-equal: dispatch and wrappers only), the
+    emulator and CUDA (under the policy, outputs NaN-poisoned on the emulator). On
+    CUDA the exhaustive cases, the GPU matrices, always run (conftest)."""
     name, device = backend
     for dtype in dtypes_for(name):
-        sample = spec.sample(case, dtype, device)
-        outs, grads, douts = run(sample.call, ops, sample.tensors)
-        if name == "oracle":  # the CPU path is the oracle itself: equal to the bit
-            want_outs, want_grads, _ = run(sample.call, ref, sample.tensors, douts)
-            for what, got, want in zip(("out", "grad"), (outs, grads), (want_outs, want_grads)):
-                for i, (g, w) in enumerate(zip(got, want)):
-                    torch.testing.assert_close(g, w, rtol=0, atol=0, msg=lambda m: f"{what} {i}: {m}")
-            continue
-        (lo_outs, lo_grads, _), (hi_outs, hi_grads, _) = oracle_run(sample.call, sample.tensors, douts)
-        for i, (o, lo, hi) in enumerate(zip(outs, lo_outs, hi_outs)):
-            assert_policy(f"{spec.name} {dtype} output {i}", o, lo, hi)
-        for i, (g, lo, hi) in enumerate(zip(grads, lo_grads, hi_grads)):
-            assert_policy(f"{spec.name} {dtype} grad of input {i}", g, lo, hi)
+        check_against_oracle(spec, case, dtype, device, exact=name == "oracle")
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+def test_empty_token_sets(backend, spec):
+    """Zero tokens: outputs and gradients of the right (empty) shapes, no launch error;
+    parameter gradients of a sum over no tokens are zero."""
+    _, device = backend
+    sample = spec.sample(spec.empty, torch.float32, device)
+    outs, grads, _ = run(sample.call, ops, sample.tensors)
+    want_outs, want_grads, _ = run(sample.call, ref, [t.cpu() for t in sample.tensors])
+    for got, want in zip(outs + grads, want_outs + want_grads):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert torch.equal(got.cpu(), want), "an empty token set must give the oracle's (zero) values"
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)
+def test_gradcheck_fp64(backend, spec):
+    """The kernels' backward against finite differences of their forward, in float64."""
+    _, device = backend
+    sample = spec.sample(spec.tiny, torch.float64, device)
+    leaves = [t.detach().clone().requires_grad_(True) for t in sample.tensors]
+    assert torch.autograd.gradcheck(lambda *t: sample.call(ops, *t), leaves)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)

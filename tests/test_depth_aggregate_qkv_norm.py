@@ -297,29 +297,6 @@ def test_global_workspace_path(cuda, dtype):
     check_backward_op(*flat(S, A), g, dtype, True)
 
 
-@gpu
-def test_empty_shapes(cuda):
-    S = torch.randn(3, 0, 8, device=cuda)
-    out = ops.depth_aggregate_qkv_norm(S, torch.randn(0, 4, 3, device=cuda), torch.randn(3, 8, device=cuda))
-    assert out.shape == (4, 0, 8)
-    S = torch.randn(3, 4, 0, device=cuda, requires_grad=True)
-    A = torch.randn(4, 4, 3, device=cuda, requires_grad=True)
-    g = torch.randn(3, 0, device=cuda, requires_grad=True)
-    out = ops.depth_aggregate_qkv_norm(S, A, g)
-    assert out.shape == (4, 4, 0)
-    out.sum().backward()
-    assert torch.equal(A.grad, torch.zeros_like(A))
-    assert g.grad.shape == (3, 0)
-
-
-@gpu
-def test_gradcheck_fp64(cuda):
-    for static in (False, True):
-        S, A, g = make_inputs(3, (2, 3), 5, dtype=F64, device=cuda, static=static)
-        args = (S.requires_grad_(True), A.requires_grad_(True), g.requires_grad_(True))
-        assert torch.autograd.gradcheck(lambda *a: ops.depth_aggregate_qkv_norm(*a, eps=EPS), args)
-
-
 # --------------------------------------------------------------------------- GPU: DenseFormer
 
 

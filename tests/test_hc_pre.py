@@ -25,7 +25,7 @@ import torch
 from crosslayer import ops, ref
 from crosslayer.ops.hc_pre import hc_pre_bwd_op, hc_pre_op
 from hc_inputs import make_streams
-from policy import assert_policy, poison_allocator
+from policy import assert_policy
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 EPS = 1e-6
@@ -145,54 +145,8 @@ def cuda(gpu_device):
     return gpu_device("hc_pre")
 
 
-NS = [1, 2, 3, 4, 8, 16]
-SHAPES = [((1,), 1), ((5,), 7), ((37,), 129), ((3, 11), 4099), ((64,), 2048)]  # (lead, d)
-
-
 def fwd_oracle(H, A, B, W, s_a, s_b):
     return ref.hc_pre(H, A, B, W, s_a, s_b, EPS)
-
-
-@gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", NS)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_forward_matches_oracle(cuda, dtype, n, shape):
-    lead, d = shape
-    H = torch.randn(*lead, n, d, device=cuda).to(dtype)
-    params = make_params(n, d, dtype=dtype, device=cuda)
-    poison_allocator(cuda)
-    x, alpha, beta, q, r = hc_pre_op(H, *params, EPS)
-    low = fwd_oracle(H, *params)
-    high = fwd_oracle(*double((H, *params)))
-    for name, got, lo, hi in zip(("x", "alpha", "beta"), (x, alpha, beta), low, high):
-        assert_policy(name, got, lo, hi)
-    # q and r are what the backward consumes: the oracle's projection.
-    Hc = H.to(alpha.dtype)
-    assert_policy("q", q, Hc @ params[2], H.double() @ params[2].double())
-    assert_policy("r", r, torch.rsqrt(Hc.square().mean(-1) + EPS),
-                  torch.rsqrt(H.double().square().mean(-1) + EPS))
-
-
-@gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", NS)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("coeff_grads", [True, False])
-def test_backward_op_matches_oracle(cuda, dtype, n, shape, coeff_grads):
-    lead, d = shape
-    H = torch.randn(*lead, n, d, device=cuda).to(dtype)
-    params = make_params(n, d, dtype=dtype, device=cuda)
-    dx, dalpha, dbeta = make_grads(lead, n, d, dtype=dtype, device=cuda)
-    if not coeff_grads:
-        dalpha = dbeta = None
-    _, _, _, q, r = hc_pre_op(H, *params, EPS)
-    poison_allocator(cuda)
-    got = hc_pre_bwd_op(dx, dalpha, dbeta, H, *params, q, r, EPS)
-    low = ref.hc_pre_bwd(dx, dalpha, dbeta, H, *params, eps=EPS)
-    high = ref.hc_pre_bwd(*double((dx, dalpha, dbeta, H, *params)), eps=EPS)
-    for name, g, lo, hi in zip(("dH", "dA", "dB", "dW", "ds_a", "ds_b"), got, low, high):
-        assert_policy(name, g, lo, hi)
 
 
 @gpu
@@ -232,24 +186,5 @@ def test_static_hc_through_stream_mix(cuda, dtype):
     high = ref.hc_pre_bwd(*double((dx, dalpha, dbeta, H, A, B)))
     for name, leaf, lo, hi in zip(("dH", "dA", "dB"), leaves, low[:3], high[:3]):
         assert_policy(name, leaf.grad, lo, hi)
-
-
-@gpu
-def test_empty_tokens(cuda):
-    H = torch.randn(0, 4, 8, device=cuda, requires_grad=True)
-    params = [t.requires_grad_(True) for t in make_params(4, 8, dtype=torch.float32, device=cuda)]
-    x, alpha, beta = ops.hc_pre(H, *params)
-    assert x.shape == (0, 8) and alpha.shape == (0, 4, 5) and beta.shape == (0, 4)
-    (x.sum() + alpha.sum() + beta.sum()).backward()
-    for p in params:
-        assert torch.equal(p.grad, torch.zeros_like(p))
-
-
-@gpu
-@pytest.mark.parametrize("n", [2, 3])
-def test_gradcheck_fp64(cuda, n):
-    H = torch.randn(2, 3, n, 5, device=cuda, dtype=torch.float64, requires_grad=True)
-    params = [t.requires_grad_(True) for t in make_params(n, 5, dtype=torch.float64, device=cuda)]
-    assert torch.autograd.gradcheck(lambda *a: ops.hc_pre(*a), (H, *params))
 
 
