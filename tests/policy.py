@@ -42,6 +42,12 @@ def assert_policy(name: str, out: torch.Tensor, ref_lowp: torch.Tensor, ref64: t
         )
 
 
+def oracle_pair(fn, *tensors):
+    """(the oracle at the inputs' dtype, the oracle in float64 on the same values): the
+    two references of assert_policy."""
+    return fn(*tensors), fn(*[t.double() for t in tensors])
+
+
 def poison_allocator(device, nbytes: int = 1 << 26) -> None:
     """Fill and free a block so the next allocations likely start as NaN: a kernel that
     skips an output element then fails assert_policy's NaN check."""

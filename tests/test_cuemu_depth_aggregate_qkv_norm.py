@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from crosslayer.ops.depth_aggregate_qkv_norm import _rstd
-from policy import assert_policy
-from test_depth_aggregate_qkv_norm import DTYPES, EPS, F64, bwd_oracle, eps_for, fwd_oracle, make_inputs, oracle_pair
+from policy import assert_policy, oracle_pair
+from test_depth_aggregate_qkv_norm import DTYPES, EPS, F64, bwd_oracle, eps_for, fwd_oracle, make_inputs
 
 pytestmark = pytest.mark.cuemu
 

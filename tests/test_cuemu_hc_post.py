@@ -15,9 +15,9 @@ import torch
 
 from crosslayer import ref
 from hc_inputs import STREAM_LAYOUTS, is_dense, make_streams, make_vec, stream_cases, uncollapsible_streams
-from policy import assert_policy
+from policy import assert_policy, oracle_pair
 from test_hc_post import (DTYPES, check_hc_post_bwd, check_stream_mix_bwd, make_coeffs, make_hc_post,
-                         make_stream_mix, oracle_pair)
+                         make_stream_mix)
 
 pytestmark = pytest.mark.cuemu
 

@@ -100,11 +100,6 @@ def test_custom_op_bwd_accumulates_cpu():
 gpu = pytest.mark.gpu
 
 
-def oracle_pair(fn, *tensors):
-    """(oracle at the inputs' dtype, oracle in float64 on the same values)."""
-    return fn(*tensors), fn(*[t.double() for t in tensors])
-
-
 @pytest.fixture
 def cuda(gpu_device):
     return gpu_device("depth_aggregate")

@@ -25,7 +25,7 @@ from crosslayer import ops, ref
 from crosslayer.ref.mudd import mudd_init_weights
 from crosslayer.ops.depth_aggregate_qkv_norm import depth_aggregate_qkv_norm_bwd_op, depth_aggregate_qkv_norm_op
 from op_specs import depth_slots
-from policy import assert_policy, poison_allocator
+from policy import assert_policy, oracle_pair, poison_allocator
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 F64 = torch.float64
@@ -187,11 +187,6 @@ def test_dwa_strided_slots_identity_start_cpu(dilation, period):
 # --------------------------------------------------------------------------- GPU
 
 gpu = pytest.mark.gpu
-
-
-def oracle_pair(fn, *tensors):
-    """(oracle at the inputs' dtype, oracle in float64 on the same values)."""
-    return fn(*tensors), fn(*[t.double() for t in tensors])
 
 
 @pytest.fixture

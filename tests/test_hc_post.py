@@ -24,7 +24,7 @@ from crosslayer._extension import _C
 from crosslayer.ops.hc_post import hc_post_bwd_op, hc_post_op
 from crosslayer.ops.stream_mix import stream_mix_bwd_op
 from hc_inputs import make_streams, make_vec
-from policy import assert_policy
+from policy import assert_policy, oracle_pair
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -150,11 +150,6 @@ def test_fused_ops_lists_hc_post_and_stream_mix():
 # --------------------------------------------------------------------------- GPU
 
 gpu = pytest.mark.gpu
-
-
-def oracle_pair(fn, *tensors):
-    """(oracle at the inputs' dtype, oracle in float64 on the same values)."""
-    return fn(*tensors), fn(*[t.double() for t in tensors])
 
 
 @pytest.fixture

@@ -126,7 +126,7 @@ def main(argv=None) -> int:
         first = ""
         if caught:
             with open(log, encoding="utf-8") as f:
-                first = next((line.split(" - ")[0] for line in f if line.startswith("FAILED")), "build failed")
+                first = next((line.split(" - ")[0].strip() for line in f if line.startswith("FAILED")), "build failed")
         else:
             missed.append(m.name)
         print(f"  {m.name:<32} {'caught' if caught else 'MISSED':<7} {time.time() - t:5.0f} s  "
