@@ -151,8 +151,11 @@ class MUDDFormerConfig(_ConfigIO):
         if self.n_local_heads == -1:
             self.n_local_heads = self.n_head
         if self.intermediate_size is None:
-            self.intermediate_size = _find_multiple(int(2 * (4 * self.dim) / 3), 256)
+            self.intermediate_size = self.default_intermediate_size()
         self.head_dim = self.dim // self.n_head
+
+    def default_intermediate_size(self) -> int:
+        return _find_multiple(int(2 * (4 * self.dim) / 3), 256)
 
 
 def _check_supported(cfg, name: str, rope_dims: int) -> None:
@@ -402,7 +405,7 @@ class MUDDDecoder(nn.Module):
     def __init__(self, config):
         super().__init__()
         name = type(self).__name__
-        if not isinstance(config, self.config_class):
+        if type(config) is not self.config_class:  # exact: MUDDPythiaConfig extends MUDDFormerConfig
             raise TypeError(f"{name} takes a {self.config_class.__name__}, got {type(config).__name__}")
         _check_supported(config, name, self.rope_dims(config))
         self.config = cfg = config

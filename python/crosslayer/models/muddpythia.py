@@ -46,58 +46,31 @@ I=10240.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crosslayer.models.muddformer import Attention, MUDDDecoder, TransformerBlock, _ConfigIO, ffn_width
+from crosslayer.models.muddformer import Attention, MUDDDecoder, MUDDFormerConfig, TransformerBlock, ffn_width
 
 __all__ = ["MUDDPythiaConfig", "MUDDPythia"]
 
 
 @dataclass
-class MUDDPythiaConfig(_ConfigIO):
-    """The release's MUDDPythiaConfig fields and defaults; `__post_init__` is its "post
-    init" (n_local_heads -1 -> n_head; intermediate_size None -> 4·dim; head_dim =
-    dim // n_head, whatever was given)."""
+class MUDDPythiaConfig(MUDDFormerConfig):
+    """The release's MUDDPythiaConfig: MUDDFormerConfig's fields with its own defaults
+    (vocab_size 32000, norm_eps 1e-5; intermediate_size None -> 4·dim) and three more
+    (parallel residual, linear biases, the rotary share of a head)."""
 
-    block_size: int = 2048
     vocab_size: int = 32000
-    n_layer: int = 32
-    n_head: int = 32
-    dim: int = 2560
-    intermediate_size: Optional[int] = None
-    n_local_heads: int = -1
-    head_dim: int = 64
-    rope_base: float = 10000
     norm_eps: float = 1e-5
-    use_gradient_checkpointing: bool = False
-    is_training: bool = False
-    use_qk_norm: bool = False
-    pad_token_id: Optional[int] = None
     use_parallel_residual: bool = True
     use_linear_bias: bool = True
     rotary_pct: float = 0.25
-    bos_token_id: int = 1
-    eos_token_id: int = 2
-    tie_word_embeddings: bool = False
-    use_layer_cache: bool = True
-    stack_hidden: bool = False
-    dense: bool = True
-    dynamic_dense: bool = True
-    sepln: bool = True
-    dense_type: str = "qkvr"
-    expand_last: bool = False
-    round64: bool = False
 
-    def __post_init__(self) -> None:
-        if self.n_local_heads == -1:
-            self.n_local_heads = self.n_head
-        if self.intermediate_size is None:
-            self.intermediate_size = 4 * self.dim
-        self.head_dim = self.dim // self.n_head
+    def default_intermediate_size(self) -> int:
+        return 4 * self.dim
 
 
 class GeluFeedForward(nn.Module):
