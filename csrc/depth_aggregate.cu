@@ -16,6 +16,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/layout.h"
 #include "kernels/depth_aggregate.cuh"
 #include "ops.h"
 
@@ -49,15 +50,6 @@ DepthAggregateShape check_depth_aggregate_inputs(const at::Tensor& S, const at::
     CL_CHECK_SHAPE(A, "A", "(N, C, l)", sh.N, sh.C, sh.l);
   }
   return sh;
-}
-
-bool vec_ok(const void* ptr, std::initializer_list<std::pair<int64_t, int64_t>> size_strides,
-            int vec) {
-  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
-  for (const auto& ss : size_strides) {
-    if (ss.first > 1 && ss.second % vec != 0) return false;
-  }
-  return true;
 }
 
 void set_weight_strides(DepthAggregateParams& p, const at::Tensor& A) {

@@ -24,6 +24,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/layout.h"
 #include "common/launch.h"
 #include "kernels/depth_aggregate_qkv_norm.cuh"
 #include "ops.h"
@@ -60,14 +61,6 @@ DaNormShape check_depth_aggregate_qkv_norm_inputs(const at::Tensor& S, const at:
   }
   CL_CHECK_SHAPE(g, "norm_weights", "(3, d)", kDaNormNormed, sh.d);
   return sh;
-}
-
-bool strides_vec_ok(const void* ptr, std::initializer_list<std::pair<int64_t, int64_t>> size_strides, int vec) {
-  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
-  for (const auto& ss : size_strides) {
-    if (ss.first > 1 && ss.second % vec != 0) return false;
-  }
-  return true;
 }
 
 void set_weight_strides(DaNormParams& p, const at::Tensor& A) {
@@ -169,8 +162,8 @@ std::vector<at::Tensor> depth_aggregate_qkv_norm_fwd(const at::Tensor& S_in, con
   CL_DISPATCH_FLOATING(S.scalar_type(), "depth_aggregate_qkv_norm_fwd", [&] {
     using acc = acc_t<scalar_t>;
     const int vec = kVec16<scalar_t>;
-    const bool vectorize = strides_vec_ok(p.s_ptr, {{sh.l, p.s_slot_stride}, {sh.N, p.s_token_stride}}, vec) &&
-                           strides_vec_ok(p.out_ptr, {{kDaNormWays, p.out_way_stride}, {sh.N, p.out_token_stride}}, vec);
+    const bool vectorize = vec_ok(p.s_ptr, {{sh.l, p.s_slot_stride}, {sh.N, p.s_token_stride}}, vec) &&
+                           vec_ok(p.out_ptr, {{kDaNormWays, p.out_way_stride}, {sh.N, p.out_token_stride}}, vec);
     CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
       constexpr int kVec = kVectorize ? kVec16<scalar_t> : 1;
       DaNormLaunch b = da_norm_block<acc>(sh.N, sh.d, p.n_slots, ld, kVec, false, device);
@@ -250,9 +243,9 @@ std::vector<at::Tensor> depth_aggregate_qkv_norm_bwd(const at::Tensor& dOut_in, 
     using acc = acc_t<scalar_t>;
     const int vec = kVec16<scalar_t>;
     const bool vectorize =
-        strides_vec_ok(p.s_ptr, {{sh.l, p.s_slot_stride}, {sh.N, p.s_token_stride}}, vec) &&
-        strides_vec_ok(p.dout_ptr, {{kDaNormWays, p.dout_way_stride}, {sh.N, p.dout_token_stride}}, vec) &&
-        strides_vec_ok(p.ds_ptr, {{sh.l, p.ds_slot_stride}, {sh.N, p.ds_token_stride}}, vec);
+        vec_ok(p.s_ptr, {{sh.l, p.s_slot_stride}, {sh.N, p.s_token_stride}}, vec) &&
+        vec_ok(p.dout_ptr, {{kDaNormWays, p.dout_way_stride}, {sh.N, p.dout_token_stride}}, vec) &&
+        vec_ok(p.ds_ptr, {{sh.l, p.ds_slot_stride}, {sh.N, p.ds_token_stride}}, vec);
     CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
       constexpr int kVec = kVectorize ? kVec16<scalar_t> : 1;
       DaNormLaunch b = da_norm_block<acc>(sh.N, sh.d, p.n_slots, ld, kVec, true, device);

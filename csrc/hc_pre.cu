@@ -10,7 +10,7 @@
 // are in the accumulator dtype (float64 for float64 H, float32 otherwise); parameter
 // gradients come back in their parameter's dtype, summed over tokens from per-block
 // partials by at::sum (deterministic). Every launch runs on the current stream and is
-// followed by a launch check. Static HC (no W) is stream_mix (hc_mix.cu).
+// followed by a launch check. Static HC (no W) is stream_mix (stream_mix.cu).
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -25,61 +25,16 @@
 #include "common/dispatch.h"
 #include "common/launch.h"
 #include "common/layout.h"
+#include "common/streams.h"
 #include "kernels/hc_pre.cuh"
 #include "ops.h"
 
 namespace crosslayer {
 namespace {
 
-// Runs the lambda with `constexpr int K_N` = n for n in {2, 4, 8}, else the generic 16.
-#define CL_HC_STREAMS_SWITCH(N, K_N, ...)    \
-  [&] {                                      \
-    switch (N) {                             \
-      case 2: {                              \
-        constexpr int K_N = 2;               \
-        return __VA_ARGS__();                \
-      }                                      \
-      case 4: {                              \
-        constexpr int K_N = 4;               \
-        return __VA_ARGS__();                \
-      }                                      \
-      case 8: {                              \
-        constexpr int K_N = 8;               \
-        return __VA_ARGS__();                \
-      }                                      \
-      default: {                             \
-        constexpr int K_N = kMaxStreams;     \
-        return __VA_ARGS__();                \
-      }                                      \
-    }                                        \
-  }()
-
-struct HcPreShape {
-  std::vector<int64_t> lead;  // token dims
-  int64_t N, n, d;
-};
-
-void check_scalar_tensor(const at::Tensor& s, const char* name, const at::Tensor& H) {
-  TORCH_CHECK(s.dim() == 0, name, " must be a 0-dim tensor, got shape ", s.sizes());
-  check_floating(s, name);
-  check_same_device(s, name, H);
-}
-
-HcPreShape check_hc_pre_inputs(const at::Tensor& H, const at::Tensor& A, const at::Tensor& B,
-                               const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b) {
-  CL_CHECK_CUDA(H, "H");
-  CL_CHECK_FLOATING(H, "H");
-  TORCH_CHECK(H.dim() >= 2, "H must have shape (..., n, d), got ", H.sizes());
-  HcPreShape sh;
-  sh.n = H.size(-2);
-  sh.d = H.size(-1);
-  TORCH_CHECK(sh.n >= 1 && sh.n <= kMaxStreams, "H must have 1 to ", kMaxStreams,
-              " streams (dim -2 of (..., n, d)), got n = ", sh.n);
-  TORCH_CHECK(sh.d >= 1, "H must have d >= 1 features for dynamic HC (its rms is over d), got ",
-              H.sizes());
-  sh.lead.assign(H.sizes().begin(), H.sizes().end() - 2);
-  sh.N = 1;
-  for (int64_t s : sh.lead) sh.N *= s;
+StreamsShape check_hc_pre_inputs(const at::Tensor& H, const at::Tensor& A, const at::Tensor& B,
+                                 const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b) {
+  const StreamsShape sh = check_streams(H, /*need_features=*/true);
   for (const auto& tn : {std::make_pair(&A, "A"), std::make_pair(&B, "B"), std::make_pair(&W, "W")}) {
     check_floating(*tn.first, tn.second);
     check_same_device(*tn.first, tn.second, H);
@@ -135,7 +90,7 @@ HcPreLaunch hc_pre_block(int64_t N, int64_t d, int vec, int64_t ldw, bool backwa
 std::vector<at::Tensor> hc_pre_fwd(const at::Tensor& H_in, const at::Tensor& A, const at::Tensor& B,
                                        const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b,
                                        double eps) {
-  const HcPreShape sh = check_hc_pre_inputs(H_in, A, B, W, s_a, s_b);
+  const StreamsShape sh = check_hc_pre_inputs(H_in, A, B, W, s_a, s_b);
   const c10::cuda::CUDAGuard guard(H_in.device());
   const at::ScalarType acc_type = acc_dtype(H_in.scalar_type());
   const auto acc_opts = H_in.options().dtype(acc_type);
@@ -183,7 +138,8 @@ std::vector<at::Tensor> hc_pre_fwd(const at::Tensor& H_in, const at::Tensor& A, 
                            vec_ok(p.x_ptr, p.x_tok, 0, vec);
     CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
       constexpr int kVec = kVectorize ? kVec16<scalar_t> : 1;
-      CL_HC_STREAMS_SWITCH(p.n, kN, [&] {
+      dispatch_streams<kMaxStreams, 2, 4, 8>(p.n, [&](auto kn) {
+        constexpr int kN = decltype(kn)::value;
         const HcPreLaunch b = hc_pre_block<acc, kN>(sh.N, d, kVec, ldw, false, device);
         auto kernel = hc_pre_fwd_kernel<scalar_t, kVec, kN>;
         allow_smem(kernel, b.smem_bytes);
@@ -201,7 +157,7 @@ std::vector<at::Tensor> hc_pre_bwd(const at::Tensor& dx_in, const std::optional<
                                        const at::Tensor& A, const at::Tensor& B, const at::Tensor& W,
                                        const at::Tensor& s_a, const at::Tensor& s_b, const at::Tensor& q,
                                        const at::Tensor& r) {
-  const HcPreShape sh = check_hc_pre_inputs(H_in, A, B, W, s_a, s_b);
+  const StreamsShape sh = check_hc_pre_inputs(H_in, A, B, W, s_a, s_b);
   const int64_t n = sh.n, d = sh.d, J = n + 2;
   const at::ScalarType acc_type = acc_dtype(H_in.scalar_type());
   check_per_token(dx_in, "dx", "(..., d)", with_tail(sh.lead, {d}), H_in);
@@ -267,7 +223,8 @@ std::vector<at::Tensor> hc_pre_bwd(const at::Tensor& dx_in, const std::optional<
                            vec_ok(p.dh_ptr, p.dh_tok, p.dh_stream_stride, vec);
     CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
       constexpr int kVec = kVectorize ? kVec16<scalar_t> : 1;
-      CL_HC_STREAMS_SWITCH(p.n, kN, [&] {
+      dispatch_streams<kMaxStreams, 2, 4, 8>(p.n, [&](auto kn) {
+        constexpr int kN = decltype(kn)::value;
         HcPreLaunch b = hc_pre_block<acc, kN>(sh.N, d, kVec, ldw, true, device);
         auto kernel = hc_pre_bwd_kernel<scalar_t, kVec, kN>;
         allow_smem(kernel, b.smem_bytes);

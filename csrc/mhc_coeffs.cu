@@ -33,24 +33,13 @@
 #include "common/dispatch.h"  // CL_BOOL_SWITCH
 #include "common/launch.h"
 #include "common/layout.h"
+#include "common/streams.h"
 #include "common/mma_pack.h"
 #include "kernels/mhc_coeffs.cuh"
 #include "ops.h"
 
 namespace crosslayer {
 namespace {
-
-// Runs the lambda with `constexpr int K_N` = 4 for n = 4, else the generic 16.
-#define CL_MHC_STREAMS_SWITCH(N, K_N, ...) \
-  [&] {                                    \
-    if ((N) == 4) {                        \
-      constexpr int K_N = 4;               \
-      return __VA_ARGS__();                \
-    } else {                               \
-      constexpr int K_N = kMaxStreams;     \
-      return __VA_ARGS__();                \
-    }                                      \
-  }()
 
 // Warps a proj/dh launch aims to have resident per SM (bytes in flight for HBM).
 constexpr int64_t kWarpsPerSm = 16;
@@ -59,39 +48,25 @@ constexpr int64_t kMmaMinD = 32;
 // Largest shared-memory Sinkhorn scale buffer (no opt-in needed); beyond it, global.
 constexpr int64_t kCbufSmemMax = 48 * 1024;
 
-struct MhcShape {
-  std::vector<int64_t> lead;  // token dims
-  int64_t N, n, d, M;
+struct MhcShape : StreamsShape {
+  int64_t M;  // n² + 2n coefficients per token
 };
 
 MhcShape check_mhc_inputs(const at::Tensor& H, const at::Tensor& phi, const at::Tensor& a_pre,
                           const at::Tensor& a_post, const at::Tensor& a_res, const at::Tensor& b,
                           int64_t iters) {
-  CL_CHECK_CUDA(H, "H");
-  CL_CHECK_FLOATING(H, "H");
-  TORCH_CHECK(H.dim() >= 2, "H must have shape (..., n, d), got ", H.sizes());
   MhcShape sh;
-  sh.n = H.size(-2);
-  sh.d = H.size(-1);
-  TORCH_CHECK(sh.n >= 1 && sh.n <= kMaxStreams, "H must have 1 to ", kMaxStreams,
-              " streams (dim -2 of (..., n, d)), got n = ", sh.n);
-  TORCH_CHECK(sh.d >= 1, "H must have d >= 1 features (its rms is over n·d), got ", H.sizes());
+  static_cast<StreamsShape&>(sh) = check_streams(H, /*need_features=*/true);
   sh.M = sh.n * sh.n + 2 * sh.n;
-  sh.lead.assign(H.sizes().begin(), H.sizes().end() - 2);
-  sh.N = 1;
-  for (int64_t s : sh.lead) sh.N *= s;
   check_floating(phi, "phi");
   check_same_device(phi, "phi", H);
   CL_CHECK_SHAPE(phi, "phi", "(n·d, n²+2n)", sh.n * sh.d, sh.M);
   check_floating(b, "b");
   check_same_device(b, "b", H);
   CL_CHECK_SHAPE(b, "b", "(n²+2n,)", sh.M);
-  for (const auto& tn : {std::make_pair(&a_pre, "a_pre"), std::make_pair(&a_post, "a_post"),
-                         std::make_pair(&a_res, "a_res")}) {
-    TORCH_CHECK(tn.first->dim() == 0, tn.second, " must be a 0-dim tensor, got shape ", tn.first->sizes());
-    check_floating(*tn.first, tn.second);
-    check_same_device(*tn.first, tn.second, H);
-  }
+  check_scalar_tensor(a_pre, "a_pre", H);
+  check_scalar_tensor(a_post, "a_post", H);
+  check_scalar_tensor(a_res, "a_res", H);
   TORCH_CHECK(iters >= 1, "iters must be >= 1, got ", iters);
   return sh;
 }
@@ -215,7 +190,8 @@ std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H_in, const at::Tensor&
     const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(p.splits));
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     CL_BOOL_SWITCH(vectorize, kVec, [&] {
-      CL_MHC_STREAMS_SWITCH(n, kN, [&] {
+      dispatch_streams<kMaxStreams, 4>(static_cast<int>(n), [&](auto kn) {
+        constexpr int kN = decltype(kn)::value;
         constexpr int kNT_ = MhcProjTiles<kN>::value;
         if (H.scalar_type() == at::kBFloat16) {
           mhc_proj_mma_kernel<__nv_bfloat16, kVec, kNT_><<<grid, kMhcThreads, 0, stream>>>(p);
@@ -236,7 +212,8 @@ std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H_in, const at::Tensor&
     p.ssp_ptr = ssp.data_ptr();
   }
 
-  CL_MHC_STREAMS_SWITCH(n, kN, [&] {
+  dispatch_streams<kMaxStreams, 4>(static_cast<int>(n), [&](auto kn) {
+    constexpr int kN = decltype(kn)::value;
     if (acc_type == at::kDouble) {
       launch_epilogue(mhc_fwd_epilogue_kernel<double, kN>, p, kN, 0);
     } else {
@@ -302,7 +279,8 @@ std::vector<at::Tensor> mhc_coeffs_bwd(const std::optional<at::Tensor>& dalpha,
     cbuf = at::empty({steps, blocks * kMhcEpiThreads}, acc_opts);
     p.cbuf_ptr = cbuf.data_ptr();
   }
-  CL_MHC_STREAMS_SWITCH(n, kN, [&] {
+  dispatch_streams<kMaxStreams, 4>(static_cast<int>(n), [&](auto kn) {
+    constexpr int kN = decltype(kn)::value;
     if (acc_type == at::kDouble) {
       launch_epilogue(mhc_bwd_epilogue_kernel<double, kN>, p, kN, smem);
     } else {

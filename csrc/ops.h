@@ -34,7 +34,7 @@ std::vector<at::Tensor> depth_aggregate_qkv_norm_bwd(const at::Tensor& dOut, con
                                                  const at::Tensor& rstd, const at::Tensor& dS,
                                                  bool accumulate);
 
-// hc_mix.cu
+// hc_post.cu, stream_mix.cu
 //   H (*lead, n, d), 1 <= n <= 16, any token/stream strides; y (*lead, d) of H's dtype;
 //   alpha (*lead, n, n+1) or (n, n+1); beta (*lead, n) or (n,) (coefficients of any
 //   float dtype, computed in float32, float64 for float64 H).

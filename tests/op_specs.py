@@ -285,7 +285,7 @@ def mhc_coeffs_launcher_errors(kernels, device):
         (lambda: fwd(H.new_zeros(2, 17, 2), H.new_zeros(34, 323), a_pre, a_post, a_res, H.new_zeros(323), *MHC_FLOATS),
          "H must have 1 to 16 streams"),
         (lambda: fwd(H[..., :0], phi[:0], a_pre, a_post, a_res, b, *MHC_FLOATS), r"H must have d >= 1"),
-        (lambda: fwd(H.new_zeros(8), phi, a_pre, a_post, a_res, b, *MHC_FLOATS), r"H must have shape \(\.\.\., n, d\)"),
+        (lambda: fwd(H.new_zeros(8), phi, a_pre, a_post, a_res, b, *MHC_FLOATS), r"H must have shape \(\*lead, n, d\)"),
         (lambda: bwd(alpha[:, :, :4], None, H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
          r"dalpha must have shape \(\.\.\., n, n\+1\)"),
         (lambda: bwd(None, beta[:2], H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS), r"dbeta must have shape \(\.\.\., n\)"),

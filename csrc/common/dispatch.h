@@ -7,6 +7,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #define CL_DISPATCH_FLOATING(TYPE, NAME, ...)                                            \
   [&] {                                                                                  \
     switch (TYPE) {                                                                      \
@@ -31,6 +33,16 @@
                     " (expected float32, bfloat16, float16 or float64)");                \
     }                                                                                    \
   }()
+
+// dispatch_streams<kGeneric, kExact...>(n, f) runs f(std::integral_constant<int, kN>{})
+// with kN = n when n is one of kExact (instantiations unrolled for that stream count),
+// else kN = kGeneric (the instantiation for every other n; 0 or kMaxStreams by the
+// kernel family's convention).
+template <int kGeneric, int... kExact, typename F>
+void dispatch_streams(int n, F&& f) {
+  const bool exact = ((n == kExact ? (f(std::integral_constant<int, kExact>{}), true) : false) || ...);
+  if (!exact) f(std::integral_constant<int, kGeneric>{});
+}
 
 // BOOL_SWITCH(cond, CONST, ...) runs the lambda with `constexpr bool CONST = cond`.
 #define CL_BOOL_SWITCH(COND, CONST, ...) \

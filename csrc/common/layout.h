@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <utility>
 #include <vector>
 
 #include "common/checks.h"
@@ -78,6 +79,16 @@ inline int64_t stream_stride(const at::Tensor& t) { return t.size(-2) > 1 ? t.st
 inline bool vec_ok(const void* ptr, const TokenLayout& tok, int64_t stream, int vec) {
   return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && tok.inner_stride % vec == 0 &&
          tok.outer_stride % vec == 0 && stream % vec == 0;
+}
+
+// The same for a tensor described by (size, stride) pairs of its non-feature dims (a
+// dim of size 1 never steps, so its stride does not matter).
+inline bool vec_ok(const void* ptr, std::initializer_list<std::pair<int64_t, int64_t>> size_strides, int vec) {
+  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
+  for (const auto& ss : size_strides) {
+    if (ss.first > 1 && ss.second % vec != 0) return false;
+  }
+  return true;
 }
 
 }  // namespace crosslayer

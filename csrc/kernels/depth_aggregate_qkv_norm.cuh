@@ -64,6 +64,7 @@
 #include <cstdint>
 
 #include "common/limits.h"
+#include "common/math.cuh"
 #include "common/reduce.cuh"
 #include "common/vec.cuh"
 
@@ -137,8 +138,6 @@ __host__ __device__ inline DaNormSmem da_norm_smem_layout(int rows, int warps, i
   return s;
 }
 
-__device__ __forceinline__ float da_norm_rsqrt(float x) { return rsqrtf(x); }
-__device__ __forceinline__ double da_norm_rsqrt(double x) { return rsqrt(x); }
 
 // Copies the (rows × 4 × l) weight tile of tokens t0.. into smem; missing tokens read 0.
 template <typename acc>
@@ -266,7 +265,7 @@ __global__ void __launch_bounds__(kDaNormThreads, kDaNormFwdMinBlocks)
       for (int c = 0; c < kDaNormNormed; ++c) {
         acc s = acc(0);
         for (int w = 0; w < warps; ++w) s += red[w * kDaNormNormed + c];
-        r[c] = da_norm_rsqrt(s / static_cast<acc>(d) + static_cast<acc>(p.eps));
+        r[c] = acc_rsqrt(s / static_cast<acc>(d) + static_cast<acc>(p.eps));
         if (tx == 0) rstd[c * p.n_tokens + t] = r[c];
       }
       for (int64_t e = tx * kVec; e < d; e += step) {

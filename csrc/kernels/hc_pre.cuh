@@ -51,6 +51,7 @@
 #include <cstdint>
 
 #include "common/limits.h"
+#include "common/math.cuh"
 #include "common/reduce.cuh"
 #include "common/tokens.cuh"
 #include "common/vec.cuh"
@@ -119,10 +120,6 @@ struct HcPreParams {
   bool dw_in_smem;  // dW partial of each row in shared memory (else in dw_ws, rows = 1)
 };
 
-__device__ __forceinline__ float acc_rsqrt(float x) { return rsqrtf(x); }
-__device__ __forceinline__ double acc_rsqrt(double x) { return rsqrt(x); }
-__device__ __forceinline__ float acc_tanh(float x) { return tanhf(x); }
-__device__ __forceinline__ double acc_tanh(double x) { return tanh(x); }
 
 // Number of coefficient-partial entries per stream: dA[i, 0..n], dB[i], ds_a, ds_b.
 __host__ __device__ constexpr int hc_pre_coef_stride(int n) { return n + 4; }

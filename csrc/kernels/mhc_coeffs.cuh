@@ -100,10 +100,11 @@
 #include <type_traits>
 
 #include "common/limits.h"
+#include "common/math.cuh"
+#include "common/mma.cuh"
 #include "common/reduce.cuh"
 #include "common/tokens.cuh"
 #include "common/vec.cuh"
-#include "kernels/mudd_weights.cuh"  // MmaOp, load8, split_bf16x2, acc_exp, acc_rsqrt_
 
 namespace crosslayer {
 
@@ -250,8 +251,6 @@ __global__ void __launch_bounds__(kMhcThreads) mhc_proj_mma_kernel(const MhcPara
 
 // ------------------------------------------------------------------------ Sinkhorn
 
-__device__ __forceinline__ float acc_sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
-__device__ __forceinline__ double acc_sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
 
 // Sum of v over the kN aligned lanes of the caller's group, the same bits in each lane.
 template <int kN, typename acc>
@@ -353,7 +352,7 @@ __global__ void __launch_bounds__(kMhcEpiThreads) mhc_fwd_epilogue_kernel(const 
   acc ss = acc(0);
   for (int sp = 0; sp < p.splits; ++sp) ss += ssp[sp * N + tc];
   const MhcRow<acc, kN> u = mhc_load_row<acc, kN>(up + tc * p.m_pad, N * p.m_pad, p.splits, n, row, active);
-  const acc r = acc_rsqrt_(ss / static_cast<acc>(static_cast<int64_t>(n) * p.d) + static_cast<acc>(p.eps));
+  const acc r = acc_rsqrt(ss / static_cast<acc>(static_cast<int64_t>(n) * p.d) + static_cast<acc>(p.eps));
   const acc a_pre = sc[0], a_post = sc[1], a_res = sc[2];
   const int rr = active ? row : 0;
   acc L[kN];

@@ -1,0 +1,136 @@
+// hc_tile: the token-tile phases the HC mixing kernels compose (hc_post, stream_mix, and
+// a fused post + pre boundary kernel to come).
+//
+// Thread mapping: a block is (threads_x, rows). Each row of threads (whole warps:
+// threads_x is a multiple of 32) owns one token at a time and walks its d features in
+// chunks of kVec contiguous elements, one chunk per thread per round; blocks
+// grid-stride over tokens, `rows` tokens per tile. The tile's coefficients are staged
+// in shared memory first (hc_tile_stage); afterwards every read of them is a
+// warp-uniform broadcast (one address per warp), so there are no bank conflicts.
+//
+// Registers: chunks are kept as loaded (Vec<T, kVec>: 16 bytes, 4 registers, whatever
+// T) and widened at each use; sums run in acc_t<T> (float; double for double). n is a
+// template parameter kN for the exact instantiations; kN = 0 is the generic one for
+// every other n in 1..16: loops run to kMaxStreams, fully unrolled and predicated on
+// `i < n`, so register arrays are only ever indexed by constants (a dynamically
+// indexed array would live in local memory).
+//
+// Reductions (coefficient gradients): per chunk round each dot is reduced across the
+// warp by shuffles and lane 0 adds it to the warp's own slot in shared memory; after
+// the token the warps' slots are summed in warp order (hc_tile_write_dots). The order of
+// every addition is fixed: results are bit-identical run to run.
+//
+// Assumptions (checked by the launchers):
+//   1) features have unit stride in every activation tensor; token strides are
+//      described by a TokenLayout, stream strides are free;
+//   2) with kVec > 1, every base pointer is 16-byte aligned and every token and stream
+//      stride is a multiple of kVec elements, so each full chunk is one 16-byte access;
+//   3) 1 <= n <= kMaxStreams; coefficients are in the accumulator dtype, one contiguous
+//      row per token (token stride 0 for static coefficients).
+#pragma once
+
+#include <cstdint>
+
+#include "common/limits.h"
+#include "common/reduce.cuh"
+#include "common/tokens.cuh"
+#include "common/vec.cuh"
+
+namespace crosslayer {
+
+constexpr int kHcTileThreads = 256;
+constexpr int kHcTileSmemBudget = 48 * 1024;
+// Resident blocks asked of every tile kernel: 1, so that ptxas gives each variant the
+// registers it needs (a higher minimum makes it cap registers and spill in the generic
+// n <= 16 backward).
+constexpr int kHcTileMinBlocks = 1;
+
+// Block shape for a launch: threads_x covers the feature chunks of one token (a
+// multiple of 32, at most 256); rows = tokens per tile, filling 256 threads when d is
+// small, within the shared-memory budget. Shared memory per row: `coef_per_row`
+// coefficients plus, in a backward, `dots_per_warp` partials per warp.
+struct HcTileBlock {
+  int threads_x;
+  int rows;
+  int smem_bytes;
+};
+
+inline HcTileBlock hc_tile_block(int64_t n_tokens, int64_t d, int vec, int coef_per_row, int dots_per_warp,
+                                 int acc_bytes) {
+  const int64_t chunks = (d + vec - 1) / vec;
+  const int64_t rounded = ((chunks + 31) / 32) * 32;
+  HcTileBlock b;
+  b.threads_x = static_cast<int>(rounded < kHcTileThreads ? rounded : kHcTileThreads);
+  if (b.threads_x < 32) b.threads_x = 32;
+  const int warps_per_row = b.threads_x / 32;
+  const int row_bytes = acc_bytes * (coef_per_row + warps_per_row * dots_per_warp);
+  int rows = kHcTileThreads / b.threads_x;
+  if (rows > kHcTileSmemBudget / row_bytes) rows = kHcTileSmemBudget / row_bytes;
+  if (rows > n_tokens) rows = static_cast<int>(n_tokens);
+  if (rows < 1) rows = 1;
+  b.rows = rows;
+  b.smem_bytes = rows * row_bytes;
+  return b;
+}
+
+// Starts tile t0 (every thread of the block calls it: two barriers). Waits until the
+// previous tile's readers are done with shared memory, copies `per_row` coefficients of
+// each token t0 + r (r < rows) into coef_s (`=`): the first `split` from `first` (row
+// stride s0), the rest from `second` (row stride s1), tokens past the end as zero; sets
+// the `n_part` partial slots at part_s to zero; and waits until all of it is visible.
+template <typename acc>
+__device__ __forceinline__ void hc_tile_stage(acc* __restrict__ coef_s, int64_t t0, int64_t n_tokens,
+                                              int per_row, int split, const acc* __restrict__ first,
+                                              int64_t s0, const acc* __restrict__ second, int64_t s1,
+                                              acc* __restrict__ part_s, int n_part) {
+  __syncthreads();
+  const int stride = blockDim.x * blockDim.y;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int total = blockDim.y * per_row;
+  for (int i = tid; i < total; i += stride) {
+    const int r = i / per_row;
+    const int j = i % per_row;
+    const int64_t t = t0 + r;
+    acc v = acc(0);
+    if (t < n_tokens) v = j < split ? first[t * s0 + j] : second[t * s1 + (j - split)];
+    coef_s[i] = v;
+  }
+  for (int i = tid; i < n_part; i += stride) part_s[i] = acc(0);
+  __syncthreads();
+}
+
+// Loads this thread's chunk at feature e of the n streams of one token (stream i at
+// tok + i·stream_stride) into h[0..n).
+template <typename T, int kVec, int kMax>
+__device__ __forceinline__ void load_stream_chunks(Vec<T, kVec> (&h)[kMax], const T* __restrict__ tok,
+                                                   int64_t stream_stride, int n, int64_t e, int64_t d) {
+#pragma unroll
+  for (int i = 0; i < kMax; ++i) {
+    if (i < n) h[i] = load_chunk_raw<T, kVec>(tok + i * stream_stride, e, d);
+  }
+}
+
+// Finishes a backward tile, after a barrier that makes every warp's partials visible:
+// sums the per-warp partials of the tile's dots in warp order and writes one row per
+// token (`=`): `cols` values, value j from partial slot slot_of(j) (negative: a
+// structural zero), to out + t·cols + j.
+template <typename acc, typename SlotOf>
+__device__ __forceinline__ void hc_tile_write_dots(const acc* __restrict__ part, int64_t t0, int64_t n_tokens,
+                                                   int warps_per_row, int dots_per_warp, int cols,
+                                                   SlotOf slot_of, acc* __restrict__ out) {
+  const int total = blockDim.y * cols;
+  for (int i = threadIdx.y * blockDim.x + threadIdx.x; i < total; i += blockDim.x * blockDim.y) {
+    const int r = i / cols;
+    const int j = i % cols;
+    const int64_t t = t0 + r;
+    if (t >= n_tokens) continue;
+    const int slot = slot_of(j);
+    acc sum = acc(0);
+    if (slot >= 0) {
+      for (int w = 0; w < warps_per_row; ++w) sum += part[(r * warps_per_row + w) * dots_per_warp + slot];
+    }
+    out[t * cols + j] = sum;
+  }
+}
+
+}  // namespace crosslayer

@@ -1,0 +1,120 @@
+// Launchers of stream_mix (kernels in kernels/stream_mix.cuh).
+//
+//   stream_mix_fwd(H (*lead, n, d), w) -> x (*lead, d), contiguous
+//   stream_mix_bwd(dx, H, w) -> {dH (H's layout), dw}
+//
+// w: (*lead, n) per token or (n,) static, any float dtype, converted to the accumulator
+// dtype (float64 for float64 H, float32 otherwise); dw comes back in it with w's shape
+// (summed over tokens when static, by at::sum: deterministic). Token layouts as in
+// hc_post.cu. Every launch runs on the current stream and is followed by a launch check.
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <vector>
+
+#include "common/dispatch.h"
+#include "common/streams.h"
+#include "kernels/stream_mix.cuh"
+#include "ops.h"
+
+namespace crosslayer {
+namespace {
+
+// The checked inputs of both directions, the tensors the kernels read and the params
+// both directions share.
+struct StreamMixInputs {
+  StreamsShape sh;
+  bool static_w;
+  at::Tensor H, w;
+  StreamMixParams p{};
+};
+
+StreamMixInputs stream_mix_inputs(const at::Tensor& H, const at::Tensor& w) {
+  StreamMixInputs in;
+  in.sh = check_streams(H, /*need_features=*/false);
+  const StreamsShape& sh = in.sh;
+  in.static_w = check_coeff(w, "w", H, sh, "(n,)", "(*lead, n)", {sh.n});
+  if (sh.N == 0 || sh.d == 0) return in;
+  StreamMixParams& p = in.p;
+  p.n_tokens = sh.N;
+  p.d = sh.d;
+  p.n = static_cast<int>(sh.n);
+  in.H = readable(H, 2, &p.h_tok);
+  in.w = coeff_rows(w, acc_dtype(H.scalar_type()));
+  p.h_stream_stride = stream_stride(in.H);
+  p.w_token_stride = in.static_w ? 0 : sh.n;
+  p.h_ptr = in.H.data_ptr();
+  p.w_ptr = in.w.data_ptr();
+  return in;
+}
+
+template <typename T, bool kBackward>
+void launch_stream_mix(const StreamMixParams& p, bool vectorize) {
+  using acc = acc_t<T>;
+  const int n = p.n;
+  const HcTileBlock b = hc_tile_block(p.n_tokens, p.d, vectorize ? kVec16<T> : 1, n, kBackward ? n : 0, sizeof(acc));
+  const dim3 grid = token_tile_grid(p.n_tokens, b.rows);
+  const dim3 block(b.threads_x, b.rows);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
+    constexpr int kVec = kVectorize ? kVec16<T> : 1;
+    dispatch_streams<0, 2, 4, 8>(n, [&](auto kn) {
+      constexpr int kN = decltype(kn)::value;
+      if constexpr (kBackward) {
+        stream_mix_bwd_kernel<T, kVec, kN><<<grid, block, b.smem_bytes, stream>>>(p);
+      } else {
+        stream_mix_fwd_kernel<T, kVec, kN><<<grid, block, b.smem_bytes, stream>>>(p);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+}  // namespace
+
+at::Tensor stream_mix_fwd(const at::Tensor& H_in, const at::Tensor& w_in) {
+  StreamMixInputs in = stream_mix_inputs(H_in, w_in);
+  const c10::cuda::CUDAGuard guard(H_in.device());
+  at::Tensor x = at::empty(with_tail(in.sh.lead, {in.sh.d}), H_in.options());
+  if (in.sh.N == 0 || in.sh.d == 0) return x;
+  StreamMixParams& p = in.p;
+  collapse_token_dims(x.sizes().data(), x.strides().data(), static_cast<int>(in.sh.lead.size()), &p.x_tok);
+  p.x_ptr = x.data_ptr();
+  CL_DISPATCH_FLOATING(H_in.scalar_type(), "stream_mix_fwd", [&] {
+    const int vec = kVec16<scalar_t>;
+    const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) && vec_ok(p.x_ptr, p.x_tok, 0, vec);
+    launch_stream_mix<scalar_t, false>(p, vectorize);
+  });
+  return x;
+}
+
+std::vector<at::Tensor> stream_mix_bwd(const at::Tensor& dx_in, const at::Tensor& H_in, const at::Tensor& w_in) {
+  StreamMixInputs in = stream_mix_inputs(H_in, w_in);
+  const StreamsShape& sh = in.sh;
+  check_activation(dx_in, "dx", H_in, "(*lead, d)", with_tail(sh.lead, {sh.d}));
+  const c10::cuda::CUDAGuard guard(H_in.device());
+  const at::TensorOptions acc_opts = H_in.options().dtype(acc_dtype(H_in.scalar_type()));
+  at::Tensor dH = at::empty_like(H_in);
+  if (sh.N == 0 || sh.d == 0) return {dH, at::zeros(w_in.sizes(), acc_opts)};
+  at::Tensor dw_tok = at::empty({sh.N, sh.n}, acc_opts);
+  StreamMixParams& p = in.p;
+  const at::Tensor g = readable(dx_in, 1, &p.g_tok);
+  at::Tensor dh = writable(dH, 2, &p.dh_tok);
+  p.dh_stream_stride = stream_stride(dh);
+  p.g_ptr = g.data_ptr();
+  p.dh_ptr = dh.data_ptr();
+  p.dw_ptr = dw_tok.data_ptr();
+  CL_DISPATCH_FLOATING(H_in.scalar_type(), "stream_mix_bwd", [&] {
+    const int vec = kVec16<scalar_t>;
+    const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) && vec_ok(p.g_ptr, p.g_tok, 0, vec) &&
+                           vec_ok(p.dh_ptr, p.dh_tok, p.dh_stream_stride, vec);
+    launch_stream_mix<scalar_t, true>(p, vectorize);
+  });
+  copy_back(dH, dh);
+  at::Tensor dw = in.static_w ? dw_tok.sum(0) : dw_tok.view(w_in.sizes());
+  return {dH, dw};
+}
+
+}  // namespace crosslayer
