@@ -12,14 +12,11 @@
 // the batch dim); other token layouts and a non-unit feature stride are copied once.
 // Every launch runs on the current stream and is followed by a launch check.
 
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <vector>
 
-#include "common/dispatch.h"
-#include "common/streams.h"
+#include "hc_tile.h"
 #include "kernels/hc_post.cuh"
 #include "ops.h"
 
@@ -46,44 +43,16 @@ HcPostInputs hc_post_inputs(const at::Tensor& H, const at::Tensor& y, const at::
   if (sh.N == 0 || sh.d == 0) return in;
   HcPostParams& p = in.p;
   const at::ScalarType acc = acc_dtype(H.scalar_type());
-  p.n_tokens = sh.N;
-  p.d = sh.d;
-  p.n = static_cast<int>(sh.n);
-  in.H = readable(H, 2, &p.h_tok);
+  in.H = fill_tile_streams(p, sh, H);
   in.y = readable(y, 1, &p.y_tok);
   in.alpha = coeff_rows(alpha, acc);
   in.beta = coeff_rows(beta, acc);
-  p.h_stream_stride = stream_stride(in.H);
   p.a_token_stride = in.static_alpha ? 0 : sh.n * (sh.n + 1);
   p.b_token_stride = in.static_beta ? 0 : sh.n;
-  p.h_ptr = in.H.data_ptr();
   p.y_ptr = in.y.data_ptr();
   p.a_ptr = in.alpha.data_ptr();
   p.b_ptr = in.beta.data_ptr();
   return in;
-}
-
-template <typename T, bool kBackward>
-void launch_hc_post(const HcPostParams& p, bool vectorize) {
-  using acc = acc_t<T>;
-  const int n = p.n;
-  const HcTileBlock b = hc_tile_block(p.n_tokens, p.d, vectorize ? kVec16<T> : 1, n * (n + 2),
-                                      kBackward ? n * (n + 1) : 0, sizeof(acc));
-  const dim3 grid = token_tile_grid(p.n_tokens, b.rows);
-  const dim3 block(b.threads_x, b.rows);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
-    constexpr int kVec = kVectorize ? kVec16<T> : 1;
-    dispatch_streams<0, 2, 4, 8>(n, [&](auto kn) {
-      constexpr int kN = decltype(kn)::value;
-      if constexpr (kBackward) {
-        hc_post_bwd_kernel<T, kVec, kN><<<grid, block, b.smem_bytes, stream>>>(p);
-      } else {
-        hc_post_fwd_kernel<T, kVec, kN><<<grid, block, b.smem_bytes, stream>>>(p);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
 }
 
 }  // namespace
@@ -102,7 +71,10 @@ at::Tensor hc_post_fwd(const at::Tensor& H_in, const at::Tensor& y_in, const at:
     const int vec = kVec16<scalar_t>;
     const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) && vec_ok(p.y_ptr, p.y_tok, 0, vec) &&
                            vec_ok(p.out_ptr, p.out_tok, p.out_stream_stride, vec);
-    launch_hc_post<scalar_t, false>(p, vectorize);
+    launch_hc_tile<scalar_t>(p, vectorize, p.n * (p.n + 2), 0, [&](auto kvec, auto kn, dim3 grid, dim3 block, int smem,
+                                                               cudaStream_t stream) {
+      hc_post_fwd_kernel<scalar_t, decltype(kvec)::value, decltype(kn)::value><<<grid, block, smem, stream>>>(p);
+    });
   });
   copy_back(out, o);
   return out;
@@ -138,7 +110,10 @@ std::vector<at::Tensor> hc_post_bwd(const at::Tensor& dHn_in, const at::Tensor& 
     const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) && vec_ok(p.y_ptr, p.y_tok, 0, vec) &&
                            vec_ok(p.g_ptr, p.g_tok, p.g_stream_stride, vec) &&
                            vec_ok(p.dh_ptr, p.dh_tok, p.dh_stream_stride, vec) && vec_ok(p.dy_ptr, p.dy_tok, 0, vec);
-    launch_hc_post<scalar_t, true>(p, vectorize);
+    launch_hc_tile<scalar_t>(p, vectorize, p.n * (p.n + 2), p.n * (p.n + 1),
+                             [&](auto kvec, auto kn, dim3 grid, dim3 block, int smem, cudaStream_t stream) {
+      hc_post_bwd_kernel<scalar_t, decltype(kvec)::value, decltype(kn)::value><<<grid, block, smem, stream>>>(p);
+    });
   });
   copy_back(dH, dh);
   at::Tensor dalpha = in.static_alpha ? dalpha_tok.sum(0) : dalpha_tok.view(alpha_in.sizes());

@@ -8,14 +8,11 @@
 // (summed over tokens when static, by at::sum: deterministic). Token layouts as in
 // hc_post.cu. Every launch runs on the current stream and is followed by a launch check.
 
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <vector>
 
-#include "common/dispatch.h"
-#include "common/streams.h"
+#include "hc_tile.h"
 #include "kernels/stream_mix.cuh"
 #include "ops.h"
 
@@ -38,38 +35,11 @@ StreamMixInputs stream_mix_inputs(const at::Tensor& H, const at::Tensor& w) {
   in.static_w = check_coeff(w, "w", H, sh, "(n,)", "(*lead, n)", {sh.n});
   if (sh.N == 0 || sh.d == 0) return in;
   StreamMixParams& p = in.p;
-  p.n_tokens = sh.N;
-  p.d = sh.d;
-  p.n = static_cast<int>(sh.n);
-  in.H = readable(H, 2, &p.h_tok);
+  in.H = fill_tile_streams(p, sh, H);
   in.w = coeff_rows(w, acc_dtype(H.scalar_type()));
-  p.h_stream_stride = stream_stride(in.H);
   p.w_token_stride = in.static_w ? 0 : sh.n;
-  p.h_ptr = in.H.data_ptr();
   p.w_ptr = in.w.data_ptr();
   return in;
-}
-
-template <typename T, bool kBackward>
-void launch_stream_mix(const StreamMixParams& p, bool vectorize) {
-  using acc = acc_t<T>;
-  const int n = p.n;
-  const HcTileBlock b = hc_tile_block(p.n_tokens, p.d, vectorize ? kVec16<T> : 1, n, kBackward ? n : 0, sizeof(acc));
-  const dim3 grid = token_tile_grid(p.n_tokens, b.rows);
-  const dim3 block(b.threads_x, b.rows);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
-    constexpr int kVec = kVectorize ? kVec16<T> : 1;
-    dispatch_streams<0, 2, 4, 8>(n, [&](auto kn) {
-      constexpr int kN = decltype(kn)::value;
-      if constexpr (kBackward) {
-        stream_mix_bwd_kernel<T, kVec, kN><<<grid, block, b.smem_bytes, stream>>>(p);
-      } else {
-        stream_mix_fwd_kernel<T, kVec, kN><<<grid, block, b.smem_bytes, stream>>>(p);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
 }
 
 }  // namespace
@@ -85,7 +55,10 @@ at::Tensor stream_mix_fwd(const at::Tensor& H_in, const at::Tensor& w_in) {
   CL_DISPATCH_FLOATING(H_in.scalar_type(), "stream_mix_fwd", [&] {
     const int vec = kVec16<scalar_t>;
     const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) && vec_ok(p.x_ptr, p.x_tok, 0, vec);
-    launch_stream_mix<scalar_t, false>(p, vectorize);
+    launch_hc_tile<scalar_t>(p, vectorize, p.n, 0, [&](auto kvec, auto kn, dim3 grid, dim3 block, int smem,
+                                                       cudaStream_t stream) {
+      stream_mix_fwd_kernel<scalar_t, decltype(kvec)::value, decltype(kn)::value><<<grid, block, smem, stream>>>(p);
+    });
   });
   return x;
 }
@@ -110,7 +83,10 @@ std::vector<at::Tensor> stream_mix_bwd(const at::Tensor& dx_in, const at::Tensor
     const int vec = kVec16<scalar_t>;
     const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) && vec_ok(p.g_ptr, p.g_tok, 0, vec) &&
                            vec_ok(p.dh_ptr, p.dh_tok, p.dh_stream_stride, vec);
-    launch_stream_mix<scalar_t, true>(p, vectorize);
+    launch_hc_tile<scalar_t>(p, vectorize, p.n, p.n, [&](auto kvec, auto kn, dim3 grid, dim3 block, int smem,
+                                                         cudaStream_t stream) {
+      stream_mix_bwd_kernel<scalar_t, decltype(kvec)::value, decltype(kn)::value><<<grid, block, smem, stream>>>(p);
+    });
   });
   copy_back(dH, dh);
   at::Tensor dw = in.static_w ? dw_tok.sum(0) : dw_tok.view(w_in.sizes());

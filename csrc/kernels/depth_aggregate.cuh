@@ -40,8 +40,8 @@ constexpr int kDepthAggregateMaxThreads = 256;
 constexpr int kDepthAggregateSmemBudget = 48 * 1024;
 // Resident 256-thread blocks asked of the backward (at most 128 registers a thread):
 // its unrolled slot loop keeps up to four 16-byte loads (S_j, dS_j for two slots) in
-// flight per thread, 32 KB per SM, enough to cover HBM latency. Asking for 3 blocks
-// (85 registers) made the 16-bit 4-way variant spill under ptxas 13.0.
+// flight per thread, 32 KB per SM, enough to cover HBM latency; more blocks would cap
+// the 16-bit 4-way variant below its register need (bench/NOTES.md).
 constexpr int kDepthAggregateBwdMinBlocks = 2;
 
 struct DepthAggregateParams {

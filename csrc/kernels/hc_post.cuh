@@ -24,14 +24,7 @@
 
 namespace crosslayer {
 
-struct HcPostParams {
-  using index_t = int64_t;
-  index_t n_tokens;  // N
-  index_t d;         // features (unit stride everywhere)
-  int n;             // streams
-  // H (*lead, n, d), activation dtype.
-  TokenLayout h_tok;
-  index_t h_stream_stride;
+struct HcPostParams : HcTileParams {  // H
   // y (*lead, d).
   TokenLayout y_tok;
   // alpha (N, n, n+1) and beta (N, n), accumulator dtype, contiguous rows;
@@ -48,7 +41,6 @@ struct HcPostParams {
   index_t dh_stream_stride;
   TokenLayout dy_tok;
   // dalpha (N, n, n+1) and dbeta (N, n): contiguous rows, accumulator dtype.
-  const void* __restrict__ h_ptr;
   const void* __restrict__ y_ptr;
   const void* __restrict__ a_ptr;
   const void* __restrict__ b_ptr;

@@ -71,12 +71,12 @@ struct HcPreConfig {
   // The generic instantiation (kJ = 18) also halves it: its partial sums are kG·19.
   static constexpr int kG = kN < 4 ? kN : (sizeof(acc) == 8 || kN == kMaxStreams ? 2 : 4);
   // Resident 256-thread blocks asked of ptxas: 2 (at most 128 registers a thread); 1 for
-  // fp64, a correctness dtype whose generic instantiation spilled at 128.
+  // fp64, a correctness dtype whose generic instantiation needs more than 128.
   static constexpr int kMinBlocks = sizeof(acc) == 8 ? 1 : 2;
   static constexpr int kJ = kN + 2;  // bound on the projections per stream
-  // Register caches beyond n = 2 made ptxas spill at 128 registers (sm_90, nvcc 13.0);
-  // without them the write pass re-reads the token's H (an L2 hit: it was read a few
-  // microseconds earlier by the same block).
+  // The token's H is cached in registers for the write pass only at n = 2 (beyond, the
+  // cache does not fit 128 registers); otherwise the write pass re-reads it (an L2 hit:
+  // the same block read it just before).
   static constexpr int kFwdCache = kN == 2 ? 1 : 0;
   static constexpr int kBwdCache = kN == 2 ? 1 : 0;
 };

@@ -45,6 +45,18 @@ constexpr int kHcTileSmemBudget = 48 * 1024;
 // n <= 16 backward).
 constexpr int kHcTileMinBlocks = 1;
 
+// The streams every tile kernel reads: H (*lead, n, d) in the activation dtype, tokens
+// through h_tok, streams h_stream_stride apart (features unit stride).
+struct HcTileParams {
+  using index_t = int64_t;
+  index_t n_tokens;  // N
+  index_t d;         // features (unit stride everywhere)
+  int n;             // streams
+  TokenLayout h_tok;
+  index_t h_stream_stride;
+  const void* __restrict__ h_ptr;
+};
+
 // Block shape for a launch: threads_x covers the feature chunks of one token (a
 // multiple of 32, at most 256); rows = tokens per tile, filling 256 threads when d is
 // small, within the shared-memory budget. Shared memory per row: `coef_per_row`

@@ -1,19 +1,9 @@
 // mhc_coeffs: manifold-constrained Hyper-Connections (mHC) coefficients, forward and
 // backward (launchers in mhc_coeffs.cu; the oracle is crosslayer/ref/mhc.py).
 //
-// Napkin math (DESIGN.md "Traffic floors": n·d elements a token forward, 2n·d backward).
-// H100, 3.0 TB/s copy bandwidth, bf16, N = 16384, d = 2048, n = 4 (M = n²+2n = 24):
-//   forward  floor: read H = 16384·8192·2 B = 268 MB -> 0.089 ms. Also moved: the split-K
-//            partials (3 splits at this size: 3·16384·25·4 B = 4.9 MB, written and read
-//            back), u and r for the backward and alpha/beta (3.3 MB): ~3 % over the floor,
-//            ~0.105 ms at 88 % of copy bandwidth, plus ~25 µs of phi packing (pad, hi/lo
-//            split, permute: small kernels): predicted ~0.13 ms (1.45× the floor).
-//   backward floor: read H, write dH = 537 MB -> 0.179 ms. This version also reads H a
-//            second time for dphi = xfᵀ·du (cuBLAS, +268 MB): 814 MB -> ~0.31 ms, plus the
-//            Sinkhorn epilogue (~20-40 µs, latency-bound at 4 lanes a token) and packing:
-//            predicted ~0.37 ms (2× the floor; fwd+bwd ~0.50 ms vs 0.268 ms).
-//   Arithmetic: 2·M = 48 FLOP per element of H; on tensor cores (two mma per fragment
-//   for phi = hi + lo, three for bf16) that is ~13 GFLOP forward, < 3 % of the bf16 mma rate.
+// Traffic (DESIGN.md): the forward reads H once (plus the split-K partials, u, r and
+// the coefficients); the backward reads H, writes dH, and reads H again for
+// dphi = xfᵀ·du (cuBLAS). Napkin math and counts: bench/NOTES.md.
 //
 // Math, per token t: xf = vec(H_t) ∈ R^{n·d} (stream-major), phi: (n·d, M)
 //   forward
@@ -45,12 +35,11 @@
 //       fp32 accumulate) with phi as 16-bit parts of H's own dtype (H is exact in it):
 //       fp16: hi + lo of phi·2^k, k chosen on the device so that max|phi|·2^k lies in
 //             [2^14, 2^15) (fp16's narrow exponent range would flush the lo parts of a
-//             small phi to subnormals: phi ~ 1e-4 gave u 1e-2 off), the partials scaled
-//             back by 2^-k (exact); residual 2^-22 relative;
+//             small phi to subnormals), the partials scaled back by 2^-k (exact);
+//             residual 2^-22 relative;
 //       bf16: hi + lo + rest (the bf16 of phi − hi − lo), three mma a fragment: hi + lo
 //             alone leaves 2^-17 relative in u, which the parameter gradients (sums over
-//             tokens, fp32 outputs, floor 1e-5) do not absorb (cuemu: da_post 1.117e-5
-//             off with bound 1.113e-5 at N = 19, n = 2, d = 129); residual 2^-25.
+//             tokens, fp32 outputs, floor 1e-5) do not absorb; residual 2^-25.
 //       kNT n-tiles (8 columns each) a pass: 3 for n = 4 (M = 24, one pass), 8 for the
 //       generic instantiation (passes of 64 columns; H is re-read per pass).
 //   mhc_fwd_epilogue_kernel<acc, kN>   sums the splits in split order, then rms scale,
@@ -192,8 +181,8 @@ __global__ void __launch_bounds__(kMhcThreads) mhc_proj_mma_kernel(const MhcPara
     float acc[kNT][4];
 #pragma unroll
     for (int j = 0; j < kNT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-    // Two chunks in flight; one for bf16, whose third part of phi made ptxas spill at
-    // unroll 2 (sm_90, 4-28 bytes, every layout of the rest fragments tried).
+    // Two chunks in flight; one for bf16, whose third part of phi does not fit the
+    // registers twice.
 #pragma unroll(kRest ? 1 : 2)
     for (int64_t c = c_begin; c < c_end; ++c) {
       const int64_t i = c / p.cps;

@@ -29,17 +29,13 @@
 // Accuracy of the tensor-core products. W1 is fp32; rounding it to 16 bits (2^-9) is
 // far outside DESIGN.md's policy, so W1 is split into hi + lo 16-bit parts (x's own
 // dtype: x is exact in it) and x·W1 = x·W1_hi + x·W1_lo, two mma per fragment into one
-// fp32 accumulator (residual 2^-17 relative; measured on CPU at d = 4099: 4× inside
-// the policy bound, hi only fails by 100×). fp16: W1·2^k is split, k chosen on the
-// device so that max|W1|·2^k lies in [2^14, 2^15) (common/mma_pack.h,
-// fp16_split_scale), and the kernel scales u by 2^-k (exact): unscaled, W1 ~ 1e-4/√d
-// has subnormal lo (and hi) parts, and cuemu showed A 0.8x (W1 scale 1e-2) and 70-115x
-// (1e-4) of the policy bound. bf16 needs no scaling, and hi + lo suffice: at W1 scales
-// 1, 1e-2, 1e-4 and N up to 4000 (the dW1 / dW2 sums over tokens) cuemu measured every
-// output at most 0.53x of its bound (unlike mhc_coeffs, whose scalar da_post failed at
-// 1.004x with hi + lo and took a third part of phi). In dx both operands are fp32 (g and W1):
-// bf16 hi/lo of each and g_hi·W_hi + g_lo·W_hi + g_hi·W_lo (three mma; one alone
-// fails the policy for fp16 dx).
+// fp32 accumulator (residual 2^-17 relative; hi alone is far outside the policy).
+// fp16: W1·2^k is split, k chosen on the device so that max|W1|·2^k lies in
+// [2^14, 2^15) (common/mma_pack.h, fp16_split_scale), and the kernel scales u by 2^-k
+// (exact): unscaled, a small W1 has subnormal lo (and hi) parts. bf16 needs no scaling,
+// and hi + lo suffice here (unlike mhc_coeffs, whose scalar parameter gradients take a
+// third part of phi). In dx both operands are fp32 (g and W1): bf16 hi/lo of each and
+// g_hi·W_hi + g_lo·W_hi + g_hi·W_lo (three mma; one alone fails the policy for fp16 dx).
 //
 // Fragment layout (PTX ISA, mma.m16n8k16, row.col): lane = 4·grp + tig;
 //   A (16×16): a0 = (row grp, k 2tig..+1), a1 = (row grp+8, same k),

@@ -17,14 +17,7 @@
 
 namespace crosslayer {
 
-struct StreamMixParams {
-  using index_t = int64_t;
-  index_t n_tokens;  // N
-  index_t d;         // features (unit stride everywhere)
-  int n;             // streams
-  // H (*lead, n, d), activation dtype.
-  TokenLayout h_tok;
-  index_t h_stream_stride;
+struct StreamMixParams : HcTileParams {  // H
   // w (N, n), accumulator dtype, contiguous rows; token stride 0 for static w.
   index_t w_token_stride;
   // x (*lead, d), forward output; dx (*lead, d), backward input.
@@ -33,7 +26,6 @@ struct StreamMixParams {
   // dH (*lead, n, d), backward output; dw (N, n) contiguous rows, accumulator dtype.
   TokenLayout dh_tok;
   index_t dh_stream_stride;
-  const void* __restrict__ h_ptr;
   const void* __restrict__ w_ptr;
   void* __restrict__ x_ptr;
   const void* __restrict__ g_ptr;
