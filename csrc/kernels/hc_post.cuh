@@ -52,18 +52,21 @@ struct HcPostParams : HcTileParams {  // H
   void* __restrict__ db_ptr;
 };
 
-// Forward of one token by its row of threads: out_k = b_row[k]·y + Σ_i a_row[i(n+1) +
-// 1 + k]·h_i over the d features (`=`). No barrier, no shuffle.
+// Forward of token t by its row of threads: H'_k = beta_k·y + Σ_i alpha[i, 1+k]·H_i over
+// the d features (`=`), a_row / b_row the token's staged alpha / beta. No barrier, no
+// shuffle. Phases take the params by reference, so sizes and strides stay
+// constant-bank operands instead of registers.
 template <typename T, int kVec, int kN, typename acc>
-__device__ __forceinline__ void hc_post_token(const T* __restrict__ h_tok, int64_t h_stream_stride,
-                                              const T* __restrict__ y_tok, T* __restrict__ out_tok,
-                                              int64_t out_stream_stride, int64_t d, const acc* __restrict__ a_row,
+__device__ __forceinline__ void hc_post_token(const HcPostParams& p, int64_t t, const acc* __restrict__ a_row,
                                               const acc* __restrict__ b_row, int n) {
   constexpr int kMax = kN > 0 ? kN : kMaxStreams;
-  for (int64_t e = threadIdx.x * kVec; e < d; e += blockDim.x * kVec) {
+  const T* __restrict__ h_tok = static_cast<const T*>(p.h_ptr) + p.h_tok.offset(t);
+  const T* __restrict__ y_tok = static_cast<const T*>(p.y_ptr) + p.y_tok.offset(t);
+  T* __restrict__ out_tok = static_cast<T*>(p.out_ptr) + p.out_tok.offset(t);
+  for (int64_t e = threadIdx.x * kVec; e < p.d; e += blockDim.x * kVec) {
     Vec<T, kVec> h[kMax];
-    load_stream_chunks<T, kVec, kMax>(h, h_tok, h_stream_stride, n, e, d);
-    const Vec<T, kVec> yv = load_chunk_raw<T, kVec>(y_tok, e, d);
+    load_stream_chunks<T, kVec, kMax>(h, h_tok, p.h_stream_stride, n, e, p.d);
+    const Vec<T, kVec> yv = load_chunk_raw<T, kVec>(y_tok, e, p.d);
 #pragma unroll(kN > 0 ? kN : 1)
     for (int k = 0; k < n; ++k) {
       const acc b = b_row[k];
@@ -78,7 +81,7 @@ __device__ __forceinline__ void hc_post_token(const T* __restrict__ h_tok, int64
           for (int v = 0; v < kVec; ++v) o[v] += a * to_acc(h[i].v[v]);
         }
       }
-      store_chunk<T, kVec>(out_tok + k * out_stream_stride, e, d, o);
+      store_chunk<T, kVec>(out_tok + k * p.out_stream_stride, e, p.d, o);
     }
   }
 }
@@ -110,34 +113,36 @@ __device__ __forceinline__ void mix_grads_and_dot(const Vec<T, kVec> (&g)[kMax],
   }
 }
 
-// Backward of one token by its row of threads: dy and dH_i (`=`) over the d features,
-// the warp's dot partials added (`+=`) to part (dalpha[i][k] at i·n + k, dbeta[k] at
+// Backward of token t by its row of threads: dy and dH_i (`=`) over the d features, the
+// warp's dot partials added (`+=`) to part (dalpha[i][k] at i·n + k, dbeta[k] at
 // n² + k). Every lane of the row calls it: the chunk loop is warp-uniform.
 template <typename T, int kVec, int kN, typename acc>
-__device__ __forceinline__ void hc_post_token_bwd(const T* __restrict__ g_tok, int64_t g_stream_stride,
-                                                  const T* __restrict__ y_tok, const T* __restrict__ h_tok,
-                                                  int64_t h_stream_stride, T* __restrict__ dh_tok,
-                                                  int64_t dh_stream_stride, T* __restrict__ dy_tok, int64_t d,
-                                                  const acc* __restrict__ a_row, const acc* __restrict__ b_row,
-                                                  int n, acc* __restrict__ part, int lane) {
+__device__ __forceinline__ void hc_post_token_bwd(const HcPostParams& p, int64_t t, const acc* __restrict__ a_row,
+                                                  const acc* __restrict__ b_row, int n, acc* __restrict__ part,
+                                                  int lane) {
   constexpr int kMax = kN > 0 ? kN : kMaxStreams;
-  for (int64_t e0 = 0; e0 < d; e0 += static_cast<int64_t>(blockDim.x) * kVec) {
+  const T* __restrict__ h_tok = static_cast<const T*>(p.h_ptr) + p.h_tok.offset(t);
+  const T* __restrict__ y_tok = static_cast<const T*>(p.y_ptr) + p.y_tok.offset(t);
+  const T* __restrict__ g_tok = static_cast<const T*>(p.g_ptr) + p.g_tok.offset(t);
+  T* __restrict__ dh_tok = static_cast<T*>(p.dh_ptr) + p.dh_tok.offset(t);
+  T* __restrict__ dy_tok = static_cast<T*>(p.dy_ptr) + p.dy_tok.offset(t);
+  for (int64_t e0 = 0; e0 < p.d; e0 += static_cast<int64_t>(blockDim.x) * kVec) {
     const int64_t e = e0 + threadIdx.x * kVec;
     Vec<T, kVec> g[kMax];
-    load_stream_chunks<T, kVec, kMax>(g, g_tok, g_stream_stride, n, e, d);
+    load_stream_chunks<T, kVec, kMax>(g, g_tok, p.g_stream_stride, n, e, p.d);
     {  // dy and dbeta from y's chunk
-      const Vec<T, kVec> yv = load_chunk_raw<T, kVec>(y_tok, e, d);
+      const Vec<T, kVec> yv = load_chunk_raw<T, kVec>(y_tok, e, p.d);
       acc dy[kVec];
       mix_grads_and_dot<T, kVec, kMax>(g, n, b_row, yv, dy, part + n * n, lane);
-      store_chunk<T, kVec>(dy_tok, e, d, dy);
+      store_chunk<T, kVec>(dy_tok, e, p.d, dy);
     }
     // dH_i and dalpha[i, 1 + k] from H_i's chunk, one stream at a time.
 #pragma unroll(kN > 0 ? kN : 1)
     for (int i = 0; i < n; ++i) {
-      const Vec<T, kVec> hv = load_chunk_raw<T, kVec>(h_tok + i * h_stream_stride, e, d);
+      const Vec<T, kVec> hv = load_chunk_raw<T, kVec>(h_tok + i * p.h_stream_stride, e, p.d);
       acc dh[kVec];
       mix_grads_and_dot<T, kVec, kMax>(g, n, a_row + i * (n + 1) + 1, hv, dh, part + i * n, lane);
-      store_chunk<T, kVec>(dh_tok + i * dh_stream_stride, e, d, dh);
+      store_chunk<T, kVec>(dh_tok + i * p.dh_stream_stride, e, p.d, dh);
     }
   }
 }
@@ -151,15 +156,12 @@ __global__ void __launch_bounds__(kHcTileThreads, kHcTileMinBlocks) hc_post_fwd_
   const int per_row = n * (n + 2);
   const int64_t rows = blockDim.y;
   for (int64_t t0 = blockIdx.x * rows; t0 < p.n_tokens; t0 += gridDim.x * rows) {
-    hc_tile_stage(coef_s, t0, p.n_tokens, per_row, n * (n + 1), static_cast<const acc*>(p.a_ptr), p.a_token_stride,
-                  static_cast<const acc*>(p.b_ptr), p.b_token_stride, coef_s, 0);
+    hc_tile_stage<false>(coef_s, t0, p.n_tokens, per_row, n * (n + 1), static_cast<const acc*>(p.a_ptr),
+                         p.a_token_stride, static_cast<const acc*>(p.b_ptr), p.b_token_stride, coef_s, 0);
     const int64_t t = t0 + threadIdx.y;
     if (t >= p.n_tokens) continue;
     const acc* __restrict__ a_row = coef_s + threadIdx.y * per_row;  // alpha[i][c] at i(n+1)+c
-    hc_post_token<T, kVec, kN>(static_cast<const T*>(p.h_ptr) + p.h_tok.offset(t), p.h_stream_stride,
-                               static_cast<const T*>(p.y_ptr) + p.y_tok.offset(t),
-                               static_cast<T*>(p.out_ptr) + p.out_tok.offset(t), p.out_stream_stride, p.d, a_row,
-                               a_row + n * (n + 1), n);
+    hc_post_token<T, kVec, kN>(p, t, a_row, a_row + n * (n + 1), n);
   }
 }
 
@@ -176,20 +178,16 @@ __global__ void __launch_bounds__(kHcTileThreads, kHcTileMinBlocks) hc_post_bwd_
   acc* __restrict__ part_s = coef_s + rows * per_row;            // [rows][warps][dots]
   for (int64_t t0 = static_cast<int64_t>(blockIdx.x) * rows; t0 < p.n_tokens;
        t0 += static_cast<int64_t>(gridDim.x) * rows) {
-    hc_tile_stage(coef_s, t0, p.n_tokens, per_row, n * (n + 1), static_cast<const acc*>(p.a_ptr), p.a_token_stride,
-                  static_cast<const acc*>(p.b_ptr), p.b_token_stride, part_s, rows * warps_per_row * dots);
+    hc_tile_stage<true>(coef_s, t0, p.n_tokens, per_row, n * (n + 1), static_cast<const acc*>(p.a_ptr),
+                        p.a_token_stride, static_cast<const acc*>(p.b_ptr), p.b_token_stride, part_s,
+                        rows * warps_per_row * dots);
     const int64_t t = t0 + threadIdx.y;
     // Rows are whole warps, so this branch is warp-uniform (the shuffles need every
     // lane); lanes past the row end work on zeros.
     if (t < p.n_tokens) {
       const acc* __restrict__ a_row = coef_s + threadIdx.y * per_row;
       acc* __restrict__ part = part_s + (threadIdx.y * warps_per_row + threadIdx.x / kWarpSize) * dots;
-      hc_post_token_bwd<T, kVec, kN>(static_cast<const T*>(p.g_ptr) + p.g_tok.offset(t), p.g_stream_stride,
-                                     static_cast<const T*>(p.y_ptr) + p.y_tok.offset(t),
-                                     static_cast<const T*>(p.h_ptr) + p.h_tok.offset(t), p.h_stream_stride,
-                                     static_cast<T*>(p.dh_ptr) + p.dh_tok.offset(t), p.dh_stream_stride,
-                                     static_cast<T*>(p.dy_ptr) + p.dy_tok.offset(t), p.d, a_row, a_row + n * (n + 1),
-                                     n, part, threadIdx.x % kWarpSize);
+      hc_post_token_bwd<T, kVec, kN>(p, t, a_row, a_row + n * (n + 1), n, part, threadIdx.x % kWarpSize);
     }
     __syncthreads();
     const int np1 = n + 1;

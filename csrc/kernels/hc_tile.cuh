@@ -89,17 +89,16 @@ inline HcTileBlock hc_tile_block(int64_t n_tokens, int64_t d, int vec, int coef_
 // previous tile's readers are done with shared memory, copies `per_row` coefficients of
 // each token t0 + r (r < rows) into coef_s (`=`): the first `split` from `first` (row
 // stride s0), the rest from `second` (row stride s1), tokens past the end as zero; sets
-// the `n_part` partial slots at part_s to zero; and waits until all of it is visible.
-template <typename acc>
+// the `n_part` partial slots at part_s to zero (backward kernels, kPartials; compiled out
+// otherwise, where it would cost registers); and waits until all of it is visible.
+template <bool kPartials, typename acc>
 __device__ __forceinline__ void hc_tile_stage(acc* __restrict__ coef_s, int64_t t0, int64_t n_tokens,
                                               int per_row, int split, const acc* __restrict__ first,
                                               int64_t s0, const acc* __restrict__ second, int64_t s1,
                                               acc* __restrict__ part_s, int n_part) {
   __syncthreads();
-  const int stride = blockDim.x * blockDim.y;
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   const int total = blockDim.y * per_row;
-  for (int i = tid; i < total; i += stride) {
+  for (int i = threadIdx.y * blockDim.x + threadIdx.x; i < total; i += blockDim.x * blockDim.y) {
     const int r = i / per_row;
     const int j = i % per_row;
     const int64_t t = t0 + r;
@@ -107,7 +106,9 @@ __device__ __forceinline__ void hc_tile_stage(acc* __restrict__ coef_s, int64_t 
     if (t < n_tokens) v = j < split ? first[t * s0 + j] : second[t * s1 + (j - split)];
     coef_s[i] = v;
   }
-  for (int i = tid; i < n_part; i += stride) part_s[i] = acc(0);
+  if constexpr (kPartials) {
+    for (int i = threadIdx.y * blockDim.x + threadIdx.x; i < n_part; i += blockDim.x * blockDim.y) part_s[i] = acc(0);
+  }
   __syncthreads();
 }
 

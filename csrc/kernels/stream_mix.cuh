@@ -33,47 +33,49 @@ struct StreamMixParams : HcTileParams {  // H
   void* __restrict__ dw_ptr;
 };
 
-// Forward of one token by its row of threads: x = Σ_i w_row[i]·h_i over the d features
-// (`=`). No barrier, no shuffle.
+// Forward of token t by its row of threads: x = Σ_i w_row[i]·H_i over the d features
+// (`=`). No barrier, no shuffle. Params by reference, as in hc_post.cuh.
 template <typename T, int kVec, int kN, typename acc>
-__device__ __forceinline__ void stream_mix_token(const T* __restrict__ h_tok, int64_t h_stream_stride,
-                                                 T* __restrict__ x_tok, int64_t d, const acc* __restrict__ w_row,
+__device__ __forceinline__ void stream_mix_token(const StreamMixParams& p, int64_t t, const acc* __restrict__ w_row,
                                                  int n) {
   constexpr int kMax = kN > 0 ? kN : kMaxStreams;
-  for (int64_t e = threadIdx.x * kVec; e < d; e += blockDim.x * kVec) {
+  const T* __restrict__ h_tok = static_cast<const T*>(p.h_ptr) + p.h_tok.offset(t);
+  T* __restrict__ x_tok = static_cast<T*>(p.x_ptr) + p.x_tok.offset(t);
+  for (int64_t e = threadIdx.x * kVec; e < p.d; e += blockDim.x * kVec) {
     acc x[kVec];
 #pragma unroll
     for (int v = 0; v < kVec; ++v) x[v] = acc(0);
 #pragma unroll
     for (int i = 0; i < kMax; ++i) {
       if (i < n) {
-        const Vec<T, kVec> hv = load_chunk_raw<T, kVec>(h_tok + i * h_stream_stride, e, d);
+        const Vec<T, kVec> hv = load_chunk_raw<T, kVec>(h_tok + i * p.h_stream_stride, e, p.d);
         const acc w = w_row[i];
 #pragma unroll
         for (int v = 0; v < kVec; ++v) x[v] += w * to_acc(hv.v[v]);
       }
     }
-    store_chunk<T, kVec>(x_tok, e, d, x);
+    store_chunk<T, kVec>(x_tok, e, p.d, x);
   }
 }
 
-// Backward of one token by its row of threads: dH_i = w_row[i]·dx (`=`) over the d
+// Backward of token t by its row of threads: dH_i = w_row[i]·dx (`=`) over the d
 // features, and part[i] += <dx, H_i> summed over the warp's chunks (lane 0 adds).
 // Every lane of the row calls it: the chunk loop is warp-uniform (warp_sum).
 template <typename T, int kVec, int kN, typename acc>
-__device__ __forceinline__ void stream_mix_token_bwd(const T* __restrict__ g_tok, const T* __restrict__ h_tok,
-                                                     int64_t h_stream_stride, T* __restrict__ dh_tok,
-                                                     int64_t dh_stream_stride, int64_t d,
+__device__ __forceinline__ void stream_mix_token_bwd(const StreamMixParams& p, int64_t t,
                                                      const acc* __restrict__ w_row, int n, acc* __restrict__ part,
                                                      int lane) {
   constexpr int kMax = kN > 0 ? kN : kMaxStreams;
-  for (int64_t e0 = 0; e0 < d; e0 += static_cast<int64_t>(blockDim.x) * kVec) {
+  const T* __restrict__ h_tok = static_cast<const T*>(p.h_ptr) + p.h_tok.offset(t);
+  const T* __restrict__ g_tok = static_cast<const T*>(p.g_ptr) + p.g_tok.offset(t);
+  T* __restrict__ dh_tok = static_cast<T*>(p.dh_ptr) + p.dh_tok.offset(t);
+  for (int64_t e0 = 0; e0 < p.d; e0 += static_cast<int64_t>(blockDim.x) * kVec) {
     const int64_t e = e0 + threadIdx.x * kVec;
-    const Vec<T, kVec> gv = load_chunk_raw<T, kVec>(g_tok, e, d);
+    const Vec<T, kVec> gv = load_chunk_raw<T, kVec>(g_tok, e, p.d);
 #pragma unroll
     for (int i = 0; i < kMax; ++i) {
       if (i < n) {
-        const Vec<T, kVec> hv = load_chunk_raw<T, kVec>(h_tok + i * h_stream_stride, e, d);
+        const Vec<T, kVec> hv = load_chunk_raw<T, kVec>(h_tok + i * p.h_stream_stride, e, p.d);
         const acc w = w_row[i];
         acc dh[kVec];
         acc dot = acc(0);
@@ -83,7 +85,7 @@ __device__ __forceinline__ void stream_mix_token_bwd(const T* __restrict__ g_tok
           dh[v] = w * g;
           dot += g * to_acc(hv.v[v]);
         }
-        store_chunk<T, kVec>(dh_tok + i * dh_stream_stride, e, d, dh);
+        store_chunk<T, kVec>(dh_tok + i * p.dh_stream_stride, e, p.d, dh);
         dot = warp_sum(dot);
         if (lane == 0) part[i] += dot;
       }
@@ -100,11 +102,10 @@ __global__ void __launch_bounds__(kHcTileThreads, kHcTileMinBlocks) stream_mix_f
   const acc* __restrict__ w = static_cast<const acc*>(p.w_ptr);
   const int64_t rows = blockDim.y;
   for (int64_t t0 = blockIdx.x * rows; t0 < p.n_tokens; t0 += gridDim.x * rows) {
-    hc_tile_stage(w_s, t0, p.n_tokens, n, n, w, p.w_token_stride, w, p.w_token_stride, w_s, 0);
+    hc_tile_stage<false>(w_s, t0, p.n_tokens, n, n, w, p.w_token_stride, w, p.w_token_stride, w_s, 0);
     const int64_t t = t0 + threadIdx.y;
     if (t >= p.n_tokens) continue;
-    stream_mix_token<T, kVec, kN>(static_cast<const T*>(p.h_ptr) + p.h_tok.offset(t), p.h_stream_stride,
-                                  static_cast<T*>(p.x_ptr) + p.x_tok.offset(t), p.d, w_s + threadIdx.y * n, n);
+    stream_mix_token<T, kVec, kN>(p, t, w_s + threadIdx.y * n, n);
   }
 }
 
@@ -120,15 +121,12 @@ __global__ void __launch_bounds__(kHcTileThreads, kHcTileMinBlocks) stream_mix_b
   const acc* __restrict__ w = static_cast<const acc*>(p.w_ptr);
   for (int64_t t0 = static_cast<int64_t>(blockIdx.x) * rows; t0 < p.n_tokens;
        t0 += static_cast<int64_t>(gridDim.x) * rows) {
-    hc_tile_stage(w_s, t0, p.n_tokens, n, n, w, p.w_token_stride, w, p.w_token_stride, part_s,
-                  rows * warps_per_row * n);
+    hc_tile_stage<true>(w_s, t0, p.n_tokens, n, n, w, p.w_token_stride, w, p.w_token_stride, part_s,
+                        rows * warps_per_row * n);
     const int64_t t = t0 + threadIdx.y;
     if (t < p.n_tokens) {  // warp-uniform: rows are whole warps
       acc* __restrict__ part = part_s + (threadIdx.y * warps_per_row + threadIdx.x / kWarpSize) * n;
-      stream_mix_token_bwd<T, kVec, kN>(static_cast<const T*>(p.g_ptr) + p.g_tok.offset(t),
-                                        static_cast<const T*>(p.h_ptr) + p.h_tok.offset(t), p.h_stream_stride,
-                                        static_cast<T*>(p.dh_ptr) + p.dh_tok.offset(t), p.dh_stream_stride, p.d,
-                                        w_s + threadIdx.y * n, n, part, threadIdx.x % kWarpSize);
+      stream_mix_token_bwd<T, kVec, kN>(p, t, w_s + threadIdx.y * n, n, part, threadIdx.x % kWarpSize);
     }
     __syncthreads();
     hc_tile_write_dots(part_s, t0, p.n_tokens, warps_per_row, n, n, [](int j) { return j; },
