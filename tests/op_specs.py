@@ -30,6 +30,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
+from crosslayer._checks import acc_dtype
 from crosslayer.contracts import CONTRACTS, Contract
 from crosslayer.ops.depth_aggregate import depth_aggregate_bwd_op, depth_aggregate_op
 from crosslayer.ops.depth_aggregate_qkv_norm import depth_aggregate_qkv_norm_bwd_op, depth_aggregate_qkv_norm_op
@@ -88,10 +89,6 @@ class OpSpec:
         return CONTRACTS[self.name]
 
 
-def acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def rand(*shape, dtype=torch.float32, device="cpu", scale=1.0):
     return (torch.randn(*shape, device=device) * scale).to(dtype)
 
@@ -102,7 +99,7 @@ def rand(*shape, dtype=torch.float32, device="cpu", scale=1.0):
 def hc_pre_params(n, d, dtype, device, dynamic=True):
     """Random A, B (and W ~ N(0, 1/d), s_a, s_b of order one for DHC) in the arithmetic
     dtype: far from the init, so every backward term matters."""
-    cd = acc(dtype)
+    cd = acc_dtype(dtype)
     A = torch.randn(n, n + 1, device=device, dtype=cd)
     B = torch.randn(n, device=device, dtype=cd)
     if not dynamic:
@@ -163,7 +160,7 @@ def hc_pre_launcher_errors(kernels, device):
 def hc_coeffs(lead, n, dtype, device, static):
     """Random alpha (n, n+1) or (*lead, n, n+1) and beta (n,) or (*lead, n), arithmetic dtype."""
     shape = () if static else tuple(lead)
-    cd = acc(dtype)
+    cd = acc_dtype(dtype)
     return (torch.randn(*shape, n, n + 1, device=device, dtype=cd),
             torch.randn(*shape, n, device=device, dtype=cd))
 
@@ -241,7 +238,7 @@ def stream_mix_launcher_errors(kernels, device):
 def mhc_params(n, d, dtype, device):
     """phi ~ N(0, 1/(n·d)), a_* in [0.5, 1.5], b ~ N(0, 1): O(1), far-from-converged
     Sinkhorn logits, so every iterate matters in the backward."""
-    cd, m = acc(dtype), n * n + 2 * n
+    cd, m = acc_dtype(dtype), n * n + 2 * n
     phi = torch.randn(n * d, m, device=device, dtype=cd) / math.sqrt(n * d)
     a = [torch.rand((), device=device, dtype=cd) + 0.5 for _ in range(3)]
     return [phi, *a, torch.randn(m, device=device, dtype=cd)]
@@ -314,7 +311,7 @@ def depth_slots(l, tok, d, dtype, device, layout):
 def depth_aggregate_sample(case, dtype, device):
     l, tok, d, C = case["l"], case["tok"], case["d"], case["C"]
     S = depth_slots(l, tok, d, dtype, device, case.get("layout", "contiguous"))
-    A = torch.randn((C, l) if case.get("static", False) else (*tok, C, l), device=device, dtype=acc(dtype))
+    A = torch.randn((C, l) if case.get("static", False) else (*tok, C, l), device=device, dtype=acc_dtype(dtype))
     return Sample([S, A], lambda m, *t: m.depth_aggregate(*t))
 
 
@@ -343,7 +340,7 @@ def depth_aggregate_launcher_errors(kernels, device):
 def qkv_norm_sample(case, dtype, device):
     l, tok, d = case["l"], case["tok"], case["d"]
     S = depth_slots(l, tok, d, dtype, device, case.get("layout", "contiguous"))
-    cd = acc(dtype)
+    cd = acc_dtype(dtype)
     A = torch.randn((4, l) if case.get("static", False) else (*tok, 4, l), device=device, dtype=cd)
     g = 1 + 0.5 * torch.randn(3, d, device=device, dtype=cd)
     return Sample([S, A, g], lambda m, *t: m.depth_aggregate_qkv_norm(*t, EPS))
@@ -387,7 +384,7 @@ def qkv_norm_launcher_errors(kernels, device):
 
 def mudd_params(d, K, C, l, dtype, device, bias_2d=False):
     """W1 ~ N(0, 1/d), W2 ~ N(0, 1/K), bias ~ N(0, 1) (far from the W2 = 0 init)."""
-    cd = acc(dtype)
+    cd = acc_dtype(dtype)
     W1 = torch.randn(d, K, device=device, dtype=cd) / math.sqrt(d)
     W2 = torch.randn(K, C * l, device=device, dtype=cd) / math.sqrt(K)
     bias = torch.randn(*((C, l) if bias_2d else (C * l,)), device=device, dtype=cd)
