@@ -1,5 +1,5 @@
-// Host entry points of crosslayer._C, one block per op family. Each is implemented in
-// the family's launcher (<family>.cu) and bound in bindings.cpp.
+// Host entry points of crosslayer._C, one block per op. Each is implemented in the op's
+// launcher (<op>.cu) and bound in bindings.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -34,7 +34,7 @@ std::vector<at::Tensor> depth_aggregate_qkv_norm_bwd(const at::Tensor& dOut, con
                                                  const at::Tensor& rstd, const at::Tensor& dS,
                                                  bool accumulate);
 
-// hc_mix.cu
+// hc_post.cu
 //   H (*lead, n, d), 1 <= n <= 16, any token/stream strides; y (*lead, d) of H's dtype;
 //   alpha (*lead, n, n+1) or (n, n+1); beta (*lead, n) or (n,) (coefficients of any
 //   float dtype, computed in float32, float64 for float64 H).
@@ -47,7 +47,8 @@ at::Tensor hc_post_fwd(const at::Tensor& H, const at::Tensor& y, const at::Tenso
 std::vector<at::Tensor> hc_post_bwd(const at::Tensor& dH_new, const at::Tensor& H,
                                     const at::Tensor& y, const at::Tensor& alpha,
                                     const at::Tensor& beta);
-//   w (*lead, n) or (n,). Returns x (*lead, d) = Σ_i w_i·H_i, contiguous.
+// stream_mix.cu
+//   H as for hc_post; w (*lead, n) or (n,). Returns x (*lead, d) = Σ_i w_i·H_i, contiguous.
 at::Tensor stream_mix_fwd(const at::Tensor& H, const at::Tensor& w);
 //   dx (*lead, d) of H's dtype. Returns {dH = w_i·dx (H's layout), dw = <dx, H_i>
 //   (w's shape, summed over tokens when static, accumulator dtype)}.

@@ -1,7 +1,7 @@
 """The HC family's CUDA launchers and kernels on the CPU emulator (tools/cuemu).
 
-hc_post / stream_mix (csrc/hc_mix.cu, csrc/kernels/hc_mix.cuh) and dynamic-HC hc_pre
-(csrc/hc_pre.cu, csrc/kernels/hc_pre.cuh) run unchanged on CPU tensors; each
+hc_post (csrc/hc_post.cu, csrc/kernels/hc_post.cuh), stream_mix (csrc/stream_mix.cu,
+csrc/kernels/stream_mix.cuh) and dynamic-HC hc_pre (csrc/hc_pre.cu, csrc/kernels/hc_pre.cuh) run unchanged on CPU tensors; each
 result is held to DESIGN.md's policy (tests/policy.py) against the float64 oracle
 (python/crosslayer/ref/hc.py), outputs poisoned with NaN, on the GPU tests' kinds of
 input: n in {1, 2, 3, 4, 8, 16} (2, 4, 8 exact instantiations, the others generic),

@@ -2,7 +2,7 @@
 # Compiles launcher files with nvcc exactly as setup.py does (flags, torch headers,
 # sm 8.0 and 9.0 unless TORCH_CUDA_ARCH_LIST says otherwise) without building the whole
 # extension, and prints ptxas's register/spill report for their kernels:
-#     bash tools/nvcc_check.sh csrc/hc_mix.cu [csrc/... ]
+#     bash tools/nvcc_check.sh csrc/hc_post.cu [csrc/... ]
 # Needs a CUDA build of torch and nvcc (CUDA_HOME, default /usr/local/cuda).
 set -euo pipefail
 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
