@@ -161,71 +161,90 @@ __device__ __forceinline__ void mhc_coeffs_split_chunks(const MhcCoeffsParams& p
 
 // --------------------------------------------------------------------------- proj
 
-// One column pass over the split's chunks: acc = xf·phi for the warp's rows (=, from
-// zero), kNT n-tiles from column col0 (all-padding tiles from column M skipped); with
-// `sumsq` (the first pass) also ssa / ssb += Σ xf² of rows a / b. Warp-wide (mma). bf16
-// (kRest: phi's third part) keeps one chunk in flight, fp16 two: the bf16 loop body
-// with two would not fit the register budget.
-template <typename T, bool kVec, int kNT>
-__device__ __forceinline__ void mhc_coeffs_proj_pass(const MhcCoeffsParams& p, const MmaRows& r,
-                                                     const T* __restrict__ xa, const T* __restrict__ xb,
-                                                     int col0, bool sumsq, float (&acc)[kNT][4], float& ssa,
-                                                     float& ssb) {
-  constexpr bool kRest = std::is_same<T, __nv_bfloat16>::value;
-  const uint4* __restrict__ W = static_cast<const uint4*>(p.phif_ptr);
-  const int n_tiles = p.m_pad / 8;  // per chunk-step row of phif
-  int64_t c_begin, c_end;
-  mhc_coeffs_split_chunks(p, c_begin, c_end);
-  mma_zero(acc);
-#pragma unroll(kRest ? 1 : 2)
-  for (int64_t c = c_begin; c < c_end; ++c) {
-    int64_t i, e;
-    mhc_coeffs_chunk(c, p.cps, r.tig, i, e);
-    const int64_t so = i * p.h_stream_stride;
-    const uint4 wa = r.va ? load8<T, kVec>(xa + so, e, p.d) : make_uint4(0, 0, 0, 0);
-    const uint4 wb = r.vb ? load8<T, kVec>(xb + so, e, p.d) : make_uint4(0, 0, 0, 0);
-    if (sumsq) {
-      ssa += sumsq8<T>(wa);
-      ssb += sumsq8<T>(wb);
-    }
-    mma_proj_chunk<T, kNT, kRest, true>(acc, wa, wb, W, c, n_tiles, col0, p.M, r.lane);
-  }
-}
-
-// Partial u and Σ xf² of a split of the reduction, bf16/fp16 H: u partials (=) to the
-// split's slice of up, the Σ xf² partials (=) to its slice of ssp.
+// Partial u and Σ xf² of a split of the reduction, bf16/fp16 H.
 template <typename T, bool kVec, int kNT>
 __global__ void __launch_bounds__(kMhcCoeffsThreads) mhc_coeffs_fwd_proj_kernel(const MhcCoeffsParams p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  const MmaRows r = mma_rows(kMhcCoeffsWarps, p.n_tokens);
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int grp = lane / 4, tig = lane % 4;
   const int64_t N = p.n_tokens;
-  if (r.t0 >= N) return;  // no barriers in this kernel
+  const int64_t t0 = (static_cast<int64_t>(blockIdx.x) * kMhcCoeffsWarps + warp) * 16;
+  if (t0 >= N) return;  // no barriers in this kernel
+  const int64_t d = p.d;
+  const int64_t ta = t0 + grp, tb = t0 + grp + 8;  // the thread's two rows
+  const bool va = ta < N, vb = tb < N;
   const T* __restrict__ H = static_cast<const T*>(p.h_ptr);
-  const T* __restrict__ xa = H + (r.va ? p.h_tok.offset(r.ta) : 0);
-  const T* __restrict__ xb = H + (r.vb ? p.h_tok.offset(r.tb) : 0);
+  const T* __restrict__ xa = H + (va ? p.h_tok.offset(ta) : 0);
+  const T* __restrict__ xb = H + (vb ? p.h_tok.offset(tb) : 0);
+  const uint4* __restrict__ W = static_cast<const uint4*>(p.phif_ptr);
+  constexpr bool kRest = std::is_same<T, __nv_bfloat16>::value;  // third part of phi
+  constexpr int kRec = kRest ? 2 : 1;  // uint4 a (lane, tile) fragment record
   const int split = blockIdx.y;
+  const int64_t c_total = p.cps * p.n;
+  const int64_t c_begin = split * p.chunks_per_split;
+  const int64_t c_end = c_begin + p.chunks_per_split < c_total ? c_begin + p.chunks_per_split : c_total;
+  const int n_tiles = p.m_pad / 8;  // per chunk-step row of phif
   float* __restrict__ U = static_cast<float*>(p.up_ptr) + static_cast<int64_t>(split) * N * p.m_pad;
   float ssa = 0.f, ssb = 0.f;
+
   for (int col0 = 0; col0 < p.m_pad; col0 += 8 * kNT) {
     float acc[kNT][4];
-    mhc_coeffs_proj_pass<T, kVec, kNT>(p, r, xa, xb, col0, col0 == 0, acc, ssa, ssb);
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    // Two chunks in flight; one for bf16 (kRest: phi's third part), whose loop body with
+    // two would not fit the register budget.
+#pragma unroll(kRest ? 1 : 2)
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const int64_t i = c / p.cps;
+      const int64_t e = (c - i * p.cps) * 32 + tig * 8;
+      const int64_t so = i * p.h_stream_stride;
+      const uint4 wa = va ? load8<T, kVec>(xa + so, e, d) : make_uint4(0, 0, 0, 0);
+      const uint4 wb = vb ? load8<T, kVec>(xb + so, e, d) : make_uint4(0, 0, 0, 0);
+      if (col0 == 0) {
+        ssa += sumsq8<T>(wa);
+        ssb += sumsq8<T>(wb);
+      }
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        const uint32_t a0 = s ? wa.z : wa.x, a2 = s ? wa.w : wa.y;
+        const uint32_t a1 = s ? wb.z : wb.x, a3 = s ? wb.w : wb.y;
+        const int64_t widx = ((c * 2 + s) * n_tiles + col0 / 8) * kWarpSize + lane;
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+          if (col0 + 8 * j < p.M) {  // warp-uniform: skip all-padding tiles
+            const uint4* __restrict__ wl = W + (widx + j * kWarpSize) * kRec;
+            const uint4 b = __ldg(wl);
+            MmaOp<T>::run(acc[j], a0, a1, a2, a3, b.x, b.y);
+            MmaOp<T>::run(acc[j], a0, a1, a2, a3, b.z, b.w);
+            if (kRest) {
+              const uint4 br = __ldg(wl + 1);
+              MmaOp<T>::run(acc[j], a0, a1, a2, a3, br.x, br.y);
+            }
+          }
+        }
+      }
+    }
     const float unscale = p.proj_unscale_ptr != nullptr ? *p.proj_unscale_ptr : 1.f;
 #pragma unroll
     for (int j = 0; j < kNT; ++j) {
-      const int k = col0 + j * 8 + r.tig * 2;
+      const int k = col0 + j * 8 + tig * 2;
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
-        if (r.va) U[r.ta * p.m_pad + k + q] = acc[j][q] * unscale;
-        if (r.vb) U[r.tb * p.m_pad + k + q] = acc[j][2 + q] * unscale;
+        if (va) U[ta * p.m_pad + k + q] = acc[j][q] * unscale;
+        if (vb) U[tb * p.m_pad + k + q] = acc[j][2 + q] * unscale;
       }
     }
   }
-  ssa = quad_sum(ssa);
-  ssb = quad_sum(ssb);
-  if (r.tig == 0) {
+  // Row sums over the 4 threads of a row (tig), fixed order.
+  ssa += __shfl_xor_sync(0xffffffffu, ssa, 1);
+  ssa += __shfl_xor_sync(0xffffffffu, ssa, 2);
+  ssb += __shfl_xor_sync(0xffffffffu, ssb, 1);
+  ssb += __shfl_xor_sync(0xffffffffu, ssb, 2);
+  if (tig == 0) {
     float* __restrict__ SS = static_cast<float*>(p.ssp_ptr) + static_cast<int64_t>(split) * N;
-    if (r.va) SS[r.ta] = ssa;
-    if (r.vb) SS[r.tb] = ssb;
+    if (va) SS[ta] = ssa;
+    if (vb) SS[tb] = ssb;
   }
 #endif
 }

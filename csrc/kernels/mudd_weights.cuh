@@ -115,28 +115,27 @@ struct MuddWeightsParams {
 
 // ---------------------------------------------------------------------------- proj
 
-// One column pass of the proj: acc = x·W1f over every chunk of d for the warp's rows
-// (=, from zero), columns col0 .. col0 + kMuddWeightsProjCols; with `sumsq` (the first
-// pass) also ssa / ssb += Σ x² of rows a / b. Warp-wide (mma).
+// One column pass of the proj: acc = x·W1f over the `chunks` chunks of d for the warp's
+// rows (=, from zero), columns col0 .. col0 + kMuddWeightsProjCols of W (packed W1,
+// n_tiles tiles a chunk-step row); with `sumsq` (the first pass) also ssa / ssb += Σ x²
+// of rows a / b. The loop invariants (W, chunks, n_tiles, d) come from the caller, hoisted
+// out of its column loop (recomputing them here costs ptxas ~40 registers). Warp-wide (mma).
 template <typename T, bool kVec>
-__device__ __forceinline__ void mudd_weights_proj_pass(const MuddWeightsParams& p, const MmaRows& r,
-                                                       const T* __restrict__ xa, const T* __restrict__ xb,
-                                                       int col0, bool sumsq,
-                                                       float (&acc)[kMuddWeightsProjTiles][4], float& ssa,
-                                                       float& ssb) {
-  const uint4* __restrict__ W = static_cast<const uint4*>(p.w1f_ptr);
-  const int64_t chunks = (p.d + 31) / 32;
-  const int n_tiles = p.k_pad / 8;  // per chunk-step row of W1f
+__device__ __forceinline__ void mudd_weights_proj_pass(const MmaRows& r, const T* __restrict__ xa,
+                                                       const T* __restrict__ xb, int64_t d,
+                                                       const uint4* __restrict__ W, int64_t chunks, int n_tiles,
+                                                       int col0, bool sumsq, float (&acc)[kMuddWeightsProjTiles][4],
+                                                       float& ssa, float& ssb) {
   mma_zero(acc);
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t e = c * 32 + r.tig * 8;
-    const uint4 wa = r.va ? load8<T, kVec>(xa, e, p.d) : make_uint4(0, 0, 0, 0);
-    const uint4 wb = r.vb ? load8<T, kVec>(xb, e, p.d) : make_uint4(0, 0, 0, 0);
+    const uint4 wa = r.va ? load8<T, kVec>(xa, e, d) : make_uint4(0, 0, 0, 0);
+    const uint4 wb = r.vb ? load8<T, kVec>(xb, e, d) : make_uint4(0, 0, 0, 0);
     if (sumsq) {
       ssa += sumsq8<T>(wa);
       ssb += sumsq8<T>(wb);
     }
-    mma_proj_chunk<T, kMuddWeightsProjTiles, false, false>(acc, wa, wb, W, c, n_tiles, col0, p.k_pad, r.lane);
+    mma_proj_chunk<T, kMuddWeightsProjTiles, false, false>(acc, wa, wb, W, c, n_tiles, col0, 0, r.lane);
   }
 }
 
@@ -167,15 +166,19 @@ __global__ void __launch_bounds__(kMuddWeightsThreads) mudd_weights_fwd_proj_ker
   const T* __restrict__ X = static_cast<const T*>(p.x_ptr);
   const T* __restrict__ xa = X + (r.va ? p.x_tok.offset(r.ta) : 0);
   const T* __restrict__ xb = X + (r.vb ? p.x_tok.offset(r.tb) : 0);
+  const int64_t d = p.d;
+  const uint4* __restrict__ W = static_cast<const uint4*>(p.w1f_ptr);
+  const int64_t chunks = (d + 31) / 32;
+  const int n_tiles = p.k_pad / 8;  // per chunk-step row of W1f
   float ssa = 0.f, ssb = 0.f;
   float ra = 0.f, rb = 0.f;
   for (int col0 = 0; col0 < p.k_pad; col0 += kMuddWeightsProjCols) {
     float acc[kMuddWeightsProjTiles][4];
-    mudd_weights_proj_pass<T, kVec>(p, r, xa, xb, col0, col0 == 0, acc, ssa, ssb);
+    mudd_weights_proj_pass<T, kVec>(r, xa, xb, d, W, chunks, n_tiles, col0, col0 == 0, acc, ssa, ssb);
     const float unscale = p.w1f_unscale_ptr != nullptr ? *p.w1f_unscale_ptr : 1.f;
     if (col0 == 0) {
-      ra = rsqrtf(quad_sum(ssa) / static_cast<float>(p.d) + static_cast<float>(p.eps));
-      rb = rsqrtf(quad_sum(ssb) / static_cast<float>(p.d) + static_cast<float>(p.eps));
+      ra = rsqrtf(quad_sum(ssa) / static_cast<float>(d) + static_cast<float>(p.eps));
+      rb = rsqrtf(quad_sum(ssb) / static_cast<float>(d) + static_cast<float>(p.eps));
       if (r.tig == 0) {
         if (r.va) static_cast<float*>(p.r_ptr)[r.ta] = ra;
         if (r.vb) static_cast<float*>(p.r_ptr)[r.tb] = rb;
