@@ -8,41 +8,27 @@
 // returned in A's dtype and shape (summed over tokens for static (C, l) weights).
 // Every launch runs on the current stream and is followed by a launch check.
 
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-
-#include <limits>
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/launch.h"
 #include "common/layout.h"
+#include "common/slots.h"
 #include "kernels/depth_aggregate.cuh"
 #include "ops.h"
 
 namespace crosslayer {
 namespace {
 
-struct DepthAggregateShape {
-  int64_t l, N, d, C;
-  bool static_weights;
+struct DepthAggregateShape : SlotShape {
+  int64_t C;
 };
 
 DepthAggregateShape check_depth_aggregate_inputs(const at::Tensor& S, const at::Tensor& A) {
-  CL_CHECK_CUDA(S, "S");
-  CL_CHECK_SAME_DEVICE(A, S, "A", "S");
-  CL_CHECK_FLOATING(S, "S");
-  CL_CHECK_FLOATING(A, "A");
-  CL_CHECK_DIM(S, "S", 3);
-  CL_CHECK_DIM(A, "A", 2, 3);
   DepthAggregateShape sh;
-  sh.l = S.size(0);
-  sh.N = S.size(1);
-  sh.d = S.size(2);
+  static_cast<SlotShape&>(sh) = check_slots(S, A);
   sh.C = A.size(-2);
-  sh.static_weights = A.dim() == 2;
-  TORCH_CHECK(sh.l >= 1 && sh.l <= kMaxSlots, "S must hold 1 to ",
-              kMaxSlots, " slots along dim 0, got ", sh.l);
   TORCH_CHECK(sh.C >= 1, "A must have at least one way (dim -2), got shape ", A.sizes());
   if (sh.static_weights) {
     CL_CHECK_SHAPE(A, "A", "(C, l)", sh.C, sh.l);
@@ -52,16 +38,19 @@ DepthAggregateShape check_depth_aggregate_inputs(const at::Tensor& S, const at::
   return sh;
 }
 
-void set_weight_strides(DepthAggregateParams& p, const at::Tensor& A) {
-  if (A.dim() == 2) {
-    p.a_token_stride = 0;
-    p.a_way_stride = A.stride(0);
-    p.a_slot_stride = A.stride(1);
-  } else {
-    p.a_token_stride = A.stride(0);
-    p.a_way_stride = A.stride(1);
-    p.a_slot_stride = A.stride(2);
-  }
+// The fields both directions set: sizes, S and A.
+DepthAggregateParams depth_aggregate_params(const DepthAggregateShape& sh, const at::Tensor& S, const at::Tensor& A) {
+  DepthAggregateParams p{};
+  p.n_tokens = sh.N;
+  p.d = sh.d;
+  p.n_slots = static_cast<int>(sh.l);
+  p.n_ways = static_cast<int>(sh.C);
+  p.s_slot_stride = S.stride(0);
+  p.s_token_stride = S.stride(1);
+  set_weight_strides(p, A);
+  p.s_ptr = S.data_ptr();
+  p.a_ptr = A.data_ptr();
+  return p;
 }
 
 template <typename T, bool kBackward>
@@ -70,20 +59,12 @@ void launch_depth_aggregate(const DepthAggregateParams& p, bool vectorize) {
   const int vec = vectorize ? kVec16<T> : 1;
   const int ways_per_group = p.n_ways == 1 ? 1 : 4;
   const DepthAggregateBlock b = depth_aggregate_block<acc>(p, vec, ways_per_group, kBackward);
-  const int64_t tiles = (p.n_tokens + b.rows - 1) / b.rows;
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, std::numeric_limits<int>::max())));
-  const dim3 block(b.threads_x, b.rows);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
     constexpr int kVec = kVectorize ? kVec16<T> : 1;
     CL_BOOL_SWITCH(p.n_ways == 1, kOneWay, [&] {
       constexpr int kWays = kOneWay ? 1 : 4;
-      if constexpr (kBackward) {
-        depth_aggregate_bwd_kernel<T, kVec, kWays><<<grid, block, b.smem_bytes, stream>>>(p);
-      } else {
-        depth_aggregate_fwd_kernel<T, kVec, kWays><<<grid, block, b.smem_bytes, stream>>>(p);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(kBackward ? depth_aggregate_bwd_kernel<T, kVec, kWays> : depth_aggregate_fwd_kernel<T, kVec, kWays>,
+             cover_grid(p.n_tokens, b.rows), dim3(b.threads_x, b.rows), b.smem_bytes, p);
     });
   });
 }
@@ -98,18 +79,9 @@ at::Tensor depth_aggregate_fwd(const at::Tensor& S_in, const at::Tensor& A_in) {
   at::Tensor Y = at::empty({sh.C, sh.N, sh.d}, S.options());
   if (sh.N == 0 || sh.d == 0) return Y;
 
-  DepthAggregateParams p{};
-  p.n_tokens = sh.N;
-  p.d = sh.d;
-  p.n_slots = static_cast<int>(sh.l);
-  p.n_ways = static_cast<int>(sh.C);
-  p.s_slot_stride = S.stride(0);
-  p.s_token_stride = S.stride(1);
-  set_weight_strides(p, A);
+  DepthAggregateParams p = depth_aggregate_params(sh, S, A);
   p.y_way_stride = Y.stride(0);
   p.y_token_stride = Y.stride(1);
-  p.s_ptr = S.data_ptr();
-  p.a_ptr = A.data_ptr();
   p.y_ptr = Y.data_ptr();
 
   CL_DISPATCH_FLOATING(S.scalar_type(), "depth_aggregate_fwd", [&] {
@@ -125,17 +97,8 @@ at::Tensor depth_aggregate_fwd(const at::Tensor& S_in, const at::Tensor& A_in) {
 at::Tensor depth_aggregate_bwd(const at::Tensor& dY_in, const at::Tensor& S_in,
                                const at::Tensor& A_in, const at::Tensor& dS, bool accumulate) {
   const DepthAggregateShape sh = check_depth_aggregate_inputs(S_in, A_in);
-  CL_CHECK_SAME_DEVICE(dY_in, S_in, "dY", "S");
-  CL_CHECK_SAME_DEVICE(dS, S_in, "dS", "S");
-  CL_CHECK_SHAPE(dY_in, "dY", "(C, N, d)", sh.C, sh.N, sh.d);
-  CL_CHECK_SHAPE(dS, "dS", "(l, N, d)", sh.l, sh.N, sh.d);
-  TORCH_CHECK(dY_in.scalar_type() == S_in.scalar_type(), "dY must have S's dtype ",
-              S_in.scalar_type(), ", got ", dY_in.scalar_type());
-  TORCH_CHECK(dS.scalar_type() == S_in.scalar_type(), "dS must have S's dtype ",
-              S_in.scalar_type(), ", got ", dS.scalar_type());
-  TORCH_CHECK(sh.d <= 1 || dS.stride(2) == 1,
-              "dS must have unit stride along its feature dim (it is written in place), got strides ",
-              dS.strides());
+  check_activation(dY_in, "dY", S_in, "(C, N, d)", {sh.C, sh.N, sh.d}, "S");
+  check_slot_grad(dS, S_in, sh);
   const c10::cuda::CUDAGuard guard(S_in.device());
   const at::Tensor S = features_contiguous(S_in);
   const at::Tensor dY = features_contiguous(dY_in);
@@ -148,14 +111,7 @@ at::Tensor depth_aggregate_bwd(const at::Tensor& dY_in, const at::Tensor& S_in,
   }
   at::Tensor dA_tok = at::empty({sh.N, sh.C, sh.l}, A.options());
 
-  DepthAggregateParams p{};
-  p.n_tokens = sh.N;
-  p.d = sh.d;
-  p.n_slots = static_cast<int>(sh.l);
-  p.n_ways = static_cast<int>(sh.C);
-  p.s_slot_stride = S.stride(0);
-  p.s_token_stride = S.stride(1);
-  set_weight_strides(p, A);
+  DepthAggregateParams p = depth_aggregate_params(sh, S, A);
   p.dy_way_stride = dY.stride(0);
   p.dy_token_stride = dY.stride(1);
   p.ds_slot_stride = dS.stride(0);
@@ -164,8 +120,6 @@ at::Tensor depth_aggregate_bwd(const at::Tensor& dY_in, const at::Tensor& S_in,
   p.da_way_stride = dA_tok.stride(1);
   p.da_slot_stride = dA_tok.stride(2);
   p.accumulate_ds = accumulate;
-  p.s_ptr = S.data_ptr();
-  p.a_ptr = A.data_ptr();
   p.dy_ptr = dY.data_ptr();
   p.ds_ptr = dS.data_ptr();
   p.da_ptr = dA_tok.data_ptr();

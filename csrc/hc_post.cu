@@ -26,7 +26,7 @@ namespace {
 // The checked inputs of both directions, the tensors the kernels read (copies where a
 // layout needs one; they must outlive the launch) and the params both directions share.
 struct HcPostInputs {
-  StreamsShape sh;
+  StreamShape sh;
   bool static_alpha, static_beta;
   at::Tensor H, y, alpha, beta;
   HcPostParams p{};
@@ -35,18 +35,18 @@ struct HcPostInputs {
 HcPostInputs hc_post_inputs(const at::Tensor& H, const at::Tensor& y, const at::Tensor& alpha,
                             const at::Tensor& beta) {
   HcPostInputs in;
-  in.sh = check_streams(H, /*need_features=*/false);
-  const StreamsShape& sh = in.sh;
+  in.sh = check_streams(H);
+  const StreamShape& sh = in.sh;
   check_activation(y, "y", H, "(*lead, d)", with_tail(sh.lead, {sh.d}));
-  in.static_alpha = check_coeff(alpha, "alpha", H, sh, "(n, n+1)", "(*lead, n, n+1)", {sh.n, sh.n + 1});
-  in.static_beta = check_coeff(beta, "beta", H, sh, "(n,)", "(*lead, n)", {sh.n});
+  in.static_alpha = check_coefficient(alpha, "alpha", H, sh.lead, "(n, n+1)", "(*lead, n, n+1)", {sh.n, sh.n + 1});
+  in.static_beta = check_coefficient(beta, "beta", H, sh.lead, "(n,)", "(*lead, n)", {sh.n});
   if (sh.N == 0 || sh.d == 0) return in;
   HcPostParams& p = in.p;
   const at::ScalarType acc = acc_dtype(H.scalar_type());
   in.H = fill_tile_streams(p, sh, H);
   in.y = readable(y, 1, &p.y_tok);
-  in.alpha = coeff_rows(alpha, acc);
-  in.beta = coeff_rows(beta, acc);
+  in.alpha = acc_rows(alpha, acc);
+  in.beta = acc_rows(beta, acc);
   p.a_token_stride = in.static_alpha ? 0 : sh.n * (sh.n + 1);
   p.b_token_stride = in.static_beta ? 0 : sh.n;
   p.y_ptr = in.y.data_ptr();
@@ -71,9 +71,8 @@ at::Tensor hc_post_fwd(const at::Tensor& H_in, const at::Tensor& y_in, const at:
     const int vec = kVec16<scalar_t>;
     const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) && vec_ok(p.y_ptr, p.y_tok, 0, vec) &&
                            vec_ok(p.out_ptr, p.out_tok, p.out_stream_stride, vec);
-    launch_hc_tile<scalar_t>(p, vectorize, p.n * (p.n + 2), 0, [&](auto kvec, auto kn, dim3 grid, dim3 block, int smem,
-                                                               cudaStream_t stream) {
-      hc_post_fwd_kernel<scalar_t, decltype(kvec)::value, decltype(kn)::value><<<grid, block, smem, stream>>>(p);
+    launch_hc_tile<scalar_t>(p, vectorize, p.n * (p.n + 2), 0, [](auto kvec, auto kn) {
+      return hc_post_fwd_kernel<scalar_t, decltype(kvec)::value, decltype(kn)::value>;
     });
   });
   copy_back(out, o);
@@ -83,7 +82,7 @@ at::Tensor hc_post_fwd(const at::Tensor& H_in, const at::Tensor& y_in, const at:
 std::vector<at::Tensor> hc_post_bwd(const at::Tensor& dHn_in, const at::Tensor& H_in, const at::Tensor& y_in,
                                     const at::Tensor& alpha_in, const at::Tensor& beta_in) {
   HcPostInputs in = hc_post_inputs(H_in, y_in, alpha_in, beta_in);
-  const StreamsShape& sh = in.sh;
+  const StreamShape& sh = in.sh;
   check_activation(dHn_in, "dH_new", H_in, "(*lead, n, d)", H_in.sizes());
   const c10::cuda::CUDAGuard guard(H_in.device());
   const at::TensorOptions acc_opts = H_in.options().dtype(acc_dtype(H_in.scalar_type()));
@@ -111,8 +110,8 @@ std::vector<at::Tensor> hc_post_bwd(const at::Tensor& dHn_in, const at::Tensor& 
                            vec_ok(p.g_ptr, p.g_tok, p.g_stream_stride, vec) &&
                            vec_ok(p.dh_ptr, p.dh_tok, p.dh_stream_stride, vec) && vec_ok(p.dy_ptr, p.dy_tok, 0, vec);
     launch_hc_tile<scalar_t>(p, vectorize, p.n * (p.n + 2), p.n * (p.n + 1),
-                             [&](auto kvec, auto kn, dim3 grid, dim3 block, int smem, cudaStream_t stream) {
-      hc_post_bwd_kernel<scalar_t, decltype(kvec)::value, decltype(kn)::value><<<grid, block, smem, stream>>>(p);
+                             [](auto kvec, auto kn) {
+      return hc_post_bwd_kernel<scalar_t, decltype(kvec)::value, decltype(kn)::value>;
     });
   });
   copy_back(dH, dh);

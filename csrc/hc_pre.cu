@@ -25,20 +25,22 @@
 #include "common/dispatch.h"
 #include "common/launch.h"
 #include "common/layout.h"
-#include "common/streams.h"
 #include "kernels/hc_pre.cuh"
 #include "ops.h"
 
 namespace crosslayer {
 namespace {
 
-StreamsShape check_hc_pre_inputs(const at::Tensor& H, const at::Tensor& A, const at::Tensor& B,
-                                 const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b) {
-  const StreamsShape sh = check_streams(H, /*need_features=*/true);
-  for (const auto& tn : {std::make_pair(&A, "A"), std::make_pair(&B, "B"), std::make_pair(&W, "W")}) {
-    check_floating(*tn.first, tn.second);
-    check_same_device(*tn.first, tn.second, H);
-  }
+using HcPreShape = StreamShape;
+
+HcPreShape check_hc_pre_inputs(const at::Tensor& H, const at::Tensor& A, const at::Tensor& B,
+                               const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b) {
+  const HcPreShape sh = check_streams(H);
+  TORCH_CHECK(sh.d >= 1, "H must have d >= 1 features for dynamic HC (its rms is over d), got ",
+              H.sizes());
+  check_input(A, "A", H);
+  check_input(B, "B", H);
+  check_input(W, "W", H);
   CL_CHECK_SHAPE(A, "A", "(n, n+1)", sh.n, sh.n + 1);
   CL_CHECK_SHAPE(B, "B", "(n,)", sh.n);
   CL_CHECK_SHAPE(W, "W", "(d, n+2)", sh.d, sh.n + 2);
@@ -47,10 +49,38 @@ StreamsShape check_hc_pre_inputs(const at::Tensor& H, const at::Tensor& A, const
   return sh;
 }
 
-// W transposed to (n+2, ldw), ldw = d rounded up to 8, zero-padded, accumulator dtype.
-at::Tensor transposed_weights(const at::Tensor& W, at::ScalarType acc_type, int64_t ldw) {
-  const int64_t d = W.size(0);
-  return at::constant_pad_nd(W.to(acc_type).t(), {0, ldw - d}, 0).contiguous();
+// The inputs both directions read: params with H, W, A, B, s_a and s_b set, and the
+// tensors they point into (kept alive until the launch).
+struct HcPreInputs {
+  HcPreParams p;
+  at::Tensor H, Wt, A, B, sa, sb;
+};
+
+HcPreInputs hc_pre_params(const HcPreShape& sh, const at::Tensor& H_in, const at::Tensor& A, const at::Tensor& B,
+                          const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b) {
+  const at::ScalarType acc_type = acc_dtype(H_in.scalar_type());
+  HcPreInputs in{};
+  HcPreParams& p = in.p;
+  in.H = readable(H_in, 2, &p.h_tok);
+  p.n_tokens = sh.N;
+  p.d = sh.d;
+  p.n = static_cast<int>(sh.n);
+  p.ldw = (sh.d + 7) / 8 * 8;
+  // W transposed to (n+2, ldw), zero-padded, accumulator dtype: a thread's W chunk for
+  // projection j is one aligned vector.
+  in.Wt = at::constant_pad_nd(W.to(acc_type).t(), {0, p.ldw - sh.d}, 0).contiguous();
+  in.A = A.to(acc_type).contiguous();
+  in.B = B.to(acc_type).contiguous();
+  in.sa = s_a.to(acc_type);
+  in.sb = s_b.to(acc_type);
+  p.h_stream_stride = stream_stride(in.H);
+  p.h_ptr = in.H.data_ptr();
+  p.wt_ptr = in.Wt.data_ptr();
+  p.a_ptr = in.A.data_ptr();
+  p.b_ptr = in.B.data_ptr();
+  p.sa_ptr = in.sa.data_ptr();
+  p.sb_ptr = in.sb.data_ptr();
+  return in;
 }
 
 struct HcPreLaunch {
@@ -90,7 +120,7 @@ HcPreLaunch hc_pre_block(int64_t N, int64_t d, int vec, int64_t ldw, bool backwa
 std::vector<at::Tensor> hc_pre_fwd(const at::Tensor& H_in, const at::Tensor& A, const at::Tensor& B,
                                        const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b,
                                        double eps) {
-  const StreamsShape sh = check_hc_pre_inputs(H_in, A, B, W, s_a, s_b);
+  const HcPreShape sh = check_hc_pre_inputs(H_in, A, B, W, s_a, s_b);
   const c10::cuda::CUDAGuard guard(H_in.device());
   const at::ScalarType acc_type = acc_dtype(H_in.scalar_type());
   const auto acc_opts = H_in.options().dtype(acc_type);
@@ -102,50 +132,29 @@ std::vector<at::Tensor> hc_pre_fwd(const at::Tensor& H_in, const at::Tensor& A, 
   at::Tensor r = at::empty(with_tail(sh.lead, {n}), acc_opts);
   if (sh.N == 0) return {x, alpha, beta, q, r};
 
-  HcPreParams p{};
-  const at::Tensor H = readable(H_in, 2, &p.h_tok);
+  HcPreInputs in = hc_pre_params(sh, H_in, A, B, W, s_a, s_b);
+  HcPreParams& p = in.p;
   with_token_layout(x, 1, &p.x_tok);
-  const int64_t ldw = (d + 7) / 8 * 8;
-  const at::Tensor Wt = transposed_weights(W, acc_type, ldw);
-  const at::Tensor A_ = A.to(acc_type).contiguous();
-  const at::Tensor B_ = B.to(acc_type).contiguous();
-  const at::Tensor sa = s_a.to(acc_type);
-  const at::Tensor sb = s_b.to(acc_type);
-  p.n_tokens = sh.N;
-  p.d = d;
-  p.n = static_cast<int>(n);
-  p.ldw = ldw;
-  p.h_stream_stride = stream_stride(H);
   p.eps = eps;
-  p.h_ptr = H.data_ptr();
-  p.wt_ptr = Wt.data_ptr();
-  p.a_ptr = A_.data_ptr();
-  p.b_ptr = B_.data_ptr();
-  p.sa_ptr = sa.data_ptr();
-  p.sb_ptr = sb.data_ptr();
   p.x_ptr = x.data_ptr();
   p.alpha_ptr = alpha.data_ptr();
   p.beta_ptr = beta.data_ptr();
   p.q_ptr = q.data_ptr();
   p.r_ptr = r.data_ptr();
 
-  const int device = H.device().index();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  CL_DISPATCH_FLOATING(H.scalar_type(), "hc_pre_fwd", [&] {
+  const int device = H_in.device().index();
+  CL_DISPATCH_FLOATING(H_in.scalar_type(), "hc_pre_fwd", [&] {
     using acc = acc_t<scalar_t>;
     const int vec = kVec16<scalar_t>;
-    const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) &&
-                           vec_ok(p.x_ptr, p.x_tok, 0, vec);
+    const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) && vec_ok(p.x_ptr, p.x_tok, 0, vec);
     CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
       constexpr int kVec = kVectorize ? kVec16<scalar_t> : 1;
       dispatch_streams<kMaxStreams, 2, 4, 8>(p.n, [&](auto kn) {
         constexpr int kN = decltype(kn)::value;
-        const HcPreLaunch b = hc_pre_block<acc, kN>(sh.N, d, kVec, ldw, false, device);
+        const HcPreLaunch b = hc_pre_block<acc, kN>(sh.N, d, kVec, p.ldw, false, device);
         auto kernel = hc_pre_fwd_kernel<scalar_t, kVec, kN>;
         allow_smem(kernel, b.smem_bytes);
-        const dim3 grid(static_cast<unsigned>(std::min<int64_t>(b.grid, std::numeric_limits<int>::max())));
-        kernel<<<grid, dim3(b.threads_x, b.rows), b.smem_bytes, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch(kernel, cover_grid(b.grid, 1), dim3(b.threads_x, b.rows), b.smem_bytes, p);
       });
     });
   });
@@ -157,12 +166,11 @@ std::vector<at::Tensor> hc_pre_bwd(const at::Tensor& dx_in, const std::optional<
                                        const at::Tensor& A, const at::Tensor& B, const at::Tensor& W,
                                        const at::Tensor& s_a, const at::Tensor& s_b, const at::Tensor& q,
                                        const at::Tensor& r) {
-  const StreamsShape sh = check_hc_pre_inputs(H_in, A, B, W, s_a, s_b);
+  const HcPreShape sh = check_hc_pre_inputs(H_in, A, B, W, s_a, s_b);
   const int64_t n = sh.n, d = sh.d, J = n + 2;
   const at::ScalarType acc_type = acc_dtype(H_in.scalar_type());
   check_per_token(dx_in, "dx", "(..., d)", with_tail(sh.lead, {d}), H_in);
-  TORCH_CHECK(dx_in.scalar_type() == H_in.scalar_type(), "dx must have H's dtype ",
-              H_in.scalar_type(), ", got ", dx_in.scalar_type());
+  check_same_dtype(dx_in, "dx", H_in);
   if (dalpha) check_per_token(*dalpha, "dalpha", "(..., n, n+1)", with_tail(sh.lead, {n, n + 1}), H_in);
   if (dbeta) check_per_token(*dbeta, "dbeta", "(..., n)", with_tail(sh.lead, {n}), H_in);
   check_per_token(q, "q", "(..., n, n+2)", with_tail(sh.lead, {n, J}), H_in);
@@ -177,71 +185,45 @@ std::vector<at::Tensor> hc_pre_bwd(const at::Tensor& dx_in, const std::optional<
     return {dH, at::zeros(A.sizes(), A.options()), at::zeros(B.sizes(), B.options()),
             at::zeros(W.sizes(), W.options()), at::zeros({}, s_a.options()), at::zeros({}, s_b.options())};
   }
-  HcPreParams p{};
-  const at::Tensor Hl = readable(H_in, 2, &p.h_tok);
+  HcPreInputs in = hc_pre_params(sh, H_in, A, B, W, s_a, s_b);
+  HcPreParams& p = in.p;
   const at::Tensor dx = readable(dx_in, 1, &p.x_tok);
   at::Tensor dH_k = writable(dH, 2, &p.dh_tok);
-  const int64_t ldw = (d + 7) / 8 * 8;
-  const at::Tensor Wt = transposed_weights(W, acc_type, ldw);
-  const at::Tensor A_ = A.to(acc_type).contiguous();
-  const at::Tensor B_ = B.to(acc_type).contiguous();
-  const at::Tensor sa = s_a.to(acc_type);
-  const at::Tensor sb = s_b.to(acc_type);
   const at::Tensor q_ = q.to(acc_type).contiguous();
   const at::Tensor r_ = r.to(acc_type).contiguous();
   const at::Tensor dalpha_ = dalpha ? dalpha->to(acc_type).contiguous() : at::Tensor();
   const at::Tensor dbeta_ = dbeta ? dbeta->to(acc_type).contiguous() : at::Tensor();
-
-  p.n_tokens = sh.N;
-  p.d = d;
-  p.n = static_cast<int>(n);
-  p.ldw = ldw;
-  p.h_stream_stride = stream_stride(Hl);
   p.dh_stream_stride = stream_stride(dH_k);
-  p.h_ptr = Hl.data_ptr();
   p.dx_ptr = dx.data_ptr();
   p.dh_ptr = dH_k.data_ptr();
-  p.wt_ptr = Wt.data_ptr();
-  p.a_ptr = A_.data_ptr();
-  p.b_ptr = B_.data_ptr();
-  p.sa_ptr = sa.data_ptr();
-  p.sb_ptr = sb.data_ptr();
   p.q_ptr = q_.data_ptr();
   p.r_ptr = r_.data_ptr();
   p.dalpha_ptr = dalpha ? dalpha_.data_ptr() : nullptr;
   p.dbeta_ptr = dbeta ? dbeta_.data_ptr() : nullptr;
 
   at::Tensor dw_ws, coef_ws;
-  const int device = Hl.device().index();
-  const int sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  CL_DISPATCH_FLOATING(Hl.scalar_type(), "hc_pre_bwd", [&] {
+  const int device = H_in.device().index();
+  CL_DISPATCH_FLOATING(H_in.scalar_type(), "hc_pre_bwd", [&] {
     using acc = acc_t<scalar_t>;
     const int vec = kVec16<scalar_t>;
-    const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) &&
-                           vec_ok(p.dx_ptr, p.x_tok, 0, vec) &&
+    const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) && vec_ok(p.dx_ptr, p.x_tok, 0, vec) &&
                            vec_ok(p.dh_ptr, p.dh_tok, p.dh_stream_stride, vec);
     CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
       constexpr int kVec = kVectorize ? kVec16<scalar_t> : 1;
       dispatch_streams<kMaxStreams, 2, 4, 8>(p.n, [&](auto kn) {
         constexpr int kN = decltype(kn)::value;
-        HcPreLaunch b = hc_pre_block<acc, kN>(sh.N, d, kVec, ldw, true, device);
+        HcPreLaunch b = hc_pre_block<acc, kN>(sh.N, d, kVec, p.ldw, true, device);
         auto kernel = hc_pre_bwd_kernel<scalar_t, kVec, kN>;
         allow_smem(kernel, b.smem_bytes);
         // A persistent grid: every block writes one slice of partial sums, so the
         // grid is what the device holds at once, not one block per token tile.
-        int per_sm = 0;
-        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            &per_sm, kernel, b.threads_x * b.rows, b.smem_bytes));
-        const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * sms;
-        b.grid = std::min<int64_t>(b.grid, resident);
+        b.grid = resident_grid(kernel, b.grid, b.threads_x * b.rows, b.smem_bytes, device);
         p.dw_in_smem = b.dw_in_smem;
-        dw_ws = b.dw_in_smem ? at::empty({b.grid, J, ldw}, acc_opts) : at::zeros({b.grid, J, ldw}, acc_opts);
+        dw_ws = b.dw_in_smem ? at::empty({b.grid, J, p.ldw}, acc_opts) : at::zeros({b.grid, J, p.ldw}, acc_opts);
         coef_ws = at::empty({b.grid, n, static_cast<int64_t>(hc_pre_coef_stride(static_cast<int>(n)))}, acc_opts);
         p.dw_ws_ptr = dw_ws.data_ptr();
         p.coef_ws_ptr = coef_ws.data_ptr();
-        kernel<<<dim3(static_cast<unsigned>(b.grid)), dim3(b.threads_x, b.rows), b.smem_bytes, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch(kernel, dim3(static_cast<unsigned>(b.grid)), dim3(b.threads_x, b.rows), b.smem_bytes, p);
       });
     });
   });

@@ -9,9 +9,9 @@
 // M = n² + 2n. alpha, beta, u, r are in the accumulator dtype (float64 for float64 H,
 // float32 otherwise); u and r are what the backward needs (it never recomputes x·phi).
 // Work split:
-//   bf16/fp16 H, d >= 32   forward: mhc_proj_mma_kernel (split-K partials of u and Σ xf²)
-//                          + mhc_fwd_epilogue_kernel; backward: mhc_bwd_epilogue_kernel
-//                          (du, s, G), mhc_dh_mma_kernel (dH), cuBLAS dphi = xfᵀ·du with
+//   bf16/fp16 H, d >= 32   forward: mhc_coeffs_fwd_proj_kernel (split-K partials of u and Σ xf²)
+//                          + mhc_coeffs_fwd_epilogue_kernel; backward: mhc_coeffs_bwd_epilogue_kernel
+//                          (du, s, G), mhc_coeffs_bwd_dh_kernel (dH), cuBLAS dphi = xfᵀ·du with
 //                          xf as stored and du as 16-bit hi + lo (one GEMM, fp32 output).
 //   fp32/fp64 H (the correctness dtypes) and 16-bit H with d < 32 (where the rms
 //   Jacobian cancels and the hi/lo products' 2^-17 would show): u, Σ xf², dH and dphi by
@@ -33,7 +33,6 @@
 #include "common/dispatch.h"  // CL_BOOL_SWITCH
 #include "common/launch.h"
 #include "common/layout.h"
-#include "common/streams.h"
 #include "common/mma_pack.h"
 #include "kernels/mhc_coeffs.cuh"
 #include "ops.h"
@@ -48,21 +47,20 @@ constexpr int64_t kMmaMinD = 32;
 // Largest shared-memory Sinkhorn scale buffer (no opt-in needed); beyond it, global.
 constexpr int64_t kCbufSmemMax = 48 * 1024;
 
-struct MhcShape : StreamsShape {
-  int64_t M;  // n² + 2n coefficients per token
+struct MhcShape : StreamShape {
+  int64_t M;
 };
 
 MhcShape check_mhc_inputs(const at::Tensor& H, const at::Tensor& phi, const at::Tensor& a_pre,
                           const at::Tensor& a_post, const at::Tensor& a_res, const at::Tensor& b,
                           int64_t iters) {
   MhcShape sh;
-  static_cast<StreamsShape&>(sh) = check_streams(H, /*need_features=*/true);
+  static_cast<StreamShape&>(sh) = check_streams(H);
+  TORCH_CHECK(sh.d >= 1, "H must have d >= 1 features (its rms is over n·d), got ", H.sizes());
   sh.M = sh.n * sh.n + 2 * sh.n;
-  check_floating(phi, "phi");
-  check_same_device(phi, "phi", H);
+  check_input(phi, "phi", H);
   CL_CHECK_SHAPE(phi, "phi", "(n·d, n²+2n)", sh.n * sh.d, sh.M);
-  check_floating(b, "b");
-  check_same_device(b, "b", H);
+  check_input(b, "b", H);
   CL_CHECK_SHAPE(b, "b", "(n²+2n,)", sh.M);
   check_scalar_tensor(a_pre, "a_pre", H);
   check_scalar_tensor(a_post, "a_post", H);
@@ -87,9 +85,9 @@ at::Tensor phi_padded(const at::Tensor& phi, int64_t n, int64_t d, int64_t d_pad
 }
 
 // Shared fields of the params struct.
-MhcParams base_params(const MhcShape& sh, double eps, double pre_eps, double post_mult, int64_t iters,
+MhcCoeffsParams base_params(const MhcShape& sh, double eps, double pre_eps, double post_mult, int64_t iters,
                       double sinkhorn_eps) {
-  MhcParams p{};
+  MhcCoeffsParams p{};
   p.n_tokens = sh.N;
   p.d = sh.d;
   p.n = static_cast<int>(sh.n);
@@ -105,24 +103,22 @@ MhcParams base_params(const MhcShape& sh, double eps, double pre_eps, double pos
 
 // Splits of the n·cps reduction chunks so that about kWarpsPerSm warps per SM run:
 // sets p.chunks_per_split and returns the split count (grid.y).
-int64_t choose_splits(MhcParams& p, int64_t tiles, int device) {
+int64_t choose_splits(MhcCoeffsParams& p, int64_t tiles, int device) {
   const int64_t chunks = p.cps * p.n;
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
-  int64_t splits = (sms * kWarpsPerSm + tiles * kMhcWarps - 1) / (tiles * kMhcWarps);
+  int64_t splits = (sms * kWarpsPerSm + tiles * kMhcCoeffsWarps - 1) / (tiles * kMhcCoeffsWarps);
   splits = std::max<int64_t>(1, std::min<int64_t>({splits, chunks, 65535}));
   p.chunks_per_split = (chunks + splits - 1) / splits;
   return (chunks + p.chunks_per_split - 1) / p.chunks_per_split;
 }
 
-int64_t token_tiles(int64_t N) { return (N + 16 * kMhcWarps - 1) / (16 * kMhcWarps); }
+int64_t token_tiles(int64_t N) { return (N + 16 * kMhcCoeffsWarps - 1) / (16 * kMhcCoeffsWarps); }
 
 template <typename Kernel>
-void launch_epilogue(Kernel kernel, const MhcParams& p, int group, int smem) {
-  const int64_t blocks = (p.n_tokens * group + kMhcEpiThreads - 1) / kMhcEpiThreads;
+void launch_epilogue(Kernel kernel, const MhcCoeffsParams& p, int group, int smem) {
+  const int64_t blocks = (p.n_tokens * group + kMhcCoeffsEpiThreads - 1) / kMhcCoeffsEpiThreads;
   allow_smem(kernel, smem);
-  kernel<<<dim3(static_cast<unsigned>(blocks)), dim3(kMhcEpiThreads), smem,
-           c10::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kMhcCoeffsEpiThreads), smem, p);
 }
 
 }  // namespace
@@ -142,7 +138,7 @@ std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H_in, const at::Tensor&
   at::Tensor r = at::empty(sh.lead, acc_opts);
   if (N == 0) return {alpha, beta, u, r};
 
-  MhcParams p = base_params(sh, eps, pre_eps, post_mult, iters, sinkhorn_eps);
+  MhcCoeffsParams p = base_params(sh, eps, pre_eps, post_mult, iters, sinkhorn_eps);
   const at::Tensor scale = at::stack({a_pre.to(acc_type), a_post.to(acc_type), a_res.to(acc_type)});
   const at::Tensor b_ = b.to(acc_type).contiguous();
   p.scale_ptr = scale.data_ptr();
@@ -158,7 +154,7 @@ std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H_in, const at::Tensor&
     const at::Tensor H = readable(H_in, 2, &p.h_tok);
     p.h_ptr = H.data_ptr();
     p.h_stream_stride = stream_stride(H);
-    const int kNT = n == 4 ? MhcProjTiles<4>::value : MhcProjTiles<kMaxStreams>::value;
+    const int kNT = n == 4 ? MhcCoeffsProjTiles<4>::value : MhcCoeffsProjTiles<kMaxStreams>::value;
     p.m_pad = static_cast<int>(round_up(M, 8 * kNT));
     // phi in 16-bit parts (see the kernel's header): fp16 scaled by a power of two 2^k
     // with max|phi|·2^k in [2^14, 2^15) first (computed on the device: no sync); bf16
@@ -188,17 +184,12 @@ std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H_in, const at::Tensor&
     p.ssp_ptr = ssp.data_ptr();
     const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, 8);
     const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(p.splits));
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const bool bf16 = H.scalar_type() == at::kBFloat16;
     CL_BOOL_SWITCH(vectorize, kVec, [&] {
       dispatch_streams<kMaxStreams, 4>(static_cast<int>(n), [&](auto kn) {
-        constexpr int kN = decltype(kn)::value;
-        constexpr int kNT_ = MhcProjTiles<kN>::value;
-        if (H.scalar_type() == at::kBFloat16) {
-          mhc_proj_mma_kernel<__nv_bfloat16, kVec, kNT_><<<grid, kMhcThreads, 0, stream>>>(p);
-        } else {
-          mhc_proj_mma_kernel<__half, kVec, kNT_><<<grid, kMhcThreads, 0, stream>>>(p);
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        constexpr int kNT_ = MhcCoeffsProjTiles<decltype(kn)::value>::value;
+        launch(bf16 ? mhc_coeffs_fwd_proj_kernel<__nv_bfloat16, kVec, kNT_> : mhc_coeffs_fwd_proj_kernel<__half, kVec, kNT_>,
+               grid, dim3(kMhcCoeffsThreads), 0, p);
       });
     });
   } else {
@@ -214,11 +205,8 @@ std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H_in, const at::Tensor&
 
   dispatch_streams<kMaxStreams, 4>(static_cast<int>(n), [&](auto kn) {
     constexpr int kN = decltype(kn)::value;
-    if (acc_type == at::kDouble) {
-      launch_epilogue(mhc_fwd_epilogue_kernel<double, kN>, p, kN, 0);
-    } else {
-      launch_epilogue(mhc_fwd_epilogue_kernel<float, kN>, p, kN, 0);
-    }
+    launch_epilogue(acc_type == at::kDouble ? mhc_coeffs_fwd_epilogue_kernel<double, kN>
+                                            : mhc_coeffs_fwd_epilogue_kernel<float, kN>, p, kN, 0);
   });
   return {alpha, beta, u, r};
 }
@@ -244,7 +232,7 @@ std::vector<at::Tensor> mhc_coeffs_bwd(const std::optional<at::Tensor>& dalpha,
     return {dH, at::zeros(phi.sizes(), phi.options()), at::zeros({}, a_pre.options()),
             at::zeros({}, a_post.options()), at::zeros({}, a_res.options()), at::zeros(b.sizes(), b.options())};
   }
-  MhcParams p = base_params(sh, eps, pre_eps, post_mult, iters, sinkhorn_eps);
+  MhcCoeffsParams p = base_params(sh, eps, pre_eps, post_mult, iters, sinkhorn_eps);
   const at::Tensor scale = at::stack({a_pre.to(acc_type), a_post.to(acc_type), a_res.to(acc_type)});
   const at::Tensor b_ = b.to(acc_type).contiguous();
   const at::Tensor u = u_in.to(acc_type).contiguous();
@@ -269,23 +257,20 @@ std::vector<at::Tensor> mhc_coeffs_bwd(const std::optional<at::Tensor>& dalpha,
   // Sinkhorn scales: shared memory [steps][threads] when small, else a global workspace.
   const int64_t steps = 2 * iters - 1;
   const int64_t group = n == 4 ? 4 : kMaxStreams;
-  const int64_t blocks = (N * group + kMhcEpiThreads - 1) / kMhcEpiThreads;
-  const int64_t cbuf_bytes = steps * kMhcEpiThreads * static_cast<int64_t>(at::elementSize(acc_type));
+  const int64_t blocks = (N * group + kMhcCoeffsEpiThreads - 1) / kMhcCoeffsEpiThreads;
+  const int64_t cbuf_bytes = steps * kMhcCoeffsEpiThreads * static_cast<int64_t>(at::elementSize(acc_type));
   at::Tensor cbuf;
   int smem = 0;
   if (cbuf_bytes <= kCbufSmemMax) {
     smem = static_cast<int>(cbuf_bytes);
   } else {
-    cbuf = at::empty({steps, blocks * kMhcEpiThreads}, acc_opts);
+    cbuf = at::empty({steps, blocks * kMhcCoeffsEpiThreads}, acc_opts);
     p.cbuf_ptr = cbuf.data_ptr();
   }
   dispatch_streams<kMaxStreams, 4>(static_cast<int>(n), [&](auto kn) {
     constexpr int kN = decltype(kn)::value;
-    if (acc_type == at::kDouble) {
-      launch_epilogue(mhc_bwd_epilogue_kernel<double, kN>, p, kN, smem);
-    } else {
-      launch_epilogue(mhc_bwd_epilogue_kernel<float, kN>, p, kN, smem);
-    }
+    launch_epilogue(acc_type == at::kDouble ? mhc_coeffs_bwd_epilogue_kernel<double, kN>
+                                            : mhc_coeffs_bwd_epilogue_kernel<float, kN>, p, kN, smem);
   });
 
   // db = Σ_t dh; da_* = Σ_t Σ_{m in the group} dh·z.
@@ -311,14 +296,10 @@ std::vector<at::Tensor> mhc_coeffs_bwd(const std::optional<at::Tensor>& dalpha,
     const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, 8) &&
                            vec_ok(p.dh_ptr, p.dh_tok, p.dh_stream_stride, 8);
     const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     CL_BOOL_SWITCH(vectorize, kVec, [&] {
-      if (H.scalar_type() == at::kBFloat16) {
-        mhc_dh_mma_kernel<__nv_bfloat16, kVec><<<grid, kMhcThreads, 0, stream>>>(p);
-      } else {
-        mhc_dh_mma_kernel<__half, kVec><<<grid, kMhcThreads, 0, stream>>>(p);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(H.scalar_type() == at::kBFloat16 ? mhc_coeffs_bwd_dh_kernel<__nv_bfloat16, kVec>
+                                              : mhc_coeffs_bwd_dh_kernel<__half, kVec>,
+             grid, dim3(kMhcCoeffsThreads), 0, p);
     });
     copy_back(dH, dH_k);
 

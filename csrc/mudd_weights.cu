@@ -9,8 +9,8 @@
 // u = rms(x)·W1 and r = rsqrt(mean x² + eps) are what the backward needs, so it reads x
 // once more for dx and once for dW1 and never recomputes x·W1.
 // Work split:
-//   bf16/fp16 x   forward: mudd_proj_mma_kernel (r, u on tensor cores) + head kernel;
-//                 backward: head kernel (h, g, s), mudd_dx_mma_kernel (dx), cuBLAS for
+//   bf16/fp16 x   forward: mudd_weights_fwd_proj_kernel (r, u on tensor cores) + head kernel;
+//                 backward: head kernel (h, g, s), mudd_weights_bwd_dx_kernel (dx), cuBLAS for
 //                 dW1 = xᵀ·g (x as stored, g split into 16-bit hi/lo, fp32 output:
 //                 mm_f32_split in common/mma_pack.h) and dW2 = hᵀ·dA, at::sum for dbias.
 //   fp32/fp64 x   (correctness dtypes), and 16-bit x with d < 32: x·W1, g·W1ᵀ and xᵀ·g by
@@ -38,10 +38,8 @@
 namespace crosslayer {
 namespace {
 
-
-struct MuddShape {
-  std::vector<int64_t> lead;  // token dims
-  int64_t N, d, K, Cl, C, l;
+struct MuddShape : TokenDims {
+  int64_t d, K, Cl, C, l;
 };
 
 MuddShape check_mudd_inputs(const at::Tensor& x, const at::Tensor& W1, const at::Tensor& W2,
@@ -49,18 +47,14 @@ MuddShape check_mudd_inputs(const at::Tensor& x, const at::Tensor& W1, const at:
   CL_CHECK_CUDA(x, "x");
   CL_CHECK_FLOATING(x, "x");
   TORCH_CHECK(x.dim() >= 2, "x must have shape (*tok, d) with at least one token dim, got ", x.sizes());
-  for (const auto& tn : {std::make_pair(&W1, "W1"), std::make_pair(&W2, "W2"), std::make_pair(&bias, "bias")}) {
-    check_floating(*tn.first, tn.second);
-    TORCH_CHECK(tn.first->device() == x.device(), tn.second, " is on ", tn.first->device(),
-                " but x is on ", x.device(), "; all inputs must be on one device");
-  }
+  check_input(W1, "W1", x, "x");
+  check_input(W2, "W2", x, "x");
+  check_input(bias, "bias", x, "x");
   TORCH_CHECK(n_ways >= 1, "n_ways must be >= 1, got ", n_ways);
   MuddShape sh;
   sh.d = x.size(-1);
   TORCH_CHECK(sh.d >= 1, "x must have d >= 1 features (its rms is over d), got ", x.sizes());
-  sh.lead.assign(x.sizes().begin(), x.sizes().end() - 1);
-  sh.N = 1;
-  for (int64_t s : sh.lead) sh.N *= s;
+  static_cast<TokenDims&>(sh) = token_dims(x, 1);
   TORCH_CHECK(W1.dim() == 2 && W1.size(0) == sh.d && W1.size(1) >= 1,
               "W1 must have shape (d, K) with d = x.shape[-1] = ", sh.d, " and K >= 1, got ", W1.sizes());
   sh.K = W1.size(1);
@@ -105,15 +99,24 @@ void launch_head(Kernel kernel, const MuddWeightsParams& p, int64_t smem, int de
               p.Cl, "), the device allows ", optin);
   allow_smem(kernel, static_cast<int>(smem));
   const int sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
-  const int64_t tiles = (p.n_tokens + kHeadTokens - 1) / kHeadTokens;
+  const int64_t tiles = (p.n_tokens + kMuddWeightsHeadTokens - 1) / kMuddWeightsHeadTokens;
   const int64_t grid = std::min<int64_t>(tiles, static_cast<int64_t>(sms) * 8);
-  kernel<<<dim3(static_cast<unsigned>(grid)), dim3(kHeadThreads), static_cast<size_t>(smem),
-           c10::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(kernel, dim3(static_cast<unsigned>(grid)), dim3(kMuddWeightsHeadThreads), static_cast<size_t>(smem), p);
 }
 
-dim3 token_tile_grid(int64_t N) {
-  return dim3(static_cast<unsigned>((N + 16 * kMuddWarps - 1) / (16 * kMuddWarps)));
+dim3 token_tile_grid(int64_t N) { return cover_grid(N, 16 * kMuddWeightsWarps); }
+
+// The fields both directions set.
+MuddWeightsParams mudd_weights_params(const MuddShape& sh, bool tanh_gelu) {
+  MuddWeightsParams p{};
+  p.n_tokens = sh.N;
+  p.d = sh.d;
+  p.K = static_cast<int>(sh.K);
+  p.Cl = static_cast<int>(sh.Cl);
+  p.ldg = static_cast<int>(round_up(sh.K, 16));
+  p.k_pad = static_cast<int>(round_up(sh.K, kMuddWeightsProjCols));
+  p.tanh_gelu = tanh_gelu;
+  return p;
 }
 
 }  // namespace
@@ -131,14 +134,7 @@ std::vector<at::Tensor> mudd_weights_fwd(const at::Tensor& x_in, const at::Tenso
   at::Tensor r = at::empty(sh.lead, acc_opts);
   if (sh.N == 0) return {A, u, r};
 
-  MuddWeightsParams p{};
-  p.n_tokens = sh.N;
-  p.d = sh.d;
-  p.K = static_cast<int>(sh.K);
-  p.Cl = static_cast<int>(sh.Cl);
-  p.ldg = static_cast<int>(round_up(sh.K, 16));
-  p.k_pad = static_cast<int>(round_up(sh.K, kProjCols));
-  p.tanh_gelu = tanh_gelu;
+  MuddWeightsParams p = mudd_weights_params(sh, tanh_gelu);
   p.eps = eps;
   const at::Tensor W2_ = W2.to(acc_type).contiguous();
   const at::Tensor b_ = bias.to(acc_type).reshape({sh.Cl}).contiguous();
@@ -164,14 +160,10 @@ std::vector<at::Tensor> mudd_weights_fwd(const at::Tensor& x_in, const at::Tenso
     p.x_ptr = x.data_ptr();
     p.w1f_ptr = w1f.data_ptr();
     const bool vectorize = vec_ok(p.x_ptr, p.x_tok, 0, 8);
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     CL_BOOL_SWITCH(vectorize, kVec, [&] {
-      if (x.scalar_type() == at::kBFloat16) {
-        mudd_proj_mma_kernel<__nv_bfloat16, kVec><<<token_tile_grid(sh.N), kMuddThreads, 0, stream>>>(p);
-      } else {
-        mudd_proj_mma_kernel<__half, kVec><<<token_tile_grid(sh.N), kMuddThreads, 0, stream>>>(p);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(x.scalar_type() == at::kBFloat16 ? mudd_weights_fwd_proj_kernel<__nv_bfloat16, kVec>
+                                              : mudd_weights_fwd_proj_kernel<__half, kVec>,
+             token_tile_grid(sh.N), dim3(kMuddWeightsThreads), 0, p);
     });
   } else {
     // The oracle's own sequence of operations: r = rsqrt(mean x² + eps), u = (x·r)·W1.
@@ -181,12 +173,9 @@ std::vector<at::Tensor> mudd_weights_fwd(const at::Tensor& x_in, const at::Tenso
     r.view({sh.N}).copy_(r2.view({sh.N}));
   }
 
-  const int64_t smem = static_cast<int64_t>(kHeadTokens) * sh.K * at::elementSize(acc_type);
-  if (acc_type == at::kDouble) {
-    launch_head(mudd_head_fwd_kernel<double>, p, smem, device, "mudd_weights_fwd");
-  } else {
-    launch_head(mudd_head_fwd_kernel<float>, p, smem, device, "mudd_weights_fwd");
-  }
+  const int64_t smem = static_cast<int64_t>(kMuddWeightsHeadTokens) * sh.K * at::elementSize(acc_type);
+  launch_head(acc_type == at::kDouble ? mudd_weights_fwd_head_kernel<double> : mudd_weights_fwd_head_kernel<float>,
+              p, smem, device, "mudd_weights_fwd");
   return {A, u, r};
 }
 
@@ -217,14 +206,7 @@ std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tens
   at::Tensor g = at::empty({sh.N, ldg}, acc_opts);
   at::Tensor s = at::empty({sh.N}, acc_opts);
 
-  MuddWeightsParams p{};
-  p.n_tokens = sh.N;
-  p.d = sh.d;
-  p.K = static_cast<int>(sh.K);
-  p.Cl = static_cast<int>(sh.Cl);
-  p.ldg = static_cast<int>(ldg);
-  p.k_pad = static_cast<int>(round_up(sh.K, kProjCols));
-  p.tanh_gelu = tanh_gelu;
+  MuddWeightsParams p = mudd_weights_params(sh, tanh_gelu);
   p.w2t_ptr = W2t.data_ptr();
   p.u_ptr = const_cast<void*>(u.data_ptr());
   p.r_ptr = const_cast<void*>(r.data_ptr());
@@ -234,12 +216,9 @@ std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tens
   p.s_ptr = s.data_ptr();
   const int device = x_in.device().index();
 
-  const int64_t smem = static_cast<int64_t>(kHeadTokens) * (sh.Cl + sh.K) * at::elementSize(acc_type);
-  if (acc_type == at::kDouble) {
-    launch_head(mudd_head_bwd_kernel<double>, p, smem, device, "mudd_weights_bwd");
-  } else {
-    launch_head(mudd_head_bwd_kernel<float>, p, smem, device, "mudd_weights_bwd");
-  }
+  const int64_t smem = static_cast<int64_t>(kMuddWeightsHeadTokens) * (sh.Cl + sh.K) * at::elementSize(acc_type);
+  launch_head(acc_type == at::kDouble ? mudd_weights_bwd_head_kernel<double> : mudd_weights_bwd_head_kernel<float>,
+              p, smem, device, "mudd_weights_bwd");
 
   const at::Tensor gK = g.narrow(1, 0, sh.K);
   at::Tensor dW1;
@@ -256,14 +235,10 @@ std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tens
     p.dx_ptr = dx_k.data_ptr();
     p.w1b_ptr = w1b.data_ptr();
     const bool vectorize = vec_ok(p.x_ptr, p.x_tok, 0, 8) && vec_ok(p.dx_ptr, p.dx_tok, 0, 8);
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     CL_BOOL_SWITCH(vectorize, kVec, [&] {
-      if (part == at::kBFloat16) {
-        mudd_dx_mma_kernel<__nv_bfloat16, kVec><<<token_tile_grid(sh.N), kMuddThreads, 0, stream>>>(p);
-      } else {
-        mudd_dx_mma_kernel<__half, kVec><<<token_tile_grid(sh.N), kMuddThreads, 0, stream>>>(p);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(part == at::kBFloat16 ? mudd_weights_bwd_dx_kernel<__nv_bfloat16, kVec>
+                                   : mudd_weights_bwd_dx_kernel<__half, kVec>,
+             token_tile_grid(sh.N), dim3(kMuddWeightsThreads), 0, p);
     });
     copy_back(dx, dx_k);
   } else {

@@ -1,5 +1,5 @@
-// Host entry points of crosslayer._C, one block per op family. Each is implemented in
-// the family's launcher (<family>.cu) and bound in bindings.cpp.
+// Host entry points of crosslayer._C, one block per op. Each is implemented in the op's
+// launcher (<op>.cu) and bound in bindings.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -47,7 +47,8 @@ at::Tensor hc_post_fwd(const at::Tensor& H, const at::Tensor& y, const at::Tenso
 std::vector<at::Tensor> hc_post_bwd(const at::Tensor& dH_new, const at::Tensor& H,
                                     const at::Tensor& y, const at::Tensor& alpha,
                                     const at::Tensor& beta);
-//   w (*lead, n) or (n,). Returns x (*lead, d) = Σ_i w_i·H_i, contiguous.
+// stream_mix.cu
+//   H as for hc_post; w (*lead, n) or (n,). Returns x (*lead, d) = Σ_i w_i·H_i, contiguous.
 at::Tensor stream_mix_fwd(const at::Tensor& H, const at::Tensor& w);
 //   dx (*lead, d) of H's dtype. Returns {dH = w_i·dx (H's layout), dw = <dx, H_i>
 //   (w's shape, summed over tokens when static, accumulator dtype)}.

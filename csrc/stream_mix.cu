@@ -22,7 +22,7 @@ namespace {
 // The checked inputs of both directions, the tensors the kernels read and the params
 // both directions share.
 struct StreamMixInputs {
-  StreamsShape sh;
+  StreamShape sh;
   bool static_w;
   at::Tensor H, w;
   StreamMixParams p{};
@@ -30,13 +30,13 @@ struct StreamMixInputs {
 
 StreamMixInputs stream_mix_inputs(const at::Tensor& H, const at::Tensor& w) {
   StreamMixInputs in;
-  in.sh = check_streams(H, /*need_features=*/false);
-  const StreamsShape& sh = in.sh;
-  in.static_w = check_coeff(w, "w", H, sh, "(n,)", "(*lead, n)", {sh.n});
+  in.sh = check_streams(H);
+  const StreamShape& sh = in.sh;
+  in.static_w = check_coefficient(w, "w", H, sh.lead, "(n,)", "(*lead, n)", {sh.n});
   if (sh.N == 0 || sh.d == 0) return in;
   StreamMixParams& p = in.p;
   in.H = fill_tile_streams(p, sh, H);
-  in.w = coeff_rows(w, acc_dtype(H.scalar_type()));
+  in.w = acc_rows(w, acc_dtype(H.scalar_type()));
   p.w_token_stride = in.static_w ? 0 : sh.n;
   p.w_ptr = in.w.data_ptr();
   return in;
@@ -55,9 +55,8 @@ at::Tensor stream_mix_fwd(const at::Tensor& H_in, const at::Tensor& w_in) {
   CL_DISPATCH_FLOATING(H_in.scalar_type(), "stream_mix_fwd", [&] {
     const int vec = kVec16<scalar_t>;
     const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) && vec_ok(p.x_ptr, p.x_tok, 0, vec);
-    launch_hc_tile<scalar_t>(p, vectorize, p.n, 0, [&](auto kvec, auto kn, dim3 grid, dim3 block, int smem,
-                                                       cudaStream_t stream) {
-      stream_mix_fwd_kernel<scalar_t, decltype(kvec)::value, decltype(kn)::value><<<grid, block, smem, stream>>>(p);
+    launch_hc_tile<scalar_t>(p, vectorize, p.n, 0, [](auto kvec, auto kn) {
+      return stream_mix_fwd_kernel<scalar_t, decltype(kvec)::value, decltype(kn)::value>;
     });
   });
   return x;
@@ -65,7 +64,7 @@ at::Tensor stream_mix_fwd(const at::Tensor& H_in, const at::Tensor& w_in) {
 
 std::vector<at::Tensor> stream_mix_bwd(const at::Tensor& dx_in, const at::Tensor& H_in, const at::Tensor& w_in) {
   StreamMixInputs in = stream_mix_inputs(H_in, w_in);
-  const StreamsShape& sh = in.sh;
+  const StreamShape& sh = in.sh;
   check_activation(dx_in, "dx", H_in, "(*lead, d)", with_tail(sh.lead, {sh.d}));
   const c10::cuda::CUDAGuard guard(H_in.device());
   const at::TensorOptions acc_opts = H_in.options().dtype(acc_dtype(H_in.scalar_type()));
@@ -83,9 +82,8 @@ std::vector<at::Tensor> stream_mix_bwd(const at::Tensor& dx_in, const at::Tensor
     const int vec = kVec16<scalar_t>;
     const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) && vec_ok(p.g_ptr, p.g_tok, 0, vec) &&
                            vec_ok(p.dh_ptr, p.dh_tok, p.dh_stream_stride, vec);
-    launch_hc_tile<scalar_t>(p, vectorize, p.n, p.n, [&](auto kvec, auto kn, dim3 grid, dim3 block, int smem,
-                                                         cudaStream_t stream) {
-      stream_mix_bwd_kernel<scalar_t, decltype(kvec)::value, decltype(kn)::value><<<grid, block, smem, stream>>>(p);
+    launch_hc_tile<scalar_t>(p, vectorize, p.n, p.n, [](auto kvec, auto kn) {
+      return stream_mix_bwd_kernel<scalar_t, decltype(kvec)::value, decltype(kn)::value>;
     });
   });
   copy_back(dH, dh);

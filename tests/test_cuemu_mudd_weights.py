@@ -2,7 +2,7 @@
 
 The launchers (csrc/mudd_weights.cu) and kernels (csrc/kernels/mudd_weights.cuh) run
 unchanged on CPU tensors: bf16/fp16 x with d >= 32 take the tensor-core kernels
-(mudd_proj_mma_kernel with W1 split hi + lo, mudd_dx_mma_kernel) around the head
+(mudd_weights_fwd_proj_kernel with W1 split hi + lo, mudd_weights_bwd_dx_kernel) around the head
 kernels, fp32/fp64 x (and 16-bit x with d < 32) the at::mm paths around the same head
 kernels. Each result (A, u, r; dx, dW1, dW2, dbias) is held to DESIGN.md's policy
 against the oracle at the input dtype and in float64, outputs poisoned with NaN, on

@@ -1,5 +1,6 @@
-// Host-side helpers shared by the launchers: run-time-named checks, and reading and
-// writing activations through TokenLayout (kernels/..., common/tokens.cuh).
+// Host-side helpers shared by the launchers: the shapes of stream (H) and per-token
+// inputs, reading and writing activations through TokenLayout (common/tokens.cuh), and
+// the eligibility of a tensor for the kernels' 16-byte vector path.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,22 +12,10 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/limits.h"
 #include "common/tokens.cuh"
 
 namespace crosslayer {
-
-// CL_CHECK_FLOATING / CL_CHECK_SAME_DEVICE for names known at run time (the macros
-// paste string literals).
-inline void check_floating(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(is_activation_dtype(t.scalar_type()), name,
-              " must have dtype float32, bfloat16, float16 or float64, got ", t.scalar_type());
-}
-
-inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref,
-                              const char* ref_name = "H") {
-  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ",
-              ref.device(), "; all inputs must be on one device");
-}
 
 // `lead` followed by `tail`: the shape of a per-token tensor.
 inline std::vector<int64_t> with_tail(const std::vector<int64_t>& lead,
@@ -36,16 +25,67 @@ inline std::vector<int64_t> with_tail(const std::vector<int64_t>& lead,
   return out;
 }
 
+// The token dims of `t` (all but its last `trailing` dims) and their product.
+struct TokenDims {
+  std::vector<int64_t> lead;
+  int64_t N;
+};
+
+inline TokenDims token_dims(const at::Tensor& t, int trailing) {
+  TokenDims tok;
+  tok.lead.assign(t.sizes().begin(), t.sizes().end() - trailing);
+  tok.N = 1;
+  for (int64_t s : tok.lead) tok.N *= s;
+  return tok;
+}
+
+// The streams H (*lead, n, d) of the HC ops: a CUDA tensor of an activation dtype with
+// 1 <= n <= kMaxStreams.
+struct StreamShape : TokenDims {
+  int64_t n, d;
+};
+
+inline StreamShape check_streams(const at::Tensor& H) {
+  CL_CHECK_CUDA(H, "H");
+  CL_CHECK_FLOATING(H, "H");
+  TORCH_CHECK(H.dim() >= 2, "H must have shape (*lead, n, d) with at least 2 dims, got ", H.sizes());
+  StreamShape sh;
+  static_cast<TokenDims&>(sh) = token_dims(H, 2);
+  sh.n = H.size(-2);
+  sh.d = H.size(-1);
+  TORCH_CHECK(sh.n >= 1 && sh.n <= kMaxStreams, "H must have 1 to ", kMaxStreams,
+              " streams (dim -2 of (*lead, n, d)), got n = ", sh.n, " (shape ", H.sizes(), ")");
+  return sh;
+}
+
 // A per-token input of a backward launcher (saved statistics, output gradients): shape
 // `expected` (spelled `what` in the message), a floating dtype, on `ref`'s device.
 inline void check_per_token(const at::Tensor& t, const char* name, const char* what,
                             const std::vector<int64_t>& expected, const at::Tensor& ref,
                             const char* ref_name = "H") {
-  TORCH_CHECK(t.sizes() == at::IntArrayRef(expected), name, " must have shape ", what, " = ",
-              at::IntArrayRef(expected), ", got ", t.sizes());
+  check_shape(t, name, what, expected);
   check_same_device(t, name, ref, ref_name);
   check_floating(t, name);
 }
+
+// A coefficient of the HC mixing ops: `static_shape` (spelled `static_what`) or one
+// such block per token, lead + static_shape (spelled `token_what`); a floating dtype on
+// H's device. Returns true when static.
+inline bool check_coefficient(const at::Tensor& t, const char* name, const at::Tensor& H,
+                              const std::vector<int64_t>& lead, const char* static_what,
+                              const char* token_what, std::initializer_list<int64_t> static_shape) {
+  check_input(t, name, H);
+  if (t.sizes() == at::IntArrayRef(static_shape)) return true;
+  std::vector<int64_t> per_token(lead);
+  per_token.insert(per_token.end(), static_shape);
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(per_token), name, " must have shape ", token_what, " = ",
+              at::IntArrayRef(per_token), " (per token) or ", static_what, " = ",
+              at::IntArrayRef(static_shape), " (static), got ", t.sizes());
+  return false;
+}
+
+// Coefficients in the accumulator dtype `acc`, one contiguous row per token.
+inline at::Tensor acc_rows(const at::Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
 
 // An activation input whose tokens one TokenLayout addresses and whose features have
 // unit stride: the tensor itself when possible, else one copy.
@@ -74,21 +114,22 @@ inline void copy_back(at::Tensor& out, const at::Tensor& written) {
 // Stride between streams, 0 when there is one stream (any stride is then fine).
 inline int64_t stream_stride(const at::Tensor& t) { return t.size(-2) > 1 ? t.stride(-2) : 0; }
 
-// 16-byte vector access is safe for a tensor when its base is 16-byte aligned and its
-// token and stream strides are multiples of the vector width.
-inline bool vec_ok(const void* ptr, const TokenLayout& tok, int64_t stream, int vec) {
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && tok.inner_stride % vec == 0 &&
-         tok.outer_stride % vec == 0 && stream % vec == 0;
-}
-
-// The same for a tensor described by (size, stride) pairs of its non-feature dims (a
-// dim of size 1 never steps, so its stride does not matter).
-inline bool vec_ok(const void* ptr, std::initializer_list<std::pair<int64_t, int64_t>> size_strides, int vec) {
+// 16-byte vector access is safe for a tensor when its base is 16-byte aligned and the
+// stride of every dim that is walked (size > 1) is a multiple of the vector width.
+// `size_strides`: (size, stride in elements) per non-feature dim.
+inline bool vec_ok(const void* ptr, std::initializer_list<std::pair<int64_t, int64_t>> size_strides,
+                   int vec) {
   if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
   for (const auto& ss : size_strides) {
     if (ss.first > 1 && ss.second % vec != 0) return false;
   }
   return true;
+}
+
+// The same for a tensor whose tokens `tok` addresses, streams `stream` apart (0: none);
+// both token strides count as walked.
+inline bool vec_ok(const void* ptr, const TokenLayout& tok, int64_t stream, int vec) {
+  return vec_ok(ptr, {{2, tok.inner_stride}, {2, tok.outer_stride}, {2, stream}}, vec);
 }
 
 }  // namespace crosslayer

@@ -1,8 +1,33 @@
-// Tensor-core primitives (mma.sync m16n8k16, 16-bit inputs, fp32 accumulators) and
-// the 16-bit row loads that feed them, shared by the mudd_weights and mhc_coeffs
-// kernels. Fragment layouts are those of the PTX ISA for m16n8k16 (row.col): a lane
-// `lane` holds rows grp = lane / 4 and grp + 8, column pairs 2·tig (tig = lane % 4).
-// The bodies compile for sm 8.0 and later only; the launchers check the device.
+// Tensor-core (mma.sync m16n8k16, 16-bit inputs, fp32 accumulators, sm_80+) primitives of
+// the torch-free kernels: the instruction, 16-bit row loads as fragment words, the bf16
+// hi/lo split of fp32 operands, and the warp tiles shared by the projection kernels
+// (X·W: mudd_weights' proj, mhc_coeffs' proj) and the G·Wᵀ − s·X kernels (mudd_weights'
+// dx, mhc_coeffs' dh). The host side (packing W into fragments) is common/mma_pack.h.
+//
+// Fragment layout (PTX ISA, mma.m16n8k16, row.col): lane = 4·grp + tig;
+//   A (16×16): a0 = (row grp, k 2tig..+1), a1 = (row grp+8, same k),
+//              a2 = (row grp, k 2tig+8..+9), a3 = (row grp+8, k 2tig+8..+9)
+//   B (16×8):  b0 = (k 2tig..+1, col grp), b1 = (k 2tig+8..+9, col grp)
+//   C (16×8):  c0, c1 = (row grp, cols 2tig..+1), c2, c3 = (row grp+8, same cols)
+// The order of the reduction index inside a k-step and of the columns inside a tile
+// is free as long as both operands agree; the launchers pack W to match these maps:
+//   proj: A = x rows (16 tokens of a warp). A 32-feature chunk, thread (grp, tig)
+//         loads features 8tig..8tig+7 of rows grp and grp+8 as one 16-byte vector
+//         each (words w0..w3); k-step s of the chunk uses a0 = w[2s], a2 = w[2s+1], so
+//         logical k 2tig+j is feature 8tig+4s+j and 2tig+8+j is 8tig+4s+2+j.
+//         Wf (packed): [chunk][s][n-tile][lane] × uint4 {hi b0, hi b1, lo b0, lo b1}
+//         with b0 = W[32c+8tig+4s+{0,1}, 8nt+grp], b1 = W[32c+8tig+4s+{2,3}, ...].
+//   G·Wᵀ: A = g rows (16 tokens), natural k order (hidden 16ks + 2tig + {0,1}, +8).
+//         Output chunk of 32 features, n-tile j: logical col n is feature
+//         32c + 8(n/2) + 2j + n%2, so thread (grp, tig) ends with features
+//         32c + 8tig .. +7 of rows grp and grp+8: 16-byte x loads and dx stores.
+//         Wb (packed): [chunk][ks][j][lane] × uint4 {hi b0, hi b1, lo b0, lo b1}
+//         with b0 = W[feature(grp), 16ks+2tig+{0,1}], b1 = W[feature(grp), ...+8].
+//
+// Warp tiles: warp w of a block owns 16 token rows; thread (grp, tig) holds rows grp
+// (a) and grp + 8 (b) of every fragment (MmaRows). Rows past the last token carry zeros
+// and are never written. Every phase below is called by all 32 lanes of the warp (the
+// mma and the shuffles are warp-wide) and has no barrier.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -42,6 +67,35 @@ struct MmaOp<__half> {
   }
 };
 
+// The warp's token rows: 16 tokens from t0 (warp w of the block: 16·(blockIdx.x·warps +
+// w)); this thread's rows ta = t0 + grp and tb = t0 + grp + 8, va / vb when they exist.
+struct MmaRows {
+  int lane, grp, tig;
+  int64_t t0, ta, tb;
+  bool va, vb;
+};
+
+__device__ __forceinline__ MmaRows mma_rows(int warps_per_block, int64_t n_tokens) {
+  MmaRows r;
+  r.lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  r.grp = r.lane / 4;
+  r.tig = r.lane % 4;
+  r.t0 = (static_cast<int64_t>(blockIdx.x) * warps_per_block + warp) * 16;
+  r.ta = r.t0 + r.grp;
+  r.tb = r.t0 + r.grp + 8;
+  r.va = r.ta < n_tokens;
+  r.vb = r.tb < n_tokens;
+  return r;
+}
+
+// Sum of v over the 4 lanes of a fragment row (tig), the same bits in each, fixed order.
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  v += __shfl_xor_sync(0xffffffffu, v, 2);
+  return v;
+}
+
 // 8 elements [e, e + 8) of a 16-bit row as four 32-bit words; zero past d. With kVec
 // one 16-byte load, else element by element.
 template <typename T, bool kVec>
@@ -53,6 +107,7 @@ __device__ __forceinline__ uint4 load8(const T* __restrict__ row, int64_t e, int
   return *reinterpret_cast<const uint4*>(&v);
 }
 
+// Σ of the squares of the 8 16-bit elements of w, in fp32.
 template <typename T>
 __device__ __forceinline__ float sumsq8(const uint4& w) {
   const T* v = reinterpret_cast<const T*>(&w);
@@ -74,6 +129,43 @@ __device__ __forceinline__ void split_bf16x2(float v0, float v1, uint32_t& hi, u
   lo = *reinterpret_cast<const uint32_t*>(&l);
 }
 
+// acc[j][0..3] = 0 for the kTiles C fragments.
+template <int kTiles>
+__device__ __forceinline__ void mma_zero(float (&acc)[kTiles][4]) {
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+}
+
+// proj, one 32-feature chunk c: acc[j] += X_chunk·W_chunk for the kTiles n-tiles from
+// column col0, with wa / wb this thread's 16-byte words of rows a / b (load8). W packed
+// [chunk][s][n-tile][lane] (n_tiles tiles a row), kRec uint4 a record: {hi b0, hi b1,
+// lo b0, lo b1}, then with kRest {rest b0, rest b1, -, -}; each part one mma. With
+// kSkipPad, tiles from column live_cols on (all padding: a warp-uniform test) are skipped.
+template <typename T, int kTiles, bool kRest, bool kSkipPad>
+__device__ __forceinline__ void mma_proj_chunk(float (&acc)[kTiles][4], const uint4& wa, const uint4& wb,
+                                               const uint4* __restrict__ W, int64_t c, int n_tiles, int col0,
+                                               int live_cols, int lane) {
+  constexpr int kRec = kRest ? 2 : 1;
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    const uint32_t a0 = s ? wa.z : wa.x, a2 = s ? wa.w : wa.y;
+    const uint32_t a1 = s ? wb.z : wb.x, a3 = s ? wb.w : wb.y;
+    const int64_t widx = ((c * 2 + s) * n_tiles + col0 / 8) * kWarpSize + lane;
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j) {
+      if (!kSkipPad || col0 + 8 * j < live_cols) {
+        const uint4* __restrict__ wl = W + (widx + j * kWarpSize) * kRec;
+        const uint4 b = __ldg(wl);
+        MmaOp<T>::run(acc[j], a0, a1, a2, a3, b.x, b.y);
+        MmaOp<T>::run(acc[j], a0, a1, a2, a3, b.z, b.w);
+        if (kRest) {
+          const uint4 br = __ldg(wl + 1);
+          MmaOp<T>::run(acc[j], a0, a1, a2, a3, br.x, br.y);
+        }
+      }
+    }
+  }
+}
 
 // One 32-feature output chunk c of G·Wᵀ for a warp's 16 rows: this thread's rows a
 // and b (rows grp and grp + 8 of the m16n8k16 tile; va / vb false past the last
@@ -87,8 +179,7 @@ __device__ __forceinline__ void mma_chunk_g_wt(float (&acc)[kTiles][4], const fl
                                                const float* __restrict__ gb, bool va, bool vb,
                                                const uint4* __restrict__ W, int64_t c, int ksteps,
                                                int tig, int lane) {
-#pragma unroll
-  for (int j = 0; j < kTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  mma_zero(acc);
   for (int ks = 0; ks < ksteps; ++ks) {
     const int k = ks * 16 + tig * 2;
     const float2 g0 = va ? __ldg(reinterpret_cast<const float2*>(ga + k)) : make_float2(0.f, 0.f);
@@ -111,9 +202,10 @@ __device__ __forceinline__ void mma_chunk_g_wt(float (&acc)[kTiles][4], const fl
   }
 }
 
-// Row rw (0: a, 1: b) of an mma_chunk_g_wt result minus s·x, written to this thread's 8
-// features [e, e + 8) of dst (features 8tig + 2j + {0, 1} of the chunk: acc[j][2rw + q]
-// is feature e + 2j + q); x read at the same features. Features past d are skipped.
+// Row rw (0: a, 1: b) of an mma_chunk_g_wt result minus s·x, written (=) to this
+// thread's 8 features [e, e + 8) of dst (features 8tig + 2j + {0, 1} of the chunk:
+// acc[j][2rw + q] is feature e + 2j + q); x read at the same features. Features past d
+// are skipped.
 template <typename T, bool kVec, int kTiles>
 __device__ __forceinline__ void store_g_wt_minus_sx(const float (&acc)[kTiles][4], int rw,
                                                     const T* __restrict__ x, float s,
@@ -136,6 +228,28 @@ __device__ __forceinline__ void store_g_wt_minus_sx(const float (&acc)[kTiles][4
     for (int k = 0; k < 8; ++k) {
       if (e + k < d) dst[e + k] = out.v[k];
     }
+  }
+}
+
+// The G·Wᵀ − s·X kernels' chunk loop (mudd_weights dx, mhc_coeffs dh): for each output
+// chunk c in [c_begin, c_end), the chunk of G·Wᵀ (mma_chunk_g_wt, G rows ga / gb with
+// ksteps·16 columns) minus s·X written (=) to rows a and b; `at(c, e, hs, ds)` gives
+// the chunk's first feature e of this thread and the offsets hs / ds of its X / dst
+// rows (the stream of a multi-stream row).
+template <typename T, bool kVec, int kTiles, typename ChunkAt>
+__device__ __forceinline__ void mma_g_wt_minus_sx_rows(const MmaRows& r, const float* __restrict__ ga,
+                                                       const float* __restrict__ gb, float sa, float sb,
+                                                       const T* __restrict__ xa, const T* __restrict__ xb,
+                                                       T* __restrict__ dsta, T* __restrict__ dstb,
+                                                       const uint4* __restrict__ W, int ksteps, int64_t d,
+                                                       int64_t c_begin, int64_t c_end, ChunkAt at) {
+  for (int64_t c = c_begin; c < c_end; ++c) {
+    float acc[kTiles][4];
+    mma_chunk_g_wt<kTiles>(acc, ga, gb, r.va, r.vb, W, c, ksteps, r.tig, r.lane);
+    int64_t e, hs, ds;
+    at(c, e, hs, ds);
+    if (r.va) store_g_wt_minus_sx<T, kVec>(acc, 0, xa + hs, sa, dsta + ds, e, d);
+    if (r.vb) store_g_wt_minus_sx<T, kVec>(acc, 1, xb + hs, sb, dstb + ds, e, d);
   }
 }
 

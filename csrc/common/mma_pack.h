@@ -1,6 +1,6 @@
 // Host-side (ATen) helpers of the tensor-core launchers (mudd_weights.cu, mhc_coeffs.cu):
 // packing of fp32 weights into mma.sync m16n8k16 B fragments (hi + lo 16-bit parts; the
-// element maps are documented in kernels/mudd_weights.cuh, "Fragment layout"), the
+// element maps are documented in common/mma.cuh), the
 // power-of-two scaling that keeps fp16 parts normal, and the 16-bit GEMMs with fp32
 // output of the backward passes. Everything here is stream-ordered ATen work on the
 // operands' device: no host syncs.
@@ -77,7 +77,7 @@ inline at::Tensor mm_f32_split(const at::Tensor& a, const at::Tensor& g) {
 
 // W1 (d, K) as proj fragments: zero-padded to (32·chunks, k_pad) fp32, split into hi and
 // lo parts of dtype `part`, ordered [chunk][s][n-tile][grp][tig][part][half][j] (the
-// element map in kernels/mudd_weights.cuh), i.e. one uint4 per (chunk, s, n-tile, lane).
+// element map in common/mma.cuh), i.e. one uint4 per (chunk, s, n-tile, lane).
 inline at::Tensor pack_w1_proj(const at::Tensor& W1, at::ScalarType part, int64_t k_pad) {
   const int64_t d = W1.size(0), K = W1.size(1), dp = round_up(d, 32) / 32;
   const at::Tensor W = at::constant_pad_nd(W1.to(at::kFloat), {0, k_pad - K, 0, dp * 32 - d}, 0);

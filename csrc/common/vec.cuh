@@ -8,6 +8,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdint>
+
 namespace crosslayer {
 
 template <typename T>
@@ -47,6 +49,12 @@ template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
+
+// The N elements of `base` from i as one Vec (a 16-byte-aligned buffer entry).
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N>& vec_at(T* base, int64_t i) {
+  return *reinterpret_cast<Vec<T, N>*>(base + i);
+}
 
 // Loads elements [e, e + N) of `row` into fp-accumulator registers. When the chunk is
 // cut by the row end `d`, only the elements below d are read and the rest are zero.

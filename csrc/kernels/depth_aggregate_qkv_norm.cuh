@@ -67,18 +67,19 @@
 #include "common/math.cuh"
 #include "common/reduce.cuh"
 #include "common/vec.cuh"
+#include "kernels/phases/slot_tile.cuh"
 
 namespace crosslayer {
 
-constexpr int kDaNormWays = 4;    // q, k, v, r
-constexpr int kDaNormNormed = 3;  // q, k, v
-constexpr int kDaNormThreads = 256;
-constexpr int kDaNormDots = 8;    // P_0..P_3, Q_0..Q_2, one zero: the reduce-scatter width
+constexpr int kDepthAggregateQkvNormWays = 4;    // q, k, v, r
+constexpr int kDepthAggregateQkvNormNormed = 3;  // q, k, v
+constexpr int kDepthAggregateQkvNormThreads = 256;
+constexpr int kDepthAggregateQkvNormDots = 8;    // P_0..P_3, Q_0..Q_2, one zero: the reduce-scatter width
 // Resident 256-thread blocks asked of ptxas for the backward (at most 128 registers).
-constexpr int kDaNormBwdMinBlocks = 2;
-constexpr int kDaNormFwdMinBlocks = 2;
+constexpr int kDepthAggregateQkvNormBwdMinBlocks = 2;
+constexpr int kDepthAggregateQkvNormFwdMinBlocks = 2;
 
-struct DaNormParams {
+struct DepthAggregateQkvNormParams {
   using index_t = int64_t;
   index_t n_tokens;  // N
   index_t d;         // features
@@ -109,7 +110,7 @@ struct DaNormParams {
 };
 
 // Shared-memory layout of a block, offsets in accumulator elements.
-struct DaNormSmem {
+struct DepthAggregateQkvNormSmem {
   int64_t a;      // [rows][4][l]           the tile's weights
   int64_t red;    // [rows][warps][3]       warp partials of Σ Y² (fwd) / D (bwd)
   int64_t part;   // [rows][warps][8][l]    backward: warp partials of P, Q
@@ -118,67 +119,40 @@ struct DaNormSmem {
   int64_t total;
 };
 
-__host__ __device__ inline int64_t da_norm_round8(int64_t x) { return (x + 7) / 8 * 8; }
+__host__ __device__ inline int64_t depth_aggregate_qkv_norm_round8(int64_t x) { return (x + 7) / 8 * 8; }
 
-__host__ __device__ inline DaNormSmem da_norm_smem_layout(int rows, int warps, int l, int64_t ld,
+__host__ __device__ inline DepthAggregateQkvNormSmem depth_aggregate_qkv_norm_smem_layout(int rows, int warps, int l, int64_t ld,
                                                           bool backward, bool bufs_in_smem) {
-  DaNormSmem s;
+  DepthAggregateQkvNormSmem s;
   int64_t off = 0;
   s.a = off;
-  off = da_norm_round8(off + static_cast<int64_t>(rows) * kDaNormWays * l);
+  off = depth_aggregate_qkv_norm_round8(off + static_cast<int64_t>(rows) * kDepthAggregateQkvNormWays * l);
   s.red = off;
-  off = da_norm_round8(off + static_cast<int64_t>(rows) * warps * kDaNormNormed);
+  off = depth_aggregate_qkv_norm_round8(off + static_cast<int64_t>(rows) * warps * kDepthAggregateQkvNormNormed);
   s.part = off;
-  if (backward) off = da_norm_round8(off + static_cast<int64_t>(rows) * warps * kDaNormDots * l);
+  if (backward) off = depth_aggregate_qkv_norm_round8(off + static_cast<int64_t>(rows) * warps * kDepthAggregateQkvNormDots * l);
   s.stash = off;
-  if (bufs_in_smem) off += static_cast<int64_t>(rows) * kDaNormNormed * ld;
+  if (bufs_in_smem) off += static_cast<int64_t>(rows) * kDepthAggregateQkvNormNormed * ld;
   s.dg = off;
-  if (backward && bufs_in_smem) off += static_cast<int64_t>(rows) * kDaNormNormed * ld;
+  if (backward && bufs_in_smem) off += static_cast<int64_t>(rows) * kDepthAggregateQkvNormNormed * ld;
   s.total = off;
   return s;
 }
 
-
-// Copies the (rows × 4 × l) weight tile of tokens t0.. into smem; missing tokens read 0.
+// Stages the (rows × 4 × l) weight tile of tokens t0.. in a_s (block-wide, between two
+// barriers); missing tokens read 0.
 template <typename acc>
-__device__ __forceinline__ void da_norm_load_weights(const DaNormParams& p, acc* __restrict__ a_s,
-                                                     int64_t t0) {
-  const acc* __restrict__ A = static_cast<const acc*>(p.a_ptr);
-  const int l = p.n_slots;
-  const int per_row = kDaNormWays * l;
-  const int n = blockDim.y * per_row;
-  for (int i = threadIdx.y * blockDim.x + threadIdx.x; i < n; i += blockDim.x * blockDim.y) {
-    const int r = i / per_row;
-    const int c = (i / l) % kDaNormWays;
-    const int j = i % l;
-    const int64_t t = t0 + r;
-    a_s[i] = t < p.n_tokens ? A[t * p.a_token_stride + c * p.a_way_stride + j * p.a_slot_stride] : acc(0);
-  }
-}
-
-// y[c] += Σ_j a_row[c·l + j]·S_j[e, e + kVec) for c < kWays (slot reads cut at d).
-template <typename T, int kVec, int kWays>
-__device__ __forceinline__ void da_norm_aggregate(const T* __restrict__ s_tok, int64_t slot_stride,
-                                                  const acc_t<T>* __restrict__ a_row, int l, int64_t e,
-                                                  int64_t d, acc_t<T> (&y)[kWays][kVec]) {
-  using acc = acc_t<T>;
-#pragma unroll 4
-  for (int j = 0; j < l; ++j) {
-    acc s[kVec];
-    load_chunk<T, kVec>(s_tok + j * slot_stride, e, d, s);
-#pragma unroll
-    for (int c = 0; c < kWays; ++c) {
-      const acc w = a_row[c * l + j];
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) y[c][k] += w * s[k];
-    }
-  }
+__device__ __forceinline__ void depth_aggregate_qkv_norm_load_weights(const DepthAggregateQkvNormParams& p,
+                                                                      acc* __restrict__ a_s, int64_t t0) {
+  slot_tile_load_weights<kDepthAggregateQkvNormWays>(a_s, static_cast<const acc*>(p.a_ptr), p.a_token_stride,
+                                                     p.a_way_stride, p.a_slot_stride, p.n_tokens,
+                                                     kDepthAggregateQkvNormWays, p.n_slots, t0, 0);
 }
 
 // Warp reduce-scatter of 8 per-lane values in 9 shuffles (4 + 2 + 1 halving steps, then
 // 2 plain ones): returns, in every lane, the warp-wide sum of a[lane >> 2]. Fixed order.
 template <typename T>
-__device__ __forceinline__ T da_norm_reduce_scatter8(T (&a)[kDaNormDots], int lane) {
+__device__ __forceinline__ T depth_aggregate_qkv_norm_reduce_scatter8(T (&a)[kDepthAggregateQkvNormDots], int lane) {
   butterfly_step<16, 4>(a, lane);
   butterfly_step<8, 2>(a, lane);
   butterfly_step<4, 1>(a, lane);
@@ -188,17 +162,12 @@ __device__ __forceinline__ T da_norm_reduce_scatter8(T (&a)[kDaNormDots], int la
   return v;
 }
 
-template <typename acc, int kVec>
-__device__ __forceinline__ Vec<acc, kVec>& da_norm_vec(acc* base, int64_t i) {
-  return *reinterpret_cast<Vec<acc, kVec>*>(base + i);
-}
-
 template <typename T, int kVec>
-__global__ void __launch_bounds__(kDaNormThreads, kDaNormFwdMinBlocks)
-    depth_aggregate_qkv_norm_fwd_kernel(const DaNormParams p) {
+__global__ void __launch_bounds__(kDepthAggregateQkvNormThreads, kDepthAggregateQkvNormFwdMinBlocks)
+    depth_aggregate_qkv_norm_fwd_kernel(const DepthAggregateQkvNormParams p) {
   using acc = acc_t<T>;
-  extern __shared__ __align__(32) unsigned char da_norm_smem[];
-  acc* smem = reinterpret_cast<acc*>(da_norm_smem);
+  extern __shared__ __align__(32) unsigned char daqn_smem[];
+  acc* smem = reinterpret_cast<acc*>(daqn_smem);
   const int l = p.n_slots;
   const int64_t d = p.d;
   const int64_t ld = p.ld;
@@ -209,13 +178,13 @@ __global__ void __launch_bounds__(kDaNormThreads, kDaNormFwdMinBlocks)
   const int warp = tx / kWarpSize;
   const int lane = tx % kWarpSize;
   const int64_t step = static_cast<int64_t>(blockDim.x) * kVec;
-  const DaNormSmem L = da_norm_smem_layout(rows, warps, l, ld, false, p.bufs_in_smem);
+  const DepthAggregateQkvNormSmem L = depth_aggregate_qkv_norm_smem_layout(rows, warps, l, ld, false, p.bufs_in_smem);
   acc* __restrict__ a_s = smem + L.a;
-  acc* __restrict__ red = smem + L.red + ty * warps * kDaNormNormed;  // [warps][3]
+  acc* __restrict__ red = smem + L.red + ty * warps * kDepthAggregateQkvNormNormed;  // [warps][3]
   acc* __restrict__ stash =
-      p.bufs_in_smem ? smem + L.stash + ty * kDaNormNormed * ld
+      p.bufs_in_smem ? smem + L.stash + ty * kDepthAggregateQkvNormNormed * ld
                      : static_cast<acc*>(p.stash_ws_ptr) +
-                           (static_cast<int64_t>(blockIdx.x) * rows + ty) * kDaNormNormed * ld;
+                           (static_cast<int64_t>(blockIdx.x) * rows + ty) * kDepthAggregateQkvNormNormed * ld;
 
   const T* __restrict__ S = static_cast<const T*>(p.s_ptr);
   const acc* __restrict__ g = static_cast<const acc*>(p.g_ptr);
@@ -227,51 +196,51 @@ __global__ void __launch_bounds__(kDaNormThreads, kDaNormFwdMinBlocks)
     const int64_t t = t0 + ty;
     const bool valid = t < p.n_tokens;  // uniform over the row (whole warps)
     __syncthreads();  // the previous tile's readers are done with a_s and red
-    da_norm_load_weights(p, a_s, t0);
+    depth_aggregate_qkv_norm_load_weights(p, a_s, t0);
     __syncthreads();
-    const acc* __restrict__ a_row = a_s + ty * kDaNormWays * l;
+    const acc* __restrict__ a_row = a_s + ty * kDepthAggregateQkvNormWays * l;
 
     // (1) Y per chunk; Out_3 written, Y_n stashed, Σ Y_n² accumulated.
-    acc ss[kDaNormNormed] = {};
+    acc ss[kDepthAggregateQkvNormNormed] = {};
     if (valid) {
       const T* __restrict__ s_tok = S + t * p.s_token_stride;
       for (int64_t e = tx * kVec; e < d; e += step) {
-        acc y[kDaNormWays][kVec] = {};
-        da_norm_aggregate<T, kVec, kDaNormWays>(s_tok, p.s_slot_stride, a_row, l, e, d, y);
+        acc y[kDepthAggregateQkvNormWays][kVec] = {};
+        slot_aggregate<T, kVec, kDepthAggregateQkvNormWays>(s_tok, p.s_slot_stride, a_row, l, e, d, y);
         store_chunk<T, kVec>(Out + 3 * p.out_way_stride + t * p.out_token_stride, e, d, y[3]);
 #pragma unroll
-        for (int c = 0; c < kDaNormNormed; ++c) {
+        for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) {
           Vec<acc, kVec> v;
 #pragma unroll
           for (int k = 0; k < kVec; ++k) {
             ss[c] += y[c][k] * y[c][k];  // zero past d (load_chunk zero-fills)
             v.v[k] = y[c][k];
           }
-          da_norm_vec<acc, kVec>(stash, c * ld + e) = v;
+          vec_at<acc, kVec>(stash, c * ld + e) = v;
         }
       }
     }
 #pragma unroll
-    for (int c = 0; c < kDaNormNormed; ++c) {
+    for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) {
       const acc v = warp_sum(ss[c]);
-      if (lane == 0) red[warp * kDaNormNormed + c] = v;
+      if (lane == 0) red[warp * kDepthAggregateQkvNormNormed + c] = v;
     }
     __syncthreads();
 
     // (2) r_n from the warps' sums in warp order; Out_n from the stash.
     if (valid) {
-      acc r[kDaNormNormed];
+      acc r[kDepthAggregateQkvNormNormed];
 #pragma unroll
-      for (int c = 0; c < kDaNormNormed; ++c) {
+      for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) {
         acc s = acc(0);
-        for (int w = 0; w < warps; ++w) s += red[w * kDaNormNormed + c];
+        for (int w = 0; w < warps; ++w) s += red[w * kDepthAggregateQkvNormNormed + c];
         r[c] = acc_rsqrt(s / static_cast<acc>(d) + static_cast<acc>(p.eps));
         if (tx == 0) rstd[c * p.n_tokens + t] = r[c];
       }
       for (int64_t e = tx * kVec; e < d; e += step) {
 #pragma unroll
-        for (int c = 0; c < kDaNormNormed; ++c) {
-          const Vec<acc, kVec> y = da_norm_vec<acc, kVec>(stash, c * ld + e);
+        for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) {
+          const Vec<acc, kVec> y = vec_at<acc, kVec>(stash, c * ld + e);
           const Vec<acc, kVec> gv = *reinterpret_cast<const Vec<acc, kVec>*>(g + c * ld + e);
           acc o[kVec];
 #pragma unroll
@@ -284,11 +253,11 @@ __global__ void __launch_bounds__(kDaNormThreads, kDaNormFwdMinBlocks)
 }
 
 template <typename T, int kVec>
-__global__ void __launch_bounds__(kDaNormThreads, kDaNormBwdMinBlocks)
-    depth_aggregate_qkv_norm_bwd_kernel(const DaNormParams p) {
+__global__ void __launch_bounds__(kDepthAggregateQkvNormThreads, kDepthAggregateQkvNormBwdMinBlocks)
+    depth_aggregate_qkv_norm_bwd_kernel(const DepthAggregateQkvNormParams p) {
   using acc = acc_t<T>;
-  extern __shared__ __align__(32) unsigned char da_norm_smem[];
-  acc* smem = reinterpret_cast<acc*>(da_norm_smem);
+  extern __shared__ __align__(32) unsigned char daqn_smem[];
+  acc* smem = reinterpret_cast<acc*>(daqn_smem);
   const int l = p.n_slots;
   const int64_t d = p.d;
   const int64_t ld = p.ld;
@@ -301,17 +270,17 @@ __global__ void __launch_bounds__(kDaNormThreads, kDaNormBwdMinBlocks)
   const int tid = ty * blockDim.x + tx;
   const int nthreads = blockDim.x * rows;
   const int64_t step = static_cast<int64_t>(blockDim.x) * kVec;
-  const DaNormSmem L = da_norm_smem_layout(rows, warps, l, ld, true, p.bufs_in_smem);
+  const DepthAggregateQkvNormSmem L = depth_aggregate_qkv_norm_smem_layout(rows, warps, l, ld, true, p.bufs_in_smem);
   acc* __restrict__ a_s = smem + L.a;
-  acc* __restrict__ red = smem + L.red + ty * warps * kDaNormNormed;  // [warps][3]
+  acc* __restrict__ red = smem + L.red + ty * warps * kDepthAggregateQkvNormNormed;  // [warps][3]
   // part_all / part, dg_ws / dg alias each other: no __restrict__ on them.
   acc* part_all = smem + L.part;                        // [rows][warps][8][l]
-  acc* part = part_all + ty * warps * kDaNormDots * l;  // [warps][8][l]
-  const int64_t slice = (static_cast<int64_t>(blockIdx.x) * rows + ty) * kDaNormNormed * ld;
+  acc* part = part_all + ty * warps * kDepthAggregateQkvNormDots * l;  // [warps][8][l]
+  const int64_t slice = (static_cast<int64_t>(blockIdx.x) * rows + ty) * kDepthAggregateQkvNormNormed * ld;
   acc* dg_ws = static_cast<acc*>(p.dg_ws_ptr) + slice;
   acc* __restrict__ stash =
-      p.bufs_in_smem ? smem + L.stash + ty * kDaNormNormed * ld : static_cast<acc*>(p.stash_ws_ptr) + slice;
-  acc* dg = p.bufs_in_smem ? smem + L.dg + ty * kDaNormNormed * ld : dg_ws;
+      p.bufs_in_smem ? smem + L.stash + ty * kDepthAggregateQkvNormNormed * ld : static_cast<acc*>(p.stash_ws_ptr) + slice;
+  acc* dg = p.bufs_in_smem ? smem + L.dg + ty * kDepthAggregateQkvNormNormed * ld : dg_ws;
 
   const T* __restrict__ S = static_cast<const T*>(p.s_ptr);
   const T* __restrict__ dOut = static_cast<const T*>(p.dout_ptr);
@@ -323,7 +292,7 @@ __global__ void __launch_bounds__(kDaNormThreads, kDaNormBwdMinBlocks)
   // The row's dg partial starts at zero (each thread owns its chunks' entries).
   for (int64_t e = tx * kVec; e < d; e += step) {
 #pragma unroll
-    for (int c = 0; c < kDaNormNormed; ++c) da_norm_vec<acc, kVec>(dg, c * ld + e) = Vec<acc, kVec>{};
+    for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) vec_at<acc, kVec>(dg, c * ld + e) = Vec<acc, kVec>{};
   }
 
   for (int64_t t0 = static_cast<int64_t>(blockIdx.x) * rows; t0 < p.n_tokens;
@@ -331,31 +300,31 @@ __global__ void __launch_bounds__(kDaNormThreads, kDaNormBwdMinBlocks)
     const int64_t t = t0 + ty;
     const bool valid = t < p.n_tokens;  // uniform over the row (whole warps)
     __syncthreads();  // the previous tile's readers are done with a_s, red and part
-    da_norm_load_weights(p, a_s, t0);
-    for (int i = tid; i < rows * warps * kDaNormDots * l; i += nthreads) part_all[i] = acc(0);
+    depth_aggregate_qkv_norm_load_weights(p, a_s, t0);
+    for (int i = tid; i < rows * warps * kDepthAggregateQkvNormDots * l; i += nthreads) part_all[i] = acc(0);
     __syncthreads();
-    const acc* __restrict__ a_row = a_s + ty * kDaNormWays * l;
+    const acc* __restrict__ a_row = a_s + ty * kDepthAggregateQkvNormWays * l;
     const T* __restrict__ s_tok = S + (valid ? t : 0) * p.s_token_stride;
     const T* __restrict__ do_tok = dOut + (valid ? t : 0) * p.dout_token_stride;
-    acc r[kDaNormNormed];
+    acc r[kDepthAggregateQkvNormNormed];
 #pragma unroll
-    for (int c = 0; c < kDaNormNormed; ++c) r[c] = valid ? rstd[c * p.n_tokens + t] : acc(0);
+    for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) r[c] = valid ? rstd[c * p.n_tokens + t] : acc(0);
 
     // (1) per chunk: Y_n; dg and D partials; the stash; P and Q per slot.
-    acc D[kDaNormNormed] = {};
+    acc D[kDepthAggregateQkvNormNormed] = {};
     // The chunk loop is warp-uniform (the shuffles in pass 2 need every lane): lanes
     // past the row end (e >= d) work on zeros and touch no buffer.
     if (valid) {
       for (int64_t e0 = 0; e0 < d; e0 += step) {
         const int64_t e = e0 + tx * kVec;
         const bool in_row = e < d;
-        acc y[kDaNormNormed][kVec] = {};
-        if (in_row) da_norm_aggregate<T, kVec, kDaNormNormed>(s_tok, p.s_slot_stride, a_row, l, e, d, y);
-        acc z[kDaNormWays][kVec];
+        acc y[kDepthAggregateQkvNormNormed][kVec] = {};
+        if (in_row) slot_aggregate<T, kVec, kDepthAggregateQkvNormNormed>(s_tok, p.s_slot_stride, a_row, l, e, d, y);
+        acc z[kDepthAggregateQkvNormWays][kVec];
 #pragma unroll
-        for (int c = 0; c < kDaNormWays; ++c) {
+        for (int c = 0; c < kDepthAggregateQkvNormWays; ++c) {
           const Vec<T, kVec> go = load_chunk_raw<T, kVec>(do_tok + c * p.dout_way_stride, e, d);
-          if (c < kDaNormNormed) {
+          if (c < kDepthAggregateQkvNormNormed) {
             const Vec<acc, kVec> gv =
                 in_row ? *reinterpret_cast<const Vec<acc, kVec>*>(g + c * ld + e) : Vec<acc, kVec>{};
 #pragma unroll
@@ -364,14 +333,14 @@ __global__ void __launch_bounds__(kDaNormThreads, kDaNormBwdMinBlocks)
               D[c] += z[c][k] * y[c][k];
             }
             if (in_row) {
-              Vec<acc, kVec>& dgv = da_norm_vec<acc, kVec>(dg, c * ld + e);
+              Vec<acc, kVec>& dgv = vec_at<acc, kVec>(dg, c * ld + e);
               Vec<acc, kVec> sy;
 #pragma unroll
               for (int k = 0; k < kVec; ++k) {
                 dgv.v[k] += to_acc(go.v[k]) * y[c][k] * r[c];
                 sy.v[k] = y[c][k];
               }
-              da_norm_vec<acc, kVec>(stash, c * ld + e) = sy;
+              vec_at<acc, kVec>(stash, c * ld + e) = sy;
             }
           } else {
 #pragma unroll
@@ -383,65 +352,65 @@ __global__ void __launch_bounds__(kDaNormThreads, kDaNormBwdMinBlocks)
         for (int j = 0; j < l; ++j) {
           acc s[kVec];
           load_chunk<T, kVec>(s_tok + j * p.s_slot_stride, e, d, s);
-          acc v[kDaNormDots];
+          acc v[kDepthAggregateQkvNormDots];
 #pragma unroll
-          for (int c = 0; c < kDaNormWays; ++c) {
+          for (int c = 0; c < kDepthAggregateQkvNormWays; ++c) {
             v[c] = acc(0);
 #pragma unroll
             for (int k = 0; k < kVec; ++k) v[c] += z[c][k] * s[k];
           }
 #pragma unroll
-          for (int c = 0; c < kDaNormNormed; ++c) {
-            v[kDaNormWays + c] = acc(0);
+          for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) {
+            v[kDepthAggregateQkvNormWays + c] = acc(0);
 #pragma unroll
-            for (int k = 0; k < kVec; ++k) v[kDaNormWays + c] += y[c][k] * s[k];
+            for (int k = 0; k < kVec; ++k) v[kDepthAggregateQkvNormWays + c] += y[c][k] * s[k];
           }
-          v[kDaNormDots - 1] = acc(0);
-          const acc sum = da_norm_reduce_scatter8(v, lane);
+          v[kDepthAggregateQkvNormDots - 1] = acc(0);
+          const acc sum = depth_aggregate_qkv_norm_reduce_scatter8(v, lane);
           const int m = lane >> 2;
-          if ((lane & 3) == 0 && m < kDaNormDots - 1) part[(warp * kDaNormDots + m) * l + j] += sum;
+          if ((lane & 3) == 0 && m < kDepthAggregateQkvNormDots - 1) part[(warp * kDepthAggregateQkvNormDots + m) * l + j] += sum;
         }
       }
     }
 #pragma unroll
-    for (int c = 0; c < kDaNormNormed; ++c) {
+    for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) {
       const acc v = warp_sum(D[c]);
-      if (lane == 0) red[warp * kDaNormNormed + c] = v;
+      if (lane == 0) red[warp * kDepthAggregateQkvNormNormed + c] = v;
     }
     __syncthreads();
 
     // (2) k_n and dA from the warps' partials in warp order; dY and dS per chunk.
     if (valid) {
-      acc kn[kDaNormNormed];
+      acc kn[kDepthAggregateQkvNormNormed];
 #pragma unroll
-      for (int c = 0; c < kDaNormNormed; ++c) {
+      for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) {
         acc s = acc(0);
-        for (int w = 0; w < warps; ++w) s += red[w * kDaNormNormed + c];
+        for (int w = 0; w < warps; ++w) s += red[w * kDepthAggregateQkvNormNormed + c];
         kn[c] = r[c] * r[c] * r[c] * s / static_cast<acc>(d);
       }
-      for (int i = tx; i < kDaNormWays * l; i += blockDim.x) {
+      for (int i = tx; i < kDepthAggregateQkvNormWays * l; i += blockDim.x) {
         const int c = i / l;
         const int j = i % l;
         acc P = acc(0), Q = acc(0);
         for (int w = 0; w < warps; ++w) {
-          P += part[(w * kDaNormDots + c) * l + j];
-          if (c < kDaNormNormed) Q += part[(w * kDaNormDots + kDaNormWays + c) * l + j];
+          P += part[(w * kDepthAggregateQkvNormDots + c) * l + j];
+          if (c < kDepthAggregateQkvNormNormed) Q += part[(w * kDepthAggregateQkvNormDots + kDepthAggregateQkvNormWays + c) * l + j];
         }
         acc val = P;
         if (c == 0) val = r[0] * P - kn[0] * Q;
         if (c == 1) val = r[1] * P - kn[1] * Q;
         if (c == 2) val = r[2] * P - kn[2] * Q;
-        dA[t * kDaNormWays * l + i] = val;
+        dA[t * kDepthAggregateQkvNormWays * l + i] = val;
       }
       T* __restrict__ ds_tok = dS + t * p.ds_token_stride;
       for (int64_t e = tx * kVec; e < d; e += step) {
-        acc dy[kDaNormWays][kVec];
+        acc dy[kDepthAggregateQkvNormWays][kVec];
 #pragma unroll
-        for (int c = 0; c < kDaNormWays; ++c) {
+        for (int c = 0; c < kDepthAggregateQkvNormWays; ++c) {
           const Vec<T, kVec> go = load_chunk_raw<T, kVec>(do_tok + c * p.dout_way_stride, e, d);
-          if (c < kDaNormNormed) {
+          if (c < kDepthAggregateQkvNormNormed) {
             const Vec<acc, kVec> gv = *reinterpret_cast<const Vec<acc, kVec>*>(g + c * ld + e);
-            const Vec<acc, kVec> y = da_norm_vec<acc, kVec>(stash, c * ld + e);
+            const Vec<acc, kVec> y = vec_at<acc, kVec>(stash, c * ld + e);
 #pragma unroll
             for (int k = 0; k < kVec; ++k) dy[c][k] = r[c] * gv.v[k] * to_acc(go.v[k]) - kn[c] * y.v[k];
           } else {
@@ -460,7 +429,7 @@ __global__ void __launch_bounds__(kDaNormThreads, kDaNormBwdMinBlocks)
             for (int k = 0; k < kVec; ++k) ds[k] = acc(0);
           }
 #pragma unroll
-          for (int c = 0; c < kDaNormWays; ++c) {
+          for (int c = 0; c < kDepthAggregateQkvNormWays; ++c) {
             const acc w = a_row[c * l + j];
 #pragma unroll
             for (int k = 0; k < kVec; ++k) ds[k] += w * dy[c][k];
@@ -475,8 +444,8 @@ __global__ void __launch_bounds__(kDaNormThreads, kDaNormBwdMinBlocks)
   if (p.bufs_in_smem) {
     for (int64_t e = tx * kVec; e < d; e += step) {
 #pragma unroll
-      for (int c = 0; c < kDaNormNormed; ++c) {
-        da_norm_vec<acc, kVec>(dg_ws, c * ld + e) = da_norm_vec<acc, kVec>(dg, c * ld + e);
+      for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) {
+        vec_at<acc, kVec>(dg_ws, c * ld + e) = vec_at<acc, kVec>(dg, c * ld + e);
       }
     }
   }

@@ -71,12 +71,12 @@ struct HcPreConfig {
   // The generic instantiation (kJ = 18) also halves it: its partial sums are kG·19.
   static constexpr int kG = kN < 4 ? kN : (sizeof(acc) == 8 || kN == kMaxStreams ? 2 : 4);
   // Resident 256-thread blocks asked of ptxas: 2 (at most 128 registers a thread); 1 for
-  // fp64, a correctness dtype whose generic instantiation needs more than 128.
+  // fp64, a correctness dtype whose generic instantiation does not fit 128.
   static constexpr int kMinBlocks = sizeof(acc) == 8 ? 1 : 2;
   static constexpr int kJ = kN + 2;  // bound on the projections per stream
-  // The token's H is cached in registers for the write pass only at n = 2 (beyond, the
-  // cache does not fit 128 registers); otherwise the write pass re-reads it (an L2 hit:
-  // the same block read it just before).
+  // Chunks kept in registers between the reduction and the write pass: only for n = 2
+  // (beyond it they do not fit 128 registers); otherwise the write pass re-reads the
+  // token's H (an L2 hit: the same block read it a few microseconds earlier).
   static constexpr int kFwdCache = kN == 2 ? 1 : 0;
   static constexpr int kBwdCache = kN == 2 ? 1 : 0;
 };
@@ -119,7 +119,6 @@ struct HcPreParams {
   void* __restrict__ coef_ws_ptr;
   bool dw_in_smem;  // dW partial of each row in shared memory (else in dw_ws, rows = 1)
 };
-
 
 // Number of coefficient-partial entries per stream: dA[i, 0..n], dB[i], ds_a, ds_b.
 __host__ __device__ constexpr int hc_pre_coef_stride(int n) { return n + 4; }

@@ -1,10 +1,6 @@
 // mhc_coeffs: manifold-constrained Hyper-Connections (mHC) coefficients, forward and
 // backward (launchers in mhc_coeffs.cu; the oracle is crosslayer/ref/mhc.py).
 //
-// Traffic (DESIGN.md): the forward reads H once (plus the split-K partials, u, r and
-// the coefficients); the backward reads H, writes dH, and reads H again for
-// dphi = xfᵀ·du (cuBLAS). Napkin math and counts: bench/NOTES.md.
-//
 // Math, per token t: xf = vec(H_t) ∈ R^{n·d} (stream-major), phi: (n·d, M)
 //   forward
 //     u   = xf·phi                       (M values, = written: the backward takes them)
@@ -26,13 +22,14 @@
 //     dz = a·dh; du = r·dz (= written); s = <dz, u>·r³/(n·d) (= written)
 //     G[t] = [dh, dh·z] (= written; the launcher sums it over tokens with at::sum for db
 //            and da_*: deterministic, no atomics)
-//     dxf = du·phiᵀ − s·xf                (= written, mhc_dh_mma_kernel or at::mm)
+//     dxf = du·phiᵀ − s·xf                (= written, mhc_coeffs_bwd_dh_kernel or at::mm)
 //     dphi = Σ_t xfᵀ·du                   (cuBLAS in the launcher)
 //
 // Kernels
-//   mhc_proj_mma_kernel<T, kVec, kNT>  bf16/fp16 H: partial u and Σ xf² over a split of
-//       the n·d reduction (split-K: grid.y), x·phi on tensor cores (mma.sync m16n8k16,
-//       fp32 accumulate) with phi as 16-bit parts of H's own dtype (H is exact in it):
+//   mhc_coeffs_fwd_proj_kernel<T, kVec, kNT>  bf16/fp16 H: partial u and Σ xf² over a
+//       split of the n·d reduction (split-K: grid.y), x·phi on tensor cores (mma.sync
+//       m16n8k16, fp32 accumulate) with phi as 16-bit parts of H's own dtype (H is exact
+//       in it):
 //       fp16: hi + lo of phi·2^k, k chosen on the device so that max|phi|·2^k lies in
 //             [2^14, 2^15) (fp16's narrow exponent range would flush the lo parts of a
 //             small phi to subnormals), the partials scaled back by 2^-k (exact);
@@ -42,23 +39,23 @@
 //             tokens, fp32 outputs, floor 1e-5) do not absorb; residual 2^-25.
 //       kNT n-tiles (8 columns each) a pass: 3 for n = 4 (M = 24, one pass), 8 for the
 //       generic instantiation (passes of 64 columns; H is re-read per pass).
-//   mhc_fwd_epilogue_kernel<acc, kN>   sums the splits in split order, then rms scale,
-//       gates and Sinkhorn in registers; writes alpha, beta, u, r.
-//   mhc_bwd_epilogue_kernel<acc, kN>   Sinkhorn backward and the chain above; writes du,
-//       s, G.
-//   mhc_dh_mma_kernel<T, kVec>         bf16/fp16 H: dH = du·phiᵀ − s·xf on tensor cores
+//   mhc_coeffs_fwd_epilogue_kernel<acc, kN>  sums the splits in split order, then rms
+//       scale, gates and Sinkhorn in registers; writes alpha, beta, u, r.
+//   mhc_coeffs_bwd_epilogue_kernel<acc, kN>  Sinkhorn backward and the chain above;
+//       writes du, s, G.
+//   mhc_coeffs_bwd_dh_kernel<T, kVec>  bf16/fp16 H: dH = du·phiᵀ − s·xf on tensor cores
 //       (du and phi both fp32: bf16 hi/lo of each, three mma: hi·hi + lo·hi + hi·lo).
 //   (fp32/fp64 H, the correctness dtypes: the launcher computes u, Σ xf², dH with at::mm
 //   in the arithmetic dtype and runs the same epilogue kernels.)
 //
 // Fragment layouts (PTX ISA mma.m16n8k16 row.col; lane = 4·grp + tig) and the packing
-// of phi are those of kernels/mudd_weights.cuh (proj: W1f, dx: W1b) with W1 := phi
+// of phi are those of common/mma.cuh (proj: Wf, G·Wᵀ: Wb) with W := phi
 // padded per stream to d_pad = d rounded up to 32 rows (zero rows), so reduction chunk
 // c of 32 features is stream c / cps, features 32·(c % cps) + 0..31 (cps = d_pad / 32),
 // and no chunk straddles two streams.
 //
 // Thread mapping
-//   proj / dh: a block of kMhcWarps warps; warp w owns tokens 16·(blockIdx.x·kMhcWarps
+//   proj / dh: a block of kMhcCoeffsWarps warps; warp w owns tokens 16·(blockIdx.x·warps
 //       + w) + 0..15 (rows grp and grp + 8 of the fragments), and chunks
 //       [blockIdx.y·chunks_per_split, ...) of the reduction (proj: partials per split;
 //       dh: disjoint outputs, no reduction).
@@ -97,12 +94,12 @@
 
 namespace crosslayer {
 
-constexpr int kMhcWarps = 4;                         // warps a block (proj, dh)
-constexpr int kMhcThreads = kMhcWarps * kWarpSize;
-constexpr int kMhcEpiThreads = 128;                  // threads a block (epilogues)
-constexpr int kMhcDhTiles = 4;                       // n-tiles a dh chunk (32 features)
+constexpr int kMhcCoeffsWarps = 4;  // warps a block (proj, dh)
+constexpr int kMhcCoeffsThreads = kMhcCoeffsWarps * kWarpSize;
+constexpr int kMhcCoeffsEpiThreads = 128;  // threads a block (epilogues)
+constexpr int kMhcCoeffsDhTiles = 4;       // n-tiles a dh chunk (32 features)
 
-struct MhcParams {
+struct MhcCoeffsParams {
   using index_t = int64_t;
   index_t n_tokens;          // N
   index_t d;                 // features a stream
@@ -144,21 +141,35 @@ struct MhcParams {
 
 // n = 4 (M = 24): 3 n-tiles in one pass; any other n: 8 n-tiles (64 columns) a pass.
 template <int kN>
-struct MhcProjTiles {
+struct MhcCoeffsProjTiles {
   static constexpr int value = kN == 4 ? 3 : 8;
 };
+
+// The chunk c of the n·cps reduction chunks of 32 features: stream i = c / cps, this
+// thread's first feature e within the stream (8 features from e, 8tig into the chunk).
+__device__ __forceinline__ void mhc_coeffs_chunk(int64_t c, int64_t cps, int tig, int64_t& i, int64_t& e) {
+  i = c / cps;
+  e = (c - i * cps) * 32 + tig * 8;
+}
+
+// The chunks [begin, end) of this block's split (blockIdx.y) of the n·cps chunks.
+__device__ __forceinline__ void mhc_coeffs_split_chunks(const MhcCoeffsParams& p, int64_t& begin, int64_t& end) {
+  const int64_t c_total = p.cps * p.n;
+  begin = blockIdx.y * p.chunks_per_split;
+  end = begin + p.chunks_per_split < c_total ? begin + p.chunks_per_split : c_total;
+}
 
 // --------------------------------------------------------------------------- proj
 
 // Partial u and Σ xf² of a split of the reduction, bf16/fp16 H.
 template <typename T, bool kVec, int kNT>
-__global__ void __launch_bounds__(kMhcThreads) mhc_proj_mma_kernel(const MhcParams p) {
+__global__ void __launch_bounds__(kMhcCoeffsThreads) mhc_coeffs_fwd_proj_kernel(const MhcCoeffsParams p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int grp = lane / 4, tig = lane % 4;
   const int64_t N = p.n_tokens;
-  const int64_t t0 = (static_cast<int64_t>(blockIdx.x) * kMhcWarps + warp) * 16;
+  const int64_t t0 = (static_cast<int64_t>(blockIdx.x) * kMhcCoeffsWarps + warp) * 16;
   if (t0 >= N) return;  // no barriers in this kernel
   const int64_t d = p.d;
   const int64_t ta = t0 + grp, tb = t0 + grp + 8;  // the thread's two rows
@@ -181,8 +192,8 @@ __global__ void __launch_bounds__(kMhcThreads) mhc_proj_mma_kernel(const MhcPara
     float acc[kNT][4];
 #pragma unroll
     for (int j = 0; j < kNT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-    // Two chunks in flight; one for bf16, whose third part of phi does not fit the
-    // registers twice.
+    // Two chunks in flight; one for bf16 (kRest: phi's third part), whose loop body with
+    // two would not fit the register budget.
 #pragma unroll(kRest ? 1 : 2)
     for (int64_t c = c_begin; c < c_end; ++c) {
       const int64_t i = c / p.cps;
@@ -240,8 +251,8 @@ __global__ void __launch_bounds__(kMhcThreads) mhc_proj_mma_kernel(const MhcPara
 
 // ------------------------------------------------------------------------ Sinkhorn
 
-
 // Sum of v over the kN aligned lanes of the caller's group, the same bits in each lane.
+// Every lane of the warp must call it.
 template <int kN, typename acc>
 __device__ __forceinline__ acc group_sum(acc v) {
 #pragma unroll
@@ -252,7 +263,8 @@ __device__ __forceinline__ acc group_sum(acc v) {
 // Forward Sinkhorn of the caller's row L (entries j < n; the row is active when the lane
 // owns a row i < n of a real token). S = softmax(L) (zero when inactive), P = the output
 // row. With cbuf, the scale c_k of step k owned by this lane (column step: the sum of
-// column `row` + eps; row step: the row sum + eps) goes to cbuf[k·cstride].
+// column `row` + eps; row step: the row sum + eps) goes to cbuf[k·cstride]. Every lane
+// of the warp must call it (group sums).
 template <typename acc, int kN>
 __device__ __forceinline__ void mhc_sinkhorn_fwd(const acc (&L)[kN], int n, int row, bool active,
                                                  int iters, acc eps, acc (&S)[kN], acc (&P)[kN],
@@ -294,7 +306,70 @@ __device__ __forceinline__ void mhc_sinkhorn_fwd(const acc (&L)[kN], int n, int 
   }
 }
 
+// Backward Sinkhorn of the caller's row: g = dP of the last iterate P on entry (row i
+// of dcomb), rebuilt back to the first iterate from the saved scales cbuf[k·cstride]
+// (P is walked back with them), then through the softmax S: dh_res = S·(g − <g, S>).
+// g stays 0 outside the n×n matrix (rows >= n, columns >= n, tokens >= N): there P = 0
+// and the scale is eps (an empty sum), so a row step would give column j >= n g =
+// −dot/c, the next column step divide it by eps, and so on: g would grow by 1/eps every
+// other step, overflow and poison the dots of the real entries with inf·0 = NaN. Every
+// lane of the warp must call it (group sums, shuffles).
+template <typename acc, int kN>
+__device__ __forceinline__ void mhc_sinkhorn_bwd(acc (&g)[kN], acc (&P)[kN], const acc (&S)[kN], int n,
+                                                 bool active, int iters, const acc* cbuf, int64_t cstride,
+                                                 acc (&dh_res)[kN]) {
+  const int steps = 2 * iters - 1;
+  for (int k = steps - 1; k >= 0; --k) {
+    const acc c_own = cbuf[k * cstride];
+    if (k % 2 == 0) {  // column step: column j's scale is owned by lane j of the group
+#pragma unroll
+      for (int j = 0; j < kN; ++j) {
+        const acc dot = group_sum<kN>(g[j] * P[j]);
+        const acc c = __shfl_sync(0xffffffffu, c_own, j, kN);
+        g[j] = (active && j < n) ? (g[j] - dot) / c : acc(0);
+        P[j] = P[j] * c;
+      }
+    } else {
+      acc dot = acc(0);
+#pragma unroll
+      for (int j = 0; j < kN; ++j) dot += g[j] * P[j];
+#pragma unroll
+      for (int j = 0; j < kN; ++j) {
+        g[j] = (active && j < n) ? (g[j] - dot) / c_own : acc(0);
+        P[j] = P[j] * c_own;
+      }
+    }
+  }
+  acc dot = acc(0);
+#pragma unroll
+  for (int j = 0; j < kN; ++j) dot += g[j] * S[j];
+#pragma unroll
+  for (int j = 0; j < kN; ++j) dh_res[j] = S[j] * (g[j] - dot);
+}
+
 // ----------------------------------------------------------------------- epilogues
+
+// The epilogues' lane mapping: a group of kN lanes a token (groups aligned inside a
+// warp), lane `row` of the group owns row `row` of the token's n×n matrix; `active` when
+// the token exists and row < n. tc, rr: clamped token and row for addressing.
+struct MhcCoeffsLane {
+  int64_t gt, t, tc;
+  int row, rr;
+  bool valid, active;
+};
+
+template <int kN>
+__device__ __forceinline__ MhcCoeffsLane mhc_coeffs_lane(int64_t n_tokens, int n) {
+  MhcCoeffsLane l;
+  l.gt = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  l.t = l.gt / kN;
+  l.row = static_cast<int>(l.gt % kN);
+  l.valid = l.t < n_tokens;
+  l.active = l.valid && l.row < n;
+  l.tc = l.valid ? l.t : 0;
+  l.rr = l.active ? l.row : 0;
+  return l;
+}
 
 // The lane's slice of a token: pre_i, post_i and row i of the residual logits.
 template <typename acc, int kN>
@@ -323,36 +398,34 @@ __device__ __forceinline__ MhcRow<acc, kN> mhc_load_row(const acc* __restrict__ 
   return u;
 }
 
+// The lane's row of residual logits L[j] = a_res·zres[j] + b_res[row, j], zres = r·u_res
+// (zero outside the n×n matrix).
 template <typename acc, int kN>
-__global__ void __launch_bounds__(kMhcEpiThreads) mhc_fwd_epilogue_kernel(const MhcParams p) {
-  const int64_t N = p.n_tokens;
-  const int n = p.n, M = p.M;
-  const int64_t gt = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t t = gt / kN;
-  const int row = static_cast<int>(gt % kN);
-  const bool valid = t < N;
-  const bool active = valid && row < n;
-  const int64_t tc = valid ? t : 0;
-  const acc* __restrict__ up = static_cast<const acc*>(p.up_ptr);
-  const acc* __restrict__ ssp = static_cast<const acc*>(p.ssp_ptr);
+__device__ __forceinline__ void mhc_coeffs_res_logits(const MhcCoeffsParams& p, const MhcCoeffsLane& l,
+                                                      const MhcRow<acc, kN>& u, acc r, acc (&zres)[kN],
+                                                      acc (&L)[kN]) {
+  const int n = p.n;
+  const acc* __restrict__ b = static_cast<const acc*>(p.b_ptr);
+  const acc a_res = static_cast<const acc*>(p.scale_ptr)[2];
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+    zres[j] = r * u.res[j];
+    L[j] = (l.active && j < n) ? a_res * zres[j] + b[2 * n + l.rr * n + j] : acc(0);
+  }
+}
+
+// Forward outputs of an active lane (=): alpha[t, row, 0] = sigmoid(h_pre) + pre_eps,
+// alpha[t, row, 1..n] = P, beta[t, row] = post_mult·sigmoid(h_post), the lane's u row,
+// and r (row 0).
+template <typename acc, int kN>
+__device__ __forceinline__ void mhc_coeffs_write_fwd(const MhcCoeffsParams& p, const MhcCoeffsLane& l,
+                                                     const MhcRow<acc, kN>& u, acc r, const acc (&P)[kN]) {
+  const int n = p.n, row = l.row;
+  const int64_t t = l.t;
   const acc* __restrict__ b = static_cast<const acc*>(p.b_ptr);
   const acc* __restrict__ sc = static_cast<const acc*>(p.scale_ptr);
-
-  acc ss = acc(0);
-  for (int sp = 0; sp < p.splits; ++sp) ss += ssp[sp * N + tc];
-  const MhcRow<acc, kN> u = mhc_load_row<acc, kN>(up + tc * p.m_pad, N * p.m_pad, p.splits, n, row, active);
-  const acc r = acc_rsqrt(ss / static_cast<acc>(static_cast<int64_t>(n) * p.d) + static_cast<acc>(p.eps));
-  const acc a_pre = sc[0], a_post = sc[1], a_res = sc[2];
-  const int rr = active ? row : 0;
-  acc L[kN];
-#pragma unroll
-  for (int j = 0; j < kN; ++j) L[j] = (active && j < n) ? a_res * (r * u.res[j]) + b[2 * n + rr * n + j] : acc(0);
-  acc S[kN], P[kN];
-  mhc_sinkhorn_fwd<acc, kN>(L, n, row, active, p.iters, static_cast<acc>(p.sinkhorn_eps), S, P, nullptr, 0);
-  if (!active) return;  // after the last shuffle
-
-  const acc h_pre = a_pre * (r * u.pre) + b[row];
-  const acc h_post = a_post * (r * u.post) + b[n + row];
+  const acc h_pre = sc[0] * (r * u.pre) + b[row];
+  const acc h_post = sc[1] * (r * u.post) + b[n + row];
   acc* __restrict__ alpha = static_cast<acc*>(p.alpha_ptr) + (t * n + row) * (n + 1);
   alpha[0] = acc_sigmoid(h_pre) + static_cast<acc>(p.pre_eps);
 #pragma unroll
@@ -360,7 +433,7 @@ __global__ void __launch_bounds__(kMhcEpiThreads) mhc_fwd_epilogue_kernel(const 
     if (j < n) alpha[1 + j] = P[j];
   }
   static_cast<acc*>(p.beta_ptr)[t * n + row] = static_cast<acc>(p.post_mult) * acc_sigmoid(h_post);
-  acc* __restrict__ uo = static_cast<acc*>(p.u_ptr) + t * M;
+  acc* __restrict__ uo = static_cast<acc*>(p.u_ptr) + t * p.M;
   uo[row] = u.pre;
   uo[n + row] = u.post;
 #pragma unroll
@@ -370,108 +443,59 @@ __global__ void __launch_bounds__(kMhcEpiThreads) mhc_fwd_epilogue_kernel(const 
   if (row == 0) static_cast<acc*>(p.r_ptr)[t] = r;
 }
 
-// Dynamic shared memory: the Sinkhorn scales [2·iters − 1][blockDim.x] when cbuf_ptr is
-// null (else none).
 template <typename acc, int kN>
-__global__ void __launch_bounds__(kMhcEpiThreads) mhc_bwd_epilogue_kernel(const MhcParams p) {
-  extern __shared__ __align__(16) unsigned char mhc_smem[];
+__global__ void __launch_bounds__(kMhcCoeffsEpiThreads) mhc_coeffs_fwd_epilogue_kernel(const MhcCoeffsParams p) {
   const int64_t N = p.n_tokens;
-  const int n = p.n, M = p.M;
-  const int64_t gt = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t t = gt / kN;
-  const int row = static_cast<int>(gt % kN);
-  const bool valid = t < N;
-  const bool active = valid && row < n;
-  const int64_t tc = valid ? t : 0;
-  const int rr = active ? row : 0;
+  const int n = p.n;
+  const MhcCoeffsLane l = mhc_coeffs_lane<kN>(N, n);
+  const acc* __restrict__ ssp = static_cast<const acc*>(p.ssp_ptr);
+  acc ss = acc(0);
+  for (int sp = 0; sp < p.splits; ++sp) ss += ssp[sp * N + l.tc];
+  const MhcRow<acc, kN> u = mhc_load_row<acc, kN>(static_cast<const acc*>(p.up_ptr) + l.tc * p.m_pad,
+                                                  N * p.m_pad, p.splits, n, l.row, l.active);
+  const acc r = acc_rsqrt(ss / static_cast<acc>(static_cast<int64_t>(n) * p.d) + static_cast<acc>(p.eps));
+  acc zres[kN], L[kN], S[kN], P[kN];
+  mhc_coeffs_res_logits<acc, kN>(p, l, u, r, zres, L);
+  mhc_sinkhorn_fwd<acc, kN>(L, n, l.row, l.active, p.iters, static_cast<acc>(p.sinkhorn_eps), S, P, nullptr, 0);
+  if (!l.active) return;  // after the last shuffle
+  mhc_coeffs_write_fwd<acc, kN>(p, l, u, r, P);
+}
+
+// The gates' backward of an active lane (zero otherwise): z = r·u of pre and post,
+// dh_pre = dpre·σ'(h_pre), dh_post = post_mult·dpost·σ'(h_post).
+template <typename acc, int kN>
+__device__ __forceinline__ void mhc_coeffs_gates_bwd(const MhcCoeffsParams& p, const MhcCoeffsLane& l,
+                                                     const MhcRow<acc, kN>& u, acc r, const acc* da_row,
+                                                     acc& z_pre, acc& z_post, acc& dh_pre, acc& dh_post) {
+  dh_pre = dh_post = z_pre = z_post = acc(0);
+  if (!l.active) return;
+  const int n = p.n;
   const acc* __restrict__ b = static_cast<const acc*>(p.b_ptr);
   const acc* __restrict__ sc = static_cast<const acc*>(p.scale_ptr);
-  const acc* __restrict__ dalpha = static_cast<const acc*>(p.dalpha_ptr);
   const acc* __restrict__ dbeta = static_cast<const acc*>(p.dbeta_ptr);
-  acc* cbuf;
-  int64_t cstride;
-  if (p.cbuf_ptr != nullptr) {
-    cbuf = static_cast<acc*>(p.cbuf_ptr) + gt;
-    cstride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  } else {
-    cbuf = reinterpret_cast<acc*>(mhc_smem) + threadIdx.x;
-    cstride = blockDim.x;
-  }
+  z_pre = r * u.pre;
+  z_post = r * u.post;
+  const acc sp = acc_sigmoid(sc[0] * z_pre + b[l.row]);
+  const acc so = acc_sigmoid(sc[1] * z_post + b[n + l.row]);
+  const acc dpre = da_row != nullptr ? da_row[0] : acc(0);
+  const acc dpost = dbeta != nullptr ? dbeta[l.t * n + l.row] : acc(0);
+  dh_pre = dpre * sp * (acc(1) - sp);
+  dh_post = static_cast<acc>(p.post_mult) * dpost * so * (acc(1) - so);
+}
 
-  const MhcRow<acc, kN> u = mhc_load_row<acc, kN>(static_cast<const acc*>(p.u_ptr) + tc * M, 0, 1, n, row, active);
-  const acc r = static_cast<const acc*>(p.r_ptr)[tc];
-  const acc a_pre = sc[0], a_post = sc[1], a_res = sc[2];
-  const acc eps = static_cast<acc>(p.sinkhorn_eps);
-  acc L[kN], zres[kN];
-#pragma unroll
-  for (int j = 0; j < kN; ++j) {
-    zres[j] = r * u.res[j];
-    L[j] = (active && j < n) ? a_res * zres[j] + b[2 * n + rr * n + j] : acc(0);
-  }
-  acc S[kN], P[kN];
-  mhc_sinkhorn_fwd<acc, kN>(L, n, row, active, p.iters, eps, S, P, cbuf, cstride);
-
-  // g = dcomb row; P walks back from the last iterate to the first.
-  const acc* __restrict__ da_row = dalpha != nullptr ? dalpha + (tc * n + rr) * (n + 1) : nullptr;
-  acc g[kN];
-#pragma unroll
-  for (int j = 0; j < kN; ++j) g[j] = (active && j < n && da_row != nullptr) ? da_row[1 + j] : acc(0);
-  // g stays 0 outside the n×n matrix (rows >= n, columns >= n, tokens >= N): there P = 0
-  // and the scale is eps (an empty sum), so a row step would give column j >= n
-  // g = −dot/c, the next column step divide it by eps, and so on: g grows by 1/eps every
-  // other step, overflows (fp32 by ~8 iterations; rows >= n likewise through the column
-  // steps) and inf·P = NaN poisons the dots of the real entries.
-  const int steps = 2 * p.iters - 1;
-  for (int k = steps - 1; k >= 0; --k) {
-    const acc c_own = cbuf[k * cstride];
-    if (k % 2 == 0) {  // column step: column j's scale is owned by lane j of the group
-#pragma unroll
-      for (int j = 0; j < kN; ++j) {
-        const acc dot = group_sum<kN>(g[j] * P[j]);
-        const acc c = __shfl_sync(0xffffffffu, c_own, j, kN);
-        g[j] = (active && j < n) ? (g[j] - dot) / c : acc(0);
-        P[j] = P[j] * c;
-      }
-    } else {
-      acc dot = acc(0);
-#pragma unroll
-      for (int j = 0; j < kN; ++j) dot += g[j] * P[j];
-#pragma unroll
-      for (int j = 0; j < kN; ++j) {
-        g[j] = (active && j < n) ? (g[j] - dot) / c_own : acc(0);
-        P[j] = P[j] * c_own;
-      }
-    }
-  }
-  acc dot = acc(0);
-#pragma unroll
-  for (int j = 0; j < kN; ++j) dot += g[j] * S[j];
-  acc dh_res[kN];
-#pragma unroll
-  for (int j = 0; j < kN; ++j) dh_res[j] = S[j] * (g[j] - dot);
-
-  // Gates, dz, du and the lane's share of dr = <dz, u>.
-  acc dh_pre = acc(0), dh_post = acc(0), z_pre = acc(0), z_post = acc(0);
-  if (active) {
-    z_pre = r * u.pre;
-    z_post = r * u.post;
-    const acc sp = acc_sigmoid(a_pre * z_pre + b[row]);
-    const acc so = acc_sigmoid(a_post * z_post + b[n + row]);
-    const acc dpre = da_row != nullptr ? da_row[0] : acc(0);
-    const acc dpost = dbeta != nullptr ? dbeta[t * n + row] : acc(0);
-    dh_pre = dpre * sp * (acc(1) - sp);
-    dh_post = static_cast<acc>(p.post_mult) * dpost * so * (acc(1) - so);
-  }
-  acc dr = a_pre * dh_pre * u.pre + a_post * dh_post * u.post;
-#pragma unroll
-  for (int j = 0; j < kN; ++j) dr += a_res * dh_res[j] * u.res[j];
-  dr = group_sum<kN>(dr);
-  if (!active) return;  // after the last shuffle
-
+// Backward outputs of an active lane (=): du = r·a·dh, G = [dh, dh·z] of its entries,
+// and s = dr·r³/(n·d) (row 0; dr the group's sum).
+template <typename acc, int kN>
+__device__ __forceinline__ void mhc_coeffs_write_bwd(const MhcCoeffsParams& p, const MhcCoeffsLane& l, acc r,
+                                                     acc dh_pre, acc dh_post, acc z_pre, acc z_post,
+                                                     const acc (&dh_res)[kN], const acc (&zres)[kN], acc dr) {
+  const int n = p.n, M = p.M, row = l.row;
+  const int64_t t = l.t;
+  const acc* __restrict__ sc = static_cast<const acc*>(p.scale_ptr);
   acc* __restrict__ du = static_cast<acc*>(p.du_ptr) + t * p.ldu;
   acc* __restrict__ G = static_cast<acc*>(p.g_ptr) + t * 2 * M;
-  du[row] = r * a_pre * dh_pre;
-  du[n + row] = r * a_post * dh_post;
+  du[row] = r * sc[0] * dh_pre;
+  du[n + row] = r * sc[1] * dh_post;
   G[row] = dh_pre;
   G[n + row] = dh_post;
   G[M + row] = dh_pre * z_pre;
@@ -480,7 +504,7 @@ __global__ void __launch_bounds__(kMhcEpiThreads) mhc_bwd_epilogue_kernel(const 
   for (int j = 0; j < kN; ++j) {
     if (j < n) {
       const int m = 2 * n + row * n + j;
-      du[m] = r * a_res * dh_res[j];
+      du[m] = r * sc[2] * dh_res[j];
       G[m] = dh_res[j];
       G[M + m] = dh_res[j] * zres[j];
     }
@@ -488,50 +512,70 @@ __global__ void __launch_bounds__(kMhcEpiThreads) mhc_bwd_epilogue_kernel(const 
   if (row == 0) static_cast<acc*>(p.s_ptr)[t] = dr * r * r * r / static_cast<acc>(static_cast<int64_t>(n) * p.d);
 }
 
+// Dynamic shared memory: the Sinkhorn scales [2·iters − 1][blockDim.x] when cbuf_ptr is
+// null (else none).
+template <typename acc, int kN>
+__global__ void __launch_bounds__(kMhcCoeffsEpiThreads) mhc_coeffs_bwd_epilogue_kernel(const MhcCoeffsParams p) {
+  extern __shared__ __align__(16) unsigned char mhc_smem[];
+  const int n = p.n;
+  const MhcCoeffsLane l = mhc_coeffs_lane<kN>(p.n_tokens, n);
+  const bool global_cbuf = p.cbuf_ptr != nullptr;
+  acc* cbuf = global_cbuf ? static_cast<acc*>(p.cbuf_ptr) + l.gt : reinterpret_cast<acc*>(mhc_smem) + threadIdx.x;
+  const int64_t cstride = global_cbuf ? static_cast<int64_t>(gridDim.x) * blockDim.x : blockDim.x;
+  const acc* __restrict__ sc = static_cast<const acc*>(p.scale_ptr);
+  const acc* __restrict__ dalpha = static_cast<const acc*>(p.dalpha_ptr);
+
+  const MhcRow<acc, kN> u =
+      mhc_load_row<acc, kN>(static_cast<const acc*>(p.u_ptr) + l.tc * p.M, 0, 1, n, l.row, l.active);
+  const acc r = static_cast<const acc*>(p.r_ptr)[l.tc];
+  acc zres[kN], L[kN], S[kN], P[kN];
+  mhc_coeffs_res_logits<acc, kN>(p, l, u, r, zres, L);
+  mhc_sinkhorn_fwd<acc, kN>(L, n, l.row, l.active, p.iters, static_cast<acc>(p.sinkhorn_eps), S, P, cbuf, cstride);
+
+  // g = the lane's dcomb row; P walks back from the last iterate to the first.
+  const acc* __restrict__ da_row = dalpha != nullptr ? dalpha + (l.tc * n + l.rr) * (n + 1) : nullptr;
+  acc g[kN], dh_res[kN];
+#pragma unroll
+  for (int j = 0; j < kN; ++j) g[j] = (l.active && j < n && da_row != nullptr) ? da_row[1 + j] : acc(0);
+  mhc_sinkhorn_bwd<acc, kN>(g, P, S, n, l.active, p.iters, cbuf, cstride, dh_res);
+
+  acc z_pre, z_post, dh_pre, dh_post;
+  mhc_coeffs_gates_bwd<acc, kN>(p, l, u, r, da_row, z_pre, z_post, dh_pre, dh_post);
+  acc dr = sc[0] * dh_pre * u.pre + sc[1] * dh_post * u.post;
+#pragma unroll
+  for (int j = 0; j < kN; ++j) dr += sc[2] * dh_res[j] * u.res[j];
+  dr = group_sum<kN>(dr);
+  if (!l.active) return;  // after the last shuffle
+  mhc_coeffs_write_bwd<acc, kN>(p, l, r, dh_pre, dh_post, z_pre, z_post, dh_res, zres, dr);
+}
+
 // ----------------------------------------------------------------------------- dH
 
 // dH = du·phiᵀ − s·xf for bf16/fp16 H; a block's warps walk chunks [blockIdx.y ·
 // chunks_per_split, ...) of the n·cps output chunks (disjoint outputs).
 template <typename T, bool kVec>
-__global__ void __launch_bounds__(kMhcThreads) mhc_dh_mma_kernel(const MhcParams p) {
+__global__ void __launch_bounds__(kMhcCoeffsThreads) mhc_coeffs_bwd_dh_kernel(const MhcCoeffsParams p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  const int grp = lane / 4, tig = lane % 4;
-  const int64_t N = p.n_tokens;
-  const int64_t t0 = (static_cast<int64_t>(blockIdx.x) * kMhcWarps + warp) * 16;
-  if (t0 >= N) return;
-  const int64_t d = p.d;
-  const int64_t ta = t0 + grp, tb = t0 + grp + 8;
-  const bool va = ta < N, vb = tb < N;
+  const MmaRows r = mma_rows(kMhcCoeffsWarps, p.n_tokens);
+  if (r.t0 >= p.n_tokens) return;
   const T* __restrict__ H = static_cast<const T*>(p.h_ptr);
   T* __restrict__ DH = static_cast<T*>(p.dh_ptr);
-  const T* __restrict__ xa = H + (va ? p.h_tok.offset(ta) : 0);
-  const T* __restrict__ xb = H + (vb ? p.h_tok.offset(tb) : 0);
-  T* __restrict__ dha = DH + (va ? p.dh_tok.offset(ta) : 0);
-  T* __restrict__ dhb = DH + (vb ? p.dh_tok.offset(tb) : 0);
   const float* __restrict__ DU = static_cast<const float*>(p.du_ptr);
-  const float* __restrict__ ga = DU + (va ? ta : 0) * p.ldu;
-  const float* __restrict__ gb = DU + (vb ? tb : 0) * p.ldu;
-  const float sa = va ? static_cast<const float*>(p.s_ptr)[ta] : 0.f;
-  const float sb = vb ? static_cast<const float*>(p.s_ptr)[tb] : 0.f;
-  const uint4* __restrict__ W = static_cast<const uint4*>(p.phib_ptr);
-  const int ksteps = p.ldu / 16;
-  const int64_t c_total = p.cps * p.n;
-  const int64_t c_begin = blockIdx.y * p.chunks_per_split;
-  const int64_t c_end = c_begin + p.chunks_per_split < c_total ? c_begin + p.chunks_per_split : c_total;
-
-  for (int64_t c = c_begin; c < c_end; ++c) {
-    float acc[kMhcDhTiles][4];
-    mma_chunk_g_wt<kMhcDhTiles>(acc, ga, gb, va, vb, W, c, ksteps, tig, lane);
-    // Thread holds features 32·(c % cps) + 8tig + 2j + {0, 1} of stream c / cps, rows a
-    // (c0, c1) and b (c2, c3).
-    const int64_t i = c / p.cps;
-    const int64_t e = (c - i * p.cps) * 32 + tig * 8;
-    const int64_t hs = i * p.h_stream_stride, dhs = i * p.dh_stream_stride;
-    if (va) store_g_wt_minus_sx<T, kVec>(acc, 0, xa + hs, sa, dha + dhs, e, d);
-    if (vb) store_g_wt_minus_sx<T, kVec>(acc, 1, xb + hs, sb, dhb + dhs, e, d);
-  }
+  const float* __restrict__ S = static_cast<const float*>(p.s_ptr);
+  int64_t c_begin, c_end;
+  mhc_coeffs_split_chunks(p, c_begin, c_end);
+  mma_g_wt_minus_sx_rows<T, kVec, kMhcCoeffsDhTiles>(
+      r, DU + (r.va ? r.ta : 0) * p.ldu, DU + (r.vb ? r.tb : 0) * p.ldu, r.va ? S[r.ta] : 0.f,
+      r.vb ? S[r.tb] : 0.f, H + (r.va ? p.h_tok.offset(r.ta) : 0), H + (r.vb ? p.h_tok.offset(r.tb) : 0),
+      DH + (r.va ? p.dh_tok.offset(r.ta) : 0), DH + (r.vb ? p.dh_tok.offset(r.tb) : 0),
+      static_cast<const uint4*>(p.phib_ptr), p.ldu / 16, p.d, c_begin, c_end,
+      // Thread holds features 32·(c % cps) + 8tig + 2j + {0, 1} of stream c / cps.
+      [&](int64_t c, int64_t& e, int64_t& hs, int64_t& dhs) {
+        int64_t i;
+        mhc_coeffs_chunk(c, p.cps, r.tig, i, e);
+        hs = i * p.h_stream_stride;
+        dhs = i * p.dh_stream_stride;
+      });
 #endif
 }
 
