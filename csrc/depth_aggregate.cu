@@ -58,7 +58,9 @@ void launch_depth_aggregate(const DepthAggregateParams& p, bool vectorize) {
   using acc = acc_t<T>;
   const int vec = vectorize ? kVec16<T> : 1;
   const int ways_per_group = p.n_ways == 1 ? 1 : 4;
-  const DepthAggregateBlock b = depth_aggregate_block<acc>(p, vec, ways_per_group, kBackward);
+  // Shared memory: the weight tile a row, plus one dA partial a warp in the backward.
+  const int tile_bytes = static_cast<int>(sizeof(acc)) * ways_per_group * p.n_slots;
+  const TokenTileBlock b = token_tile_block(p.n_tokens, p.d, vec, tile_bytes, kBackward ? tile_bytes : 0);
   CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
     constexpr int kVec = kVectorize ? kVec16<T> : 1;
     CL_BOOL_SWITCH(p.n_ways == 1, kOneWay, [&] {

@@ -25,14 +25,15 @@ inline at::Tensor fill_tile_streams(HcTileParams& p, const StreamShape& sh, cons
 }
 
 // Launches a token-tile kernel through common/launch.h (current stream, launch check):
-// the block from hc_tile_block (coef_per_row staged coefficients and dots_per_warp
+// the block from token_tile_block (coef_per_row staged coefficients and dots_per_warp
 // partials a warp), one block per tile of rows, and the kernel kernel_for(kvec, kn)
 // with kvec the 16-byte vector width of T when `vectorize`, else 1, and kn from
 // dispatch_streams<0, 2, 4, 8> (both std::integral_constant).
 template <typename T, typename Params, typename KernelFor>
 void launch_hc_tile(const Params& p, bool vectorize, int coef_per_row, int dots_per_warp, KernelFor&& kernel_for) {
-  const HcTileBlock b = hc_tile_block(p.n_tokens, p.d, vectorize ? kVec16<T> : 1, coef_per_row, dots_per_warp,
-                                      sizeof(acc_t<T>));
+  constexpr int kAccBytes = sizeof(acc_t<T>);
+  const TokenTileBlock b = token_tile_block(p.n_tokens, p.d, vectorize ? kVec16<T> : 1, kAccBytes * coef_per_row,
+                                            kAccBytes * dots_per_warp);
   CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
     dispatch_streams<0, 2, 4, 8>(p.n, [&](auto kn) {
       launch(kernel_for(std::integral_constant<int, kVectorize ? kVec16<T> : 1>{}, kn),

@@ -76,4 +76,32 @@ inline bool collapse_token_dims(const int64_t* sizes, const int64_t* strides, in
   return true;
 }
 
+// Block shape of the token-tile kernels (hc_post, stream_mix, depth_aggregate): threads_x
+// covers the feature chunks of one token (d features, vec a chunk; a multiple of 32, at
+// most 256); rows = tokens a tile, filling 256 threads when d is small, within 48 KB of
+// shared memory at row_bytes + warp_bytes per warp of the row.
+constexpr int kTokenTileThreads = 256;
+
+struct TokenTileBlock {
+  int threads_x;
+  int rows;
+  int smem_bytes;
+};
+
+inline TokenTileBlock token_tile_block(int64_t n_tokens, int64_t d, int vec, int row_bytes, int warp_bytes) {
+  constexpr int kSmemBudget = 48 * 1024;
+  const int64_t chunks = (d + vec - 1) / vec;
+  const int64_t rounded = ((chunks + 31) / 32) * 32;
+  TokenTileBlock b;
+  b.threads_x = static_cast<int>(rounded < kTokenTileThreads ? (rounded < 32 ? 32 : rounded) : kTokenTileThreads);
+  const int bytes = row_bytes + (b.threads_x / 32) * warp_bytes;
+  int rows = kTokenTileThreads / b.threads_x;
+  if (rows > kSmemBudget / bytes) rows = kSmemBudget / bytes;
+  if (rows > n_tokens) rows = static_cast<int>(n_tokens);
+  if (rows < 1) rows = 1;
+  b.rows = rows;
+  b.smem_bytes = rows * bytes;
+  return b;
+}
+
 }  // namespace crosslayer

@@ -32,13 +32,12 @@
 
 #include "common/limits.h"
 #include "common/reduce.cuh"
+#include "common/tokens.cuh"
 #include "common/vec.cuh"
 #include "kernels/phases/slot_tile.cuh"
 
 namespace crosslayer {
 
-constexpr int kDepthAggregateMaxThreads = 256;
-constexpr int kDepthAggregateSmemBudget = 48 * 1024;
 // Resident 256-thread blocks asked of the backward (at most 128 registers a thread):
 // its unrolled slot loop keeps up to four 16-byte loads (S_j, dS_j for two slots) in
 // flight per thread, 32 KB per SM, enough to cover HBM latency; more blocks would cap
@@ -72,36 +71,6 @@ struct DepthAggregateParams {
   void* __restrict__ da_ptr;
 };
 
-// Block shape for a launch: threads_x covers the feature chunks of one token (a
-// multiple of 32, at most 256); rows = tokens per block, filling 256 threads when d is
-// small, within the shared-memory budget.
-struct DepthAggregateBlock {
-  int threads_x;
-  int rows;
-  int smem_bytes;
-};
-
-template <typename acc>
-inline DepthAggregateBlock depth_aggregate_block(const DepthAggregateParams& p, int vec,
-                                                 int ways_per_group, bool backward) {
-  const int64_t chunks = (p.d + vec - 1) / vec;
-  const int64_t rounded = ((chunks + 31) / 32) * 32;
-  DepthAggregateBlock b;
-  b.threads_x = static_cast<int>(rounded < kDepthAggregateMaxThreads ? rounded : kDepthAggregateMaxThreads);
-  if (b.threads_x < 32) b.threads_x = 32;
-  const int warps_per_row = b.threads_x / 32;
-  // Weights tile per row, plus one dA partial per warp in the backward.
-  const int row_bytes = static_cast<int>(sizeof(acc)) * ways_per_group * p.n_slots *
-                        (1 + (backward ? warps_per_row : 0));
-  int rows = kDepthAggregateMaxThreads / b.threads_x;
-  if (rows > kDepthAggregateSmemBudget / row_bytes) rows = kDepthAggregateSmemBudget / row_bytes;
-  if (rows > p.n_tokens) rows = static_cast<int>(p.n_tokens);
-  if (rows < 1) rows = 1;
-  b.rows = rows;
-  b.smem_bytes = rows * row_bytes;
-  return b;
-}
-
 // Stages the (rows × kWays × l) weight tile of tokens t0.. and ways c0.. in a_s
 // (block-wide, between two barriers); missing tokens or ways read as zero.
 template <int kWays, typename acc>
@@ -132,7 +101,7 @@ __device__ __forceinline__ void depth_aggregate_fwd_token(const DepthAggregatePa
 }
 
 template <typename T, int kVec, int kWays>
-__global__ void __launch_bounds__(kDepthAggregateMaxThreads)
+__global__ void __launch_bounds__(kTokenTileThreads)
     depth_aggregate_fwd_kernel(const DepthAggregateParams p) {
   using acc = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -232,7 +201,7 @@ __device__ __forceinline__ void depth_aggregate_write_da(const DepthAggregatePar
 }
 
 template <typename T, int kVec, int kWays>
-__global__ void __launch_bounds__(kDepthAggregateMaxThreads, kDepthAggregateBwdMinBlocks)
+__global__ void __launch_bounds__(kTokenTileThreads, kDepthAggregateBwdMinBlocks)
     depth_aggregate_bwd_kernel(const DepthAggregateParams p) {
   using acc = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];

@@ -139,16 +139,6 @@ __host__ __device__ inline DepthAggregateQkvNormSmem depth_aggregate_qkv_norm_sm
   return s;
 }
 
-// Stages the (rows × 4 × l) weight tile of tokens t0.. in a_s (block-wide, between two
-// barriers); missing tokens read 0.
-template <typename acc>
-__device__ __forceinline__ void depth_aggregate_qkv_norm_load_weights(const DepthAggregateQkvNormParams& p,
-                                                                      acc* __restrict__ a_s, int64_t t0) {
-  slot_tile_load_weights<kDepthAggregateQkvNormWays>(a_s, static_cast<const acc*>(p.a_ptr), p.a_token_stride,
-                                                     p.a_way_stride, p.a_slot_stride, p.n_tokens,
-                                                     kDepthAggregateQkvNormWays, p.n_slots, t0, 0);
-}
-
 // Warp reduce-scatter of 8 per-lane values in 9 shuffles (4 + 2 + 1 halving steps, then
 // 2 plain ones): returns, in every lane, the warp-wide sum of a[lane >> 2]. Fixed order.
 template <typename T>
@@ -162,92 +152,325 @@ __device__ __forceinline__ T depth_aggregate_qkv_norm_reduce_scatter8(T (&a)[kDe
   return v;
 }
 
+// This row's views of the block's shared memory and workspaces (thread row ty): the
+// weight tile a_s of all rows, and the row's warp totals red [warps][3], P/Q partials
+// part [warps][8][l] (backward), stash and dg [3][ld] (shared memory or its workspace
+// slice) and dg_ws, its dg workspace slice (backward).
+template <typename acc>
+struct QkvNormRow {
+  acc* a_s;
+  acc* red;
+  acc* part;
+  acc* stash;
+  acc* dg;
+  acc* dg_ws;
+};
+
+template <typename acc>
+__device__ __forceinline__ QkvNormRow<acc> qkv_norm_row(const DepthAggregateQkvNormParams& p, acc* smem,
+                                                         const DepthAggregateQkvNormSmem& L, bool backward) {
+  const int rows = blockDim.y;
+  const int warps = blockDim.x / kWarpSize;
+  const int ty = threadIdx.y;
+  const int64_t slice = (static_cast<int64_t>(blockIdx.x) * rows + ty) * kDepthAggregateQkvNormNormed * p.ld;
+  QkvNormRow<acc> r;
+  r.a_s = smem + L.a;
+  r.red = smem + L.red + ty * warps * kDepthAggregateQkvNormNormed;
+  r.part = smem + L.part + ty * warps * kDepthAggregateQkvNormDots * p.n_slots;
+  r.stash = p.bufs_in_smem ? smem + L.stash + ty * kDepthAggregateQkvNormNormed * p.ld
+                           : static_cast<acc*>(p.stash_ws_ptr) + slice;
+  r.dg_ws = backward ? static_cast<acc*>(p.dg_ws_ptr) + slice : nullptr;
+  r.dg = p.bufs_in_smem ? smem + L.dg + ty * kDepthAggregateQkvNormNormed * p.ld : r.dg_ws;
+  return r;
+}
+
+// Block-wide, between two barriers (the first: the previous tile's readers are done):
+// the weight tile of tokens t0.. staged in a_s and, in the backward, every row's P/Q
+// partials zeroed.
+template <typename acc, bool kBackward>
+__device__ __forceinline__ void qkv_norm_stage_tile(const DepthAggregateQkvNormParams& p, acc* smem,
+                                                    const DepthAggregateQkvNormSmem& L, int64_t t0) {
+  __syncthreads();
+  slot_tile_load_weights<kDepthAggregateQkvNormWays>(smem + L.a, static_cast<const acc*>(p.a_ptr), p.a_token_stride,
+                                                     p.a_way_stride, p.a_slot_stride, p.n_tokens,
+                                                     kDepthAggregateQkvNormWays, p.n_slots, t0, 0);
+  if (kBackward) {
+    const int n_part = blockDim.y * (blockDim.x / kWarpSize) * kDepthAggregateQkvNormDots * p.n_slots;
+    for (int i = threadIdx.y * blockDim.x + threadIdx.x; i < n_part; i += blockDim.x * blockDim.y) {
+      smem[L.part + i] = acc(0);
+    }
+  }
+  __syncthreads();
+}
+
+// The warp sums of this thread's three values v_n stored (=) at red[warp][n] by lane 0.
+template <typename acc>
+__device__ __forceinline__ void qkv_norm_warp_totals(const acc (&v)[kDepthAggregateQkvNormNormed], acc* red) {
+#pragma unroll
+  for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) {
+    const acc s = warp_sum(v[c]);
+    if (threadIdx.x % kWarpSize == 0) red[(threadIdx.x / kWarpSize) * kDepthAggregateQkvNormNormed + c] = s;
+  }
+}
+
+// Σ over the row's warps, in warp order, of red[w][c] (after the barrier that follows
+// qkv_norm_warp_totals).
+template <typename acc>
+__device__ __forceinline__ acc qkv_norm_row_total(const acc* red, int c) {
+  acc s = acc(0);
+  for (int w = 0; w < static_cast<int>(blockDim.x / kWarpSize); ++w) s += red[w * kDepthAggregateQkvNormNormed + c];
+  return s;
+}
+
+// Forward pass 1 of token t, per chunk: Y_c over the l slots, Out_3 written (=), Y_n
+// stashed, Σ Y_n² accumulated in ss (this thread's chunks).
+template <typename T, int kVec>
+__device__ __forceinline__ void qkv_norm_fwd_aggregate(const DepthAggregateQkvNormParams& p,
+                                                       const QkvNormRow<acc_t<T>>& row,
+                                                       const acc_t<T>* __restrict__ a_row, int64_t t,
+                                                       acc_t<T> (&ss)[kDepthAggregateQkvNormNormed]) {
+  using acc = acc_t<T>;
+  const T* __restrict__ s_tok = static_cast<const T*>(p.s_ptr) + t * p.s_token_stride;
+  T* __restrict__ out_tok = static_cast<T*>(p.out_ptr) + t * p.out_token_stride;
+  for (int64_t e = threadIdx.x * kVec; e < p.d; e += static_cast<int64_t>(blockDim.x) * kVec) {
+    acc y[kDepthAggregateQkvNormWays][kVec] = {};
+    slot_aggregate<T, kVec, kDepthAggregateQkvNormWays>(s_tok, p.s_slot_stride, a_row, p.n_slots, e, p.d, y);
+    store_chunk<T, kVec>(out_tok + 3 * p.out_way_stride, e, p.d, y[3]);
+#pragma unroll
+    for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) {
+      Vec<acc, kVec> v;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        ss[c] += y[c][k] * y[c][k];  // zero past d (load_chunk zero-fills)
+        v.v[k] = y[c][k];
+      }
+      vec_at<acc, kVec>(row.stash, c * p.ld + e) = v;
+    }
+  }
+}
+
+// Forward pass 2 of token t (after the barrier): r_n from the row's warp totals, written
+// (=) to rstd by thread 0; Out_n = Y_n·r_n·g_n (=) from the stash (own entries).
+template <typename T, int kVec>
+__device__ __forceinline__ void qkv_norm_fwd_normalize(const DepthAggregateQkvNormParams& p,
+                                                       const QkvNormRow<acc_t<T>>& row, int64_t t) {
+  using acc = acc_t<T>;
+  const acc* __restrict__ g = static_cast<const acc*>(p.g_ptr);
+  T* __restrict__ out_tok = static_cast<T*>(p.out_ptr) + t * p.out_token_stride;
+  acc r[kDepthAggregateQkvNormNormed];
+#pragma unroll
+  for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) {
+    r[c] = acc_rsqrt(qkv_norm_row_total(row.red, c) / static_cast<acc>(p.d) + static_cast<acc>(p.eps));
+    if (threadIdx.x == 0) static_cast<acc*>(p.rstd_ptr)[c * p.n_tokens + t] = r[c];
+  }
+  for (int64_t e = threadIdx.x * kVec; e < p.d; e += static_cast<int64_t>(blockDim.x) * kVec) {
+#pragma unroll
+    for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) {
+      const Vec<acc, kVec> y = vec_at<acc, kVec>(row.stash, c * p.ld + e);
+      const Vec<acc, kVec> gv = *reinterpret_cast<const Vec<acc, kVec>*>(g + c * p.ld + e);
+      acc o[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) o[k] = y.v[k] * r[c] * gv.v[k];
+      store_chunk<T, kVec>(out_tok + c * p.out_way_stride, e, p.d, o);
+    }
+  }
+}
+
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kDepthAggregateQkvNormThreads, kDepthAggregateQkvNormFwdMinBlocks)
     depth_aggregate_qkv_norm_fwd_kernel(const DepthAggregateQkvNormParams p) {
   using acc = acc_t<T>;
   extern __shared__ __align__(32) unsigned char daqn_smem[];
   acc* smem = reinterpret_cast<acc*>(daqn_smem);
-  const int l = p.n_slots;
-  const int64_t d = p.d;
-  const int64_t ld = p.ld;
-  const int tx = threadIdx.x;
-  const int ty = threadIdx.y;
   const int rows = blockDim.y;
-  const int warps = blockDim.x / kWarpSize;
-  const int warp = tx / kWarpSize;
-  const int lane = tx % kWarpSize;
-  const int64_t step = static_cast<int64_t>(blockDim.x) * kVec;
-  const DepthAggregateQkvNormSmem L = depth_aggregate_qkv_norm_smem_layout(rows, warps, l, ld, false, p.bufs_in_smem);
-  acc* __restrict__ a_s = smem + L.a;
-  acc* __restrict__ red = smem + L.red + ty * warps * kDepthAggregateQkvNormNormed;  // [warps][3]
-  acc* __restrict__ stash =
-      p.bufs_in_smem ? smem + L.stash + ty * kDepthAggregateQkvNormNormed * ld
-                     : static_cast<acc*>(p.stash_ws_ptr) +
-                           (static_cast<int64_t>(blockIdx.x) * rows + ty) * kDepthAggregateQkvNormNormed * ld;
-
-  const T* __restrict__ S = static_cast<const T*>(p.s_ptr);
-  const acc* __restrict__ g = static_cast<const acc*>(p.g_ptr);
-  T* __restrict__ Out = static_cast<T*>(p.out_ptr);
-  acc* __restrict__ rstd = static_cast<acc*>(p.rstd_ptr);
-
+  const DepthAggregateQkvNormSmem L =
+      depth_aggregate_qkv_norm_smem_layout(rows, blockDim.x / kWarpSize, p.n_slots, p.ld, false, p.bufs_in_smem);
+  const QkvNormRow<acc> row = qkv_norm_row(p, smem, L, false);
   for (int64_t t0 = static_cast<int64_t>(blockIdx.x) * rows; t0 < p.n_tokens;
        t0 += static_cast<int64_t>(gridDim.x) * rows) {
-    const int64_t t = t0 + ty;
+    const int64_t t = t0 + threadIdx.y;
     const bool valid = t < p.n_tokens;  // uniform over the row (whole warps)
-    __syncthreads();  // the previous tile's readers are done with a_s and red
-    depth_aggregate_qkv_norm_load_weights(p, a_s, t0);
-    __syncthreads();
-    const acc* __restrict__ a_row = a_s + ty * kDepthAggregateQkvNormWays * l;
-
-    // (1) Y per chunk; Out_3 written, Y_n stashed, Σ Y_n² accumulated.
+    qkv_norm_stage_tile<acc, false>(p, smem, L, t0);
     acc ss[kDepthAggregateQkvNormNormed] = {};
     if (valid) {
-      const T* __restrict__ s_tok = S + t * p.s_token_stride;
-      for (int64_t e = tx * kVec; e < d; e += step) {
-        acc y[kDepthAggregateQkvNormWays][kVec] = {};
-        slot_aggregate<T, kVec, kDepthAggregateQkvNormWays>(s_tok, p.s_slot_stride, a_row, l, e, d, y);
-        store_chunk<T, kVec>(Out + 3 * p.out_way_stride + t * p.out_token_stride, e, d, y[3]);
+      qkv_norm_fwd_aggregate<T, kVec>(p, row, row.a_s + threadIdx.y * kDepthAggregateQkvNormWays * p.n_slots, t,
+                                      ss);
+    }
+    qkv_norm_warp_totals(ss, row.red);
+    __syncthreads();
+    if (valid) qkv_norm_fwd_normalize<T, kVec>(p, row, t);
+  }
+}
+
+// Backward pass 1 of token t, per chunk: Y_n over the slots, z_c from dOut, the D_n
+// partials (+=) and the row's dg partial (+=), Y_n stashed; then pass 2 over the slots
+// (the chunk's S again, an L1/L2 hit): P_cj = <z_c, S_j>, Q_nj = <Y_n, S_j> reduced by
+// the 8-value reduce-scatter and added (+=) to the warp's part[warp][m][j]. The chunk
+// loop is warp-uniform (every lane reaches the shuffles); lanes past the row end work
+// on zeros and touch no buffer.
+template <typename T, int kVec>
+__device__ __forceinline__ void qkv_norm_bwd_dots(const DepthAggregateQkvNormParams& p,
+                                                  const QkvNormRow<acc_t<T>>& row,
+                                                  const acc_t<T>* __restrict__ a_row, int64_t t,
+                                                  const acc_t<T> (&r)[kDepthAggregateQkvNormNormed],
+                                                  acc_t<T> (&D)[kDepthAggregateQkvNormNormed]) {
+  using acc = acc_t<T>;
+  constexpr int kWays = kDepthAggregateQkvNormWays;
+  constexpr int kNormed = kDepthAggregateQkvNormNormed;
+  constexpr int kDots = kDepthAggregateQkvNormDots;
+  const int l = p.n_slots;
+  const int64_t d = p.d;
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const acc* __restrict__ g = static_cast<const acc*>(p.g_ptr);
+  const T* __restrict__ s_tok = static_cast<const T*>(p.s_ptr) + t * p.s_token_stride;
+  const T* __restrict__ do_tok = static_cast<const T*>(p.dout_ptr) + t * p.dout_token_stride;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * kVec;
+  for (int64_t e0 = 0; e0 < d; e0 += step) {
+    const int64_t e = e0 + threadIdx.x * kVec;
+    const bool in_row = e < d;
+    acc y[kNormed][kVec] = {};
+    if (in_row) slot_aggregate<T, kVec, kNormed>(s_tok, p.s_slot_stride, a_row, l, e, d, y);
+    acc z[kWays][kVec];
 #pragma unroll
-        for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) {
-          Vec<acc, kVec> v;
+    for (int c = 0; c < kWays; ++c) {
+      const Vec<T, kVec> go = load_chunk_raw<T, kVec>(do_tok + c * p.dout_way_stride, e, d);
+      if (c < kNormed) {
+        const Vec<acc, kVec> gv = in_row ? *reinterpret_cast<const Vec<acc, kVec>*>(g + c * p.ld + e) : Vec<acc, kVec>{};
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          z[c][k] = gv.v[k] * to_acc(go.v[k]);
+          D[c] += z[c][k] * y[c][k];
+        }
+        if (in_row) {
+          Vec<acc, kVec>& dgv = vec_at<acc, kVec>(row.dg, c * p.ld + e);
+          Vec<acc, kVec> sy;
 #pragma unroll
           for (int k = 0; k < kVec; ++k) {
-            ss[c] += y[c][k] * y[c][k];  // zero past d (load_chunk zero-fills)
-            v.v[k] = y[c][k];
+            dgv.v[k] += to_acc(go.v[k]) * y[c][k] * r[c];
+            sy.v[k] = y[c][k];
           }
-          vec_at<acc, kVec>(stash, c * ld + e) = v;
+          vec_at<acc, kVec>(row.stash, c * p.ld + e) = sy;
         }
+      } else {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) z[c][k] = to_acc(go.v[k]);
       }
     }
+#pragma unroll 2
+    for (int j = 0; j < l; ++j) {
+      acc s[kVec];
+      load_chunk<T, kVec>(s_tok + j * p.s_slot_stride, e, d, s);
+      acc v[kDots];
+#pragma unroll
+      for (int c = 0; c < kWays; ++c) {
+        v[c] = acc(0);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) v[c] += z[c][k] * s[k];
+      }
+#pragma unroll
+      for (int c = 0; c < kNormed; ++c) {
+        v[kWays + c] = acc(0);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) v[kWays + c] += y[c][k] * s[k];
+      }
+      v[kDots - 1] = acc(0);
+      const acc sum = depth_aggregate_qkv_norm_reduce_scatter8(v, lane);
+      const int m = lane >> 2;
+      if ((lane & 3) == 0 && m < kDots - 1) row.part[(warp * kDots + m) * l + j] += sum;
+    }
+  }
+}
+
+// Backward, dA of token t (after the barrier) from the row's P/Q partials in warp
+// order: dA[t, c, j] = r_c·P_cj − k_c·Q_cj (c < 3), P_3j (= per token).
+template <typename acc>
+__device__ __forceinline__ void qkv_norm_bwd_da(const DepthAggregateQkvNormParams& p, const QkvNormRow<acc>& row,
+                                                int64_t t, const acc (&r)[kDepthAggregateQkvNormNormed],
+                                                const acc (&kn)[kDepthAggregateQkvNormNormed]) {
+  constexpr int kDots = kDepthAggregateQkvNormDots;
+  const int l = p.n_slots;
+  acc* __restrict__ dA = static_cast<acc*>(p.da_ptr) + t * kDepthAggregateQkvNormWays * l;
+  for (int i = threadIdx.x; i < kDepthAggregateQkvNormWays * l; i += blockDim.x) {
+    const int c = i / l;
+    const int j = i % l;
+    acc P = acc(0), Q = acc(0);
+    for (int w = 0; w < static_cast<int>(blockDim.x / kWarpSize); ++w) {
+      P += row.part[(w * kDots + c) * l + j];
+      if (c < kDepthAggregateQkvNormNormed) Q += row.part[(w * kDots + kDepthAggregateQkvNormWays + c) * l + j];
+    }
+    acc val = P;
+    if (c == 0) val = r[0] * P - kn[0] * Q;
+    if (c == 1) val = r[1] * P - kn[1] * Q;
+    if (c == 2) val = r[2] * P - kn[2] * Q;
+    dA[i] = val;
+  }
+}
+
+// Backward, dS of token t per chunk: dY_n = r_n·g_n·dOut_n − k_n·Y_n (Y_n from the
+// stash, dOut re-read: an L2 hit), dY_3 = dOut_3; dS_j (=, or += with accumulate_ds)
+// Σ_c A[t, c, j]·dY_c.
+template <typename T, int kVec>
+__device__ __forceinline__ void qkv_norm_bwd_ds(const DepthAggregateQkvNormParams& p,
+                                                const QkvNormRow<acc_t<T>>& row,
+                                                const acc_t<T>* __restrict__ a_row, int64_t t,
+                                                const acc_t<T> (&r)[kDepthAggregateQkvNormNormed],
+                                                const acc_t<T> (&kn)[kDepthAggregateQkvNormNormed]) {
+  using acc = acc_t<T>;
+  constexpr int kWays = kDepthAggregateQkvNormWays;
+  const int l = p.n_slots;
+  const int64_t d = p.d;
+  const acc* __restrict__ g = static_cast<const acc*>(p.g_ptr);
+  const T* __restrict__ do_tok = static_cast<const T*>(p.dout_ptr) + t * p.dout_token_stride;
+  T* __restrict__ ds_tok = static_cast<T*>(p.ds_ptr) + t * p.ds_token_stride;
+  for (int64_t e = threadIdx.x * kVec; e < d; e += static_cast<int64_t>(blockDim.x) * kVec) {
+    acc dy[kWays][kVec];
+#pragma unroll
+    for (int c = 0; c < kWays; ++c) {
+      const Vec<T, kVec> go = load_chunk_raw<T, kVec>(do_tok + c * p.dout_way_stride, e, d);
+      if (c < kDepthAggregateQkvNormNormed) {
+        const Vec<acc, kVec> gv = *reinterpret_cast<const Vec<acc, kVec>*>(g + c * p.ld + e);
+        const Vec<acc, kVec> y = vec_at<acc, kVec>(row.stash, c * p.ld + e);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) dy[c][k] = r[c] * gv.v[k] * to_acc(go.v[k]) - kn[c] * y.v[k];
+      } else {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) dy[c][k] = to_acc(go.v[k]);
+      }
+    }
+#pragma unroll 2
+    for (int j = 0; j < l; ++j) {
+      T* __restrict__ ds_row = ds_tok + j * p.ds_slot_stride;
+      acc ds[kVec];
+      if (p.accumulate_ds) {
+        load_chunk<T, kVec>(ds_row, e, d, ds);
+      } else {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) ds[k] = acc(0);
+      }
+#pragma unroll
+      for (int c = 0; c < kWays; ++c) {
+        const acc w = a_row[c * l + j];
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) ds[k] += w * dy[c][k];
+      }
+      store_chunk<T, kVec>(ds_row, e, d, ds);
+    }
+  }
+}
+
+// The row's dg partial, this thread's chunks: zeroed (kFlush false, before the first
+// token) or, with buffers in shared memory, copied (=) to the row's workspace slice
+// (kFlush true, after the last). Own entries only: no barrier.
+template <typename acc, int kVec, bool kFlush>
+__device__ __forceinline__ void qkv_norm_bwd_dg_chunks(const DepthAggregateQkvNormParams& p,
+                                                       const QkvNormRow<acc>& row) {
+  if (kFlush && !p.bufs_in_smem) return;
+  for (int64_t e = threadIdx.x * kVec; e < p.d; e += static_cast<int64_t>(blockDim.x) * kVec) {
 #pragma unroll
     for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) {
-      const acc v = warp_sum(ss[c]);
-      if (lane == 0) red[warp * kDepthAggregateQkvNormNormed + c] = v;
-    }
-    __syncthreads();
-
-    // (2) r_n from the warps' sums in warp order; Out_n from the stash.
-    if (valid) {
-      acc r[kDepthAggregateQkvNormNormed];
-#pragma unroll
-      for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) {
-        acc s = acc(0);
-        for (int w = 0; w < warps; ++w) s += red[w * kDepthAggregateQkvNormNormed + c];
-        r[c] = acc_rsqrt(s / static_cast<acc>(d) + static_cast<acc>(p.eps));
-        if (tx == 0) rstd[c * p.n_tokens + t] = r[c];
-      }
-      for (int64_t e = tx * kVec; e < d; e += step) {
-#pragma unroll
-        for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) {
-          const Vec<acc, kVec> y = vec_at<acc, kVec>(stash, c * ld + e);
-          const Vec<acc, kVec> gv = *reinterpret_cast<const Vec<acc, kVec>*>(g + c * ld + e);
-          acc o[kVec];
-#pragma unroll
-          for (int k = 0; k < kVec; ++k) o[k] = y.v[k] * r[c] * gv.v[k];
-          store_chunk<T, kVec>(Out + c * p.out_way_stride + t * p.out_token_stride, e, d, o);
-        }
-      }
+      vec_at<acc, kVec>(kFlush ? row.dg_ws : row.dg, c * p.ld + e) =
+          kFlush ? vec_at<acc, kVec>(row.dg, c * p.ld + e) : Vec<acc, kVec>{};
     }
   }
 }
@@ -256,199 +479,37 @@ template <typename T, int kVec>
 __global__ void __launch_bounds__(kDepthAggregateQkvNormThreads, kDepthAggregateQkvNormBwdMinBlocks)
     depth_aggregate_qkv_norm_bwd_kernel(const DepthAggregateQkvNormParams p) {
   using acc = acc_t<T>;
+  constexpr int kNormed = kDepthAggregateQkvNormNormed;
   extern __shared__ __align__(32) unsigned char daqn_smem[];
   acc* smem = reinterpret_cast<acc*>(daqn_smem);
-  const int l = p.n_slots;
-  const int64_t d = p.d;
-  const int64_t ld = p.ld;
-  const int tx = threadIdx.x;
-  const int ty = threadIdx.y;
   const int rows = blockDim.y;
-  const int warps = blockDim.x / kWarpSize;
-  const int warp = tx / kWarpSize;
-  const int lane = tx % kWarpSize;
-  const int tid = ty * blockDim.x + tx;
-  const int nthreads = blockDim.x * rows;
-  const int64_t step = static_cast<int64_t>(blockDim.x) * kVec;
-  const DepthAggregateQkvNormSmem L = depth_aggregate_qkv_norm_smem_layout(rows, warps, l, ld, true, p.bufs_in_smem);
-  acc* __restrict__ a_s = smem + L.a;
-  acc* __restrict__ red = smem + L.red + ty * warps * kDepthAggregateQkvNormNormed;  // [warps][3]
-  // part_all / part, dg_ws / dg alias each other: no __restrict__ on them.
-  acc* part_all = smem + L.part;                        // [rows][warps][8][l]
-  acc* part = part_all + ty * warps * kDepthAggregateQkvNormDots * l;  // [warps][8][l]
-  const int64_t slice = (static_cast<int64_t>(blockIdx.x) * rows + ty) * kDepthAggregateQkvNormNormed * ld;
-  acc* dg_ws = static_cast<acc*>(p.dg_ws_ptr) + slice;
-  acc* __restrict__ stash =
-      p.bufs_in_smem ? smem + L.stash + ty * kDepthAggregateQkvNormNormed * ld : static_cast<acc*>(p.stash_ws_ptr) + slice;
-  acc* dg = p.bufs_in_smem ? smem + L.dg + ty * kDepthAggregateQkvNormNormed * ld : dg_ws;
-
-  const T* __restrict__ S = static_cast<const T*>(p.s_ptr);
-  const T* __restrict__ dOut = static_cast<const T*>(p.dout_ptr);
-  const acc* __restrict__ g = static_cast<const acc*>(p.g_ptr);
+  const DepthAggregateQkvNormSmem L =
+      depth_aggregate_qkv_norm_smem_layout(rows, blockDim.x / kWarpSize, p.n_slots, p.ld, true, p.bufs_in_smem);
+  const QkvNormRow<acc> row = qkv_norm_row(p, smem, L, true);
   const acc* __restrict__ rstd = static_cast<const acc*>(p.rstd_ptr);
-  T* __restrict__ dS = static_cast<T*>(p.ds_ptr);
-  acc* __restrict__ dA = static_cast<acc*>(p.da_ptr);
-
-  // The row's dg partial starts at zero (each thread owns its chunks' entries).
-  for (int64_t e = tx * kVec; e < d; e += step) {
-#pragma unroll
-    for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) vec_at<acc, kVec>(dg, c * ld + e) = Vec<acc, kVec>{};
-  }
-
+  qkv_norm_bwd_dg_chunks<acc, kVec, false>(p, row);
   for (int64_t t0 = static_cast<int64_t>(blockIdx.x) * rows; t0 < p.n_tokens;
        t0 += static_cast<int64_t>(gridDim.x) * rows) {
-    const int64_t t = t0 + ty;
+    const int64_t t = t0 + threadIdx.y;
     const bool valid = t < p.n_tokens;  // uniform over the row (whole warps)
-    __syncthreads();  // the previous tile's readers are done with a_s, red and part
-    depth_aggregate_qkv_norm_load_weights(p, a_s, t0);
-    for (int i = tid; i < rows * warps * kDepthAggregateQkvNormDots * l; i += nthreads) part_all[i] = acc(0);
+    qkv_norm_stage_tile<acc, true>(p, smem, L, t0);
+    const acc* __restrict__ a_row = row.a_s + threadIdx.y * kDepthAggregateQkvNormWays * p.n_slots;
+    acc r[kNormed];
+#pragma unroll
+    for (int c = 0; c < kNormed; ++c) r[c] = valid ? rstd[c * p.n_tokens + t] : acc(0);
+    acc D[kNormed] = {};
+    if (valid) qkv_norm_bwd_dots<T, kVec>(p, row, a_row, t, r, D);
+    qkv_norm_warp_totals(D, row.red);
     __syncthreads();
-    const acc* __restrict__ a_row = a_s + ty * kDepthAggregateQkvNormWays * l;
-    const T* __restrict__ s_tok = S + (valid ? t : 0) * p.s_token_stride;
-    const T* __restrict__ do_tok = dOut + (valid ? t : 0) * p.dout_token_stride;
-    acc r[kDepthAggregateQkvNormNormed];
-#pragma unroll
-    for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) r[c] = valid ? rstd[c * p.n_tokens + t] : acc(0);
-
-    // (1) per chunk: Y_n; dg and D partials; the stash; P and Q per slot.
-    acc D[kDepthAggregateQkvNormNormed] = {};
-    // The chunk loop is warp-uniform (the shuffles in pass 2 need every lane): lanes
-    // past the row end (e >= d) work on zeros and touch no buffer.
     if (valid) {
-      for (int64_t e0 = 0; e0 < d; e0 += step) {
-        const int64_t e = e0 + tx * kVec;
-        const bool in_row = e < d;
-        acc y[kDepthAggregateQkvNormNormed][kVec] = {};
-        if (in_row) slot_aggregate<T, kVec, kDepthAggregateQkvNormNormed>(s_tok, p.s_slot_stride, a_row, l, e, d, y);
-        acc z[kDepthAggregateQkvNormWays][kVec];
+      acc kn[kNormed];
 #pragma unroll
-        for (int c = 0; c < kDepthAggregateQkvNormWays; ++c) {
-          const Vec<T, kVec> go = load_chunk_raw<T, kVec>(do_tok + c * p.dout_way_stride, e, d);
-          if (c < kDepthAggregateQkvNormNormed) {
-            const Vec<acc, kVec> gv =
-                in_row ? *reinterpret_cast<const Vec<acc, kVec>*>(g + c * ld + e) : Vec<acc, kVec>{};
-#pragma unroll
-            for (int k = 0; k < kVec; ++k) {
-              z[c][k] = gv.v[k] * to_acc(go.v[k]);
-              D[c] += z[c][k] * y[c][k];
-            }
-            if (in_row) {
-              Vec<acc, kVec>& dgv = vec_at<acc, kVec>(dg, c * ld + e);
-              Vec<acc, kVec> sy;
-#pragma unroll
-              for (int k = 0; k < kVec; ++k) {
-                dgv.v[k] += to_acc(go.v[k]) * y[c][k] * r[c];
-                sy.v[k] = y[c][k];
-              }
-              vec_at<acc, kVec>(stash, c * ld + e) = sy;
-            }
-          } else {
-#pragma unroll
-            for (int k = 0; k < kVec; ++k) z[c][k] = to_acc(go.v[k]);
-          }
-        }
-        // Pass 2 over the slots: P_cj = <z_c, S_j>, Q_nj = <Y_n, S_j>.
-#pragma unroll 2
-        for (int j = 0; j < l; ++j) {
-          acc s[kVec];
-          load_chunk<T, kVec>(s_tok + j * p.s_slot_stride, e, d, s);
-          acc v[kDepthAggregateQkvNormDots];
-#pragma unroll
-          for (int c = 0; c < kDepthAggregateQkvNormWays; ++c) {
-            v[c] = acc(0);
-#pragma unroll
-            for (int k = 0; k < kVec; ++k) v[c] += z[c][k] * s[k];
-          }
-#pragma unroll
-          for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) {
-            v[kDepthAggregateQkvNormWays + c] = acc(0);
-#pragma unroll
-            for (int k = 0; k < kVec; ++k) v[kDepthAggregateQkvNormWays + c] += y[c][k] * s[k];
-          }
-          v[kDepthAggregateQkvNormDots - 1] = acc(0);
-          const acc sum = depth_aggregate_qkv_norm_reduce_scatter8(v, lane);
-          const int m = lane >> 2;
-          if ((lane & 3) == 0 && m < kDepthAggregateQkvNormDots - 1) part[(warp * kDepthAggregateQkvNormDots + m) * l + j] += sum;
-        }
-      }
-    }
-#pragma unroll
-    for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) {
-      const acc v = warp_sum(D[c]);
-      if (lane == 0) red[warp * kDepthAggregateQkvNormNormed + c] = v;
-    }
-    __syncthreads();
-
-    // (2) k_n and dA from the warps' partials in warp order; dY and dS per chunk.
-    if (valid) {
-      acc kn[kDepthAggregateQkvNormNormed];
-#pragma unroll
-      for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) {
-        acc s = acc(0);
-        for (int w = 0; w < warps; ++w) s += red[w * kDepthAggregateQkvNormNormed + c];
-        kn[c] = r[c] * r[c] * r[c] * s / static_cast<acc>(d);
-      }
-      for (int i = tx; i < kDepthAggregateQkvNormWays * l; i += blockDim.x) {
-        const int c = i / l;
-        const int j = i % l;
-        acc P = acc(0), Q = acc(0);
-        for (int w = 0; w < warps; ++w) {
-          P += part[(w * kDepthAggregateQkvNormDots + c) * l + j];
-          if (c < kDepthAggregateQkvNormNormed) Q += part[(w * kDepthAggregateQkvNormDots + kDepthAggregateQkvNormWays + c) * l + j];
-        }
-        acc val = P;
-        if (c == 0) val = r[0] * P - kn[0] * Q;
-        if (c == 1) val = r[1] * P - kn[1] * Q;
-        if (c == 2) val = r[2] * P - kn[2] * Q;
-        dA[t * kDepthAggregateQkvNormWays * l + i] = val;
-      }
-      T* __restrict__ ds_tok = dS + t * p.ds_token_stride;
-      for (int64_t e = tx * kVec; e < d; e += step) {
-        acc dy[kDepthAggregateQkvNormWays][kVec];
-#pragma unroll
-        for (int c = 0; c < kDepthAggregateQkvNormWays; ++c) {
-          const Vec<T, kVec> go = load_chunk_raw<T, kVec>(do_tok + c * p.dout_way_stride, e, d);
-          if (c < kDepthAggregateQkvNormNormed) {
-            const Vec<acc, kVec> gv = *reinterpret_cast<const Vec<acc, kVec>*>(g + c * ld + e);
-            const Vec<acc, kVec> y = vec_at<acc, kVec>(stash, c * ld + e);
-#pragma unroll
-            for (int k = 0; k < kVec; ++k) dy[c][k] = r[c] * gv.v[k] * to_acc(go.v[k]) - kn[c] * y.v[k];
-          } else {
-#pragma unroll
-            for (int k = 0; k < kVec; ++k) dy[c][k] = to_acc(go.v[k]);
-          }
-        }
-#pragma unroll 2
-        for (int j = 0; j < l; ++j) {
-          T* __restrict__ ds_row = ds_tok + j * p.ds_slot_stride;
-          acc ds[kVec];
-          if (p.accumulate_ds) {
-            load_chunk<T, kVec>(ds_row, e, d, ds);
-          } else {
-#pragma unroll
-            for (int k = 0; k < kVec; ++k) ds[k] = acc(0);
-          }
-#pragma unroll
-          for (int c = 0; c < kDepthAggregateQkvNormWays; ++c) {
-            const acc w = a_row[c * l + j];
-#pragma unroll
-            for (int k = 0; k < kVec; ++k) ds[k] += w * dy[c][k];
-          }
-          store_chunk<T, kVec>(ds_row, e, d, ds);
-        }
-      }
+      for (int c = 0; c < kNormed; ++c) kn[c] = r[c] * r[c] * r[c] * qkv_norm_row_total(row.red, c) / static_cast<acc>(p.d);
+      qkv_norm_bwd_da(p, row, t, r, kn);
+      qkv_norm_bwd_ds<T, kVec>(p, row, a_row, t, r, kn);
     }
   }
-
-  // The row's dg partial to its workspace slice (own entries: no barrier needed).
-  if (p.bufs_in_smem) {
-    for (int64_t e = tx * kVec; e < d; e += step) {
-#pragma unroll
-      for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) {
-        vec_at<acc, kVec>(dg_ws, c * ld + e) = vec_at<acc, kVec>(dg, c * ld + e);
-      }
-    }
-  }
+  qkv_norm_bwd_dg_chunks<acc, kVec, true>(p, row);
 }
 
 }  // namespace crosslayer

@@ -148,7 +148,7 @@ __device__ __forceinline__ void hc_post_token_bwd(const HcPostParams& p, int64_t
 }
 
 template <typename T, int kVec, int kN>
-__global__ void __launch_bounds__(kHcTileThreads, kHcTileMinBlocks) hc_post_fwd_kernel(const HcPostParams p) {
+__global__ void __launch_bounds__(kTokenTileThreads, kHcTileMinBlocks) hc_post_fwd_kernel(const HcPostParams p) {
   using acc = acc_t<T>;
   const int n = kN > 0 ? kN : p.n;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(kHcTileThreads, kHcTileMinBlocks) hc_post_fwd_
 }
 
 template <typename T, int kVec, int kN>
-__global__ void __launch_bounds__(kHcTileThreads, kHcTileMinBlocks) hc_post_bwd_kernel(const HcPostParams p) {
+__global__ void __launch_bounds__(kTokenTileThreads, kHcTileMinBlocks) hc_post_bwd_kernel(const HcPostParams p) {
   using acc = acc_t<T>;
   const int n = kN > 0 ? kN : p.n;
   extern __shared__ __align__(16) unsigned char smem_raw[];

@@ -220,208 +220,279 @@ __device__ __forceinline__ void hc_pre_accumulate(const Vec<T, kVec> (&h)[kG],
   }
 }
 
-template <typename T, int kVec, int kN>
-__global__ void __launch_bounds__(kHcPreThreads, HcPreConfig<kN, acc_t<T>>::kMinBlocks)
-    hc_pre_fwd_kernel(const HcPreParams p) {
+// The per-row shared-memory slices of a block (thread row ty); dq, scale and cpart are
+// the backward's.
+template <typename acc, int kN>
+struct HcPreRowSmem {
+  acc* part;   // [warps][kN][kJ + 1]  warp partial sums
+  acc* coef;   // [kN]                 alpha[i, 0] of the row's token
+  acc* dq;     // [kN][kJ]
+  acc* scale;  // [kN]                 dr_i·r_i³/d
+  acc* cpart;  // [kN][kN + 4]         coefficient partials
+};
+
+template <typename acc, int kN>
+__device__ __forceinline__ HcPreRowSmem<acc, kN> hc_pre_row_smem(acc* smem, const HcPreSmem& L, int warps, int ty) {
+  constexpr int kJ = kN + 2;
+  HcPreRowSmem<acc, kN> r;
+  r.part = smem + L.part + ty * warps * kN * (kJ + 1);
+  r.coef = smem + L.coef + ty * kN;
+  r.dq = smem + L.dq + ty * kN * kJ;
+  r.scale = smem + L.scale + ty * kN;
+  r.cpart = smem + L.cpart + ty * kN * hc_pre_coef_stride(kN);
+  return r;
+}
+
+// Forward phase 1, token reduction: for each group of streams, q[i][j] = <H_i, W_j>
+// (j < J) and q[i][kJ] = <H_i, H_i> over this thread's chunks, warp-reduced by a
+// reduce-scatter; lane l of the warp stores (=) the warp's value l of the group at
+// part[warp][g0·(kJ+1) + l]. The first kCache chunks are kept in `cache` (raw). An
+// invalid row (no token) stores zeros. Every lane of the warp must call it (shuffles).
+template <typename T, int kVec, int kN, int kCacheSlots>
+__device__ __forceinline__ void hc_pre_fwd_reduce(const HcPreParams& p, const T* __restrict__ h_tok, bool valid,
+                                                  acc_t<T>* __restrict__ part, Vec<T, kVec> (&cache)[kCacheSlots][kN],
+                                                  int warp, int lane) {
   using acc = acc_t<T>;
   using Cfg = HcPreConfig<kN, acc>;
   constexpr int kG = Cfg::kG;
   constexpr int kJ = Cfg::kJ;
   constexpr int kCache = Cfg::kFwdCache;
-  constexpr int kCacheSlots = kCache > 0 ? kCache : 1;
-  extern __shared__ __align__(32) unsigned char hc_pre_smem[];
-  acc* smem = reinterpret_cast<acc*>(hc_pre_smem);
-
-  const int n = p.n;
-  const int J = n + 2;
+  const int n = p.n, J = n + 2;
   const int64_t d = p.d;
-  const int tx = threadIdx.x;
-  const int ty = threadIdx.y;
-  const int threads_x = blockDim.x;
-  const int rows = blockDim.y;
-  const int warps = threads_x / kWarpSize;
-  const int warp = tx / kWarpSize;
-  const int lane = tx % kWarpSize;
-  const HcPreSmem L = hc_pre_smem_layout<kN>(rows, warps, p.ldw, false, false);
-  acc* __restrict__ part = smem + L.part + ty * warps * kN * (kJ + 1);  // [warps][kN][kJ+1]
-  acc* __restrict__ coef = smem + L.coef + ty * kN;                      // [kN]
-
-  const T* __restrict__ H = static_cast<const T*>(p.h_ptr);
+  const int64_t step = static_cast<int64_t>(blockDim.x) * kVec;
   const acc* __restrict__ wt = static_cast<const acc*>(p.wt_ptr);
-  const acc* __restrict__ A = static_cast<const acc*>(p.a_ptr);
-  const acc* __restrict__ B = static_cast<const acc*>(p.b_ptr);
-  T* __restrict__ X = static_cast<T*>(p.x_ptr);
-  acc* __restrict__ alpha = static_cast<acc*>(p.alpha_ptr);
-  acc* __restrict__ beta = static_cast<acc*>(p.beta_ptr);
-  acc* __restrict__ q_out = static_cast<acc*>(p.q_ptr);
-  acc* __restrict__ r_out = static_cast<acc*>(p.r_ptr);
-  const acc s_a = *static_cast<const acc*>(p.sa_ptr);
-  const acc s_b = *static_cast<const acc*>(p.sb_ptr);
-  const int64_t step = static_cast<int64_t>(threads_x) * kVec;
-
-  for (int64_t t0 = static_cast<int64_t>(blockIdx.x) * rows; t0 < p.n_tokens;
-       t0 += static_cast<int64_t>(gridDim.x) * rows) {
-    const int64_t t = t0 + ty;
-    const bool valid = t < p.n_tokens;  // uniform over the row (whole warps)
-    const T* __restrict__ h_tok = H + (valid ? p.h_tok.offset(t) : 0);
-    Vec<T, kVec> cache[kCacheSlots][kN];
-
-    // (1) partial sums, one group of streams at a time.
 #pragma unroll
-    for (int g0 = 0; g0 < kN; g0 += kG) {
-      if (g0 < n) {
-        acc q[kG][kJ + 1];
+  for (int g0 = 0; g0 < kN; g0 += kG) {
+    if (g0 < n) {
+      acc q[kG][kJ + 1];
 #pragma unroll
-        for (int i = 0; i < kG; ++i) {
+      for (int i = 0; i < kG; ++i) {
 #pragma unroll
-          for (int j = 0; j <= kJ; ++j) q[i][j] = acc(0);
+        for (int j = 0; j <= kJ; ++j) q[i][j] = acc(0);
+      }
+      if (valid) {
+#pragma unroll
+        for (int c = 0; c < kCache; ++c) {
+          const int64_t e = threadIdx.x * kVec + c * step;
+          Vec<T, kVec> h[kG];
+          hc_load_streams<T, kVec, kG>(h_tok, p.h_stream_stride, g0, n, e < d ? e : d, d, h);
+#pragma unroll
+          for (int i = 0; i < kG; ++i) cache[c][g0 + i] = h[i];
+          if (e < d) hc_pre_accumulate<T, kVec, kG, kJ>(h, wt, p.ldw, J, e, q);
         }
-        if (valid) {
-#pragma unroll
-          for (int c = 0; c < kCache; ++c) {
-            const int64_t e = tx * kVec + c * step;
-            Vec<T, kVec> h[kG];
-            hc_load_streams<T, kVec, kG>(h_tok, p.h_stream_stride, g0, n, e < d ? e : d, d, h);
-#pragma unroll
-            for (int i = 0; i < kG; ++i) cache[c][g0 + i] = h[i];
-            if (e < d) hc_pre_accumulate<T, kVec, kG, kJ>(h, wt, p.ldw, J, e, q);
-          }
-          for (int64_t e = tx * kVec + kCache * step; e < d; e += step) {
-            Vec<T, kVec> h[kG];
-            hc_load_streams<T, kVec, kG>(h_tok, p.h_stream_stride, g0, n, e, d, h);
-            hc_pre_accumulate<T, kVec, kG, kJ>(h, wt, p.ldw, J, e, q);
-          }
-        }
-        // Lane l receives the warp's sum of value l of the group (i = l / (kJ + 1),
-        // j = l % (kJ + 1)), stored at part[warp][g0 * (kJ + 1) + l].
-        constexpr int kM = kG * (kJ + 1);
-        constexpr int kB = (kM + kWarpSize - 1) / kWarpSize;
-        acc flat[kM];
-#pragma unroll
-        for (int i = 0; i < kG; ++i) {
-#pragma unroll
-          for (int j = 0; j <= kJ; ++j) flat[i * (kJ + 1) + j] = q[i][j];
-        }
-        acc sums[kB];
-        warp_reduce_scatter<kM>(flat, lane, sums);
-#pragma unroll
-        for (int b = 0; b < kB; ++b) {
-          const int m = b * kWarpSize + lane;
-          if (m < kM) part[(warp * kN + g0) * (kJ + 1) + m] = sums[b];
+        for (int64_t e = threadIdx.x * kVec + kCache * step; e < d; e += step) {
+          Vec<T, kVec> h[kG];
+          hc_load_streams<T, kVec, kG>(h_tok, p.h_stream_stride, g0, n, e, d, h);
+          hc_pre_accumulate<T, kVec, kG, kJ>(h, wt, p.ldw, J, e, q);
         }
       }
-    }
-    __syncthreads();
-
-    // (2) coefficients: one (stream, projection) pair per thread of the row.
-    if (valid) {
-      for (int idx = tx; idx < n * J; idx += threads_x) {
-        const int i = idx / J;
-        const int j = idx % J;
-        acc ss = acc(0), qij = acc(0);
-        for (int w = 0; w < warps; ++w) {
-          const acc* pw = part + (w * kN + i) * (kJ + 1);
-          ss += pw[kJ];
-          qij += pw[j];
-        }
-        const acc r = acc_rsqrt(ss / static_cast<acc>(d) + static_cast<acc>(p.eps));
-        const acc th = acc_tanh(r * qij);
-        q_out[(t * n + i) * J + j] = qij;
-        if (j == 0) r_out[t * n + i] = r;
-        if (j <= n) {
-          const acc a = A[i * (n + 1) + j] + s_a * th;
-          alpha[(t * n + i) * (n + 1) + j] = a;
-          if (j == 0) coef[i] = a;
-        } else {
-          beta[t * n + i] = B[i] + s_b * th;
-        }
+      // Lane l receives the warp's sum of value l of the group (i = l / (kJ + 1),
+      // j = l % (kJ + 1)), stored at part[warp][g0 * (kJ + 1) + l].
+      constexpr int kM = kG * (kJ + 1);
+      constexpr int kB = (kM + kWarpSize - 1) / kWarpSize;
+      acc flat[kM];
+#pragma unroll
+      for (int i = 0; i < kG; ++i) {
+#pragma unroll
+        for (int j = 0; j <= kJ; ++j) flat[i * (kJ + 1) + j] = q[i][j];
       }
-    }
-    __syncthreads();
-
-    // (3) x = Σ_i alpha[i, 0]·H_i.
-    if (valid) {
-      T* __restrict__ x_tok = X + p.x_tok.offset(t);
-      acc a0[kN];
+      acc sums[kB];
+      warp_reduce_scatter<kM>(flat, lane, sums);
 #pragma unroll
-      for (int i = 0; i < kN; ++i) a0[i] = i < n ? coef[i] : acc(0);
-#pragma unroll
-      for (int c = 0; c < kCache; ++c) {
-        const int64_t e = tx * kVec + c * step;
-        if (e < d) {
-          acc x[kVec] = {};
-#pragma unroll
-          for (int i = 0; i < kN; ++i) {
-            if (i < n) {
-#pragma unroll
-              for (int k = 0; k < kVec; ++k) x[k] += a0[i] * to_acc(cache[c][i].v[k]);
-            }
-          }
-          store_chunk<T, kVec>(x_tok, e, d, x);
-        }
-      }
-      for (int64_t e = tx * kVec + kCache * step; e < d; e += step) {
-        acc x[kVec] = {};
-#pragma unroll
-        for (int g0 = 0; g0 < kN; g0 += kG) {
-          if (g0 < n) {
-            Vec<T, kVec> h[kG];
-            hc_load_streams<T, kVec, kG>(h_tok, p.h_stream_stride, g0, n, e, d, h);
-#pragma unroll
-            for (int i = 0; i < kG; ++i) {
-#pragma unroll
-              for (int k = 0; k < kVec; ++k) x[k] += a0[g0 + i] * to_acc(h[i].v[k]);
-            }
-          }
-        }
-        store_chunk<T, kVec>(x_tok, e, d, x);
+      for (int b = 0; b < kB; ++b) {
+        const int m = b * kWarpSize + lane;
+        if (m < kM) part[(warp * kN + g0) * (kJ + 1) + m] = sums[b];
       }
     }
   }
 }
 
+// Forward phase 2, per-token coefficients (after a barrier), one (stream, projection)
+// pair per thread of the row: the warps' sums in warp order give r_i and q_ij;
+// t_ij = tanh(r_i·q_ij); q, r, alpha, beta of token t written (=), alpha[i, 0] also to
+// coef[i]. No shuffles.
+template <typename acc, int kN>
+__device__ __forceinline__ void hc_pre_fwd_coefs(const HcPreParams& p, int64_t t, const acc* __restrict__ part,
+                                                 acc* __restrict__ coef, int warps) {
+  constexpr int kJ = kN + 2;
+  const int n = p.n, J = n + 2;
+  const acc* __restrict__ A = static_cast<const acc*>(p.a_ptr);
+  const acc* __restrict__ B = static_cast<const acc*>(p.b_ptr);
+  const acc s_a = *static_cast<const acc*>(p.sa_ptr);
+  const acc s_b = *static_cast<const acc*>(p.sb_ptr);
+  for (int idx = threadIdx.x; idx < n * J; idx += blockDim.x) {
+    const int i = idx / J;
+    const int j = idx % J;
+    acc ss = acc(0), qij = acc(0);
+    for (int w = 0; w < warps; ++w) {
+      const acc* pw = part + (w * kN + i) * (kJ + 1);
+      ss += pw[kJ];
+      qij += pw[j];
+    }
+    const acc r = acc_rsqrt(ss / static_cast<acc>(p.d) + static_cast<acc>(p.eps));
+    const acc th = acc_tanh(r * qij);
+    static_cast<acc*>(p.q_ptr)[(t * n + i) * J + j] = qij;
+    if (j == 0) static_cast<acc*>(p.r_ptr)[t * n + i] = r;
+    if (j <= n) {
+      const acc a = A[i * (n + 1) + j] + s_a * th;
+      static_cast<acc*>(p.alpha_ptr)[(t * n + i) * (n + 1) + j] = a;
+      if (j == 0) coef[i] = a;
+    } else {
+      static_cast<acc*>(p.beta_ptr)[t * n + i] = B[i] + s_b * th;
+    }
+  }
+}
+
+// Forward phase 3, the write pass (after a barrier): x = Σ_i alpha[i, 0]·H_i written (=)
+// chunk by chunk, from `cache` for the first kCache chunks, re-read otherwise. No
+// shuffles.
+template <typename T, int kVec, int kN, int kCacheSlots>
+__device__ __forceinline__ void hc_pre_fwd_write_x(const HcPreParams& p, int64_t t, const T* __restrict__ h_tok,
+                                                   const acc_t<T>* __restrict__ coef,
+                                                   const Vec<T, kVec> (&cache)[kCacheSlots][kN]) {
+  using acc = acc_t<T>;
+  using Cfg = HcPreConfig<kN, acc>;
+  constexpr int kG = Cfg::kG;
+  constexpr int kCache = Cfg::kFwdCache;
+  const int n = p.n;
+  const int64_t d = p.d;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * kVec;
+  T* __restrict__ x_tok = static_cast<T*>(p.x_ptr) + p.x_tok.offset(t);
+  acc a0[kN];
+#pragma unroll
+  for (int i = 0; i < kN; ++i) a0[i] = i < n ? coef[i] : acc(0);
+#pragma unroll
+  for (int c = 0; c < kCache; ++c) {
+    const int64_t e = threadIdx.x * kVec + c * step;
+    if (e < d) {
+      acc x[kVec] = {};
+#pragma unroll
+      for (int i = 0; i < kN; ++i) {
+        if (i < n) {
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) x[k] += a0[i] * to_acc(cache[c][i].v[k]);
+        }
+      }
+      store_chunk<T, kVec>(x_tok, e, d, x);
+    }
+  }
+  for (int64_t e = threadIdx.x * kVec + kCache * step; e < d; e += step) {
+    acc x[kVec] = {};
+#pragma unroll
+    for (int g0 = 0; g0 < kN; g0 += kG) {
+      if (g0 < n) {
+        Vec<T, kVec> h[kG];
+        hc_load_streams<T, kVec, kG>(h_tok, p.h_stream_stride, g0, n, e, d, h);
+#pragma unroll
+        for (int i = 0; i < kG; ++i) {
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) x[k] += a0[g0 + i] * to_acc(h[i].v[k]);
+        }
+      }
+    }
+    store_chunk<T, kVec>(x_tok, e, d, x);
+  }
+}
+
 template <typename T, int kVec, int kN>
 __global__ void __launch_bounds__(kHcPreThreads, HcPreConfig<kN, acc_t<T>>::kMinBlocks)
-    hc_pre_bwd_kernel(const HcPreParams p) {
+    hc_pre_fwd_kernel(const HcPreParams p) {
+  using acc = acc_t<T>;
+  constexpr int kCacheSlots = HcPreConfig<kN, acc>::kFwdCache > 0 ? HcPreConfig<kN, acc>::kFwdCache : 1;
+  extern __shared__ __align__(32) unsigned char hc_pre_smem[];
+  acc* smem = reinterpret_cast<acc*>(hc_pre_smem);
+  const int rows = blockDim.y;
+  const int warps = blockDim.x / kWarpSize;
+  const HcPreSmem L = hc_pre_smem_layout<kN>(rows, warps, p.ldw, false, false);
+  const HcPreRowSmem<acc, kN> rs = hc_pre_row_smem<acc, kN>(smem, L, warps, threadIdx.y);
+  const T* __restrict__ H = static_cast<const T*>(p.h_ptr);
+  for (int64_t t0 = static_cast<int64_t>(blockIdx.x) * rows; t0 < p.n_tokens;
+       t0 += static_cast<int64_t>(gridDim.x) * rows) {
+    const int64_t t = t0 + threadIdx.y;
+    const bool valid = t < p.n_tokens;  // uniform over the row (whole warps)
+    const T* __restrict__ h_tok = H + (valid ? p.h_tok.offset(t) : 0);
+    Vec<T, kVec> cache[kCacheSlots][kN];
+    // (1) partial sums, one group of streams at a time.
+    hc_pre_fwd_reduce<T, kVec, kN>(p, h_tok, valid, rs.part, cache, threadIdx.x / kWarpSize,
+                                   threadIdx.x % kWarpSize);
+    __syncthreads();
+    // (2) coefficients.
+    if (valid) hc_pre_fwd_coefs<acc, kN>(p, t, rs.part, rs.coef, warps);
+    __syncthreads();
+    // (3) x = Σ_i alpha[i, 0]·H_i.
+    if (valid) hc_pre_fwd_write_x<T, kVec, kN>(p, t, h_tok, rs.coef, cache);
+  }
+}
+
+// Backward phase 1, token reduction: g0_i = <dx, H_i> over this thread's chunks,
+// warp-summed; lane 0 stores (=) the warp's value at part[warp][i][0]. The first kCache
+// chunks of H (hc) and dx (gc) are kept in registers. An invalid row stores zeros. No
+// barrier needed before it: a thread writing `part` here has passed the barrier after
+// phase 2 of the previous tile, so its readers are done. Every lane of the warp must
+// call it (shuffles).
+template <typename T, int kVec, int kN, int kCacheSlots>
+__device__ __forceinline__ void hc_pre_bwd_reduce(const HcPreParams& p, const T* __restrict__ h_tok,
+                                                  const T* __restrict__ dx_tok, bool valid,
+                                                  acc_t<T>* __restrict__ part, Vec<T, kVec> (&hc)[kCacheSlots][kN],
+                                                  Vec<T, kVec> (&gc)[kCacheSlots], int warp, int lane) {
   using acc = acc_t<T>;
   using Cfg = HcPreConfig<kN, acc>;
   constexpr int kG = Cfg::kG;
   constexpr int kJ = Cfg::kJ;
   constexpr int kCache = Cfg::kBwdCache;
-  constexpr int kCacheSlots = kCache > 0 ? kCache : 1;
-  constexpr int kCS = hc_pre_coef_stride(kN);
-  constexpr int kSub = kHcSub<T, kVec>;
-  extern __shared__ __align__(32) unsigned char hc_pre_smem[];
-  acc* smem = reinterpret_cast<acc*>(hc_pre_smem);
-
   const int n = p.n;
-  const int J = n + 2;
-  const int CS = hc_pre_coef_stride(n);
   const int64_t d = p.d;
-  const int64_t ldw = p.ldw;
-  const int tx = threadIdx.x;
-  const int ty = threadIdx.y;
-  const int threads_x = blockDim.x;
-  const int rows = blockDim.y;
-  const int warps = threads_x / kWarpSize;
-  const int warp = tx / kWarpSize;
-  const int lane = tx % kWarpSize;
-  const int tid = ty * threads_x + tx;
-  const int nthreads = threads_x * rows;
-  const HcPreSmem L = hc_pre_smem_layout<kN>(rows, warps, ldw, true, p.dw_in_smem);
-  acc* __restrict__ part = smem + L.part + ty * warps * kN * (kJ + 1);  // [warps][kN][..]
-  acc* __restrict__ coef = smem + L.coef + ty * kN;                      // alpha[i, 0]
-  acc* __restrict__ dq_s = smem + L.dq + ty * kN * kJ;                   // [kN][kJ]
-  acc* __restrict__ scale = smem + L.scale + ty * kN;                    // dr_i·r_i³/d
-  acc* __restrict__ cpart = smem + L.cpart + ty * kN * kCS;              // [kN][kCS]
-  // This row's dW partial, (J, ldw): shared memory, or the block's workspace slice.
-  acc* __restrict__ dw_ws = static_cast<acc*>(p.dw_ws_ptr) + blockIdx.x * static_cast<int64_t>(J) * ldw;
-  acc* dw = p.dw_in_smem ? smem + L.dw + ty * static_cast<int64_t>(kJ) * ldw : dw_ws;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * kVec;
+#pragma unroll
+  for (int g0 = 0; g0 < kN; g0 += kG) {
+    if (g0 < n) {
+      acc g[kG];
+#pragma unroll
+      for (int i = 0; i < kG; ++i) g[i] = acc(0);
+      if (valid) {
+#pragma unroll
+        for (int c = 0; c < kCache; ++c) {
+          const int64_t e = threadIdx.x * kVec + c * step;
+          const int64_t ec = e < d ? e : d;
+          Vec<T, kVec> h[kG];
+          hc_load_streams<T, kVec, kG>(h_tok, p.h_stream_stride, g0, n, ec, d, h);
+          if (g0 == 0) gc[c] = load_chunk_raw<T, kVec>(dx_tok, ec, d);
+#pragma unroll
+          for (int i = 0; i < kG; ++i) {
+            hc[c][g0 + i] = h[i];
+#pragma unroll
+            for (int k = 0; k < kVec; ++k) g[i] += to_acc(h[i].v[k]) * to_acc(gc[c].v[k]);
+          }
+        }
+        for (int64_t e = threadIdx.x * kVec + kCache * step; e < d; e += step) {
+          Vec<T, kVec> h[kG];
+          hc_load_streams<T, kVec, kG>(h_tok, p.h_stream_stride, g0, n, e, d, h);
+          const Vec<T, kVec> gx = load_chunk_raw<T, kVec>(dx_tok, e, d);
+#pragma unroll
+          for (int i = 0; i < kG; ++i) {
+#pragma unroll
+            for (int k = 0; k < kVec; ++k) g[i] += to_acc(h[i].v[k]) * to_acc(gx.v[k]);
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kG; ++i) {
+        const acc v = warp_sum(g[i]);
+        if (lane == 0 && g0 + i < kN) part[(warp * kN + g0 + i) * (kJ + 1)] = v;
+      }
+    }
+  }
+}
 
-  const T* __restrict__ H = static_cast<const T*>(p.h_ptr);
-  const T* __restrict__ dX = static_cast<const T*>(p.dx_ptr);
-  T* __restrict__ dH = static_cast<T*>(p.dh_ptr);
-  const acc* __restrict__ wt = static_cast<const acc*>(p.wt_ptr);
+// Backward phase 2, per-token coefficients (after a barrier), one stream i per thread
+// of the row: G_ij, dq_ij (= to dq), dr_i·r_i³/d (= to scale), alpha[i, 0] (= to coef),
+// and the row's coefficient partials cpart[i] (+=: dA[i, j], dB[i], ds_a, ds_b). The
+// thread owning stream i owns cpart[i]. No shuffles.
+template <typename acc, int kN>
+__device__ __forceinline__ void hc_pre_bwd_coefs(const HcPreParams& p, int64_t t, const HcPreRowSmem<acc, kN>& rs,
+                                                 int warps) {
+  constexpr int kJ = kN + 2;
+  const int n = p.n, J = n + 2;
   const acc* __restrict__ A = static_cast<const acc*>(p.a_ptr);
   const acc* __restrict__ q_in = static_cast<const acc*>(p.q_ptr);
   const acc* __restrict__ r_in = static_cast<const acc*>(p.r_ptr);
@@ -429,179 +500,145 @@ __global__ void __launch_bounds__(kHcPreThreads, HcPreConfig<kN, acc_t<T>>::kMin
   const acc* __restrict__ dbeta = static_cast<const acc*>(p.dbeta_ptr);
   const acc s_a = *static_cast<const acc*>(p.sa_ptr);
   const acc s_b = *static_cast<const acc*>(p.sb_ptr);
-  const int64_t step = static_cast<int64_t>(threads_x) * kVec;
-
-  // Zero the partials this block accumulates over its tokens.
-  for (int i = tid; i < rows * kN * kCS; i += nthreads) smem[L.cpart + i] = acc(0);
-  if (p.dw_in_smem) {
-    for (int64_t i = tid; i < rows * kJ * ldw; i += nthreads) smem[L.dw + i] = acc(0);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    acc g0v = acc(0);
+    for (int w = 0; w < warps; ++w) g0v += rs.part[(w * kN + i) * (kJ + 1)];
+    const acc r = r_in[t * n + i];
+    acc dr = acc(0);
+    acc* cp = rs.cpart + i * hc_pre_coef_stride(kN);
+    for (int j = 0; j < J; ++j) {
+      const acc qij = q_in[(t * n + i) * J + j];
+      const acc th = acc_tanh(r * qij);
+      acc G;
+      acc s;
+      if (j <= n) {
+        G = (dalpha != nullptr ? dalpha[(t * n + i) * (n + 1) + j] : acc(0)) + (j == 0 ? g0v : acc(0));
+        s = s_a;
+        cp[n + 2] += G * th;  // ds_a
+        if (j == 0) rs.coef[i] = A[i * (n + 1)] + s_a * th;
+      } else {
+        G = dbeta != nullptr ? dbeta[t * n + i] : acc(0);
+        s = s_b;
+        cp[n + 3] += G * th;  // ds_b
+      }
+      cp[j] += G;  // dA[i, j] for j <= n, dB[i] at j = n + 1
+      const acc dp = s * G * (acc(1) - th * th);
+      rs.dq[i * kJ + j] = r * dp;
+      dr += dp * qij;
+    }
+    rs.scale[i] = dr * r * r * r / static_cast<acc>(p.d);
   }
-  // (dw_ws is zeroed by the launcher when dw_in_smem is false.)
+}
 
-  for (int64_t t0 = static_cast<int64_t>(blockIdx.x) * rows; t0 < p.n_tokens;
-       t0 += static_cast<int64_t>(gridDim.x) * rows) {
-    const int64_t t = t0 + ty;
-    const bool valid = t < p.n_tokens;  // uniform over the row (whole warps)
-    const T* __restrict__ h_tok = H + (valid ? p.h_tok.offset(t) : 0);
-    const T* __restrict__ dx_tok = dX + (valid ? p.x_tok.offset(t) : 0);
-    Vec<T, kVec> hc[kCacheSlots][kN];
-    Vec<T, kVec> gc[kCacheSlots];
-
-    // (1) g0_i = <dx, H_i>. (No barrier needed before: a thread writing `part` here has
-    // passed the barrier after (2) of the previous tile, so its readers are done.)
+// Backward phase 3, one chunk [e, e + kVec) of the write pass: for each group of
+// streams (values from load_group(g0, h): the register cache or memory), dH_i =
+// alpha[i, 0]·dx − scale_i·H_i + Σ_j dq_ij·W_j written (=), and dw[j] += Σ_i dq_ij·H_i
+// (the row's dW partial: this thread's own entries). No shuffles.
+template <typename T, int kVec, int kN, typename LoadGroup>
+__device__ __forceinline__ void hc_pre_bwd_chunk(const HcPreParams& p, const HcPreRowSmem<acc_t<T>, kN>& rs,
+                                                 acc_t<T>* dw, T* __restrict__ dh_tok, int64_t e,
+                                                 const Vec<T, kVec>& gx, LoadGroup&& load_group) {
+  using acc = acc_t<T>;
+  using Cfg = HcPreConfig<kN, acc>;
+  constexpr int kG = Cfg::kG;
+  constexpr int kJ = Cfg::kJ;
+  constexpr int kSub = kHcSub<T, kVec>;
+  const int n = p.n, J = n + 2;
+  const int64_t ldw = p.ldw;
+  const acc* __restrict__ wt = static_cast<const acc*>(p.wt_ptr);
 #pragma unroll
-    for (int g0 = 0; g0 < kN; g0 += kG) {
-      if (g0 < n) {
-        acc g[kG];
+  for (int g0 = 0; g0 < kN; g0 += kG) {
+    if (g0 < n) {
+      Vec<T, kVec> h[kG];
+      load_group(g0, h);
+      Vec<T, kVec> out[kG];
 #pragma unroll
-        for (int i = 0; i < kG; ++i) g[i] = acc(0);
-        if (valid) {
+      for (int s = 0; s < kVec; s += kSub) {
+        acc hv[kG][kSub];
+        acc dh[kG][kSub];
 #pragma unroll
-          for (int c = 0; c < kCache; ++c) {
-            const int64_t e = tx * kVec + c * step;
-            const int64_t ec = e < d ? e : d;
-            Vec<T, kVec> h[kG];
-            hc_load_streams<T, kVec, kG>(h_tok, p.h_stream_stride, g0, n, ec, d, h);
-            if (g0 == 0) gc[c] = load_chunk_raw<T, kVec>(dx_tok, ec, d);
+        for (int i = 0; i < kG; ++i) {
+          const acc a0 = g0 + i < n ? rs.coef[g0 + i] : acc(0);
+          const acc sc = g0 + i < n ? rs.scale[g0 + i] : acc(0);
 #pragma unroll
-            for (int i = 0; i < kG; ++i) {
-              hc[c][g0 + i] = h[i];
-#pragma unroll
-              for (int k = 0; k < kVec; ++k) g[i] += to_acc(h[i].v[k]) * to_acc(gc[c].v[k]);
-            }
+          for (int k = 0; k < kSub; ++k) {
+            hv[i][k] = to_acc(h[i].v[s + k]);
+            dh[i][k] = a0 * to_acc(gx.v[s + k]) - sc * hv[i][k];
           }
-          for (int64_t e = tx * kVec + kCache * step; e < d; e += step) {
-            Vec<T, kVec> h[kG];
-            hc_load_streams<T, kVec, kG>(h_tok, p.h_stream_stride, g0, n, e, d, h);
-            const Vec<T, kVec> gx = load_chunk_raw<T, kVec>(dx_tok, e, d);
+        }
+#pragma unroll
+        for (int j = 0; j < kJ; ++j) {
+          if (j < J) {
+            const Vec<acc, kSub> w = load_w_chunk<acc, kSub>(wt + j * ldw, e + s);
+            Vec<acc, kSub>& dwv = vec_at<acc, kSub>(dw, j * ldw + e + s);
+            Vec<acc, kSub> acc_dw = dwv;
 #pragma unroll
             for (int i = 0; i < kG; ++i) {
+              const acc dq = g0 + i < n ? rs.dq[(g0 + i) * kJ + j] : acc(0);
 #pragma unroll
-              for (int k = 0; k < kVec; ++k) g[i] += to_acc(h[i].v[k]) * to_acc(gx.v[k]);
+              for (int k = 0; k < kSub; ++k) {
+                dh[i][k] += dq * w.v[k];
+                acc_dw.v[k] += dq * hv[i][k];
+              }
             }
+            dwv = acc_dw;
           }
         }
 #pragma unroll
         for (int i = 0; i < kG; ++i) {
-          const acc v = warp_sum(g[i]);
-          if (lane == 0 && g0 + i < kN) part[(warp * kN + g0 + i) * (kJ + 1)] = v;
+#pragma unroll
+          for (int k = 0; k < kSub; ++k) out[i].v[s + k] = from_acc<T>(dh[i][k]);
         }
       }
-    }
-    __syncthreads();
-
-    // (2) per-token coefficients, one stream per thread of the row; the thread owning
-    // stream i also owns the row's coefficient partials of stream i.
-    if (valid) {
-      for (int i = tx; i < n; i += threads_x) {
-        acc g0v = acc(0);
-        for (int w = 0; w < warps; ++w) g0v += part[(w * kN + i) * (kJ + 1)];
-        const acc r = r_in[t * n + i];
-        acc dr = acc(0);
-        acc* cp = cpart + i * kCS;
-        for (int j = 0; j < J; ++j) {
-          const acc qij = q_in[(t * n + i) * J + j];
-          const acc th = acc_tanh(r * qij);
-          acc G;
-          acc s;
-          if (j <= n) {
-            G = (dalpha != nullptr ? dalpha[(t * n + i) * (n + 1) + j] : acc(0)) +
-                (j == 0 ? g0v : acc(0));
-            s = s_a;
-            cp[n + 2] += G * th;  // ds_a
-            if (j == 0) coef[i] = A[i * (n + 1)] + s_a * th;
-          } else {
-            G = dbeta != nullptr ? dbeta[t * n + i] : acc(0);
-            s = s_b;
-            cp[n + 3] += G * th;  // ds_b
-          }
-          cp[j] += G;  // dA[i, j] for j <= n, dB[i] at j = n + 1
-          const acc dp = s * G * (acc(1) - th * th);
-          dq_s[i * kJ + j] = r * dp;
-          dr += dp * qij;
-        }
-        scale[i] = dr * r * r * r / static_cast<acc>(d);
-      }
-    }
-    __syncthreads();
-
-    // (3) dH and the dW partial, chunk by chunk; `load_group(g0, h)` yields the
-    // chunk's stream values (from the register cache or from memory).
-    if (valid) {
-      T* __restrict__ dh_tok = dH + p.dh_tok.offset(t);
-      auto chunk = [&](int64_t e, const Vec<T, kVec>& gx, auto&& load_group) {
 #pragma unroll
-        for (int g0 = 0; g0 < kN; g0 += kG) {
-          if (g0 < n) {
-            Vec<T, kVec> h[kG];
-            load_group(g0, h);
-            Vec<T, kVec> out[kG];
-#pragma unroll
-            for (int s = 0; s < kVec; s += kSub) {
-              acc hv[kG][kSub];
-              acc dh[kG][kSub];
-#pragma unroll
-              for (int i = 0; i < kG; ++i) {
-                const acc a0 = g0 + i < n ? coef[g0 + i] : acc(0);
-                const acc sc = g0 + i < n ? scale[g0 + i] : acc(0);
-#pragma unroll
-                for (int k = 0; k < kSub; ++k) {
-                  hv[i][k] = to_acc(h[i].v[s + k]);
-                  dh[i][k] = a0 * to_acc(gx.v[s + k]) - sc * hv[i][k];
-                }
-              }
-#pragma unroll
-              for (int j = 0; j < kJ; ++j) {
-                if (j < J) {
-                  const Vec<acc, kSub> w = load_w_chunk<acc, kSub>(wt + j * ldw, e + s);
-                  acc* dw_j = dw + j * ldw + e + s;
-                  Vec<acc, kSub> dwv = *reinterpret_cast<const Vec<acc, kSub>*>(dw_j);
-#pragma unroll
-                  for (int i = 0; i < kG; ++i) {
-                    const acc dq = g0 + i < n ? dq_s[(g0 + i) * kJ + j] : acc(0);
-#pragma unroll
-                    for (int k = 0; k < kSub; ++k) {
-                      dh[i][k] += dq * w.v[k];
-                      dwv.v[k] += dq * hv[i][k];
-                    }
-                  }
-                  *reinterpret_cast<Vec<acc, kSub>*>(dw_j) = dwv;
-                }
-              }
-#pragma unroll
-              for (int i = 0; i < kG; ++i) {
-#pragma unroll
-                for (int k = 0; k < kSub; ++k) out[i].v[s + k] = from_acc<T>(dh[i][k]);
-              }
-            }
-#pragma unroll
-            for (int i = 0; i < kG; ++i) {
-              if (g0 + i < n) store_chunk_raw<T, kVec>(dh_tok + (g0 + i) * p.dh_stream_stride, e, d, out[i]);
-            }
-          }
-        }
-      };
-#pragma unroll
-      for (int c = 0; c < kCache; ++c) {
-        const int64_t e = tx * kVec + c * step;
-        if (e < d) {
-          chunk(e, gc[c], [&](int g0, Vec<T, kVec>(&h)[kG]) {
-#pragma unroll
-            for (int i = 0; i < kG; ++i) h[i] = hc[c][g0 + i];
-          });
-        }
-      }
-      for (int64_t e = tx * kVec + kCache * step; e < d; e += step) {
-        const Vec<T, kVec> gx = load_chunk_raw<T, kVec>(dx_tok, e, d);
-        chunk(e, gx, [&](int g0, Vec<T, kVec>(&h)[kG]) {
-          hc_load_streams<T, kVec, kG>(h_tok, p.h_stream_stride, g0, n, e, d, h);
-        });
+      for (int i = 0; i < kG; ++i) {
+        if (g0 + i < n) store_chunk_raw<T, kVec>(dh_tok + (g0 + i) * p.dh_stream_stride, e, p.d, out[i]);
       }
     }
   }
-  __syncthreads();
+}
 
-  // The block's partials: sum the rows in row order into the block's slices.
+// Backward phase 3 of token t (after a barrier): every chunk through hc_pre_bwd_chunk,
+// the first kCache from the register caches hc / gc, the rest re-read.
+template <typename T, int kVec, int kN, int kCacheSlots>
+__device__ __forceinline__ void hc_pre_bwd_write(const HcPreParams& p, int64_t t, const T* __restrict__ h_tok,
+                                                 const T* __restrict__ dx_tok, const HcPreRowSmem<acc_t<T>, kN>& rs,
+                                                 acc_t<T>* dw, const Vec<T, kVec> (&hc)[kCacheSlots][kN],
+                                                 const Vec<T, kVec> (&gc)[kCacheSlots]) {
+  constexpr int kG = HcPreConfig<kN, acc_t<T>>::kG;
+  constexpr int kCache = HcPreConfig<kN, acc_t<T>>::kBwdCache;
+  const int64_t d = p.d;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * kVec;
+  T* __restrict__ dh_tok = static_cast<T*>(p.dh_ptr) + p.dh_tok.offset(t);
+#pragma unroll
+  for (int c = 0; c < kCache; ++c) {
+    const int64_t e = threadIdx.x * kVec + c * step;
+    if (e < d) {
+      hc_pre_bwd_chunk<T, kVec, kN>(p, rs, dw, dh_tok, e, gc[c], [&](int g0, Vec<T, kVec>(&h)[kG]) {
+#pragma unroll
+        for (int i = 0; i < kG; ++i) h[i] = hc[c][g0 + i];
+      });
+    }
+  }
+  for (int64_t e = threadIdx.x * kVec + kCache * step; e < d; e += step) {
+    const Vec<T, kVec> gx = load_chunk_raw<T, kVec>(dx_tok, e, d);
+    hc_pre_bwd_chunk<T, kVec, kN>(p, rs, dw, dh_tok, e, gx, [&](int g0, Vec<T, kVec>(&h)[kG]) {
+      hc_load_streams<T, kVec, kG>(h_tok, p.h_stream_stride, g0, p.n, e, d, h);
+    });
+  }
+}
+
+// The block's partials (after a barrier): the rows' coefficient partials and (dW in
+// shared memory) dW partials summed in row order and written (=) to the block's slices.
+template <typename acc, int kN>
+__device__ __forceinline__ void hc_pre_bwd_flush(const HcPreParams& p, const acc* smem, const HcPreSmem& L,
+                                                 acc* __restrict__ dw_ws) {
+  constexpr int kJ = kN + 2;
+  constexpr int kCS = hc_pre_coef_stride(kN);
+  const int n = p.n, J = n + 2, CS = hc_pre_coef_stride(n);
+  const int rows = blockDim.y;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int nthreads = blockDim.x * rows;
   acc* __restrict__ coef_ws = static_cast<acc*>(p.coef_ws_ptr) + blockIdx.x * static_cast<int64_t>(n) * CS;
   for (int idx = tid; idx < n * CS; idx += nthreads) {
     const int i = idx / CS;
@@ -611,12 +648,56 @@ __global__ void __launch_bounds__(kHcPreThreads, HcPreConfig<kN, acc_t<T>>::kMin
     coef_ws[idx] = s;
   }
   if (p.dw_in_smem) {
-    for (int64_t idx = tid; idx < static_cast<int64_t>(J) * ldw; idx += nthreads) {
+    for (int64_t idx = tid; idx < static_cast<int64_t>(J) * p.ldw; idx += nthreads) {
       acc s = acc(0);
-      for (int r = 0; r < rows; ++r) s += smem[L.dw + r * static_cast<int64_t>(kJ) * ldw + idx];
+      for (int r = 0; r < rows; ++r) s += smem[L.dw + r * static_cast<int64_t>(kJ) * p.ldw + idx];
       dw_ws[idx] = s;
     }
   }
+}
+
+template <typename T, int kVec, int kN>
+__global__ void __launch_bounds__(kHcPreThreads, HcPreConfig<kN, acc_t<T>>::kMinBlocks)
+    hc_pre_bwd_kernel(const HcPreParams p) {
+  using acc = acc_t<T>;
+  constexpr int kJ = kN + 2;
+  constexpr int kCacheSlots = HcPreConfig<kN, acc>::kBwdCache > 0 ? HcPreConfig<kN, acc>::kBwdCache : 1;
+  extern __shared__ __align__(32) unsigned char hc_pre_smem[];
+  acc* smem = reinterpret_cast<acc*>(hc_pre_smem);
+  const int rows = blockDim.y;
+  const int warps = blockDim.x / kWarpSize;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int nthreads = blockDim.x * rows;
+  const HcPreSmem L = hc_pre_smem_layout<kN>(rows, warps, p.ldw, true, p.dw_in_smem);
+  const HcPreRowSmem<acc, kN> rs = hc_pre_row_smem<acc, kN>(smem, L, warps, threadIdx.y);
+  // This row's dW partial, (J, ldw): shared memory, or the block's workspace slice
+  // (zeroed by the launcher when dw_in_smem is false).
+  acc* __restrict__ dw_ws = static_cast<acc*>(p.dw_ws_ptr) + blockIdx.x * static_cast<int64_t>(p.n + 2) * p.ldw;
+  acc* dw = p.dw_in_smem ? smem + L.dw + threadIdx.y * static_cast<int64_t>(kJ) * p.ldw : dw_ws;
+  // Zero the partials this block accumulates over its tokens.
+  for (int i = tid; i < rows * kN * hc_pre_coef_stride(kN); i += nthreads) smem[L.cpart + i] = acc(0);
+  if (p.dw_in_smem) {
+    for (int64_t i = tid; i < rows * kJ * p.ldw; i += nthreads) smem[L.dw + i] = acc(0);
+  }
+  const T* __restrict__ H = static_cast<const T*>(p.h_ptr);
+  const T* __restrict__ dX = static_cast<const T*>(p.dx_ptr);
+  for (int64_t t0 = static_cast<int64_t>(blockIdx.x) * rows; t0 < p.n_tokens;
+       t0 += static_cast<int64_t>(gridDim.x) * rows) {
+    const int64_t t = t0 + threadIdx.y;
+    const bool valid = t < p.n_tokens;  // uniform over the row (whole warps)
+    const T* __restrict__ h_tok = H + (valid ? p.h_tok.offset(t) : 0);
+    const T* __restrict__ dx_tok = dX + (valid ? p.x_tok.offset(t) : 0);
+    Vec<T, kVec> hc[kCacheSlots][kN];
+    Vec<T, kVec> gc[kCacheSlots];
+    hc_pre_bwd_reduce<T, kVec, kN>(p, h_tok, dx_tok, valid, rs.part, hc, gc, threadIdx.x / kWarpSize,
+                                   threadIdx.x % kWarpSize);
+    __syncthreads();
+    if (valid) hc_pre_bwd_coefs<acc, kN>(p, t, rs, warps);
+    __syncthreads();
+    if (valid) hc_pre_bwd_write<T, kVec, kN>(p, t, h_tok, dx_tok, rs, dw, hc, gc);
+  }
+  __syncthreads();
+  hc_pre_bwd_flush<acc, kN>(p, smem, L, dw_ws);
 }
 
 }  // namespace crosslayer

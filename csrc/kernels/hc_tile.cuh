@@ -38,8 +38,6 @@
 
 namespace crosslayer {
 
-constexpr int kHcTileThreads = 256;
-constexpr int kHcTileSmemBudget = 48 * 1024;
 // Resident blocks asked of every tile kernel: 1, so that ptxas gives each variant the
 // registers it needs (a higher minimum makes it cap registers and spill in the generic
 // n <= 16 backward).
@@ -56,34 +54,6 @@ struct HcTileParams {
   index_t h_stream_stride;
   const void* __restrict__ h_ptr;
 };
-
-// Block shape for a launch: threads_x covers the feature chunks of one token (a
-// multiple of 32, at most 256); rows = tokens per tile, filling 256 threads when d is
-// small, within the shared-memory budget. Shared memory per row: `coef_per_row`
-// coefficients plus, in a backward, `dots_per_warp` partials per warp.
-struct HcTileBlock {
-  int threads_x;
-  int rows;
-  int smem_bytes;
-};
-
-inline HcTileBlock hc_tile_block(int64_t n_tokens, int64_t d, int vec, int coef_per_row, int dots_per_warp,
-                                 int acc_bytes) {
-  const int64_t chunks = (d + vec - 1) / vec;
-  const int64_t rounded = ((chunks + 31) / 32) * 32;
-  HcTileBlock b;
-  b.threads_x = static_cast<int>(rounded < kHcTileThreads ? rounded : kHcTileThreads);
-  if (b.threads_x < 32) b.threads_x = 32;
-  const int warps_per_row = b.threads_x / 32;
-  const int row_bytes = acc_bytes * (coef_per_row + warps_per_row * dots_per_warp);
-  int rows = kHcTileThreads / b.threads_x;
-  if (rows > kHcTileSmemBudget / row_bytes) rows = kHcTileSmemBudget / row_bytes;
-  if (rows > n_tokens) rows = static_cast<int>(n_tokens);
-  if (rows < 1) rows = 1;
-  b.rows = rows;
-  b.smem_bytes = rows * row_bytes;
-  return b;
-}
 
 // Starts tile t0 (every thread of the block calls it: two barriers). Waits until the
 // previous tile's readers are done with shared memory, copies `per_row` coefficients of

@@ -179,7 +179,6 @@ __global__ void __launch_bounds__(kMhcCoeffsThreads) mhc_coeffs_fwd_proj_kernel(
   const T* __restrict__ xb = H + (vb ? p.h_tok.offset(tb) : 0);
   const uint4* __restrict__ W = static_cast<const uint4*>(p.phif_ptr);
   constexpr bool kRest = std::is_same<T, __nv_bfloat16>::value;  // third part of phi
-  constexpr int kRec = kRest ? 2 : 1;  // uint4 a (lane, tile) fragment record
   const int split = blockIdx.y;
   const int64_t c_total = p.cps * p.n;
   const int64_t c_begin = split * p.chunks_per_split;
@@ -190,8 +189,7 @@ __global__ void __launch_bounds__(kMhcCoeffsThreads) mhc_coeffs_fwd_proj_kernel(
 
   for (int col0 = 0; col0 < p.m_pad; col0 += 8 * kNT) {
     float acc[kNT][4];
-#pragma unroll
-    for (int j = 0; j < kNT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    mma_zero(acc);
     // Two chunks in flight; one for bf16 (kRest: phi's third part), whose loop body with
     // two would not fit the register budget.
 #pragma unroll(kRest ? 1 : 2)
@@ -205,25 +203,7 @@ __global__ void __launch_bounds__(kMhcCoeffsThreads) mhc_coeffs_fwd_proj_kernel(
         ssa += sumsq8<T>(wa);
         ssb += sumsq8<T>(wb);
       }
-#pragma unroll
-      for (int s = 0; s < 2; ++s) {
-        const uint32_t a0 = s ? wa.z : wa.x, a2 = s ? wa.w : wa.y;
-        const uint32_t a1 = s ? wb.z : wb.x, a3 = s ? wb.w : wb.y;
-        const int64_t widx = ((c * 2 + s) * n_tiles + col0 / 8) * kWarpSize + lane;
-#pragma unroll
-        for (int j = 0; j < kNT; ++j) {
-          if (col0 + 8 * j < p.M) {  // warp-uniform: skip all-padding tiles
-            const uint4* __restrict__ wl = W + (widx + j * kWarpSize) * kRec;
-            const uint4 b = __ldg(wl);
-            MmaOp<T>::run(acc[j], a0, a1, a2, a3, b.x, b.y);
-            MmaOp<T>::run(acc[j], a0, a1, a2, a3, b.z, b.w);
-            if (kRest) {
-              const uint4 br = __ldg(wl + 1);
-              MmaOp<T>::run(acc[j], a0, a1, a2, a3, br.x, br.y);
-            }
-          }
-        }
-      }
+      mma_proj_chunk<T, kNT, kRest, true>(acc, wa, wb, W, c, n_tiles, col0, p.M, lane);
     }
     const float unscale = p.proj_unscale_ptr != nullptr ? *p.proj_unscale_ptr : 1.f;
 #pragma unroll
@@ -237,10 +217,8 @@ __global__ void __launch_bounds__(kMhcCoeffsThreads) mhc_coeffs_fwd_proj_kernel(
     }
   }
   // Row sums over the 4 threads of a row (tig), fixed order.
-  ssa += __shfl_xor_sync(0xffffffffu, ssa, 1);
-  ssa += __shfl_xor_sync(0xffffffffu, ssa, 2);
-  ssb += __shfl_xor_sync(0xffffffffu, ssb, 1);
-  ssb += __shfl_xor_sync(0xffffffffu, ssb, 2);
+  ssa = quad_sum(ssa);
+  ssb = quad_sum(ssb);
   if (tig == 0) {
     float* __restrict__ SS = static_cast<float*>(p.ssp_ptr) + static_cast<int64_t>(split) * N;
     if (va) SS[ta] = ssa;

@@ -94,7 +94,7 @@ __device__ __forceinline__ void stream_mix_token_bwd(const StreamMixParams& p, i
 }
 
 template <typename T, int kVec, int kN>
-__global__ void __launch_bounds__(kHcTileThreads, kHcTileMinBlocks) stream_mix_fwd_kernel(const StreamMixParams p) {
+__global__ void __launch_bounds__(kTokenTileThreads, kHcTileMinBlocks) stream_mix_fwd_kernel(const StreamMixParams p) {
   using acc = acc_t<T>;
   const int n = kN > 0 ? kN : p.n;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kHcTileThreads, kHcTileMinBlocks) stream_mix_f
 }
 
 template <typename T, int kVec, int kN>
-__global__ void __launch_bounds__(kHcTileThreads, kHcTileMinBlocks) stream_mix_bwd_kernel(const StreamMixParams p) {
+__global__ void __launch_bounds__(kTokenTileThreads, kHcTileMinBlocks) stream_mix_bwd_kernel(const StreamMixParams p) {
   using acc = acc_t<T>;
   const int n = kN > 0 ? kN : p.n;
   extern __shared__ __align__(16) unsigned char smem_raw[];
