@@ -41,15 +41,8 @@ DepthAggregateShape check_depth_aggregate_inputs(const at::Tensor& S, const at::
 // The fields both directions set: sizes, S and A.
 DepthAggregateParams depth_aggregate_params(const DepthAggregateShape& sh, const at::Tensor& S, const at::Tensor& A) {
   DepthAggregateParams p{};
-  p.n_tokens = sh.N;
-  p.d = sh.d;
-  p.n_slots = static_cast<int>(sh.l);
+  fill_slot_params(p, sh, S, A);
   p.n_ways = static_cast<int>(sh.C);
-  p.s_slot_stride = S.stride(0);
-  p.s_token_stride = S.stride(1);
-  set_weight_strides(p, A);
-  p.s_ptr = S.data_ptr();
-  p.a_ptr = A.data_ptr();
   return p;
 }
 

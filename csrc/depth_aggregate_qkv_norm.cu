@@ -54,15 +54,8 @@ DepthAggregateQkvNormParams depth_aggregate_qkv_norm_params(const DepthAggregate
                                                             const at::Tensor& S, const at::Tensor& A,
                                                             const at::Tensor& g, int64_t ld) {
   DepthAggregateQkvNormParams p{};
-  p.n_tokens = sh.N;
-  p.d = sh.d;
+  fill_slot_params(p, sh, S, A);
   p.ld = ld;
-  p.n_slots = static_cast<int>(sh.l);
-  p.s_slot_stride = S.stride(0);
-  p.s_token_stride = S.stride(1);
-  set_weight_strides(p, A);
-  p.s_ptr = S.data_ptr();
-  p.a_ptr = A.data_ptr();
   p.g_ptr = g.data_ptr();
   return p;
 }
@@ -103,6 +96,38 @@ DepthAggregateQkvNormLaunch depth_aggregate_qkv_norm_block(int64_t N, int64_t d,
   return b;
 }
 
+// Launches the forward or the backward kernel on a persistent grid: each block row owns
+// one workspace slice; with the buffers in global memory at most 4 blocks per SM, which
+// bounds the workspaces at 4·SMs·3·ld accumulator elements each. Returns the backward's
+// dg workspace (one partial per block row, for the caller to sum); the stash workspace
+// is released after the launch (the allocator is stream-ordered).
+template <typename T, bool kBackward>
+at::Tensor launch_depth_aggregate_qkv_norm(DepthAggregateQkvNormParams& p, bool vectorize,
+                                           const at::TensorOptions& ws_opts, int device) {
+  at::Tensor dg_ws, stash_ws;
+  CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
+    constexpr int kVec = kVectorize ? kVec16<T> : 1;
+    DepthAggregateQkvNormLaunch b =
+        depth_aggregate_qkv_norm_block<acc_t<T>>(p.n_tokens, p.d, p.n_slots, p.ld, kVec, kBackward, device);
+    auto kernel = kBackward ? depth_aggregate_qkv_norm_bwd_kernel<T, kVec> : depth_aggregate_qkv_norm_fwd_kernel<T, kVec>;
+    allow_smem(kernel, b.smem_bytes);
+    b.grid = resident_grid(kernel, b.grid, b.threads_x * b.rows, b.smem_bytes, device,
+                           b.bufs_in_smem ? std::numeric_limits<int>::max() : 4);
+    p.bufs_in_smem = b.bufs_in_smem;
+    const int64_t slices = b.grid * b.rows;
+    if (kBackward) {
+      dg_ws = at::empty({slices, kDepthAggregateQkvNormNormed, p.ld}, ws_opts);
+      p.dg_ws_ptr = dg_ws.data_ptr();
+    }
+    if (!b.bufs_in_smem) {
+      stash_ws = at::empty({slices, kDepthAggregateQkvNormNormed, p.ld}, ws_opts);
+      p.stash_ws_ptr = stash_ws.data_ptr();
+    }
+    launch(kernel, dim3(static_cast<unsigned>(b.grid)), dim3(b.threads_x, b.rows), b.smem_bytes, p);
+  });
+  return dg_ws;
+}
+
 }  // namespace
 
 std::vector<at::Tensor> depth_aggregate_qkv_norm_fwd(const at::Tensor& S_in, const at::Tensor& A_in,
@@ -130,28 +155,11 @@ std::vector<at::Tensor> depth_aggregate_qkv_norm_fwd(const at::Tensor& S_in, con
   p.rstd_ptr = rstd.data_ptr();
 
   const int device = S.device().index();
-  at::Tensor stash_ws;
   CL_DISPATCH_FLOATING(S.scalar_type(), "depth_aggregate_qkv_norm_fwd", [&] {
-    using acc = acc_t<scalar_t>;
     const int vec = kVec16<scalar_t>;
     const bool vectorize = vec_ok(p.s_ptr, {{sh.l, p.s_slot_stride}, {sh.N, p.s_token_stride}}, vec) &&
                            vec_ok(p.out_ptr, {{kDepthAggregateQkvNormWays, p.out_way_stride}, {sh.N, p.out_token_stride}}, vec);
-    CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
-      constexpr int kVec = kVectorize ? kVec16<scalar_t> : 1;
-      DepthAggregateQkvNormLaunch b = depth_aggregate_qkv_norm_block<acc>(sh.N, sh.d, p.n_slots, ld, kVec, false, device);
-      auto kernel = depth_aggregate_qkv_norm_fwd_kernel<scalar_t, kVec>;
-      allow_smem(kernel, b.smem_bytes);
-      // Persistent: each block row owns one workspace slice; with the buffers in global
-      // memory at most 4 blocks per SM, which bounds the workspaces at 4·SMs·3·ld
-      // accumulator elements each.
-      b.grid = resident_grid(kernel, b.grid, b.threads_x * b.rows, b.smem_bytes, device, b.bufs_in_smem ? std::numeric_limits<int>::max() : 4);
-      p.bufs_in_smem = b.bufs_in_smem;
-      if (!b.bufs_in_smem) {
-        stash_ws = at::empty({b.grid * b.rows, kDepthAggregateQkvNormNormed, ld}, S.options().dtype(acc_type));
-        p.stash_ws_ptr = stash_ws.data_ptr();
-      }
-      launch(kernel, dim3(static_cast<unsigned>(b.grid)), dim3(b.threads_x, b.rows), b.smem_bytes, p);
-    });
+    launch_depth_aggregate_qkv_norm<scalar_t, false>(p, vectorize, S.options().dtype(acc_type), device);
   });
   return {Out, rstd};
 }
@@ -192,33 +200,14 @@ std::vector<at::Tensor> depth_aggregate_qkv_norm_bwd(const at::Tensor& dOut_in, 
   p.da_ptr = dA_tok.data_ptr();
 
   const int device = S.device().index();
-  at::Tensor dg_ws, stash_ws;
+  at::Tensor dg_ws;
   CL_DISPATCH_FLOATING(S.scalar_type(), "depth_aggregate_qkv_norm_bwd", [&] {
-    using acc = acc_t<scalar_t>;
     const int vec = kVec16<scalar_t>;
     const bool vectorize =
         vec_ok(p.s_ptr, {{sh.l, p.s_slot_stride}, {sh.N, p.s_token_stride}}, vec) &&
         vec_ok(p.dout_ptr, {{kDepthAggregateQkvNormWays, p.dout_way_stride}, {sh.N, p.dout_token_stride}}, vec) &&
         vec_ok(p.ds_ptr, {{sh.l, p.ds_slot_stride}, {sh.N, p.ds_token_stride}}, vec);
-    CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
-      constexpr int kVec = kVectorize ? kVec16<scalar_t> : 1;
-      DepthAggregateQkvNormLaunch b = depth_aggregate_qkv_norm_block<acc>(sh.N, sh.d, p.n_slots, ld, kVec, true, device);
-      auto kernel = depth_aggregate_qkv_norm_bwd_kernel<scalar_t, kVec>;
-      allow_smem(kernel, b.smem_bytes);
-      // Persistent: each block row owns one workspace slice; with the buffers in global
-      // memory at most 4 blocks per SM, which bounds the workspaces at 4·SMs·3·ld
-      // accumulator elements each.
-      b.grid = resident_grid(kernel, b.grid, b.threads_x * b.rows, b.smem_bytes, device, b.bufs_in_smem ? std::numeric_limits<int>::max() : 4);
-      p.bufs_in_smem = b.bufs_in_smem;
-      const auto ws_opts = S.options().dtype(acc_type);
-      dg_ws = at::empty({b.grid * b.rows, kDepthAggregateQkvNormNormed, ld}, ws_opts);
-      p.dg_ws_ptr = dg_ws.data_ptr();
-      if (!b.bufs_in_smem) {
-        stash_ws = at::empty({b.grid * b.rows, kDepthAggregateQkvNormNormed, ld}, ws_opts);
-        p.stash_ws_ptr = stash_ws.data_ptr();
-      }
-      launch(kernel, dim3(static_cast<unsigned>(b.grid)), dim3(b.threads_x, b.rows), b.smem_bytes, p);
-    });
+    dg_ws = launch_depth_aggregate_qkv_norm<scalar_t, true>(p, vectorize, S.options().dtype(acc_type), device);
   });
   const at::Tensor dA = sh.static_weights ? dA_tok.sum(0) : dA_tok;
   const at::Tensor dg = dg_ws.sum(0).narrow(1, 0, sh.d);

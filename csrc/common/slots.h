@@ -47,13 +47,21 @@ inline void check_slot_grad(const at::Tensor& dS, const at::Tensor& S, const Slo
               dS.strides());
 }
 
-// The weights' strides in a params struct: a_token_stride = 0 for static (C, l) weights.
+// The fields every slot kernel's params share: sizes, the stack S (l, N, d) and its
+// weights A (a_token_stride = 0 for static (C, l) weights).
 template <typename Params>
-void set_weight_strides(Params& p, const at::Tensor& A) {
+void fill_slot_params(Params& p, const SlotShape& sh, const at::Tensor& S, const at::Tensor& A) {
   const bool per_token = A.dim() == 3;
+  p.n_tokens = sh.N;
+  p.d = sh.d;
+  p.n_slots = static_cast<int>(sh.l);
+  p.s_slot_stride = S.stride(0);
+  p.s_token_stride = S.stride(1);
   p.a_token_stride = per_token ? A.stride(0) : 0;
   p.a_way_stride = A.stride(per_token ? 1 : 0);
   p.a_slot_stride = A.stride(per_token ? 2 : 1);
+  p.s_ptr = S.data_ptr();
+  p.a_ptr = A.data_ptr();
 }
 
 }  // namespace crosslayer

@@ -104,4 +104,16 @@ inline TokenTileBlock token_tile_block(int64_t n_tokens, int64_t d, int vec, int
   return b;
 }
 
+// The token tiles of this block, grid-stride: f(t0, t) for t0 = blockIdx.x·rows,
+// + gridDim.x·rows, ... below n_tokens, with t = t0 + threadIdx.y this thread row's
+// token (>= n_tokens past the end). Every thread of the block runs every tile, so the
+// body may hold barriers.
+template <typename F>
+__device__ __forceinline__ void for_each_token_tile(int64_t n_tokens, int rows, F&& f) {
+  for (int64_t t0 = static_cast<int64_t>(blockIdx.x) * rows; t0 < n_tokens;
+       t0 += static_cast<int64_t>(gridDim.x) * rows) {
+    f(t0, t0 + threadIdx.y);
+  }
+}
+
 }  // namespace crosslayer

@@ -66,6 +66,7 @@
 #include "common/limits.h"
 #include "common/math.cuh"
 #include "common/reduce.cuh"
+#include "common/tokens.cuh"
 #include "common/vec.cuh"
 #include "kernels/phases/slot_tile.cuh"
 
@@ -153,11 +154,14 @@ __device__ __forceinline__ T depth_aggregate_qkv_norm_reduce_scatter8(T (&a)[kDe
 }
 
 // This row's views of the block's shared memory and workspaces (thread row ty): the
-// weight tile a_s of all rows, and the row's warp totals red [warps][3], P/Q partials
-// part [warps][8][l] (backward), stash and dg [3][ld] (shared memory or its workspace
-// slice) and dg_ws, its dg workspace slice (backward).
+// block's layout L and base smem, the weight tile a_s of all rows, and the row's warp
+// totals red [warps][3], P/Q partials part [warps][8][l] (backward), stash and dg
+// [3][ld] (shared memory or its workspace slice) and dg_ws, its dg workspace slice
+// (backward).
 template <typename acc>
 struct QkvNormRow {
+  DepthAggregateQkvNormSmem L;
+  acc* smem;
   acc* a_s;
   acc* red;
   acc* part;
@@ -166,21 +170,22 @@ struct QkvNormRow {
   acc* dg_ws;
 };
 
-template <typename acc>
-__device__ __forceinline__ QkvNormRow<acc> qkv_norm_row(const DepthAggregateQkvNormParams& p, acc* smem,
-                                                         const DepthAggregateQkvNormSmem& L, bool backward) {
+template <typename acc, bool kBackward>
+__device__ __forceinline__ QkvNormRow<acc> qkv_norm_row(const DepthAggregateQkvNormParams& p, acc* smem) {
   const int rows = blockDim.y;
   const int warps = blockDim.x / kWarpSize;
   const int ty = threadIdx.y;
   const int64_t slice = (static_cast<int64_t>(blockIdx.x) * rows + ty) * kDepthAggregateQkvNormNormed * p.ld;
   QkvNormRow<acc> r;
-  r.a_s = smem + L.a;
-  r.red = smem + L.red + ty * warps * kDepthAggregateQkvNormNormed;
-  r.part = smem + L.part + ty * warps * kDepthAggregateQkvNormDots * p.n_slots;
-  r.stash = p.bufs_in_smem ? smem + L.stash + ty * kDepthAggregateQkvNormNormed * p.ld
+  r.L = depth_aggregate_qkv_norm_smem_layout(rows, warps, p.n_slots, p.ld, kBackward, p.bufs_in_smem);
+  r.smem = smem;
+  r.a_s = smem + r.L.a;
+  r.red = smem + r.L.red + ty * warps * kDepthAggregateQkvNormNormed;
+  r.part = smem + r.L.part + ty * warps * kDepthAggregateQkvNormDots * p.n_slots;
+  r.stash = p.bufs_in_smem ? smem + r.L.stash + ty * kDepthAggregateQkvNormNormed * p.ld
                            : static_cast<acc*>(p.stash_ws_ptr) + slice;
-  r.dg_ws = backward ? static_cast<acc*>(p.dg_ws_ptr) + slice : nullptr;
-  r.dg = p.bufs_in_smem ? smem + L.dg + ty * kDepthAggregateQkvNormNormed * p.ld : r.dg_ws;
+  r.dg_ws = kBackward ? static_cast<acc*>(p.dg_ws_ptr) + slice : nullptr;
+  r.dg = p.bufs_in_smem ? smem + r.L.dg + ty * kDepthAggregateQkvNormNormed * p.ld : r.dg_ws;
   return r;
 }
 
@@ -188,16 +193,16 @@ __device__ __forceinline__ QkvNormRow<acc> qkv_norm_row(const DepthAggregateQkvN
 // the weight tile of tokens t0.. staged in a_s and, in the backward, every row's P/Q
 // partials zeroed.
 template <typename acc, bool kBackward>
-__device__ __forceinline__ void qkv_norm_stage_tile(const DepthAggregateQkvNormParams& p, acc* smem,
-                                                    const DepthAggregateQkvNormSmem& L, int64_t t0) {
+__device__ __forceinline__ void qkv_norm_stage_tile(const DepthAggregateQkvNormParams& p, const QkvNormRow<acc>& row,
+                                                    int64_t t0) {
   __syncthreads();
-  slot_tile_load_weights<kDepthAggregateQkvNormWays>(smem + L.a, static_cast<const acc*>(p.a_ptr), p.a_token_stride,
+  slot_tile_load_weights<kDepthAggregateQkvNormWays>(row.a_s, static_cast<const acc*>(p.a_ptr), p.a_token_stride,
                                                      p.a_way_stride, p.a_slot_stride, p.n_tokens,
                                                      kDepthAggregateQkvNormWays, p.n_slots, t0, 0);
   if (kBackward) {
     const int n_part = blockDim.y * (blockDim.x / kWarpSize) * kDepthAggregateQkvNormDots * p.n_slots;
     for (int i = threadIdx.y * blockDim.x + threadIdx.x; i < n_part; i += blockDim.x * blockDim.y) {
-      smem[L.part + i] = acc(0);
+      row.smem[row.L.part + i] = acc(0);
     }
   }
   __syncthreads();
@@ -281,16 +286,10 @@ __global__ void __launch_bounds__(kDepthAggregateQkvNormThreads, kDepthAggregate
     depth_aggregate_qkv_norm_fwd_kernel(const DepthAggregateQkvNormParams p) {
   using acc = acc_t<T>;
   extern __shared__ __align__(32) unsigned char daqn_smem[];
-  acc* smem = reinterpret_cast<acc*>(daqn_smem);
-  const int rows = blockDim.y;
-  const DepthAggregateQkvNormSmem L =
-      depth_aggregate_qkv_norm_smem_layout(rows, blockDim.x / kWarpSize, p.n_slots, p.ld, false, p.bufs_in_smem);
-  const QkvNormRow<acc> row = qkv_norm_row(p, smem, L, false);
-  for (int64_t t0 = static_cast<int64_t>(blockIdx.x) * rows; t0 < p.n_tokens;
-       t0 += static_cast<int64_t>(gridDim.x) * rows) {
-    const int64_t t = t0 + threadIdx.y;
+  const QkvNormRow<acc> row = qkv_norm_row<acc, false>(p, reinterpret_cast<acc*>(daqn_smem));
+  for_each_token_tile(p.n_tokens, blockDim.y, [&](int64_t t0, int64_t t) {
     const bool valid = t < p.n_tokens;  // uniform over the row (whole warps)
-    qkv_norm_stage_tile<acc, false>(p, smem, L, t0);
+    qkv_norm_stage_tile<acc, false>(p, row, t0);
     acc ss[kDepthAggregateQkvNormNormed] = {};
     if (valid) {
       qkv_norm_fwd_aggregate<T, kVec>(p, row, row.a_s + threadIdx.y * kDepthAggregateQkvNormWays * p.n_slots, t,
@@ -299,7 +298,7 @@ __global__ void __launch_bounds__(kDepthAggregateQkvNormThreads, kDepthAggregate
     qkv_norm_warp_totals(ss, row.red);
     __syncthreads();
     if (valid) qkv_norm_fwd_normalize<T, kVec>(p, row, t);
-  }
+  });
 }
 
 // Backward pass 1 of token t, per chunk: Y_n over the slots, z_c from dOut, the D_n
@@ -481,18 +480,12 @@ __global__ void __launch_bounds__(kDepthAggregateQkvNormThreads, kDepthAggregate
   using acc = acc_t<T>;
   constexpr int kNormed = kDepthAggregateQkvNormNormed;
   extern __shared__ __align__(32) unsigned char daqn_smem[];
-  acc* smem = reinterpret_cast<acc*>(daqn_smem);
-  const int rows = blockDim.y;
-  const DepthAggregateQkvNormSmem L =
-      depth_aggregate_qkv_norm_smem_layout(rows, blockDim.x / kWarpSize, p.n_slots, p.ld, true, p.bufs_in_smem);
-  const QkvNormRow<acc> row = qkv_norm_row(p, smem, L, true);
+  const QkvNormRow<acc> row = qkv_norm_row<acc, true>(p, reinterpret_cast<acc*>(daqn_smem));
   const acc* __restrict__ rstd = static_cast<const acc*>(p.rstd_ptr);
   qkv_norm_bwd_dg_chunks<acc, kVec, false>(p, row);
-  for (int64_t t0 = static_cast<int64_t>(blockIdx.x) * rows; t0 < p.n_tokens;
-       t0 += static_cast<int64_t>(gridDim.x) * rows) {
-    const int64_t t = t0 + threadIdx.y;
+  for_each_token_tile(p.n_tokens, blockDim.y, [&](int64_t t0, int64_t t) {
     const bool valid = t < p.n_tokens;  // uniform over the row (whole warps)
-    qkv_norm_stage_tile<acc, true>(p, smem, L, t0);
+    qkv_norm_stage_tile<acc, true>(p, row, t0);
     const acc* __restrict__ a_row = row.a_s + threadIdx.y * kDepthAggregateQkvNormWays * p.n_slots;
     acc r[kNormed];
 #pragma unroll
@@ -508,7 +501,7 @@ __global__ void __launch_bounds__(kDepthAggregateQkvNormThreads, kDepthAggregate
       qkv_norm_bwd_da(p, row, t, r, kn);
       qkv_norm_bwd_ds<T, kVec>(p, row, a_row, t, r, kn);
     }
-  }
+  });
   qkv_norm_bwd_dg_chunks<acc, kVec, true>(p, row);
 }
 
