@@ -104,16 +104,11 @@ inline TokenTileBlock token_tile_block(int64_t n_tokens, int64_t d, int vec, int
   return b;
 }
 
-// The token tiles of this block, grid-stride: f(t0, t) for t0 = blockIdx.x·rows,
-// + gridDim.x·rows, ... below n_tokens, with t = t0 + threadIdx.y this thread row's
-// token (>= n_tokens past the end). Every thread of the block runs every tile, so the
-// body may hold barriers.
-template <typename F>
-__device__ __forceinline__ void for_each_token_tile(int64_t n_tokens, int rows, F&& f) {
-  for (int64_t t0 = static_cast<int64_t>(blockIdx.x) * rows; t0 < n_tokens;
-       t0 += static_cast<int64_t>(gridDim.x) * rows) {
-    f(t0, t0 + threadIdx.y);
-  }
-}
+// Grid-stride tiles of `rows` tokens: this block's first tile start and the stride
+// between its tiles, in 64 bits (blockIdx.x·rows may not fit 32). Kernels loop over
+// them with a plain `for`, not a lambda body (ptxas then spills some locals the lambda
+// captures: bench/NOTES.md, issue 12).
+__device__ __forceinline__ int64_t first_token_tile(int64_t rows) { return static_cast<int64_t>(blockIdx.x) * rows; }
+__device__ __forceinline__ int64_t token_tile_stride(int64_t rows) { return static_cast<int64_t>(gridDim.x) * rows; }
 
 }  // namespace crosslayer

@@ -107,7 +107,8 @@ __global__ void __launch_bounds__(kTokenTileThreads)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc* __restrict__ a_s = reinterpret_cast<acc*>(smem_raw);  // [rows][kWays][l]
   const int64_t rows = blockDim.y;
-  for_each_token_tile(p.n_tokens, rows, [&](int64_t t0, int64_t t) {
+  for (int64_t t0 = first_token_tile(rows); t0 < p.n_tokens; t0 += token_tile_stride(rows)) {
+    const int64_t t = t0 + threadIdx.y;
     for (int c0 = 0; c0 < p.n_ways; c0 += kWays) {
       __syncthreads();  // the previous tile's readers are done with a_s
       depth_aggregate_load_weights<kWays>(p, a_s, t0, c0);
@@ -115,7 +116,7 @@ __global__ void __launch_bounds__(kTokenTileThreads)
       if (t >= p.n_tokens) continue;
       depth_aggregate_fwd_token<T, kVec, kWays>(p, t, c0, a_s + threadIdx.y * kWays * p.n_slots);
     }
-  });
+  }
 }
 
 // Backward pass of token t, ways c0 .. c0 + kWays, by the calling row of threads: per
@@ -209,7 +210,8 @@ __global__ void __launch_bounds__(kTokenTileThreads, kDepthAggregateBwdMinBlocks
   const int warps_per_row = blockDim.x / kWarpSize;
   acc* __restrict__ a_s = reinterpret_cast<acc*>(smem_raw);  // [rows][kWays][l]
   acc* __restrict__ da_part = a_s + rows * kWays * l;         // [rows][warps_per_row][kWays][l]
-  for_each_token_tile(p.n_tokens, rows, [&](int64_t t0, int64_t t) {
+  for (int64_t t0 = first_token_tile(rows); t0 < p.n_tokens; t0 += token_tile_stride(rows)) {
+    const int64_t t = t0 + threadIdx.y;
     for (int c0 = 0; c0 < p.n_ways; c0 += kWays) {
       __syncthreads();  // the previous tile's readers are done with a_s and da_part
       depth_aggregate_load_weights<kWays>(p, a_s, t0, c0);
@@ -227,7 +229,7 @@ __global__ void __launch_bounds__(kTokenTileThreads, kDepthAggregateBwdMinBlocks
       __syncthreads();
       depth_aggregate_write_da<kWays>(p, da_part, t0, c0, warps_per_row);
     }
-  });
+  }
 }
 
 }  // namespace crosslayer

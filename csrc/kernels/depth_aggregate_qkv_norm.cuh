@@ -287,7 +287,8 @@ __global__ void __launch_bounds__(kDepthAggregateQkvNormThreads, kDepthAggregate
   using acc = acc_t<T>;
   extern __shared__ __align__(32) unsigned char daqn_smem[];
   const QkvNormRow<acc> row = qkv_norm_row<acc, false>(p, reinterpret_cast<acc*>(daqn_smem));
-  for_each_token_tile(p.n_tokens, blockDim.y, [&](int64_t t0, int64_t t) {
+  for (int64_t t0 = first_token_tile(blockDim.y); t0 < p.n_tokens; t0 += token_tile_stride(blockDim.y)) {
+    const int64_t t = t0 + threadIdx.y;
     const bool valid = t < p.n_tokens;  // uniform over the row (whole warps)
     qkv_norm_stage_tile<acc, false>(p, row, t0);
     acc ss[kDepthAggregateQkvNormNormed] = {};
@@ -298,7 +299,7 @@ __global__ void __launch_bounds__(kDepthAggregateQkvNormThreads, kDepthAggregate
     qkv_norm_warp_totals(ss, row.red);
     __syncthreads();
     if (valid) qkv_norm_fwd_normalize<T, kVec>(p, row, t);
-  });
+  }
 }
 
 // Backward pass 1 of token t, per chunk: Y_n over the slots, z_c from dOut, the D_n
@@ -483,7 +484,8 @@ __global__ void __launch_bounds__(kDepthAggregateQkvNormThreads, kDepthAggregate
   const QkvNormRow<acc> row = qkv_norm_row<acc, true>(p, reinterpret_cast<acc*>(daqn_smem));
   const acc* __restrict__ rstd = static_cast<const acc*>(p.rstd_ptr);
   qkv_norm_bwd_dg_chunks<acc, kVec, false>(p, row);
-  for_each_token_tile(p.n_tokens, blockDim.y, [&](int64_t t0, int64_t t) {
+  for (int64_t t0 = first_token_tile(blockDim.y); t0 < p.n_tokens; t0 += token_tile_stride(blockDim.y)) {
+    const int64_t t = t0 + threadIdx.y;
     const bool valid = t < p.n_tokens;  // uniform over the row (whole warps)
     qkv_norm_stage_tile<acc, true>(p, row, t0);
     const acc* __restrict__ a_row = row.a_s + threadIdx.y * kDepthAggregateQkvNormWays * p.n_slots;
@@ -501,7 +503,7 @@ __global__ void __launch_bounds__(kDepthAggregateQkvNormThreads, kDepthAggregate
       qkv_norm_bwd_da(p, row, t, r, kn);
       qkv_norm_bwd_ds<T, kVec>(p, row, a_row, t, r, kn);
     }
-  });
+  }
   qkv_norm_bwd_dg_chunks<acc, kVec, true>(p, row);
 }
 

@@ -155,13 +155,14 @@ __global__ void __launch_bounds__(kTokenTileThreads, kHcTileMinBlocks) hc_post_f
   acc* __restrict__ coef_s = reinterpret_cast<acc*>(smem_raw);  // [rows][alpha n(n+1) | beta n]
   const int per_row = n * (n + 2);
   const int64_t rows = blockDim.y;
-  for_each_token_tile(p.n_tokens, rows, [&](int64_t t0, int64_t t) {
+  for (int64_t t0 = first_token_tile(rows); t0 < p.n_tokens; t0 += token_tile_stride(rows)) {
     hc_tile_stage<false>(coef_s, t0, p.n_tokens, per_row, n * (n + 1), static_cast<const acc*>(p.a_ptr),
                          p.a_token_stride, static_cast<const acc*>(p.b_ptr), p.b_token_stride, coef_s, 0);
-    if (t >= p.n_tokens) return;
+    const int64_t t = t0 + threadIdx.y;
+    if (t >= p.n_tokens) continue;
     const acc* __restrict__ a_row = coef_s + threadIdx.y * per_row;  // alpha[i][c] at i(n+1)+c
     hc_post_token<T, kVec, kN>(p, t, a_row, a_row + n * (n + 1), n);
-  });
+  }
 }
 
 template <typename T, int kVec, int kN>
@@ -175,10 +176,11 @@ __global__ void __launch_bounds__(kTokenTileThreads, kHcTileMinBlocks) hc_post_b
   const int dots = n * (n + 1);
   acc* __restrict__ coef_s = reinterpret_cast<acc*>(smem_raw);  // [rows][alpha | beta]
   acc* __restrict__ part_s = coef_s + rows * per_row;            // [rows][warps][dots]
-  for_each_token_tile(p.n_tokens, rows, [&](int64_t t0, int64_t t) {
+  for (int64_t t0 = first_token_tile(rows); t0 < p.n_tokens; t0 += token_tile_stride(rows)) {
     hc_tile_stage<true>(coef_s, t0, p.n_tokens, per_row, n * (n + 1), static_cast<const acc*>(p.a_ptr),
                         p.a_token_stride, static_cast<const acc*>(p.b_ptr), p.b_token_stride, part_s,
                         rows * warps_per_row * dots);
+    const int64_t t = t0 + threadIdx.y;
     // Rows are whole warps, so this branch is warp-uniform (the shuffles need every
     // lane); lanes past the row end work on zeros.
     if (t < p.n_tokens) {
@@ -193,7 +195,7 @@ __global__ void __launch_bounds__(kTokenTileThreads, kHcTileMinBlocks) hc_post_b
                        static_cast<acc*>(p.da_ptr));
     hc_tile_write_dots(part_s, t0, p.n_tokens, warps_per_row, dots, n, [n](int j) { return n * n + j; },
                        static_cast<acc*>(p.db_ptr));
-  });
+  }
 }
 
 }  // namespace crosslayer

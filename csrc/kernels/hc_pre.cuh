@@ -406,7 +406,8 @@ __global__ void __launch_bounds__(kHcPreThreads, HcPreConfig<kN, acc_t<T>>::kMin
   const HcPreSmem L = hc_pre_smem_layout<kN>(rows, warps, p.ldw, false, false);
   const HcPreRowSmem<acc, kN> rs = hc_pre_row_smem<acc, kN>(smem, L, warps, threadIdx.y);
   const T* __restrict__ H = static_cast<const T*>(p.h_ptr);
-  for_each_token_tile(p.n_tokens, rows, [&](int64_t, int64_t t) {
+  for (int64_t t0 = first_token_tile(rows); t0 < p.n_tokens; t0 += token_tile_stride(rows)) {
+    const int64_t t = t0 + threadIdx.y;
     const bool valid = t < p.n_tokens;  // uniform over the row (whole warps)
     const T* __restrict__ h_tok = H + (valid ? p.h_tok.offset(t) : 0);
     Vec<T, kVec> cache[kCacheSlots][kN];
@@ -419,7 +420,7 @@ __global__ void __launch_bounds__(kHcPreThreads, HcPreConfig<kN, acc_t<T>>::kMin
     __syncthreads();
     // (3) x = Σ_i alpha[i, 0]·H_i.
     if (valid) hc_pre_fwd_write_x<T, kVec, kN>(p, t, h_tok, rs.coef, cache);
-  });
+  }
 }
 
 // Backward phase 1, token reduction: g0_i = <dx, H_i> over this thread's chunks,
@@ -679,7 +680,8 @@ __global__ void __launch_bounds__(kHcPreThreads, HcPreConfig<kN, acc_t<T>>::kMin
   }
   const T* __restrict__ H = static_cast<const T*>(p.h_ptr);
   const T* __restrict__ dX = static_cast<const T*>(p.dx_ptr);
-  for_each_token_tile(p.n_tokens, rows, [&](int64_t, int64_t t) {
+  for (int64_t t0 = first_token_tile(rows); t0 < p.n_tokens; t0 += token_tile_stride(rows)) {
+    const int64_t t = t0 + threadIdx.y;
     const bool valid = t < p.n_tokens;  // uniform over the row (whole warps)
     const T* __restrict__ h_tok = H + (valid ? p.h_tok.offset(t) : 0);
     const T* __restrict__ dx_tok = dX + (valid ? p.x_tok.offset(t) : 0);
@@ -691,7 +693,7 @@ __global__ void __launch_bounds__(kHcPreThreads, HcPreConfig<kN, acc_t<T>>::kMin
     if (valid) hc_pre_bwd_coefs<acc, kN>(p, t, rs, warps);
     __syncthreads();
     if (valid) hc_pre_bwd_write<T, kVec, kN>(p, t, h_tok, dx_tok, rs, dw, hc, gc);
-  });
+  }
   __syncthreads();
   hc_pre_bwd_flush<acc, kN>(p, smem, L, dw_ws);
 }

@@ -101,11 +101,12 @@ __global__ void __launch_bounds__(kTokenTileThreads, kHcTileMinBlocks) stream_mi
   acc* __restrict__ w_s = reinterpret_cast<acc*>(smem_raw);  // [rows][n]
   const acc* __restrict__ w = static_cast<const acc*>(p.w_ptr);
   const int64_t rows = blockDim.y;
-  for_each_token_tile(p.n_tokens, rows, [&](int64_t t0, int64_t t) {
+  for (int64_t t0 = first_token_tile(rows); t0 < p.n_tokens; t0 += token_tile_stride(rows)) {
     hc_tile_stage<false>(w_s, t0, p.n_tokens, n, n, w, p.w_token_stride, w, p.w_token_stride, w_s, 0);
-    if (t >= p.n_tokens) return;
+    const int64_t t = t0 + threadIdx.y;
+    if (t >= p.n_tokens) continue;
     stream_mix_token<T, kVec, kN>(p, t, w_s + threadIdx.y * n, n);
-  });
+  }
 }
 
 template <typename T, int kVec, int kN>
@@ -118,9 +119,10 @@ __global__ void __launch_bounds__(kTokenTileThreads, kHcTileMinBlocks) stream_mi
   acc* __restrict__ w_s = reinterpret_cast<acc*>(smem_raw);  // [rows][n]
   acc* __restrict__ part_s = w_s + rows * n;                  // [rows][warps][n]
   const acc* __restrict__ w = static_cast<const acc*>(p.w_ptr);
-  for_each_token_tile(p.n_tokens, rows, [&](int64_t t0, int64_t t) {
+  for (int64_t t0 = first_token_tile(rows); t0 < p.n_tokens; t0 += token_tile_stride(rows)) {
     hc_tile_stage<true>(w_s, t0, p.n_tokens, n, n, w, p.w_token_stride, w, p.w_token_stride, part_s,
                         rows * warps_per_row * n);
+    const int64_t t = t0 + threadIdx.y;
     if (t < p.n_tokens) {  // warp-uniform: rows are whole warps
       acc* __restrict__ part = part_s + (threadIdx.y * warps_per_row + threadIdx.x / kWarpSize) * n;
       stream_mix_token_bwd<T, kVec, kN>(p, t, w_s + threadIdx.y * n, n, part, threadIdx.x % kWarpSize);
@@ -128,7 +130,7 @@ __global__ void __launch_bounds__(kTokenTileThreads, kHcTileMinBlocks) stream_mi
     __syncthreads();
     hc_tile_write_dots(part_s, t0, p.n_tokens, warps_per_row, n, n, [](int j) { return j; },
                        static_cast<acc*>(p.dw_ptr));
-  });
+  }
 }
 
 }  // namespace crosslayer
