@@ -3,13 +3,12 @@ argument parsing and plans, the exit without a GPU, and the row building (gate,
 status, derived columns, SUMMARY lines, exit status) on tiny CPU tensors with the
 timer and the compiler stubbed out. No CUDA needed."""
 
-import re
 import types
 
 import pytest
 import torch
 
-from bench_scripts import FAKE_MS, import_bench, run_bench, run_on_cpu_with_fake_timer
+from bench_scripts import FAKE_MS, check_stream_table, import_bench, run_bench, run_on_cpu_with_fake_timer
 
 
 @pytest.fixture(scope="module")
@@ -62,21 +61,10 @@ def test_bad_op_or_mode_raise(bh):
 
 def test_docstring_table_matches_the_arithmetic(bh):
     """Every number of the docstring's worked table equals what the functions give."""
-    doc = bh.__doc__
-    rows = {"hc_pre fwd": ("hc_pre", "fwd"), "hc_pre fwd+bwd": ("hc_pre", "fwd+bwd"),
-            "hc_post fwd": ("hc_post", "fwd"), "hc_post fwd+bwd": ("hc_post", "fwd+bwd"),
-            "sublayer fwd": ("hc_sublayer", "fwd"),
-            "sublayer fwd+bwd": ("hc_sublayer", "fwd+bwd")}
-    for label, (op, mode) in rows.items():
-        m = re.search(rf"^\s+{re.escape(label)}\s+(\d+)d\s+(.+)$", doc, re.MULTILINE)
-        assert m, f"docstring has no row {label!r}"
-        assert int(m.group(1)) * 2048 == bh.floor_elements(op, mode, 4, 2048)
-        nums = re.findall(r"([\d.]+) (GB|ms)", m.group(2))
-        want = []
-        for d in (2048, 4096):
-            b = bh.floor_bytes(op, mode, 16384, 4, d, 2)
-            want += [f"{b / 1e9:.3f}", f"{b / 3.00e12 * 1e3:.3f}"]
-        assert [v for v, _ in nums] == want, label
+    check_stream_table(bh, {"hc_pre fwd": ("hc_pre", "fwd"), "hc_pre fwd+bwd": ("hc_pre", "fwd+bwd"),
+                            "hc_post fwd": ("hc_post", "fwd"), "hc_post fwd+bwd": ("hc_post", "fwd+bwd"),
+                            "sublayer fwd": ("hc_sublayer", "fwd"),
+                            "sublayer fwd+bwd": ("hc_sublayer", "fwd+bwd")})
 
 
 def test_floor_table_uses_given_bandwidth(bh):
