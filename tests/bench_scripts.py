@@ -31,6 +31,14 @@ def run_bench(name: str, *args: str, hide_gpu: bool = False) -> subprocess.Compl
                           capture_output=True, text=True, timeout=300)
 
 
+def check_exits_2_without_gpu(name: str) -> None:
+    """`python bench/<name>.py --quick` with no visible GPU exits with status 2 and says why
+    (before importing crosslayer, so it also holds where the extension is not built)."""
+    p = run_bench(name, "--quick", hide_gpu=True)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "no CUDA device" in p.stderr
+
+
 def docstring_row(doc: str, label: str) -> tuple[int, list[str]]:
     """Row `label` of a bench script's napkin-math table: (its elements per token as a
     multiple of d, the numbers of the "<x> GB" / "<x> ms" cells that follow, in order)."""

@@ -4,7 +4,7 @@ exit without a GPU. No CUDA needed."""
 
 import pytest
 
-from bench_scripts import check_stream_table, import_bench, run_bench, run_on_cpu_with_fake_timer
+from bench_scripts import check_exits_2_without_gpu, check_stream_table, import_bench, run_on_cpu_with_fake_timer
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +57,7 @@ def test_liger_lookup_says_why_when_absent(bm):
 
 
 def test_main_without_gpu_exits_2():
-    p = run_bench("bench_mhc", "--quick", hide_gpu=True)
-    assert p.returncode == 2, p.stdout + p.stderr
-    assert "no CUDA device" in p.stderr
+    check_exits_2_without_gpu("bench_mhc")
 
 
 def test_rows_on_cpu_with_stubbed_timer(bm, monkeypatch):
