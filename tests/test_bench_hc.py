@@ -166,7 +166,7 @@ def test_rows_with_correct_fused_ops(cpu_bench, harness):
     assert ok and len(lines) == len(bh.OPS)
     assert all(line.startswith("SUMMARY ") and line.endswith("| OK") for line in lines)
     assert "fwd+bwd: floor" in lines[-1] and "compile_oracle 2.000 ms" in lines[-1]
-    assert bh.exit_status(rows) == 0
+    assert bh.harness.exit_status(rows) == 0
     table = harness.format_table(rows)
     assert "hc_sublayer" in table and "x floor" in table
 
@@ -195,7 +195,7 @@ def test_fwd_bwd_gate_covers_every_gradient(cpu_bench):
     assert st[("hc_pre", "fwd+bwd")] == "WRONG"
     assert st[("hc_sublayer", "fwd+bwd")] == "WRONG"
     assert st[("hc_post", "fwd+bwd")] == "ok"
-    assert bh.exit_status(rows) == 3
+    assert bh.harness.exit_status(rows) == 3
     lines, ok = bh.summary_lines(rows, "fp32")
     assert not ok and any("WRONG" in line and "FUSED NOT OK" in line for line in lines)
 
@@ -210,7 +210,7 @@ def test_missing_fused_ops_fail_not_crash(cpu_bench, capsys):
         assert st[op][0] == "failed: missing op" and "hc_pre" in st[op][1]
     # The oracle rows still ran.
     assert all(r.status in ("ref", "ok") for r in rows if r.variant != "fused")
-    assert bh.exit_status(rows) == 3
+    assert bh.harness.exit_status(rows) == 3
     assert "FAILED: hc_sublayer fused" in capsys.readouterr().err
     lines, ok = bh.summary_lines(rows, "fp32")
     assert not ok
@@ -222,7 +222,7 @@ def test_not_fused_is_marked(cpu_bench):
     rows = _run(bh, _ops_module(ref.hc_pre, ref.hc_post, fused=False), modes=("fwd",))
     fused = [r for r in rows if r.variant == "fused"]
     assert fused and all(r.status == "not-fused" and r.time_ms == FAKE_MS for r in fused)
-    assert bh.exit_status(rows) == 3
+    assert bh.harness.exit_status(rows) == 3
 
 
 def test_real_ops_module_is_handled(cpu_bench):

@@ -93,7 +93,7 @@ def test_rows_on_cpu(cpu_bench):
     assert stack_rows[0].floor_bytes == 6 * bm.stack_floor_elements("fwd+bwd", 3) * 8 * 4
     lines, ok = bm.summary_lines(rows, "fp32")
     assert ok and all(line.endswith("| OK") for line in lines)
-    assert bm.exit_status(rows) == 0
+    assert bm.harness.exit_status(rows) == 0
 
 
 def test_missing_and_wrong_fused_rows(cpu_bench):
@@ -102,7 +102,7 @@ def test_missing_and_wrong_fused_rows(cpu_bench):
     rows = bm.run_case(bm.weights_case(5, 8, torch.float32, types.SimpleNamespace(), ref),
                        ("fwd",), list(bm.VARIANTS), torch.float32, {}, True)
     fused = [r for r in rows if r.variant == "fused"]
-    assert fused[0].status == "failed: missing op" and bm.exit_status(rows) == 3
+    assert fused[0].status == "failed: missing op" and bm.harness.exit_status(rows) == 3
 
     def wrong(x, W1, W2, bias, C, *a):
         return ref.mudd_weights(x, W1, W2, bias, C, *a) * 1.01
@@ -111,4 +111,4 @@ def test_missing_and_wrong_fused_rows(cpu_bench):
                        ("fwd",), list(bm.VARIANTS), torch.float32, {}, True)
     assert [r.status for r in rows if r.variant == "fused"] == ["WRONG"]
     lines, ok = bm.summary_lines(rows, "fp32")
-    assert not ok and bm.exit_status(rows) == 3
+    assert not ok and bm.harness.exit_status(rows) == 3
