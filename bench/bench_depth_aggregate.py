@@ -48,11 +48,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 import torch  # noqa: E402
 from crosslayer.contracts import CONTRACTS  # noqa: E402
+from harness import MODES  # noqa: E402
 
 OP = "depth_aggregate"
-VARIANTS = ("eager_oracle", "fused", "compile_oracle", "einsum")
-DISPLAY_ORDER = ("fused", "eager_oracle", "compile_oracle", "einsum")
-MODES = ("fwd", "fwd+bwd")
+VARIANTS = harness.VARIANTS + ("einsum",)
+DISPLAY_ORDER = harness.DISPLAY_ORDER + ("einsum",)
 DEFAULT_SIZES = [(13, 16384), (25, 16384), (49, 8192)]
 QUICK_SIZES = [(25, 16384), (49, 8192)]
 
@@ -85,35 +85,16 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="only l=25 (N=16384) and l=49 (N=8192), fewer repetitions")
-    p.add_argument("--dtype", default="bf16", help="activation dtype: bf16, fp16, fp32")
+    p = harness.bench_parser(__doc__, "only l=25 (N=16384) and l=49 (N=8192), fewer repetitions", VARIANTS)
     p.add_argument("--d", type=int, default=2048, help="model width (default 2048)")
     p.add_argument("--C", type=int, default=4, help="MUDD ways (default 4)")
     p.add_argument("--sizes", type=parse_sizes, default=None,
                    help="comma-separated l:N pairs (default 13:16384,25:16384,49:8192)")
     p.add_argument("--static", action="store_true",
                    help="static coefficients A (C, l) instead of per-token (N, C, l)")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"comma-separated subset of {','.join(VARIANTS)}")
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated: fwd,fwd+bwd")
-    p.add_argument("--csv", default=str(harness.DEFAULT_CSV),
-                   help="CSV file the rows are appended to (default bench/results/results.csv)")
-    p.add_argument("--warmup-ms", type=float, default=None)
-    p.add_argument("--rep-ms", type=float, default=None)
-    args = p.parse_args(argv)
-    args.variants = [v for v in args.variants.split(",") if v]
-    args.modes = [m for m in args.modes.split(",") if m]
-    for v in args.variants:
-        if v not in VARIANTS:
-            p.error(f"unknown variant {v!r}; choose from {VARIANTS}")
-    for m in args.modes:
-        if m not in MODES:
-            p.error(f"unknown mode {m!r}; choose from {MODES}")
-    if "eager_oracle" not in args.variants:
-        args.variants.insert(0, "eager_oracle")  # the correctness reference
+    p.add_argument("--modes", type=harness.name_list, default=list(MODES),
+                   help="comma-separated: fwd,fwd+bwd")
+    args = harness.parse_bench_args(p, argv, variants=VARIANTS, modes=MODES)
     if args.sizes is None:
         args.sizes = QUICK_SIZES if args.quick else DEFAULT_SIZES
     if args.d < 1 or args.C < 1:
@@ -177,29 +158,10 @@ def bench_size(args, l: int, N: int, dtype: torch.dtype, copy_bw: float,
                               floor_bytes=floor_bytes(mode, l, N, d, C, elem))
 
             timed = harness.timer(lambda f=f: f(S_in, A_in), mode, dY, [S_in, A_in], **timing_kw)
-
-            if variant == "eager_oracle":
-                def gate():
-                    nonlocal refs
-                    refs = [t.detach() for t in outputs(f)]
-                    return True, 0.0, "reference"
-                harness.run_variant(row, gate, timed)
-                if row.status == "ok":
-                    row.status = "ref"
-                    row.rel_err = None
-            elif refs is None:
-                row.status = "failed: no reference"
-                row.note = "the eager oracle failed, so nothing was checked or timed"
-            else:
-                def gate(f=f):
-                    outs = outputs(f)
-                    res = harness.check_outputs(outs, refs, dtype, names)
-                    del outs
-                    return res
-                harness.run_variant(row, gate, timed)
-                if variant == "fused" and row.status == "ok" and not fused_available:
-                    row.status = "not-fused"
-                    row.note = "crosslayer.ops.fused_ops()['depth_aggregate'] is False"
+            refs = harness.run_gated(row, lambda f=f: outputs(f), timed, refs, dtype, names)
+            if variant == "fused" and row.status == "ok" and not fused_available:
+                row.status = "not-fused"
+                row.note = "crosslayer.ops.fused_ops()['depth_aggregate'] is False"
             t = f"{row.time_ms:.3f} ms" if row.time_ms is not None else "-"
             print(f"  [{shape} {dname} {mode}] {variant:<15} {t:>12}  {row.status}",
                   flush=True)
@@ -216,32 +178,28 @@ def bench_size(args, l: int, N: int, dtype: torch.dtype, copy_bw: float,
     return rows
 
 
-def summary_line(rows: list[harness.Row], dname: str, args) -> tuple[str, bool]:
+def summary_lines(rows: list[harness.Row], dname: str) -> tuple[list[str], bool]:
     """One line per size: fused vs floor and vs the best other variant, per mode."""
-    shape = rows[0].shape
-    parts, ok = [], True
-    for mode in args.modes:
-        group = [r for r in rows if r.mode == mode]
-        fused = next((r for r in group if r.variant == "fused"), None)
-        if fused is None:
-            continue
-        others = [r for r in group if r.variant != "fused" and r.status in ("ok", "ref")
-                  and r.time_ms is not None]
-        best = min(others, key=lambda r: r.time_ms, default=None)
-        floor_ms = fused.derived.get("floor_ms")
-        if fused.status != "ok" or fused.time_ms is None:
-            ok = False
-            t = f"{fused.time_ms:.3f} ms " if fused.time_ms is not None else ""
-            parts.append(f"{mode}: fused {t}{fused.status} (floor {floor_ms:.3f} ms)")
-            continue
-        s = (f"{mode}: fused {fused.time_ms:.3f} ms = {fused.derived['x_floor']:.2f}x floor "
-             f"({floor_ms:.3f} ms)")
-        if best is not None:
-            s += f", {best.time_ms / fused.time_ms:.2f}x vs best other ({best.variant} " \
-                 f"{best.time_ms:.3f} ms)"
-        parts.append(s)
-    verdict = "OK" if ok else "FUSED NOT OK"
-    return f"SUMMARY {OP} {dname} {shape} | " + " | ".join(parts) + f" | {verdict}", ok
+    return harness.summary_lines(rows, dname, _summary_part)
+
+
+def _summary_part(mode: str, by: dict) -> tuple[str, bool] | None:
+    fused = by.get("fused")
+    if fused is None:
+        return None
+    others = [r for r in by.values() if r.variant != "fused" and r.status in ("ok", "ref")
+              and r.time_ms is not None]
+    best = min(others, key=lambda r: r.time_ms, default=None)
+    floor_ms = fused.derived.get("floor_ms")
+    if fused.status != "ok" or fused.time_ms is None:
+        t = f"{fused.time_ms:.3f} ms " if fused.time_ms is not None else ""
+        return f"{mode}: fused {t}{fused.status} (floor {floor_ms:.3f} ms)", False
+    s = (f"{mode}: fused {fused.time_ms:.3f} ms = {fused.derived['x_floor']:.2f}x floor "
+         f"({floor_ms:.3f} ms)")
+    if best is not None:
+        s += f", {best.time_ms / fused.time_ms:.2f}x vs best other ({best.variant} " \
+             f"{best.time_ms:.3f} ms)"
+    return s, True
 
 
 def main(argv=None) -> int:
@@ -258,23 +216,13 @@ def main(argv=None) -> int:
               f"time the fallback, and are marked not-fused", file=sys.stderr)
     timing_kw = harness.timing_kwargs(args.quick, args.warmup_ms, args.rep_ms)
 
+    dname = harness.DTYPE_NAMES[dtype]
+    report = harness.Report(args.csv, lambda rows: summary_lines(rows, dname)[0])
     copy_bw = harness.measure_copy_bandwidth()
     harness.print_header(copy_bw)
-    dname = harness.DTYPE_NAMES[dtype]
-    summaries, all_ok, csv_path = [], True, None
     for l, N in args.sizes:
-        rows = bench_size(args, l, N, dtype, copy_bw, timing_kw, ops, ref, fused_available)
-        harness.print_table(rows)
-        csv_path = harness.append_csv(rows, args.csv, copy_bw)
-        line, ok = summary_line(rows, dname, args)
-        summaries.append(line)
-        all_ok &= ok
-        print(flush=True)
-    print(f"rows appended to {csv_path}")
-    for line in summaries:
-        print(line)
-    sys.stdout.flush()
-    return 0 if all_ok else 3
+        report.add(bench_size(args, l, N, dtype, copy_bw, timing_kw, ops, ref, fused_available), copy_bw)
+    return report.finish()
 
 
 if __name__ == "__main__":

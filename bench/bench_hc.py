@@ -60,7 +60,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -69,11 +68,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 import torch  # noqa: E402
 from crosslayer.contracts import CONTRACTS  # noqa: E402
+from harness import DISPLAY_ORDER, MODES, VARIANTS  # noqa: E402
 
 OPS = ("hc_pre", "hc_pre_shc", "hc_post", "hc_sublayer")
-VARIANTS = ("eager_oracle", "fused", "compile_oracle")
-DISPLAY_ORDER = ("fused", "eager_oracle", "compile_oracle")
-MODES = ("fwd", "fwd+bwd")
 DEFAULT_N_TOKENS = 16384
 DEFAULT_DS = (1024, 2048, 4096, 8192)
 DEFAULT_NS = (2, 4, 8)
@@ -155,44 +152,19 @@ def _int_list(name: str) -> Callable[[str], tuple[int, ...]]:
     return parse
 
 
-def _name_list(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="n=4: every op at d=2048 and the sublayer fwd+bwd at d=4096, "
-                        "fewer repetitions (unless --d/--n/--ops are given)")
-    p.add_argument("--dtype", default="bf16", help="activation dtype: bf16, fp16, fp32")
+    p = harness.bench_parser(__doc__, "n=4: every op at d=2048 and the sublayer fwd+bwd at d=4096, "
+                                      "fewer repetitions (unless --d/--n/--ops are given)", VARIANTS)
     p.add_argument("--N", type=int, default=DEFAULT_N_TOKENS, help="tokens (default 16384)")
     p.add_argument("--d", type=_int_list("--d"), default=None,
                    help="model widths (default 1024,2048,4096,8192)")
     p.add_argument("--n", type=_int_list("--n"), default=None,
                    help="HC streams (default 2,4,8)")
-    p.add_argument("--ops", type=_name_list, default=None,
+    p.add_argument("--ops", type=harness.name_list, default=None,
                    help=f"comma-separated subset of {','.join(OPS)}")
-    p.add_argument("--variants", type=_name_list, default=list(VARIANTS),
-                   help=f"comma-separated subset of {','.join(VARIANTS)}")
-    p.add_argument("--modes", type=_name_list, default=None,
+    p.add_argument("--modes", type=harness.name_list, default=None,
                    help="comma-separated: fwd,fwd+bwd")
-    p.add_argument("--csv", default=str(harness.DEFAULT_CSV),
-                   help="CSV file the rows are appended to (default bench/results/results.csv)")
-    p.add_argument("--warmup-ms", type=float, default=None)
-    p.add_argument("--rep-ms", type=float, default=None)
-    args = p.parse_args(argv)
-    for v in args.variants:
-        if v not in VARIANTS:
-            p.error(f"unknown variant {v!r}; choose from {VARIANTS}")
-    if "eager_oracle" not in args.variants:
-        args.variants.insert(0, "eager_oracle")  # the correctness reference
-    for o in args.ops or []:
-        if o not in OPS:
-            p.error(f"unknown op {o!r}; choose from {OPS}")
-    for m in args.modes or []:
-        if m not in MODES:
-            p.error(f"unknown mode {m!r}; choose from {MODES}")
+    args = harness.parse_bench_args(p, argv, variants=VARIANTS, ops=OPS, modes=MODES)
     if args.N < 1:
         p.error("--N must be positive")
     for n in args.n or []:
@@ -392,34 +364,8 @@ def bench_group(op: str, mode: str, N: int, n: int, d: int, dtype: torch.dtype,
             row.note = fnote
             print(f"FAILED: {op} {variant} {mode} {shape} {dname}: {fnote}",
                   file=sys.stderr, flush=True)
-        elif variant == "eager_oracle":
-            def gate(f=f):
-                nonlocal refs
-                refs = [t.detach() if t is not None else None for t in run_outputs(f, case)]
-                return True, 0.0, "reference"
-            harness.run_variant(row, gate, timed)
-            if row.status == "ok":
-                row.status = "ref"
-                row.rel_err = None
-        elif refs is None:
-            row.status = "failed: no reference"
-            row.note = "the eager oracle failed, so nothing was checked or timed"
         else:
-            first_call_s = []
-
-            def gate(f=f):
-                t0 = time.perf_counter()
-                outs = run_outputs(f, case)
-                if DEVICE == "cuda":
-                    torch.cuda.synchronize()
-                first_call_s.append(time.perf_counter() - t0)
-                res = harness.check_outputs(outs, refs, dtype, case.names)
-                del outs
-                return res
-            harness.run_variant(row, gate, timed)
-            if variant == "compile_oracle" and first_call_s:
-                row.note = (row.note + "; " if row.note else "") + \
-                    f"first call (compile) {first_call_s[0]:.1f} s"
+            refs = harness.run_gated(row, lambda f=f: run_outputs(f, case), timed, refs, dtype, case.names)
             if variant == "fused" and fstatus == "not-fused" and row.status == "ok":
                 row.status = "not-fused"
                 row.note = fnote
@@ -455,51 +401,34 @@ def summary_lines(rows: Sequence[harness.Row], dname: str) -> tuple[list[str], b
     """One SUMMARY line per (op, shape): per mode the fused time vs its floor, the
     compiled and eager oracles' times and x floor. ok is False when any fused row is
     not status ok (WRONG, failed, missing, not-fused)."""
-    keys: list[tuple[str, str]] = []
-    for r in rows:
-        if (r.op, r.shape) not in keys:
-            keys.append((r.op, r.shape))
-    lines, all_ok = [], True
-    for op, shape in keys:
-        parts, ok = [], True
-        for mode in MODES:
-            group = [r for r in rows if r.op == op and r.shape == shape and r.mode == mode]
-            if not group:
-                continue
-            by = {r.variant: r for r in group}
-            floor = group[0].derived.get("floor_ms")
-            s = f"{mode}: floor {floor:.3f} ms" if floor is not None else f"{mode}:"
-            fused = by.get("fused")
-            if fused is not None:
-                if fused.status != "ok" or fused.time_ms is None:
-                    ok = False
-                    t = f" {fused.time_ms:.3f} ms" if fused.time_ms is not None else ""
-                    s += f", fused{t} {fused.status}"
-                else:
-                    s += (f", fused {fused.time_ms:.3f} ms = "
-                          f"{fused.derived['x_floor']:.2f}x floor")
-            for v in ("compile_oracle", "eager_oracle"):
-                r = by.get(v)
-                if r is None:
-                    continue
-                if r.time_ms is None or r.status not in ("ok", "ref"):
-                    s += f", {v} {r.status}"
-                    continue
-                s += f", {v} {r.time_ms:.3f} ms ({r.derived['x_floor']:.1f}x floor"
-                if fused is not None and fused.status == "ok" and fused.time_ms:
-                    s += f", fused {r.time_ms / fused.time_ms:.2f}x faster"
-                s += ")"
-            parts.append(s)
-        verdict = "OK" if ok else "FUSED NOT OK"
-        lines.append(f"SUMMARY {op} {dname} {shape} | " + " | ".join(parts) + f" | {verdict}")
-        all_ok &= ok
-    return lines, all_ok
+    return harness.summary_lines(rows, dname, _summary_part)
 
 
-def exit_status(rows: Sequence[harness.Row]) -> int:
-    """0 when every fused row is ok (or none ran), 3 otherwise."""
-    bad = [r for r in rows if r.variant == "fused" and (r.status != "ok" or r.failed)]
-    return 3 if bad else 0
+def _summary_part(mode: str, by: dict) -> tuple[str, bool]:
+    ok = True
+    floor = next(iter(by.values())).derived.get("floor_ms")
+    s = f"{mode}: floor {floor:.3f} ms" if floor is not None else f"{mode}:"
+    fused = by.get("fused")
+    if fused is not None:
+        if fused.status != "ok" or fused.time_ms is None:
+            ok = False
+            t = f" {fused.time_ms:.3f} ms" if fused.time_ms is not None else ""
+            s += f", fused{t} {fused.status}"
+        else:
+            s += (f", fused {fused.time_ms:.3f} ms = "
+                  f"{fused.derived['x_floor']:.2f}x floor")
+    for v in ("compile_oracle", "eager_oracle"):
+        r = by.get(v)
+        if r is None:
+            continue
+        if r.time_ms is None or r.status not in ("ok", "ref"):
+            s += f", {v} {r.status}"
+            continue
+        s += f", {v} {r.time_ms:.3f} ms ({r.derived['x_floor']:.1f}x floor"
+        if fused is not None and fused.status == "ok" and fused.time_ms:
+            s += f", fused {r.time_ms / fused.time_ms:.2f}x faster"
+        s += ")"
+    return s, ok
 
 
 def main(argv=None) -> int:
@@ -521,27 +450,16 @@ def main(argv=None) -> int:
                       file=sys.stderr)
     timing_kw = harness.timing_kwargs(args.quick, args.warmup_ms, args.rep_ms)
 
-    t_start = time.perf_counter()
+    dname = harness.DTYPE_NAMES[dtype]
+    report = harness.Report(args.csv, lambda rows: summary_lines(rows, dname)[0])
     copy_bw = harness.measure_copy_bandwidth()
     harness.print_header(copy_bw)
     elem = torch.empty((), dtype=dtype).element_size()
     print(floor_table(args.plan, args.N, elem, copy_bw), flush=True)
-    dname = harness.DTYPE_NAMES[dtype]
-    summaries, all_rows, csv_path = [], [], None
     for n, d, ops_to_run, modes in args.plan:
-        rows = bench_size(n, d, ops_to_run, modes, args.N, dtype, args.variants, copy_bw,
-                          timing_kw, ops, ref)
-        harness.print_table(rows)
-        csv_path = harness.append_csv(rows, args.csv, copy_bw)
-        lines, _ = summary_lines(rows, dname)
-        summaries += lines
-        all_rows += rows
-        print(flush=True)
-    print(f"rows appended to {csv_path}; total {time.perf_counter() - t_start:.0f} s")
-    for line in summaries:
-        print(line)
-    sys.stdout.flush()
-    return exit_status(all_rows)
+        report.add(bench_size(n, d, ops_to_run, modes, args.N, dtype, args.variants, copy_bw,
+                              timing_kw, ops, ref), copy_bw)
+    return report.finish()
 
 
 if __name__ == "__main__":

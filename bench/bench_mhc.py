@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -54,11 +53,11 @@ import bench_hc  # noqa: E402  (shared row building: Case, run_outputs, summary_
 import harness  # noqa: E402
 import torch  # noqa: E402
 from crosslayer.contracts import CONTRACTS  # noqa: E402
+from harness import MODES  # noqa: E402
 
 OPS = ("mhc_coeffs", "mhc_sublayer")
-VARIANTS = ("eager_oracle", "fused", "compile_oracle", "liger")
-DISPLAY_ORDER = ("fused", "eager_oracle", "compile_oracle", "liger")
-MODES = ("fwd", "fwd+bwd")
+VARIANTS = harness.VARIANTS + ("liger",)
+DISPLAY_ORDER = harness.DISPLAY_ORDER + ("liger",)
 DEFAULT_N_TOKENS = 16384
 DEFAULT_DS = (2048, 4096, 7168)
 QUICK_DS = (2048, 4096)
@@ -86,28 +85,14 @@ def floor_ms(op: str, mode: str, N: int, n: int, d: int, elem_bytes: int, copy_b
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="d = 2048, 4096 only, fewer repetitions")
-    p.add_argument("--dtype", default="bf16", help="activation dtype: bf16, fp16, fp32")
+    p = harness.bench_parser(__doc__, "d = 2048, 4096 only, fewer repetitions", VARIANTS)
     p.add_argument("--N", type=int, default=DEFAULT_N_TOKENS, help="tokens (default 16384)")
     p.add_argument("--d", type=bench_hc._int_list("--d"), default=None,
                    help="model widths (default 2048,4096,7168)")
     p.add_argument("--n", type=bench_hc._int_list("--n"), default=(4,), help="streams (default 4)")
-    p.add_argument("--ops", type=bench_hc._name_list, default=list(OPS))
-    p.add_argument("--variants", type=bench_hc._name_list, default=list(VARIANTS))
-    p.add_argument("--modes", type=bench_hc._name_list, default=list(MODES))
-    p.add_argument("--csv", default=str(harness.DEFAULT_CSV))
-    p.add_argument("--warmup-ms", type=float, default=None)
-    p.add_argument("--rep-ms", type=float, default=None)
-    args = p.parse_args(argv)
-    for name, vals, allowed in (("variant", args.variants, VARIANTS), ("op", args.ops, OPS),
-                                ("mode", args.modes, MODES)):
-        for v in vals:
-            if v not in allowed:
-                p.error(f"unknown {name} {v!r}; choose from {allowed}")
-    if "eager_oracle" not in args.variants:
-        args.variants.insert(0, "eager_oracle")  # the correctness reference
+    p.add_argument("--ops", type=harness.name_list, default=list(OPS))
+    p.add_argument("--modes", type=harness.name_list, default=list(MODES))
+    args = harness.parse_bench_args(p, argv, variants=VARIANTS, ops=OPS, modes=MODES)
     if any(n > 16 for n in args.n):
         p.error("--n: at most 16 streams")
     if args.N < 1:
@@ -226,33 +211,13 @@ def bench_group(op, mode, N, n, d, dtype, base, grads, variants, timing_kw, ops,
             row.note = note
             if variant != "liger":
                 print(f"FAILED: {op} {variant} {mode} {shape} {dname}: {note}", file=sys.stderr)
-        elif variant == "eager_oracle":
-            def gate(f=f):
-                nonlocal refs
-                refs = bench_hc.run_outputs(f, case)
-                return True, 0.0, "reference"
-            harness.run_variant(row, gate, timed)
-            if row.status == "ok":
-                row.status, row.rel_err = "ref", None
         elif variant == "liger":
             harness.run_variant(row, None, timed)
             if row.status == "ok":
                 row.note = "timed only (h_res convention differs; not gated)"
-        elif refs is None:
-            row.status, row.note = "failed: no reference", "the eager oracle failed"
         else:
-            first = []
-
-            def gate(f=f):
-                t0 = time.perf_counter()
-                outs = bench_hc.run_outputs(f, case)
-                if DEVICE == "cuda":
-                    torch.cuda.synchronize()
-                first.append(time.perf_counter() - t0)
-                return harness.check_outputs(outs, refs, dtype, case.names)
-            harness.run_variant(row, gate, timed)
-            if variant == "compile_oracle" and first:
-                row.note = f"first call (compile) {first[0]:.1f} s"
+            refs = harness.run_gated(row, lambda f=f: bench_hc.run_outputs(f, case), timed, refs, dtype,
+                                     case.names)
             if not_fused and row.status == "ok":
                 row.status, row.note = "not-fused", "fused_ops() says False: timed the fallback"
         t = f"{row.time_ms:.3f} ms" if row.time_ms is not None else "-"
@@ -273,17 +238,17 @@ def main(argv=None) -> int:
     timing_kw = harness.timing_kwargs(args.quick, args.warmup_ms, args.rep_ms)
     if "liger" in args.variants and liger_function("mhc_coeffs")[0] is None:
         print(f"liger: {liger_function('mhc_coeffs')[1]}")
+    dname = harness.DTYPE_NAMES[dtype]
+    report = harness.Report(args.csv, lambda rows: summarize(rows, dname))
     copy_bw = harness.measure_copy_bandwidth()
     harness.print_header(copy_bw)
     elem = torch.empty((), dtype=dtype).element_size()
-    dname = harness.DTYPE_NAMES[dtype]
     for n, d in args.plan:
         for op in args.ops:
             for mode in args.modes:
                 b = floor_bytes(op, mode, args.N, n, d, elem)
                 print(f"floor {op:<13} {mode:<8} n={n} d={d:<5} {b / 1e9:7.3f} GB "
                       f"{b / copy_bw * 1e3:7.3f} ms")
-    summaries, all_rows, csv_path = [], [], None
     for n, d in args.plan:
         base, grads = make_inputs(args.N, n, d, dtype)
         rows = []
@@ -295,19 +260,16 @@ def main(argv=None) -> int:
         del base, grads
         torch.cuda.empty_cache()
         harness.finalize_rows(rows, copy_bw)
-        harness.print_table(rows)
-        csv_path = harness.append_csv(rows, args.csv, copy_bw)
-        summaries += bench_hc.summary_lines([r for r in rows if r.variant != "liger"], dname)[0]
-        for r in rows:
-            if r.variant == "liger" and r.time_ms is not None:
-                summaries.append(f"LIGER {r.op} {dname} {r.shape} {r.mode}: {r.time_ms:.3f} ms "
-                                 f"({r.derived['x_floor']:.1f}x floor)")
-        all_rows += rows
-    print(f"rows appended to {csv_path}")
-    for line in summaries:
-        print(line)
-    bad = [r for r in all_rows if r.variant == "fused" and (r.status != "ok" or r.failed)]
-    return 3 if bad else 0
+        report.add(rows, copy_bw)
+    return report.finish()
+
+
+def summarize(rows, dname: str) -> list[str]:
+    """bench_hc's SUMMARY lines of the gated rows, then a LIGER line per timed liger row."""
+    lines = bench_hc.summary_lines([r for r in rows if r.variant != "liger"], dname)[0]
+    return lines + [f"LIGER {r.op} {dname} {r.shape} {r.mode}: {r.time_ms:.3f} ms "
+                    f"({r.derived['x_floor']:.1f}x floor)"
+                    for r in rows if r.variant == "liger" and r.time_ms is not None]
 
 
 if __name__ == "__main__":

@@ -68,19 +68,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
 import torch  # noqa: E402
 from crosslayer.contracts import CONTRACTS  # noqa: E402
+from harness import DISPLAY_ORDER, MODES, VARIANTS  # noqa: E402
 
 OPS = ("mudd_weights", "aggregate", "stack", "memory")
-VARIANTS = ("eager_oracle", "fused", "compile_oracle")
-DISPLAY_ORDER = ("fused", "eager_oracle", "compile_oracle")
-MODES = ("fwd", "fwd+bwd")
 C_WAYS = 4
 WEIGHTS_L = 25
 AGG_LS = (13, 25, 49)
@@ -129,30 +126,12 @@ def floor_bytes(elements: int, N: int, d: int, elem_bytes: int) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="aggregate at l=25 only, fewer repetitions")
-    p.add_argument("--dtype", default="bf16", help="activation dtype: bf16, fp16, fp32")
+    p = harness.bench_parser(__doc__, "aggregate at l=25 only, fewer repetitions", VARIANTS)
     p.add_argument("--N", type=int, default=16384, help="tokens (default 16384)")
     p.add_argument("--d", type=int, default=2048, help="model width (default 2048)")
-    p.add_argument("--ops", default=",".join(OPS), help=f"subset of {','.join(OPS)}")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"subset of {','.join(VARIANTS)}")
-    p.add_argument("--csv", default=str(harness.DEFAULT_CSV))
-    p.add_argument("--warmup-ms", type=float, default=None)
-    p.add_argument("--rep-ms", type=float, default=None)
-    args = p.parse_args(argv)
-    args.ops = [o for o in args.ops.split(",") if o]
-    args.variants = [v for v in args.variants.split(",") if v]
-    for o in args.ops:
-        if o not in OPS:
-            p.error(f"unknown op {o!r}; choose from {OPS}")
-    for v in args.variants:
-        if v not in VARIANTS:
-            p.error(f"unknown variant {v!r}; choose from {VARIANTS}")
-    if "eager_oracle" not in args.variants:
-        args.variants.insert(0, "eager_oracle")
+    p.add_argument("--ops", type=harness.name_list, default=list(OPS),
+                   help=f"comma-separated subset of {','.join(OPS)}")
+    args = harness.parse_bench_args(p, argv, variants=VARIANTS, ops=OPS)
     if args.N < 1 or args.d < 1:
         p.error("--N and --d must be positive")
     args.agg_ls = QUICK_AGG_LS if args.quick else AGG_LS
@@ -316,24 +295,10 @@ def run_case(case: Case, modes, variants, dtype, timing_kw, fused_ok: bool) -> l
                     f, setup = harness.fwd_bwd(fn, case.dout, leaves)
                     return harness.bench(f, setup=setup, **timing_kw)
 
-            if variant == "eager_oracle":
-                def gate():
-                    nonlocal refs
-                    refs = outputs()
-                    return True, 0.0, "reference"
-                harness.run_variant(row, gate, timed)
-                if row.status == "ok":
-                    row.status, row.rel_err = "ref", None
-            elif refs is None:
-                row.status = "failed: no reference"
-            else:
-                def gate(outputs=outputs):
-                    outs = outputs()
-                    names = ["out"] + [f"grad{k}" for k in range(len(outs) - 1)]
-                    return harness.check_outputs(outs, refs, dtype, names)
-                harness.run_variant(row, gate, timed)
-                if variant == "fused" and row.status == "ok" and not fused_ok:
-                    row.status = "not-fused"
+            names = ["out"] + ([f"grad{k}" for k in range(len(leaves))] if mode != "fwd" else [])
+            refs = harness.run_gated(row, outputs, timed, refs, dtype, names)
+            if variant == "fused" and row.status == "ok" and not fused_ok:
+                row.status = "not-fused"
             t = f"{row.time_ms:.3f} ms" if row.time_ms is not None else "-"
             print(f"  [{case.op} {case.shape} {dname} {mode}] {variant:<15} {t:>12}  "
                   f"{row.status}", flush=True)
@@ -384,35 +349,27 @@ def memory_table(N, d, dtype, cnn) -> tuple[str, list]:
 
 
 def summary_lines(rows: Sequence[harness.Row], dname: str) -> tuple[list, bool]:
-    keys = []
-    for r in rows:
-        if (r.op, r.shape) not in keys:
-            keys.append((r.op, r.shape))
-    lines, all_ok = [], True
-    for op, shape in keys:
-        parts, ok = [], True
-        for mode in MODES:
-            by = {r.variant: r for r in rows if (r.op, r.shape, r.mode) == (op, shape, mode)}
-            if not by:
-                continue
-            floor = next(iter(by.values())).derived.get("floor_ms")
-            s = f"{mode}: floor {floor:.3f} ms" if floor is not None else f"{mode}:"
-            for v in DISPLAY_ORDER:
-                r = by.get(v)
-                if r is None:
-                    continue
-                if r.time_ms is None or r.status not in ("ok", "ref"):
-                    s += f", {v} {r.status}"
-                    ok = ok and v != "fused"
-                else:
-                    s += f", {v} {r.time_ms:.3f} ms"
-                    if "x_floor" in r.derived:
-                        s += f" ({r.derived['x_floor']:.2f}x floor)"
-            parts.append(s)
-        lines.append(f"SUMMARY {op} {dname} {shape} | " + " | ".join(parts)
-                     + (" | OK" if ok else " | FUSED NOT OK"))
-        all_ok &= ok
-    return lines, all_ok
+    """One SUMMARY line per (op, shape): per mode the floor and every variant's time (x
+    floor); not ok when the fused row is not ok."""
+    return harness.summary_lines(rows, dname, _summary_part)
+
+
+def _summary_part(mode: str, by: dict) -> tuple[str, bool]:
+    ok = True
+    floor = next(iter(by.values())).derived.get("floor_ms")
+    s = f"{mode}: floor {floor:.3f} ms" if floor is not None else f"{mode}:"
+    for v in DISPLAY_ORDER:
+        r = by.get(v)
+        if r is None:
+            continue
+        if r.time_ms is None or r.status not in ("ok", "ref"):
+            s += f", {v} {r.status}"
+            ok = ok and v != "fused"
+        else:
+            s += f", {v} {r.time_ms:.3f} ms"
+            if "x_floor" in r.derived:
+                s += f" ({r.derived['x_floor']:.2f}x floor)"
+    return s, ok
 
 
 def main(argv=None) -> int:
@@ -427,10 +384,10 @@ def main(argv=None) -> int:
     fused = ops.fused_ops()
     timing_kw = harness.timing_kwargs(args.quick, args.warmup_ms, args.rep_ms)
 
-    t0 = time.perf_counter()
+    dname = harness.DTYPE_NAMES[dtype]
+    report = harness.Report(args.csv, lambda rows: summary_lines(rows, dname)[0])
     copy_bw = harness.measure_copy_bandwidth()
     harness.print_header(copy_bw)
-    dname = harness.DTYPE_NAMES[dtype]
     N, d = args.N, args.d
     cases = []
     if "mudd_weights" in args.ops:
@@ -443,34 +400,19 @@ def main(argv=None) -> int:
     if "stack" in args.ops:
         cases.append((lambda: stack_case(STACK_L, N, d, dtype, cnn), ("fwd+bwd",),
                       fused.get("depth_aggregate", False) and fused.get("mudd_weights", False)))
-    all_rows, summaries, csv_path = [], [], None
     for make_case, modes, fused_ok in cases:
         case = make_case()
         rows = run_case(case, modes, args.variants, dtype, timing_kw, fused_ok)
         del case
         harness.finalize_rows(rows, copy_bw)
-        harness.print_table(rows)
-        csv_path = harness.append_csv(rows, args.csv, copy_bw)
-        lines, _ = summary_lines(rows, dname)
-        summaries += lines
-        all_rows += rows
-        print(flush=True)
+        report.add(rows, copy_bw)
         torch.cuda.empty_cache()
     if "memory" in args.ops:
         text, results = memory_table(MEMORY_N, d, dtype, cnn)
         print(text, flush=True)
-        summaries.append("SUMMARY memory " + " | ".join(
+        report.summaries.append("SUMMARY memory " + " | ".join(
             f"L={L}: DepthStack {a:.2f} GiB, list+stack {b:.2f} GiB" for L, a, b in results))
-    print(f"rows appended to {csv_path}; total {time.perf_counter() - t0:.0f} s")
-    for line in summaries:
-        print(line)
-    sys.stdout.flush()
-    return exit_status(all_rows)
-
-
-def exit_status(rows: Sequence[harness.Row]) -> int:
-    bad = [r for r in rows if r.variant == "fused" and (r.status != "ok" or r.failed)]
-    return 3 if bad else 0
+    return report.finish()
 
 
 if __name__ == "__main__":

@@ -3,16 +3,19 @@
 Every bench script follows the same recipe (DESIGN.md "Traffic floors" and
 "Performance yardsticks"; .library/device/METHOD.md):
 
+0. `bench_parser()` / `parse_bench_args()`: the options every script takes (--quick,
+   --dtype, --variants, --csv, --warmup-ms, --rep-ms) and the checks of its name lists.
 1. `require_cuda()` first, before crosslayer is imported: no GPU -> a clear message
    and exit status 2.
 2. `measure_copy_bandwidth()`: the bytes/s of a 1 GiB device-to-device copy
    (bytes read + bytes written), measured once per process. Every floor is
    floor_bytes / this number.
-3. For each size: a correctness gate (`check_outputs`) of every variant against the
-   eager oracle, then `bench()` of each variant, one `Row` each.
+3. For each size: `run_gated()` of every variant, one `Row` each: a correctness gate
+   (`check_outputs`) against the eager oracle's outputs, then `bench()`.
 4. `finalize_rows()` adds the derived columns (GB/s, % of copy bandwidth, floor ms,
-   x floor, speedups vs the eager and compiled oracles), `print_table()` prints them
-   and `append_csv()` appends them with the machine's metadata.
+   x floor, speedups vs the eager and compiled oracles); a `Report` prints them
+   (`print_table()`), appends them with the machine's metadata (`append_csv()`) and
+   ends with the SUMMARY lines (`summary_lines()`) and the exit status.
 
 Cache policy: the L2 is FLUSHED before every timed run (triton.testing.do_bench's
 way): `flush_l2()` writes a buffer of max(256 MiB, 4 x L2) bytes outside the timed
@@ -22,6 +25,7 @@ rotated; with the flush one input set is enough, at any size.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import functools
@@ -30,6 +34,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +65,12 @@ DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp
                torch.float64: "fp64"}
 
 L2_FLUSH_MIN_BYTES = 256 << 20
+
+# Every bench's modes and oracle variants (a script may add variants after these). The
+# eager oracle runs first: it is the reference every other variant is gated against.
+MODES = ("fwd", "fwd+bwd")
+VARIANTS = ("eager_oracle", "fused", "compile_oracle")
+DISPLAY_ORDER = ("fused", "eager_oracle", "compile_oracle")
 
 
 # --------------------------------------------------------------------------- device
@@ -93,6 +104,44 @@ def flush_l2() -> None:
 
 def l2_policy() -> str:
     return f"flush {_flush_buffer().numel() * 4 >> 20} MiB before each run"
+
+
+# --------------------------------------------------------------------------- args
+
+def name_list(text: str) -> list[str]:
+    """argparse type of a comma-separated list of names."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def bench_parser(doc: str, quick_help: str, variants: Sequence[str]) -> argparse.ArgumentParser:
+    """The options every bench script takes: --quick, --dtype, --variants (default all of
+    `variants`), --csv, --warmup-ms, --rep-ms; the description is the first line of the
+    script's docstring. The script adds its sizes and ops, then calls parse_bench_args."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--dtype", default="bf16", help="activation dtype: bf16, fp16, fp32")
+    p.add_argument("--variants", type=name_list, default=list(variants),
+                   help=f"comma-separated subset of {','.join(variants)}")
+    p.add_argument("--csv", default=str(DEFAULT_CSV),
+                   help="CSV file the rows are appended to (default bench/results/results.csv)")
+    p.add_argument("--warmup-ms", type=float, default=None)
+    p.add_argument("--rep-ms", type=float, default=None)
+    return p
+
+
+def parse_bench_args(p: argparse.ArgumentParser, argv, **allowed: Sequence[str]) -> argparse.Namespace:
+    """p.parse_args(argv); then each name list `dest` of `allowed` (e.g. variants=VARIANTS,
+    ops=OPS; None: not given) must hold only allowed names (else a usage error), and
+    eager_oracle, the correctness reference, is put first in args.variants if missing."""
+    args = p.parse_args(argv)
+    for dest, names in allowed.items():
+        for v in getattr(args, dest) or []:
+            if v not in names:
+                p.error(f"unknown {dest.removesuffix('s')} {v!r}; choose from {tuple(names)}")
+    if "eager_oracle" not in args.variants:
+        args.variants.insert(0, "eager_oracle")
+    return args
 
 
 # --------------------------------------------------------------------------- timing
@@ -340,6 +389,54 @@ def run_variant(row: Row, gate: Callable[[], tuple[bool, float, str]] | None,
     return row
 
 
+def run_gated(row: Row, outputs: Callable[[], Sequence[torch.Tensor | None]],
+              timed: Callable[[], Timing], refs: list | None, dtype: torch.dtype,
+              names: Sequence[str]) -> list | None:
+    """Gate and time the row of one variant (run_variant) against the eager oracle's row,
+    which comes first; `outputs()` runs the variant once and returns what the gate
+    compares. Returns the reference outputs for the rows after this one.
+
+    eager_oracle: its outputs become the reference; status "ref". Any other variant:
+    "failed: no reference" (not run) when `refs` is None, else check_outputs against
+    `refs`; a compile_oracle row's note gets the time of its first call (the compile).
+    """
+    if row.variant == "eager_oracle":
+        got = []
+
+        def reference():
+            got.append([t.detach() if t is not None else None for t in outputs()])
+            return True, 0.0, "reference"
+
+        run_variant(row, reference, timed)
+        if row.status == "ok":
+            row.status, row.rel_err = "ref", None
+        return got[0] if got else None
+    if refs is None:
+        row.status = "failed: no reference"
+        row.note = "the eager oracle failed, so nothing was checked or timed"
+        return None
+    first_call_s = []
+
+    def gate():
+        t0 = time.perf_counter()
+        outs = outputs()
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        first_call_s.append(time.perf_counter() - t0)
+        return check_outputs(outs, refs, dtype, names)
+
+    run_variant(row, gate, timed)
+    if row.variant == "compile_oracle" and first_call_s:
+        row.note = (row.note + "; " if row.note else "") + f"first call (compile) {first_call_s[0]:.1f} s"
+    return refs
+
+
+def exit_status(rows: Sequence[Row]) -> int:
+    """0 when every fused row is ok (or none ran), 3 otherwise."""
+    bad = [r for r in rows if r.variant == "fused" and (r.status != "ok" or r.failed)]
+    return 3 if bad else 0
+
+
 def finalize_rows(rows: Sequence[Row], copy_bw: float) -> None:
     """Derived columns. Rows of one (op, mode, shape, dtype) group share the
     eager_oracle and compile_oracle times for their speedup columns."""
@@ -414,6 +511,53 @@ def format_table(rows: Sequence[Row], columns=TABLE_COLUMNS) -> str:
 
 def print_table(rows: Sequence[Row], columns=TABLE_COLUMNS) -> None:
     print(format_table(rows, columns), flush=True)
+
+
+def summary_lines(rows: Sequence[Row], dname: str,
+                  describe: Callable[[str, dict], tuple[str, bool] | None]) -> tuple[list[str], bool]:
+    """One "SUMMARY <op> <dtype> <shape> | <part> | ... | OK" line per (op, shape) of
+    `rows`, in the order they first appear: a part per mode with rows (same order),
+    describe(mode, {variant: row}) -> (text, ok), or None to leave the mode out. The
+    verdict is FUSED NOT OK when a part is not ok. Returns (lines, all ok)."""
+    groups: dict[tuple[str, str], dict[str, dict[str, Row]]] = {}
+    for r in rows:
+        groups.setdefault((r.op, r.shape), {}).setdefault(r.mode, {})[r.variant] = r
+    lines, all_ok = [], True
+    for (op, shape), modes in groups.items():
+        parts = [part for part in (describe(mode, by) for mode, by in modes.items()) if part is not None]
+        ok = all(part_ok for _, part_ok in parts)
+        lines.append(f"SUMMARY {op} {dname} {shape} | " + " | ".join(text for text, _ in parts)
+                     + (" | OK" if ok else " | FUSED NOT OK"))
+        all_ok &= ok
+    return lines, all_ok
+
+
+class Report:
+    """The end of every bench's main(): add() prints a batch of finished rows as a table,
+    appends them to the CSV and keeps their SUMMARY lines (`summarize(rows)`); finish()
+    prints where the rows went, the total time and the SUMMARY lines, and returns the
+    exit status (exit_status over every row)."""
+
+    def __init__(self, csv_path: str | os.PathLike, summarize: Callable[[list[Row]], list[str]]):
+        self.csv_path, self.summarize = csv_path, summarize
+        self.rows: list[Row] = []
+        self.summaries: list[str] = []
+        self.appended_to: Path | None = None
+        self.started = time.perf_counter()
+
+    def add(self, rows: list[Row], copy_bw: float) -> None:
+        print_table(rows)
+        self.appended_to = append_csv(rows, self.csv_path, copy_bw)
+        self.summaries += self.summarize(rows)
+        self.rows += rows
+        print(flush=True)
+
+    def finish(self) -> int:
+        print(f"rows appended to {self.appended_to}; total {time.perf_counter() - self.started:.0f} s")
+        for line in self.summaries:
+            print(line)
+        sys.stdout.flush()
+        return exit_status(self.rows)
 
 
 # --------------------------------------------------------------------------- metadata

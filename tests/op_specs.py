@@ -468,6 +468,12 @@ def _cases(*entries) -> Tuple[Case, ...]:
     return tuple(Case(id_, p) for id_, p in entries)
 
 
+# big, wide, tiny and empty of hc_pre and hc_post (both read H (*lead, n, d)).
+HC_EDGE_CASES = dict(big=Case("N4099-n4-d2048", dict(lead=(4099,), n=4, d=2048)),
+                     wide=Case("N3-n4-d2056", dict(lead=(3,), n=4, d=2056)),
+                     tiny=Case("N3-n2-d5", dict(lead=(3,), n=2, d=5)),
+                     empty=Case("N0-n4-d8", dict(lead=(0,), n=4, d=8)))
+
 SPECS: Tuple[OpSpec, ...] = (
     OpSpec("hc_pre", hc_pre_sample,
            cases=_cases(("N5x7-n4-d129", dict(lead=(5, 7), n=4, d=129)),
@@ -480,11 +486,7 @@ SPECS: Tuple[OpSpec, ...] = (
                                    + [(f"N5x7-n{n}-d131-{lay}", dict(lead=(5, 7), n=n, d=131, layout=lay))
                                       for lay in STREAM_LAYOUTS for n in (4, 3)]
                                    + hc_matrix((1, 2, 3, 4, 8, 16), flags=({}, dict(grad_outputs=(0,)), dict(static=True)))),
-           opcheck_calls=hc_pre_opcheck, launcher_errors=hc_pre_launcher_errors,
-           big=Case("N4099-n4-d2048", dict(lead=(4099,), n=4, d=2048)),
-           wide=Case("N3-n4-d2056", dict(lead=(3,), n=4, d=2056)),
-           tiny=Case("N3-n2-d5", dict(lead=(3,), n=2, d=5)),
-           empty=Case("N0-n4-d8", dict(lead=(0,), n=4, d=8))),
+           opcheck_calls=hc_pre_opcheck, launcher_errors=hc_pre_launcher_errors, **HC_EDGE_CASES),
     OpSpec("hc_post", hc_post_sample,
            cases=_cases(("N5x7-n4-d129", dict(lead=(5, 7), n=4, d=129)),
                         ("N11-n3-d7-misaligned-static", dict(lead=(11,), n=3, d=7, layout="misaligned", static=True)),
@@ -499,11 +501,7 @@ SPECS: Tuple[OpSpec, ...] = (
                                    + [(f"N3x7-n{n}-d{d}-{lay}", dict(lead=(3, 7), n=n, d=d, layout=lay))
                                       for lay in STREAM_LAYOUTS for n in (1, 4, 16) for d in (129, 2048)]
                                    + hc_matrix((1, 2, 3, 4, 8, 16), [((), 7), ((3,), 1), ((5,), 7), ((37,), 129), ((3, 9), 4099), ((33,), 2048)], flags=(dict(static=False), dict(static=True)))),
-           opcheck_calls=hc_post_opcheck, launcher_errors=hc_post_launcher_errors,
-           big=Case("N4099-n4-d2048", dict(lead=(4099,), n=4, d=2048)),
-           wide=Case("N3-n4-d2056", dict(lead=(3,), n=4, d=2056)),
-           tiny=Case("N3-n2-d5", dict(lead=(3,), n=2, d=5)),
-           empty=Case("N0-n4-d8", dict(lead=(0,), n=4, d=8))),
+           opcheck_calls=hc_post_opcheck, launcher_errors=hc_post_launcher_errors, **HC_EDGE_CASES),
     OpSpec("stream_mix", stream_mix_sample,
            cases=_cases(("N5x7-n4-d129", dict(lead=(5, 7), n=4, d=129)),
                         ("N11-n3-d7-misaligned-static", dict(lead=(11,), n=3, d=7, layout="misaligned", static=True))),

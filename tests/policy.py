@@ -9,6 +9,8 @@ NaN never passes.
 
 import torch
 
+from crosslayer._checks import acc_dtype
+
 FLOOR = {
     torch.float64: 1e-12,
     torch.float32: 1e-5,
@@ -46,6 +48,13 @@ def oracle_pair(fn, *tensors):
     """(the oracle at the inputs' dtype, the oracle in float64 on the same values): the
     two references of assert_policy."""
     return fn(*tensors), fn(*[t.double() for t in tensors])
+
+
+def accumulated(dS0: torch.Tensor, dS: torch.Tensor) -> torch.Tensor:
+    """The oracle of a backward kernel's in-place dS0 += dS: the sum in the arithmetic
+    dtype (float64 for float64 dS0, float32 otherwise), rounded to dS0's dtype."""
+    cd = acc_dtype(dS0.dtype)
+    return (dS0.to(cd) + dS.to(cd)).to(dS0.dtype)
 
 
 def poison_allocator(device, nbytes: int = 1 << 26) -> None:

@@ -3,13 +3,12 @@ argument parsing and plans, the exit without a GPU, and the row building (gate,
 status, derived columns, SUMMARY lines, exit status) on tiny CPU tensors with the
 timer and the compiler stubbed out. No CUDA needed."""
 
-import re
 import types
 
 import pytest
 import torch
 
-from bench_scripts import FAKE_MS, import_bench, run_bench, run_on_cpu_with_fake_timer
+from bench_scripts import FAKE_MS, check_exits_2_without_gpu, check_stream_table, import_bench, run_bench, run_on_cpu_with_fake_timer
 
 
 @pytest.fixture(scope="module")
@@ -62,21 +61,10 @@ def test_bad_op_or_mode_raise(bh):
 
 def test_docstring_table_matches_the_arithmetic(bh):
     """Every number of the docstring's worked table equals what the functions give."""
-    doc = bh.__doc__
-    rows = {"hc_pre fwd": ("hc_pre", "fwd"), "hc_pre fwd+bwd": ("hc_pre", "fwd+bwd"),
-            "hc_post fwd": ("hc_post", "fwd"), "hc_post fwd+bwd": ("hc_post", "fwd+bwd"),
-            "sublayer fwd": ("hc_sublayer", "fwd"),
-            "sublayer fwd+bwd": ("hc_sublayer", "fwd+bwd")}
-    for label, (op, mode) in rows.items():
-        m = re.search(rf"^\s+{re.escape(label)}\s+(\d+)d\s+(.+)$", doc, re.MULTILINE)
-        assert m, f"docstring has no row {label!r}"
-        assert int(m.group(1)) * 2048 == bh.floor_elements(op, mode, 4, 2048)
-        nums = re.findall(r"([\d.]+) (GB|ms)", m.group(2))
-        want = []
-        for d in (2048, 4096):
-            b = bh.floor_bytes(op, mode, 16384, 4, d, 2)
-            want += [f"{b / 1e9:.3f}", f"{b / 3.00e12 * 1e3:.3f}"]
-        assert [v for v, _ in nums] == want, label
+    check_stream_table(bh, {"hc_pre fwd": ("hc_pre", "fwd"), "hc_pre fwd+bwd": ("hc_pre", "fwd+bwd"),
+                            "hc_post fwd": ("hc_post", "fwd"), "hc_post fwd+bwd": ("hc_post", "fwd+bwd"),
+                            "sublayer fwd": ("hc_sublayer", "fwd"),
+                            "sublayer fwd+bwd": ("hc_sublayer", "fwd+bwd")})
 
 
 def test_floor_table_uses_given_bandwidth(bh):
@@ -120,9 +108,7 @@ def test_explicit_sizes_modes_ops(bh):
 
 
 def test_main_without_gpu_exits_2():
-    p = run_bench("bench_hc", "--quick", hide_gpu=True)
-    assert p.returncode == 2, p.stdout + p.stderr
-    assert "no CUDA device" in p.stderr
+    check_exits_2_without_gpu("bench_hc")
 
 
 def test_help_parses():
@@ -180,7 +166,7 @@ def test_rows_with_correct_fused_ops(cpu_bench, harness):
     assert ok and len(lines) == len(bh.OPS)
     assert all(line.startswith("SUMMARY ") and line.endswith("| OK") for line in lines)
     assert "fwd+bwd: floor" in lines[-1] and "compile_oracle 2.000 ms" in lines[-1]
-    assert bh.exit_status(rows) == 0
+    assert bh.harness.exit_status(rows) == 0
     table = harness.format_table(rows)
     assert "hc_sublayer" in table and "x floor" in table
 
@@ -209,7 +195,7 @@ def test_fwd_bwd_gate_covers_every_gradient(cpu_bench):
     assert st[("hc_pre", "fwd+bwd")] == "WRONG"
     assert st[("hc_sublayer", "fwd+bwd")] == "WRONG"
     assert st[("hc_post", "fwd+bwd")] == "ok"
-    assert bh.exit_status(rows) == 3
+    assert bh.harness.exit_status(rows) == 3
     lines, ok = bh.summary_lines(rows, "fp32")
     assert not ok and any("WRONG" in line and "FUSED NOT OK" in line for line in lines)
 
@@ -224,7 +210,7 @@ def test_missing_fused_ops_fail_not_crash(cpu_bench, capsys):
         assert st[op][0] == "failed: missing op" and "hc_pre" in st[op][1]
     # The oracle rows still ran.
     assert all(r.status in ("ref", "ok") for r in rows if r.variant != "fused")
-    assert bh.exit_status(rows) == 3
+    assert bh.harness.exit_status(rows) == 3
     assert "FAILED: hc_sublayer fused" in capsys.readouterr().err
     lines, ok = bh.summary_lines(rows, "fp32")
     assert not ok
@@ -236,7 +222,7 @@ def test_not_fused_is_marked(cpu_bench):
     rows = _run(bh, _ops_module(ref.hc_pre, ref.hc_post, fused=False), modes=("fwd",))
     fused = [r for r in rows if r.variant == "fused"]
     assert fused and all(r.status == "not-fused" and r.time_ms == FAKE_MS for r in fused)
-    assert bh.exit_status(rows) == 3
+    assert bh.harness.exit_status(rows) == 3
 
 
 def test_real_ops_module_is_handled(cpu_bench):

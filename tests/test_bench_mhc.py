@@ -2,11 +2,9 @@
 the docstring's table, argument parsing, the Liger lookup without liger_kernel and the
 exit without a GPU. No CUDA needed."""
 
-import re
-
 import pytest
 
-from bench_scripts import import_bench, run_bench, run_on_cpu_with_fake_timer
+from bench_scripts import check_exits_2_without_gpu, check_stream_table, import_bench, run_on_cpu_with_fake_timer
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +28,9 @@ def test_sublayer_floor_matches_design_yardsticks(bm):
 
 
 def test_docstring_table_matches_the_arithmetic(bm):
-    rows = {"coeffs fwd": ("mhc_coeffs", "fwd"), "coeffs fwd+bwd": ("mhc_coeffs", "fwd+bwd"),
-            "sublayer fwd": ("mhc_sublayer", "fwd"), "sublayer fwd+bwd": ("mhc_sublayer", "fwd+bwd")}
-    for label, (op, mode) in rows.items():
-        m = re.search(rf"^\s+{re.escape(label)}\s+(\d+)d\s+(.+)$", bm.__doc__, re.MULTILINE)
-        assert m, f"docstring has no row {label!r}"
-        assert int(m.group(1)) * 2048 == bm.floor_elements(op, mode, 4, 2048)
-        want = []
-        for d in (2048, 4096):
-            b = bm.floor_bytes(op, mode, 16384, 4, d, 2)
-            want += [f"{b / 1e9:.3f}", f"{b / 3.00e12 * 1e3:.3f}"]
-        assert [v for v, _ in re.findall(r"([\d.]+) (GB|ms)", m.group(2))] == want, label
+    check_stream_table(bm, {"coeffs fwd": ("mhc_coeffs", "fwd"), "coeffs fwd+bwd": ("mhc_coeffs", "fwd+bwd"),
+                            "sublayer fwd": ("mhc_sublayer", "fwd"),
+                            "sublayer fwd+bwd": ("mhc_sublayer", "fwd+bwd")})
 
 
 def test_args(bm):
@@ -67,9 +57,7 @@ def test_liger_lookup_says_why_when_absent(bm):
 
 
 def test_main_without_gpu_exits_2():
-    p = run_bench("bench_mhc", "--quick", hide_gpu=True)
-    assert p.returncode == 2, p.stdout + p.stderr
-    assert "no CUDA device" in p.stderr
+    check_exits_2_without_gpu("bench_mhc")
 
 
 def test_rows_on_cpu_with_stubbed_timer(bm, monkeypatch):

@@ -2,13 +2,12 @@
 the docstring's table, argument parsing, the exit without a GPU, and the row building
 (gate, status, exit status) on tiny CPU tensors with the timer and compiler stubbed."""
 
-import re
 import types
 
 import pytest
 import torch
 
-from bench_scripts import import_bench, run_bench, run_on_cpu_with_fake_timer
+from bench_scripts import check_exits_2_without_gpu, docstring_row, floor_cells, import_bench, run_on_cpu_with_fake_timer
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +43,6 @@ def test_stack_floor_by_hand(bm):
 
 
 def test_docstring_table_matches_the_arithmetic(bm):
-    doc = bm.__doc__
     rows = {"mudd_weights fwd+bwd": bm.weights_floor_elements("fwd+bwd"),
             "stack L=24 fwd": bm.stack_floor_elements("fwd", 24),
             "stack L=24 fwd+bwd": bm.stack_floor_elements("fwd+bwd", 24)}
@@ -52,13 +50,9 @@ def test_docstring_table_matches_the_arithmetic(bm):
         for mode in ("fwd", "fwd+bwd"):
             rows[f"aggregate l={l} {mode}"] = bm.aggregate_floor_elements(mode, l)
     for label, elems in rows.items():
-        m = re.search(rf"^\s+{re.escape(label)}\s+(\d+)d\s+([\d.]+) GB\s+([\d.]+) ms", doc,
-                      re.MULTILINE)
-        assert m, f"docstring has no row {label!r}"
-        b = bm.floor_bytes(elems, 16384, 2048, 2)
-        assert int(m.group(1)) == elems, label
-        assert m.group(2) == f"{b / 1e9:.3f}", label
-        assert m.group(3) == f"{b / 3.00e12 * 1e3:.3f}", label
+        got, cells = docstring_row(bm.__doc__, label)
+        assert got == elems, label
+        assert cells == floor_cells(bm.floor_bytes(elems, 16384, 2048, 2)), label
 
 
 def test_args(bm):
@@ -72,9 +66,7 @@ def test_args(bm):
 
 
 def test_main_without_gpu_exits_2():
-    p = run_bench("bench_mudd", "--quick", hide_gpu=True)
-    assert p.returncode == 2, p.stdout + p.stderr
-    assert "no CUDA device" in p.stderr
+    check_exits_2_without_gpu("bench_mudd")
 
 
 @pytest.fixture
@@ -101,7 +93,7 @@ def test_rows_on_cpu(cpu_bench):
     assert stack_rows[0].floor_bytes == 6 * bm.stack_floor_elements("fwd+bwd", 3) * 8 * 4
     lines, ok = bm.summary_lines(rows, "fp32")
     assert ok and all(line.endswith("| OK") for line in lines)
-    assert bm.exit_status(rows) == 0
+    assert bm.harness.exit_status(rows) == 0
 
 
 def test_missing_and_wrong_fused_rows(cpu_bench):
@@ -110,7 +102,7 @@ def test_missing_and_wrong_fused_rows(cpu_bench):
     rows = bm.run_case(bm.weights_case(5, 8, torch.float32, types.SimpleNamespace(), ref),
                        ("fwd",), list(bm.VARIANTS), torch.float32, {}, True)
     fused = [r for r in rows if r.variant == "fused"]
-    assert fused[0].status == "failed: missing op" and bm.exit_status(rows) == 3
+    assert fused[0].status == "failed: missing op" and bm.harness.exit_status(rows) == 3
 
     def wrong(x, W1, W2, bias, C, *a):
         return ref.mudd_weights(x, W1, W2, bias, C, *a) * 1.01
@@ -119,4 +111,4 @@ def test_missing_and_wrong_fused_rows(cpu_bench):
                        ("fwd",), list(bm.VARIANTS), torch.float32, {}, True)
     assert [r.status for r in rows if r.variant == "fused"] == ["WRONG"]
     lines, ok = bm.summary_lines(rows, "fp32")
-    assert not ok and bm.exit_status(rows) == 3
+    assert not ok and bm.harness.exit_status(rows) == 3

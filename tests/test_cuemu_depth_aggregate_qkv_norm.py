@@ -18,7 +18,7 @@ import torch
 
 from crosslayer.ops.depth_aggregate_qkv_norm import _rstd
 from policy import assert_policy, oracle_pair
-from test_depth_aggregate_qkv_norm import DTYPES, EPS, F64, bwd_oracle, eps_for, fwd_oracle, make_inputs
+from test_depth_aggregate_qkv_norm import DTYPES, EPS, F64, check_backward, eps_for, fwd_oracle, make_inputs
 
 pytestmark = pytest.mark.cuemu
 
@@ -67,12 +67,7 @@ def _check_backward(cuemu, S, A, g, dtype, accumulate, *, dOut=None, dS=None, ep
     dA, dg = cuemu.depth_aggregate_qkv_norm_bwd(dOut, S, A, g, rstd, dS, accumulate)
     assert dA.shape == A.shape and dA.dtype == A.dtype
     assert dg.shape == g.shape and dg.dtype == g.dtype
-    oracle = bwd_oracle(accumulate, eps)
-    low = oracle(dOut, S, A, g, dS0)
-    high = oracle(dOut.double(), S.double(), A.double(), g.double(), dS0.double())
-    assert_policy("dS", dS, low[0], high[0])
-    assert_policy("dA", dA, low[1], high[1])
-    assert_policy("dg", dg, low[2], high[2])
+    check_backward(dS, dA, dg, dOut, S, A, g, dS0, accumulate, eps)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

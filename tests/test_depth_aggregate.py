@@ -20,7 +20,7 @@ import torch
 from crosslayer import ops, ref
 from crosslayer.ops.depth_aggregate import depth_aggregate_bwd_op
 from op_specs import DEPTH_SHAPES, depth_slots
-from policy import assert_policy
+from policy import accumulated, assert_policy, oracle_pair
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -39,13 +39,9 @@ def check_backward(dS, dA, dY, S, A, dS0, accumulate):
 
     def oracle(dY, S, A, dS0):
         dS_ref, dA_ref = ref.depth_aggregate_bwd(dY, S, A)
-        if accumulate:  # add in the arithmetic dtype, round to S's dtype
-            cd = torch.float64 if dS0.dtype == torch.float64 else torch.float32
-            dS_ref = (dS0.to(cd) + dS_ref.to(cd)).to(dS0.dtype)
-        return dS_ref, dA_ref.to(A.dtype)
+        return (accumulated(dS0, dS_ref) if accumulate else dS_ref), dA_ref.to(A.dtype)
 
-    low = oracle(dY, S, A, dS0)
-    high = oracle(dY.double(), S.double(), A.double(), dS0.double())
+    low, high = oracle_pair(oracle, dY, S, A, dS0)
     assert_policy("dS", dS, low[0], high[0])
     assert_policy("dA", dA, low[1], high[1])
 

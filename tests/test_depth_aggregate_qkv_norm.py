@@ -25,7 +25,7 @@ from crosslayer import ops, ref
 from crosslayer.ref.mudd import mudd_init_weights
 from crosslayer.ops.depth_aggregate_qkv_norm import depth_aggregate_qkv_norm_bwd_op, depth_aggregate_qkv_norm_op
 from op_specs import depth_slots
-from policy import assert_policy, oracle_pair, poison_allocator
+from policy import accumulated, assert_policy, oracle_pair, poison_allocator
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 F64 = torch.float64
@@ -234,15 +234,17 @@ def test_forward_matches_oracle(cuda, dtype, shape, static):
     torch.testing.assert_close(rstd.double(), want, rtol=1e-4 if dtype != F64 else 1e-10, atol=0)
 
 
-def bwd_oracle(accumulate, eps=EPS):
-    def oracle(dOut, S, A, g, dS0):
-        dS, dA, dg = ref.depth_aggregate_qkv_norm_bwd(dOut, S, A, g, eps)
-        if accumulate:  # add in the arithmetic dtype, round to S's dtype
-            cd = F64 if dS0.dtype == F64 else torch.float32
-            dS = (dS0.to(cd) + dS.to(cd)).to(dS0.dtype)
-        return dS, dA.to(A.dtype), dg.to(g.dtype)
+def check_backward(dS, dA, dg, dOut, S, A, g, dS0, accumulate, eps):
+    """dS (written, or added to dS0 when accumulate), dA and dg of a backward launcher
+    under the policy, against the oracle at the inputs' dtype and in float64."""
 
-    return oracle
+    def oracle(dOut, S, A, g, dS0):
+        dS_ref, dA_ref, dg_ref = ref.depth_aggregate_qkv_norm_bwd(dOut, S, A, g, eps)
+        return (accumulated(dS0, dS_ref) if accumulate else dS_ref), dA_ref.to(A.dtype), dg_ref.to(g.dtype)
+
+    low, high = oracle_pair(oracle, dOut, S, A, g, dS0)
+    for name, got, lo, hi in zip(("dS", "dA", "dg"), (dS, dA, dg), low, high):
+        assert_policy(name, got, lo, hi)
 
 
 def check_backward_op(S3, A3, g, dtype, accumulate):
@@ -255,12 +257,7 @@ def check_backward_op(S3, A3, g, dtype, accumulate):
     dS = dS0.clone() if accumulate else torch.full_like(dS0, float("nan"))
     poison_allocator(dev)
     dA, dg = depth_aggregate_qkv_norm_bwd_op(dOut, S3, A3, g, rstd, dS, accumulate, eps)
-    oracle = bwd_oracle(accumulate, eps)
-    low = oracle(dOut, S3, A3, g, dS0)
-    high = oracle(dOut.double(), S3.double(), A3.double(), g.double(), dS0.double())
-    assert_policy("dS", dS, low[0], high[0])
-    assert_policy("dA", dA, low[1], high[1])
-    assert_policy("dg", dg, low[2], high[2])
+    check_backward(dS, dA, dg, dOut, S3, A3, g, dS0, accumulate, eps)
 
 
 @gpu

@@ -285,15 +285,17 @@ class FeedForward(nn.Module):
 
 class TransformerBlock(nn.Module):
     """MUDDFormer's block (pre-norm, sequential residual). MUDDPythia's block subclasses
-    it through the make_* hooks, parallel_residual and gather."""
+    it through make_norm, attention_bias, feed_forward_class, parallel_residual and gather."""
 
     parallel_residual = False
+    attention_bias = False
+    feed_forward_class: type = FeedForward
 
     def __init__(self, cfg, lidx: int):
         super().__init__()
         self.lidx, self.norm_eps = lidx, cfg.norm_eps
-        self.attention = self.make_attention(cfg)
-        self.feed_forward = self.make_feed_forward(cfg, lidx)
+        self.attention = Attention(cfg, bias=self.attention_bias)
+        self.feed_forward = self.feed_forward_class(cfg, lidx)
         self.ffn_norm = self.make_norm(cfg)
         if cfg.sepln and lidx > 0:
             self.attention_norms = nn.ModuleList([self.make_norm(cfg) for _ in range(3)])
@@ -304,14 +306,6 @@ class TransformerBlock(nn.Module):
     def make_norm(cfg) -> nn.Module:
         """The model's norms (block and final): RMSNorm in MUDDFormer."""
         return RMSNorm(cfg.dim, cfg.norm_eps)
-
-    @staticmethod
-    def make_attention(cfg) -> nn.Module:
-        return Attention(cfg, bias=False)
-
-    @staticmethod
-    def make_feed_forward(cfg, lidx: int) -> nn.Module:
-        return FeedForward(cfg, lidx)
 
     def gather(self, stack, A: Tensor, slots: slice) -> Tensor:
         """This block's input from the connection before it (lidx > 0): (4, B, T, D), the

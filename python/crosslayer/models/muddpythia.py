@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crosslayer.models.muddformer import Attention, MUDDDecoder, MUDDFormerConfig, TransformerBlock, ffn_width
+from crosslayer.models.muddformer import MUDDDecoder, MUDDFormerConfig, TransformerBlock, ffn_width
 
 __all__ = ["MUDDPythiaConfig", "MUDDPythia"]
 
@@ -90,6 +90,9 @@ class PythiaBlock(TransformerBlock):
     """The release's Pythia TransformerBlock: LayerNorms, biased attention, GELU FFN and
     (use_parallel_residual) out = h + ffn(ffn_norm(X̄_R))."""
 
+    attention_bias = True
+    feed_forward_class = GeluFeedForward
+
     def __init__(self, cfg: MUDDPythiaConfig, lidx: int):
         super().__init__(cfg, lidx)
         self.parallel_residual = cfg.use_parallel_residual
@@ -97,14 +100,6 @@ class PythiaBlock(TransformerBlock):
     @staticmethod
     def make_norm(cfg) -> nn.Module:
         return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-
-    @staticmethod
-    def make_attention(cfg) -> nn.Module:
-        return Attention(cfg, bias=True)
-
-    @staticmethod
-    def make_feed_forward(cfg, lidx: int) -> nn.Module:
-        return GeluFeedForward(cfg, lidx)
 
     def gather(self, stack, A: Tensor, slots: slice) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """(q, k, v, r) for this block (lidx > 0): Y = stack.aggregate(A, slots), 4 ways,
@@ -118,16 +113,7 @@ class PythiaBlock(TransformerBlock):
 
 class MUDDPythia(MUDDDecoder):
     """MUDDPythia language model (module docstring: state dict, math, differences); the
-    API is MUDDFormer's.
-
-        model = MUDDPythia(MUDDPythiaConfig.from_json("config.json"))
-        model.load_state_dict(state_dict, strict=True)      # the release's keys
-        logits = model(idx)                                  # training: (B, T, V)
-
-        model.setup_caches(max_batch_size=B, max_seq_length=S)
-        logits = model(prompt, torch.arange(T))              # prefill, positions 0..T-1
-        logits = model(next_tok, torch.tensor([T]))          # decode, one token
-    """
+    API is MUDDFormer's (its docstring shows the calls), with a MUDDPythiaConfig."""
 
     config_class = MUDDPythiaConfig
     block_class = PythiaBlock

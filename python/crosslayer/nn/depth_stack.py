@@ -157,6 +157,17 @@ def _stack_grad(G: Optional[Tensor], buf: Tensor, slots: slice) -> tuple:
     return G, False
 
 
+def _hold_buffer(ctx, buf: Tensor, slots: slice, *saved: Tensor) -> None:
+    """An aggregation's forward bookkeeping: the buffer as a ctx attribute, a detached
+    alias (I3, I6: not a saved tensor), the slots it reads, `saved` saved for backward,
+    buf marked dirty (returned as the next version, I2) and no zero-filled gradients (a
+    None G starts the pass's gradient buffer, I4)."""
+    ctx.buf, ctx.slots = buf.detach(), slots
+    ctx.save_for_backward(*saved)
+    ctx.mark_dirty(buf)
+    ctx.set_materialize_grads(False)
+
+
 class _Push(torch.autograd.Function):
     """buf[j] = x in place; returns buf (dirty). Backward: G[j] -> x, G -> the older buf."""
 
@@ -186,10 +197,7 @@ class _Aggregate(torch.autograd.Function):
     def forward(ctx, buf: Tensor, A: Tensor, start: int, stop: int, step: int):
         slots = _as_slice(start, stop, step)
         Y = ops.depth_aggregate(buf[slots], A)
-        ctx.buf, ctx.slots = buf.detach(), slots  # I3: an attribute, not a saved tensor
-        ctx.save_for_backward(A)
-        ctx.mark_dirty(buf)
-        ctx.set_materialize_grads(False)
+        _hold_buffer(ctx, buf, slots, A)
         return Y, buf
 
     @staticmethod
@@ -224,10 +232,8 @@ class _AggregateQKVNorm(torch.autograd.Function):
         else:
             X = ops.depth_aggregate_qkv_norm(S, A, g, eps)
             rstd = A.new_empty(0)
-        ctx.buf, ctx.slots, ctx.eps = buf.detach(), slots, eps
-        ctx.save_for_backward(A, g, rstd)
-        ctx.mark_dirty(buf)
-        ctx.set_materialize_grads(False)
+        _hold_buffer(ctx, buf, slots, A, g, rstd)
+        ctx.eps = eps
         return X, buf
 
     @staticmethod
