@@ -100,7 +100,9 @@ class Case:
     """One row: setup(N) builds the inputs for N tokens (not counted); forward(state)
     runs the forward (counted) and returns (outputs, tensors to differentiate, fresh
     output gradients) for the counted autograd.grad of `measure`. `named(state)` names
-    tensors for the per-allocation detail of -v. floor(mode): elements per token."""
+    tensors for the per-allocation detail of -v. floor(mode): elements per token.
+    `sublayers` > 1: the row is a chain of that many sublayers and reports bytes and
+    launches per sublayer (the totals divided by it)."""
     op: str
     d: int
     n: int
@@ -109,6 +111,7 @@ class Case:
     setup: Callable[[int], dict]
     forward: Callable[[dict], tuple]
     named: Callable[[dict], dict] = field(default=lambda s: {})
+    sublayers: int = 1
 
 
 def hc_case(kind: str, d: int, n: int, dtype) -> Case:
@@ -129,6 +132,32 @@ def hc_case(kind: str, d: int, n: int, dtype) -> Case:
 
     return Case(f"{kind}_sublayer", d, n, 0, lambda m: floor_hc_sublayer(d, n, m), setup, forward,
                 lambda s: {"H": s["H"], "dH_next": s["dH_next"], **dict(s["hc"].named_parameters())})
+
+
+def hc_chain_case(kind: str, d: int, n: int, dtype, sublayers: int = 8) -> Case:
+    """`sublayers` consecutive connections of one kind with identity branches (each
+    sublayer's post feeds the next one's pre), bytes and launches per sublayer against
+    the unfused sublayer floor: what a fused post + next pre boundary saves shows as a
+    ratio below 1 (DESIGN.md's chain floor is 0.61 of it at n = 4)."""
+    import torch
+    from crosslayer.nn import HyperConnections, ManifoldHyperConnections
+
+    def setup(N: int) -> dict:
+        torch.manual_seed(0)
+        hcs = [ManifoldHyperConnections(d, n) if kind == "mhc"
+               else HyperConnections(d, n, layer_index=i, dynamic=(kind == "dhc")) for i in range(sublayers)]
+        H = torch.randn(N, n, d, dtype=dtype, requires_grad=True)
+        return {"hcs": hcs, "H": H, "dH_next": torch.randn(N, n, d, dtype=dtype)}
+
+    def forward(s):
+        H = s["H"]
+        for hc in s["hcs"]:
+            x, post = hc.pre(H)
+            H = post(x)  # identity branch: y = x
+        return [H], [s["H"], *(p for hc in s["hcs"] for p in hc.parameters())], [s["dH_next"]]
+
+    return Case(f"{kind}_chain", d, n, 0, lambda m: floor_hc_sublayer(d, n, m), setup, forward,
+                lambda s: {"H": s["H"], "dH_next": s["dH_next"]}, sublayers=sublayers)
 
 
 def depth_aggregate_case(d: int, l: int, C: int, dtype, qkv_norm: bool) -> Case:
@@ -282,6 +311,8 @@ def cases(quick: bool, only: Optional[set]) -> list[Case]:
     for d in ds:
         for kind in ("dhc", "shc", "mhc"):
             out.append(hc_case(kind, d, n, dt))
+        for kind in ("dhc", "shc", "mhc"):
+            out.append(hc_chain_case(kind, d, n, dt))
     for l in ls:
         out.append(depth_aggregate_case(2048, l, C, dt, qkv_norm=False))
         out.append(depth_aggregate_case(2048, l, C, dt, qkv_norm=True))
@@ -338,10 +369,12 @@ def fit(points: list[tuple[int, int]]) -> tuple[float, float, float]:
 def summarize(case: Case, ms: list[Measured], itemsize: int) -> list[dict]:
     out = []
     for mode in ("fwd", "fwd+bwd"):
-        totals = [(m.N, sum(r.bytes for r in rows_of(m, mode))) for m in ms]
+        per = case.sublayers
+        totals = [(m.N, sum(r.bytes for r in rows_of(m, mode)) / per) for m in ms]
         a, b, resid = fit(totals)
-        kern = fit([(m.N, sum(r.bytes for r in rows_of(m, mode) if r.kind == "kernel")) for m in ms])[0]
+        kern = fit([(m.N, sum(r.bytes for r in rows_of(m, mode) if r.kind == "kernel") / per) for m in ms])[0]
         launches = [sum(r.launch for r in rows_of(m, mode)) for m in ms]
+        launches = launches if per == 1 else [round(k / per, 2) for k in launches]
         floor = case.floor(mode) * itemsize
         row = {
             "op": case.op, "mode": mode, "d": case.d, "n": case.n, "l": case.l, "dtype": "bf16",
@@ -466,16 +499,23 @@ def read_ceiling(path: str = CEILING) -> dict:
     """{(op, mode, d, n, l): (bytes_per_token, launches)} recorded by --write-ceiling."""
     with open(path, newline="") as f:
         return {tuple(r[k] if k in ("op", "mode") else int(r[k]) for k in CEILING_KEYS):
-                (float(r["bytes_per_token"]), int(r["launches"])) for r in csv.DictReader(f)}
+                (float(r["bytes_per_token"]), float(r["launches"])) for r in csv.DictReader(f)}
 
 
 def write_ceiling(rows: list[dict], path: str = CEILING) -> None:
-    """The counts of `rows` as the new ceiling (bytes per token rounded up)."""
+    """The counts of `rows` as the new ceiling (bytes per token rounded up); the recorded
+    rows not among them (a --rows run) are kept as they were."""
+    def plain(v: float):
+        return int(v) if float(v).is_integer() else v
+
+    ceiling = read_ceiling(path) if os.path.exists(path) else {}
+    for r in rows:
+        ceiling[tuple(r[k] for k in CEILING_KEYS)] = (math.ceil(r["bytes_per_token"]), r["launches"])
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow([*CEILING_KEYS, "bytes_per_token", "launches"])
-        for r in rows:
-            w.writerow([r[k] for k in CEILING_KEYS] + [math.ceil(r["bytes_per_token"]), r["launches"]])
+        for key, (nbytes, launches) in ceiling.items():
+            w.writerow([*key, plain(nbytes), plain(launches)])
 
 
 def main(argv=None) -> int:

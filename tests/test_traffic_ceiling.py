@@ -28,9 +28,10 @@ def _traffic():
 traffic = _traffic()
 CEILING = traffic.read_ceiling()
 OPS = sorted({key[0] for key in CEILING})
-# depth_stack (a whole 8-layer DepthStack, about two minutes on 2 cores) composes the
-# kernels the depth_aggregate and mudd_weights rows already guard: exhaustive tier.
-SLOW_ROWS = {"depth_stack"}
+# depth_stack (a whole 8-layer DepthStack, about two minutes on 2 cores) and the HC
+# chains (8 sublayers each) compose the kernels the depth_aggregate, mudd_weights and
+# sublayer rows already guard: exhaustive tier.
+SLOW_ROWS = {"depth_stack", "dhc_chain", "shc_chain", "mhc_chain"}
 
 
 def test_ceiling_covers_every_quick_row():
