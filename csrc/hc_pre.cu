@@ -161,12 +161,13 @@ std::vector<at::Tensor> hc_pre_fwd(const at::Tensor& H_in, const at::Tensor& A, 
   return {x, alpha, beta, q, r};
 }
 
-std::vector<at::Tensor> hc_pre_bwd(const at::Tensor& dx_in, const std::optional<at::Tensor>& dalpha,
-                                       const std::optional<at::Tensor>& dbeta, const at::Tensor& H_in,
-                                       const at::Tensor& A, const at::Tensor& B, const at::Tensor& W,
-                                       const at::Tensor& s_a, const at::Tensor& s_b, const at::Tensor& q,
-                                       const at::Tensor& r) {
+std::vector<at::Tensor> hc_pre_bwd(at::Tensor& dH, bool accumulate, const at::Tensor& dx_in,
+                                   const std::optional<at::Tensor>& dalpha, const std::optional<at::Tensor>& dbeta,
+                                   const at::Tensor& H_in, const at::Tensor& A, const at::Tensor& B,
+                                   const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b,
+                                   const at::Tensor& q, const at::Tensor& r) {
   const HcPreShape sh = check_hc_pre_inputs(H_in, A, B, W, s_a, s_b);
+  check_activation(dH, "dH", H_in, "(..., n, d)", H_in.sizes());
   const int64_t n = sh.n, d = sh.d, J = n + 2;
   const at::ScalarType acc_type = acc_dtype(H_in.scalar_type());
   check_per_token(dx_in, "dx", "(..., d)", with_tail(sh.lead, {d}), H_in);
@@ -178,17 +179,19 @@ std::vector<at::Tensor> hc_pre_bwd(const at::Tensor& dx_in, const std::optional<
   const c10::cuda::CUDAGuard guard(H_in.device());
   const auto acc_opts = H_in.options().dtype(acc_type);
 
-  // dH is allocated like H (the fake's layout); the kernel writes it directly when it
-  // can address it (a dense permutation such as the folded layout), else a scratch.
-  at::Tensor dH = at::empty_like(H_in);
   if (sh.N == 0) {
-    return {dH, at::zeros(A.sizes(), A.options()), at::zeros(B.sizes(), B.options()),
+    return {at::zeros(A.sizes(), A.options()), at::zeros(B.sizes(), B.options()),
             at::zeros(W.sizes(), W.options()), at::zeros({}, s_a.options()), at::zeros({}, s_b.options())};
   }
   HcPreInputs in = hc_pre_params(sh, H_in, A, B, W, s_a, s_b);
   HcPreParams& p = in.p;
   const at::Tensor dx = readable(dx_in, 1, &p.x_tok);
+  // The kernel writes dH in place when it can address it (any layout whose token dims
+  // collapse, e.g. the folded one), else a scratch copied back (holding dH first when
+  // the kernel adds to it).
   at::Tensor dH_k = writable(dH, 2, &p.dh_tok);
+  if (accumulate && !dH_k.is_same(dH)) dH_k.copy_(dH);
+  p.accumulate_dh = accumulate;
   const at::Tensor q_ = q.to(acc_type).contiguous();
   const at::Tensor r_ = r.to(acc_type).contiguous();
   const at::Tensor dalpha_ = dalpha ? dalpha->to(acc_type).contiguous() : at::Tensor();
@@ -238,7 +241,7 @@ std::vector<at::Tensor> hc_pre_bwd(const at::Tensor& dx_in, const std::optional<
   const at::Tensor dB = coef.select(1, n + 1).to(B.scalar_type(), false, true);
   const at::Tensor ds_a = coef.select(1, n + 2).sum().to(s_a.scalar_type());
   const at::Tensor ds_b = coef.select(1, n + 3).sum().to(s_b.scalar_type());
-  return {dH, dA, dB, dW, ds_a, ds_b};
+  return {dA, dB, dW, ds_a, ds_b};
 }
 
 }  // namespace crosslayer

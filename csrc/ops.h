@@ -62,14 +62,16 @@ std::vector<at::Tensor> stream_mix_bwd(const at::Tensor& dx, const at::Tensor& H
 std::vector<at::Tensor> hc_pre_fwd(const at::Tensor& H, const at::Tensor& A, const at::Tensor& B,
                                        const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b,
                                        double eps);
-//   dx (*lead, d) in H's dtype; dalpha (*lead, n, n+1) and dbeta (*lead, n) optional (zero
-//   when absent); q, r from the forward. Returns {dH (H's layout), dA, dB, dW, ds_a, ds_b},
-//   parameter gradients summed over tokens, each in its parameter's dtype.
-std::vector<at::Tensor> hc_pre_bwd(const at::Tensor& dx, const std::optional<at::Tensor>& dalpha,
-                                       const std::optional<at::Tensor>& dbeta, const at::Tensor& H,
-                                       const at::Tensor& A, const at::Tensor& B, const at::Tensor& W,
-                                       const at::Tensor& s_a, const at::Tensor& s_b, const at::Tensor& q,
-                                       const at::Tensor& r);
+//   dH (*lead, n, d) of H's dtype, written in place: dH = (accumulate false) or dH +=
+//   (accumulate true: another op's contribution to H's gradient is already there) the
+//   gradient through hc_pre; dx (*lead, d) in H's dtype; dalpha (*lead, n, n+1) and dbeta
+//   (*lead, n) optional (zero when absent); q, r from the forward. Returns {dA, dB, dW,
+//   ds_a, ds_b}, summed over tokens, each in its parameter's dtype.
+std::vector<at::Tensor> hc_pre_bwd(at::Tensor& dH, bool accumulate, const at::Tensor& dx,
+                                   const std::optional<at::Tensor>& dalpha, const std::optional<at::Tensor>& dbeta,
+                                   const at::Tensor& H, const at::Tensor& A, const at::Tensor& B,
+                                   const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b,
+                                   const at::Tensor& q, const at::Tensor& r);
 
 // mhc_coeffs.cu (mHC coefficients; the mixing itself is stream_mix / hc_post above)
 //   H (*lead, n, d), 1 <= n <= 16, d >= 1, any token/stream strides; phi (n·d, n²+2n);

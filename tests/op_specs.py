@@ -127,8 +127,9 @@ def hc_pre_opcheck(dtype, device):
         dx = rand(2, 3, d, dtype=dtype, device=device)
         calls += [(hc_pre_op, (H, *params, EPS)),
                   (hc_pre_op, tuple(t.detach().clone().requires_grad_(True) for t in (H, *params)) + (EPS,)),
-                  (hc_pre_bwd_op, (dx, torch.randn_like(alpha), torch.randn_like(beta), H, *params, q, r, EPS)),
-                  (hc_pre_bwd_op, (dx, None, None, H, *params, q, r, EPS))]
+                  (hc_pre_bwd_op, (torch.empty_like(H), False, dx, torch.randn_like(alpha), torch.randn_like(beta), H,
+                                   *params, q, r, EPS)),
+                  (hc_pre_bwd_op, (torch.randn_like(H), True, dx, None, None, H, *params, q, r, EPS))]
     return calls
 
 
@@ -138,6 +139,7 @@ def hc_pre_launcher_errors(kernels, device):
     x, alpha, beta, q, r = kernels.hc_pre_fwd(H, A, B, W, s_a, s_b, EPS)
     dx = torch.randn(3, 8, device=device)
     H17 = torch.randn(3, 17, 8, device=device)
+    dH = torch.empty_like(H)
     fwd, bwd = kernels.hc_pre_fwd, kernels.hc_pre_bwd
     return [
         (lambda: fwd(H, A, B, W[:, :5], s_a, s_b, EPS), re.escape("W must have shape (d, n+2) = [8, 6], got [8, 5]")),
@@ -147,10 +149,12 @@ def hc_pre_launcher_errors(kernels, device):
         (lambda: fwd(H17, H17.new_zeros(17, 18), H17.new_zeros(17), H17.new_zeros(8, 19), s_a, s_b, EPS),
          "H must have 1 to 16 streams"),
         (lambda: fwd(H, A, B, W.to("meta"), s_a, s_b, EPS), "W is on meta but H is on"),
-        (lambda: bwd(dx, alpha[:, :, :4], None, H, A, B, W, s_a, s_b, q, r), r"dalpha must have shape \(\.\.\., n, n\+1\)"),
-        (lambda: bwd(dx, None, beta[:2], H, A, B, W, s_a, s_b, q, r), r"dbeta must have shape \(\.\.\., n\)"),
-        (lambda: bwd(dx, None, None, H, A, B, W, s_a, s_b, q[..., :5], r), r"q must have shape \(\.\.\., n, n\+2\)"),
-        (lambda: bwd(dx.double(), None, None, H, A, B, W, s_a, s_b, q, r), "dx must have H's dtype"),
+        (lambda: bwd(dH, False, dx, alpha[:, :, :4], None, H, A, B, W, s_a, s_b, q, r), r"dalpha must have shape \(\.\.\., n, n\+1\)"),
+        (lambda: bwd(dH, False, dx, None, beta[:2], H, A, B, W, s_a, s_b, q, r), r"dbeta must have shape \(\.\.\., n\)"),
+        (lambda: bwd(dH, False, dx, None, None, H, A, B, W, s_a, s_b, q[..., :5], r), r"q must have shape \(\.\.\., n, n\+2\)"),
+        (lambda: bwd(dH, False, dx.double(), None, None, H, A, B, W, s_a, s_b, q, r), "dx must have H's dtype"),
+        (lambda: bwd(dH[:, :3], True, dx, None, None, H, A, B, W, s_a, s_b, q, r),
+         re.escape("dH must have shape (..., n, d) = [3, 4, 8], got [3, 3, 8]")),
     ]
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from crosslayer import ref
-from hc_inputs import STREAM_LAYOUTS, is_dense, make_streams, make_vec, stream_cases, uncollapsible_streams
+from hc_inputs import STREAM_LAYOUTS, make_streams, make_vec, stream_cases, uncollapsible_streams
 from policy import assert_policy
 from test_hc_post import DTYPES
 from test_hc_pre import EPS, double, fwd_oracle, make_grads, make_params
@@ -36,9 +36,20 @@ def _check_pre_fwd(H, params, outs):
     assert_policy("r", r, torch.rsqrt(Hc.square().mean(-1) + EPS), torch.rsqrt(H.double().square().mean(-1) + EPS))
 
 
-def _check_pre_bwd(dx, dalpha, dbeta, H, params, got):
-    low = ref.hc_pre_bwd(dx, dalpha, dbeta, H, *params, eps=EPS)
-    high = ref.hc_pre_bwd(*double((dx, dalpha, dbeta, H, *params)), eps=EPS)
+def _pre_bwd(cuemu, dx, dalpha, dbeta, H, params, q, r, prior=None):
+    """(dH, dA, dB, dW, ds_a, ds_b) from the launcher: dH written into a NaN-filled
+    tensor like H, or, given `prior` (another op's contribution), added to a copy of it."""
+    dH = torch.full_like(H, float("nan")) if prior is None else prior.clone()
+    grads = cuemu.hc_pre_bwd(dH, prior is not None, dx, dalpha, dbeta, H, *params, q, r)
+    return (dH, *grads)
+
+
+def _check_pre_bwd(dx, dalpha, dbeta, H, params, got, prior=None):
+    low = list(ref.hc_pre_bwd(dx, dalpha, dbeta, H, *params, eps=EPS))
+    high = list(ref.hc_pre_bwd(*double((dx, dalpha, dbeta, H, *params)), eps=EPS))
+    if prior is not None:
+        low[0] = low[0] + prior
+        high[0] = high[0] + prior.double()
     for name, g, lo, hi, p in zip(("dH", "dA", "dB", "dW", "ds_a", "ds_b"), got, low, high, (H, *params)):
         assert g.dtype == p.dtype, f"{name}: dtype {g.dtype} != {p.dtype}"
         assert_policy(name, g, lo, hi)
@@ -61,10 +72,7 @@ def test_hc_pre_backward(cuemu, poisoned, dtype, shape, n, coeff_grads):
     if not coeff_grads:
         dalpha = dbeta = None
     _, _, _, q, r = cuemu.hc_pre_fwd(H, *params, EPS)
-    got = cuemu.hc_pre_bwd(dx, dalpha, dbeta, H, *params, q, r)
-    if is_dense(H):
-        assert got[0].stride() == H.stride()
-    _check_pre_bwd(dx, dalpha, dbeta, H, params, got)
+    _check_pre_bwd(dx, dalpha, dbeta, H, params, _pre_bwd(cuemu, dx, dalpha, dbeta, H, params, q, r))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -78,10 +86,7 @@ def test_hc_pre_layouts(cuemu, poisoned, dtype, layout, n):
     dx = make_vec(lead, d, dtype=dtype, device="cpu", misaligned=layout == "misaligned")
     _, dalpha, dbeta = make_grads(lead, n, d, dtype=dtype, device="cpu")
     _, _, _, q, r = cuemu.hc_pre_fwd(H, *params, EPS)
-    got = cuemu.hc_pre_bwd(dx, dalpha, dbeta, H, *params, q, r)
-    if is_dense(H):
-        assert got[0].stride() == H.stride()
-    _check_pre_bwd(dx, dalpha, dbeta, H, params, got)
+    _check_pre_bwd(dx, dalpha, dbeta, H, params, _pre_bwd(cuemu, dx, dalpha, dbeta, H, params, q, r))
 
 
 def test_hc_pre_copied_layouts(cuemu, poisoned):
@@ -92,9 +97,27 @@ def test_hc_pre_copied_layouts(cuemu, poisoned):
         outs = cuemu.hc_pre_fwd(H, *params, EPS)
         _check_pre_fwd(H, params, outs)
         dx, dalpha, dbeta = make_grads(lead, n, d, dtype=torch.bfloat16, device="cpu")
-        got = cuemu.hc_pre_bwd(dx, dalpha, dbeta, H, *params, *outs[3:])
-        assert got[0].stride() == H.stride()
-        _check_pre_bwd(dx, dalpha, dbeta, H, params, got)
+        _check_pre_bwd(dx, dalpha, dbeta, H, params, _pre_bwd(cuemu, dx, dalpha, dbeta, H, params, *outs[3:]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", *STREAM_LAYOUTS, "uncollapsible"])
+def test_hc_pre_backward_accumulates(cuemu, poisoned, dtype, layout):
+    """accumulate: dH += the gradient through hc_pre (another op's contribution already in
+    dH, as hc_post's is in a connection), in place in every layout, through a scratch
+    copy where the kernel cannot address dH's token dims."""
+    n, d = 4, 136
+    if layout == "uncollapsible":
+        H = uncollapsible_streams(n, d, dtype)
+        params, lead = make_params(n, d, dtype=dtype, device="cpu"), H.shape[:-2]
+    else:
+        lead = (2, 3)
+        H, params = _pre_inputs(lead, n, d, dtype, layout)
+    prior = torch.empty_like(H).copy_(torch.randn(H.shape))  # H's layout, as hc_post allocates it
+    dx, dalpha, dbeta = make_grads(lead, n, d, dtype=dtype, device="cpu")
+    _, _, _, q, r = cuemu.hc_pre_fwd(H, *params, EPS)
+    got = _pre_bwd(cuemu, dx, dalpha, dbeta, H, params, q, r, prior=prior)
+    _check_pre_bwd(dx, dalpha, dbeta, H, params, got, prior=prior)
 
 
 @pytest.mark.parametrize("dtype, n, d", [
@@ -109,7 +132,7 @@ def test_hc_pre_backward_dw_in_global_workspace(cuemu, poisoned, dtype, n, d):
     H, params = _pre_inputs(lead, n, d, dtype)
     dx, dalpha, dbeta = make_grads(lead, n, d, dtype=dtype, device="cpu")
     _, _, _, q, r = cuemu.hc_pre_fwd(H, *params, EPS)
-    _check_pre_bwd(dx, dalpha, dbeta, H, params, cuemu.hc_pre_bwd(dx, dalpha, dbeta, H, *params, q, r))
+    _check_pre_bwd(dx, dalpha, dbeta, H, params, _pre_bwd(cuemu, dx, dalpha, dbeta, H, params, q, r))
 
 
 def test_hc_pre_backward_persistent_grid(cuemu, poisoned):
@@ -122,7 +145,7 @@ def test_hc_pre_backward_persistent_grid(cuemu, poisoned):
     dx, dalpha, dbeta = make_grads(lead, n, d, dtype=torch.float32, device="cpu")
     outs = cuemu.hc_pre_fwd(H, *params, EPS)
     _check_pre_fwd(H, params, outs)
-    _check_pre_bwd(dx, dalpha, dbeta, H, params, cuemu.hc_pre_bwd(dx, dalpha, dbeta, H, *params, *outs[3:]))
+    _check_pre_bwd(dx, dalpha, dbeta, H, params, _pre_bwd(cuemu, dx, dalpha, dbeta, H, params, *outs[3:]))
 
 
 @pytest.mark.parametrize("which", ["dalpha", "dbeta"])
@@ -136,7 +159,7 @@ def test_hc_pre_backward_one_coefficient_gradient(cuemu, poisoned, which):
     else:
         dalpha = None
     _, _, _, q, r = cuemu.hc_pre_fwd(H, *params, EPS)
-    _check_pre_bwd(dx, dalpha, dbeta, H, params, cuemu.hc_pre_bwd(dx, dalpha, dbeta, H, *params, q, r))
+    _check_pre_bwd(dx, dalpha, dbeta, H, params, _pre_bwd(cuemu, dx, dalpha, dbeta, H, params, q, r))
 
 
 def test_hc_pre_empty_tokens(cuemu, poisoned):
@@ -145,7 +168,7 @@ def test_hc_pre_empty_tokens(cuemu, poisoned):
     x, alpha, beta, q, r = cuemu.hc_pre_fwd(H, *params, EPS)
     assert x.shape == (0, 8) and alpha.shape == (0, 4, 5) and beta.shape == (0, 4)
     assert q.shape == (0, 4, 6) and r.shape == (0, 4)
-    got = cuemu.hc_pre_bwd(torch.randn(0, 8), None, None, H, *params, q, r)
+    got = _pre_bwd(cuemu, torch.randn(0, 8), None, None, H, params, q, r)
     assert got[0].shape == H.shape
     for g, p in zip(got[1:], params):
         assert torch.equal(g, torch.zeros_like(p))

@@ -108,6 +108,40 @@ def test_hc_pre_bwd_outputs_are_distinct_at_one_stream(emulated):
     n, d = 1, 9
     H, A, B, W, s = torch.randn(4, n, d), torch.randn(n, n + 1), torch.randn(n), torch.randn(d, n + 2), torch.tensor(0.5)
     _, _, _, q, r = hc_pre_op(H, A, B, W, s, s, 1e-6)
-    grads = hc_pre_bwd_op(torch.randn(4, d), torch.randn(4, n, n + 1), torch.randn(4, n), H, A, B, W, s, s,
-                              q, r, 1e-6)
-    assert grads[1].untyped_storage().data_ptr() != grads[2].untyped_storage().data_ptr()
+    dA, dB, *_ = hc_pre_bwd_op(torch.empty_like(H), False, torch.randn(4, d), torch.randn(4, n, n + 1),
+                               torch.randn(4, n), H, A, B, W, s, s, q, r, 1e-6)
+    assert dA.untyped_storage().data_ptr() != dB.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("use_post", [True, False])
+def test_dhc_connection_gradient_in_one_tensor(emulated, dtype, use_post):
+    """A DHC connection (pre, branch, post) on the emulated kernels: hc_post's backward
+    writes H's gradient and hc_pre's backward adds to it in place (ops.hc_pre_for_post),
+    equal to the oracle's; and when post is never called, pre's gradient alone."""
+    torch.manual_seed(0)
+    n, d = 4, 40
+    hc = clnn.HyperConnections(d, n, layer_index=1)
+    with torch.no_grad():
+        for p in hc.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    H0 = torch.randn(3, 5, n, d).to(dtype)
+    w = torch.randn(d, d, dtype=dtype) / d ** 0.5
+
+    def run():
+        hc.zero_grad(set_to_none=True)
+        H = H0.clone().requires_grad_(True)
+        x, post = hc.pre(H)
+        out = post(torch.tanh(x @ w)) if use_post else torch.tanh(x @ w)
+        (out.float() ** 2).sum().backward()
+        return H.grad, [p.grad for p in hc.parameters()]
+
+    got = run()
+    with emulate(None):
+        want = run()
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[0], want[0], **tol)
+    for g, w_, p in zip(got[1], want[1], hc.parameters()):
+        # Without post, beta is unused: the oracle leaves B's gradient None, the fused
+        # backward gives zeros (the fused ops' rule for unused coefficient gradients).
+        torch.testing.assert_close(g, torch.zeros_like(p) if w_ is None else w_, **tol)

@@ -15,7 +15,9 @@
 //     G_ij   = dalpha[i,j] + [j == 0]·g0_i (j <= n),  G_i,n+1 = dbeta[i]
 //     dq_ij  = r_i·s_j·G_ij·(1 − t_ij²)    with s_j = s_a (j <= n), s_b (j = n+1)
 //     dr_i   = Σ_j s_j·G_ij·(1 − t_ij²)·q_ij
-//     dH_i[e] = alpha[i,0]·dx[e] + Σ_j dq_ij·W[e,j] − dr_i·r_i³/d·H_i[e]   (= written)
+//     dH_i[e] = alpha[i,0]·dx[e] + Σ_j dq_ij·W[e,j] − dr_i·r_i³/d·H_i[e]
+//                                         (= written; += with accumulate_dh, the sum
+//                                          rounded from the two activation-dtype terms)
 //     dW[e,j] += Σ_i H_i[e]·dq_ij;   dA[i,j] += G_ij;   dB[i] += G_i,n+1;
 //     ds_a += Σ_{i, j<=n} G_ij·t_ij;  ds_b += Σ_i G_i,n+1·t_i,n+1     (over tokens)
 //   The token sums are per-block partials (the `+=` above accumulate over a block's
@@ -117,6 +119,7 @@ struct HcPreParams {
   // holding, per stream i, dA[i, 0..n], dB[i], ds_a part, ds_b part.
   void* __restrict__ dw_ws_ptr;
   void* __restrict__ coef_ws_ptr;
+  bool accumulate_dh;  // dH += (true: another op's dH contribution is there) or dH = (false)
   bool dw_in_smem;  // dW partial of each row in shared memory (else in dw_ws, rows = 1)
 };
 
@@ -591,7 +594,15 @@ __device__ __forceinline__ void hc_pre_bwd_chunk(const HcPreParams& p, const HcP
       }
 #pragma unroll
       for (int i = 0; i < kG; ++i) {
-        if (g0 + i < n) store_chunk_raw<T, kVec>(dh_tok + (g0 + i) * p.dh_stream_stride, e, p.d, out[i]);
+        if (g0 + i < n) {
+          T* __restrict__ dst = dh_tok + (g0 + i) * p.dh_stream_stride;
+          if (p.accumulate_dh) {
+            const Vec<T, kVec> prev = load_chunk_raw<T, kVec>(dst, e, p.d);
+#pragma unroll
+            for (int k = 0; k < kVec; ++k) out[i].v[k] = from_acc<T>(to_acc(out[i].v[k]) + to_acc(prev.v[k]));
+          }
+          store_chunk_raw<T, kVec>(dst, e, p.d, out[i]);
+        }
       }
     }
   }

@@ -156,9 +156,11 @@ class HyperConnections(_StreamConnection):
         return ops.hc_pre(H, self.A, self.B, self.W, self.s_a, self.s_b, self.eps)
 
     def pre(self, H: Tensor) -> Tuple[Tensor, Post]:
-        """x (*tok, d), the sublayer input, and post: y (*tok, d) -> H' (*tok, n, d)."""
-        x, alpha, beta = self.coefficients(H)
-        return x, functools.partial(ops.hc_post, H, alpha=alpha, beta=beta)
+        """x (*tok, d), the sublayer input, and post: y (*tok, d) -> H' (*tok, n, d).
+        H's gradient through pre and post accumulates in one tensor (ops.hc_pre_for_post)."""
+        self._check_H(H)
+        x, alpha, beta, H_post = ops.hc_pre_for_post(H, self.A, self.B, self.W, self.s_a, self.s_b, self.eps)
+        return x, functools.partial(ops.hc_post, H_post, alpha=alpha, beta=beta)
 
 
 class ManifoldHyperConnections(_StreamConnection):

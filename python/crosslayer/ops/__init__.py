@@ -5,7 +5,7 @@ from crosslayer._extension import _C
 from crosslayer.ops.depth_aggregate import depth_aggregate
 from crosslayer.ops.depth_aggregate_qkv_norm import depth_aggregate_qkv_norm
 from crosslayer.ops.hc_post import hc_post
-from crosslayer.ops.hc_pre import hc_pre
+from crosslayer.ops.hc_pre import hc_pre, hc_pre_for_post
 from crosslayer.ops.mhc_coeffs import mhc_coeffs
 from crosslayer.ops.mudd_weights import mudd_weights
 from crosslayer.ops.stream_mix import stream_mix
@@ -19,5 +19,5 @@ def fused_ops() -> dict:
     return {op: _C is not None for op in ALL_OPS}  # every op has its kernels
 
 
-__all__ = ["depth_aggregate", "depth_aggregate_qkv_norm", "hc_pre", "hc_post", "stream_mix",
+__all__ = ["depth_aggregate", "depth_aggregate_qkv_norm", "hc_pre", "hc_pre_for_post", "hc_post", "stream_mix",
            "mhc_coeffs", "mudd_weights", "fused_ops", "ALL_OPS"]

@@ -6,10 +6,12 @@ Layers, bottom up:
   torch.ops.crosslayer.hc_pre          custom op + fake + autograd: (x, alpha, beta,
                                            q, r); q = H·W and r = rsqrt(mean H² + eps)
                                            are saved for the backward, not differentiable
-  torch.ops.crosslayer.hc_pre_bwd      custom op: (dH, dA, dB, dW, ds_a, ds_b)
+  torch.ops.crosslayer.hc_pre_bwd      custom op: dH (=|+=) in place; (dA, dB, dW, ds_a, ds_b)
   hc_pre(H, A, B, W, s_a, s_b, eps)        validates once; DHC -> the op above; SHC ->
                                            stream_mix(H, A[:, 0]) (one fused kernel each
                                            way) and copies of A and B as alpha and beta
+  hc_pre_for_post(...)                     the same plus the H its connection's hc_post
+                                           reads: H's gradient accumulates in one tensor
 
 H: (*lead, n, d) with any number of token dims and any token/stream strides. x is
 contiguous (*lead, d); alpha, beta, q, r are contiguous in the arithmetic dtype (float64
@@ -71,34 +73,37 @@ def _hc_pre_fake(H, A, B, W, s_a, s_b, eps):
             H.new_empty((*lead, n), dtype=acc))
 
 
-@torch.library.custom_op("crosslayer::hc_pre_bwd", mutates_args=())
-def hc_pre_bwd_op(dx: Tensor, dalpha: Optional[Tensor], dbeta: Optional[Tensor], H: Tensor,
-                      A: Tensor, B: Tensor, W: Tensor, s_a: Tensor, s_b: Tensor, q: Tensor,
-                      r: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dH, dA, dB, dW, ds_a, ds_b) of dynamic HC.
+@torch.library.custom_op("crosslayer::hc_pre_bwd", mutates_args=("dH",))
+def hc_pre_bwd_op(dH: Tensor, accumulate: bool, dx: Tensor, dalpha: Optional[Tensor], dbeta: Optional[Tensor],
+                  H: Tensor, A: Tensor, B: Tensor, W: Tensor, s_a: Tensor, s_b: Tensor, q: Tensor,
+                  r: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradient through dynamic HC: dH (=, or += with `accumulate`) in place, and
+    (dA, dB, dW, ds_a, ds_b).
 
-    dx: (*lead, d) in H's dtype; dalpha: (*lead, n, n+1) or None; dbeta: (*lead, n) or
-    None (None = zero); q, r: from hc_pre; eps: the forward's (the CPU path
-    recomputes from H). dH is allocated like H; the parameter gradients are summed over
-    tokens, each in its parameter's dtype.
+    dH: H's shape and dtype (with `accumulate`, another op's contribution to H's
+    gradient, e.g. hc_post's); dx: (*lead, d) in H's dtype; dalpha: (*lead, n, n+1) or
+    None; dbeta: (*lead, n) or None (None = zero); q, r: from hc_pre; eps: the forward's
+    (the CPU path recomputes from H). The parameter gradients are summed over tokens,
+    each in its parameter's dtype.
     """
     kernels = kernels_for(H, "hc_pre")
     if kernels is not None:
-        dH, dA, dB, dW, ds_a, ds_b = kernels.hc_pre_bwd(dx, dalpha, dbeta, H, A, B, W, s_a, s_b, q, r)
-        return dH, dA, dB, dW, ds_a, ds_b
+        dA, dB, dW, ds_a, ds_b = kernels.hc_pre_bwd(dH, accumulate, dx, dalpha, dbeta, H, A, B, W, s_a, s_b, q, r)
+        return dA, dB, dW, ds_a, ds_b
     acc = acc_dtype(H.dtype)
-    dH, dA, dB, dW, ds_a, ds_b = ref.hc_pre_bwd(
+    g, dA, dB, dW, ds_a, ds_b = ref.hc_pre_bwd(
         dx, dalpha, dbeta, H, A.to(acc), B.to(acc), W.to(acc), s_a.to(acc), s_b.to(acc), eps)
-    dH_like = torch.empty_like(H)
-    dH_like.copy_(dH)
-    return (dH_like, dA.to(A.dtype).contiguous(), dB.to(B.dtype).contiguous(),
-            dW.to(W.dtype).contiguous(), ds_a.to(s_a.dtype), ds_b.to(s_b.dtype))
+    if accumulate:
+        dH.add_(g.to(dH.dtype))
+    else:
+        dH.copy_(g)
+    return (dA.to(A.dtype).contiguous(), dB.to(B.dtype).contiguous(), dW.to(W.dtype).contiguous(),
+            ds_a.to(s_a.dtype), ds_b.to(s_b.dtype))
 
 
 @hc_pre_bwd_op.register_fake
-def _hc_pre_bwd_fake(dx, dalpha, dbeta, H, A, B, W, s_a, s_b, q, r, eps):
-    return (torch.empty_like(H), A.new_empty(A.shape), B.new_empty(B.shape), W.new_empty(W.shape),
-            s_a.new_empty(()), s_b.new_empty(()))
+def _hc_pre_bwd_fake(dH, accumulate, dx, dalpha, dbeta, H, A, B, W, s_a, s_b, q, r, eps):
+    return A.new_empty(A.shape), B.new_empty(B.shape), W.new_empty(W.shape), s_a.new_empty(()), s_b.new_empty(())
 
 
 def _hc_pre_setup(ctx, inputs, output) -> None:
@@ -109,15 +114,44 @@ def _hc_pre_setup(ctx, inputs, output) -> None:
     ctx.eps = eps
 
 
-def _hc_pre_backward(ctx, dx, dalpha, dbeta, dq, dr):
+def _hc_pre_grads(ctx, dx: Optional[Tensor], dalpha: Optional[Tensor], dbeta: Optional[Tensor],
+                  dH: Optional[Tensor]):
+    """(dH, dA, dB, dW, ds_a, ds_b, None): the gradient through hc_pre added to `dH` in
+    place when given (another op's contribution to H's gradient), else written to a new
+    tensor like H."""
     H, A, B, W, s_a, s_b, q, r = ctx.saved_tensors
     if dx is None:
         dx = H.new_zeros((*H.shape[:-2], H.shape[-1]))
-    dH, dA, dB, dW, ds_a, ds_b = hc_pre_bwd_op(dx, dalpha, dbeta, H, A, B, W, s_a, s_b, q, r, ctx.eps)
+    accumulate = dH is not None
+    if not accumulate:
+        dH = torch.empty_like(H)
+    dA, dB, dW, ds_a, ds_b = hc_pre_bwd_op(dH, accumulate, dx, dalpha, dbeta, H, A, B, W, s_a, s_b, q, r,
+                                           ctx.eps)
     return dH, dA, dB, dW, ds_a, ds_b, None
 
 
+def _hc_pre_backward(ctx, dx, dalpha, dbeta, dq, dr):
+    return _hc_pre_grads(ctx, dx, dalpha, dbeta, None)
+
+
 hc_pre_op.register_autograd(_hc_pre_backward, setup_context=_hc_pre_setup)
+
+
+class _HcPreForPost(torch.autograd.Function):
+    """hc_pre returning H as a fourth output for the connection's hc_post to read: the
+    post's dH then arrives here as that output's gradient and hc_pre's backward kernel
+    adds its own contribution to it in place, so H's gradient is one tensor written
+    twice, not two tensors autograd sums (DESIGN.md's sublayer floor)."""
+
+    @staticmethod
+    def forward(ctx, H, A, B, W, s_a, s_b, eps):
+        x, alpha, beta, q, r = hc_pre_op(H, A, B, W, s_a, s_b, eps)
+        _hc_pre_setup(ctx, (H, A, B, W, s_a, s_b, eps), (x, alpha, beta, q, r))
+        return x, alpha, beta, H
+
+    @staticmethod
+    def backward(ctx, dx, dalpha, dbeta, dH_post):
+        return _hc_pre_grads(ctx, dx, dalpha, dbeta, dH_post)
 
 
 def hc_pre(H: Tensor, A: Tensor, B: Tensor, W: Optional[Tensor] = None,
@@ -150,3 +184,17 @@ def hc_pre(H: Tensor, A: Tensor, B: Tensor, W: Optional[Tensor] = None,
     sb = scalar_tensor(s_b, ct, H.device)
     x, alpha, beta, _, _ = hc_pre_op(H, A, B, W, sa, sb, eps)
     return x, alpha, beta
+
+
+def hc_pre_for_post(H: Tensor, A: Tensor, B: Tensor, W: Optional[Tensor] = None,
+                    s_a: Optional[Scalar] = None, s_b: Optional[Scalar] = None, eps: float = 1e-6):
+    """`hc_pre` for a connection: (x, alpha, beta, H_post), where H_post (H's values) is
+    the tensor the connection's `hc_post` must read. Fused DHC adds its dH to the one
+    hc_post's backward wrote, in place; elsewhere H_post is H and autograd sums the two.
+    Arguments and the first three results as in `hc_pre`."""
+    scales = [v for v in (s_a, s_b) if isinstance(v, Tensor)]
+    if W is None or not fusable(H, A, B, W, *scales):
+        return (*hc_pre(H, A, B, W, s_a, s_b, eps), H)
+    validate_hc_pre(H, A, B, W, s_a, s_b)
+    ct = compute_dtype(H, A, B, W, *scales)
+    return _HcPreForPost.apply(H, A, B, W, scalar_tensor(s_a, ct, H.device), scalar_tensor(s_b, ct, H.device), eps)
