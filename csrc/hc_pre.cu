@@ -189,8 +189,7 @@ std::vector<at::Tensor> hc_pre_bwd(at::Tensor& dH, bool accumulate, const at::Te
   // The kernel writes dH in place when it can address it (any layout whose token dims
   // collapse, e.g. the folded one), else a scratch copied back (holding dH first when
   // the kernel adds to it).
-  at::Tensor dH_k = writable(dH, 2, &p.dh_tok);
-  if (accumulate && !dH_k.is_same(dH)) dH_k.copy_(dH);
+  at::Tensor dH_k = writable(dH, 2, &p.dh_tok, accumulate);
   p.accumulate_dh = accumulate;
   const at::Tensor q_ = q.to(acc_type).contiguous();
   const at::Tensor r_ = r.to(acc_type).contiguous();

@@ -50,9 +50,11 @@ std::vector<at::Tensor> hc_post_bwd(const at::Tensor& dH_new, const at::Tensor& 
 // stream_mix.cu
 //   H as for hc_post; w (*lead, n) or (n,). Returns x (*lead, d) = Σ_i w_i·H_i, contiguous.
 at::Tensor stream_mix_fwd(const at::Tensor& H, const at::Tensor& w);
-//   dx (*lead, d) of H's dtype. Returns {dH = w_i·dx (H's layout), dw = <dx, H_i>
-//   (w's shape, summed over tokens when static, accumulator dtype)}.
-std::vector<at::Tensor> stream_mix_bwd(const at::Tensor& dx, const at::Tensor& H, const at::Tensor& w);
+//   dH (*lead, n, d) of H's dtype, in place: dH_i = w_i·dx (accumulate false) or += (true:
+//   another op's contribution to H's gradient is there); dx (*lead, d) of H's dtype.
+//   Returns dw = <dx, H_i> (w's shape, summed over tokens when static, accumulator dtype).
+at::Tensor stream_mix_bwd(at::Tensor& dH, bool accumulate, const at::Tensor& dx, const at::Tensor& H,
+                          const at::Tensor& w);
 
 // hc_pre.cu (dynamic HC; static HC is stream_mix with w = A[:, 0])
 //   H (*lead, n, d), 1 <= n <= 16, d >= 1, any token/stream strides; A (n, n+1); B (n);

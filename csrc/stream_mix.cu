@@ -1,7 +1,8 @@
 // Launchers of stream_mix (kernels in kernels/stream_mix.cuh).
 //
 //   stream_mix_fwd(H (*lead, n, d), w) -> x (*lead, d), contiguous
-//   stream_mix_bwd(dx, H, w) -> {dH (H's layout), dw}
+//   stream_mix_bwd(dH, accumulate, dx, H, w) -> dw; dH (H's shape) written (=) or added
+//   to (+=) in place
 //
 // w: (*lead, n) per token or (n,) static, any float dtype, converted to the accumulator
 // dtype (float64 for float64 H, float32 otherwise); dw comes back in it with w's shape
@@ -62,19 +63,23 @@ at::Tensor stream_mix_fwd(const at::Tensor& H_in, const at::Tensor& w_in) {
   return x;
 }
 
-std::vector<at::Tensor> stream_mix_bwd(const at::Tensor& dx_in, const at::Tensor& H_in, const at::Tensor& w_in) {
+at::Tensor stream_mix_bwd(at::Tensor& dH, bool accumulate, const at::Tensor& dx_in, const at::Tensor& H_in,
+                          const at::Tensor& w_in) {
   StreamMixInputs in = stream_mix_inputs(H_in, w_in);
   const StreamShape& sh = in.sh;
+  check_activation(dH, "dH", H_in, "(*lead, n, d)", H_in.sizes());
   check_activation(dx_in, "dx", H_in, "(*lead, d)", with_tail(sh.lead, {sh.d}));
   const c10::cuda::CUDAGuard guard(H_in.device());
   const at::TensorOptions acc_opts = H_in.options().dtype(acc_dtype(H_in.scalar_type()));
-  at::Tensor dH = at::empty_like(H_in);
-  if (sh.N == 0 || sh.d == 0) return {dH, at::zeros(w_in.sizes(), acc_opts)};
+  if (sh.N == 0 || sh.d == 0) return at::zeros(w_in.sizes(), acc_opts);
   at::Tensor dw_tok = at::empty({sh.N, sh.n}, acc_opts);
   StreamMixParams& p = in.p;
   const at::Tensor g = readable(dx_in, 1, &p.g_tok);
-  at::Tensor dh = writable(dH, 2, &p.dh_tok);
+  // dH in place where the kernel can address it, else through a scratch (holding dH
+  // first when the kernel adds to it) copied back.
+  at::Tensor dh = writable(dH, 2, &p.dh_tok, accumulate);
   p.dh_stream_stride = stream_stride(dh);
+  p.accumulate_dh = accumulate;
   p.g_ptr = g.data_ptr();
   p.dh_ptr = dh.data_ptr();
   p.dw_ptr = dw_tok.data_ptr();
@@ -87,8 +92,7 @@ std::vector<at::Tensor> stream_mix_bwd(const at::Tensor& dx_in, const at::Tensor
     });
   });
   copy_back(dH, dh);
-  at::Tensor dw = in.static_w ? dw_tok.sum(0) : dw_tok.view(w_in.sizes());
-  return {dH, dw};
+  return in.static_w ? dw_tok.sum(0) : dw_tok.view(w_in.sizes());
 }
 
 }  // namespace crosslayer

@@ -201,7 +201,8 @@ def stream_mix_opcheck(dtype, device):
         H = make_streams((2, 3), 3, 20, dtype=dtype, device=device, layout=layout)
         w = hc_coeffs((2, 3), 3, dtype, device, static)[1]
         calls += [(stream_mix_op, (H, w)),
-                  (stream_mix_bwd_op, (rand(2, 3, 20, dtype=dtype, device=device), H, w))]
+                  (stream_mix_bwd_op, (torch.empty_like(H), False, rand(2, 3, 20, dtype=dtype, device=device), H, w)),
+                  (stream_mix_bwd_op, (torch.randn_like(H), True, rand(2, 3, 20, dtype=dtype, device=device), H, w))]
     return calls
 
 
@@ -225,14 +226,16 @@ def hc_post_launcher_errors(kernels, device):
 def stream_mix_launcher_errors(kernels, device):
     H = torch.randn(3, 4, 8, device=device)
     w = torch.randn(4, device=device)
+    dH, bwd = torch.empty_like(H), kernels.stream_mix_bwd
     return [
         (lambda: kernels.stream_mix_fwd(H.int(), w), "H must have dtype float32, bfloat16, float16 or float64"),
         (lambda: kernels.stream_mix_fwd(H.new_zeros(3, 17, 8), H.new_zeros(17)), "H must have 1 to 16 streams"),
         (lambda: kernels.stream_mix_fwd(H.new_zeros(8), H.new_zeros(1)),
          re.escape("H must have shape (*lead, n, d) with at least 2 dims")),
-        (lambda: kernels.stream_mix_bwd(H[:, 0], H, w.new_zeros(5)), re.escape("w must have shape (*lead, n) = [3, 4]")),
-        (lambda: kernels.stream_mix_bwd(H.new_zeros(3, 9), H, w), re.escape("dx must have shape (*lead, d) = [3, 8]")),
-        (lambda: kernels.stream_mix_bwd(H[:, 0].double(), H, w), "dx must have H's dtype"),
+        (lambda: bwd(dH, False, H[:, 0], H, w.new_zeros(5)), re.escape("w must have shape (*lead, n) = [3, 4]")),
+        (lambda: bwd(dH, False, H.new_zeros(3, 9), H, w), re.escape("dx must have shape (*lead, d) = [3, 8]")),
+        (lambda: bwd(dH, False, H[:, 0].double(), H, w), "dx must have H's dtype"),
+        (lambda: bwd(dH[:, :3], True, H[:, 0], H, w), re.escape("dH must have shape (*lead, n, d) = [3, 4, 8]")),
     ]
 
 

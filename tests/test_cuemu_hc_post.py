@@ -16,7 +16,7 @@ import torch
 from crosslayer import ref
 from hc_inputs import STREAM_LAYOUTS, is_dense, make_streams, make_vec, stream_cases, uncollapsible_streams
 from policy import assert_policy, oracle_pair
-from test_hc_post import (DTYPES, check_hc_post_bwd, check_stream_mix_bwd, make_coeffs, make_hc_post,
+from test_hc_post import (DTYPES, check_hc_post_bwd, check_stream_mix_bwd, stream_mix_grads, make_coeffs, make_hc_post,
                          make_stream_mix)
 
 pytestmark = pytest.mark.cuemu
@@ -46,7 +46,7 @@ def test_stream_mix(cuemu, poisoned, dtype, shape, n, static):
     assert_policy("x", x, *oracle_pair(ref.stream_mix, H, w))
 
     dx = torch.randn(*lead, d).to(dtype)
-    got = cuemu.stream_mix_bwd(dx, H, w)
+    got = stream_mix_grads(cuemu.stream_mix_bwd, dx, H, w)
     assert got[1].shape == w.shape
     check_stream_mix_bwd(dx, H, w, got)
 
@@ -75,7 +75,7 @@ def test_hc_post_and_stream_mix_layouts(cuemu, poisoned, dtype, layout, n, d):
     w = beta
     assert_policy("x", cuemu.stream_mix_fwd(H, w), *oracle_pair(ref.stream_mix, H, w))
     dx = make_vec(lead, d, dtype=dtype, device="cpu", misaligned=layout == "misaligned")
-    check_stream_mix_bwd(dx, H, w, cuemu.stream_mix_bwd(dx, H, w))
+    check_stream_mix_bwd(dx, H, w, stream_mix_grads(cuemu.stream_mix_bwd, dx, H, w))
 
 
 def test_hc_post_and_stream_mix_copied_layouts(cuemu, poisoned):
@@ -93,7 +93,7 @@ def test_hc_post_and_stream_mix_copied_layouts(cuemu, poisoned):
     assert got[0].stride() == H.stride()
     check_hc_post_bwd(dHn, H, y, alpha, beta, got)
     assert_policy("x", cuemu.stream_mix_fwd(H, beta), *oracle_pair(ref.stream_mix, H, beta))
-    check_stream_mix_bwd(y, H, beta, cuemu.stream_mix_bwd(y, H, beta))
+    check_stream_mix_bwd(y, H, beta, stream_mix_grads(cuemu.stream_mix_bwd, y, H, beta))
 
     H = torch.randn(4, 9, 3).transpose(-1, -2)  # (4, 3, 9), feature stride 3
     y = torch.randn(4, 18)[:, ::2]
@@ -102,7 +102,7 @@ def test_hc_post_and_stream_mix_copied_layouts(cuemu, poisoned):
     dHn = torch.randn(4, 9, 3).transpose(-1, -2)
     check_hc_post_bwd(dHn, H, y, alpha, beta, cuemu.hc_post_bwd(dHn, H, y, alpha, beta))
     assert_policy("x", cuemu.stream_mix_fwd(H, beta), *oracle_pair(ref.stream_mix, H, beta))
-    check_stream_mix_bwd(y, H, beta, cuemu.stream_mix_bwd(y, H, beta))
+    check_stream_mix_bwd(y, H, beta, stream_mix_grads(cuemu.stream_mix_bwd, y, H, beta))
 
 
 def test_hc_post_and_stream_mix_16bit_coefficients(cuemu, poisoned):
@@ -132,7 +132,24 @@ def test_hc_post_and_stream_mix_mixed_static_and_strided_coefficients(cuemu, poi
         check_hc_post_bwd(dHn, H, y, alpha, beta, cuemu.hc_post_bwd(dHn, H, y, alpha, beta))
     for w in (beta_t, beta_s):
         assert_policy("x", cuemu.stream_mix_fwd(H, w), *oracle_pair(ref.stream_mix, H, w))
-        check_stream_mix_bwd(y, H, w, cuemu.stream_mix_bwd(y, H, w))
+        check_stream_mix_bwd(y, H, w, stream_mix_grads(cuemu.stream_mix_bwd, y, H, w))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", *STREAM_LAYOUTS, "uncollapsible"])
+def test_stream_mix_backward_accumulates(cuemu, poisoned, dtype, layout):
+    """accumulate: dH += w_i·dx (hc_post's dH already there, as in a connection), in
+    place in every layout, through a scratch copy where the kernel cannot address dH."""
+    n, d = 4, 136
+    if layout == "uncollapsible":
+        H = uncollapsible_streams(n, d, dtype)
+        w = torch.randn(*H.shape[:-2], n)
+    else:
+        H, w = make_stream_mix((2, 3), n, d, dtype=dtype, device="cpu", static=False, layout=layout)
+    prior = torch.empty_like(H).copy_(torch.randn(H.shape))  # H's layout, as hc_post allocates it
+    dx = torch.randn(*H.shape[:-2], d).to(dtype)
+    got = stream_mix_grads(cuemu.stream_mix_bwd, dx, H, w, prior=prior)
+    check_stream_mix_bwd(dx, H, w, got, prior=prior)
 
 
 def test_hc_post_and_stream_mix_many_tiles(cuemu, poisoned):
@@ -154,7 +171,7 @@ def test_hc_post_and_stream_mix_empty_shapes(cuemu, poisoned):
             assert dH.shape == H.shape and dy.shape == y.shape
             assert torch.equal(da, torch.zeros_like(alpha)) and torch.equal(db, torch.zeros_like(beta))
             assert cuemu.stream_mix_fwd(H, beta).shape == y.shape
-            dH, dw = cuemu.stream_mix_bwd(torch.randn_like(y), H, beta)
+            dH, dw = stream_mix_grads(cuemu.stream_mix_bwd, torch.randn_like(y), H, beta)
             assert dH.shape == H.shape and torch.equal(dw, torch.zeros_like(beta))
 
 

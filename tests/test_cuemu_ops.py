@@ -115,13 +115,17 @@ def test_hc_pre_bwd_outputs_are_distinct_at_one_stream(emulated):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("use_post", [True, False])
-def test_dhc_connection_gradient_in_one_tensor(emulated, dtype, use_post):
-    """A DHC connection (pre, branch, post) on the emulated kernels: hc_post's backward
-    writes H's gradient and hc_pre's backward adds to it in place (ops.hc_pre_for_post),
-    equal to the oracle's; and when post is never called, pre's gradient alone."""
+@pytest.mark.parametrize("kind", ["dhc", "shc", "mhc"])
+def test_connection_gradient_in_one_tensor(emulated, kind, dtype, use_post):
+    """A connection (pre, branch, post) on the emulated kernels: hc_post's backward
+    writes H's gradient and the pre's backward kernel (hc_pre for DHC, stream_mix for
+    SHC and mHC's layer input) adds to it in place (ops.hc_pre_for_post,
+    ops.stream_mix_for_post), equal to the oracle's; and when post is never called, the
+    pre's gradient alone."""
     torch.manual_seed(0)
     n, d = 4, 40
-    hc = clnn.HyperConnections(d, n, layer_index=1)
+    hc = (clnn.ManifoldHyperConnections(d, n) if kind == "mhc"
+          else clnn.HyperConnections(d, n, layer_index=1, dynamic=kind == "dhc"))
     with torch.no_grad():
         for p in hc.parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -142,6 +146,7 @@ def test_dhc_connection_gradient_in_one_tensor(emulated, dtype, use_post):
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got[0], want[0], **tol)
     for g, w_, p in zip(got[1], want[1], hc.parameters()):
-        # Without post, beta is unused: the oracle leaves B's gradient None, the fused
-        # backward gives zeros (the fused ops' rule for unused coefficient gradients).
-        torch.testing.assert_close(g, torch.zeros_like(p) if w_ is None else w_, **tol)
+        # Without post, beta is unused: its parameters' gradient is None on one path and
+        # zeros on the other (a fused backward returns zeros for an unused coefficient).
+        zero = torch.zeros_like(p)
+        torch.testing.assert_close(zero if g is None else g, zero if w_ is None else w_, **tol)

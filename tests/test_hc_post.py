@@ -85,7 +85,7 @@ def test_custom_ops_bwd_match_oracle_cpu():
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     dx = torch.randn(4, 8).to(torch.bfloat16)
-    got = stream_mix_bwd_op(dx, H, beta)
+    got = stream_mix_grads(stream_mix_bwd_op, dx, H, beta)
     want = ref.stream_mix_bwd(dx, H, beta)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
@@ -164,9 +164,21 @@ def check_hc_post_bwd(dHn, H, y, alpha, beta, got):
         assert_policy(name, g, lo, hi)
 
 
-def check_stream_mix_bwd(dx, H, w, got):
-    low = ref.stream_mix_bwd(dx, H, w)
-    high = ref.stream_mix_bwd(dx.double(), H.double(), w.double())
+def stream_mix_grads(bwd, dx, H, w, prior=None):
+    """(dH, dw) from a stream_mix backward bwd(dH, accumulate, dx, H, w) -> dw (the
+    launcher or the custom op): dH written into a NaN-filled tensor like H, or, given
+    `prior` (another op's contribution), added to a copy of it."""
+    dH = torch.full_like(H, float("nan")) if prior is None else prior.clone()
+    dw = bwd(dH, prior is not None, dx, H, w)
+    return dH, dw
+
+
+def check_stream_mix_bwd(dx, H, w, got, prior=None):
+    low = list(ref.stream_mix_bwd(dx, H, w))
+    high = list(ref.stream_mix_bwd(dx.double(), H.double(), w.double()))
+    if prior is not None:
+        low[0] = low[0] + prior
+        high[0] = high[0] + prior.double()
     for name, g, lo, hi in zip(("dH", "dw"), got, low, high):
         assert_policy(name, g, lo, hi)
 

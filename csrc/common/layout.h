@@ -96,7 +96,8 @@ inline at::Tensor readable(const at::Tensor& t, int trailing, TokenLayout* layou
 // Where a kernel writes an output allocated by the caller's rule (empty_like keeps a
 // dense permuted layout): `out` itself when the kernel can address it, else a
 // contiguous scratch tensor that the caller copies into `out` afterwards (copy_back).
-inline at::Tensor writable(const at::Tensor& out, int trailing, TokenLayout* layout) {
+// With `keep_values` (a kernel that adds to `out`) the scratch starts as out's copy.
+inline at::Tensor writable(const at::Tensor& out, int trailing, TokenLayout* layout, bool keep_values = false) {
   const int lead = static_cast<int>(out.dim()) - trailing;
   if ((out.size(-1) <= 1 || out.stride(-1) == 1) &&
       collapse_token_dims(out.sizes().data(), out.strides().data(), lead, layout)) {
@@ -104,6 +105,7 @@ inline at::Tensor writable(const at::Tensor& out, int trailing, TokenLayout* lay
   }
   at::Tensor scratch = at::empty(out.sizes(), out.options());
   collapse_token_dims(scratch.sizes().data(), scratch.strides().data(), lead, layout);
+  if (keep_values) scratch.copy_(out);
   return scratch;
 }
 

@@ -26,6 +26,7 @@ struct StreamMixParams : HcTileParams {  // H
   // dH (*lead, n, d), backward output; dw (N, n) contiguous rows, accumulator dtype.
   TokenLayout dh_tok;
   index_t dh_stream_stride;
+  bool accumulate_dh;  // dH += (true: another op's dH contribution is there) or dH = (false)
   const void* __restrict__ w_ptr;
   void* __restrict__ x_ptr;
   const void* __restrict__ g_ptr;
@@ -58,8 +59,8 @@ __device__ __forceinline__ void stream_mix_token(const StreamMixParams& p, int64
   }
 }
 
-// Backward of token t by its row of threads: dH_i = w_row[i]·dx (`=`) over the d
-// features, and part[i] += <dx, H_i> summed over the warp's chunks (lane 0 adds).
+// Backward of token t by its row of threads: dH_i = w_row[i]·dx (`=`, or `+=` with
+// accumulate_dh: one rounding of the sum) over the d features, and part[i] += <dx, H_i> summed over the warp's chunks (lane 0 adds).
 // Every lane of the row calls it: the chunk loop is warp-uniform (warp_sum).
 template <typename T, int kVec, int kN, typename acc>
 __device__ __forceinline__ void stream_mix_token_bwd(const StreamMixParams& p, int64_t t,
@@ -84,6 +85,11 @@ __device__ __forceinline__ void stream_mix_token_bwd(const StreamMixParams& p, i
           const acc g = to_acc(gv.v[v]);
           dh[v] = w * g;
           dot += g * to_acc(hv.v[v]);
+        }
+        if (p.accumulate_dh) {
+          const Vec<T, kVec> prior = load_chunk_raw<T, kVec>(dh_tok + i * p.dh_stream_stride, e, p.d);
+#pragma unroll
+          for (int v = 0; v < kVec; ++v) dh[v] += to_acc(prior.v[v]);
         }
         store_chunk<T, kVec>(dh_tok + i * p.dh_stream_stride, e, p.d, dh);
         dot = warp_sum(dot);

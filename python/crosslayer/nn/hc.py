@@ -235,8 +235,8 @@ class ManifoldHyperConnections(_StreamConnection):
     def pre(self, H: Tensor) -> Tuple[Tensor, Post]:
         """x (*tok, d), the sublayer input, and post: y (*tok, d) -> H' (*tok, n, d)."""
         alpha, beta = self.coefficients(H)
-        x = ops.stream_mix(H, alpha[..., 0])
-        return x, functools.partial(ops.hc_post, H, alpha=alpha, beta=beta)
+        x, H_post = ops.stream_mix_for_post(H, alpha[..., 0])
+        return x, functools.partial(ops.hc_post, H_post, alpha=alpha, beta=beta)
 
 
 def static_connection_parameters(model: nn.Module) -> Iterator[nn.Parameter]:

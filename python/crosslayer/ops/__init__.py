@@ -8,7 +8,7 @@ from crosslayer.ops.hc_post import hc_post
 from crosslayer.ops.hc_pre import hc_pre, hc_pre_for_post
 from crosslayer.ops.mhc_coeffs import mhc_coeffs
 from crosslayer.ops.mudd_weights import mudd_weights
-from crosslayer.ops.stream_mix import stream_mix
+from crosslayer.ops.stream_mix import stream_mix, stream_mix_for_post
 
 ALL_OPS = ("hc_pre", "hc_post", "stream_mix", "mhc_coeffs", "depth_aggregate", "depth_aggregate_qkv_norm",
            "mudd_weights")
@@ -20,4 +20,5 @@ def fused_ops() -> dict:
 
 
 __all__ = ["depth_aggregate", "depth_aggregate_qkv_norm", "hc_pre", "hc_pre_for_post", "hc_post", "stream_mix",
+           "stream_mix_for_post",
            "mhc_coeffs", "mudd_weights", "fused_ops", "ALL_OPS"]

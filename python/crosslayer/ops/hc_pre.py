@@ -33,7 +33,7 @@ from crosslayer import ref
 from crosslayer._checks import acc_dtype, compute_dtype
 from crosslayer._extension import kernels_for
 from crosslayer.ops._common import Scalar, fusable, scalar_tensor
-from crosslayer.ops.stream_mix import stream_mix
+from crosslayer.ops.stream_mix import stream_mix, stream_mix_for_post
 from crosslayer.contracts import validate_hc_pre
 
 
@@ -189,12 +189,17 @@ def hc_pre(H: Tensor, A: Tensor, B: Tensor, W: Optional[Tensor] = None,
 def hc_pre_for_post(H: Tensor, A: Tensor, B: Tensor, W: Optional[Tensor] = None,
                     s_a: Optional[Scalar] = None, s_b: Optional[Scalar] = None, eps: float = 1e-6):
     """`hc_pre` for a connection: (x, alpha, beta, H_post), where H_post (H's values) is
-    the tensor the connection's `hc_post` must read. Fused DHC adds its dH to the one
-    hc_post's backward wrote, in place; elsewhere H_post is H and autograd sums the two.
-    Arguments and the first three results as in `hc_pre`."""
-    scales = [v for v in (s_a, s_b) if isinstance(v, Tensor)]
-    if W is None or not fusable(H, A, B, W, *scales):
-        return (*hc_pre(H, A, B, W, s_a, s_b, eps), H)
+    the tensor the connection's `hc_post` must read. Fused (DHC: hc_pre's kernel; SHC:
+    stream_mix's), the backward adds its dH to the one hc_post's backward wrote, in
+    place; elsewhere H_post is H and autograd sums the two. Arguments and the first
+    three results as in `hc_pre`."""
     validate_hc_pre(H, A, B, W, s_a, s_b)
+    scales = [v for v in (s_a, s_b) if isinstance(v, Tensor)]
     ct = compute_dtype(H, A, B, W, *scales)
+    if W is None:
+        alpha, beta = A.to(ct).clone(), B.to(ct).clone()
+        x, H_post = stream_mix_for_post(H, alpha[:, 0])
+        return x, alpha, beta, H_post
+    if not fusable(H, A, B, W, *scales):
+        return (*ref.hc_pre(H, A, B, W, s_a, s_b, eps), H)
     return _HcPreForPost.apply(H, A, B, W, scalar_tensor(s_a, ct, H.device), scalar_tensor(s_b, ct, H.device), eps)
