@@ -170,8 +170,7 @@ std::vector<at::Tensor> hc_pre_bwd(at::Tensor& dH, bool accumulate, const at::Te
   check_activation(dH, "dH", H_in, "(..., n, d)", H_in.sizes());
   const int64_t n = sh.n, d = sh.d, J = n + 2;
   const at::ScalarType acc_type = acc_dtype(H_in.scalar_type());
-  check_per_token(dx_in, "dx", "(..., d)", with_tail(sh.lead, {d}), H_in);
-  check_same_dtype(dx_in, "dx", H_in);
+  check_activation(dx_in, "dx", H_in, "(..., d)", with_tail(sh.lead, {d}));
   if (dalpha) check_per_token(*dalpha, "dalpha", "(..., n, n+1)", with_tail(sh.lead, {n, n + 1}), H_in);
   if (dbeta) check_per_token(*dbeta, "dbeta", "(..., n)", with_tail(sh.lead, {n}), H_in);
   check_per_token(q, "q", "(..., n, n+2)", with_tail(sh.lead, {n, J}), H_in);

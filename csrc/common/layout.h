@@ -64,8 +64,7 @@ inline void check_per_token(const at::Tensor& t, const char* name, const char* w
                             const std::vector<int64_t>& expected, const at::Tensor& ref,
                             const char* ref_name = "H") {
   check_shape(t, name, what, expected);
-  check_same_device(t, name, ref, ref_name);
-  check_floating(t, name);
+  check_input(t, name, ref, ref_name);
 }
 
 // A coefficient of the HC mixing ops: `static_shape` (spelled `static_what`) or one

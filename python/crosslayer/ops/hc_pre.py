@@ -172,18 +172,7 @@ def hc_pre(H: Tensor, A: Tensor, B: Tensor, W: Optional[Tensor] = None,
     stream_mix kernels); the oracle otherwise, and for float64 parameters with
     lower-precision H.
     """
-    validate_hc_pre(H, A, B, W, s_a, s_b)
-    scales = [v for v in (s_a, s_b) if isinstance(v, Tensor)]
-    ct = compute_dtype(H, A, B, W, *scales)
-    if W is None:
-        alpha, beta = A.to(ct).clone(), B.to(ct).clone()
-        return stream_mix(H, alpha[:, 0]), alpha, beta
-    if not fusable(H, A, B, W, *scales):
-        return ref.hc_pre(H, A, B, W, s_a, s_b, eps)
-    sa = scalar_tensor(s_a, ct, H.device)
-    sb = scalar_tensor(s_b, ct, H.device)
-    x, alpha, beta, _, _ = hc_pre_op(H, A, B, W, sa, sb, eps)
-    return x, alpha, beta
+    return _hc_pre(H, A, B, W, s_a, s_b, eps, for_post=False)[:3]
 
 
 def hc_pre_for_post(H: Tensor, A: Tensor, B: Tensor, W: Optional[Tensor] = None,
@@ -193,13 +182,25 @@ def hc_pre_for_post(H: Tensor, A: Tensor, B: Tensor, W: Optional[Tensor] = None,
     stream_mix's), the backward adds its dH to the one hc_post's backward wrote, in
     place; elsewhere H_post is H and autograd sums the two. Arguments and the first
     three results as in `hc_pre`."""
+    return _hc_pre(H, A, B, W, s_a, s_b, eps, for_post=True)
+
+
+def _hc_pre(H: Tensor, A: Tensor, B: Tensor, W: Optional[Tensor], s_a: Optional[Scalar],
+            s_b: Optional[Scalar], eps: float, for_post: bool):
+    """(x, alpha, beta, H_post) of `hc_pre` / `hc_pre_for_post`: H_post is what the
+    connection's hc_post reads, the fused pre's extra output with `for_post`, else H."""
     validate_hc_pre(H, A, B, W, s_a, s_b)
     scales = [v for v in (s_a, s_b) if isinstance(v, Tensor)]
     ct = compute_dtype(H, A, B, W, *scales)
     if W is None:
         alpha, beta = A.to(ct).clone(), B.to(ct).clone()
-        x, H_post = stream_mix_for_post(H, alpha[:, 0])
+        x, H_post = stream_mix_for_post(H, alpha[:, 0]) if for_post else (stream_mix(H, alpha[:, 0]), H)
         return x, alpha, beta, H_post
     if not fusable(H, A, B, W, *scales):
         return (*ref.hc_pre(H, A, B, W, s_a, s_b, eps), H)
-    return _HcPreForPost.apply(H, A, B, W, scalar_tensor(s_a, ct, H.device), scalar_tensor(s_b, ct, H.device), eps)
+    sa = scalar_tensor(s_a, ct, H.device)
+    sb = scalar_tensor(s_b, ct, H.device)
+    if for_post:
+        return _HcPreForPost.apply(H, A, B, W, sa, sb, eps)
+    x, alpha, beta, _, _ = hc_pre_op(H, A, B, W, sa, sb, eps)
+    return x, alpha, beta, H
