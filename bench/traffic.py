@@ -135,10 +135,11 @@ def hc_case(kind: str, d: int, n: int, dtype) -> Case:
 
 
 def hc_chain_case(kind: str, d: int, n: int, dtype, sublayers: int = 8) -> Case:
-    """`sublayers` consecutive connections of one kind with identity branches (each
-    sublayer's post feeds the next one's pre), bytes and launches per sublayer against
-    the unfused sublayer floor: what a fused post + next pre boundary saves shows as a
-    ratio below 1 (DESIGN.md's chain floor is 0.61 of it at n = 4)."""
+    """`sublayers` consecutive connections of one kind with identity branches, each
+    sublayer's post deferred to the next one's pre (PendingStreams: DHC runs the fused
+    boundary, ops.hc_boundary), bytes and launches per sublayer against the unfused
+    sublayer floor: what the fused boundary saves shows as a ratio below 1 (DESIGN.md's
+    chain floor is 0.61 of it at n = 4)."""
     import torch
     from crosslayer.nn import HyperConnections, ManifoldHyperConnections
 
@@ -153,7 +154,8 @@ def hc_chain_case(kind: str, d: int, n: int, dtype, sublayers: int = 8) -> Case:
         H = s["H"]
         for hc in s["hcs"]:
             x, post = hc.pre(H)
-            H = post(x)  # identity branch: y = x
+            H = post.defer(x)  # identity branch: y = x; the next pre takes the pending post
+        H = H.resolve()  # the chain's end: the last post unfused
         return [H], [s["H"], *(p for hc in s["hcs"] for p in hc.parameters())], [s["dH_next"]]
 
     return Case(f"{kind}_chain", d, n, 0, lambda m: floor_hc_sublayer(d, n, m), setup, forward,

@@ -43,6 +43,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hc_post_bwd", &crosslayer::hc_post_bwd, "[dH, dy, dalpha, dbeta] of hc_post");
   m.def("stream_mix_fwd", &crosslayer::stream_mix_fwd, "x = Σ_i w_i·H_i");
   m.def("stream_mix_bwd", &crosslayer::stream_mix_bwd, "dH (=|+=) in place; returns dw of stream_mix");
+  m.def("hc_boundary_fwd", &crosslayer::hc_boundary_fwd,
+        "[H', x', alpha', beta', q, r]: DHC connection i's post fused with connection i+1's pre");
+  m.def("hc_boundary_bwd", &crosslayer::hc_boundary_bwd,
+        "[dH, dy, dalpha, dbeta, dA, dB, dW, ds_a, ds_b] of hc_boundary");
   m.def("hc_pre_fwd", &crosslayer::hc_pre_fwd, "[x, alpha, beta, q, r] of dynamic-HC hc_pre");
   m.def("hc_pre_bwd", &crosslayer::hc_pre_bwd, "dH (=|+=) in place; returns [dA, dB, dW, ds_a, ds_b] of dynamic-HC hc_pre");
   m.def("mhc_coeffs_fwd", &crosslayer::mhc_coeffs_fwd, "[alpha, beta, u, r] of the mHC coefficients");

@@ -16,46 +16,10 @@
 
 #include <vector>
 
-#include "hc_tile.h"
-#include "kernels/hc_post.cuh"
+#include "hc_post.h"
 #include "ops.h"
 
 namespace crosslayer {
-namespace {
-
-// The checked inputs of both directions, the tensors the kernels read (copies where a
-// layout needs one; they must outlive the launch) and the params both directions share.
-struct HcPostInputs {
-  StreamShape sh;
-  bool static_alpha, static_beta;
-  at::Tensor H, y, alpha, beta;
-  HcPostParams p{};
-};
-
-HcPostInputs hc_post_inputs(const at::Tensor& H, const at::Tensor& y, const at::Tensor& alpha,
-                            const at::Tensor& beta) {
-  HcPostInputs in;
-  in.sh = check_streams(H);
-  const StreamShape& sh = in.sh;
-  check_activation(y, "y", H, "(*lead, d)", with_tail(sh.lead, {sh.d}));
-  in.static_alpha = check_coefficient(alpha, "alpha", H, sh.lead, "(n, n+1)", "(*lead, n, n+1)", {sh.n, sh.n + 1});
-  in.static_beta = check_coefficient(beta, "beta", H, sh.lead, "(n,)", "(*lead, n)", {sh.n});
-  if (sh.N == 0 || sh.d == 0) return in;
-  HcPostParams& p = in.p;
-  const at::ScalarType acc = acc_dtype(H.scalar_type());
-  in.H = fill_tile_streams(p, sh, H);
-  in.y = readable(y, 1, &p.y_tok);
-  in.alpha = acc_rows(alpha, acc);
-  in.beta = acc_rows(beta, acc);
-  p.a_token_stride = in.static_alpha ? 0 : sh.n * (sh.n + 1);
-  p.b_token_stride = in.static_beta ? 0 : sh.n;
-  p.y_ptr = in.y.data_ptr();
-  p.a_ptr = in.alpha.data_ptr();
-  p.b_ptr = in.beta.data_ptr();
-  return in;
-}
-
-}  // namespace
 
 at::Tensor hc_post_fwd(const at::Tensor& H_in, const at::Tensor& y_in, const at::Tensor& alpha_in,
                        const at::Tensor& beta_in) {
@@ -115,9 +79,8 @@ std::vector<at::Tensor> hc_post_bwd(const at::Tensor& dHn_in, const at::Tensor& 
     });
   });
   copy_back(dH, dh);
-  at::Tensor dalpha = in.static_alpha ? dalpha_tok.sum(0) : dalpha_tok.view(alpha_in.sizes());
-  at::Tensor dbeta = in.static_beta ? dbeta_tok.sum(0) : dbeta_tok.view(beta_in.sizes());
-  return {dH, dy, dalpha, dbeta};
+  const std::vector<at::Tensor> dcoef = hc_post_coef_grads(in, dalpha_tok, dbeta_tok, alpha_in, beta_in);
+  return {dH, dy, dcoef[0], dcoef[1]};
 }
 
 }  // namespace crosslayer

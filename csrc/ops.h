@@ -75,6 +75,27 @@ std::vector<at::Tensor> hc_pre_bwd(at::Tensor& dH, bool accumulate, const at::Te
                                    const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b,
                                    const at::Tensor& q, const at::Tensor& r);
 
+// hc_boundary.cu (DHC: connection i's post fused with connection i+1's pre)
+//   H (*lead, n, d) and y (*lead, d) as for hc_post, alpha/beta connection i's
+//   coefficients (per token or static); A, B, W, s_a, s_b connection i+1's parameters as
+//   for hc_pre. Returns {H' (H's layout, as empty_like(H)), x', alpha', beta', q, r}:
+//   H' = hc_post(H, y, alpha, beta) and the rest hc_pre_fwd(H', ...).
+std::vector<at::Tensor> hc_boundary_fwd(const at::Tensor& H, const at::Tensor& y, const at::Tensor& alpha,
+                                        const at::Tensor& beta, const at::Tensor& A, const at::Tensor& B,
+                                        const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b,
+                                        double eps);
+//   dH_next: the gradient of H' from its later readers (H's shape and dtype); dx' as
+//   for hc_pre_bwd; dalpha', dbeta' optional (zero when absent); q, r from the forward.
+//   Returns {dH (H's layout), dy (*lead, d), dalpha, dbeta, dA, dB, dW, ds_a, ds_b}:
+//   dalpha, dbeta as hc_post_bwd's, the rest as hc_pre_bwd's.
+std::vector<at::Tensor> hc_boundary_bwd(const at::Tensor& dH_next, const at::Tensor& dx,
+                                        const std::optional<at::Tensor>& dalpha_next,
+                                        const std::optional<at::Tensor>& dbeta_next, const at::Tensor& H,
+                                        const at::Tensor& y, const at::Tensor& alpha, const at::Tensor& beta,
+                                        const at::Tensor& A, const at::Tensor& B, const at::Tensor& W,
+                                        const at::Tensor& s_a, const at::Tensor& s_b, const at::Tensor& q,
+                                        const at::Tensor& r);
+
 // mhc_coeffs.cu (mHC coefficients; the mixing itself is stream_mix / hc_post above)
 //   H (*lead, n, d), 1 <= n <= 16, d >= 1, any token/stream strides; phi (n·d, n²+2n);
 //   a_pre, a_post, a_res 0-dim; b (n²+2n); iters >= 1. Returns {alpha (*lead, n, n+1)

@@ -34,6 +34,7 @@ from crosslayer._checks import acc_dtype
 from crosslayer.contracts import CONTRACTS, Contract
 from crosslayer.ops.depth_aggregate import depth_aggregate_bwd_op, depth_aggregate_op
 from crosslayer.ops.depth_aggregate_qkv_norm import depth_aggregate_qkv_norm_bwd_op, depth_aggregate_qkv_norm_op
+from crosslayer.ops.hc_boundary import hc_boundary_bwd_op, hc_boundary_op
 from crosslayer.ops.hc_post import hc_post_bwd_op, hc_post_op
 from crosslayer.ops.hc_pre import hc_pre_bwd_op, hc_pre_op
 from crosslayer.ops.mhc_coeffs import mhc_coeffs_bwd_op, mhc_coeffs_op
@@ -236,6 +237,65 @@ def stream_mix_launcher_errors(kernels, device):
         (lambda: bwd(dH, False, H.new_zeros(3, 9), H, w), re.escape("dx must have shape (*lead, d) = [3, 8]")),
         (lambda: bwd(dH, False, H[:, 0].double(), H, w), "dx must have H's dtype"),
         (lambda: bwd(dH[:, :3], True, H[:, 0], H, w), re.escape("dH must have shape (*lead, n, d) = [3, 4, 8]")),
+    ]
+
+
+# ------------------------------------------------------------------------ hc_boundary
+
+
+def hc_boundary_sample(case, dtype, device):
+    lead, n, d, layout = case["lead"], case["n"], case["d"], case.get("layout", "contiguous")
+    H = make_streams(lead, n, d, dtype=dtype, device=device, layout=layout)
+    y = make_vec(lead, d, dtype=dtype, device=device, misaligned=layout == "misaligned")
+    alpha, beta = hc_coeffs(lead, n, dtype, device, case.get("static", False))
+    params = hc_pre_params(n, d, dtype, device)
+    return Sample([H, y, alpha, beta, *params], lambda m, *t: m.hc_boundary(*t, eps=EPS))
+
+
+def hc_boundary_opcheck(dtype, device):
+    n, d = 3, 20
+    calls = []
+    for static, layout in ((False, "contiguous"), (True, "folded"), (False, "stream_stride")):
+        H = make_streams((2, 3), n, d, dtype=dtype, device=device, layout=layout)
+        y = rand(2, 3, d, dtype=dtype, device=device)
+        alpha, beta = hc_coeffs((2, 3), n, dtype, device, static)
+        params = hc_pre_params(n, d, dtype, device)
+        H_next, _, alpha_next, beta_next, q, r = hc_boundary_op(H, y, alpha, beta, *params, EPS)
+        dx = rand(2, 3, d, dtype=dtype, device=device)
+        calls += [(hc_boundary_op, (H, y, alpha, beta, *params, EPS)),
+                  (hc_boundary_op, tuple(t.detach().clone().requires_grad_(True)
+                                         for t in (H, y, alpha, beta, *params)) + (EPS,)),
+                  (hc_boundary_bwd_op, (torch.randn_like(H_next), dx, torch.randn_like(alpha_next),
+                                        torch.randn_like(beta_next), H, y, alpha, beta, *params, q, r, EPS)),
+                  (hc_boundary_bwd_op, (torch.randn_like(H_next), dx, None, None, H, y, alpha, beta, *params, q, r,
+                                        EPS))]
+    return calls
+
+
+def hc_boundary_launcher_errors(kernels, device):
+    H = torch.randn(3, 4, 8, device=device)
+    y = torch.randn(3, 8, device=device)
+    alpha, beta = torch.randn(3, 4, 5, device=device), torch.randn(3, 4, device=device)
+    A, B, W, s_a, s_b = hc_pre_params(4, 8, torch.float32, device)
+    H_next, x, alpha_next, beta_next, q, r = kernels.hc_boundary_fwd(H, y, alpha, beta, A, B, W, s_a, s_b, EPS)
+    fwd, bwd = kernels.hc_boundary_fwd, kernels.hc_boundary_bwd
+    return [
+        (lambda: fwd(H, y[:, :7], alpha, beta, A, B, W, s_a, s_b, EPS),
+         re.escape("y must have shape (*lead, d) = [3, 8], got [3, 7]")),
+        (lambda: fwd(H, y, alpha[..., :4], beta, A, B, W, s_a, s_b, EPS),
+         re.escape("alpha must have shape (*lead, n, n+1) = [3, 4, 5]")),
+        (lambda: fwd(H, y, alpha, beta, A, B, W[:, :5], s_a, s_b, EPS),
+         re.escape("W must have shape (d, n+2) = [8, 6], got [8, 5]")),
+        (lambda: fwd(H, y, alpha, beta, A, B, W, s_a.reshape(1), s_b, EPS), r"s_a must be a 0-dim tensor"),
+        (lambda: fwd(H, y.double(), alpha, beta, A, B, W, s_a, s_b, EPS), "y must have H's dtype"),
+        (lambda: bwd(H_next[:, :3], x, None, None, H, y, alpha, beta, A, B, W, s_a, s_b, q, r),
+         re.escape("dH_next must have shape (..., n, d) = [3, 4, 8], got [3, 3, 8]")),
+        (lambda: bwd(H_next, x[:, :7], None, None, H, y, alpha, beta, A, B, W, s_a, s_b, q, r),
+         re.escape("dx must have shape (..., d) = [3, 8]")),
+        (lambda: bwd(H_next, x, alpha_next[..., :4], None, H, y, alpha, beta, A, B, W, s_a, s_b, q, r),
+         r"dalpha must have shape \(\.\.\., n, n\+1\)"),
+        (lambda: bwd(H_next, x, None, None, H, y, alpha, beta, A, B, W, s_a, s_b, q[..., :5], r),
+         r"q must have shape \(\.\.\., n, n\+2\)"),
     ]
 
 
@@ -509,6 +569,19 @@ SPECS: Tuple[OpSpec, ...] = (
                                       for lay in STREAM_LAYOUTS for n in (1, 4, 16) for d in (129, 2048)]
                                    + hc_matrix((1, 2, 3, 4, 8, 16), [((), 7), ((3,), 1), ((5,), 7), ((37,), 129), ((3, 9), 4099), ((33,), 2048)], flags=(dict(static=False), dict(static=True)))),
            opcheck_calls=hc_post_opcheck, launcher_errors=hc_post_launcher_errors, **HC_EDGE_CASES),
+    OpSpec("hc_boundary", hc_boundary_sample,
+           cases=_cases(("N5x7-n4-d129", dict(lead=(5, 7), n=4, d=129)),
+                        ("N11-n3-d7-misaligned-static", dict(lead=(11,), n=3, d=7, layout="misaligned", static=True)),
+                        ("N2x5-n8-d40-folded", dict(lead=(2, 5), n=8, d=40, layout="folded"))),
+           exhaustive_cases=_cases(*[(f"N{N}-n{n}-d{d}-{lay}", dict(lead=(N,), n=n, d=d, layout=lay))
+                                     for N, n, d, lay in [(1, 1, 1, "contiguous"), (33, 2, 515, "padded"),
+                                                          (9, 8, 64, "stream_stride"), (17, 16, 33, "contiguous"),
+                                                          (70, 5, 2200, "misaligned")]]
+                                   + [(f"N5x7-n{n}-d131-{lay}", dict(lead=(5, 7), n=n, d=131, layout=lay))
+                                      for lay in STREAM_LAYOUTS for n in (4, 3)]
+                                   + hc_matrix((1, 2, 3, 4, 8, 16),
+                                               flags=({}, dict(grad_outputs=(0, 1)), dict(static=True)))),
+           opcheck_calls=hc_boundary_opcheck, launcher_errors=hc_boundary_launcher_errors, **HC_EDGE_CASES),
     OpSpec("stream_mix", stream_mix_sample,
            cases=_cases(("N5x7-n4-d129", dict(lead=(5, 7), n=4, d=129)),
                         ("N11-n3-d7-misaligned-static", dict(lead=(11,), n=3, d=7, layout="misaligned", static=True))),

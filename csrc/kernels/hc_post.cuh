@@ -52,6 +52,24 @@ struct HcPostParams : HcTileParams {  // H
   void* __restrict__ db_ptr;
 };
 
+// Output k of the mix over one chunk, in the accumulator dtype: o = beta_k·y +
+// Σ_i alpha[i, 1+k]·H_i (b = beta_k; h[0..n) the streams' chunks), summed in this order,
+// so a kernel that recomputes H' from H and y gets the bits hc_post stores.
+template <typename T, int kVec, int kMax, typename acc>
+__device__ __forceinline__ void hc_post_mix(const Vec<T, kVec> (&h)[kMax], const Vec<T, kVec>& yv,
+                                            const acc* __restrict__ a_row, acc b, int n, int k, acc (&o)[kVec]) {
+#pragma unroll
+  for (int v = 0; v < kVec; ++v) o[v] = b * to_acc(yv.v[v]);
+#pragma unroll
+  for (int i = 0; i < kMax; ++i) {
+    if (i < n) {
+      const acc a = a_row[i * (n + 1) + 1 + k];
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) o[v] += a * to_acc(h[i].v[v]);
+    }
+  }
+}
+
 // Forward of token t by its row of threads: H'_k = beta_k·y + Σ_i alpha[i, 1+k]·H_i over
 // the d features (`=`), a_row / b_row the token's staged alpha / beta. No barrier, no
 // shuffle. Phases take the params by reference, so sizes and strides stay
@@ -69,18 +87,8 @@ __device__ __forceinline__ void hc_post_token(const HcPostParams& p, int64_t t, 
     const Vec<T, kVec> yv = load_chunk_raw<T, kVec>(y_tok, e, p.d);
 #pragma unroll(kN > 0 ? kN : 1)
     for (int k = 0; k < n; ++k) {
-      const acc b = b_row[k];
       acc o[kVec];
-#pragma unroll
-      for (int v = 0; v < kVec; ++v) o[v] = b * to_acc(yv.v[v]);
-#pragma unroll
-      for (int i = 0; i < kMax; ++i) {
-        if (i < n) {
-          const acc a = a_row[i * (n + 1) + 1 + k];
-#pragma unroll
-          for (int v = 0; v < kVec; ++v) o[v] += a * to_acc(h[i].v[v]);
-        }
-      }
+      hc_post_mix<T, kVec, kMax>(h, yv, a_row, b_row[k], n, k, o);
       store_chunk<T, kVec>(out_tok + k * p.out_stream_stride, e, p.d, o);
     }
   }
@@ -113,9 +121,35 @@ __device__ __forceinline__ void mix_grads_and_dot(const Vec<T, kVec> (&g)[kMax],
   }
 }
 
+// One chunk [e, e + kVec) of the backward from the stream gradients g[0..n) (dH'_k):
+// dy and dH_i written (=) to dy_tok / dh_tok, the warp's dot partials added (+=) to
+// part (dalpha[i][k] at i·n + k, dbeta[k] at n² + k); yv is y's chunk and load_h(i)
+// returns H_i's. A chunk past d (lanes past the row end) works on zeros and stores
+// nothing. Every lane of the warp must call it (shuffles).
+template <typename T, int kVec, int kMax, typename acc, typename LoadH>
+__device__ __forceinline__ void hc_post_bwd_chunk(const HcPostParams& p, const Vec<T, kVec> (&g)[kMax],
+                                                  const Vec<T, kVec>& yv, LoadH&& load_h, T* __restrict__ dh_tok,
+                                                  T* __restrict__ dy_tok, int64_t e, const acc* __restrict__ a_row,
+                                                  const acc* __restrict__ b_row, int n, acc* __restrict__ part,
+                                                  int lane) {
+  {  // dy and dbeta from y's chunk
+    acc dy[kVec];
+    mix_grads_and_dot<T, kVec, kMax>(g, n, b_row, yv, dy, part + n * n, lane);
+    store_chunk<T, kVec>(dy_tok, e, p.d, dy);
+  }
+  // dH_i and dalpha[i, 1 + k] from H_i's chunk, one stream at a time.
+#pragma unroll(kMax < kMaxStreams ? kMax : 1)
+  for (int i = 0; i < n; ++i) {
+    const Vec<T, kVec> hv = load_h(i);
+    acc dh[kVec];
+    mix_grads_and_dot<T, kVec, kMax>(g, n, a_row + i * (n + 1) + 1, hv, dh, part + i * n, lane);
+    store_chunk<T, kVec>(dh_tok + i * p.dh_stream_stride, e, p.d, dh);
+  }
+}
+
 // Backward of token t by its row of threads: dy and dH_i (`=`) over the d features, the
-// warp's dot partials added (`+=`) to part (dalpha[i][k] at i·n + k, dbeta[k] at
-// n² + k). Every lane of the row calls it: the chunk loop is warp-uniform.
+// warp's dot partials added (`+=`) to part (hc_post_bwd_chunk). Every lane of the row
+// calls it: the chunk loop is warp-uniform.
 template <typename T, int kVec, int kN, typename acc>
 __device__ __forceinline__ void hc_post_token_bwd(const HcPostParams& p, int64_t t, const acc* __restrict__ a_row,
                                                   const acc* __restrict__ b_row, int n, acc* __restrict__ part,
@@ -130,21 +164,27 @@ __device__ __forceinline__ void hc_post_token_bwd(const HcPostParams& p, int64_t
     const int64_t e = e0 + threadIdx.x * kVec;
     Vec<T, kVec> g[kMax];
     load_stream_chunks<T, kVec, kMax>(g, g_tok, p.g_stream_stride, n, e, p.d);
-    {  // dy and dbeta from y's chunk
-      const Vec<T, kVec> yv = load_chunk_raw<T, kVec>(y_tok, e, p.d);
-      acc dy[kVec];
-      mix_grads_and_dot<T, kVec, kMax>(g, n, b_row, yv, dy, part + n * n, lane);
-      store_chunk<T, kVec>(dy_tok, e, p.d, dy);
-    }
-    // dH_i and dalpha[i, 1 + k] from H_i's chunk, one stream at a time.
-#pragma unroll(kN > 0 ? kN : 1)
-    for (int i = 0; i < n; ++i) {
-      const Vec<T, kVec> hv = load_chunk_raw<T, kVec>(h_tok + i * p.h_stream_stride, e, p.d);
-      acc dh[kVec];
-      mix_grads_and_dot<T, kVec, kMax>(g, n, a_row + i * (n + 1) + 1, hv, dh, part + i * n, lane);
-      store_chunk<T, kVec>(dh_tok + i * p.dh_stream_stride, e, p.d, dh);
-    }
+    const Vec<T, kVec> yv = load_chunk_raw<T, kVec>(y_tok, e, p.d);
+    hc_post_bwd_chunk<T, kVec, kMax>(
+        p, g, yv, [&](int i) { return load_chunk_raw<T, kVec>(h_tok + i * p.h_stream_stride, e, p.d); }, dh_tok,
+        dy_tok, e, a_row, b_row, n, part, lane);
   }
+}
+
+// The end of a backward tile (after a barrier that makes every warp's partials
+// visible): the tile's per-token coefficient gradients, dalpha (column 0 = 0) and
+// dbeta, summed over the warps in warp order from part_s and written (=) one row per
+// token.
+template <typename acc>
+__device__ __forceinline__ void hc_post_write_coef_grads(const HcPostParams& p, const acc* __restrict__ part_s,
+                                                         int64_t t0, int n, int warps_per_row) {
+  const int np1 = n + 1;
+  const int dots = n * np1;
+  hc_tile_write_dots(part_s, t0, p.n_tokens, warps_per_row, dots, n * np1,
+                     [n, np1](int j) { return j % np1 == 0 ? -1 : (j / np1) * n + j % np1 - 1; },
+                     static_cast<acc*>(p.da_ptr));
+  hc_tile_write_dots(part_s, t0, p.n_tokens, warps_per_row, dots, n, [n](int j) { return n * n + j; },
+                     static_cast<acc*>(p.db_ptr));
 }
 
 template <typename T, int kVec, int kN>
@@ -189,12 +229,7 @@ __global__ void __launch_bounds__(kTokenTileThreads, kHcTileMinBlocks) hc_post_b
       hc_post_token_bwd<T, kVec, kN>(p, t, a_row, a_row + n * (n + 1), n, part, threadIdx.x % kWarpSize);
     }
     __syncthreads();
-    const int np1 = n + 1;
-    hc_tile_write_dots(part_s, t0, p.n_tokens, warps_per_row, dots, n * np1,
-                       [n, np1](int j) { return j % np1 == 0 ? -1 : (j / np1) * n + j % np1 - 1; },
-                       static_cast<acc*>(p.da_ptr));
-    hc_tile_write_dots(part_s, t0, p.n_tokens, warps_per_row, dots, n, [n](int j) { return n * n + j; },
-                       static_cast<acc*>(p.db_ptr));
+    hc_post_write_coef_grads(p, part_s, t0, n, warps_per_row);
   }
 }
 

@@ -246,6 +246,30 @@ __device__ __forceinline__ HcPreRowSmem<acc, kN> hc_pre_row_smem(acc* smem, cons
   return r;
 }
 
+// The end of a group's token reduction: the thread's partial sums q[i][j] of streams
+// g0 .. g0 + kG reduced across the warp by a reduce-scatter; lane l stores (=) the
+// warp's value l (i = l / (kJ + 1), j = l % (kJ + 1)) at part[warp][g0·(kJ + 1) + l].
+// kJ1 = kJ + 1. Every lane of the warp must call it (shuffles).
+template <int kN, int kG, int kJ1, typename acc>
+__device__ __forceinline__ void hc_pre_store_partials(const acc (&q)[kG][kJ1], int g0, acc* __restrict__ part,
+                                                      int warp, int lane) {
+  constexpr int kM = kG * kJ1;
+  constexpr int kB = (kM + kWarpSize - 1) / kWarpSize;
+  acc flat[kM];
+#pragma unroll
+  for (int i = 0; i < kG; ++i) {
+#pragma unroll
+    for (int j = 0; j < kJ1; ++j) flat[i * kJ1 + j] = q[i][j];
+  }
+  acc sums[kB];
+  warp_reduce_scatter<kM>(flat, lane, sums);
+#pragma unroll
+  for (int b = 0; b < kB; ++b) {
+    const int m = b * kWarpSize + lane;
+    if (m < kM) part[(warp * kN + g0) * kJ1 + m] = sums[b];
+  }
+}
+
 // Forward phase 1, token reduction: for each group of streams, q[i][j] = <H_i, W_j>
 // (j < J) and q[i][kJ] = <H_i, H_i> over this thread's chunks, warp-reduced by a
 // reduce-scatter; lane l of the warp stores (=) the warp's value l of the group at
@@ -289,23 +313,7 @@ __device__ __forceinline__ void hc_pre_fwd_reduce(const HcPreParams& p, const T*
           hc_pre_accumulate<T, kVec, kG, kJ>(h, wt, p.ldw, J, e, q);
         }
       }
-      // Lane l receives the warp's sum of value l of the group (i = l / (kJ + 1),
-      // j = l % (kJ + 1)), stored at part[warp][g0 * (kJ + 1) + l].
-      constexpr int kM = kG * (kJ + 1);
-      constexpr int kB = (kM + kWarpSize - 1) / kWarpSize;
-      acc flat[kM];
-#pragma unroll
-      for (int i = 0; i < kG; ++i) {
-#pragma unroll
-        for (int j = 0; j <= kJ; ++j) flat[i * (kJ + 1) + j] = q[i][j];
-      }
-      acc sums[kB];
-      warp_reduce_scatter<kM>(flat, lane, sums);
-#pragma unroll
-      for (int b = 0; b < kB; ++b) {
-        const int m = b * kWarpSize + lane;
-        if (m < kM) part[(warp * kN + g0) * (kJ + 1) + m] = sums[b];
-      }
+      hc_pre_store_partials<kN>(q, g0, part, warp, lane);
     }
   }
 }
@@ -533,13 +541,15 @@ __device__ __forceinline__ void hc_pre_bwd_coefs(const HcPreParams& p, int64_t t
 }
 
 // Backward phase 3, one chunk [e, e + kVec) of the write pass: for each group of
-// streams (values from load_group(g0, h): the register cache or memory), dH_i =
-// alpha[i, 0]·dx − scale_i·H_i + Σ_j dq_ij·W_j written (=), and dw[j] += Σ_i dq_ij·H_i
-// (the row's dW partial: this thread's own entries). No shuffles.
-template <typename T, int kVec, int kN, typename LoadGroup>
+// streams (values from load_group(g0, h): the register cache, memory, or recomputed),
+// the term dH_i = alpha[i, 0]·dx − scale_i·H_i + Σ_j dq_ij·W_j in the accumulator dtype,
+// handed out a 16-byte sub-chunk at a time, emit(g0, s, dh) with dh[i][k] the term of
+// stream g0 + i at feature e + s + k, then flush(g0) once the group is complete; and
+// dw[j] += Σ_i dq_ij·H_i (the row's dW partial: this thread's own entries). No shuffles.
+template <typename T, int kVec, int kN, typename LoadGroup, typename Emit, typename Flush>
 __device__ __forceinline__ void hc_pre_bwd_chunk(const HcPreParams& p, const HcPreRowSmem<acc_t<T>, kN>& rs,
-                                                 acc_t<T>* dw, T* __restrict__ dh_tok, int64_t e,
-                                                 const Vec<T, kVec>& gx, LoadGroup&& load_group) {
+                                                 acc_t<T>* dw, int64_t e, const Vec<T, kVec>& gx,
+                                                 LoadGroup&& load_group, Emit&& emit, Flush&& flush) {
   using acc = acc_t<T>;
   using Cfg = HcPreConfig<kN, acc>;
   constexpr int kG = Cfg::kG;
@@ -553,7 +563,6 @@ __device__ __forceinline__ void hc_pre_bwd_chunk(const HcPreParams& p, const HcP
     if (g0 < n) {
       Vec<T, kVec> h[kG];
       load_group(g0, h);
-      Vec<T, kVec> out[kG];
 #pragma unroll
       for (int s = 0; s < kVec; s += kSub) {
         acc hv[kG][kSub];
@@ -586,27 +595,46 @@ __device__ __forceinline__ void hc_pre_bwd_chunk(const HcPreParams& p, const HcP
             dwv = acc_dw;
           }
         }
-#pragma unroll
-        for (int i = 0; i < kG; ++i) {
-#pragma unroll
-          for (int k = 0; k < kSub; ++k) out[i].v[s + k] = from_acc<T>(dh[i][k]);
-        }
+        emit(g0, s, dh);
       }
-#pragma unroll
-      for (int i = 0; i < kG; ++i) {
-        if (g0 + i < n) {
-          T* __restrict__ dst = dh_tok + (g0 + i) * p.dh_stream_stride;
-          if (p.accumulate_dh) {
-            const Vec<T, kVec> prev = load_chunk_raw<T, kVec>(dst, e, p.d);
-#pragma unroll
-            for (int k = 0; k < kVec; ++k) out[i].v[k] = from_acc<T>(to_acc(out[i].v[k]) + to_acc(prev.v[k]));
-          }
-          store_chunk_raw<T, kVec>(dst, e, p.d, out[i]);
-        }
-      }
+      flush(g0);
     }
   }
 }
+
+// hc_pre's sink of the dH terms of one chunk: the group's terms rounded to T in `out`
+// (emit), then written (=), or added to dH's chunk (+=, accumulate_dh) (flush).
+template <typename T, int kVec, int kG>
+struct HcPreDhSink {
+  const HcPreParams& p;
+  T* __restrict__ dh_tok;
+  int64_t e;
+  Vec<T, kVec> out[kG];
+
+  template <int kSub>
+  __device__ __forceinline__ void emit(int, int s, const acc_t<T> (&dh)[kG][kSub]) {
+#pragma unroll
+    for (int i = 0; i < kG; ++i) {
+#pragma unroll
+      for (int k = 0; k < kSub; ++k) out[i].v[s + k] = from_acc<T>(dh[i][k]);
+    }
+  }
+
+  __device__ __forceinline__ void flush(int g0) {
+#pragma unroll
+    for (int i = 0; i < kG; ++i) {
+      if (g0 + i < p.n) {
+        T* __restrict__ dst = dh_tok + (g0 + i) * p.dh_stream_stride;
+        if (p.accumulate_dh) {
+          const Vec<T, kVec> prev = load_chunk_raw<T, kVec>(dst, e, p.d);
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) out[i].v[k] = from_acc<T>(to_acc(out[i].v[k]) + to_acc(prev.v[k]));
+        }
+        store_chunk_raw<T, kVec>(dst, e, p.d, out[i]);
+      }
+    }
+  }
+};
 
 // Backward phase 3 of token t (after a barrier): every chunk through hc_pre_bwd_chunk,
 // the first kCache from the register caches hc / gc, the rest re-read.
@@ -624,25 +652,52 @@ __device__ __forceinline__ void hc_pre_bwd_write(const HcPreParams& p, int64_t t
   for (int c = 0; c < kCache; ++c) {
     const int64_t e = threadIdx.x * kVec + c * step;
     if (e < d) {
-      hc_pre_bwd_chunk<T, kVec, kN>(p, rs, dw, dh_tok, e, gc[c], [&](int g0, Vec<T, kVec>(&h)[kG]) {
+      HcPreDhSink<T, kVec, kG> sink{p, dh_tok, e};
+      hc_pre_bwd_chunk<T, kVec, kN>(
+          p, rs, dw, e, gc[c],
+          [&](int g0, Vec<T, kVec>(&h)[kG]) {
 #pragma unroll
-        for (int i = 0; i < kG; ++i) h[i] = hc[c][g0 + i];
-      });
+            for (int i = 0; i < kG; ++i) h[i] = hc[c][g0 + i];
+          },
+          [&](int g0, int s, const auto& dh) { sink.emit(g0, s, dh); }, [&](int g0) { sink.flush(g0); });
     }
   }
   for (int64_t e = threadIdx.x * kVec + kCache * step; e < d; e += step) {
     const Vec<T, kVec> gx = load_chunk_raw<T, kVec>(dx_tok, e, d);
-    hc_pre_bwd_chunk<T, kVec, kN>(p, rs, dw, dh_tok, e, gx, [&](int g0, Vec<T, kVec>(&h)[kG]) {
-      hc_load_streams<T, kVec, kG>(h_tok, p.h_stream_stride, g0, p.n, e, d, h);
-    });
+    HcPreDhSink<T, kVec, kG> sink{p, dh_tok, e};
+    hc_pre_bwd_chunk<T, kVec, kN>(
+        p, rs, dw, e, gx,
+        [&](int g0, Vec<T, kVec>(&h)[kG]) { hc_load_streams<T, kVec, kG>(h_tok, p.h_stream_stride, g0, p.n, e, d, h); },
+        [&](int g0, int s, const auto& dh) { sink.emit(g0, s, dh); }, [&](int g0) { sink.flush(g0); });
   }
+}
+
+// This block's dW workspace slice, (J, ldw).
+template <typename acc>
+__device__ __forceinline__ acc* hc_pre_dw_slice(const HcPreParams& p) {
+  return static_cast<acc*>(p.dw_ws_ptr) + blockIdx.x * static_cast<int64_t>(p.n + 2) * p.ldw;
+}
+
+// The start of a backward kernel (every thread calls it; the first barrier after it
+// makes the zeros visible): zeroes the partials the block accumulates over its tokens
+// and returns this row's dW partial, (J, ldw): in shared memory, or the block's
+// workspace slice (zeroed by the launcher when dw_in_smem is false).
+template <typename acc, int kN>
+__device__ __forceinline__ acc* hc_pre_bwd_begin(const HcPreParams& p, acc* smem, const HcPreSmem& L) {
+  constexpr int kJ = kN + 2;
+  const int rows = blockDim.y;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int nthreads = blockDim.x * rows;
+  for (int i = tid; i < rows * kN * hc_pre_coef_stride(kN); i += nthreads) smem[L.cpart + i] = acc(0);
+  if (!p.dw_in_smem) return hc_pre_dw_slice<acc>(p);
+  for (int64_t i = tid; i < rows * kJ * p.ldw; i += nthreads) smem[L.dw + i] = acc(0);
+  return smem + L.dw + threadIdx.y * static_cast<int64_t>(kJ) * p.ldw;
 }
 
 // The block's partials (after a barrier): the rows' coefficient partials and (dW in
 // shared memory) dW partials summed in row order and written (=) to the block's slices.
 template <typename acc, int kN>
-__device__ __forceinline__ void hc_pre_bwd_flush(const HcPreParams& p, const acc* smem, const HcPreSmem& L,
-                                                 acc* __restrict__ dw_ws) {
+__device__ __forceinline__ void hc_pre_bwd_flush(const HcPreParams& p, const acc* smem, const HcPreSmem& L) {
   constexpr int kJ = kN + 2;
   constexpr int kCS = hc_pre_coef_stride(kN);
   const int n = p.n, J = n + 2, CS = hc_pre_coef_stride(n);
@@ -658,6 +713,7 @@ __device__ __forceinline__ void hc_pre_bwd_flush(const HcPreParams& p, const acc
     coef_ws[idx] = s;
   }
   if (p.dw_in_smem) {
+    acc* __restrict__ dw_ws = hc_pre_dw_slice<acc>(p);
     for (int64_t idx = tid; idx < static_cast<int64_t>(J) * p.ldw; idx += nthreads) {
       acc s = acc(0);
       for (int r = 0; r < rows; ++r) s += smem[L.dw + r * static_cast<int64_t>(kJ) * p.ldw + idx];
@@ -670,25 +726,14 @@ template <typename T, int kVec, int kN>
 __global__ void __launch_bounds__(kHcPreThreads, HcPreConfig<kN, acc_t<T>>::kMinBlocks)
     hc_pre_bwd_kernel(const HcPreParams p) {
   using acc = acc_t<T>;
-  constexpr int kJ = kN + 2;
   constexpr int kCacheSlots = HcPreConfig<kN, acc>::kBwdCache > 0 ? HcPreConfig<kN, acc>::kBwdCache : 1;
   extern __shared__ __align__(32) unsigned char hc_pre_smem[];
   acc* smem = reinterpret_cast<acc*>(hc_pre_smem);
   const int rows = blockDim.y;
   const int warps = blockDim.x / kWarpSize;
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-  const int nthreads = blockDim.x * rows;
   const HcPreSmem L = hc_pre_smem_layout<kN>(rows, warps, p.ldw, true, p.dw_in_smem);
   const HcPreRowSmem<acc, kN> rs = hc_pre_row_smem<acc, kN>(smem, L, warps, threadIdx.y);
-  // This row's dW partial, (J, ldw): shared memory, or the block's workspace slice
-  // (zeroed by the launcher when dw_in_smem is false).
-  acc* __restrict__ dw_ws = static_cast<acc*>(p.dw_ws_ptr) + blockIdx.x * static_cast<int64_t>(p.n + 2) * p.ldw;
-  acc* dw = p.dw_in_smem ? smem + L.dw + threadIdx.y * static_cast<int64_t>(kJ) * p.ldw : dw_ws;
-  // Zero the partials this block accumulates over its tokens.
-  for (int i = tid; i < rows * kN * hc_pre_coef_stride(kN); i += nthreads) smem[L.cpart + i] = acc(0);
-  if (p.dw_in_smem) {
-    for (int64_t i = tid; i < rows * kJ * p.ldw; i += nthreads) smem[L.dw + i] = acc(0);
-  }
+  acc* dw = hc_pre_bwd_begin<acc, kN>(p, smem, L);
   const T* __restrict__ H = static_cast<const T*>(p.h_ptr);
   const T* __restrict__ dX = static_cast<const T*>(p.dx_ptr);
   for (int64_t t0 = first_token_tile(rows); t0 < p.n_tokens; t0 += token_tile_stride(rows)) {
@@ -706,7 +751,7 @@ __global__ void __launch_bounds__(kHcPreThreads, HcPreConfig<kN, acc_t<T>>::kMin
     if (valid) hc_pre_bwd_write<T, kVec, kN>(p, t, h_tok, dx_tok, rs, dw, hc, gc);
   }
   __syncthreads();
-  hc_pre_bwd_flush<acc, kN>(p, smem, L, dw_ws);
+  hc_pre_bwd_flush<acc, kN>(p, smem, L);
 }
 
 }  // namespace crosslayer

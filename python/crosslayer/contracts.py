@@ -146,6 +146,16 @@ def validate_hc_post(H, y, alpha, beta) -> None:
     check_same_device(H=H, y=y, alpha=alpha, beta=beta)
 
 
+def validate_hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b) -> None:
+    """Checks for `hc_boundary` / `hc_boundary_bwd`: connection i's post (H, y, alpha,
+    beta as for `hc_post`) and connection i+1's dynamic pre (A, B, W, s_a, s_b as for
+    `hc_pre`, W required)."""
+    validate_hc_post(H, y, alpha, beta)
+    if W is None:
+        raise ValueError("hc_boundary fuses a dynamic (DHC) pre: W is required")
+    validate_hc_pre(H, A, B, W, s_a, s_b)
+
+
 def validate_stream_mix(H, w) -> None:
     """Checks for `stream_mix` / `stream_mix_bwd`. H: (..., n, d); w: (n,) or (..., n)."""
     check_streams("H", H)
@@ -342,9 +352,11 @@ CONTRACTS: Dict[str, Contract] = {c.name: c for c in (
     Contract("depth_aggregate_qkv_norm", validate_depth_aggregate_qkv_norm, fwd=Floor(ld=1, cd=1),
              bwd=Floor(ld=2, cd=1), bwd_accumulate=Floor(ld=3, cd=1)),
     Contract("mudd_weights", validate_mudd_weights, fwd=Floor(dd=1), bwd=Floor(dd=2)),
-    # Compositions the benches time (no op of their own): pre + identity branch + post
-    # with dH summed, and DESIGN.md's fused chain boundary (post_i with pre_{i+1}).
+    # Connection i's post fused with connection i+1's pre: reads H, y, writes H', x'
+    # (backward: reads dH', dx', H, y, writes dH, dy); H' is never read back.
+    Contract("hc_boundary", validate_hc_boundary, fwd=Floor(nd=2, dd=2), bwd=Floor(nd=3, dd=3)),
+    # A composition the benches time (no op of its own): pre + identity branch + post
+    # with dH accumulated in one tensor.
     Contract("hc_sublayer", None, fwd=Floor(nd=3, dd=2), bwd=Floor(nd=6, dd=3)),
-    Contract("hc_chain", None, fwd=Floor(nd=2, dd=2), bwd=Floor(nd=3, dd=3)),
 )}
 

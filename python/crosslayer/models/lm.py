@@ -7,7 +7,9 @@ decides how blocks are wired:
     residual  h = h + attn(norm(h));  h = h + ffn(norm(h))
     shc, dhc  n streams H (*tok, n, d); every sublayer (attention and FFN separately, so
               layer_index = 2i and 2i+1) wrapped in a HyperConnections:
-              H = hc(H, sublayer); entry expand_streams(emb), exit reduce_streams
+              H = hc(H, sublayer, defer_post=True) (each post runs in the next
+              connection's pre: DHC fuses the two, ops.hc_boundary); entry
+              expand_streams(emb), exit reduce_streams
     mhc       the same with ManifoldHyperConnections (Sinkhorn-projected mixing)
     dwa       DenseFormer: block i's output pushed into a DepthStack, the next block's
               input = DenseFormerDWA_i(stack) (dilation, period)
@@ -52,6 +54,7 @@ Scale-out (tests/test_compile.py, tests/test_distributed.py; CPU, oracle ops):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -342,6 +345,10 @@ class CrossLayerLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def _deferred(self, j: int):
+        """Connection j called with its post deferred to the next connection."""
+        return functools.partial(self.connections[j], defer_post=True)
+
     def _call(self, fn, *args):
         if self.cfg.activation_checkpointing and torch.is_grad_enabled():
             return checkpoint(fn, *args, use_reentrant=False)
@@ -359,10 +366,12 @@ class CrossLayerLM(nn.Module):
             for blk in self.blocks:
                 h = self._call(blk, h)
         elif kind in ("shc", "dhc", "mhc"):
+            # Each connection's post is deferred to the next one's pre (PendingStreams):
+            # DHC runs the two fused at every sublayer boundary (ops.hc_boundary).
             H = cnn.expand_streams(x, self.cfg.hc_streams)
             for i, blk in enumerate(self.blocks):
-                H = self._call(self.connections[2 * i], H, blk.attn_branch)
-                H = self._call(self.connections[2 * i + 1], H, blk.ffn_branch)
+                H = self._call(self._deferred(2 * i), H, blk.attn_branch)
+                H = self._call(self._deferred(2 * i + 1), H, blk.ffn_branch)
             h = cnn.reduce_streams(H)
         elif kind == "dwa":
             h = self._depth_dwa(x)

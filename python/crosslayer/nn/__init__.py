@@ -3,6 +3,8 @@
     HyperConnections          SHC / DHC around one sublayer: H = hc(H, branch), or
                               x, post = hc.pre(H); H = post(branch(x))
     ManifoldHyperConnections  mHC (Sinkhorn-projected mixing), same call forms
+    PendingStreams            post.defer(y) / hc(H, branch, defer_post=True): the next
+                              connection's pre takes it (DHC fuses the post into itself)
     expand_streams / reduce_streams   entry (repeat n times) and exit (sum) of the streams
     param_groups              optimizer groups with no weight decay on static connection parameters
     DepthStack                one preallocated (L+1, *tok, d) stack per forward pass, one
@@ -12,10 +14,11 @@
 """
 
 from crosslayer.nn.depth_stack import DepthStack
-from crosslayer.nn.hc import (HyperConnections, ManifoldHyperConnections, expand_streams, param_groups,
-                              reduce_streams, static_connection_parameters)
+from crosslayer.nn.hc import (HyperConnections, ManifoldHyperConnections, PendingStreams, StreamPost, expand_streams,
+                              param_groups, reduce_streams, static_connection_parameters)
 from crosslayer.nn.mudd import DenseFormerDWA, MUDDConnection, mudd_hidden
 
-__all__ = ["HyperConnections", "ManifoldHyperConnections", "expand_streams", "reduce_streams",
+__all__ = ["HyperConnections", "ManifoldHyperConnections", "PendingStreams", "StreamPost", "expand_streams",
+           "reduce_streams",
            "param_groups", "static_connection_parameters", "DepthStack", "MUDDConnection",
            "DenseFormerDWA", "mudd_hidden"]

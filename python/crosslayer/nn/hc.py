@@ -14,6 +14,20 @@ sublayer output y (*tok, d) and returns the new streams H' (*tok, n, d):
 
     x = Σ_i alpha[i,0]·H_i,        H'_k = beta_k·y + Σ_i alpha[i,1+k]·H_i.
 
+Chains of sublayers: `post.defer(y)` (or `hc(H, branch, defer_post=True)`) returns
+PendingStreams instead of H', and the next connection's `pre` takes it in place of H.
+A dynamic (DHC) connection then runs the pending post fused with its own pre in one
+kernel each way (crosslayer.ops.hc_boundary): H' is written once and never read back,
+and its gradient is summed in registers, per sublayer 2n·d + 2d elements forward and
+3n·d + 3d backward instead of 3n·d + 2d and 6n·d + 3d. Every other consumer (SHC, mHC,
+reduce_streams, PendingStreams.resolve) computes H' = post(y) first; the values are
+the same either way.
+
+    H = expand_streams(x, n)
+    for layer in layers:
+        H = layer.hc(H, layer.branch, defer_post=True)   # PendingStreams after the first
+    x = reduce_streams(H)
+
 HyperConnections computes alpha, beta with `crosslayer.ops.hc_pre` (static or dynamic),
 ManifoldHyperConnections with `crosslayer.ops.mhc_coeffs` (one rms over vec(H), sigmoid gates and a
 Sinkhorn-projected mixing matrix); both mix with `crosslayer.ops.stream_mix` /
@@ -27,20 +41,64 @@ builds the two optimizer groups.
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from crosslayer import ops, ref
-from crosslayer.contracts import MAX_STREAMS, check_streams
+from crosslayer.contracts import MAX_STREAMS, check_streams, validate_hc_post
 
-__all__ = ["HyperConnections", "ManifoldHyperConnections", "expand_streams", "reduce_streams",
-           "static_connection_parameters", "param_groups"]
+__all__ = ["HyperConnections", "ManifoldHyperConnections", "PendingStreams", "StreamPost", "expand_streams",
+           "reduce_streams", "static_connection_parameters", "param_groups"]
 
-Post = Callable[[Tensor], Tensor]
+
+class PendingStreams:
+    """The streams H' = post(y) of a connection, not computed yet: connection i's
+    H (*tok, n, d), its coefficients alpha, beta and sublayer i's output y (*tok, d).
+    The next connection's `pre` takes it in place of H (a DHC pre fuses the post with
+    itself); `resolve()` computes H'. Every call computes it anew: nothing is cached
+    on the object, so activation checkpointing recomputes exactly what the forward ran."""
+
+    __slots__ = ("H", "y", "alpha", "beta")
+
+    def __init__(self, H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor):
+        self.H, self.y, self.alpha, self.beta = H, y, alpha, beta
+
+    @property
+    def shape(self) -> torch.Size:
+        """H''s shape, (*tok, n, d)."""
+        return self.H.shape
+
+    def resolve(self) -> Tensor:
+        """H' (*tok, n, d) = hc_post(H, y, alpha, beta)."""
+        return ops.hc_post(self.H, self.y, self.alpha, self.beta)
+
+
+Streams = Union[Tensor, PendingStreams]
+
+
+def resolve_streams(H: Streams) -> Tensor:
+    """H itself, or the streams a PendingStreams stands for."""
+    return H.resolve() if isinstance(H, PendingStreams) else H
+
+
+class StreamPost:
+    """A connection's post: post(y) -> H' (*tok, n, d) = hc_post(H, y, alpha, beta);
+    post.defer(y) -> PendingStreams for the next connection's pre to consume."""
+
+    __slots__ = ("H", "alpha", "beta")
+
+    def __init__(self, H: Tensor, alpha: Tensor, beta: Tensor):
+        self.H, self.alpha, self.beta = H, alpha, beta
+
+    def __call__(self, y: Tensor) -> Tensor:
+        return ops.hc_post(self.H, y, self.alpha, self.beta)
+
+    def defer(self, y: Tensor) -> PendingStreams:
+        validate_hc_post(self.H, y, self.alpha, self.beta)  # errors here, not at the next pre
+        return PendingStreams(self.H, y, self.alpha, self.beta)
 
 
 def expand_streams(x: Tensor, n: int) -> Tensor:
@@ -48,9 +106,10 @@ def expand_streams(x: Tensor, n: int) -> Tensor:
     return ref.expand_streams(x, n)
 
 
-def reduce_streams(H: Tensor) -> Tensor:
+def reduce_streams(H: Streams) -> Tensor:
     """Exit: the sum of the streams, (*tok, n, d) -> (*tok, d) in H's dtype (one fused
-    pass on CUDA: stream_mix with unit weights)."""
+    pass on CUDA: stream_mix with unit weights). H may be PendingStreams."""
+    H = resolve_streams(H)
     check_streams("H", H)
     return ops.stream_mix(H, H.new_ones(H.shape[-2], dtype=torch.float32))
 
@@ -74,25 +133,27 @@ class _StreamConnection(nn.Module):
         self.d, self.n = d, n
         self.branch = branch
 
-    def _check_H(self, H: Tensor) -> None:
-        if not isinstance(H, Tensor) or H.dim() < 2 or tuple(H.shape[-2:]) != (self.n, self.d):
-            got = tuple(H.shape) if isinstance(H, Tensor) else type(H).__name__
+    def _check_H(self, H: Streams) -> None:
+        if not isinstance(H, (Tensor, PendingStreams)) or len(H.shape) < 2 or tuple(H.shape[-2:]) != (self.n, self.d):
+            got = tuple(H.shape) if isinstance(H, (Tensor, PendingStreams)) else type(H).__name__
             raise ValueError(f"{type(self).__name__}: H must have shape (..., n, d) = "
                              f"(..., {self.n}, {self.d}), got {got}")
 
-    def pre(self, H: Tensor) -> Tuple[Tensor, Post]:
+    def pre(self, H: Streams) -> Tuple[Tensor, StreamPost]:
         raise NotImplementedError
 
-    def forward(self, H: Tensor, branch: Optional[Callable[[Tensor], Tensor]] = None,
-                *args, **kwargs) -> Tensor:
+    def forward(self, H: Streams, branch: Optional[Callable[[Tensor], Tensor]] = None,
+                *args, defer_post: bool = False, **kwargs) -> Streams:
         """H' = post(branch(x, *args, **kwargs)) with x, post = pre(H); `branch`
-        defaults to the module given at construction."""
+        defaults to the module given at construction. H may be PendingStreams; with
+        `defer_post`, returns post.defer(y) (PendingStreams) for the next connection."""
         fn = branch if branch is not None else self.branch
         if fn is None:
             raise ValueError(f"{type(self).__name__}: no branch: pass one to forward "
                              f"(hc(H, branch)) or at construction, or use hc.pre(H)")
         x, post = self.pre(H)
-        return post(fn(x, *args, **kwargs))
+        y = fn(x, *args, **kwargs)
+        return post.defer(y) if defer_post else post(y)
 
 
 class HyperConnections(_StreamConnection):
@@ -149,18 +210,25 @@ class HyperConnections(_StreamConnection):
         return (f"d={self.d}, n={self.n}, layer_index={self.layer_index}, "
                 f"{'DHC' if self.dynamic else 'SHC'}")
 
-    def coefficients(self, H: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def coefficients(self, H: Streams) -> Tuple[Tensor, Tensor, Tensor]:
         """(x, alpha, beta) of `crosslayer.ops.hc_pre`: x (*tok, d); alpha (*tok, n, n+1)
         and beta (*tok, n) for DHC, (n, n+1) and (n,) for SHC."""
         self._check_H(H)
-        return ops.hc_pre(H, self.A, self.B, self.W, self.s_a, self.s_b, self.eps)
+        return ops.hc_pre(resolve_streams(H), self.A, self.B, self.W, self.s_a, self.s_b, self.eps)
 
-    def pre(self, H: Tensor) -> Tuple[Tensor, Post]:
+    def pre(self, H: Streams) -> Tuple[Tensor, StreamPost]:
         """x (*tok, d), the sublayer input, and post: y (*tok, d) -> H' (*tok, n, d).
-        H's gradient through pre and post accumulates in one tensor (ops.hc_pre_for_post)."""
+        H's gradient through pre and post accumulates in one tensor (ops.hc_pre_for_post).
+        H may be PendingStreams: DHC runs the pending post fused with this pre
+        (ops.hc_boundary); SHC resolves it first."""
         self._check_H(H)
-        x, alpha, beta, H_post = ops.hc_pre_for_post(H, self.A, self.B, self.W, self.s_a, self.s_b, self.eps)
-        return x, functools.partial(ops.hc_post, H_post, alpha=alpha, beta=beta)
+        if isinstance(H, PendingStreams) and self.dynamic:
+            H_next, x, alpha, beta = ops.hc_boundary(H.H, H.y, H.alpha, H.beta, self.A, self.B, self.W,
+                                                     self.s_a, self.s_b, self.eps)
+            return x, StreamPost(H_next, alpha, beta)
+        x, alpha, beta, H_post = ops.hc_pre_for_post(resolve_streams(H), self.A, self.B, self.W, self.s_a,
+                                                     self.s_b, self.eps)
+        return x, StreamPost(H_post, alpha, beta)
 
 
 class ManifoldHyperConnections(_StreamConnection):
@@ -226,17 +294,20 @@ class ManifoldHyperConnections(_StreamConnection):
     def extra_repr(self) -> str:
         return f"d={self.d}, n={self.n}, iters={self.iters}, post_mult={self.post_mult}"
 
-    def coefficients(self, H: Tensor) -> Tuple[Tensor, Tensor]:
+    def coefficients(self, H: Streams) -> Tuple[Tensor, Tensor]:
         """alpha (*tok, n, n+1) = [pre | comb] and beta (*tok, n) = post, fp32 (fp64 for fp64)."""
         self._check_H(H)
-        return ops.mhc_coeffs(H, self.phi, self.a_pre, self.a_post, self.a_res, self.b, self.eps,
+        return ops.mhc_coeffs(resolve_streams(H), self.phi, self.a_pre, self.a_post, self.a_res, self.b, self.eps,
                               self.pre_eps, self.post_mult, self.iters, self.sinkhorn_eps)
 
-    def pre(self, H: Tensor) -> Tuple[Tensor, Post]:
-        """x (*tok, d), the sublayer input, and post: y (*tok, d) -> H' (*tok, n, d)."""
+    def pre(self, H: Streams) -> Tuple[Tensor, StreamPost]:
+        """x (*tok, d), the sublayer input, and post: y (*tok, d) -> H' (*tok, n, d). H
+        may be PendingStreams (resolved first)."""
+        self._check_H(H)
+        H = resolve_streams(H)
         alpha, beta = self.coefficients(H)
         x, H_post = ops.stream_mix_for_post(H, alpha[..., 0])
-        return x, functools.partial(ops.hc_post, H_post, alpha=alpha, beta=beta)
+        return x, StreamPost(H_post, alpha, beta)
 
 
 def static_connection_parameters(model: nn.Module) -> Iterator[nn.Parameter]:

@@ -4,13 +4,14 @@ signatures and semantics (crosslayer.ref is the spec)."""
 from crosslayer._extension import _C
 from crosslayer.ops.depth_aggregate import depth_aggregate
 from crosslayer.ops.depth_aggregate_qkv_norm import depth_aggregate_qkv_norm
+from crosslayer.ops.hc_boundary import hc_boundary
 from crosslayer.ops.hc_post import hc_post
 from crosslayer.ops.hc_pre import hc_pre, hc_pre_for_post
 from crosslayer.ops.mhc_coeffs import mhc_coeffs
 from crosslayer.ops.mudd_weights import mudd_weights
 from crosslayer.ops.stream_mix import stream_mix, stream_mix_for_post
 
-ALL_OPS = ("hc_pre", "hc_post", "stream_mix", "mhc_coeffs", "depth_aggregate", "depth_aggregate_qkv_norm",
+ALL_OPS = ("hc_pre", "hc_post", "hc_boundary", "stream_mix", "mhc_coeffs", "depth_aggregate", "depth_aggregate_qkv_norm",
            "mudd_weights")
 
 
@@ -19,6 +20,6 @@ def fused_ops() -> dict:
     return {op: _C is not None for op in ALL_OPS}  # every op has its kernels
 
 
-__all__ = ["depth_aggregate", "depth_aggregate_qkv_norm", "hc_pre", "hc_pre_for_post", "hc_post", "stream_mix",
+__all__ = ["depth_aggregate", "depth_aggregate_qkv_norm", "hc_boundary", "hc_pre", "hc_pre_for_post", "hc_post", "stream_mix",
            "stream_mix_for_post",
            "mhc_coeffs", "mudd_weights", "fused_ops", "ALL_OPS"]

@@ -8,6 +8,8 @@ backward kernels implement; tests check every one against autograd in float64.
 
 from crosslayer.ref.hc import (
     expand_streams,
+    hc_boundary,
+    hc_boundary_bwd,
     hc_init_static,
     hc_post,
     hc_post_bwd,
@@ -16,6 +18,7 @@ from crosslayer.ref.hc import (
     reduce_streams,
     stream_mix,
     stream_mix_bwd,
+    validate_hc_boundary,
     validate_hc_post,
     validate_hc_pre,
     validate_stream_mix,

@@ -47,6 +47,7 @@ from crosslayer.contracts import (
     check_coeff_grads,
     check_streams,
     tensors_only,
+    validate_hc_boundary,
     validate_hc_post,
     validate_hc_pre,
     validate_stream_mix,
@@ -208,6 +209,51 @@ def hc_post_bwd(dH_new, H, y, alpha, beta):
     dalpha = torch.cat([torch.zeros_like(dmix[..., :1]), dmix], dim=-1)
     dbeta = torch.einsum("...kd,...d->...k", g, yc)
     return dH.to(H.dtype), dy.to(y.dtype), sum_to(dalpha, alpha.shape), sum_to(dbeta, beta.shape)
+
+
+# ------------------------------------------------------------------------ hc_boundary
+
+
+def hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b, eps: float = 1e-6):
+    """Connection i's post fused with connection i+1's dynamic (DHC) pre, at the
+    boundary of two sublayers: H' = hc_post(H, y, alpha, beta), then
+    x', alpha', beta' = hc_pre(H', A, B, W, s_a, s_b, eps).
+
+    H: (..., n, d); y: (..., d); alpha: (..., n, n+1) or (n, n+1); beta: (..., n) or (n,);
+    A: (n, n+1); B: (n,); W: (d, n+2); s_a, s_b: 0-dim tensors or floats.
+    Returns H': (..., n, d) in H.dtype; x': (..., d) in H.dtype; alpha': (..., n, n+1);
+    beta': (..., n) (arithmetic dtype).
+    """
+    validate_hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b)
+    H_next = hc_post(H, y, alpha, beta)
+    x, alpha_next, beta_next = hc_pre(H_next, A, B, W, s_a, s_b, eps)
+    return H_next, x, alpha_next, beta_next
+
+
+def hc_boundary_bwd(dH_next, dx_next, dalpha_next, dbeta_next, H, y, alpha, beta, A, B, W, s_a, s_b,
+                    eps: float = 1e-6):
+    """Hand-derived backward of `hc_boundary`: H's total gradient is dH_next (from H''s
+    later readers) plus hc_pre's dH term, summed in the arithmetic dtype (the kernels
+    round the sum once, never store it), then hc_post's backward from it.
+
+    dH_next: (..., n, d) or None (zero); dx_next: (..., d) or None (zero); dalpha_next:
+    (..., n, n+1) or None; dbeta_next: (..., n) or None; the rest as in `hc_boundary`.
+    Returns dH (H.dtype), dy (y.dtype), dalpha, dbeta (the coefficients' shapes, summed
+    over tokens when static), dA, dB, dW, ds_a, ds_b (summed over tokens).
+    """
+    validate_hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b)
+    ct = compute_dtype(H, y, alpha, beta, A, B, W, *tensors_only(s_a=s_a, s_b=s_b).values())
+    H_next = hc_post(H, y, alpha, beta)
+    lead, d = H.shape[:-2], H.shape[-1]
+    if dx_next is None:
+        dx_next = H.new_zeros(*lead, d)
+    # H' in the arithmetic dtype (exact: the stored values widened) so that hc_pre's dH
+    # term comes back unrounded.
+    dH_pre, dA, dB, dW, ds_a, ds_b = hc_pre_bwd(dx_next, dalpha_next, dbeta_next, H_next.to(ct), A, B, W,
+                                                s_a, s_b, eps)
+    g = dH_pre if dH_next is None else dH_pre + dH_next.to(ct)
+    dH, dy, dalpha, dbeta = hc_post_bwd(g, H, y, alpha, beta)
+    return dH, dy, dalpha, dbeta, dA, dB, dW, ds_a, ds_b
 
 
 # ------------------------------------------------------------------------- stream_mix

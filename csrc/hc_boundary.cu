@@ -1,0 +1,176 @@
+// Launchers of hc_boundary: DHC connection i's post fused with connection i+1's pre
+// (kernels in kernels/hc_boundary.cuh).
+//
+//   hc_boundary_fwd(H, y, alpha, beta, A, B, W, s_a, s_b, eps)
+//       -> {H' (H's layout), x', alpha', beta', q, r}
+//   hc_boundary_bwd(dH', dx', dalpha'?, dbeta'?, H, y, alpha, beta, A, B, W, s_a, s_b, q, r)
+//       -> {dH (H's layout), dy, dalpha, dbeta, dA, dB, dW, ds_a, ds_b}
+//
+// The post's inputs are checked and laid out by hc_post's host code (hc_post.h), the
+// pre's parameters and workspaces by hc_pre's (hc_pre.h): the same messages, limits and
+// layouts as the unfused ops. H' is allocated like H (empty_like), x' contiguous; dH
+// like H. Every launch runs on the current stream and is followed by a launch check.
+
+#include <c10/cuda/CUDAGuard.h>
+
+#include <optional>
+#include <vector>
+
+#include "common/dispatch.h"
+#include "hc_post.h"
+#include "hc_pre.h"
+#include "kernels/hc_boundary.cuh"
+#include "ops.h"
+
+namespace crosslayer {
+namespace {
+
+// The checked inputs of both directions and the params they fill (post: H, y, alpha,
+// beta; pre: sizes and parameters).
+struct HcBoundaryInputs {
+  HcPostInputs post;
+  HcPreWeights weights;
+  HcBoundaryParams p{};
+};
+
+HcBoundaryInputs hc_boundary_inputs(const at::Tensor& H, const at::Tensor& y, const at::Tensor& alpha,
+                                    const at::Tensor& beta, const at::Tensor& A, const at::Tensor& B,
+                                    const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b) {
+  HcBoundaryInputs in;
+  check_hc_pre_inputs(H, A, B, W, s_a, s_b);
+  in.post = hc_post_inputs(H, y, alpha, beta);
+  if (in.post.sh.N == 0) return in;
+  in.p.post = in.post.p;
+  in.weights = hc_pre_weights(in.p.pre, in.post.sh, acc_dtype(H.scalar_type()), A, B, W, s_a, s_b);
+  return in;
+}
+
+// hc_pre_block's `extra`: hc_boundary_extra_smem.
+auto boundary_extra_smem(int n, bool backward) {
+  return [n, backward](int rows, int warps) { return hc_boundary_extra_smem(rows, warps, n, backward); };
+}
+
+}  // namespace
+
+std::vector<at::Tensor> hc_boundary_fwd(const at::Tensor& H_in, const at::Tensor& y, const at::Tensor& alpha,
+                                        const at::Tensor& beta, const at::Tensor& A, const at::Tensor& B,
+                                        const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b,
+                                        double eps) {
+  HcBoundaryInputs in = hc_boundary_inputs(H_in, y, alpha, beta, A, B, W, s_a, s_b);
+  const StreamShape& sh = in.post.sh;
+  const c10::cuda::CUDAGuard guard(H_in.device());
+  const auto acc_opts = H_in.options().dtype(acc_dtype(H_in.scalar_type()));
+  const int64_t n = sh.n, d = sh.d;
+  at::Tensor H_next = at::empty_like(H_in);
+  at::Tensor x = at::empty(with_tail(sh.lead, {d}), H_in.options());
+  at::Tensor alpha_next = at::empty(with_tail(sh.lead, {n, n + 1}), acc_opts);
+  at::Tensor beta_next = at::empty(with_tail(sh.lead, {n}), acc_opts);
+  at::Tensor q = at::empty(with_tail(sh.lead, {n, n + 2}), acc_opts);
+  at::Tensor r = at::empty(with_tail(sh.lead, {n}), acc_opts);
+  if (sh.N == 0) return {H_next, x, alpha_next, beta_next, q, r};
+
+  HcBoundaryParams& p = in.p;
+  const at::Tensor out = writable(H_next, 2, &p.post.out_tok);
+  p.post.out_stream_stride = stream_stride(out);
+  p.post.out_ptr = out.data_ptr();
+  with_token_layout(x, 1, &p.pre.x_tok);
+  p.pre.eps = eps;
+  p.pre.x_ptr = x.data_ptr();
+  p.pre.alpha_ptr = alpha_next.data_ptr();
+  p.pre.beta_ptr = beta_next.data_ptr();
+  p.pre.q_ptr = q.data_ptr();
+  p.pre.r_ptr = r.data_ptr();
+  const int device = H_in.device().index();
+  CL_DISPATCH_FLOATING(H_in.scalar_type(), "hc_boundary_fwd", [&] {
+    using acc = acc_t<scalar_t>;
+    const int vec = kVec16<scalar_t>;
+    const HcPostParams& po = p.post;
+    const bool vectorize = vec_ok(po.h_ptr, po.h_tok, po.h_stream_stride, vec) && vec_ok(po.y_ptr, po.y_tok, 0, vec) &&
+                           vec_ok(po.out_ptr, po.out_tok, po.out_stream_stride, vec) &&
+                           vec_ok(p.pre.x_ptr, p.pre.x_tok, 0, vec);
+    CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
+      dispatch_streams<kMaxStreams, 2, 4, 8>(p.pre.n, [&](auto kn) {
+        constexpr int kN = decltype(kn)::value;
+        constexpr int kVec = kVectorize ? kHcBoundaryVec<scalar_t, kN> : 1;
+        const HcPreLaunch b = hc_pre_block<acc, kN>("hc_boundary", sh.N, d, kVec, p.pre.ldw, false, device,
+                                                    boundary_extra_smem(p.pre.n, false));
+        auto kernel = hc_boundary_fwd_kernel<scalar_t, kVec, kN>;
+        allow_smem(kernel, b.smem_bytes);
+        launch(kernel, cover_grid(b.grid, 1), dim3(b.threads_x, b.rows), b.smem_bytes, p);
+      });
+    });
+  });
+  copy_back(H_next, out);
+  return {H_next, x, alpha_next, beta_next, q, r};
+}
+
+std::vector<at::Tensor> hc_boundary_bwd(const at::Tensor& dH_next_in, const at::Tensor& dx_in,
+                                        const std::optional<at::Tensor>& dalpha_next,
+                                        const std::optional<at::Tensor>& dbeta_next, const at::Tensor& H_in,
+                                        const at::Tensor& y, const at::Tensor& alpha, const at::Tensor& beta,
+                                        const at::Tensor& A, const at::Tensor& B, const at::Tensor& W,
+                                        const at::Tensor& s_a, const at::Tensor& s_b, const at::Tensor& q,
+                                        const at::Tensor& r) {
+  HcBoundaryInputs in = hc_boundary_inputs(H_in, y, alpha, beta, A, B, W, s_a, s_b);
+  const StreamShape& sh = in.post.sh;
+  const int64_t n = sh.n, d = sh.d;
+  check_activation(dH_next_in, "dH_next", H_in, "(..., n, d)", H_in.sizes());
+  check_activation(dx_in, "dx", H_in, "(..., d)", with_tail(sh.lead, {d}));
+  check_hc_pre_bwd_coefs(sh, H_in, dalpha_next, dbeta_next, q, r);
+  const c10::cuda::CUDAGuard guard(H_in.device());
+  const at::ScalarType acc_type = acc_dtype(H_in.scalar_type());
+  const auto acc_opts = H_in.options().dtype(acc_type);
+  at::Tensor dH = at::empty_like(H_in);
+  at::Tensor dy = at::empty(with_tail(sh.lead, {d}), y.options());
+  if (sh.N == 0) {
+    return {dH, dy, at::zeros(alpha.sizes(), acc_opts), at::zeros(beta.sizes(), acc_opts),
+            at::zeros(A.sizes(), A.options()), at::zeros(B.sizes(), B.options()), at::zeros(W.sizes(), W.options()),
+            at::zeros({}, s_a.options()), at::zeros({}, s_b.options())};
+  }
+  at::Tensor dalpha_tok = at::empty({sh.N, n, n + 1}, acc_opts);
+  at::Tensor dbeta_tok = at::empty({sh.N, n}, acc_opts);
+  HcBoundaryParams& p = in.p;
+  const at::Tensor g = readable(dH_next_in, 2, &p.post.g_tok);
+  const at::Tensor dx = readable(dx_in, 1, &p.pre.x_tok);
+  at::Tensor dh = writable(dH, 2, &p.post.dh_tok);
+  collapse_token_dims(dy.sizes().data(), dy.strides().data(), static_cast<int>(sh.lead.size()), &p.post.dy_tok);
+  p.post.g_stream_stride = stream_stride(g);
+  p.post.dh_stream_stride = stream_stride(dh);
+  p.post.g_ptr = g.data_ptr();
+  p.post.dh_ptr = dh.data_ptr();
+  p.post.dy_ptr = dy.data_ptr();
+  p.post.da_ptr = dalpha_tok.data_ptr();
+  p.post.db_ptr = dbeta_tok.data_ptr();
+  p.pre.dx_ptr = dx.data_ptr();
+  const HcPreBwdCoefs coefs = hc_pre_bwd_coef_inputs(p.pre, acc_type, dalpha_next, dbeta_next, q, r);
+
+  HcPreWorkspaces ws;
+  const int device = H_in.device().index();
+  CL_DISPATCH_FLOATING(H_in.scalar_type(), "hc_boundary_bwd", [&] {
+    using acc = acc_t<scalar_t>;
+    const int vec = kVec16<scalar_t>;
+    const HcPostParams& po = p.post;
+    const bool vectorize = vec_ok(po.h_ptr, po.h_tok, po.h_stream_stride, vec) && vec_ok(po.y_ptr, po.y_tok, 0, vec) &&
+                           vec_ok(po.g_ptr, po.g_tok, po.g_stream_stride, vec) &&
+                           vec_ok(po.dh_ptr, po.dh_tok, po.dh_stream_stride, vec) &&
+                           vec_ok(po.dy_ptr, po.dy_tok, 0, vec) && vec_ok(p.pre.dx_ptr, p.pre.x_tok, 0, vec);
+    CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
+      dispatch_streams<kMaxStreams, 2, 4, 8>(p.pre.n, [&](auto kn) {
+        constexpr int kN = decltype(kn)::value;
+        constexpr int kVec = kVectorize ? kHcBoundaryVec<scalar_t, kN> : 1;
+        HcPreLaunch b = hc_pre_block<acc, kN>("hc_boundary", sh.N, d, kVec, p.pre.ldw, true, device,
+                                              boundary_extra_smem(p.pre.n, true));
+        auto kernel = hc_boundary_bwd_kernel<scalar_t, kVec, kN>;
+        allow_smem(kernel, b.smem_bytes);
+        ws = hc_pre_workspaces(p.pre, b, kernel, acc_opts, device);
+        launch(kernel, dim3(static_cast<unsigned>(b.grid)), dim3(b.threads_x, b.rows), b.smem_bytes, p);
+      });
+    });
+  });
+  copy_back(dH, dh);
+  const std::vector<at::Tensor> dcoef = hc_post_coef_grads(in.post, dalpha_tok, dbeta_tok, alpha, beta);
+  const std::vector<at::Tensor> dparams = hc_pre_param_grads(ws, n, d, A, B, W, s_a, s_b);
+  return {dH, dy, dcoef[0], dcoef[1], dparams[0], dparams[1], dparams[2], dparams[3], dparams[4]};
+}
+
+}  // namespace crosslayer

@@ -1,0 +1,151 @@
+"""hc_boundary on the GPU: DHC connection i's post fused with connection i+1's pre, the
+custom ops over crosslayer._C, their autograd, and the public function that mirrors
+`crosslayer.ref.hc_boundary`.
+
+Layers, bottom up:
+  _C.hc_boundary_fwd / _bwd              pybind11 launchers (csrc/hc_boundary.cu)
+  torch.ops.crosslayer.hc_boundary       custom op + fake + autograd: (H', x', alpha',
+                                         beta', q, r); q, r as hc_pre's (saved for the
+                                         backward, not differentiable)
+  torch.ops.crosslayer.hc_boundary_bwd   custom op: (dH, dy, dalpha, dbeta, dA, dB, dW,
+                                         ds_a, ds_b)
+  hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b, eps)
+                                         validates once, then the op above on CUDA (the
+                                         oracle on CPU, without the extension, or for
+                                         float64 parameters with lower-precision H)
+
+In a chain of sublayers, connection i+1's pre reads H' = post_i(y_i) straight from the
+kernel that wrote it, and its backward adds hc_pre's dH term to the later gradient of
+H' in registers: per sublayer 2n·d + 2d elements forward and 3n·d + 3d backward, where
+the unfused post + pre move 3n·d + 2d and 6n·d + 3d (DESIGN.md's chain floor).
+
+H: (*lead, n, d) with any token and stream strides; y: (*lead, d); alpha, beta:
+connection i's coefficients, per token (*lead, n, n+1), (*lead, n) or static (n, n+1),
+(n,). H' and dH are allocated like H, x' and dy contiguous; alpha', beta', q, r
+contiguous in the arithmetic dtype (float64 for float64 H, float32 otherwise).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from crosslayer import ref
+from crosslayer._checks import acc_dtype, compute_dtype
+from crosslayer._extension import kernels_for
+from crosslayer.contracts import validate_hc_boundary
+from crosslayer.ops._common import Scalar, fusable, lead_d, like, scalar_tensor
+from crosslayer.ops.hc_pre import _projection
+
+
+@torch.library.custom_op("crosslayer::hc_boundary", mutates_args=())
+def hc_boundary_op(H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, A: Tensor, B: Tensor, W: Tensor,
+                   s_a: Tensor, s_b: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(H', x', alpha', beta', q, r): H' = hc_post(H, y, alpha, beta), then hc_pre(H', A, B,
+    W, s_a, s_b)'s outputs (q = H'·W: (*lead, n, n+2), r = rsqrt(mean_d H'² + eps): (*lead, n))."""
+    kernels = kernels_for(H, "hc_boundary")
+    if kernels is not None:
+        H_next, x, alpha_next, beta_next, q, r = kernels.hc_boundary_fwd(H, y, alpha, beta, A, B, W, s_a, s_b, eps)
+        return H_next, x, alpha_next, beta_next, q, r
+    acc = acc_dtype(H.dtype)
+    H_next, x, alpha_next, beta_next = ref.hc_boundary(H, y, alpha.to(acc), beta.to(acc), A.to(acc), B.to(acc),
+                                                       W.to(acc), s_a.to(acc), s_b.to(acc), eps)
+    q, r = _projection(H_next, W, eps)
+    return like(H, H_next), x.contiguous(), alpha_next.contiguous(), beta_next.contiguous(), q, r
+
+
+@hc_boundary_op.register_fake
+def _hc_boundary_fake(H, y, alpha, beta, A, B, W, s_a, s_b, eps):
+    lead, n = H.shape[:-2], H.shape[-2]
+    acc = acc_dtype(H.dtype)
+    return (torch.empty_like(H), H.new_empty(lead_d(H)), H.new_empty((*lead, n, n + 1), dtype=acc),
+            H.new_empty((*lead, n), dtype=acc), H.new_empty((*lead, n, n + 2), dtype=acc),
+            H.new_empty((*lead, n), dtype=acc))
+
+
+@torch.library.custom_op("crosslayer::hc_boundary_bwd", mutates_args=())
+def hc_boundary_bwd_op(dH_next: Tensor, dx: Tensor, dalpha_next: Optional[Tensor], dbeta_next: Optional[Tensor],
+                       H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, A: Tensor, B: Tensor, W: Tensor,
+                       s_a: Tensor, s_b: Tensor, q: Tensor, r: Tensor,
+                       eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dH, dy, dalpha, dbeta, dA, dB, dW, ds_a, ds_b) of hc_boundary.
+
+    dH_next: H's shape and dtype, the gradient of H' from its later readers; dx: (*lead,
+    d); dalpha_next: (*lead, n, n+1) or None; dbeta_next: (*lead, n) or None (None =
+    zero); q, r: from hc_boundary_op (the CPU path recomputes them). dalpha, dbeta have
+    the coefficients' shapes in the arithmetic dtype; the parameter gradients are summed
+    over tokens, each in its parameter's dtype.
+    """
+    kernels = kernels_for(H, "hc_boundary")
+    if kernels is not None:
+        grads = kernels.hc_boundary_bwd(dH_next, dx, dalpha_next, dbeta_next, H, y, alpha, beta, A, B, W,
+                                        s_a, s_b, q, r)
+        return tuple(grads)
+    acc = acc_dtype(H.dtype)
+    dH, dy, dalpha, dbeta, dA, dB, dW, ds_a, ds_b = ref.hc_boundary_bwd(
+        dH_next, dx, dalpha_next, dbeta_next, H, y, alpha.to(acc), beta.to(acc), A.to(acc), B.to(acc), W.to(acc),
+        s_a.to(acc), s_b.to(acc), eps)
+    return (like(H, dH), dy.contiguous(), dalpha.contiguous(), dbeta.contiguous(), dA.to(A.dtype).contiguous(),
+            dB.to(B.dtype).contiguous(), dW.to(W.dtype).contiguous(), ds_a.to(s_a.dtype), ds_b.to(s_b.dtype))
+
+
+@hc_boundary_bwd_op.register_fake
+def _hc_boundary_bwd_fake(dH_next, dx, dalpha_next, dbeta_next, H, y, alpha, beta, A, B, W, s_a, s_b, q, r, eps):
+    acc = acc_dtype(H.dtype)
+    return (torch.empty_like(H), y.new_empty(lead_d(H)), alpha.new_empty(alpha.shape, dtype=acc),
+            beta.new_empty(beta.shape, dtype=acc), A.new_empty(A.shape), B.new_empty(B.shape), W.new_empty(W.shape),
+            s_a.new_empty(()), s_b.new_empty(()))
+
+
+def _hc_boundary_setup(ctx, inputs, output) -> None:
+    H, y, alpha, beta, A, B, W, s_a, s_b, eps = inputs
+    _, _, _, _, q, r = output
+    ctx.mark_non_differentiable(q, r)
+    # Absent gradients arrive as None, not as zeros autograd would fill (q and r never
+    # get one: two fills a call).
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(H, y, alpha, beta, A, B, W, s_a, s_b, q, r)
+    ctx.eps = eps
+
+
+def _hc_boundary_backward(ctx, dH_next, dx, dalpha_next, dbeta_next, dq, dr):
+    H, y, alpha, beta, A, B, W, s_a, s_b, q, r = ctx.saved_tensors
+    if dH_next is None:
+        dH_next = torch.zeros_like(H)
+    if dx is None:
+        dx = H.new_zeros(lead_d(H))
+    grads = hc_boundary_bwd_op(dH_next, dx, dalpha_next, dbeta_next, H, y, alpha, beta, A, B, W, s_a, s_b, q, r,
+                               ctx.eps)
+    return (*grads, None)
+
+
+hc_boundary_op.register_autograd(_hc_boundary_backward, setup_context=_hc_boundary_setup)
+
+
+def hc_boundary(H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, A: Tensor, B: Tensor, W: Tensor,
+                s_a: Scalar, s_b: Scalar, eps: float = 1e-6):
+    """Connection i's post fused with connection i+1's dynamic pre (see
+    crosslayer.ref.hc_boundary).
+
+    H: (..., n, d), 1 <= n <= 16    connection i's streams; any token and stream strides
+    y: (..., d)                      sublayer i's output
+    alpha: (..., n, n+1) or (n, n+1); beta: (..., n) or (n,)   connection i's coefficients
+    A: (n, n+1); B: (n,); W: (d, n+2); s_a, s_b: 0-dim tensors or floats
+                                     connection i+1's DHC parameters
+    returns H': (..., n, d) and x': (..., d) in H's dtype; alpha': (..., n, n+1) and
+            beta': (..., n) in the arithmetic dtype (float32; float64 for float64 inputs)
+
+    Fused on CUDA when the extension is built (one kernel each way); the oracle
+    otherwise, and for float64 parameters with lower-precision H.
+    """
+    validate_hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b)
+    scales = [v for v in (s_a, s_b) if isinstance(v, Tensor)]
+    if not fusable(H, y, alpha, beta, A, B, W, *scales):
+        return ref.hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b, eps)
+    ct = compute_dtype(H, A, B, W, *scales)
+    sa = scalar_tensor(s_a, ct, H.device)
+    sb = scalar_tensor(s_b, ct, H.device)
+    H_next, x, alpha_next, beta_next, _, _ = hc_boundary_op(H, y, alpha, beta, A, B, W, sa, sb, eps)
+    return H_next, x, alpha_next, beta_next
