@@ -136,10 +136,10 @@ def hc_case(kind: str, d: int, n: int, dtype) -> Case:
 
 def hc_chain_case(kind: str, d: int, n: int, dtype, sublayers: int = 8) -> Case:
     """`sublayers` consecutive connections of one kind with identity branches, each
-    sublayer's post deferred to the next one's pre (PendingStreams: DHC runs the fused
-    boundary, ops.hc_boundary), bytes and launches per sublayer against the unfused
-    sublayer floor: what the fused boundary saves shows as a ratio below 1 (DESIGN.md's
-    chain floor is 0.61 of it at n = 4)."""
+    sublayer's post deferred to the next one's pre (PendingStreams: SHC and DHC run
+    the fused boundary, ops.hc_boundary), bytes and launches per sublayer against the
+    unfused sublayer floor: what the fused boundary saves shows as a ratio below 1
+    (DESIGN.md's chain floor is 0.61 of it at n = 4)."""
     import torch
     from crosslayer.nn import HyperConnections, ManifoldHyperConnections
 
@@ -160,6 +160,36 @@ def hc_chain_case(kind: str, d: int, n: int, dtype, sublayers: int = 8) -> Case:
 
     return Case(f"{kind}_chain", d, n, 0, lambda m: floor_hc_sublayer(d, n, m), setup, forward,
                 lambda s: {"H": s["H"], "dH_next": s["dH_next"]}, sublayers=sublayers)
+
+
+def hc_boundary_case(kind: str, d: int, n: int, dtype) -> Case:
+    """One boundary of a chain, ops.hc_boundary alone: connection i's post (per-token
+    coefficients, as a DHC or mHC connection makes) fused with connection i+1's DHC or
+    SHC pre, fresh gradients for H' and x' (the chain's interior), against
+    crosslayer.contracts' hc_boundary floor (2n·d + 2d forward, 3n·d + 3d backward)."""
+    import torch
+    from crosslayer import ops
+
+    def setup(N: int) -> dict:
+        torch.manual_seed(0)
+        H = torch.randn(N, n, d, dtype=dtype, requires_grad=True)
+        y = torch.randn(N, d, dtype=dtype, requires_grad=True)
+        alpha = torch.randn(N, n, n + 1, requires_grad=True)
+        beta = torch.randn(N, n, requires_grad=True)
+        params = [torch.randn(n, n + 1), torch.randn(n)]
+        if kind == "dhc":
+            params += [torch.randn(d, n + 2) / d ** 0.5, torch.tensor(0.5), torch.tensor(0.5)]
+        params = [p.requires_grad_(True) for p in params]
+        return {"inputs": [H, y, alpha, beta], "params": params,
+                "dH_next": torch.randn(N, n, d, dtype=dtype), "dx": torch.randn(N, d, dtype=dtype)}
+
+    def forward(s):
+        H_next, x, _, _ = ops.hc_boundary(*s["inputs"], *s["params"])
+        return [H_next, x], [*s["inputs"], *s["params"]], [s["dH_next"], s["dx"]]
+
+    floor = CONTRACTS["hc_boundary"]
+    return Case(f"{kind}_boundary", d, n, 0, lambda m: floor.floor_elements(m, d=d, n=n), setup, forward,
+                lambda s: {"H": s["inputs"][0], "y": s["inputs"][1], "dH_next": s["dH_next"]})
 
 
 def depth_aggregate_case(d: int, l: int, C: int, dtype, qkv_norm: bool) -> Case:
@@ -313,6 +343,8 @@ def cases(quick: bool, only: Optional[set]) -> list[Case]:
     for d in ds:
         for kind in ("dhc", "shc", "mhc"):
             out.append(hc_case(kind, d, n, dt))
+        for kind in ("dhc", "shc"):
+            out.append(hc_boundary_case(kind, d, n, dt))
         for kind in ("dhc", "shc", "mhc"):
             out.append(hc_chain_case(kind, d, n, dt))
     for l in ls:

@@ -47,6 +47,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "[H', x', alpha', beta', q, r]: DHC connection i's post fused with connection i+1's pre");
   m.def("hc_boundary_bwd", &crosslayer::hc_boundary_bwd,
         "[dH, dy, dalpha, dbeta, dA, dB, dW, ds_a, ds_b] of hc_boundary");
+  m.def("hc_boundary_mix_fwd", &crosslayer::hc_boundary_mix_fwd,
+        "[H', x']: connection i's post fused with a static pre x' = Σ_k w_k·H'_k (SHC)");
+  m.def("hc_boundary_mix_bwd", &crosslayer::hc_boundary_mix_bwd, "[dH, dy, dalpha, dbeta, dw] of hc_boundary_mix");
   m.def("hc_pre_fwd", &crosslayer::hc_pre_fwd, "[x, alpha, beta, q, r] of dynamic-HC hc_pre");
   m.def("hc_pre_bwd", &crosslayer::hc_pre_bwd, "dH (=|+=) in place; returns [dA, dB, dW, ds_a, ds_b] of dynamic-HC hc_pre");
   m.def("mhc_coeffs_fwd", &crosslayer::mhc_coeffs_fwd, "[alpha, beta, u, r] of the mHC coefficients");

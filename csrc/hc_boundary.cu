@@ -1,10 +1,15 @@
-// Launchers of hc_boundary: DHC connection i's post fused with connection i+1's pre
+// Launchers of hc_boundary: connection i's post fused with connection i+1's pre
 // (kernels in kernels/hc_boundary.cuh).
 //
+// Dynamic (DHC) pre:
 //   hc_boundary_fwd(H, y, alpha, beta, A, B, W, s_a, s_b, eps)
 //       -> {H' (H's layout), x', alpha', beta', q, r}
 //   hc_boundary_bwd(dH', dx', dalpha'?, dbeta'?, H, y, alpha, beta, A, B, W, s_a, s_b, q, r)
 //       -> {dH (H's layout), dy, dalpha, dbeta, dA, dB, dW, ds_a, ds_b}
+// Static pre, x' = Σ_k w_k·H'_k (SHC: w = A[:, 0]):
+//   hc_boundary_mix_fwd(H, y, alpha, beta, w) -> {H', x'}
+//   hc_boundary_mix_bwd(dH', dx', H, y, alpha, beta, w) -> {dH, dy, dalpha, dbeta, dw}
+//   (w (n,) or (*lead, n); dw in w's shape, summed over tokens when static)
 //
 // The post's inputs are checked and laid out by hc_post's host code (hc_post.h), the
 // pre's parameters and workspaces by hc_pre's (hc_pre.h): the same messages, limits and
@@ -19,6 +24,7 @@
 #include "common/dispatch.h"
 #include "hc_post.h"
 #include "hc_pre.h"
+#include "hc_tile.h"
 #include "kernels/hc_boundary.cuh"
 #include "ops.h"
 
@@ -171,6 +177,106 @@ std::vector<at::Tensor> hc_boundary_bwd(const at::Tensor& dH_next_in, const at::
   const std::vector<at::Tensor> dcoef = hc_post_coef_grads(in.post, dalpha_tok, dbeta_tok, alpha, beta);
   const std::vector<at::Tensor> dparams = hc_pre_param_grads(ws, n, d, A, B, W, s_a, s_b);
   return {dH, dy, dcoef[0], dcoef[1], dparams[0], dparams[1], dparams[2], dparams[3], dparams[4]};
+}
+
+namespace {
+
+// The checked inputs of the static-pre boundary: hc_post's, and w (n,) or (*lead, n).
+struct HcBoundaryMixInputs {
+  HcPostInputs post;
+  bool static_w;
+  at::Tensor w;
+  HcBoundaryMixParams p{};
+};
+
+HcBoundaryMixInputs hc_boundary_mix_inputs(const at::Tensor& H, const at::Tensor& y, const at::Tensor& alpha,
+                                           const at::Tensor& beta, const at::Tensor& w) {
+  HcBoundaryMixInputs in;
+  in.post = hc_post_inputs(H, y, alpha, beta);
+  const StreamShape& sh = in.post.sh;
+  in.static_w = check_coefficient(w, "w", H, sh.lead, "(n,)", "(*lead, n)", {sh.n});
+  if (sh.N == 0 || sh.d == 0) return in;
+  static_cast<HcPostParams&>(in.p) = in.post.p;
+  in.w = acc_rows(w, acc_dtype(H.scalar_type()));
+  in.p.w_token_stride = in.static_w ? 0 : sh.n;
+  in.p.w_ptr = in.w.data_ptr();
+  return in;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> hc_boundary_mix_fwd(const at::Tensor& H_in, const at::Tensor& y, const at::Tensor& alpha,
+                                            const at::Tensor& beta, const at::Tensor& w) {
+  HcBoundaryMixInputs in = hc_boundary_mix_inputs(H_in, y, alpha, beta, w);
+  const StreamShape& sh = in.post.sh;
+  const c10::cuda::CUDAGuard guard(H_in.device());
+  at::Tensor H_next = at::empty_like(H_in);
+  at::Tensor x = at::empty(with_tail(sh.lead, {sh.d}), H_in.options());
+  if (sh.N == 0 || sh.d == 0) return {H_next, x};
+  HcBoundaryMixParams& p = in.p;
+  const at::Tensor out = writable(H_next, 2, &p.out_tok);
+  p.out_stream_stride = stream_stride(out);
+  p.out_ptr = out.data_ptr();
+  collapse_token_dims(x.sizes().data(), x.strides().data(), static_cast<int>(sh.lead.size()), &p.x_tok);
+  p.x_ptr = x.data_ptr();
+  CL_DISPATCH_FLOATING(H_in.scalar_type(), "hc_boundary_mix_fwd", [&] {
+    const int vec = kVec16<scalar_t>;
+    const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) && vec_ok(p.y_ptr, p.y_tok, 0, vec) &&
+                           vec_ok(p.out_ptr, p.out_tok, p.out_stream_stride, vec) && vec_ok(p.x_ptr, p.x_tok, 0, vec);
+    launch_hc_tile<scalar_t>(p, vectorize, p.n * (p.n + 3), 0, [](auto kvec, auto kn) {
+      return hc_boundary_mix_fwd_kernel<scalar_t, decltype(kvec)::value, decltype(kn)::value>;
+    });
+  });
+  copy_back(H_next, out);
+  return {H_next, x};
+}
+
+std::vector<at::Tensor> hc_boundary_mix_bwd(const at::Tensor& dH_next_in, const at::Tensor& dx_in,
+                                            const at::Tensor& H_in, const at::Tensor& y, const at::Tensor& alpha,
+                                            const at::Tensor& beta, const at::Tensor& w) {
+  HcBoundaryMixInputs in = hc_boundary_mix_inputs(H_in, y, alpha, beta, w);
+  const StreamShape& sh = in.post.sh;
+  check_activation(dH_next_in, "dH_next", H_in, "(*lead, n, d)", H_in.sizes());
+  check_activation(dx_in, "dx", H_in, "(*lead, d)", with_tail(sh.lead, {sh.d}));
+  const c10::cuda::CUDAGuard guard(H_in.device());
+  const at::TensorOptions acc_opts = H_in.options().dtype(acc_dtype(H_in.scalar_type()));
+  at::Tensor dH = at::empty_like(H_in);
+  at::Tensor dy = at::empty(with_tail(sh.lead, {sh.d}), y.options());
+  if (sh.N == 0 || sh.d == 0) {  // dH and dy are empty; the dots over nothing are 0
+    return {dH, dy, at::zeros(alpha.sizes(), acc_opts), at::zeros(beta.sizes(), acc_opts),
+            at::zeros(w.sizes(), acc_opts)};
+  }
+  const int64_t n = sh.n;
+  at::Tensor dalpha_tok = at::empty({sh.N, n, n + 1}, acc_opts);
+  at::Tensor dbeta_tok = at::empty({sh.N, n}, acc_opts);
+  at::Tensor dw_tok = at::empty({sh.N, n}, acc_opts);
+  HcBoundaryMixParams& p = in.p;
+  const at::Tensor g = readable(dH_next_in, 2, &p.g_tok);
+  const at::Tensor dx = readable(dx_in, 1, &p.dx_tok);
+  at::Tensor dh = writable(dH, 2, &p.dh_tok);
+  collapse_token_dims(dy.sizes().data(), dy.strides().data(), static_cast<int>(sh.lead.size()), &p.dy_tok);
+  p.g_stream_stride = stream_stride(g);
+  p.dh_stream_stride = stream_stride(dh);
+  p.g_ptr = g.data_ptr();
+  p.dx_ptr = dx.data_ptr();
+  p.dh_ptr = dh.data_ptr();
+  p.dy_ptr = dy.data_ptr();
+  p.da_ptr = dalpha_tok.data_ptr();
+  p.db_ptr = dbeta_tok.data_ptr();
+  p.dw_ptr = dw_tok.data_ptr();
+  CL_DISPATCH_FLOATING(H_in.scalar_type(), "hc_boundary_mix_bwd", [&] {
+    const int vec = kVec16<scalar_t>;
+    const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) && vec_ok(p.y_ptr, p.y_tok, 0, vec) &&
+                           vec_ok(p.g_ptr, p.g_tok, p.g_stream_stride, vec) && vec_ok(p.dx_ptr, p.dx_tok, 0, vec) &&
+                           vec_ok(p.dh_ptr, p.dh_tok, p.dh_stream_stride, vec) && vec_ok(p.dy_ptr, p.dy_tok, 0, vec);
+    launch_hc_tile<scalar_t>(p, vectorize, p.n * (p.n + 3), p.n * (p.n + 2), [](auto kvec, auto kn) {
+      return hc_boundary_mix_bwd_kernel<scalar_t, decltype(kvec)::value, decltype(kn)::value>;
+    });
+  });
+  copy_back(dH, dh);
+  const std::vector<at::Tensor> dcoef = hc_post_coef_grads(in.post, dalpha_tok, dbeta_tok, alpha, beta);
+  at::Tensor dw = in.static_w ? dw_tok.sum(0) : dw_tok.view(w.sizes());
+  return {dH, dy, dcoef[0], dcoef[1], dw};
 }
 
 }  // namespace crosslayer

@@ -169,21 +169,35 @@ HcPreWorkspaces hc_pre_workspaces(HcPreParams& p, HcPreLaunch& b, Kernel kernel,
 }
 
 // {dA, dB, dW, ds_a, ds_b}, each in its parameter's dtype: the workspaces summed over
-// blocks (at::sum, deterministic).
+// blocks by hc_pre_param_grads_kernel (one launch, deterministic), then converted where
+// a parameter's dtype is not the accumulator's.
 inline std::vector<at::Tensor> hc_pre_param_grads(const HcPreWorkspaces& ws, int64_t n, int64_t d,
                                                   const at::Tensor& A, const at::Tensor& B, const at::Tensor& W,
                                                   const at::Tensor& s_a, const at::Tensor& s_b) {
-  const at::Tensor dWt = ws.dw.sum(0);    // (J, ldw)
-  const at::Tensor coef = ws.coef.sum(0);  // (n, n+4)
-  const at::Tensor dW = dWt.narrow(1, 0, d).t().contiguous().to(W.scalar_type());
-  // Copies (copy = true), never views of coef: at n = 1 both slices are contiguous and
-  // .contiguous()/.to() would return views, two outputs of a custom op sharing storage,
-  // which torch.library refuses.
-  const at::Tensor dA = coef.narrow(1, 0, n + 1).to(A.scalar_type(), false, true);
-  const at::Tensor dB = coef.select(1, n + 1).to(B.scalar_type(), false, true);
-  const at::Tensor ds_a = coef.select(1, n + 2).sum().to(s_a.scalar_type());
-  const at::Tensor ds_b = coef.select(1, n + 3).sum().to(s_b.scalar_type());
-  return {dA, dB, dW, ds_a, ds_b};
+  const at::TensorOptions acc_opts = ws.dw.options();
+  at::Tensor dA = at::empty({n, n + 1}, acc_opts);
+  at::Tensor dB = at::empty({n}, acc_opts);
+  at::Tensor dW = at::empty({d, n + 2}, acc_opts);
+  at::Tensor ds_a = at::empty({}, acc_opts);
+  at::Tensor ds_b = at::empty({}, acc_opts);
+  HcPreGradsParams g{};
+  g.d = d;
+  g.ldw = ws.dw.size(2);
+  g.blocks = ws.dw.size(0);
+  g.n = static_cast<int>(n);
+  g.dw_ws_ptr = ws.dw.data_ptr();
+  g.coef_ws_ptr = ws.coef.data_ptr();
+  g.dw_ptr = dW.data_ptr();
+  g.da_ptr = dA.data_ptr();
+  g.db_ptr = dB.data_ptr();
+  g.dsa_ptr = ds_a.data_ptr();
+  g.dsb_ptr = ds_b.data_ptr();
+  const int64_t outputs = d * (n + 2) + n * (n + 2) + 2;
+  AT_DISPATCH_FLOATING_TYPES(ws.dw.scalar_type(), "hc_pre_param_grads", [&] {
+    launch(hc_pre_param_grads_kernel<scalar_t>, cover_grid(outputs, 256), dim3(256), 0, g);
+  });
+  return {dA.to(A.scalar_type()), dB.to(B.scalar_type()), dW.to(W.scalar_type()), ds_a.to(s_a.scalar_type()),
+          ds_b.to(s_b.scalar_type())};
 }
 
 }  // namespace crosslayer

@@ -96,6 +96,15 @@ std::vector<at::Tensor> hc_boundary_bwd(const at::Tensor& dH_next, const at::Ten
                                         const at::Tensor& s_a, const at::Tensor& s_b, const at::Tensor& q,
                                         const at::Tensor& r);
 
+//   The static pre (SHC, w = A[:, 0]): H' as above and x' = Σ_k w_k·H'_k; w (n,) or
+//   (*lead, n). Returns {H', x'}; the backward {dH, dy, dalpha, dbeta, dw} (dw in w's
+//   shape, summed over tokens when static).
+std::vector<at::Tensor> hc_boundary_mix_fwd(const at::Tensor& H, const at::Tensor& y, const at::Tensor& alpha,
+                                            const at::Tensor& beta, const at::Tensor& w);
+std::vector<at::Tensor> hc_boundary_mix_bwd(const at::Tensor& dH_next, const at::Tensor& dx, const at::Tensor& H,
+                                            const at::Tensor& y, const at::Tensor& alpha, const at::Tensor& beta,
+                                            const at::Tensor& w);
+
 // mhc_coeffs.cu (mHC coefficients; the mixing itself is stream_mix / hc_post above)
 //   H (*lead, n, d), 1 <= n <= 16, d >= 1, any token/stream strides; phi (n·d, n²+2n);
 //   a_pre, a_post, a_res 0-dim; b (n²+2n); iters >= 1. Returns {alpha (*lead, n, n+1)

@@ -34,7 +34,8 @@ from crosslayer._checks import acc_dtype
 from crosslayer.contracts import CONTRACTS, Contract
 from crosslayer.ops.depth_aggregate import depth_aggregate_bwd_op, depth_aggregate_op
 from crosslayer.ops.depth_aggregate_qkv_norm import depth_aggregate_qkv_norm_bwd_op, depth_aggregate_qkv_norm_op
-from crosslayer.ops.hc_boundary import hc_boundary_bwd_op, hc_boundary_op
+from crosslayer.ops.hc_boundary import (hc_boundary_bwd_op, hc_boundary_mix_bwd_op, hc_boundary_mix_op,
+                                       hc_boundary_op)
 from crosslayer.ops.hc_post import hc_post_bwd_op, hc_post_op
 from crosslayer.ops.hc_pre import hc_pre_bwd_op, hc_pre_op
 from crosslayer.ops.mhc_coeffs import mhc_coeffs_bwd_op, mhc_coeffs_op
@@ -248,7 +249,7 @@ def hc_boundary_sample(case, dtype, device):
     H = make_streams(lead, n, d, dtype=dtype, device=device, layout=layout)
     y = make_vec(lead, d, dtype=dtype, device=device, misaligned=layout == "misaligned")
     alpha, beta = hc_coeffs(lead, n, dtype, device, case.get("static", False))
-    params = hc_pre_params(n, d, dtype, device)
+    params = hc_pre_params(n, d, dtype, device, dynamic=not case.get("shc", False))
     return Sample([H, y, alpha, beta, *params], lambda m, *t: m.hc_boundary(*t, eps=EPS))
 
 
@@ -268,7 +269,10 @@ def hc_boundary_opcheck(dtype, device):
                   (hc_boundary_bwd_op, (torch.randn_like(H_next), dx, torch.randn_like(alpha_next),
                                         torch.randn_like(beta_next), H, y, alpha, beta, *params, q, r, EPS)),
                   (hc_boundary_bwd_op, (torch.randn_like(H_next), dx, None, None, H, y, alpha, beta, *params, q, r,
-                                        EPS))]
+                                        EPS)),
+                  (hc_boundary_mix_op, (H, y, alpha, beta, params[0][:, 0].contiguous())),
+                  (hc_boundary_mix_bwd_op, (torch.randn_like(H_next), dx, H, y, alpha, beta,
+                                            params[0][:, 0].contiguous()))]
     return calls
 
 
@@ -296,6 +300,10 @@ def hc_boundary_launcher_errors(kernels, device):
          r"dalpha must have shape \(\.\.\., n, n\+1\)"),
         (lambda: bwd(H_next, x, None, None, H, y, alpha, beta, A, B, W, s_a, s_b, q[..., :5], r),
          r"q must have shape \(\.\.\., n, n\+2\)"),
+        (lambda: kernels.hc_boundary_mix_fwd(H, y, alpha, beta, A[:3, 0].contiguous()),
+         re.escape("w must have shape (*lead, n) = [3, 4]")),
+        (lambda: kernels.hc_boundary_mix_bwd(H_next, x.double(), H, y, alpha, beta, A[:, 0].contiguous()),
+         "dx must have H's dtype"),
     ]
 
 
@@ -572,7 +580,9 @@ SPECS: Tuple[OpSpec, ...] = (
     OpSpec("hc_boundary", hc_boundary_sample,
            cases=_cases(("N5x7-n4-d129", dict(lead=(5, 7), n=4, d=129)),
                         ("N11-n3-d7-misaligned-static", dict(lead=(11,), n=3, d=7, layout="misaligned", static=True)),
-                        ("N2x5-n8-d40-folded", dict(lead=(2, 5), n=8, d=40, layout="folded"))),
+                        ("N2x5-n8-d40-folded", dict(lead=(2, 5), n=8, d=40, layout="folded")),
+                        ("N5x7-n4-d129-shc-static", dict(lead=(5, 7), n=4, d=129, shc=True, static=True)),
+                        ("N11-n3-d7-misaligned-shc", dict(lead=(11,), n=3, d=7, layout="misaligned", shc=True))),
            exhaustive_cases=_cases(*[(f"N{N}-n{n}-d{d}-{lay}", dict(lead=(N,), n=n, d=d, layout=lay))
                                      for N, n, d, lay in [(1, 1, 1, "contiguous"), (33, 2, 515, "padded"),
                                                           (9, 8, 64, "stream_stride"), (17, 16, 33, "contiguous"),
@@ -580,7 +590,8 @@ SPECS: Tuple[OpSpec, ...] = (
                                    + [(f"N5x7-n{n}-d131-{lay}", dict(lead=(5, 7), n=n, d=131, layout=lay))
                                       for lay in STREAM_LAYOUTS for n in (4, 3)]
                                    + hc_matrix((1, 2, 3, 4, 8, 16),
-                                               flags=({}, dict(grad_outputs=(0, 1)), dict(static=True)))),
+                                               flags=({}, dict(grad_outputs=(0, 1)), dict(static=True),
+                                                      dict(shc=True), dict(shc=True, static=True)))),
            opcheck_calls=hc_boundary_opcheck, launcher_errors=hc_boundary_launcher_errors, **HC_EDGE_CASES),
     OpSpec("stream_mix", stream_mix_sample,
            cases=_cases(("N5x7-n4-d129", dict(lead=(5, 7), n=4, d=129)),

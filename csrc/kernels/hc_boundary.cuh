@@ -330,10 +330,170 @@ __global__ void __launch_bounds__(kHcPreThreads, HcPreConfig<kN, acc_t<T>>::kMin
     __syncthreads();
     if (valid) hc_boundary_bwd_write<T, kVec, kN>(p, t, a_row, b_row, rs, dw, part, threadIdx.x % kWarpSize);
     __syncthreads();
-    hc_post_write_coef_grads(p.post, part_s, t0, n, warps);
+    hc_post_write_coef_grads(p.post, part_s, t0, n, warps, dots);
   }
   __syncthreads();
   hc_pre_bwd_flush<acc, kN>(p.pre, smem, L);
+}
+
+// ---------------------------------------------------------------------------------
+// The static (SHC) pre: connection i+1's pre is x' = Σ_k w_k·H'_k (w = A[:, 0]), a
+// stream_mix, so the boundary needs no per-token reduction before x': one pass of
+// hc_tile's mapping (kernels/hc_tile.cuh) each way.
+//   forward   H'_k = beta_k·y + Σ_i alpha[i, 1+k]·H_i,  x' = Σ_k w_k·H'_k  (both written)
+//   backward  dH'_k = G_k + w_k·dx'                      (one rounding, never stored)
+//             dH_i, dy, dalpha, dbeta = hc_post's backward from dH'
+//             dw_k = <dx', H'_k>                          (a row per token, as stream_mix's)
+// HBM per token as the dynamic boundary's: 2n·d + 2d forward, 3n·d + 3d backward.
+
+struct HcBoundaryMixParams : HcPostParams {  // the post: H, y, alpha / beta, out = H'; g = G, dh, dy, da, db
+  // w (N, n) accumulator dtype, contiguous rows, token stride 0 when static.
+  index_t w_token_stride;
+  // x' (*lead, d), forward output; dx' (*lead, d), backward input.
+  TokenLayout x_tok;
+  TokenLayout dx_tok;
+  const void* __restrict__ w_ptr;
+  void* __restrict__ x_ptr;
+  const void* __restrict__ dx_ptr;
+  void* __restrict__ dw_ptr;  // (N, n) contiguous rows, accumulator dtype
+};
+
+// Forward of token t by its row of threads: H' and x' over the d features (=). No
+// barrier, no shuffle.
+template <typename T, int kVec, int kN, typename acc>
+__device__ __forceinline__ void hc_boundary_mix_token(const HcBoundaryMixParams& p, int64_t t,
+                                                      const acc* __restrict__ a_row, const acc* __restrict__ b_row,
+                                                      const acc* __restrict__ w_row, int n) {
+  constexpr int kMax = kN > 0 ? kN : kMaxStreams;
+  const T* __restrict__ h_tok = static_cast<const T*>(p.h_ptr) + p.h_tok.offset(t);
+  const T* __restrict__ y_tok = static_cast<const T*>(p.y_ptr) + p.y_tok.offset(t);
+  T* __restrict__ out_tok = static_cast<T*>(p.out_ptr) + p.out_tok.offset(t);
+  T* __restrict__ x_tok = static_cast<T*>(p.x_ptr) + p.x_tok.offset(t);
+  for (int64_t e = threadIdx.x * kVec; e < p.d; e += blockDim.x * kVec) {
+    Vec<T, kVec> h[kMax];
+    load_stream_chunks<T, kVec, kMax>(h, h_tok, p.h_stream_stride, n, e, p.d);
+    const Vec<T, kVec> yv = load_chunk_raw<T, kVec>(y_tok, e, p.d);
+    acc x[kVec];
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) x[v] = acc(0);
+#pragma unroll
+    for (int k = 0; k < kMax; ++k) {
+      if (k < n) {
+        acc o[kVec];
+        hc_post_mix<T, kVec, kMax>(h, yv, a_row, b_row[k], n, k, o);
+        Vec<T, kVec> hk;
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) {
+          hk.v[v] = from_acc<T>(o[v]);
+          x[v] += w_row[k] * to_acc(hk.v[v]);
+        }
+        store_chunk_raw<T, kVec>(out_tok + k * p.out_stream_stride, e, p.d, hk);
+      }
+    }
+    store_chunk<T, kVec>(x_tok, e, p.d, x);
+  }
+}
+
+// Backward of token t by its row of threads: dH' in registers, then hc_post's backward
+// of the chunk; part holds the post's dots (hc_post_bwd_chunk) and dw's at n(n+1) + k
+// (+=, lane 0). Every lane of the row calls it: the chunk loop is warp-uniform.
+template <typename T, int kVec, int kN, typename acc>
+__device__ __forceinline__ void hc_boundary_mix_token_bwd(const HcBoundaryMixParams& p, int64_t t,
+                                                          const acc* __restrict__ a_row,
+                                                          const acc* __restrict__ b_row,
+                                                          const acc* __restrict__ w_row, int n,
+                                                          acc* __restrict__ part, int lane) {
+  constexpr int kMax = kN > 0 ? kN : kMaxStreams;
+  const T* __restrict__ h_tok = static_cast<const T*>(p.h_ptr) + p.h_tok.offset(t);
+  const T* __restrict__ y_tok = static_cast<const T*>(p.y_ptr) + p.y_tok.offset(t);
+  const T* __restrict__ g_tok = static_cast<const T*>(p.g_ptr) + p.g_tok.offset(t);
+  const T* __restrict__ dx_tok = static_cast<const T*>(p.dx_ptr) + p.dx_tok.offset(t);
+  T* __restrict__ dh_tok = static_cast<T*>(p.dh_ptr) + p.dh_tok.offset(t);
+  T* __restrict__ dy_tok = static_cast<T*>(p.dy_ptr) + p.dy_tok.offset(t);
+  for (int64_t e0 = 0; e0 < p.d; e0 += static_cast<int64_t>(blockDim.x) * kVec) {
+    const int64_t e = e0 + threadIdx.x * kVec;
+    Vec<T, kVec> h[kMax];
+    load_stream_chunks<T, kVec, kMax>(h, h_tok, p.h_stream_stride, n, e, p.d);
+    const Vec<T, kVec> yv = load_chunk_raw<T, kVec>(y_tok, e, p.d);
+    const Vec<T, kVec> gx = load_chunk_raw<T, kVec>(dx_tok, e, p.d);
+    Vec<T, kVec> gn[kMax];  // dH'
+    load_stream_chunks<T, kVec, kMax>(gn, g_tok, p.g_stream_stride, n, e, p.d);
+#pragma unroll
+    for (int k = 0; k < kMax; ++k) {
+      if (k < n) {
+        acc o[kVec];
+        hc_post_mix<T, kVec, kMax>(h, yv, a_row, b_row[k], n, k, o);
+        const acc w = w_row[k];
+        acc dot = acc(0);
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) {
+          const acc g = to_acc(gx.v[v]);
+          dot += to_acc(from_acc<T>(o[v])) * g;
+          gn[k].v[v] = from_acc<T>(to_acc(gn[k].v[v]) + w * g);
+        }
+        dot = warp_sum(dot);
+        if (lane == 0) part[n * (n + 1) + k] += dot;
+      }
+    }
+    hc_post_bwd_chunk<T, kVec, kMax>(
+        p, gn, yv, [&](int i) { return load_chunk_raw<T, kVec>(h_tok + i * p.h_stream_stride, e, p.d); }, dh_tok,
+        dy_tok, e, a_row, b_row, n, part, lane);
+  }
+}
+
+template <typename T, int kVec, int kN>
+__global__ void __launch_bounds__(kTokenTileThreads, kHcTileMinBlocks)
+    hc_boundary_mix_fwd_kernel(const HcBoundaryMixParams p) {
+  using acc = acc_t<T>;
+  const int n = kN > 0 ? kN : p.n;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int rows = blockDim.y;
+  const int per_row = n * (n + 2);
+  acc* __restrict__ coef_s = reinterpret_cast<acc*>(smem_raw);  // [rows][alpha n(n+1) | beta n]
+  acc* __restrict__ w_s = coef_s + rows * per_row;               // [rows][n]
+  const acc* __restrict__ w = static_cast<const acc*>(p.w_ptr);
+  for (int64_t t0 = first_token_tile(rows); t0 < p.n_tokens; t0 += token_tile_stride(rows)) {
+    hc_tile_stage<false>(coef_s, t0, p.n_tokens, per_row, n * (n + 1), static_cast<const acc*>(p.a_ptr),
+                         p.a_token_stride, static_cast<const acc*>(p.b_ptr), p.b_token_stride, coef_s, 0);
+    hc_tile_stage<false>(w_s, t0, p.n_tokens, n, n, w, p.w_token_stride, w, p.w_token_stride, w_s, 0);
+    const int64_t t = t0 + threadIdx.y;
+    if (t >= p.n_tokens) continue;
+    const acc* __restrict__ a_row = coef_s + threadIdx.y * per_row;
+    hc_boundary_mix_token<T, kVec, kN>(p, t, a_row, a_row + n * (n + 1), w_s + threadIdx.y * n, n);
+  }
+}
+
+template <typename T, int kVec, int kN>
+__global__ void __launch_bounds__(kTokenTileThreads, kHcTileMinBlocks)
+    hc_boundary_mix_bwd_kernel(const HcBoundaryMixParams p) {
+  using acc = acc_t<T>;
+  const int n = kN > 0 ? kN : p.n;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int rows = blockDim.y;
+  const int warps_per_row = blockDim.x / kWarpSize;
+  const int per_row = n * (n + 2);
+  const int dots = n * (n + 2);  // the post's n(n+1), then dw's n
+  acc* __restrict__ coef_s = reinterpret_cast<acc*>(smem_raw);  // [rows][alpha | beta]
+  acc* __restrict__ w_s = coef_s + rows * per_row;               // [rows][n]
+  acc* __restrict__ part_s = w_s + rows * n;                     // [rows][warps][dots]
+  const acc* __restrict__ w = static_cast<const acc*>(p.w_ptr);
+  for (int64_t t0 = first_token_tile(rows); t0 < p.n_tokens; t0 += token_tile_stride(rows)) {
+    hc_tile_stage<true>(coef_s, t0, p.n_tokens, per_row, n * (n + 1), static_cast<const acc*>(p.a_ptr),
+                        p.a_token_stride, static_cast<const acc*>(p.b_ptr), p.b_token_stride, part_s,
+                        rows * warps_per_row * dots);
+    hc_tile_stage<false>(w_s, t0, p.n_tokens, n, n, w, p.w_token_stride, w, p.w_token_stride, w_s, 0);
+    const int64_t t = t0 + threadIdx.y;
+    if (t < p.n_tokens) {  // warp-uniform: rows are whole warps
+      const acc* __restrict__ a_row = coef_s + threadIdx.y * per_row;
+      acc* __restrict__ part = part_s + (threadIdx.y * warps_per_row + threadIdx.x / kWarpSize) * dots;
+      hc_boundary_mix_token_bwd<T, kVec, kN>(p, t, a_row, a_row + n * (n + 1), w_s + threadIdx.y * n, n, part,
+                                             threadIdx.x % kWarpSize);
+    }
+    __syncthreads();
+    hc_post_write_coef_grads(p, part_s, t0, n, warps_per_row, dots);
+    hc_tile_write_dots(part_s, t0, p.n_tokens, warps_per_row, dots, n, [n](int j) { return n * (n + 1) + j; },
+                       static_cast<acc*>(p.dw_ptr));
+  }
 }
 
 }  // namespace crosslayer

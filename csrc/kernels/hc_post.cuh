@@ -173,13 +173,12 @@ __device__ __forceinline__ void hc_post_token_bwd(const HcPostParams& p, int64_t
 
 // The end of a backward tile (after a barrier that makes every warp's partials
 // visible): the tile's per-token coefficient gradients, dalpha (column 0 = 0) and
-// dbeta, summed over the warps in warp order from part_s and written (=) one row per
-// token.
+// dbeta, summed over the warps in warp order from part_s (`dots` partials a warp, the
+// post's n(n+1) first) and written (=) one row per token.
 template <typename acc>
 __device__ __forceinline__ void hc_post_write_coef_grads(const HcPostParams& p, const acc* __restrict__ part_s,
-                                                         int64_t t0, int n, int warps_per_row) {
+                                                         int64_t t0, int n, int warps_per_row, int dots) {
   const int np1 = n + 1;
-  const int dots = n * np1;
   hc_tile_write_dots(part_s, t0, p.n_tokens, warps_per_row, dots, n * np1,
                      [n, np1](int j) { return j % np1 == 0 ? -1 : (j / np1) * n + j % np1 - 1; },
                      static_cast<acc*>(p.da_ptr));
@@ -229,7 +228,7 @@ __global__ void __launch_bounds__(kTokenTileThreads, kHcTileMinBlocks) hc_post_b
       hc_post_token_bwd<T, kVec, kN>(p, t, a_row, a_row + n * (n + 1), n, part, threadIdx.x % kWarpSize);
     }
     __syncthreads();
-    hc_post_write_coef_grads(p, part_s, t0, n, warps_per_row);
+    hc_post_write_coef_grads(p, part_s, t0, n, warps_per_row, dots);
   }
 }
 

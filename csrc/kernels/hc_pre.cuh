@@ -722,6 +722,60 @@ __device__ __forceinline__ void hc_pre_bwd_flush(const HcPreParams& p, const acc
   }
 }
 
+// The parameter gradients from the backward's per-block slices, in one launch:
+//   dW[e, j] = Σ_b dw_ws[b, j, e]  (e < d, j < J; dW is (d, J) row-major)
+//   dA[i, j] = Σ_b coef_ws[b, i, j] (j <= n),  dB[i] = Σ_b coef_ws[b, i, n+1]
+//   ds_a = Σ_b Σ_i coef_ws[b, i, n+2],  ds_b = Σ_b Σ_i coef_ws[b, i, n+3]
+// every output written (=), sums in slice order (then stream order): deterministic.
+// Thread mapping: one output per thread, grid-stride; dW's outputs come first, j-major
+// (consecutive threads read consecutive e of one slice row), then dA, dB, ds_a, ds_b.
+struct HcPreGradsParams {
+  int64_t d, ldw, blocks;
+  int n;
+  const void* __restrict__ dw_ws_ptr;    // (blocks, J, ldw)
+  const void* __restrict__ coef_ws_ptr;  // (blocks, n, n+4)
+  void* __restrict__ dw_ptr;             // (d, J)
+  void* __restrict__ da_ptr;             // (n, n+1)
+  void* __restrict__ db_ptr;             // (n,)
+  void* __restrict__ dsa_ptr;            // ()
+  void* __restrict__ dsb_ptr;            // ()
+};
+
+template <typename acc>
+__global__ void hc_pre_param_grads_kernel(const HcPreGradsParams p) {
+  const int n = p.n, J = n + 2, CS = hc_pre_coef_stride(n);
+  const int64_t n_dw = p.d * J;
+  const int64_t total = n_dw + n * (n + 2) + 2;
+  const acc* __restrict__ dw_ws = static_cast<const acc*>(p.dw_ws_ptr);
+  const acc* __restrict__ coef_ws = static_cast<const acc*>(p.coef_ws_ptr);
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    acc s = acc(0);
+    if (idx < n_dw) {
+      const int64_t j = idx / p.d, e = idx % p.d;
+      for (int64_t b = 0; b < p.blocks; ++b) s += dw_ws[(b * J + j) * p.ldw + e];
+      static_cast<acc*>(p.dw_ptr)[e * J + j] = s;
+      continue;
+    }
+    const int64_t k = idx - n_dw;
+    if (k < n * (n + 2)) {  // dA[i, 0..n] and dB[i]: column c of stream i's partials
+      const int64_t i = k / (n + 2), c = k % (n + 2);
+      for (int64_t b = 0; b < p.blocks; ++b) s += coef_ws[(b * n + i) * CS + c];
+      if (c <= n) {
+        static_cast<acc*>(p.da_ptr)[i * (n + 1) + c] = s;
+      } else {
+        static_cast<acc*>(p.db_ptr)[i] = s;
+      }
+      continue;
+    }
+    const int c = static_cast<int>(k - n * (n + 2)) + n + 2;  // ds_a (n+2), ds_b (n+3)
+    for (int64_t b = 0; b < p.blocks; ++b) {
+      for (int i = 0; i < n; ++i) s += coef_ws[(b * n + i) * CS + c];
+    }
+    *static_cast<acc*>(c == n + 2 ? p.dsa_ptr : p.dsb_ptr) = s;
+  }
+}
+
 template <typename T, int kVec, int kN>
 __global__ void __launch_bounds__(kHcPreThreads, HcPreConfig<kN, acc_t<T>>::kMinBlocks)
     hc_pre_bwd_kernel(const HcPreParams p) {

@@ -1,5 +1,5 @@
 // hc_tile: the token-tile phases the HC mixing kernels compose (hc_post, stream_mix, and
-// a fused post + pre boundary kernel to come).
+// hc_boundary's static-pre kernels: a post fused with the next connection's stream_mix).
 //
 // Thread mapping: a block is (threads_x, rows). Each row of threads (whole warps:
 // threads_x is a multiple of 32) owns one token at a time and walks its d features in

@@ -146,13 +146,11 @@ def validate_hc_post(H, y, alpha, beta) -> None:
     check_same_device(H=H, y=y, alpha=alpha, beta=beta)
 
 
-def validate_hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b) -> None:
+def validate_hc_boundary(H, y, alpha, beta, A, B, W=None, s_a=None, s_b=None) -> None:
     """Checks for `hc_boundary` / `hc_boundary_bwd`: connection i's post (H, y, alpha,
-    beta as for `hc_post`) and connection i+1's dynamic pre (A, B, W, s_a, s_b as for
-    `hc_pre`, W required)."""
+    beta as for `hc_post`) and connection i+1's pre (A, B, W, s_a, s_b as for `hc_pre`;
+    W None: static)."""
     validate_hc_post(H, y, alpha, beta)
-    if W is None:
-        raise ValueError("hc_boundary fuses a dynamic (DHC) pre: W is required")
     validate_hc_pre(H, A, B, W, s_a, s_b)
 
 

@@ -8,7 +8,7 @@ decides how blocks are wired:
     shc, dhc  n streams H (*tok, n, d); every sublayer (attention and FFN separately, so
               layer_index = 2i and 2i+1) wrapped in a HyperConnections:
               H = hc(H, sublayer, defer_post=True) (each post runs in the next
-              connection's pre: DHC fuses the two, ops.hc_boundary); entry
+              connection's pre: SHC and DHC fuse the two, ops.hc_boundary); entry
               expand_streams(emb), exit reduce_streams
     mhc       the same with ManifoldHyperConnections (Sinkhorn-projected mixing)
     dwa       DenseFormer: block i's output pushed into a DepthStack, the next block's
@@ -367,7 +367,7 @@ class CrossLayerLM(nn.Module):
                 h = self._call(blk, h)
         elif kind in ("shc", "dhc", "mhc"):
             # Each connection's post is deferred to the next one's pre (PendingStreams):
-            # DHC runs the two fused at every sublayer boundary (ops.hc_boundary).
+            # SHC and DHC run the two fused at every sublayer boundary (ops.hc_boundary).
             H = cnn.expand_streams(x, self.cfg.hc_streams)
             for i, blk in enumerate(self.blocks):
                 H = self._call(self._deferred(2 * i), H, blk.attn_branch)

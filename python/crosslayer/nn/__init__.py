@@ -4,7 +4,7 @@
                               x, post = hc.pre(H); H = post(branch(x))
     ManifoldHyperConnections  mHC (Sinkhorn-projected mixing), same call forms
     PendingStreams            post.defer(y) / hc(H, branch, defer_post=True): the next
-                              connection's pre takes it (DHC fuses the post into itself)
+                              connection's pre takes it (SHC/DHC fuse the post into it)
     expand_streams / reduce_streams   entry (repeat n times) and exit (sum) of the streams
     param_groups              optimizer groups with no weight decay on static connection parameters
     DepthStack                one preallocated (L+1, *tok, d) stack per forward pass, one

@@ -16,10 +16,10 @@ sublayer output y (*tok, d) and returns the new streams H' (*tok, n, d):
 
 Chains of sublayers: `post.defer(y)` (or `hc(H, branch, defer_post=True)`) returns
 PendingStreams instead of H', and the next connection's `pre` takes it in place of H.
-A dynamic (DHC) connection then runs the pending post fused with its own pre in one
+An HC connection (SHC or DHC) then runs the pending post fused with its own pre in one
 kernel each way (crosslayer.ops.hc_boundary): H' is written once and never read back,
 and its gradient is summed in registers, per sublayer 2n·d + 2d elements forward and
-3n·d + 3d backward instead of 3n·d + 2d and 6n·d + 3d. Every other consumer (SHC, mHC,
+3n·d + 3d backward instead of 3n·d + 2d and 6n·d + 3d. Every other consumer (mHC,
 reduce_streams, PendingStreams.resolve) computes H' = post(y) first; the values are
 the same either way.
 
@@ -57,9 +57,10 @@ __all__ = ["HyperConnections", "ManifoldHyperConnections", "PendingStreams", "St
 class PendingStreams:
     """The streams H' = post(y) of a connection, not computed yet: connection i's
     H (*tok, n, d), its coefficients alpha, beta and sublayer i's output y (*tok, d).
-    The next connection's `pre` takes it in place of H (a DHC pre fuses the post with
-    itself); `resolve()` computes H'. Every call computes it anew: nothing is cached
-    on the object, so activation checkpointing recomputes exactly what the forward ran."""
+    The next connection's `pre` takes it in place of H (an SHC or DHC pre fuses the
+    post with itself); `resolve()` computes H'. Every call computes it anew: nothing is
+    cached on the object, so activation checkpointing recomputes exactly what the
+    forward ran."""
 
     __slots__ = ("H", "y", "alpha", "beta")
 
@@ -219,10 +220,10 @@ class HyperConnections(_StreamConnection):
     def pre(self, H: Streams) -> Tuple[Tensor, StreamPost]:
         """x (*tok, d), the sublayer input, and post: y (*tok, d) -> H' (*tok, n, d).
         H's gradient through pre and post accumulates in one tensor (ops.hc_pre_for_post).
-        H may be PendingStreams: DHC runs the pending post fused with this pre
-        (ops.hc_boundary); SHC resolves it first."""
+        H may be PendingStreams: the pending post runs fused with this pre
+        (ops.hc_boundary)."""
         self._check_H(H)
-        if isinstance(H, PendingStreams) and self.dynamic:
+        if isinstance(H, PendingStreams):
             H_next, x, alpha, beta = ops.hc_boundary(H.H, H.y, H.alpha, H.beta, self.A, self.B, self.W,
                                                      self.s_a, self.s_b, self.eps)
             return x, StreamPost(H_next, alpha, beta)

@@ -1,14 +1,18 @@
-"""hc_boundary on the GPU: DHC connection i's post fused with connection i+1's pre, the
+"""hc_boundary on the GPU: connection i's post fused with connection i+1's pre (DHC or SHC), the
 custom ops over crosslayer._C, their autograd, and the public function that mirrors
 `crosslayer.ref.hc_boundary`.
 
 Layers, bottom up:
-  _C.hc_boundary_fwd / _bwd              pybind11 launchers (csrc/hc_boundary.cu)
+  _C.hc_boundary_fwd / _bwd, _C.hc_boundary_mix_fwd / _bwd
+                                         pybind11 launchers (csrc/hc_boundary.cu)
   torch.ops.crosslayer.hc_boundary       custom op + fake + autograd: (H', x', alpha',
                                          beta', q, r); q, r as hc_pre's (saved for the
                                          backward, not differentiable)
   torch.ops.crosslayer.hc_boundary_bwd   custom op: (dH, dy, dalpha, dbeta, dA, dB, dW,
                                          ds_a, ds_b)
+  torch.ops.crosslayer.hc_boundary_mix   the static (SHC) pre: custom op + fake + autograd,
+                                         (H', x' = Σ_k w_k·H'_k), w = A[:, 0]
+  torch.ops.crosslayer.hc_boundary_mix_bwd   custom op: (dH, dy, dalpha, dbeta, dw)
   hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b, eps)
                                          validates once, then the op above on CUDA (the
                                          oracle on CPU, without the extension, or for
@@ -124,27 +128,91 @@ def _hc_boundary_backward(ctx, dH_next, dx, dalpha_next, dbeta_next, dq, dr):
 hc_boundary_op.register_autograd(_hc_boundary_backward, setup_context=_hc_boundary_setup)
 
 
-def hc_boundary(H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, A: Tensor, B: Tensor, W: Tensor,
-                s_a: Scalar, s_b: Scalar, eps: float = 1e-6):
-    """Connection i's post fused with connection i+1's dynamic pre (see
+@torch.library.custom_op("crosslayer::hc_boundary_mix", mutates_args=())
+def hc_boundary_mix_op(H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
+    """The static pre's boundary: (H', x') with H' = hc_post(H, y, alpha, beta) and
+    x' = Σ_k w_k·H'_k; w: (n,) or (*lead, n) (SHC: A[:, 0])."""
+    kernels = kernels_for(H, "hc_boundary")
+    if kernels is not None:
+        H_next, x = kernels.hc_boundary_mix_fwd(H, y, alpha, beta, w)
+        return H_next, x
+    H_next = ref.hc_post(H, y, alpha, beta)
+    return like(H, H_next), ref.stream_mix(H_next, w).contiguous()
+
+
+@hc_boundary_mix_op.register_fake
+def _hc_boundary_mix_fake(H, y, alpha, beta, w):
+    return torch.empty_like(H), H.new_empty(lead_d(H))
+
+
+@torch.library.custom_op("crosslayer::hc_boundary_mix_bwd", mutates_args=())
+def hc_boundary_mix_bwd_op(dH_next: Tensor, dx: Tensor, H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor,
+                           w: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dH, dy, dalpha, dbeta, dw) of hc_boundary_mix: dH'_k = dH_next_k + w_k·dx, then
+    hc_post's backward; dw = <dx, H'_k>. The coefficient gradients have the
+    coefficients' shapes (summed over tokens when static) in the arithmetic dtype."""
+    kernels = kernels_for(H, "hc_boundary")
+    if kernels is not None:
+        dH, dy, dalpha, dbeta, dw = kernels.hc_boundary_mix_bwd(dH_next, dx, H, y, alpha, beta, w)
+        return dH, dy, dalpha, dbeta, dw
+    acc = acc_dtype(H.dtype)
+    H_next = ref.hc_post(H, y, alpha, beta)
+    g_mix, dw = ref.stream_mix_bwd(dx, H_next, w.to(acc))
+    g = dH_next.to(acc) + w.to(acc).unsqueeze(-1) * dx.to(acc).unsqueeze(-2)
+    dH, dy, dalpha, dbeta = ref.hc_post_bwd(g, H, y, alpha.to(acc), beta.to(acc))
+    return like(H, dH), dy.contiguous(), dalpha.contiguous(), dbeta.contiguous(), dw.contiguous()
+
+
+@hc_boundary_mix_bwd_op.register_fake
+def _hc_boundary_mix_bwd_fake(dH_next, dx, H, y, alpha, beta, w):
+    acc = acc_dtype(H.dtype)
+    return (torch.empty_like(H), y.new_empty(lead_d(H)), alpha.new_empty(alpha.shape, dtype=acc),
+            beta.new_empty(beta.shape, dtype=acc), w.new_empty(w.shape, dtype=acc))
+
+
+def _hc_boundary_mix_setup(ctx, inputs, output) -> None:
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*inputs)
+
+
+def _hc_boundary_mix_backward(ctx, dH_next, dx):
+    H, y, alpha, beta, w = ctx.saved_tensors
+    if dH_next is None:
+        dH_next = torch.zeros_like(H)
+    if dx is None:
+        dx = H.new_zeros(lead_d(H))
+    return hc_boundary_mix_bwd_op(dH_next, dx, H, y, alpha, beta, w)
+
+
+hc_boundary_mix_op.register_autograd(_hc_boundary_mix_backward, setup_context=_hc_boundary_mix_setup)
+
+
+def hc_boundary(H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, A: Tensor, B: Tensor, W: Optional[Tensor] = None,
+                s_a: Optional[Scalar] = None, s_b: Optional[Scalar] = None, eps: float = 1e-6):
+    """Connection i's post fused with connection i+1's pre (see
     crosslayer.ref.hc_boundary).
 
     H: (..., n, d), 1 <= n <= 16    connection i's streams; any token and stream strides
     y: (..., d)                      sublayer i's output
     alpha: (..., n, n+1) or (n, n+1); beta: (..., n) or (n,)   connection i's coefficients
-    A: (n, n+1); B: (n,); W: (d, n+2); s_a, s_b: 0-dim tensors or floats
-                                     connection i+1's DHC parameters
-    returns H': (..., n, d) and x': (..., d) in H's dtype; alpha': (..., n, n+1) and
-            beta': (..., n) in the arithmetic dtype (float32; float64 for float64 inputs)
+    A: (n, n+1); B: (n,); W: (d, n+2) or None (SHC); s_a, s_b: 0-dim tensors or floats
+                                     connection i+1's parameters, as for `hc_pre`
+    returns H': (..., n, d) and x': (..., d) in H's dtype; alpha', beta' as `hc_pre`'s
+            (DHC: (..., n, n+1), (..., n); SHC: copies of A, B; arithmetic dtype)
 
-    Fused on CUDA when the extension is built (one kernel each way); the oracle
-    otherwise, and for float64 parameters with lower-precision H.
+    Fused on CUDA when the extension is built (one kernel each way: DHC's coefficient
+    pass over H', or SHC's single pass); the oracle otherwise, and for float64
+    parameters with lower-precision H.
     """
     validate_hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b)
     scales = [v for v in (s_a, s_b) if isinstance(v, Tensor)]
     if not fusable(H, y, alpha, beta, A, B, W, *scales):
         return ref.hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b, eps)
     ct = compute_dtype(H, A, B, W, *scales)
+    if W is None:  # SHC: x' mixes with A[:, 0]; alpha', beta' are copies, as hc_pre's
+        alpha_next, beta_next = A.to(ct).clone(), B.to(ct).clone()
+        H_next, x = hc_boundary_mix_op(H, y, alpha, beta, alpha_next[:, 0])
+        return H_next, x, alpha_next, beta_next
     sa = scalar_tensor(s_a, ct, H.device)
     sb = scalar_tensor(s_b, ct, H.device)
     H_next, x, alpha_next, beta_next, _, _ = hc_boundary_op(H, y, alpha, beta, A, B, W, sa, sb, eps)

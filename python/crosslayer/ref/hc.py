@@ -214,15 +214,16 @@ def hc_post_bwd(dH_new, H, y, alpha, beta):
 # ------------------------------------------------------------------------ hc_boundary
 
 
-def hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b, eps: float = 1e-6):
-    """Connection i's post fused with connection i+1's dynamic (DHC) pre, at the
-    boundary of two sublayers: H' = hc_post(H, y, alpha, beta), then
-    x', alpha', beta' = hc_pre(H', A, B, W, s_a, s_b, eps).
+def hc_boundary(H, y, alpha, beta, A, B, W=None, s_a=None, s_b=None, eps: float = 1e-6):
+    """Connection i's post fused with connection i+1's pre, at the boundary of two
+    sublayers: H' = hc_post(H, y, alpha, beta), then x', alpha', beta' = hc_pre(H', A, B,
+    W, s_a, s_b, eps).
 
     H: (..., n, d); y: (..., d); alpha: (..., n, n+1) or (n, n+1); beta: (..., n) or (n,);
-    A: (n, n+1); B: (n,); W: (d, n+2); s_a, s_b: 0-dim tensors or floats.
-    Returns H': (..., n, d) in H.dtype; x': (..., d) in H.dtype; alpha': (..., n, n+1);
-    beta': (..., n) (arithmetic dtype).
+    A: (n, n+1); B: (n,); W: (d, n+2) or None (SHC); s_a, s_b: 0-dim tensors or floats
+    (DHC only).
+    Returns H': (..., n, d) in H.dtype; x': (..., d) in H.dtype; alpha', beta' as
+    `hc_pre`'s ((..., n, n+1), (..., n) for DHC; copies of A, B for SHC; arithmetic dtype).
     """
     validate_hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b)
     H_next = hc_post(H, y, alpha, beta)
@@ -230,16 +231,17 @@ def hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b, eps: float = 1e-6):
     return H_next, x, alpha_next, beta_next
 
 
-def hc_boundary_bwd(dH_next, dx_next, dalpha_next, dbeta_next, H, y, alpha, beta, A, B, W, s_a, s_b,
-                    eps: float = 1e-6):
+def hc_boundary_bwd(dH_next, dx_next, dalpha_next, dbeta_next, H, y, alpha, beta, A, B, W=None, s_a=None,
+                    s_b=None, eps: float = 1e-6):
     """Hand-derived backward of `hc_boundary`: H's total gradient is dH_next (from H''s
     later readers) plus hc_pre's dH term, summed in the arithmetic dtype (the kernels
     round the sum once, never store it), then hc_post's backward from it.
 
-    dH_next: (..., n, d) or None (zero); dx_next: (..., d) or None (zero); dalpha_next:
-    (..., n, n+1) or None; dbeta_next: (..., n) or None; the rest as in `hc_boundary`.
+    dH_next: (..., n, d) or None (zero); dx_next: (..., d) or None (zero); dalpha_next,
+    dbeta_next: alpha''s and beta''s shapes, or None; the rest as in `hc_boundary`.
     Returns dH (H.dtype), dy (y.dtype), dalpha, dbeta (the coefficients' shapes, summed
-    over tokens when static), dA, dB, dW, ds_a, ds_b (summed over tokens).
+    over tokens when static), dA, dB, dW, ds_a, ds_b (summed over tokens; the last three
+    None for SHC).
     """
     validate_hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b)
     ct = compute_dtype(H, y, alpha, beta, A, B, W, *tensors_only(s_a=s_a, s_b=s_b).values())
