@@ -1,5 +1,5 @@
 // Host side of kernels/hc_post.cuh, shared by the launchers that run hc_post's phases
-// (hc_post.cu, hc_boundary.cu): the checked inputs of the post and the params they fill.
+// (hc_post.cu, hc_boundary.h): the checked inputs of the post and the params they fill.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,5 +1,5 @@
 // Host side of kernels/hc_pre.cuh, shared by the launchers that run hc_pre's phases
-// (hc_pre.cu, hc_boundary.cu): the validator of DHC's parameters, the params they fill,
+// (hc_pre.cu, hc_boundary.h): the validator of DHC's parameters, the params they fill,
 // the block shape, and the backward's workspaces and their reduction to the parameter
 // gradients.
 #pragma once

@@ -75,7 +75,7 @@ std::vector<at::Tensor> hc_pre_bwd(at::Tensor& dH, bool accumulate, const at::Te
                                    const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b,
                                    const at::Tensor& q, const at::Tensor& r);
 
-// hc_boundary.cu (DHC: connection i's post fused with connection i+1's pre)
+// hc_boundary_fwd.cu, hc_boundary_bwd.cu (connection i's post fused with connection i+1's pre)
 //   H (*lead, n, d) and y (*lead, d) as for hc_post, alpha/beta connection i's
 //   coefficients (per token or static); A, B, W, s_a, s_b connection i+1's parameters as
 //   for hc_pre. Returns {H' (H's layout, as empty_like(H)), x', alpha', beta', q, r}:

@@ -104,11 +104,7 @@ __device__ __forceinline__ void hc_boundary_fwd_reduce(const HcBoundaryParams& p
   for (int g0 = 0; g0 < kN; g0 += kG) {
     if (g0 < n) {
       acc q[kG][kJ + 1];
-#pragma unroll
-      for (int i = 0; i < kG; ++i) {
-#pragma unroll
-        for (int j = 0; j <= kJ; ++j) q[i][j] = acc(0);
-      }
+      hc_pre_zero_partials(q);
       if (valid) {
         for (int64_t e = threadIdx.x * kVec; e < d; e += step) {
           Vec<T, kVec> h[kN];
@@ -163,33 +159,63 @@ __device__ __forceinline__ void hc_boundary_fwd_write_x(const HcBoundaryParams& 
   }
 }
 
+// A block's shared memory, hc_pre's layout then hc_boundary_extra_smem's, and this
+// thread row's slices of it.
+template <typename acc, int kN>
+struct HcBoundaryBlock {
+  HcPreSmem L;
+  HcPreRowSmem<acc, kN> rs;
+  acc* coef_s;  // [rows][alpha n(n+1) | beta n]: the post's coefficients of the tile
+  acc* part_s;  // [rows][warps][n(n+1)]: the post's dot partials (backward)
+  const acc* a_row;
+  const acc* b_row;
+};
+
+template <typename acc, int kN>
+__device__ __forceinline__ HcBoundaryBlock<acc, kN> hc_boundary_block(const HcBoundaryParams& p, acc* smem,
+                                                                      bool backward) {
+  const int rows = blockDim.y;
+  const int warps = blockDim.x / kWarpSize;
+  const int n = p.pre.n;
+  HcBoundaryBlock<acc, kN> b;
+  b.L = hc_pre_smem_layout<kN>(rows, warps, p.pre.ldw, backward, backward && p.pre.dw_in_smem);
+  b.rs = hc_pre_row_smem<acc, kN>(smem, b.L, warps, threadIdx.y);
+  b.coef_s = smem + b.L.total;
+  b.part_s = b.coef_s + rows * n * (n + 2);
+  b.a_row = b.coef_s + threadIdx.y * n * (n + 2);
+  b.b_row = b.a_row + n * (n + 1);
+  return b;
+}
+
+// Starts tile t0: the post's coefficients of its tokens staged (hc_tile_stage; with
+// kPartials the post's dot partials zeroed too).
+template <bool kPartials, typename acc, int kN>
+__device__ __forceinline__ void hc_boundary_stage(const HcBoundaryParams& p, const HcBoundaryBlock<acc, kN>& b,
+                                                  int64_t t0) {
+  const int n = p.pre.n;
+  hc_tile_stage<kPartials>(b.coef_s, t0, p.pre.n_tokens, n * (n + 2), n * (n + 1),
+                           static_cast<const acc*>(p.post.a_ptr), p.post.a_token_stride,
+                           static_cast<const acc*>(p.post.b_ptr), p.post.b_token_stride, b.part_s,
+                           kPartials ? static_cast<int>(blockDim.y * (blockDim.x / kWarpSize)) * n * (n + 1) : 0);
+}
+
 template <typename T, int kVec, int kN>
 __global__ void __launch_bounds__(kHcPreThreads, HcPreConfig<kN, acc_t<T>>::kMinBlocks)
     hc_boundary_fwd_kernel(const HcBoundaryParams p) {
   using acc = acc_t<T>;
   extern __shared__ __align__(32) unsigned char hc_boundary_smem[];
-  acc* smem = reinterpret_cast<acc*>(hc_boundary_smem);
+  const HcBoundaryBlock<acc, kN> b = hc_boundary_block<acc, kN>(p, reinterpret_cast<acc*>(hc_boundary_smem), false);
   const int rows = blockDim.y;
-  const int warps = blockDim.x / kWarpSize;
-  const int n = p.pre.n;
-  const int per_row = n * (n + 2);
-  const HcPreSmem L = hc_pre_smem_layout<kN>(rows, warps, p.pre.ldw, false, false);
-  const HcPreRowSmem<acc, kN> rs = hc_pre_row_smem<acc, kN>(smem, L, warps, threadIdx.y);
-  acc* __restrict__ coef_s = smem + L.total;  // [rows][alpha n(n+1) | beta n]
-  const acc* __restrict__ a_row = coef_s + threadIdx.y * per_row;
-  const acc* __restrict__ b_row = a_row + n * (n + 1);
   for (int64_t t0 = first_token_tile(rows); t0 < p.pre.n_tokens; t0 += token_tile_stride(rows)) {
-    hc_tile_stage<false>(coef_s, t0, p.pre.n_tokens, per_row, n * (n + 1), static_cast<const acc*>(p.post.a_ptr),
-                         p.post.a_token_stride, static_cast<const acc*>(p.post.b_ptr), p.post.b_token_stride,
-                         coef_s, 0);
+    hc_boundary_stage<false>(p, b, t0);
     const int64_t t = t0 + threadIdx.y;
     const bool valid = t < p.pre.n_tokens;  // uniform over the row (whole warps)
-    hc_boundary_fwd_reduce<T, kVec, kN>(p, t, valid, a_row, b_row, rs.part, threadIdx.x / kWarpSize,
+    hc_boundary_fwd_reduce<T, kVec, kN>(p, t, valid, b.a_row, b.b_row, b.rs.part, threadIdx.x / kWarpSize,
                                         threadIdx.x % kWarpSize);
     __syncthreads();
-    if (valid) hc_pre_fwd_coefs<acc, kN>(p.pre, t, rs.part, rs.coef, warps);
+    if (valid) hc_pre_fwd_coefs<acc, kN>(p.pre, t, b.rs.part, b.rs.coef, blockDim.x / kWarpSize);
     __syncthreads();
-    if (valid) hc_boundary_fwd_write_x<T, kVec, kN>(p, t, a_row, b_row, rs.coef);
+    if (valid) hc_boundary_fwd_write_x<T, kVec, kN>(p, t, b.a_row, b.b_row, b.rs.coef);
   }
 }
 
@@ -253,12 +279,8 @@ __device__ __forceinline__ void hc_boundary_bwd_write(const HcBoundaryParams& p,
   const HcPostParams& post = p.post;
   const int n = p.pre.n;
   const int64_t d = p.pre.d;
-  const T* __restrict__ h_tok = static_cast<const T*>(post.h_ptr) + post.h_tok.offset(t);
-  const T* __restrict__ y_tok = static_cast<const T*>(post.y_ptr) + post.y_tok.offset(t);
-  const T* __restrict__ g_tok = static_cast<const T*>(post.g_ptr) + post.g_tok.offset(t);
+  const HcPostTokenBwd<T> r = hc_post_token_bwd_rows<T>(post, t);
   const T* __restrict__ dx_tok = static_cast<const T*>(p.pre.dx_ptr) + p.pre.x_tok.offset(t);
-  T* __restrict__ dh_tok = static_cast<T*>(post.dh_ptr) + post.dh_tok.offset(t);
-  T* __restrict__ dy_tok = static_cast<T*>(post.dy_ptr) + post.dy_tok.offset(t);
   for (int64_t e0 = 0; e0 < d; e0 += static_cast<int64_t>(blockDim.x) * kVec) {
     const int64_t e = e0 + threadIdx.x * kVec;
     Vec<T, kVec> gn[kN];  // dH'
@@ -267,8 +289,8 @@ __device__ __forceinline__ void hc_boundary_bwd_write(const HcBoundaryParams& p,
     Vec<T, kVec> yv{};
     if (e < d) {
       Vec<T, kVec> h[kN];
-      load_stream_chunks<T, kVec, kN>(h, h_tok, post.h_stream_stride, n, e, d);
-      yv = load_chunk_raw<T, kVec>(y_tok, e, d);
+      load_stream_chunks<T, kVec, kN>(h, r.h, post.h_stream_stride, n, e, d);
+      yv = load_chunk_raw<T, kVec>(r.y, e, d);
       const Vec<T, kVec> gx = load_chunk_raw<T, kVec>(dx_tok, e, d);
       // gn holds G until hc_pre's term is added to it in place.
       hc_pre_bwd_chunk<T, kVec, kN>(
@@ -277,7 +299,7 @@ __device__ __forceinline__ void hc_boundary_bwd_write(const HcBoundaryParams& p,
             hc_boundary_mix_group<T, kVec, kN, kG>(h, yv, a_row, b_row, n, g0, hg);
 #pragma unroll
             for (int k = 0; k < kG; ++k) {
-              if (g0 + k < n) gn[g0 + k] = load_chunk_raw<T, kVec>(g_tok + (g0 + k) * post.g_stream_stride, e, d);
+              if (g0 + k < n) gn[g0 + k] = load_chunk_raw<T, kVec>(r.g + (g0 + k) * post.g_stream_stride, e, d);
             }
           },
           [&](int g0, int s, const auto& dh) {
@@ -293,8 +315,8 @@ __device__ __forceinline__ void hc_boundary_bwd_write(const HcBoundaryParams& p,
           [](int) {});
     }
     hc_post_bwd_chunk<T, kVec, kN>(
-        post, gn, yv, [&](int i) { return load_chunk_raw<T, kVec>(h_tok + i * post.h_stream_stride, e, d); }, dh_tok,
-        dy_tok, e, a_row, b_row, n, part, lane);
+        post, gn, yv, [&](int i) { return load_chunk_raw<T, kVec>(r.h + i * post.h_stream_stride, e, d); }, r.dh,
+        r.dy, e, a_row, b_row, n, part, lane);
   }
 }
 
@@ -304,36 +326,28 @@ __global__ void __launch_bounds__(kHcPreThreads, HcPreConfig<kN, acc_t<T>>::kMin
   using acc = acc_t<T>;
   extern __shared__ __align__(32) unsigned char hc_boundary_smem[];
   acc* smem = reinterpret_cast<acc*>(hc_boundary_smem);
+  const HcBoundaryBlock<acc, kN> b = hc_boundary_block<acc, kN>(p, smem, true);
   const int rows = blockDim.y;
   const int warps = blockDim.x / kWarpSize;
   const int n = p.pre.n;
-  const int per_row = n * (n + 2);
   const int dots = n * (n + 1);
-  const HcPreSmem L = hc_pre_smem_layout<kN>(rows, warps, p.pre.ldw, true, p.pre.dw_in_smem);
-  const HcPreRowSmem<acc, kN> rs = hc_pre_row_smem<acc, kN>(smem, L, warps, threadIdx.y);
-  acc* __restrict__ coef_s = smem + L.total;             // [rows][alpha n(n+1) | beta n]
-  acc* __restrict__ part_s = coef_s + rows * per_row;    // [rows][warps][dots]
-  const acc* __restrict__ a_row = coef_s + threadIdx.y * per_row;
-  const acc* __restrict__ b_row = a_row + n * (n + 1);
-  acc* __restrict__ part = part_s + (threadIdx.y * warps + threadIdx.x / kWarpSize) * dots;
-  acc* dw = hc_pre_bwd_begin<acc, kN>(p.pre, smem, L);
+  acc* __restrict__ part = b.part_s + (threadIdx.y * warps + threadIdx.x / kWarpSize) * dots;
+  acc* dw = hc_pre_bwd_begin<acc, kN>(p.pre, smem, b.L);
   for (int64_t t0 = first_token_tile(rows); t0 < p.pre.n_tokens; t0 += token_tile_stride(rows)) {
-    hc_tile_stage<true>(coef_s, t0, p.pre.n_tokens, per_row, n * (n + 1), static_cast<const acc*>(p.post.a_ptr),
-                        p.post.a_token_stride, static_cast<const acc*>(p.post.b_ptr), p.post.b_token_stride,
-                        part_s, rows * warps * dots);
+    hc_boundary_stage<true>(p, b, t0);
     const int64_t t = t0 + threadIdx.y;
     const bool valid = t < p.pre.n_tokens;  // uniform over the row (whole warps)
-    hc_boundary_bwd_reduce<T, kVec, kN>(p, t, valid, a_row, b_row, rs.part, threadIdx.x / kWarpSize,
+    hc_boundary_bwd_reduce<T, kVec, kN>(p, t, valid, b.a_row, b.b_row, b.rs.part, threadIdx.x / kWarpSize,
                                         threadIdx.x % kWarpSize);
     __syncthreads();
-    if (valid) hc_pre_bwd_coefs<acc, kN>(p.pre, t, rs, warps);
+    if (valid) hc_pre_bwd_coefs<acc, kN>(p.pre, t, b.rs, warps);
     __syncthreads();
-    if (valid) hc_boundary_bwd_write<T, kVec, kN>(p, t, a_row, b_row, rs, dw, part, threadIdx.x % kWarpSize);
+    if (valid) hc_boundary_bwd_write<T, kVec, kN>(p, t, b.a_row, b.b_row, b.rs, dw, part, threadIdx.x % kWarpSize);
     __syncthreads();
-    hc_post_write_coef_grads(p.post, part_s, t0, n, warps, dots);
+    hc_post_write_coef_grads(p.post, b.part_s, t0, n, warps, dots);
   }
   __syncthreads();
-  hc_pre_bwd_flush<acc, kN>(p.pre, smem, L);
+  hc_pre_bwd_flush<acc, kN>(p.pre, smem, b.L);
 }
 
 // ---------------------------------------------------------------------------------
@@ -404,20 +418,16 @@ __device__ __forceinline__ void hc_boundary_mix_token_bwd(const HcBoundaryMixPar
                                                           const acc* __restrict__ w_row, int n,
                                                           acc* __restrict__ part, int lane) {
   constexpr int kMax = kN > 0 ? kN : kMaxStreams;
-  const T* __restrict__ h_tok = static_cast<const T*>(p.h_ptr) + p.h_tok.offset(t);
-  const T* __restrict__ y_tok = static_cast<const T*>(p.y_ptr) + p.y_tok.offset(t);
-  const T* __restrict__ g_tok = static_cast<const T*>(p.g_ptr) + p.g_tok.offset(t);
+  const HcPostTokenBwd<T> r = hc_post_token_bwd_rows<T>(p, t);
   const T* __restrict__ dx_tok = static_cast<const T*>(p.dx_ptr) + p.dx_tok.offset(t);
-  T* __restrict__ dh_tok = static_cast<T*>(p.dh_ptr) + p.dh_tok.offset(t);
-  T* __restrict__ dy_tok = static_cast<T*>(p.dy_ptr) + p.dy_tok.offset(t);
   for (int64_t e0 = 0; e0 < p.d; e0 += static_cast<int64_t>(blockDim.x) * kVec) {
     const int64_t e = e0 + threadIdx.x * kVec;
     Vec<T, kVec> h[kMax];
-    load_stream_chunks<T, kVec, kMax>(h, h_tok, p.h_stream_stride, n, e, p.d);
-    const Vec<T, kVec> yv = load_chunk_raw<T, kVec>(y_tok, e, p.d);
+    load_stream_chunks<T, kVec, kMax>(h, r.h, p.h_stream_stride, n, e, p.d);
+    const Vec<T, kVec> yv = load_chunk_raw<T, kVec>(r.y, e, p.d);
     const Vec<T, kVec> gx = load_chunk_raw<T, kVec>(dx_tok, e, p.d);
     Vec<T, kVec> gn[kMax];  // dH'
-    load_stream_chunks<T, kVec, kMax>(gn, g_tok, p.g_stream_stride, n, e, p.d);
+    load_stream_chunks<T, kVec, kMax>(gn, r.g, p.g_stream_stride, n, e, p.d);
 #pragma unroll
     for (int k = 0; k < kMax; ++k) {
       if (k < n) {
@@ -436,8 +446,8 @@ __device__ __forceinline__ void hc_boundary_mix_token_bwd(const HcBoundaryMixPar
       }
     }
     hc_post_bwd_chunk<T, kVec, kMax>(
-        p, gn, yv, [&](int i) { return load_chunk_raw<T, kVec>(h_tok + i * p.h_stream_stride, e, p.d); }, dh_tok,
-        dy_tok, e, a_row, b_row, n, part, lane);
+        p, gn, yv, [&](int i) { return load_chunk_raw<T, kVec>(r.h + i * p.h_stream_stride, e, p.d); }, r.dh, r.dy,
+        e, a_row, b_row, n, part, lane);
   }
 }
 

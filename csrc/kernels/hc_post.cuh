@@ -147,6 +147,23 @@ __device__ __forceinline__ void hc_post_bwd_chunk(const HcPostParams& p, const V
   }
 }
 
+// Token t's rows of the backward's tensors: H, y and dH' (g) read, dH and dy written.
+template <typename T>
+struct HcPostTokenBwd {
+  const T* __restrict__ h;
+  const T* __restrict__ y;
+  const T* __restrict__ g;
+  T* __restrict__ dh;
+  T* __restrict__ dy;
+};
+
+template <typename T>
+__device__ __forceinline__ HcPostTokenBwd<T> hc_post_token_bwd_rows(const HcPostParams& p, int64_t t) {
+  return {static_cast<const T*>(p.h_ptr) + p.h_tok.offset(t), static_cast<const T*>(p.y_ptr) + p.y_tok.offset(t),
+          static_cast<const T*>(p.g_ptr) + p.g_tok.offset(t), static_cast<T*>(p.dh_ptr) + p.dh_tok.offset(t),
+          static_cast<T*>(p.dy_ptr) + p.dy_tok.offset(t)};
+}
+
 // Backward of token t by its row of threads: dy and dH_i (`=`) over the d features, the
 // warp's dot partials added (`+=`) to part (hc_post_bwd_chunk). Every lane of the row
 // calls it: the chunk loop is warp-uniform.
@@ -155,19 +172,15 @@ __device__ __forceinline__ void hc_post_token_bwd(const HcPostParams& p, int64_t
                                                   const acc* __restrict__ b_row, int n, acc* __restrict__ part,
                                                   int lane) {
   constexpr int kMax = kN > 0 ? kN : kMaxStreams;
-  const T* __restrict__ h_tok = static_cast<const T*>(p.h_ptr) + p.h_tok.offset(t);
-  const T* __restrict__ y_tok = static_cast<const T*>(p.y_ptr) + p.y_tok.offset(t);
-  const T* __restrict__ g_tok = static_cast<const T*>(p.g_ptr) + p.g_tok.offset(t);
-  T* __restrict__ dh_tok = static_cast<T*>(p.dh_ptr) + p.dh_tok.offset(t);
-  T* __restrict__ dy_tok = static_cast<T*>(p.dy_ptr) + p.dy_tok.offset(t);
+  const HcPostTokenBwd<T> r = hc_post_token_bwd_rows<T>(p, t);
   for (int64_t e0 = 0; e0 < p.d; e0 += static_cast<int64_t>(blockDim.x) * kVec) {
     const int64_t e = e0 + threadIdx.x * kVec;
     Vec<T, kVec> g[kMax];
-    load_stream_chunks<T, kVec, kMax>(g, g_tok, p.g_stream_stride, n, e, p.d);
-    const Vec<T, kVec> yv = load_chunk_raw<T, kVec>(y_tok, e, p.d);
+    load_stream_chunks<T, kVec, kMax>(g, r.g, p.g_stream_stride, n, e, p.d);
+    const Vec<T, kVec> yv = load_chunk_raw<T, kVec>(r.y, e, p.d);
     hc_post_bwd_chunk<T, kVec, kMax>(
-        p, g, yv, [&](int i) { return load_chunk_raw<T, kVec>(h_tok + i * p.h_stream_stride, e, p.d); }, dh_tok,
-        dy_tok, e, a_row, b_row, n, part, lane);
+        p, g, yv, [&](int i) { return load_chunk_raw<T, kVec>(r.h + i * p.h_stream_stride, e, p.d); }, r.dh, r.dy,
+        e, a_row, b_row, n, part, lane);
   }
 }
 

@@ -246,6 +246,16 @@ __device__ __forceinline__ HcPreRowSmem<acc, kN> hc_pre_row_smem(acc* smem, cons
   return r;
 }
 
+// Zeroes a group's partial sums q[kG][kJ + 1] before its token reduction.
+template <int kG, int kJ1, typename acc>
+__device__ __forceinline__ void hc_pre_zero_partials(acc (&q)[kG][kJ1]) {
+#pragma unroll
+  for (int i = 0; i < kG; ++i) {
+#pragma unroll
+    for (int j = 0; j < kJ1; ++j) q[i][j] = acc(0);
+  }
+}
+
 // The end of a group's token reduction: the thread's partial sums q[i][j] of streams
 // g0 .. g0 + kG reduced across the warp by a reduce-scatter; lane l stores (=) the
 // warp's value l (i = l / (kJ + 1), j = l % (kJ + 1)) at part[warp][g0·(kJ + 1) + l].
@@ -292,11 +302,7 @@ __device__ __forceinline__ void hc_pre_fwd_reduce(const HcPreParams& p, const T*
   for (int g0 = 0; g0 < kN; g0 += kG) {
     if (g0 < n) {
       acc q[kG][kJ + 1];
-#pragma unroll
-      for (int i = 0; i < kG; ++i) {
-#pragma unroll
-        for (int j = 0; j <= kJ; ++j) q[i][j] = acc(0);
-      }
+      hc_pre_zero_partials(q);
       if (valid) {
 #pragma unroll
         for (int c = 0; c < kCache; ++c) {

@@ -4,7 +4,7 @@ custom ops over crosslayer._C, their autograd, and the public function that mirr
 
 Layers, bottom up:
   _C.hc_boundary_fwd / _bwd, _C.hc_boundary_mix_fwd / _bwd
-                                         pybind11 launchers (csrc/hc_boundary.cu)
+                                         pybind11 launchers (csrc/hc_boundary_fwd.cu, _bwd.cu)
   torch.ops.crosslayer.hc_boundary       custom op + fake + autograd: (H', x', alpha',
                                          beta', q, r); q, r as hc_pre's (saved for the
                                          backward, not differentiable)
