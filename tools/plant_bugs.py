@@ -38,8 +38,8 @@ class Mutation:
 
 # Each is a bug a plausible edit could make; together they touch every op's kernels.
 MUTATIONS = (
-    Mutation("hc_post_skips_last_stream", "    for (int k = 0; k < n; ++k) {\n      const acc b = b_row[k];",
-             "    for (int k = 0; k < n - 1; ++k) {\n      const acc b = b_row[k];",
+    Mutation("hc_post_skips_last_stream", "    for (int k = 0; k < n; ++k) {\n      acc o[kVec];\n      hc_post_mix<",
+             "    for (int k = 0; k < n - 1; ++k) {\n      acc o[kVec];\n      hc_post_mix<",
              "hc_post forward: a loop bound off by one (the last output stream never written)"),
     Mutation("hc_tile_missing_barrier", "    for (int i = threadIdx.y * blockDim.x + threadIdx.x; i < n_part; i += blockDim.x * blockDim.y) part_s[i] = acc(0);\n  }\n  __syncthreads();",
              "    for (int i = threadIdx.y * blockDim.x + threadIdx.x; i < n_part; i += blockDim.x * blockDim.y) part_s[i] = acc(0);\n  }",
