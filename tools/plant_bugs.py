@@ -64,6 +64,14 @@ MUTATIONS = (
     Mutation("mudd_tail_element_dropped", "v.v[k] = (e + k < d) ? row[e + k] : T(0.0f);",
              "v.v[k] = (e + k < d - 1) ? row[e + k] : T(0.0f);",
              "mudd_weights: the last feature of a row not a multiple of 8 read as zero"),
+    Mutation("hc_boundary_drops_later_grad",
+             "gn[g0 + k].v[s + v] = from_acc<T>(dh[k][v] + to_acc(gn[g0 + k].v[s + v]));",
+             "gn[g0 + k].v[s + v] = from_acc<T>(dh[k][v]);",
+             "DHC boundary backward: H''s later gradient dropped, only hc_pre's term kept"),
+    Mutation("hc_boundary_mix_drops_pre_grad",
+             "gn[k].v[v] = from_acc<T>(to_acc(gn[k].v[v]) + w * g);",
+             "gn[k].v[v] = from_acc<T>(to_acc(gn[k].v[v]));",
+             "SHC boundary backward: the static pre's term w_k·dx' missing from dH'"),
 )
 
 
