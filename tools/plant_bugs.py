@@ -67,7 +67,7 @@ MUTATIONS = (
     Mutation("hc_boundary_drops_later_grad",
              "gn[g0 + k].v[s + v] = from_acc<T>(dh[k][v] + to_acc(gn[g0 + k].v[s + v]));",
              "gn[g0 + k].v[s + v] = from_acc<T>(dh[k][v]);",
-             "DHC boundary backward: H''s later gradient dropped, only hc_pre's term kept"),
+             "DHC boundary backward: the later gradient of H' dropped, only hc_pre's term kept"),
     Mutation("hc_boundary_mix_drops_pre_grad",
              "gn[k].v[v] = from_acc<T>(to_acc(gn[k].v[v]) + w * g);",
              "gn[k].v[v] = from_acc<T>(to_acc(gn[k].v[v]));",

@@ -69,7 +69,7 @@ class PendingStreams:
 
     @property
     def shape(self) -> torch.Size:
-        """H''s shape, (*tok, n, d)."""
+        """The shape of H', (*tok, n, d)."""
         return self.H.shape
 
     def resolve(self) -> Tensor:

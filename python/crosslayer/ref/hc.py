@@ -233,12 +233,12 @@ def hc_boundary(H, y, alpha, beta, A, B, W=None, s_a=None, s_b=None, eps: float 
 
 def hc_boundary_bwd(dH_next, dx_next, dalpha_next, dbeta_next, H, y, alpha, beta, A, B, W=None, s_a=None,
                     s_b=None, eps: float = 1e-6):
-    """Hand-derived backward of `hc_boundary`: H's total gradient is dH_next (from H''s
-    later readers) plus hc_pre's dH term, summed in the arithmetic dtype (the kernels
-    round the sum once, never store it), then hc_post's backward from it.
+    """Hand-derived backward of `hc_boundary`: the total gradient of H' is dH_next (from
+    its later readers) plus hc_pre's dH term, summed in the arithmetic dtype (the
+    kernels round the sum once, never store it), then hc_post's backward from it.
 
     dH_next: (..., n, d) or None (zero); dx_next: (..., d) or None (zero); dalpha_next,
-    dbeta_next: alpha''s and beta''s shapes, or None; the rest as in `hc_boundary`.
+    dbeta_next: the shapes of alpha' and beta', or None; the rest as in `hc_boundary`.
     Returns dH (H.dtype), dy (y.dtype), dalpha, dbeta (the coefficients' shapes, summed
     over tokens when static), dA, dB, dW, ds_a, ds_b (summed over tokens; the last three
     None for SHC).
