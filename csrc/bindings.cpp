@@ -44,17 +44,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stream_mix_fwd", &crosslayer::stream_mix_fwd, "x = Σ_i w_i·H_i");
   m.def("stream_mix_bwd", &crosslayer::stream_mix_bwd, "dH (=|+=) in place; returns dw of stream_mix");
   m.def("hc_boundary_fwd", &crosslayer::hc_boundary_fwd,
-        "[H', x', alpha', beta', q, r]: DHC connection i's post fused with connection i+1's pre");
+        "[H', x', alpha', beta', q, r, Wt]: DHC connection i's post fused with connection i+1's pre");
   m.def("hc_boundary_bwd", &crosslayer::hc_boundary_bwd,
         "[dH, dy, dalpha, dbeta, dA, dB, dW, ds_a, ds_b] of hc_boundary");
   m.def("hc_boundary_mix_fwd", &crosslayer::hc_boundary_mix_fwd,
-        "[H', x']: connection i's post fused with a static pre x' = Σ_k w_k·H'_k (SHC)");
-  m.def("hc_boundary_mix_bwd", &crosslayer::hc_boundary_mix_bwd, "[dH, dy, dalpha, dbeta, dw] of hc_boundary_mix");
-  m.def("hc_pre_fwd", &crosslayer::hc_pre_fwd, "[x, alpha, beta, q, r] of dynamic-HC hc_pre");
+        "[H', x']: connection i's post fused with a static pre x' = Σ_k A'[k, 0]·H'_k (SHC)");
+  m.def("hc_boundary_mix_bwd", &crosslayer::hc_boundary_mix_bwd, "[dH, dy, dalpha, dbeta, dA'] of hc_boundary_mix");
+  m.def("hc_pre_fwd", &crosslayer::hc_pre_fwd, "[x, alpha, beta, q, r, Wt] of dynamic-HC hc_pre");
   m.def("hc_pre_bwd", &crosslayer::hc_pre_bwd, "dH (=|+=) in place; returns [dA, dB, dW, ds_a, ds_b] of dynamic-HC hc_pre");
   m.def("mhc_coeffs_fwd", &crosslayer::mhc_coeffs_fwd, "[alpha, beta, u, r] of the mHC coefficients");
   m.def("mhc_coeffs_bwd", &crosslayer::mhc_coeffs_bwd,
-        "[dH, dphi, da_pre, da_post, da_res, db] of the mHC coefficients");
+        "dH (=|+=) in place; returns [dphi, da_pre, da_post, da_res, db] of the mHC coefficients");
   m.def("mudd_weights_fwd", &crosslayer::mudd_weights_fwd, "[A, u, r] of mudd_weights");
   m.def("mudd_weights_bwd", &crosslayer::mudd_weights_bwd, "[dx, dW1, dW2, dbias] of mudd_weights");
 }

@@ -6,13 +6,14 @@
 //
 // Dynamic (DHC) pre:
 //   hc_boundary_fwd(H, y, alpha, beta, A, B, W, s_a, s_b, eps)
-//       -> {H' (H's layout), x', alpha', beta', q, r}
-//   hc_boundary_bwd(dH', dx', dalpha'?, dbeta'?, H, y, alpha, beta, A, B, W, s_a, s_b, q, r)
+//       -> {H' (H's layout), x', alpha', beta', q, r, Wt}
+//   hc_boundary_bwd(dH', dx', dalpha'?, dbeta'?, H, y, alpha, beta, A, B, W, Wt, s_a, s_b, q, r)
 //       -> {dH (H's layout), dy, dalpha, dbeta, dA, dB, dW, ds_a, ds_b}
-// Static pre, x' = Σ_k w_k·H'_k (SHC: w = A[:, 0]):
-//   hc_boundary_mix_fwd(H, y, alpha, beta, w) -> {H', x'}
-//   hc_boundary_mix_bwd(dH', dx', H, y, alpha, beta, w) -> {dH, dy, dalpha, dbeta, dw}
-//   (w (n,) or (*lead, n); dw in w's shape, summed over tokens when static)
+// Static pre, x' = Σ_k A'[k, 0]·H'_k (SHC; A' connection i+1's (n, n+1) parameter):
+//   hc_boundary_mix_fwd(H, y, alpha, beta, A') -> {H', x'}
+//   hc_boundary_mix_bwd(dH', dx', H, y, alpha, beta, A') -> {dH, dy, dalpha, dbeta, dA'}
+//   (dA' (n, n+1): column 0 the sums over tokens of <dx', H'_k>, the rest 0; the static
+//   coefficients' sums in one token_sums launch)
 //
 // The post's inputs are checked and laid out by hc_post's host code (hc_post.h), the
 // pre's parameters and workspaces by hc_pre's (hc_pre.h): the same messages, limits and
@@ -35,7 +36,8 @@
 namespace crosslayer {
 
 // The checked inputs of both directions and the params they fill (post: H, y, alpha,
-// beta; pre: sizes and parameters).
+// beta; pre: sizes and parameters). Wt: W packed by the forward (hc_pre_pack_w), handed
+// back to the backward; undefined in the forward, which packs it here.
 struct HcBoundaryInputs {
   HcPostInputs post;
   HcPreWeights weights;
@@ -44,13 +46,18 @@ struct HcBoundaryInputs {
 
 inline HcBoundaryInputs hc_boundary_inputs(const at::Tensor& H, const at::Tensor& y, const at::Tensor& alpha,
                                            const at::Tensor& beta, const at::Tensor& A, const at::Tensor& B,
-                                           const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b) {
+                                           const at::Tensor& W, const at::Tensor& Wt, const at::Tensor& s_a,
+                                           const at::Tensor& s_b) {
   HcBoundaryInputs in;
   check_hc_pre_inputs(H, A, B, W, s_a, s_b);
   in.post = hc_post_inputs(H, y, alpha, beta);
+  const at::ScalarType acc_type = acc_dtype(H.scalar_type());
+  if (Wt.defined()) check_hc_pre_packed_w(Wt, in.post.sh, acc_type, H);
+  const at::Tensor packed = Wt.defined() ? Wt : hc_pre_pack_w(W, acc_type);
+  in.weights.Wt = packed;
   if (in.post.sh.N == 0) return in;
   in.p.post = in.post.p;
-  in.weights = hc_pre_weights(in.p.pre, in.post.sh, acc_dtype(H.scalar_type()), A, B, W, s_a, s_b);
+  in.weights = hc_pre_weights(in.p.pre, in.post.sh, acc_type, A, B, packed, s_a, s_b);
   return in;
 }
 
@@ -71,26 +78,26 @@ inline auto boundary_extra_smem(int n, bool backward) {
   return [n, backward](int rows, int warps) { return hc_boundary_extra_smem(rows, warps, n, backward); };
 }
 
-// The checked inputs of the static-pre boundary: hc_post's, and w (n,) or (*lead, n).
+// The checked inputs of the static-pre boundary: hc_post's, and connection i+1's static
+// A' (n, n+1), of which the kernels read column 0.
 struct HcBoundaryMixInputs {
   HcPostInputs post;
-  bool static_w;
-  at::Tensor w;
+  at::Tensor A_next;
   HcBoundaryMixParams p{};
 };
 
 inline HcBoundaryMixInputs hc_boundary_mix_inputs(const at::Tensor& H, const at::Tensor& y,
                                                   const at::Tensor& alpha, const at::Tensor& beta,
-                                                  const at::Tensor& w) {
+                                                  const at::Tensor& A_next) {
   HcBoundaryMixInputs in;
   in.post = hc_post_inputs(H, y, alpha, beta);
   const StreamShape& sh = in.post.sh;
-  in.static_w = check_coefficient(w, "w", H, sh.lead, "(n,)", "(*lead, n)", {sh.n});
+  check_input(A_next, "A_next", H);
+  CL_CHECK_SHAPE(A_next, "A_next", "(n, n+1)", sh.n, sh.n + 1);
   if (sh.N == 0 || sh.d == 0) return in;
   static_cast<HcPostParams&>(in.p) = in.post.p;
-  in.w = acc_rows(w, acc_dtype(H.scalar_type()));
-  in.p.w_token_stride = in.static_w ? 0 : sh.n;
-  in.p.w_ptr = in.w.data_ptr();
+  in.A_next = acc_rows(A_next, acc_dtype(H.scalar_type()));
+  in.p.a_next_ptr = in.A_next.data_ptr();
   return in;
 }
 

@@ -16,9 +16,10 @@ std::vector<at::Tensor> hc_boundary_bwd(const at::Tensor& dH_next_in, const at::
                                         const std::optional<at::Tensor>& dbeta_next, const at::Tensor& H_in,
                                         const at::Tensor& y, const at::Tensor& alpha, const at::Tensor& beta,
                                         const at::Tensor& A, const at::Tensor& B, const at::Tensor& W,
-                                        const at::Tensor& s_a, const at::Tensor& s_b, const at::Tensor& q,
-                                        const at::Tensor& r) {
-  HcBoundaryInputs in = hc_boundary_inputs(H_in, y, alpha, beta, A, B, W, s_a, s_b);
+                                        const at::Tensor& Wt, const at::Tensor& s_a, const at::Tensor& s_b,
+                                        const at::Tensor& q, const at::Tensor& r) {
+  TORCH_CHECK(Wt.defined(), "hc_boundary_bwd: Wt (the forward's packed W) is required");
+  HcBoundaryInputs in = hc_boundary_inputs(H_in, y, alpha, beta, A, B, W, Wt, s_a, s_b);
   const StreamShape& sh = in.post.sh;
   const int64_t n = sh.n, d = sh.d;
   check_activation(dH_next_in, "dH_next", H_in, "(..., n, d)", H_in.sizes());
@@ -72,15 +73,17 @@ std::vector<at::Tensor> hc_boundary_bwd(const at::Tensor& dH_next_in, const at::
     });
   });
   copy_back(dH, dh);
-  const std::vector<at::Tensor> dcoef = hc_post_coef_grads(in.post, dalpha_tok, dbeta_tok, alpha, beta);
+  TokenSums sums(sh.N);
+  const std::vector<at::Tensor> dcoef = hc_post_coef_grads(in.post, dalpha_tok, dbeta_tok, alpha, beta, sums);
+  sums.run();
   const std::vector<at::Tensor> dparams = hc_pre_param_grads(ws, n, d, A, B, W, s_a, s_b);
   return {dH, dy, dcoef[0], dcoef[1], dparams[0], dparams[1], dparams[2], dparams[3], dparams[4]};
 }
 
 std::vector<at::Tensor> hc_boundary_mix_bwd(const at::Tensor& dH_next_in, const at::Tensor& dx_in,
                                             const at::Tensor& H_in, const at::Tensor& y, const at::Tensor& alpha,
-                                            const at::Tensor& beta, const at::Tensor& w) {
-  HcBoundaryMixInputs in = hc_boundary_mix_inputs(H_in, y, alpha, beta, w);
+                                            const at::Tensor& beta, const at::Tensor& A_next) {
+  HcBoundaryMixInputs in = hc_boundary_mix_inputs(H_in, y, alpha, beta, A_next);
   const StreamShape& sh = in.post.sh;
   check_activation(dH_next_in, "dH_next", H_in, "(*lead, n, d)", H_in.sizes());
   check_activation(dx_in, "dx", H_in, "(*lead, d)", with_tail(sh.lead, {sh.d}));
@@ -90,7 +93,7 @@ std::vector<at::Tensor> hc_boundary_mix_bwd(const at::Tensor& dH_next_in, const 
   at::Tensor dy = at::empty(with_tail(sh.lead, {sh.d}), y.options());
   if (sh.N == 0 || sh.d == 0) {  // dH and dy are empty; the dots over nothing are 0
     return {dH, dy, at::zeros(alpha.sizes(), acc_opts), at::zeros(beta.sizes(), acc_opts),
-            at::zeros(w.sizes(), acc_opts)};
+            at::zeros(A_next.sizes(), acc_opts)};
   }
   const int64_t n = sh.n;
   at::Tensor dalpha_tok = at::empty({sh.N, n, n + 1}, acc_opts);
@@ -120,9 +123,11 @@ std::vector<at::Tensor> hc_boundary_mix_bwd(const at::Tensor& dH_next_in, const 
     });
   });
   copy_back(dH, dh);
-  const std::vector<at::Tensor> dcoef = hc_post_coef_grads(in.post, dalpha_tok, dbeta_tok, alpha, beta);
-  at::Tensor dw = in.static_w ? dw_tok.sum(0) : dw_tok.view(w.sizes());
-  return {dH, dy, dcoef[0], dcoef[1], dw};
+  TokenSums sums(sh.N);
+  const std::vector<at::Tensor> dcoef = hc_post_coef_grads(in.post, dalpha_tok, dbeta_tok, alpha, beta, sums);
+  const at::Tensor dA_next = sums.grad(dw_tok, true, A_next.sizes(), n + 1);
+  sums.run();
+  return {dH, dy, dcoef[0], dcoef[1], dA_next};
 }
 
 }  // namespace crosslayer

@@ -15,7 +15,9 @@ std::vector<at::Tensor> hc_boundary_fwd(const at::Tensor& H_in, const at::Tensor
                                         const at::Tensor& beta, const at::Tensor& A, const at::Tensor& B,
                                         const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b,
                                         double eps) {
-  HcBoundaryInputs in = hc_boundary_inputs(H_in, y, alpha, beta, A, B, W, s_a, s_b);
+  // Checks first (a CPU tensor gets the message, not the guard's error); ATen's ops (W's
+  // packing) guard their device themselves.
+  HcBoundaryInputs in = hc_boundary_inputs(H_in, y, alpha, beta, A, B, W, at::Tensor(), s_a, s_b);
   const StreamShape& sh = in.post.sh;
   const c10::cuda::CUDAGuard guard(H_in.device());
   const auto acc_opts = H_in.options().dtype(acc_dtype(H_in.scalar_type()));
@@ -26,7 +28,7 @@ std::vector<at::Tensor> hc_boundary_fwd(const at::Tensor& H_in, const at::Tensor
   at::Tensor beta_next = at::empty(with_tail(sh.lead, {n}), acc_opts);
   at::Tensor q = at::empty(with_tail(sh.lead, {n, n + 2}), acc_opts);
   at::Tensor r = at::empty(with_tail(sh.lead, {n}), acc_opts);
-  if (sh.N == 0) return {H_next, x, alpha_next, beta_next, q, r};
+  if (sh.N == 0) return {H_next, x, alpha_next, beta_next, q, r, in.weights.Wt};
 
   HcBoundaryParams& p = in.p;
   const at::Tensor out = writable(H_next, 2, &p.post.out_tok);
@@ -57,12 +59,12 @@ std::vector<at::Tensor> hc_boundary_fwd(const at::Tensor& H_in, const at::Tensor
     });
   });
   copy_back(H_next, out);
-  return {H_next, x, alpha_next, beta_next, q, r};
+  return {H_next, x, alpha_next, beta_next, q, r, in.weights.Wt};
 }
 
 std::vector<at::Tensor> hc_boundary_mix_fwd(const at::Tensor& H_in, const at::Tensor& y, const at::Tensor& alpha,
-                                            const at::Tensor& beta, const at::Tensor& w) {
-  HcBoundaryMixInputs in = hc_boundary_mix_inputs(H_in, y, alpha, beta, w);
+                                            const at::Tensor& beta, const at::Tensor& A_next) {
+  HcBoundaryMixInputs in = hc_boundary_mix_inputs(H_in, y, alpha, beta, A_next);
   const StreamShape& sh = in.post.sh;
   const c10::cuda::CUDAGuard guard(H_in.device());
   at::Tensor H_next = at::empty_like(H_in);

@@ -6,8 +6,8 @@
 // alpha: (*lead, n, n+1) per token or (n, n+1) static; beta: (*lead, n) or (n,).
 // Activations share one dtype (H's); coefficients of any float dtype are converted to
 // the accumulator dtype (float64 for float64 H, float32 otherwise) and their gradients
-// come back in it, with the coefficient's shape (summed over tokens when static, by
-// at::sum: deterministic, no atomics). Any number of leading token dims with any
+// come back in it, with the coefficient's shape (summed over tokens when static, both
+// in one token_sums launch: deterministic, no atomics). Any number of leading token dims with any
 // strides that collapse to a TokenLayout runs without a copy (e.g. streams folded into
 // the batch dim); other token layouts and a non-unit feature stride are copied once.
 // Every launch runs on the current stream and is followed by a launch check.
@@ -79,7 +79,9 @@ std::vector<at::Tensor> hc_post_bwd(const at::Tensor& dHn_in, const at::Tensor& 
     });
   });
   copy_back(dH, dh);
-  const std::vector<at::Tensor> dcoef = hc_post_coef_grads(in, dalpha_tok, dbeta_tok, alpha_in, beta_in);
+  TokenSums sums(in.sh.N);
+  const std::vector<at::Tensor> dcoef = hc_post_coef_grads(in, dalpha_tok, dbeta_tok, alpha_in, beta_in, sums);
+  sums.run();
   return {dH, dy, dcoef[0], dcoef[1]};
 }
 

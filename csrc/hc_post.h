@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "hc_tile.h"
+#include "token_sums.h"
 #include "kernels/hc_post.cuh"
 
 namespace crosslayer {
@@ -44,13 +45,14 @@ inline HcPostInputs hc_post_inputs(const at::Tensor& H, const at::Tensor& y, con
 }
 
 // The backward's per-token coefficient gradient rows (N, n, n+1) and (N, n) as the
-// gradients of alpha and beta: summed over tokens for static coefficients (at::sum,
-// deterministic), else viewed in the coefficient's shape.
+// gradients of alpha and beta (TokenSums::grad: summed over tokens for static
+// coefficients, deterministic, else viewed in the coefficient's shape); the sums run
+// with the caller's next TokenSums::run.
 inline std::vector<at::Tensor> hc_post_coef_grads(const HcPostInputs& in, const at::Tensor& dalpha_tok,
                                                   const at::Tensor& dbeta_tok, const at::Tensor& alpha,
-                                                  const at::Tensor& beta) {
-  return {in.static_alpha ? dalpha_tok.sum(0) : dalpha_tok.view(alpha.sizes()),
-          in.static_beta ? dbeta_tok.sum(0) : dbeta_tok.view(beta.sizes())};
+                                                  const at::Tensor& beta, TokenSums& sums) {
+  return {sums.grad(dalpha_tok.view({in.sh.N, -1}), in.static_alpha, alpha.sizes()),
+          sums.grad(dbeta_tok, in.static_beta, beta.sizes())};
 }
 
 }  // namespace crosslayer

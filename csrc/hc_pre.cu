@@ -1,15 +1,17 @@
 // Launchers for hc_pre of dynamic Hyper-Connections (kernels in kernels/hc_pre.cuh).
 //
 //   hc_pre_fwd(H (*, n, d), A (n, n+1), B (n), W (d, n+2), s_a, s_b, eps)
-//       -> {x (*, d), alpha (*, n, n+1), beta (*, n), q (*, n, n+2), r (*, n)}
-//   hc_pre_bwd(dx (*, d), dalpha?, dbeta?, H, A, B, W, s_a, s_b, q, r)
-//       -> {dH (*, n, d), dA, dB, dW, ds_a, ds_b}
+//       -> {x (*, d), alpha (*, n, n+1), beta (*, n), q (*, n, n+2), r (*, n), Wt}
+//   hc_pre_bwd(dH, accumulate, dx (*, d), dalpha?, dbeta?, H, A, B, W, Wt, s_a, s_b, q, r)
+//       -> dH (*, n, d) (= or +=) in place; {dA, dB, dW, ds_a, ds_b}
+//   (Wt: W packed for the kernels, hc_pre.h's hc_pre_pack_w; the forward's goes back
+//   to the backward, which does not pack again)
 //
 // One validator serves both directions. H's token dims may have any strides that
 // collapse to two (TokenLayout); otherwise H is copied once. Coefficients, W, q and r
 // are in the accumulator dtype (float64 for float64 H, float32 otherwise); parameter
 // gradients come back in their parameter's dtype, summed over tokens from per-block
-// partials by at::sum (deterministic). Every launch runs on the current stream and is
+// partials by hc_pre_param_grads_kernel (one launch, deterministic). Every launch runs on the current stream and is
 // followed by a launch check. Static HC (no W) is stream_mix (stream_mix.cu).
 
 #include <c10/cuda/CUDAException.h>
@@ -40,10 +42,11 @@ std::vector<at::Tensor> hc_pre_fwd(const at::Tensor& H_in, const at::Tensor& A, 
   at::Tensor beta = at::empty(with_tail(sh.lead, {n}), acc_opts);
   at::Tensor q = at::empty(with_tail(sh.lead, {n, J}), acc_opts);
   at::Tensor r = at::empty(with_tail(sh.lead, {n}), acc_opts);
-  if (sh.N == 0) return {x, alpha, beta, q, r};
+  at::Tensor Wt = hc_pre_pack_w(W, acc_type);
+  if (sh.N == 0) return {x, alpha, beta, q, r, Wt};
 
   HcPreParams p{};
-  const HcPreWeights w = hc_pre_weights(p, sh, acc_type, A, B, W, s_a, s_b);
+  const HcPreWeights w = hc_pre_weights(p, sh, acc_type, A, B, Wt, s_a, s_b);
   const at::Tensor H = hc_pre_streams(p, H_in);
   with_token_layout(x, 1, &p.x_tok);
   p.eps = eps;
@@ -69,18 +72,19 @@ std::vector<at::Tensor> hc_pre_fwd(const at::Tensor& H_in, const at::Tensor& A, 
       });
     });
   });
-  return {x, alpha, beta, q, r};
+  return {x, alpha, beta, q, r, Wt};
 }
 
 std::vector<at::Tensor> hc_pre_bwd(at::Tensor& dH, bool accumulate, const at::Tensor& dx_in,
                                    const std::optional<at::Tensor>& dalpha, const std::optional<at::Tensor>& dbeta,
                                    const at::Tensor& H_in, const at::Tensor& A, const at::Tensor& B,
-                                   const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b,
-                                   const at::Tensor& q, const at::Tensor& r) {
+                                   const at::Tensor& W, const at::Tensor& Wt, const at::Tensor& s_a,
+                                   const at::Tensor& s_b, const at::Tensor& q, const at::Tensor& r) {
   const StreamShape sh = check_hc_pre_inputs(H_in, A, B, W, s_a, s_b);
   check_activation(dH, "dH", H_in, "(..., n, d)", H_in.sizes());
   const int64_t n = sh.n, d = sh.d;
   const at::ScalarType acc_type = acc_dtype(H_in.scalar_type());
+  check_hc_pre_packed_w(Wt, sh, acc_type, H_in);
   check_activation(dx_in, "dx", H_in, "(..., d)", with_tail(sh.lead, {d}));
   check_hc_pre_bwd_coefs(sh, H_in, dalpha, dbeta, q, r);
   const c10::cuda::CUDAGuard guard(H_in.device());
@@ -91,7 +95,7 @@ std::vector<at::Tensor> hc_pre_bwd(at::Tensor& dH, bool accumulate, const at::Te
             at::zeros(W.sizes(), W.options()), at::zeros({}, s_a.options()), at::zeros({}, s_b.options())};
   }
   HcPreParams p{};
-  const HcPreWeights w = hc_pre_weights(p, sh, acc_type, A, B, W, s_a, s_b);
+  const HcPreWeights w = hc_pre_weights(p, sh, acc_type, A, B, Wt, s_a, s_b);
   const at::Tensor H = hc_pre_streams(p, H_in);
   const at::Tensor dx = readable(dx_in, 1, &p.x_tok);
   // The kernel writes dH in place when it can address it (any layout whose token dims

@@ -69,23 +69,43 @@ inline HcPreBwdCoefs hc_pre_bwd_coef_inputs(HcPreParams& p, at::ScalarType acc_t
   return c;
 }
 
+// W as the kernels read it: transposed to (n+2, ldw) in the accumulator dtype, each row
+// zero-padded from d to ldw = d rounded up to 8, so a thread's W chunk for projection j
+// is one aligned vector. The forward launchers pack it (one launch) and return it; the
+// backward takes that tensor back instead of packing again.
+inline int64_t hc_pre_ldw(int64_t d) { return (d + 7) / 8 * 8; }
+
+inline at::Tensor hc_pre_pack_w(const at::Tensor& W, at::ScalarType acc_type) {
+  const int64_t d = W.size(0);
+  return at::constant_pad_nd(W.to(acc_type).t(), {0, hc_pre_ldw(d) - d}, 0).contiguous();
+}
+
+// Checks a packed W handed back to a backward launcher (hc_pre_pack_w's layout).
+inline void check_hc_pre_packed_w(const at::Tensor& Wt, const StreamShape& sh, at::ScalarType acc_type,
+                                  const at::Tensor& H) {
+  check_input(Wt, "Wt", H);
+  CL_CHECK_SHAPE(Wt, "Wt (W packed by the forward)", "(n+2, ldw)", sh.n + 2, hc_pre_ldw(sh.d));
+  TORCH_CHECK(Wt.scalar_type() == acc_type && Wt.is_contiguous(),
+              "Wt must be the forward's packed W: contiguous ", acc_type, ", got ", Wt.scalar_type(),
+              Wt.is_contiguous() ? "" : " (not contiguous)");
+}
+
 // The parameter tensors the kernels read, in the accumulator dtype (kept alive until
-// the launch): W transposed to (n+2, ldw), zero-padded, so a thread's W chunk for
-// projection j is one aligned vector.
+// the launch); Wt packed by hc_pre_pack_w.
 struct HcPreWeights {
   at::Tensor Wt, A, B, sa, sb;
 };
 
 // Sets the sizes and parameter pointers of p (not H's fields) for N tokens of shape sh.
 inline HcPreWeights hc_pre_weights(HcPreParams& p, const StreamShape& sh, at::ScalarType acc_type,
-                                   const at::Tensor& A, const at::Tensor& B, const at::Tensor& W,
+                                   const at::Tensor& A, const at::Tensor& B, const at::Tensor& Wt,
                                    const at::Tensor& s_a, const at::Tensor& s_b) {
   HcPreWeights w;
   p.n_tokens = sh.N;
   p.d = sh.d;
   p.n = static_cast<int>(sh.n);
-  p.ldw = (sh.d + 7) / 8 * 8;
-  w.Wt = at::constant_pad_nd(W.to(acc_type).t(), {0, p.ldw - sh.d}, 0).contiguous();
+  p.ldw = hc_pre_ldw(sh.d);
+  w.Wt = Wt;
   w.A = A.to(acc_type).contiguous();
   w.B = B.to(acc_type).contiguous();
   w.sa = s_a.to(acc_type);

@@ -3,8 +3,12 @@
 //   mhc_coeffs_fwd(H (*, n, d), phi (n·d, M), a_pre, a_post, a_res (0-dim), b (M), eps,
 //                  pre_eps, post_mult, iters, sinkhorn_eps)
 //       -> {alpha (*, n, n+1), beta (*, n), u = xf·phi (*, M), r (*)}
-//   mhc_coeffs_bwd(dalpha?, dbeta?, H, phi, a_pre, a_post, a_res, b, u, r, <same floats>)
-//       -> {dH (H's layout), dphi, da_pre, da_post, da_res, db}
+//   mhc_coeffs_bwd(dH, accumulate, dalpha?, dbeta?, dpre?, H, phi, a_pre, a_post, a_res, b, u,
+//                  r, <same floats>)
+//       -> dH (*, n, d) written (=) or added to (+=, `accumulate`) in place;
+//          {dphi, da_pre, da_post, da_res, db}
+//   (dpre (*, n): a second gradient of alpha[..., 0], e.g. the pre's stream_mix's dw,
+//   added to dalpha's column 0 in the kernel instead of by autograd)
 //
 // M = n² + 2n. alpha, beta, u, r are in the accumulator dtype (float64 for float64 H,
 // float32 otherwise); u and r are what the backward needs (it never recomputes x·phi).
@@ -211,8 +215,9 @@ std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H_in, const at::Tensor&
   return {alpha, beta, u, r};
 }
 
-std::vector<at::Tensor> mhc_coeffs_bwd(const std::optional<at::Tensor>& dalpha,
-                                       const std::optional<at::Tensor>& dbeta, const at::Tensor& H_in,
+std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const std::optional<at::Tensor>& dalpha,
+                                       const std::optional<at::Tensor>& dbeta,
+                                       const std::optional<at::Tensor>& dpre, const at::Tensor& H_in,
                                        const at::Tensor& phi, const at::Tensor& a_pre, const at::Tensor& a_post,
                                        const at::Tensor& a_res, const at::Tensor& b, const at::Tensor& u_in,
                                        const at::Tensor& r_in, double eps, double pre_eps, double post_mult,
@@ -221,15 +226,16 @@ std::vector<at::Tensor> mhc_coeffs_bwd(const std::optional<at::Tensor>& dalpha,
   const int64_t n = sh.n, d = sh.d, N = sh.N, M = sh.M;
   if (dalpha) check_per_token(*dalpha, "dalpha", "(..., n, n+1)", with_tail(sh.lead, {n, n + 1}), H_in);
   if (dbeta) check_per_token(*dbeta, "dbeta", "(..., n)", with_tail(sh.lead, {n}), H_in);
+  if (dpre) check_per_token(*dpre, "dpre", "(..., n)", with_tail(sh.lead, {n}), H_in);
+  check_activation(dH, "dH", H_in, "(..., n, d)", H_in.sizes());
   check_per_token(u_in, "u", "(..., n²+2n)", with_tail(sh.lead, {M}), H_in);
   check_per_token(r_in, "r", "(...)", sh.lead, H_in);
   const c10::cuda::CUDAGuard guard(H_in.device());
   const at::ScalarType acc_type = acc_dtype(H_in.scalar_type());
   const auto acc_opts = H_in.options().dtype(acc_type);
 
-  at::Tensor dH = at::empty_like(H_in);
   if (N == 0) {
-    return {dH, at::zeros(phi.sizes(), phi.options()), at::zeros({}, a_pre.options()),
+    return {at::zeros(phi.sizes(), phi.options()), at::zeros({}, a_pre.options()),
             at::zeros({}, a_post.options()), at::zeros({}, a_res.options()), at::zeros(b.sizes(), b.options())};
   }
   MhcCoeffsParams p = base_params(sh, eps, pre_eps, post_mult, iters, sinkhorn_eps);
@@ -239,6 +245,7 @@ std::vector<at::Tensor> mhc_coeffs_bwd(const std::optional<at::Tensor>& dalpha,
   const at::Tensor r = r_in.to(acc_type).contiguous();
   const at::Tensor dalpha_ = dalpha ? dalpha->to(acc_type).contiguous() : at::Tensor();
   const at::Tensor dbeta_ = dbeta ? dbeta->to(acc_type).contiguous() : at::Tensor();
+  const at::Tensor dpre_ = dpre ? dpre->to(acc_type).contiguous() : at::Tensor();
   p.ldu = static_cast<int>(round_up(M, 16));
   at::Tensor du = at::zeros({N, p.ldu}, acc_opts);
   at::Tensor s = at::empty({N}, acc_opts);
@@ -249,6 +256,7 @@ std::vector<at::Tensor> mhc_coeffs_bwd(const std::optional<at::Tensor>& dalpha,
   p.r_ptr = const_cast<void*>(r.data_ptr());
   p.dalpha_ptr = dalpha ? dalpha_.data_ptr() : nullptr;
   p.dbeta_ptr = dbeta ? dbeta_.data_ptr() : nullptr;
+  p.dpre_ptr = dpre ? dpre_.data_ptr() : nullptr;
   p.du_ptr = du.data_ptr();
   p.s_ptr = s.data_ptr();
   p.g_ptr = G.data_ptr();
@@ -284,7 +292,10 @@ std::vector<at::Tensor> mhc_coeffs_bwd(const std::optional<at::Tensor>& dalpha,
   at::Tensor dphi;
   if (use_mma(H_in, device)) {
     const at::Tensor H = readable(H_in, 2, &p.h_tok);
-    at::Tensor dH_k = writable(dH, 2, &p.dh_tok);
+    // dH in place when its token dims collapse, else a scratch copied back (holding dH
+    // first when the kernel adds to it).
+    at::Tensor dH_k = writable(dH, 2, &p.dh_tok, accumulate);
+    p.accumulate_dh = accumulate;
     p.h_ptr = H.data_ptr();
     p.h_stream_stride = stream_stride(H);
     p.dh_ptr = dH_k.data_ptr();
@@ -310,10 +321,14 @@ std::vector<at::Tensor> mhc_coeffs_bwd(const std::optional<at::Tensor>& dalpha,
     // The oracle's form: dxf = du·phiᵀ − s·xf, dphi = xfᵀ·du, in the accumulator dtype.
     const at::Tensor xf = H_in.reshape({N, n * d}).to(acc_type);
     const at::Tensor dxf = at::mm(duM, phi.to(acc_type).t()) - s.unsqueeze(1) * xf;
-    dH.copy_(dxf.view(H_in.sizes()));
+    if (accumulate) {
+      dH.add_(dxf.view(H_in.sizes()));
+    } else {
+      dH.copy_(dxf.view(H_in.sizes()));
+    }
     dphi = at::mm(xf.t(), duM);
   }
-  return {dH, dphi.to(phi.scalar_type()).contiguous(), da_pre.to(a_pre.scalar_type()),
+  return {dphi.to(phi.scalar_type()).contiguous(), da_pre.to(a_pre.scalar_type()),
           da_post.to(a_post.scalar_type()), da_res.to(a_res.scalar_type()), db.to(b.scalar_type()).contiguous()};
 }
 

@@ -59,33 +59,34 @@ at::Tensor stream_mix_bwd(at::Tensor& dH, bool accumulate, const at::Tensor& dx,
 // hc_pre.cu (dynamic HC; static HC is stream_mix with w = A[:, 0])
 //   H (*lead, n, d), 1 <= n <= 16, d >= 1, any token/stream strides; A (n, n+1); B (n);
 //   W (d, n+2); s_a, s_b 0-dim. Returns {x (*lead, d) in H's dtype, alpha (*lead, n, n+1),
-//   beta (*lead, n), q = H·W (*lead, n, n+2), r = rsqrt(mean H² + eps) (*lead, n)}, the
-//   last four in the accumulator dtype; q and r are what the backward needs.
+//   beta (*lead, n), q = H·W (*lead, n, n+2), r = rsqrt(mean H² + eps) (*lead, n), Wt},
+//   all but x in the accumulator dtype; q, r and Wt (W packed for the kernels: (n+2,
+//   ldw), hc_pre.h) are what the backward needs.
 std::vector<at::Tensor> hc_pre_fwd(const at::Tensor& H, const at::Tensor& A, const at::Tensor& B,
                                        const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b,
                                        double eps);
 //   dH (*lead, n, d) of H's dtype, written in place: dH = (accumulate false) or dH +=
 //   (accumulate true: another op's contribution to H's gradient is already there) the
 //   gradient through hc_pre; dx (*lead, d) in H's dtype; dalpha (*lead, n, n+1) and dbeta
-//   (*lead, n) optional (zero when absent); q, r from the forward. Returns {dA, dB, dW,
-//   ds_a, ds_b}, summed over tokens, each in its parameter's dtype.
+//   (*lead, n) optional (zero when absent); Wt, q, r from the forward. Returns {dA, dB,
+//   dW, ds_a, ds_b}, summed over tokens, each in its parameter's dtype.
 std::vector<at::Tensor> hc_pre_bwd(at::Tensor& dH, bool accumulate, const at::Tensor& dx,
                                    const std::optional<at::Tensor>& dalpha, const std::optional<at::Tensor>& dbeta,
                                    const at::Tensor& H, const at::Tensor& A, const at::Tensor& B,
-                                   const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b,
-                                   const at::Tensor& q, const at::Tensor& r);
+                                   const at::Tensor& W, const at::Tensor& Wt, const at::Tensor& s_a,
+                                   const at::Tensor& s_b, const at::Tensor& q, const at::Tensor& r);
 
 // hc_boundary_fwd.cu, hc_boundary_bwd.cu (connection i's post fused with connection i+1's pre)
 //   H (*lead, n, d) and y (*lead, d) as for hc_post, alpha/beta connection i's
 //   coefficients (per token or static); A, B, W, s_a, s_b connection i+1's parameters as
-//   for hc_pre. Returns {H' (H's layout, as empty_like(H)), x', alpha', beta', q, r}:
+//   for hc_pre. Returns {H' (H's layout, as empty_like(H)), x', alpha', beta', q, r, Wt}:
 //   H' = hc_post(H, y, alpha, beta) and the rest hc_pre_fwd(H', ...).
 std::vector<at::Tensor> hc_boundary_fwd(const at::Tensor& H, const at::Tensor& y, const at::Tensor& alpha,
                                         const at::Tensor& beta, const at::Tensor& A, const at::Tensor& B,
                                         const at::Tensor& W, const at::Tensor& s_a, const at::Tensor& s_b,
                                         double eps);
 //   dH_next: the gradient of H' from its later readers (H's shape and dtype); dx' as
-//   for hc_pre_bwd; dalpha', dbeta' optional (zero when absent); q, r from the forward.
+//   for hc_pre_bwd; dalpha', dbeta' optional (zero when absent); Wt, q, r from the forward.
 //   Returns {dH (H's layout), dy (*lead, d), dalpha, dbeta, dA, dB, dW, ds_a, ds_b}:
 //   dalpha, dbeta as hc_post_bwd's, the rest as hc_pre_bwd's.
 std::vector<at::Tensor> hc_boundary_bwd(const at::Tensor& dH_next, const at::Tensor& dx,
@@ -93,17 +94,17 @@ std::vector<at::Tensor> hc_boundary_bwd(const at::Tensor& dH_next, const at::Ten
                                         const std::optional<at::Tensor>& dbeta_next, const at::Tensor& H,
                                         const at::Tensor& y, const at::Tensor& alpha, const at::Tensor& beta,
                                         const at::Tensor& A, const at::Tensor& B, const at::Tensor& W,
-                                        const at::Tensor& s_a, const at::Tensor& s_b, const at::Tensor& q,
-                                        const at::Tensor& r);
+                                        const at::Tensor& Wt, const at::Tensor& s_a, const at::Tensor& s_b,
+                                        const at::Tensor& q, const at::Tensor& r);
 
-//   The static pre (SHC, w = A[:, 0]): H' as above and x' = Σ_k w_k·H'_k; w (n,) or
-//   (*lead, n). Returns {H', x'}; the backward {dH, dy, dalpha, dbeta, dw} (dw in w's
-//   shape, summed over tokens when static).
+//   The static pre (SHC): H' as above and x' = Σ_k A'[k, 0]·H'_k, A' connection i+1's
+//   (n, n+1) parameter. Returns {H', x'}; the backward {dH, dy, dalpha, dbeta, dA'} (dA'
+//   of A's shape: column 0 summed over tokens, the rest 0).
 std::vector<at::Tensor> hc_boundary_mix_fwd(const at::Tensor& H, const at::Tensor& y, const at::Tensor& alpha,
-                                            const at::Tensor& beta, const at::Tensor& w);
+                                            const at::Tensor& beta, const at::Tensor& A_next);
 std::vector<at::Tensor> hc_boundary_mix_bwd(const at::Tensor& dH_next, const at::Tensor& dx, const at::Tensor& H,
                                             const at::Tensor& y, const at::Tensor& alpha, const at::Tensor& beta,
-                                            const at::Tensor& w);
+                                            const at::Tensor& A_next);
 
 // mhc_coeffs.cu (mHC coefficients; the mixing itself is stream_mix / hc_post above)
 //   H (*lead, n, d), 1 <= n <= 16, d >= 1, any token/stream strides; phi (n·d, n²+2n);
@@ -115,11 +116,14 @@ std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H, const at::Tensor& ph
                                        const at::Tensor& a_post, const at::Tensor& a_res, const at::Tensor& b,
                                        double eps, double pre_eps, double post_mult, int64_t iters,
                                        double sinkhorn_eps);
-//   dalpha (*lead, n, n+1), dbeta (*lead, n) optional (zero when absent); u, r from the
-//   forward. Returns {dH (H's layout), dphi, da_pre, da_post, da_res, db}, parameter
-//   gradients summed over tokens (deterministic), each in its parameter's dtype.
-std::vector<at::Tensor> mhc_coeffs_bwd(const std::optional<at::Tensor>& dalpha,
-                                       const std::optional<at::Tensor>& dbeta, const at::Tensor& H,
+//   dH (*lead, n, d) of H's dtype, written (=) or, with `accumulate`, added to (+=) in
+//   place; dalpha (*lead, n, n+1), dbeta (*lead, n) optional (zero when absent); dpre
+//   (*lead, n) optional, a second gradient of alpha[..., 0] added to dalpha's; u, r from
+//   the forward. Returns {dphi, da_pre, da_post, da_res, db}, parameter gradients summed
+//   over tokens (deterministic), each in its parameter's dtype.
+std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const std::optional<at::Tensor>& dalpha,
+                                       const std::optional<at::Tensor>& dbeta,
+                                       const std::optional<at::Tensor>& dpre, const at::Tensor& H,
                                        const at::Tensor& phi, const at::Tensor& a_pre, const at::Tensor& a_post,
                                        const at::Tensor& a_res, const at::Tensor& b, const at::Tensor& u,
                                        const at::Tensor& r, double eps, double pre_eps, double post_mult,

@@ -125,20 +125,21 @@ def hc_pre_opcheck(dtype, device):
     for layout in ("contiguous", "folded", "stream_stride"):  # dH allocated like H
         H = make_streams((2, 3), n, d, dtype=dtype, device=device, layout=layout)
         params = hc_pre_params(n, d, dtype, device)
-        _, alpha, beta, q, r = hc_pre_op(H, *params, EPS)
+        _, alpha, beta, q, r, Wt = hc_pre_op(H, *params, EPS)
+        A, B, W, s_a, s_b = params
         dx = rand(2, 3, d, dtype=dtype, device=device)
         calls += [(hc_pre_op, (H, *params, EPS)),
                   (hc_pre_op, tuple(t.detach().clone().requires_grad_(True) for t in (H, *params)) + (EPS,)),
                   (hc_pre_bwd_op, (torch.empty_like(H), False, dx, torch.randn_like(alpha), torch.randn_like(beta), H,
-                                   *params, q, r, EPS)),
-                  (hc_pre_bwd_op, (torch.randn_like(H), True, dx, None, None, H, *params, q, r, EPS))]
+                                   A, B, W, Wt, s_a, s_b, q, r, EPS)),
+                  (hc_pre_bwd_op, (torch.randn_like(H), True, dx, None, None, H, A, B, W, Wt, s_a, s_b, q, r, EPS))]
     return calls
 
 
 def hc_pre_launcher_errors(kernels, device):
     H = torch.randn(3, 4, 8, device=device)
     A, B, W, s_a, s_b = hc_pre_params(4, 8, torch.float32, device)
-    x, alpha, beta, q, r = kernels.hc_pre_fwd(H, A, B, W, s_a, s_b, EPS)
+    x, alpha, beta, q, r, Wt = kernels.hc_pre_fwd(H, A, B, W, s_a, s_b, EPS)
     dx = torch.randn(3, 8, device=device)
     H17 = torch.randn(3, 17, 8, device=device)
     dH = torch.empty_like(H)
@@ -151,12 +152,16 @@ def hc_pre_launcher_errors(kernels, device):
         (lambda: fwd(H17, H17.new_zeros(17, 18), H17.new_zeros(17), H17.new_zeros(8, 19), s_a, s_b, EPS),
          "H must have 1 to 16 streams"),
         (lambda: fwd(H, A, B, W.to("meta"), s_a, s_b, EPS), "W is on meta but H is on"),
-        (lambda: bwd(dH, False, dx, alpha[:, :, :4], None, H, A, B, W, s_a, s_b, q, r), r"dalpha must have shape \(\.\.\., n, n\+1\)"),
-        (lambda: bwd(dH, False, dx, None, beta[:2], H, A, B, W, s_a, s_b, q, r), r"dbeta must have shape \(\.\.\., n\)"),
-        (lambda: bwd(dH, False, dx, None, None, H, A, B, W, s_a, s_b, q[..., :5], r), r"q must have shape \(\.\.\., n, n\+2\)"),
-        (lambda: bwd(dH, False, dx.double(), None, None, H, A, B, W, s_a, s_b, q, r), "dx must have H's dtype"),
-        (lambda: bwd(dH[:, :3], True, dx, None, None, H, A, B, W, s_a, s_b, q, r),
+        (lambda: bwd(dH, False, dx, alpha[:, :, :4], None, H, A, B, W, Wt, s_a, s_b, q, r), r"dalpha must have shape \(\.\.\., n, n\+1\)"),
+        (lambda: bwd(dH, False, dx, None, beta[:2], H, A, B, W, Wt, s_a, s_b, q, r), r"dbeta must have shape \(\.\.\., n\)"),
+        (lambda: bwd(dH, False, dx, None, None, H, A, B, W, Wt, s_a, s_b, q[..., :5], r), r"q must have shape \(\.\.\., n, n\+2\)"),
+        (lambda: bwd(dH, False, dx.double(), None, None, H, A, B, W, Wt, s_a, s_b, q, r), "dx must have H's dtype"),
+        (lambda: bwd(dH[:, :3], True, dx, None, None, H, A, B, W, Wt, s_a, s_b, q, r),
          re.escape("dH must have shape (..., n, d) = [3, 4, 8], got [3, 3, 8]")),
+        (lambda: bwd(dH, False, dx, None, None, H, A, B, W, W, s_a, s_b, q, r),
+         re.escape("Wt (W packed by the forward) must have shape (n+2, ldw) = [6, 8], got [8, 6]")),
+        (lambda: bwd(dH, False, dx, None, None, H, A, B, W, Wt.double(), s_a, s_b, q, r),
+         "Wt must be the forward's packed W: contiguous Float, got Double"),
     ]
 
 
@@ -261,18 +266,19 @@ def hc_boundary_opcheck(dtype, device):
         y = rand(2, 3, d, dtype=dtype, device=device)
         alpha, beta = hc_coeffs((2, 3), n, dtype, device, static)
         params = hc_pre_params(n, d, dtype, device)
-        H_next, _, alpha_next, beta_next, q, r = hc_boundary_op(H, y, alpha, beta, *params, EPS)
+        H_next, _, alpha_next, beta_next, q, r, Wt = hc_boundary_op(H, y, alpha, beta, *params, EPS)
+        A, B, W, s_a, s_b = params
         dx = rand(2, 3, d, dtype=dtype, device=device)
         calls += [(hc_boundary_op, (H, y, alpha, beta, *params, EPS)),
                   (hc_boundary_op, tuple(t.detach().clone().requires_grad_(True)
                                          for t in (H, y, alpha, beta, *params)) + (EPS,)),
                   (hc_boundary_bwd_op, (torch.randn_like(H_next), dx, torch.randn_like(alpha_next),
-                                        torch.randn_like(beta_next), H, y, alpha, beta, *params, q, r, EPS)),
-                  (hc_boundary_bwd_op, (torch.randn_like(H_next), dx, None, None, H, y, alpha, beta, *params, q, r,
-                                        EPS)),
-                  (hc_boundary_mix_op, (H, y, alpha, beta, params[0][:, 0].contiguous())),
-                  (hc_boundary_mix_bwd_op, (torch.randn_like(H_next), dx, H, y, alpha, beta,
-                                            params[0][:, 0].contiguous()))]
+                                        torch.randn_like(beta_next), H, y, alpha, beta, A, B, W, Wt, s_a, s_b,
+                                        q, r, EPS)),
+                  (hc_boundary_bwd_op, (torch.randn_like(H_next), dx, None, None, H, y, alpha, beta, A, B, W, Wt,
+                                        s_a, s_b, q, r, EPS)),
+                  (hc_boundary_mix_op, (H, y, alpha, beta, A)),
+                  (hc_boundary_mix_bwd_op, (torch.randn_like(H_next), dx, H, y, alpha, beta, A))]
     return calls
 
 
@@ -281,7 +287,7 @@ def hc_boundary_launcher_errors(kernels, device):
     y = torch.randn(3, 8, device=device)
     alpha, beta = torch.randn(3, 4, 5, device=device), torch.randn(3, 4, device=device)
     A, B, W, s_a, s_b = hc_pre_params(4, 8, torch.float32, device)
-    H_next, x, alpha_next, beta_next, q, r = kernels.hc_boundary_fwd(H, y, alpha, beta, A, B, W, s_a, s_b, EPS)
+    H_next, x, alpha_next, beta_next, q, r, Wt = kernels.hc_boundary_fwd(H, y, alpha, beta, A, B, W, s_a, s_b, EPS)
     fwd, bwd = kernels.hc_boundary_fwd, kernels.hc_boundary_bwd
     return [
         (lambda: fwd(H, y[:, :7], alpha, beta, A, B, W, s_a, s_b, EPS),
@@ -292,18 +298,17 @@ def hc_boundary_launcher_errors(kernels, device):
          re.escape("W must have shape (d, n+2) = [8, 6], got [8, 5]")),
         (lambda: fwd(H, y, alpha, beta, A, B, W, s_a.reshape(1), s_b, EPS), r"s_a must be a 0-dim tensor"),
         (lambda: fwd(H, y.double(), alpha, beta, A, B, W, s_a, s_b, EPS), "y must have H's dtype"),
-        (lambda: bwd(H_next[:, :3], x, None, None, H, y, alpha, beta, A, B, W, s_a, s_b, q, r),
+        (lambda: bwd(H_next[:, :3], x, None, None, H, y, alpha, beta, A, B, W, Wt, s_a, s_b, q, r),
          re.escape("dH_next must have shape (..., n, d) = [3, 4, 8], got [3, 3, 8]")),
-        (lambda: bwd(H_next, x[:, :7], None, None, H, y, alpha, beta, A, B, W, s_a, s_b, q, r),
+        (lambda: bwd(H_next, x[:, :7], None, None, H, y, alpha, beta, A, B, W, Wt, s_a, s_b, q, r),
          re.escape("dx must have shape (..., d) = [3, 8]")),
-        (lambda: bwd(H_next, x, alpha_next[..., :4], None, H, y, alpha, beta, A, B, W, s_a, s_b, q, r),
+        (lambda: bwd(H_next, x, alpha_next[..., :4], None, H, y, alpha, beta, A, B, W, Wt, s_a, s_b, q, r),
          r"dalpha must have shape \(\.\.\., n, n\+1\)"),
-        (lambda: bwd(H_next, x, None, None, H, y, alpha, beta, A, B, W, s_a, s_b, q[..., :5], r),
+        (lambda: bwd(H_next, x, None, None, H, y, alpha, beta, A, B, W, Wt, s_a, s_b, q[..., :5], r),
          r"q must have shape \(\.\.\., n, n\+2\)"),
-        (lambda: kernels.hc_boundary_mix_fwd(H, y, alpha, beta, A[:3, 0].contiguous()),
-         re.escape("w must have shape (*lead, n) = [3, 4]")),
-        (lambda: kernels.hc_boundary_mix_bwd(H_next, x.double(), H, y, alpha, beta, A[:, 0].contiguous()),
-         "dx must have H's dtype"),
+        (lambda: kernels.hc_boundary_mix_fwd(H, y, alpha, beta, A[:3]),
+         re.escape("A_next must have shape (n, n+1) = [4, 5], got [3, 5]")),
+        (lambda: kernels.hc_boundary_mix_bwd(H_next, x.double(), H, y, alpha, beta, A), "dx must have H's dtype"),
     ]
 
 
@@ -337,9 +342,10 @@ def mhc_coeffs_opcheck(dtype, device):
         params = mhc_params(n, d, dtype, device)
         alpha, beta, u, r = mhc_coeffs_op(H, *params, *MHC_FLOATS)
         calls += [(mhc_coeffs_op, (H, *params, *MHC_FLOATS)),
-                  (mhc_coeffs_bwd_op, (torch.randn_like(alpha), torch.randn_like(beta), H, *params, u, r,
-                                       *MHC_FLOATS)),
-                  (mhc_coeffs_bwd_op, (None, torch.randn_like(beta), H, *params, u, r, *MHC_FLOATS))]
+                  (mhc_coeffs_bwd_op, (torch.empty_like(H), False, torch.randn_like(alpha), torch.randn_like(beta),
+                                       None, H, *params, u, r, *MHC_FLOATS)),
+                  (mhc_coeffs_bwd_op, (torch.randn_like(H), True, None, torch.randn_like(beta), torch.randn_like(beta),
+                                       H, *params, u, r, *MHC_FLOATS))]
     return calls
 
 
@@ -348,6 +354,7 @@ def mhc_coeffs_launcher_errors(kernels, device):
     phi, a_pre, a_post, a_res, b = mhc_params(4, 8, torch.float32, device)
     fwd, bwd = kernels.mhc_coeffs_fwd, kernels.mhc_coeffs_bwd
     alpha, beta, u, r = fwd(H, phi, a_pre, a_post, a_res, b, *MHC_FLOATS)
+    dH = torch.empty_like(H)
     eps, pre_eps, post_mult, _, sk_eps = MHC_FLOATS
     return [
         (lambda: fwd(H, phi[:, :23], a_pre, a_post, a_res, b, *MHC_FLOATS), r"phi must have shape \(n·d, n²\+2n\)"),
@@ -358,11 +365,18 @@ def mhc_coeffs_launcher_errors(kernels, device):
          "H must have 1 to 16 streams"),
         (lambda: fwd(H[..., :0], phi[:0], a_pre, a_post, a_res, b, *MHC_FLOATS), r"H must have d >= 1"),
         (lambda: fwd(H.new_zeros(8), phi, a_pre, a_post, a_res, b, *MHC_FLOATS), r"H must have shape \(\*lead, n, d\)"),
-        (lambda: bwd(alpha[:, :, :4], None, H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
+        (lambda: bwd(dH, False, alpha[:, :, :4], None, None, H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
          r"dalpha must have shape \(\.\.\., n, n\+1\)"),
-        (lambda: bwd(None, beta[:2], H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS), r"dbeta must have shape \(\.\.\., n\)"),
-        (lambda: bwd(alpha, beta, H, phi, a_pre, a_post, a_res, b, u[:, :5], r, *MHC_FLOATS), r"u must have shape"),
-        (lambda: bwd(alpha, beta, H, phi, a_pre, a_post, a_res, b, u, r[:2], *MHC_FLOATS), r"r must have shape"),
+        (lambda: bwd(dH, False, None, beta[:2], None, H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
+         r"dbeta must have shape \(\.\.\., n\)"),
+        (lambda: bwd(dH, False, None, None, beta[:2], H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
+         r"dpre must have shape \(\.\.\., n\)"),
+        (lambda: bwd(dH[:2], False, alpha, beta, None, H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
+         re.escape("dH must have shape (..., n, d) = [3, 4, 8], got [2, 4, 8]")),
+        (lambda: bwd(dH, False, alpha, beta, None, H, phi, a_pre, a_post, a_res, b, u[:, :5], r, *MHC_FLOATS),
+         r"u must have shape"),
+        (lambda: bwd(dH, False, alpha, beta, None, H, phi, a_pre, a_post, a_res, b, u, r[:2], *MHC_FLOATS),
+         r"r must have shape"),
     ]
 
 

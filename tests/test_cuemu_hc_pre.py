@@ -26,7 +26,7 @@ def _pre_inputs(lead, n, d, dtype, layout="contiguous"):
 
 
 def _check_pre_fwd(H, params, outs):
-    x, alpha, beta, q, r = outs
+    x, alpha, beta, q, r, Wt = outs
     for name, got, lo, hi in zip(("x", "alpha", "beta"), (x, alpha, beta), fwd_oracle(H, *params),
                                  fwd_oracle(*double((H, *params)))):
         assert_policy(name, got, lo, hi)
@@ -34,13 +34,19 @@ def _check_pre_fwd(H, params, outs):
     Hc = H.to(alpha.dtype)
     assert_policy("q", q, Hc @ params[2], H.double() @ params[2].double())
     assert_policy("r", r, torch.rsqrt(Hc.square().mean(-1) + EPS), torch.rsqrt(H.double().square().mean(-1) + EPS))
+    # Wt is W packed for the backward: transposed, rows zero-padded to a multiple of 8.
+    d = H.shape[-1]
+    assert Wt.shape == (params[2].shape[1], (d + 7) // 8 * 8) and Wt.dtype == alpha.dtype
+    torch.testing.assert_close(Wt[:, :d], params[2].to(Wt.dtype).t(), rtol=0, atol=0)
+    assert not Wt[:, d:].any()
 
 
-def _pre_bwd(cuemu, dx, dalpha, dbeta, H, params, q, r, prior=None):
+def _pre_bwd(cuemu, dx, dalpha, dbeta, H, params, q, r, Wt, prior=None):
     """(dH, dA, dB, dW, ds_a, ds_b) from the launcher: dH written into a NaN-filled
     tensor like H, or, given `prior` (another op's contribution), added to a copy of it."""
     dH = torch.full_like(H, float("nan")) if prior is None else prior.clone()
-    grads = cuemu.hc_pre_bwd(dH, prior is not None, dx, dalpha, dbeta, H, *params, q, r)
+    A, B, W, s_a, s_b = params
+    grads = cuemu.hc_pre_bwd(dH, prior is not None, dx, dalpha, dbeta, H, A, B, W, Wt, s_a, s_b, q, r)
     return (dH, *grads)
 
 
@@ -71,8 +77,8 @@ def test_hc_pre_backward(cuemu, poisoned, dtype, shape, n, coeff_grads):
     dx, dalpha, dbeta = make_grads(lead, n, d, dtype=dtype, device="cpu")
     if not coeff_grads:
         dalpha = dbeta = None
-    _, _, _, q, r = cuemu.hc_pre_fwd(H, *params, EPS)
-    _check_pre_bwd(dx, dalpha, dbeta, H, params, _pre_bwd(cuemu, dx, dalpha, dbeta, H, params, q, r))
+    _, _, _, q, r, Wt = cuemu.hc_pre_fwd(H, *params, EPS)
+    _check_pre_bwd(dx, dalpha, dbeta, H, params, _pre_bwd(cuemu, dx, dalpha, dbeta, H, params, q, r, Wt))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -85,8 +91,8 @@ def test_hc_pre_layouts(cuemu, poisoned, dtype, layout, n):
     _check_pre_fwd(H, params, cuemu.hc_pre_fwd(H, *params, EPS))
     dx = make_vec(lead, d, dtype=dtype, device="cpu", misaligned=layout == "misaligned")
     _, dalpha, dbeta = make_grads(lead, n, d, dtype=dtype, device="cpu")
-    _, _, _, q, r = cuemu.hc_pre_fwd(H, *params, EPS)
-    _check_pre_bwd(dx, dalpha, dbeta, H, params, _pre_bwd(cuemu, dx, dalpha, dbeta, H, params, q, r))
+    _, _, _, q, r, Wt = cuemu.hc_pre_fwd(H, *params, EPS)
+    _check_pre_bwd(dx, dalpha, dbeta, H, params, _pre_bwd(cuemu, dx, dalpha, dbeta, H, params, q, r, Wt))
 
 
 def test_hc_pre_copied_layouts(cuemu, poisoned):
@@ -115,8 +121,8 @@ def test_hc_pre_backward_accumulates(cuemu, poisoned, dtype, layout):
         H, params = _pre_inputs(lead, n, d, dtype, layout)
     prior = torch.empty_like(H).copy_(torch.randn(H.shape))  # H's layout, as hc_post allocates it
     dx, dalpha, dbeta = make_grads(lead, n, d, dtype=dtype, device="cpu")
-    _, _, _, q, r = cuemu.hc_pre_fwd(H, *params, EPS)
-    got = _pre_bwd(cuemu, dx, dalpha, dbeta, H, params, q, r, prior=prior)
+    _, _, _, q, r, Wt = cuemu.hc_pre_fwd(H, *params, EPS)
+    got = _pre_bwd(cuemu, dx, dalpha, dbeta, H, params, q, r, Wt, prior=prior)
     _check_pre_bwd(dx, dalpha, dbeta, H, params, got, prior=prior)
 
 
@@ -131,8 +137,8 @@ def test_hc_pre_backward_dw_in_global_workspace(cuemu, poisoned, dtype, n, d):
     lead = (3,)
     H, params = _pre_inputs(lead, n, d, dtype)
     dx, dalpha, dbeta = make_grads(lead, n, d, dtype=dtype, device="cpu")
-    _, _, _, q, r = cuemu.hc_pre_fwd(H, *params, EPS)
-    _check_pre_bwd(dx, dalpha, dbeta, H, params, _pre_bwd(cuemu, dx, dalpha, dbeta, H, params, q, r))
+    _, _, _, q, r, Wt = cuemu.hc_pre_fwd(H, *params, EPS)
+    _check_pre_bwd(dx, dalpha, dbeta, H, params, _pre_bwd(cuemu, dx, dalpha, dbeta, H, params, q, r, Wt))
 
 
 def test_hc_pre_backward_persistent_grid(cuemu, poisoned):
@@ -158,17 +164,17 @@ def test_hc_pre_backward_one_coefficient_gradient(cuemu, poisoned, which):
         dbeta = None
     else:
         dalpha = None
-    _, _, _, q, r = cuemu.hc_pre_fwd(H, *params, EPS)
-    _check_pre_bwd(dx, dalpha, dbeta, H, params, _pre_bwd(cuemu, dx, dalpha, dbeta, H, params, q, r))
+    _, _, _, q, r, Wt = cuemu.hc_pre_fwd(H, *params, EPS)
+    _check_pre_bwd(dx, dalpha, dbeta, H, params, _pre_bwd(cuemu, dx, dalpha, dbeta, H, params, q, r, Wt))
 
 
 def test_hc_pre_empty_tokens(cuemu, poisoned):
     H = torch.randn(0, 4, 8)
     params = make_params(4, 8, dtype=torch.float32, device="cpu")
-    x, alpha, beta, q, r = cuemu.hc_pre_fwd(H, *params, EPS)
+    x, alpha, beta, q, r, Wt = cuemu.hc_pre_fwd(H, *params, EPS)
     assert x.shape == (0, 8) and alpha.shape == (0, 4, 5) and beta.shape == (0, 4)
     assert q.shape == (0, 4, 6) and r.shape == (0, 4)
-    got = _pre_bwd(cuemu, torch.randn(0, 8), None, None, H, params, q, r)
+    got = _pre_bwd(cuemu, torch.randn(0, 8), None, None, H, params, q, r, Wt)
     assert got[0].shape == H.shape
     for g, p in zip(got[1:], params):
         assert torch.equal(g, torch.zeros_like(p))

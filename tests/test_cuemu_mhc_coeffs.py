@@ -42,6 +42,7 @@ from test_mhc_coeffs import (
     make_params,
     oracle,
     oracle_bwd,
+    run_bwd,
 )
 
 pytestmark = pytest.mark.cuemu
@@ -77,7 +78,7 @@ def check_forward(cuemu, H, params, iters=20):
 
 
 def check_backward(cuemu, H, params, dalpha, dbeta, u, r, iters=20):
-    got = cuemu.mhc_coeffs_bwd(dalpha, dbeta, H, *params, u, r, *floats(iters))
+    got = run_bwd(cuemu.mhc_coeffs_bwd, dalpha, dbeta, H, params, u, r, *floats(iters))
     low = oracle_bwd(dalpha, dbeta, H, params, iters)
     high = oracle_bwd(*double((dalpha, dbeta, H)), double(params), iters)
     for name, g, lo, hi in zip(GRAD_NAMES, got, low, high):
@@ -104,6 +105,32 @@ def forward_backward(cuemu, lead, n, d, dtype):
 def test_forward_backward(cuemu, poisoned, dtype, n, shape):
     lead, d = shape
     forward_backward(cuemu, lead, n, d, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "stream_stride"])
+@pytest.mark.parametrize("shape", [((5,), 7), ((19,), 129)], ids=_shape_id)
+def test_backward_accumulates_and_takes_dpre(cuemu, poisoned, dtype, layout, shape):
+    """dH += the coefficients' term on top of another op's (one rounding of the sum in the
+    kernel), and dpre, a second gradient of alpha[..., 0], acting as if added to dalpha's
+    column 0: what the mHC connection's pre hands over instead of autograd's sums."""
+    lead, d = shape
+    n = 4
+    H = make_streams(lead, n, d, dtype=dtype, device="cpu", layout=layout)
+    params = make_params(n, d, dtype=dtype, device="cpu")
+    _, _, u, r = cuemu.mhc_coeffs_fwd(H, *params, *FLOATS)
+    dalpha, dbeta = make_grads(lead, n, dtype=dtype, device="cpu")
+    dpre = torch.randn(*lead, n, dtype=dalpha.dtype)
+    prior = torch.randn_like(H)
+    got = run_bwd(cuemu.mhc_coeffs_bwd, dalpha, dbeta, H, params, u, r, *FLOATS, prior=prior, dpre=dpre)
+    dalpha_all = dalpha.clone()
+    dalpha_all[..., 0] += dpre
+    low = list(oracle_bwd(dalpha_all, dbeta, H, params))
+    high = list(oracle_bwd(*double((dalpha_all, dbeta, H)), double(params)))
+    low[0] = low[0] + prior.to(low[0].dtype)
+    high[0] = high[0] + prior.double()
+    for name, g, lo, hi in zip(GRAD_NAMES, got, low, high):
+        assert_policy(name, g, lo.to(g.dtype), hi)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -173,7 +200,7 @@ def test_sinkhorn_backward_exact_fp64(cuemu, poisoned, n, iters):
     a_k, b_k, u, r = cuemu.mhc_coeffs_fwd(H, *params, *floats(iters))
     torch.testing.assert_close(a_k, alpha.detach(), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(b_k, beta.detach(), rtol=1e-12, atol=1e-14)
-    got = cuemu.mhc_coeffs_bwd(dalpha, dbeta, H, *params, u, r, *floats(iters))
+    got = run_bwd(cuemu.mhc_coeffs_bwd, dalpha, dbeta, H, params, u, r, *floats(iters))
     if n > 1:
         assert want[-1].abs().max() > 1e-3
     for name, g, w in zip(GRAD_NAMES, got, want):
@@ -267,7 +294,7 @@ def test_parameters_in_other_dtypes(cuemu, poisoned, dtype):
                                  oracle(*double((H,)), double(acc_params))):
         assert_policy(name, got, lo, hi)
     dalpha, dbeta = make_grads(lead, n, dtype=dtype, device="cpu")
-    got = cuemu.mhc_coeffs_bwd(dalpha, dbeta, H, *params, u, r, *FLOATS)
+    got = run_bwd(cuemu.mhc_coeffs_bwd, dalpha, dbeta, H, params, u, r, *FLOATS)
     low = oracle_bwd(dalpha, dbeta, H, acc_params)
     high = oracle_bwd(*double((dalpha, dbeta, H)), double(acc_params))
     for name, g, p, lo, hi in zip(GRAD_NAMES, got, (H, *params), low, high):
@@ -282,7 +309,7 @@ def test_empty_tokens(cuemu, poisoned, dtype):
     alpha, beta, u, r = cuemu.mhc_coeffs_fwd(H, *params, *FLOATS)
     assert alpha.shape == (0, 4, 5) and beta.shape == (0, 4) and u.shape == (0, 24) and r.shape == (0,)
     dalpha, dbeta = make_grads((0,), 4, dtype=dtype, device="cpu")
-    dH, *grads = cuemu.mhc_coeffs_bwd(dalpha, dbeta, H, *params, u, r, *FLOATS)
+    dH, *grads = run_bwd(cuemu.mhc_coeffs_bwd, dalpha, dbeta, H, params, u, r, *FLOATS)
     assert dH.shape == H.shape
     for g, p in zip(grads, params):
         assert torch.equal(g, torch.zeros_like(p))

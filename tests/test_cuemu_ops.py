@@ -107,9 +107,9 @@ def test_hc_pre_bwd_outputs_are_distinct_at_one_stream(emulated):
     launcher must return copies (torch.library refuses outputs that share storage)."""
     n, d = 1, 9
     H, A, B, W, s = torch.randn(4, n, d), torch.randn(n, n + 1), torch.randn(n), torch.randn(d, n + 2), torch.tensor(0.5)
-    _, _, _, q, r = hc_pre_op(H, A, B, W, s, s, 1e-6)
+    _, _, _, q, r, Wt = hc_pre_op(H, A, B, W, s, s, 1e-6)
     dA, dB, *_ = hc_pre_bwd_op(torch.empty_like(H), False, torch.randn(4, d), torch.randn(4, n, n + 1),
-                               torch.randn(4, n), H, A, B, W, s, s, q, r, 1e-6)
+                               torch.randn(4, n), H, A, B, W, Wt, s, s, q, r, 1e-6)
     assert dA.untyped_storage().data_ptr() != dB.untyped_storage().data_ptr()
 
 

@@ -99,8 +99,8 @@ def test_custom_op_autograd_matches_hand_derived_cpu(with_coeff_grads):
     H = torch.randn(*lead, n, d, dtype=torch.float64)
     params = make_params(n, d, dtype=torch.float64, device="cpu")
     leaves = [t.clone().requires_grad_(True) for t in (H, *params)]
-    x, alpha, beta, q, r = hc_pre_op(*leaves, EPS)
-    assert not q.requires_grad and not r.requires_grad
+    x, alpha, beta, q, r, Wt = hc_pre_op(*leaves, EPS)
+    assert not q.requires_grad and not r.requires_grad and not Wt.requires_grad
     dx, dalpha, dbeta = make_grads(lead, n, d, dtype=torch.float64, device="cpu")
     loss = (x * dx).sum()
     if with_coeff_grads:
@@ -159,9 +159,10 @@ def test_backward_dw_in_global_workspace(cuda, dtype, n, d):
     H = torch.randn(*lead, n, d, device=cuda).to(dtype)
     params = make_params(n, d, dtype=dtype, device=cuda)
     dx, dalpha, dbeta = make_grads(lead, n, d, dtype=dtype, device=cuda)
-    _, _, _, q, r = hc_pre_op(H, *params, EPS)
+    _, _, _, q, r, Wt = hc_pre_op(H, *params, EPS)
     dH = torch.empty_like(H)
-    got = (dH, *hc_pre_bwd_op(dH, False, dx, dalpha, dbeta, H, *params, q, r, EPS))
+    A, B, W, s_a, s_b = params
+    got = (dH, *hc_pre_bwd_op(dH, False, dx, dalpha, dbeta, H, A, B, W, Wt, s_a, s_b, q, r, EPS))
     low = ref.hc_pre_bwd(dx, dalpha, dbeta, H, *params, eps=EPS)
     high = ref.hc_pre_bwd(*double((dx, dalpha, dbeta, H, *params)), eps=EPS)
     for name, g, lo, hi in zip(("dH", "dA", "dB", "dW", "ds_a", "ds_b"), got, low, high):

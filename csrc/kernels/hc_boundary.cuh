@@ -351,26 +351,33 @@ __global__ void __launch_bounds__(kHcPreThreads, HcPreConfig<kN, acc_t<T>>::kMin
 }
 
 // ---------------------------------------------------------------------------------
-// The static (SHC) pre: connection i+1's pre is x' = Σ_k w_k·H'_k (w = A[:, 0]), a
-// stream_mix, so the boundary needs no per-token reduction before x': one pass of
-// hc_tile's mapping (kernels/hc_tile.cuh) each way.
+// The static (SHC) pre: connection i+1's pre is x' = Σ_k w_k·H'_k with w = A'[:, 0] (A'
+// its static (n, n+1) parameter), a stream_mix, so the boundary needs no per-token
+// reduction before x': one pass of hc_tile's mapping (kernels/hc_tile.cuh) each way.
 //   forward   H'_k = beta_k·y + Σ_i alpha[i, 1+k]·H_i,  x' = Σ_k w_k·H'_k  (both written)
 //   backward  dH'_k = G_k + w_k·dx'                      (one rounding, never stored)
 //             dH_i, dy, dalpha, dbeta = hc_post's backward from dH'
-//             dw_k = <dx', H'_k>                          (a row per token, as stream_mix's)
+//             dw_k = <dx', H'_k>                          (a row per token, as stream_mix's;
+//                                                          the launcher sums them into dA')
 // HBM per token as the dynamic boundary's: 2n·d + 2d forward, 3n·d + 3d backward.
 
 struct HcBoundaryMixParams : HcPostParams {  // the post: H, y, alpha / beta, out = H'; g = G, dh, dy, da, db
-  // w (N, n) accumulator dtype, contiguous rows, token stride 0 when static.
-  index_t w_token_stride;
   // x' (*lead, d), forward output; dx' (*lead, d), backward input.
   TokenLayout x_tok;
   TokenLayout dx_tok;
-  const void* __restrict__ w_ptr;
+  const void* __restrict__ a_next_ptr;  // A' (n, n+1) contiguous, accumulator dtype: w = column 0
   void* __restrict__ x_ptr;
   const void* __restrict__ dx_ptr;
   void* __restrict__ dw_ptr;  // (N, n) contiguous rows, accumulator dtype
 };
+
+// Stages w = A'[:, 0] into w_s[0..n) once a block (every thread calls it; a barrier
+// follows in the first hc_tile_stage).
+template <typename acc>
+__device__ __forceinline__ void hc_boundary_mix_stage_w(const HcBoundaryMixParams& p, int n, acc* __restrict__ w_s) {
+  const acc* __restrict__ a_next = static_cast<const acc*>(p.a_next_ptr);
+  for (int k = threadIdx.y * blockDim.x + threadIdx.x; k < n; k += blockDim.x * blockDim.y) w_s[k] = a_next[k * (n + 1)];
+}
 
 // Forward of token t by its row of threads: H' and x' over the d features (=). No
 // barrier, no shuffle.
@@ -460,16 +467,15 @@ __global__ void __launch_bounds__(kTokenTileThreads, kHcTileMinBlocks)
   const int rows = blockDim.y;
   const int per_row = n * (n + 2);
   acc* __restrict__ coef_s = reinterpret_cast<acc*>(smem_raw);  // [rows][alpha n(n+1) | beta n]
-  acc* __restrict__ w_s = coef_s + rows * per_row;               // [rows][n]
-  const acc* __restrict__ w = static_cast<const acc*>(p.w_ptr);
+  acc* __restrict__ w_s = coef_s + rows * per_row;               // [n]
+  hc_boundary_mix_stage_w(p, n, w_s);
   for (int64_t t0 = first_token_tile(rows); t0 < p.n_tokens; t0 += token_tile_stride(rows)) {
     hc_tile_stage<false>(coef_s, t0, p.n_tokens, per_row, n * (n + 1), static_cast<const acc*>(p.a_ptr),
                          p.a_token_stride, static_cast<const acc*>(p.b_ptr), p.b_token_stride, coef_s, 0);
-    hc_tile_stage<false>(w_s, t0, p.n_tokens, n, n, w, p.w_token_stride, w, p.w_token_stride, w_s, 0);
     const int64_t t = t0 + threadIdx.y;
     if (t >= p.n_tokens) continue;
     const acc* __restrict__ a_row = coef_s + threadIdx.y * per_row;
-    hc_boundary_mix_token<T, kVec, kN>(p, t, a_row, a_row + n * (n + 1), w_s + threadIdx.y * n, n);
+    hc_boundary_mix_token<T, kVec, kN>(p, t, a_row, a_row + n * (n + 1), w_s, n);
   }
 }
 
@@ -484,19 +490,18 @@ __global__ void __launch_bounds__(kTokenTileThreads, kHcTileMinBlocks)
   const int per_row = n * (n + 2);
   const int dots = n * (n + 2);  // the post's n(n+1), then dw's n
   acc* __restrict__ coef_s = reinterpret_cast<acc*>(smem_raw);  // [rows][alpha | beta]
-  acc* __restrict__ w_s = coef_s + rows * per_row;               // [rows][n]
-  acc* __restrict__ part_s = w_s + rows * n;                     // [rows][warps][dots]
-  const acc* __restrict__ w = static_cast<const acc*>(p.w_ptr);
+  acc* __restrict__ w_s = coef_s + rows * per_row;               // [n]
+  acc* __restrict__ part_s = w_s + n;                            // [rows][warps][dots]
+  hc_boundary_mix_stage_w(p, n, w_s);
   for (int64_t t0 = first_token_tile(rows); t0 < p.n_tokens; t0 += token_tile_stride(rows)) {
     hc_tile_stage<true>(coef_s, t0, p.n_tokens, per_row, n * (n + 1), static_cast<const acc*>(p.a_ptr),
                         p.a_token_stride, static_cast<const acc*>(p.b_ptr), p.b_token_stride, part_s,
                         rows * warps_per_row * dots);
-    hc_tile_stage<false>(w_s, t0, p.n_tokens, n, n, w, p.w_token_stride, w, p.w_token_stride, w_s, 0);
     const int64_t t = t0 + threadIdx.y;
     if (t < p.n_tokens) {  // warp-uniform: rows are whole warps
       const acc* __restrict__ a_row = coef_s + threadIdx.y * per_row;
       acc* __restrict__ part = part_s + (threadIdx.y * warps_per_row + threadIdx.x / kWarpSize) * dots;
-      hc_boundary_mix_token_bwd<T, kVec, kN>(p, t, a_row, a_row + n * (n + 1), w_s + threadIdx.y * n, n, part,
+      hc_boundary_mix_token_bwd<T, kVec, kN>(p, t, a_row, a_row + n * (n + 1), w_s, n, part,
                                              threadIdx.x % kWarpSize);
     }
     __syncthreads();

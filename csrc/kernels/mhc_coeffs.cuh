@@ -12,7 +12,7 @@
 //   Sinkhorn (DESIGN.md, pinned): P = softmax(L, -1) + eps; P /= colsum(P) + eps; then
 //   (iters − 1) × (P /= rowsum(P) + eps; P /= colsum(P) + eps). Step k of the 2·iters − 1
 //   normalisations is a column step for even k, a row step for odd k.
-//   backward (dalpha, dbeta; zero when absent)
+//   backward (dalpha, dbeta; zero when absent; dpre, when given, adds to dalpha[:, :, 0])
 //     Sinkhorn: each step Q = P / c (c = sum + eps along the axis) has
 //       dP = (dQ − Σ_axis(dQ·Q)) / c; applied from the last step to the first, where
 //       Q_{k−1} = Q_k·c_k is rebuilt from the saved scale vectors c_k (exact up to one
@@ -22,7 +22,7 @@
 //     dz = a·dh; du = r·dz (= written); s = <dz, u>·r³/(n·d) (= written)
 //     G[t] = [dh, dh·z] (= written; the launcher sums it over tokens with at::sum for db
 //            and da_*: deterministic, no atomics)
-//     dxf = du·phiᵀ − s·xf                (= written, mhc_coeffs_bwd_dh_kernel or at::mm)
+//     dxf = du·phiᵀ − s·xf                (= or += in place, mhc_coeffs_bwd_dh_kernel or at::mm)
 //     dphi = Σ_t xfᵀ·du                   (cuBLAS in the launcher)
 //
 // Kernels
@@ -132,11 +132,15 @@ struct MhcCoeffsParams {
   // backward
   const void* __restrict__ dalpha_ptr;  // (N, n, n+1) or null (zero)
   const void* __restrict__ dbeta_ptr;   // (N, n) or null (zero)
+  const void* __restrict__ dpre_ptr;    // (N, n) or null (zero): a second gradient of
+                                        // alpha[:, :, 0] (the pre's stream_mix), added
   void* __restrict__ du_ptr;     // (N, ldu), zero-filled by the launcher (padding)
   void* __restrict__ s_ptr;      // (N)
   void* __restrict__ g_ptr;      // (N, 2M) [dh, dh·z]
   void* __restrict__ cbuf_ptr;   // global Sinkhorn scale buffer, or null (shared memory)
-  void* __restrict__ dh_ptr;     // dH
+  void* __restrict__ dh_ptr;     // dH: = (accumulate_dh false) or += (true: another op's
+                                 // contribution to H's gradient is there already)
+  bool accumulate_dh;
 };
 
 // n = 4 (M = 24): 3 n-tiles in one pass; any other n: 8 n-tiles (64 columns) a pass.
@@ -455,7 +459,8 @@ __device__ __forceinline__ void mhc_coeffs_gates_bwd(const MhcCoeffsParams& p, c
   z_post = r * u.post;
   const acc sp = acc_sigmoid(sc[0] * z_pre + b[l.row]);
   const acc so = acc_sigmoid(sc[1] * z_post + b[n + l.row]);
-  const acc dpre = da_row != nullptr ? da_row[0] : acc(0);
+  const acc* __restrict__ dpre_extra = static_cast<const acc*>(p.dpre_ptr);
+  const acc dpre = (da_row != nullptr ? da_row[0] : acc(0)) + (dpre_extra != nullptr ? dpre_extra[l.t * n + l.row] : acc(0));
   const acc dpost = dbeta != nullptr ? dbeta[l.t * n + l.row] : acc(0);
   dh_pre = dpre * sp * (acc(1) - sp);
   dh_post = static_cast<acc>(p.post_mult) * dpost * so * (acc(1) - so);
@@ -529,7 +534,7 @@ __global__ void __launch_bounds__(kMhcCoeffsEpiThreads) mhc_coeffs_bwd_epilogue_
 
 // ----------------------------------------------------------------------------- dH
 
-// dH = du·phiᵀ − s·xf for bf16/fp16 H; a block's warps walk chunks [blockIdx.y ·
+// dH = (or += with accumulate_dh) du·phiᵀ − s·xf for bf16/fp16 H; a block's warps walk chunks [blockIdx.y ·
 // chunks_per_split, ...) of the n·cps output chunks (disjoint outputs).
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kMhcCoeffsThreads) mhc_coeffs_bwd_dh_kernel(const MhcCoeffsParams p) {
@@ -545,7 +550,7 @@ __global__ void __launch_bounds__(kMhcCoeffsThreads) mhc_coeffs_bwd_dh_kernel(co
   mma_g_wt_minus_sx_rows<T, kVec, kMhcCoeffsDhTiles>(
       r, DU + (r.va ? r.ta : 0) * p.ldu, DU + (r.vb ? r.tb : 0) * p.ldu, r.va ? S[r.ta] : 0.f,
       r.vb ? S[r.tb] : 0.f, H + (r.va ? p.h_tok.offset(r.ta) : 0), H + (r.vb ? p.h_tok.offset(r.tb) : 0),
-      DH + (r.va ? p.dh_tok.offset(r.ta) : 0), DH + (r.vb ? p.dh_tok.offset(r.tb) : 0),
+      DH + (r.va ? p.dh_tok.offset(r.ta) : 0), DH + (r.vb ? p.dh_tok.offset(r.tb) : 0), p.accumulate_dh,
       static_cast<const uint4*>(p.phib_ptr), p.ldu / 16, p.d, c_begin, c_end,
       // Thread holds features 32·(c % cps) + 8tig + 2j + {0, 1} of stream c / cps.
       [&](int64_t c, int64_t& e, int64_t& hs, int64_t& dhs) {

@@ -305,9 +305,9 @@ class ManifoldHyperConnections(_StreamConnection):
         """x (*tok, d), the sublayer input, and post: y (*tok, d) -> H' (*tok, n, d). H
         may be PendingStreams (resolved first)."""
         self._check_H(H)
-        H = resolve_streams(H)
-        alpha, beta = self.coefficients(H)
-        x, H_post = ops.stream_mix_for_post(H, alpha[..., 0])
+        x, alpha, beta, H_post = ops.mhc_pre_for_post(resolve_streams(H), self.phi, self.a_pre, self.a_post,
+                                                      self.a_res, self.b, self.eps, self.pre_eps, self.post_mult,
+                                                      self.iters, self.sinkhorn_eps)
         return x, StreamPost(H_post, alpha, beta)
 
 

@@ -7,7 +7,7 @@ from crosslayer.ops.depth_aggregate_qkv_norm import depth_aggregate_qkv_norm
 from crosslayer.ops.hc_boundary import hc_boundary
 from crosslayer.ops.hc_post import hc_post
 from crosslayer.ops.hc_pre import hc_pre, hc_pre_for_post
-from crosslayer.ops.mhc_coeffs import mhc_coeffs
+from crosslayer.ops.mhc_coeffs import mhc_coeffs, mhc_pre_for_post
 from crosslayer.ops.mudd_weights import mudd_weights
 from crosslayer.ops.stream_mix import stream_mix, stream_mix_for_post
 
@@ -22,4 +22,4 @@ def fused_ops() -> dict:
 
 __all__ = ["depth_aggregate", "depth_aggregate_qkv_norm", "hc_boundary", "hc_pre", "hc_pre_for_post", "hc_post", "stream_mix",
            "stream_mix_for_post",
-           "mhc_coeffs", "mudd_weights", "fused_ops", "ALL_OPS"]
+           "mhc_coeffs", "mhc_pre_for_post", "mudd_weights", "fused_ops", "ALL_OPS"]

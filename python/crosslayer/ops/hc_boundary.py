@@ -6,13 +6,14 @@ Layers, bottom up:
   _C.hc_boundary_fwd / _bwd, _C.hc_boundary_mix_fwd / _bwd
                                          pybind11 launchers (csrc/hc_boundary_fwd.cu, _bwd.cu)
   torch.ops.crosslayer.hc_boundary       custom op + fake + autograd: (H', x', alpha',
-                                         beta', q, r); q, r as hc_pre's (saved for the
-                                         backward, not differentiable)
+                                         beta', q, r, Wt); q, r, Wt as hc_pre's (saved
+                                         for the backward, not differentiable)
   torch.ops.crosslayer.hc_boundary_bwd   custom op: (dH, dy, dalpha, dbeta, dA, dB, dW,
                                          ds_a, ds_b)
   torch.ops.crosslayer.hc_boundary_mix   the static (SHC) pre: custom op + fake + autograd,
-                                         (H', x' = Σ_k w_k·H'_k), w = A[:, 0]
-  torch.ops.crosslayer.hc_boundary_mix_bwd   custom op: (dH, dy, dalpha, dbeta, dw)
+                                         (H', x' = Σ_k A'[k, 0]·H'_k), A' = connection
+                                         i+1's A
+  torch.ops.crosslayer.hc_boundary_mix_bwd   custom op: (dH, dy, dalpha, dbeta, dA')
   hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b, eps)
                                          validates once, then the op above on CUDA (the
                                          oracle on CPU, without the extension, or for
@@ -41,23 +42,27 @@ from crosslayer._checks import acc_dtype, compute_dtype
 from crosslayer._extension import kernels_for
 from crosslayer.contracts import validate_hc_boundary
 from crosslayer.ops._common import Scalar, fusable, lead_d, like, scalar_tensor
-from crosslayer.ops.hc_pre import _projection
+from crosslayer.ops.hc_pre import _packed_w_fake, _projection, packed_w
 
 
 @torch.library.custom_op("crosslayer::hc_boundary", mutates_args=())
 def hc_boundary_op(H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, A: Tensor, B: Tensor, W: Tensor,
-                   s_a: Tensor, s_b: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(H', x', alpha', beta', q, r): H' = hc_post(H, y, alpha, beta), then hc_pre(H', A, B,
-    W, s_a, s_b)'s outputs (q = H'·W: (*lead, n, n+2), r = rsqrt(mean_d H'² + eps): (*lead, n))."""
+                   s_a: Tensor, s_b: Tensor,
+                   eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(H', x', alpha', beta', q, r, Wt): H' = hc_post(H, y, alpha, beta), then hc_pre(H', A,
+    B, W, s_a, s_b)'s outputs (q = H'·W: (*lead, n, n+2), r = rsqrt(mean_d H'² + eps):
+    (*lead, n), Wt = packed_w(W))."""
     kernels = kernels_for(H, "hc_boundary")
     if kernels is not None:
-        H_next, x, alpha_next, beta_next, q, r = kernels.hc_boundary_fwd(H, y, alpha, beta, A, B, W, s_a, s_b, eps)
-        return H_next, x, alpha_next, beta_next, q, r
+        H_next, x, alpha_next, beta_next, q, r, Wt = kernels.hc_boundary_fwd(H, y, alpha, beta, A, B, W, s_a, s_b,
+                                                                             eps)
+        return H_next, x, alpha_next, beta_next, q, r, Wt
     acc = acc_dtype(H.dtype)
     H_next, x, alpha_next, beta_next = ref.hc_boundary(H, y, alpha.to(acc), beta.to(acc), A.to(acc), B.to(acc),
                                                        W.to(acc), s_a.to(acc), s_b.to(acc), eps)
     q, r = _projection(H_next, W, eps)
-    return like(H, H_next), x.contiguous(), alpha_next.contiguous(), beta_next.contiguous(), q, r
+    return (like(H, H_next), x.contiguous(), alpha_next.contiguous(), beta_next.contiguous(), q, r,
+            packed_w(W, acc))
 
 
 @hc_boundary_op.register_fake
@@ -66,26 +71,26 @@ def _hc_boundary_fake(H, y, alpha, beta, A, B, W, s_a, s_b, eps):
     acc = acc_dtype(H.dtype)
     return (torch.empty_like(H), H.new_empty(lead_d(H)), H.new_empty((*lead, n, n + 1), dtype=acc),
             H.new_empty((*lead, n), dtype=acc), H.new_empty((*lead, n, n + 2), dtype=acc),
-            H.new_empty((*lead, n), dtype=acc))
+            H.new_empty((*lead, n), dtype=acc), _packed_w_fake(W, acc))
 
 
 @torch.library.custom_op("crosslayer::hc_boundary_bwd", mutates_args=())
 def hc_boundary_bwd_op(dH_next: Tensor, dx: Tensor, dalpha_next: Optional[Tensor], dbeta_next: Optional[Tensor],
                        H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, A: Tensor, B: Tensor, W: Tensor,
-                       s_a: Tensor, s_b: Tensor, q: Tensor, r: Tensor,
+                       Wt: Tensor, s_a: Tensor, s_b: Tensor, q: Tensor, r: Tensor,
                        eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dH, dy, dalpha, dbeta, dA, dB, dW, ds_a, ds_b) of hc_boundary.
 
     dH_next: H's shape and dtype, the gradient of H' from its later readers; dx: (*lead,
     d); dalpha_next: (*lead, n, n+1) or None; dbeta_next: (*lead, n) or None (None =
-    zero); q, r: from hc_boundary_op (the CPU path recomputes them). dalpha, dbeta have
+    zero); Wt, q, r: from hc_boundary_op (the CPU path recomputes from H and W). dalpha, dbeta have
     the coefficients' shapes in the arithmetic dtype; the parameter gradients are summed
     over tokens, each in its parameter's dtype.
     """
     kernels = kernels_for(H, "hc_boundary")
     if kernels is not None:
         grads = kernels.hc_boundary_bwd(dH_next, dx, dalpha_next, dbeta_next, H, y, alpha, beta, A, B, W,
-                                        s_a, s_b, q, r)
+                                        Wt, s_a, s_b, q, r)
         return tuple(grads)
     acc = acc_dtype(H.dtype)
     dH, dy, dalpha, dbeta, dA, dB, dW, ds_a, ds_b = ref.hc_boundary_bwd(
@@ -96,7 +101,8 @@ def hc_boundary_bwd_op(dH_next: Tensor, dx: Tensor, dalpha_next: Optional[Tensor
 
 
 @hc_boundary_bwd_op.register_fake
-def _hc_boundary_bwd_fake(dH_next, dx, dalpha_next, dbeta_next, H, y, alpha, beta, A, B, W, s_a, s_b, q, r, eps):
+def _hc_boundary_bwd_fake(dH_next, dx, dalpha_next, dbeta_next, H, y, alpha, beta, A, B, W, Wt, s_a, s_b, q, r,
+                          eps):
     acc = acc_dtype(H.dtype)
     return (torch.empty_like(H), y.new_empty(lead_d(H)), alpha.new_empty(alpha.shape, dtype=acc),
             beta.new_empty(beta.shape, dtype=acc), A.new_empty(A.shape), B.new_empty(B.shape), W.new_empty(W.shape),
@@ -105,23 +111,23 @@ def _hc_boundary_bwd_fake(dH_next, dx, dalpha_next, dbeta_next, H, y, alpha, bet
 
 def _hc_boundary_setup(ctx, inputs, output) -> None:
     H, y, alpha, beta, A, B, W, s_a, s_b, eps = inputs
-    _, _, _, _, q, r = output
-    ctx.mark_non_differentiable(q, r)
-    # Absent gradients arrive as None, not as zeros autograd would fill (q and r never
-    # get one: two fills a call).
+    _, _, _, _, q, r, Wt = output
+    ctx.mark_non_differentiable(q, r, Wt)
+    # Absent gradients arrive as None, not as zeros autograd would fill (q, r and Wt
+    # never get one: three fills a call).
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(H, y, alpha, beta, A, B, W, s_a, s_b, q, r)
+    ctx.save_for_backward(H, y, alpha, beta, A, B, W, Wt, s_a, s_b, q, r)
     ctx.eps = eps
 
 
-def _hc_boundary_backward(ctx, dH_next, dx, dalpha_next, dbeta_next, dq, dr):
-    H, y, alpha, beta, A, B, W, s_a, s_b, q, r = ctx.saved_tensors
+def _hc_boundary_backward(ctx, dH_next, dx, dalpha_next, dbeta_next, dq, dr, dWt):
+    H, y, alpha, beta, A, B, W, Wt, s_a, s_b, q, r = ctx.saved_tensors
     if dH_next is None:
         dH_next = torch.zeros_like(H)
     if dx is None:
         dx = H.new_zeros(lead_d(H))
-    grads = hc_boundary_bwd_op(dH_next, dx, dalpha_next, dbeta_next, H, y, alpha, beta, A, B, W, s_a, s_b, q, r,
-                               ctx.eps)
+    grads = hc_boundary_bwd_op(dH_next, dx, dalpha_next, dbeta_next, H, y, alpha, beta, A, B, W, Wt, s_a, s_b, q,
+                               r, ctx.eps)
     return (*grads, None)
 
 
@@ -129,45 +135,49 @@ hc_boundary_op.register_autograd(_hc_boundary_backward, setup_context=_hc_bounda
 
 
 @torch.library.custom_op("crosslayer::hc_boundary_mix", mutates_args=())
-def hc_boundary_mix_op(H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
+def hc_boundary_mix_op(H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, A_next: Tensor) -> Tuple[Tensor, Tensor]:
     """The static pre's boundary: (H', x') with H' = hc_post(H, y, alpha, beta) and
-    x' = Σ_k w_k·H'_k; w: (n,) or (*lead, n) (SHC: A[:, 0])."""
+    x' = Σ_k A_next[k, 0]·H'_k; A_next: (n, n+1), connection i+1's static A (SHC)."""
     kernels = kernels_for(H, "hc_boundary")
     if kernels is not None:
-        H_next, x = kernels.hc_boundary_mix_fwd(H, y, alpha, beta, w)
+        H_next, x = kernels.hc_boundary_mix_fwd(H, y, alpha, beta, A_next)
         return H_next, x
     H_next = ref.hc_post(H, y, alpha, beta)
-    return like(H, H_next), ref.stream_mix(H_next, w).contiguous()
+    return like(H, H_next), ref.stream_mix(H_next, A_next[:, 0]).contiguous()
 
 
 @hc_boundary_mix_op.register_fake
-def _hc_boundary_mix_fake(H, y, alpha, beta, w):
+def _hc_boundary_mix_fake(H, y, alpha, beta, A_next):
     return torch.empty_like(H), H.new_empty(lead_d(H))
 
 
 @torch.library.custom_op("crosslayer::hc_boundary_mix_bwd", mutates_args=())
 def hc_boundary_mix_bwd_op(dH_next: Tensor, dx: Tensor, H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor,
-                           w: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dH, dy, dalpha, dbeta, dw) of hc_boundary_mix: dH'_k = dH_next_k + w_k·dx, then
-    hc_post's backward; dw = <dx, H'_k>. The coefficient gradients have the
-    coefficients' shapes (summed over tokens when static) in the arithmetic dtype."""
+                           A_next: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dH, dy, dalpha, dbeta, dA_next) of hc_boundary_mix: dH'_k = dH_next_k + w_k·dx
+    (w = A_next[:, 0]), then hc_post's backward; dA_next[k, 0] = Σ_t <dx, H'_k>, its
+    other columns 0. The coefficient gradients have the coefficients' shapes (summed over
+    tokens when static) in the arithmetic dtype."""
     kernels = kernels_for(H, "hc_boundary")
     if kernels is not None:
-        dH, dy, dalpha, dbeta, dw = kernels.hc_boundary_mix_bwd(dH_next, dx, H, y, alpha, beta, w)
-        return dH, dy, dalpha, dbeta, dw
+        dH, dy, dalpha, dbeta, dA_next = kernels.hc_boundary_mix_bwd(dH_next, dx, H, y, alpha, beta, A_next)
+        return dH, dy, dalpha, dbeta, dA_next
     acc = acc_dtype(H.dtype)
+    w = A_next[:, 0].to(acc)
     H_next = ref.hc_post(H, y, alpha, beta)
-    g_mix, dw = ref.stream_mix_bwd(dx, H_next, w.to(acc))
-    g = dH_next.to(acc) + w.to(acc).unsqueeze(-1) * dx.to(acc).unsqueeze(-2)
+    g_mix, dw = ref.stream_mix_bwd(dx, H_next, w)
+    g = dH_next.to(acc) + w.unsqueeze(-1) * dx.to(acc).unsqueeze(-2)
     dH, dy, dalpha, dbeta = ref.hc_post_bwd(g, H, y, alpha.to(acc), beta.to(acc))
-    return like(H, dH), dy.contiguous(), dalpha.contiguous(), dbeta.contiguous(), dw.contiguous()
+    dA_next = torch.zeros(A_next.shape, dtype=acc, device=A_next.device)
+    dA_next[:, 0] = dw
+    return like(H, dH), dy.contiguous(), dalpha.contiguous(), dbeta.contiguous(), dA_next
 
 
 @hc_boundary_mix_bwd_op.register_fake
-def _hc_boundary_mix_bwd_fake(dH_next, dx, H, y, alpha, beta, w):
+def _hc_boundary_mix_bwd_fake(dH_next, dx, H, y, alpha, beta, A_next):
     acc = acc_dtype(H.dtype)
     return (torch.empty_like(H), y.new_empty(lead_d(H)), alpha.new_empty(alpha.shape, dtype=acc),
-            beta.new_empty(beta.shape, dtype=acc), w.new_empty(w.shape, dtype=acc))
+            beta.new_empty(beta.shape, dtype=acc), A_next.new_empty(A_next.shape, dtype=acc))
 
 
 def _hc_boundary_mix_setup(ctx, inputs, output) -> None:
@@ -176,12 +186,12 @@ def _hc_boundary_mix_setup(ctx, inputs, output) -> None:
 
 
 def _hc_boundary_mix_backward(ctx, dH_next, dx):
-    H, y, alpha, beta, w = ctx.saved_tensors
+    H, y, alpha, beta, A_next = ctx.saved_tensors
     if dH_next is None:
         dH_next = torch.zeros_like(H)
     if dx is None:
         dx = H.new_zeros(lead_d(H))
-    return hc_boundary_mix_bwd_op(dH_next, dx, H, y, alpha, beta, w)
+    return hc_boundary_mix_bwd_op(dH_next, dx, H, y, alpha, beta, A_next)
 
 
 hc_boundary_mix_op.register_autograd(_hc_boundary_mix_backward, setup_context=_hc_boundary_mix_setup)
@@ -198,7 +208,8 @@ def hc_boundary(H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, A: Tensor, B:
     A: (n, n+1); B: (n,); W: (d, n+2) or None (SHC); s_a, s_b: 0-dim tensors or floats
                                      connection i+1's parameters, as for `hc_pre`
     returns H': (..., n, d) and x': (..., d) in H's dtype; alpha', beta' as `hc_pre`'s
-            (DHC: (..., n, n+1), (..., n); SHC: copies of A, B; arithmetic dtype)
+            (DHC: (..., n, n+1), (..., n); SHC: A and B in the arithmetic dtype, as
+            `hc_pre`'s: the parameters themselves, not copies, when already in it)
 
     Fused on CUDA when the extension is built (one kernel each way: DHC's coefficient
     pass over H', or SHC's single pass); the oracle otherwise, and for float64
@@ -209,11 +220,11 @@ def hc_boundary(H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, A: Tensor, B:
     if not fusable(H, y, alpha, beta, A, B, W, *scales):
         return ref.hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b, eps)
     ct = compute_dtype(H, A, B, W, *scales)
-    if W is None:  # SHC: x' mixes with A[:, 0]; alpha', beta' are copies, as hc_pre's
-        alpha_next, beta_next = A.to(ct).clone(), B.to(ct).clone()
-        H_next, x = hc_boundary_mix_op(H, y, alpha, beta, alpha_next[:, 0])
+    if W is None:  # SHC: x' mixes with A[:, 0]; alpha', beta' are A and B, as hc_pre's
+        alpha_next, beta_next = A.to(ct), B.to(ct)
+        H_next, x = hc_boundary_mix_op(H, y, alpha, beta, alpha_next)
         return H_next, x, alpha_next, beta_next
     sa = scalar_tensor(s_a, ct, H.device)
     sb = scalar_tensor(s_b, ct, H.device)
-    H_next, x, alpha_next, beta_next, _, _ = hc_boundary_op(H, y, alpha, beta, A, B, W, sa, sb, eps)
+    H_next, x, alpha_next, beta_next = hc_boundary_op(H, y, alpha, beta, A, B, W, sa, sb, eps)[:4]
     return H_next, x, alpha_next, beta_next

@@ -4,12 +4,13 @@ the public function that mirrors `crosslayer.ref.hc_pre`.
 Layers, bottom up:
   _C.hc_pre_fwd / _bwd                 pybind11 launchers (csrc/hc_pre.cu)
   torch.ops.crosslayer.hc_pre          custom op + fake + autograd: (x, alpha, beta,
-                                           q, r); q = H·W and r = rsqrt(mean H² + eps)
-                                           are saved for the backward, not differentiable
+                                           q, r, Wt); q = H·W, r = rsqrt(mean H² + eps)
+                                           and Wt (W packed for the kernels) are saved
+                                           for the backward, not differentiable
   torch.ops.crosslayer.hc_pre_bwd      custom op: dH (=|+=) in place; (dA, dB, dW, ds_a, ds_b)
   hc_pre(H, A, B, W, s_a, s_b, eps)        validates once; DHC -> the op above; SHC ->
                                            stream_mix(H, A[:, 0]) (one fused kernel each
-                                           way) and copies of A and B as alpha and beta
+                                           way) and A and B as alpha and beta
   hc_pre_for_post(...)                     the same plus the H its connection's hc_post
                                            reads: H's gradient accumulates in one tensor
 
@@ -37,6 +38,19 @@ from crosslayer.ops.stream_mix import stream_mix, stream_mix_for_post
 from crosslayer.contracts import validate_hc_pre
 
 
+def packed_w(W: Tensor, acc: torch.dtype) -> Tensor:
+    """W as the kernels read it (csrc/hc_pre.h's hc_pre_pack_w): transposed to (n+2,
+    ldw) in the arithmetic dtype, rows zero-padded from d to ldw = d rounded up to 8.
+    The forward packs it once; the backward takes it back."""
+    d = W.shape[0]
+    return torch.nn.functional.pad(W.to(acc).t(), (0, (d + 7) // 8 * 8 - d)).contiguous()
+
+
+def _packed_w_fake(W: Tensor, acc: torch.dtype) -> Tensor:
+    d, J = W.shape
+    return W.new_empty((J, (d + 7) // 8 * 8), dtype=acc)
+
+
 def _projection(H: Tensor, W: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     """The oracle's (q, r) in the arithmetic dtype: q = H·W, r = rsqrt(mean_d H² + eps)."""
     acc = acc_dtype(H.dtype)
@@ -47,21 +61,22 @@ def _projection(H: Tensor, W: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
 
 @torch.library.custom_op("crosslayer::hc_pre", mutates_args=())
 def hc_pre_op(H: Tensor, A: Tensor, B: Tensor, W: Tensor, s_a: Tensor, s_b: Tensor,
-                  eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Dynamic HC: (x, alpha, beta, q, r).
+                  eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Dynamic HC: (x, alpha, beta, q, r, Wt).
 
     H: (*lead, n, d); A: (n, n+1); B: (n,); W: (d, n+2); s_a, s_b: 0-dim.
     x: (*lead, d) in H's dtype; alpha: (*lead, n, n+1); beta: (*lead, n);
-    q = H·W: (*lead, n, n+2); r = rsqrt(mean_d H² + eps): (*lead, n) (arithmetic dtype).
+    q = H·W: (*lead, n, n+2); r = rsqrt(mean_d H² + eps): (*lead, n); Wt = packed_w(W):
+    (n+2, ldw) (arithmetic dtype).
     """
     kernels = kernels_for(H, "hc_pre")
     if kernels is not None:
-        x, alpha, beta, q, r = kernels.hc_pre_fwd(H, A, B, W, s_a, s_b, eps)
-        return x, alpha, beta, q, r
+        x, alpha, beta, q, r, Wt = kernels.hc_pre_fwd(H, A, B, W, s_a, s_b, eps)
+        return x, alpha, beta, q, r, Wt
     acc = acc_dtype(H.dtype)
     x, alpha, beta = ref.hc_pre(H, A.to(acc), B.to(acc), W.to(acc), s_a.to(acc), s_b.to(acc), eps)
     q, r = _projection(H, W, eps)
-    return x.contiguous(), alpha.contiguous(), beta.contiguous(), q, r
+    return x.contiguous(), alpha.contiguous(), beta.contiguous(), q, r, packed_w(W, acc)
 
 
 @hc_pre_op.register_fake
@@ -70,25 +85,26 @@ def _hc_pre_fake(H, A, B, W, s_a, s_b, eps):
     acc = acc_dtype(H.dtype)
     return (H.new_empty((*lead, d)), H.new_empty((*lead, n, n + 1), dtype=acc),
             H.new_empty((*lead, n), dtype=acc), H.new_empty((*lead, n, n + 2), dtype=acc),
-            H.new_empty((*lead, n), dtype=acc))
+            H.new_empty((*lead, n), dtype=acc), _packed_w_fake(W, acc))
 
 
 @torch.library.custom_op("crosslayer::hc_pre_bwd", mutates_args=("dH",))
 def hc_pre_bwd_op(dH: Tensor, accumulate: bool, dx: Tensor, dalpha: Optional[Tensor], dbeta: Optional[Tensor],
-                  H: Tensor, A: Tensor, B: Tensor, W: Tensor, s_a: Tensor, s_b: Tensor, q: Tensor,
-                  r: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  H: Tensor, A: Tensor, B: Tensor, W: Tensor, Wt: Tensor, s_a: Tensor, s_b: Tensor,
+                  q: Tensor, r: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradient through dynamic HC: dH (=, or += with `accumulate`) in place, and
     (dA, dB, dW, ds_a, ds_b).
 
     dH: H's shape and dtype (with `accumulate`, another op's contribution to H's
     gradient, e.g. hc_post's); dx: (*lead, d) in H's dtype; dalpha: (*lead, n, n+1) or
-    None; dbeta: (*lead, n) or None (None = zero); q, r: from hc_pre; eps: the forward's
-    (the CPU path recomputes from H). The parameter gradients are summed over tokens,
+    None; dbeta: (*lead, n) or None (None = zero); Wt, q, r: from hc_pre; eps: the
+    forward's (the CPU path recomputes from H and W). The parameter gradients are summed over tokens,
     each in its parameter's dtype.
     """
     kernels = kernels_for(H, "hc_pre")
     if kernels is not None:
-        dA, dB, dW, ds_a, ds_b = kernels.hc_pre_bwd(dH, accumulate, dx, dalpha, dbeta, H, A, B, W, s_a, s_b, q, r)
+        dA, dB, dW, ds_a, ds_b = kernels.hc_pre_bwd(dH, accumulate, dx, dalpha, dbeta, H, A, B, W, Wt, s_a, s_b,
+                                                    q, r)
         return dA, dB, dW, ds_a, ds_b
     acc = acc_dtype(H.dtype)
     g, dA, dB, dW, ds_a, ds_b = ref.hc_pre_bwd(
@@ -102,15 +118,15 @@ def hc_pre_bwd_op(dH: Tensor, accumulate: bool, dx: Tensor, dalpha: Optional[Ten
 
 
 @hc_pre_bwd_op.register_fake
-def _hc_pre_bwd_fake(dH, accumulate, dx, dalpha, dbeta, H, A, B, W, s_a, s_b, q, r, eps):
+def _hc_pre_bwd_fake(dH, accumulate, dx, dalpha, dbeta, H, A, B, W, Wt, s_a, s_b, q, r, eps):
     return A.new_empty(A.shape), B.new_empty(B.shape), W.new_empty(W.shape), s_a.new_empty(()), s_b.new_empty(())
 
 
 def _hc_pre_setup(ctx, inputs, output) -> None:
     H, A, B, W, s_a, s_b, eps = inputs
-    _, _, _, q, r = output
-    ctx.mark_non_differentiable(q, r)
-    ctx.save_for_backward(H, A, B, W, s_a, s_b, q, r)
+    _, _, _, q, r, Wt = output
+    ctx.mark_non_differentiable(q, r, Wt)
+    ctx.save_for_backward(H, A, B, W, Wt, s_a, s_b, q, r)
     ctx.eps = eps
 
 
@@ -119,18 +135,18 @@ def _hc_pre_grads(ctx, dx: Optional[Tensor], dalpha: Optional[Tensor], dbeta: Op
     """(dH, dA, dB, dW, ds_a, ds_b, None): the gradient through hc_pre added to `dH` in
     place when given (another op's contribution to H's gradient), else written to a new
     tensor like H."""
-    H, A, B, W, s_a, s_b, q, r = ctx.saved_tensors
+    H, A, B, W, Wt, s_a, s_b, q, r = ctx.saved_tensors
     if dx is None:
         dx = H.new_zeros((*H.shape[:-2], H.shape[-1]))
     accumulate = dH is not None
     if not accumulate:
         dH = torch.empty_like(H)
-    dA, dB, dW, ds_a, ds_b = hc_pre_bwd_op(dH, accumulate, dx, dalpha, dbeta, H, A, B, W, s_a, s_b, q, r,
-                                           ctx.eps)
+    dA, dB, dW, ds_a, ds_b = hc_pre_bwd_op(dH, accumulate, dx, dalpha, dbeta, H, A, B, W, Wt, s_a, s_b, q,
+                                           r, ctx.eps)
     return dH, dA, dB, dW, ds_a, ds_b, None
 
 
-def _hc_pre_backward(ctx, dx, dalpha, dbeta, dq, dr):
+def _hc_pre_backward(ctx, dx, dalpha, dbeta, dq, dr, dWt):
     return _hc_pre_grads(ctx, dx, dalpha, dbeta, None)
 
 
@@ -145,8 +161,9 @@ class _HcPreForPost(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, H, A, B, W, s_a, s_b, eps):
-        x, alpha, beta, q, r = hc_pre_op(H, A, B, W, s_a, s_b, eps)
-        _hc_pre_setup(ctx, (H, A, B, W, s_a, s_b, eps), (x, alpha, beta, q, r))
+        outputs = hc_pre_op(H, A, B, W, s_a, s_b, eps)
+        _hc_pre_setup(ctx, (H, A, B, W, s_a, s_b, eps), outputs)
+        x, alpha, beta = outputs[:3]
         return x, alpha, beta, H
 
     @staticmethod
@@ -193,7 +210,7 @@ def _hc_pre(H: Tensor, A: Tensor, B: Tensor, W: Optional[Tensor], s_a: Optional[
     scales = [v for v in (s_a, s_b) if isinstance(v, Tensor)]
     ct = compute_dtype(H, A, B, W, *scales)
     if W is None:
-        alpha, beta = A.to(ct).clone(), B.to(ct).clone()
+        alpha, beta = A.to(ct), B.to(ct)  # the parameters themselves when already in ct
         x, H_post = stream_mix_for_post(H, alpha[:, 0]) if for_post else (stream_mix(H, alpha[:, 0]), H)
         return x, alpha, beta, H_post
     if not fusable(H, A, B, W, *scales):
@@ -202,5 +219,5 @@ def _hc_pre(H: Tensor, A: Tensor, B: Tensor, W: Optional[Tensor], s_a: Optional[
     sb = scalar_tensor(s_b, ct, H.device)
     if for_post:
         return _HcPreForPost.apply(H, A, B, W, sa, sb, eps)
-    x, alpha, beta, _, _ = hc_pre_op(H, A, B, W, sa, sb, eps)
+    x, alpha, beta = hc_pre_op(H, A, B, W, sa, sb, eps)[:3]
     return x, alpha, beta, H

@@ -6,7 +6,8 @@ Layers, bottom up:
   torch.ops.crosslayer.mhc_coeffs          custom op + fake + autograd: (alpha, beta, u,
                                            r); u = xf·phi and r = rsqrt(mean xf² + eps)
                                            are saved for the backward, not differentiable
-  torch.ops.crosslayer.mhc_coeffs_bwd      custom op: (dH, dphi, da_pre, da_post, da_res, db)
+  torch.ops.crosslayer.mhc_coeffs_bwd      custom op: dH (=|+=) in place; (dphi, da_pre,
+                                           da_post, da_res, db)
   mhc_coeffs(H, phi, a_pre, a_post, a_res, b, ...)
                                            validates once, then the op above on CUDA (the
                                            oracle on CPU, without the extension, or for
@@ -14,6 +15,10 @@ Layers, bottom up:
 
 The mixing that follows reuses the HC ops: x = stream_mix(H, alpha[..., 0]) and
 H' = hc_post(H, y, alpha, beta) (H'_k = post_k·y + Σ_j comb[j, k]·H_j).
+`mhc_pre_for_post` is the connection's pre in one autograd node: its backward adds the
+stream_mix's and the coefficients' dH to the one hc_post's backward wrote, in place, and
+hands the stream_mix's dw to the coefficient kernel as a second gradient of
+alpha[..., 0] (no autograd sums of H-sized tensors).
 
 H: (*lead, n, d) with any token and stream strides. alpha, beta, u, r are contiguous in
 the arithmetic dtype (float64 for float64 H, float32 otherwise); dH is allocated like
@@ -33,6 +38,7 @@ from crosslayer._checks import acc_dtype
 from crosslayer._extension import kernels_for
 from crosslayer.ops._common import Scalar, fusable, scalar_tensor
 from crosslayer.contracts import validate_mhc_coeffs
+from crosslayer.ops.stream_mix import stream_mix, stream_mix_bwd_op, stream_mix_op
 
 
 def _projection(H: Tensor, phi: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
@@ -72,38 +78,48 @@ def _mhc_coeffs_fake(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, i
             H.new_empty((*lead, n * n + 2 * n), dtype=acc), H.new_empty(tuple(lead), dtype=acc))
 
 
-@torch.library.custom_op("crosslayer::mhc_coeffs_bwd", mutates_args=())
-def mhc_coeffs_bwd_op(dalpha: Optional[Tensor], dbeta: Optional[Tensor], H: Tensor, phi: Tensor,
-                      a_pre: Tensor, a_post: Tensor, a_res: Tensor, b: Tensor, u: Tensor, r: Tensor,
-                      eps: float, pre_eps: float, post_mult: float, iters: int,
-                      sinkhorn_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dH, dphi, da_pre, da_post, da_res, db) of mhc_coeffs.
+@torch.library.custom_op("crosslayer::mhc_coeffs_bwd", mutates_args=("dH",))
+def mhc_coeffs_bwd_op(dH: Tensor, accumulate: bool, dalpha: Optional[Tensor], dbeta: Optional[Tensor],
+                      dpre: Optional[Tensor], H: Tensor, phi: Tensor, a_pre: Tensor, a_post: Tensor,
+                      a_res: Tensor, b: Tensor, u: Tensor, r: Tensor, eps: float, pre_eps: float,
+                      post_mult: float, iters: int,
+                      sinkhorn_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradient through mhc_coeffs: dH (=, or += with `accumulate`) in place, and
+    (dphi, da_pre, da_post, da_res, db).
 
-    dalpha: (*lead, n, n+1) or None; dbeta: (*lead, n) or None (None = zero); u, r: from
-    mhc_coeffs_op (the CPU path recomputes them from H). dH is allocated like H; the
+    dH: H's shape and dtype (with `accumulate`, another op's contribution to H's gradient
+    already there); dalpha: (*lead, n, n+1) or None; dbeta: (*lead, n) or None (None =
+    zero); dpre: (*lead, n) or None, a second gradient of alpha[..., 0] (added to
+    dalpha's); u, r: from mhc_coeffs_op (the CPU path recomputes them from H). The
     parameter gradients are summed over tokens, each in its parameter's dtype.
     """
     kernels = kernels_for(H, "mhc_coeffs")
     if kernels is not None:
-        dH, dphi, da_pre, da_post, da_res, db = kernels.mhc_coeffs_bwd(
-            dalpha, dbeta, H, phi, a_pre, a_post, a_res, b, u, r, eps, pre_eps, post_mult, iters,
-            sinkhorn_eps)
-        return dH, dphi, da_pre, da_post, da_res, db
+        dphi, da_pre, da_post, da_res, db = kernels.mhc_coeffs_bwd(
+            dH, accumulate, dalpha, dbeta, dpre, H, phi, a_pre, a_post, a_res, b, u, r, eps, pre_eps, post_mult,
+            iters, sinkhorn_eps)
+        return dphi, da_pre, da_post, da_res, db
     acc = acc_dtype(H.dtype)
-    dH, dphi, da_pre, da_post, da_res, db = ref.mhc_coeffs_bwd(
+    if dpre is not None:
+        col0 = dpre.to(acc).unsqueeze(-1)
+        dalpha = (torch.zeros(*dpre.shape, dpre.shape[-1] + 1, dtype=acc, device=dpre.device)
+                  if dalpha is None else dalpha.to(acc)) + torch.nn.functional.pad(col0, (0, dpre.shape[-1]))
+    g, dphi, da_pre, da_post, da_res, db = ref.mhc_coeffs_bwd(
         dalpha, dbeta, H, phi.to(acc), a_pre.to(acc), a_post.to(acc), a_res.to(acc), b.to(acc),
         eps, pre_eps, post_mult, iters, sinkhorn_eps)
-    dH_like = torch.empty_like(H)
-    dH_like.copy_(dH)
-    return (dH_like, dphi.to(phi.dtype).contiguous(), da_pre.to(a_pre.dtype), da_post.to(a_post.dtype),
+    if accumulate:
+        dH.add_(g.to(dH.dtype))
+    else:
+        dH.copy_(g)
+    return (dphi.to(phi.dtype).contiguous(), da_pre.to(a_pre.dtype), da_post.to(a_post.dtype),
             da_res.to(a_res.dtype), db.to(b.dtype).contiguous())
 
 
 @mhc_coeffs_bwd_op.register_fake
-def _mhc_coeffs_bwd_fake(dalpha, dbeta, H, phi, a_pre, a_post, a_res, b, u, r, eps, pre_eps,
+def _mhc_coeffs_bwd_fake(dH, accumulate, dalpha, dbeta, dpre, H, phi, a_pre, a_post, a_res, b, u, r, eps, pre_eps,
                          post_mult, iters, sinkhorn_eps):
-    return (torch.empty_like(H), phi.new_empty(phi.shape), a_pre.new_empty(()), a_post.new_empty(()),
-            a_res.new_empty(()), b.new_empty(b.shape))
+    return (phi.new_empty(phi.shape), a_pre.new_empty(()), a_post.new_empty(()), a_res.new_empty(()),
+            b.new_empty(b.shape))
 
 
 def _mhc_setup(ctx, inputs, output) -> None:
@@ -116,11 +132,43 @@ def _mhc_setup(ctx, inputs, output) -> None:
 
 def _mhc_backward(ctx, dalpha, dbeta, du, dr):
     H, phi, a_pre, a_post, a_res, b, u, r = ctx.saved_tensors
-    grads = mhc_coeffs_bwd_op(dalpha, dbeta, H, phi, a_pre, a_post, a_res, b, u, r, *ctx.floats)
-    return (*grads, None, None, None, None, None)
+    dH = torch.empty_like(H)
+    grads = mhc_coeffs_bwd_op(dH, False, dalpha, dbeta, None, H, phi, a_pre, a_post, a_res, b, u, r, *ctx.floats)
+    return (dH, *grads, None, None, None, None, None)
 
 
 mhc_coeffs_op.register_autograd(_mhc_backward, setup_context=_mhc_setup)
+
+
+class _MhcPreForPost(torch.autograd.Function):
+    """The mHC connection's pre, (x, alpha, beta, H_post): mhc_coeffs, then x =
+    stream_mix(H, alpha[..., 0]); H_post is H, for the connection's hc_post to read. The
+    backward receives hc_post's dH as H_post's gradient; stream_mix_bwd adds its term to
+    it in place and the coefficient kernel adds its own, with stream_mix's dw as dpre: H's
+    gradient is one tensor, every contribution added in place (DESIGN.md's floor)."""
+
+    @staticmethod
+    def forward(ctx, H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters, sinkhorn_eps):
+        alpha, beta, u, r = mhc_coeffs_op(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters,
+                                          sinkhorn_eps)
+        w = alpha[..., 0]
+        x = stream_mix_op(H, w)
+        ctx.save_for_backward(H, phi, a_pre, a_post, a_res, b, u, r, w)
+        ctx.floats = (eps, pre_eps, post_mult, iters, sinkhorn_eps)
+        return x, alpha, beta, H
+
+    @staticmethod
+    def backward(ctx, dx, dalpha, dbeta, dH_post):
+        H, phi, a_pre, a_post, a_res, b, u, r, w = ctx.saved_tensors
+        accumulate = dH_post is not None
+        dH = dH_post if accumulate else torch.empty_like(H)
+        dpre = None
+        if dx is not None:
+            dpre = stream_mix_bwd_op(dH, accumulate, dx, H, w)
+            accumulate = True
+        grads = mhc_coeffs_bwd_op(dH, accumulate, dalpha, dbeta, dpre, H, phi, a_pre, a_post, a_res, b, u, r,
+                                  *ctx.floats)
+        return (dH, *grads, None, None, None, None, None)
 
 
 def mhc_coeffs(H: Tensor, phi: Tensor, a_pre: Scalar, a_post: Scalar, a_res: Scalar, b: Tensor,
@@ -148,3 +196,21 @@ def mhc_coeffs(H: Tensor, phi: Tensor, a_pre: Scalar, a_post: Scalar, a_res: Sca
     a = [scalar_tensor(v, acc_dtype(H.dtype), H.device) for v in (a_pre, a_post, a_res)]
     alpha, beta, _, _ = mhc_coeffs_op(H, phi, *a, b, eps, pre_eps, post_mult, iters, sinkhorn_eps)
     return alpha, beta
+
+
+def mhc_pre_for_post(H: Tensor, phi: Tensor, a_pre: Scalar, a_post: Scalar, a_res: Scalar, b: Tensor,
+                     eps: float = 1e-6, pre_eps: float = 1e-6, post_mult: float = 2.0, iters: int = 20,
+                     sinkhorn_eps: float = 1e-6):
+    """The mHC connection's pre: (x, alpha, beta, H_post), x = stream_mix(H, alpha[..., 0])
+    with (alpha, beta) = mhc_coeffs(H, ...) (arguments as there), H_post (H's values) the
+    tensor the connection's `hc_post` must read. Fused, the backward adds every dH term
+    to the one hc_post's backward wrote, in place (_MhcPreForPost); elsewhere H_post is H
+    and autograd sums the terms."""
+    validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters)
+    scalars = [v for v in (a_pre, a_post, a_res) if isinstance(v, Tensor)]
+    if not fusable(H, phi, b, *scalars):
+        alpha, beta = ref.mhc_coeffs(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters,
+                                     sinkhorn_eps)
+        return stream_mix(H, alpha[..., 0]), alpha, beta, H
+    a = [scalar_tensor(v, acc_dtype(H.dtype), H.device) for v in (a_pre, a_post, a_res)]
+    return _MhcPreForPost.apply(H, phi, *a, b, eps, pre_eps, post_mult, iters, sinkhorn_eps)
