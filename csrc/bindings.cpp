@@ -43,6 +43,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hc_post_bwd", &crosslayer::hc_post_bwd, "[dH, dy, dalpha, dbeta] of hc_post");
   m.def("stream_mix_fwd", &crosslayer::stream_mix_fwd, "x = Σ_i w_i·H_i");
   m.def("stream_mix_bwd", &crosslayer::stream_mix_bwd, "dH (=|+=) in place; returns dw of stream_mix");
+  m.def("stream_mix_dots", &crosslayer::stream_mix_dots, "dw_i = <dx, H_i> per token (stream_mix_bwd's dots alone)");
   m.def("hc_boundary_fwd", &crosslayer::hc_boundary_fwd,
         "[H', x', alpha', beta', q, r, Wt]: DHC connection i's post fused with connection i+1's pre");
   m.def("hc_boundary_bwd", &crosslayer::hc_boundary_bwd,

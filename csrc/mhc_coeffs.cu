@@ -3,12 +3,13 @@
 //   mhc_coeffs_fwd(H (*, n, d), phi (n·d, M), a_pre, a_post, a_res (0-dim), b (M), eps,
 //                  pre_eps, post_mult, iters, sinkhorn_eps)
 //       -> {alpha (*, n, n+1), beta (*, n), u = xf·phi (*, M), r (*)}
-//   mhc_coeffs_bwd(dH, accumulate, dalpha?, dbeta?, dpre?, H, phi, a_pre, a_post, a_res, b, u,
-//                  r, <same floats>)
+//   mhc_coeffs_bwd(dH, accumulate, dalpha?, dbeta?, dpre?, dx?, H, phi, a_pre, a_post, a_res, b,
+//                  u, r, <same floats>)
 //       -> dH (*, n, d) written (=) or added to (+=, `accumulate`) in place;
 //          {dphi, da_pre, da_post, da_res, db}
-//   (dpre (*, n): a second gradient of alpha[..., 0], e.g. the pre's stream_mix's dw,
-//   added to dalpha's column 0 in the kernel instead of by autograd)
+//   (the connection's pre x = Σ_i alpha[..., i, 0]·H_i folded in: dpre (*, n) = <dx, H_i>,
+//   a second gradient of alpha[..., 0] added to dalpha's column 0 in the kernel instead
+//   of by autograd; dx (*, d): its dH term alpha[..., i, 0]·dx added in the dH pass)
 //
 // M = n² + 2n. alpha, beta, u, r are in the accumulator dtype (float64 for float64 H,
 // float32 otherwise); u and r are what the backward needs (it never recomputes x·phi).
@@ -217,7 +218,8 @@ std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H_in, const at::Tensor&
 
 std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const std::optional<at::Tensor>& dalpha,
                                        const std::optional<at::Tensor>& dbeta,
-                                       const std::optional<at::Tensor>& dpre, const at::Tensor& H_in,
+                                       const std::optional<at::Tensor>& dpre,
+                                       const std::optional<at::Tensor>& dx, const at::Tensor& H_in,
                                        const at::Tensor& phi, const at::Tensor& a_pre, const at::Tensor& a_post,
                                        const at::Tensor& a_res, const at::Tensor& b, const at::Tensor& u_in,
                                        const at::Tensor& r_in, double eps, double pre_eps, double post_mult,
@@ -227,6 +229,7 @@ std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const st
   if (dalpha) check_per_token(*dalpha, "dalpha", "(..., n, n+1)", with_tail(sh.lead, {n, n + 1}), H_in);
   if (dbeta) check_per_token(*dbeta, "dbeta", "(..., n)", with_tail(sh.lead, {n}), H_in);
   if (dpre) check_per_token(*dpre, "dpre", "(..., n)", with_tail(sh.lead, {n}), H_in);
+  if (dx) check_activation(*dx, "dx", H_in, "(..., d)", with_tail(sh.lead, {d}));
   check_activation(dH, "dH", H_in, "(..., n, d)", H_in.sizes());
   check_per_token(u_in, "u", "(..., n²+2n)", with_tail(sh.lead, {M}), H_in);
   check_per_token(r_in, "r", "(...)", sh.lead, H_in);
@@ -257,6 +260,8 @@ std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const st
   p.dalpha_ptr = dalpha ? dalpha_.data_ptr() : nullptr;
   p.dbeta_ptr = dbeta ? dbeta_.data_ptr() : nullptr;
   p.dpre_ptr = dpre ? dpre_.data_ptr() : nullptr;
+  const at::Tensor w_pre = dx ? at::empty({N, n}, acc_opts) : at::Tensor();
+  p.w_pre_ptr = dx ? w_pre.data_ptr() : nullptr;
   p.du_ptr = du.data_ptr();
   p.s_ptr = s.data_ptr();
   p.g_ptr = G.data_ptr();
@@ -300,12 +305,15 @@ std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const st
     p.h_stream_stride = stream_stride(H);
     p.dh_ptr = dH_k.data_ptr();
     p.dh_stream_stride = stream_stride(dH_k);
+    const at::Tensor gx = dx ? readable(*dx, 1, &p.gx_tok) : at::Tensor();
+    p.gx_ptr = dx ? gx.data_ptr() : nullptr;
     const at::Tensor phib = pack_w1_dx(phi_padded(phi, n, d, p.cps * 32, M), p.ldu);
     p.phib_ptr = phib.data_ptr();
     const int64_t tiles = token_tiles(N);
     const int64_t splits = choose_splits(p, tiles, device);
     const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, 8) &&
-                           vec_ok(p.dh_ptr, p.dh_tok, p.dh_stream_stride, 8);
+                           vec_ok(p.dh_ptr, p.dh_tok, p.dh_stream_stride, 8) &&
+                           (!dx || vec_ok(p.gx_ptr, p.gx_tok, 0, 8));
     const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
     CL_BOOL_SWITCH(vectorize, kVec, [&] {
       launch(H.scalar_type() == at::kBFloat16 ? mhc_coeffs_bwd_dh_kernel<__nv_bfloat16, kVec>
@@ -320,7 +328,8 @@ std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const st
   } else {
     // The oracle's form: dxf = du·phiᵀ − s·xf, dphi = xfᵀ·du, in the accumulator dtype.
     const at::Tensor xf = H_in.reshape({N, n * d}).to(acc_type);
-    const at::Tensor dxf = at::mm(duM, phi.to(acc_type).t()) - s.unsqueeze(1) * xf;
+    at::Tensor dxf = at::mm(duM, phi.to(acc_type).t()) - s.unsqueeze(1) * xf;
+    if (dx) dxf = dxf + (w_pre.unsqueeze(2) * dx->reshape({N, 1, d}).to(acc_type)).view({N, n * d});
     if (accumulate) {
       dH.add_(dxf.view(H_in.sizes()));
     } else {

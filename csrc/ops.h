@@ -55,6 +55,9 @@ at::Tensor stream_mix_fwd(const at::Tensor& H, const at::Tensor& w);
 //   Returns dw = <dx, H_i> (w's shape, summed over tokens when static, accumulator dtype).
 at::Tensor stream_mix_bwd(at::Tensor& dH, bool accumulate, const at::Tensor& dx, const at::Tensor& H,
                           const at::Tensor& w);
+//   dw_i = <dx, H_i> per token, (*lead, n) in the accumulator dtype: stream_mix_bwd's dots
+//   without its dH (the mHC pre adds that term in mhc_coeffs_bwd's dH pass).
+at::Tensor stream_mix_dots(const at::Tensor& dx, const at::Tensor& H);
 
 // hc_pre.cu (dynamic HC; static HC is stream_mix with w = A[:, 0])
 //   H (*lead, n, d), 1 <= n <= 16, d >= 1, any token/stream strides; A (n, n+1); B (n);
@@ -118,12 +121,14 @@ std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H, const at::Tensor& ph
                                        double sinkhorn_eps);
 //   dH (*lead, n, d) of H's dtype, written (=) or, with `accumulate`, added to (+=) in
 //   place; dalpha (*lead, n, n+1), dbeta (*lead, n) optional (zero when absent); dpre
-//   (*lead, n) optional, a second gradient of alpha[..., 0] added to dalpha's; u, r from
-//   the forward. Returns {dphi, da_pre, da_post, da_res, db}, parameter gradients summed
+//   (*lead, n) optional, a second gradient of alpha[..., 0] added to dalpha's; dx
+//   (*lead, d) optional, the gradient of the pre's x = Σ_i alpha[..., i, 0]·H_i, whose dH
+//   term is added in the same pass; u, r from the forward. Returns {dphi, da_pre, da_post, da_res, db}, parameter gradients summed
 //   over tokens (deterministic), each in its parameter's dtype.
 std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const std::optional<at::Tensor>& dalpha,
                                        const std::optional<at::Tensor>& dbeta,
-                                       const std::optional<at::Tensor>& dpre, const at::Tensor& H,
+                                       const std::optional<at::Tensor>& dpre,
+                                       const std::optional<at::Tensor>& dx, const at::Tensor& H,
                                        const at::Tensor& phi, const at::Tensor& a_pre, const at::Tensor& a_post,
                                        const at::Tensor& a_res, const at::Tensor& b, const at::Tensor& u,
                                        const at::Tensor& r, double eps, double pre_eps, double post_mult,

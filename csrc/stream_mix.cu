@@ -3,6 +3,7 @@
 //   stream_mix_fwd(H (*lead, n, d), w) -> x (*lead, d), contiguous
 //   stream_mix_bwd(dH, accumulate, dx, H, w) -> dw; dH (H's shape) written (=) or added
 //   to (+=) in place
+//   stream_mix_dots(dx, H) -> dw (*lead, n) per token: the backward's dots alone
 //
 // w: (*lead, n) per token or (n,) static, any float dtype, converted to the accumulator
 // dtype (float64 for float64 H, float32 otherwise); dw comes back in it with w's shape
@@ -93,6 +94,28 @@ at::Tensor stream_mix_bwd(at::Tensor& dH, bool accumulate, const at::Tensor& dx_
   });
   copy_back(dH, dh);
   return in.static_w ? dw_tok.sum(0) : dw_tok.view(w_in.sizes());
+}
+
+at::Tensor stream_mix_dots(const at::Tensor& dx_in, const at::Tensor& H_in) {
+  const StreamShape sh = check_streams(H_in);
+  check_activation(dx_in, "dx", H_in, "(*lead, d)", with_tail(sh.lead, {sh.d}));
+  const c10::cuda::CUDAGuard guard(H_in.device());
+  const at::TensorOptions acc_opts = H_in.options().dtype(acc_dtype(H_in.scalar_type()));
+  if (sh.N == 0 || sh.d == 0) return at::zeros(with_tail(sh.lead, {sh.n}), acc_opts);
+  at::Tensor dw = at::empty(with_tail(sh.lead, {sh.n}), acc_opts);
+  StreamMixParams p{};
+  const at::Tensor H = fill_tile_streams(p, sh, H_in);
+  const at::Tensor g = readable(dx_in, 1, &p.g_tok);
+  p.g_ptr = g.data_ptr();
+  p.dw_ptr = dw.data_ptr();  // w_ptr, dh_ptr null: the dots alone
+  CL_DISPATCH_FLOATING(H_in.scalar_type(), "stream_mix_dots", [&] {
+    const int vec = kVec16<scalar_t>;
+    const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) && vec_ok(p.g_ptr, p.g_tok, 0, vec);
+    launch_hc_tile<scalar_t>(p, vectorize, p.n, p.n, [](auto kvec, auto kn) {
+      return stream_mix_bwd_kernel<scalar_t, decltype(kvec)::value, decltype(kn)::value>;
+    });
+  });
+  return dw;
 }
 
 }  // namespace crosslayer

@@ -40,7 +40,7 @@ from crosslayer.ops.hc_post import hc_post_bwd_op, hc_post_op
 from crosslayer.ops.hc_pre import hc_pre_bwd_op, hc_pre_op
 from crosslayer.ops.mhc_coeffs import mhc_coeffs_bwd_op, mhc_coeffs_op
 from crosslayer.ops.mudd_weights import mudd_weights_bwd_op, mudd_weights_op
-from crosslayer.ops.stream_mix import stream_mix_bwd_op, stream_mix_op
+from crosslayer.ops.stream_mix import stream_mix_bwd_op, stream_mix_dots_op, stream_mix_op
 from hc_inputs import STREAM_LAYOUTS, make_streams, make_vec
 
 EPS = 1e-6
@@ -209,7 +209,8 @@ def stream_mix_opcheck(dtype, device):
         w = hc_coeffs((2, 3), 3, dtype, device, static)[1]
         calls += [(stream_mix_op, (H, w)),
                   (stream_mix_bwd_op, (torch.empty_like(H), False, rand(2, 3, 20, dtype=dtype, device=device), H, w)),
-                  (stream_mix_bwd_op, (torch.randn_like(H), True, rand(2, 3, 20, dtype=dtype, device=device), H, w))]
+                  (stream_mix_bwd_op, (torch.randn_like(H), True, rand(2, 3, 20, dtype=dtype, device=device), H, w)),
+                  (stream_mix_dots_op, (rand(2, 3, 20, dtype=dtype, device=device), H))]
     return calls
 
 
@@ -243,6 +244,7 @@ def stream_mix_launcher_errors(kernels, device):
         (lambda: bwd(dH, False, H.new_zeros(3, 9), H, w), re.escape("dx must have shape (*lead, d) = [3, 8]")),
         (lambda: bwd(dH, False, H[:, 0].double(), H, w), "dx must have H's dtype"),
         (lambda: bwd(dH[:, :3], True, H[:, 0], H, w), re.escape("dH must have shape (*lead, n, d) = [3, 4, 8]")),
+        (lambda: kernels.stream_mix_dots(H.new_zeros(3, 9), H), re.escape("dx must have shape (*lead, d) = [3, 8]")),
     ]
 
 
@@ -343,9 +345,9 @@ def mhc_coeffs_opcheck(dtype, device):
         alpha, beta, u, r = mhc_coeffs_op(H, *params, *MHC_FLOATS)
         calls += [(mhc_coeffs_op, (H, *params, *MHC_FLOATS)),
                   (mhc_coeffs_bwd_op, (torch.empty_like(H), False, torch.randn_like(alpha), torch.randn_like(beta),
-                                       None, H, *params, u, r, *MHC_FLOATS)),
+                                       None, None, H, *params, u, r, *MHC_FLOATS)),
                   (mhc_coeffs_bwd_op, (torch.randn_like(H), True, None, torch.randn_like(beta), torch.randn_like(beta),
-                                       H, *params, u, r, *MHC_FLOATS))]
+                                       rand(2, 3, d, dtype=dtype, device=device), H, *params, u, r, *MHC_FLOATS))]
     return calls
 
 
@@ -365,17 +367,19 @@ def mhc_coeffs_launcher_errors(kernels, device):
          "H must have 1 to 16 streams"),
         (lambda: fwd(H[..., :0], phi[:0], a_pre, a_post, a_res, b, *MHC_FLOATS), r"H must have d >= 1"),
         (lambda: fwd(H.new_zeros(8), phi, a_pre, a_post, a_res, b, *MHC_FLOATS), r"H must have shape \(\*lead, n, d\)"),
-        (lambda: bwd(dH, False, alpha[:, :, :4], None, None, H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
+        (lambda: bwd(dH, False, alpha[:, :, :4], None, None, None, H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
          r"dalpha must have shape \(\.\.\., n, n\+1\)"),
-        (lambda: bwd(dH, False, None, beta[:2], None, H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
+        (lambda: bwd(dH, False, None, beta[:2], None, None, H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
          r"dbeta must have shape \(\.\.\., n\)"),
-        (lambda: bwd(dH, False, None, None, beta[:2], H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
+        (lambda: bwd(dH, False, None, None, beta[:2], None, H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
          r"dpre must have shape \(\.\.\., n\)"),
-        (lambda: bwd(dH[:2], False, alpha, beta, None, H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
+        (lambda: bwd(dH, False, None, None, None, H[:, 0, :7], H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
+         re.escape("dx must have shape (..., d) = [3, 8]")),
+        (lambda: bwd(dH[:2], False, alpha, beta, None, None, H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
          re.escape("dH must have shape (..., n, d) = [3, 4, 8], got [2, 4, 8]")),
-        (lambda: bwd(dH, False, alpha, beta, None, H, phi, a_pre, a_post, a_res, b, u[:, :5], r, *MHC_FLOATS),
+        (lambda: bwd(dH, False, alpha, beta, None, None, H, phi, a_pre, a_post, a_res, b, u[:, :5], r, *MHC_FLOATS),
          r"u must have shape"),
-        (lambda: bwd(dH, False, alpha, beta, None, H, phi, a_pre, a_post, a_res, b, u, r[:2], *MHC_FLOATS),
+        (lambda: bwd(dH, False, alpha, beta, None, None, H, phi, a_pre, a_post, a_res, b, u, r[:2], *MHC_FLOATS),
          r"r must have shape"),
     ]
 

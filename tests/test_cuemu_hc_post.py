@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from crosslayer import ref
+from crosslayer._checks import acc_dtype
 from hc_inputs import STREAM_LAYOUTS, is_dense, make_streams, make_vec, stream_cases, uncollapsible_streams
 from policy import assert_policy, oracle_pair
 from test_hc_post import (DTYPES, check_hc_post_bwd, check_stream_mix_bwd, stream_mix_grads, make_coeffs, make_hc_post,
@@ -49,6 +50,11 @@ def test_stream_mix(cuemu, poisoned, dtype, shape, n, static):
     got = stream_mix_grads(cuemu.stream_mix_bwd, dx, H, w)
     assert got[1].shape == w.shape
     check_stream_mix_bwd(dx, H, w, got)
+    # The dots alone (the mHC pre's): dw per token, whatever w.
+    dots = cuemu.stream_mix_dots(dx, H)
+    assert dots.shape == (*lead, n)
+    dots_oracle = lambda g, h: (h.to(acc_dtype(h.dtype)) * g.to(acc_dtype(h.dtype)).unsqueeze(-2)).sum(-1)  # noqa: E731
+    assert_policy("dw", dots, *oracle_pair(dots_oracle, dx, H))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -110,10 +110,11 @@ def test_forward_backward(cuemu, poisoned, dtype, n, shape):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "stream_stride"])
 @pytest.mark.parametrize("shape", [((5,), 7), ((19,), 129)], ids=_shape_id)
-def test_backward_accumulates_and_takes_dpre(cuemu, poisoned, dtype, layout, shape):
+def test_backward_accumulates_and_takes_the_pre(cuemu, poisoned, dtype, layout, shape):
     """dH += the coefficients' term on top of another op's (one rounding of the sum in the
-    kernel), and dpre, a second gradient of alpha[..., 0], acting as if added to dalpha's
-    column 0: what the mHC connection's pre hands over instead of autograd's sums."""
+    kernel); dpre, a second gradient of alpha[..., 0], acting as if added to dalpha's
+    column 0; and dx, the pre mix's gradient, adding alpha[..., i, 0]·dx to dH_i: what
+    the mHC connection's pre hands over instead of autograd's sums."""
     lead, d = shape
     n = 4
     H = make_streams(lead, n, d, dtype=dtype, device="cpu", layout=layout)
@@ -121,14 +122,17 @@ def test_backward_accumulates_and_takes_dpre(cuemu, poisoned, dtype, layout, sha
     _, _, u, r = cuemu.mhc_coeffs_fwd(H, *params, *FLOATS)
     dalpha, dbeta = make_grads(lead, n, dtype=dtype, device="cpu")
     dpre = torch.randn(*lead, n, dtype=dalpha.dtype)
+    dx = torch.randn(*lead, d).to(dtype)
     prior = torch.randn_like(H)
-    got = run_bwd(cuemu.mhc_coeffs_bwd, dalpha, dbeta, H, params, u, r, *FLOATS, prior=prior, dpre=dpre)
+    got = run_bwd(cuemu.mhc_coeffs_bwd, dalpha, dbeta, H, params, u, r, *FLOATS, prior=prior, dpre=dpre, dx=dx)
     dalpha_all = dalpha.clone()
     dalpha_all[..., 0] += dpre
     low = list(oracle_bwd(dalpha_all, dbeta, H, params))
     high = list(oracle_bwd(*double((dalpha_all, dbeta, H)), double(params)))
-    low[0] = low[0] + prior.to(low[0].dtype)
-    high[0] = high[0] + prior.double()
+    w_low = oracle(H, params)[0][..., 0]
+    w_high = oracle(*double((H,)), double(params))[0][..., 0]
+    low[0] = low[0] + prior.to(low[0].dtype) + (w_low.unsqueeze(-1) * dx.to(w_low.dtype).unsqueeze(-2)).to(low[0].dtype)
+    high[0] = high[0] + prior.double() + w_high.unsqueeze(-1) * dx.double().unsqueeze(-2)
     for name, g, lo, hi in zip(GRAD_NAMES, got, low, high):
         assert_policy(name, g, lo.to(g.dtype), hi)
 

@@ -62,12 +62,12 @@ def oracle(H, params, iters=ITERS):
     return ref.mhc_coeffs(H, *params, EPS, PRE_EPS, POST_MULT, iters, SK_EPS)
 
 
-def run_bwd(bwd, dalpha, dbeta, H, params, u, r, *floats, prior=None, dpre=None):
+def run_bwd(bwd, dalpha, dbeta, H, params, u, r, *floats, prior=None, dpre=None, dx=None):
     """(dH, dphi, da_pre, da_post, da_res, db) from a backward launcher or custom op
     (dH in place): dH written into a NaN-filled tensor like H, or, given `prior` (another
     op's contribution), added to a copy of it."""
     dH = torch.full_like(H, float("nan")) if prior is None else prior.clone()
-    grads = bwd(dH, prior is not None, dalpha, dbeta, dpre, H, *params, u, r, *floats)
+    grads = bwd(dH, prior is not None, dalpha, dbeta, dpre, dx, H, *params, u, r, *floats)
     return (dH, *grads)
 
 

@@ -22,7 +22,9 @@
 //     dz = a·dh; du = r·dz (= written); s = <dz, u>·r³/(n·d) (= written)
 //     G[t] = [dh, dh·z] (= written; the launcher sums it over tokens with at::sum for db
 //            and da_*: deterministic, no atomics)
-//     dxf = du·phiᵀ − s·xf                (= or += in place, mhc_coeffs_bwd_dh_kernel or at::mm)
+//     dxf = du·phiᵀ − s·xf                (= or += in place, mhc_coeffs_bwd_dh_kernel or at::mm;
+//                                          + alpha[i, 0]·dx with the pre's dx: the
+//                                          stream_mix's dH, folded into the same pass)
 //     dphi = Σ_t xfᵀ·du                   (cuBLAS in the launcher)
 //
 // Kernels
@@ -141,6 +143,12 @@ struct MhcCoeffsParams {
   void* __restrict__ dh_ptr;     // dH: = (accumulate_dh false) or += (true: another op's
                                  // contribution to H's gradient is there already)
   bool accumulate_dh;
+  // The pre's mix x = Σ_i alpha[:, i, 0]·H_i folded into the dH pass: gx (*lead, d) its
+  // gradient dx, or null (no such term: then w_pre is not written either); w_pre (N, n)
+  // alpha[:, :, 0], written by the backward epilogue for the dh kernel.
+  TokenLayout gx_tok;
+  const void* __restrict__ gx_ptr;
+  void* __restrict__ w_pre_ptr;
 };
 
 // n = 4 (M = 24): 3 n-tiles in one pass; any other n: 8 n-tiles (64 columns) a pass.
@@ -444,7 +452,8 @@ __global__ void __launch_bounds__(kMhcCoeffsEpiThreads) mhc_coeffs_fwd_epilogue_
 }
 
 // The gates' backward of an active lane (zero otherwise): z = r·u of pre and post,
-// dh_pre = dpre·σ'(h_pre), dh_post = post_mult·dpost·σ'(h_post).
+// dh_pre = dpre·σ'(h_pre), dh_post = post_mult·dpost·σ'(h_post); with w_pre_ptr, the
+// pre gate alpha[t, row, 0] = σ(h_pre) + pre_eps written (=) for the dh pass.
 template <typename acc, int kN>
 __device__ __forceinline__ void mhc_coeffs_gates_bwd(const MhcCoeffsParams& p, const MhcCoeffsLane& l,
                                                      const MhcRow<acc, kN>& u, acc r, const acc* da_row,
@@ -463,6 +472,7 @@ __device__ __forceinline__ void mhc_coeffs_gates_bwd(const MhcCoeffsParams& p, c
   const acc dpre = (da_row != nullptr ? da_row[0] : acc(0)) + (dpre_extra != nullptr ? dpre_extra[l.t * n + l.row] : acc(0));
   const acc dpost = dbeta != nullptr ? dbeta[l.t * n + l.row] : acc(0);
   dh_pre = dpre * sp * (acc(1) - sp);
+  if (p.w_pre_ptr != nullptr) static_cast<acc*>(p.w_pre_ptr)[l.t * n + l.row] = sp + static_cast<acc>(p.pre_eps);
   dh_post = static_cast<acc>(p.post_mult) * dpost * so * (acc(1) - so);
 }
 
@@ -534,7 +544,8 @@ __global__ void __launch_bounds__(kMhcCoeffsEpiThreads) mhc_coeffs_bwd_epilogue_
 
 // ----------------------------------------------------------------------------- dH
 
-// dH = (or += with accumulate_dh) du·phiᵀ − s·xf for bf16/fp16 H; a block's warps walk chunks [blockIdx.y ·
+// dH = (or += with accumulate_dh) du·phiᵀ − s·xf (+ w_pre_i·gx with gx) for bf16/fp16 H;
+// a block's warps walk chunks [blockIdx.y ·
 // chunks_per_split, ...) of the n·cps output chunks (disjoint outputs).
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kMhcCoeffsThreads) mhc_coeffs_bwd_dh_kernel(const MhcCoeffsParams p) {
@@ -545,19 +556,25 @@ __global__ void __launch_bounds__(kMhcCoeffsThreads) mhc_coeffs_bwd_dh_kernel(co
   T* __restrict__ DH = static_cast<T*>(p.dh_ptr);
   const float* __restrict__ DU = static_cast<const float*>(p.du_ptr);
   const float* __restrict__ S = static_cast<const float*>(p.s_ptr);
+  const T* __restrict__ GX = static_cast<const T*>(p.gx_ptr);
+  const float* __restrict__ Wp = static_cast<const float*>(p.w_pre_ptr);
   int64_t c_begin, c_end;
   mhc_coeffs_split_chunks(p, c_begin, c_end);
   mma_g_wt_minus_sx_rows<T, kVec, kMhcCoeffsDhTiles>(
       r, DU + (r.va ? r.ta : 0) * p.ldu, DU + (r.vb ? r.tb : 0) * p.ldu, r.va ? S[r.ta] : 0.f,
       r.vb ? S[r.tb] : 0.f, H + (r.va ? p.h_tok.offset(r.ta) : 0), H + (r.vb ? p.h_tok.offset(r.tb) : 0),
-      DH + (r.va ? p.dh_tok.offset(r.ta) : 0), DH + (r.vb ? p.dh_tok.offset(r.tb) : 0), p.accumulate_dh,
+      GX != nullptr ? GX + p.gx_tok.offset(r.va ? r.ta : 0) : nullptr,
+      GX != nullptr ? GX + p.gx_tok.offset(r.vb ? r.tb : 0) : nullptr, Wp + (r.va ? r.ta : 0) * p.n,
+      Wp + (r.vb ? r.tb : 0) * p.n, DH + (r.va ? p.dh_tok.offset(r.ta) : 0),
+      DH + (r.vb ? p.dh_tok.offset(r.tb) : 0), p.accumulate_dh,
       static_cast<const uint4*>(p.phib_ptr), p.ldu / 16, p.d, c_begin, c_end,
       // Thread holds features 32·(c % cps) + 8tig + 2j + {0, 1} of stream c / cps.
-      [&](int64_t c, int64_t& e, int64_t& hs, int64_t& dhs) {
+      [&](int64_t c, int64_t& e, int64_t& hs, int64_t& dhs, int& stream) {
         int64_t i;
         mhc_coeffs_chunk(c, p.cps, r.tig, i, e);
         hs = i * p.h_stream_stride;
         dhs = i * p.dh_stream_stride;
+        stream = static_cast<int>(i);
       });
 #endif
 }

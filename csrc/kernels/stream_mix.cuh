@@ -7,6 +7,8 @@
 //             dw_i = <dx, H_i>               (accumulator dtype)
 // Every output is written (`=`): x and dH once per element, dw as one row per token.
 // Static w is per-token w with token stride 0; the launcher sums its gradient rows.
+// With dh_ptr null the backward computes dw alone (stream_mix_dots: w not read, dH not
+// written; the mHC pre folds its dH term into mhc_coeffs' dH pass).
 //
 // Registers: one input chunk live and kVec accumulators. kN: 2, 4, 8 exact, 0 generic.
 #pragma once
@@ -77,21 +79,21 @@ __device__ __forceinline__ void stream_mix_token_bwd(const StreamMixParams& p, i
     for (int i = 0; i < kMax; ++i) {
       if (i < n) {
         const Vec<T, kVec> hv = load_chunk_raw<T, kVec>(h_tok + i * p.h_stream_stride, e, p.d);
-        const acc w = w_row[i];
-        acc dh[kVec];
         acc dot = acc(0);
 #pragma unroll
-        for (int v = 0; v < kVec; ++v) {
-          const acc g = to_acc(gv.v[v]);
-          dh[v] = w * g;
-          dot += g * to_acc(hv.v[v]);
-        }
-        if (p.accumulate_dh) {
-          const Vec<T, kVec> prior = load_chunk_raw<T, kVec>(dh_tok + i * p.dh_stream_stride, e, p.d);
+        for (int v = 0; v < kVec; ++v) dot += to_acc(gv.v[v]) * to_acc(hv.v[v]);
+        if (p.dh_ptr != nullptr) {  // uniform
+          const acc w = w_row[i];
+          acc dh[kVec];
 #pragma unroll
-          for (int v = 0; v < kVec; ++v) dh[v] += to_acc(prior.v[v]);
+          for (int v = 0; v < kVec; ++v) dh[v] = w * to_acc(gv.v[v]);
+          if (p.accumulate_dh) {
+            const Vec<T, kVec> prior = load_chunk_raw<T, kVec>(dh_tok + i * p.dh_stream_stride, e, p.d);
+#pragma unroll
+            for (int v = 0; v < kVec; ++v) dh[v] += to_acc(prior.v[v]);
+          }
+          store_chunk<T, kVec>(dh_tok + i * p.dh_stream_stride, e, p.d, dh);
         }
-        store_chunk<T, kVec>(dh_tok + i * p.dh_stream_stride, e, p.d, dh);
         dot = warp_sum(dot);
         if (lane == 0) part[i] += dot;
       }
@@ -125,8 +127,9 @@ __global__ void __launch_bounds__(kTokenTileThreads, kHcTileMinBlocks) stream_mi
   acc* __restrict__ w_s = reinterpret_cast<acc*>(smem_raw);  // [rows][n]
   acc* __restrict__ part_s = w_s + rows * n;                  // [rows][warps][n]
   const acc* __restrict__ w = static_cast<const acc*>(p.w_ptr);
+  const int w_cols = w != nullptr ? n : 0;  // stream_mix_dots: no w
   for (int64_t t0 = first_token_tile(rows); t0 < p.n_tokens; t0 += token_tile_stride(rows)) {
-    hc_tile_stage<true>(w_s, t0, p.n_tokens, n, n, w, p.w_token_stride, w, p.w_token_stride, part_s,
+    hc_tile_stage<true>(w_s, t0, p.n_tokens, w_cols, w_cols, w, p.w_token_stride, w, p.w_token_stride, part_s,
                         rows * warps_per_row * n);
     const int64_t t = t0 + threadIdx.y;
     if (t < p.n_tokens) {  // warp-uniform: rows are whole warps

@@ -38,7 +38,7 @@ from crosslayer._checks import acc_dtype
 from crosslayer._extension import kernels_for
 from crosslayer.ops._common import Scalar, fusable, scalar_tensor
 from crosslayer.contracts import validate_mhc_coeffs
-from crosslayer.ops.stream_mix import stream_mix, stream_mix_bwd_op, stream_mix_op
+from crosslayer.ops.stream_mix import stream_mix, stream_mix_dots_op, stream_mix_op
 
 
 def _projection(H: Tensor, phi: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
@@ -80,7 +80,7 @@ def _mhc_coeffs_fake(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, i
 
 @torch.library.custom_op("crosslayer::mhc_coeffs_bwd", mutates_args=("dH",))
 def mhc_coeffs_bwd_op(dH: Tensor, accumulate: bool, dalpha: Optional[Tensor], dbeta: Optional[Tensor],
-                      dpre: Optional[Tensor], H: Tensor, phi: Tensor, a_pre: Tensor, a_post: Tensor,
+                      dpre: Optional[Tensor], dx: Optional[Tensor], H: Tensor, phi: Tensor, a_pre: Tensor, a_post: Tensor,
                       a_res: Tensor, b: Tensor, u: Tensor, r: Tensor, eps: float, pre_eps: float,
                       post_mult: float, iters: int,
                       sinkhorn_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -90,14 +90,17 @@ def mhc_coeffs_bwd_op(dH: Tensor, accumulate: bool, dalpha: Optional[Tensor], db
     dH: H's shape and dtype (with `accumulate`, another op's contribution to H's gradient
     already there); dalpha: (*lead, n, n+1) or None; dbeta: (*lead, n) or None (None =
     zero); dpre: (*lead, n) or None, a second gradient of alpha[..., 0] (added to
-    dalpha's); u, r: from mhc_coeffs_op (the CPU path recomputes them from H). The
-    parameter gradients are summed over tokens, each in its parameter's dtype.
+    dalpha's); dx: (*lead, d) or None, the gradient of the pre's x = Σ_i alpha[..., i,
+    0]·H_i, whose dH term alpha[..., i, 0]·dx is added in the same pass (dpre then is
+    <dx, H_i>, stream_mix_dots); u, r: from mhc_coeffs_op (the CPU path recomputes them
+    from H). The parameter gradients are summed over tokens, each in its parameter's
+    dtype.
     """
     kernels = kernels_for(H, "mhc_coeffs")
     if kernels is not None:
         dphi, da_pre, da_post, da_res, db = kernels.mhc_coeffs_bwd(
-            dH, accumulate, dalpha, dbeta, dpre, H, phi, a_pre, a_post, a_res, b, u, r, eps, pre_eps, post_mult,
-            iters, sinkhorn_eps)
+            dH, accumulate, dalpha, dbeta, dpre, dx, H, phi, a_pre, a_post, a_res, b, u, r, eps, pre_eps,
+            post_mult, iters, sinkhorn_eps)
         return dphi, da_pre, da_post, da_res, db
     acc = acc_dtype(H.dtype)
     if dpre is not None:
@@ -107,6 +110,10 @@ def mhc_coeffs_bwd_op(dH: Tensor, accumulate: bool, dalpha: Optional[Tensor], db
     g, dphi, da_pre, da_post, da_res, db = ref.mhc_coeffs_bwd(
         dalpha, dbeta, H, phi.to(acc), a_pre.to(acc), a_post.to(acc), a_res.to(acc), b.to(acc),
         eps, pre_eps, post_mult, iters, sinkhorn_eps)
+    if dx is not None:
+        w = ref.mhc_coeffs(H, phi.to(acc), a_pre.to(acc), a_post.to(acc), a_res.to(acc), b.to(acc), eps, pre_eps,
+                           post_mult, iters, sinkhorn_eps)[0][..., 0]
+        g = g.to(acc) + w.unsqueeze(-1) * dx.to(acc).unsqueeze(-2)
     if accumulate:
         dH.add_(g.to(dH.dtype))
     else:
@@ -116,7 +123,7 @@ def mhc_coeffs_bwd_op(dH: Tensor, accumulate: bool, dalpha: Optional[Tensor], db
 
 
 @mhc_coeffs_bwd_op.register_fake
-def _mhc_coeffs_bwd_fake(dH, accumulate, dalpha, dbeta, dpre, H, phi, a_pre, a_post, a_res, b, u, r, eps, pre_eps,
+def _mhc_coeffs_bwd_fake(dH, accumulate, dalpha, dbeta, dpre, dx, H, phi, a_pre, a_post, a_res, b, u, r, eps, pre_eps,
                          post_mult, iters, sinkhorn_eps):
     return (phi.new_empty(phi.shape), a_pre.new_empty(()), a_post.new_empty(()), a_res.new_empty(()),
             b.new_empty(b.shape))
@@ -133,7 +140,8 @@ def _mhc_setup(ctx, inputs, output) -> None:
 def _mhc_backward(ctx, dalpha, dbeta, du, dr):
     H, phi, a_pre, a_post, a_res, b, u, r = ctx.saved_tensors
     dH = torch.empty_like(H)
-    grads = mhc_coeffs_bwd_op(dH, False, dalpha, dbeta, None, H, phi, a_pre, a_post, a_res, b, u, r, *ctx.floats)
+    grads = mhc_coeffs_bwd_op(dH, False, dalpha, dbeta, None, None, H, phi, a_pre, a_post, a_res, b, u, r,
+                              *ctx.floats)
     return (dH, *grads, None, None, None, None, None)
 
 
@@ -143,9 +151,10 @@ mhc_coeffs_op.register_autograd(_mhc_backward, setup_context=_mhc_setup)
 class _MhcPreForPost(torch.autograd.Function):
     """The mHC connection's pre, (x, alpha, beta, H_post): mhc_coeffs, then x =
     stream_mix(H, alpha[..., 0]); H_post is H, for the connection's hc_post to read. The
-    backward receives hc_post's dH as H_post's gradient; stream_mix_bwd adds its term to
-    it in place and the coefficient kernel adds its own, with stream_mix's dw as dpre: H's
-    gradient is one tensor, every contribution added in place (DESIGN.md's floor)."""
+    backward receives hc_post's dH as H_post's gradient; stream_mix_dots gives <dx, H_i>
+    (dpre, a second gradient of alpha[..., 0]) and the coefficient kernel adds its own dH
+    term and the mix's alpha[..., i, 0]·dx in one pass: H's gradient is one tensor, every
+    contribution added in place (DESIGN.md's floor)."""
 
     @staticmethod
     def forward(ctx, H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters, sinkhorn_eps):
@@ -153,20 +162,17 @@ class _MhcPreForPost(torch.autograd.Function):
                                           sinkhorn_eps)
         w = alpha[..., 0]
         x = stream_mix_op(H, w)
-        ctx.save_for_backward(H, phi, a_pre, a_post, a_res, b, u, r, w)
+        ctx.save_for_backward(H, phi, a_pre, a_post, a_res, b, u, r)
         ctx.floats = (eps, pre_eps, post_mult, iters, sinkhorn_eps)
         return x, alpha, beta, H
 
     @staticmethod
     def backward(ctx, dx, dalpha, dbeta, dH_post):
-        H, phi, a_pre, a_post, a_res, b, u, r, w = ctx.saved_tensors
+        H, phi, a_pre, a_post, a_res, b, u, r = ctx.saved_tensors
         accumulate = dH_post is not None
         dH = dH_post if accumulate else torch.empty_like(H)
-        dpre = None
-        if dx is not None:
-            dpre = stream_mix_bwd_op(dH, accumulate, dx, H, w)
-            accumulate = True
-        grads = mhc_coeffs_bwd_op(dH, accumulate, dalpha, dbeta, dpre, H, phi, a_pre, a_post, a_res, b, u, r,
+        dpre = stream_mix_dots_op(dx, H) if dx is not None else None
+        grads = mhc_coeffs_bwd_op(dH, accumulate, dalpha, dbeta, dpre, dx, H, phi, a_pre, a_post, a_res, b, u, r,
                                   *ctx.floats)
         return (dH, *grads, None, None, None, None, None)
 

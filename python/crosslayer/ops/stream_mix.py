@@ -67,6 +67,22 @@ def _stream_mix_bwd_fake(dH: Tensor, accumulate: bool, dx: Tensor, H: Tensor, w:
     return w.new_empty(w.shape, dtype=acc_dtype(H.dtype))
 
 
+@torch.library.custom_op("crosslayer::stream_mix_dots", mutates_args=())
+def stream_mix_dots_op(dx: Tensor, H: Tensor) -> Tensor:
+    """dw_i = <dx, H_i> per token: (*lead, n) in the arithmetic dtype (stream_mix_bwd's
+    dots without its dH; the mHC pre adds that term in mhc_coeffs_bwd's dH pass)."""
+    kernels = kernels_for(H, "stream_mix")
+    if kernels is not None:
+        return kernels.stream_mix_dots(dx, H)
+    acc = acc_dtype(H.dtype)
+    return (H.to(acc) * dx.to(acc).unsqueeze(-2)).sum(-1).contiguous()
+
+
+@stream_mix_dots_op.register_fake
+def _stream_mix_dots_fake(dx: Tensor, H: Tensor) -> Tensor:
+    return H.new_empty(H.shape[:-1], dtype=acc_dtype(H.dtype))
+
+
 def _stream_mix_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs)
 
