@@ -81,14 +81,6 @@ bool use_mma(const at::Tensor& H, int device) {
   return (t == at::kBFloat16 || t == at::kHalf) && H.size(-1) >= kMmaMinD && has_mma_sync_16bit(device);
 }
 
-// phi (n·d, M) as fp32 (n·d_pad, cols): each stream's d rows padded to d_pad, columns
-// to cols, zeros; so reduction chunk c of 32 rows lies in stream c / (d_pad / 32).
-at::Tensor phi_padded(const at::Tensor& phi, int64_t n, int64_t d, int64_t d_pad, int64_t cols) {
-  const int64_t M = phi.size(1);
-  return at::constant_pad_nd(phi.to(at::kFloat).reshape({n, d, M}), {0, cols - M, 0, d_pad - d}, 0)
-      .view({n * d_pad, cols});
-}
-
 // Shared fields of the params struct.
 MhcCoeffsParams base_params(const MhcShape& sh, double eps, double pre_eps, double post_mult, int64_t iters,
                       double sinkhorn_eps) {
@@ -161,25 +153,18 @@ std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H_in, const at::Tensor&
     p.h_stream_stride = stream_stride(H);
     const int kNT = n == 4 ? MhcCoeffsProjTiles<4>::value : MhcCoeffsProjTiles<kMaxStreams>::value;
     p.m_pad = static_cast<int>(round_up(M, 8 * kNT));
-    // phi in 16-bit parts (see the kernel's header): fp16 scaled by a power of two 2^k
-    // with max|phi|·2^k in [2^14, 2^15) first (computed on the device: no sync); bf16
-    // with a third part, the bf16 of phi − hi − lo: pack_w1_proj orders its output
-    // [chunk][s][n-tile][grp][tig][part][half][j], so joining the packings of phi and of
-    // the rest at dim 5 gives each lane {hi, lo} then {rest, rest's own lo (unused)}.
-    at::Tensor phiw = phi_padded(phi, n, d, p.cps * 32, M);
-    at::Tensor unscale, phif;
-    if (H.scalar_type() == at::kHalf) {
-      const Pow2Scale sc = fp16_split_scale(phiw);
-      phiw = phiw * sc.scale;
-      unscale = sc.unscale;
-      p.proj_unscale_ptr = unscale.data_ptr<float>();
-      phif = pack_w1_proj(phiw, at::kHalf, p.m_pad);
-    } else {
-      const at::Tensor hi = phiw.to(at::kBFloat16).to(at::kFloat);
-      const at::Tensor lo = (phiw - hi).to(at::kBFloat16).to(at::kFloat);
-      phif = at::cat({pack_w1_proj(phiw, at::kBFloat16, p.m_pad),
-                      pack_w1_proj(phiw - hi - lo, at::kBFloat16, p.m_pad)}, 5).contiguous();
+    // phi in 16-bit parts (see the kernel's header), packed in one launch
+    // (kernels/mma_pack.cuh): fp16 scaled by a power of two 2^k with max|phi|·2^k in
+    // [2^14, 2^15) first (computed on the device: no sync), parts {hi, lo}; bf16 parts
+    // {hi, lo, rest, rest's own lo (unused)}, rest the bf16 of phi − hi − lo.
+    Pow2Scale sc;
+    const bool fp16 = H.scalar_type() == at::kHalf;
+    if (fp16) {
+      sc = fp16_split_scale(phi);
+      p.proj_unscale_ptr = sc.unscale.data_ptr<float>();
     }
+    const at::Tensor phif = pack_fragments(phi, n, p.cps * 32, p.m_pad, kMmaPackProj, fp16 ? 2 : 4,
+                                           H.scalar_type(), sc.scale);
     p.phif_ptr = phif.data_ptr();
     const int64_t tiles = token_tiles(N);
     p.splits = static_cast<int>(choose_splits(p, tiles, device));
@@ -307,7 +292,7 @@ std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const st
     p.dh_stream_stride = stream_stride(dH_k);
     const at::Tensor gx = dx ? readable(*dx, 1, &p.gx_tok) : at::Tensor();
     p.gx_ptr = dx ? gx.data_ptr() : nullptr;
-    const at::Tensor phib = pack_w1_dx(phi_padded(phi, n, d, p.cps * 32, M), p.ldu);
+    const at::Tensor phib = pack_fragments(phi, n, p.cps * 32, p.ldu, kMmaPackDx, 2, at::kBFloat16, at::Tensor());
     p.phib_ptr = phib.data_ptr();
     const int64_t tiles = token_tiles(N);
     const int64_t splits = choose_splits(p, tiles, device);

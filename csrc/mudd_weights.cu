@@ -149,14 +149,13 @@ std::vector<at::Tensor> mudd_weights_fwd(const at::Tensor& x_in, const at::Tenso
     const at::Tensor x = readable(x_in, 1, &p.x_tok);
     // W1 in hi + lo parts of x's dtype; fp16 scaled by 2^k first (max|W1|·2^k in
     // [2^14, 2^15), on the device: no sync), the kernel scaling u back by 2^-k.
-    at::Tensor w1 = W1.to(at::kFloat);
     Pow2Scale sc;
     if (x.scalar_type() == at::kHalf) {
-      sc = fp16_split_scale(w1);
-      w1 = w1 * sc.scale;
+      sc = fp16_split_scale(W1);
       p.w1f_unscale_ptr = sc.unscale.data_ptr<float>();
     }
-    const at::Tensor w1f = pack_w1_proj(w1, x.scalar_type(), p.k_pad);
+    const at::Tensor w1f = pack_fragments(W1, 1, round_up(sh.d, 32), p.k_pad, kMmaPackProj, 2, x.scalar_type(),
+                                          sc.scale);
     p.x_ptr = x.data_ptr();
     p.w1f_ptr = w1f.data_ptr();
     const bool vectorize = vec_ok(p.x_ptr, p.x_tok, 0, 8);
@@ -228,7 +227,8 @@ std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tens
     dW1 = mm_f32_split(x2.t(), gK);
     const at::ScalarType part = x_in.scalar_type();
 
-    const at::Tensor w1b = pack_w1_dx(W1, ldg);
+    const at::Tensor w1b = pack_fragments(W1, 1, round_up(W1.size(0), 32), ldg, kMmaPackDx, 2, at::kBFloat16,
+                                          at::Tensor());
     at::Tensor dx_k = writable(dx, 1, &p.dx_tok);
     const at::Tensor x = readable(x_in, 1, &p.x_tok);
     p.x_ptr = x.data_ptr();

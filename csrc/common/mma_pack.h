@@ -1,6 +1,7 @@
 // Host-side (ATen) helpers of the tensor-core launchers (mudd_weights.cu, mhc_coeffs.cu):
 // packing of fp32 weights into mma.sync m16n8k16 B fragments (hi + lo 16-bit parts; the
-// element maps are documented in common/mma.cuh), the
+// element maps are documented in common/mma.cuh; pack_fragments does it in one launch of
+// kernels/mma_pack.cuh), the
 // power-of-two scaling that keeps fp16 parts normal, and the 16-bit GEMMs with fp32
 // output of the backward passes. Everything here is stream-ordered ATen work on the
 // operands' device: no host syncs.
@@ -9,6 +10,9 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+
+#include "common/launch.h"
+#include "kernels/mma_pack.cuh"
 
 #ifdef CUEMU
 #include "cuemu_aten.h"  // tools/cuemu/include
@@ -75,34 +79,36 @@ inline at::Tensor mm_f32_split(const at::Tensor& a, const at::Tensor& g) {
   return out;
 }
 
-// W1 (d, K) as proj fragments: zero-padded to (32·chunks, k_pad) fp32, split into hi and
-// lo parts of dtype `part`, ordered [chunk][s][n-tile][grp][tig][part][half][j] (the
-// element map in common/mma.cuh), i.e. one uint4 per (chunk, s, n-tile, lane).
-inline at::Tensor pack_w1_proj(const at::Tensor& W1, at::ScalarType part, int64_t k_pad) {
-  const int64_t d = W1.size(0), K = W1.size(1), dp = round_up(d, 32) / 32;
-  const at::Tensor W = at::constant_pad_nd(W1.to(at::kFloat), {0, k_pad - K, 0, dp * 32 - d}, 0);
-  const at::Tensor hi = W.to(part);
-  const at::Tensor lo = (W - hi.to(at::kFloat)).to(part);
-  // dims: part, chunk, tig, s, half, j, n-tile, grp
-  return at::stack({hi, lo}, 0)
-      .view({2, dp, 4, 2, 2, 2, k_pad / 8, 8})
-      .permute({1, 3, 6, 7, 2, 0, 4, 5})
-      .contiguous();
-}
-
-// W1 as dx fragments (bf16 hi/lo): hidden padded to ldg, features to 32·chunks, ordered
-// [chunk][ks][j][g2][gb][tig][part][half][jj]: feature 32c + 8·g2 + 2j + gb (column
-// n = 2·g2 + gb = grp of n-tile j), hidden 16ks + 8half + 2tig + jj.
-inline at::Tensor pack_w1_dx(const at::Tensor& W1, int64_t ldg) {
-  const int64_t d = W1.size(0), K = W1.size(1), dp = round_up(d, 32) / 32;
-  const at::Tensor W = at::constant_pad_nd(W1.to(at::kFloat), {0, ldg - K, 0, dp * 32 - d}, 0);
-  const at::Tensor hi = W.to(at::kBFloat16);
-  const at::Tensor lo = (W - hi.to(at::kFloat)).to(at::kBFloat16);
-  // dims: part, chunk, g2, j, gb, ks, half, tig, jj
-  return at::stack({hi, lo}, 0)
-      .view({2, dp, 4, 4, 2, ldg / 16, 2, 4, 2})
-      .permute({1, 5, 3, 2, 4, 7, 0, 6, 8})
-      .contiguous();
+// W (streams·d, cols) packed in one launch (kernels/mma_pack.cuh): rows padded per block
+// of d to d_pad (a multiple of 32), columns to col_pad; `layout` kMmaPackProj with
+// `parts` 2 or 4, or kMmaPackDx (parts 2, bf16); part dtype `part`; `scale` a 0-dim
+// fp32 device tensor multiplying every element (fp16), or undefined. Orders: the
+// kernel's header (the element maps of common/mma.cuh).
+inline at::Tensor pack_fragments(const at::Tensor& W, int64_t streams, int64_t d_pad, int64_t col_pad,
+                                 MmaPackLayout layout, int parts, at::ScalarType part, const at::Tensor& scale) {
+  const at::Tensor w = W.to(at::kFloat).contiguous();
+  const int64_t rows = streams * d_pad;
+  at::Tensor out = at::empty({rows * col_pad * parts}, W.options().dtype(part));
+  MmaPackParams p{};
+  p.w = w.data_ptr<float>();
+  p.scale = scale.defined() ? scale.data_ptr<float>() : nullptr;
+  p.out = out.data_ptr();
+  p.ld = w.size(1);
+  p.d = w.size(0) / streams;
+  p.d_pad = d_pad;
+  p.cols = w.size(1);
+  p.col_pad = col_pad;
+  p.total = out.numel();
+  p.streams = static_cast<int>(streams);
+  p.parts = parts;
+  p.layout = layout;
+  const dim3 grid = cover_grid(std::min<int64_t>(p.total, int64_t{1} << 22), kMmaPackThreads);
+  if (part == at::kHalf) {
+    launch(mma_pack_kernel<__half>, grid, dim3(kMmaPackThreads), 0, p);
+  } else {
+    launch(mma_pack_kernel<__nv_bfloat16>, grid, dim3(kMmaPackThreads), 0, p);
+  }
+  return out;
 }
 
 }  // namespace crosslayer
