@@ -22,8 +22,9 @@
 //   Jacobian cancels and the hi/lo products' 2^-17 would show): u, Σ xf², dH and dphi by
 //   at::mm in the accumulator dtype, the same epilogue kernels.
 // The split count fills the GPU when N is small (about 16 warps per SM in flight); the
-// epilogue sums the splits in split order. Parameter gradients are sums over tokens by
-// at::sum of the per-token G = [dh, dh·z] and by cuBLAS: deterministic, no atomics. Every
+// epilogue sums the splits in split order. Parameter gradients are sums over tokens of
+// the per-token G = [dh, dh·z] (one token_sums launch) and by cuBLAS: deterministic, no
+// atomics. Every
 // launch runs on the current stream and is followed by a launch check; no host syncs.
 
 #include <c10/cuda/CUDAException.h>
@@ -39,6 +40,7 @@
 #include "common/launch.h"
 #include "common/layout.h"
 #include "common/mma_pack.h"
+#include "token_sums.h"
 #include "kernels/mhc_coeffs.cuh"
 #include "ops.h"
 
@@ -79,6 +81,21 @@ MhcShape check_mhc_inputs(const at::Tensor& H, const at::Tensor& phi, const at::
 bool use_mma(const at::Tensor& H, int device) {
   const at::ScalarType t = H.scalar_type();
   return (t == at::kBFloat16 || t == at::kHalf) && H.size(-1) >= kMmaMinD && has_mma_sync_16bit(device);
+}
+
+// a_pre, a_post, a_res in the accumulator dtype (the tensors themselves when already in
+// it; kept alive until the launches), with p pointed at them.
+struct MhcScaleTensors {
+  at::Tensor pre, post, res;
+};
+
+MhcScaleTensors mhc_scale_inputs(MhcCoeffsParams& p, at::ScalarType acc_type, const at::Tensor& a_pre,
+                                 const at::Tensor& a_post, const at::Tensor& a_res) {
+  MhcScaleTensors t{a_pre.to(acc_type), a_post.to(acc_type), a_res.to(acc_type)};
+  p.a_pre_ptr = t.pre.data_ptr();
+  p.a_post_ptr = t.post.data_ptr();
+  p.a_res_ptr = t.res.data_ptr();
+  return t;
 }
 
 // Shared fields of the params struct.
@@ -136,9 +153,8 @@ std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H_in, const at::Tensor&
   if (N == 0) return {alpha, beta, u, r};
 
   MhcCoeffsParams p = base_params(sh, eps, pre_eps, post_mult, iters, sinkhorn_eps);
-  const at::Tensor scale = at::stack({a_pre.to(acc_type), a_post.to(acc_type), a_res.to(acc_type)});
+  const MhcScaleTensors scales = mhc_scale_inputs(p, acc_type, a_pre, a_post, a_res);
   const at::Tensor b_ = b.to(acc_type).contiguous();
-  p.scale_ptr = scale.data_ptr();
   p.b_ptr = b_.data_ptr();
   p.alpha_ptr = alpha.data_ptr();
   p.beta_ptr = beta.data_ptr();
@@ -227,7 +243,7 @@ std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const st
             at::zeros({}, a_post.options()), at::zeros({}, a_res.options()), at::zeros(b.sizes(), b.options())};
   }
   MhcCoeffsParams p = base_params(sh, eps, pre_eps, post_mult, iters, sinkhorn_eps);
-  const at::Tensor scale = at::stack({a_pre.to(acc_type), a_post.to(acc_type), a_res.to(acc_type)});
+  const MhcScaleTensors scales = mhc_scale_inputs(p, acc_type, a_pre, a_post, a_res);
   const at::Tensor b_ = b.to(acc_type).contiguous();
   const at::Tensor u = u_in.to(acc_type).contiguous();
   const at::Tensor r = r_in.to(acc_type).contiguous();
@@ -235,10 +251,9 @@ std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const st
   const at::Tensor dbeta_ = dbeta ? dbeta->to(acc_type).contiguous() : at::Tensor();
   const at::Tensor dpre_ = dpre ? dpre->to(acc_type).contiguous() : at::Tensor();
   p.ldu = static_cast<int>(round_up(M, 16));
-  at::Tensor du = at::zeros({N, p.ldu}, acc_opts);
+  at::Tensor du = at::empty({N, p.ldu}, acc_opts);  // padding columns: zeros by the epilogue
   at::Tensor s = at::empty({N}, acc_opts);
   at::Tensor G = at::empty({N, 2 * M}, acc_opts);
-  p.scale_ptr = scale.data_ptr();
   p.b_ptr = b_.data_ptr();
   p.u_ptr = const_cast<void*>(u.data_ptr());
   p.r_ptr = const_cast<void*>(r.data_ptr());
@@ -271,12 +286,13 @@ std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const st
                                             : mhc_coeffs_bwd_epilogue_kernel<float, kN>, p, kN, smem);
   });
 
-  // db = Σ_t dh; da_* = Σ_t Σ_{m in the group} dh·z.
-  const at::Tensor sums = G.sum(0);
-  const at::Tensor db = sums.narrow(0, 0, M);
-  const at::Tensor da_pre = sums.narrow(0, M, n).sum();
-  const at::Tensor da_post = sums.narrow(0, M + n, n).sum();
-  const at::Tensor da_res = sums.narrow(0, M + 2 * n, n * n).sum();
+  // db = Σ_t dh; da_* = Σ_t Σ_{m in the group} dh·z: one token_sums launch.
+  TokenSums sums(N);
+  const at::Tensor db = sums.sum(G, {M}, 1, 0, 1);
+  const at::Tensor da_pre = sums.sum(G, {}, 1, M, n);
+  const at::Tensor da_post = sums.sum(G, {}, 1, M + n, n);
+  const at::Tensor da_res = sums.sum(G, {}, 1, M + 2 * n, n * n);
+  sums.run();
   const at::Tensor duM = du.narrow(1, 0, M);
 
   at::Tensor dphi;

@@ -20,7 +20,7 @@
 //       S gives dL = S·(dS − Σ_row(dS·S)).
 //     dh_pre = dpre·σ(1−σ); dh_post = post_mult·dpost·σ(1−σ); dh_res = dL
 //     dz = a·dh; du = r·dz (= written); s = <dz, u>·r³/(n·d) (= written)
-//     G[t] = [dh, dh·z] (= written; the launcher sums it over tokens with at::sum for db
+//     G[t] = [dh, dh·z] (= written; the launcher sums it over tokens with token_sums for db
 //            and da_*: deterministic, no atomics)
 //     dxf = du·phiᵀ − s·xf                (= or += in place, mhc_coeffs_bwd_dh_kernel or at::mm;
 //                                          + alpha[i, 0]·dx with the pre's dx: the
@@ -122,7 +122,9 @@ struct MhcCoeffsParams {
   const void* __restrict__ phif_ptr;  // proj: packed phi (uint4 fragments; bf16: 2 uint4)
   const float* __restrict__ proj_unscale_ptr;  // proj, fp16: 2^-k (device scalar), or null
   const void* __restrict__ phib_ptr;  // dh: packed phi (uint4 fragments)
-  const void* __restrict__ scale_ptr; // (3) a_pre, a_post, a_res, accumulator dtype
+  const void* __restrict__ a_pre_ptr;  // 0-dim scales, accumulator dtype
+  const void* __restrict__ a_post_ptr;
+  const void* __restrict__ a_res_ptr;
   const void* __restrict__ b_ptr;     // (M) accumulator dtype
   // forward
   void* __restrict__ up_ptr;     // (splits, N, m_pad) partial u
@@ -136,7 +138,7 @@ struct MhcCoeffsParams {
   const void* __restrict__ dbeta_ptr;   // (N, n) or null (zero)
   const void* __restrict__ dpre_ptr;    // (N, n) or null (zero): a second gradient of
                                         // alpha[:, :, 0] (the pre's stream_mix), added
-  void* __restrict__ du_ptr;     // (N, ldu), zero-filled by the launcher (padding)
+  void* __restrict__ du_ptr;     // (N, ldu), all written by the backward epilogue
   void* __restrict__ s_ptr;      // (N)
   void* __restrict__ g_ptr;      // (N, 2M) [dh, dh·z]
   void* __restrict__ cbuf_ptr;   // global Sinkhorn scale buffer, or null (shared memory)
@@ -156,6 +158,18 @@ template <int kN>
 struct MhcCoeffsProjTiles {
   static constexpr int value = kN == 4 ? 3 : 8;
 };
+
+// The gates' scales a_pre, a_post, a_res.
+template <typename acc>
+struct MhcScales {
+  acc pre, post, res;
+};
+
+template <typename acc>
+__device__ __forceinline__ MhcScales<acc> mhc_scales(const MhcCoeffsParams& p) {
+  return {*static_cast<const acc*>(p.a_pre_ptr), *static_cast<const acc*>(p.a_post_ptr),
+          *static_cast<const acc*>(p.a_res_ptr)};
+}
 
 // The chunk c of the n·cps reduction chunks of 32 features: stream i = c / cps, this
 // thread's first feature e within the stream (8 features from e, 8tig into the chunk).
@@ -396,7 +410,7 @@ __device__ __forceinline__ void mhc_coeffs_res_logits(const MhcCoeffsParams& p, 
                                                       acc (&L)[kN]) {
   const int n = p.n;
   const acc* __restrict__ b = static_cast<const acc*>(p.b_ptr);
-  const acc a_res = static_cast<const acc*>(p.scale_ptr)[2];
+  const acc a_res = *static_cast<const acc*>(p.a_res_ptr);
 #pragma unroll
   for (int j = 0; j < kN; ++j) {
     zres[j] = r * u.res[j];
@@ -413,9 +427,9 @@ __device__ __forceinline__ void mhc_coeffs_write_fwd(const MhcCoeffsParams& p, c
   const int n = p.n, row = l.row;
   const int64_t t = l.t;
   const acc* __restrict__ b = static_cast<const acc*>(p.b_ptr);
-  const acc* __restrict__ sc = static_cast<const acc*>(p.scale_ptr);
-  const acc h_pre = sc[0] * (r * u.pre) + b[row];
-  const acc h_post = sc[1] * (r * u.post) + b[n + row];
+  const MhcScales<acc> sc = mhc_scales<acc>(p);
+  const acc h_pre = sc.pre * (r * u.pre) + b[row];
+  const acc h_post = sc.post * (r * u.post) + b[n + row];
   acc* __restrict__ alpha = static_cast<acc*>(p.alpha_ptr) + (t * n + row) * (n + 1);
   alpha[0] = acc_sigmoid(h_pre) + static_cast<acc>(p.pre_eps);
 #pragma unroll
@@ -462,12 +476,12 @@ __device__ __forceinline__ void mhc_coeffs_gates_bwd(const MhcCoeffsParams& p, c
   if (!l.active) return;
   const int n = p.n;
   const acc* __restrict__ b = static_cast<const acc*>(p.b_ptr);
-  const acc* __restrict__ sc = static_cast<const acc*>(p.scale_ptr);
+  const MhcScales<acc> sc = mhc_scales<acc>(p);
   const acc* __restrict__ dbeta = static_cast<const acc*>(p.dbeta_ptr);
   z_pre = r * u.pre;
   z_post = r * u.post;
-  const acc sp = acc_sigmoid(sc[0] * z_pre + b[l.row]);
-  const acc so = acc_sigmoid(sc[1] * z_post + b[n + l.row]);
+  const acc sp = acc_sigmoid(sc.pre * z_pre + b[l.row]);
+  const acc so = acc_sigmoid(sc.post * z_post + b[n + l.row]);
   const acc* __restrict__ dpre_extra = static_cast<const acc*>(p.dpre_ptr);
   const acc dpre = (da_row != nullptr ? da_row[0] : acc(0)) + (dpre_extra != nullptr ? dpre_extra[l.t * n + l.row] : acc(0));
   const acc dpost = dbeta != nullptr ? dbeta[l.t * n + l.row] : acc(0);
@@ -477,18 +491,18 @@ __device__ __forceinline__ void mhc_coeffs_gates_bwd(const MhcCoeffsParams& p, c
 }
 
 // Backward outputs of an active lane (=): du = r·a·dh, G = [dh, dh·z] of its entries,
-// and s = dr·r³/(n·d) (row 0; dr the group's sum).
+// and s = dr·r³/(n·d) and du's padding columns M..ldu (0) by row 0 (dr the group's sum).
 template <typename acc, int kN>
 __device__ __forceinline__ void mhc_coeffs_write_bwd(const MhcCoeffsParams& p, const MhcCoeffsLane& l, acc r,
                                                      acc dh_pre, acc dh_post, acc z_pre, acc z_post,
                                                      const acc (&dh_res)[kN], const acc (&zres)[kN], acc dr) {
   const int n = p.n, M = p.M, row = l.row;
   const int64_t t = l.t;
-  const acc* __restrict__ sc = static_cast<const acc*>(p.scale_ptr);
+  const MhcScales<acc> sc = mhc_scales<acc>(p);
   acc* __restrict__ du = static_cast<acc*>(p.du_ptr) + t * p.ldu;
   acc* __restrict__ G = static_cast<acc*>(p.g_ptr) + t * 2 * M;
-  du[row] = r * sc[0] * dh_pre;
-  du[n + row] = r * sc[1] * dh_post;
+  du[row] = r * sc.pre * dh_pre;
+  du[n + row] = r * sc.post * dh_post;
   G[row] = dh_pre;
   G[n + row] = dh_post;
   G[M + row] = dh_pre * z_pre;
@@ -497,12 +511,15 @@ __device__ __forceinline__ void mhc_coeffs_write_bwd(const MhcCoeffsParams& p, c
   for (int j = 0; j < kN; ++j) {
     if (j < n) {
       const int m = 2 * n + row * n + j;
-      du[m] = r * sc[2] * dh_res[j];
+      du[m] = r * sc.res * dh_res[j];
       G[m] = dh_res[j];
       G[M + m] = dh_res[j] * zres[j];
     }
   }
-  if (row == 0) static_cast<acc*>(p.s_ptr)[t] = dr * r * r * r / static_cast<acc>(static_cast<int64_t>(n) * p.d);
+  if (row == 0) {
+    static_cast<acc*>(p.s_ptr)[t] = dr * r * r * r / static_cast<acc>(static_cast<int64_t>(n) * p.d);
+    for (int m = M; m < p.ldu; ++m) du[m] = acc(0);  // du's padding columns
+  }
 }
 
 // Dynamic shared memory: the Sinkhorn scales [2·iters − 1][blockDim.x] when cbuf_ptr is
@@ -515,7 +532,7 @@ __global__ void __launch_bounds__(kMhcCoeffsEpiThreads) mhc_coeffs_bwd_epilogue_
   const bool global_cbuf = p.cbuf_ptr != nullptr;
   acc* cbuf = global_cbuf ? static_cast<acc*>(p.cbuf_ptr) + l.gt : reinterpret_cast<acc*>(mhc_smem) + threadIdx.x;
   const int64_t cstride = global_cbuf ? static_cast<int64_t>(gridDim.x) * blockDim.x : blockDim.x;
-  const acc* __restrict__ sc = static_cast<const acc*>(p.scale_ptr);
+  const MhcScales<acc> sc = mhc_scales<acc>(p);
   const acc* __restrict__ dalpha = static_cast<const acc*>(p.dalpha_ptr);
 
   const MhcRow<acc, kN> u =
@@ -534,9 +551,9 @@ __global__ void __launch_bounds__(kMhcCoeffsEpiThreads) mhc_coeffs_bwd_epilogue_
 
   acc z_pre, z_post, dh_pre, dh_post;
   mhc_coeffs_gates_bwd<acc, kN>(p, l, u, r, da_row, z_pre, z_post, dh_pre, dh_post);
-  acc dr = sc[0] * dh_pre * u.pre + sc[1] * dh_post * u.post;
+  acc dr = sc.pre * dh_pre * u.pre + sc.post * dh_post * u.post;
 #pragma unroll
-  for (int j = 0; j < kN; ++j) dr += sc[2] * dh_res[j] * u.res[j];
+  for (int j = 0; j < kN; ++j) dr += sc.res * dh_res[j] * u.res[j];
   dr = group_sum<kN>(dr);
   if (!l.active) return;  // after the last shuffle
   mhc_coeffs_write_bwd<acc, kN>(p, l, r, dh_pre, dh_post, z_pre, z_post, dh_res, zres, dr);
