@@ -366,11 +366,13 @@ class Measured:
     bwd: "cuemu_count.Count"
 
 
-def measure(case: Case, counter, module, sms: int) -> Measured:
+def measure(case: Case, counter, module, sms: int, N: Optional[int] = None) -> Measured:
+    """Counts case's forward and backward on the emulated device with `sms` SMs, at N
+    tokens (default: tokens_for(sms), the full-size grids)."""
     import torch
     from crosslayer._extension import emulate
 
-    N = tokens_for(sms)
+    N = tokens_for(sms) if N is None else N
     with cuemu_count.device_sms(counter, sms), emulate(module):
         state = case.setup(N)
         with cuemu_count.counting(counter) as fwd:
