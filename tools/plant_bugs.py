@@ -72,6 +72,18 @@ MUTATIONS = (
              "gn[k].v[v] = from_acc<T>(to_acc(gn[k].v[v]) + w * g);",
              "gn[k].v[v] = from_acc<T>(to_acc(gn[k].v[v]));",
              "SHC boundary backward: the static pre's term w_k·dx' missing from dH'"),
+    Mutation("mhc_dh_drops_prior_grad",
+             "const float prior = accumulate ? to_acc(pv[2 * j + q]) : 0.f;",
+             "const float prior = 0.f;",
+             "mhc_coeffs dH pass (+=): the other ops' dH contribution overwritten instead of added"),
+    Mutation("mhc_dh_drops_mix_term",
+             "const float extra = y != nullptr ? c * to_acc(yv[2 * j + q]) : 0.f;",
+             "const float extra = 0.f;",
+             "mhc_coeffs dH pass: the pre mix's alpha[:, i, 0]·dx term missing"),
+    Mutation("token_sums_drops_column_group",
+             "for (int64_t w = 0; w < g.width; ++w) sum += static_cast<double>(rows[t * g.cols + w]);",
+             "for (int64_t w = 0; w < 1; ++w) sum += static_cast<double>(rows[t * g.cols + w]);",
+             "token_sums: only the first column of a group summed (mHC's da_pre, da_post, da_res)"),
 )
 
 
