@@ -2,6 +2,7 @@
 and a CPU stand-in for their timer."""
 
 import importlib
+import importlib.util
 import os
 import re
 import subprocess
@@ -19,6 +20,20 @@ def import_bench(name: str):
         return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCH))
+
+
+def import_traffic():
+    """bench/traffic.py as the module `bench_traffic`, loaded once (bench/ stays on
+    sys.path: its run() imports bench/harness.py when it runs)."""
+    if "bench_traffic" in sys.modules:
+        return sys.modules["bench_traffic"]
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_traffic", BENCH / "traffic.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_traffic"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_bench(name: str, *args: str, hide_gpu: bool = False) -> subprocess.CompletedProcess:

@@ -5,30 +5,14 @@ so that a change adding a launch at small N fails here. bench/traffic.py counts 
 rows at full-size grids (tests/test_traffic_ceiling.py); these are the per-call counts
 that dominate when N is small."""
 
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
 
+from bench_scripts import import_traffic
+
 pytestmark = pytest.mark.cuemu
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _traffic():
-    if "bench_traffic" in sys.modules:
-        return sys.modules["bench_traffic"]
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    spec = importlib.util.spec_from_file_location("bench_traffic", os.path.join(ROOT, "bench", "traffic.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_traffic"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-traffic = _traffic()
+traffic = import_traffic()
 D, N_STREAMS = 64, 4
 
 

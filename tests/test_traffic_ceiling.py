@@ -4,28 +4,15 @@ bench/traffic_ceiling.csv. A change that adds traffic fails here; one that remov
 traffic fails too, until the ceiling is tightened to the new count
 (`python bench/traffic.py --quick --write-ceiling`), so the ceiling is always today's."""
 
-import importlib.util
-import os
-import sys
-
 import pytest
+
+from bench_scripts import import_traffic
 
 pytestmark = pytest.mark.cuemu
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIGHTEN_BELOW = 0.99  # a count this far under its ceiling must be recorded
 
-
-def _traffic():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    spec = importlib.util.spec_from_file_location("bench_traffic", os.path.join(ROOT, "bench", "traffic.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_traffic"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-traffic = _traffic()
+traffic = import_traffic()
 CEILING = traffic.read_ceiling()
 OPS = sorted({key[0] for key in CEILING})
 # depth_stack (a whole 8-layer DepthStack, about two minutes on 2 cores) and the HC
