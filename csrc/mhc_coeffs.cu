@@ -24,8 +24,8 @@
 // The split count fills the GPU when N is small (about 16 warps per SM in flight); the
 // epilogue sums the splits in split order. Parameter gradients are sums over tokens of
 // the per-token G = [dh, dh·z] (one token_sums launch) and by cuBLAS: deterministic, no
-// atomics. Every
-// launch runs on the current stream and is followed by a launch check; no host syncs.
+// atomics. Every launch runs on the current stream and is followed by a launch check; no
+// host syncs.
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -123,8 +123,9 @@ std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H, const at::Tensor& ph
 //   place; dalpha (*lead, n, n+1), dbeta (*lead, n) optional (zero when absent); dpre
 //   (*lead, n) optional, a second gradient of alpha[..., 0] added to dalpha's; dx
 //   (*lead, d) optional, the gradient of the pre's x = Σ_i alpha[..., i, 0]·H_i, whose dH
-//   term is added in the same pass; u, r from the forward. Returns {dphi, da_pre, da_post, da_res, db}, parameter gradients summed
-//   over tokens (deterministic), each in its parameter's dtype.
+//   term is added in the same pass; u, r from the forward. Returns {dphi, da_pre,
+//   da_post, da_res, db}, parameter gradients summed over tokens (deterministic), each in
+//   its parameter's dtype.
 std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const std::optional<at::Tensor>& dalpha,
                                        const std::optional<at::Tensor>& dbeta,
                                        const std::optional<at::Tensor>& dpre,

@@ -7,7 +7,7 @@
 //
 // w: (*lead, n) per token or (n,) static, any float dtype, converted to the accumulator
 // dtype (float64 for float64 H, float32 otherwise); dw comes back in it with w's shape
-// (summed over tokens when static, by at::sum: deterministic). Token layouts as in
+// (summed over tokens when static, by token_sums: deterministic). Token layouts as in
 // hc_post.cu. Every launch runs on the current stream and is followed by a launch check.
 
 #include <c10/cuda/CUDAGuard.h>
@@ -17,6 +17,7 @@
 #include "hc_tile.h"
 #include "kernels/stream_mix.cuh"
 #include "ops.h"
+#include "token_sums.h"
 
 namespace crosslayer {
 namespace {
@@ -93,7 +94,10 @@ at::Tensor stream_mix_bwd(at::Tensor& dH, bool accumulate, const at::Tensor& dx_
     });
   });
   copy_back(dH, dh);
-  return in.static_w ? dw_tok.sum(0) : dw_tok.view(w_in.sizes());
+  TokenSums sums(sh.N);
+  const at::Tensor dw = sums.grad(dw_tok, in.static_w, w_in.sizes());
+  sums.run();
+  return dw;
 }
 
 at::Tensor stream_mix_dots(const at::Tensor& dx_in, const at::Tensor& H_in) {

@@ -1,6 +1,6 @@
 // Host side of kernels/token_sums.cuh: the gradients of a launcher's coefficients from
 // the per-token rows its backward kernel wrote, every static one summed over tokens in
-// one launch (hc_post.h, hc_boundary_bwd.cu, mhc_coeffs.cu).
+// one launch (hc_post.h, hc_boundary_bwd.cu, stream_mix.cu, mhc_coeffs.cu).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -36,7 +36,7 @@ class TokenSums {
     return out;
   }
 
-  // One launch for every sum asked of grad() (none when there is none).
+  // One launch for every sum asked of grad() and sum() (none when there is none).
   void run() {
     if (segs_.empty()) return;
     TokenSumsParams p{};

@@ -20,6 +20,6 @@ def fused_ops() -> dict:
     return {op: _C is not None for op in ALL_OPS}  # every op has its kernels
 
 
-__all__ = ["depth_aggregate", "depth_aggregate_qkv_norm", "hc_boundary", "hc_pre", "hc_pre_for_post", "hc_post", "stream_mix",
-           "stream_mix_for_post",
-           "mhc_coeffs", "mhc_pre_for_post", "mudd_weights", "fused_ops", "ALL_OPS"]
+__all__ = ["depth_aggregate", "depth_aggregate_qkv_norm", "hc_boundary", "hc_pre", "hc_pre_for_post", "hc_post",
+           "stream_mix", "stream_mix_for_post", "mhc_coeffs", "mhc_pre_for_post", "mudd_weights", "fused_ops",
+           "ALL_OPS"]

@@ -38,17 +38,22 @@ from crosslayer.ops.stream_mix import stream_mix, stream_mix_for_post
 from crosslayer.contracts import validate_hc_pre
 
 
+def _ldw(d: int) -> int:
+    """The packed W's row length: d rounded up to 8 (csrc/hc_pre.h's hc_pre_ldw)."""
+    return (d + 7) // 8 * 8
+
+
 def packed_w(W: Tensor, acc: torch.dtype) -> Tensor:
     """W as the kernels read it (csrc/hc_pre.h's hc_pre_pack_w): transposed to (n+2,
-    ldw) in the arithmetic dtype, rows zero-padded from d to ldw = d rounded up to 8.
-    The forward packs it once; the backward takes it back."""
+    ldw) in the arithmetic dtype, rows zero-padded from d to ldw. The forward packs it
+    once; the backward takes it back."""
     d = W.shape[0]
-    return torch.nn.functional.pad(W.to(acc).t(), (0, (d + 7) // 8 * 8 - d)).contiguous()
+    return torch.nn.functional.pad(W.to(acc).t(), (0, _ldw(d) - d)).contiguous()
 
 
 def _packed_w_fake(W: Tensor, acc: torch.dtype) -> Tensor:
     d, J = W.shape
-    return W.new_empty((J, (d + 7) // 8 * 8), dtype=acc)
+    return W.new_empty((J, _ldw(d)), dtype=acc)
 
 
 def _projection(H: Tensor, W: Tensor, eps: float) -> Tuple[Tensor, Tensor]:

@@ -80,8 +80,8 @@ def _mhc_coeffs_fake(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, i
 
 @torch.library.custom_op("crosslayer::mhc_coeffs_bwd", mutates_args=("dH",))
 def mhc_coeffs_bwd_op(dH: Tensor, accumulate: bool, dalpha: Optional[Tensor], dbeta: Optional[Tensor],
-                      dpre: Optional[Tensor], dx: Optional[Tensor], H: Tensor, phi: Tensor, a_pre: Tensor, a_post: Tensor,
-                      a_res: Tensor, b: Tensor, u: Tensor, r: Tensor, eps: float, pre_eps: float,
+                      dpre: Optional[Tensor], dx: Optional[Tensor], H: Tensor, phi: Tensor, a_pre: Tensor,
+                      a_post: Tensor, a_res: Tensor, b: Tensor, u: Tensor, r: Tensor, eps: float, pre_eps: float,
                       post_mult: float, iters: int,
                       sinkhorn_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradient through mhc_coeffs: dH (=, or += with `accumulate`) in place, and
@@ -103,10 +103,9 @@ def mhc_coeffs_bwd_op(dH: Tensor, accumulate: bool, dalpha: Optional[Tensor], db
             post_mult, iters, sinkhorn_eps)
         return dphi, da_pre, da_post, da_res, db
     acc = acc_dtype(H.dtype)
-    if dpre is not None:
-        col0 = dpre.to(acc).unsqueeze(-1)
-        dalpha = (torch.zeros(*dpre.shape, dpre.shape[-1] + 1, dtype=acc, device=dpre.device)
-                  if dalpha is None else dalpha.to(acc)) + torch.nn.functional.pad(col0, (0, dpre.shape[-1]))
+    if dpre is not None:  # dpre as column 0 of an (n, n+1) gradient, added to dalpha
+        dpre_col0 = torch.nn.functional.pad(dpre.to(acc).unsqueeze(-1), (0, dpre.shape[-1]))
+        dalpha = dpre_col0 if dalpha is None else dalpha.to(acc) + dpre_col0
     g, dphi, da_pre, da_post, da_res, db = ref.mhc_coeffs_bwd(
         dalpha, dbeta, H, phi.to(acc), a_pre.to(acc), a_post.to(acc), a_res.to(acc), b.to(acc),
         eps, pre_eps, post_mult, iters, sinkhorn_eps)
