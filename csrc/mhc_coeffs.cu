@@ -16,15 +16,16 @@
 // Work split:
 //   bf16/fp16 H, d >= 32   forward: mhc_coeffs_fwd_proj_kernel (split-K partials of u and Σ xf²)
 //                          + mhc_coeffs_fwd_epilogue_kernel; backward: mhc_coeffs_bwd_epilogue_kernel
-//                          (du, s, G), mhc_coeffs_bwd_dh_kernel (dH), cuBLAS dphi = xfᵀ·du with
-//                          xf as stored and du as 16-bit hi + lo (one GEMM, fp32 output).
+//                          (du, s, G), mhc_coeffs_bwd_dh_kernel (dH and the dphi = xfᵀ·du
+//                          partials of token groups, in one pass over H), at::sum of the
+//                          partials when there is more than one group.
 //   fp32/fp64 H (the correctness dtypes) and 16-bit H with d < 32 (where the rms
 //   Jacobian cancels and the hi/lo products' 2^-17 would show): u, Σ xf², dH and dphi by
 //   at::mm in the accumulator dtype, the same epilogue kernels.
 // The split count fills the GPU when N is small (about 16 warps per SM in flight); the
 // epilogue sums the splits in split order. Parameter gradients are sums over tokens of
-// the per-token G = [dh, dh·z] (one token_sums launch) and by cuBLAS: deterministic, no
-// atomics. Every launch runs on the current stream and is followed by a launch check; no
+// the per-token G = [dh, dh·z] (one token_sums launch) and the dH kernel's dphi
+// partials: deterministic, no atomics. Every launch runs on the current stream and is followed by a launch check; no
 // host syncs.
 
 #include <c10/cuda/CUDAException.h>
@@ -49,6 +50,9 @@ namespace {
 
 // Warps a proj/dh launch aims to have resident per SM (bytes in flight for HBM).
 constexpr int64_t kWarpsPerSm = 16;
+// Fewest 16-token tiles a token group of the dH kernel walks (its dphi partial is
+// n·d·M fp32 written and summed again: worth it only over several tiles).
+constexpr int64_t kMinTilesPerGroup = 4;
 // Smallest d on the tensor-core path (see the header comment).
 constexpr int64_t kMmaMinD = 32;
 // Largest shared-memory Sinkhorn scale buffer (no opt-in needed); beyond it, global.
@@ -310,22 +314,36 @@ std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const st
     p.gx_ptr = dx ? gx.data_ptr() : nullptr;
     const at::Tensor phib = pack_fragments(phi, n, p.cps * 32, p.ldu, kMmaPackDx, 2, at::kBFloat16, at::Tensor());
     p.phib_ptr = phib.data_ptr();
-    const int64_t tiles = token_tiles(N);
-    const int64_t splits = choose_splits(p, tiles, device);
+    // Token groups: enough warps (one chunk, one group each) for kWarpsPerSm an SM, with
+    // at least kMinTilesPerGroup tiles a group (up to 64 tokens one group: no partial
+    // sum launch at decode sizes).
+    const int64_t chunks = p.cps * n;
+    const int64_t tiles = (N + 15) / 16;
+    const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
+    p.token_groups = std::min((tiles + kMinTilesPerGroup - 1) / kMinTilesPerGroup,
+                              std::max<int64_t>(1, (sms * kWarpsPerSm + chunks - 1) / chunks));
+    p.tiles_per_group = (tiles + p.token_groups - 1) / p.token_groups;
+    p.token_groups = (tiles + p.tiles_per_group - 1) / p.tiles_per_group;
+    at::Tensor part = at::empty({p.token_groups, n * d, M}, H.options().dtype(at::kFloat));
+    p.dphi_part_ptr = part.data_ptr();
     const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, 8) &&
                            vec_ok(p.dh_ptr, p.dh_tok, p.dh_stream_stride, 8) &&
                            (!dx || vec_ok(p.gx_ptr, p.gx_tok, 0, 8));
-    const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
+    const bool bf16 = H.scalar_type() == at::kBFloat16;
+    const int64_t blocks = (chunks * p.token_groups + kMhcCoeffsWarps - 1) / kMhcCoeffsWarps;
+    const int smem = kMhcCoeffsWarps * (bf16 ? kMmaXtStageElems<__nv_bfloat16> : kMmaXtStageElems<__half>) *
+                     static_cast<int>(sizeof(__nv_bfloat16));
     CL_BOOL_SWITCH(vectorize, kVec, [&] {
-      launch(H.scalar_type() == at::kBFloat16 ? mhc_coeffs_bwd_dh_kernel<__nv_bfloat16, kVec>
-                                              : mhc_coeffs_bwd_dh_kernel<__half, kVec>,
-             grid, dim3(kMhcCoeffsThreads), 0, p);
+      dispatch_streams<kMaxStreams, 4>(static_cast<int>(n), [&](auto kn) {
+        constexpr int kDT = MhcCoeffsDphiTiles<decltype(kn)::value>::value;
+        const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((M + 8 * kDT - 1) / (8 * kDT)));
+        launch(bf16 ? mhc_coeffs_bwd_dh_kernel<__nv_bfloat16, kVec, kDT> : mhc_coeffs_bwd_dh_kernel<__half, kVec, kDT>,
+               grid, dim3(kMhcCoeffsThreads), smem, p);
+      });
     });
     copy_back(dH, dH_k);
-
-    // dphi = xfᵀ·du with xf as stored and du as 16-bit hi + lo (fp16: scaled) in one
-    // GEMM (common/mma_pack.h).
-    dphi = mm_f32_split(H_in.reshape({N, n * d}).t(), duM);
+    // dphi: the token groups' partials summed in group order (one group: the partial).
+    dphi = p.token_groups == 1 ? part[0] : part.sum(0);
   } else {
     // The oracle's form: dxf = du·phiᵀ − s·xf, dphi = xfᵀ·du, in the accumulator dtype.
     const at::Tensor xf = H_in.reshape({N, n * d}).to(acc_type);

@@ -107,6 +107,16 @@ def test_forward_backward(cuemu, poisoned, dtype, n, shape):
     forward_backward(cuemu, lead, n, d, dtype)
 
 
+@pytest.mark.parametrize("n, d, N, dtype", [(4, 515, 600, torch.bfloat16), (4, 515, 600, torch.float16),
+                                             (8, 1000, 300, torch.bfloat16)])
+def test_backward_token_groups(cuemu, poisoned, n, d, N, dtype):
+    """Sizes where each warp of the dH kernel walks several 16-token tiles of its token
+    group (dphi accumulated in registers across tiles, the groups' partials summed) and,
+    for n = 8 (M = 80), the dphi columns take two passes. At 132 SMs: 10 groups of 4
+    tiles (38 tiles), 5 of 4 (19)."""
+    forward_backward(cuemu, (N,), n, d, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "stream_stride"])
 @pytest.mark.parametrize("shape", [((5,), 7), ((19,), 129)], ids=_shape_id)

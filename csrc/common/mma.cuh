@@ -24,6 +24,11 @@
 //         Wb (packed): [chunk][ks][j][lane] × uint4 {hi b0, hi b1, lo b0, lo b1}
 //         with b0 = W[feature(grp), 16ks+2tig+{0,1}], b1 = W[feature(grp), ...+8].
 //
+//   Xᵀ·G (mma_xt_g_tile): A = Xᵀ of a 16-token tile (rows = the chunk's features, k =
+//         tokens), staged transposed through the warp's shared memory; B = G's rows of
+//         the same tokens (fp32, split into bf16 hi + lo), n-tile j = columns col0 + 8j
+//         + grp. C row r of m-tile mt is feature 16mt + r of the chunk.
+//
 // Warp tiles: warp w of a block owns 16 token rows; thread (grp, tig) holds rows grp
 // (a) and grp + 8 (b) of every fragment (MmaRows). Rows past the last token carry zeros
 // and are never written. Every phase below is called by all 32 lanes of the warp (the
@@ -195,15 +200,13 @@ __device__ __forceinline__ void mma_chunk_g_wt(float (&acc)[kTiles][4], const fl
 // Row rw (0: a, 1: b) of an mma_chunk_g_wt result minus s·x plus c·y, written to this
 // thread's 8 features [e, e + 8) of dst (features 8tig + 2j + {0, 1} of the chunk:
 // acc[j][2rw + q] is feature e + 2j + q): `=`, or with `accumulate` `+=` (dst's prior
-// value added in fp32 before the one rounding); x and y (null: no c·y term) read at the
-// same features. Features past d are skipped.
+// value added in fp32 before the one rounding); xw: x's 8 features (load8), y (null: no
+// c·y term) read at the same features. Features past d are skipped.
 template <typename T, bool kVec, int kTiles>
-__device__ __forceinline__ void store_g_wt_minus_sx(const float (&acc)[kTiles][4], int rw,
-                                                    const T* __restrict__ x, float s, const T* __restrict__ y,
-                                                    float c, T* __restrict__ dst, bool accumulate, int64_t e,
-                                                    int64_t d) {
+__device__ __forceinline__ void store_g_wt_minus_sx(const float (&acc)[kTiles][4], int rw, const uint4& xw,
+                                                    float s, const T* __restrict__ y, float c,
+                                                    T* __restrict__ dst, bool accumulate, int64_t e, int64_t d) {
   static_assert(2 * kTiles == 8, "a thread holds 8 features of a 32-feature chunk");
-  const uint4 xw = load8<T, kVec>(x, e, d);
   const T* xv = reinterpret_cast<const T*>(&xw);
   const uint4 yw = y != nullptr ? load8<T, kVec>(y, e, d) : make_uint4(0, 0, 0, 0);
   const T* yv = reinterpret_cast<const T*>(&yw);
@@ -251,10 +254,88 @@ __device__ __forceinline__ void mma_g_wt_minus_sx_rows(const MmaRows& r, const f
     int i;
     at(c, e, hs, ds, i);
     if (r.va) {
-      store_g_wt_minus_sx<T, kVec>(acc, 0, xa + hs, sa, ya, ya != nullptr ? ca[i] : 0.f, dsta + ds, accumulate, e, d);
+      store_g_wt_minus_sx<T, kVec>(acc, 0, load8<T, kVec>(xa + hs, e, d), sa, ya, ya != nullptr ? ca[i] : 0.f,
+                                   dsta + ds, accumulate, e, d);
     }
     if (r.vb) {
-      store_g_wt_minus_sx<T, kVec>(acc, 1, xb + hs, sb, yb, yb != nullptr ? cb[i] : 0.f, dstb + ds, accumulate, e, d);
+      store_g_wt_minus_sx<T, kVec>(acc, 1, load8<T, kVec>(xb + hs, e, d), sb, yb, yb != nullptr ? cb[i] : 0.f,
+                                   dstb + ds, accumulate, e, d);
+    }
+  }
+}
+
+// Shared memory a warp needs for mma_xt_g_tile<T>, in bf16 elements: the tile
+// transposed, [part][32 features][kMmaXtStride tokens] (parts: bf16 X is exact in one,
+// fp16 X is hi + lo in bf16, also exact: 11 significant bits, 8 + 3). The row stride of
+// 24 tokens (16 + 8 of padding) makes the fragment loads of a warp conflict-free.
+constexpr int kMmaXtStride = 24;
+template <typename T>
+constexpr int kMmaXtParts = std::is_same_v<T, __nv_bfloat16> ? 1 : 2;
+template <typename T>
+constexpr int kMmaXtStageElems = kMmaXtParts<T> * 32 * kMmaXtStride;
+
+// acc[mt][j] += Xᵀ·G over one 16-token tile (tokens t0 + 0..15): X's 32-feature chunk
+// as this thread's 16-byte words xa / xb (load8 of rows grp and grp + 8; zeros for
+// tokens past the last), G fp32 with row stride ldg, columns col0 + 8j + grp (j < kDT;
+// columns >= cols and tokens >= n_tokens read as 0). acc[mt][j] is the C fragment of
+// features 16mt + (grp, grp + 8) × columns col0 + 8j + 2tig + {0, 1}. G is split into
+// bf16 hi + lo; a fragment gets X_hi·G_hi + X_hi·G_lo (+ X_lo·G_hi for fp16 X; the
+// dropped products are 2^-16 relative). `stage`: the warp's kMmaXtStageElems<T>
+// elements of shared memory. Called by all 32 lanes; __syncwarp only.
+template <typename T, int kDT>
+__device__ __forceinline__ void mma_xt_g_tile(float (&acc)[2][kDT][4], const uint4& xa, const uint4& xb,
+                                              const float* __restrict__ g, int64_t ldg, int64_t t0,
+                                              int64_t n_tokens, int col0, int cols,
+                                              __nv_bfloat16* __restrict__ stage, int grp, int tig) {
+  constexpr int kParts = kMmaXtParts<T>;
+  const T* xv[2] = {reinterpret_cast<const T*>(&xa), reinterpret_cast<const T*>(&xb)};
+  __syncwarp();  // the previous tile's fragment loads are done
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float v = to_acc(xv[h][k]);
+      const __nv_bfloat16 hi = __float2bfloat16_rn(v);
+      __nv_bfloat16* row = stage + (tig * 8 + k) * kMmaXtStride + grp + 8 * h;
+      row[0] = hi;
+      if (kParts == 2) row[32 * kMmaXtStride] = __float2bfloat16_rn(v - __bfloat162float(hi));
+    }
+  }
+  __syncwarp();
+  // A fragments of both m-tiles and parts: a0 / a1 rows grp / grp + 8, k 2tig..+1;
+  // a2 / a3 the same rows, k 2tig + 8..+9 (two tokens a 32-bit word).
+  uint32_t a[kParts][2][4];
+#pragma unroll
+  for (int q = 0; q < kParts; ++q) {
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      const __nv_bfloat16* s0 = stage + (q * 32 + mt * 16 + grp) * kMmaXtStride + 2 * tig;
+      const __nv_bfloat16* s1 = s0 + 8 * kMmaXtStride;
+      a[q][mt][0] = *reinterpret_cast<const uint32_t*>(s0);
+      a[q][mt][1] = *reinterpret_cast<const uint32_t*>(s1);
+      a[q][mt][2] = *reinterpret_cast<const uint32_t*>(s0 + 8);
+      a[q][mt][3] = *reinterpret_cast<const uint32_t*>(s1 + 8);
+    }
+  }
+  const int64_t tk[4] = {t0 + 2 * tig, t0 + 2 * tig + 1, t0 + 2 * tig + 8, t0 + 2 * tig + 9};
+#pragma unroll
+  for (int j = 0; j < kDT; ++j) {
+    const int col = col0 + 8 * j + grp;
+    float gv[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) gv[k] = (col < cols && tk[k] < n_tokens) ? __ldg(g + tk[k] * ldg + col) : 0.f;
+    uint32_t h0, h1, l0, l1;
+    split_bf16x2(gv[0], gv[1], h0, l0);
+    split_bf16x2(gv[2], gv[3], h1, l1);
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      const uint32_t(&x0)[4] = a[0][mt];
+      MmaOp<__nv_bfloat16>::run(acc[mt][j], x0[0], x0[1], x0[2], x0[3], h0, h1);
+      MmaOp<__nv_bfloat16>::run(acc[mt][j], x0[0], x0[1], x0[2], x0[3], l0, l1);
+      if (kParts == 2) {
+        const uint32_t(&x1)[4] = a[kParts - 1][mt];
+        MmaOp<__nv_bfloat16>::run(acc[mt][j], x1[0], x1[1], x1[2], x1[3], h0, h1);
+      }
     }
   }
 }

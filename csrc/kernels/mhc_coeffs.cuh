@@ -25,7 +25,9 @@
 //     dxf = du·phiᵀ − s·xf                (= or += in place, mhc_coeffs_bwd_dh_kernel or at::mm;
 //                                          + alpha[i, 0]·dx with the pre's dx: the
 //                                          stream_mix's dH, folded into the same pass)
-//     dphi = Σ_t xfᵀ·du                   (cuBLAS in the launcher)
+//     dphi = Σ_t xfᵀ·du                   (the dH kernel: partials of token groups, summed
+//                                          in group order by the launcher; at::mm on the
+//                                          at::mm path)
 //
 // Kernels
 //   mhc_coeffs_fwd_proj_kernel<T, kVec, kNT>  bf16/fp16 H: partial u and Σ xf² over a
@@ -45,8 +47,12 @@
 //       scale, gates and Sinkhorn in registers; writes alpha, beta, u, r.
 //   mhc_coeffs_bwd_epilogue_kernel<acc, kN>  Sinkhorn backward and the chain above;
 //       writes du, s, G.
-//   mhc_coeffs_bwd_dh_kernel<T, kVec>  bf16/fp16 H: dH = du·phiᵀ − s·xf on tensor cores
-//       (du and phi both fp32: bf16 hi/lo of each, three mma: hi·hi + lo·hi + hi·lo).
+//   mhc_coeffs_bwd_dh_kernel<T, kVec, kDT>  bf16/fp16 H: dH = du·phiᵀ − s·xf on tensor
+//       cores (du and phi both fp32: bf16 hi/lo of each, three mma: hi·hi + lo·hi +
+//       hi·lo), and in the same pass over H the dphi partials xfᵀ·du (xf staged
+//       transposed through shared memory, du in bf16 hi + lo: common/mma.cuh's Xᵀ·G), H
+//       read once. kDT n-tiles of dphi a pass: 3 for n = 4 (all of M), 8 otherwise (column
+//       passes of 64 in grid.y: H is re-read per extra pass, from n = 8 on).
 //   (fp32/fp64 H, the correctness dtypes: the launcher computes u, Σ xf², dH with at::mm
 //   in the arithmetic dtype and runs the same epilogue kernels.)
 //
@@ -57,10 +63,12 @@
 // and no chunk straddles two streams.
 //
 // Thread mapping
-//   proj / dh: a block of kMhcCoeffsWarps warps; warp w owns tokens 16·(blockIdx.x·warps
+//   proj: a block of kMhcCoeffsWarps warps; warp w owns tokens 16·(blockIdx.x·warps
 //       + w) + 0..15 (rows grp and grp + 8 of the fragments), and chunks
-//       [blockIdx.y·chunks_per_split, ...) of the reduction (proj: partials per split;
-//       dh: disjoint outputs, no reduction).
+//       [blockIdx.y·chunks_per_split, ...) of the reduction (partials per split).
+//   dh: warp u = blockIdx.x·warps + w owns one chunk (u % (n·cps)) and one token group
+//       (u / (n·cps)), whose 16-token tiles it walks in order: dH outputs are disjoint,
+//       dphi accumulates in the warp's registers over the group (no atomics).
 //   epilogues: a group of kN lanes per token (kN = 4 for n = 4, 16 otherwise; groups
 //       are aligned inside a warp): lane i of the group owns row i of the n×n Sinkhorn
 //       matrix (and pre_i, post_i) in registers; row sums are local, column sums are
@@ -145,6 +153,10 @@ struct MhcCoeffsParams {
   void* __restrict__ dh_ptr;     // dH: = (accumulate_dh false) or += (true: another op's
                                  // contribution to H's gradient is there already)
   bool accumulate_dh;
+  // dphi partials of the dH pass: token_groups slices (n·d, M) fp32, each the sum over
+  // its tiles_per_group 16-token tiles.
+  int64_t token_groups, tiles_per_group;
+  void* __restrict__ dphi_part_ptr;
   // The pre's mix x = Σ_i alpha[:, i, 0]·H_i folded into the dH pass: gx (*lead, d) its
   // gradient dx, or null (no such term: then w_pre is not written either); w_pre (N, n)
   // alpha[:, :, 0], written by the backward epilogue for the dh kernel.
@@ -561,38 +573,94 @@ __global__ void __launch_bounds__(kMhcCoeffsEpiThreads) mhc_coeffs_bwd_epilogue_
 
 // ----------------------------------------------------------------------------- dH
 
-// dH = (or += with accumulate_dh) du·phiᵀ − s·xf (+ w_pre_i·gx with gx) for bf16/fp16 H;
-// a block's warps walk chunks [blockIdx.y ·
-// chunks_per_split, ...) of the n·cps output chunks (disjoint outputs).
-template <typename T, bool kVec>
+// n-tiles (8 columns) of dphi a warp accumulates: all M = 24 columns for n = 4, 64 a
+// column pass (gridDim.y passes) for the generic instantiation.
+template <int kN>
+struct MhcCoeffsDphiTiles {
+  static constexpr int value = kN == 4 ? 3 : 8;
+};
+
+// dH = (or += with accumulate_dh) du·phiᵀ − s·xf (+ w_pre_i·gx with gx), and the dphi
+// partials Σ_t xfᵀ·du of a token group, for bf16/fp16 H. Warp u = blockIdx.x·warps + w
+// owns chunk c = u % (n·cps) and token group g = u / (n·cps): it walks the group's
+// 16-token tiles [g·tiles_per_group, ...) in order, writes the chunk's dH of each (column
+// pass 0 only) and accumulates xfᵀ·du for columns [col0, col0 + 8·kDT) (col0 = 8·kDT ·
+// blockIdx.y) in registers, then writes them (=) to dphi_part[g] (the launcher sums the
+// groups in group order). Dynamic shared memory: kMhcCoeffsWarps × kMmaXtStageElems<T>
+// bf16 (each warp's transposed tile).
+template <typename T, bool kVec, int kDT>
 __global__ void __launch_bounds__(kMhcCoeffsThreads) mhc_coeffs_bwd_dh_kernel(const MhcCoeffsParams p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  const MmaRows r = mma_rows(kMhcCoeffsWarps, p.n_tokens);
-  if (r.t0 >= p.n_tokens) return;
-  const T* __restrict__ H = static_cast<const T*>(p.h_ptr);
-  T* __restrict__ DH = static_cast<T*>(p.dh_ptr);
+  extern __shared__ __align__(16) unsigned char mhc_dh_smem[];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int grp = lane / 4, tig = lane % 4;
+  const int64_t c_total = p.cps * p.n;
+  const int64_t unit = static_cast<int64_t>(blockIdx.x) * kMhcCoeffsWarps + warp;
+  const int64_t c = unit % c_total, g = unit / c_total;
+  if (g >= p.token_groups) return;  // no block barriers in this kernel
+  __nv_bfloat16* stage = reinterpret_cast<__nv_bfloat16*>(mhc_dh_smem) + warp * kMmaXtStageElems<T>;
+  const int64_t N = p.n_tokens, d = p.d;
+  const int64_t tiles = (N + 15) / 16;
+  const int64_t tile_begin = g * p.tiles_per_group;
+  const int64_t tile_end = tile_begin + p.tiles_per_group < tiles ? tile_begin + p.tiles_per_group : tiles;
+  int64_t i, e;
+  mhc_coeffs_chunk(c, p.cps, tig, i, e);  // this thread: features e..e+7 of stream i
+  const bool write_dh = blockIdx.y == 0;  // warp-uniform
+  const int col0 = static_cast<int>(blockIdx.y) * 8 * kDT;
+  const T* __restrict__ H = static_cast<const T*>(p.h_ptr) + i * p.h_stream_stride;
+  T* __restrict__ DH = static_cast<T*>(p.dh_ptr) + i * p.dh_stream_stride;
   const float* __restrict__ DU = static_cast<const float*>(p.du_ptr);
   const float* __restrict__ S = static_cast<const float*>(p.s_ptr);
   const T* __restrict__ GX = static_cast<const T*>(p.gx_ptr);
   const float* __restrict__ Wp = static_cast<const float*>(p.w_pre_ptr);
-  int64_t c_begin, c_end;
-  mhc_coeffs_split_chunks(p, c_begin, c_end);
-  mma_g_wt_minus_sx_rows<T, kVec, kMhcCoeffsDhTiles>(
-      r, DU + (r.va ? r.ta : 0) * p.ldu, DU + (r.vb ? r.tb : 0) * p.ldu, r.va ? S[r.ta] : 0.f,
-      r.vb ? S[r.tb] : 0.f, H + (r.va ? p.h_tok.offset(r.ta) : 0), H + (r.vb ? p.h_tok.offset(r.tb) : 0),
-      GX != nullptr ? GX + p.gx_tok.offset(r.va ? r.ta : 0) : nullptr,
-      GX != nullptr ? GX + p.gx_tok.offset(r.vb ? r.tb : 0) : nullptr, Wp + (r.va ? r.ta : 0) * p.n,
-      Wp + (r.vb ? r.tb : 0) * p.n, DH + (r.va ? p.dh_tok.offset(r.ta) : 0),
-      DH + (r.vb ? p.dh_tok.offset(r.tb) : 0), p.accumulate_dh,
-      static_cast<const uint4*>(p.phib_ptr), p.ldu / 16, p.d, c_begin, c_end,
-      // Thread holds features 32·(c % cps) + 8tig + 2j + {0, 1} of stream c / cps.
-      [&](int64_t c, int64_t& e, int64_t& hs, int64_t& dhs, int& stream) {
-        int64_t i;
-        mhc_coeffs_chunk(c, p.cps, r.tig, i, e);
-        hs = i * p.h_stream_stride;
-        dhs = i * p.dh_stream_stride;
-        stream = static_cast<int>(i);
-      });
+  const uint4* __restrict__ phib = static_cast<const uint4*>(p.phib_ptr);
+  float dphi[2][kDT][4];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) mma_zero(dphi[mt]);
+
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    const int64_t t0 = tile * 16, ta = t0 + grp, tb = t0 + grp + 8;
+    const bool va = ta < N, vb = tb < N;
+    const uint4 xa = va ? load8<T, kVec>(H + p.h_tok.offset(ta), e, d) : make_uint4(0, 0, 0, 0);
+    const uint4 xb = vb ? load8<T, kVec>(H + p.h_tok.offset(tb), e, d) : make_uint4(0, 0, 0, 0);
+    if (write_dh) {
+      float acc[kMhcCoeffsDhTiles][4];
+      mma_chunk_g_wt<kMhcCoeffsDhTiles>(acc, DU + (va ? ta : 0) * p.ldu, DU + (vb ? tb : 0) * p.ldu, va, vb,
+                                        phib, c, p.ldu / 16, tig, lane);
+      if (va) {
+        store_g_wt_minus_sx<T, kVec>(acc, 0, xa, S[ta], GX != nullptr ? GX + p.gx_tok.offset(ta) : nullptr,
+                                     GX != nullptr ? Wp[ta * p.n + i] : 0.f, DH + p.dh_tok.offset(ta),
+                                     p.accumulate_dh, e, d);
+      }
+      if (vb) {
+        store_g_wt_minus_sx<T, kVec>(acc, 1, xb, S[tb], GX != nullptr ? GX + p.gx_tok.offset(tb) : nullptr,
+                                     GX != nullptr ? Wp[tb * p.n + i] : 0.f, DH + p.dh_tok.offset(tb),
+                                     p.accumulate_dh, e, d);
+      }
+    }
+    mma_xt_g_tile<T, kDT>(dphi, xa, xb, DU, p.ldu, t0, N, col0, p.M, stage, grp, tig);
+  }
+
+  // C row r of m-tile mt: feature f = 32·(c % cps) + 16mt + r of stream i (dphi row
+  // i·d + f); columns col0 + 8j + 2tig + {0, 1}. Padding features and columns skipped.
+  float* __restrict__ part = static_cast<float*>(p.dphi_part_ptr) + g * (p.n * d * p.M);
+  const int64_t f0 = (c - i * p.cps) * 32;
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t f = f0 + mt * 16 + grp + 8 * h;
+      if (f >= d) continue;
+#pragma unroll
+      for (int j = 0; j < kDT; ++j) {
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const int m = col0 + 8 * j + 2 * tig + q;
+          if (m < p.M) part[(i * d + f) * p.M + m] = dphi[mt][j][2 * h + q];
+        }
+      }
+    }
+  }
 #endif
 }
 
