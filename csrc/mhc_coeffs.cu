@@ -3,6 +3,8 @@
 //   mhc_coeffs_fwd(H (*, n, d), phi (n·d, M), a_pre, a_post, a_res (0-dim), b (M), eps,
 //                  pre_eps, post_mult, iters, sinkhorn_eps)
 //       -> {alpha (*, n, n+1), beta (*, n), u = xf·phi (*, M), r (*)}
+//   mhc_pre_fwd(<the same>) -> {x (*, d), alpha, beta, u, r}: the connection's pre, x =
+//       Σ_i alpha[..., i, 0]·H_i in the same pass over H
 //   mhc_coeffs_bwd(dH, accumulate, dalpha?, dbeta?, dpre?, dx?, H, phi, a_pre, a_post, a_res, b,
 //                  u, r, <same floats>)
 //       -> dH (*, n, d) written (=) or added to (+=, `accumulate`) in place;
@@ -14,19 +16,17 @@
 // M = n² + 2n. alpha, beta, u, r are in the accumulator dtype (float64 for float64 H,
 // float32 otherwise); u and r are what the backward needs (it never recomputes x·phi).
 // Work split:
-//   bf16/fp16 H, d >= 32   forward: mhc_coeffs_fwd_proj_kernel (split-K partials of u and Σ xf²)
-//                          + mhc_coeffs_fwd_epilogue_kernel; backward: mhc_coeffs_bwd_epilogue_kernel
-//                          (du, s, G), mhc_coeffs_bwd_dh_kernel (dH and the dphi = xfᵀ·du
-//                          partials of token groups, in one pass over H), at::sum of the
-//                          partials when there is more than one group.
+//   bf16/fp16 H, d >= 32   forward: mhc_coeffs_fwd_kernel (u, Σ xf², the epilogue and x
+//                          a 16-token tile, one pass over H); backward:
+//                          mhc_coeffs_bwd_epilogue_kernel (du, s, G), mhc_coeffs_bwd_dh_kernel
+//                          (dH and the dphi = xfᵀ·du partials of token groups, in one pass
+//                          over H), at::sum of the partials when there is more than one group.
 //   fp32/fp64 H (the correctness dtypes) and 16-bit H with d < 32 (where the rms
 //   Jacobian cancels and the hi/lo products' 2^-17 would show): u, Σ xf², dH and dphi by
-//   at::mm in the accumulator dtype, the same epilogue kernels.
-// The split count fills the GPU when N is small (about 16 warps per SM in flight); the
-// epilogue sums the splits in split order. Parameter gradients are sums over tokens of
-// the per-token G = [dh, dh·z] (one token_sums launch) and the dH kernel's dphi
-// partials: deterministic, no atomics. Every launch runs on the current stream and is followed by a launch check; no
-// host syncs.
+//   at::mm in the accumulator dtype, the same epilogue kernels, x by stream_mix.
+// Parameter gradients are sums over tokens of the per-token G = [dh, dh·z] (one
+// token_sums launch) and the dH kernel's dphi partials: deterministic, no atomics. Every
+// launch runs on the current stream and is followed by a launch check; no host syncs.
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -48,7 +48,7 @@
 namespace crosslayer {
 namespace {
 
-// Warps a proj/dh launch aims to have resident per SM (bytes in flight for HBM).
+// Warps the dH launch aims to have resident per SM (bytes in flight for HBM).
 constexpr int64_t kWarpsPerSm = 16;
 // Fewest 16-token tiles a token group of the dH kernel walks (its dphi partial is
 // n·d·M fp32 written and summed again: worth it only over several tiles).
@@ -119,19 +119,6 @@ MhcCoeffsParams base_params(const MhcShape& sh, double eps, double pre_eps, doub
   return p;
 }
 
-// Splits of the n·cps reduction chunks so that about kWarpsPerSm warps per SM run:
-// sets p.chunks_per_split and returns the split count (grid.y).
-int64_t choose_splits(MhcCoeffsParams& p, int64_t tiles, int device) {
-  const int64_t chunks = p.cps * p.n;
-  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
-  int64_t splits = (sms * kWarpsPerSm + tiles * kMhcCoeffsWarps - 1) / (tiles * kMhcCoeffsWarps);
-  splits = std::max<int64_t>(1, std::min<int64_t>({splits, chunks, 65535}));
-  p.chunks_per_split = (chunks + splits - 1) / splits;
-  return (chunks + p.chunks_per_split - 1) / p.chunks_per_split;
-}
-
-int64_t token_tiles(int64_t N) { return (N + 16 * kMhcCoeffsWarps - 1) / (16 * kMhcCoeffsWarps); }
-
 template <typename Kernel>
 void launch_epilogue(Kernel kernel, const MhcCoeffsParams& p, int group, int smem) {
   const int64_t blocks = (p.n_tokens * group + kMhcCoeffsEpiThreads - 1) / kMhcCoeffsEpiThreads;
@@ -139,12 +126,12 @@ void launch_epilogue(Kernel kernel, const MhcCoeffsParams& p, int group, int sme
   launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kMhcCoeffsEpiThreads), smem, p);
 }
 
-}  // namespace
-
-std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H_in, const at::Tensor& phi, const at::Tensor& a_pre,
-                                       const at::Tensor& a_post, const at::Tensor& a_res, const at::Tensor& b,
-                                       double eps, double pre_eps, double post_mult, int64_t iters,
-                                       double sinkhorn_eps) {
+// The forward, with x = Σ_i alpha[..., i, 0]·H_i when `with_x`: {alpha, beta, u, r}
+// and then x.
+std::vector<at::Tensor> mhc_coeffs_fwd_impl(const at::Tensor& H_in, const at::Tensor& phi, const at::Tensor& a_pre,
+                                            const at::Tensor& a_post, const at::Tensor& a_res, const at::Tensor& b,
+                                            double eps, double pre_eps, double post_mult, int64_t iters,
+                                            double sinkhorn_eps, bool with_x) {
   const MhcShape sh = check_mhc_inputs(H_in, phi, a_pre, a_post, a_res, b, iters);
   const c10::cuda::CUDAGuard guard(H_in.device());
   const at::ScalarType acc_type = acc_dtype(H_in.scalar_type());
@@ -154,7 +141,11 @@ std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H_in, const at::Tensor&
   at::Tensor beta = at::empty(with_tail(sh.lead, {n}), acc_opts);
   at::Tensor u = at::empty(with_tail(sh.lead, {M}), acc_opts);
   at::Tensor r = at::empty(sh.lead, acc_opts);
-  if (N == 0) return {alpha, beta, u, r};
+  std::vector<at::Tensor> out{alpha, beta, u, r};
+  if (N == 0) {
+    if (with_x) out.push_back(at::empty(with_tail(sh.lead, {d}), H_in.options()));
+    return out;
+  }
 
   MhcCoeffsParams p = base_params(sh, eps, pre_eps, post_mult, iters, sinkhorn_eps);
   const MhcScaleTensors scales = mhc_scale_inputs(p, acc_type, a_pre, a_post, a_res);
@@ -166,11 +157,16 @@ std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H_in, const at::Tensor&
   p.r_ptr = r.data_ptr();
   const int device = H_in.device().index();
 
-  at::Tensor up, ssp;
   if (use_mma(H_in, device)) {
     const at::Tensor H = readable(H_in, 2, &p.h_tok);
     p.h_ptr = H.data_ptr();
     p.h_stream_stride = stream_stride(H);
+    at::Tensor x;
+    if (with_x) {
+      x = at::empty(with_tail(sh.lead, {d}), H_in.options());
+      with_token_layout(x, 1, &p.x_tok);
+      p.x_ptr = x.data_ptr();
+    }
     const int kNT = n == 4 ? MhcCoeffsProjTiles<4>::value : MhcCoeffsProjTiles<kMaxStreams>::value;
     p.m_pad = static_cast<int>(round_up(M, 8 * kNT));
     // phi in 16-bit parts (see the kernel's header), packed in one launch
@@ -186,39 +182,62 @@ std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H_in, const at::Tensor&
     const at::Tensor phif = pack_fragments(phi, n, p.cps * 32, p.m_pad, kMmaPackProj, fp16 ? 2 : 4,
                                            H.scalar_type(), sc.scale);
     p.phif_ptr = phif.data_ptr();
-    const int64_t tiles = token_tiles(N);
-    p.splits = static_cast<int>(choose_splits(p, tiles, device));
-    up = at::empty({p.splits, N, p.m_pad}, acc_opts);
-    ssp = at::empty({p.splits, N}, acc_opts);
-    p.up_ptr = up.data_ptr();
-    p.ssp_ptr = ssp.data_ptr();
-    const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, 8);
-    const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(p.splits));
+    // Tiles in flight: two blocks an SM, as long as their tiles (16 tokens of H) take at
+    // most half the L2, so that phase 3's re-read of a tile finds it there.
+    const int64_t tiles = (N + 15) / 16;
+    const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
+    const int64_t l2 = device_attribute(cudaDevAttrL2CacheSize, device);
+    const int64_t tile_bytes = 16 * n * d * static_cast<int64_t>(H.element_size());
+    const int64_t blocks = std::min({tiles, 2 * sms, std::max<int64_t>(1, l2 / 2 / tile_bytes)});
+    const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, 8) && (!with_x || vec_ok(p.x_ptr, p.x_tok, 0, 8));
     const bool bf16 = H.scalar_type() == at::kBFloat16;
     CL_BOOL_SWITCH(vectorize, kVec, [&] {
       dispatch_streams<kMaxStreams, 4>(static_cast<int>(n), [&](auto kn) {
-        constexpr int kNT_ = MhcCoeffsProjTiles<decltype(kn)::value>::value;
-        launch(bf16 ? mhc_coeffs_fwd_proj_kernel<__nv_bfloat16, kVec, kNT_> : mhc_coeffs_fwd_proj_kernel<__half, kVec, kNT_>,
-               grid, dim3(kMhcCoeffsThreads), 0, p);
+        constexpr int kN = decltype(kn)::value;
+        const int smem = mhc_coeffs_fwd_smem_floats<kN>(p.m_pad) * static_cast<int>(sizeof(float));
+        const auto kernel = bf16 ? mhc_coeffs_fwd_kernel<__nv_bfloat16, kVec, kN> : mhc_coeffs_fwd_kernel<__half, kVec, kN>;
+        allow_smem(kernel, smem);
+        launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kMhcFwdThreads), smem, p);
       });
     });
-  } else {
-    // The oracle's sequence: u = xf·phi, Σ xf² in the accumulator dtype (one split).
-    const at::Tensor xf = H_in.reshape({N, n * d}).to(acc_type);
-    up = at::mm(xf, phi.to(acc_type)).contiguous();
-    ssp = xf.square().sum(1);
-    p.m_pad = static_cast<int>(M);
-    p.splits = 1;
-    p.up_ptr = up.data_ptr();
-    p.ssp_ptr = ssp.data_ptr();
+    if (with_x) out.push_back(x);
+    return out;
   }
 
+  // The oracle's sequence: u = xf·phi, Σ xf² in the accumulator dtype, the epilogue
+  // kernel, then x by stream_mix.
+  const at::Tensor xf = H_in.reshape({N, n * d}).to(acc_type);
+  const at::Tensor up = at::mm(xf, phi.to(acc_type)).contiguous();
+  const at::Tensor ssp = xf.square().sum(1);
+  p.m_pad = static_cast<int>(M);
+  p.up_ptr = up.data_ptr();
+  p.ssp_ptr = ssp.data_ptr();
   dispatch_streams<kMaxStreams, 4>(static_cast<int>(n), [&](auto kn) {
     constexpr int kN = decltype(kn)::value;
     launch_epilogue(acc_type == at::kDouble ? mhc_coeffs_fwd_epilogue_kernel<double, kN>
                                             : mhc_coeffs_fwd_epilogue_kernel<float, kN>, p, kN, 0);
   });
-  return {alpha, beta, u, r};
+  if (with_x) out.push_back(stream_mix_fwd(H_in, alpha.select(-1, 0)));
+  return out;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H, const at::Tensor& phi, const at::Tensor& a_pre,
+                                       const at::Tensor& a_post, const at::Tensor& a_res, const at::Tensor& b,
+                                       double eps, double pre_eps, double post_mult, int64_t iters,
+                                       double sinkhorn_eps) {
+  return mhc_coeffs_fwd_impl(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters, sinkhorn_eps, false);
+}
+
+std::vector<at::Tensor> mhc_pre_fwd(const at::Tensor& H, const at::Tensor& phi, const at::Tensor& a_pre,
+                                    const at::Tensor& a_post, const at::Tensor& a_res, const at::Tensor& b,
+                                    double eps, double pre_eps, double post_mult, int64_t iters,
+                                    double sinkhorn_eps) {
+  std::vector<at::Tensor> out =
+      mhc_coeffs_fwd_impl(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters, sinkhorn_eps, true);
+  std::rotate(out.begin(), out.end() - 1, out.end());  // x first
+  return out;
 }
 
 std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const std::optional<at::Tensor>& dalpha,

@@ -119,6 +119,12 @@ std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H, const at::Tensor& ph
                                        const at::Tensor& a_post, const at::Tensor& a_res, const at::Tensor& b,
                                        double eps, double pre_eps, double post_mult, int64_t iters,
                                        double sinkhorn_eps);
+//   The connection's pre: {x (*lead, d) in H's dtype, alpha, beta, u, r}, x = Σ_i
+//   alpha[..., i, 0]·H_i computed in the coefficients' pass over H (16-bit H, d >= 32).
+std::vector<at::Tensor> mhc_pre_fwd(const at::Tensor& H, const at::Tensor& phi, const at::Tensor& a_pre,
+                                    const at::Tensor& a_post, const at::Tensor& a_res, const at::Tensor& b,
+                                    double eps, double pre_eps, double post_mult, int64_t iters,
+                                    double sinkhorn_eps);
 //   dH (*lead, n, d) of H's dtype, written (=) or, with `accumulate`, added to (+=) in
 //   place; dalpha (*lead, n, n+1), dbeta (*lead, n) optional (zero when absent); dpre
 //   (*lead, n) optional, a second gradient of alpha[..., 0] added to dalpha's; dx

@@ -38,7 +38,7 @@ from crosslayer.ops.hc_boundary import (hc_boundary_bwd_op, hc_boundary_mix_bwd_
                                        hc_boundary_op)
 from crosslayer.ops.hc_post import hc_post_bwd_op, hc_post_op
 from crosslayer.ops.hc_pre import hc_pre_bwd_op, hc_pre_op
-from crosslayer.ops.mhc_coeffs import mhc_coeffs_bwd_op, mhc_coeffs_op
+from crosslayer.ops.mhc_coeffs import mhc_coeffs_bwd_op, mhc_coeffs_op, mhc_pre_op
 from crosslayer.ops.mudd_weights import mudd_weights_bwd_op, mudd_weights_op
 from crosslayer.ops.stream_mix import stream_mix_bwd_op, stream_mix_dots_op, stream_mix_op
 from hc_inputs import STREAM_LAYOUTS, make_streams, make_vec
@@ -344,6 +344,7 @@ def mhc_coeffs_opcheck(dtype, device):
         params = mhc_params(n, d, dtype, device)
         alpha, beta, u, r = mhc_coeffs_op(H, *params, *MHC_FLOATS)
         calls += [(mhc_coeffs_op, (H, *params, *MHC_FLOATS)),
+                  (mhc_pre_op, (H, *params, *MHC_FLOATS)),
                   (mhc_coeffs_bwd_op, (torch.empty_like(H), False, torch.randn_like(alpha), torch.randn_like(beta),
                                        None, None, H, *params, u, r, *MHC_FLOATS)),
                   (mhc_coeffs_bwd_op, (torch.randn_like(H), True, None, torch.randn_like(beta), torch.randn_like(beta),
@@ -360,6 +361,8 @@ def mhc_coeffs_launcher_errors(kernels, device):
     eps, pre_eps, post_mult, _, sk_eps = MHC_FLOATS
     return [
         (lambda: fwd(H, phi[:, :23], a_pre, a_post, a_res, b, *MHC_FLOATS), r"phi must have shape \(n·d, n²\+2n\)"),
+        (lambda: kernels.mhc_pre_fwd(H, phi[:, :23], a_pre, a_post, a_res, b, *MHC_FLOATS),
+         r"phi must have shape \(n·d, n²\+2n\)"),
         (lambda: fwd(H, phi, a_pre, a_post, a_res, b[:23], *MHC_FLOATS), r"b must have shape \(n²\+2n,\)"),
         (lambda: fwd(H, phi, a_pre, a_post, a_res.reshape(1), b, *MHC_FLOATS), r"a_res must be a 0-dim tensor"),
         (lambda: fwd(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, 0, sk_eps), "iters must be >= 1"),

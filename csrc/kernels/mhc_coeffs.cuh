@@ -30,10 +30,9 @@
 //                                          at::mm path)
 //
 // Kernels
-//   mhc_coeffs_fwd_proj_kernel<T, kVec, kNT>  bf16/fp16 H: partial u and Σ xf² over a
-//       split of the n·d reduction (split-K: grid.y), x·phi on tensor cores (mma.sync
-//       m16n8k16, fp32 accumulate) with phi as 16-bit parts of H's own dtype (H is exact
-//       in it):
+//   mhc_coeffs_fwd_kernel<T, kVec, kN>  bf16/fp16 H, the whole forward in one pass over
+//       H a 16-token tile: u and Σ xf², x·phi on tensor cores (mma.sync m16n8k16, fp32
+//       accumulate) with phi as 16-bit parts of H's own dtype (H is exact in it):
 //       fp16: hi + lo of phi·2^k, k chosen on the device so that max|phi|·2^k lies in
 //             [2^14, 2^15) (fp16's narrow exponent range would flush the lo parts of a
 //             small phi to subnormals), the partials scaled back by 2^-k (exact);
@@ -42,9 +41,11 @@
 //             alone leaves 2^-17 relative in u, which the parameter gradients (sums over
 //             tokens, fp32 outputs, floor 1e-5) do not absorb; residual 2^-25.
 //       kNT n-tiles (8 columns each) a pass: 3 for n = 4 (M = 24, one pass), 8 for the
-//       generic instantiation (passes of 64 columns; H is re-read per pass).
-//   mhc_coeffs_fwd_epilogue_kernel<acc, kN>  sums the splits in split order, then rms
-//       scale, gates and Sinkhorn in registers; writes alpha, beta, u, r.
+//       generic instantiation (passes of 64 columns; the tile is re-read per pass, from
+//       L1/L2); then the epilogue below on the tile, and (the connection's pre) x =
+//       Σ_i alpha[:, i, 0]·H_i from the tile again (L1/L2).
+//   mhc_coeffs_fwd_epilogue_kernel<acc, kN>  the at::mm path's epilogue: rms scale,
+//       gates and Sinkhorn in registers; writes alpha, beta, u, r.
 //   mhc_coeffs_bwd_epilogue_kernel<acc, kN>  Sinkhorn backward and the chain above;
 //       writes du, s, G.
 //   mhc_coeffs_bwd_dh_kernel<T, kVec, kDT>  bf16/fp16 H: dH = du·phiᵀ − s·xf on tensor
@@ -54,7 +55,7 @@
 //       read once. kDT n-tiles of dphi a pass: 3 for n = 4 (all of M), 8 otherwise (column
 //       passes of 64 in grid.y: H is re-read per extra pass, from n = 8 on).
 //   (fp32/fp64 H, the correctness dtypes: the launcher computes u, Σ xf², dH with at::mm
-//   in the arithmetic dtype and runs the same epilogue kernels.)
+//   in the arithmetic dtype and runs the epilogue kernels; x by stream_mix.)
 //
 // Fragment layouts (PTX ISA mma.m16n8k16 row.col; lane = 4·grp + tig) and the packing
 // of phi are those of common/mma.cuh (proj: Wf, G·Wᵀ: Wb) with W := phi
@@ -63,9 +64,9 @@
 // and no chunk straddles two streams.
 //
 // Thread mapping
-//   proj: a block of kMhcCoeffsWarps warps; warp w owns tokens 16·(blockIdx.x·warps
-//       + w) + 0..15 (rows grp and grp + 8 of the fragments), and chunks
-//       [blockIdx.y·chunks_per_split, ...) of the reduction (partials per split).
+//   fwd: a block of kMhcFwdWarps warps on one 16-token tile at a time (rows grp and grp
+//       + 8 of the fragments); warp w takes chunks w, w + warps, ... of the reduction
+//       (partials in shared memory, summed in warp order); see the kernel.
 //   dh: warp u = blockIdx.x·warps + w owns one chunk (u % (n·cps)) and one token group
 //       (u / (n·cps)), whose 16-token tiles it walks in order: dH outputs are disjoint,
 //       dphi accumulates in the warp's registers over the group (no atomics).
@@ -104,7 +105,7 @@
 
 namespace crosslayer {
 
-constexpr int kMhcCoeffsWarps = 4;  // warps a block (proj, dh)
+constexpr int kMhcCoeffsWarps = 4;  // warps a block (dh)
 constexpr int kMhcCoeffsThreads = kMhcCoeffsWarps * kWarpSize;
 constexpr int kMhcCoeffsEpiThreads = 128;  // threads a block (epilogues)
 constexpr int kMhcCoeffsDhTiles = 4;       // n-tiles a dh chunk (32 features)
@@ -115,11 +116,9 @@ struct MhcCoeffsParams {
   index_t d;                 // features a stream
   int n;                     // streams
   int M;                     // n² + 2n projections
-  int m_pad;                 // row stride of the u partials = columns of the packed phif
+  int m_pad;                 // columns of the packed phif (and the row stride of up)
   int ldu;                   // row stride of du (M rounded up to 16)
   index_t cps;               // chunks of 32 features a stream (d_pad / 32)
-  index_t chunks_per_split;  // chunks of the n·cps a proj/dh block walks
-  int splits;                // proj: partial slices (gridDim.y)
   int iters;                 // Sinkhorn iterations (>= 1)
   double eps, pre_eps, post_mult, sinkhorn_eps;
   TokenLayout h_tok;         // H (N, n, d): tokens
@@ -135,8 +134,10 @@ struct MhcCoeffsParams {
   const void* __restrict__ a_res_ptr;
   const void* __restrict__ b_ptr;     // (M) accumulator dtype
   // forward
-  void* __restrict__ up_ptr;     // (splits, N, m_pad) partial u
-  void* __restrict__ ssp_ptr;    // (splits, N) partial Σ xf²
+  void* __restrict__ up_ptr;     // at::mm path: (N, m_pad) u, for the epilogue kernel
+  void* __restrict__ ssp_ptr;    // at::mm path: (N) Σ xf²
+  TokenLayout x_tok;             // fused forward: the pre's x = Σ_i alpha[:, i, 0]·H_i
+  void* __restrict__ x_ptr;      // (N, d), or null (the coefficients alone)
   void* __restrict__ alpha_ptr;  // (N, n, n+1)
   void* __restrict__ beta_ptr;   // (N, n)
   void* __restrict__ u_ptr;      // (N, M)   forward output, backward input
@@ -188,81 +189,6 @@ __device__ __forceinline__ MhcScales<acc> mhc_scales(const MhcCoeffsParams& p) {
 __device__ __forceinline__ void mhc_coeffs_chunk(int64_t c, int64_t cps, int tig, int64_t& i, int64_t& e) {
   i = c / cps;
   e = (c - i * cps) * 32 + tig * 8;
-}
-
-// The chunks [begin, end) of this block's split (blockIdx.y) of the n·cps chunks.
-__device__ __forceinline__ void mhc_coeffs_split_chunks(const MhcCoeffsParams& p, int64_t& begin, int64_t& end) {
-  const int64_t c_total = p.cps * p.n;
-  begin = blockIdx.y * p.chunks_per_split;
-  end = begin + p.chunks_per_split < c_total ? begin + p.chunks_per_split : c_total;
-}
-
-// --------------------------------------------------------------------------- proj
-
-// Partial u and Σ xf² of a split of the reduction, bf16/fp16 H.
-template <typename T, bool kVec, int kNT>
-__global__ void __launch_bounds__(kMhcCoeffsThreads) mhc_coeffs_fwd_proj_kernel(const MhcCoeffsParams p) {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  const int grp = lane / 4, tig = lane % 4;
-  const int64_t N = p.n_tokens;
-  const int64_t t0 = (static_cast<int64_t>(blockIdx.x) * kMhcCoeffsWarps + warp) * 16;
-  if (t0 >= N) return;  // no barriers in this kernel
-  const int64_t d = p.d;
-  const int64_t ta = t0 + grp, tb = t0 + grp + 8;  // the thread's two rows
-  const bool va = ta < N, vb = tb < N;
-  const T* __restrict__ H = static_cast<const T*>(p.h_ptr);
-  const T* __restrict__ xa = H + (va ? p.h_tok.offset(ta) : 0);
-  const T* __restrict__ xb = H + (vb ? p.h_tok.offset(tb) : 0);
-  const uint4* __restrict__ W = static_cast<const uint4*>(p.phif_ptr);
-  constexpr bool kRest = std::is_same<T, __nv_bfloat16>::value;  // third part of phi
-  const int split = blockIdx.y;
-  const int64_t c_total = p.cps * p.n;
-  const int64_t c_begin = split * p.chunks_per_split;
-  const int64_t c_end = c_begin + p.chunks_per_split < c_total ? c_begin + p.chunks_per_split : c_total;
-  const int n_tiles = p.m_pad / 8;  // per chunk-step row of phif
-  float* __restrict__ U = static_cast<float*>(p.up_ptr) + static_cast<int64_t>(split) * N * p.m_pad;
-  float ssa = 0.f, ssb = 0.f;
-
-  for (int col0 = 0; col0 < p.m_pad; col0 += 8 * kNT) {
-    float acc[kNT][4];
-    mma_zero(acc);
-    // Two chunks in flight; one for bf16 (kRest: phi's third part), whose loop body with
-    // two would not fit the register budget.
-#pragma unroll(kRest ? 1 : 2)
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      const int64_t i = c / p.cps;
-      const int64_t e = (c - i * p.cps) * 32 + tig * 8;
-      const int64_t so = i * p.h_stream_stride;
-      const uint4 wa = va ? load8<T, kVec>(xa + so, e, d) : make_uint4(0, 0, 0, 0);
-      const uint4 wb = vb ? load8<T, kVec>(xb + so, e, d) : make_uint4(0, 0, 0, 0);
-      if (col0 == 0) {
-        ssa += sumsq8<T>(wa);
-        ssb += sumsq8<T>(wb);
-      }
-      mma_proj_chunk<T, kNT, kRest, true>(acc, wa, wb, W, c, n_tiles, col0, p.M, lane);
-    }
-    const float unscale = p.proj_unscale_ptr != nullptr ? *p.proj_unscale_ptr : 1.f;
-#pragma unroll
-    for (int j = 0; j < kNT; ++j) {
-      const int k = col0 + j * 8 + tig * 2;
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        if (va) U[ta * p.m_pad + k + q] = acc[j][q] * unscale;
-        if (vb) U[tb * p.m_pad + k + q] = acc[j][2 + q] * unscale;
-      }
-    }
-  }
-  // Row sums over the 4 threads of a row (tig), fixed order.
-  ssa = quad_sum(ssa);
-  ssb = quad_sum(ssb);
-  if (tig == 0) {
-    float* __restrict__ SS = static_cast<float*>(p.ssp_ptr) + static_cast<int64_t>(split) * N;
-    if (va) SS[ta] = ssa;
-    if (vb) SS[tb] = ssb;
-  }
-#endif
 }
 
 // ------------------------------------------------------------------------ Sinkhorn
@@ -393,24 +319,14 @@ struct MhcRow {
   acc pre, post, res[kN];
 };
 
-// Sum of the split partials of the lane's row, in split order.
+// The lane's row of u (zeros when inactive): u[row], u[n + row], u[2n + row·n + j].
 template <typename acc, int kN>
-__device__ __forceinline__ MhcRow<acc, kN> mhc_load_row(const acc* __restrict__ base, int64_t split_stride,
-                                                        int splits, int n, int row, bool active) {
+__device__ __forceinline__ MhcRow<acc, kN> mhc_load_row(const acc* __restrict__ us, int n, int row, bool active) {
   MhcRow<acc, kN> u;
-  u.pre = u.post = acc(0);
+  u.pre = active ? us[row] : acc(0);
+  u.post = active ? us[n + row] : acc(0);
 #pragma unroll
-  for (int j = 0; j < kN; ++j) u.res[j] = acc(0);
-  if (!active) return u;
-  for (int sp = 0; sp < splits; ++sp) {
-    const acc* __restrict__ us = base + sp * split_stride;
-    u.pre += us[row];
-    u.post += us[n + row];
-#pragma unroll
-    for (int j = 0; j < kN; ++j) {
-      if (j < n) u.res[j] += us[2 * n + row * n + j];
-    }
-  }
+  for (int j = 0; j < kN; ++j) u.res[j] = (active && j < n) ? us[2 * n + row * n + j] : acc(0);
   return u;
 }
 
@@ -432,9 +348,9 @@ __device__ __forceinline__ void mhc_coeffs_res_logits(const MhcCoeffsParams& p, 
 
 // Forward outputs of an active lane (=): alpha[t, row, 0] = sigmoid(h_pre) + pre_eps,
 // alpha[t, row, 1..n] = P, beta[t, row] = post_mult·sigmoid(h_post), the lane's u row,
-// and r (row 0).
+// and r (row 0). Returns alpha[t, row, 0] (the pre's mixing weight).
 template <typename acc, int kN>
-__device__ __forceinline__ void mhc_coeffs_write_fwd(const MhcCoeffsParams& p, const MhcCoeffsLane& l,
+__device__ __forceinline__ acc mhc_coeffs_write_fwd(const MhcCoeffsParams& p, const MhcCoeffsLane& l,
                                                      const MhcRow<acc, kN>& u, acc r, const acc (&P)[kN]) {
   const int n = p.n, row = l.row;
   const int64_t t = l.t;
@@ -443,7 +359,8 @@ __device__ __forceinline__ void mhc_coeffs_write_fwd(const MhcCoeffsParams& p, c
   const acc h_pre = sc.pre * (r * u.pre) + b[row];
   const acc h_post = sc.post * (r * u.post) + b[n + row];
   acc* __restrict__ alpha = static_cast<acc*>(p.alpha_ptr) + (t * n + row) * (n + 1);
-  alpha[0] = acc_sigmoid(h_pre) + static_cast<acc>(p.pre_eps);
+  const acc w = acc_sigmoid(h_pre) + static_cast<acc>(p.pre_eps);
+  alpha[0] = w;
 #pragma unroll
   for (int j = 0; j < kN; ++j) {
     if (j < n) alpha[1 + j] = P[j];
@@ -457,6 +374,7 @@ __device__ __forceinline__ void mhc_coeffs_write_fwd(const MhcCoeffsParams& p, c
     if (j < n) uo[2 * n + row * n + j] = u.res[j];
   }
   if (row == 0) static_cast<acc*>(p.r_ptr)[t] = r;
+  return w;
 }
 
 template <typename acc, int kN>
@@ -464,17 +382,176 @@ __global__ void __launch_bounds__(kMhcCoeffsEpiThreads) mhc_coeffs_fwd_epilogue_
   const int64_t N = p.n_tokens;
   const int n = p.n;
   const MhcCoeffsLane l = mhc_coeffs_lane<kN>(N, n);
-  const acc* __restrict__ ssp = static_cast<const acc*>(p.ssp_ptr);
-  acc ss = acc(0);
-  for (int sp = 0; sp < p.splits; ++sp) ss += ssp[sp * N + l.tc];
-  const MhcRow<acc, kN> u = mhc_load_row<acc, kN>(static_cast<const acc*>(p.up_ptr) + l.tc * p.m_pad,
-                                                  N * p.m_pad, p.splits, n, l.row, l.active);
+  const acc ss = static_cast<const acc*>(p.ssp_ptr)[l.tc];
+  const MhcRow<acc, kN> u =
+      mhc_load_row<acc, kN>(static_cast<const acc*>(p.up_ptr) + l.tc * p.m_pad, n, l.row, l.active);
   const acc r = acc_rsqrt(ss / static_cast<acc>(static_cast<int64_t>(n) * p.d) + static_cast<acc>(p.eps));
   acc zres[kN], L[kN], S[kN], P[kN];
   mhc_coeffs_res_logits<acc, kN>(p, l, u, r, zres, L);
   mhc_sinkhorn_fwd<acc, kN>(L, n, l.row, l.active, p.iters, static_cast<acc>(p.sinkhorn_eps), S, P, nullptr, 0);
   if (!l.active) return;  // after the last shuffle
   mhc_coeffs_write_fwd<acc, kN>(p, l, u, r, P);
+}
+
+// ------------------------------------------------------------------ fused forward
+
+constexpr int kMhcFwdWarps = 8;  // warps a block of the fused forward
+constexpr int kMhcFwdThreads = kMhcFwdWarps * kWarpSize;
+
+// Shared memory of mhc_coeffs_fwd_kernel<T, kVec, kN>, in floats: the warps' u partials
+// of a column pass [warps][16][8·kNT], the tile's u [16][m_pad], the warps' Σ xf²
+// partials [warps][16], the tile's Σ xf² [16] and its pre weights [16][kN].
+template <int kN>
+__host__ __device__ constexpr int mhc_coeffs_fwd_smem_floats(int m_pad) {
+  return kMhcFwdWarps * 16 * 8 * MhcCoeffsProjTiles<kN>::value + 16 * m_pad + kMhcFwdWarps * 16 + 16 + 16 * kN;
+}
+
+// The forward for bf16/fp16 H in one pass over H: a block walks 16-token tiles (tile
+// blockIdx.x, then + gridDim.x, ...); per tile
+//   1. u = xf·phi and Σ xf² on tensor cores: the n·cps chunks split over the warps in
+//      feature-major order (chunk k: stream k % n, feature chunk k / n), each warp's
+//      partial in shared memory, summed in warp order (column passes of 8·kNT when
+//      m_pad is wider; the tile is re-read per pass from L1/L2);
+//   2. the epilogue (gates, Sinkhorn) on the first 16·kN threads, whole warps: thread
+//      (token tt, row) as the epilogue kernels' lane; writes alpha, beta, u, r;
+//   3. with x_ptr, x = Σ_i alpha[:, i, 0]·H_i of the tile, features walked downward
+//      (the data phase 1 read last first: L1, then L2 hits; one HBM read of H a tile
+//      as long as the tiles in flight fit the L2, which the launcher's grid ensures).
+// Dynamic shared memory: mhc_coeffs_fwd_smem_floats<kN>(m_pad) floats.
+template <typename T, bool kVec, int kN>
+__global__ void __launch_bounds__(kMhcFwdThreads) mhc_coeffs_fwd_kernel(const MhcCoeffsParams p) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  constexpr int kNT = MhcCoeffsProjTiles<kN>::value;
+  constexpr int kCols = 8 * kNT;
+  constexpr bool kRest = std::is_same<T, __nv_bfloat16>::value;  // third part of phi
+  extern __shared__ __align__(16) unsigned char mhc_fwd_smem[];
+  float* __restrict__ part = reinterpret_cast<float*>(mhc_fwd_smem);  // [warps][16][kCols]
+  float* __restrict__ u_tile = part + kMhcFwdWarps * 16 * kCols;       // [16][m_pad]
+  float* __restrict__ ss_part = u_tile + 16 * p.m_pad;                 // [warps][16]
+  float* __restrict__ ss_tile = ss_part + kMhcFwdWarps * 16;           // [16]
+  float* __restrict__ w_tile = ss_tile + 16;                           // [16][kN]
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int grp = lane / 4, tig = lane % 4;
+  const int n = p.n;
+  const int64_t N = p.n_tokens, d = p.d;
+  const int64_t c_total = p.cps * n;
+  const int64_t tiles = (N + 15) / 16;
+  const T* __restrict__ H = static_cast<const T*>(p.h_ptr);
+  const uint4* __restrict__ W = static_cast<const uint4*>(p.phif_ptr);
+  const int n_tiles = p.m_pad / 8;  // per chunk-step row of phif
+  const float unscale = p.proj_unscale_ptr != nullptr ? *p.proj_unscale_ptr : 1.f;
+
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t t0 = tile * 16, ta = t0 + grp, tb = t0 + grp + 8;
+    const bool va = ta < N, vb = tb < N;
+    const T* __restrict__ xa = H + (va ? p.h_tok.offset(ta) : 0);
+    const T* __restrict__ xb = H + (vb ? p.h_tok.offset(tb) : 0);
+    float ssa = 0.f, ssb = 0.f;
+    for (int col0 = 0; col0 < p.m_pad; col0 += kCols) {
+      float acc[kNT][4];
+      mma_zero(acc);
+      // Two chunks in flight; one for bf16 (kRest: phi's third part), whose loop body
+      // with two would not fit the register budget.
+#pragma unroll(kRest ? 1 : 2)
+      for (int64_t k = warp; k < c_total; k += kMhcFwdWarps) {
+        const int64_t i = k % n, f = k / n;
+        const int64_t e = f * 32 + tig * 8;
+        const int64_t so = i * p.h_stream_stride;
+        const uint4 wa = va ? load8<T, kVec>(xa + so, e, d) : make_uint4(0, 0, 0, 0);
+        const uint4 wb = vb ? load8<T, kVec>(xb + so, e, d) : make_uint4(0, 0, 0, 0);
+        if (col0 == 0) {
+          ssa += sumsq8<T>(wa);
+          ssb += sumsq8<T>(wb);
+        }
+        mma_proj_chunk<T, kNT, kRest, true>(acc, wa, wb, W, i * p.cps + f, n_tiles, col0, p.M, lane);
+      }
+      float* __restrict__ pw = part + warp * 16 * kCols;
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          pw[grp * kCols + 8 * j + 2 * tig + q] = acc[j][q];
+          pw[(grp + 8) * kCols + 8 * j + 2 * tig + q] = acc[j][2 + q];
+        }
+      }
+      if (col0 == 0) {  // row sums over the 4 threads of a row (tig), fixed order
+        ssa = quad_sum(ssa);
+        ssb = quad_sum(ssb);
+        if (tig == 0) {
+          ss_part[warp * 16 + grp] = ssa;
+          ss_part[warp * 16 + grp + 8] = ssb;
+        }
+      }
+      __syncthreads();
+      for (int idx = threadIdx.x; idx < 16 * kCols; idx += kMhcFwdThreads) {  // warp order
+        float sum = 0.f;
+        for (int w = 0; w < kMhcFwdWarps; ++w) sum += part[w * 16 * kCols + idx];
+        u_tile[(idx / kCols) * p.m_pad + col0 + idx % kCols] = sum * unscale;
+      }
+      if (col0 == 0 && threadIdx.x < 16) {
+        float sum = 0.f;
+        for (int w = 0; w < kMhcFwdWarps; ++w) sum += ss_part[w * 16 + threadIdx.x];
+        ss_tile[threadIdx.x] = sum;
+      }
+      __syncthreads();
+    }
+
+    if (threadIdx.x < 16 * kN) {  // whole warps: 64 or 256 threads
+      const int tt = threadIdx.x / kN;
+      MhcCoeffsLane l;
+      l.gt = threadIdx.x;
+      l.t = t0 + tt;
+      l.row = threadIdx.x % kN;
+      l.valid = l.t < N;
+      l.active = l.valid && l.row < n;
+      l.tc = l.valid ? l.t : 0;
+      l.rr = l.active ? l.row : 0;
+      const MhcRow<float, kN> u = mhc_load_row<float, kN>(u_tile + tt * p.m_pad, n, l.row, l.active);
+      const float r = acc_rsqrt(ss_tile[tt] / static_cast<float>(static_cast<int64_t>(n) * d) +
+                                static_cast<float>(p.eps));
+      float zres[kN], L[kN], S[kN], P[kN];
+      mhc_coeffs_res_logits<float, kN>(p, l, u, r, zres, L);
+      mhc_sinkhorn_fwd<float, kN>(L, n, l.row, l.active, p.iters, static_cast<float>(p.sinkhorn_eps), S, P,
+                                  nullptr, 0);
+      w_tile[threadIdx.x] = l.active ? mhc_coeffs_write_fwd<float, kN>(p, l, u, r, P) : 0.f;
+    }
+    __syncthreads();
+
+    if (p.x_ptr != nullptr) {
+      T* __restrict__ X = static_cast<T*>(p.x_ptr);
+      const int64_t nv = (d + 7) / 8;
+      for (int64_t idx = threadIdx.x; idx < 16 * nv; idx += kMhcFwdThreads) {
+        const int tt = static_cast<int>(idx % 16);
+        const int64_t t = t0 + tt, e = (nv - 1 - idx / 16) * 8;
+        if (t >= N) continue;
+        const T* __restrict__ h = H + p.h_tok.offset(t);
+        float x8[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) x8[k] = 0.f;
+        for (int i = 0; i < n; ++i) {
+          const uint4 hw = load8<T, kVec>(h + i * p.h_stream_stride, e, d);
+          const T* hv = reinterpret_cast<const T*>(&hw);
+          const float wi = w_tile[tt * kN + i];
+#pragma unroll
+          for (int k = 0; k < 8; ++k) x8[k] += wi * to_acc(hv[k]);
+        }
+        Vec<T, 8> out;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) out.v[k] = from_acc<T>(x8[k]);
+        T* __restrict__ xo = X + p.x_tok.offset(t);
+        if (kVec && e + 8 <= d) {
+          *reinterpret_cast<Vec<T, 8>*>(xo + e) = out;
+        } else {
+#pragma unroll
+          for (int k = 0; k < 8; ++k) {
+            if (e + k < d) xo[e + k] = out.v[k];
+          }
+        }
+      }
+    }
+    __syncthreads();  // the next tile reuses the shared memory
+  }
+#endif
 }
 
 // The gates' backward of an active lane (zero otherwise): z = r·u of pre and post,
@@ -547,8 +624,7 @@ __global__ void __launch_bounds__(kMhcCoeffsEpiThreads) mhc_coeffs_bwd_epilogue_
   const MhcScales<acc> sc = mhc_scales<acc>(p);
   const acc* __restrict__ dalpha = static_cast<const acc*>(p.dalpha_ptr);
 
-  const MhcRow<acc, kN> u =
-      mhc_load_row<acc, kN>(static_cast<const acc*>(p.u_ptr) + l.tc * p.M, 0, 1, n, l.row, l.active);
+  const MhcRow<acc, kN> u = mhc_load_row<acc, kN>(static_cast<const acc*>(p.u_ptr) + l.tc * p.M, n, l.row, l.active);
   const acc r = static_cast<const acc*>(p.r_ptr)[l.tc];
   acc zres[kN], L[kN], S[kN], P[kN];
   mhc_coeffs_res_logits<acc, kN>(p, l, u, r, zres, L);

@@ -169,6 +169,7 @@ enum cudaDeviceAttr {
   cudaDevAttrComputeCapabilityMajor = 75,
   cudaDevAttrComputeCapabilityMinor = 76,
   cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
+  cudaDevAttrL2CacheSize = 38,
 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 #ifndef CUDART_VERSION
@@ -197,6 +198,7 @@ namespace cuemu {
 constexpr int kSmemOptin = 232448;     // 227 KB per block with the opt-in
 constexpr int kSmemDefault = 49152;    // without cudaFuncSetAttribute
 constexpr int kSmemPerSM = 233472;     // 228 KB
+constexpr int kL2Bytes = 52428800;     // 50 MB (not scaled with the SM count)
 constexpr size_t kStackBytes = 128 * 1024;
 
 // cuemu_switch(&from_sp, to_sp): saves the callee-saved state on the current stack,
@@ -707,6 +709,7 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
     case cudaDevAttrComputeCapabilityMajor: *v = 9; break;
     case cudaDevAttrComputeCapabilityMinor: *v = 0; break;
     case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *v = cuemu::kSmemPerSM; break;
+    case cudaDevAttrL2CacheSize: *v = cuemu::kL2Bytes; break;
     default: return cudaErrorInvalidValue;
   }
   return cudaSuccess;

@@ -6,6 +6,8 @@ Layers, bottom up:
   torch.ops.crosslayer.mhc_coeffs          custom op + fake + autograd: (alpha, beta, u,
                                            r); u = xf·phi and r = rsqrt(mean xf² + eps)
                                            are saved for the backward, not differentiable
+  torch.ops.crosslayer.mhc_pre             custom op: (x, alpha, beta, u, r), the
+                                           connection's pre in the coefficients' pass
   torch.ops.crosslayer.mhc_coeffs_bwd      custom op: dH (=|+=) in place; (dphi, da_pre,
                                            da_post, da_res, db)
   mhc_coeffs(H, phi, a_pre, a_post, a_res, b, ...)
@@ -78,6 +80,30 @@ def _mhc_coeffs_fake(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, i
             H.new_empty((*lead, n * n + 2 * n), dtype=acc), H.new_empty(tuple(lead), dtype=acc))
 
 
+@torch.library.custom_op("crosslayer::mhc_pre", mutates_args=())
+def mhc_pre_op(H: Tensor, phi: Tensor, a_pre: Tensor, a_post: Tensor, a_res: Tensor, b: Tensor,
+               eps: float, pre_eps: float, post_mult: float, iters: int,
+               sinkhorn_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The mHC connection's pre forward: (x, alpha, beta, u, r), mhc_coeffs_op's outputs
+    and x = Σ_i alpha[..., i, 0]·H_i: (*lead, d) in H's dtype, fused on CUDA into the
+    coefficients' pass over H (H read once). Arguments as mhc_coeffs_op."""
+    kernels = kernels_for(H, "mhc_coeffs")
+    if kernels is not None:
+        x, alpha, beta, u, r = kernels.mhc_pre_fwd(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult,
+                                                   iters, sinkhorn_eps)
+        return x, alpha, beta, u, r
+    alpha, beta, u, r = mhc_coeffs_op(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters,
+                                      sinkhorn_eps)
+    return stream_mix_op(H, alpha[..., 0]), alpha, beta, u, r
+
+
+@mhc_pre_op.register_fake
+def _mhc_pre_fake(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters, sinkhorn_eps):
+    alpha, beta, u, r = _mhc_coeffs_fake(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters,
+                                         sinkhorn_eps)
+    return H.new_empty((*H.shape[:-2], H.shape[-1])), alpha, beta, u, r
+
+
 @torch.library.custom_op("crosslayer::mhc_coeffs_bwd", mutates_args=("dH",))
 def mhc_coeffs_bwd_op(dH: Tensor, accumulate: bool, dalpha: Optional[Tensor], dbeta: Optional[Tensor],
                       dpre: Optional[Tensor], dx: Optional[Tensor], H: Tensor, phi: Tensor, a_pre: Tensor,
@@ -148,8 +174,9 @@ mhc_coeffs_op.register_autograd(_mhc_backward, setup_context=_mhc_setup)
 
 
 class _MhcPreForPost(torch.autograd.Function):
-    """The mHC connection's pre, (x, alpha, beta, H_post): mhc_coeffs, then x =
-    stream_mix(H, alpha[..., 0]); H_post is H, for the connection's hc_post to read. The
+    """The mHC connection's pre, (x, alpha, beta, H_post): mhc_pre_op (the coefficients
+    and x = stream_mix(H, alpha[..., 0]) in one pass over H); H_post is H, for the
+    connection's hc_post to read. The
     backward receives hc_post's dH as H_post's gradient; stream_mix_dots gives <dx, H_i>
     (dpre, a second gradient of alpha[..., 0]) and the coefficient kernel adds its own dH
     term and the mix's alpha[..., i, 0]·dx in one pass: H's gradient is one tensor, every
@@ -157,10 +184,8 @@ class _MhcPreForPost(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters, sinkhorn_eps):
-        alpha, beta, u, r = mhc_coeffs_op(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters,
+        x, alpha, beta, u, r = mhc_pre_op(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters,
                                           sinkhorn_eps)
-        w = alpha[..., 0]
-        x = stream_mix_op(H, w)
         ctx.save_for_backward(H, phi, a_pre, a_post, a_res, b, u, r)
         ctx.floats = (eps, pre_eps, post_mult, iters, sinkhorn_eps)
         return x, alpha, beta, H
@@ -190,7 +215,7 @@ def mhc_coeffs(H: Tensor, phi: Tensor, a_pre: Scalar, a_post: Scalar, a_res: Sca
 
     Fused on CUDA when the extension is built (forward: the projection and sum of
     squares in one pass over H, then gates and Sinkhorn in registers; backward: the exact
-    Sinkhorn backward, dH in one pass, dphi by cuBLAS); the oracle otherwise, and for
+    Sinkhorn backward, dH and dphi in one pass over H); the oracle otherwise, and for
     float64 parameters with lower-precision H.
     """
     validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters)
