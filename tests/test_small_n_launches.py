@@ -69,10 +69,10 @@ def test_boundary_launches_at_small_n(counter_and_module, kind, static_alpha, N)
 # coefficients' token_sums, stream_mix's backward and its dw sum, and autograd's
 # select_backward and add joining A's two gradients (alpha = A, w = A[:, 0]; a chain's
 # interior runs the boundary instead: test above). mHC: phi's packing,
-# the projection, the epilogue, stream_mix, hc_post; backward hc_post, stream_mix_dots,
+# the coefficients and x in one kernel, hc_post; backward hc_post, stream_mix_dots,
 # the epilogue, the parameter token_sums, phi's dx packing, and the dH pass with dphi
 # (one token group up to 64 tokens: no partial sum).
-CONNECTION_LAUNCHES = {"dhc": (3, 3), "shc": (2, 6), "mhc": (5, 6)}
+CONNECTION_LAUNCHES = {"dhc": (3, 3), "shc": (2, 6), "mhc": (3, 6)}
 
 
 @pytest.mark.parametrize("N", [1, 64])
