@@ -55,6 +55,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hc_pre_bwd", &crosslayer::hc_pre_bwd, "dH (=|+=) in place; returns [dA, dB, dW, ds_a, ds_b] of dynamic-HC hc_pre");
   m.def("mhc_coeffs_fwd", &crosslayer::mhc_coeffs_fwd, "[alpha, beta, u, r] of the mHC coefficients");
   m.def("mhc_pre_fwd", &crosslayer::mhc_pre_fwd, "[x, alpha, beta, u, r]: the mHC pre, x in the coefficients' pass");
+  m.def("mhc_boundary_fwd", &crosslayer::mhc_boundary_fwd,
+        "[H', x', alpha', beta', u, r]: connection i's post fused with the mHC pre of H'");
   m.def("mhc_coeffs_bwd", &crosslayer::mhc_coeffs_bwd,
         "dH (=|+=) in place; returns [dphi, da_pre, da_post, da_res, db] of the mHC coefficients");
   m.def("mudd_weights_fwd", &crosslayer::mudd_weights_fwd, "[A, u, r] of mudd_weights");

@@ -5,9 +5,14 @@
 //       -> {alpha (*, n, n+1), beta (*, n), u = xf·phi (*, M), r (*)}
 //   mhc_pre_fwd(<the same>) -> {x (*, d), alpha, beta, u, r}: the connection's pre, x =
 //       Σ_i alpha[..., i, 0]·H_i in the same pass over H
-//   mhc_coeffs_bwd(dH, accumulate, dalpha?, dbeta?, dpre?, dx?, H, phi, a_pre, a_post, a_res, b,
-//                  u, r, <same floats>)
-//       -> dH (*, n, d) written (=) or added to (+=, `accumulate`) in place;
+//   mhc_boundary_fwd(H, y, alpha, beta (connection i's post, as hc_post_fwd's), <the
+//                    same as mhc_coeffs_fwd from phi on>)
+//       -> {H' (H's layout), x', alpha', beta', u, r}: H' = hc_post(H, y, alpha, beta)
+//          mixed, written and projected in the same kernel (16-bit H, d >= 32)
+//   mhc_coeffs_bwd(dH, accumulate, prior?, dalpha?, dbeta?, dpre?, dx?, H, phi, a_pre, a_post,
+//                  a_res, b, u, r, <same floats>)
+//       -> dH (*, n, d) written (=), added to (+=, `accumulate`) in place, or written as
+//          prior + the terms (`prior`: another op's gradient of H, only read);
 //          {dphi, da_pre, da_post, da_res, db}
 //   (the connection's pre x = Σ_i alpha[..., i, 0]·H_i folded in: dpre (*, n) = <dx, H_i>,
 //   a second gradient of alpha[..., 0] added to dalpha's column 0 in the kernel instead
@@ -41,6 +46,7 @@
 #include "common/launch.h"
 #include "common/layout.h"
 #include "common/mma_pack.h"
+#include "hc_post.h"
 #include "token_sums.h"
 #include "kernels/mhc_coeffs.cuh"
 #include "ops.h"
@@ -127,11 +133,13 @@ void launch_epilogue(Kernel kernel, const MhcCoeffsParams& p, int group, int sme
 }
 
 // The forward, with x = Σ_i alpha[..., i, 0]·H_i when `with_x`: {alpha, beta, u, r}
-// and then x.
+// and then x. With `post` (the boundary), H_in is H' = hc_post(post's H, y, alpha,
+// beta), allocated by the caller and written here on the tensor-core path (the caller
+// has written it on the other).
 std::vector<at::Tensor> mhc_coeffs_fwd_impl(const at::Tensor& H_in, const at::Tensor& phi, const at::Tensor& a_pre,
                                             const at::Tensor& a_post, const at::Tensor& a_res, const at::Tensor& b,
                                             double eps, double pre_eps, double post_mult, int64_t iters,
-                                            double sinkhorn_eps, bool with_x) {
+                                            double sinkhorn_eps, bool with_x, const HcPostInputs* post) {
   const MhcShape sh = check_mhc_inputs(H_in, phi, a_pre, a_post, a_res, b, iters);
   const c10::cuda::CUDAGuard guard(H_in.device());
   const at::ScalarType acc_type = acc_dtype(H_in.scalar_type());
@@ -161,6 +169,19 @@ std::vector<at::Tensor> mhc_coeffs_fwd_impl(const at::Tensor& H_in, const at::Te
     const at::Tensor H = readable(H_in, 2, &p.h_tok);
     p.h_ptr = H.data_ptr();
     p.h_stream_stride = stream_stride(H);
+    if (post != nullptr) {
+      TORCH_INTERNAL_ASSERT(H.is_same(H_in), "mhc_boundary_fwd: H' must be writable in place");
+      p.hn_ptr = H.data_ptr();  // written through its layout p.h_tok
+      p.post_h_ptr = post->p.h_ptr;
+      p.post_h_tok = post->p.h_tok;
+      p.post_h_stream_stride = post->p.h_stream_stride;
+      p.post_y_ptr = post->p.y_ptr;
+      p.post_y_tok = post->p.y_tok;
+      p.post_a_ptr = post->p.a_ptr;
+      p.post_b_ptr = post->p.b_ptr;
+      p.post_a_token_stride = post->p.a_token_stride;
+      p.post_b_token_stride = post->p.b_token_stride;
+    }
     at::Tensor x;
     if (with_x) {
       x = at::empty(with_tail(sh.lead, {d}), H_in.options());
@@ -189,15 +210,21 @@ std::vector<at::Tensor> mhc_coeffs_fwd_impl(const at::Tensor& H_in, const at::Te
     const int64_t l2 = device_attribute(cudaDevAttrL2CacheSize, device);
     const int64_t tile_bytes = 16 * n * d * static_cast<int64_t>(H.element_size());
     const int64_t blocks = std::min({tiles, 2 * sms, std::max<int64_t>(1, l2 / 2 / tile_bytes)});
-    const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, 8) && (!with_x || vec_ok(p.x_ptr, p.x_tok, 0, 8));
+    const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, 8) &&
+                           (!with_x || vec_ok(p.x_ptr, p.x_tok, 0, 8)) &&
+                           (post == nullptr || (vec_ok(p.post_h_ptr, p.post_h_tok, p.post_h_stream_stride, 8) &&
+                                                vec_ok(p.post_y_ptr, p.post_y_tok, 0, 8)));
     const bool bf16 = H.scalar_type() == at::kBFloat16;
     CL_BOOL_SWITCH(vectorize, kVec, [&] {
-      dispatch_streams<kMaxStreams, 4>(static_cast<int>(n), [&](auto kn) {
-        constexpr int kN = decltype(kn)::value;
-        const int smem = mhc_coeffs_fwd_smem_floats<kN>(p.m_pad) * static_cast<int>(sizeof(float));
-        const auto kernel = bf16 ? mhc_coeffs_fwd_kernel<__nv_bfloat16, kVec, kN> : mhc_coeffs_fwd_kernel<__half, kVec, kN>;
-        allow_smem(kernel, smem);
-        launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kMhcFwdThreads), smem, p);
+      CL_BOOL_SWITCH(post != nullptr, kPost, [&] {
+        dispatch_streams<kMaxStreams, 4>(static_cast<int>(n), [&](auto kn) {
+          constexpr int kN = decltype(kn)::value;
+          const int smem = mhc_coeffs_fwd_smem_floats<kN>(p.m_pad) * static_cast<int>(sizeof(float));
+          const auto kernel = bf16 ? mhc_coeffs_fwd_kernel<__nv_bfloat16, kVec, kN, kPost>
+                                   : mhc_coeffs_fwd_kernel<__half, kVec, kN, kPost>;
+          allow_smem(kernel, smem);
+          launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kMhcFwdThreads), smem, p);
+        });
       });
     });
     if (with_x) out.push_back(x);
@@ -227,7 +254,8 @@ std::vector<at::Tensor> mhc_coeffs_fwd(const at::Tensor& H, const at::Tensor& ph
                                        const at::Tensor& a_post, const at::Tensor& a_res, const at::Tensor& b,
                                        double eps, double pre_eps, double post_mult, int64_t iters,
                                        double sinkhorn_eps) {
-  return mhc_coeffs_fwd_impl(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters, sinkhorn_eps, false);
+  return mhc_coeffs_fwd_impl(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters, sinkhorn_eps, false,
+                             nullptr);
 }
 
 std::vector<at::Tensor> mhc_pre_fwd(const at::Tensor& H, const at::Tensor& phi, const at::Tensor& a_pre,
@@ -235,12 +263,36 @@ std::vector<at::Tensor> mhc_pre_fwd(const at::Tensor& H, const at::Tensor& phi, 
                                     double eps, double pre_eps, double post_mult, int64_t iters,
                                     double sinkhorn_eps) {
   std::vector<at::Tensor> out =
-      mhc_coeffs_fwd_impl(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters, sinkhorn_eps, true);
+      mhc_coeffs_fwd_impl(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters, sinkhorn_eps, true,
+                          nullptr);
   std::rotate(out.begin(), out.end() - 1, out.end());  // x first
   return out;
 }
 
-std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const std::optional<at::Tensor>& dalpha,
+std::vector<at::Tensor> mhc_boundary_fwd(const at::Tensor& H, const at::Tensor& y, const at::Tensor& alpha,
+                                         const at::Tensor& beta, const at::Tensor& phi, const at::Tensor& a_pre,
+                                         const at::Tensor& a_post, const at::Tensor& a_res, const at::Tensor& b,
+                                         double eps, double pre_eps, double post_mult, int64_t iters,
+                                         double sinkhorn_eps) {
+  const HcPostInputs post = hc_post_inputs(H, y, alpha, beta);
+  check_mhc_inputs(H, phi, a_pre, a_post, a_res, b, iters);
+  const c10::cuda::CUDAGuard guard(H.device());
+  // H' allocated like H; the kernel writes it in place when its token dims collapse,
+  // else a contiguous scratch copied back.
+  at::Tensor H_next = at::empty_like(H);
+  TokenLayout layout;
+  const at::Tensor H_k = writable(H_next, 2, &layout);
+  const bool fused = post.sh.N > 0 && use_mma(H, H.device().index());
+  if (!fused && post.sh.N > 0) H_k.copy_(hc_post_fwd(H, y, alpha, beta));
+  std::vector<at::Tensor> out = mhc_coeffs_fwd_impl(H_k, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult,
+                                                    iters, sinkhorn_eps, true, fused ? &post : nullptr);
+  copy_back(H_next, H_k);
+  // {alpha', beta', u, r, x'} -> {H', x', alpha', beta', u, r}
+  return {H_next, out[4], out[0], out[1], out[2], out[3]};
+}
+
+std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const std::optional<at::Tensor>& prior,
+                                       const std::optional<at::Tensor>& dalpha,
                                        const std::optional<at::Tensor>& dbeta,
                                        const std::optional<at::Tensor>& dpre,
                                        const std::optional<at::Tensor>& dx, const at::Tensor& H_in,
@@ -255,6 +307,9 @@ std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const st
   if (dpre) check_per_token(*dpre, "dpre", "(..., n)", with_tail(sh.lead, {n}), H_in);
   if (dx) check_activation(*dx, "dx", H_in, "(..., d)", with_tail(sh.lead, {d}));
   check_activation(dH, "dH", H_in, "(..., n, d)", H_in.sizes());
+  TORCH_CHECK(!(accumulate && prior), "mhc_coeffs_bwd: accumulate (dH += ...) and prior (dH = prior + ...) "
+              "are exclusive");
+  if (prior) check_activation(*prior, "prior", H_in, "(..., n, d)", H_in.sizes());
   check_per_token(u_in, "u", "(..., n²+2n)", with_tail(sh.lead, {M}), H_in);
   check_per_token(r_in, "r", "(...)", sh.lead, H_in);
   const c10::cuda::CUDAGuard guard(H_in.device());
@@ -324,7 +379,10 @@ std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const st
     // dH in place when its token dims collapse, else a scratch copied back (holding dH
     // first when the kernel adds to it).
     at::Tensor dH_k = writable(dH, 2, &p.dh_tok, accumulate);
-    p.accumulate_dh = accumulate;
+    const at::Tensor prior_k = accumulate ? dH_k : prior ? readable(*prior, 2, &p.prior_tok) : at::Tensor();
+    if (accumulate) p.prior_tok = p.dh_tok;
+    p.dh_prior_ptr = prior_k.defined() ? prior_k.data_ptr() : nullptr;
+    p.prior_stream_stride = prior_k.defined() ? stream_stride(prior_k) : 0;
     p.h_ptr = H.data_ptr();
     p.h_stream_stride = stream_stride(H);
     p.dh_ptr = dH_k.data_ptr();
@@ -347,7 +405,8 @@ std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const st
     p.dphi_part_ptr = part.data_ptr();
     const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, 8) &&
                            vec_ok(p.dh_ptr, p.dh_tok, p.dh_stream_stride, 8) &&
-                           (!dx || vec_ok(p.gx_ptr, p.gx_tok, 0, 8));
+                           (!dx || vec_ok(p.gx_ptr, p.gx_tok, 0, 8)) &&
+                           (!prior_k.defined() || vec_ok(p.dh_prior_ptr, p.prior_tok, p.prior_stream_stride, 8));
     const bool bf16 = H.scalar_type() == at::kBFloat16;
     const int64_t blocks = (chunks * p.token_groups + kMhcCoeffsWarps - 1) / kMhcCoeffsWarps;
     const int smem = kMhcCoeffsWarps * (bf16 ? kMmaXtStageElems<__nv_bfloat16> : kMmaXtStageElems<__half>) *
@@ -370,6 +429,8 @@ std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const st
     if (dx) dxf = dxf + (w_pre.unsqueeze(2) * dx->reshape({N, 1, d}).to(acc_type)).view({N, n * d});
     if (accumulate) {
       dH.add_(dxf.view(H_in.sizes()));
+    } else if (prior) {
+      dH.copy_(dxf.view(H_in.sizes()) + prior->to(acc_type));
     } else {
       dH.copy_(dxf.view(H_in.sizes()));
     }

@@ -125,14 +125,24 @@ std::vector<at::Tensor> mhc_pre_fwd(const at::Tensor& H, const at::Tensor& phi, 
                                     const at::Tensor& a_post, const at::Tensor& a_res, const at::Tensor& b,
                                     double eps, double pre_eps, double post_mult, int64_t iters,
                                     double sinkhorn_eps);
+//   The boundary: H, y, alpha, beta connection i's post (as hc_post_fwd's), the rest as
+//   mhc_coeffs_fwd's; {H' (H's layout) = hc_post(H, y, alpha, beta), x', alpha', beta',
+//   u, r} of the mHC pre of H', H' mixed, written and projected in one kernel.
+std::vector<at::Tensor> mhc_boundary_fwd(const at::Tensor& H, const at::Tensor& y, const at::Tensor& alpha,
+                                         const at::Tensor& beta, const at::Tensor& phi, const at::Tensor& a_pre,
+                                         const at::Tensor& a_post, const at::Tensor& a_res, const at::Tensor& b,
+                                         double eps, double pre_eps, double post_mult, int64_t iters,
+                                         double sinkhorn_eps);
 //   dH (*lead, n, d) of H's dtype, written (=) or, with `accumulate`, added to (+=) in
-//   place; dalpha (*lead, n, n+1), dbeta (*lead, n) optional (zero when absent); dpre
+//   place, or with `prior` (H's shape and dtype, only read) written as prior + the
+//   terms; dalpha (*lead, n, n+1), dbeta (*lead, n) optional (zero when absent); dpre
 //   (*lead, n) optional, a second gradient of alpha[..., 0] added to dalpha's; dx
 //   (*lead, d) optional, the gradient of the pre's x = Σ_i alpha[..., i, 0]·H_i, whose dH
 //   term is added in the same pass; u, r from the forward. Returns {dphi, da_pre,
 //   da_post, da_res, db}, parameter gradients summed over tokens (deterministic), each in
 //   its parameter's dtype.
-std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const std::optional<at::Tensor>& dalpha,
+std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const std::optional<at::Tensor>& prior,
+                                       const std::optional<at::Tensor>& dalpha,
                                        const std::optional<at::Tensor>& dbeta,
                                        const std::optional<at::Tensor>& dpre,
                                        const std::optional<at::Tensor>& dx, const at::Tensor& H,

@@ -38,6 +38,7 @@ from crosslayer.ops.hc_boundary import (hc_boundary_bwd_op, hc_boundary_mix_bwd_
                                        hc_boundary_op)
 from crosslayer.ops.hc_post import hc_post_bwd_op, hc_post_op
 from crosslayer.ops.hc_pre import hc_pre_bwd_op, hc_pre_op
+from crosslayer.ops.mhc_boundary import mhc_boundary_op
 from crosslayer.ops.mhc_coeffs import mhc_coeffs_bwd_op, mhc_coeffs_op, mhc_pre_op
 from crosslayer.ops.mudd_weights import mudd_weights_bwd_op, mudd_weights_op
 from crosslayer.ops.stream_mix import stream_mix_bwd_op, stream_mix_dots_op, stream_mix_op
@@ -345,9 +346,11 @@ def mhc_coeffs_opcheck(dtype, device):
         alpha, beta, u, r = mhc_coeffs_op(H, *params, *MHC_FLOATS)
         calls += [(mhc_coeffs_op, (H, *params, *MHC_FLOATS)),
                   (mhc_pre_op, (H, *params, *MHC_FLOATS)),
-                  (mhc_coeffs_bwd_op, (torch.empty_like(H), False, torch.randn_like(alpha), torch.randn_like(beta),
+                  (mhc_coeffs_bwd_op, (torch.empty_like(H), False, None, torch.randn_like(alpha),
+                                       torch.randn_like(beta), None, None, H, *params, u, r, *MHC_FLOATS)),
+                  (mhc_coeffs_bwd_op, (torch.empty_like(H), False, torch.randn_like(H), None, torch.randn_like(beta),
                                        None, None, H, *params, u, r, *MHC_FLOATS)),
-                  (mhc_coeffs_bwd_op, (torch.randn_like(H), True, None, torch.randn_like(beta), torch.randn_like(beta),
+                  (mhc_coeffs_bwd_op, (torch.randn_like(H), True, None, None, torch.randn_like(beta), torch.randn_like(beta),
                                        rand(2, 3, d, dtype=dtype, device=device), H, *params, u, r, *MHC_FLOATS))]
     return calls
 
@@ -370,20 +373,64 @@ def mhc_coeffs_launcher_errors(kernels, device):
          "H must have 1 to 16 streams"),
         (lambda: fwd(H[..., :0], phi[:0], a_pre, a_post, a_res, b, *MHC_FLOATS), r"H must have d >= 1"),
         (lambda: fwd(H.new_zeros(8), phi, a_pre, a_post, a_res, b, *MHC_FLOATS), r"H must have shape \(\*lead, n, d\)"),
-        (lambda: bwd(dH, False, alpha[:, :, :4], None, None, None, H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
+        (lambda: bwd(dH, False, None, alpha[:, :, :4], None, None, None, H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
          r"dalpha must have shape \(\.\.\., n, n\+1\)"),
-        (lambda: bwd(dH, False, None, beta[:2], None, None, H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
+        (lambda: bwd(dH, False, None, None, beta[:2], None, None, H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
          r"dbeta must have shape \(\.\.\., n\)"),
-        (lambda: bwd(dH, False, None, None, beta[:2], None, H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
+        (lambda: bwd(dH, False, None, None, None, beta[:2], None, H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
          r"dpre must have shape \(\.\.\., n\)"),
-        (lambda: bwd(dH, False, None, None, None, H[:, 0, :7], H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
+        (lambda: bwd(dH, False, None, None, None, None, H[:, 0, :7], H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
          re.escape("dx must have shape (..., d) = [3, 8]")),
-        (lambda: bwd(dH[:2], False, alpha, beta, None, None, H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
+        (lambda: bwd(dH[:2], False, None, alpha, beta, None, None, H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
          re.escape("dH must have shape (..., n, d) = [3, 4, 8], got [2, 4, 8]")),
-        (lambda: bwd(dH, False, alpha, beta, None, None, H, phi, a_pre, a_post, a_res, b, u[:, :5], r, *MHC_FLOATS),
+        (lambda: bwd(dH, False, None, alpha, beta, None, None, H, phi, a_pre, a_post, a_res, b, u[:, :5], r, *MHC_FLOATS),
          r"u must have shape"),
-        (lambda: bwd(dH, False, alpha, beta, None, None, H, phi, a_pre, a_post, a_res, b, u, r[:2], *MHC_FLOATS),
+        (lambda: bwd(dH, False, None, alpha, beta, None, None, H, phi, a_pre, a_post, a_res, b, u, r[:2], *MHC_FLOATS),
          r"r must have shape"),
+        (lambda: bwd(dH, False, H[:2], alpha, beta, None, None, H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
+         re.escape("prior must have shape (..., n, d) = [3, 4, 8], got [2, 4, 8]")),
+        (lambda: bwd(dH, True, H, alpha, beta, None, None, H, phi, a_pre, a_post, a_res, b, u, r, *MHC_FLOATS),
+         "accumulate .* and prior .* are exclusive"),
+    ]
+
+
+# ----------------------------------------------------------------------- mhc_boundary
+
+
+def mhc_boundary_sample(case, dtype, device):
+    lead, n, d, layout = case["lead"], case["n"], case["d"], case.get("layout", "contiguous")
+    H = make_streams(lead, n, d, dtype=dtype, device=device, layout=layout)
+    y = make_vec(lead, d, dtype=dtype, device=device, misaligned=layout == "misaligned")
+    alpha, beta = hc_coeffs(lead, n, dtype, device, case.get("static", False))
+    iters = case.get("iters", 20)
+    return Sample([H, y, alpha, beta, *mhc_params(n, d, dtype, device)],
+                  lambda m, *t: m.mhc_boundary(*t, iters=iters))
+
+
+def mhc_boundary_opcheck(dtype, device):
+    n, d = 3, 20
+    calls = []
+    for layout, static in (("contiguous", False), ("folded", False), ("stream_stride", True)):
+        H = make_streams((2, 3), n, d, dtype=dtype, device=device, layout=layout)
+        y = rand(2, 3, d, dtype=dtype, device=device)
+        alpha, beta = hc_coeffs((2, 3), n, dtype, device, static)
+        calls.append((mhc_boundary_op, (H, y, alpha, beta, *mhc_params(n, d, dtype, device), *MHC_FLOATS)))
+    return calls
+
+
+def mhc_boundary_launcher_errors(kernels, device):
+    H = torch.randn(3, 4, 8, device=device)
+    y = torch.randn(3, 8, device=device)
+    alpha, beta = torch.randn(3, 4, 5, device=device), torch.randn(3, 4, device=device)
+    phi, a_pre, a_post, a_res, b = mhc_params(4, 8, torch.float32, device)
+    fwd = kernels.mhc_boundary_fwd
+    return [
+        (lambda: fwd(H, y[:, :7], alpha, beta, phi, a_pre, a_post, a_res, b, *MHC_FLOATS),
+         re.escape("y must have shape (*lead, d)")),
+        (lambda: fwd(H, y, alpha[:, :, :4], beta, phi, a_pre, a_post, a_res, b, *MHC_FLOATS), "alpha must have shape"),
+        (lambda: fwd(H, y, alpha, beta, phi[:, :23], a_pre, a_post, a_res, b, *MHC_FLOATS),
+         r"phi must have shape \(n·d, n²\+2n\)"),
+        (lambda: fwd(H, y, alpha, beta, phi, a_pre, a_post, a_res, b, 1e-6, 1e-6, 2.0, 0, 1e-6), "iters must be >= 1"),
     ]
 
 
@@ -638,6 +685,25 @@ SPECS: Tuple[OpSpec, ...] = (
                                       for lay in STREAM_LAYOUTS for n in (4, 3)]
                                    + hc_matrix((1, 2, 4, 5, 8), [((1,), 1), ((5,), 7), ((37,), 129), ((3, 11), 4099), ((70,), 2048)], flags=({}, dict(grad_outputs=(0,)), dict(grad_outputs=(1,))))),
            opcheck_calls=mhc_coeffs_opcheck, launcher_errors=mhc_coeffs_launcher_errors,
+           big=Case("N4099-n4-d2048", dict(lead=(4099,), n=4, d=2048)),
+           wide=Case("N3-n4-d2056", dict(lead=(3,), n=4, d=2056)),
+           tiny=Case("N2-n2-d3", dict(lead=(2,), n=2, d=3, iters=4)),
+           empty=Case("N0-n4-d8", dict(lead=(0,), n=4, d=8))),
+    OpSpec("mhc_boundary", mhc_boundary_sample,
+           cases=_cases(("N5x7-n4-d129", dict(lead=(5, 7), n=4, d=129)),
+                        ("N11-n3-d7-misaligned-static", dict(lead=(11,), n=3, d=7, layout="misaligned", static=True,
+                                                              iters=5)),
+                        ("N2x5-n8-d40-folded", dict(lead=(2, 5), n=8, d=40, layout="folded")),
+                        ("N37-n4-d64-stream_stride-static", dict(lead=(37,), n=4, d=64, layout="stream_stride",
+                                                                 static=True))),
+           exhaustive_cases=_cases(*[(f"N{N}-n{n}-d{d}-{lay}", dict(lead=(N,), n=n, d=d, layout=lay))
+                                     for N, n, d, lay in [(1, 1, 1, "contiguous"), (19, 8, 129, "padded"),
+                                                          (21, 5, 515, "misaligned"), (70, 4, 2200, "contiguous")]]
+                                   + [(f"N5x7-n{n}-d131-{lay}", dict(lead=(5, 7), n=n, d=131, layout=lay))
+                                      for lay in STREAM_LAYOUTS for n in (4, 3)]
+                                   + hc_matrix((1, 2, 4, 5, 8), [((1,), 1), ((5,), 7), ((37,), 129), ((70,), 2048)],
+                                               flags=({}, dict(static=True), dict(grad_outputs=(0, 1))))),
+           opcheck_calls=mhc_boundary_opcheck, launcher_errors=mhc_boundary_launcher_errors,
            big=Case("N4099-n4-d2048", dict(lead=(4099,), n=4, d=2048)),
            wide=Case("N3-n4-d2056", dict(lead=(3,), n=4, d=2056)),
            tiny=Case("N2-n2-d3", dict(lead=(2,), n=2, d=3, iters=4)),

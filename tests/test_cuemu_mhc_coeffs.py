@@ -108,6 +108,29 @@ def test_forward_backward(cuemu, poisoned, dtype, n, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [((5,), 7), ((19,), 129)], ids=_shape_id)
+def test_backward_prior_is_read_not_written(cuemu, poisoned, dtype, shape):
+    """dH = prior + the terms with `prior` a tensor of its own (mhc_boundary's backward:
+    the later gradient of H', which must stay as it was): the same bits as adding in
+    place to a copy of it, and prior unchanged."""
+    lead, d = shape
+    n = 4
+    H = make_streams(lead, n, d, dtype=dtype, device="cpu", layout="stream_stride")
+    params = make_params(n, d, dtype=dtype, device="cpu")
+    _, _, u, r = cuemu.mhc_coeffs_fwd(H, *params, *FLOATS)
+    dalpha, dbeta = make_grads(lead, n, dtype=dtype, device="cpu")
+    prior = torch.randn(*lead, n, d).to(dtype).transpose(0, -1).contiguous().transpose(0, -1)  # strided
+    kept = prior.clone()
+    dH = torch.full_like(H, float("nan"))
+    got = cuemu.mhc_coeffs_bwd(dH, False, prior, dalpha, dbeta, None, None, H, *params, u, r, *FLOATS)
+    want_dH, *want = run_bwd(cuemu.mhc_coeffs_bwd, dalpha, dbeta, H, params, u, r, *FLOATS, prior=kept)
+    assert torch.equal(prior, kept), "prior must only be read"
+    assert torch.equal(dH, want_dH)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [1, 4, 5])
 @pytest.mark.parametrize("shape", [((3, 7), 515), ((4, 10), 64), ((2, 1), 7)], ids=_shape_id)
 @pytest.mark.parametrize("layout", ["contiguous", *STREAM_LAYOUTS])

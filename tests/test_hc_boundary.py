@@ -75,12 +75,13 @@ def _run_chain(hcs, H0, ws, defer):
 
 @pytest.mark.cuemu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kinds", [("dhc",) * 4, ("shc",) * 4, ("shc", "dhc", "mhc", "dhc", "shc", "shc")],
-                         ids=["dhc4", "shc4", "mixed"])
+@pytest.mark.parametrize("kinds", [("dhc",) * 4, ("shc",) * 4, ("mhc",) * 4,
+                                   ("shc", "dhc", "mhc", "dhc", "shc", "mhc", "shc")],
+                         ids=["dhc4", "shc4", "mhc4", "mixed"])
 def test_chain_matches_unfused_oracle(cuemu, poisoned, dtype, kinds):
     """A chain whose posts are deferred (SHC and DHC pres fuse the pending post through
-    hc_boundary's kernels, mHC resolves it) against the float64 oracle of the same chain,
-    with the bound set by the same chain called unfused on the emulated kernels (each
+    hc_boundary's kernels, mHC pres through mhc_boundary's) against the float64 oracle of
+    the same chain, with the bound set by the same chain called unfused on the emulated kernels (each
     op checked against the oracle by test_contract.py): fusing keeps the error of the
     unfused kernels. Checked: the loss, H0's gradient and every parameter's gradient."""
     n, d = 4, 40

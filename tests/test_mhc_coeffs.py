@@ -67,7 +67,7 @@ def run_bwd(bwd, dalpha, dbeta, H, params, u, r, *floats, prior=None, dpre=None,
     (dH in place): dH written into a NaN-filled tensor like H, or, given `prior` (another
     op's contribution), added to a copy of it."""
     dH = torch.full_like(H, float("nan")) if prior is None else prior.clone()
-    grads = bwd(dH, prior is not None, dalpha, dbeta, dpre, dx, H, *params, u, r, *floats)
+    grads = bwd(dH, prior is not None, None, dalpha, dbeta, dpre, dx, H, *params, u, r, *floats)
     return (dH, *grads)
 
 

@@ -263,3 +263,29 @@ def test_validators_name_the_argument():
         mhc.mhc_coeffs_bwd(torch.randn(n, n + 1), None, H, phi, a_pre, a_post, a_res, b)
     with pytest.raises(ValueError, match=r"phi is on cpu but H is on meta"):
         mhc.validate_mhc_coeffs(H.to("meta"), phi, a_pre, a_post, a_res, b)
+
+
+def test_mhc_boundary_bwd_matches_autograd():
+    """The boundary's hand-derived backward (the pre's dH terms and the mix's dots added to
+    the later gradient of H', then hc_post's backward) against autograd through
+    ref.mhc_boundary, float64, per-token and static post coefficients."""
+    from crosslayer import ref
+
+    torch.manual_seed(0)
+    n, d, lead = 3, 5, (2, 3)
+    for static in (False, True):
+        coef = () if static else lead
+        H = torch.randn(*lead, n, d, dtype=torch.float64, requires_grad=True)
+        y = torch.randn(*lead, d, dtype=torch.float64, requires_grad=True)
+        alpha = torch.randn(*coef, n, n + 1, dtype=torch.float64, requires_grad=True)
+        beta = torch.randn(*coef, n, dtype=torch.float64, requires_grad=True)
+        phi = (torch.randn(n * d, n * n + 2 * n, dtype=torch.float64) / 3).requires_grad_(True)
+        a = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (0.7, 1.1, 0.9)]
+        b = torch.randn(n * n + 2 * n, dtype=torch.float64, requires_grad=True)
+        inputs = [H, y, alpha, beta, phi, *a, b]
+        outs = ref.mhc_boundary(*inputs, iters=5)
+        douts = [torch.randn_like(o) for o in outs]
+        want = torch.autograd.grad(outs, inputs, douts)
+        got = ref.mhc_boundary_bwd(*douts, *inputs, iters=5)
+        for k, (g, w) in enumerate(zip(got, want)):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=f"gradient {k}")

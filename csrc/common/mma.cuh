@@ -102,6 +102,21 @@ __device__ __forceinline__ uint4 load8(const T* __restrict__ row, int64_t e, int
   return *reinterpret_cast<const uint4*>(&v);
 }
 
+// The 8 16-bit elements of w stored to row[e, e + 8), those past d skipped. With kVec
+// (and e + 8 <= d) one 16-byte store.
+template <typename T, bool kVec>
+__device__ __forceinline__ void store8(T* row, int64_t e, int64_t d, const uint4& w) {
+  if (kVec && e + 8 <= d) {
+    *reinterpret_cast<uint4*>(row + e) = w;
+    return;
+  }
+  const T* v = reinterpret_cast<const T*>(&w);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    if (e + k < d) row[e + k] = v[k];
+  }
+}
+
 // Σ of the squares of the 8 16-bit elements of w, in fp32.
 template <typename T>
 __device__ __forceinline__ float sumsq8(const uint4& w) {
@@ -199,67 +214,53 @@ __device__ __forceinline__ void mma_chunk_g_wt(float (&acc)[kTiles][4], const fl
 
 // Row rw (0: a, 1: b) of an mma_chunk_g_wt result minus s·x plus c·y, written to this
 // thread's 8 features [e, e + 8) of dst (features 8tig + 2j + {0, 1} of the chunk:
-// acc[j][2rw + q] is feature e + 2j + q): `=`, or with `accumulate` `+=` (dst's prior
-// value added in fp32 before the one rounding); xw: x's 8 features (load8), y (null: no
-// c·y term) read at the same features. Features past d are skipped.
+// acc[j][2rw + q] is feature e + 2j + q) `=`, plus `prior` (null: none; it may be dst
+// itself, for `+=`) added in fp32 before the one rounding; xw: x's 8 features (load8),
+// y (null: no c·y term) and prior read at the same features. Features past d are skipped.
 template <typename T, bool kVec, int kTiles>
 __device__ __forceinline__ void store_g_wt_minus_sx(const float (&acc)[kTiles][4], int rw, const uint4& xw,
-                                                    float s, const T* __restrict__ y, float c,
-                                                    T* __restrict__ dst, bool accumulate, int64_t e, int64_t d) {
+                                                    float s, const T* y, float c, const T* prior, T* dst,
+                                                    int64_t e, int64_t d) {
   static_assert(2 * kTiles == 8, "a thread holds 8 features of a 32-feature chunk");
   const T* xv = reinterpret_cast<const T*>(&xw);
   const uint4 yw = y != nullptr ? load8<T, kVec>(y, e, d) : make_uint4(0, 0, 0, 0);
   const T* yv = reinterpret_cast<const T*>(&yw);
-  const uint4 pw = accumulate ? load8<T, kVec>(dst, e, d) : make_uint4(0, 0, 0, 0);
+  const uint4 pw = prior != nullptr ? load8<T, kVec>(prior, e, d) : make_uint4(0, 0, 0, 0);
   const T* pv = reinterpret_cast<const T*>(&pw);
   Vec<T, 8> out;
 #pragma unroll
   for (int j = 0; j < kTiles; ++j) {
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
-      const float prior = accumulate ? to_acc(pv[2 * j + q]) : 0.f;
+      const float before = prior != nullptr ? to_acc(pv[2 * j + q]) : 0.f;
       const float extra = y != nullptr ? c * to_acc(yv[2 * j + q]) : 0.f;
-      out.v[2 * j + q] = from_acc<T>(acc[j][2 * rw + q] - s * to_acc(xv[2 * j + q]) + extra + prior);
+      out.v[2 * j + q] = from_acc<T>(acc[j][2 * rw + q] - s * to_acc(xv[2 * j + q]) + extra + before);
     }
   }
-  if (kVec && e + 8 <= d) {
-    *reinterpret_cast<Vec<T, 8>*>(dst + e) = out;
-  } else {
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      if (e + k < d) dst[e + k] = out.v[k];
-    }
-  }
+  store8<T, kVec>(dst, e, d, *reinterpret_cast<const uint4*>(&out));
 }
 
-// The G·Wᵀ − s·X kernels' chunk loop (mudd_weights dx, mhc_coeffs dh): for each output
-// chunk c in [c_begin, c_end), the chunk of G·Wᵀ (mma_chunk_g_wt, G rows ga / gb with
-// ksteps·16 columns) minus s·X plus c_i·Y written (=, or += with `accumulate`) to rows a
-// and b; `at(c, e, hs, ds, i)` gives the chunk's first feature e of this thread, the
-// offsets hs / ds of its X / dst rows and its stream i (of a multi-stream row); Y (ya /
-// yb, one row for every stream; null: no such term) is scaled by ca[i] / cb[i].
+// The G·Wᵀ − s·X chunk loop of mudd_weights' dx kernel: for each output chunk c in
+// [c_begin, c_end), the chunk of G·Wᵀ (mma_chunk_g_wt, G rows ga / gb with ksteps·16
+// columns) minus s·X written (=) to rows a and b; `at(c, e, hs, ds)` gives the chunk's
+// first feature e of this thread and the offsets hs / ds of its X / dst rows.
 template <typename T, bool kVec, int kTiles, typename ChunkAt>
 __device__ __forceinline__ void mma_g_wt_minus_sx_rows(const MmaRows& r, const float* __restrict__ ga,
                                                        const float* __restrict__ gb, float sa, float sb,
                                                        const T* __restrict__ xa, const T* __restrict__ xb,
-                                                       const T* __restrict__ ya, const T* __restrict__ yb,
-                                                       const float* __restrict__ ca, const float* __restrict__ cb,
-                                                       T* __restrict__ dsta, T* __restrict__ dstb, bool accumulate,
+                                                       T* __restrict__ dsta, T* __restrict__ dstb,
                                                        const uint4* __restrict__ W, int ksteps, int64_t d,
                                                        int64_t c_begin, int64_t c_end, ChunkAt at) {
   for (int64_t c = c_begin; c < c_end; ++c) {
     float acc[kTiles][4];
     mma_chunk_g_wt<kTiles>(acc, ga, gb, r.va, r.vb, W, c, ksteps, r.tig, r.lane);
     int64_t e, hs, ds;
-    int i;
-    at(c, e, hs, ds, i);
+    at(c, e, hs, ds);
     if (r.va) {
-      store_g_wt_minus_sx<T, kVec>(acc, 0, load8<T, kVec>(xa + hs, e, d), sa, ya, ya != nullptr ? ca[i] : 0.f,
-                                   dsta + ds, accumulate, e, d);
+      store_g_wt_minus_sx<T, kVec>(acc, 0, load8<T, kVec>(xa + hs, e, d), sa, nullptr, 0.f, nullptr, dsta + ds, e, d);
     }
     if (r.vb) {
-      store_g_wt_minus_sx<T, kVec>(acc, 1, load8<T, kVec>(xb + hs, e, d), sb, yb, yb != nullptr ? cb[i] : 0.f,
-                                   dstb + ds, accumulate, e, d);
+      store_g_wt_minus_sx<T, kVec>(acc, 1, load8<T, kVec>(xb + hs, e, d), sb, nullptr, 0.f, nullptr, dstb + ds, e, d);
     }
   }
 }

@@ -22,7 +22,8 @@
 //     dz = a·dh; du = r·dz (= written); s = <dz, u>·r³/(n·d) (= written)
 //     G[t] = [dh, dh·z] (= written; the launcher sums it over tokens with token_sums for db
 //            and da_*: deterministic, no atomics)
-//     dxf = du·phiᵀ − s·xf                (= or += in place, mhc_coeffs_bwd_dh_kernel or at::mm;
+//     dxf = du·phiᵀ − s·xf                (= plus a prior gradient, which may be dH itself:
+//                                          +=; mhc_coeffs_bwd_dh_kernel or at::mm;
 //                                          + alpha[i, 0]·dx with the pre's dx: the
 //                                          stream_mix's dH, folded into the same pass)
 //     dphi = Σ_t xfᵀ·du                   (the dH kernel: partials of token groups, summed
@@ -30,7 +31,7 @@
 //                                          at::mm path)
 //
 // Kernels
-//   mhc_coeffs_fwd_kernel<T, kVec, kN>  bf16/fp16 H, the whole forward in one pass over
+//   mhc_coeffs_fwd_kernel<T, kVec, kN, kPost>  bf16/fp16 H, the whole forward in one pass over
 //       H a 16-token tile: u and Σ xf², x·phi on tensor cores (mma.sync m16n8k16, fp32
 //       accumulate) with phi as 16-bit parts of H's own dtype (H is exact in it):
 //       fp16: hi + lo of phi·2^k, k chosen on the device so that max|phi|·2^k lies in
@@ -43,7 +44,8 @@
 //       kNT n-tiles (8 columns each) a pass: 3 for n = 4 (M = 24, one pass), 8 for the
 //       generic instantiation (passes of 64 columns; the tile is re-read per pass, from
 //       L1/L2); then the epilogue below on the tile, and (the connection's pre) x =
-//       Σ_i alpha[:, i, 0]·H_i from the tile again (L1/L2).
+//       Σ_i alpha[:, i, 0]·H_i from the tile again (L1/L2). kPost: the boundary, H
+//       itself mixed from connection i's post wherever it is needed, written once.
 //   mhc_coeffs_fwd_epilogue_kernel<acc, kN>  the at::mm path's epilogue: rms scale,
 //       gates and Sinkhorn in registers; writes alpha, beta, u, r.
 //   mhc_coeffs_bwd_epilogue_kernel<acc, kN>  Sinkhorn backward and the chain above;
@@ -138,6 +140,19 @@ struct MhcCoeffsParams {
   void* __restrict__ ssp_ptr;    // at::mm path: (N) Σ xf²
   TokenLayout x_tok;             // fused forward: the pre's x = Σ_i alpha[:, i, 0]·H_i
   void* __restrict__ x_ptr;      // (N, d), or null (the coefficients alone)
+  // The boundary's forward (mhc_coeffs_fwd_kernel<..., kPost = true>): H (h_ptr, written
+  // here, then read back) is H' = hc_post(post_h, post_y, post_a, post_b), connection
+  // i's post; post_a (N, n, n+1) / post_b (N, n) in the accumulator dtype, token
+  // strides n(n+1) / n, or 0 (static coefficients).
+  void* hn_ptr;
+  const void* __restrict__ post_h_ptr;
+  TokenLayout post_h_tok;
+  index_t post_h_stream_stride;
+  const void* __restrict__ post_y_ptr;
+  TokenLayout post_y_tok;
+  const void* __restrict__ post_a_ptr;
+  const void* __restrict__ post_b_ptr;
+  index_t post_a_token_stride, post_b_token_stride;
   void* __restrict__ alpha_ptr;  // (N, n, n+1)
   void* __restrict__ beta_ptr;   // (N, n)
   void* __restrict__ u_ptr;      // (N, M)   forward output, backward input
@@ -151,9 +166,10 @@ struct MhcCoeffsParams {
   void* __restrict__ s_ptr;      // (N)
   void* __restrict__ g_ptr;      // (N, 2M) [dh, dh·z]
   void* __restrict__ cbuf_ptr;   // global Sinkhorn scale buffer, or null (shared memory)
-  void* __restrict__ dh_ptr;     // dH: = (accumulate_dh false) or += (true: another op's
-                                 // contribution to H's gradient is there already)
-  bool accumulate_dh;
+  void* dh_ptr;                  // dH = prior + the terms below (prior null: none)
+  const void* dh_prior_ptr;      // another op's contribution to H's gradient; may be
+  TokenLayout prior_tok;         // dh_ptr itself (then dH += in place)
+  index_t prior_stream_stride;
   // dphi partials of the dH pass: token_groups slices (n·d, M) fp32, each the sum over
   // its tiles_per_group 16-token tiles.
   int64_t token_groups, tiles_per_group;
@@ -395,6 +411,33 @@ __global__ void __launch_bounds__(kMhcCoeffsEpiThreads) mhc_coeffs_fwd_epilogue_
 
 // ------------------------------------------------------------------ fused forward
 
+// H'_i of token t at this thread's 8 features [e, e + 8), rounded to T (zeros past d):
+// beta_i·y + Σ_j alpha[j, 1+i]·H_j of connection i's post (post_* fields), in
+// hc_post_mix's order, so the bits are those hc_post stores.
+template <typename T, bool kVec>
+__device__ __forceinline__ uint4 mhc_post_chunk(const MhcCoeffsParams& p, int64_t t, int64_t i, int64_t e) {
+  const int n = p.n;
+  const T* __restrict__ h = static_cast<const T*>(p.post_h_ptr) + p.post_h_tok.offset(t);
+  const float* __restrict__ a = static_cast<const float*>(p.post_a_ptr) + t * p.post_a_token_stride;
+  const float b = static_cast<const float*>(p.post_b_ptr)[t * p.post_b_token_stride + i];
+  const uint4 yw = load8<T, kVec>(static_cast<const T*>(p.post_y_ptr) + p.post_y_tok.offset(t), e, p.d);
+  const T* yv = reinterpret_cast<const T*>(&yw);
+  float o[8];
+#pragma unroll
+  for (int v = 0; v < 8; ++v) o[v] = b * to_acc(yv[v]);
+  for (int j = 0; j < n; ++j) {
+    const float aj = a[j * (n + 1) + 1 + i];
+    const uint4 hw = load8<T, kVec>(h + j * p.post_h_stream_stride, e, p.d);
+    const T* hv = reinterpret_cast<const T*>(&hw);
+#pragma unroll
+    for (int v = 0; v < 8; ++v) o[v] += aj * to_acc(hv[v]);
+  }
+  Vec<T, 8> out;
+#pragma unroll
+  for (int v = 0; v < 8; ++v) out.v[v] = from_acc<T>(o[v]);
+  return *reinterpret_cast<const uint4*>(&out);
+}
+
 constexpr int kMhcFwdWarps = 8;  // warps a block of the fused forward
 constexpr int kMhcFwdThreads = kMhcFwdWarps * kWarpSize;
 
@@ -417,8 +460,13 @@ __host__ __device__ constexpr int mhc_coeffs_fwd_smem_floats(int m_pad) {
 //   3. with x_ptr, x = Σ_i alpha[:, i, 0]·H_i of the tile, features walked downward
 //      (the data phase 1 read last first: L1, then L2 hits; one HBM read of H a tile
 //      as long as the tiles in flight fit the L2, which the launcher's grid ensures).
+// With kPost (the boundary: connection i's post fused before this pre), phase 1 mixes
+// each chunk of H' = hc_post(post_h, post_y, post_a, post_b) instead of loading it and
+// writes it (=, first pass) to hn_ptr; later passes and phase 3 mix it again from H and
+// y, which the tile has just read (L1/L2), instead of reading H' back: H' is written,
+// never read (2n·d + 2d a token, DESIGN.md's boundary floor).
 // Dynamic shared memory: mhc_coeffs_fwd_smem_floats<kN>(m_pad) floats.
-template <typename T, bool kVec, int kN>
+template <typename T, bool kVec, int kN, bool kPost>
 __global__ void __launch_bounds__(kMhcFwdThreads) mhc_coeffs_fwd_kernel(const MhcCoeffsParams p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   constexpr int kNT = MhcCoeffsProjTiles<kN>::value;
@@ -436,7 +484,7 @@ __global__ void __launch_bounds__(kMhcFwdThreads) mhc_coeffs_fwd_kernel(const Mh
   const int64_t N = p.n_tokens, d = p.d;
   const int64_t c_total = p.cps * n;
   const int64_t tiles = (N + 15) / 16;
-  const T* __restrict__ H = static_cast<const T*>(p.h_ptr);
+  const T* __restrict__ H = static_cast<const T*>(p.h_ptr);  // unused with kPost
   const uint4* __restrict__ W = static_cast<const uint4*>(p.phif_ptr);
   const int n_tiles = p.m_pad / 8;  // per chunk-step row of phif
   const float unscale = p.proj_unscale_ptr != nullptr ? *p.proj_unscale_ptr : 1.f;
@@ -457,8 +505,21 @@ __global__ void __launch_bounds__(kMhcFwdThreads) mhc_coeffs_fwd_kernel(const Mh
         const int64_t i = k % n, f = k / n;
         const int64_t e = f * 32 + tig * 8;
         const int64_t so = i * p.h_stream_stride;
-        const uint4 wa = va ? load8<T, kVec>(xa + so, e, d) : make_uint4(0, 0, 0, 0);
-        const uint4 wb = vb ? load8<T, kVec>(xb + so, e, d) : make_uint4(0, 0, 0, 0);
+        uint4 wa = make_uint4(0, 0, 0, 0), wb = make_uint4(0, 0, 0, 0);
+        if (kPost) {  // H' mixed again in later passes (H and y: L1/L2), written in the first
+          T* HN = static_cast<T*>(p.hn_ptr) + so;
+          if (va) {
+            wa = mhc_post_chunk<T, kVec>(p, ta, i, e);
+            if (col0 == 0) store8<T, kVec>(HN + p.h_tok.offset(ta), e, d, wa);
+          }
+          if (vb) {
+            wb = mhc_post_chunk<T, kVec>(p, tb, i, e);
+            if (col0 == 0) store8<T, kVec>(HN + p.h_tok.offset(tb), e, d, wb);
+          }
+        } else {
+          if (va) wa = load8<T, kVec>(xa + so, e, d);
+          if (vb) wb = load8<T, kVec>(xb + so, e, d);
+        }
         if (col0 == 0) {
           ssa += sumsq8<T>(wa);
           ssb += sumsq8<T>(wb);
@@ -524,12 +585,14 @@ __global__ void __launch_bounds__(kMhcFwdThreads) mhc_coeffs_fwd_kernel(const Mh
         const int tt = static_cast<int>(idx % 16);
         const int64_t t = t0 + tt, e = (nv - 1 - idx / 16) * 8;
         if (t >= N) continue;
-        const T* __restrict__ h = H + p.h_tok.offset(t);
         float x8[8];
 #pragma unroll
         for (int k = 0; k < 8; ++k) x8[k] = 0.f;
         for (int i = 0; i < n; ++i) {
-          const uint4 hw = load8<T, kVec>(h + i * p.h_stream_stride, e, d);
+          // kPost: H'_i mixed again from H and y (L1/L2: this tile's phase 1 read them),
+          // the bits phase 1 stored.
+          const uint4 hw = kPost ? mhc_post_chunk<T, kVec>(p, t, i, e)
+                                 : load8<T, kVec>(H + p.h_tok.offset(t) + i * p.h_stream_stride, e, d);
           const T* hv = reinterpret_cast<const T*>(&hw);
           const float wi = w_tile[tt * kN + i];
 #pragma unroll
@@ -538,15 +601,7 @@ __global__ void __launch_bounds__(kMhcFwdThreads) mhc_coeffs_fwd_kernel(const Mh
         Vec<T, 8> out;
 #pragma unroll
         for (int k = 0; k < 8; ++k) out.v[k] = from_acc<T>(x8[k]);
-        T* __restrict__ xo = X + p.x_tok.offset(t);
-        if (kVec && e + 8 <= d) {
-          *reinterpret_cast<Vec<T, 8>*>(xo + e) = out;
-        } else {
-#pragma unroll
-          for (int k = 0; k < 8; ++k) {
-            if (e + k < d) xo[e + k] = out.v[k];
-          }
-        }
+        store8<T, kVec>(X + p.x_tok.offset(t), e, d, *reinterpret_cast<const uint4*>(&out));
       }
     }
     __syncthreads();  // the next tile reuses the shared memory
@@ -656,7 +711,7 @@ struct MhcCoeffsDphiTiles {
   static constexpr int value = kN == 4 ? 3 : 8;
 };
 
-// dH = (or += with accumulate_dh) du·phiᵀ − s·xf (+ w_pre_i·gx with gx), and the dphi
+// dH = prior + du·phiᵀ − s·xf (+ w_pre_i·gx with gx) (=; prior when given), and the dphi
 // partials Σ_t xfᵀ·du of a token group, for bf16/fp16 H. Warp u = blockIdx.x·warps + w
 // owns chunk c = u % (n·cps) and token group g = u / (n·cps): it walks the group's
 // 16-token tiles [g·tiles_per_group, ...) in order, writes the chunk's dH of each (column
@@ -684,12 +739,14 @@ __global__ void __launch_bounds__(kMhcCoeffsThreads) mhc_coeffs_bwd_dh_kernel(co
   const bool write_dh = blockIdx.y == 0;  // warp-uniform
   const int col0 = static_cast<int>(blockIdx.y) * 8 * kDT;
   const T* __restrict__ H = static_cast<const T*>(p.h_ptr) + i * p.h_stream_stride;
-  T* __restrict__ DH = static_cast<T*>(p.dh_ptr) + i * p.dh_stream_stride;
+  T* DH = static_cast<T*>(p.dh_ptr) + i * p.dh_stream_stride;
   const float* __restrict__ DU = static_cast<const float*>(p.du_ptr);
   const float* __restrict__ S = static_cast<const float*>(p.s_ptr);
   const T* __restrict__ GX = static_cast<const T*>(p.gx_ptr);
   const float* __restrict__ Wp = static_cast<const float*>(p.w_pre_ptr);
   const uint4* __restrict__ phib = static_cast<const uint4*>(p.phib_ptr);
+  const T* PRIOR = p.dh_prior_ptr != nullptr ? static_cast<const T*>(p.dh_prior_ptr) + i * p.prior_stream_stride
+                                             : nullptr;
   float dphi[2][kDT][4];
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) mma_zero(dphi[mt]);
@@ -705,13 +762,15 @@ __global__ void __launch_bounds__(kMhcCoeffsThreads) mhc_coeffs_bwd_dh_kernel(co
                                         phib, c, p.ldu / 16, tig, lane);
       if (va) {
         store_g_wt_minus_sx<T, kVec>(acc, 0, xa, S[ta], GX != nullptr ? GX + p.gx_tok.offset(ta) : nullptr,
-                                     GX != nullptr ? Wp[ta * p.n + i] : 0.f, DH + p.dh_tok.offset(ta),
-                                     p.accumulate_dh, e, d);
+                                     GX != nullptr ? Wp[ta * p.n + i] : 0.f,
+                                     PRIOR != nullptr ? PRIOR + p.prior_tok.offset(ta) : nullptr,
+                                     DH + p.dh_tok.offset(ta), e, d);
       }
       if (vb) {
         store_g_wt_minus_sx<T, kVec>(acc, 1, xb, S[tb], GX != nullptr ? GX + p.gx_tok.offset(tb) : nullptr,
-                                     GX != nullptr ? Wp[tb * p.n + i] : 0.f, DH + p.dh_tok.offset(tb),
-                                     p.accumulate_dh, e, d);
+                                     GX != nullptr ? Wp[tb * p.n + i] : 0.f,
+                                     PRIOR != nullptr ? PRIOR + p.prior_tok.offset(tb) : nullptr,
+                                     DH + p.dh_tok.offset(tb), e, d);
       }
     }
     mma_xt_g_tile<T, kDT>(dphi, xa, xb, DU, p.ldu, t0, N, col0, p.M, stage, grp, tig);

@@ -202,14 +202,12 @@ __global__ void __launch_bounds__(kMuddWeightsThreads) mudd_weights_bwd_dx_kerne
   mma_g_wt_minus_sx_rows<T, kVec, kMuddWeightsDxTiles>(
       r, G + (r.va ? r.ta : 0) * p.ldg, G + (r.vb ? r.tb : 0) * p.ldg, r.va ? S[r.ta] : 0.f,
       r.vb ? S[r.tb] : 0.f, X + (r.va ? p.x_tok.offset(r.ta) : 0), X + (r.vb ? p.x_tok.offset(r.tb) : 0),
-      nullptr, nullptr, nullptr, nullptr, DX + (r.va ? p.dx_tok.offset(r.ta) : 0),
-      DX + (r.vb ? p.dx_tok.offset(r.tb) : 0), false,
+      DX + (r.va ? p.dx_tok.offset(r.ta) : 0), DX + (r.vb ? p.dx_tok.offset(r.tb) : 0),
       static_cast<const uint4*>(p.w1b_ptr), p.ldg / 16, p.d, 0, (p.d + 31) / 32,
       // Thread holds features 32c + 8tig + 2j + {0, 1} of rows a (c0, c1) and b (c2, c3).
-      [&](int64_t c, int64_t& e, int64_t& xo, int64_t& dxo, int& i) {
+      [&](int64_t c, int64_t& e, int64_t& xo, int64_t& dxo) {
         e = c * 32 + r.tig * 8;
         xo = dxo = 0;
-        i = 0;
       });
 #endif
 }

@@ -154,6 +154,14 @@ def validate_hc_boundary(H, y, alpha, beta, A, B, W=None, s_a=None, s_b=None) ->
     validate_hc_pre(H, A, B, W, s_a, s_b)
 
 
+def validate_mhc_boundary(H, y, alpha, beta, phi, a_pre, a_post, a_res, b, iters: Optional[int] = None) -> None:
+    """Checks for `mhc_boundary` / `mhc_boundary_bwd`: connection i's post (H, y, alpha,
+    beta as for `hc_post`) and mHC connection i+1's pre (phi, a_*, b, iters as for
+    `mhc_coeffs`)."""
+    validate_hc_post(H, y, alpha, beta)
+    validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters)
+
+
 def validate_stream_mix(H, w) -> None:
     """Checks for `stream_mix` / `stream_mix_bwd`. H: (..., n, d); w: (n,) or (..., n)."""
     check_streams("H", H)
@@ -353,6 +361,7 @@ CONTRACTS: Dict[str, Contract] = {c.name: c for c in (
     # Connection i's post fused with connection i+1's pre: reads H, y, writes H', x'
     # (backward: reads dH', dx', H, y, writes dH, dy); H' is never read back.
     Contract("hc_boundary", validate_hc_boundary, fwd=Floor(nd=2, dd=2), bwd=Floor(nd=3, dd=3)),
+    Contract("mhc_boundary", validate_mhc_boundary, fwd=Floor(nd=2, dd=2), bwd=Floor(nd=3, dd=3)),
     # A composition the benches time (no op of its own): pre + identity branch + post
     # with dH accumulated in one tensor.
     Contract("hc_sublayer", None, fwd=Floor(nd=3, dd=2), bwd=Floor(nd=6, dd=3)),

@@ -302,12 +302,17 @@ class ManifoldHyperConnections(_StreamConnection):
                               self.pre_eps, self.post_mult, self.iters, self.sinkhorn_eps)
 
     def pre(self, H: Streams) -> Tuple[Tensor, StreamPost]:
-        """x (*tok, d), the sublayer input, and post: y (*tok, d) -> H' (*tok, n, d). H
-        may be PendingStreams (resolved first)."""
+        """x (*tok, d), the sublayer input, and post: y (*tok, d) -> H' (*tok, n, d). H's
+        gradient through pre and post accumulates in one tensor (ops.mhc_pre_for_post).
+        H may be PendingStreams: the pending post runs fused with this pre
+        (ops.mhc_boundary)."""
         self._check_H(H)
-        x, alpha, beta, H_post = ops.mhc_pre_for_post(resolve_streams(H), self.phi, self.a_pre, self.a_post,
-                                                      self.a_res, self.b, self.eps, self.pre_eps, self.post_mult,
-                                                      self.iters, self.sinkhorn_eps)
+        args = (self.phi, self.a_pre, self.a_post, self.a_res, self.b, self.eps, self.pre_eps, self.post_mult,
+                self.iters, self.sinkhorn_eps)
+        if isinstance(H, PendingStreams):
+            H_next, x, alpha, beta = ops.mhc_boundary(H.H, H.y, H.alpha, H.beta, *args)
+            return x, StreamPost(H_next, alpha, beta)
+        x, alpha, beta, H_post = ops.mhc_pre_for_post(H, *args)
         return x, StreamPost(H_post, alpha, beta)
 
 

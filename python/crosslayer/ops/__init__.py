@@ -7,12 +7,13 @@ from crosslayer.ops.depth_aggregate_qkv_norm import depth_aggregate_qkv_norm
 from crosslayer.ops.hc_boundary import hc_boundary
 from crosslayer.ops.hc_post import hc_post
 from crosslayer.ops.hc_pre import hc_pre, hc_pre_for_post
+from crosslayer.ops.mhc_boundary import mhc_boundary
 from crosslayer.ops.mhc_coeffs import mhc_coeffs, mhc_pre_for_post
 from crosslayer.ops.mudd_weights import mudd_weights
 from crosslayer.ops.stream_mix import stream_mix, stream_mix_for_post
 
-ALL_OPS = ("hc_pre", "hc_post", "hc_boundary", "stream_mix", "mhc_coeffs", "depth_aggregate", "depth_aggregate_qkv_norm",
-           "mudd_weights")
+ALL_OPS = ("hc_pre", "hc_post", "hc_boundary", "stream_mix", "mhc_coeffs", "mhc_boundary", "depth_aggregate",
+           "depth_aggregate_qkv_norm", "mudd_weights")
 
 
 def fused_ops() -> dict:
@@ -21,5 +22,5 @@ def fused_ops() -> dict:
 
 
 __all__ = ["depth_aggregate", "depth_aggregate_qkv_norm", "hc_boundary", "hc_pre", "hc_pre_for_post", "hc_post",
-           "stream_mix", "stream_mix_for_post", "mhc_coeffs", "mhc_pre_for_post", "mudd_weights", "fused_ops",
+           "stream_mix", "stream_mix_for_post", "mhc_coeffs", "mhc_boundary", "mhc_pre_for_post", "mudd_weights", "fused_ops",
            "ALL_OPS"]

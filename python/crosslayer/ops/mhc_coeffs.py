@@ -8,7 +8,7 @@ Layers, bottom up:
                                            are saved for the backward, not differentiable
   torch.ops.crosslayer.mhc_pre             custom op: (x, alpha, beta, u, r), the
                                            connection's pre in the coefficients' pass
-  torch.ops.crosslayer.mhc_coeffs_bwd      custom op: dH (=|+=) in place; (dphi, da_pre,
+  torch.ops.crosslayer.mhc_coeffs_bwd      custom op: dH (=|+=|= prior +) in place; (dphi, da_pre,
                                            da_post, da_res, db)
   mhc_coeffs(H, phi, a_pre, a_post, a_res, b, ...)
                                            validates once, then the op above on CUDA (the
@@ -105,16 +105,17 @@ def _mhc_pre_fake(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iter
 
 
 @torch.library.custom_op("crosslayer::mhc_coeffs_bwd", mutates_args=("dH",))
-def mhc_coeffs_bwd_op(dH: Tensor, accumulate: bool, dalpha: Optional[Tensor], dbeta: Optional[Tensor],
-                      dpre: Optional[Tensor], dx: Optional[Tensor], H: Tensor, phi: Tensor, a_pre: Tensor,
-                      a_post: Tensor, a_res: Tensor, b: Tensor, u: Tensor, r: Tensor, eps: float, pre_eps: float,
-                      post_mult: float, iters: int,
+def mhc_coeffs_bwd_op(dH: Tensor, accumulate: bool, prior: Optional[Tensor], dalpha: Optional[Tensor],
+                      dbeta: Optional[Tensor], dpre: Optional[Tensor], dx: Optional[Tensor], H: Tensor,
+                      phi: Tensor, a_pre: Tensor, a_post: Tensor, a_res: Tensor, b: Tensor, u: Tensor, r: Tensor,
+                      eps: float, pre_eps: float, post_mult: float, iters: int,
                       sinkhorn_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The gradient through mhc_coeffs: dH (=, or += with `accumulate`) in place, and
-    (dphi, da_pre, da_post, da_res, db).
+    """The gradient through mhc_coeffs: dH (=, += with `accumulate`, or = prior + with
+    `prior`) in place, and (dphi, da_pre, da_post, da_res, db).
 
     dH: H's shape and dtype (with `accumulate`, another op's contribution to H's gradient
-    already there); dalpha: (*lead, n, n+1) or None; dbeta: (*lead, n) or None (None =
+    already there); prior: H's shape and dtype or None, another op's contribution given
+    as its own tensor (only read; exclusive with `accumulate`); dalpha: (*lead, n, n+1) or None; dbeta: (*lead, n) or None (None =
     zero); dpre: (*lead, n) or None, a second gradient of alpha[..., 0] (added to
     dalpha's); dx: (*lead, d) or None, the gradient of the pre's x = Σ_i alpha[..., i,
     0]·H_i, whose dH term alpha[..., i, 0]·dx is added in the same pass (dpre then is
@@ -125,7 +126,7 @@ def mhc_coeffs_bwd_op(dH: Tensor, accumulate: bool, dalpha: Optional[Tensor], db
     kernels = kernels_for(H, "mhc_coeffs")
     if kernels is not None:
         dphi, da_pre, da_post, da_res, db = kernels.mhc_coeffs_bwd(
-            dH, accumulate, dalpha, dbeta, dpre, dx, H, phi, a_pre, a_post, a_res, b, u, r, eps, pre_eps,
+            dH, accumulate, prior, dalpha, dbeta, dpre, dx, H, phi, a_pre, a_post, a_res, b, u, r, eps, pre_eps,
             post_mult, iters, sinkhorn_eps)
         return dphi, da_pre, da_post, da_res, db
     acc = acc_dtype(H.dtype)
@@ -141,6 +142,8 @@ def mhc_coeffs_bwd_op(dH: Tensor, accumulate: bool, dalpha: Optional[Tensor], db
         g = g.to(acc) + w.unsqueeze(-1) * dx.to(acc).unsqueeze(-2)
     if accumulate:
         dH.add_(g.to(dH.dtype))
+    elif prior is not None:
+        dH.copy_(g.to(acc) + prior.to(acc))
     else:
         dH.copy_(g)
     return (dphi.to(phi.dtype).contiguous(), da_pre.to(a_pre.dtype), da_post.to(a_post.dtype),
@@ -148,8 +151,8 @@ def mhc_coeffs_bwd_op(dH: Tensor, accumulate: bool, dalpha: Optional[Tensor], db
 
 
 @mhc_coeffs_bwd_op.register_fake
-def _mhc_coeffs_bwd_fake(dH, accumulate, dalpha, dbeta, dpre, dx, H, phi, a_pre, a_post, a_res, b, u, r, eps, pre_eps,
-                         post_mult, iters, sinkhorn_eps):
+def _mhc_coeffs_bwd_fake(dH, accumulate, prior, dalpha, dbeta, dpre, dx, H, phi, a_pre, a_post, a_res, b, u, r, eps,
+                         pre_eps, post_mult, iters, sinkhorn_eps):
     return (phi.new_empty(phi.shape), a_pre.new_empty(()), a_post.new_empty(()), a_res.new_empty(()),
             b.new_empty(b.shape))
 
@@ -165,7 +168,7 @@ def _mhc_setup(ctx, inputs, output) -> None:
 def _mhc_backward(ctx, dalpha, dbeta, du, dr):
     H, phi, a_pre, a_post, a_res, b, u, r = ctx.saved_tensors
     dH = torch.empty_like(H)
-    grads = mhc_coeffs_bwd_op(dH, False, dalpha, dbeta, None, None, H, phi, a_pre, a_post, a_res, b, u, r,
+    grads = mhc_coeffs_bwd_op(dH, False, None, dalpha, dbeta, None, None, H, phi, a_pre, a_post, a_res, b, u, r,
                               *ctx.floats)
     return (dH, *grads, None, None, None, None, None)
 
@@ -196,7 +199,7 @@ class _MhcPreForPost(torch.autograd.Function):
         accumulate = dH_post is not None
         dH = dH_post if accumulate else torch.empty_like(H)
         dpre = stream_mix_dots_op(dx, H) if dx is not None else None
-        grads = mhc_coeffs_bwd_op(dH, accumulate, dalpha, dbeta, dpre, dx, H, phi, a_pre, a_post, a_res, b, u, r,
+        grads = mhc_coeffs_bwd_op(dH, accumulate, None, dalpha, dbeta, dpre, dx, H, phi, a_pre, a_post, a_res, b, u, r,
                                   *ctx.floats)
         return (dH, *grads, None, None, None, None, None)
 

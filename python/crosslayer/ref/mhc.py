@@ -40,8 +40,9 @@ from __future__ import annotations
 import torch
 
 from crosslayer._checks import check_same_device, check_shape, check_tensor, compute_dtype
-from crosslayer.contracts import check_coeff_grads, tensors_only, validate_mhc_coeffs, validate_sinkhorn
-from crosslayer.ref.hc import as_scalar
+from crosslayer.contracts import (check_coeff_grads, tensors_only, validate_mhc_boundary, validate_mhc_coeffs,
+                                  validate_sinkhorn)
+from crosslayer.ref.hc import as_scalar, hc_post, hc_post_bwd, stream_mix, stream_mix_bwd
 
 
 # --------------------------------------------------------------------------- sinkhorn
@@ -166,3 +167,60 @@ def mhc_coeffs_bwd(dalpha, dbeta, H, phi, a_pre, a_post, a_res, b, eps: float = 
     dxf = du @ phic.transpose(0, 1) - (dr * r.pow(3) / (n * d)).unsqueeze(-1) * xf
     dH = dxf.unflatten(-1, (n, d))
     return dH.to(H.dtype), dphi, da_pre, da_post, da_res, db
+
+
+# ----------------------------------------------------------------------- mhc_boundary
+
+
+def mhc_boundary(H, y, alpha, beta, phi, a_pre, a_post, a_res, b, eps: float = 1e-6, pre_eps: float = 1e-6,
+                 post_mult: float = 2.0, iters: int = 20, sinkhorn_eps: float = 1e-6):
+    """Connection i's post fused with mHC connection i+1's pre, at the boundary of two
+    sublayers: H' = hc_post(H, y, alpha, beta), alpha', beta' = mhc_coeffs(H', phi, ...),
+    x' = stream_mix(H', alpha'[..., 0]).
+
+    H: (..., n, d); y: (..., d); alpha: (..., n, n+1) or (n, n+1); beta: (..., n) or (n,)
+    (connection i's coefficients); phi, a_pre, a_post, a_res, b and the floats:
+    connection i+1's, as in `mhc_coeffs`.
+    Returns H' (..., n, d) and x' (..., d) in H.dtype; alpha' (..., n, n+1) and beta'
+    (..., n) in the arithmetic dtype.
+    """
+    validate_mhc_boundary(H, y, alpha, beta, phi, a_pre, a_post, a_res, b, iters)
+    H_next = hc_post(H, y, alpha, beta)
+    alpha_next, beta_next = mhc_coeffs(H_next, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters,
+                                       sinkhorn_eps)
+    return H_next, stream_mix(H_next, alpha_next[..., 0]), alpha_next, beta_next
+
+
+def mhc_boundary_bwd(dH_next, dx_next, dalpha_next, dbeta_next, H, y, alpha, beta, phi, a_pre, a_post, a_res, b,
+                     eps: float = 1e-6, pre_eps: float = 1e-6, post_mult: float = 2.0, iters: int = 20,
+                     sinkhorn_eps: float = 1e-6):
+    """Hand-derived backward of `mhc_boundary`: the total gradient of H' is dH_next (from
+    its later readers) plus the pre's two dH terms (the coefficients', and the mix's
+    alpha'[..., i, 0]·dx'), summed in the arithmetic dtype, then hc_post's backward
+    from it. The mix's dw = <dx', H'_i> joins dalpha'[..., 0].
+
+    dH_next: (..., n, d) or None (zero); dx_next: (..., d) or None (zero); dalpha_next,
+    dbeta_next: (..., n, n+1), (..., n) or None; the rest as in `mhc_boundary`.
+    Returns dH (H.dtype), dy (y.dtype), dalpha, dbeta (the coefficients' shapes, summed
+    over tokens when static), dphi, da_pre, da_post, da_res, db (summed over tokens).
+    """
+    validate_mhc_boundary(H, y, alpha, beta, phi, a_pre, a_post, a_res, b, iters)
+    ct = compute_dtype(H, y, alpha, beta, phi, b, *tensors_only(a_pre=a_pre, a_post=a_post, a_res=a_res).values())
+    lead, n, d = H.shape[:-2], H.shape[-2], H.shape[-1]
+    # H' in the arithmetic dtype (exact: the stored values widened), so that the pre's
+    # dH terms come back unrounded.
+    H_next = hc_post(H, y, alpha, beta).to(ct)
+    alpha_next, _ = mhc_coeffs(H_next, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters, sinkhorn_eps)
+    if dalpha_next is None:
+        dalpha_next = torch.zeros(*lead, n, n + 1, dtype=ct, device=H.device)
+    dalpha_all = dalpha_next.to(ct).clone()
+    g = torch.zeros(*lead, n, d, dtype=ct, device=H.device) if dH_next is None else dH_next.to(ct)
+    if dx_next is not None:
+        dH_mix, dw = stream_mix_bwd(dx_next.to(ct), H_next, alpha_next[..., 0])
+        dalpha_all[..., 0] += dw
+        g = g + dH_mix
+    dH_pre, dphi, da_pre, da_post, da_res, db = mhc_coeffs_bwd(dalpha_all, dbeta_next, H_next, phi, a_pre, a_post,
+                                                                a_res, b, eps, pre_eps, post_mult, iters,
+                                                                sinkhorn_eps)
+    dH, dy, dalpha, dbeta = hc_post_bwd(g + dH_pre, H, y, alpha, beta)
+    return dH, dy, dalpha, dbeta, dphi, da_pre, da_post, da_res, db
