@@ -264,7 +264,7 @@ __device__ __forceinline__ void hc_boundary_bwd_reduce(const HcBoundaryParams& p
   }
 }
 
-// Backward phase 3 (after hc_pre_bwd_coefs and a barrier), chunk by chunk in a
+// Backward phase 3 (after hc_pre_bwd_coef_sums and a barrier), chunk by chunk in a
 // warp-uniform loop: dH'_k = G_k + hc_pre's term (hc_pre_bwd_chunk, which also adds the
 // row's dW partial), rounded once to T and kept in registers; then hc_post's backward
 // of the chunk from dH' (dy, dH written, the post's dot partials added to part).
@@ -340,7 +340,9 @@ __global__ void __launch_bounds__(kHcPreThreads, HcPreConfig<kN, acc_t<T>>::kMin
     hc_boundary_bwd_reduce<T, kVec, kN>(p, t, valid, b.a_row, b.b_row, b.rs.part, threadIdx.x / kWarpSize,
                                         threadIdx.x % kWarpSize);
     __syncthreads();
-    if (valid) hc_pre_bwd_coefs<acc, kN>(p.pre, t, b.rs, warps);
+    if (valid) hc_pre_bwd_coef_terms<acc, kN>(p.pre, t, b.rs, warps);
+    __syncthreads();
+    if (valid) hc_pre_bwd_coef_sums<acc, kN>(p.pre, t, b.rs);
     __syncthreads();
     if (valid) hc_boundary_bwd_write<T, kVec, kN>(p, t, b.a_row, b.b_row, b.rs, dw, part, threadIdx.x % kWarpSize);
     __syncthreads();

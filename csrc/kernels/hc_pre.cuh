@@ -33,7 +33,9 @@
 // Per token: (1) each thread accumulates its partial sums, a warp reduces them by
 // shuffles and lane 0 stores the warp's value in shared memory; (2) after a barrier,
 // the threads of the row sum the warps' values in warp order and compute the per-token
-// coefficients; (3) after a second barrier, the write pass.
+// coefficients (the backward: one (stream, projection) pair a thread, then after a
+// barrier one stream a thread for the sums over projections); (3) after another
+// barrier, the write pass.
 // W and the dW partials are stored transposed, (J, ldw) with ldw a multiple of 8
 // (zero padding), so a thread's W chunk for projection j is one aligned vector and the
 // W chunk of a projection is read once for all streams of a group.
@@ -133,6 +135,7 @@ struct HcPreSmem {
   int dq;      // [rows][kN][kJ]               backward: dq of the row's token
   int scale;   // [rows][kN]                   backward: dr_i·r_i³/d
   int cpart;   // [rows][kN][kN + 4]           backward: coefficient partials
+  int term;    // [rows][kN][kJ][2]            backward: dp_ij·q_ij and G_ij·tanh_ij
   int dw;      // [rows][kJ][ldw]              backward, dw_in_smem: dW partials
   int total;
 };
@@ -150,6 +153,7 @@ __host__ __device__ inline HcPreSmem hc_pre_smem_layout(int rows, int warps, int
   s.dq = off;
   s.scale = off;
   s.cpart = off;
+  s.term = off;
   s.dw = off;
   if (backward) {
     s.dq = off;
@@ -158,6 +162,8 @@ __host__ __device__ inline HcPreSmem hc_pre_smem_layout(int rows, int warps, int
     off += rows * kN;
     s.cpart = off;
     off += rows * kN * hc_pre_coef_stride(kN);
+    s.term = off;
+    off += rows * kN * kJ * 2;
     off = (off + 7) / 8 * 8;  // 32-byte alignment of the dW rows (fp32)
     s.dw = off;
     if (dw_in_smem) off += static_cast<int>(rows * kJ * ldw);
@@ -232,6 +238,7 @@ struct HcPreRowSmem {
   acc* dq;     // [kN][kJ]
   acc* scale;  // [kN]                 dr_i·r_i³/d
   acc* cpart;  // [kN][kN + 4]         coefficient partials
+  acc* term;   // [kN][kJ][2]          dp_ij·q_ij, G_ij·tanh_ij
 };
 
 template <typename acc, int kN>
@@ -243,6 +250,7 @@ __device__ __forceinline__ HcPreRowSmem<acc, kN> hc_pre_row_smem(acc* smem, cons
   r.dq = smem + L.dq + ty * kN * kJ;
   r.scale = smem + L.scale + ty * kN;
   r.cpart = smem + L.cpart + ty * kN * hc_pre_coef_stride(kN);
+  r.term = smem + L.term + ty * kN * kJ * 2;
   return r;
 }
 
@@ -500,13 +508,15 @@ __device__ __forceinline__ void hc_pre_bwd_reduce(const HcPreParams& p, const T*
   }
 }
 
-// Backward phase 2, per-token coefficients (after a barrier), one stream i per thread
-// of the row: G_ij, dq_ij (= to dq), dr_i·r_i³/d (= to scale), alpha[i, 0] (= to coef),
-// and the row's coefficient partials cpart[i] (+=: dA[i, j], dB[i], ds_a, ds_b). The
-// thread owning stream i owns cpart[i]. No shuffles.
+// Backward phase 2a, per-token coefficients (after a barrier): one (stream i, projection
+// j) pair per thread of the row (pairs x, x + blockDim.x, ... of the n·(n+2)), so every
+// thread issues its q_ij, dalpha_ij (dbeta_i), r_i loads at once instead of a thread a
+// stream walking j: G_ij, dq_ij (= to dq), the terms dp_ij·q_ij and G_ij·tanh_ij (= to
+// term, for phase 2b), dA[i, j] / dB[i] (+= to cpart[i][j], the pair's own entry) and,
+// for j = 0, alpha[i, 0] (= to coef). No shuffles.
 template <typename acc, int kN>
-__device__ __forceinline__ void hc_pre_bwd_coefs(const HcPreParams& p, int64_t t, const HcPreRowSmem<acc, kN>& rs,
-                                                 int warps) {
+__device__ __forceinline__ void hc_pre_bwd_coef_terms(const HcPreParams& p, int64_t t,
+                                                      const HcPreRowSmem<acc, kN>& rs, int warps) {
   constexpr int kJ = kN + 2;
   const int n = p.n, J = n + 2;
   const acc* __restrict__ A = static_cast<const acc*>(p.a_ptr);
@@ -516,32 +526,49 @@ __device__ __forceinline__ void hc_pre_bwd_coefs(const HcPreParams& p, int64_t t
   const acc* __restrict__ dbeta = static_cast<const acc*>(p.dbeta_ptr);
   const acc s_a = *static_cast<const acc*>(p.sa_ptr);
   const acc s_b = *static_cast<const acc*>(p.sb_ptr);
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    acc g0v = acc(0);
-    for (int w = 0; w < warps; ++w) g0v += rs.part[(w * kN + i) * (kJ + 1)];
+  for (int x = threadIdx.x; x < n * J; x += blockDim.x) {
+    const int i = x / J, j = x % J;
+    const acc qij = q_in[(t * n + i) * J + j];
     const acc r = r_in[t * n + i];
-    acc dr = acc(0);
-    acc* cp = rs.cpart + i * hc_pre_coef_stride(kN);
-    for (int j = 0; j < J; ++j) {
-      const acc qij = q_in[(t * n + i) * J + j];
-      const acc th = acc_tanh(r * qij);
-      acc G;
-      acc s;
-      if (j <= n) {
-        G = (dalpha != nullptr ? dalpha[(t * n + i) * (n + 1) + j] : acc(0)) + (j == 0 ? g0v : acc(0));
-        s = s_a;
-        cp[n + 2] += G * th;  // ds_a
-        if (j == 0) rs.coef[i] = A[i * (n + 1)] + s_a * th;
-      } else {
-        G = dbeta != nullptr ? dbeta[t * n + i] : acc(0);
-        s = s_b;
-        cp[n + 3] += G * th;  // ds_b
-      }
-      cp[j] += G;  // dA[i, j] for j <= n, dB[i] at j = n + 1
-      const acc dp = s * G * (acc(1) - th * th);
-      rs.dq[i * kJ + j] = r * dp;
-      dr += dp * qij;
+    acc G = j <= n ? (dalpha != nullptr ? dalpha[(t * n + i) * (n + 1) + j] : acc(0))
+                   : (dbeta != nullptr ? dbeta[t * n + i] : acc(0));
+    if (j == 0) {
+      acc g0v = acc(0);
+      for (int w = 0; w < warps; ++w) g0v += rs.part[(w * kN + i) * (kJ + 1)];
+      G += g0v;
     }
+    const acc th = acc_tanh(r * qij);
+    const acc s = j <= n ? s_a : s_b;
+    if (j == 0) rs.coef[i] = A[i * (n + 1)] + s_a * th;
+    rs.cpart[i * hc_pre_coef_stride(kN) + j] += G;  // dA[i, j] for j <= n, dB[i] at j = n + 1
+    const acc dp = s * G * (acc(1) - th * th);
+    rs.dq[i * kJ + j] = r * dp;
+    rs.term[(i * kJ + j) * 2] = dp * qij;
+    rs.term[(i * kJ + j) * 2 + 1] = G * th;
+  }
+}
+
+// Backward phase 2b (after a barrier), one stream i per thread of the row: the sums over
+// j of phase 2a's terms, in j order: scale_i = dr_i·r_i³/d (=, dr_i = Σ_j dp_ij·q_ij),
+// ds_a += Σ_{j<=n} G_ij·tanh_ij and ds_b += G_i,n+1·tanh_i,n+1 (cpart[i]).
+template <typename acc, int kN>
+__device__ __forceinline__ void hc_pre_bwd_coef_sums(const HcPreParams& p, int64_t t,
+                                                     const HcPreRowSmem<acc, kN>& rs) {
+  constexpr int kJ = kN + 2;
+  const int n = p.n;
+  const acc* __restrict__ r_in = static_cast<const acc*>(p.r_ptr);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const acc* __restrict__ tm = rs.term + i * kJ * 2;
+    acc dr = acc(0), ga = acc(0);
+    for (int j = 0; j <= n; ++j) {
+      dr += tm[2 * j];
+      ga += tm[2 * j + 1];
+    }
+    dr += tm[2 * (n + 1)];
+    acc* cp = rs.cpart + i * hc_pre_coef_stride(kN);
+    cp[n + 2] += ga;                    // ds_a
+    cp[n + 3] += tm[2 * (n + 1) + 1];  // ds_b
+    const acc r = r_in[t * n + i];
     rs.scale[i] = dr * r * r * r / static_cast<acc>(p.d);
   }
 }
@@ -806,7 +833,9 @@ __global__ void __launch_bounds__(kHcPreThreads, HcPreConfig<kN, acc_t<T>>::kMin
     hc_pre_bwd_reduce<T, kVec, kN>(p, h_tok, dx_tok, valid, rs.part, hc, gc, threadIdx.x / kWarpSize,
                                    threadIdx.x % kWarpSize);
     __syncthreads();
-    if (valid) hc_pre_bwd_coefs<acc, kN>(p, t, rs, warps);
+    if (valid) hc_pre_bwd_coef_terms<acc, kN>(p, t, rs, warps);
+    __syncthreads();
+    if (valid) hc_pre_bwd_coef_sums<acc, kN>(p, t, rs);
     __syncthreads();
     if (valid) hc_pre_bwd_write<T, kVec, kN>(p, t, h_tok, dx_tok, rs, dw, hc, gc);
   }
