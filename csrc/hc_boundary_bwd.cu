@@ -3,6 +3,7 @@
 
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -118,8 +119,14 @@ std::vector<at::Tensor> hc_boundary_mix_bwd(const at::Tensor& dH_next_in, const 
     const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) && vec_ok(p.y_ptr, p.y_tok, 0, vec) &&
                            vec_ok(p.g_ptr, p.g_tok, p.g_stream_stride, vec) && vec_ok(p.dx_ptr, p.dx_tok, 0, vec) &&
                            vec_ok(p.dh_ptr, p.dh_tok, p.dh_stream_stride, vec) && vec_ok(p.dy_ptr, p.dy_tok, 0, vec);
+    // The generic-n instantiation (kn = 0, up to 16 streams) keeps every stream's chunk of
+    // dH' and H live: with 16-byte chunks that is beyond 255 registers (ptxas spilled
+    // 3 KB a thread), so it takes hc_boundary's generic chunk (kHcBoundaryVec<T, 16>).
     launch_hc_tile<scalar_t>(p, vectorize, p.n * (p.n + 3), p.n * (p.n + 2), [](auto kvec, auto kn) {
-      return hc_boundary_mix_bwd_kernel<scalar_t, decltype(kvec)::value, decltype(kn)::value>;
+      constexpr int kN = decltype(kn)::value;
+      constexpr int kV = kN == 0 ? std::min<int>(decltype(kvec)::value, kHcBoundaryVec<scalar_t, kMaxStreams>)
+                                 : decltype(kvec)::value;
+      return hc_boundary_mix_bwd_kernel<scalar_t, kV, kN>;
     });
   });
   copy_back(dH, dh);
