@@ -10,7 +10,8 @@ decides how blocks are wired:
               H = hc(H, sublayer, defer_post=True) (each post runs in the next
               connection's pre: SHC and DHC fuse the two, ops.hc_boundary); entry
               expand_streams(emb), exit reduce_streams
-    mhc       the same with ManifoldHyperConnections (Sinkhorn-projected mixing)
+    mhc       the same with ManifoldHyperConnections (Sinkhorn-projected mixing; the
+              boundaries fused by ops.mhc_boundary)
     dwa       DenseFormer: block i's output pushed into a DepthStack, the next block's
               input = DenseFormerDWA_i(stack) (dilation, period)
     mudd      MUDDFormer: after block i a MUDDConnection makes the next block's inputs
@@ -367,7 +368,8 @@ class CrossLayerLM(nn.Module):
                 h = self._call(blk, h)
         elif kind in ("shc", "dhc", "mhc"):
             # Each connection's post is deferred to the next one's pre (PendingStreams):
-            # SHC and DHC run the two fused at every sublayer boundary (ops.hc_boundary).
+            # they run fused at every sublayer boundary (ops.hc_boundary for SHC and DHC,
+            # ops.mhc_boundary for mHC).
             H = cnn.expand_streams(x, self.cfg.hc_streams)
             for i, blk in enumerate(self.blocks):
                 H = self._call(self._deferred(2 * i), H, blk.attn_branch)
