@@ -63,6 +63,44 @@ def test_boundary_launches_at_small_n(counter_and_module, kind, static_alpha, N)
     assert bwd <= 3, f"{kind} boundary backward: {bwd} launches at N = {N} (issue 13: at most 3)"
 
 
+def _mhc_boundary_case():
+    """ops.mhc_boundary: connection i's post (per-token coefficients) fused with an mHC
+    pre, fresh gradients for H' and x'."""
+    from crosslayer import ops
+
+    n, d = N_STREAMS, D
+
+    def setup(N):
+        torch.manual_seed(0)
+        H = torch.randn(N, n, d, dtype=torch.bfloat16, requires_grad=True)
+        y = torch.randn(N, d, dtype=torch.bfloat16, requires_grad=True)
+        alpha = torch.randn(N, n, n + 1, requires_grad=True)
+        beta = torch.randn(N, n, requires_grad=True)
+        m = n * n + 2 * n
+        params = [torch.randn(n * d, m) / (n * d) ** 0.5, torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0),
+                  torch.randn(m)]
+        params = [p.requires_grad_(True) for p in params]
+        return {"inputs": [H, y, alpha, beta], "params": params,
+                "dH_next": torch.randn(N, n, d, dtype=torch.bfloat16), "dx": torch.randn(N, d, dtype=torch.bfloat16)}
+
+    def forward(s):
+        H_next, x, _, _ = ops.mhc_boundary(*s["inputs"], *s["params"])
+        return [H_next, x], [*s["inputs"], *s["params"]], [s["dH_next"], s["dx"]]
+
+    return traffic.Case("mhc_boundary", d, N_STREAMS, 0, lambda m: 0, setup, forward)
+
+
+@pytest.mark.parametrize("N", [1, 5, 64])
+def test_mhc_boundary_launches_at_small_n(counter_and_module, N):
+    """The mHC boundary's forward is issue 13's at most 2 (phi's packing, the kernel); its
+    backward is still the unfused kernels': stream_mix_dots, the Sinkhorn epilogue, the
+    parameter token_sums, phi's dx packing, the dH pass, hc_post's backward (6; the fused
+    backward of bench/NOTES.md, with phi's dx fragments packed by the forward, makes it
+    3)."""
+    fwd, bwd = _launches(_mhc_boundary_case(), counter_and_module, N)
+    assert (fwd, bwd) == (2, 6), f"mHC boundary at N = {N}: {fwd} forward and {bwd} backward launches"
+
+
 # One connection call, pre + post (identity branch), bf16: exact forward and backward
 # launches. DHC: W's packing and hc_pre, hc_post; backward hc_post, hc_pre, the
 # parameter sums. SHC: stream_mix, hc_post; backward hc_post and the static

@@ -75,6 +75,7 @@ def _mhc_boundary_setup(ctx, inputs, output) -> None:
     H, y, alpha, beta, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters, sinkhorn_eps = inputs
     H_next, _, _, _, u, r = output
     ctx.mark_non_differentiable(u, r)
+    ctx.set_materialize_grads(False)  # absent output gradients stay None: no zero fills
     ctx.save_for_backward(H, y, alpha, beta, H_next, phi, a_pre, a_post, a_res, b, u, r)
     ctx.floats = (eps, pre_eps, post_mult, iters, sinkhorn_eps)
 

@@ -161,6 +161,7 @@ def _mhc_setup(ctx, inputs, output) -> None:
     H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters, sinkhorn_eps = inputs
     _, _, u, r = output
     ctx.mark_non_differentiable(u, r)
+    ctx.set_materialize_grads(False)  # absent output gradients stay None: no zero fills
     ctx.save_for_backward(H, phi, a_pre, a_post, a_res, b, u, r)
     ctx.floats = (eps, pre_eps, post_mult, iters, sinkhorn_eps)
 
@@ -189,6 +190,7 @@ class _MhcPreForPost(torch.autograd.Function):
     def forward(ctx, H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters, sinkhorn_eps):
         x, alpha, beta, u, r = mhc_pre_op(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters,
                                           sinkhorn_eps)
+        ctx.set_materialize_grads(False)  # absent output gradients stay None: no zero fills
         ctx.save_for_backward(H, phi, a_pre, a_post, a_res, b, u, r)
         ctx.floats = (eps, pre_eps, post_mult, iters, sinkhorn_eps)
         return x, alpha, beta, H
