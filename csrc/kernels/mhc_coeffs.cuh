@@ -31,9 +31,10 @@
 //                                          at::mm path)
 //
 // Kernels
-//   mhc_coeffs_fwd_kernel<T, kVec, kN, kPost>  bf16/fp16 H, the whole forward in one pass over
-//       H a 16-token tile: u and Σ xf², x·phi on tensor cores (mma.sync m16n8k16, fp32
-//       accumulate) with phi as 16-bit parts of H's own dtype (H is exact in it):
+//   mhc_coeffs_fwd_kernel<T, kVec, kN, kPost>  bf16/fp16 H, the whole forward in one
+//       pass over H a 16-token tile: u and Σ xf², x·phi on tensor cores (mma.sync
+//       m16n8k16, fp32 accumulate) with phi as 16-bit parts of H's own dtype (H is exact
+//       in it):
 //       fp16: hi + lo of phi·2^k, k chosen on the device so that max|phi|·2^k lies in
 //             [2^14, 2^15) (fp16's narrow exponent range would flush the lo parts of a
 //             small phi to subnormals), the partials scaled back by 2^-k (exact);
@@ -140,10 +141,11 @@ struct MhcCoeffsParams {
   void* __restrict__ ssp_ptr;    // at::mm path: (N) Σ xf²
   TokenLayout x_tok;             // fused forward: the pre's x = Σ_i alpha[:, i, 0]·H_i
   void* __restrict__ x_ptr;      // (N, d), or null (the coefficients alone)
-  // The boundary's forward (mhc_coeffs_fwd_kernel<..., kPost = true>): H (h_ptr, written
-  // here, then read back) is H' = hc_post(post_h, post_y, post_a, post_b), connection
-  // i's post; post_a (N, n, n+1) / post_b (N, n) in the accumulator dtype, token
-  // strides n(n+1) / n, or 0 (static coefficients).
+  // The boundary's forward (mhc_coeffs_fwd_kernel<..., kPost = true>): H' = hc_post(
+  // post_h, post_y, post_a, post_b), connection i's post, mixed wherever it is needed and
+  // written (=) once to hn_ptr through h_tok (h_ptr itself is not read); post_a (N, n,
+  // n+1) / post_b (N, n) in the accumulator dtype, token strides n(n+1) / n, or 0
+  // (static coefficients).
   void* hn_ptr;
   const void* __restrict__ post_h_ptr;
   TokenLayout post_h_tok;

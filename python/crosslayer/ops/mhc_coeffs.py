@@ -115,13 +115,13 @@ def mhc_coeffs_bwd_op(dH: Tensor, accumulate: bool, prior: Optional[Tensor], dal
 
     dH: H's shape and dtype (with `accumulate`, another op's contribution to H's gradient
     already there); prior: H's shape and dtype or None, another op's contribution given
-    as its own tensor (only read; exclusive with `accumulate`); dalpha: (*lead, n, n+1) or None; dbeta: (*lead, n) or None (None =
-    zero); dpre: (*lead, n) or None, a second gradient of alpha[..., 0] (added to
-    dalpha's); dx: (*lead, d) or None, the gradient of the pre's x = Σ_i alpha[..., i,
-    0]·H_i, whose dH term alpha[..., i, 0]·dx is added in the same pass (dpre then is
-    <dx, H_i>, stream_mix_dots); u, r: from mhc_coeffs_op (the CPU path recomputes them
-    from H). The parameter gradients are summed over tokens, each in its parameter's
-    dtype.
+    as its own tensor (only read; exclusive with `accumulate`); dalpha: (*lead, n, n+1)
+    or None; dbeta: (*lead, n) or None (None = zero); dpre: (*lead, n) or None, a second
+    gradient of alpha[..., 0] (added to dalpha's); dx: (*lead, d) or None, the gradient
+    of the pre's x = Σ_i alpha[..., i, 0]·H_i, whose dH term alpha[..., i, 0]·dx is
+    added in the same pass (dpre then is <dx, H_i>, stream_mix_dots); u, r: from
+    mhc_coeffs_op (the CPU path recomputes them from H). The parameter gradients are
+    summed over tokens, each in its parameter's dtype.
     """
     kernels = kernels_for(H, "mhc_coeffs")
     if kernels is not None:
