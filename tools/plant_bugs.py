@@ -73,9 +73,9 @@ MUTATIONS = (
              "gn[k].v[v] = from_acc<T>(to_acc(gn[k].v[v]));",
              "SHC boundary backward: the static pre's term w_k·dx' missing from dH'"),
     Mutation("mhc_dh_drops_prior_grad",
-             "const float prior = accumulate ? to_acc(pv[2 * j + q]) : 0.f;",
-             "const float prior = 0.f;",
-             "mhc_coeffs dH pass (+=): the other ops' dH contribution overwritten instead of added"),
+             "const float before = prior != nullptr ? to_acc(pv[2 * j + q]) : 0.f;",
+             "const float before = 0.f;",
+             "mhc_coeffs dH pass (+= or prior +): the other ops' dH contribution overwritten instead of added"),
     Mutation("mhc_dh_drops_mix_term",
              "const float extra = y != nullptr ? c * to_acc(yv[2 * j + q]) : 0.f;",
              "const float extra = 0.f;",
@@ -84,6 +84,19 @@ MUTATIONS = (
              "for (int64_t w = 0; w < g.width; ++w) sum += static_cast<double>(rows[t * g.cols + w]);",
              "for (int64_t w = 0; w < 1; ++w) sum += static_cast<double>(rows[t * g.cols + w]);",
              "token_sums: only the first column of a group summed (mHC's da_pre, da_post, da_res)"),
+    Mutation("mhc_dphi_reset_per_tile",
+             "    mma_xt_g_tile<T, kDT>(dphi, xa, xb, DU, p.ldu, t0, N, col0, p.M, stage, grp, tig);",
+             "#pragma unroll\n    for (int mt = 0; mt < 2; ++mt) mma_zero(dphi[mt]);\n"
+             "    mma_xt_g_tile<T, kDT>(dphi, xa, xb, DU, p.ldu, t0, N, col0, p.M, stage, grp, tig);",
+             "mhc_coeffs dH pass: the dphi accumulators cleared every tile (only a group's last tile counted)"),
+    Mutation("mhc_post_chunk_drops_y",
+             "  for (int v = 0; v < 8; ++v) o[v] = b * to_acc(yv[v]);",
+             "  for (int v = 0; v < 8; ++v) o[v] = 0.f * to_acc(yv[v]);",
+             "mhc_boundary forward: the post's beta_i·y term missing from H'"),
+    Mutation("mhc_fwd_x_skips_last_stream",
+             "        for (int i = 0; i < n; ++i) {\n          // kPost: H'_i mixed again",
+             "        for (int i = 0; i < n - 1; ++i) {\n          // kPost: H'_i mixed again",
+             "fused mHC pre forward: x = Σ_i alpha[:, i, 0]·H_i without the last stream"),
 )
 
 
