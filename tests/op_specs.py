@@ -285,10 +285,15 @@ def hc_boundary_opcheck(dtype, device):
     return calls
 
 
-def hc_boundary_launcher_errors(kernels, device):
+def boundary_error_inputs(device):
+    """H (3, 4, 8), y, and per-token alpha, beta: a boundary's valid post inputs."""
     H = torch.randn(3, 4, 8, device=device)
     y = torch.randn(3, 8, device=device)
-    alpha, beta = torch.randn(3, 4, 5, device=device), torch.randn(3, 4, device=device)
+    return H, y, torch.randn(3, 4, 5, device=device), torch.randn(3, 4, device=device)
+
+
+def hc_boundary_launcher_errors(kernels, device):
+    H, y, alpha, beta = boundary_error_inputs(device)
     A, B, W, s_a, s_b = hc_pre_params(4, 8, torch.float32, device)
     H_next, x, alpha_next, beta_next, q, r, Wt = kernels.hc_boundary_fwd(H, y, alpha, beta, A, B, W, s_a, s_b, EPS)
     fwd, bwd = kernels.hc_boundary_fwd, kernels.hc_boundary_bwd
@@ -419,9 +424,7 @@ def mhc_boundary_opcheck(dtype, device):
 
 
 def mhc_boundary_launcher_errors(kernels, device):
-    H = torch.randn(3, 4, 8, device=device)
-    y = torch.randn(3, 8, device=device)
-    alpha, beta = torch.randn(3, 4, 5, device=device), torch.randn(3, 4, device=device)
+    H, y, alpha, beta = boundary_error_inputs(device)
     phi, a_pre, a_post, a_res, b = mhc_params(4, 8, torch.float32, device)
     fwd = kernels.mhc_boundary_fwd
     return [

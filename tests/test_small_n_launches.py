@@ -29,7 +29,8 @@ def _launches(case, counter_and_module, N):
 
 def _boundary_case(kind, static_alpha):
     """ops.hc_boundary of connection i (per-token coefficients, or static ones as in an
-    SHC chain) fused with connection i+1's DHC or SHC pre."""
+    SHC chain) fused with connection i+1's DHC or SHC pre; for kind "mhc",
+    ops.mhc_boundary (an mHC pre of H')."""
     from crosslayer import ops
 
     n, d = N_STREAMS, D
@@ -41,7 +42,12 @@ def _boundary_case(kind, static_alpha):
         y = torch.randn(N, d, dtype=torch.bfloat16, requires_grad=True)
         alpha = torch.randn(*lead, n, n + 1, requires_grad=True)
         beta = torch.randn(*lead, n, requires_grad=True)
-        params = [torch.randn(n, n + 1), torch.randn(n)]
+        if kind == "mhc":
+            m = n * n + 2 * n
+            params = [torch.randn(n * d, m) / (n * d) ** 0.5, torch.tensor(1.0), torch.tensor(1.0),
+                      torch.tensor(1.0), torch.randn(m)]
+        else:
+            params = [torch.randn(n, n + 1), torch.randn(n)]
         if kind == "dhc":
             params += [torch.randn(d, n + 2) / d ** 0.5, torch.tensor(0.5), torch.tensor(0.5)]
         params = [p.requires_grad_(True) for p in params]
@@ -49,7 +55,8 @@ def _boundary_case(kind, static_alpha):
                 "dH_next": torch.randn(N, n, d, dtype=torch.bfloat16), "dx": torch.randn(N, d, dtype=torch.bfloat16)}
 
     def forward(s):
-        H_next, x, _, _ = ops.hc_boundary(*s["inputs"], *s["params"])
+        boundary = ops.mhc_boundary if kind == "mhc" else ops.hc_boundary
+        H_next, x, _, _ = boundary(*s["inputs"], *s["params"])
         return [H_next, x], [*s["inputs"], *s["params"]], [s["dH_next"], s["dx"]]
 
     return traffic.Case(f"{kind}_boundary", d, n, 0, lambda m: 0, setup, forward)
@@ -63,33 +70,6 @@ def test_boundary_launches_at_small_n(counter_and_module, kind, static_alpha, N)
     assert bwd <= 3, f"{kind} boundary backward: {bwd} launches at N = {N} (issue 13: at most 3)"
 
 
-def _mhc_boundary_case():
-    """ops.mhc_boundary: connection i's post (per-token coefficients) fused with an mHC
-    pre, fresh gradients for H' and x'."""
-    from crosslayer import ops
-
-    n, d = N_STREAMS, D
-
-    def setup(N):
-        torch.manual_seed(0)
-        H = torch.randn(N, n, d, dtype=torch.bfloat16, requires_grad=True)
-        y = torch.randn(N, d, dtype=torch.bfloat16, requires_grad=True)
-        alpha = torch.randn(N, n, n + 1, requires_grad=True)
-        beta = torch.randn(N, n, requires_grad=True)
-        m = n * n + 2 * n
-        params = [torch.randn(n * d, m) / (n * d) ** 0.5, torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0),
-                  torch.randn(m)]
-        params = [p.requires_grad_(True) for p in params]
-        return {"inputs": [H, y, alpha, beta], "params": params,
-                "dH_next": torch.randn(N, n, d, dtype=torch.bfloat16), "dx": torch.randn(N, d, dtype=torch.bfloat16)}
-
-    def forward(s):
-        H_next, x, _, _ = ops.mhc_boundary(*s["inputs"], *s["params"])
-        return [H_next, x], [*s["inputs"], *s["params"]], [s["dH_next"], s["dx"]]
-
-    return traffic.Case("mhc_boundary", d, N_STREAMS, 0, lambda m: 0, setup, forward)
-
-
 @pytest.mark.parametrize("N", [1, 5, 64])
 def test_mhc_boundary_launches_at_small_n(counter_and_module, N):
     """The mHC boundary's forward is issue 13's at most 2 (phi's packing, the kernel); its
@@ -97,7 +77,7 @@ def test_mhc_boundary_launches_at_small_n(counter_and_module, N):
     parameter token_sums, phi's dx packing, the dH pass, hc_post's backward (6; the fused
     backward of bench/NOTES.md, with phi's dx fragments packed by the forward, makes it
     3)."""
-    fwd, bwd = _launches(_mhc_boundary_case(), counter_and_module, N)
+    fwd, bwd = _launches(_boundary_case("mhc", False), counter_and_module, N)
     assert (fwd, bwd) == (2, 6), f"mHC boundary at N = {N}: {fwd} forward and {bwd} backward launches"
 
 
