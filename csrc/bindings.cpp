@@ -57,6 +57,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mhc_pre_fwd", &crosslayer::mhc_pre_fwd, "[x, alpha, beta, u, r]: the mHC pre, x in the coefficients' pass");
   m.def("mhc_boundary_fwd", &crosslayer::mhc_boundary_fwd,
         "[H', x', alpha', beta', u, r]: connection i's post fused with the mHC pre of H'");
+  m.def("mhc_boundary_bwd", &crosslayer::mhc_boundary_bwd,
+        "[dH, dy, dalpha, dbeta, dphi, da_pre, da_post, da_res, db] of mhc_boundary");
   m.def("mhc_coeffs_bwd", &crosslayer::mhc_coeffs_bwd,
         "dH (=|+=) in place; returns [dphi, da_pre, da_post, da_res, db] of the mHC coefficients");
   m.def("mudd_weights_fwd", &crosslayer::mudd_weights_fwd, "[A, u, r] of mudd_weights");

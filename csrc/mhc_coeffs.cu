@@ -48,7 +48,7 @@
 #include "common/mma_pack.h"
 #include "hc_post.h"
 #include "token_sums.h"
-#include "kernels/mhc_coeffs.cuh"
+#include "mhc_coeffs.h"
 #include "ops.h"
 
 namespace crosslayer {
@@ -59,71 +59,9 @@ constexpr int64_t kWarpsPerSm = 16;
 // Fewest 16-token tiles a token group of the dH kernel walks (its dphi partial is
 // n·d·M fp32 written and summed again: worth it only over several tiles).
 constexpr int64_t kMinTilesPerGroup = 4;
-// Smallest d on the tensor-core path (see the header comment).
-constexpr int64_t kMmaMinD = 32;
 // Largest shared-memory Sinkhorn scale buffer (no opt-in needed); beyond it, global.
 constexpr int64_t kCbufSmemMax = 48 * 1024;
 
-struct MhcShape : StreamShape {
-  int64_t M;
-};
-
-MhcShape check_mhc_inputs(const at::Tensor& H, const at::Tensor& phi, const at::Tensor& a_pre,
-                          const at::Tensor& a_post, const at::Tensor& a_res, const at::Tensor& b,
-                          int64_t iters) {
-  MhcShape sh;
-  static_cast<StreamShape&>(sh) = check_streams(H);
-  TORCH_CHECK(sh.d >= 1, "H must have d >= 1 features (its rms is over n·d), got ", H.sizes());
-  sh.M = sh.n * sh.n + 2 * sh.n;
-  check_input(phi, "phi", H);
-  CL_CHECK_SHAPE(phi, "phi", "(n·d, n²+2n)", sh.n * sh.d, sh.M);
-  check_input(b, "b", H);
-  CL_CHECK_SHAPE(b, "b", "(n²+2n,)", sh.M);
-  check_scalar_tensor(a_pre, "a_pre", H);
-  check_scalar_tensor(a_post, "a_post", H);
-  check_scalar_tensor(a_res, "a_res", H);
-  TORCH_CHECK(iters >= 1, "iters must be >= 1, got ", iters);
-  return sh;
-}
-
-// The tensor-core path: 16-bit activations, d >= kMmaMinD, and a device with 16-bit
-// mma.sync (sm 8.0+); otherwise the at::mm path computes the same product in fp32.
-bool use_mma(const at::Tensor& H, int device) {
-  const at::ScalarType t = H.scalar_type();
-  return (t == at::kBFloat16 || t == at::kHalf) && H.size(-1) >= kMmaMinD && has_mma_sync_16bit(device);
-}
-
-// a_pre, a_post, a_res in the accumulator dtype (the tensors themselves when already in
-// it; kept alive until the launches), with p pointed at them.
-struct MhcScaleTensors {
-  at::Tensor pre, post, res;
-};
-
-MhcScaleTensors mhc_scale_inputs(MhcCoeffsParams& p, at::ScalarType acc_type, const at::Tensor& a_pre,
-                                 const at::Tensor& a_post, const at::Tensor& a_res) {
-  MhcScaleTensors t{a_pre.to(acc_type), a_post.to(acc_type), a_res.to(acc_type)};
-  p.a_pre_ptr = t.pre.data_ptr();
-  p.a_post_ptr = t.post.data_ptr();
-  p.a_res_ptr = t.res.data_ptr();
-  return t;
-}
-
-// Shared fields of the params struct.
-MhcCoeffsParams base_params(const MhcShape& sh, double eps, double pre_eps, double post_mult, int64_t iters,
-                      double sinkhorn_eps) {
-  MhcCoeffsParams p{};
-  p.n_tokens = sh.N;
-  p.d = sh.d;
-  p.n = static_cast<int>(sh.n);
-  p.M = static_cast<int>(sh.M);
-  p.cps = round_up(sh.d, 32) / 32;
-  p.iters = static_cast<int>(iters);
-  p.eps = eps;
-  p.pre_eps = pre_eps;
-  p.post_mult = post_mult;
-  p.sinkhorn_eps = sinkhorn_eps;
-  return p;
-}
 
 template <typename Kernel>
 void launch_epilogue(Kernel kernel, const MhcCoeffsParams& p, int group, int smem) {
@@ -155,7 +93,7 @@ std::vector<at::Tensor> mhc_coeffs_fwd_impl(const at::Tensor& H_in, const at::Te
     return out;
   }
 
-  MhcCoeffsParams p = base_params(sh, eps, pre_eps, post_mult, iters, sinkhorn_eps);
+  MhcCoeffsParams p = mhc_base_params(sh, eps, pre_eps, post_mult, iters, sinkhorn_eps);
   const MhcScaleTensors scales = mhc_scale_inputs(p, acc_type, a_pre, a_post, a_res);
   const at::Tensor b_ = b.to(acc_type).contiguous();
   p.b_ptr = b_.data_ptr();
@@ -294,6 +232,50 @@ std::vector<at::Tensor> mhc_boundary_fwd(const at::Tensor& H, const at::Tensor& 
   return {H_next, out[4], out[0], out[1], out[2], out[3]};
 }
 
+at::Tensor mhc_coeffs_dh_pass(MhcCoeffsParams& p, const at::Tensor& H_in, const at::Tensor& phi) {
+  const int64_t n = p.n, d = p.d, N = p.n_tokens, M = p.M;
+  const int device = H_in.device().index();
+  const at::Tensor H = readable(H_in, 2, &p.h_tok);
+  p.h_ptr = H.data_ptr();
+  p.h_stream_stride = stream_stride(H);
+  at::Tensor phib;
+  if (p.dh_ptr != nullptr) {
+    phib = pack_fragments(phi, n, p.cps * 32, p.ldu, kMmaPackDx, 2, at::kBFloat16, at::Tensor());
+    p.phib_ptr = phib.data_ptr();
+  }
+  // Token groups: enough warps (one chunk, one group each) for kWarpsPerSm an SM, with
+  // at least kMinTilesPerGroup tiles a group (up to 64 tokens one group: no partial
+  // sum launch at decode sizes).
+  const int64_t chunks = p.cps * n;
+  const int64_t tiles = (N + 15) / 16;
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  p.token_groups = std::min((tiles + kMinTilesPerGroup - 1) / kMinTilesPerGroup,
+                            std::max<int64_t>(1, (sms * kWarpsPerSm + chunks - 1) / chunks));
+  p.tiles_per_group = (tiles + p.token_groups - 1) / p.token_groups;
+  p.token_groups = (tiles + p.tiles_per_group - 1) / p.tiles_per_group;
+  at::Tensor part = at::empty({p.token_groups, n * d, M}, H.options().dtype(at::kFloat));
+  p.dphi_part_ptr = part.data_ptr();
+  const bool vectorize =
+      vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, 8) &&
+      (p.dh_ptr == nullptr || vec_ok(p.dh_ptr, p.dh_tok, p.dh_stream_stride, 8)) &&
+      (p.gx_ptr == nullptr || vec_ok(p.gx_ptr, p.gx_tok, 0, 8)) &&
+      (p.dh_prior_ptr == nullptr || vec_ok(p.dh_prior_ptr, p.prior_tok, p.prior_stream_stride, 8));
+  const bool bf16 = H.scalar_type() == at::kBFloat16;
+  const int64_t blocks = (chunks * p.token_groups + kMhcCoeffsWarps - 1) / kMhcCoeffsWarps;
+  const int smem = kMhcCoeffsWarps * (bf16 ? kMmaXtStageElems<__nv_bfloat16> : kMmaXtStageElems<__half>) *
+                   static_cast<int>(sizeof(__nv_bfloat16));
+  CL_BOOL_SWITCH(vectorize, kVec, [&] {
+    dispatch_streams<kMaxStreams, 4>(static_cast<int>(n), [&](auto kn) {
+      constexpr int kDT = MhcCoeffsDphiTiles<decltype(kn)::value>::value;
+      const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((M + 8 * kDT - 1) / (8 * kDT)));
+      launch(bf16 ? mhc_coeffs_bwd_dh_kernel<__nv_bfloat16, kVec, kDT> : mhc_coeffs_bwd_dh_kernel<__half, kVec, kDT>,
+             grid, dim3(kMhcCoeffsThreads), smem, p);
+    });
+  });
+  // dphi: the token groups' partials summed in group order (one group: the partial).
+  return p.token_groups == 1 ? part[0] : part.sum(0);
+}
+
 std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const std::optional<at::Tensor>& prior,
                                        const std::optional<at::Tensor>& dalpha,
                                        const std::optional<at::Tensor>& dbeta,
@@ -305,16 +287,12 @@ std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const st
                                        int64_t iters, double sinkhorn_eps) {
   const MhcShape sh = check_mhc_inputs(H_in, phi, a_pre, a_post, a_res, b, iters);
   const int64_t n = sh.n, d = sh.d, N = sh.N, M = sh.M;
-  if (dalpha) check_per_token(*dalpha, "dalpha", "(..., n, n+1)", with_tail(sh.lead, {n, n + 1}), H_in);
-  if (dbeta) check_per_token(*dbeta, "dbeta", "(..., n)", with_tail(sh.lead, {n}), H_in);
+  check_mhc_grads(sh, H_in, dalpha, dbeta, dx, u_in, r_in);
   if (dpre) check_per_token(*dpre, "dpre", "(..., n)", with_tail(sh.lead, {n}), H_in);
-  if (dx) check_activation(*dx, "dx", H_in, "(..., d)", with_tail(sh.lead, {d}));
   check_activation(dH, "dH", H_in, "(..., n, d)", H_in.sizes());
   TORCH_CHECK(!(accumulate && prior), "mhc_coeffs_bwd: accumulate (dH += ...) and prior (dH = prior + ...) "
               "are exclusive");
   if (prior) check_activation(*prior, "prior", H_in, "(..., n, d)", H_in.sizes());
-  check_per_token(u_in, "u", "(..., n²+2n)", with_tail(sh.lead, {M}), H_in);
-  check_per_token(r_in, "r", "(...)", sh.lead, H_in);
   const c10::cuda::CUDAGuard guard(H_in.device());
   const at::ScalarType acc_type = acc_dtype(H_in.scalar_type());
   const auto acc_opts = H_in.options().dtype(acc_type);
@@ -323,7 +301,7 @@ std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const st
     return {at::zeros(phi.sizes(), phi.options()), at::zeros({}, a_pre.options()),
             at::zeros({}, a_post.options()), at::zeros({}, a_res.options()), at::zeros(b.sizes(), b.options())};
   }
-  MhcCoeffsParams p = base_params(sh, eps, pre_eps, post_mult, iters, sinkhorn_eps);
+  MhcCoeffsParams p = mhc_base_params(sh, eps, pre_eps, post_mult, iters, sinkhorn_eps);
   const MhcScaleTensors scales = mhc_scale_inputs(p, acc_type, a_pre, a_post, a_res);
   const at::Tensor b_ = b.to(acc_type).contiguous();
   const at::Tensor u = u_in.to(acc_type).contiguous();
@@ -378,7 +356,6 @@ std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const st
 
   at::Tensor dphi;
   if (use_mma(H_in, device)) {
-    const at::Tensor H = readable(H_in, 2, &p.h_tok);
     // dH in place when its token dims collapse, else a scratch copied back (holding dH
     // first when the kernel adds to it).
     at::Tensor dH_k = writable(dH, 2, &p.dh_tok, accumulate);
@@ -386,45 +363,12 @@ std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const st
     if (accumulate) p.prior_tok = p.dh_tok;
     p.dh_prior_ptr = prior_k.defined() ? prior_k.data_ptr() : nullptr;
     p.prior_stream_stride = prior_k.defined() ? stream_stride(prior_k) : 0;
-    p.h_ptr = H.data_ptr();
-    p.h_stream_stride = stream_stride(H);
     p.dh_ptr = dH_k.data_ptr();
     p.dh_stream_stride = stream_stride(dH_k);
     const at::Tensor gx = dx ? readable(*dx, 1, &p.gx_tok) : at::Tensor();
     p.gx_ptr = dx ? gx.data_ptr() : nullptr;
-    const at::Tensor phib = pack_fragments(phi, n, p.cps * 32, p.ldu, kMmaPackDx, 2, at::kBFloat16, at::Tensor());
-    p.phib_ptr = phib.data_ptr();
-    // Token groups: enough warps (one chunk, one group each) for kWarpsPerSm an SM, with
-    // at least kMinTilesPerGroup tiles a group (up to 64 tokens one group: no partial
-    // sum launch at decode sizes).
-    const int64_t chunks = p.cps * n;
-    const int64_t tiles = (N + 15) / 16;
-    const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
-    p.token_groups = std::min((tiles + kMinTilesPerGroup - 1) / kMinTilesPerGroup,
-                              std::max<int64_t>(1, (sms * kWarpsPerSm + chunks - 1) / chunks));
-    p.tiles_per_group = (tiles + p.token_groups - 1) / p.token_groups;
-    p.token_groups = (tiles + p.tiles_per_group - 1) / p.tiles_per_group;
-    at::Tensor part = at::empty({p.token_groups, n * d, M}, H.options().dtype(at::kFloat));
-    p.dphi_part_ptr = part.data_ptr();
-    const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, 8) &&
-                           vec_ok(p.dh_ptr, p.dh_tok, p.dh_stream_stride, 8) &&
-                           (!dx || vec_ok(p.gx_ptr, p.gx_tok, 0, 8)) &&
-                           (!prior_k.defined() || vec_ok(p.dh_prior_ptr, p.prior_tok, p.prior_stream_stride, 8));
-    const bool bf16 = H.scalar_type() == at::kBFloat16;
-    const int64_t blocks = (chunks * p.token_groups + kMhcCoeffsWarps - 1) / kMhcCoeffsWarps;
-    const int smem = kMhcCoeffsWarps * (bf16 ? kMmaXtStageElems<__nv_bfloat16> : kMmaXtStageElems<__half>) *
-                     static_cast<int>(sizeof(__nv_bfloat16));
-    CL_BOOL_SWITCH(vectorize, kVec, [&] {
-      dispatch_streams<kMaxStreams, 4>(static_cast<int>(n), [&](auto kn) {
-        constexpr int kDT = MhcCoeffsDphiTiles<decltype(kn)::value>::value;
-        const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((M + 8 * kDT - 1) / (8 * kDT)));
-        launch(bf16 ? mhc_coeffs_bwd_dh_kernel<__nv_bfloat16, kVec, kDT> : mhc_coeffs_bwd_dh_kernel<__half, kVec, kDT>,
-               grid, dim3(kMhcCoeffsThreads), smem, p);
-      });
-    });
+    dphi = mhc_coeffs_dh_pass(p, H_in, phi);
     copy_back(dH, dH_k);
-    // dphi: the token groups' partials summed in group order (one group: the partial).
-    dphi = p.token_groups == 1 ? part[0] : part.sum(0);
   } else {
     // The oracle's form: dxf = du·phiᵀ − s·xf, dphi = xfᵀ·du, in the accumulator dtype.
     const at::Tensor xf = H_in.reshape({N, n * d}).to(acc_type);

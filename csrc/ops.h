@@ -133,6 +133,21 @@ std::vector<at::Tensor> mhc_boundary_fwd(const at::Tensor& H, const at::Tensor& 
                                          const at::Tensor& a_post, const at::Tensor& a_res, const at::Tensor& b,
                                          double eps, double pre_eps, double post_mult, int64_t iters,
                                          double sinkhorn_eps);
+// mhc_boundary_bwd.cu
+//   The boundary's backward: dH_next (H''s gradient from later ops), dx', dalpha',
+//   dbeta' optional (zero when absent); H, y, alpha, beta connection i's post; H', u, r
+//   the forward's outputs. Returns {dH (H's layout), dy (*lead, d), dalpha, dbeta (the
+//   post's coefficient shapes, accumulator dtype, summed over tokens when static),
+//   dphi, da_pre, da_post, da_res, db (each in its parameter's dtype)}.
+std::vector<at::Tensor> mhc_boundary_bwd(const std::optional<at::Tensor>& dH_next,
+                                         const std::optional<at::Tensor>& dx,
+                                         const std::optional<at::Tensor>& dalpha_next,
+                                         const std::optional<at::Tensor>& dbeta_next, const at::Tensor& H,
+                                         const at::Tensor& y, const at::Tensor& alpha, const at::Tensor& beta,
+                                         const at::Tensor& H_next, const at::Tensor& phi, const at::Tensor& a_pre,
+                                         const at::Tensor& a_post, const at::Tensor& a_res, const at::Tensor& b,
+                                         const at::Tensor& u, const at::Tensor& r, double eps, double pre_eps,
+                                         double post_mult, int64_t iters, double sinkhorn_eps);
 //   dH (*lead, n, d) of H's dtype, written (=) or, with `accumulate`, added to (+=) in
 //   place, or with `prior` (H's shape and dtype, only read) written as prior + the
 //   terms; dalpha (*lead, n, n+1), dbeta (*lead, n) optional (zero when absent); dpre

@@ -698,14 +698,18 @@ SPECS: Tuple[OpSpec, ...] = (
                                                               iters=5)),
                         ("N2x5-n8-d40-folded", dict(lead=(2, 5), n=8, d=40, layout="folded")),
                         ("N37-n4-d64-stream_stride-static", dict(lead=(37,), n=4, d=64, layout="stream_stride",
-                                                                 static=True))),
+                                                                 static=True)),
+                        # the fused backward without dH_next, and without dx' and the coefficients'
+                        ("N9-n4-d72-grads1", dict(lead=(9,), n=4, d=72, grad_outputs=(1,))),
+                        ("N3x3-n2-d40-folded-grads0", dict(lead=(3, 3), n=2, d=40, layout="folded", grad_outputs=(0,)))),
            exhaustive_cases=_cases(*[(f"N{N}-n{n}-d{d}-{lay}", dict(lead=(N,), n=n, d=d, layout=lay))
                                      for N, n, d, lay in [(1, 1, 1, "contiguous"), (19, 8, 129, "padded"),
                                                           (21, 5, 515, "misaligned"), (70, 4, 2200, "contiguous")]]
                                    + [(f"N5x7-n{n}-d131-{lay}", dict(lead=(5, 7), n=n, d=131, layout=lay))
                                       for lay in STREAM_LAYOUTS for n in (4, 3)]
-                                   + hc_matrix((1, 2, 4, 5, 8), [((1,), 1), ((5,), 7), ((37,), 129), ((70,), 2048)],
-                                               flags=({}, dict(static=True), dict(grad_outputs=(0, 1))))),
+                                   + hc_matrix((1, 2, 3, 4, 5, 8), [((1,), 1), ((5,), 7), ((37,), 129), ((70,), 2048)],
+                                               flags=({}, dict(static=True), dict(grad_outputs=(0, 1)),
+                                                      dict(grad_outputs=(1,)), dict(grad_outputs=(0,))))),
            opcheck_calls=mhc_boundary_opcheck, launcher_errors=mhc_boundary_launcher_errors,
            big=Case("N4099-n4-d2048", dict(lead=(4099,), n=4, d=2048)),
            wide=Case("N3-n4-d2056", dict(lead=(3,), n=4, d=2056)),

@@ -70,15 +70,16 @@ def test_boundary_launches_at_small_n(counter_and_module, kind, static_alpha, N)
     assert bwd <= 3, f"{kind} boundary backward: {bwd} launches at N = {N} (issue 13: at most 3)"
 
 
+@pytest.mark.parametrize("static_alpha", [False, True])
 @pytest.mark.parametrize("N", [1, 5, 64])
-def test_mhc_boundary_launches_at_small_n(counter_and_module, N):
-    """The mHC boundary's forward is issue 13's at most 2 (phi's packing, the kernel); its
-    backward is still the unfused kernels': stream_mix_dots, the Sinkhorn epilogue, the
-    parameter token_sums, phi's dx packing, the dH pass, hc_post's backward (6; the fused
-    backward of bench/NOTES.md, with phi's dx fragments packed by the forward, makes it
-    3)."""
-    fwd, bwd = _launches(_boundary_case("mhc", False), counter_and_module, N)
-    assert (fwd, bwd) == (2, 6), f"mHC boundary at N = {N}: {fwd} forward and {bwd} backward launches"
+def test_mhc_boundary_launches_at_small_n(counter_and_module, N, static_alpha):
+    """The mHC boundary is issue 13's at most 2 forward (phi's packing, the kernel) and 3
+    backward (the fused tile kernel, which reads phi as fp32 and needs no packing; the
+    parameter token_sums of both connections; the dphi pass over H', one token group up
+    to 64 tokens, so no partial sum), with the post's coefficients per token or static
+    (their sums in the same token_sums launch)."""
+    fwd, bwd = _launches(_boundary_case("mhc", static_alpha), counter_and_module, N)
+    assert (fwd, bwd) == (2, 3), f"mHC boundary at N = {N}: {fwd} forward and {bwd} backward launches"
 
 
 # One connection call, pre + post (identity branch), bf16: exact forward and backward

@@ -212,6 +212,48 @@ __device__ __forceinline__ void mma_chunk_g_wt(float (&acc)[kTiles][4], const fl
   }
 }
 
+// mma_chunk_g_wt with W read as fp32 and split here instead of packed: W (rows, ldw)
+// row-major (rows = streams of d features; this chunk's 32 features from row0 = i·d +
+// f0, those at f0 + 0..31 >= d read as 0), columns >= cols read as 0 (cols even, ldw
+// even: a column pair is one 8-byte load). The B words are those pack_fragments' dx
+// layout holds (b0 = W[feature(grp), 16ks + 2tig + {0, 1}], b1 the same + 8, feature(grp)
+// = f0 + 8(grp / 2) + 2j + grp % 2; hi = bf16(w), lo = bf16(w − hi)), so acc gets the
+// same bits. For a kernel that needs the product once per tile of a weight that L1/L2
+// holds (no packing launch; 4 B an element read against the packed 4 B plus padding).
+// G rows are read with plain loads (they may have been written by the same kernel).
+template <int kTiles>
+__device__ __forceinline__ void mma_chunk_g_w32(float (&acc)[kTiles][4], const float* ga, const float* gb, bool va,
+                                                bool vb, const float* __restrict__ W, int64_t ldw, int64_t row0,
+                                                int64_t f0, int64_t d, int cols, int ksteps, int grp, int tig) {
+  mma_zero(acc);
+  for (int ks = 0; ks < ksteps; ++ks) {
+    const int k = ks * 16 + tig * 2;
+    const float2 g0 = va ? *reinterpret_cast<const float2*>(ga + k) : make_float2(0.f, 0.f);
+    const float2 g1 = vb ? *reinterpret_cast<const float2*>(gb + k) : make_float2(0.f, 0.f);
+    const float2 g2 = va ? *reinterpret_cast<const float2*>(ga + k + 8) : make_float2(0.f, 0.f);
+    const float2 g3 = vb ? *reinterpret_cast<const float2*>(gb + k + 8) : make_float2(0.f, 0.f);
+    uint32_t h0, h1, h2, h3, l0, l1, l2, l3;
+    split_bf16x2(g0.x, g0.y, h0, l0);
+    split_bf16x2(g1.x, g1.y, h1, l1);
+    split_bf16x2(g2.x, g2.y, h2, l2);
+    split_bf16x2(g3.x, g3.y, h3, l3);
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j) {
+      const int64_t f = f0 + 8 * (grp / 2) + 2 * j + grp % 2;
+      const float* __restrict__ wrow = W + (row0 + 8 * (grp / 2) + 2 * j + grp % 2) * ldw;
+      const float2 w0 = (f < d && k < cols) ? __ldg(reinterpret_cast<const float2*>(wrow + k)) : make_float2(0.f, 0.f);
+      const float2 w1 =
+          (f < d && k + 8 < cols) ? __ldg(reinterpret_cast<const float2*>(wrow + k + 8)) : make_float2(0.f, 0.f);
+      uint32_t bh0, bl0, bh1, bl1;
+      split_bf16x2(w0.x, w0.y, bh0, bl0);
+      split_bf16x2(w1.x, w1.y, bh1, bl1);
+      MmaOp<__nv_bfloat16>::run(acc[j], h0, h1, h2, h3, bh0, bh1);
+      MmaOp<__nv_bfloat16>::run(acc[j], l0, l1, l2, l3, bh0, bh1);
+      MmaOp<__nv_bfloat16>::run(acc[j], h0, h1, h2, h3, bl0, bl1);
+    }
+  }
+}
+
 // Row rw (0: a, 1: b) of an mma_chunk_g_wt result minus s·x plus c·y, written to this
 // thread's 8 features [e, e + 8) of dst (features 8tig + 2j + {0, 1} of the chunk:
 // acc[j][2rw + q] is feature e + 2j + q) `=`, plus `prior` (null: none; it may be dst

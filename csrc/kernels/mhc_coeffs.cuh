@@ -182,6 +182,15 @@ struct MhcCoeffsParams {
   TokenLayout gx_tok;
   const void* __restrict__ gx_ptr;
   void* __restrict__ w_pre_ptr;
+  // The boundary's backward (kernels/mhc_boundary.cuh, mhc_boundary_bwd_kernel): phi
+  // itself, fp32 (n·d, M) row-major (du·phiᵀ without a packing launch); the outputs of
+  // connection i's post (post_* inputs): dH through dh_tok / dh_stream_stride at dh_ptr,
+  // dy (*lead, d), and the coefficient gradient rows (N, n, n+1) / (N, n), fp32.
+  const float* __restrict__ phi_ptr;
+  TokenLayout dy_tok;
+  void* __restrict__ dy_ptr;
+  void* __restrict__ post_da_ptr;
+  void* __restrict__ post_db_ptr;
 };
 
 // n = 4 (M = 24): 3 n-tiles in one pass; any other n: 8 n-tiles (64 columns) a pass.
@@ -612,13 +621,14 @@ __global__ void __launch_bounds__(kMhcFwdThreads) mhc_coeffs_fwd_kernel(const Mh
 }
 
 // The gates' backward of an active lane (zero otherwise): z = r·u of pre and post,
-// dh_pre = dpre·σ'(h_pre), dh_post = post_mult·dpost·σ'(h_post); with w_pre_ptr, the
-// pre gate alpha[t, row, 0] = σ(h_pre) + pre_eps written (=) for the dh pass.
+// dh_pre = dpre·σ'(h_pre), dh_post = post_mult·dpost·σ'(h_post) (dpre: the caller's sum
+// of alpha[t, row, 0]'s gradients), and w = σ(h_pre) + pre_eps, the pre gate
+// alpha[t, row, 0] (the dH pass's weight of dx).
 template <typename acc, int kN>
 __device__ __forceinline__ void mhc_coeffs_gates_bwd(const MhcCoeffsParams& p, const MhcCoeffsLane& l,
-                                                     const MhcRow<acc, kN>& u, acc r, const acc* da_row,
-                                                     acc& z_pre, acc& z_post, acc& dh_pre, acc& dh_post) {
-  dh_pre = dh_post = z_pre = z_post = acc(0);
+                                                     const MhcRow<acc, kN>& u, acc r, acc dpre, acc& z_pre,
+                                                     acc& z_post, acc& dh_pre, acc& dh_post, acc& w) {
+  dh_pre = dh_post = z_pre = z_post = w = acc(0);
   if (!l.active) return;
   const int n = p.n;
   const acc* __restrict__ b = static_cast<const acc*>(p.b_ptr);
@@ -628,20 +638,25 @@ __device__ __forceinline__ void mhc_coeffs_gates_bwd(const MhcCoeffsParams& p, c
   z_post = r * u.post;
   const acc sp = acc_sigmoid(sc.pre * z_pre + b[l.row]);
   const acc so = acc_sigmoid(sc.post * z_post + b[n + l.row]);
-  const acc* __restrict__ dpre_extra = static_cast<const acc*>(p.dpre_ptr);
-  const acc dpre = (da_row != nullptr ? da_row[0] : acc(0)) + (dpre_extra != nullptr ? dpre_extra[l.t * n + l.row] : acc(0));
   const acc dpost = dbeta != nullptr ? dbeta[l.t * n + l.row] : acc(0);
   dh_pre = dpre * sp * (acc(1) - sp);
-  if (p.w_pre_ptr != nullptr) static_cast<acc*>(p.w_pre_ptr)[l.t * n + l.row] = sp + static_cast<acc>(p.pre_eps);
+  w = sp + static_cast<acc>(p.pre_eps);
   dh_post = static_cast<acc>(p.post_mult) * dpost * so * (acc(1) - so);
 }
 
+// s = dr·r³/(n·d): the rms term's scale of dH (= du·phiᵀ − s·xf), dr the token's
+// <dz, u>.
+template <typename acc>
+__device__ __forceinline__ acc mhc_rms_grad_scale(acc dr, acc r, int n, int64_t d) {
+  return dr * r * r * r / static_cast<acc>(static_cast<int64_t>(n) * d);
+}
+
 // Backward outputs of an active lane (=): du = r·a·dh, G = [dh, dh·z] of its entries,
-// and s = dr·r³/(n·d) and du's padding columns M..ldu (0) by row 0 (dr the group's sum).
+// and du's padding columns M..ldu (0) by row 0.
 template <typename acc, int kN>
 __device__ __forceinline__ void mhc_coeffs_write_bwd(const MhcCoeffsParams& p, const MhcCoeffsLane& l, acc r,
                                                      acc dh_pre, acc dh_post, acc z_pre, acc z_post,
-                                                     const acc (&dh_res)[kN], const acc (&zres)[kN], acc dr) {
+                                                     const acc (&dh_res)[kN], const acc (&zres)[kN]) {
   const int n = p.n, M = p.M, row = l.row;
   const int64_t t = l.t;
   const MhcScales<acc> sc = mhc_scales<acc>(p);
@@ -663,9 +678,19 @@ __device__ __forceinline__ void mhc_coeffs_write_bwd(const MhcCoeffsParams& p, c
     }
   }
   if (row == 0) {
-    static_cast<acc*>(p.s_ptr)[t] = dr * r * r * r / static_cast<acc>(static_cast<int64_t>(n) * p.d);
     for (int m = M; m < p.ldu; ++m) du[m] = acc(0);  // du's padding columns
   }
+}
+
+// dr = <dz, u> of the token, the same bits in every lane of its group: the lane's row
+// summed, then the group's rows (group_sum). Every lane of the warp must call it.
+template <typename acc, int kN>
+__device__ __forceinline__ acc mhc_coeffs_dr(const MhcScales<acc>& sc, const MhcRow<acc, kN>& u, acc dh_pre,
+                                             acc dh_post, const acc (&dh_res)[kN]) {
+  acc dr = sc.pre * dh_pre * u.pre + sc.post * dh_post * u.post;
+#pragma unroll
+  for (int j = 0; j < kN; ++j) dr += sc.res * dh_res[j] * u.res[j];
+  return group_sum<kN>(dr);
 }
 
 // Dynamic shared memory: the Sinkhorn scales [2·iters − 1][blockDim.x] when cbuf_ptr is
@@ -694,14 +719,17 @@ __global__ void __launch_bounds__(kMhcCoeffsEpiThreads) mhc_coeffs_bwd_epilogue_
   for (int j = 0; j < kN; ++j) g[j] = (l.active && j < n && da_row != nullptr) ? da_row[1 + j] : acc(0);
   mhc_sinkhorn_bwd<acc, kN>(g, P, S, n, l.active, p.iters, cbuf, cstride, dh_res);
 
-  acc z_pre, z_post, dh_pre, dh_post;
-  mhc_coeffs_gates_bwd<acc, kN>(p, l, u, r, da_row, z_pre, z_post, dh_pre, dh_post);
-  acc dr = sc.pre * dh_pre * u.pre + sc.post * dh_post * u.post;
-#pragma unroll
-  for (int j = 0; j < kN; ++j) dr += sc.res * dh_res[j] * u.res[j];
-  dr = group_sum<kN>(dr);
+  const acc* __restrict__ dpre_extra = static_cast<const acc*>(p.dpre_ptr);
+  const acc dpre = l.active ? (da_row != nullptr ? da_row[0] : acc(0)) +
+                                  (dpre_extra != nullptr ? dpre_extra[l.t * n + l.row] : acc(0))
+                            : acc(0);
+  acc z_pre, z_post, dh_pre, dh_post, w;
+  mhc_coeffs_gates_bwd<acc, kN>(p, l, u, r, dpre, z_pre, z_post, dh_pre, dh_post, w);
+  const acc dr = mhc_coeffs_dr<acc, kN>(sc, u, dh_pre, dh_post, dh_res);
   if (!l.active) return;  // after the last shuffle
-  mhc_coeffs_write_bwd<acc, kN>(p, l, r, dh_pre, dh_post, z_pre, z_post, dh_res, zres, dr);
+  if (p.w_pre_ptr != nullptr) static_cast<acc*>(p.w_pre_ptr)[l.t * n + l.row] = w;
+  if (l.row == 0) static_cast<acc*>(p.s_ptr)[l.t] = mhc_rms_grad_scale(dr, r, n, p.d);
+  mhc_coeffs_write_bwd<acc, kN>(p, l, r, dh_pre, dh_post, z_pre, z_post, dh_res, zres);
 }
 
 // ----------------------------------------------------------------------------- dH
@@ -717,7 +745,7 @@ struct MhcCoeffsDphiTiles {
 // partials Σ_t xfᵀ·du of a token group, for bf16/fp16 H. Warp u = blockIdx.x·warps + w
 // owns chunk c = u % (n·cps) and token group g = u / (n·cps): it walks the group's
 // 16-token tiles [g·tiles_per_group, ...) in order, writes the chunk's dH of each (column
-// pass 0 only) and accumulates xfᵀ·du for columns [col0, col0 + 8·kDT) (col0 = 8·kDT ·
+// pass 0 only; none when dh_ptr is null: the dphi pass alone) and accumulates xfᵀ·du for columns [col0, col0 + 8·kDT) (col0 = 8·kDT ·
 // blockIdx.y) in registers, then writes them (=) to dphi_part[g] (the launcher sums the
 // groups in group order). Dynamic shared memory: kMhcCoeffsWarps × kMmaXtStageElems<T>
 // bf16 (each warp's transposed tile).
@@ -738,7 +766,7 @@ __global__ void __launch_bounds__(kMhcCoeffsThreads) mhc_coeffs_bwd_dh_kernel(co
   const int64_t tile_end = tile_begin + p.tiles_per_group < tiles ? tile_begin + p.tiles_per_group : tiles;
   int64_t i, e;
   mhc_coeffs_chunk(c, p.cps, tig, i, e);  // this thread: features e..e+7 of stream i
-  const bool write_dh = blockIdx.y == 0;  // warp-uniform
+  const bool write_dh = blockIdx.y == 0 && p.dh_ptr != nullptr;  // warp-uniform
   const int col0 = static_cast<int>(blockIdx.y) * 8 * kDT;
   const T* __restrict__ H = static_cast<const T*>(p.h_ptr) + i * p.h_stream_stride;
   T* DH = static_cast<T*>(p.dh_ptr) + i * p.dh_stream_stride;

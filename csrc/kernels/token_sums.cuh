@@ -30,7 +30,7 @@
 
 namespace crosslayer {
 
-constexpr int kTokenSumsMaxSegments = 4;
+constexpr int kTokenSumsMaxSegments = 6;  // mhc_boundary_bwd: 4 of connection i+1, 2 of the post
 constexpr int kTokenSumsThreads = 256;
 
 struct TokenSumsSegment {
