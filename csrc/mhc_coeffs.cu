@@ -238,11 +238,8 @@ at::Tensor mhc_coeffs_dh_pass(MhcCoeffsParams& p, const at::Tensor& H_in, const 
   const at::Tensor H = readable(H_in, 2, &p.h_tok);
   p.h_ptr = H.data_ptr();
   p.h_stream_stride = stream_stride(H);
-  at::Tensor phib;
-  if (p.dh_ptr != nullptr) {
-    phib = pack_fragments(phi, n, p.cps * 32, p.ldu, kMmaPackDx, 2, at::kBFloat16, at::Tensor());
-    p.phib_ptr = phib.data_ptr();
-  }
+  const at::Tensor phi32 = phi.to(at::kFloat).contiguous();  // read as fp32 (no packing launch)
+  p.phi_ptr = phi32.data_ptr<float>();
   // Token groups: enough warps (one chunk, one group each) for kWarpsPerSm an SM, with
   // at least kMinTilesPerGroup tiles a group (up to 64 tokens one group: no partial
   // sum launch at decode sizes).

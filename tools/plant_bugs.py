@@ -97,6 +97,19 @@ MUTATIONS = (
              "        for (int i = 0; i < n; ++i) {\n          // kPost: H'_i mixed again",
              "        for (int i = 0; i < n - 1; ++i) {\n          // kPost: H'_i mixed again",
              "fused mHC pre forward: x = Σ_i alpha[:, i, 0]·H_i without the last stream"),
+    Mutation("mhc_boundary_bwd_drops_later_grad",
+             "+ wk * to_acc(xv.v[v]) + to_acc(nv.v[v]);",
+             "+ wk * to_acc(xv.v[v]);",
+             "mHC boundary fused backward: the later gradient of H' (dH_next) missing from dH'"),
+    Mutation("mhc_boundary_bwd_half_warp_sum_short",
+             "  for (int o = 8; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);",
+             "  for (int o = 4; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);",
+             "mHC boundary fused backward: a token's dots summed over 8 of its 16 lanes"),
+    Mutation("mhc_boundary_bwd_round_skips_pair",
+             "      for (int q = warp; q < kChunks * n; q += kMhcBoundaryBwdWarps) {",
+             "      for (int q = warp; q < kChunks * n - 1; q += kMhcBoundaryBwdWarps) {",
+             "mHC boundary fused backward: the last (chunk, stream) pair of a round's du·phiᵀ never "
+             "computed (stale shared memory read)"),
 )
 
 

@@ -52,8 +52,8 @@
 //   mhc_coeffs_bwd_epilogue_kernel<acc, kN>  Sinkhorn backward and the chain above;
 //       writes du, s, G.
 //   mhc_coeffs_bwd_dh_kernel<T, kVec, kDT>  bf16/fp16 H: dH = du·phiᵀ − s·xf on tensor
-//       cores (du and phi both fp32: bf16 hi/lo of each, three mma: hi·hi + lo·hi +
-//       hi·lo), and in the same pass over H the dphi partials xfᵀ·du (xf staged
+//       cores (du and phi both fp32, split into bf16 hi/lo in the kernel, three mma:
+//       hi·hi + lo·hi + hi·lo; common/mma.cuh's mma_chunk_g_w32), and in the same pass over H the dphi partials xfᵀ·du (xf staged
 //       transposed through shared memory, du in bf16 hi + lo: common/mma.cuh's Xᵀ·G), H
 //       read once. kDT n-tiles of dphi a pass: 3 for n = 4 (all of M), 8 otherwise (column
 //       passes of 64 in grid.y: H is re-read per extra pass, from n = 8 on).
@@ -61,7 +61,7 @@
 //   in the arithmetic dtype and runs the epilogue kernels; x by stream_mix.)
 //
 // Fragment layouts (PTX ISA mma.m16n8k16 row.col; lane = 4·grp + tig) and the packing
-// of phi are those of common/mma.cuh (proj: Wf, G·Wᵀ: Wb) with W := phi
+// of phif are those of common/mma.cuh (proj: Wf) with W := phi
 // padded per stream to d_pad = d rounded up to 32 rows (zero rows), so reduction chunk
 // c of 32 features is stream c / cps, features 32·(c % cps) + 0..31 (cps = d_pad / 32),
 // and no chunk straddles two streams.
@@ -86,9 +86,9 @@
 // Assumptions (checked or arranged by the launcher):
 //   1) H, dH: features unit-stride; tokens through TokenLayout, streams any stride; with
 //      kVec, base 16-byte aligned and token/stream strides multiples of 8 elements;
-//   2) phif / phib packed as above (bf16 phif: each lane's uint4 followed by the one of
-//      the rest, {hi b0, hi b1, unused, unused}), zero-padded (rows to d_pad per stream, columns to
-//      m_pad / ldu); 1 <= n <= 16, d >= 1;
+//   2) phif packed as above (bf16: each lane's uint4 followed by the one of the rest,
+//      {hi b0, hi b1, unused, unused}), zero-padded (rows to d_pad per stream, columns to
+//      m_pad); phi (the dH pass) fp32 contiguous; 1 <= n <= 16, d >= 1;
 //   3) workspaces and u, r, du, s, G, alpha, beta contiguous in the accumulator dtype
 //      (the split partials of the mma path are fp32 = its accumulator dtype).
 #pragma once
@@ -131,7 +131,6 @@ struct MhcCoeffsParams {
   const void* __restrict__ h_ptr;
   const void* __restrict__ phif_ptr;  // proj: packed phi (uint4 fragments; bf16: 2 uint4)
   const float* __restrict__ proj_unscale_ptr;  // proj, fp16: 2^-k (device scalar), or null
-  const void* __restrict__ phib_ptr;  // dh: packed phi (uint4 fragments)
   const void* __restrict__ a_pre_ptr;  // 0-dim scales, accumulator dtype
   const void* __restrict__ a_post_ptr;
   const void* __restrict__ a_res_ptr;
@@ -182,9 +181,9 @@ struct MhcCoeffsParams {
   TokenLayout gx_tok;
   const void* __restrict__ gx_ptr;
   void* __restrict__ w_pre_ptr;
-  // The boundary's backward (kernels/mhc_boundary.cuh, mhc_boundary_bwd_kernel): phi
-  // itself, fp32 (n·d, M) row-major (du·phiᵀ without a packing launch); the outputs of
-  // connection i's post (post_* inputs): dH through dh_tok / dh_stream_stride at dh_ptr,
+  // phi itself, fp32 (n·d, M) row-major: du·phiᵀ of the dH pass and of the boundary's
+  // backward (kernels/mhc_boundary.cuh) without a packing launch. The boundary's
+  // backward also writes the outputs of connection i's post (post_* inputs): dH through dh_tok / dh_stream_stride at dh_ptr,
   // dy (*lead, d), and the coefficient gradient rows (N, n, n+1) / (N, n), fp32.
   const float* __restrict__ phi_ptr;
   TokenLayout dy_tok;
@@ -766,6 +765,7 @@ __global__ void __launch_bounds__(kMhcCoeffsThreads) mhc_coeffs_bwd_dh_kernel(co
   const int64_t tile_end = tile_begin + p.tiles_per_group < tiles ? tile_begin + p.tiles_per_group : tiles;
   int64_t i, e;
   mhc_coeffs_chunk(c, p.cps, tig, i, e);  // this thread: features e..e+7 of stream i
+  const int64_t f0 = (c - i * p.cps) * 32;  // the chunk's first feature in stream i
   const bool write_dh = blockIdx.y == 0 && p.dh_ptr != nullptr;  // warp-uniform
   const int col0 = static_cast<int>(blockIdx.y) * 8 * kDT;
   const T* __restrict__ H = static_cast<const T*>(p.h_ptr) + i * p.h_stream_stride;
@@ -774,7 +774,6 @@ __global__ void __launch_bounds__(kMhcCoeffsThreads) mhc_coeffs_bwd_dh_kernel(co
   const float* __restrict__ S = static_cast<const float*>(p.s_ptr);
   const T* __restrict__ GX = static_cast<const T*>(p.gx_ptr);
   const float* __restrict__ Wp = static_cast<const float*>(p.w_pre_ptr);
-  const uint4* __restrict__ phib = static_cast<const uint4*>(p.phib_ptr);
   const T* PRIOR = p.dh_prior_ptr != nullptr ? static_cast<const T*>(p.dh_prior_ptr) + i * p.prior_stream_stride
                                              : nullptr;
   float dphi[2][kDT][4];
@@ -788,8 +787,8 @@ __global__ void __launch_bounds__(kMhcCoeffsThreads) mhc_coeffs_bwd_dh_kernel(co
     const uint4 xb = vb ? load8<T, kVec>(H + p.h_tok.offset(tb), e, d) : make_uint4(0, 0, 0, 0);
     if (write_dh) {
       float acc[kMhcCoeffsDhTiles][4];
-      mma_chunk_g_wt<kMhcCoeffsDhTiles>(acc, DU + (va ? ta : 0) * p.ldu, DU + (vb ? tb : 0) * p.ldu, va, vb,
-                                        phib, c, p.ldu / 16, tig, lane);
+      mma_chunk_g_w32<kMhcCoeffsDhTiles>(acc, DU + (va ? ta : 0) * p.ldu, DU + (vb ? tb : 0) * p.ldu, va, vb,
+                                         p.phi_ptr, p.M, i * d + f0, f0, d, p.M, p.ldu / 16, grp, tig);
       if (va) {
         store_g_wt_minus_sx<T, kVec>(acc, 0, xa, S[ta], GX != nullptr ? GX + p.gx_tok.offset(ta) : nullptr,
                                      GX != nullptr ? Wp[ta * p.n + i] : 0.f,
@@ -809,7 +808,6 @@ __global__ void __launch_bounds__(kMhcCoeffsThreads) mhc_coeffs_bwd_dh_kernel(co
   // C row r of m-tile mt: feature f = 32·(c % cps) + 16mt + r of stream i (dphi row
   // i·d + f); columns col0 + 8j + 2tig + {0, 1}. Padding features and columns skipped.
   float* __restrict__ part = static_cast<float*>(p.dphi_part_ptr) + g * (p.n * d * p.M);
-  const int64_t f0 = (c - i * p.cps) * 32;
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
