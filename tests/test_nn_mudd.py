@@ -252,6 +252,64 @@ def test_stack_errors():
         cnn.DepthStack(2, (4,))
 
 
+def test_stack_refuses_double_backward():
+    """Issue 14's repro: a second derivative through an aggregation raised nothing and
+    returned 2.0 (the oracle's is 8.0). First derivatives with create_graph=True stay
+    exact; differentiating them raises a clear error, through aggregate and
+    aggregate_qkv_norm alike."""
+    x0 = torch.tensor([[1.0]], dtype=F64, requires_grad=True)
+    x1 = torch.tensor([[2.0]], dtype=F64, requires_grad=True)
+    A = torch.tensor([[1.0, 1.0]], dtype=F64, requires_grad=True)
+    s = cnn.DepthStack.start(x0, 2)
+    s.push(x1)
+    loss = (s.aggregate(A) ** 2).sum()
+    gA = torch.autograd.grad(loss, A, create_graph=True)[0]
+    torch.testing.assert_close(gA, torch.tensor([[6.0, 12.0]], dtype=F64))  # 2·Y·x_j, Y = 3
+    with pytest.raises(RuntimeError, match="DepthStack does not support double backward"):
+        torch.autograd.grad(gA[0, 0], x0)
+
+    d = 8
+    xs = [torch.randn(2, d, dtype=F64, requires_grad=True) for _ in range(3)]
+    s = cnn.DepthStack.start(xs[0], 3)
+    for x in xs[1:]:
+        s.push(x * 2)
+    A4 = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    out = s.aggregate_qkv_norm(A4, torch.ones(3, d, dtype=F64))
+    g = torch.autograd.grad(out.square().sum(), xs[1], create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="DepthStack does not support double backward"):
+        torch.autograd.grad(g.sum(), A4)
+
+
+def test_stack_push_under_no_grad_keeps_earlier_slots():
+    """A frozen block (its push under torch.no_grad()) gets no gradient, as in plain
+    PyTorch, but the slots pushed before it keep theirs (they were cut off: x0.grad was
+    None); an aggregation under no_grad adds no node and breaks nothing either."""
+    d = 5
+    x0 = torch.randn(3, d, dtype=F64, requires_grad=True)
+    w = torch.randn(d, d, dtype=F64, requires_grad=True)
+    A = torch.randn(2, 3, dtype=F64, requires_grad=True)
+
+    def run(use_stack):
+        if use_stack:
+            s = cnn.DepthStack.start(x0, 3)
+        else:
+            s = [x0]
+        h1 = x0 @ w
+        s.push(h1) if use_stack else s.append(h1)
+        with torch.no_grad():  # a frozen block, and a look at the stack in between
+            h2 = torch.tanh(h1)
+            if use_stack:
+                s.aggregate(A[:, :2], slice(0, 2))
+            s.push(h2) if use_stack else s.append(h2)
+        y = s.aggregate(A) if use_stack else ref.depth_aggregate(torch.stack(s), A)
+        return (y * y.sin()).sum()
+
+    g = torch.autograd.grad(run(True), [x0, w, A])
+    g_ref = torch.autograd.grad(run(False), [x0, w, A])
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
+
+
 def _raw_stack_model(xs_leaf, As, readers, stack_dtype=F64):
     """Generic graph: slot j = f_j(previous aggregate); readers[i] = slot slice of
     aggregate i (several per layer allowed). Returns (stack loss, oracle loss)."""

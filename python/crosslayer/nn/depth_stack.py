@@ -61,13 +61,20 @@ Invariants:
       the DepthStack, which keeps the newest buffer version (and so the graph); the
       buffers are freed as soon as the graph and the DepthStack are dropped.
 
+  I7  Grad mode: a push under torch.no_grad() still joins the chain (its x gets no
+      gradient, the earlier slots keep theirs); an aggregation under no_grad adds no
+      node and leaves the chain as it is. Second derivatives are refused: every
+      backward here is first-order only, and differentiating its outputs again
+      (create_graph=True, then another grad) raises a RuntimeError that says so.
+
 Limits: one DepthStack per forward pass (it cannot be reused or rewound); do not
 put pushes and aggregations inside activation checkpointing (a recomputed push would
-rewrite a slot).
+rewrite a slot); no double backward (I7).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -137,6 +144,49 @@ def aggregate_bwd_into(dY: Tensor, S: Tensor, A: Tensor, dS: Tensor, accumulate:
     return dA.reshape(A.shape).to(A.dtype)
 
 
+_NO_DOUBLE_BACKWARD = (
+    "crosslayer.DepthStack does not support double backward (a gradient of a gradient, "
+    "create_graph=True, through a push or an aggregation): its backward adds every "
+    "aggregation's slot gradients into one shared buffer in place, which autograd cannot "
+    "differentiate again. First derivatives with create_graph=True are exact; "
+    "differentiating them raises this error.")
+
+
+class _RefuseSecondDerivative(torch.autograd.Function):
+    """value, returned as a copy whose gradient is an error: the node joins the graph
+    of `connected` (the first backward's incoming gradients), so a second derivative
+    through it reaches backward() and raises _NO_DOUBLE_BACKWARD."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, *connected: Tensor) -> Tensor:
+        return value.clone()  # not a view: later nodes add into the stack gradient in place
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_NO_DOUBLE_BACKWARD)
+
+
+def _first_order_only(backward):
+    """A DepthStack backward that runs without grad mode; when a second derivative may
+    follow (create_graph=True and an incoming gradient that requires grad), each output
+    is handed on through _RefuseSecondDerivative, so differentiating it again raises a
+    clear error. Without this, a second backward silently got wrong values (the slot
+    gradients are computed from a detached buffer). torch's once_differentiable is not
+    used: its error node hangs off fresh leaves, so a second derivative with respect to
+    the stack's inputs reports them as unused (or, with allow_unused, returns None)."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        connected = [g for g in grads if isinstance(g, Tensor) and g.requires_grad]
+        if not torch.is_grad_enabled() or not connected:
+            return outputs
+        return tuple(None if v is None else _RefuseSecondDerivative.apply(v, *connected) for v in outputs)
+
+    return wrapper
+
+
 def _as_slice(start: int, stop: int, step: int) -> slice:
     return slice(start, stop, step)
 
@@ -180,6 +230,7 @@ class _Push(torch.autograd.Function):
         return buf
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, G: Optional[Tensor]):
         if G is None:  # no aggregation after this push took part in this backward pass
             return None, None, None, None
@@ -201,6 +252,7 @@ class _Aggregate(torch.autograd.Function):
         return Y, buf
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, dY: Optional[Tensor], G: Optional[Tensor]):
         if dY is None:
             return G, None, None, None, None
@@ -237,6 +289,7 @@ class _AggregateQKVNorm(torch.autograd.Function):
         return X, buf
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, dX: Optional[Tensor], G: Optional[Tensor]):
         if dX is None:
             return G, None, None, None, None, None, None
@@ -337,7 +390,13 @@ class DepthStack:
             raise ValueError(f"x is on {x.device} but the stack is on {self.device}")
         j = self._len
         # The newest buffer version (the same storage) replaces the old one (module doc).
-        self._buf = _Push.apply(x, self._buf, j, x.requires_grad and x.is_leaf)
+        # Under no_grad (a frozen block) x gets no gradient, as in PyTorch, but the push
+        # still joins the chain: an untracked buffer version would cut every earlier
+        # slot off from the aggregations that follow.
+        tracked = torch.is_grad_enabled()
+        with torch.enable_grad():
+            self._buf = _Push.apply(x if tracked else x.detach(), self._buf, j,
+                                    tracked and x.requires_grad and x.is_leaf)
         self._newest = x
         self._len += 1
 
@@ -362,6 +421,8 @@ class DepthStack:
         """
         s = self._slots(slots)
         validate_depth_aggregate(self._buf[s], A)
+        if not torch.is_grad_enabled():  # no node: the buffer's chain stays as it is
+            return ops.depth_aggregate(self._buf[s].detach(), A)
         Y, self._buf = _Aggregate.apply(self._buf, A, s.start, s.stop, s.step)
         return Y
 
@@ -376,6 +437,8 @@ class DepthStack:
         """
         s = self._slots(slots)
         validate_depth_aggregate_qkv_norm(self._buf[s], A, norm_weights)
+        if not torch.is_grad_enabled():  # no node: the buffer's chain stays as it is
+            return ops.depth_aggregate_qkv_norm(self._buf[s].detach(), A, norm_weights, eps)
         X, self._buf = _AggregateQKVNorm.apply(self._buf, A, norm_weights, s.start, s.stop, s.step, eps)
         return X
 
