@@ -311,6 +311,33 @@ def test_strided_parameters(cuemu, poisoned, dtype):
     check_backward(cuemu, H, params, dalpha_s, dbeta, u_s, r)
 
 
+@pytest.mark.parametrize("n", [3, 1])
+def test_phi_read_within_its_rows(cuemu, poisoned, n):
+    """Odd n gives an odd row length M = n² + 2n: the backward kernels read phi as fp32
+    element by element and nothing past a row's M columns (a column-pair load read one
+    element past the end, NaN in dH when the memory after phi was poisoned). phi here
+    is followed in memory by NaN, so such a read shows deterministically; the fused
+    boundary's backward (n <= 4) reads phi the same way."""
+    lead, d = (19,), 131
+    dtype = torch.bfloat16
+    H = torch.randn(*lead, n, d).to(dtype)
+    phi, a_pre, a_post, a_res, b = make_params(n, d, dtype=dtype, device="cpu")
+    guarded = torch.full((phi.numel() + 8,), float("nan"), dtype=phi.dtype)
+    guarded[: phi.numel()] = phi.flatten()
+    params = (guarded[: phi.numel()].view(phi.shape), a_pre, a_post, a_res, b)
+    assert params[0].is_contiguous()
+    _, _, u, r = check_forward(cuemu, H, params)
+    dalpha, dbeta = make_grads(lead, n, dtype=dtype, device="cpu")
+    check_backward(cuemu, H, params, dalpha, dbeta, u, r)
+    y = torch.randn(*lead, d).to(dtype)
+    alpha, beta = torch.randn(*lead, n, n + 1), torch.randn(*lead, n)
+    H_next, x, alpha_n, beta_n, u, r = cuemu.mhc_boundary_fwd(H, y, alpha, beta, *params, *floats(20))
+    grads = cuemu.mhc_boundary_bwd(torch.randn_like(H_next), torch.randn_like(x), None, None, H, y, alpha, beta,
+                                   H_next, *params, u, r, *floats(20))
+    for name, g in zip(("dH", "dy", "dalpha", "dbeta", "dphi", "da_pre", "da_post", "da_res", "db"), grads):
+        assert not torch.isnan(g).any(), f"mhc_boundary_bwd {name}: NaN (a read past phi's rows)"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("phi_scale", [1e-4, 1e-2, 30.0])
 def test_phi_magnitude(cuemu, poisoned, dtype, phi_scale):

@@ -214,8 +214,8 @@ __device__ __forceinline__ void mma_chunk_g_wt(float (&acc)[kTiles][4], const fl
 
 // mma_chunk_g_wt with W read as fp32 and split here instead of packed: W (rows, ldw)
 // row-major (rows = streams of d features; this chunk's 32 features from row0 = i·d +
-// f0, those at f0 + 0..31 >= d read as 0), columns >= cols read as 0 (cols even, ldw
-// even: a column pair is one 8-byte load). The B words are those pack_fragments' dx
+// f0, those at f0 + 0..31 >= d read as 0), columns >= cols read as 0 (element loads:
+// cols and ldw may be odd, mHC's n² + 2n for odd n). The B words are those pack_fragments' dx
 // layout holds (b0 = W[feature(grp), 16ks + 2tig + {0, 1}], b1 the same + 8, feature(grp)
 // = f0 + 8(grp / 2) + 2j + grp % 2; hi = bf16(w), lo = bf16(w − hi)), so acc gets the
 // same bits. For a kernel that needs the product once per tile of a weight that L1/L2
@@ -241,12 +241,15 @@ __device__ __forceinline__ void mma_chunk_g_w32(float (&acc)[kTiles][4], const f
     for (int j = 0; j < kTiles; ++j) {
       const int64_t f = f0 + 8 * (grp / 2) + 2 * j + grp % 2;
       const float* __restrict__ wrow = W + (row0 + 8 * (grp / 2) + 2 * j + grp % 2) * ldw;
-      const float2 w0 = (f < d && k < cols) ? __ldg(reinterpret_cast<const float2*>(wrow + k)) : make_float2(0.f, 0.f);
-      const float2 w1 =
-          (f < d && k + 8 < cols) ? __ldg(reinterpret_cast<const float2*>(wrow + k + 8)) : make_float2(0.f, 0.f);
+      float w[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int col = k + (q / 2) * 8 + q % 2;
+        w[q] = (f < d && col < cols) ? __ldg(wrow + col) : 0.f;
+      }
       uint32_t bh0, bl0, bh1, bl1;
-      split_bf16x2(w0.x, w0.y, bh0, bl0);
-      split_bf16x2(w1.x, w1.y, bh1, bl1);
+      split_bf16x2(w[0], w[1], bh0, bl0);
+      split_bf16x2(w[2], w[3], bh1, bl1);
       MmaOp<__nv_bfloat16>::run(acc[j], h0, h1, h2, h3, bh0, bh1);
       MmaOp<__nv_bfloat16>::run(acc[j], l0, l1, l2, l3, bh0, bh1);
       MmaOp<__nv_bfloat16>::run(acc[j], h0, h1, h2, h3, bl0, bl1);
