@@ -110,6 +110,11 @@ MUTATIONS = (
              "      for (int q = warp; q < kChunks * n - 1; q += kMhcBoundaryBwdWarps) {",
              "mHC boundary fused backward: the last (chunk, stream) pair of a round's du·phiᵀ never "
              "computed (stale shared memory read)"),
+    Mutation("mma_g_w32_reads_past_row",
+             "w[q] = (f < d && col < cols) ? __ldg(wrow + col) : 0.f;",
+             "w[q] = (f < d && col <= cols) ? __ldg(wrow + col) : 0.f;",
+             "fp32 phi fragments: one column past a row read (odd M = n² + 2n; past phi's end on "
+             "its last row)"),
 )
 
 
