@@ -38,7 +38,7 @@ from crosslayer.ops.hc_boundary import (hc_boundary_bwd_op, hc_boundary_mix_bwd_
                                        hc_boundary_op)
 from crosslayer.ops.hc_post import hc_post_bwd_op, hc_post_op
 from crosslayer.ops.hc_pre import hc_pre_bwd_op, hc_pre_op
-from crosslayer.ops.mhc_boundary import mhc_boundary_op
+from crosslayer.ops.mhc_boundary import mhc_boundary_bwd_op, mhc_boundary_op
 from crosslayer.ops.mhc_coeffs import mhc_coeffs_bwd_op, mhc_coeffs_op, mhc_pre_op
 from crosslayer.ops.mudd_weights import mudd_weights_bwd_op, mudd_weights_op
 from crosslayer.ops.stream_mix import stream_mix_bwd_op, stream_mix_dots_op, stream_mix_op
@@ -420,6 +420,19 @@ def mhc_boundary_opcheck(dtype, device):
         y = rand(2, 3, d, dtype=dtype, device=device)
         alpha, beta = hc_coeffs((2, 3), n, dtype, device, static)
         calls.append((mhc_boundary_op, (H, y, alpha, beta, *mhc_params(n, d, dtype, device), *MHC_FLOATS)))
+    # bf16, n = 4, d >= 32: the fused backward's launcher, through the forward op's
+    # autograd and as its own op (without dx' and the coefficient gradients too).
+    n, d, bf16 = 4, 40, torch.bfloat16
+    H = make_streams((2, 3), n, d, dtype=bf16, device=device, layout="contiguous")
+    y = rand(2, 3, d, dtype=bf16, device=device)
+    alpha, beta = hc_coeffs((2, 3), n, bf16, device, False)
+    params = mhc_params(n, d, bf16, device)
+    calls.append((mhc_boundary_op, (H, y, alpha, beta, *params, *MHC_FLOATS)))
+    H_next, x, alpha_n, beta_n, u, r = mhc_boundary_op(H, y, alpha, beta, *params, *MHC_FLOATS)
+    for dx, dalpha_n, dbeta_n in ((torch.randn_like(x), torch.randn_like(alpha_n), torch.randn_like(beta_n)),
+                                  (None, None, None)):
+        calls.append((mhc_boundary_bwd_op, (torch.randn_like(H_next), dx, dalpha_n, dbeta_n, H, y, alpha, beta,
+                                            H_next, *params, u, r, *MHC_FLOATS)))
     return calls
 
 
