@@ -25,7 +25,6 @@
 
 #include <c10/cuda/CUDAGuard.h>
 
-#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -136,14 +135,8 @@ std::vector<at::Tensor> mhc_boundary_bwd(const std::optional<at::Tensor>& dH_nex
   const at::Tensor gx = dx ? readable(*dx, 1, &p.gx_tok) : at::Tensor();
   p.gx_ptr = dx ? gx.data_ptr() : nullptr;
 
-  // Tiles in flight: as the forward's (mhc_coeffs.cu): two blocks an SM while their
-  // tiles (16 tokens of H, y and dx', which phase 3 reads again) take at most half the
-  // L2, never fewer than one an SM.
-  const int64_t tiles = (N + 15) / 16;
-  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
-  const int64_t l2 = device_attribute(cudaDevAttrL2CacheSize, device);
-  const int64_t tile_bytes = 16 * (n + 2) * d * static_cast<int64_t>(H.element_size());
-  const int64_t blocks = std::min({tiles, 2 * sms, std::max<int64_t>(sms, l2 / 2 / tile_bytes)});
+  // Tiles in flight (mhc_tile_grid): phase 3 re-reads the tile's H, y and dx'.
+  const int64_t blocks = mhc_tile_grid(N, 16 * (n + 2) * d * static_cast<int64_t>(H.element_size()), device);
   const bool vectorize = vec_ok(p.post_h_ptr, p.post_h_tok, p.post_h_stream_stride, 8) &&
                          vec_ok(p.post_y_ptr, p.post_y_tok, 0, 8) && vec_ok(p.dh_ptr, p.dh_tok, p.dh_stream_stride, 8) &&
                          vec_ok(p.dy_ptr, p.dy_tok, 0, 8) &&
@@ -172,7 +165,7 @@ std::vector<at::Tensor> mhc_boundary_bwd(const std::optional<at::Tensor>& dH_nex
   p.dh_ptr = nullptr;
   p.dh_prior_ptr = nullptr;
   p.gx_ptr = nullptr;
-  const at::Tensor dphi = mhc_coeffs_dh_pass(p, H_next, phi);
+  const at::Tensor dphi = mhc_coeffs_dh_pass(p, H_next, phi_);  // phi_: already fp32, not converted again
   return {dH,
           dy,
           dcoef[0],

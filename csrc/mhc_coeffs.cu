@@ -141,16 +141,10 @@ std::vector<at::Tensor> mhc_coeffs_fwd_impl(const at::Tensor& H_in, const at::Te
     const at::Tensor phif = pack_fragments(phi, n, p.cps * 32, p.m_pad, kMmaPackProj, fp16 ? 2 : 4,
                                            H.scalar_type(), sc.scale);
     p.phif_ptr = phif.data_ptr();
-    // Tiles in flight: two blocks an SM as long as their tiles (16 tokens of H) take at
-    // most half the L2, so that phase 3's re-read of a tile finds it there; never fewer
-    // than one an SM: wide tokens (16·n·d·2 bytes past L2 / 2 / SMs, ~194 KB on an H100:
-    // n·d > ~6200, so n = 4, d = 2048 already) trade a part of phase 3's re-read going
-    // to HBM for every SM busy (132 tiles of 256 KB: 68 % of the L2).
-    const int64_t tiles = (N + 15) / 16;
-    const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
-    const int64_t l2 = device_attribute(cudaDevAttrL2CacheSize, device);
-    const int64_t tile_bytes = 16 * n * d * static_cast<int64_t>(H.element_size());
-    const int64_t blocks = std::min({tiles, 2 * sms, std::max<int64_t>(sms, l2 / 2 / tile_bytes)});
+    // Tiles in flight (mhc_tile_grid): phase 3 re-reads the tile (16 tokens of H). Wide
+    // tokens (16·n·d·2 bytes past L2 / 2 / SMs, ~194 KB on an H100: n·d > ~6200, so n =
+    // 4, d = 2048 already) get one block an SM (132 tiles of 256 KB: 68 % of the L2).
+    const int64_t blocks = mhc_tile_grid(N, 16 * n * d * static_cast<int64_t>(H.element_size()), device);
     const bool vectorize = vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, 8) &&
                            (!with_x || vec_ok(p.x_ptr, p.x_tok, 0, 8)) &&
                            (post == nullptr || (vec_ok(p.post_h_ptr, p.post_h_tok, p.post_h_stream_stride, 8) &&

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <optional>
 
 #include "common/checks.h"
@@ -76,6 +77,18 @@ inline MhcCoeffsParams mhc_base_params(const MhcShape& sh, double eps, double pr
   p.post_mult = post_mult;
   p.sinkhorn_eps = sinkhorn_eps;
   return p;
+}
+
+// Blocks of a tile kernel that reads each 16-token tile (tile_bytes) a second time
+// while it works on it (the fused forward, the boundary's backward): two an SM while
+// their tiles take at most half the L2, so that the re-read finds them there; never
+// fewer than one an SM (wide tokens then trade a part of the re-read going to HBM for
+// every SM busy); never more than the tiles.
+inline int64_t mhc_tile_grid(int64_t n_tokens, int64_t tile_bytes, int device) {
+  const int64_t tiles = (n_tokens + 15) / 16;
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  const int64_t l2 = device_attribute(cudaDevAttrL2CacheSize, device);
+  return std::min({tiles, 2 * sms, std::max<int64_t>(sms, l2 / 2 / tile_bytes)});
 }
 
 // The checks both backward launchers (mhc_coeffs_bwd, mhc_boundary_bwd) make of the

@@ -22,8 +22,8 @@
 // (tiles grid-strided).
 //   phases 1 and 3b: thread (tt = tid / 16, sub = tid % 16) owns token t0 + tt and its
 //     8-feature groups sub, sub + 16, ... (phase 1: all of d; phase 3b: the round's 16);
-//     its dot partials are summed over the token's 16 lanes (a half warp) by xor
-//     shuffles in a fixed order, after the tile's rounds;
+//     its dot partials are summed over the token's 16 lanes (a half warp: group_sum<16>)
+//     in a fixed order, after the tile's rounds;
 //   phase 2: threads < 16·kN (whole warps), kN lanes a token as the epilogue kernels;
 //   phase 3a: a round covers kMhcBoundaryBwdChunks chunks of 32 features of every
 //     stream; warp w takes the (chunk, stream) pairs w, w + 8, ...: du·phiᵀ on tensor
@@ -59,14 +59,6 @@ constexpr int kMhcBoundaryBwdRow = kMhcBoundaryBwdN * 32 * kMhcBoundaryBwdChunks
 __host__ __device__ constexpr int64_t mhc_boundary_bwd_smem_floats(int64_t iters) {
   constexpr int kN = kMhcBoundaryBwdN;
   return 16 * kMhcBoundaryBwdRow + 16 * kN * (kN + 1) + 3 * 16 * kN + 16 + (2 * iters - 1) * 16 * kN;
-}
-
-// Sum of v over the 16 lanes of the caller's half warp, the same bits in each, fixed
-// order. Every lane of the warp must call it.
-__device__ __forceinline__ float half_warp_sum(float v) {
-#pragma unroll
-  for (int o = 8; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
 }
 
 // 8 elements [e, e + 8) of a 16-bit row (zeros past d) as Vec<T, 8>.
@@ -184,7 +176,7 @@ __global__ void __launch_bounds__(kMhcBoundaryBwdThreads) mhc_boundary_bwd_kerne
       }
 #pragma unroll
       for (int k = 0; k < kN; ++k) {
-        dot[k] = half_warp_sum(dot[k]);
+        dot[k] = group_sum<16>(dot[k]);
         if (sub == 0) dpre_s[tt * kN + k] = dot[k];
       }
     }
@@ -192,14 +184,7 @@ __global__ void __launch_bounds__(kMhcBoundaryBwdThreads) mhc_boundary_bwd_kerne
 
     // Phase 2: the coefficients' backward of the tile (2 warps: kN lanes a token).
     if (threadIdx.x < 16 * kN) {
-      MhcCoeffsLane l;
-      l.gt = threadIdx.x;
-      l.t = t0 + threadIdx.x / kN;
-      l.row = threadIdx.x % kN;
-      l.valid = l.t < N;
-      l.active = l.valid && l.row < n;
-      l.tc = l.valid ? l.t : 0;
-      l.rr = l.active ? l.row : 0;
+      const MhcCoeffsLane l = mhc_coeffs_lane_at<kN>(t0 * kN + threadIdx.x, N, n);  // token t0 + tid / kN
       const MhcRow<float, kN> u =
           mhc_load_row<float, kN>(static_cast<const float*>(p.u_ptr) + l.tc * p.M, n, l.row, l.active);
       const float r = static_cast<const float*>(p.r_ptr)[l.tc];
@@ -307,9 +292,9 @@ __global__ void __launch_bounds__(kMhcBoundaryBwdThreads) mhc_boundary_bwd_kerne
     // The post's coefficient gradient rows of the tile (=).
 #pragma unroll
     for (int k = 0; k < kN; ++k) {
-      db[k] = half_warp_sum(db[k]);
+      db[k] = group_sum<16>(db[k]);
 #pragma unroll
-      for (int j = 0; j < kN; ++j) da[j][k] = half_warp_sum(da[j][k]);
+      for (int j = 0; j < kN; ++j) da[j][k] = group_sum<16>(da[j][k]);
     }
     if (tv && sub == 0) {
       float* __restrict__ da_t = static_cast<float*>(p.post_da_ptr) + t * n * (n + 1);

@@ -326,10 +326,11 @@ struct MhcCoeffsLane {
   bool valid, active;
 };
 
+// The lane of global index gt: token gt / kN, row gt % kN.
 template <int kN>
-__device__ __forceinline__ MhcCoeffsLane mhc_coeffs_lane(int64_t n_tokens, int n) {
+__device__ __forceinline__ MhcCoeffsLane mhc_coeffs_lane_at(int64_t gt, int64_t n_tokens, int n) {
   MhcCoeffsLane l;
-  l.gt = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  l.gt = gt;
   l.t = l.gt / kN;
   l.row = static_cast<int>(l.gt % kN);
   l.valid = l.t < n_tokens;
@@ -337,6 +338,12 @@ __device__ __forceinline__ MhcCoeffsLane mhc_coeffs_lane(int64_t n_tokens, int n
   l.tc = l.valid ? l.t : 0;
   l.rr = l.active ? l.row : 0;
   return l;
+}
+
+// The epilogue kernels' lane: one a thread of the grid.
+template <int kN>
+__device__ __forceinline__ MhcCoeffsLane mhc_coeffs_lane(int64_t n_tokens, int n) {
+  return mhc_coeffs_lane_at<kN>(static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x, n_tokens, n);
 }
 
 // The lane's slice of a token: pre_i, post_i and row i of the residual logits.
@@ -569,14 +576,7 @@ __global__ void __launch_bounds__(kMhcFwdThreads) mhc_coeffs_fwd_kernel(const Mh
 
     if (threadIdx.x < 16 * kN) {  // whole warps: 64 or 256 threads
       const int tt = threadIdx.x / kN;
-      MhcCoeffsLane l;
-      l.gt = threadIdx.x;
-      l.t = t0 + tt;
-      l.row = threadIdx.x % kN;
-      l.valid = l.t < N;
-      l.active = l.valid && l.row < n;
-      l.tc = l.valid ? l.t : 0;
-      l.rr = l.active ? l.row : 0;
+      const MhcCoeffsLane l = mhc_coeffs_lane_at<kN>(t0 * kN + threadIdx.x, N, n);  // token t0 + tt
       const MhcRow<float, kN> u = mhc_load_row<float, kN>(u_tile + tt * p.m_pad, n, l.row, l.active);
       const float r = acc_rsqrt(ss_tile[tt] / static_cast<float>(static_cast<int64_t>(n) * d) +
                                 static_cast<float>(p.eps));
