@@ -67,28 +67,54 @@ at::Tensor padded_weights(const at::Tensor& g, at::ScalarType acc_type, int64_t 
 
 struct DepthAggregateQkvNormLaunch {
   int threads_x, rows, smem_bytes;
-  bool bufs_in_smem;
+  bool bufs_in_smem, stage_slots;
   int64_t grid;
 };
 
 // Block shape: a row of whole warps per token covering d in one pass of chunks where d
-// allows (at most 256 threads), several tokens per block for small d; the rows' buffers
-// in shared memory while they fit the device's opt-in limit (fewer rows first).
+// allows (at most 256 threads), several tokens per block for small d. Shared memory, in
+// order of preference:
+//   backward: the slot stage and the rows' buffers, then the stage alone (buffers in
+//     global workspaces), each only while kDepthAggregateQkvNormBwdMinBlocks blocks
+//     still fit an SM: the stage saves a second read of l·d elements a token, which the
+//     occupancy it costs must not give back;
+//   then (forward, or no stage) the buffers while they fit the device's opt-in limit
+//   (fewer rows first), else the buffers in global workspaces.
+// entry_bytes: one thread's chunk of one slot, kVec·sizeof(T).
 template <typename acc>
-DepthAggregateQkvNormLaunch depth_aggregate_qkv_norm_block(int64_t N, int64_t d, int l, int64_t ld, int vec, bool backward, int device) {
+DepthAggregateQkvNormLaunch depth_aggregate_qkv_norm_block(int64_t N, int64_t d, int l, int64_t ld, int vec,
+                                                           int entry_bytes, bool backward, int device) {
   DepthAggregateQkvNormLaunch b;
   const int64_t chunks = (d + vec - 1) / vec;
   b.threads_x = static_cast<int>(std::min<int64_t>(kDepthAggregateQkvNormThreads, std::max<int64_t>(32, (chunks + 31) / 32 * 32)));
   b.rows = static_cast<int>(std::min<int64_t>(std::max(1, kDepthAggregateQkvNormThreads / b.threads_x), N));
   const int warps = b.threads_x / 32;
   const int64_t optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  auto bytes = [&](int rows, bool in_smem) {
-    return depth_aggregate_qkv_norm_smem_layout(rows, warps, l, ld, backward, in_smem).total * static_cast<int64_t>(sizeof(acc));
+  auto bytes = [&](int rows, bool in_smem, bool stage) {
+    return depth_aggregate_qkv_norm_smem_layout(rows, warps, l, ld, backward, in_smem, stage ? entry_bytes : 0,
+                                                static_cast<int>(sizeof(acc))).total *
+           static_cast<int64_t>(sizeof(acc));
   };
+  if (backward) {
+    constexpr int64_t kReservedPerBlock = 1024;  // taken by the driver from every block
+    const int64_t per_block =
+        std::min<int64_t>(optin, device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) /
+                                         kDepthAggregateQkvNormBwdMinBlocks - kReservedPerBlock);
+    for (const bool in_smem : {true, false}) {
+      if (bytes(b.rows, in_smem, true) <= per_block) {
+        b.bufs_in_smem = in_smem;
+        b.stage_slots = true;
+        b.smem_bytes = static_cast<int>(bytes(b.rows, in_smem, true));
+        b.grid = (N + b.rows - 1) / b.rows;
+        return b;
+      }
+    }
+  }
+  b.stage_slots = false;
   b.bufs_in_smem = true;
-  while (b.rows > 1 && bytes(b.rows, true) > optin) --b.rows;
-  if (bytes(b.rows, true) > optin) b.bufs_in_smem = false;  // rows == 1 here
-  const int64_t total = bytes(b.rows, b.bufs_in_smem);
+  while (b.rows > 1 && bytes(b.rows, true, false) > optin) --b.rows;
+  if (bytes(b.rows, true, false) > optin) b.bufs_in_smem = false;  // rows == 1 here
+  const int64_t total = bytes(b.rows, b.bufs_in_smem, false);
   TORCH_CHECK(total <= optin, "depth_aggregate_qkv_norm: needs ", total,
               " bytes of shared memory, the device allows ", optin);
   b.smem_bytes = static_cast<int>(total);
@@ -108,8 +134,11 @@ at::Tensor launch_depth_aggregate_qkv_norm(DepthAggregateQkvNormParams& p, bool 
   CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
     constexpr int kVec = kVectorize ? kVec16<T> : 1;
     DepthAggregateQkvNormLaunch b =
-        depth_aggregate_qkv_norm_block<acc_t<T>>(p.n_tokens, p.d, p.n_slots, p.ld, kVec, kBackward, device);
-    auto kernel = kBackward ? depth_aggregate_qkv_norm_bwd_kernel<T, kVec> : depth_aggregate_qkv_norm_fwd_kernel<T, kVec>;
+        depth_aggregate_qkv_norm_block<acc_t<T>>(p.n_tokens, p.d, p.n_slots, p.ld, kVec,
+                                                 kVec * static_cast<int>(sizeof(T)), kBackward, device);
+    auto kernel = !kBackward      ? depth_aggregate_qkv_norm_fwd_kernel<T, kVec>
+                  : b.stage_slots ? depth_aggregate_qkv_norm_bwd_kernel<T, kVec, true>
+                                  : depth_aggregate_qkv_norm_bwd_kernel<T, kVec, false>;
     allow_smem(kernel, b.smem_bytes);
     b.grid = resident_grid(kernel, b.grid, b.threads_x * b.rows, b.smem_bytes, device,
                            b.bufs_in_smem ? std::numeric_limits<int>::max() : 4);

@@ -72,3 +72,32 @@ def test_strided_layouts(cuemu, poisoned, dtype, layout):
     assert_policy("dA", dA, dA_low, dA_hi)
 
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("C", [1, 4])
+def test_backward_vector_path_with_cut_chunk(cuemu, poisoned, dtype, C):
+    """d = 131 in rows padded to 136 for S, dY and dS: the backward takes the vector
+    path (16-byte chunks, slots in batches) with a chunk cut by d at each row end and
+    idle lanes past it; l = 6 leaves a part-empty slot batch. dS (= and +=) is written
+    through its view and nowhere else."""
+    l, N, d, row = 6, 5, 131, 136
+    S, A = make_inputs(l, (N,), row, C, dtype=dtype, device="cpu")
+    S = S[..., :d]
+    dY = torch.randn(C, N, row).to(dtype)[..., :d]
+    for accumulate in (False, True):
+        buf = torch.randn(l, N, row).to(dtype)
+        untouched = buf.clone()
+        dS = buf[..., :d]
+        dS0 = dS.clone()
+        if not accumulate:
+            dS.fill_(float("nan"))
+        dA = cuemu.depth_aggregate_bwd(dY, S, A, dS, accumulate)
+        dS_low, dA_low = ref.depth_aggregate_bwd(dY, S, A)
+        dS_hi, dA_hi = ref.depth_aggregate_bwd(dY.double(), S.double(), A.double())
+        if accumulate:
+            dS_low, dS_hi = dS_low + dS0, dS_hi + dS0.double()
+        assert_policy("dS", dS, dS_low, dS_hi)
+        assert_policy("dA", dA, dA_low, dA_hi)
+        untouched[..., :d] = dS
+        assert torch.equal(buf, untouched), "dS written outside its view"

@@ -5,7 +5,8 @@ The launchers (csrc/depth_aggregate_qkv_norm.cu) and kernels
 custom ops in crosslayer/ops/depth_aggregate_qkv_norm.py call them; every result (Out, rstd,
 dS written and accumulated, dA, dnorm_weights) is held to DESIGN.md's policy against the
 float64 oracle, outputs poisoned with NaN, for every dtype, static and per-token weights,
-the GPU tests' odd sizes (d = 1, 7, 129, 2048, 4099; l = 1 .. 128) at small N, block
+the GPU tests' odd sizes (d = 1, 7, 129, 2048, 4099; l = 1 .. 128) at small N, the
+backward with its slots staged in shared memory and without (l = 40 at d = 2048), block
 configurations with unused token rows and partly idle warps, strided and misaligned slots
 (the scalar path), strided dOut / dS, the global-workspace path (row buffers too big for
 shared memory), the persistent grid's token loop, and the launchers' messages. What only
@@ -32,6 +33,10 @@ SHAPES = [  # (l, N, d) and the block (threads_x x rows) the launcher picks
     # The vector path (16-byte chunks): d a multiple of 8.
     (5, 11, 64),  # 32 x 8 (bf16: 8 lanes, fp64: 32): the second block has 3 rows
     (4, 2, 2048),  # 256 x 1: one pass (bf16), two (fp32), four (fp64), no idle lane
+    # 256 x 1 with 40 slots: the backward's slot stage (40 x 256 x 16 B) would leave room
+    # for one block an SM, so its second pass over the slots re-reads S (kStage false);
+    # every shape above stages them.
+    (40, 3, 2048),
 ]
 
 

@@ -34,7 +34,11 @@ fatbinary or .cubin that cuobjdump reads) for one architecture:
   over its scalar tail). Widths: .128 = 16 B, .64 = 8 B, .U16/.S16
   = 2 B, .U8/.S8 = 1 B, else 4 B; bytes per SM = bytes per thread x threads per block x
   blocks per SM. The "main loop" is the loop issuing the most global loads itself (not
-  counting those of loops nested in it); -v lists every loop. LDGSTS (async copies to shared
+  counting those of loops nested in it); -v lists every loop. `ld16-min` is the fewest
+  loads ahead of first use in any loop, nested in another, whose own global loads are
+  all 16 bytes wide: a floor on the loads in flight of every vectorised fast path that
+  runs per token or chunk (a checked tail, which mixes in narrower loads, and a
+  once-per-block loop outside every other, such as a final flush, do not count). LDGSTS (async copies to shared
   memory, no register result) are counted apart; shared and constant loads are ignored.
   Global loads outside every loop are counted too.
 
@@ -485,6 +489,8 @@ def analyse(code: list[Instr]) -> tuple[list[dict], int]:
                         depth=sum(1 for a in addrs if mine < a),
                         loads=sum(1 for i in body if global_load_bytes(i)),
                         own_loads=sum(1 for i in body if global_load_bytes(i) and i.addr not in inner),
+                        own_load_widths=sorted({global_load_bytes(i) for i in body
+                                                if global_load_bytes(i) and i.addr not in inner}),
                         ahead=ahead, ahead_bytes=ahead_bytes, ldgsts=len(copies),
                         ldgsts_bytes=sum(access_bytes(i.opcode.split(".")) for i in copies)))
     in_loops = set().union(*addrs)
@@ -538,6 +544,8 @@ def kernel_row(mangled: str, demangled: str, arch: str, res: tuple[int, int], re
                max_threads=max_threads, reg_cap=reg_cap, threads=None, dyn_smem=None, launch=None,
                blocks_per_sm=None, limiter=None, loops=loops, main_loop=main,
                loads_ahead=main["ahead"] if main else None, bytes_per_thread=main["ahead_bytes"] if main else None,
+               vec_ahead_min=min((lp["ahead"] for lp in loops if lp["own_load_widths"] == [16] and lp["depth"] >= 1),
+                                 default=None),
                bytes_per_sm=None, loads_outside_loops=outside)
     given = launch_for(names, launches)
     if given:
@@ -596,7 +604,8 @@ def fmt(value, suffix: str = "") -> str:
 
 
 COLUMNS = [("kernel", "<"), ("regs", ">"), ("smem", ">"), ("bounds", ">"), ("threads", ">"), ("dyn", ">"),
-           ("blk/SM", ">"), ("limiter", "<"), ("ld-ahead", ">"), ("B/thr", ">"), ("B/SM", ">"), ("ld-out", ">")]
+           ("blk/SM", ">"), ("limiter", "<"), ("ld-ahead", ">"), ("B/thr", ">"), ("B/SM", ">"), ("ld16-min", ">"),
+           ("ld-out", ">")]
 
 
 def table_cells(r: dict) -> list[str]:
@@ -608,7 +617,8 @@ def table_cells(r: dict) -> list[str]:
             fmt(r["dyn_smem"], mark), fmt(r["blocks_per_sm"]), r["limiter"] or "n/a",
             "-" if r["main_loop"] is None else str(r["loads_ahead"]),
             "-" if r["main_loop"] is None else str(r["bytes_per_thread"]),
-            "-" if r["main_loop"] is None else fmt(r["bytes_per_sm"]), str(r["loads_outside_loops"])]
+            "-" if r["main_loop"] is None else fmt(r["bytes_per_sm"]), fmt(r["vec_ahead_min"]),
+            str(r["loads_outside_loops"])]
 
 
 def loop_line(lp: dict) -> str:
@@ -629,7 +639,9 @@ def format_table(rows: list[dict], verbose: bool = False) -> str:
             out += [loop_line(lp) for lp in r["loops"]]
     out.append(f"{len(rows)} kernel{'s' * (len(rows) != 1)}. smem: static bytes (reserved 1 KB excluded); bounds: launch bounds' max "
                "threads[,register cap];\nld-ahead: global loads of the main loop issued before the first use of "
-               "any; B/thr, B/SM: their bytes per thread, per SM; ld-out: global loads outside loops.")
+               "any; B/thr, B/SM: their bytes per thread, per SM;\nld16-min: the fewest loads ahead of first use "
+               "in any nested loop whose own global loads are all 16-byte (every vectorised fast path keeps at least "
+               "that many in flight); ld-out: global loads outside loops.")
     if any(r["launch"] == "launch bounds" for r in rows):
         out.append("* not given with --launch: threads = launch bounds' max, no dynamic shared memory.")
     return "\n".join(out)
@@ -637,7 +649,7 @@ def format_table(rows: list[dict], verbose: bool = False) -> str:
 
 CSV_FIELDS = ["kernel", "mangled", "arch", "regs", "static_smem", "max_threads", "reg_cap", "threads", "dyn_smem",
               "launch", "blocks_per_sm", "limiter", "loads_ahead", "bytes_per_thread", "bytes_per_sm",
-              "loads_outside_loops"]
+              "vec_ahead_min", "loads_outside_loops"]
 
 
 def write_csv(rows: list[dict], path: str) -> None:

@@ -81,6 +81,17 @@ __device__ __forceinline__ Vec<T, N> load_chunk_raw(const T* __restrict__ row, i
   return x;
 }
 
+// load_chunk_raw where the caller knows whether the chunk is whole (kWhole: e + N <= d,
+// one 16-byte access, no check) or may be cut by d (the checked path).
+template <typename T, int N, bool kWhole>
+__device__ __forceinline__ Vec<T, N> load_chunk_as(const T* __restrict__ row, int64_t e, int64_t d) {
+  if constexpr (kWhole) {
+    return *reinterpret_cast<const Vec<T, N>*>(row + e);
+  } else {
+    return load_chunk_raw<T, N>(row, e, d);
+  }
+}
+
 // Stores elements [e, e + N) of `row` from accumulator registers, cut at `d`.
 template <typename T, int N>
 __device__ __forceinline__ void store_chunk(T* __restrict__ row, int64_t e, int64_t d,
@@ -95,6 +106,20 @@ __device__ __forceinline__ void store_chunk(T* __restrict__ row, int64_t e, int6
     for (int k = 0; k < N; ++k) {
       if (e + k < d) row[e + k] = from_acc<T>(in[k]);
     }
+  }
+}
+
+// store_chunk with the caller's knowledge of the chunk (see load_chunk_as).
+template <typename T, int N, bool kWhole>
+__device__ __forceinline__ void store_chunk_as(T* __restrict__ row, int64_t e, int64_t d,
+                                               const acc_t<T> (&in)[N]) {
+  if constexpr (kWhole) {
+    Vec<T, N> x;
+#pragma unroll
+    for (int k = 0; k < N; ++k) x.v[k] = from_acc<T>(in[k]);
+    *reinterpret_cast<Vec<T, N>*>(row + e) = x;
+  } else {
+    store_chunk<T, N>(row, e, d, in);
   }
 }
 

@@ -18,8 +18,11 @@
 // processed kWays at a time (kWays = 1 for C = 1, else 4); for C > 4 the slots are read
 // once per group of four ways, and later groups accumulate into dS.
 //
-// The backward reduces dA within each warp by shuffles and across the warps of a row
-// through shared memory in a fixed order: results are bit-identical run to run.
+// Slots are read kSlotBatch at a time (phases/slot_tile.cuh): the batch's loads are all
+// issued before any is used. The backward reduces the batch's dA partials within each
+// warp by one reduce-scatter and across the warps of a row through shared memory, in a
+// fixed order: results are bit-identical run to run. The test whether a chunk is whole
+// (below d) is made once per chunk, not per slot.
 //
 // Assumptions (checked by the launcher):
 //   1) features have unit stride in S, Y, dY and dS; every other stride is free;
@@ -39,10 +42,13 @@
 namespace crosslayer {
 
 // Resident 256-thread blocks asked of the backward (at most 128 registers a thread):
-// its unrolled slot loop keeps up to four 16-byte loads (S_j, dS_j for two slots) in
-// flight per thread, 32 KB per SM, enough to cover HBM latency; more blocks would cap
-// the registers below what the 16-bit 4-way variant needs without spilling.
+// its slot loop keeps kSlotBatch 16-byte loads in flight per thread (S, or S and dS when
+// dS accumulates), 32 KB per SM, enough to cover HBM latency without a third block
+// (whose 80-register cap the 16-bit 4-way variant's batch does not fit).
 constexpr int kDepthAggregateBwdMinBlocks = 2;
+// The forward's: without it ptxas aims at 4 blocks (64 registers) and spills the 16-bit
+// 4-way variant's batch; 3 blocks keep 48 KB of slot loads in flight per SM.
+constexpr int kDepthAggregateFwdMinBlocks = 3;
 
 struct DepthAggregateParams {
   using index_t = int64_t;
@@ -101,7 +107,7 @@ __device__ __forceinline__ void depth_aggregate_fwd_token(const DepthAggregatePa
 }
 
 template <typename T, int kVec, int kWays>
-__global__ void __launch_bounds__(kTokenTileThreads)
+__global__ void __launch_bounds__(kTokenTileThreads, kDepthAggregateFwdMinBlocks)
     depth_aggregate_fwd_kernel(const DepthAggregateParams p) {
   using acc = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -119,21 +125,79 @@ __global__ void __launch_bounds__(kTokenTileThreads)
   }
 }
 
+// Backward of one chunk [e, e + kVec) of token t for ways c0 .. c0 + kWays, dY_c's chunk
+// in g: for every slot, dS_j = (kAccumulate ? dS_j : 0) + Σ_c A[c, j]·dY_c written, and
+// the warp's partials part[c·l + j] of <dY_c, S_j> accumulated (+=). Slots go kBatch at
+// a time: the batch's S loads (and, accumulating, its dS loads) are issued before any
+// is used, kSlotBatch 16-byte loads per thread in flight either way (an accumulating
+// batch of kSlotBatch slots would not fit 128 registers with 16-bit 4-way data), and
+// the batch's dot products are reduced together by one reduce-scatter (16 shuffles for
+// 4 slots of 4 ways, against 80 for separate warp sums), lane groups writing one
+// partial each. The chunk d cuts goes one slot at a time (slot_batch). Every lane of
+// the warp must call it (kWhole: the whole chunk is below d for every lane of the row,
+// a uniform test; otherwise the checked path, where lanes past the row end work on
+// zeros and store nothing).
+template <typename T, int kVec, int kWays, bool kWhole, bool kAccumulate>
+__device__ __forceinline__ void depth_aggregate_bwd_chunk(const DepthAggregateParams& p, const T* __restrict__ s_tok,
+                                                          T* __restrict__ ds_tok, int64_t e,
+                                                          const Vec<T, kVec> (&g)[kWays],
+                                                          const acc_t<T>* __restrict__ a_row,
+                                                          acc_t<T>* __restrict__ part, int lane) {
+  using acc = acc_t<T>;
+  constexpr int kBatch = kWhole ? (kAccumulate ? kSlotBatch / 2 : kSlotBatch) : 1;
+  constexpr int kDots = kBatch * kWays;  // [b][c]: slot j0 + b, way c
+  constexpr int kLanesPerDot = kWarpSize / kDots;
+  const int l = p.n_slots;
+  for (int j0 = 0; j0 < l; j0 += kBatch) {
+    Vec<T, kVec> s[kBatch];
+    Vec<T, kVec> prior[kBatch];
+    slot_batch_load<T, kVec, kWhole>(s_tok, p.s_slot_stride, j0, l, e, p.d, s);
+    if constexpr (kAccumulate) {
+      slot_batch_load<T, kVec, kWhole>(ds_tok, p.ds_slot_stride, j0, l, e, p.d, prior);
+    } else {
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) prior[b] = Vec<T, kVec>{};
+    }
+    acc dot[kDots];
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const bool live = j0 + b < l;
+      acc ds[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) ds[k] = to_acc(prior[b].v[k]);
+#pragma unroll
+      for (int c = 0; c < kWays; ++c) {
+        const acc w = live ? a_row[c * l + j0 + b] : acc(0);
+        acc dt = acc(0);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          const acc gk = to_acc(g[c].v[k]);
+          ds[k] += w * gk;
+          dt += gk * to_acc(s[b].v[k]);
+        }
+        dot[b * kWays + c] = dt;
+      }
+      if (live) store_chunk_as<T, kVec, kWhole>(ds_tok + (j0 + b) * p.ds_slot_stride, e, p.d, ds);
+    }
+    const acc sum = warp_reduce_scatter_pow2<kDots>(dot, lane);
+    const int i = lane / kLanesPerDot;
+    const int b = i / kWays;
+    if (lane % kLanesPerDot == 0 && j0 + b < l) part[(i % kWays) * l + j0 + b] += sum;
+  }
+}
+
 // Backward pass of token t, ways c0 .. c0 + kWays, by the calling row of threads: per
-// chunk, dS_j = (accumulate ? dS_j : 0) + Σ_c A[c, j]·dY_c written for every slot, and
-// the warp's partials part[c·l + j] of <dY_c, S_j> accumulated (+=, lane 0). Every lane
-// of the row must call it (the chunk loop is warp-uniform; lanes past the row end work
-// on zeros).
+// chunk, dY_c's chunk read, then depth_aggregate_bwd_chunk. Every lane of the row must
+// call it (the chunk loop is warp-uniform).
 template <typename T, int kVec, int kWays>
 __device__ __forceinline__ void depth_aggregate_bwd_token(const DepthAggregateParams& p, int64_t t, int c0,
                                                           bool accumulate, const acc_t<T>* __restrict__ a_row,
                                                           acc_t<T>* __restrict__ part, int lane) {
-  using acc = acc_t<T>;
-  const int l = p.n_slots;
   const T* __restrict__ s_tok = static_cast<const T*>(p.s_ptr) + t * p.s_token_stride;
   const T* __restrict__ dY = static_cast<const T*>(p.dy_ptr);
   T* __restrict__ ds_tok = static_cast<T*>(p.ds_ptr) + t * p.ds_token_stride;
-  for (int64_t e0 = 0; e0 < p.d; e0 += static_cast<int64_t>(blockDim.x) * kVec) {
+  const int64_t step = static_cast<int64_t>(blockDim.x) * kVec;
+  for (int64_t e0 = 0; e0 < p.d; e0 += step) {
     const int64_t e = e0 + threadIdx.x * kVec;
     // dY stays in the activation dtype in registers (half the registers of fp32 for
     // 16-bit types) and is widened at each use.
@@ -144,37 +208,15 @@ __device__ __forceinline__ void depth_aggregate_bwd_token(const DepthAggregatePa
                  ? load_chunk_raw<T, kVec>(dY + (c0 + c) * p.dy_way_stride + t * p.dy_token_stride, e, p.d)
                  : Vec<T, kVec>{};
     }
-#pragma unroll 2
-    for (int j = 0; j < l; ++j) {
-      acc s[kVec];
-      load_chunk<T, kVec>(s_tok + j * p.s_slot_stride, e, p.d, s);
-      acc ds[kVec];
-      T* __restrict__ ds_row = ds_tok + j * p.ds_slot_stride;
-      if (accumulate) {
-        load_chunk<T, kVec>(ds_row, e, p.d, ds);
-      } else {
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) ds[k] = acc(0);
-      }
-      acc dot[kWays];
-#pragma unroll
-      for (int c = 0; c < kWays; ++c) {
-        const acc w = a_row[c * l + j];
-        dot[c] = acc(0);
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          const acc gk = to_acc(g[c].v[k]);
-          ds[k] += w * gk;
-          dot[c] += gk * s[k];
-        }
-      }
-      store_chunk<T, kVec>(ds_row, e, p.d, ds);
-#pragma unroll
-      for (int c = 0; c < kWays; ++c) dot[c] = warp_sum(dot[c]);
-      if (lane == 0) {
-#pragma unroll
-        for (int c = 0; c < kWays; ++c) part[c * l + j] += dot[c];
-      }
+    const bool whole = e0 + step <= p.d;
+    if (whole && accumulate) {
+      depth_aggregate_bwd_chunk<T, kVec, kWays, true, true>(p, s_tok, ds_tok, e, g, a_row, part, lane);
+    } else if (whole) {
+      depth_aggregate_bwd_chunk<T, kVec, kWays, true, false>(p, s_tok, ds_tok, e, g, a_row, part, lane);
+    } else if (accumulate) {
+      depth_aggregate_bwd_chunk<T, kVec, kWays, false, true>(p, s_tok, ds_tok, e, g, a_row, part, lane);
+    } else {
+      depth_aggregate_bwd_chunk<T, kVec, kWays, false, false>(p, s_tok, ds_tok, e, g, a_row, part, lane);
     }
   }
 }

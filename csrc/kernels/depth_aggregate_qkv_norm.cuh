@@ -32,12 +32,22 @@
 //             (2) after a barrier, each thread sums the row's warps in warp order (r_n)
 //                 and writes its chunks of Out_n from the stash (its own entries: no
 //                 barrier needed for the stash itself).
-//   backward  (1) per chunk: pass 1 over the slots for Y_n; dOut read; dg, D partials;
-//                 Y_n stashed; pass 2 over the slots (the chunk's S again, an L1/L2 hit)
-//                 for the 7 dot products P_cj, Q_nj, reduced by an 8-value butterfly
-//                 reduce-scatter (9 shuffles a slot) into per-warp partials in smem;
+//   backward  (1) per chunk: pass 1 over the slots for Y_n, each slot's chunk also
+//                 kept in the thread's entries of the slot stage in shared memory
+//                 (kStage); dOut read; dg, D partials; Y_n stashed; then two passes
+//                 over the slots from the stage (without one: S again, an L1/L2 hit),
+//                 P_cj = <z_c, S_j> and then, Y_n read back from the stash, Q_nj =
+//                 <Y_n, S_j>, each reduced a batch of slots at a time by one
+//                 reduce-scatter (4 values a slot) into per-warp partials in smem;
 //             (2) after a barrier, dA from the partials (warp order), k_n; per chunk,
-//                 dY from the stash and dOut (re-read: an L2 hit), dS written.
+//                 dY_n from the stash and dOut (re-read: an L2 hit) written over Y_n in
+//                 the stash, dS written (or accumulated) a batch of slots at a time.
+// Every slot loop issues the loads of kSlotBatch slots (phases/slot_tile.cuh) before it
+// uses any: four 16-byte loads in flight per thread and stream.
+// The stage is [l][rows·threads_x] chunks (l·16 B a thread: 100 KB a block at l = 25);
+// the launcher stages the slots only while 2 blocks still fit an SM (so up to l ≈ 27
+// with 256 threads), with the row buffers moved to global workspaces first if that
+// makes room.
 // The backward's chunk loop is warp-uniform (every lane reaches the shuffles); lanes
 // past the row end work on zeros and touch no buffer. The forward has no shuffles in
 // its chunk loop.
@@ -50,8 +60,8 @@
 //
 // HBM traffic per token (elements of the activation dtype): forward l·d read + 4·d
 // written; backward l·d (S) + 4·d (dOut) read, l·d written (+ l·d read when dS
-// accumulates). The second reads of S (backward pass 2) and dOut (backward phase 2)
-// come from L1/L2.
+// accumulates). With the stage the backward reads S once; without it the dot passes'
+// reads of S, and dOut's second read (phase 2) in any case, come from L1/L2.
 //
 // Assumptions (checked by the launcher):
 //   1) features have unit stride in S, Out, dOut and dS; every other stride is free;
@@ -75,7 +85,7 @@ namespace crosslayer {
 constexpr int kDepthAggregateQkvNormWays = 4;    // q, k, v, r
 constexpr int kDepthAggregateQkvNormNormed = 3;  // q, k, v
 constexpr int kDepthAggregateQkvNormThreads = 256;
-constexpr int kDepthAggregateQkvNormDots = 8;    // P_0..P_3, Q_0..Q_2, one zero: the reduce-scatter width
+constexpr int kDepthAggregateQkvNormDots = 8;    // rows of a warp's partials: P_0..P_3, Q_0..Q_2, one unused
 // Resident 256-thread blocks asked of ptxas for the backward (at most 128 registers).
 constexpr int kDepthAggregateQkvNormBwdMinBlocks = 2;
 constexpr int kDepthAggregateQkvNormFwdMinBlocks = 2;
@@ -117,13 +127,17 @@ struct DepthAggregateQkvNormSmem {
   int64_t part;   // [rows][warps][8][l]    backward: warp partials of P, Q
   int64_t stash;  // [rows][3][ld]          bufs_in_smem: Y_n
   int64_t dg;     // [rows][3][ld]          backward, bufs_in_smem: dg partials
+  int64_t stage;  // [l][rows·threads_x]    backward, kStage: chunks of S, stage_entry_bytes each
   int64_t total;
 };
 
 __host__ __device__ inline int64_t depth_aggregate_qkv_norm_round8(int64_t x) { return (x + 7) / 8 * 8; }
 
+// stage_entry_bytes: one thread's chunk of one slot (kVec·sizeof(T)) when the backward
+// stages the slots, else 0; acc_bytes = sizeof(acc).
 __host__ __device__ inline DepthAggregateQkvNormSmem depth_aggregate_qkv_norm_smem_layout(int rows, int warps, int l, int64_t ld,
-                                                          bool backward, bool bufs_in_smem) {
+                                                          bool backward, bool bufs_in_smem,
+                                                          int stage_entry_bytes, int acc_bytes) {
   DepthAggregateQkvNormSmem s;
   int64_t off = 0;
   s.a = off;
@@ -136,56 +150,55 @@ __host__ __device__ inline DepthAggregateQkvNormSmem depth_aggregate_qkv_norm_sm
   if (bufs_in_smem) off += static_cast<int64_t>(rows) * kDepthAggregateQkvNormNormed * ld;
   s.dg = off;
   if (backward && bufs_in_smem) off += static_cast<int64_t>(rows) * kDepthAggregateQkvNormNormed * ld;
+  off = depth_aggregate_qkv_norm_round8(off);
+  s.stage = off;
+  if (backward && stage_entry_bytes > 0) {
+    const int64_t bytes = static_cast<int64_t>(l) * rows * warps * kWarpSize * stage_entry_bytes;
+    off += (bytes + acc_bytes - 1) / acc_bytes;
+  }
   s.total = off;
   return s;
 }
 
-// Warp reduce-scatter of 8 per-lane values in 9 shuffles (4 + 2 + 1 halving steps, then
-// 2 plain ones): returns, in every lane, the warp-wide sum of a[lane >> 2]. Fixed order.
-template <typename T>
-__device__ __forceinline__ T depth_aggregate_qkv_norm_reduce_scatter8(T (&a)[kDepthAggregateQkvNormDots], int lane) {
-  butterfly_step<16, 4>(a, lane);
-  butterfly_step<8, 2>(a, lane);
-  butterfly_step<4, 1>(a, lane);
-  T v = a[0];
-  v += __shfl_xor_sync(0xffffffffu, v, 2);
-  v += __shfl_xor_sync(0xffffffffu, v, 1);
-  return v;
-}
-
-// This row's views of the block's shared memory and workspaces (thread row ty): the
-// block's layout L and base smem, the weight tile a_s of all rows, and the row's warp
+// This row's views of the block's shared memory and workspaces (thread row ty): every
+// row's P/Q partials part_all, the weight tile a_s of all rows, and the row's warp
 // totals red [warps][3], P/Q partials part [warps][8][l] (backward), stash and dg
-// [3][ld] (shared memory or its workspace slice) and dg_ws, its dg workspace slice
-// (backward).
+// [3][ld] (shared memory or its workspace slice), dg_ws, its dg workspace slice
+// (backward), and the thread's slot-0 entry of the stage (backward with kStage).
 template <typename acc>
 struct QkvNormRow {
-  DepthAggregateQkvNormSmem L;
-  acc* smem;
+  acc* part_all;  // every row's P/Q partials (the block's part region)
   acc* a_s;
   acc* red;
   acc* part;
   acc* stash;
   acc* dg;
   acc* dg_ws;
+  void* stage;  // backward, kStage: this thread's entry of slot 0 (slot j: + j·rows·threads_x entries)
 };
 
-template <typename acc, bool kBackward>
-__device__ __forceinline__ QkvNormRow<acc> qkv_norm_row(const DepthAggregateQkvNormParams& p, acc* smem) {
+template <typename T, int kVec, bool kBackward, bool kStage>
+__device__ __forceinline__ QkvNormRow<acc_t<T>> qkv_norm_row(const DepthAggregateQkvNormParams& p, acc_t<T>* smem) {
+  using acc = acc_t<T>;
   const int rows = blockDim.y;
   const int warps = blockDim.x / kWarpSize;
   const int ty = threadIdx.y;
   const int64_t slice = (static_cast<int64_t>(blockIdx.x) * rows + ty) * kDepthAggregateQkvNormNormed * p.ld;
   QkvNormRow<acc> r;
-  r.L = depth_aggregate_qkv_norm_smem_layout(rows, warps, p.n_slots, p.ld, kBackward, p.bufs_in_smem);
-  r.smem = smem;
-  r.a_s = smem + r.L.a;
-  r.red = smem + r.L.red + ty * warps * kDepthAggregateQkvNormNormed;
-  r.part = smem + r.L.part + ty * warps * kDepthAggregateQkvNormDots * p.n_slots;
-  r.stash = p.bufs_in_smem ? smem + r.L.stash + ty * kDepthAggregateQkvNormNormed * p.ld
+  const DepthAggregateQkvNormSmem L = depth_aggregate_qkv_norm_smem_layout(
+      rows, warps, p.n_slots, p.ld, kBackward, p.bufs_in_smem, kStage ? kVec * static_cast<int>(sizeof(T)) : 0,
+      static_cast<int>(sizeof(acc)));
+  r.part_all = smem + L.part;
+  r.a_s = smem + L.a;
+  r.red = smem + L.red + ty * warps * kDepthAggregateQkvNormNormed;
+  r.part = r.part_all + ty * warps * kDepthAggregateQkvNormDots * p.n_slots;
+  r.stash = p.bufs_in_smem ? smem + L.stash + ty * kDepthAggregateQkvNormNormed * p.ld
                            : static_cast<acc*>(p.stash_ws_ptr) + slice;
   r.dg_ws = kBackward ? static_cast<acc*>(p.dg_ws_ptr) + slice : nullptr;
-  r.dg = p.bufs_in_smem ? smem + r.L.dg + ty * kDepthAggregateQkvNormNormed * p.ld : r.dg_ws;
+  r.dg = p.bufs_in_smem ? smem + L.dg + ty * kDepthAggregateQkvNormNormed * p.ld : r.dg_ws;
+  r.stage = (kBackward && kStage)
+                ? reinterpret_cast<Vec<T, kVec>*>(smem + L.stage) + ty * blockDim.x + threadIdx.x
+                : nullptr;
   return r;
 }
 
@@ -202,7 +215,7 @@ __device__ __forceinline__ void qkv_norm_stage_tile(const DepthAggregateQkvNormP
   if (kBackward) {
     const int n_part = blockDim.y * (blockDim.x / kWarpSize) * kDepthAggregateQkvNormDots * p.n_slots;
     for (int i = threadIdx.y * blockDim.x + threadIdx.x; i < n_part; i += blockDim.x * blockDim.y) {
-      row.smem[row.L.part + i] = acc(0);
+      row.part_all[i] = acc(0);
     }
   }
   __syncthreads();
@@ -286,7 +299,7 @@ __global__ void __launch_bounds__(kDepthAggregateQkvNormThreads, kDepthAggregate
     depth_aggregate_qkv_norm_fwd_kernel(const DepthAggregateQkvNormParams p) {
   using acc = acc_t<T>;
   extern __shared__ __align__(32) unsigned char daqn_smem[];
-  const QkvNormRow<acc> row = qkv_norm_row<acc, false>(p, reinterpret_cast<acc*>(daqn_smem));
+  const QkvNormRow<acc> row = qkv_norm_row<T, kVec, false, false>(p, reinterpret_cast<acc*>(daqn_smem));
   for (int64_t t0 = first_token_tile(blockDim.y); t0 < p.n_tokens; t0 += token_tile_stride(blockDim.y)) {
     const int64_t t = t0 + threadIdx.y;
     const bool valid = t < p.n_tokens;  // uniform over the row (whole warps)
@@ -302,39 +315,92 @@ __global__ void __launch_bounds__(kDepthAggregateQkvNormThreads, kDepthAggregate
   }
 }
 
-// Backward pass 1 of token t, per chunk: Y_n over the slots, z_c from dOut, the D_n
-// partials (+=) and the row's dg partial (+=), Y_n stashed; then pass 2 over the slots
-// (the chunk's S again, an L1/L2 hit): P_cj = <z_c, S_j>, Q_nj = <Y_n, S_j> reduced by
-// the 8-value reduce-scatter and added (+=) to the warp's part[warp][m][j]. The chunk
-// loop is warp-uniform (every lane reaches the shuffles); lanes past the row end work
-// on zeros and touch no buffer.
-template <typename T, int kVec>
-__device__ __forceinline__ void qkv_norm_bwd_dots(const DepthAggregateQkvNormParams& p,
-                                                  const QkvNormRow<acc_t<T>>& row,
-                                                  const acc_t<T>* __restrict__ a_row, int64_t t,
-                                                  const acc_t<T> (&r)[kDepthAggregateQkvNormNormed],
-                                                  acc_t<T> (&D)[kDepthAggregateQkvNormNormed]) {
+// Dot products <u_c, S_j> of this thread's chunk, for every slot j and c < kN (kN <= 4),
+// added (+=) to the warp's partials part[warp][m0 + c][j]. The slots' chunks come from
+// the stage (the thread's own entries, written in pass 1: no barrier) or, without one,
+// from S (an L1/L2 hit), slot_batch<kWhole>() slots' loads issued before any is used;
+// each batch's dot products (4 a slot, zero-padded past kN) are reduced together by one
+// reduce-scatter. Every lane of the warp calls it; lanes past the row end (in_row
+// false) add zeros.
+template <typename T, int kVec, bool kWhole, bool kStage, int kN>
+__device__ __forceinline__ void qkv_norm_bwd_slot_dots(const DepthAggregateQkvNormParams& p,
+                                                       const QkvNormRow<acc_t<T>>& row, const T* __restrict__ s_tok,
+                                                       int64_t e, bool in_row, const acc_t<T> (&u)[kN][kVec],
+                                                       int m0) {
+  using acc = acc_t<T>;
+  constexpr int kPerSlot = 4;
+  static_assert(kN <= kPerSlot, "at most 4 vectors a pass");
+  constexpr int kBatch = slot_batch<kWhole>();
+  constexpr int kValues = kBatch * kPerSlot;  // [b][c]
+  constexpr int kLanesPerValue = kWarpSize / kValues;
+  const int l = p.n_slots;
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const Vec<T, kVec>* __restrict__ stage = static_cast<const Vec<T, kVec>*>(row.stage);
+  const int64_t stage_stride = static_cast<int64_t>(blockDim.x) * blockDim.y;
+  for (int j0 = 0; j0 < l; j0 += kBatch) {
+    Vec<T, kVec> sb[kBatch];
+    if constexpr (kStage) {
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) sb[b] = (j0 + b < l && in_row) ? stage[(j0 + b) * stage_stride] : Vec<T, kVec>{};
+    } else {
+      slot_batch_load<T, kVec, kWhole>(s_tok, p.s_slot_stride, j0, l, e, p.d, sb);
+    }
+    acc v[kValues];
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+#pragma unroll
+      for (int c = 0; c < kPerSlot; ++c) {
+        acc dt = acc(0);
+        if (c < kN) {
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) dt += u[c < kN ? c : 0][k] * to_acc(sb[b].v[k]);
+        }
+        v[b * kPerSlot + c] = dt;
+      }
+    }
+    const acc sum = warp_reduce_scatter_pow2<kValues>(v, lane);
+    const int i = lane / kLanesPerValue;
+    const int b = i / kPerSlot;
+    const int c = i % kPerSlot;
+    if (lane % kLanesPerValue == 0 && c < kN && j0 + b < l) row.part[(warp * kDepthAggregateQkvNormDots + m0 + c) * l + j0 + b] += sum;
+  }
+}
+
+// Backward, one chunk [e, e + kVec) of token t: pass 1 over the slots for Y_n (with the
+// stage: each slot's chunk also kept in the thread's stage entries), z_c from dOut, the
+// D_n partials (+=) and the row's dg partial (+=), Y_n stashed; then the dot products
+// P_cj = <z_c, S_j> (c < 4) and, with Y_n read back from the stash, Q_nj = <Y_n, S_j>
+// (n < 3), in two passes over the slots (qkv_norm_bwd_slot_dots) so that z and Y are
+// never live at once. Every lane of the warp calls it (kWhole: every chunk of the row
+// is below d, a uniform test; otherwise lanes past the row end work on zeros and touch
+// no buffer).
+template <typename T, int kVec, bool kWhole, bool kStage>
+__device__ __forceinline__ void qkv_norm_bwd_dots_chunk(const DepthAggregateQkvNormParams& p,
+                                                        const QkvNormRow<acc_t<T>>& row,
+                                                        const acc_t<T>* __restrict__ a_row, int64_t t, int64_t e,
+                                                        const acc_t<T> (&r)[kDepthAggregateQkvNormNormed],
+                                                        acc_t<T> (&D)[kDepthAggregateQkvNormNormed]) {
   using acc = acc_t<T>;
   constexpr int kWays = kDepthAggregateQkvNormWays;
   constexpr int kNormed = kDepthAggregateQkvNormNormed;
-  constexpr int kDots = kDepthAggregateQkvNormDots;
   const int l = p.n_slots;
   const int64_t d = p.d;
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
+  const bool in_row = e < d;
   const acc* __restrict__ g = static_cast<const acc*>(p.g_ptr);
   const T* __restrict__ s_tok = static_cast<const T*>(p.s_ptr) + t * p.s_token_stride;
   const T* __restrict__ do_tok = static_cast<const T*>(p.dout_ptr) + t * p.dout_token_stride;
-  const int64_t step = static_cast<int64_t>(blockDim.x) * kVec;
-  for (int64_t e0 = 0; e0 < d; e0 += step) {
-    const int64_t e = e0 + threadIdx.x * kVec;
-    const bool in_row = e < d;
+  acc z[kWays][kVec];
+  {
     acc y[kNormed][kVec] = {};
-    if (in_row) slot_aggregate<T, kVec, kNormed>(s_tok, p.s_slot_stride, a_row, l, e, d, y);
-    acc z[kWays][kVec];
+    if (in_row) {
+      slot_aggregate_as<T, kVec, kNormed, kWhole>(s_tok, p.s_slot_stride, a_row, l, e, d, y,
+                                                  kStage ? static_cast<Vec<T, kVec>*>(row.stage) : nullptr,
+                                                  static_cast<int64_t>(blockDim.x) * blockDim.y);
+    }
 #pragma unroll
     for (int c = 0; c < kWays; ++c) {
-      const Vec<T, kVec> go = load_chunk_raw<T, kVec>(do_tok + c * p.dout_way_stride, e, d);
+      const Vec<T, kVec> go = load_chunk_as<T, kVec, kWhole>(do_tok + c * p.dout_way_stride, e, d);
       if (c < kNormed) {
         const Vec<acc, kVec> gv = in_row ? *reinterpret_cast<const Vec<acc, kVec>*>(g + c * p.ld + e) : Vec<acc, kVec>{};
 #pragma unroll
@@ -357,27 +423,33 @@ __device__ __forceinline__ void qkv_norm_bwd_dots(const DepthAggregateQkvNormPar
         for (int k = 0; k < kVec; ++k) z[c][k] = to_acc(go.v[k]);
       }
     }
-#pragma unroll 2
-    for (int j = 0; j < l; ++j) {
-      acc s[kVec];
-      load_chunk<T, kVec>(s_tok + j * p.s_slot_stride, e, d, s);
-      acc v[kDots];
+  }
+  qkv_norm_bwd_slot_dots<T, kVec, kWhole, kStage, kWays>(p, row, s_tok, e, in_row, z, 0);
+  acc y[kNormed][kVec];
 #pragma unroll
-      for (int c = 0; c < kWays; ++c) {
-        v[c] = acc(0);
+  for (int c = 0; c < kNormed; ++c) {
+    const Vec<acc, kVec> sy = in_row ? vec_at<acc, kVec>(row.stash, c * p.ld + e) : Vec<acc, kVec>{};
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) v[c] += z[c][k] * s[k];
-      }
-#pragma unroll
-      for (int c = 0; c < kNormed; ++c) {
-        v[kWays + c] = acc(0);
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) v[kWays + c] += y[c][k] * s[k];
-      }
-      v[kDots - 1] = acc(0);
-      const acc sum = depth_aggregate_qkv_norm_reduce_scatter8(v, lane);
-      const int m = lane >> 2;
-      if ((lane & 3) == 0 && m < kDots - 1) row.part[(warp * kDots + m) * l + j] += sum;
+    for (int k = 0; k < kVec; ++k) y[c][k] = sy.v[k];
+  }
+  qkv_norm_bwd_slot_dots<T, kVec, kWhole, kStage, kNormed>(p, row, s_tok, e, in_row, y, kWays);
+}
+
+// Backward pass 1 and 2 of token t over the row's chunks (qkv_norm_bwd_dots_chunk), the
+// whole-chunk test made once per chunk. Every lane of the row calls it.
+template <typename T, int kVec, bool kStage>
+__device__ __forceinline__ void qkv_norm_bwd_dots(const DepthAggregateQkvNormParams& p,
+                                                  const QkvNormRow<acc_t<T>>& row,
+                                                  const acc_t<T>* __restrict__ a_row, int64_t t,
+                                                  const acc_t<T> (&r)[kDepthAggregateQkvNormNormed],
+                                                  acc_t<T> (&D)[kDepthAggregateQkvNormNormed]) {
+  const int64_t step = static_cast<int64_t>(blockDim.x) * kVec;
+  for (int64_t e0 = 0; e0 < p.d; e0 += step) {
+    const int64_t e = e0 + threadIdx.x * kVec;
+    if (e0 + step <= p.d) {
+      qkv_norm_bwd_dots_chunk<T, kVec, true, kStage>(p, row, a_row, t, e, r, D);
+    } else {
+      qkv_norm_bwd_dots_chunk<T, kVec, false, kStage>(p, row, a_row, t, e, r, D);
     }
   }
 }
@@ -407,54 +479,98 @@ __device__ __forceinline__ void qkv_norm_bwd_da(const DepthAggregateQkvNormParam
   }
 }
 
-// Backward, dS of token t per chunk: dY_n = r_n·g_n·dOut_n − k_n·Y_n (Y_n from the
-// stash, dOut re-read: an L2 hit), dY_3 = dOut_3; dS_j (=, or += with accumulate_ds)
-// Σ_c A[t, c, j]·dY_c.
+// Backward, dS of one chunk [e, e + kVec) of token t: dY_n = r_n·g_n·dOut_n − k_n·Y_n
+// (Y_n from the stash, dOut re-read: an L2 hit) written over Y_n in the stash (this
+// thread's own entries), dY_3 = dOut_3 kept as loaded; then dS_j (=, or += with
+// kAccumulate) Σ_c A[t, c, j]·dY_c for slot_batch<kWhole>() slots at a time, their dS
+// loads issued before any is used and dY_n read back from the stash once a batch (the
+// batch's dS accumulators and dY held in registers at once would not fit 128).
+// kWhole as in load_chunk_as.
+template <typename T, int kVec, bool kWhole, bool kAccumulate>
+__device__ __forceinline__ void qkv_norm_bwd_ds_chunk(const DepthAggregateQkvNormParams& p,
+                                                      const QkvNormRow<acc_t<T>>& row,
+                                                      const acc_t<T>* __restrict__ a_row, int64_t t, int64_t e,
+                                                      const acc_t<T> (&r)[kDepthAggregateQkvNormNormed],
+                                                      const acc_t<T> (&kn)[kDepthAggregateQkvNormNormed]) {
+  using acc = acc_t<T>;
+  constexpr int kWays = kDepthAggregateQkvNormWays;
+  constexpr int kNormed = kDepthAggregateQkvNormNormed;
+  constexpr int kBatch = slot_batch<kWhole>();
+  const int l = p.n_slots;
+  const int64_t d = p.d;
+  const acc* __restrict__ g = static_cast<const acc*>(p.g_ptr);
+  const T* __restrict__ do_tok = static_cast<const T*>(p.dout_ptr) + t * p.dout_token_stride;
+  T* __restrict__ ds_tok = static_cast<T*>(p.ds_ptr) + t * p.ds_token_stride;
+  const Vec<T, kVec> go_raw = load_chunk_as<T, kVec, kWhole>(do_tok + kNormed * p.dout_way_stride, e, d);
+#pragma unroll
+  for (int c = 0; c < kNormed; ++c) {
+    const Vec<T, kVec> go = load_chunk_as<T, kVec, kWhole>(do_tok + c * p.dout_way_stride, e, d);
+    const Vec<acc, kVec> gv = *reinterpret_cast<const Vec<acc, kVec>*>(g + c * p.ld + e);
+    Vec<acc, kVec>& ys = vec_at<acc, kVec>(row.stash, c * p.ld + e);
+    Vec<acc, kVec> dy = ys;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) dy.v[k] = r[c] * gv.v[k] * to_acc(go.v[k]) - kn[c] * dy.v[k];
+    ys = dy;
+  }
+  for (int j0 = 0; j0 < l; j0 += kBatch) {
+    acc ds[kBatch][kVec];
+    if constexpr (kAccumulate) {
+      Vec<T, kVec> prior[kBatch];
+      slot_batch_load<T, kVec, kWhole>(ds_tok, p.ds_slot_stride, j0, l, e, d, prior);
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) ds[b][k] = to_acc(prior[b].v[k]);
+      }
+    } else {
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) ds[b][k] = acc(0);
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < kWays; ++c) {
+      acc dy[kVec];
+      if (c < kNormed) {
+        const Vec<acc, kVec> dyv = vec_at<acc, kVec>(row.stash, c * p.ld + e);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) dy[k] = dyv.v[k];
+      } else {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) dy[k] = to_acc(go_raw.v[k]);
+      }
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        const acc w = (j0 + b < l) ? a_row[c * l + j0 + b] : acc(0);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) ds[b][k] += w * dy[k];
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      if (j0 + b < l) store_chunk_as<T, kVec, kWhole>(ds_tok + (j0 + b) * p.ds_slot_stride, e, d, ds[b]);
+    }
+  }
+}
+
+// Backward, dS of token t over this thread's chunks (no shuffles: per-thread tests).
 template <typename T, int kVec>
 __device__ __forceinline__ void qkv_norm_bwd_ds(const DepthAggregateQkvNormParams& p,
                                                 const QkvNormRow<acc_t<T>>& row,
                                                 const acc_t<T>* __restrict__ a_row, int64_t t,
                                                 const acc_t<T> (&r)[kDepthAggregateQkvNormNormed],
                                                 const acc_t<T> (&kn)[kDepthAggregateQkvNormNormed]) {
-  using acc = acc_t<T>;
-  constexpr int kWays = kDepthAggregateQkvNormWays;
-  const int l = p.n_slots;
-  const int64_t d = p.d;
-  const acc* __restrict__ g = static_cast<const acc*>(p.g_ptr);
-  const T* __restrict__ do_tok = static_cast<const T*>(p.dout_ptr) + t * p.dout_token_stride;
-  T* __restrict__ ds_tok = static_cast<T*>(p.ds_ptr) + t * p.ds_token_stride;
-  for (int64_t e = threadIdx.x * kVec; e < d; e += static_cast<int64_t>(blockDim.x) * kVec) {
-    acc dy[kWays][kVec];
-#pragma unroll
-    for (int c = 0; c < kWays; ++c) {
-      const Vec<T, kVec> go = load_chunk_raw<T, kVec>(do_tok + c * p.dout_way_stride, e, d);
-      if (c < kDepthAggregateQkvNormNormed) {
-        const Vec<acc, kVec> gv = *reinterpret_cast<const Vec<acc, kVec>*>(g + c * p.ld + e);
-        const Vec<acc, kVec> y = vec_at<acc, kVec>(row.stash, c * p.ld + e);
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) dy[c][k] = r[c] * gv.v[k] * to_acc(go.v[k]) - kn[c] * y.v[k];
-      } else {
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) dy[c][k] = to_acc(go.v[k]);
-      }
-    }
-#pragma unroll 2
-    for (int j = 0; j < l; ++j) {
-      T* __restrict__ ds_row = ds_tok + j * p.ds_slot_stride;
-      acc ds[kVec];
-      if (p.accumulate_ds) {
-        load_chunk<T, kVec>(ds_row, e, d, ds);
-      } else {
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) ds[k] = acc(0);
-      }
-#pragma unroll
-      for (int c = 0; c < kWays; ++c) {
-        const acc w = a_row[c * l + j];
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) ds[k] += w * dy[c][k];
-      }
-      store_chunk<T, kVec>(ds_row, e, d, ds);
+  for (int64_t e = threadIdx.x * kVec; e < p.d; e += static_cast<int64_t>(blockDim.x) * kVec) {
+    const bool whole = e + kVec <= p.d;
+    if (whole && p.accumulate_ds) {
+      qkv_norm_bwd_ds_chunk<T, kVec, true, true>(p, row, a_row, t, e, r, kn);
+    } else if (whole) {
+      qkv_norm_bwd_ds_chunk<T, kVec, true, false>(p, row, a_row, t, e, r, kn);
+    } else if (p.accumulate_ds) {
+      qkv_norm_bwd_ds_chunk<T, kVec, false, true>(p, row, a_row, t, e, r, kn);
+    } else {
+      qkv_norm_bwd_ds_chunk<T, kVec, false, false>(p, row, a_row, t, e, r, kn);
     }
   }
 }
@@ -475,13 +591,13 @@ __device__ __forceinline__ void qkv_norm_bwd_dg_chunks(const DepthAggregateQkvNo
   }
 }
 
-template <typename T, int kVec>
+template <typename T, int kVec, bool kStage>
 __global__ void __launch_bounds__(kDepthAggregateQkvNormThreads, kDepthAggregateQkvNormBwdMinBlocks)
     depth_aggregate_qkv_norm_bwd_kernel(const DepthAggregateQkvNormParams p) {
   using acc = acc_t<T>;
   constexpr int kNormed = kDepthAggregateQkvNormNormed;
   extern __shared__ __align__(32) unsigned char daqn_smem[];
-  const QkvNormRow<acc> row = qkv_norm_row<acc, true>(p, reinterpret_cast<acc*>(daqn_smem));
+  const QkvNormRow<acc> row = qkv_norm_row<T, kVec, true, kStage>(p, reinterpret_cast<acc*>(daqn_smem));
   const acc* __restrict__ rstd = static_cast<const acc*>(p.rstd_ptr);
   qkv_norm_bwd_dg_chunks<acc, kVec, false>(p, row);
   for (int64_t t0 = first_token_tile(blockDim.y); t0 < p.n_tokens; t0 += token_tile_stride(blockDim.y)) {
@@ -493,7 +609,7 @@ __global__ void __launch_bounds__(kDepthAggregateQkvNormThreads, kDepthAggregate
 #pragma unroll
     for (int c = 0; c < kNormed; ++c) r[c] = valid ? rstd[c * p.n_tokens + t] : acc(0);
     acc D[kNormed] = {};
-    if (valid) qkv_norm_bwd_dots<T, kVec>(p, row, a_row, t, r, D);
+    if (valid) qkv_norm_bwd_dots<T, kVec, kStage>(p, row, a_row, t, r, D);
     qkv_norm_warp_totals(D, row.red);
     __syncthreads();
     if (valid) {

@@ -32,23 +32,74 @@ __device__ __forceinline__ void slot_tile_load_weights(acc* __restrict__ a_s, co
   }
 }
 
+// Slots whose loads a thread issues before it uses any, for whole chunks: the slot
+// loops below read the chunk of kSlotBatch slots into registers first (four independent
+// 16-byte loads in flight per thread and stream), then work on them. The row's last
+// chunk, when d cuts it, goes one slot at a time (slot_batch<false>): its checked loads
+// (one 16-byte load, or element by element in the lane d cuts) would otherwise take
+// kSlotBatch times the registers of both paths.
+constexpr int kSlotBatch = 4;
+
+template <bool kWhole>
+constexpr int slot_batch() {
+  return kWhole ? kSlotBatch : 1;
+}
+
+// The chunk [e, e + kVec) of slots j0 .. j0 + kBatch, loaded before any is used; kWhole
+// as in load_chunk_as. Slots past the last (j >= l) load slot l − 1 again: the caller
+// gives them zero weight and stores nothing for them. (Selecting zeros instead makes
+// ptxas unpack every loaded vector at once, which serialises the batch's loads; the
+// repeated slot's sectors are L1 hits of the same request stream, no extra HBM bytes.)
+template <typename T, int kVec, bool kWhole, int kBatch>
+__device__ __forceinline__ void slot_batch_load(const T* __restrict__ slot0, int64_t slot_stride, int j0, int l,
+                                                int64_t e, int64_t d, Vec<T, kVec> (&s)[kBatch]) {
+#pragma unroll
+  for (int b = 0; b < kBatch; ++b) {
+    const int j = j0 + b < l ? j0 + b : l - 1;
+    s[b] = load_chunk_as<T, kVec, kWhole>(slot0 + j * slot_stride, e, d);
+  }
+}
+
 // y[c] += Σ_j a_row[c·l + j]·S_j[e, e + kVec) for c < kWays, over the l slots of one
-// token (s_tok: slot 0's row; reads cut at d, zero past it). Per thread, no shuffles.
+// token (s_tok: slot 0's row), slot_batch<kWhole>() slots' loads at a time; kWhole as
+// in load_chunk_as. With a stage, slot j's chunk (as loaded: zero past d) is also
+// written to stage[j·stage_stride]. Per thread, no shuffles.
+template <typename T, int kVec, int kWays, bool kWhole>
+__device__ __forceinline__ void slot_aggregate_as(const T* __restrict__ s_tok, int64_t slot_stride,
+                                                  const acc_t<T>* __restrict__ a_row, int l, int64_t e, int64_t d,
+                                                  acc_t<T> (&y)[kWays][kVec],
+                                                  Vec<T, kVec>* __restrict__ stage = nullptr,
+                                                  int64_t stage_stride = 0) {
+  using acc = acc_t<T>;
+  constexpr int kBatch = slot_batch<kWhole>();
+  for (int j0 = 0; j0 < l; j0 += kBatch) {
+    Vec<T, kVec> s[kBatch];
+    slot_batch_load<T, kVec, kWhole>(s_tok, slot_stride, j0, l, e, d, s);
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      if (j0 + b < l) {
+        if (stage != nullptr) stage[(j0 + b) * stage_stride] = s[b];
+#pragma unroll
+        for (int c = 0; c < kWays; ++c) {
+          const acc w = a_row[c * l + j0 + b];
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) y[c][k] += w * to_acc(s[b].v[k]);
+        }
+      }
+    }
+  }
+}
+
+// slot_aggregate_as with the whole-chunk test made once per chunk (reads cut at d, zero
+// past it).
 template <typename T, int kVec, int kWays>
 __device__ __forceinline__ void slot_aggregate(const T* __restrict__ s_tok, int64_t slot_stride,
                                                const acc_t<T>* __restrict__ a_row, int l, int64_t e, int64_t d,
                                                acc_t<T> (&y)[kWays][kVec]) {
-  using acc = acc_t<T>;
-#pragma unroll 4
-  for (int j = 0; j < l; ++j) {
-    acc s[kVec];
-    load_chunk<T, kVec>(s_tok + j * slot_stride, e, d, s);
-#pragma unroll
-    for (int c = 0; c < kWays; ++c) {
-      const acc w = a_row[c * l + j];
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) y[c][k] += w * s[k];
-    }
+  if (e + kVec <= d) {
+    slot_aggregate_as<T, kVec, kWays, true>(s_tok, slot_stride, a_row, l, e, d, y);
+  } else {
+    slot_aggregate_as<T, kVec, kWays, false>(s_tok, slot_stride, a_row, l, e, d, y);
   }
 }
 
