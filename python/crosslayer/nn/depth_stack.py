@@ -74,7 +74,6 @@ rewrite a slot); no double backward (I7).
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional, Sequence
 
@@ -82,6 +81,7 @@ import torch
 from torch import Tensor
 
 from crosslayer import ops
+from crosslayer._autograd import first_order_backward
 from crosslayer._checks import check_tensor, compute_dtype
 from crosslayer._extension import runs_kernels
 from crosslayer.ops._common import fusable
@@ -152,39 +152,10 @@ _NO_DOUBLE_BACKWARD = (
     "differentiating them raises this error.")
 
 
-class _RefuseSecondDerivative(torch.autograd.Function):
-    """value, returned as a copy whose gradient is an error: the node joins the graph
-    of `connected` (the first backward's incoming gradients), so a second derivative
-    through it reaches backward() and raises _NO_DOUBLE_BACKWARD."""
-
-    @staticmethod
-    def forward(ctx, value: Tensor, *connected: Tensor) -> Tensor:
-        return value.clone()  # not a view: later nodes add into the stack gradient in place
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(_NO_DOUBLE_BACKWARD)
-
-
-def _first_order_only(backward):
-    """A DepthStack backward that runs without grad mode; when a second derivative may
-    follow (create_graph=True and an incoming gradient that requires grad), each output
-    is handed on through _RefuseSecondDerivative, so differentiating it again raises a
-    clear error. Without this, a second backward silently got wrong values (the slot
-    gradients are computed from a detached buffer). torch's once_differentiable is not
-    used: its error node hangs off fresh leaves, so a second derivative with respect to
-    the stack's inputs reports them as unused (or, with allow_unused, returns None)."""
-
-    @functools.wraps(backward)
-    def wrapper(ctx, *grads):
-        with torch.no_grad():
-            outputs = backward(ctx, *grads)
-        connected = [g for g in grads if isinstance(g, Tensor) and g.requires_grad]
-        if not torch.is_grad_enabled() or not connected:
-            return outputs
-        return tuple(None if v is None else _RefuseSecondDerivative.apply(v, *connected) for v in outputs)
-
-    return wrapper
+# Every backward of the chain: run without grad mode, refuse a second derivative
+# (crosslayer._autograd.first_order_backward). Without this, a second backward silently got
+# wrong values (the slot gradients are computed from a detached buffer).
+_first_order_only = first_order_backward(_NO_DOUBLE_BACKWARD)
 
 
 def _as_slice(start: int, stop: int, step: int) -> slice:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from crosslayer import ref
+from crosslayer._autograd import first_order_backward, no_double_backward_message, oracle_first_order
 from crosslayer._extension import kernels_for, runs_kernels
 from crosslayer.contracts import validate_depth_aggregate
 
@@ -66,6 +67,9 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(S, A)
 
 
+# depth_aggregate_bwd mutates dS, so it cannot take an autograd formula (torch.library
+# refuses one on a non-functional schema): its caller refuses second derivatives instead.
+@first_order_backward(no_double_backward_message("depth_aggregate"), connect_saved=True)
 def _backward(ctx, dY: Tensor):
     S, A = ctx.saved_tensors
     dS = torch.empty(S.shape, dtype=S.dtype, device=S.device)
@@ -86,11 +90,12 @@ def depth_aggregate(S: Tensor, A: Tensor) -> Tensor:
                                   float32 (float64 for float64 S)
     returns Y: (C, *tok, d)       dtype of S
 
-    Fused on CUDA when the extension is built; the oracle otherwise.
+    Fused on CUDA when the extension is built; the oracle otherwise. First derivatives
+    only, on every path (crosslayer.ref.depth_aggregate differentiates to any order).
     """
     validate_depth_aggregate(S, A)
     if not runs_kernels(S):
-        return ref.depth_aggregate(S, A)
+        return oracle_first_order("depth_aggregate", ref.depth_aggregate, S, A)
     l, d, C = S.shape[0], S.shape[-1], A.shape[-2]
     tok = S.shape[1:-1]
     N = tok.numel()  # not -1: reshape cannot infer it when d = 0

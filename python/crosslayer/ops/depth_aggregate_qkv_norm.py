@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from crosslayer import ref
+from crosslayer._autograd import first_order_backward, no_double_backward_message, oracle_first_order
 from crosslayer._checks import acc_dtype
 from crosslayer._extension import kernels_for
 from crosslayer.ops._common import fusable
@@ -94,6 +95,9 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.eps = eps
 
 
+# depth_aggregate_qkv_norm_bwd mutates dS, so it cannot take an autograd formula (torch.library refuses one
+# on a non-functional schema): its callers' backward refuses second derivatives instead.
+@first_order_backward(no_double_backward_message("depth_aggregate_qkv_norm"), connect_saved=True)
 def _backward(ctx, dOut: Tensor, drstd):
     S, A, norm_weights, rstd = ctx.saved_tensors
     dS = torch.empty(S.shape, dtype=S.dtype, device=S.device)
@@ -116,11 +120,12 @@ def depth_aggregate_qkv_norm(S: Tensor, A: Tensor, norm_weights: Tensor, eps: fl
 
     Fused on CUDA when the extension is built (one kernel each way); the oracle
     otherwise, and for float64 weights with lower-precision S (the kernel computes in
-    float32 for those).
+    float32 for those). First derivatives only, on every path
+    (crosslayer.ref.depth_aggregate_qkv_norm differentiates to any order).
     """
     validate_depth_aggregate_qkv_norm(S, A, norm_weights)
     if not fusable(S, A, norm_weights):
-        return ref.depth_aggregate_qkv_norm(S, A, norm_weights, eps)
+        return oracle_first_order("depth_aggregate_qkv_norm", ref.depth_aggregate_qkv_norm, S, A, norm_weights, eps)
     l, d = S.shape[0], S.shape[-1]
     tok = S.shape[1:-1]
     N = tok.numel()  # not -1: reshape cannot infer it when d = 0

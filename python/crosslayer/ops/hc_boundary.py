@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from crosslayer import ref
+from crosslayer._autograd import oracle_first_order, refusing_backward
 from crosslayer._checks import acc_dtype, compute_dtype
 from crosslayer._extension import kernels_for
 from crosslayer.contracts import validate_hc_boundary
@@ -132,6 +133,7 @@ def _hc_boundary_backward(ctx, dH_next, dx, dalpha_next, dbeta_next, dq, dr, dWt
 
 
 hc_boundary_op.register_autograd(_hc_boundary_backward, setup_context=_hc_boundary_setup)
+hc_boundary_bwd_op.register_autograd(refusing_backward("hc_boundary", "hc_boundary_bwd"))  # first order only
 
 
 @torch.library.custom_op("crosslayer::hc_boundary_mix", mutates_args=())
@@ -195,6 +197,7 @@ def _hc_boundary_mix_backward(ctx, dH_next, dx):
 
 
 hc_boundary_mix_op.register_autograd(_hc_boundary_mix_backward, setup_context=_hc_boundary_mix_setup)
+hc_boundary_mix_bwd_op.register_autograd(refusing_backward("hc_boundary", "hc_boundary_mix_bwd"))  # first order only
 
 
 def hc_boundary(H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, A: Tensor, B: Tensor, W: Optional[Tensor] = None,
@@ -213,12 +216,13 @@ def hc_boundary(H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, A: Tensor, B:
 
     Fused on CUDA when the extension is built (one kernel each way: DHC's coefficient
     pass over H', or SHC's single pass); the oracle otherwise, and for float64
-    parameters with lower-precision H.
+    parameters with lower-precision H. First derivatives only, on every path
+    (crosslayer.ref.hc_boundary differentiates to any order).
     """
     validate_hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b)
     scales = [v for v in (s_a, s_b) if isinstance(v, Tensor)]
     if not fusable(H, y, alpha, beta, A, B, W, *scales):
-        return ref.hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b, eps)
+        return oracle_first_order("hc_boundary", ref.hc_boundary, H, y, alpha, beta, A, B, W, s_a, s_b, eps)
     ct = compute_dtype(H, A, B, W, *scales)
     if W is None:  # SHC: x' mixes with A[:, 0]; alpha', beta' are A and B, as hc_pre's
         alpha_next, beta_next = A.to(ct), B.to(ct)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from crosslayer import ref
+from crosslayer._autograd import oracle_first_order, refusing_backward
 from crosslayer._checks import acc_dtype
 from crosslayer._extension import kernels_for
 from crosslayer.ops._common import fusable, lead_d, like
@@ -89,6 +90,7 @@ def _hc_post_backward(ctx, dH_new: Optional[Tensor]):
 
 
 hc_post_op.register_autograd(_hc_post_backward, setup_context=_hc_post_setup)
+hc_post_bwd_op.register_autograd(refusing_backward("hc_post", "hc_post_bwd"))  # first order only
 
 
 def hc_post(H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
@@ -104,9 +106,10 @@ def hc_post(H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
     returns H': (..., n, d)          dtype of H, allocated like H
 
     Computed in float32 (float64 for float64 H). Fused on CUDA when the extension is
-    built; the oracle otherwise, and for y in another dtype than H.
+    built; the oracle otherwise, and for y in another dtype than H. First derivatives only,
+    on every path (crosslayer.ref.hc_post differentiates to any order).
     """
     validate_hc_post(H, y, alpha, beta)
     if not (fusable(H, y, alpha, beta) and y.dtype == H.dtype):
-        return ref.hc_post(H, y, alpha, beta)
+        return oracle_first_order("hc_post", ref.hc_post, H, y, alpha, beta)
     return hc_post_op(H, y, alpha, beta)

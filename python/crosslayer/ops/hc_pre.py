@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from crosslayer import ref
+from crosslayer._autograd import first_order_backward, no_double_backward_message, oracle_first_order
 from crosslayer._checks import acc_dtype, compute_dtype
 from crosslayer._extension import kernels_for
 from crosslayer.ops._common import Scalar, fusable, scalar_tensor
@@ -151,6 +152,9 @@ def _hc_pre_grads(ctx, dx: Optional[Tensor], dalpha: Optional[Tensor], dbeta: Op
     return dH, dA, dB, dW, ds_a, ds_b, None
 
 
+# hc_pre_bwd mutates dH, so it cannot take an autograd formula (torch.library refuses one
+# on a non-functional schema): its callers' backward refuses second derivatives instead.
+@first_order_backward(no_double_backward_message("hc_pre"), connect_saved=True)
 def _hc_pre_backward(ctx, dx, dalpha, dbeta, dq, dr, dWt):
     return _hc_pre_grads(ctx, dx, dalpha, dbeta, None)
 
@@ -172,6 +176,7 @@ class _HcPreForPost(torch.autograd.Function):
         return x, alpha, beta, H
 
     @staticmethod
+    @first_order_backward(no_double_backward_message("hc_pre_for_post", "hc_pre"), connect_saved=True)
     def backward(ctx, dx, dalpha, dbeta, dH_post):
         return _hc_pre_grads(ctx, dx, dalpha, dbeta, dH_post)
 
@@ -192,7 +197,8 @@ def hc_pre(H: Tensor, A: Tensor, B: Tensor, W: Optional[Tensor] = None,
 
     Fused on CUDA when the extension is built (DHC: one kernel each way; SHC: the
     stream_mix kernels); the oracle otherwise, and for float64 parameters with
-    lower-precision H.
+    lower-precision H. First derivatives only, on every path (crosslayer.ref.hc_pre
+    differentiates to any order).
     """
     return _hc_pre(H, A, B, W, s_a, s_b, eps, for_post=False)[:3]
 
@@ -219,7 +225,8 @@ def _hc_pre(H: Tensor, A: Tensor, B: Tensor, W: Optional[Tensor], s_a: Optional[
         x, H_post = stream_mix_for_post(H, alpha[:, 0]) if for_post else (stream_mix(H, alpha[:, 0]), H)
         return x, alpha, beta, H_post
     if not fusable(H, A, B, W, *scales):
-        return (*ref.hc_pre(H, A, B, W, s_a, s_b, eps), H)
+        op = "hc_pre_for_post" if for_post else "hc_pre"
+        return (*oracle_first_order(op, ref.hc_pre, H, A, B, W, s_a, s_b, eps, oracle="hc_pre"), H)
     sa = scalar_tensor(s_a, ct, H.device)
     sb = scalar_tensor(s_b, ct, H.device)
     if for_post:

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from crosslayer import ref
+from crosslayer._autograd import oracle_first_order, refusing_backward
 from crosslayer._checks import acc_dtype
 from crosslayer._extension import kernels_for
 from crosslayer.contracts import validate_mhc_boundary
@@ -131,6 +132,7 @@ def _mhc_boundary_backward(ctx, dH_next, dx, dalpha_next, dbeta_next, du, dr):
 
 
 mhc_boundary_op.register_autograd(_mhc_boundary_backward, setup_context=_mhc_boundary_setup)
+mhc_boundary_bwd_op.register_autograd(refusing_backward("mhc_boundary", "mhc_boundary_bwd"))  # first order only
 
 
 def mhc_boundary(H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, phi: Tensor, a_pre: Scalar, a_post: Scalar,
@@ -150,12 +152,13 @@ def mhc_boundary(H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, phi: Tensor,
     Fused on CUDA when the extension is built (forward: one pass over a 16-token tile
     of H and y; backward: one pass over the tile for 16-bit H with n <= 4 and d >= 32,
     then the dphi pass over H'; the unfused ops' kernels otherwise); the oracle
-    otherwise, and for float64 parameters with lower-precision H.
+    otherwise, and for float64 parameters with lower-precision H. First derivatives only,
+    on every path (crosslayer.ref.mhc_boundary differentiates to any order).
     """
     validate_mhc_boundary(H, y, alpha, beta, phi, a_pre, a_post, a_res, b, iters)
     scalars = [v for v in (a_pre, a_post, a_res) if isinstance(v, Tensor)]
     if not fusable(H, y, alpha, beta, phi, b, *scalars):
-        return ref.mhc_boundary(H, y, alpha, beta, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters,
-                                sinkhorn_eps)
+        return oracle_first_order("mhc_boundary", ref.mhc_boundary, H, y, alpha, beta, phi, a_pre, a_post, a_res,
+                                  b, eps, pre_eps, post_mult, iters, sinkhorn_eps)
     a = [scalar_tensor(v, acc_dtype(H.dtype), H.device) for v in (a_pre, a_post, a_res)]
     return mhc_boundary_op(H, y, alpha, beta, phi, *a, b, eps, pre_eps, post_mult, iters, sinkhorn_eps)[:4]

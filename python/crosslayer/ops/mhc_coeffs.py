@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from crosslayer import ref
+from crosslayer._autograd import first_order_backward, no_double_backward_message, oracle_first_order
 from crosslayer._checks import acc_dtype
 from crosslayer._extension import kernels_for
 from crosslayer.ops._common import Scalar, fusable, scalar_tensor
@@ -166,6 +167,9 @@ def _mhc_setup(ctx, inputs, output) -> None:
     ctx.floats = (eps, pre_eps, post_mult, iters, sinkhorn_eps)
 
 
+# mhc_coeffs_bwd mutates dH, so it cannot take an autograd formula (torch.library refuses one
+# on a non-functional schema): its callers' backward refuses second derivatives instead.
+@first_order_backward(no_double_backward_message("mhc_coeffs"), connect_saved=True)
 def _mhc_backward(ctx, dalpha, dbeta, du, dr):
     H, phi, a_pre, a_post, a_res, b, u, r = ctx.saved_tensors
     dH = torch.empty_like(H)
@@ -196,6 +200,7 @@ class _MhcPreForPost(torch.autograd.Function):
         return x, alpha, beta, H
 
     @staticmethod
+    @first_order_backward(no_double_backward_message("mhc_pre_for_post", "mhc_coeffs"), connect_saved=True)
     def backward(ctx, dx, dalpha, dbeta, dH_post):
         H, phi, a_pre, a_post, a_res, b, u, r = ctx.saved_tensors
         accumulate = dH_post is not None
@@ -221,13 +226,14 @@ def mhc_coeffs(H: Tensor, phi: Tensor, a_pre: Scalar, a_post: Scalar, a_res: Sca
     Fused on CUDA when the extension is built (forward: the projection and sum of
     squares in one pass over H, then gates and Sinkhorn in registers; backward: the exact
     Sinkhorn backward, dH and dphi in one pass over H); the oracle otherwise, and for
-    float64 parameters with lower-precision H.
+    float64 parameters with lower-precision H. First derivatives only, on every path
+    (crosslayer.ref.mhc_coeffs differentiates to any order).
     """
     validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters)
     scalars = [v for v in (a_pre, a_post, a_res) if isinstance(v, Tensor)]
     if not fusable(H, phi, b, *scalars):
-        return ref.mhc_coeffs(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters,
-                              sinkhorn_eps)
+        return oracle_first_order("mhc_coeffs", ref.mhc_coeffs, H, phi, a_pre, a_post, a_res, b, eps, pre_eps,
+                                  post_mult, iters, sinkhorn_eps)
     a = [scalar_tensor(v, acc_dtype(H.dtype), H.device) for v in (a_pre, a_post, a_res)]
     alpha, beta, _, _ = mhc_coeffs_op(H, phi, *a, b, eps, pre_eps, post_mult, iters, sinkhorn_eps)
     return alpha, beta
@@ -244,8 +250,8 @@ def mhc_pre_for_post(H: Tensor, phi: Tensor, a_pre: Scalar, a_post: Scalar, a_re
     validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters)
     scalars = [v for v in (a_pre, a_post, a_res) if isinstance(v, Tensor)]
     if not fusable(H, phi, b, *scalars):
-        alpha, beta = ref.mhc_coeffs(H, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters,
-                                     sinkhorn_eps)
+        alpha, beta = oracle_first_order("mhc_pre_for_post", ref.mhc_coeffs, H, phi, a_pre, a_post, a_res, b, eps,
+                                         pre_eps, post_mult, iters, sinkhorn_eps, oracle="mhc_coeffs")
         return stream_mix(H, alpha[..., 0]), alpha, beta, H
     a = [scalar_tensor(v, acc_dtype(H.dtype), H.device) for v in (a_pre, a_post, a_res)]
     return _MhcPreForPost.apply(H, phi, *a, b, eps, pre_eps, post_mult, iters, sinkhorn_eps)

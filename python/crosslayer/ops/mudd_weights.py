@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from crosslayer import ref
+from crosslayer._autograd import oracle_first_order, refusing_backward
 from crosslayer._checks import acc_dtype
 from crosslayer._extension import kernels_for
 from crosslayer.ops._common import fusable
@@ -115,6 +116,7 @@ def _mudd_weights_backward(ctx, dA, du, dr):
 
 
 mudd_weights_op.register_autograd(_mudd_weights_backward, setup_context=_mudd_weights_setup)
+mudd_weights_bwd_op.register_autograd(refusing_backward("mudd_weights", "mudd_weights_bwd"))  # first order only
 
 
 def mudd_weights(x: Tensor, W1: Tensor, W2: Tensor, bias: Tensor, n_ways: int, eps: float = 1e-6,
@@ -132,11 +134,12 @@ def mudd_weights(x: Tensor, W1: Tensor, W2: Tensor, bias: Tensor, n_ways: int, e
 
     Fused on CUDA when the extension is built (bf16/fp16 x: tensor-core kernels with W1
     split into 16-bit hi + lo parts; fp32/fp64 x: at::mm for the projections); the
-    oracle otherwise, and for float64 parameters with lower-precision x.
+    oracle otherwise, and for float64 parameters with lower-precision x. First derivatives
+    only, on every path (crosslayer.ref.mudd_weights differentiates to any order).
     """
     validate_mudd_weights(x, W1, W2, bias, n_ways)
     check_approximate(approximate)
     if not (fusable(x, W1, W2, bias) and x.shape[-1] >= 1 and W1.shape[1] >= 1):
-        return ref.mudd_weights(x, W1, W2, bias, n_ways, eps, approximate)
+        return oracle_first_order("mudd_weights", ref.mudd_weights, x, W1, W2, bias, n_ways, eps, approximate)
     A, _, _ = mudd_weights_op(x, W1, W2, bias, n_ways, eps, approximate)
     return A

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from crosslayer import ref
+from crosslayer._autograd import first_order_backward, no_double_backward_message, oracle_first_order, refusing_backward
 from crosslayer._checks import acc_dtype
 from crosslayer._extension import kernels_for
 from crosslayer.ops._common import fusable, lead_d
@@ -100,11 +101,16 @@ def _stream_mix_grads(ctx, dx: Optional[Tensor], dH: Optional[Tensor]):
     return dH, dw.to(w.dtype)
 
 
+# stream_mix_bwd mutates dH, so it cannot take an autograd formula (torch.library refuses one
+# on a non-functional schema): its callers' backward refuses second derivatives instead.
+@first_order_backward(no_double_backward_message("stream_mix"), connect_saved=True)
 def _stream_mix_backward(ctx, dx: Optional[Tensor]):
     return _stream_mix_grads(ctx, dx, None)
 
 
 stream_mix_op.register_autograd(_stream_mix_backward, setup_context=_stream_mix_setup)
+# The mHC pre's backward runs stream_mix_dots: first order only, like every backward op.
+stream_mix_dots_op.register_autograd(refusing_backward("stream_mix", "stream_mix_dots"))
 
 
 class _StreamMixForPost(torch.autograd.Function):
@@ -119,6 +125,7 @@ class _StreamMixForPost(torch.autograd.Function):
         return x, H
 
     @staticmethod
+    @first_order_backward(no_double_backward_message("stream_mix_for_post", "stream_mix"), connect_saved=True)
     def backward(ctx, dx, dH_post):
         return _stream_mix_grads(ctx, dx, dH_post)
 
@@ -132,11 +139,12 @@ def stream_mix(H: Tensor, w: Tensor) -> Tensor:
     returns x: (..., d)              dtype of H, contiguous
 
     Computed in float32 (float64 for float64 H). Fused on CUDA when the extension is
-    built; the oracle otherwise.
+    built; the oracle otherwise. First derivatives only, on every path
+    (crosslayer.ref.stream_mix differentiates to any order).
     """
     validate_stream_mix(H, w)
     if not fusable(H, w):
-        return ref.stream_mix(H, w)
+        return oracle_first_order("stream_mix", ref.stream_mix, H, w)
     return stream_mix_op(H, w)
 
 
@@ -147,5 +155,5 @@ def stream_mix_for_post(H: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
     autograd sums the two. Arguments and x as in `stream_mix`."""
     validate_stream_mix(H, w)
     if not fusable(H, w):
-        return ref.stream_mix(H, w), H
+        return oracle_first_order("stream_mix_for_post", ref.stream_mix, H, w, oracle="stream_mix"), H
     return _StreamMixForPost.apply(H, w)
