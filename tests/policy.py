@@ -19,8 +19,20 @@ FLOOR = {
 }
 
 
+# Floors relative to the magnitude of the terms a sum adds (the `scale` of a sum that
+# cancels): a few units in the last place of the accumulator.
+TERMS_FLOOR = {
+    torch.float64: 1e-14,
+    torch.float32: 1e-6,
+}
+
+
 def assert_policy(name: str, out: torch.Tensor, ref_lowp: torch.Tensor, ref64: torch.Tensor,
-                  floor: float | None = None) -> None:
+                  floor: float | None = None, scale: float | None = None) -> None:
+    """`scale`: what the floor is relative to, max(1, max |ref64|) by default. For an
+    output that is a sum whose terms cancel, give the largest sum of |terms| (with a
+    TERMS_FLOOR): rounding errors scale with the terms, not with what is left of them,
+    and two correct associations of the same sum differ by that much."""
     assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
     assert out.dtype == ref_lowp.dtype, f"{name}: dtype {out.dtype} != oracle's {ref_lowp.dtype}"
     nan = torch.isnan(out)
@@ -30,7 +42,7 @@ def assert_policy(name: str, out: torch.Tensor, ref_lowp: torch.Tensor, ref64: t
     out64, low64 = out.double(), ref_lowp.double()
     err = (out64 - ref64).abs()
     ref_err = (low64 - ref64).abs().max().item()
-    scale = max(1.0, ref64.abs().max().item())
+    scale = max(1.0, ref64.abs().max().item()) if scale is None else scale
     floor = FLOOR[out.dtype] if floor is None else floor
     bound = 2.0 * ref_err + floor * scale
     worst = err.max().item()
