@@ -40,8 +40,8 @@
 //                 <Y_n, S_j>, each reduced a batch of slots at a time by one
 //                 reduce-scatter (4 values a slot) into per-warp partials in smem;
 //             (2) after a barrier, dA from the partials (warp order), k_n; per chunk,
-//                 dY_n from the stash and dOut (re-read: an L2 hit) written over Y_n in
-//                 the stash, dS written (or accumulated) a batch of slots at a time.
+//                 dY from the stash and dOut (re-read: an L2 hit), dS written (or
+//                 accumulated) a batch of slots at a time.
 // Every slot loop issues the loads of kSlotBatch slots (phases/slot_tile.cuh) before it
 // uses any: four 16-byte loads in flight per thread and stream.
 // The stage is [l][rows·threads_x] chunks (l·16 B a thread: 100 KB a block at l = 25);
@@ -480,12 +480,9 @@ __device__ __forceinline__ void qkv_norm_bwd_da(const DepthAggregateQkvNormParam
 }
 
 // Backward, dS of one chunk [e, e + kVec) of token t: dY_n = r_n·g_n·dOut_n − k_n·Y_n
-// (Y_n from the stash, dOut re-read: an L2 hit) written over Y_n in the stash (this
-// thread's own entries), dY_3 = dOut_3 kept as loaded; then dS_j (=, or += with
-// kAccumulate) Σ_c A[t, c, j]·dY_c for slot_batch<kWhole>() slots at a time, their dS
-// loads issued before any is used and dY_n read back from the stash once a batch (the
-// batch's dS accumulators and dY held in registers at once would not fit 128).
-// kWhole as in load_chunk_as.
+// (Y_n from the stash, dOut re-read: an L2 hit), dY_3 = dOut_3; dS_j (=, or += with
+// kAccumulate) Σ_c A[t, c, j]·dY_c, slot_batch<kWhole>() slots' dS loads issued before
+// any is used. kWhole as in load_chunk_as.
 template <typename T, int kVec, bool kWhole, bool kAccumulate>
 __device__ __forceinline__ void qkv_norm_bwd_ds_chunk(const DepthAggregateQkvNormParams& p,
                                                       const QkvNormRow<acc_t<T>>& row,
@@ -494,62 +491,48 @@ __device__ __forceinline__ void qkv_norm_bwd_ds_chunk(const DepthAggregateQkvNor
                                                       const acc_t<T> (&kn)[kDepthAggregateQkvNormNormed]) {
   using acc = acc_t<T>;
   constexpr int kWays = kDepthAggregateQkvNormWays;
-  constexpr int kNormed = kDepthAggregateQkvNormNormed;
   constexpr int kBatch = slot_batch<kWhole>();
   const int l = p.n_slots;
   const int64_t d = p.d;
   const acc* __restrict__ g = static_cast<const acc*>(p.g_ptr);
   const T* __restrict__ do_tok = static_cast<const T*>(p.dout_ptr) + t * p.dout_token_stride;
   T* __restrict__ ds_tok = static_cast<T*>(p.ds_ptr) + t * p.ds_token_stride;
-  const Vec<T, kVec> go_raw = load_chunk_as<T, kVec, kWhole>(do_tok + kNormed * p.dout_way_stride, e, d);
+  acc dy[kWays][kVec];
 #pragma unroll
-  for (int c = 0; c < kNormed; ++c) {
+  for (int c = 0; c < kWays; ++c) {
     const Vec<T, kVec> go = load_chunk_as<T, kVec, kWhole>(do_tok + c * p.dout_way_stride, e, d);
-    const Vec<acc, kVec> gv = *reinterpret_cast<const Vec<acc, kVec>*>(g + c * p.ld + e);
-    Vec<acc, kVec>& ys = vec_at<acc, kVec>(row.stash, c * p.ld + e);
-    Vec<acc, kVec> dy = ys;
+    if (c < kDepthAggregateQkvNormNormed) {
+      const Vec<acc, kVec> gv = *reinterpret_cast<const Vec<acc, kVec>*>(g + c * p.ld + e);
+      const Vec<acc, kVec> y = vec_at<acc, kVec>(row.stash, c * p.ld + e);
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) dy.v[k] = r[c] * gv.v[k] * to_acc(go.v[k]) - kn[c] * dy.v[k];
-    ys = dy;
-  }
-  for (int j0 = 0; j0 < l; j0 += kBatch) {
-    acc ds[kBatch][kVec];
-    if constexpr (kAccumulate) {
-      Vec<T, kVec> prior[kBatch];
-      slot_batch_load<T, kVec, kWhole>(ds_tok, p.ds_slot_stride, j0, l, e, d, prior);
-#pragma unroll
-      for (int b = 0; b < kBatch; ++b) {
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) ds[b][k] = to_acc(prior[b].v[k]);
-      }
+      for (int k = 0; k < kVec; ++k) dy[c][k] = r[c] * gv.v[k] * to_acc(go.v[k]) - kn[c] * y.v[k];
     } else {
 #pragma unroll
-      for (int b = 0; b < kBatch; ++b) {
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) ds[b][k] = acc(0);
-      }
+      for (int k = 0; k < kVec; ++k) dy[c][k] = to_acc(go.v[k]);
     }
+  }
+  for (int j0 = 0; j0 < l; j0 += kBatch) {
+    Vec<T, kVec> prior[kBatch];
+    if constexpr (kAccumulate) {
+      slot_batch_load<T, kVec, kWhole>(ds_tok, p.ds_slot_stride, j0, l, e, d, prior);
+    } else {
 #pragma unroll
-    for (int c = 0; c < kWays; ++c) {
-      acc dy[kVec];
-      if (c < kNormed) {
-        const Vec<acc, kVec> dyv = vec_at<acc, kVec>(row.stash, c * p.ld + e);
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) dy[k] = dyv.v[k];
-      } else {
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) dy[k] = to_acc(go_raw.v[k]);
-      }
-#pragma unroll
-      for (int b = 0; b < kBatch; ++b) {
-        const acc w = (j0 + b < l) ? a_row[c * l + j0 + b] : acc(0);
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) ds[b][k] += w * dy[k];
-      }
+      for (int b = 0; b < kBatch; ++b) prior[b] = Vec<T, kVec>{};
     }
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
-      if (j0 + b < l) store_chunk_as<T, kVec, kWhole>(ds_tok + (j0 + b) * p.ds_slot_stride, e, d, ds[b]);
+      if (j0 + b < l) {
+        acc ds[kVec];
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) ds[k] = to_acc(prior[b].v[k]);
+#pragma unroll
+        for (int c = 0; c < kWays; ++c) {
+          const acc w = a_row[c * l + j0 + b];
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) ds[k] += w * dy[c][k];
+        }
+        store_chunk_as<T, kVec, kWhole>(ds_tok + (j0 + b) * p.ds_slot_stride, e, d, ds);
+      }
     }
   }
 }
