@@ -45,7 +45,7 @@
 // Every slot loop issues the loads of kSlotBatch slots (phases/slot_tile.cuh) before it
 // uses any: four 16-byte loads in flight per thread and stream.
 // The stage is [l][rows·threads_x] chunks (l·16 B a thread: 100 KB a block at l = 25);
-// the launcher stages the slots only while 2 blocks still fit an SM (so up to l ≈ 27
+// the launcher stages the slots only while 2 blocks still fit an SM (so up to l = 26
 // with 256 threads), with the row buffers moved to global workspaces first if that
 // makes room.
 // The backward's chunk loop is warp-uniform (every lane reaches the shuffles); lanes
