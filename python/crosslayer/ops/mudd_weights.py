@@ -102,6 +102,9 @@ def _mudd_weights_setup(ctx, inputs, output) -> None:
     x, W1, W2, bias, n_ways, eps, approximate = inputs
     _, u, r = output
     ctx.mark_non_differentiable(u, r)
+    # u and r only carry the forward's work to the backward: no zero gradients are
+    # materialised for them (two fill launches a call); dA may then be None too.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, W1, W2, bias, u, r)
     ctx.n_ways, ctx.eps, ctx.approximate = n_ways, eps, approximate
 
