@@ -95,6 +95,8 @@ DepthAggregateQkvNormLaunch depth_aggregate_qkv_norm_block(int64_t N, int64_t d,
                                                 static_cast<int>(sizeof(acc))).total *
            static_cast<int64_t>(sizeof(acc));
   };
+  b.stage_slots = false;
+  b.bufs_in_smem = true;
   if (backward) {
     constexpr int64_t kReservedPerBlock = 1024;  // taken by the driver from every block
     const int64_t per_block =
@@ -104,17 +106,15 @@ DepthAggregateQkvNormLaunch depth_aggregate_qkv_norm_block(int64_t N, int64_t d,
       if (bytes(b.rows, in_smem, true) <= per_block) {
         b.bufs_in_smem = in_smem;
         b.stage_slots = true;
-        b.smem_bytes = static_cast<int>(bytes(b.rows, in_smem, true));
-        b.grid = (N + b.rows - 1) / b.rows;
-        return b;
+        break;
       }
     }
   }
-  b.stage_slots = false;
-  b.bufs_in_smem = true;
-  while (b.rows > 1 && bytes(b.rows, true, false) > optin) --b.rows;
-  if (bytes(b.rows, true, false) > optin) b.bufs_in_smem = false;  // rows == 1 here
-  const int64_t total = bytes(b.rows, b.bufs_in_smem, false);
+  if (!b.stage_slots) {
+    while (b.rows > 1 && bytes(b.rows, true, false) > optin) --b.rows;
+    if (bytes(b.rows, true, false) > optin) b.bufs_in_smem = false;  // rows == 1 here
+  }
+  const int64_t total = bytes(b.rows, b.bufs_in_smem, b.stage_slots);
   TORCH_CHECK(total <= optin, "depth_aggregate_qkv_norm: needs ", total,
               " bytes of shared memory, the device allows ", optin);
   b.smem_bytes = static_cast<int>(total);

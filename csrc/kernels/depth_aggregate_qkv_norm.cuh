@@ -202,6 +202,10 @@ __device__ __forceinline__ QkvNormRow<acc_t<T>> qkv_norm_row(const DepthAggregat
   return r;
 }
 
+// Entries between one slot's and the next in a thread's stage (the stage is
+// [l][rows·threads_x]).
+__device__ __forceinline__ int64_t qkv_norm_stage_stride() { return static_cast<int64_t>(blockDim.x) * blockDim.y; }
+
 // Block-wide, between two barriers (the first: the previous tile's readers are done):
 // the weight tile of tokens t0.. staged in a_s and, in the backward, every row's P/Q
 // partials zeroed.
@@ -337,7 +341,7 @@ __device__ __forceinline__ void qkv_norm_bwd_slot_dots(const DepthAggregateQkvNo
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const Vec<T, kVec>* __restrict__ stage = static_cast<const Vec<T, kVec>*>(row.stage);
-  const int64_t stage_stride = static_cast<int64_t>(blockDim.x) * blockDim.y;
+  const int64_t stage_stride = qkv_norm_stage_stride();
   for (int j0 = 0; j0 < l; j0 += kBatch) {
     Vec<T, kVec> sb[kBatch];
     if constexpr (kStage) {
@@ -396,7 +400,7 @@ __device__ __forceinline__ void qkv_norm_bwd_dots_chunk(const DepthAggregateQkvN
     if (in_row) {
       slot_aggregate_as<T, kVec, kNormed, kWhole>(s_tok, p.s_slot_stride, a_row, l, e, d, y,
                                                   kStage ? static_cast<Vec<T, kVec>*>(row.stage) : nullptr,
-                                                  static_cast<int64_t>(blockDim.x) * blockDim.y);
+                                                  qkv_norm_stage_stride());
     }
 #pragma unroll
     for (int c = 0; c < kWays; ++c) {
