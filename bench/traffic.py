@@ -5,7 +5,7 @@
 No GPU needed: every call runs the ops' CUDA code path on the emulator (tools/cuemu,
 the launchers and kernels compiled for the CPU) with the traffic counter on
 (tools/cuemu/count.py): every kernel's global loads and stores, sector by sector, and
-every ATen op and library call around the kernels (launchers, custom ops, autograd).
+every ATen op around the kernels (launchers, custom ops, autograd).
 
 Napkin math (DESIGN.md "Traffic floors"): a DHC sublayer forward+backward at bf16,
 n = 4, d = 2048 must move at least (9n + 5)·d·2 B = 168 KB per token: 2.75 GB at
@@ -32,7 +32,7 @@ launches remove.
 
 Output: a table per row (fwd, fwd+bwd) with the floor and ratio, then per kernel the
 sectors per request (loads and stores) against the ideal for its access width; with -v
-every kernel launch, ATen op and library call with its bytes and the tensors it touches.
+every kernel launch and ATen op with its bytes and the tensors it touches.
 CSV (--csv): op, mode, d, n, l, dtype, bytes_per_token, floor_bytes_per_token, ratio,
 launches, plus fixed_bytes, bytes_per_token_N<k>, kernel_bytes_per_token,
 aten_bytes_per_token, predicted_h100_us, git_commit.

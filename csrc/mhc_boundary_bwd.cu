@@ -93,13 +93,14 @@ std::vector<at::Tensor> mhc_boundary_bwd(const std::optional<at::Tensor>& dH_nex
   const at::Tensor b_ = b.to(at::kFloat).contiguous();
   const at::Tensor u = u_in.to(at::kFloat).contiguous();
   const at::Tensor r = r_in.to(at::kFloat).contiguous();
-  const at::Tensor phi_ = phi.to(at::kFloat).contiguous();
+  const RowsLd4 phi_ = fp32_rows_ld4(phi);
   const at::Tensor dalpha_ = dalpha_next ? dalpha_next->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor dbeta_ = dbeta_next ? dbeta_next->to(at::kFloat).contiguous() : at::Tensor();
   p.b_ptr = b_.data_ptr();
   p.u_ptr = const_cast<void*>(u.data_ptr());
   p.r_ptr = const_cast<void*>(r.data_ptr());
-  p.phi_ptr = phi_.data_ptr<float>();
+  p.phi_ptr = phi_.t.data_ptr<float>();
+  p.phi_ld = phi_.ld;
   p.dalpha_ptr = dalpha_next ? dalpha_.data_ptr() : nullptr;
   p.dbeta_ptr = dbeta_next ? dbeta_.data_ptr() : nullptr;
   p.ldu = static_cast<int>(round_up(M, 16));
@@ -165,7 +166,7 @@ std::vector<at::Tensor> mhc_boundary_bwd(const std::optional<at::Tensor>& dH_nex
   p.dh_ptr = nullptr;
   p.dh_prior_ptr = nullptr;
   p.gx_ptr = nullptr;
-  const at::Tensor dphi = mhc_coeffs_dh_pass(p, H_next, phi_);  // phi_: already fp32, not converted again
+  const at::Tensor dphi = mhc_coeffs_dh_pass(p, H_next, phi_.t);  // phi_: already fp32 and padded, not again
   return {dH,
           dy,
           dcoef[0],

@@ -54,8 +54,6 @@
 namespace crosslayer {
 namespace {
 
-// Warps the dH launch aims to have resident per SM (bytes in flight for HBM).
-constexpr int64_t kWarpsPerSm = 16;
 // Fewest 16-token tiles a token group of the dH kernel walks (its dphi partial is
 // n·d·M fp32 written and summed again: worth it only over several tiles).
 constexpr int64_t kMinTilesPerGroup = 4;
@@ -138,7 +136,7 @@ std::vector<at::Tensor> mhc_coeffs_fwd_impl(const at::Tensor& H_in, const at::Te
       sc = fp16_split_scale(phi);
       p.proj_unscale_ptr = sc.unscale.data_ptr<float>();
     }
-    const at::Tensor phif = pack_fragments(phi, n, p.cps * 32, p.m_pad, kMmaPackProj, fp16 ? 2 : 4,
+    const at::Tensor phif = pack_fragments(phi, n, p.cps * 32, p.m_pad, fp16 ? 2 : 4,
                                            H.scalar_type(), sc.scale);
     p.phif_ptr = phif.data_ptr();
     // Tiles in flight (mhc_tile_grid): phase 3 re-reads the tile (16 tokens of H). Wide
@@ -232,18 +230,16 @@ at::Tensor mhc_coeffs_dh_pass(MhcCoeffsParams& p, const at::Tensor& H_in, const 
   const at::Tensor H = readable(H_in, 2, &p.h_tok);
   p.h_ptr = H.data_ptr();
   p.h_stream_stride = stream_stride(H);
-  const at::Tensor phi32 = phi.to(at::kFloat).contiguous();  // read as fp32 (no packing launch)
-  p.phi_ptr = phi32.data_ptr<float>();
-  // Token groups: enough warps (one chunk, one group each) for kWarpsPerSm an SM, with
-  // at least kMinTilesPerGroup tiles a group (up to 64 tokens one group: no partial
-  // sum launch at decode sizes).
+  const RowsLd4 phi32 = fp32_rows_ld4(phi);  // read as fp32 (no packing launch)
+  p.phi_ptr = phi32.t.data_ptr<float>();
+  p.phi_ld = phi32.ld;
+  // Token groups (common/mma_pack.h), at least kMinTilesPerGroup tiles a group (up to 64
+  // tokens one group: no partial sum launch at decode sizes).
   const int64_t chunks = p.cps * n;
-  const int64_t tiles = (N + 15) / 16;
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
-  p.token_groups = std::min((tiles + kMinTilesPerGroup - 1) / kMinTilesPerGroup,
-                            std::max<int64_t>(1, (sms * kWarpsPerSm + chunks - 1) / chunks));
-  p.tiles_per_group = (tiles + p.token_groups - 1) / p.token_groups;
-  p.token_groups = (tiles + p.tiles_per_group - 1) / p.tiles_per_group;
+  const TokenGroups tg = token_groups(N, chunks, sms, kMinTilesPerGroup);
+  p.token_groups = tg.groups;
+  p.tiles_per_group = tg.tiles_per_group;
   at::Tensor part = at::empty({p.token_groups, n * d, M}, H.options().dtype(at::kFloat));
   p.dphi_part_ptr = part.data_ptr();
   const bool vectorize =

@@ -7,15 +7,16 @@
 //
 // A, u and r are in the accumulator dtype (float64 for float64 x, float32 otherwise);
 // u = rms(x)·W1 and r = rsqrt(mean x² + eps) are what the backward needs, so it reads x
-// once more for dx and once for dW1 and never recomputes x·W1.
+// once more (for dx and dW1 together) and never recomputes x·W1.
 // Work split:
 //   bf16/fp16 x   forward: mudd_weights_fwd_proj_kernel (r, u on tensor cores) + head kernel;
-//                 backward: head kernel (h, g, s), mudd_weights_bwd_dx_kernel (dx), cuBLAS for
-//                 dW1 = xᵀ·g (x as stored, g split into 16-bit hi/lo, fp32 output:
-//                 mm_f32_split in common/mma_pack.h) and dW2 = hᵀ·dA, at::sum for dbias.
+//                 backward: head kernel (h, g, s), mudd_weights_bwd_dx_kernel (dx and the
+//                 dW1 partials of token groups, in one pass over x), at::sum of the
+//                 partials, cuBLAS for dW2 = hᵀ·dA, at::sum for dbias.
 //   fp32/fp64 x   (correctness dtypes), and 16-bit x with d < 32: x·W1, g·W1ᵀ and xᵀ·g by
 //                 at::mm in the accumulator dtype, the head kernels as above.
-// Every reduction over tokens is a cuBLAS GEMM or at::sum: deterministic. Every launch
+// Every reduction over tokens is a fixed-order sum (in-kernel over a group's tiles, then
+// at::sum over groups), a cuBLAS GEMM or at::sum: deterministic. Every launch
 // runs on the current stream and is followed by a launch check; no host syncs.
 
 #include <c10/cuda/CUDAException.h>
@@ -119,6 +120,43 @@ MuddWeightsParams mudd_weights_params(const MuddShape& sh, bool tanh_gelu) {
   return p;
 }
 
+// dx (=, through writable / copy_back) and dW1 for bf16/fp16 x from the head's g and s
+// (p's g_ptr, s_ptr, ldg): mudd_weights_bwd_dx_kernel over token groups of at least
+// K tiles (a group's dW1 partial, d·K fp32 written and read again, then costs at most a
+// quarter of its x reads: 8·d·K B against 32·d B a tile), the partials summed in group
+// order (one group: the partial itself). Returns dW1 (d, K) fp32.
+at::Tensor mudd_weights_dx_pass(MuddWeightsParams& p, const MuddShape& sh, const at::Tensor& x_in,
+                                const at::Tensor& W1, at::Tensor& dx) {
+  const int device = x_in.device().index();
+  const at::Tensor x = readable(x_in, 1, &p.x_tok);
+  at::Tensor dx_k = writable(dx, 1, &p.dx_tok);
+  const RowsLd4 w1 = fp32_rows_ld4(W1);  // read as fp32: no packing launch
+  p.x_ptr = x.data_ptr();
+  p.dx_ptr = dx_k.data_ptr();
+  p.w1_ptr = w1.t.data_ptr<float>();
+  p.w1_ld = w1.ld;
+  const int64_t chunks = (sh.d + 31) / 32;
+  p.dw1_passes = static_cast<int>((sh.K + 8 * kMuddWeightsDw1Tiles - 1) / (8 * kMuddWeightsDw1Tiles));
+  const int64_t units = chunks * p.dw1_passes;  // warps a token group
+  const TokenGroups tg = token_groups(sh.N, units, device_attribute(cudaDevAttrMultiProcessorCount, device),
+                                      std::max<int64_t>(4, sh.K));
+  p.token_groups = tg.groups;
+  p.tiles_per_group = tg.tiles_per_group;
+  at::Tensor part = at::empty({tg.groups, sh.d, sh.K}, x.options().dtype(at::kFloat));
+  p.dw1_part_ptr = part.data_ptr<float>();
+  const bool vectorize = vec_ok(p.x_ptr, p.x_tok, 0, 8) && vec_ok(p.dx_ptr, p.dx_tok, 0, 8);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const int64_t blocks = (units * tg.groups + kMuddWeightsWarps - 1) / kMuddWeightsWarps;
+  const int smem = kMuddWeightsWarps * (bf16 ? kMmaXtStageElems<__nv_bfloat16> : kMmaXtStageElems<__half>) *
+                   static_cast<int>(sizeof(__nv_bfloat16));
+  CL_BOOL_SWITCH(vectorize, kVec, [&] {
+    launch(bf16 ? mudd_weights_bwd_dx_kernel<__nv_bfloat16, kVec> : mudd_weights_bwd_dx_kernel<__half, kVec>,
+           dim3(static_cast<unsigned>(blocks)), dim3(kMuddWeightsThreads), smem, p);
+  });
+  copy_back(dx, dx_k);
+  return tg.groups == 1 ? part[0] : part.sum(0);
+}
+
 }  // namespace
 
 std::vector<at::Tensor> mudd_weights_fwd(const at::Tensor& x_in, const at::Tensor& W1, const at::Tensor& W2,
@@ -154,7 +192,7 @@ std::vector<at::Tensor> mudd_weights_fwd(const at::Tensor& x_in, const at::Tenso
       sc = fp16_split_scale(W1);
       p.w1f_unscale_ptr = sc.unscale.data_ptr<float>();
     }
-    const at::Tensor w1f = pack_fragments(W1, 1, round_up(sh.d, 32), p.k_pad, kMmaPackProj, 2, x.scalar_type(),
+    const at::Tensor w1f = pack_fragments(W1, 1, round_up(sh.d, 32), p.k_pad, 2, x.scalar_type(),
                                           sc.scale);
     p.x_ptr = x.data_ptr();
     p.w1f_ptr = w1f.data_ptr();
@@ -222,25 +260,7 @@ std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tens
   const at::Tensor gK = g.narrow(1, 0, sh.K);
   at::Tensor dW1;
   if (use_mma(x_in, device)) {
-    const at::Tensor x2 = x_in.reshape({sh.N, sh.d});
-    // dW1 = xᵀ·g with x as stored and g as 16-bit hi + lo (fp16: scaled) in one GEMM.
-    dW1 = mm_f32_split(x2.t(), gK);
-    const at::ScalarType part = x_in.scalar_type();
-
-    const at::Tensor w1b = pack_fragments(W1, 1, round_up(W1.size(0), 32), ldg, kMmaPackDx, 2, at::kBFloat16,
-                                          at::Tensor());
-    at::Tensor dx_k = writable(dx, 1, &p.dx_tok);
-    const at::Tensor x = readable(x_in, 1, &p.x_tok);
-    p.x_ptr = x.data_ptr();
-    p.dx_ptr = dx_k.data_ptr();
-    p.w1b_ptr = w1b.data_ptr();
-    const bool vectorize = vec_ok(p.x_ptr, p.x_tok, 0, 8) && vec_ok(p.dx_ptr, p.dx_tok, 0, 8);
-    CL_BOOL_SWITCH(vectorize, kVec, [&] {
-      launch(part == at::kBFloat16 ? mudd_weights_bwd_dx_kernel<__nv_bfloat16, kVec>
-                                   : mudd_weights_bwd_dx_kernel<__half, kVec>,
-             token_tile_grid(sh.N), dim3(kMuddWeightsThreads), 0, p);
-    });
-    copy_back(dx, dx_k);
+    dW1 = mudd_weights_dx_pass(p, sh, x_in, W1, dx);
   } else {
     // dx in the oracle's form r·(dxn − xn·mean(dxn·xn)), not g·W1ᵀ − s·x: at d = 1 the
     // two terms cancel to O(eps), and only the oracle's form keeps their rounding

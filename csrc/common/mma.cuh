@@ -1,8 +1,9 @@
 // Tensor-core (mma.sync m16n8k16, 16-bit inputs, fp32 accumulators, sm_80+) primitives of
 // the torch-free kernels: the instruction, 16-bit row loads as fragment words, the bf16
 // hi/lo split of fp32 operands, and the warp tiles shared by the projection kernels
-// (X·W: mudd_weights' proj, mhc_coeffs' proj) and the G·Wᵀ − s·X kernels (mudd_weights'
-// dx, mhc_coeffs' dh). The host side (packing W into fragments) is common/mma_pack.h.
+// (X·W: mudd_weights' proj, mhc_coeffs' proj) and the backward kernels' G·Wᵀ − s·X and
+// Xᵀ·G tiles (mudd_weights' dx, mhc_coeffs' dh). The host side (packing the projections'
+// W into fragments) is common/mma_pack.h.
 //
 // Fragment layout (PTX ISA, mma.m16n8k16, row.col): lane = 4·grp + tig;
 //   A (16×16): a0 = (row grp, k 2tig..+1), a1 = (row grp+8, same k),
@@ -10,7 +11,7 @@
 //   B (16×8):  b0 = (k 2tig..+1, col grp), b1 = (k 2tig+8..+9, col grp)
 //   C (16×8):  c0, c1 = (row grp, cols 2tig..+1), c2, c3 = (row grp+8, same cols)
 // The order of the reduction index inside a k-step and of the columns inside a tile
-// is free as long as both operands agree; the launchers pack W to match these maps:
+// is free as long as both operands agree; the operands are laid out to these maps:
 //   proj: A = x rows (16 tokens of a warp). A 32-feature chunk, thread (grp, tig)
 //         loads features 8tig..8tig+7 of rows grp and grp+8 as one 16-byte vector
 //         each (words w0..w3); k-step s of the chunk uses a0 = w[2s], a2 = w[2s+1], so
@@ -21,8 +22,8 @@
 //         Output chunk of 32 features, n-tile j: logical col n is feature
 //         32c + 8(n/2) + 2j + n%2, so thread (grp, tig) ends with features
 //         32c + 8tig .. +7 of rows grp and grp+8: 16-byte x loads and dx stores.
-//         Wb (packed): [chunk][ks][j][lane] × uint4 {hi b0, hi b1, lo b0, lo b1}
-//         with b0 = W[feature(grp), 16ks+2tig+{0,1}], b1 = W[feature(grp), ...+8].
+//         W is read as fp32 (mma_chunk_g_w32, which permutes the k order so that G
+//         and W are float4 loads), split into bf16 hi + lo in registers.
 //
 //   Xᵀ·G (mma_xt_g_tile): A = Xᵀ of a 16-token tile (rows = the chunk's features, k =
 //         tokens), staged transposed through the warp's shared memory; B = G's rows of
@@ -177,79 +178,45 @@ __device__ __forceinline__ void mma_proj_chunk(float (&acc)[kTiles][4], const ui
   }
 }
 
-// One 32-feature output chunk c of G·Wᵀ for a warp's 16 rows: this thread's rows a
-// and b (rows grp and grp + 8 of the m16n8k16 tile; va / vb false past the last
-// token: zeros) of the fp32 matrix G (row pointers ga, gb; ksteps·16 columns), times
-// the packed bf16 W (uint4 per lane: {hi.b0, hi.b1, lo.b0, lo.b1}, laid out
-// [chunk][kstep][tile][lane]). G is split into bf16 hi + lo here; a tile gets
-// G_hi·W_hi + G_lo·W_hi + G_hi·W_lo (G_lo·W_lo, 2^-16 relative, is dropped).
-// acc[j] = the C fragment of output tile j (8 features), overwritten (=).
-template <int kTiles>
-__device__ __forceinline__ void mma_chunk_g_wt(float (&acc)[kTiles][4], const float* __restrict__ ga,
-                                               const float* __restrict__ gb, bool va, bool vb,
-                                               const uint4* __restrict__ W, int64_t c, int ksteps,
-                                               int tig, int lane) {
-  mma_zero(acc);
-  for (int ks = 0; ks < ksteps; ++ks) {
-    const int k = ks * 16 + tig * 2;
-    const float2 g0 = va ? __ldg(reinterpret_cast<const float2*>(ga + k)) : make_float2(0.f, 0.f);
-    const float2 g1 = vb ? __ldg(reinterpret_cast<const float2*>(gb + k)) : make_float2(0.f, 0.f);
-    const float2 g2 = va ? __ldg(reinterpret_cast<const float2*>(ga + k + 8)) : make_float2(0.f, 0.f);
-    const float2 g3 = vb ? __ldg(reinterpret_cast<const float2*>(gb + k + 8)) : make_float2(0.f, 0.f);
-    uint32_t h0, h1, h2, h3, l0, l1, l2, l3;
-    split_bf16x2(g0.x, g0.y, h0, l0);
-    split_bf16x2(g1.x, g1.y, h1, l1);
-    split_bf16x2(g2.x, g2.y, h2, l2);
-    split_bf16x2(g3.x, g3.y, h3, l3);
-    const uint4* __restrict__ wrow = W + ((c * ksteps + ks) * kTiles) * kWarpSize + lane;
-#pragma unroll
-    for (int j = 0; j < kTiles; ++j) {
-      const uint4 b = __ldg(wrow + j * kWarpSize);
-      MmaOp<__nv_bfloat16>::run(acc[j], h0, h1, h2, h3, b.x, b.y);
-      MmaOp<__nv_bfloat16>::run(acc[j], l0, l1, l2, l3, b.x, b.y);
-      MmaOp<__nv_bfloat16>::run(acc[j], h0, h1, h2, h3, b.z, b.w);
-    }
-  }
-}
-
-// mma_chunk_g_wt with W read as fp32 and split here instead of packed: W (rows, ldw)
-// row-major (rows = streams of d features; this chunk's 32 features from row0 = i·d +
-// f0, those at f0 + 0..31 >= d read as 0), columns >= cols read as 0 (element loads:
-// cols and ldw may be odd, mHC's n² + 2n for odd n). The B words are those pack_fragments' dx
-// layout holds (b0 = W[feature(grp), 16ks + 2tig + {0, 1}], b1 the same + 8, feature(grp)
-// = f0 + 8(grp / 2) + 2j + grp % 2; hi = bf16(w), lo = bf16(w − hi)), so acc gets the
-// same bits. For a kernel that needs the product once per tile of a weight that L1/L2
-// holds (no packing launch; 4 B an element read against the packed 4 B plus padding).
-// G rows are read with plain loads (they may have been written by the same kernel).
+// One 32-feature output chunk of G·Wᵀ for a warp's 16 rows: this thread's rows a and b
+// (rows grp and grp + 8 of the m16n8k16 tile; va / vb false past the last token: zeros)
+// of the fp32 matrix G (row pointers ga, gb, 16-byte aligned; ksteps·16 columns, zero
+// past W's), times W read as fp32 and split here (no packing launch): W (rows, ldw)
+// row-major, ldw a multiple of 4 and W 16-byte aligned (common/mma_pack.h,
+// fp32_rows_ld4: columns past W's own are zero); this chunk's 32 features from row0 =
+// i·d + f0, those at f0 + 0..31 >= d read as 0. The reduction order inside a k-step is
+// permuted so that every operand is one 16-byte load: logical k 2tig + {0, 1} is column
+// 16ks + 4tig + {0, 1} and 2tig + 8 + {0, 1} is 16ks + 4tig + {2, 3}, in G and W alike
+// (a0 / a2 from ga's float4, b0 / b1 from W[feature(grp), 16ks + 4tig .. + 3], feature(grp)
+// = f0 + 8(grp / 2) + 2j + grp % 2: 64 contiguous bytes a row a request). G and W are
+// split into bf16 hi + lo; a tile gets G_hi·W_hi + G_lo·W_hi + G_hi·W_lo (G_lo·W_lo,
+// 2^-16 relative, is dropped). acc[j] = the C fragment of output tile j (8 features),
+// overwritten (=). For kernels that need the product once per tile of a weight that
+// L1/L2 holds (4 B an element read, as packed hi + lo would be). G rows are read with
+// plain loads (they may have been written by the same kernel).
 template <int kTiles>
 __device__ __forceinline__ void mma_chunk_g_w32(float (&acc)[kTiles][4], const float* ga, const float* gb, bool va,
                                                 bool vb, const float* __restrict__ W, int64_t ldw, int64_t row0,
-                                                int64_t f0, int64_t d, int cols, int ksteps, int grp, int tig) {
+                                                int64_t f0, int64_t d, int ksteps, int grp, int tig) {
   mma_zero(acc);
+  const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int ks = 0; ks < ksteps; ++ks) {
-    const int k = ks * 16 + tig * 2;
-    const float2 g0 = va ? *reinterpret_cast<const float2*>(ga + k) : make_float2(0.f, 0.f);
-    const float2 g1 = vb ? *reinterpret_cast<const float2*>(gb + k) : make_float2(0.f, 0.f);
-    const float2 g2 = va ? *reinterpret_cast<const float2*>(ga + k + 8) : make_float2(0.f, 0.f);
-    const float2 g3 = vb ? *reinterpret_cast<const float2*>(gb + k + 8) : make_float2(0.f, 0.f);
+    const int k = ks * 16 + tig * 4;
+    const float4 g0 = va ? *reinterpret_cast<const float4*>(ga + k) : zero;
+    const float4 g1 = vb ? *reinterpret_cast<const float4*>(gb + k) : zero;
     uint32_t h0, h1, h2, h3, l0, l1, l2, l3;
     split_bf16x2(g0.x, g0.y, h0, l0);
     split_bf16x2(g1.x, g1.y, h1, l1);
-    split_bf16x2(g2.x, g2.y, h2, l2);
-    split_bf16x2(g3.x, g3.y, h3, l3);
+    split_bf16x2(g0.z, g0.w, h2, l2);
+    split_bf16x2(g1.z, g1.w, h3, l3);
 #pragma unroll
     for (int j = 0; j < kTiles; ++j) {
-      const int64_t f = f0 + 8 * (grp / 2) + 2 * j + grp % 2;
-      const float* __restrict__ wrow = W + (row0 + 8 * (grp / 2) + 2 * j + grp % 2) * ldw;
-      float w[4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int col = k + (q / 2) * 8 + q % 2;
-        w[q] = (f < d && col < cols) ? __ldg(wrow + col) : 0.f;
-      }
+      const int fo = 8 * (grp / 2) + 2 * j + grp % 2;
+      const float4 w = (f0 + fo < d && k < ldw) ? __ldg(reinterpret_cast<const float4*>(W + (row0 + fo) * ldw + k))
+                                                : zero;
       uint32_t bh0, bl0, bh1, bl1;
-      split_bf16x2(w[0], w[1], bh0, bl0);
-      split_bf16x2(w[2], w[3], bh1, bl1);
+      split_bf16x2(w.x, w.y, bh0, bl0);
+      split_bf16x2(w.z, w.w, bh1, bl1);
       MmaOp<__nv_bfloat16>::run(acc[j], h0, h1, h2, h3, bh0, bh1);
       MmaOp<__nv_bfloat16>::run(acc[j], l0, l1, l2, l3, bh0, bh1);
       MmaOp<__nv_bfloat16>::run(acc[j], h0, h1, h2, h3, bl0, bl1);
@@ -257,7 +224,7 @@ __device__ __forceinline__ void mma_chunk_g_w32(float (&acc)[kTiles][4], const f
   }
 }
 
-// Row rw (0: a, 1: b) of an mma_chunk_g_wt result minus s·x plus c·y, written to this
+// Row rw (0: a, 1: b) of an mma_chunk_g_w32 result minus s·x plus c·y, written to this
 // thread's 8 features [e, e + 8) of dst (features 8tig + 2j + {0, 1} of the chunk:
 // acc[j][2rw + q] is feature e + 2j + q) `=`, plus `prior` (null: none; it may be dst
 // itself, for `+=`) added in fp32 before the one rounding; xw: x's 8 features (load8),
@@ -283,31 +250,6 @@ __device__ __forceinline__ void store_g_wt_minus_sx(const float (&acc)[kTiles][4
     }
   }
   store8<T, kVec>(dst, e, d, *reinterpret_cast<const uint4*>(&out));
-}
-
-// The G·Wᵀ − s·X chunk loop of mudd_weights' dx kernel: for each output chunk c in
-// [c_begin, c_end), the chunk of G·Wᵀ (mma_chunk_g_wt, G rows ga / gb with ksteps·16
-// columns) minus s·X written (=) to rows a and b; `at(c, e, hs, ds)` gives the chunk's
-// first feature e of this thread and the offsets hs / ds of its X / dst rows.
-template <typename T, bool kVec, int kTiles, typename ChunkAt>
-__device__ __forceinline__ void mma_g_wt_minus_sx_rows(const MmaRows& r, const float* __restrict__ ga,
-                                                       const float* __restrict__ gb, float sa, float sb,
-                                                       const T* __restrict__ xa, const T* __restrict__ xb,
-                                                       T* __restrict__ dsta, T* __restrict__ dstb,
-                                                       const uint4* __restrict__ W, int ksteps, int64_t d,
-                                                       int64_t c_begin, int64_t c_end, ChunkAt at) {
-  for (int64_t c = c_begin; c < c_end; ++c) {
-    float acc[kTiles][4];
-    mma_chunk_g_wt<kTiles>(acc, ga, gb, r.va, r.vb, W, c, ksteps, r.tig, r.lane);
-    int64_t e, hs, ds;
-    at(c, e, hs, ds);
-    if (r.va) {
-      store_g_wt_minus_sx<T, kVec>(acc, 0, load8<T, kVec>(xa + hs, e, d), sa, nullptr, 0.f, nullptr, dsta + ds, e, d);
-    }
-    if (r.vb) {
-      store_g_wt_minus_sx<T, kVec>(acc, 1, load8<T, kVec>(xb + hs, e, d), sb, nullptr, 0.f, nullptr, dstb + ds, e, d);
-    }
-  }
 }
 
 // Shared memory a warp needs for mma_xt_g_tile<T>, in bf16 elements: the tile
@@ -381,6 +323,31 @@ __device__ __forceinline__ void mma_xt_g_tile(float (&acc)[2][kDT][4], const uin
       if (kParts == 2) {
         const uint32_t(&x1)[4] = a[kParts - 1][mt];
         MmaOp<__nv_bfloat16>::run(acc[mt][j], x1[0], x1[1], x1[2], x1[3], h0, h1);
+      }
+    }
+  }
+}
+
+// The accumulators of mma_xt_g_tile written (=) to a partial P (rows × cols, row-major
+// fp32): C row r of m-tile mt is feature f0 + 16mt + r of the chunk, stored at row
+// row0 + f0 + 16mt + r; columns col0 + 8j + 2tig + {0, 1}. Features >= d and columns
+// >= cols (padding) are skipped.
+template <int kDT>
+__device__ __forceinline__ void mma_xt_g_store(float* __restrict__ P, const float (&acc)[2][kDT][4], int64_t row0,
+                                               int64_t f0, int64_t d, int col0, int cols, int grp, int tig) {
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t f = f0 + mt * 16 + grp + 8 * h;
+      if (f >= d) continue;
+#pragma unroll
+      for (int j = 0; j < kDT; ++j) {
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const int m = col0 + 8 * j + 2 * tig + q;
+          if (m < cols) P[(row0 + f) * cols + m] = acc[mt][j][2 * h + q];
+        }
       }
     }
   }

@@ -1,37 +1,22 @@
 // Host-side (ATen) helpers of the tensor-core launchers (mudd_weights.cu, mhc_coeffs.cu):
 // packing of fp32 weights into mma.sync m16n8k16 B fragments (hi + lo 16-bit parts; the
 // element maps are documented in common/mma.cuh; pack_fragments does it in one launch of
-// kernels/mma_pack.cuh), the
-// power-of-two scaling that keeps fp16 parts normal, and the 16-bit GEMMs with fp32
-// output of the backward passes. Everything here is stream-ordered ATen work on the
+// kernels/mma_pack.cuh), the power-of-two scaling that keeps fp16 parts normal, and the
+// token groups of the backward kernels that sum Xᵀ·G over tokens in partials. Everything here is stream-ordered ATen work on the
 // operands' device: no host syncs.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "common/launch.h"
 #include "kernels/mma_pack.cuh"
 
-#ifdef CUEMU
-#include "cuemu_aten.h"  // tools/cuemu/include
-#endif
-
 namespace crosslayer {
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-
-// a·b for 16-bit a and b of one dtype with an fp32 result: exact 16-bit products summed
-// in fp32, as cuBLAS computes it (at::mm's out_dtype overload, aten::mm.dtype, which
-// exists for CUDA only; the CPU emulator tools/cuemu supplies its own).
-inline at::Tensor mm_f32_out(const at::Tensor& a, const at::Tensor& b) {
-#ifdef CUEMU
-  return ::cuemu::mm_f32_out(a, b);
-#else
-  return at::mm(a, b, at::kFloat);
-#endif
-}
 
 // Power-of-two scaling for an fp16 hi + lo split of the fp32 tensor t: 0-dim fp32
 // tensors {scale = 2^k, unscale = 2^-k} on t's device, computed there (no host sync),
@@ -53,39 +38,51 @@ inline Pow2Scale fp16_split_scale(const at::Tensor& t) {
   return {at::exp2(14.0 - e), at::exp2(e - 14.0)};
 }
 
-// a·g for a 16-bit matrix a (m, N) and an fp32 matrix g (N, n), fp32 result, on 16-bit
-// tensor cores: g is split into parts of a's dtype, g = hi + lo + rest with
-// |rest| <= 2^-16 |g| (bf16: 8 significant bits a part) or 2^-22 |g| (fp16: 11), rest
-// dropped, and one GEMM against cat(hi, lo) (N, 2n) gives a·hi and a·lo, added in fp32.
-// For fp16 a, g is scaled by fp16_split_scale(g) first (its lo would be subnormal
-// otherwise; a small gradient would lose hi too) and the sum scaled back, both exactly.
-// The products are exact in fp32; the error is the dropped rest and the fp32 sums.
-inline at::Tensor mm_f32_split(const at::Tensor& a, const at::Tensor& g) {
-  const at::ScalarType part = a.scalar_type();
-  TORCH_CHECK(part == at::kHalf || part == at::kBFloat16, "mm_f32_split: a must be 16-bit, got ", part);
-  TORCH_CHECK(g.scalar_type() == at::kFloat, "mm_f32_split: g must be float32, got ", g.scalar_type());
-  const int64_t n = g.size(1);
-  at::Tensor gs = g;
-  Pow2Scale sc;
-  if (part == at::kHalf) {
-    sc = fp16_split_scale(g);
-    gs = g * sc.scale;
+// W (rows, cols) as fp32 with a row stride `ld` that is a multiple of 4 floats, a
+// 16-byte aligned base and zeros in columns [cols, ld): what mma_chunk_g_w32 reads
+// with 16-byte loads. W itself when it already is (fp32, contiguous, cols % 4 == 0,
+// aligned), else one padded copy (a launch; the fp32 cast, if any, another).
+struct RowsLd4 {
+  at::Tensor t;
+  int64_t ld;
+};
+inline RowsLd4 fp32_rows_ld4(const at::Tensor& W) {
+  const int64_t cols = W.size(1), ld = round_up(cols, 4);
+  at::Tensor w = W.to(at::kFloat).contiguous();
+  if (ld != cols) {
+    w = at::constant_pad_nd(w, {0, ld - cols});
+  } else if (reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 != 0) {
+    w = w.clone();
   }
-  const at::Tensor hi = gs.to(part);
-  const at::Tensor lo = (gs - hi.to(at::kFloat)).to(part);
-  const at::Tensor both = mm_f32_out(a, at::cat({hi, lo}, 1));  // (m, 2n)
-  at::Tensor out = both.narrow(1, 0, n) + both.narrow(1, n, n);
-  if (part == at::kHalf) out = out * sc.unscale;
-  return out;
+  return {w, ld};
+}
+
+// Token groups of a backward kernel whose warps each own one of `chunks` feature chunks
+// of one group of consecutive 16-token tiles and write that group's Σ_t Xᵀ·G as a
+// partial (fp32, summed over the groups afterwards): enough groups that chunks × groups
+// warps give kGroupWarpsPerSm warps an SM (bytes in flight for HBM), none under
+// `min_tiles` tiles (each group's partial is written and read again: the caller sets
+// what it is worth), and the tiles spread evenly.
+constexpr int64_t kGroupWarpsPerSm = 16;
+struct TokenGroups {
+  int64_t groups, tiles_per_group;
+};
+inline TokenGroups token_groups(int64_t n_tokens, int64_t chunks, int64_t sms, int64_t min_tiles) {
+  const int64_t tiles = (n_tokens + 15) / 16;
+  int64_t groups = std::min((tiles + min_tiles - 1) / min_tiles,
+                            std::max<int64_t>(1, (sms * kGroupWarpsPerSm + chunks - 1) / chunks));
+  groups = std::max<int64_t>(groups, 1);
+  const int64_t per_group = (tiles + groups - 1) / groups;
+  return {(tiles + per_group - 1) / per_group, per_group};
 }
 
 // W (streams·d, cols) packed in one launch (kernels/mma_pack.cuh): rows padded per block
-// of d to d_pad (a multiple of 32), columns to col_pad; `layout` kMmaPackProj with
-// `parts` 2 or 4, or kMmaPackDx (parts 2, bf16); part dtype `part`; `scale` a 0-dim
+// of d to d_pad (a multiple of 32), columns to col_pad; `parts` 2 or 4 of dtype `part`
+// (the layout of mma_proj_chunk's W); `scale` a 0-dim
 // fp32 device tensor multiplying every element (fp16), or undefined. Orders: the
 // kernel's header (the element maps of common/mma.cuh).
 inline at::Tensor pack_fragments(const at::Tensor& W, int64_t streams, int64_t d_pad, int64_t col_pad,
-                                 MmaPackLayout layout, int parts, at::ScalarType part, const at::Tensor& scale) {
+                                 int parts, at::ScalarType part, const at::Tensor& scale) {
   const at::Tensor w = W.to(at::kFloat).contiguous();
   const int64_t rows = streams * d_pad;
   at::Tensor out = at::empty({rows * col_pad * parts}, W.options().dtype(part));
@@ -101,7 +98,6 @@ inline at::Tensor pack_fragments(const at::Tensor& W, int64_t streams, int64_t d
   p.total = out.numel();
   p.streams = static_cast<int>(streams);
   p.parts = parts;
-  p.layout = layout;
   const dim3 grid = cover_grid(std::min<int64_t>(p.total, int64_t{1} << 22), kMmaPackThreads);
   if (part == at::kHalf) {
     launch(mma_pack_kernel<__half>, grid, dim3(kMmaPackThreads), 0, p);

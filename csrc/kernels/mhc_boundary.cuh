@@ -227,8 +227,8 @@ __global__ void __launch_bounds__(kMhcBoundaryBwdThreads) mhc_boundary_bwd_kerne
         const int64_t f = rd * kChunks + fl;  // chunk of stream k
         if (f >= p.cps) continue;             // warp-uniform
         float acc[4][4];
-        mma_chunk_g_w32<4>(acc, DU + (va ? ta : 0) * p.ldu, DU + (vb ? tb : 0) * p.ldu, va, vb, p.phi_ptr, p.M,
-                           k * d + f * 32, f * 32, d, p.M, p.ldu / 16, grp, tig);
+        mma_chunk_g_w32<4>(acc, DU + (va ? ta : 0) * p.ldu, DU + (vb ? tb : 0) * p.ldu, va, vb, p.phi_ptr,
+                           p.phi_ld, k * d + f * 32, f * 32, d, p.ldu / 16, grp, tig);
         float* ga = g_s + grp * kRow + k * (32 * kChunks) + fl * 32 + 8 * tig;
         float* gb = ga + 8 * kRow;
 #pragma unroll

@@ -181,11 +181,13 @@ struct MhcCoeffsParams {
   TokenLayout gx_tok;
   const void* __restrict__ gx_ptr;
   void* __restrict__ w_pre_ptr;
-  // phi itself, fp32 (n·d, M) row-major: du·phiᵀ of the dH pass and of the boundary's
-  // backward (kernels/mhc_boundary.cuh) without a packing launch. The boundary's
+  // phi itself, fp32 (n·d, M) row-major with row stride phi_ld (a multiple of 4, zero
+  // padded: common/mma_pack.h's fp32_rows_ld4): du·phiᵀ of the dH pass and of the
+  // boundary's backward (kernels/mhc_boundary.cuh) without a packing launch. The boundary's
   // backward also writes the outputs of connection i's post (post_* inputs): dH through dh_tok / dh_stream_stride at dh_ptr,
   // dy (*lead, d), and the coefficient gradient rows (N, n, n+1) / (N, n), fp32.
   const float* __restrict__ phi_ptr;
+  int64_t phi_ld;
   TokenLayout dy_tok;
   void* __restrict__ dy_ptr;
   void* __restrict__ post_da_ptr;
@@ -788,7 +790,7 @@ __global__ void __launch_bounds__(kMhcCoeffsThreads) mhc_coeffs_bwd_dh_kernel(co
     if (write_dh) {
       float acc[kMhcCoeffsDhTiles][4];
       mma_chunk_g_w32<kMhcCoeffsDhTiles>(acc, DU + (va ? ta : 0) * p.ldu, DU + (vb ? tb : 0) * p.ldu, va, vb,
-                                         p.phi_ptr, p.M, i * d + f0, f0, d, p.M, p.ldu / 16, grp, tig);
+                                         p.phi_ptr, p.phi_ld, i * d + f0, f0, d, p.ldu / 16, grp, tig);
       if (va) {
         store_g_wt_minus_sx<T, kVec>(acc, 0, xa, S[ta], GX != nullptr ? GX + p.gx_tok.offset(ta) : nullptr,
                                      GX != nullptr ? Wp[ta * p.n + i] : 0.f,
@@ -805,25 +807,9 @@ __global__ void __launch_bounds__(kMhcCoeffsThreads) mhc_coeffs_bwd_dh_kernel(co
     mma_xt_g_tile<T, kDT>(dphi, xa, xb, DU, p.ldu, t0, N, col0, p.M, stage, grp, tig);
   }
 
-  // C row r of m-tile mt: feature f = 32·(c % cps) + 16mt + r of stream i (dphi row
-  // i·d + f); columns col0 + 8j + 2tig + {0, 1}. Padding features and columns skipped.
-  float* __restrict__ part = static_cast<float*>(p.dphi_part_ptr) + g * (p.n * d * p.M);
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t f = f0 + mt * 16 + grp + 8 * h;
-      if (f >= d) continue;
-#pragma unroll
-      for (int j = 0; j < kDT; ++j) {
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          const int m = col0 + 8 * j + 2 * tig + q;
-          if (m < p.M) part[(i * d + f) * p.M + m] = dphi[mt][j][2 * h + q];
-        }
-      }
-    }
-  }
+  // C row r of m-tile mt: feature f0 + 16mt + r of stream i, dphi row i·d + f.
+  mma_xt_g_store<kDT>(static_cast<float*>(p.dphi_part_ptr) + g * (p.n * d * p.M), dphi, i * d, f0, d, col0, p.M,
+                      grp, tig);
 #endif
 }
 

@@ -1,6 +1,6 @@
 // mma_pack: fp32 weights packed into the 16-bit mma.sync m16n8k16 B fragments of
 // common/mma.cuh in one launch (host side: common/mma_pack.h's pack_fragments; the
-// fragment consumers: mma_proj_chunk (proj) and mma_chunk_g_wt (dx)).
+// fragment consumer: mma_proj_chunk, the projections' X·W).
 //
 // Source: W (streams·d, cols) fp32, row stride ld, whose rows are `streams` blocks of d;
 // the packed rows are those blocks each zero-padded to d_pad (a multiple of 32), the
@@ -14,11 +14,9 @@
 //   the kernels never read it).
 //
 // Orders (element index, outermost first; row = packed row, col = packed column):
-//   proj [chunk][s 2][n-tile col_pad/8][grp 8][tig 4][part P][half 2][j 2]
-//        row = 32·chunk + 8·tig + 4·s + 2·half + j, col = 8·n-tile + grp;
-//        P = 2 (hi, lo) or 4 (hi, lo, rest, rest_lo)
-//   dx   [chunk][ks col_pad/16][j 4][g2 4][gb 2][tig 4][part 2][half 2][jj 2]
-//        row = 32·chunk + 8·g2 + 2·j + gb, col = 16·ks + 8·half + 2·tig + jj
+//   [chunk][s 2][n-tile col_pad/8][grp 8][tig 4][part P][half 2][j 2]
+//   row = 32·chunk + 8·tig + 4·s + 2·half + j, col = 8·n-tile + grp;
+//   P = 2 (hi, lo) or 4 (hi, lo, rest, rest_lo)
 //
 // Thread mapping: one output element a thread, grid-stride over `total` (coalesced
 // 2-byte stores; the fp32 reads are gathers from a weight that L2 holds).
@@ -35,14 +33,12 @@ namespace crosslayer {
 
 constexpr int kMmaPackThreads = 256;
 
-enum MmaPackLayout : int { kMmaPackProj = 0, kMmaPackDx = 1 };
-
 struct MmaPackParams {
   const float* __restrict__ w;      // (streams·d, cols), row stride ld
   const float* __restrict__ scale;  // 0-dim, or null
   void* __restrict__ out;           // `total` elements of T
   int64_t ld, d, d_pad, cols, col_pad, total;
-  int streams, parts, layout;
+  int streams, parts;
 };
 
 // Part `part` of v (see the header).
@@ -64,31 +60,19 @@ __global__ void __launch_bounds__(kMmaPackThreads) mma_pack_kernel(const MmaPack
   const float scale = p.scale != nullptr ? *p.scale : 1.f;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < p.total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t row, col, q = idx;
-    int part;
-    if (p.layout == kMmaPackProj) {
-      const int j = q % 2, half = (q / 2) % 2;
-      q /= 4;
-      part = static_cast<int>(q % p.parts);
-      q /= p.parts;
-      const int tig = q % 4, grp = (q / 4) % 8;
-      q /= 32;
-      const int64_t ntile = q % (p.col_pad / 8);
-      q /= p.col_pad / 8;
-      const int s = q % 2;
-      const int64_t chunk = q / 2;
-      row = 32 * chunk + 8 * tig + 4 * s + 2 * half + j;
-      col = 8 * ntile + grp;
-    } else {
-      const int jj = q % 2, half = (q / 2) % 2;
-      part = static_cast<int>((q / 4) % 2);
-      const int tig = (q / 8) % 4, gb = (q / 32) % 2, g2 = (q / 64) % 4, j = (q / 256) % 4;
-      q /= 1024;
-      const int64_t ks = q % (p.col_pad / 16);
-      const int64_t chunk = q / (p.col_pad / 16);
-      row = 32 * chunk + 8 * g2 + 2 * j + gb;
-      col = 16 * ks + 8 * half + 2 * tig + jj;
-    }
+    int64_t q = idx;
+    const int j = q % 2, half = (q / 2) % 2;
+    q /= 4;
+    const int part = static_cast<int>(q % p.parts);
+    q /= p.parts;
+    const int tig = q % 4, grp = (q / 4) % 8;
+    q /= 32;
+    const int64_t ntile = q % (p.col_pad / 8);
+    q /= p.col_pad / 8;
+    const int s = q % 2;
+    const int64_t chunk = q / 2;
+    const int64_t row = 32 * chunk + 8 * tig + 4 * s + 2 * half + j;
+    const int64_t col = 8 * ntile + grp;
     const int64_t block = row / p.d_pad, e = row % p.d_pad;
     float v = 0.f;
     if (block < p.streams && e < p.d && col < p.cols) v = p.w[(block * p.d + e) * p.ld + col] * scale;

@@ -13,17 +13,19 @@
 //     s     = r·Σ_k g[k]·u[k] / d                   (= written)
 //     dx[e] = Σ_k g[k]·W1[e, k] − s·x[e]            (= written)
 //   The last line is r·(dxn − xn·mean_d(dxn·xn)) of the oracle: Σ_e dxn·xn equals
-//   Σ_k du·u, so the per-token mean needs no pass over d. dW1 = xᵀ·g (a GEMM over
-//   tokens) and dW2, dbias are summed over tokens by the launcher (cuBLAS / at::sum:
-//   deterministic).
+//   Σ_k du·u, so the per-token mean needs no pass over d. dW1 = Σ_t x[t]ᵀ·g[t]: for
+//   bf16/fp16 x the dx kernel writes the sums of its token groups (partials, in the
+//   pass over x that writes dx: x is read once) and the launcher adds the groups in
+//   group order; dW2 = hᵀ·dA and dbias by cuBLAS / at::sum. All deterministic.
 //
 // Kernels
 //   mudd_weights_fwd_proj_kernel<T, kVec>  bf16/fp16 x: r and u, x·W1 on tensor cores
 //                                          (mma.sync m16n8k16, fp32 accumulate, sm_80+).
 //   mudd_weights_fwd_head_kernel<acc>      A from u (CUDA cores; K·Cl MACs a token).
 //   mudd_weights_bwd_head_kernel<acc>      h, g, s from dA and u (CUDA cores).
-//   mudd_weights_bwd_dx_kernel<T, kVec>    bf16/fp16 x: dx = g·W1ᵀ − s·x on tensor cores.
-//   (fp32/fp64 x: the launcher computes x·W1 and g·W1ᵀ with at::mm; they are the
+//   mudd_weights_bwd_dx_kernel<T, kVec>    bf16/fp16 x: dx = g·W1ᵀ − s·x and the dW1
+//                                          partials xᵀ·g of token groups, on tensor cores.
+//   (fp32/fp64 x: the launcher computes x·W1, g·W1ᵀ and xᵀ·g with at::mm; they are the
 //   correctness dtypes.)
 //
 // Accuracy of the tensor-core products. W1 is fp32; rounded to 16 bits (2^-9) it would
@@ -35,9 +37,11 @@
 // (~1e-4/√d) has subnormal lo (and hi) parts. bf16 shares fp32's exponent range: no
 // scaling, and hi + lo suffice for every output here (mhc_coeffs, whose parameter
 // gradients are sums of 2^-17 errors over tokens, needs a third part). In dx both
-// operands are fp32 (g and W1): bf16 hi/lo of each and g_hi·W_hi + g_lo·W_hi +
-// g_hi·W_lo (three mma; one alone fails the policy for fp16 dx). Fragment layouts and
-// the packing of W1 (W1f: proj, W1b: dx): common/mma.cuh. (Measurements: bench/NOTES.md.)
+// operands are fp32 (g and W1, read as fp32 and split in registers): bf16 hi/lo of each
+// and g_hi·W_hi + g_lo·W_hi + g_hi·W_lo (three mma; one alone fails the policy for fp16
+// dx). In dW1, x is exact in bf16 parts (one for bf16, hi + lo for fp16) and g is bf16
+// hi + lo: bf16's exponent range needs no scaling of g. Fragment layouts and the packing
+// of W1 for the proj (W1f): common/mma.cuh. (Measurements: bench/NOTES.md.)
 //
 // Thread mapping
 //   proj: block of kMuddWeightsWarps warps, warp w owns tokens 16·(blockIdx·warps + w)
@@ -45,7 +49,15 @@
 //         accumulators a thread); x is re-read for each further column pass (L2).
 //         The block's warps walk W1f in step, so its fragments are L1 hits for all
 //         but the first warp.
-//   dx:   same token ownership; 32 features at a time (4 n-tiles, 16 accumulators).
+//   dx:   warp u = blockIdx.x·warps + w owns column pass u % passes (dW1 columns 32·pass
+//         .. + 31; passes = ceil(K / 32)) of the 32-feature chunk (u / passes) % chunks
+//         of token group u / (passes·chunks) (tiles_per_group consecutive 16-token
+//         tiles). A block's warps are consecutive passes and chunks of one group: the
+//         passes of a chunk read the same x rows at the same time (HBM once, then L1)
+//         and all of them the same g rows. Per tile: dx of the chunk (pass 0 only) and
+//         xᵀ·g of the pass's columns into registers (32 fp32: a pass holds 32 columns
+//         so that the kernel fits 128 registers, 2 blocks an SM), written to the
+//         group's partial at the end.
 //   head fwd/bwd: a block of kMuddWeightsHeadThreads threads owns kMuddWeightsHeadTokens tokens at a time;
 //         the tokens' u (and dA) are staged in shared memory and thread i computes the
 //         (token, output) pairs i, i + kMuddWeightsHeadThreads, ...; per-token sums over k are
@@ -55,8 +67,9 @@
 //   1) x and dx: features unit-stride, tokens through TokenLayout; for 16-byte access
 //      (kVec) base 16-byte aligned and token strides multiples of 8 elements, else the
 //      scalar path (kVec = false) is used;
-//   2) W1f / W1b packed as above, zero-padded to whole chunks / tiles; for fp16 x W1f
-//      packs W1·2^k and w1f_unscale_ptr points to 2^-k (null: no scaling);
+//   2) W1f packed as above, zero-padded to whole chunks / tiles; for fp16 x it packs
+//      W1·2^k and w1f_unscale_ptr points to 2^-k (null: no scaling); w1_ptr: W1 fp32
+//      (d, K) with a row stride w1_ld (a multiple of 4, zero padded: fp32_rows_ld4);
 //   3) u, g, h, s, r, A, dA contiguous in the accumulator dtype; g has row stride
 //      ldg = K rounded up to 16, zero-padded.
 #pragma once
@@ -79,6 +92,7 @@ constexpr int kMuddWeightsThreads = kMuddWeightsWarps * kWarpSize;
 constexpr int kMuddWeightsProjCols = 128;                          // hidden columns a proj pass
 constexpr int kMuddWeightsProjTiles = kMuddWeightsProjCols / 8;    // n-tiles a pass
 constexpr int kMuddWeightsDxTiles = 4;                             // n-tiles a dx chunk (32 features)
+constexpr int kMuddWeightsDw1Tiles = 4;                            // n-tiles a dW1 column pass (32 columns)
 constexpr int kMuddWeightsHeadThreads = 256;
 constexpr int kMuddWeightsHeadTokens = 8;                          // tokens a head tile
 
@@ -97,7 +111,8 @@ struct MuddWeightsParams {
   const void* __restrict__ x_ptr;
   const void* __restrict__ w1f_ptr;  // proj: packed W1 (uint4 fragments)
   const float* __restrict__ w1f_unscale_ptr;  // proj, fp16: 2^-k of W1f (device scalar), or null
-  const void* __restrict__ w1b_ptr;  // dx: packed W1 (uint4 fragments)
+  const float* __restrict__ w1_ptr;  // dx: W1 (d, K) fp32, row stride w1_ld (fp32_rows_ld4)
+  int64_t w1_ld;
   const void* __restrict__ w2_ptr;   // W2 (K, Cl), accumulator dtype, contiguous
   const void* __restrict__ w2t_ptr;  // W2ᵀ (Cl, K), accumulator dtype, contiguous
   const void* __restrict__ bias_ptr; // (Cl), accumulator dtype
@@ -111,6 +126,11 @@ struct MuddWeightsParams {
   void* __restrict__ g_ptr;         // (N, ldg)
   void* __restrict__ s_ptr;         // (N)
   void* __restrict__ dx_ptr;
+  // dW1 partials of the dx kernel: token_groups slices (d, K) fp32, each the sum over its
+  // tiles_per_group 16-token tiles; dw1_passes column passes of 8·kMuddWeightsDw1Tiles.
+  int64_t token_groups, tiles_per_group;
+  int dw1_passes;
+  float* __restrict__ dw1_part_ptr;
 };
 
 // ---------------------------------------------------------------------------- proj
@@ -189,26 +209,63 @@ __global__ void __launch_bounds__(kMuddWeightsThreads) mudd_weights_fwd_proj_ker
 #endif
 }
 
-// dx = g·W1ᵀ − s·x for bf16/fp16 x (products in bf16 hi/lo, fp32 accumulators).
+// dx = g·W1ᵀ − s·x (=) and the dW1 partials Σ_t x[t]ᵀ·g[t] of a token group (=, into
+// dw1_part[group]) for bf16/fp16 x; products in bf16 parts, fp32 accumulators. Mapping:
+// the header. Dynamic shared memory: kMuddWeightsWarps × kMmaXtStageElems<T> bf16 (each
+// warp's transposed x tile). No block barriers (warps leave independently).
 template <typename T, bool kVec>
-__global__ void __launch_bounds__(kMuddWeightsThreads) mudd_weights_bwd_dx_kernel(const MuddWeightsParams p) {
+__global__ void __launch_bounds__(kMuddWeightsThreads, 2) mudd_weights_bwd_dx_kernel(const MuddWeightsParams p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  const MmaRows r = mma_rows(kMuddWeightsWarps, p.n_tokens);
-  if (r.t0 >= p.n_tokens) return;
+  extern __shared__ __align__(16) unsigned char mudd_dx_smem[];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int grp = lane / 4, tig = lane % 4;
+  const int64_t N = p.n_tokens, d = p.d;
+  const int64_t chunks = (d + 31) / 32;
+  const int64_t unit = static_cast<int64_t>(blockIdx.x) * kMuddWeightsWarps + warp;
+  const int pass = static_cast<int>(unit % p.dw1_passes);
+  const int64_t c = (unit / p.dw1_passes) % chunks, group = unit / (p.dw1_passes * chunks);
+  if (group >= p.token_groups) return;
+  __nv_bfloat16* stage = reinterpret_cast<__nv_bfloat16*>(mudd_dx_smem) + warp * kMmaXtStageElems<T>;
+  const int64_t tiles = (N + 15) / 16;
+  const int64_t tile_begin = group * p.tiles_per_group;
+  const int64_t tile_end = tile_begin + p.tiles_per_group < tiles ? tile_begin + p.tiles_per_group : tiles;
+  const int64_t f0 = c * 32, e = f0 + tig * 8;  // this thread: features e .. e + 7
+  const bool write_dx = pass == 0;              // warp-uniform
+  const int col0 = pass * 8 * kMuddWeightsDw1Tiles;
   const T* __restrict__ X = static_cast<const T*>(p.x_ptr);
   T* __restrict__ DX = static_cast<T*>(p.dx_ptr);
   const float* __restrict__ G = static_cast<const float*>(p.g_ptr);
   const float* __restrict__ S = static_cast<const float*>(p.s_ptr);
-  mma_g_wt_minus_sx_rows<T, kVec, kMuddWeightsDxTiles>(
-      r, G + (r.va ? r.ta : 0) * p.ldg, G + (r.vb ? r.tb : 0) * p.ldg, r.va ? S[r.ta] : 0.f,
-      r.vb ? S[r.tb] : 0.f, X + (r.va ? p.x_tok.offset(r.ta) : 0), X + (r.vb ? p.x_tok.offset(r.tb) : 0),
-      DX + (r.va ? p.dx_tok.offset(r.ta) : 0), DX + (r.vb ? p.dx_tok.offset(r.tb) : 0),
-      static_cast<const uint4*>(p.w1b_ptr), p.ldg / 16, p.d, 0, (p.d + 31) / 32,
-      // Thread holds features 32c + 8tig + 2j + {0, 1} of rows a (c0, c1) and b (c2, c3).
-      [&](int64_t c, int64_t& e, int64_t& xo, int64_t& dxo) {
-        e = c * 32 + r.tig * 8;
-        xo = dxo = 0;
-      });
+  float dw[2][kMuddWeightsDw1Tiles][4];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) mma_zero(dw[mt]);
+
+  // x of a tile: this thread's 8 features of rows grp (a) and grp + 8 (b), zeros past N.
+  const auto load_x = [&](int64_t t0, uint4& xa, uint4& xb) {
+    xa = t0 + grp < N ? load8<T, kVec>(X + p.x_tok.offset(t0 + grp), e, d) : make_uint4(0, 0, 0, 0);
+    xb = t0 + grp + 8 < N ? load8<T, kVec>(X + p.x_tok.offset(t0 + grp + 8), e, d) : make_uint4(0, 0, 0, 0);
+  };
+  uint4 xa_next, xb_next;  // the next tile's x, loaded a tile ahead (HBM latency)
+  if (tile_begin < tile_end) load_x(tile_begin * 16, xa_next, xb_next);
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    const int64_t t0 = tile * 16, ta = t0 + grp, tb = t0 + grp + 8;
+    const bool va = ta < N, vb = tb < N;
+    const uint4 xa = xa_next, xb = xb_next;
+    if (tile + 1 < tile_end) load_x(t0 + 16, xa_next, xb_next);
+    if (write_dx) {
+      float acc[kMuddWeightsDxTiles][4];
+      mma_chunk_g_w32<kMuddWeightsDxTiles>(acc, G + (va ? ta : 0) * p.ldg, G + (vb ? tb : 0) * p.ldg, va, vb,
+                                           p.w1_ptr, p.w1_ld, f0, f0, d, p.ldg / 16, grp, tig);
+      if (va) {
+        store_g_wt_minus_sx<T, kVec>(acc, 0, xa, S[ta], nullptr, 0.f, nullptr, DX + p.dx_tok.offset(ta), e, d);
+      }
+      if (vb) {
+        store_g_wt_minus_sx<T, kVec>(acc, 1, xb, S[tb], nullptr, 0.f, nullptr, DX + p.dx_tok.offset(tb), e, d);
+      }
+    }
+    mma_xt_g_tile<T, kMuddWeightsDw1Tiles>(dw, xa, xb, G, p.ldg, t0, N, col0, p.K, stage, grp, tig);
+  }
+  mma_xt_g_store<kMuddWeightsDw1Tiles>(p.dw1_part_ptr + group * d * p.K, dw, 0, f0, d, col0, p.K, grp, tig);
 #endif
 }
 

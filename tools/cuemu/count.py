@@ -4,10 +4,10 @@
     counter, module = load()                # the counter first: it registers allocations
     with emulate(module), counting(counter) as c:
         ...                                 # forward, backward: anything on CPU tensors
-    c.rows                                  # one Row per kernel launch, ATen op, library call
+    c.rows                                  # one Row per kernel launch or ATen op
     c.bytes(), c.launches()
 
-Three sources of rows, in call order:
+Two sources of rows, in call order:
 - kernel: a launch of an emulated kernel. Bytes are the HBM estimate: unique 32-byte
   sectors read and written per allocation (nothing kept in L2 between launches; within
   a launch, a sector read twice is read once). The row also carries the requests, their
@@ -20,8 +20,6 @@ Three sources of rows, in call order:
   read and written, except by ops that only write (copy_'s and fill_'s self, out=).
   Views and allocations move nothing and are no launch; any op that moves bytes is one
   launch (a GPU may split some, e.g. a two-pass reduction, into more).
-- library: a call the emulator stands in for that has no CPU kernel (cuBLAS' 16-bit
-  GEMM with fp32 output, aten::mm.dtype): its logical bytes, one launch.
 A crosslayer custom op is counted through what it runs (its kernels and ATen ops),
 never as a row of its own.
 """
@@ -71,7 +69,7 @@ def unique_bytes(t: torch.Tensor) -> int:
 
 @dataclass
 class Row:
-    kind: str                 # "kernel", "aten" or "library"
+    kind: str                 # "kernel" or "aten"
     name: str
     read: int                 # bytes (kernels: unique sectors x 32)
     written: int
@@ -165,10 +163,7 @@ class _DispatchCounter(TorchDispatchMode):
 
     def drain(self) -> None:
         for rec in self.counter.drain():
-            if rec["kind"] == "kernel":
-                self.count.rows.append(kernel_row(rec))
-            else:
-                self.count.rows.append(Row("library", rec["name"], rec["read"], rec["written"], True))
+            self.count.rows.append(kernel_row(rec))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -192,7 +187,7 @@ _active: Optional[_DispatchCounter] = None  # the counting region running now
 
 @contextlib.contextmanager
 def counting(counter) -> Iterator[Count]:
-    """Counts every kernel launch, ATen op and library call inside the block."""
+    """Counts every kernel launch and ATen op inside the block."""
     global _active
     if _active is not None:
         raise RuntimeError("counting regions do not nest")

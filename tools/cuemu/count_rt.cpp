@@ -140,15 +140,8 @@ struct Record {
   std::vector<AllocStats> allocs;
 };
 
-struct LibraryCall {
-  std::string name;
-  uint64_t read = 0, written = 0;
-};
-
 bool g_counting = false;
-uint64_t g_seq = 0;
-std::vector<std::pair<uint64_t, Record>> g_records;
-std::vector<std::pair<uint64_t, LibraryCall>> g_library;
+std::vector<Record> g_records;
 int g_sm_count = 132;
 
 // Pages known to lie wholly inside one allocation of the snapshot (idx >= 0) or wholly
@@ -355,13 +348,7 @@ void cuemu_rt_launch_end() {
   if (!L.active) return;  // every block's requests were flushed at its end
   L.active = false;
   t_thread = -1;
-  g_records.emplace_back(g_seq++, std::move(L.rec));
-}
-
-// A library call the emulator stands in for (cuBLAS on a GPU): its logical traffic.
-void cuemu_rt_library_call(const char* name, uint64_t bytes_read, uint64_t bytes_written) {
-  if (!g_counting) return;
-  g_library.emplace_back(g_seq++, LibraryCall{name, bytes_read, bytes_written});
+  g_records.push_back(std::move(L.rec));
 }
 
 // ------------------------------------------------------------------ AddressSanitizer callbacks
@@ -408,47 +395,32 @@ void put_io(py::dict& d, const std::string& key, const uint64_t (&v)[2]) {
 
 py::list drain() {
   py::list out;
-  size_t i = 0, j = 0;
-  while (i < g_records.size() || j < g_library.size()) {
-    const bool take_record =
-        j >= g_library.size() || (i < g_records.size() && g_records[i].first < g_library[j].first);
-    if (take_record) {
-      const Record& r = g_records[i++].second;
-      py::dict d;
-      d["kind"] = "kernel";
-      d["name"] = r.name;
-      d["grid"] = py::make_tuple(r.grid[0], r.grid[1], r.grid[2]);
-      d["block"] = py::make_tuple(r.block[0], r.block[1], r.block[2]);
-      d["smem"] = r.smem;
-      put_io(d, "requests", r.requests);
-      put_io(d, "sectors", r.sectors);
-      put_io(d, "ideal_sectors", r.ideal_sectors);
-      put_io(d, "bytes", r.bytes);
-      py::list allocs;
-      for (const AllocStats& a : r.allocs) {
-        py::dict x;
-        x["id"] = a.id;
-        x["base"] = a.base;
-        x["size"] = a.size;
-        put_io(x, "bytes", a.bytes);
-        put_io(x, "l2_sectors", a.l2_sectors);
-        put_io(x, "unique_sectors", a.unique_sectors);
-        allocs.append(x);
-      }
-      d["allocs"] = allocs;
-      out.append(d);
-    } else {
-      const LibraryCall& c = g_library[j++].second;
-      py::dict d;
-      d["kind"] = "library";
-      d["name"] = c.name;
-      d["read"] = c.read;
-      d["written"] = c.written;
-      out.append(d);
+  for (const Record& r : g_records) {
+    py::dict d;
+    d["kind"] = "kernel";
+    d["name"] = r.name;
+    d["grid"] = py::make_tuple(r.grid[0], r.grid[1], r.grid[2]);
+    d["block"] = py::make_tuple(r.block[0], r.block[1], r.block[2]);
+    d["smem"] = r.smem;
+    put_io(d, "requests", r.requests);
+    put_io(d, "sectors", r.sectors);
+    put_io(d, "ideal_sectors", r.ideal_sectors);
+    put_io(d, "bytes", r.bytes);
+    py::list allocs;
+    for (const AllocStats& a : r.allocs) {
+      py::dict x;
+      x["id"] = a.id;
+      x["base"] = a.base;
+      x["size"] = a.size;
+      put_io(x, "bytes", a.bytes);
+      put_io(x, "l2_sectors", a.l2_sectors);
+      put_io(x, "unique_sectors", a.unique_sectors);
+      allocs.append(x);
     }
+    d["allocs"] = allocs;
+    out.append(d);
   }
   g_records.clear();
-  g_library.clear();
   return out;
 }
 

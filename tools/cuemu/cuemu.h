@@ -188,7 +188,6 @@ void cuemu_rt_launch_begin(const void* kernel, const char* name, const unsigned*
 void cuemu_rt_block_begin(int nthreads);
 void cuemu_rt_block_end();
 void cuemu_rt_launch_end();
-void cuemu_rt_library_call(const char* name, uint64_t bytes_read, uint64_t bytes_written);
 }
 
 namespace cuemu {
