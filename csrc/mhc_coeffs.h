@@ -106,7 +106,8 @@ inline void check_mhc_grads(const MhcShape& sh, const at::Tensor& H, const std::
 // The dH pass of the tensor-core path (mhc_coeffs_bwd_dh_kernel over H, bf16/fp16, d >=
 // kMmaMinD): dphi = Σ_t xfᵀ·du (n·d, M) fp32, returned (the token groups' partials summed
 // in group order), and, when p.dh_ptr is set, dH = prior + du·phiᵀ − s·xf (+ w_pre·gx)
-// through p's dh / prior / gx fields (phi read as fp32; p.phi_ptr set here). p's du_ptr, s_ptr, ldu
+// through p's dh / prior / gx fields (phi read as fp32, rows padded to 4 floats when
+// they are not: fp32_rows_ld4; p.phi_ptr / phi_ld set here). p's du_ptr, s_ptr, ldu
 // (and w_pre_ptr with gx) are the caller's; h_ptr / h_tok / h_stream_stride are set here
 // from H.
 at::Tensor mhc_coeffs_dh_pass(MhcCoeffsParams& p, const at::Tensor& H, const at::Tensor& phi);

@@ -157,10 +157,10 @@ def test_head_grid_stride(cuemu, poisoned, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("scale", [1e-4, 1e3])
 def test_dW1_gradient_scale(cuemu, poisoned, dtype, scale):
-    """dW1 = x^T g with g in 16-bit hi + lo parts: fp16 has a narrow exponent range, so
-    the launcher scales g by a power of two near 1/max|g| first. A small dA (g's lo part
-    subnormal in fp16 without the scaling) and a large one; dW1 is linear in dA, so it
-    is held to the policy after dividing out the scale."""
+    """dW1 = x^T g with g in bf16 hi + lo parts (the dx kernel's dW1 partials): a small dA
+    (g's lo part would be subnormal in fp16, whose narrow exponent range the kernel
+    avoids by splitting g in bf16, fp32's range, for either x dtype) and a large one;
+    dW1 is linear in dA, so it is held to the policy after dividing out the scale."""
     lead, d, K, C, l = (19,), 40, 24, 4, 3
     x = make_x(lead, d, dtype=dtype, device="cpu")
     params = make_params(d, K, C, l, dtype=dtype, device="cpu")
