@@ -75,9 +75,13 @@ inline HcPreBwdCoefs hc_pre_bwd_coef_inputs(HcPreParams& p, at::ScalarType acc_t
 // backward takes that tensor back instead of packing again.
 inline int64_t hc_pre_ldw(int64_t d) { return (d + 7) / 8 * 8; }
 
+// One copy either way: constant_pad_nd writes a contiguous tensor when it pads, but
+// with nothing to pad it clones its (transposed) input as it is, which a second copy
+// would then make contiguous.
 inline at::Tensor hc_pre_pack_w(const at::Tensor& W, at::ScalarType acc_type) {
-  const int64_t d = W.size(0);
-  return at::constant_pad_nd(W.to(acc_type).t(), {0, hc_pre_ldw(d) - d}, 0).contiguous();
+  const int64_t d = W.size(0), ldw = hc_pre_ldw(d);
+  const at::Tensor wt = W.to(acc_type).t();
+  return ldw == d ? wt.contiguous() : at::constant_pad_nd(wt, {0, ldw - d}, 0).contiguous();
 }
 
 // Checks a packed W handed back to a backward launcher (hc_pre_pack_w's layout).

@@ -12,7 +12,7 @@
 //   bf16/fp16 x   forward: mudd_weights_fwd_proj_kernel (r, u on tensor cores) + head kernel;
 //                 backward: head kernel (h, g, s), mudd_weights_bwd_dx_kernel (dx and the
 //                 dW1 partials of token groups, in one pass over x), at::sum of the
-//                 partials, cuBLAS for dW2 = hᵀ·dA, at::sum for dbias.
+//                 partials, one cuBLAS GEMM for dW2 and dbias ([GELU(u), 1]ᵀ·dA).
 //   fp32/fp64 x   (correctness dtypes), and 16-bit x with d < 32: x·W1, g·W1ᵀ and xᵀ·g by
 //                 at::mm in the accumulator dtype, the head kernels as above.
 // Every reduction over tokens is a fixed-order sum (in-kernel over a group's tiles, then
@@ -238,13 +238,13 @@ std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tens
   const at::Tensor dA = dA_in.to(acc_type).reshape({sh.N, sh.Cl}).contiguous();
   const at::Tensor u = u_in.to(acc_type).reshape({sh.N, sh.K}).contiguous();
   const at::Tensor r = r_in.to(acc_type).reshape({sh.N}).contiguous();
-  const at::Tensor W2t = W2.to(acc_type).t().contiguous();
-  at::Tensor h = at::empty({sh.N, sh.K}, acc_opts);
+  const at::Tensor W2_ = W2.to(acc_type).contiguous();
+  at::Tensor h = at::empty({sh.N, sh.K + 1}, acc_opts);  // [GELU(u), 1]
   at::Tensor g = at::empty({sh.N, ldg}, acc_opts);
   at::Tensor s = at::empty({sh.N}, acc_opts);
 
   MuddWeightsParams p = mudd_weights_params(sh, tanh_gelu);
-  p.w2t_ptr = W2t.data_ptr();
+  p.w2_ptr = W2_.data_ptr();
   p.u_ptr = const_cast<void*>(u.data_ptr());
   p.r_ptr = const_cast<void*>(r.data_ptr());
   p.da_ptr = dA.data_ptr();
@@ -272,8 +272,10 @@ std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tens
     dW1 = at::mm(x2.t(), gK);
     dx.view({sh.N, sh.d}).copy_(r2 * (dxn - xn * (dxn * xn).mean({1}, true)));
   }
-  const at::Tensor dW2 = at::mm(h.t(), dA);
-  const at::Tensor dbias = dA.sum(0).reshape(bias.sizes());
+  // [dW2; dbias] = hᵀ·dA in one GEMM: h's last column is ones.
+  const at::Tensor dW2b = at::mm(h.t(), dA);
+  const at::Tensor dW2 = dW2b.narrow(0, 0, sh.K);
+  const at::Tensor dbias = dW2b.select(0, sh.K).reshape(bias.sizes());
   return {dx, dW1.to(W1.scalar_type()).contiguous(), dW2.to(W2.scalar_type()).contiguous(),
           dbias.to(bias.scalar_type()).contiguous()};
 }

@@ -7,7 +7,7 @@
 //     u[k]  = r·Σ_e x[e]·W1[e, k]                 (= written, saved for the backward)
 //     A[o]  = bias[o] + Σ_k GELU(u[k])·W2[k, o]     (= written)
 //   backward (dA given)
-//     h[k]  = GELU(u[k])                            (= written: dW2 = hᵀ·dA by cuBLAS)
+//     h[k]  = GELU(u[k]), h[K] = 1                  (= written: [dW2; dbias] = hᵀ·dA by cuBLAS)
 //     du[k] = GELU'(u[k])·Σ_o dA[o]·W2[k, o]
 //     g[k]  = r·du[k]                               (= written)
 //     s     = r·Σ_k g[k]·u[k] / d                   (= written)
@@ -16,7 +16,8 @@
 //   Σ_k du·u, so the per-token mean needs no pass over d. dW1 = Σ_t x[t]ᵀ·g[t]: for
 //   bf16/fp16 x the dx kernel writes the sums of its token groups (partials, in the
 //   pass over x that writes dx: x is read once) and the launcher adds the groups in
-//   group order; dW2 = hᵀ·dA and dbias by cuBLAS / at::sum. All deterministic.
+//   group order; dW2 and dbias = Σ_t dA[t] are one cuBLAS GEMM hᵀ·dA, h's column of ones
+//   giving dbias. All deterministic.
 //
 // Kernels
 //   mudd_weights_fwd_proj_kernel<T, kVec>  bf16/fp16 x: r and u, x·W1 on tensor cores
@@ -114,7 +115,6 @@ struct MuddWeightsParams {
   const float* __restrict__ w1_ptr;  // dx: W1 (d, K) fp32, row stride w1_ld (fp32_rows_ld4)
   int64_t w1_ld;
   const void* __restrict__ w2_ptr;   // W2 (K, Cl), accumulator dtype, contiguous
-  const void* __restrict__ w2t_ptr;  // W2ᵀ (Cl, K), accumulator dtype, contiguous
   const void* __restrict__ bias_ptr; // (Cl), accumulator dtype
   // forward outputs / backward inputs, accumulator dtype
   void* __restrict__ u_ptr;  // (N, K)
@@ -122,7 +122,7 @@ struct MuddWeightsParams {
   void* __restrict__ a_ptr;  // (N, Cl)
   // backward
   const void* __restrict__ da_ptr;  // (N, Cl)
-  void* __restrict__ h_ptr;         // (N, K)
+  void* __restrict__ h_ptr;         // (N, K + 1), the last column ones
   void* __restrict__ g_ptr;         // (N, ldg)
   void* __restrict__ s_ptr;         // (N)
   void* __restrict__ dx_ptr;
@@ -305,38 +305,54 @@ __global__ void __launch_bounds__(kMuddWeightsHeadThreads) mudd_weights_fwd_head
   }
 }
 
-// The head backward's per-(token, k) pass over the tile (block-strided, after the tile's
-// dA is staged in das [tokens][Cl]): h = GELU(u) (=), g = r·GELU'(u)·(dA·W2ᵀ) (=; zero
-// padding for K <= k < ldg) and prod[t][k] = g·u (=, shared memory).
+// The head backward's per-(token, k) pass over the tile (after the tile's dA is staged
+// in das [tokens][Cl]): h = GELU(u) (=, row stride K + 1), g = r·GELU'(u)·(dA·W2ᵀ) (=;
+// zero padding for K <= k < ldg) and prod[t][k] = g·u (=, shared memory). Warp w takes
+// the (token, 32 k's) units w, w + warps, ...: lane o accumulates da[o]·W2[k, o] for the
+// 32 k's over o = lane, lane + 32, ... (W2 rows read as stored, coalesced over o), and
+// one reduce-scatter leaves lane i with dh of k = k0 + i (fixed order: deterministic).
 template <typename acc>
 __device__ __forceinline__ void mudd_weights_head_grads(const MuddWeightsParams& p, int64_t t0, int tt,
                                                         const acc* __restrict__ das, acc* __restrict__ prod) {
   const int K = p.K, Cl = p.Cl, ldg = p.ldg;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int kgroups = (ldg + kWarpSize - 1) / kWarpSize;
   const acc* __restrict__ U = static_cast<const acc*>(p.u_ptr);
   const acc* __restrict__ R = static_cast<const acc*>(p.r_ptr);
-  const acc* __restrict__ W2t = static_cast<const acc*>(p.w2t_ptr);
+  const acc* __restrict__ W2 = static_cast<const acc*>(p.w2_ptr);
   acc* __restrict__ H = static_cast<acc*>(p.h_ptr);
   acc* __restrict__ G = static_cast<acc*>(p.g_ptr);
-  for (int i = threadIdx.x; i < tt * ldg; i += kMuddWeightsHeadThreads) {
-    const int t = i / ldg, k = i % ldg;
-    acc gv = acc(0), pv = acc(0);
-    if (k < K) {
-      const acc* da = das + t * Cl;
-      const acc* w = W2t + k;
-      acc dh = acc(0);
-      for (int o = 0; o < Cl; ++o) dh += da[o] * w[static_cast<int64_t>(o) * K];
-      const acc u = U[(t0 + t) * K + k];
-      const acc r = R[t0 + t];
-      gv = r * dh * gelu_grad<acc>(u, p.tanh_gelu);
-      pv = gv * u;
-      H[(t0 + t) * K + k] = gelu_fwd<acc>(u, p.tanh_gelu);
-      prod[t * K + k] = pv;
+  for (int unit = warp; unit < tt * kgroups; unit += kMuddWeightsHeadThreads / kWarpSize) {
+    const int t = unit / kgroups, k0 = (unit % kgroups) * kWarpSize;
+    const int live = K - k0 < kWarpSize ? K - k0 : kWarpSize;  // k's of the unit below K (warp-uniform)
+    const acc* da = das + t * Cl;
+    acc part[kWarpSize];
+#pragma unroll
+    for (int i = 0; i < kWarpSize; ++i) part[i] = acc(0);
+    for (int o = lane; o < Cl; o += kWarpSize) {
+      const acc a = da[o];
+      const acc* w = W2 + static_cast<int64_t>(k0) * Cl + o;
+#pragma unroll
+      for (int i = 0; i < kWarpSize; ++i) {
+        if (i < live) part[i] += a * w[static_cast<int64_t>(i) * Cl];
+      }
     }
-    G[(t0 + t) * ldg + k] = gv;
+    const acc dh = warp_reduce_scatter_pow2<kWarpSize>(part, lane);
+    const int k = k0 + lane;
+    const int64_t tok = t0 + t;
+    if (k < K) {
+      const acc u = U[tok * K + k];
+      const acc gv = R[tok] * dh * gelu_grad<acc>(u, p.tanh_gelu);
+      H[tok * (K + 1) + k] = gelu_fwd<acc>(u, p.tanh_gelu);
+      G[tok * ldg + k] = gv;
+      prod[t * K + k] = gv * u;
+    } else if (k < ldg) {
+      G[tok * ldg + k] = acc(0);
+    }
   }
 }
 
-// h = GELU(u), g = r·GELU'(u)·(dA·W2ᵀ), s = r·(g·u)/d, kMuddWeightsHeadTokens tokens a
+// h = [GELU(u), 1], g = r·GELU'(u)·(dA·W2ᵀ), s = r·(g·u)/d, kMuddWeightsHeadTokens tokens a
 // tile. Shared memory: dA [kMuddWeightsHeadTokens][Cl], then the products g·u
 // [kMuddWeightsHeadTokens][K]; s is one warp's fixed-order sum a token.
 template <typename acc>
@@ -348,6 +364,7 @@ __global__ void __launch_bounds__(kMuddWeightsHeadThreads) mudd_weights_bwd_head
   const acc* __restrict__ R = static_cast<const acc*>(p.r_ptr);
   const acc* __restrict__ dA = static_cast<const acc*>(p.da_ptr);
   acc* __restrict__ S = static_cast<acc*>(p.s_ptr);
+  acc* __restrict__ H = static_cast<acc*>(p.h_ptr);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   for (int64_t t0 = static_cast<int64_t>(blockIdx.x) * kMuddWeightsHeadTokens; t0 < p.n_tokens;
        t0 += static_cast<int64_t>(gridDim.x) * kMuddWeightsHeadTokens) {
@@ -361,7 +378,10 @@ __global__ void __launch_bounds__(kMuddWeightsHeadThreads) mudd_weights_bwd_head
       acc sum = acc(0);
       for (int k = lane; k < K; k += kWarpSize) sum += prod[t * K + k];
       sum = warp_sum(sum);
-      if (lane == 0) S[t0 + t] = R[t0 + t] * sum / static_cast<acc>(p.d);
+      if (lane == 0) {
+        S[t0 + t] = R[t0 + t] * sum / static_cast<acc>(p.d);
+        H[(t0 + t) * (K + 1) + K] = acc(1);  // dbias = Σ_t dA[t] from the same GEMM as dW2
+      }
     }
   }
 }

@@ -89,13 +89,22 @@ def _tensors(v) -> list:
     return []
 
 
+def _aliases_an_input(args, kwargs, out) -> bool:
+    """Whether every tensor `out` holds shares storage with an input: an op whose schema
+    may return an alias (contiguous, reshape, to, ...) copies when it cannot view, and
+    that copy is traffic and a launch like any other."""
+    storages = {t.untyped_storage().data_ptr() for t in _tensors(list(args) + list(kwargs.values()))}
+    return all(t.untyped_storage().data_ptr() in storages for t in _tensors(out))
+
+
 def aten_row(func, args, kwargs, out) -> Row:
-    """The Row of one ATen op from its schema: what it reads and writes."""
+    """The Row of one ATen op from its schema: what it reads and writes (an op that may
+    return a view counts as a copy when its output is new storage)."""
     schema = func._schema
     base = schema.name.split("::")[-1]
     name = f"{schema.name}" + (f".{schema.overload_name}" if schema.overload_name else "")
     returns_alias = any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
-    if base in _NO_TRAFFIC or (returns_alias and not any(
+    if base in _NO_TRAFFIC or (returns_alias and _aliases_an_input(args, kwargs, out) and not any(
             a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)):
         return Row("aten", name, 0, 0, False)
     read = written = 0
