@@ -62,5 +62,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mhc_coeffs_bwd", &crosslayer::mhc_coeffs_bwd,
         "dH (=|+=) in place; returns [dphi, da_pre, da_post, da_res, db] of the mHC coefficients");
   m.def("mudd_weights_fwd", &crosslayer::mudd_weights_fwd, "[A, u, r] of mudd_weights");
-  m.def("mudd_weights_bwd", &crosslayer::mudd_weights_bwd, "[dx, dW1, dW2, dbias] of mudd_weights");
+  m.def("mudd_weights_bwd", &crosslayer::mudd_weights_bwd, "[dx, dW1, dW2b = [dW2; dbias]] of mudd_weights");
 }

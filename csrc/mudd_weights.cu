@@ -3,13 +3,16 @@
 //   mudd_weights_fwd(x (*tok, d), W1 (d, K), W2 (K, C·l), bias (C·l) or (C, l), n_ways,
 //                    eps, approximate) -> {A (*tok, C, l), u (*tok, K), r (*tok)}
 //   mudd_weights_bwd(dA, x, W1, W2, bias, u, r, n_ways, eps, approximate)
-//                    -> {dx (*tok, d), dW1, dW2, dbias}
+//                    -> {dx (*tok, d), dW1, dW2b (K + 1, C·l)}: dW2 and dbias stacked
+//                    (one GEMM writes both; the caller splits them: two outputs of one
+//                    buffer would alias, which custom ops may not return)
 //
 // A, u and r are in the accumulator dtype (float64 for float64 x, float32 otherwise);
 // u = rms(x)·W1 and r = rsqrt(mean x² + eps) are what the backward needs, so it reads x
 // once more (for dx and dW1 together) and never recomputes x·W1.
 // Work split:
-//   bf16/fp16 x   forward: mudd_weights_fwd_proj_kernel (r, u on tensor cores) + head kernel;
+//   bf16/fp16 x   forward: the W1 packing launch, mudd_weights_fwd_proj_kernel (r, u and A,
+//                 x·W1 and the head's GELU(u)·W2 on tensor cores);
 //                 backward: head kernel (h, g, s), mudd_weights_bwd_dx_kernel (dx and the
 //                 dW1 partials of token groups, in one pass over x), at::sum of the
 //                 partials, one cuBLAS GEMM for dW2 and dbias ([GELU(u), 1]ᵀ·dA).
@@ -105,8 +108,6 @@ void launch_head(Kernel kernel, const MuddWeightsParams& p, int64_t smem, int de
   launch(kernel, dim3(static_cast<unsigned>(grid)), dim3(kMuddWeightsHeadThreads), static_cast<size_t>(smem), p);
 }
 
-dim3 token_tile_grid(int64_t N) { return cover_grid(N, 16 * kMuddWeightsWarps); }
-
 // The fields both directions set.
 MuddWeightsParams mudd_weights_params(const MuddShape& sh, bool tanh_gelu) {
   MuddWeightsParams p{};
@@ -200,16 +201,15 @@ std::vector<at::Tensor> mudd_weights_fwd(const at::Tensor& x_in, const at::Tenso
     CL_BOOL_SWITCH(vectorize, kVec, [&] {
       launch(x.scalar_type() == at::kBFloat16 ? mudd_weights_fwd_proj_kernel<__nv_bfloat16, kVec>
                                               : mudd_weights_fwd_proj_kernel<__half, kVec>,
-             token_tile_grid(sh.N), dim3(kMuddWeightsThreads), 0, p);
+             cover_grid(sh.N, 16 * kMuddWeightsProjWarps), dim3(kMuddWeightsProjThreads), 0, p);
     });
-  } else {
-    // The oracle's own sequence of operations: r = rsqrt(mean x² + eps), u = (x·r)·W1.
-    const at::Tensor x2 = x_in.reshape({sh.N, sh.d}).to(acc_type);
-    const at::Tensor r2 = at::rsqrt(x2.square().mean({1}, true) + eps);
-    u.view({sh.N, sh.K}).copy_(at::mm(x2 * r2, W1.to(acc_type)));
-    r.view({sh.N}).copy_(r2.view({sh.N}));
+    return {A, u, r};
   }
-
+  // The oracle's own sequence of operations: r = rsqrt(mean x² + eps), u = (x·r)·W1.
+  const at::Tensor x2 = x_in.reshape({sh.N, sh.d}).to(acc_type);
+  const at::Tensor r2 = at::rsqrt(x2.square().mean({1}, true) + eps);
+  u.view({sh.N, sh.K}).copy_(at::mm(x2 * r2, W1.to(acc_type)));
+  r.view({sh.N}).copy_(r2.view({sh.N}));
   const int64_t smem = static_cast<int64_t>(kMuddWeightsHeadTokens) * sh.K * at::elementSize(acc_type);
   launch_head(acc_type == at::kDouble ? mudd_weights_fwd_head_kernel<double> : mudd_weights_fwd_head_kernel<float>,
               p, smem, device, "mudd_weights_fwd");
@@ -230,10 +230,7 @@ std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tens
   const at::ScalarType acc_type = acc_dtype(x_in.scalar_type());
   const auto acc_opts = x_in.options().dtype(acc_type);
   at::Tensor dx = at::empty(with_tail(sh.lead, {sh.d}), x_in.options());
-  if (sh.N == 0) {
-    return {dx, at::zeros(W1.sizes(), W1.options()), at::zeros(W2.sizes(), W2.options()),
-            at::zeros(bias.sizes(), bias.options())};
-  }
+  if (sh.N == 0) return {dx, at::zeros(W1.sizes(), W1.options()), at::zeros({sh.K + 1, sh.Cl}, acc_opts)};
   const int64_t ldg = round_up(sh.K, 16);
   const at::Tensor dA = dA_in.to(acc_type).reshape({sh.N, sh.Cl}).contiguous();
   const at::Tensor u = u_in.to(acc_type).reshape({sh.N, sh.K}).contiguous();
@@ -273,11 +270,7 @@ std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tens
     dx.view({sh.N, sh.d}).copy_(r2 * (dxn - xn * (dxn * xn).mean({1}, true)));
   }
   // [dW2; dbias] = hᵀ·dA in one GEMM: h's last column is ones.
-  const at::Tensor dW2b = at::mm(h.t(), dA);
-  const at::Tensor dW2 = dW2b.narrow(0, 0, sh.K);
-  const at::Tensor dbias = dW2b.select(0, sh.K).reshape(bias.sizes());
-  return {dx, dW1.to(W1.scalar_type()).contiguous(), dW2.to(W2.scalar_type()).contiguous(),
-          dbias.to(bias.scalar_type()).contiguous()};
+  return {dx, dW1.to(W1.scalar_type()).contiguous(), at::mm(h.t(), dA)};
 }
 
 }  // namespace crosslayer

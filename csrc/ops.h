@@ -175,8 +175,9 @@ std::vector<at::Tensor> mudd_weights_fwd(const at::Tensor& x, const at::Tensor& 
                                          const at::Tensor& bias, int64_t n_ways, double eps,
                                          const std::string& approximate);
 //   dA (*tok, C, l) any float dtype; u, r from the forward. Returns {dx (*tok, d) in x's
-//   dtype, dW1, dW2, dbias}, parameter gradients summed over tokens (deterministic), each
-//   in its parameter's dtype.
+//   dtype, dW1 in W1's dtype, dW2b (K + 1, C·l) in the arithmetic dtype: rows 0..K-1 dW2,
+//   row K dbias (C-major, flattened)}, parameter gradients summed over tokens
+//   (deterministic).
 std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA, const at::Tensor& x, const at::Tensor& W1,
                                          const at::Tensor& W2, const at::Tensor& bias, const at::Tensor& u,
                                          const at::Tensor& r, int64_t n_ways, double eps,

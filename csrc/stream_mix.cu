@@ -39,8 +39,12 @@ StreamMixInputs stream_mix_inputs(const at::Tensor& H, const at::Tensor& w) {
   if (sh.N == 0 || sh.d == 0) return in;
   StreamMixParams& p = in.p;
   in.H = fill_tile_streams(p, sh, H);
-  in.w = acc_rows(w, acc_dtype(H.scalar_type()));
+  // Static w in the accumulator dtype is read where it lies (any element stride: SHC
+  // passes a column of alpha); anything else as contiguous rows (a copy when it is not).
+  const at::ScalarType acc = acc_dtype(H.scalar_type());
+  in.w = in.static_w && w.scalar_type() == acc ? w : acc_rows(w, acc);
   p.w_token_stride = in.static_w ? 0 : sh.n;
+  p.w_col_stride = in.static_w ? in.w.stride(-1) : 1;
   p.w_ptr = in.w.data_ptr();
   return in;
 }

@@ -188,7 +188,9 @@ def hc_post_sample(case, dtype, device):
 def stream_mix_sample(case, dtype, device):
     lead, n, d = case["lead"], case["n"], case["d"]
     H = make_streams(lead, n, d, dtype=dtype, device=device, layout=case.get("layout", "contiguous"))
-    w = hc_coeffs(lead, n, dtype, device, case.get("static", False))[1]
+    alpha, w = hc_coeffs(lead, n, dtype, device, case.get("static", False))
+    if case.get("w_column"):  # static w read in place with an element stride (SHC's alpha[:, 0])
+        w = alpha[:, 0]
     return Sample([H, w], lambda m, *t: m.stream_mix(*t))
 
 
@@ -679,7 +681,8 @@ SPECS: Tuple[OpSpec, ...] = (
            opcheck_calls=hc_boundary_opcheck, launcher_errors=hc_boundary_launcher_errors, **HC_EDGE_CASES),
     OpSpec("stream_mix", stream_mix_sample,
            cases=_cases(("N5x7-n4-d129", dict(lead=(5, 7), n=4, d=129)),
-                        ("N11-n3-d7-misaligned-static", dict(lead=(11,), n=3, d=7, layout="misaligned", static=True))),
+                        ("N11-n3-d7-misaligned-static", dict(lead=(11,), n=3, d=7, layout="misaligned", static=True)),
+                        ("N6-n4-d40-static-w-column", dict(lead=(6,), n=4, d=40, static=True, w_column=True))),
            exhaustive_cases=_cases(*[(f"N{N}-n{n}-d{d}-{lay}", dict(lead=(N,), n=n, d=d, layout=lay))
                                      for N, n, d, lay in [(1, 1, 1, "contiguous"), (33, 16, 515, "padded"),
                                                           (9, 8, 64, "stream_stride")]]

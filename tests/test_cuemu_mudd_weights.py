@@ -22,6 +22,7 @@ cuBLAS) stays with the `gpu` tests in test_mudd_weights.py.
 import pytest
 import torch
 
+from crosslayer.ops.mudd_weights import split_dW2b
 from policy import FLOOR, assert_policy
 from test_mudd_weights import DTYPES, EPS, bwd_pair, check_forward, fwd_pair, make_dA, make_params, make_x
 
@@ -43,6 +44,12 @@ SHAPES = [
 ]
 
 
+def _bwd(module, dA, x, W1, W2, bias, u, r, C, eps, approximate):
+    """(dx, dW1, dW2, dbias) from the launcher, dW2b split as the custom op's backward does."""
+    dx, dW1, dW2b = module.mudd_weights_bwd(dA, x, W1, W2, bias, u, r, C, eps, approximate)
+    return (dx, dW1, *split_dW2b(dW2b, W2, bias))
+
+
 def _ids(shape):
     lead, d, K, C, l = shape
     return "N%s-d%d-K%d-C%d-l%d" % ("x".join(map(str, lead)), d, K, C, l)
@@ -58,7 +65,7 @@ def _check_backward(cuemu, x, params, C, l, approximate):
     lead = x.shape[:-1]
     dA = make_dA(lead, C, l, dtype=x.dtype, device="cpu")
     _, u, r = cuemu.mudd_weights_fwd(x, *params, C, EPS, approximate)
-    got = cuemu.mudd_weights_bwd(dA, x, *params, u, r, C, EPS, approximate)
+    got = _bwd(cuemu, dA, x, *params, u, r, C, EPS, approximate)
     low, high = bwd_pair(dA, x, *params, C, approximate)
     for name, g, lo, hi in zip(("dx", "dW1", "dW2", "dbias"), got, low, high):
         assert g.is_contiguous(), name
@@ -120,7 +127,7 @@ def test_empty_tokens(cuemu, poisoned, dtype):
     params = make_params(64, 16, 4, 3, dtype=dtype, device="cpu")
     A, u, r = cuemu.mudd_weights_fwd(x, *params, 4, EPS, "none")
     assert A.shape == (0, 4, 3) and u.shape == (0, 16) and r.shape == (0,)
-    dx, *grads = cuemu.mudd_weights_bwd(A, x, *params, u, r, 4, EPS, "none")
+    dx, *grads = _bwd(cuemu, A, x, *params, u, r, 4, EPS, "none")
     assert dx.shape == x.shape
     for g, p in zip(grads, params):
         assert torch.equal(g, torch.zeros_like(p))
@@ -140,7 +147,7 @@ def test_head_shared_memory_limit_is_messaged(cuemu):
     low, high = fwd_pair(x, W1, W2, bias, 8, "none")
     assert_policy("A", A, low, high)
     with pytest.raises(RuntimeError, match=r"mudd_weights_bwd: needs 256000 bytes of shared memory \(K = 3000, C\*l = 1000\)"):
-        cuemu.mudd_weights_bwd(A, x, W1, W2, bias, u, r, 8, EPS, "none")
+        _bwd(cuemu, A, x, W1, W2, bias, u, r, 8, EPS, "none")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -166,7 +173,7 @@ def test_dW1_gradient_scale(cuemu, poisoned, dtype, scale):
     params = make_params(d, K, C, l, dtype=dtype, device="cpu")
     dA = make_dA(lead, C, l, dtype=dtype, device="cpu") * scale
     _, u, r = cuemu.mudd_weights_fwd(x, *params, C, EPS, "none")
-    dx, dW1, dW2, dbias = cuemu.mudd_weights_bwd(dA, x, *params, u, r, C, EPS, "none")
+    dx, dW1, dW2, dbias = _bwd(cuemu, dA, x, *params, u, r, C, EPS, "none")
     low, high = bwd_pair(dA, x, *params, C, "none")
     assert_policy("dW1", dW1 / scale, low[1] / scale, high[1] / scale)
     assert_policy("dW2", dW2 / scale, low[2] / scale, high[2] / scale)
@@ -187,7 +194,7 @@ class _Emulated(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dA):
         x, W1, W2, bias, u, r = ctx.saved_tensors
-        grads = ctx.module.mudd_weights_bwd(dA.contiguous(), x, W1, W2, bias, u, r, ctx.C, EPS,
+        grads = _bwd(ctx.module, dA.contiguous(), x, W1, W2, bias, u, r, ctx.C, EPS,
                                             ctx.approximate)
         return (None, *grads, None, None)
 
@@ -211,7 +218,7 @@ def test_parameter_dtypes(cuemu, poisoned):
     low, high = fwd_pair(x, *params, C, "tanh")
     assert_policy("A", A, low, high)
     dA = make_dA(lead, C, l, dtype=torch.bfloat16, device="cpu")
-    got = cuemu.mudd_weights_bwd(dA, x, *params, u, r, C, EPS, "tanh")
+    got = _bwd(cuemu, dA, x, *params, u, r, C, EPS, "tanh")
     low, high = bwd_pair(dA, x, *params, C, "tanh")
     for name, g, p, lo, hi in zip(("dx", "dW1", "dW2", "dbias"), got, (x, *params), low, high):
         assert g.dtype == p.dtype and g.shape == p.shape, name
@@ -225,7 +232,7 @@ def _check_all(cuemu, x, params, C, l, approximate, dA=None):
     if dA is None:
         dA = make_dA(lead, C, l, dtype=x.dtype, device="cpu")
     _, u, r = cuemu.mudd_weights_fwd(x, *params, C, EPS, approximate)
-    got = cuemu.mudd_weights_bwd(dA, x, *params, u, r, C, EPS, approximate)
+    got = _bwd(cuemu, dA, x, *params, u, r, C, EPS, approximate)
     low, high = bwd_pair(dA, x, *params, C, approximate)
     for name, g, lo, hi in zip(("dx", "dW1", "dW2", "dbias"), got, low, high):
         assert_policy(name, g, lo, hi)

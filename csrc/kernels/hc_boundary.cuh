@@ -194,7 +194,7 @@ __device__ __forceinline__ void hc_boundary_stage(const HcBoundaryParams& p, con
                                                   int64_t t0) {
   const int n = p.pre.n;
   hc_tile_stage<kPartials>(b.coef_s, t0, p.pre.n_tokens, n * (n + 2), n * (n + 1),
-                           static_cast<const acc*>(p.post.a_ptr), p.post.a_token_stride,
+                           static_cast<const acc*>(p.post.a_ptr), p.post.a_token_stride, 1,
                            static_cast<const acc*>(p.post.b_ptr), p.post.b_token_stride, b.part_s,
                            kPartials ? static_cast<int>(blockDim.y * (blockDim.x / kWarpSize)) * n * (n + 1) : 0);
 }
@@ -473,7 +473,7 @@ __global__ void __launch_bounds__(kTokenTileThreads, kHcTileMinBlocks)
   hc_boundary_mix_stage_w(p, n, w_s);
   for (int64_t t0 = first_token_tile(rows); t0 < p.n_tokens; t0 += token_tile_stride(rows)) {
     hc_tile_stage<false>(coef_s, t0, p.n_tokens, per_row, n * (n + 1), static_cast<const acc*>(p.a_ptr),
-                         p.a_token_stride, static_cast<const acc*>(p.b_ptr), p.b_token_stride, coef_s, 0);
+                         p.a_token_stride, 1, static_cast<const acc*>(p.b_ptr), p.b_token_stride, coef_s, 0);
     const int64_t t = t0 + threadIdx.y;
     if (t >= p.n_tokens) continue;
     const acc* __restrict__ a_row = coef_s + threadIdx.y * per_row;
@@ -497,7 +497,7 @@ __global__ void __launch_bounds__(kTokenTileThreads, kHcTileMinBlocks)
   hc_boundary_mix_stage_w(p, n, w_s);
   for (int64_t t0 = first_token_tile(rows); t0 < p.n_tokens; t0 += token_tile_stride(rows)) {
     hc_tile_stage<true>(coef_s, t0, p.n_tokens, per_row, n * (n + 1), static_cast<const acc*>(p.a_ptr),
-                        p.a_token_stride, static_cast<const acc*>(p.b_ptr), p.b_token_stride, part_s,
+                        p.a_token_stride, 1, static_cast<const acc*>(p.b_ptr), p.b_token_stride, part_s,
                         rows * warps_per_row * dots);
     const int64_t t = t0 + threadIdx.y;
     if (t < p.n_tokens) {  // warp-uniform: rows are whole warps

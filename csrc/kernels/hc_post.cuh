@@ -209,7 +209,7 @@ __global__ void __launch_bounds__(kTokenTileThreads, kHcTileMinBlocks) hc_post_f
   const int64_t rows = blockDim.y;
   for (int64_t t0 = first_token_tile(rows); t0 < p.n_tokens; t0 += token_tile_stride(rows)) {
     hc_tile_stage<false>(coef_s, t0, p.n_tokens, per_row, n * (n + 1), static_cast<const acc*>(p.a_ptr),
-                         p.a_token_stride, static_cast<const acc*>(p.b_ptr), p.b_token_stride, coef_s, 0);
+                         p.a_token_stride, 1, static_cast<const acc*>(p.b_ptr), p.b_token_stride, coef_s, 0);
     const int64_t t = t0 + threadIdx.y;
     if (t >= p.n_tokens) continue;
     const acc* __restrict__ a_row = coef_s + threadIdx.y * per_row;  // alpha[i][c] at i(n+1)+c
@@ -230,7 +230,7 @@ __global__ void __launch_bounds__(kTokenTileThreads, kHcTileMinBlocks) hc_post_b
   acc* __restrict__ part_s = coef_s + rows * per_row;            // [rows][warps][dots]
   for (int64_t t0 = first_token_tile(rows); t0 < p.n_tokens; t0 += token_tile_stride(rows)) {
     hc_tile_stage<true>(coef_s, t0, p.n_tokens, per_row, n * (n + 1), static_cast<const acc*>(p.a_ptr),
-                        p.a_token_stride, static_cast<const acc*>(p.b_ptr), p.b_token_stride, part_s,
+                        p.a_token_stride, 1, static_cast<const acc*>(p.b_ptr), p.b_token_stride, part_s,
                         rows * warps_per_row * dots);
     const int64_t t = t0 + threadIdx.y;
     // Rows are whole warps, so this branch is warp-uniform (the shuffles need every

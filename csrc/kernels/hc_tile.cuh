@@ -58,13 +58,14 @@ struct HcTileParams {
 // Starts tile t0 (every thread of the block calls it: two barriers). Waits until the
 // previous tile's readers are done with shared memory, copies `per_row` coefficients of
 // each token t0 + r (r < rows) into coef_s (`=`): the first `split` from `first` (row
-// stride s0), the rest from `second` (row stride s1), tokens past the end as zero; sets
+// stride s0, column stride c0), the rest from `second` (row stride s1, unit column
+// stride), tokens past the end as zero; sets
 // the `n_part` partial slots at part_s to zero (backward kernels, kPartials; compiled out
 // otherwise, where it would cost registers); and waits until all of it is visible.
 template <bool kPartials, typename acc>
 __device__ __forceinline__ void hc_tile_stage(acc* __restrict__ coef_s, int64_t t0, int64_t n_tokens,
                                               int per_row, int split, const acc* __restrict__ first,
-                                              int64_t s0, const acc* __restrict__ second, int64_t s1,
+                                              int64_t s0, int64_t c0, const acc* __restrict__ second, int64_t s1,
                                               acc* __restrict__ part_s, int n_part) {
   __syncthreads();
   const int total = blockDim.y * per_row;
@@ -73,7 +74,7 @@ __device__ __forceinline__ void hc_tile_stage(acc* __restrict__ coef_s, int64_t 
     const int j = i % per_row;
     const int64_t t = t0 + r;
     acc v = acc(0);
-    if (t < n_tokens) v = j < split ? first[t * s0 + j] : second[t * s1 + (j - split)];
+    if (t < n_tokens) v = j < split ? first[t * s0 + j * c0] : second[t * s1 + (j - split)];
     coef_s[i] = v;
   }
   if constexpr (kPartials) {

@@ -20,9 +20,11 @@
 //   giving dbias. All deterministic.
 //
 // Kernels
-//   mudd_weights_fwd_proj_kernel<T, kVec>  bf16/fp16 x: r and u, x·W1 on tensor cores
-//                                          (mma.sync m16n8k16, fp32 accumulate, sm_80+).
-//   mudd_weights_fwd_head_kernel<acc>      A from u (CUDA cores; K·Cl MACs a token).
+//   mudd_weights_fwd_proj_kernel<T, kVec>  bf16/fp16 x: r, u and A in one launch, x·W1 and
+//                                          GELU(u)·W2 on tensor cores (mma.sync m16n8k16,
+//                                          fp32 accumulate, sm_80+).
+//   mudd_weights_fwd_head_kernel<acc>      fp32/fp64 x: A from u (CUDA cores; K·Cl MACs a
+//                                          token).
 //   mudd_weights_bwd_head_kernel<acc>      h, g, s from dA and u (CUDA cores).
 //   mudd_weights_bwd_dx_kernel<T, kVec>    bf16/fp16 x: dx = g·W1ᵀ − s·x and the dW1
 //                                          partials xᵀ·g of token groups, on tensor cores.
@@ -41,15 +43,18 @@
 // operands are fp32 (g and W1, read as fp32 and split in registers): bf16 hi/lo of each
 // and g_hi·W_hi + g_lo·W_hi + g_hi·W_lo (three mma; one alone fails the policy for fp16
 // dx). In dW1, x is exact in bf16 parts (one for bf16, hi + lo for fp16) and g is bf16
-// hi + lo: bf16's exponent range needs no scaling of g. Fragment layouts and the packing
+// hi + lo: bf16's exponent range needs no scaling of g. The proj's head: GELU(u) and W2
+// (fp32) in bf16 hi + lo, all four products (three leave 2^-16 relative, above the fp32
+// oracle's own error). Fragment layouts and the packing
 // of W1 for the proj (W1f): common/mma.cuh. (Measurements: bench/NOTES.md.)
 //
 // Thread mapping
-//   proj: block of kMuddWeightsWarps warps, warp w owns tokens 16·(blockIdx·warps + w)
-//         + 0..15; the hidden columns are done kMuddWeightsProjCols (128) at a time (64 fp32
-//         accumulators a thread); x is re-read for each further column pass (L2).
-//         The block's warps walk W1f in step, so its fragments are L1 hits for all
-//         but the first warp.
+//   proj: block of kMuddWeightsProjWarps (2) warps, warp w owns tokens 16·(blockIdx·2 +
+//         w) + 0..15 (N / 32 blocks: 512 at N = 16384, ~4 an SM on 132 SMs); the hidden
+//         columns are done kMuddWeightsProjCols (64) at a time (32 fp32 accumulators a
+//         thread, x loaded a chunk ahead); x is re-read for each further column pass
+//         (L1/L2). Warps on an SM walk W1f in step, so its fragments are mostly L1 hits.
+//         After the passes, the warp's head: A of its 16 tokens from the u it stored.
 //   dx:   warp u = blockIdx.x·warps + w owns column pass u % passes (dW1 columns 32·pass
 //         .. + 31; passes = ceil(K / 32)) of the 32-feature chunk (u / passes) % chunks
 //         of token group u / (passes·chunks) (tiles_per_group consecutive 16-token
@@ -59,10 +64,12 @@
 //         xᵀ·g of the pass's columns into registers (32 fp32: a pass holds 32 columns
 //         so that the kernel fits 128 registers, 2 blocks an SM), written to the
 //         group's partial at the end.
-//   head fwd/bwd: a block of kMuddWeightsHeadThreads threads owns kMuddWeightsHeadTokens tokens at a time;
-//         the tokens' u (and dA) are staged in shared memory and thread i computes the
-//         (token, output) pairs i, i + kMuddWeightsHeadThreads, ...; per-token sums over k are
-//         reduced by one warp per token in a fixed order (deterministic).
+//   head fwd (fp32/fp64 x) / bwd: a block of kMuddWeightsHeadThreads threads owns
+//         kMuddWeightsHeadTokens tokens at a time; the tokens' u (fwd) or dA (bwd) are
+//         staged in shared memory. fwd: thread i computes the (token, output) pairs i,
+//         i + kMuddWeightsHeadThreads, ...; bwd: a warp per (token, 32 hidden units),
+//         lanes over the C·l outputs (mudd_weights_head_grads). Per-token sums are
+//         reduced in a fixed order (deterministic).
 //
 // Assumptions (checked or arranged by the launcher):
 //   1) x and dx: features unit-stride, tokens through TokenLayout; for 16-byte access
@@ -88,10 +95,16 @@
 
 namespace crosslayer {
 
-constexpr int kMuddWeightsWarps = 8;  // warps a block (proj, dx)
+constexpr int kMuddWeightsWarps = 8;  // warps a block (dx)
 constexpr int kMuddWeightsThreads = kMuddWeightsWarps * kWarpSize;
-constexpr int kMuddWeightsProjCols = 128;                          // hidden columns a proj pass
+constexpr int kMuddWeightsProjWarps = 2;  // warps a block (proj): 32 tokens, N / 32 blocks
+constexpr int kMuddWeightsProjThreads = kMuddWeightsProjWarps * kWarpSize;
+// Register cap of the proj (__maxnreg__: it cannot be combined with __launch_bounds__):
+// 112 fits 9 blocks of 2 warps an SM, as 104 would; 96 (10 blocks) spills 52 B.
+#define MUDD_WEIGHTS_PROJ_MAX_REGS 112
+constexpr int kMuddWeightsProjCols = 64;                           // hidden columns a proj pass
 constexpr int kMuddWeightsProjTiles = kMuddWeightsProjCols / 8;    // n-tiles a pass
+constexpr int kMuddWeightsHeadCols = 32;                           // outputs o a head step (4 n-tiles)
 constexpr int kMuddWeightsDxTiles = 4;                             // n-tiles a dx chunk (32 features)
 constexpr int kMuddWeightsDw1Tiles = 4;                            // n-tiles a dW1 column pass (32 columns)
 constexpr int kMuddWeightsHeadThreads = 256;
@@ -138,8 +151,8 @@ struct MuddWeightsParams {
 // One column pass of the proj: acc = x·W1f over the `chunks` chunks of d for the warp's
 // rows (=, from zero), columns col0 .. col0 + kMuddWeightsProjCols of W (packed W1,
 // n_tiles tiles a chunk-step row); with `sumsq` (the first pass) also ssa / ssb += Σ x²
-// of rows a / b. The loop invariants (W, chunks, n_tiles, d) come from the caller, hoisted
-// out of its column loop (recomputing them here costs ptxas ~40 registers). Warp-wide (mma).
+// of rows a / b. x is loaded a chunk ahead (HBM latency). The loop invariants (W,
+// chunks, n_tiles, d) come from the caller, hoisted out of its column loop. Warp-wide.
 template <typename T, bool kVec>
 __device__ __forceinline__ void mudd_weights_proj_pass(const MmaRows& r, const T* __restrict__ xa,
                                                        const T* __restrict__ xb, int64_t d,
@@ -147,10 +160,16 @@ __device__ __forceinline__ void mudd_weights_proj_pass(const MmaRows& r, const T
                                                        int col0, bool sumsq, float (&acc)[kMuddWeightsProjTiles][4],
                                                        float& ssa, float& ssb) {
   mma_zero(acc);
+  const int64_t e0 = r.tig * 8;
+  uint4 na = r.va ? load8<T, kVec>(xa, e0, d) : make_uint4(0, 0, 0, 0);
+  uint4 nb = r.vb ? load8<T, kVec>(xb, e0, d) : make_uint4(0, 0, 0, 0);
   for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t e = c * 32 + r.tig * 8;
-    const uint4 wa = r.va ? load8<T, kVec>(xa, e, d) : make_uint4(0, 0, 0, 0);
-    const uint4 wb = r.vb ? load8<T, kVec>(xb, e, d) : make_uint4(0, 0, 0, 0);
+    const uint4 wa = na, wb = nb;
+    if (c + 1 < chunks) {
+      const int64_t e = (c + 1) * 32 + e0;
+      na = r.va ? load8<T, kVec>(xa, e, d) : make_uint4(0, 0, 0, 0);
+      nb = r.vb ? load8<T, kVec>(xb, e, d) : make_uint4(0, 0, 0, 0);
+    }
     if (sumsq) {
       ssa += sumsq8<T>(wa);
       ssb += sumsq8<T>(wb);
@@ -159,7 +178,7 @@ __device__ __forceinline__ void mudd_weights_proj_pass(const MmaRows& r, const T
   }
 }
 
-// u[t, k] = acc·unscale·r (=) for the pass's columns k < K of rows a (ra) and b (rb).
+// u = acc·unscale·r (=) for the pass's columns k < K of rows a (ra) and b (rb).
 __device__ __forceinline__ void mudd_weights_store_u(const MuddWeightsParams& p, const MmaRows& r,
                                                      const float (&acc)[kMuddWeightsProjTiles][4], int col0,
                                                      float unscale, float ra, float rb) {
@@ -177,11 +196,77 @@ __device__ __forceinline__ void mudd_weights_store_u(const MuddWeightsParams& p,
   }
 }
 
-// r and u = r·(x·W1) for bf16/fp16 x.
+// The head for the warp's 16 rows once their u is stored (by this warp; __syncwarp
+// before): A = bias + GELU(u)·W2 (=), on tensor cores. kMuddWeightsHeadCols outputs at a
+// time; for each k-step, the A fragments are GELU(u) of rows grp / grp + 8 and hidden
+// 16ks + 2tig + {0, 1} (+8), read back from u (L1), the B fragments W2[k, o]; both are
+// split into bf16 hi + lo and all four products summed (the dropped part of either is
+// 2^-16 relative: with three the head's error would exceed the fp32 oracle's). Hidden
+// units k >= K and outputs o >= Cl read as zero.
+__device__ __forceinline__ void mudd_weights_proj_head(const MuddWeightsParams& p, const MmaRows& r) {
+  const float* U = static_cast<const float*>(p.u_ptr);  // written by this warp: plain loads
+  const float* __restrict__ W2 = static_cast<const float*>(p.w2_ptr);
+  const float* __restrict__ bias = static_cast<const float*>(p.bias_ptr);
+  float* __restrict__ A = static_cast<float*>(p.a_ptr);
+  const int K = p.K, Cl = p.Cl;
+  const int ksteps = (K + 15) / 16;
+  for (int o0 = 0; o0 < Cl; o0 += kMuddWeightsHeadCols) {
+    float out[kMuddWeightsHeadCols / 8][4];
+    mma_zero(out);
+    for (int ks = 0; ks < ksteps; ++ks) {
+      const int k = ks * 16 + r.tig * 2;
+      // h of (row, hidden): words a0 (a, k..k+1), a1 (b, k..k+1), a2 (a, k+8..), a3 (b, k+8..)
+      float h[8];
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        const int kq = k + (q / 4) * 8 + q % 2;
+        const bool row_a = (q / 2) % 2 == 0;
+        const bool valid = kq < K && (row_a ? r.va : r.vb);
+        h[q] = valid ? gelu_fwd<float>(U[(row_a ? r.ta : r.tb) * K + kq], p.tanh_gelu) : 0.f;
+      }
+      uint32_t ah[4], al[4];
+#pragma unroll
+      for (int w = 0; w < 4; ++w) split_bf16x2(h[2 * w], h[2 * w + 1], ah[w], al[w]);
+#pragma unroll
+      for (int j = 0; j < kMuddWeightsHeadCols / 8; ++j) {
+        const int o = o0 + j * 8 + r.grp;
+        float w[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int kq = k + (q / 2) * 8 + q % 2;
+          w[q] = (kq < K && o < Cl) ? __ldg(W2 + static_cast<int64_t>(kq) * Cl + o) : 0.f;
+        }
+        uint32_t bh0, bl0, bh1, bl1;
+        split_bf16x2(w[0], w[1], bh0, bl0);
+        split_bf16x2(w[2], w[3], bh1, bl1);
+        MmaOp<__nv_bfloat16>::run(out[j], ah[0], ah[1], ah[2], ah[3], bh0, bh1);
+        MmaOp<__nv_bfloat16>::run(out[j], al[0], al[1], al[2], al[3], bh0, bh1);
+        MmaOp<__nv_bfloat16>::run(out[j], ah[0], ah[1], ah[2], ah[3], bl0, bl1);
+        MmaOp<__nv_bfloat16>::run(out[j], al[0], al[1], al[2], al[3], bl0, bl1);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kMuddWeightsHeadCols / 8; ++j) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int o = o0 + j * 8 + r.tig * 2 + q % 2;
+        const bool row_valid = q < 2 ? r.va : r.vb;
+        if (o < Cl && row_valid) A[(q < 2 ? r.ta : r.tb) * Cl + o] = out[j][q] + bias[o];
+      }
+    }
+  }
+}
+
+// r, u = r·(x·W1) and A = bias + GELU(u)·W2 for bf16/fp16 x, one launch: warp w of block
+// b owns tokens 16·(b·kMuddWeightsProjWarps + w) + 0..15 and walks the hidden columns
+// kMuddWeightsProjCols at a time (x re-read from L1/L2 after the first pass), storing u,
+// then computes the tokens' A from it (mudd_weights_proj_head). No shared memory, no
+// block barriers.
 template <typename T, bool kVec>
-__global__ void __launch_bounds__(kMuddWeightsThreads) mudd_weights_fwd_proj_kernel(const MuddWeightsParams p) {
+__global__ void __maxnreg__(MUDD_WEIGHTS_PROJ_MAX_REGS)
+    mudd_weights_fwd_proj_kernel(const MuddWeightsParams p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  const MmaRows r = mma_rows(kMuddWeightsWarps, p.n_tokens);
+  const MmaRows r = mma_rows(kMuddWeightsProjWarps, p.n_tokens);
   if (r.t0 >= p.n_tokens) return;
   const T* __restrict__ X = static_cast<const T*>(p.x_ptr);
   const T* __restrict__ xa = X + (r.va ? p.x_tok.offset(r.ta) : 0);
@@ -190,12 +275,12 @@ __global__ void __launch_bounds__(kMuddWeightsThreads) mudd_weights_fwd_proj_ker
   const uint4* __restrict__ W = static_cast<const uint4*>(p.w1f_ptr);
   const int64_t chunks = (d + 31) / 32;
   const int n_tiles = p.k_pad / 8;  // per chunk-step row of W1f
+  const float unscale = p.w1f_unscale_ptr != nullptr ? *p.w1f_unscale_ptr : 1.f;
   float ssa = 0.f, ssb = 0.f;
   float ra = 0.f, rb = 0.f;
   for (int col0 = 0; col0 < p.k_pad; col0 += kMuddWeightsProjCols) {
     float acc[kMuddWeightsProjTiles][4];
     mudd_weights_proj_pass<T, kVec>(r, xa, xb, d, W, chunks, n_tiles, col0, col0 == 0, acc, ssa, ssb);
-    const float unscale = p.w1f_unscale_ptr != nullptr ? *p.w1f_unscale_ptr : 1.f;
     if (col0 == 0) {
       ra = rsqrtf(quad_sum(ssa) / static_cast<float>(d) + static_cast<float>(p.eps));
       rb = rsqrtf(quad_sum(ssb) / static_cast<float>(d) + static_cast<float>(p.eps));
@@ -206,6 +291,8 @@ __global__ void __launch_bounds__(kMuddWeightsThreads) mudd_weights_fwd_proj_ker
     }
     mudd_weights_store_u(p, r, acc, col0, unscale, ra, rb);
   }
+  __syncwarp();  // every lane's u stores are visible to the warp
+  mudd_weights_proj_head(p, r);
 #endif
 }
 

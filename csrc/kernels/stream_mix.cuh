@@ -20,8 +20,9 @@
 namespace crosslayer {
 
 struct StreamMixParams : HcTileParams {  // H
-  // w (N, n), accumulator dtype, contiguous rows; token stride 0 for static w.
-  index_t w_token_stride;
+  // w (N, n), accumulator dtype: contiguous rows (column stride 1), or static w (n,) with
+  // token stride 0 and its own element stride (e.g. a column of SHC's alpha, no copy).
+  index_t w_token_stride, w_col_stride;
   // x (*lead, d), forward output; dx (*lead, d), backward input.
   TokenLayout x_tok;
   TokenLayout g_tok;
@@ -110,7 +111,7 @@ __global__ void __launch_bounds__(kTokenTileThreads, kHcTileMinBlocks) stream_mi
   const acc* __restrict__ w = static_cast<const acc*>(p.w_ptr);
   const int64_t rows = blockDim.y;
   for (int64_t t0 = first_token_tile(rows); t0 < p.n_tokens; t0 += token_tile_stride(rows)) {
-    hc_tile_stage<false>(w_s, t0, p.n_tokens, n, n, w, p.w_token_stride, w, p.w_token_stride, w_s, 0);
+    hc_tile_stage<false>(w_s, t0, p.n_tokens, n, n, w, p.w_token_stride, p.w_col_stride, w, p.w_token_stride, w_s, 0);
     const int64_t t = t0 + threadIdx.y;
     if (t >= p.n_tokens) continue;
     stream_mix_token<T, kVec, kN>(p, t, w_s + threadIdx.y * n, n);
@@ -129,7 +130,7 @@ __global__ void __launch_bounds__(kTokenTileThreads, kHcTileMinBlocks) stream_mi
   const acc* __restrict__ w = static_cast<const acc*>(p.w_ptr);
   const int w_cols = w != nullptr ? n : 0;  // stream_mix_dots: no w
   for (int64_t t0 = first_token_tile(rows); t0 < p.n_tokens; t0 += token_tile_stride(rows)) {
-    hc_tile_stage<true>(w_s, t0, p.n_tokens, w_cols, w_cols, w, p.w_token_stride, w, p.w_token_stride, part_s,
+    hc_tile_stage<true>(w_s, t0, p.n_tokens, w_cols, w_cols, w, p.w_token_stride, p.w_col_stride, w, p.w_token_stride, part_s,
                         rows * warps_per_row * n);
     const int64_t t = t0 + threadIdx.y;
     if (t < p.n_tokens) {  // warp-uniform: rows are whole warps

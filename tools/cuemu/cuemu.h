@@ -61,6 +61,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __maxnreg__(n)
 #define __align__(n) __attribute__((aligned(n)))
 #define CUEMU 1
 // The emulator's own functions are not instrumented for the traffic counter: none of

@@ -6,7 +6,9 @@ Layers, bottom up:
   torch.ops.crosslayer.mudd_weights       custom op + fake + autograd: (A, u, r);
                                           u = rms(x)·W1 and r = rsqrt(mean x² + eps) are
                                           saved for the backward, not differentiable
-  torch.ops.crosslayer.mudd_weights_bwd   custom op: (dx, dW1, dW2, dbias)
+  torch.ops.crosslayer.mudd_weights_bwd   custom op: (dx, dW1, dW2b = [dW2; dbias]), split
+                                          by split_dW2b (one GEMM writes both; outputs of a
+                                          custom op may not alias each other)
   mudd_weights(x, W1, W2, bias, n_ways, eps, approximate)
                                           validates once, then the op above (CUDA, _C
                                           built, parameters no wider than the arithmetic
@@ -74,28 +76,35 @@ def _mudd_weights_fake(x, W1, W2, bias, n_ways, eps, approximate):
 @torch.library.custom_op("crosslayer::mudd_weights_bwd", mutates_args=())
 def mudd_weights_bwd_op(dA: Tensor, x: Tensor, W1: Tensor, W2: Tensor, bias: Tensor, u: Tensor,
                         r: Tensor, n_ways: int, eps: float,
-                        approximate: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dW1, dW2, dbias) of mudd_weights.
+                        approximate: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, dW1, dW2b) of mudd_weights.
 
     dA: (*tok, C, l); u, r: from mudd_weights_op; eps, approximate: the forward's (the
-    CPU path recomputes from x). dx is contiguous in x's dtype; the parameter gradients
-    are summed over tokens, each in its parameter's dtype.
+    CPU path recomputes from x). dx is contiguous in x's dtype, dW1 in W1's; dW2b:
+    (K + 1, C*l) in the arithmetic dtype, rows :K dW2 and row K dbias (split_dW2b).
+    Parameter gradients are summed over tokens.
     """
     kernels = kernels_for(x, "mudd_weights")
     if kernels is not None:
-        dx, dW1, dW2, dbias = kernels.mudd_weights_bwd(dA, x, W1, W2, bias, u, r, n_ways, eps, approximate)
-        return dx, dW1, dW2, dbias
+        dx, dW1, dW2b = kernels.mudd_weights_bwd(dA, x, W1, W2, bias, u, r, n_ways, eps, approximate)
+        return dx, dW1, dW2b
     acc = acc_dtype(x.dtype)
     dx, dW1, dW2, dbias = ref.mudd_weights_bwd(dA.to(acc), x, W1.to(acc), W2.to(acc), bias.to(acc),
                                                n_ways, eps, approximate)
-    return (dx.contiguous(), dW1.to(W1.dtype).contiguous(), dW2.to(W2.dtype).contiguous(),
-            dbias.to(bias.dtype).contiguous())
+    return dx.contiguous(), dW1.to(W1.dtype).contiguous(), torch.cat([dW2, dbias.reshape(1, -1)])
 
 
 @mudd_weights_bwd_op.register_fake
 def _mudd_weights_bwd_fake(dA, x, W1, W2, bias, u, r, n_ways, eps, approximate):
-    return (x.new_empty(x.shape), W1.new_empty(W1.shape), W2.new_empty(W2.shape),
-            bias.new_empty(bias.shape))
+    return (x.new_empty(x.shape), W1.new_empty(W1.shape),
+            x.new_empty((W2.shape[0] + 1, W2.shape[1]), dtype=acc_dtype(x.dtype)))
+
+
+def split_dW2b(dW2b: Tensor, W2: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor]:
+    """(dW2, dbias) from mudd_weights_bwd_op's dW2b, each in its parameter's dtype and
+    shape: views of dW2b when the dtypes already agree (no copy)."""
+    K = W2.shape[0]
+    return dW2b[:K].to(W2.dtype), dW2b[K].reshape(bias.shape).to(bias.dtype)
 
 
 def _mudd_weights_setup(ctx, inputs, output) -> None:
@@ -113,9 +122,8 @@ def _mudd_weights_backward(ctx, dA, du, dr):
     x, W1, W2, bias, u, r = ctx.saved_tensors
     if dA is None:
         dA = u.new_zeros((*x.shape[:-1], ctx.n_ways, W2.shape[1] // ctx.n_ways))
-    dx, dW1, dW2, dbias = mudd_weights_bwd_op(dA, x, W1, W2, bias, u, r, ctx.n_ways, ctx.eps,
-                                              ctx.approximate)
-    return dx, dW1, dW2, dbias, None, None, None
+    dx, dW1, dW2b = mudd_weights_bwd_op(dA, x, W1, W2, bias, u, r, ctx.n_ways, ctx.eps, ctx.approximate)
+    return (dx, dW1, *split_dW2b(dW2b, W2, bias), None, None, None)
 
 
 mudd_weights_op.register_autograd(_mudd_weights_backward, setup_context=_mudd_weights_setup)
