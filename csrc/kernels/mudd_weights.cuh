@@ -100,7 +100,8 @@ constexpr int kMuddWeightsThreads = kMuddWeightsWarps * kWarpSize;
 constexpr int kMuddWeightsProjWarps = 2;  // warps a block (proj): 32 tokens, N / 32 blocks
 constexpr int kMuddWeightsProjThreads = kMuddWeightsProjWarps * kWarpSize;
 // Register cap of the proj (__maxnreg__: it cannot be combined with __launch_bounds__):
-// 112 fits 9 blocks of 2 warps an SM, as 104 would; 96 (10 blocks) spills 52 B.
+// 112 fits 8 blocks of 2 warps an SM (4 warps a 16K-register sub-partition), as 104
+// would; 96 (10 blocks) spills 52 B.
 #define MUDD_WEIGHTS_PROJ_MAX_REGS 112
 constexpr int kMuddWeightsProjCols = 64;                           // hidden columns a proj pass
 constexpr int kMuddWeightsProjTiles = kMuddWeightsProjCols / 8;    // n-tiles a pass
