@@ -15,7 +15,9 @@
 //                 x·W1 and the head's GELU(u)·W2 on tensor cores);
 //                 backward: head kernel (h, g, s), mudd_weights_bwd_dx_kernel (dx and the
 //                 dW1 partials of token groups, in one pass over x), at::sum of the
-//                 partials, one cuBLAS GEMM for dW2 and dbias ([GELU(u), 1]ᵀ·dA).
+//                 partials; dW2 and dbias summed by the head kernel (per-block sums, at::sum
+//                 over blocks), or, when those do not fit its shared memory or would move
+//                 more bytes, one cuBLAS GEMM [GELU(u), 1]ᵀ·dA.
 //   fp32/fp64 x   (correctness dtypes), and 16-bit x with d < 32: x·W1, g·W1ᵀ and xᵀ·g by
 //                 at::mm in the accumulator dtype, the head kernels as above.
 // Every reduction over tokens is a fixed-order sum (in-kernel over a group's tiles, then
@@ -95,17 +97,27 @@ bool use_mma(const at::Tensor& x, int device) {
   return (t == at::kBFloat16 || t == at::kHalf) && x.size(-1) >= kMmaMinD && has_mma_sync_16bit(device);
 }
 
-// Launches a head kernel over N tokens with `smem` bytes of dynamic shared memory.
-template <typename Kernel>
-void launch_head(Kernel kernel, const MuddWeightsParams& p, int64_t smem, int device, const char* what) {
+// Refuses a head kernel's `smem` bytes of dynamic shared memory beyond the device's.
+void check_head_smem(int64_t smem, const MuddWeightsParams& p, int device, const char* what) {
   const int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   TORCH_CHECK(smem <= optin, what, ": needs ", smem, " bytes of shared memory (K = ", p.K, ", C*l = ",
               p.Cl, "), the device allows ", optin);
+}
+
+// Head blocks over N tokens: min(tiles, SMs × blocks_per_sm).
+int64_t head_blocks(int64_t n_tokens, int device, int64_t blocks_per_sm) {
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  const int64_t tiles = (n_tokens + kMuddWeightsHeadTokens - 1) / kMuddWeightsHeadTokens;
+  return std::min(tiles, sms * blocks_per_sm);
+}
+
+// Launches a head kernel over N tokens with `smem` bytes of dynamic shared memory.
+template <typename Kernel>
+void launch_head(Kernel kernel, const MuddWeightsParams& p, int64_t smem, int64_t blocks, int device,
+                 const char* what) {
+  check_head_smem(smem, p, device, what);
   allow_smem(kernel, static_cast<int>(smem));
-  const int sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
-  const int64_t tiles = (p.n_tokens + kMuddWeightsHeadTokens - 1) / kMuddWeightsHeadTokens;
-  const int64_t grid = std::min<int64_t>(tiles, static_cast<int64_t>(sms) * 8);
-  launch(kernel, dim3(static_cast<unsigned>(grid)), dim3(kMuddWeightsHeadThreads), static_cast<size_t>(smem), p);
+  launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kMuddWeightsHeadThreads), static_cast<size_t>(smem), p);
 }
 
 // The fields both directions set.
@@ -212,7 +224,7 @@ std::vector<at::Tensor> mudd_weights_fwd(const at::Tensor& x_in, const at::Tenso
   r.view({sh.N}).copy_(r2.view({sh.N}));
   const int64_t smem = static_cast<int64_t>(kMuddWeightsHeadTokens) * sh.K * at::elementSize(acc_type);
   launch_head(acc_type == at::kDouble ? mudd_weights_fwd_head_kernel<double> : mudd_weights_fwd_head_kernel<float>,
-              p, smem, device, "mudd_weights_fwd");
+              p, smem, head_blocks(sh.N, device, 8), device, "mudd_weights_fwd");
   return {A, u, r};
 }
 
@@ -236,7 +248,6 @@ std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tens
   const at::Tensor u = u_in.to(acc_type).reshape({sh.N, sh.K}).contiguous();
   const at::Tensor r = r_in.to(acc_type).reshape({sh.N}).contiguous();
   const at::Tensor W2_ = W2.to(acc_type).contiguous();
-  at::Tensor h = at::empty({sh.N, sh.K + 1}, acc_opts);  // [GELU(u), 1]
   at::Tensor g = at::empty({sh.N, ldg}, acc_opts);
   at::Tensor s = at::empty({sh.N}, acc_opts);
 
@@ -245,14 +256,33 @@ std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tens
   p.u_ptr = const_cast<void*>(u.data_ptr());
   p.r_ptr = const_cast<void*>(r.data_ptr());
   p.da_ptr = dA.data_ptr();
-  p.h_ptr = h.data_ptr();
   p.g_ptr = g.data_ptr();
   p.s_ptr = s.data_ptr();
   const int device = x_in.device().index();
 
-  const int64_t smem = static_cast<int64_t>(kMuddWeightsHeadTokens) * (sh.Cl + sh.K) * at::elementSize(acc_type);
+  // [dW2; dbias] in the head kernel (per-block sums in shared memory, one block an SM:
+  // h is never written and dA read once) when its sums fit next to the tile buffers and
+  // their partials move fewer bytes than the GEMM's inputs: blocks·(K + 1)·C·l written
+  // and read by the sum, against h written and read and dA read again, N·(2(K + 1) +
+  // C·l). Else h = [GELU(u), 1] for one GEMM.
+  const int64_t es = at::elementSize(acc_type);
+  const int64_t smem = kMuddWeightsHeadTokens * (sh.Cl + sh.K) * es;
+  const int64_t smem_dw2 = smem + (kMuddWeightsHeadTokens * sh.K + (sh.K + 1) * sh.Cl) * es;
+  check_head_smem(smem, p, device, "mudd_weights_bwd");
+  const int64_t in_head_blocks = head_blocks(sh.N, device, 1);
+  const bool dw2_in_head = smem_dw2 <= device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device) &&
+                           in_head_blocks * (sh.K + 1) * sh.Cl * 2 < sh.N * (2 * (sh.K + 1) + sh.Cl);
+  const int64_t blocks = dw2_in_head ? in_head_blocks : head_blocks(sh.N, device, 8);
+  at::Tensor h, dw2_part;
+  if (dw2_in_head) {
+    dw2_part = at::empty({blocks, sh.K + 1, sh.Cl}, acc_opts);
+    p.dw2_part_ptr = dw2_part.data_ptr();
+  } else {
+    h = at::empty({sh.N, sh.K + 1}, acc_opts);  // [GELU(u), 1]
+    p.h_ptr = h.data_ptr();
+  }
   launch_head(acc_type == at::kDouble ? mudd_weights_bwd_head_kernel<double> : mudd_weights_bwd_head_kernel<float>,
-              p, smem, device, "mudd_weights_bwd");
+              p, dw2_in_head ? smem_dw2 : smem, blocks, device, "mudd_weights_bwd");
 
   const at::Tensor gK = g.narrow(1, 0, sh.K);
   at::Tensor dW1;
@@ -269,8 +299,10 @@ std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tens
     dW1 = at::mm(x2.t(), gK);
     dx.view({sh.N, sh.d}).copy_(r2 * (dxn - xn * (dxn * xn).mean({1}, true)));
   }
-  // [dW2; dbias] = hᵀ·dA in one GEMM: h's last column is ones.
-  return {dx, dW1.to(W1.scalar_type()).contiguous(), at::mm(h.t(), dA)};
+  // [dW2; dbias]: the head blocks' sums added in block order, or hᵀ·dA in one GEMM (h's
+  // last column is ones).
+  const at::Tensor dW2b = dw2_in_head ? (blocks == 1 ? dw2_part[0] : dw2_part.sum(0)) : at::mm(h.t(), dA);
+  return {dx, dW1.to(W1.scalar_type()).contiguous(), dW2b};
 }
 
 }  // namespace crosslayer

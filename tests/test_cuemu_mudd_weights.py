@@ -150,6 +150,29 @@ def test_head_shared_memory_limit_is_messaged(cuemu):
         _bwd(cuemu, A, x, W1, W2, bias, u, r, 8, EPS, "none")
 
 
+# (N, d, K, C, l, dtype): where the backward's [dW2; dbias] is summed (the launcher's rule:
+# in the head when its (K + 1)·C·l sums fit the head's shared memory and the partials of
+# min(tiles, 132 SMs) blocks, written and read, are fewer than the GEMM's N·(2(K + 1) + C·l)).
+DW2_CASES = [
+    # in the head: 1100 tokens, 138 tiles over 132 blocks (some sum two), 132 partials added
+    ((1100,), 40, 8, 4, 2, torch.bfloat16),
+    ((1100,), 7, 8, 4, 2, torch.float32),
+    # one GEMM: K = C·l = 200 fits in fp32 (8·600·4 + 201·200·4 = 180 KB of 227) but 19
+    # tokens move fewer bytes through h than 1 block's partial; in fp64 (360 KB) it does
+    # not fit at all
+    ((19,), 40, 200, 4, 50, torch.bfloat16),
+    ((19,), 7, 200, 4, 50, torch.float64),
+]
+
+
+@pytest.mark.parametrize("case", DW2_CASES, ids=lambda c: "N%d-K%d-Cl%d-%s" % (c[0][0], c[2], c[3] * c[4], str(c[5])[6:]))
+def test_dW2_in_the_head_or_by_gemm(cuemu, poisoned, case):
+    lead, d, K, C, l, dtype = case
+    x = make_x(lead, d, dtype=dtype, device="cpu")
+    params = make_params(d, K, C, l, dtype=dtype, device="cpu", bias_2d=True)
+    _check_backward(cuemu, x, params, C, l, "none")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_head_grid_stride(cuemu, poisoned, dtype):
     """N > kHeadTokens x 8 x SMs (8 x 1056 = 8448 tokens): the head kernels' blocks take

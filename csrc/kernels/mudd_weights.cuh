@@ -7,7 +7,7 @@
 //     u[k]  = r·Σ_e x[e]·W1[e, k]                 (= written, saved for the backward)
 //     A[o]  = bias[o] + Σ_k GELU(u[k])·W2[k, o]     (= written)
 //   backward (dA given)
-//     h[k]  = GELU(u[k]), h[K] = 1                  (= written: [dW2; dbias] = hᵀ·dA by cuBLAS)
+//     h[k]  = GELU(u[k]), h[K] = 1                  ([dW2; dbias] = Σ_t hᵀ·dA)
 //     du[k] = GELU'(u[k])·Σ_o dA[o]·W2[k, o]
 //     g[k]  = r·du[k]                               (= written)
 //     s     = r·Σ_k g[k]·u[k] / d                   (= written)
@@ -16,8 +16,10 @@
 //   Σ_k du·u, so the per-token mean needs no pass over d. dW1 = Σ_t x[t]ᵀ·g[t]: for
 //   bf16/fp16 x the dx kernel writes the sums of its token groups (partials, in the
 //   pass over x that writes dx: x is read once) and the launcher adds the groups in
-//   group order; dW2 and dbias = Σ_t dA[t] are one cuBLAS GEMM hᵀ·dA, h's column of ones
-//   giving dbias. All deterministic.
+//   group order; [dW2; dbias] = Σ_t [h, 1]ᵀ·dA[t] is summed by the backward head kernel
+//   (per-block sums, added over blocks by the launcher) or, when those do not fit its
+//   shared memory, one cuBLAS GEMM over h written with a column of ones. All
+//   deterministic.
 //
 // Kernels
 //   mudd_weights_fwd_proj_kernel<T, kVec>  bf16/fp16 x: r, u and A in one launch, x·W1 and
@@ -136,7 +138,8 @@ struct MuddWeightsParams {
   void* __restrict__ a_ptr;  // (N, Cl)
   // backward
   const void* __restrict__ da_ptr;  // (N, Cl)
-  void* __restrict__ h_ptr;         // (N, K + 1), the last column ones
+  void* __restrict__ h_ptr;         // (N, K + 1), the last column ones (when dw2_part_ptr is null)
+  void* __restrict__ dw2_part_ptr;  // (gridDim.x, K + 1, Cl): the head blocks' [dW2; dbias], or null
   void* __restrict__ g_ptr;         // (N, ldg)
   void* __restrict__ s_ptr;         // (N)
   void* __restrict__ dx_ptr;
@@ -394,14 +397,16 @@ __global__ void __launch_bounds__(kMuddWeightsHeadThreads) mudd_weights_fwd_head
 }
 
 // The head backward's per-(token, k) pass over the tile (after the tile's dA is staged
-// in das [tokens][Cl]): h = GELU(u) (=, row stride K + 1), g = r·GELU'(u)·(dA·W2ᵀ) (=;
+// in das [tokens][Cl]): h = GELU(u) (=; into hs [tokens][K] in shared memory when given,
+// else the global h, row stride K + 1), g = r·GELU'(u)·(dA·W2ᵀ) (=;
 // zero padding for K <= k < ldg) and prod[t][k] = g·u (=, shared memory). Warp w takes
 // the (token, 32 k's) units w, w + warps, ...: lane o accumulates da[o]·W2[k, o] for the
 // 32 k's over o = lane, lane + 32, ... (W2 rows read as stored, coalesced over o), and
 // one reduce-scatter leaves lane i with dh of k = k0 + i (fixed order: deterministic).
 template <typename acc>
 __device__ __forceinline__ void mudd_weights_head_grads(const MuddWeightsParams& p, int64_t t0, int tt,
-                                                        const acc* __restrict__ das, acc* __restrict__ prod) {
+                                                        const acc* __restrict__ das, acc* __restrict__ prod,
+                                                        acc* __restrict__ hs) {
   const int K = p.K, Cl = p.Cl, ldg = p.ldg;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int kgroups = (ldg + kWarpSize - 1) / kWarpSize;
@@ -431,7 +436,12 @@ __device__ __forceinline__ void mudd_weights_head_grads(const MuddWeightsParams&
     if (k < K) {
       const acc u = U[tok * K + k];
       const acc gv = R[tok] * dh * gelu_grad<acc>(u, p.tanh_gelu);
-      H[tok * (K + 1) + k] = gelu_fwd<acc>(u, p.tanh_gelu);
+      const acc h = gelu_fwd<acc>(u, p.tanh_gelu);
+      if (hs != nullptr) {
+        hs[t * K + k] = h;
+      } else {
+        H[tok * (K + 1) + k] = h;
+      }
       G[tok * ldg + k] = gv;
       prod[t * K + k] = gv * u;
     } else if (k < ldg) {
@@ -440,27 +450,39 @@ __device__ __forceinline__ void mudd_weights_head_grads(const MuddWeightsParams&
   }
 }
 
-// h = [GELU(u), 1], g = r·GELU'(u)·(dA·W2ᵀ), s = r·(g·u)/d, kMuddWeightsHeadTokens tokens a
-// tile. Shared memory: dA [kMuddWeightsHeadTokens][Cl], then the products g·u
-// [kMuddWeightsHeadTokens][K]; s is one warp's fixed-order sum a token.
+// g = r·GELU'(u)·(dA·W2ᵀ), s = r·(g·u)/d and [dW2; dbias] = Σ_t [GELU(u), 1]ᵀ·dA,
+// kMuddWeightsHeadTokens tokens a tile. With dw2_part_ptr set, the block sums its
+// tokens' [h, 1]ᵀ·dA in shared memory (thread i owns the (k, o) slots i, i +
+// kMuddWeightsHeadThreads, ..., adding each tile's sum over its tokens in token order)
+// and writes it (=) to dw2_part[blockIdx.x] at the end (the launcher sums the blocks
+// in block order); without, h = [GELU(u), 1] is written to global memory for a GEMM.
+// Shared memory: dA [tokens][Cl], the products g·u [tokens][K], then with dw2_part h
+// [tokens][K] and the sums [K + 1][Cl]; s is one warp's fixed-order sum a token.
 template <typename acc>
 __global__ void __launch_bounds__(kMuddWeightsHeadThreads) mudd_weights_bwd_head_kernel(const MuddWeightsParams p) {
   extern __shared__ __align__(16) unsigned char mudd_head_smem[];
   const int K = p.K, Cl = p.Cl;
   acc* __restrict__ das = reinterpret_cast<acc*>(mudd_head_smem);
   acc* __restrict__ prod = das + kMuddWeightsHeadTokens * Cl;
+  acc* __restrict__ DW2 = static_cast<acc*>(p.dw2_part_ptr);
+  acc* __restrict__ hs = DW2 != nullptr ? prod + kMuddWeightsHeadTokens * K : nullptr;
+  acc* __restrict__ dw2_s = DW2 != nullptr ? hs + kMuddWeightsHeadTokens * K : nullptr;
+  const int dw2_slots = (K + 1) * Cl;
   const acc* __restrict__ R = static_cast<const acc*>(p.r_ptr);
   const acc* __restrict__ dA = static_cast<const acc*>(p.da_ptr);
   acc* __restrict__ S = static_cast<acc*>(p.s_ptr);
   acc* __restrict__ H = static_cast<acc*>(p.h_ptr);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  if (DW2 != nullptr) {
+    for (int i = threadIdx.x; i < dw2_slots; i += kMuddWeightsHeadThreads) dw2_s[i] = acc(0);
+  }
   for (int64_t t0 = static_cast<int64_t>(blockIdx.x) * kMuddWeightsHeadTokens; t0 < p.n_tokens;
        t0 += static_cast<int64_t>(gridDim.x) * kMuddWeightsHeadTokens) {
     const int tt = mudd_weights_head_count(p.n_tokens, t0);
-    __syncthreads();  // the previous tile's readers are done with das and prod
+    __syncthreads();  // the previous tile's readers are done with das, prod and hs
     for (int i = threadIdx.x; i < tt * Cl; i += kMuddWeightsHeadThreads) das[i] = dA[t0 * Cl + i];
     __syncthreads();
-    mudd_weights_head_grads(p, t0, tt, das, prod);
+    mudd_weights_head_grads(p, t0, tt, das, prod, hs);
     __syncthreads();
     for (int t = warp; t < tt; t += kMuddWeightsHeadThreads / kWarpSize) {
       acc sum = acc(0);
@@ -468,8 +490,21 @@ __global__ void __launch_bounds__(kMuddWeightsHeadThreads) mudd_weights_bwd_head
       sum = warp_sum(sum);
       if (lane == 0) {
         S[t0 + t] = R[t0 + t] * sum / static_cast<acc>(p.d);
-        H[(t0 + t) * (K + 1) + K] = acc(1);  // dbias = Σ_t dA[t] from the same GEMM as dW2
+        if (DW2 == nullptr) H[(t0 + t) * (K + 1) + K] = acc(1);  // dbias from the same GEMM as dW2
       }
+    }
+    if (DW2 != nullptr) {
+      for (int i = threadIdx.x; i < dw2_slots; i += kMuddWeightsHeadThreads) {
+        const int k = i / Cl, o = i % Cl;
+        acc v = acc(0);
+        for (int t = 0; t < tt; ++t) v += (k < K ? hs[t * K + k] : acc(1)) * das[t * Cl + o];
+        dw2_s[i] += v;
+      }
+    }
+  }
+  if (DW2 != nullptr) {
+    for (int i = threadIdx.x; i < dw2_slots; i += kMuddWeightsHeadThreads) {
+      DW2[static_cast<int64_t>(blockIdx.x) * dw2_slots + i] = dw2_s[i];
     }
   }
 }
