@@ -118,11 +118,15 @@ MUTATIONS = (
              "      for (int q = warp; q < kChunks * n - 1; q += kMhcBoundaryBwdWarps) {",
              "mHC boundary fused backward: the last (chunk, stream) pair of a round's du·phiᵀ never "
              "computed (stale shared memory read)"),
-    Mutation("mma_g_w32_reads_past_row",
-             "w[q] = (f < d && col < cols) ? __ldg(wrow + col) : 0.f;",
-             "w[q] = (f < d && col <= cols) ? __ldg(wrow + col) : 0.f;",
-             "fp32 phi fragments: one column past a row read (odd M = n² + 2n; past phi's end on "
-             "its last row)"),
+    Mutation("mma_g_w32_b1_k_swapped",
+             "split_bf16x2(w.z, w.w, bh1, bl1);",
+             "split_bf16x2(w.w, w.z, bh1, bl1);",
+             "fp32 W fragments of G·Wᵀ (mudd dx, mHC dH): the two k's of b1 swapped against G's "
+             "permuted k order"),
+    Mutation("mudd_head_dbias_dropped",
+             "v += (k < K ? hs[t * K + k] : acc(1)) * das[t * Cl + o];",
+             "v += (k < K ? hs[t * K + k] : acc(0)) * das[t * Cl + o];",
+             "mudd_weights backward head: the dbias row of the in-head [dW2; dbias] sums left at zero"),
 )
 
 
