@@ -260,7 +260,7 @@ at::Tensor mhc_coeffs_dh_pass(MhcCoeffsParams& p, const at::Tensor& H_in, const 
     });
   });
   // dphi: the token groups' partials summed in group order (one group: the partial).
-  return p.token_groups == 1 ? part[0] : part.sum(0);
+  return sum_partials(part);
 }
 
 std::vector<at::Tensor> mhc_coeffs_bwd(at::Tensor& dH, bool accumulate, const std::optional<at::Tensor>& prior,

@@ -4,8 +4,9 @@
 //                    eps, approximate) -> {A (*tok, C, l), u (*tok, K), r (*tok)}
 //   mudd_weights_bwd(dA, x, W1, W2, bias, u, r, n_ways, eps, approximate)
 //                    -> {dx (*tok, d), dW1, dW2b (K + 1, C·l)}: dW2 and dbias stacked
-//                    (one GEMM writes both; the caller splits them: two outputs of one
-//                    buffer would alias, which custom ops may not return)
+//                    (summed together, by the head kernel or one GEMM; the caller splits
+//                    them: two outputs of one buffer would alias, which custom ops may not
+//                    return)
 //
 // A, u and r are in the accumulator dtype (float64 for float64 x, float32 otherwise);
 // u = rms(x)·W1 and r = rsqrt(mean x² + eps) are what the backward needs, so it reads x
@@ -167,7 +168,7 @@ at::Tensor mudd_weights_dx_pass(MuddWeightsParams& p, const MuddShape& sh, const
            dim3(static_cast<unsigned>(blocks)), dim3(kMuddWeightsThreads), smem, p);
   });
   copy_back(dx, dx_k);
-  return tg.groups == 1 ? part[0] : part.sum(0);
+  return sum_partials(part);
 }
 
 }  // namespace
@@ -301,7 +302,7 @@ std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tens
   }
   // [dW2; dbias]: the head blocks' sums added in block order, or hᵀ·dA in one GEMM (h's
   // last column is ones).
-  const at::Tensor dW2b = dw2_in_head ? (blocks == 1 ? dw2_part[0] : dw2_part.sum(0)) : at::mm(h.t(), dA);
+  const at::Tensor dW2b = dw2_in_head ? sum_partials(dw2_part) : at::mm(h.t(), dA);
   return {dx, dW1.to(W1.scalar_type()).contiguous(), dW2b};
 }
 

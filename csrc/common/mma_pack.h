@@ -2,7 +2,8 @@
 // packing of fp32 weights into mma.sync m16n8k16 B fragments (hi + lo 16-bit parts; the
 // element maps are documented in common/mma.cuh; pack_fragments does it in one launch of
 // kernels/mma_pack.cuh), the power-of-two scaling that keeps fp16 parts normal, and the
-// token groups of the backward kernels that sum Xᵀ·G over tokens in partials. Everything here is stream-ordered ATen work on the
+// token groups of the backward kernels that sum Xᵀ·G over tokens in partials.
+// Everything here is stream-ordered ATen work on the
 // operands' device: no host syncs.
 #pragma once
 
@@ -75,6 +76,10 @@ inline TokenGroups token_groups(int64_t n_tokens, int64_t chunks, int64_t sms, i
   const int64_t per_group = (tiles + groups - 1) / groups;
   return {(tiles + per_group - 1) / per_group, per_group};
 }
+
+// The sum over the leading dim of per-group partials (groups, ...), in group order: the
+// one partial itself when there is one group (no launch).
+inline at::Tensor sum_partials(const at::Tensor& part) { return part.size(0) == 1 ? part[0] : part.sum(0); }
 
 // W (streams·d, cols) packed in one launch (kernels/mma_pack.cuh): rows padded per block
 // of d to d_pad (a multiple of 32), columns to col_pad; `parts` 2 or 4 of dtype `part`

@@ -18,8 +18,8 @@
 //   pass over x that writes dx: x is read once) and the launcher adds the groups in
 //   group order; [dW2; dbias] = Σ_t [h, 1]ᵀ·dA[t] is summed by the backward head kernel
 //   (per-block sums, added over blocks by the launcher) or, when those do not fit its
-//   shared memory, one cuBLAS GEMM over h written with a column of ones. All
-//   deterministic.
+//   shared memory or would move more bytes, one cuBLAS GEMM over h written with a
+//   column of ones. All deterministic.
 //
 // Kernels
 //   mudd_weights_fwd_proj_kernel<T, kVec>  bf16/fp16 x: r, u and A in one launch, x·W1 and
@@ -27,7 +27,8 @@
 //                                          fp32 accumulate, sm_80+).
 //   mudd_weights_fwd_head_kernel<acc>      fp32/fp64 x: A from u (CUDA cores; K·Cl MACs a
 //                                          token).
-//   mudd_weights_bwd_head_kernel<acc>      h, g, s from dA and u (CUDA cores).
+//   mudd_weights_bwd_head_kernel<acc>      g, s and the [dW2; dbias] block sums (or h) from
+//                                          dA and u (CUDA cores).
 //   mudd_weights_bwd_dx_kernel<T, kVec>    bf16/fp16 x: dx = g·W1ᵀ − s·x and the dW1
 //                                          partials xᵀ·g of token groups, on tensor cores.
 //   (fp32/fp64 x: the launcher computes x·W1, g·W1ᵀ and xᵀ·g with at::mm; they are the
@@ -47,8 +48,8 @@
 // dx). In dW1, x is exact in bf16 parts (one for bf16, hi + lo for fp16) and g is bf16
 // hi + lo: bf16's exponent range needs no scaling of g. The proj's head: GELU(u) and W2
 // (fp32) in bf16 hi + lo, all four products (three leave 2^-16 relative, above the fp32
-// oracle's own error). Fragment layouts and the packing
-// of W1 for the proj (W1f): common/mma.cuh. (Measurements: bench/NOTES.md.)
+// oracle's own error). Fragment layouts and the packing of W1 for the proj (W1f):
+// common/mma.cuh. (Measurements: bench/NOTES.md.)
 //
 // Thread mapping
 //   proj: block of kMuddWeightsProjWarps (2) warps, warp w owns tokens 16·(blockIdx·2 +

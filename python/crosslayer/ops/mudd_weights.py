@@ -7,8 +7,8 @@ Layers, bottom up:
                                           u = rms(x)·W1 and r = rsqrt(mean x² + eps) are
                                           saved for the backward, not differentiable
   torch.ops.crosslayer.mudd_weights_bwd   custom op: (dx, dW1, dW2b = [dW2; dbias]), split
-                                          by split_dW2b (one GEMM writes both; outputs of a
-                                          custom op may not alias each other)
+                                          by split_dW2b (summed together; outputs of a custom
+                                          op may not alias each other)
   mudd_weights(x, W1, W2, bias, n_ways, eps, approximate)
                                           validates once, then the op above (CUDA, _C
                                           built, parameters no wider than the arithmetic
