@@ -235,17 +235,22 @@ def mudd_weights_case(d: int, l: int, C: int, dtype) -> Case:
 
 
 def _filled_stack(N: int, d: int, l: int, n_slots: int, dtype):
-    """A DepthStack with l slots filled outside the count. Each slot holds a view of a
-    leaf (not the leaf: a leaf's push backward copies its slot gradient out)."""
+    """A DepthStack with l slots filled outside the count. Each slot is a block output:
+    a non-leaf, non-view tensor computed from a leaf (a leaf's push backward copies its
+    slot gradient out; a view would be copied into its slot)."""
     import torch
     from crosslayer.nn import DepthStack
 
     leaves = [torch.randn(N, d, dtype=dtype, requires_grad=True) for _ in range(l)]
-    views = [x.view_as(x) for x in leaves]
-    stack = DepthStack.start(views[0], n_slots)
-    for v in views[1:]:
+    outs = [x * 1 for x in leaves]
+    stack = DepthStack.start(outs[0], n_slots)
+    for v in outs[1:]:
         stack.push(v)
-    return stack, views
+    return stack, outs
+
+
+def _slot_names(stack) -> dict:
+    return {f"slot{j}": t for j, t in enumerate(stack.slots)}
 
 
 def mudd_layer_case(d: int, l: int, dtype) -> Case:
@@ -269,7 +274,7 @@ def mudd_layer_case(d: int, l: int, dtype) -> Case:
 
     floor = lambda m: floor_mudd_weights(d, m) + floor_depth_aggregate(d, l, 4, m)  # noqa: E731
     return Case("mudd_layer", d, 0, l, floor, setup, forward,
-                lambda s: {"stack": s["stack"].buffer, "dX": s["dX"], "g": s["g"],
+                lambda s: {**_slot_names(s["stack"]), "dX": s["dX"], "g": s["g"],
                            **dict(s["conn"].named_parameters())})
 
 
@@ -289,7 +294,7 @@ def dwa_layer_case(d: int, l: int, dtype) -> Case:
         return [Y], [*s["views"], s["dwa"].alpha], [s["dY"]]
 
     return Case("dwa_layer", d, 0, l, lambda m: floor_depth_aggregate(d, l, 1, m), setup, forward,
-                lambda s: {"stack": s["stack"].buffer, "dY": s["dY"]})
+                lambda s: {**_slot_names(s["stack"]), "dY": s["dY"]})
 
 
 def depth_stack_case(d: int, layers: int, dtype) -> Case:

@@ -1,8 +1,10 @@
 // Launchers for depth_aggregate (kernels in kernels/depth_aggregate.cuh).
 //
-//   depth_aggregate_fwd(S (l, N, d), A (N, C, l) | (C, l)) -> Y (C, N, d)
+//   depth_aggregate_fwd(S: l slots (N, d), A (N, C, l) | (C, l)) -> Y (C, N, d)
 //   depth_aggregate_bwd(dY (C, N, d), S, A, dS (l, N, d) mutated, accumulate) -> dA
 //
+// S is a list of slot tensors (common/slots.h; a stack (l, N, d) is passed as its
+// unbound views).
 // Shapes are checked by one validator shared by both directions. A is converted to the
 // accumulator dtype (float64 for float64 activations, float32 otherwise); dA is
 // returned in A's dtype and shape (summed over tokens for static (C, l) weights).
@@ -25,7 +27,7 @@ struct DepthAggregateShape : SlotShape {
   int64_t C;
 };
 
-DepthAggregateShape check_depth_aggregate_inputs(const at::Tensor& S, const at::Tensor& A) {
+DepthAggregateShape check_depth_aggregate_inputs(const std::vector<at::Tensor>& S, const at::Tensor& A) {
   DepthAggregateShape sh;
   static_cast<SlotShape&>(sh) = check_slots(S, A);
   sh.C = A.size(-2);
@@ -39,7 +41,8 @@ DepthAggregateShape check_depth_aggregate_inputs(const at::Tensor& S, const at::
 }
 
 // The fields both directions set: sizes, S and A.
-DepthAggregateParams depth_aggregate_params(const DepthAggregateShape& sh, const at::Tensor& S, const at::Tensor& A) {
+DepthAggregateParams depth_aggregate_params(const DepthAggregateShape& sh, const std::vector<at::Tensor>& S,
+                                            const at::Tensor& A) {
   DepthAggregateParams p{};
   fill_slot_params(p, sh, S, A);
   p.n_ways = static_cast<int>(sh.C);
@@ -66,12 +69,12 @@ void launch_depth_aggregate(const DepthAggregateParams& p, bool vectorize) {
 
 }  // namespace
 
-at::Tensor depth_aggregate_fwd(const at::Tensor& S_in, const at::Tensor& A_in) {
+at::Tensor depth_aggregate_fwd(const std::vector<at::Tensor>& S_in, const at::Tensor& A_in) {
   const DepthAggregateShape sh = check_depth_aggregate_inputs(S_in, A_in);
-  const c10::cuda::CUDAGuard guard(S_in.device());
-  const at::Tensor S = features_contiguous(S_in);
-  const at::Tensor A = A_in.to(acc_dtype(S.scalar_type()));
-  at::Tensor Y = at::empty({sh.C, sh.N, sh.d}, S.options());
+  const c10::cuda::CUDAGuard guard(S_in[0].device());
+  const std::vector<at::Tensor> S = kernel_slots(S_in);
+  const at::Tensor A = A_in.to(acc_dtype(S[0].scalar_type()));
+  at::Tensor Y = at::empty({sh.C, sh.N, sh.d}, S[0].options());
   if (sh.N == 0 || sh.d == 0) return Y;
 
   DepthAggregateParams p = depth_aggregate_params(sh, S, A);
@@ -79,25 +82,25 @@ at::Tensor depth_aggregate_fwd(const at::Tensor& S_in, const at::Tensor& A_in) {
   p.y_token_stride = Y.stride(1);
   p.y_ptr = Y.data_ptr();
 
-  CL_DISPATCH_FLOATING(S.scalar_type(), "depth_aggregate_fwd", [&] {
+  CL_DISPATCH_FLOATING(S[0].scalar_type(), "depth_aggregate_fwd", [&] {
     const int vec = kVec16<scalar_t>;
     const bool vectorize =
-        vec_ok(p.s_ptr, {{sh.l, p.s_slot_stride}, {sh.N, p.s_token_stride}}, vec) &&
+        slot_table_vec_ok(p.s, sh.l, vec) &&
         vec_ok(p.y_ptr, {{sh.C, p.y_way_stride}, {sh.N, p.y_token_stride}}, vec);
     launch_depth_aggregate<scalar_t, false>(p, vectorize);
   });
   return Y;
 }
 
-at::Tensor depth_aggregate_bwd(const at::Tensor& dY_in, const at::Tensor& S_in,
+at::Tensor depth_aggregate_bwd(const at::Tensor& dY_in, const std::vector<at::Tensor>& S_in,
                                const at::Tensor& A_in, const at::Tensor& dS, bool accumulate) {
   const DepthAggregateShape sh = check_depth_aggregate_inputs(S_in, A_in);
-  check_activation(dY_in, "dY", S_in, "(C, N, d)", {sh.C, sh.N, sh.d}, "S");
-  check_slot_grad(dS, S_in, sh);
-  const c10::cuda::CUDAGuard guard(S_in.device());
-  const at::Tensor S = features_contiguous(S_in);
+  check_activation(dY_in, "dY", S_in[0], "(C, N, d)", {sh.C, sh.N, sh.d}, "S");
+  check_slot_grad(dS, S_in[0], sh);
+  const c10::cuda::CUDAGuard guard(S_in[0].device());
+  const std::vector<at::Tensor> S = kernel_slots(S_in);
   const at::Tensor dY = features_contiguous(dY_in);
-  const at::ScalarType acc_type = acc_dtype(S.scalar_type());
+  const at::ScalarType acc_type = acc_dtype(S[0].scalar_type());
   const at::Tensor A = A_in.to(acc_type);
   if (sh.N == 0 || sh.d == 0) {
     // Nothing to read: dS keeps (accumulate) or takes (=) a zero contribution; dA = 0.
@@ -119,10 +122,10 @@ at::Tensor depth_aggregate_bwd(const at::Tensor& dY_in, const at::Tensor& S_in,
   p.ds_ptr = dS.data_ptr();
   p.da_ptr = dA_tok.data_ptr();
 
-  CL_DISPATCH_FLOATING(S.scalar_type(), "depth_aggregate_bwd", [&] {
+  CL_DISPATCH_FLOATING(S[0].scalar_type(), "depth_aggregate_bwd", [&] {
     const int vec = kVec16<scalar_t>;
     const bool vectorize =
-        vec_ok(p.s_ptr, {{sh.l, p.s_slot_stride}, {sh.N, p.s_token_stride}}, vec) &&
+        slot_table_vec_ok(p.s, sh.l, vec) &&
         vec_ok(p.dy_ptr, {{sh.C, p.dy_way_stride}, {sh.N, p.dy_token_stride}}, vec) &&
         vec_ok(p.ds_ptr, {{sh.l, p.ds_slot_stride}, {sh.N, p.ds_token_stride}}, vec);
     launch_depth_aggregate<scalar_t, true>(p, vectorize);

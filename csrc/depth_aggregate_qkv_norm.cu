@@ -1,11 +1,12 @@
 // Launchers for depth_aggregate_qkv_norm (kernels in kernels/depth_aggregate_qkv_norm.cuh).
 //
-//   depth_aggregate_qkv_norm_fwd(S (l, N, d), A (N, 4, l) | (4, l), g (3, d), eps)
+//   depth_aggregate_qkv_norm_fwd(S: l slots (N, d), A (N, 4, l) | (4, l), g (3, d), eps)
 //       -> {Out (4, N, d), rstd (3, N)}
 //   depth_aggregate_qkv_norm_bwd(dOut (4, N, d), S, A, g, rstd, dS (l, N, d) mutated,
 //       accumulate) -> {dA, dg}
 //
-// Shapes are checked by one validator shared by both directions. A and g are converted
+// S is a list of slot tensors (common/slots.h; a stack (l, N, d) is passed as its
+// unbound views). Shapes are checked by one validator shared by both directions. A and g are converted
 // to the accumulator dtype (float64 for float64 activations, float32 otherwise), g
 // padded to (3, ld) with zeros; rstd is in the accumulator dtype; dA comes back in A's
 // dtype and shape (summed over tokens for static (4, l) weights), dg in g's dtype,
@@ -35,10 +36,10 @@ namespace {
 
 using DepthAggregateQkvNormShape = SlotShape;
 
-DepthAggregateQkvNormShape check_depth_aggregate_qkv_norm_inputs(const at::Tensor& S, const at::Tensor& A,
-                                                                 const at::Tensor& g) {
+DepthAggregateQkvNormShape check_depth_aggregate_qkv_norm_inputs(const std::vector<at::Tensor>& S,
+                                                                 const at::Tensor& A, const at::Tensor& g) {
   const DepthAggregateQkvNormShape sh = check_slots(S, A);
-  CL_CHECK_SAME_DEVICE(g, S, "norm_weights", "S");
+  CL_CHECK_SAME_DEVICE(g, S[0], "norm_weights", "S");
   CL_CHECK_FLOATING(g, "norm_weights");
   if (sh.static_weights) {
     CL_CHECK_SHAPE(A, "A", "(4, l)", kDepthAggregateQkvNormWays, sh.l);
@@ -51,7 +52,7 @@ DepthAggregateQkvNormShape check_depth_aggregate_qkv_norm_inputs(const at::Tenso
 
 // The fields both directions set: sizes, S, A and the padded norm weights g.
 DepthAggregateQkvNormParams depth_aggregate_qkv_norm_params(const DepthAggregateQkvNormShape& sh,
-                                                            const at::Tensor& S, const at::Tensor& A,
+                                                            const std::vector<at::Tensor>& S, const at::Tensor& A,
                                                             const at::Tensor& g, int64_t ld) {
   DepthAggregateQkvNormParams p{};
   fill_slot_params(p, sh, S, A);
@@ -159,15 +160,15 @@ at::Tensor launch_depth_aggregate_qkv_norm(DepthAggregateQkvNormParams& p, bool 
 
 }  // namespace
 
-std::vector<at::Tensor> depth_aggregate_qkv_norm_fwd(const at::Tensor& S_in, const at::Tensor& A_in,
+std::vector<at::Tensor> depth_aggregate_qkv_norm_fwd(const std::vector<at::Tensor>& S_in, const at::Tensor& A_in,
                                                  const at::Tensor& g_in, double eps) {
   const DepthAggregateQkvNormShape sh = check_depth_aggregate_qkv_norm_inputs(S_in, A_in, g_in);
-  const c10::cuda::CUDAGuard guard(S_in.device());
-  const at::Tensor S = features_contiguous(S_in);
-  const at::ScalarType acc_type = acc_dtype(S.scalar_type());
+  const c10::cuda::CUDAGuard guard(S_in[0].device());
+  const std::vector<at::Tensor> S = kernel_slots(S_in);
+  const at::ScalarType acc_type = acc_dtype(S[0].scalar_type());
   const at::Tensor A = A_in.to(acc_type);
-  at::Tensor Out = at::empty({kDepthAggregateQkvNormWays, sh.N, sh.d}, S.options());
-  at::Tensor rstd = at::empty({kDepthAggregateQkvNormNormed, sh.N}, S.options().dtype(acc_type));
+  at::Tensor Out = at::empty({kDepthAggregateQkvNormWays, sh.N, sh.d}, S[0].options());
+  at::Tensor rstd = at::empty({kDepthAggregateQkvNormNormed, sh.N}, S[0].options().dtype(acc_type));
   if (sh.N == 0) return {Out, rstd};
   if (sh.d == 0) {  // mean over no features: rsqrt(eps), as the oracle's mean of zeros would give
     rstd.fill_(1.0 / std::sqrt(eps));
@@ -183,29 +184,29 @@ std::vector<at::Tensor> depth_aggregate_qkv_norm_fwd(const at::Tensor& S_in, con
   p.out_ptr = Out.data_ptr();
   p.rstd_ptr = rstd.data_ptr();
 
-  const int device = S.device().index();
-  CL_DISPATCH_FLOATING(S.scalar_type(), "depth_aggregate_qkv_norm_fwd", [&] {
+  const int device = S[0].device().index();
+  CL_DISPATCH_FLOATING(S[0].scalar_type(), "depth_aggregate_qkv_norm_fwd", [&] {
     const int vec = kVec16<scalar_t>;
-    const bool vectorize = vec_ok(p.s_ptr, {{sh.l, p.s_slot_stride}, {sh.N, p.s_token_stride}}, vec) &&
+    const bool vectorize = slot_table_vec_ok(p.s, sh.l, vec) &&
                            vec_ok(p.out_ptr, {{kDepthAggregateQkvNormWays, p.out_way_stride}, {sh.N, p.out_token_stride}}, vec);
-    launch_depth_aggregate_qkv_norm<scalar_t, false>(p, vectorize, S.options().dtype(acc_type), device);
+    launch_depth_aggregate_qkv_norm<scalar_t, false>(p, vectorize, S[0].options().dtype(acc_type), device);
   });
   return {Out, rstd};
 }
 
-std::vector<at::Tensor> depth_aggregate_qkv_norm_bwd(const at::Tensor& dOut_in, const at::Tensor& S_in,
+std::vector<at::Tensor> depth_aggregate_qkv_norm_bwd(const at::Tensor& dOut_in, const std::vector<at::Tensor>& S_in,
                                                  const at::Tensor& A_in, const at::Tensor& g_in,
                                                  const at::Tensor& rstd_in, const at::Tensor& dS,
                                                  bool accumulate) {
   const DepthAggregateQkvNormShape sh = check_depth_aggregate_qkv_norm_inputs(S_in, A_in, g_in);
-  check_activation(dOut_in, "dOut", S_in, "(4, N, d)", {kDepthAggregateQkvNormWays, sh.N, sh.d}, "S");
-  CL_CHECK_SAME_DEVICE(rstd_in, S_in, "rstd", "S");
+  check_activation(dOut_in, "dOut", S_in[0], "(4, N, d)", {kDepthAggregateQkvNormWays, sh.N, sh.d}, "S");
+  CL_CHECK_SAME_DEVICE(rstd_in, S_in[0], "rstd", "S");
   CL_CHECK_SHAPE(rstd_in, "rstd", "(3, N)", kDepthAggregateQkvNormNormed, sh.N);
-  check_slot_grad(dS, S_in, sh);
-  const c10::cuda::CUDAGuard guard(S_in.device());
-  const at::Tensor S = features_contiguous(S_in);
+  check_slot_grad(dS, S_in[0], sh);
+  const c10::cuda::CUDAGuard guard(S_in[0].device());
+  const std::vector<at::Tensor> S = kernel_slots(S_in);
   const at::Tensor dOut = features_contiguous(dOut_in);
-  const at::ScalarType acc_type = acc_dtype(S.scalar_type());
+  const at::ScalarType acc_type = acc_dtype(S[0].scalar_type());
   const at::Tensor A = A_in.to(acc_type);
   const at::Tensor rstd = rstd_in.to(acc_type).contiguous();
   if (sh.N == 0 || sh.d == 0) {
@@ -228,15 +229,15 @@ std::vector<at::Tensor> depth_aggregate_qkv_norm_bwd(const at::Tensor& dOut_in, 
   p.ds_ptr = dS.data_ptr();
   p.da_ptr = dA_tok.data_ptr();
 
-  const int device = S.device().index();
+  const int device = S[0].device().index();
   at::Tensor dg_ws;
-  CL_DISPATCH_FLOATING(S.scalar_type(), "depth_aggregate_qkv_norm_bwd", [&] {
+  CL_DISPATCH_FLOATING(S[0].scalar_type(), "depth_aggregate_qkv_norm_bwd", [&] {
     const int vec = kVec16<scalar_t>;
     const bool vectorize =
-        vec_ok(p.s_ptr, {{sh.l, p.s_slot_stride}, {sh.N, p.s_token_stride}}, vec) &&
+        slot_table_vec_ok(p.s, sh.l, vec) &&
         vec_ok(p.dout_ptr, {{kDepthAggregateQkvNormWays, p.dout_way_stride}, {sh.N, p.dout_token_stride}}, vec) &&
         vec_ok(p.ds_ptr, {{sh.l, p.ds_slot_stride}, {sh.N, p.ds_token_stride}}, vec);
-    dg_ws = launch_depth_aggregate_qkv_norm<scalar_t, true>(p, vectorize, S.options().dtype(acc_type), device);
+    dg_ws = launch_depth_aggregate_qkv_norm<scalar_t, true>(p, vectorize, S[0].options().dtype(acc_type), device);
   });
   const at::Tensor dA = sh.static_weights ? dA_tok.sum(0) : dA_tok;
   const at::Tensor dg = dg_ws.sum(0).narrow(1, 0, sh.d);

@@ -2,11 +2,12 @@
 //
 //   mudd_weights_fwd(x (*tok, d), W1 (d, K), W2 (K, C·l), bias (C·l) or (C, l), n_ways,
 //                    eps, approximate) -> {A (*tok, C, l), u (*tok, K), r (*tok)}
-//   mudd_weights_bwd(dA, x, W1, W2, bias, u, r, n_ways, eps, approximate)
+//   mudd_weights_bwd(dA, x, W1, W2, bias, u, r, n_ways, eps, approximate, dx_acc)
 //                    -> {dx (*tok, d), dW1, dW2b (K + 1, C·l)}: dW2 and dbias stacked
 //                    (summed together, by the head kernel or one GEMM; the caller splits
 //                    them: two outputs of one buffer would alias, which custom ops may not
-//                    return)
+//                    return). With dx_acc (x's shape and dtype), dx is added into it in
+//                    place (a depth stack's gradient buffer) and dx_acc is returned.
 //
 // A, u and r are in the accumulator dtype (float64 for float64 x, float32 otherwise);
 // u = rms(x)·W1 and r = rsqrt(mean x² + eps) are what the backward needs, so it reads x
@@ -134,7 +135,7 @@ MuddWeightsParams mudd_weights_params(const MuddShape& sh, bool tanh_gelu) {
   return p;
 }
 
-// dx (=, through writable / copy_back) and dW1 for bf16/fp16 x from the head's g and s
+// dx (= or, with p.accumulate_dx, +=; through writable / copy_back) and dW1 for bf16/fp16 x from the head's g and s
 // (p's g_ptr, s_ptr, ldg): mudd_weights_bwd_dx_kernel over token groups of at least
 // K tiles (a group's dW1 partial, d·K fp32 written and read again, then costs at most a
 // quarter of its x reads: 8·d·K B against 32·d B a tile), the partials summed in group
@@ -143,7 +144,7 @@ at::Tensor mudd_weights_dx_pass(MuddWeightsParams& p, const MuddShape& sh, const
                                 const at::Tensor& W1, at::Tensor& dx) {
   const int device = x_in.device().index();
   const at::Tensor x = readable(x_in, 1, &p.x_tok);
-  at::Tensor dx_k = writable(dx, 1, &p.dx_tok);
+  at::Tensor dx_k = writable(dx, 1, &p.dx_tok, p.accumulate_dx);
   const RowsLd4 w1 = fp32_rows_ld4(W1);  // read as fp32: no packing launch
   p.x_ptr = x.data_ptr();
   p.dx_ptr = dx_k.data_ptr();
@@ -232,7 +233,7 @@ std::vector<at::Tensor> mudd_weights_fwd(const at::Tensor& x_in, const at::Tenso
 std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tensor& x_in, const at::Tensor& W1,
                                          const at::Tensor& W2, const at::Tensor& bias, const at::Tensor& u_in,
                                          const at::Tensor& r_in, int64_t n_ways, double eps,
-                                         const std::string& approximate) {
+                                         const std::string& approximate, const std::optional<at::Tensor>& dx_acc) {
   const MuddShape sh = check_mudd_inputs(x_in, W1, W2, bias, n_ways);
   const bool tanh_gelu = tanh_form(approximate);
   (void)eps;  // r carries it
@@ -242,7 +243,8 @@ std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tens
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::ScalarType acc_type = acc_dtype(x_in.scalar_type());
   const auto acc_opts = x_in.options().dtype(acc_type);
-  at::Tensor dx = at::empty(with_tail(sh.lead, {sh.d}), x_in.options());
+  if (dx_acc.has_value()) check_activation(*dx_acc, "dx", x_in, "(*tok, d) like x", x_in.sizes(), "x");
+  at::Tensor dx = dx_acc.has_value() ? *dx_acc : at::empty(with_tail(sh.lead, {sh.d}), x_in.options());
   if (sh.N == 0) return {dx, at::zeros(W1.sizes(), W1.options()), at::zeros({sh.K + 1, sh.Cl}, acc_opts)};
   const int64_t ldg = round_up(sh.K, 16);
   const at::Tensor dA = dA_in.to(acc_type).reshape({sh.N, sh.Cl}).contiguous();
@@ -253,6 +255,7 @@ std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tens
   at::Tensor s = at::empty({sh.N}, acc_opts);
 
   MuddWeightsParams p = mudd_weights_params(sh, tanh_gelu);
+  p.accumulate_dx = dx_acc.has_value();
   p.w2_ptr = W2_.data_ptr();
   p.u_ptr = const_cast<void*>(u.data_ptr());
   p.r_ptr = const_cast<void*>(r.data_ptr());
@@ -298,7 +301,8 @@ std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tens
     const at::Tensor xn = x2 * r2;
     const at::Tensor dxn = at::mm(gK / r2, W1.to(acc_type).t());
     dW1 = at::mm(x2.t(), gK);
-    dx.view({sh.N, sh.d}).copy_(r2 * (dxn - xn * (dxn * xn).mean({1}, true)));
+    const at::Tensor dx_new = (r2 * (dxn - xn * (dxn * xn).mean({1}, true))).view(dx.sizes());
+    p.accumulate_dx ? dx.add_(dx_new) : dx.copy_(dx_new);
   }
   // [dW2; dbias]: the head blocks' sums added in block order, or hᵀ·dA in one GEMM (h's
   // last column is ones).

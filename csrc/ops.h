@@ -11,25 +11,26 @@
 namespace crosslayer {
 
 // depth_aggregate.cu
-//   S (l, N, d) activations; A (N, C, l) per-token or (C, l) static weights.
+//   S: l slots (N, d) of activations (a list: anywhere in memory, common/slots.h);
+//   A (N, C, l) per-token or (C, l) static weights.
 //   Returns Y (C, N, d) with Y_c = Σ_j A[.., c, j]·S_j.
-at::Tensor depth_aggregate_fwd(const at::Tensor& S, const at::Tensor& A);
+at::Tensor depth_aggregate_fwd(const std::vector<at::Tensor>& S, const at::Tensor& A);
 //   dY (C, N, d). Writes (accumulate = false) or adds (true) Σ_c A[.., c, j]·dY_c into
 //   dS (l, N, d) in place; returns dA with A's shape and dtype (summed over tokens for
 //   static A).
-at::Tensor depth_aggregate_bwd(const at::Tensor& dY, const at::Tensor& S, const at::Tensor& A,
+at::Tensor depth_aggregate_bwd(const at::Tensor& dY, const std::vector<at::Tensor>& S, const at::Tensor& A,
                                const at::Tensor& dS, bool accumulate);
 
 // depth_aggregate_qkv_norm.cu (MUDD block input: 4 ways q, k, v, r; q, k, v RMS-normed)
-//   S (l, N, d); A (N, 4, l) or (4, l); norm_weights (3, d). Returns {Out (4, N, d) in S's
+//   S: l slots (N, d); A (N, 4, l) or (4, l); norm_weights (3, d). Returns {Out (4, N, d) in S's
 //   dtype, Out_c = Y_c·rsqrt(mean Y_c² + eps)·g_c (c < 3), Out_3 = Y_3 with
 //   Y_c = Σ_j A[.., c, j]·S_j; rstd (3, N) in the accumulator dtype, for the backward}.
-std::vector<at::Tensor> depth_aggregate_qkv_norm_fwd(const at::Tensor& S, const at::Tensor& A,
+std::vector<at::Tensor> depth_aggregate_qkv_norm_fwd(const std::vector<at::Tensor>& S, const at::Tensor& A,
                                                  const at::Tensor& norm_weights, double eps);
 //   dOut (4, N, d); rstd from the forward (Y is recomputed from S). Writes (accumulate =
 //   false) or adds (true) the slots' gradient into dS (l, N, d) in place; returns {dA
 //   (A's shape and dtype, summed over tokens for static A), dnorm_weights (3, d)}.
-std::vector<at::Tensor> depth_aggregate_qkv_norm_bwd(const at::Tensor& dOut, const at::Tensor& S,
+std::vector<at::Tensor> depth_aggregate_qkv_norm_bwd(const at::Tensor& dOut, const std::vector<at::Tensor>& S,
                                                  const at::Tensor& A, const at::Tensor& norm_weights,
                                                  const at::Tensor& rstd, const at::Tensor& dS,
                                                  bool accumulate);
@@ -177,10 +178,11 @@ std::vector<at::Tensor> mudd_weights_fwd(const at::Tensor& x, const at::Tensor& 
 //   dA (*tok, C, l) any float dtype; u, r from the forward. Returns {dx (*tok, d) in x's
 //   dtype, dW1 in W1's dtype, dW2b (K + 1, C·l) in the arithmetic dtype: rows 0..K-1 dW2,
 //   row K dbias (C-major, flattened)}, parameter gradients summed over tokens
-//   (deterministic).
+//   (deterministic). With dx_acc (x's shape and dtype, unit feature stride or copied
+//   back), dx is added into it in place (+=) and the returned dx is dx_acc.
 std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA, const at::Tensor& x, const at::Tensor& W1,
                                          const at::Tensor& W2, const at::Tensor& bias, const at::Tensor& u,
                                          const at::Tensor& r, int64_t n_ways, double eps,
-                                         const std::string& approximate);
+                                         const std::string& approximate, const std::optional<at::Tensor>& dx_acc);
 
 }  // namespace crosslayer

@@ -32,15 +32,16 @@ import torch
 
 from crosslayer._checks import acc_dtype
 from crosslayer.contracts import CONTRACTS, Contract
-from crosslayer.ops.depth_aggregate import depth_aggregate_bwd_op, depth_aggregate_op
-from crosslayer.ops.depth_aggregate_qkv_norm import depth_aggregate_qkv_norm_bwd_op, depth_aggregate_qkv_norm_op
+from crosslayer.ops.depth_aggregate import depth_aggregate_bwd_op, depth_aggregate_op, depth_aggregate_slots_op
+from crosslayer.ops.depth_aggregate_qkv_norm import (depth_aggregate_qkv_norm_bwd_op, depth_aggregate_qkv_norm_op,
+                                                     depth_aggregate_qkv_norm_slots_op)
 from crosslayer.ops.hc_boundary import (hc_boundary_bwd_op, hc_boundary_mix_bwd_op, hc_boundary_mix_op,
                                        hc_boundary_op)
 from crosslayer.ops.hc_post import hc_post_bwd_op, hc_post_op
 from crosslayer.ops.hc_pre import hc_pre_bwd_op, hc_pre_op
 from crosslayer.ops.mhc_boundary import mhc_boundary_bwd_op, mhc_boundary_op
 from crosslayer.ops.mhc_coeffs import mhc_coeffs_bwd_op, mhc_coeffs_op, mhc_pre_op
-from crosslayer.ops.mudd_weights import mudd_weights_bwd_op, mudd_weights_op
+from crosslayer.ops.mudd_weights import mudd_weights_bwd_into_op, mudd_weights_bwd_op, mudd_weights_op
 from crosslayer.ops.stream_mix import stream_mix_bwd_op, stream_mix_dots_op, stream_mix_op
 from hc_inputs import STREAM_LAYOUTS, make_streams, make_vec
 
@@ -478,23 +479,27 @@ def depth_aggregate_sample(case, dtype, device):
 
 def depth_aggregate_opcheck(dtype, device):
     S = rand(4, 9, 20, dtype=dtype, device=device)
+    slots = [rand(9, 20, dtype=dtype, device=device) for _ in range(4)]  # separate tensors (a DepthStack's)
     calls = []
     for A in (torch.randn(9, 3, 4, device=device), torch.randn(3, 4, device=device)):
         dS = rand(4, 9, 20, dtype=dtype, device=device)
         calls += [(depth_aggregate_op, (S, A)),
-                  (depth_aggregate_bwd_op, (rand(3, 9, 20, dtype=dtype, device=device), S, A, dS, True)),
-                  (depth_aggregate_bwd_op, (rand(3, 9, 20, dtype=dtype, device=device), S, A, dS, False))]
+                  (depth_aggregate_slots_op, (slots, A)),
+                  (depth_aggregate_bwd_op, (rand(3, 9, 20, dtype=dtype, device=device), slots, A, dS, True)),
+                  (depth_aggregate_bwd_op, (rand(3, 9, 20, dtype=dtype, device=device), S.unbind(0), A, dS, False))]
     return calls
 
 
 def depth_aggregate_launcher_errors(kernels, device):
-    S = torch.randn(3, 4, 8, device=device)
+    S = torch.randn(3, 4, 8, device=device).unbind(0)
+    dY, A = torch.zeros(2, 4, 8, device=device), torch.zeros(4, 2, 3, device=device)
     return [
-        (lambda: kernels.depth_aggregate_fwd(S, S.new_zeros(4, 2, 5)), r"A must have shape \(N, C, l\)"),
-        (lambda: kernels.depth_aggregate_bwd(S.new_zeros(2, 4, 8), S, S.new_zeros(4, 2, 3), S.new_zeros(2, 4, 8), False),
-         r"dS must have shape \(l, N, d\)"),
-        (lambda: kernels.depth_aggregate_bwd(S.new_zeros(2, 4, 8), S, S.new_zeros(4, 2, 3), S.new_zeros(3, 4, 16)[..., ::2],
-                                             False), "unit stride"),
+        (lambda: kernels.depth_aggregate_fwd(S, A.new_zeros(4, 2, 5)), r"A must have shape \(N, C, l\)"),
+        (lambda: kernels.depth_aggregate_bwd(dY, S, A, dY.new_zeros(2, 4, 8), False), r"dS must have shape \(l, N, d\)"),
+        (lambda: kernels.depth_aggregate_bwd(dY, S, A, dY.new_zeros(3, 4, 16)[..., ::2], False), "unit stride"),
+        (lambda: kernels.depth_aggregate_fwd([S[0], S[1], S[2][:3]], A[:3]), r"S\[2\] must have S\[0\]'s shape"),
+        (lambda: kernels.depth_aggregate_fwd([S[0], S[1].double(), S[2]], A), r"S\[1\] must have S\[0\]'s dtype"),
+        (lambda: kernels.depth_aggregate_fwd([], A), "S must hold 1 to 128 slots, got 0"),
     ]
 
 
@@ -512,15 +517,18 @@ def qkv_norm_opcheck(dtype, device):
     A, g = torch.randn(9, 4, 4, device=device), torch.ones(3, 20, device=device)
     out, rstd = depth_aggregate_qkv_norm_op(S, A, g, EPS)
     dOut = rand(4, 9, 20, dtype=dtype, device=device)
+    slots = [rand(9, 20, dtype=dtype, device=device) for _ in range(4)]  # separate tensors (a DepthStack's)
     return [(depth_aggregate_qkv_norm_op, (S, A, g, EPS)),
-            (depth_aggregate_qkv_norm_bwd_op, (dOut, S, A, g, rstd, rand(4, 9, 20, dtype=dtype, device=device),
-                                               False, EPS)),
-            (depth_aggregate_qkv_norm_bwd_op, (dOut, S, A, g, rstd, rand(4, 9, 20, dtype=dtype, device=device),
+            (depth_aggregate_qkv_norm_slots_op, (slots, A, g, EPS)),
+            (depth_aggregate_qkv_norm_bwd_op, (dOut, S.unbind(0), A, g, rstd,
+                                               rand(4, 9, 20, dtype=dtype, device=device), False, EPS)),
+            (depth_aggregate_qkv_norm_bwd_op, (dOut, slots, A, g, rstd, rand(4, 9, 20, dtype=dtype, device=device),
                                                True, EPS))]
 
 
 def qkv_norm_launcher_errors(kernels, device):
-    S = torch.randn(3, 4, 8, device=device)
+    S3 = torch.randn(3, 4, 8, device=device)
+    S = S3.unbind(0)
     A = torch.randn(4, 4, 3, device=device)
     g = torch.randn(3, 8, device=device)
     rstd = torch.ones(3, 4, device=device)
@@ -530,13 +538,14 @@ def qkv_norm_launcher_errors(kernels, device):
         (lambda: fwd(S, A[:, :3], g, EPS), r"A must have shape \(N, 4, l\)"),
         (lambda: fwd(S, A[0, :, :2], g, EPS), r"A must have shape \(4, l\)"),
         (lambda: fwd(S, A, g.new_zeros(3, 9), EPS), r"norm_weights must have shape \(3, d\)"),
-        (lambda: fwd(S.new_zeros(129, 2, 4), S.new_zeros(4, 129), S.new_zeros(3, 4), EPS), r"S must hold 1 to 128 slots"),
-        (lambda: bwd(dOut[:3], S, A, g, rstd, torch.empty_like(S), False), r"dOut must have shape \(4, N, d\)"),
-        (lambda: bwd(dOut, S, A, g, rstd, S.new_zeros(2, 4, 8), False), r"dS must have shape \(l, N, d\)"),
-        (lambda: bwd(dOut, S, A, g, rstd.new_ones(3, 5), torch.empty_like(S), False), r"rstd must have shape \(3, N\)"),
-        (lambda: bwd(dOut, S, A, g, rstd, S.new_zeros(3, 4, 16)[..., ::2], False), "unit stride"),
-        (lambda: bwd(dOut, S, A, g, rstd, S.new_zeros(3, 4, 8).double(), False), "dS must have S's dtype"),
-        (lambda: bwd(dOut.double(), S, A, g, rstd, torch.empty_like(S), False), "dOut must have S's dtype"),
+        (lambda: fwd(S3.new_zeros(129, 2, 4).unbind(0), S3.new_zeros(4, 129), S3.new_zeros(3, 4), EPS),
+         r"S must hold 1 to 128 slots"),
+        (lambda: bwd(dOut[:3], S, A, g, rstd, torch.empty_like(S3), False), r"dOut must have shape \(4, N, d\)"),
+        (lambda: bwd(dOut, S, A, g, rstd, S3.new_zeros(2, 4, 8), False), r"dS must have shape \(l, N, d\)"),
+        (lambda: bwd(dOut, S, A, g, rstd.new_ones(3, 5), torch.empty_like(S3), False), r"rstd must have shape \(3, N\)"),
+        (lambda: bwd(dOut, S, A, g, rstd, S3.new_zeros(3, 4, 16)[..., ::2], False), "unit stride"),
+        (lambda: bwd(dOut, S, A, g, rstd, S3.new_zeros(3, 4, 8).double(), False), "dS must have S's dtype"),
+        (lambda: bwd(dOut.double(), S, A, g, rstd, torch.empty_like(S3), False), "dOut must have S's dtype"),
     ]
 
 
@@ -570,7 +579,9 @@ def mudd_weights_opcheck(dtype, device):
         W1, W2, bias = mudd_params(40, 16, 4, 2, dtype, device)
         A, u, r = mudd_weights_op(x, W1, W2, bias, 4, EPS, approximate)
         calls += [(mudd_weights_op, (x, W1, W2, bias, 4, EPS, approximate)),
-                  (mudd_weights_bwd_op, (torch.randn_like(A), x, W1, W2, bias, u, r, 4, EPS, approximate))]
+                  (mudd_weights_bwd_op, (torch.randn_like(A), x, W1, W2, bias, u, r, 4, EPS, approximate)),
+                  (mudd_weights_bwd_into_op, (torch.randn_like(A), x, W1, W2, bias, u, r, 4, EPS, approximate,
+                                              rand(7, 40, dtype=dtype, device=device)))]
     return calls
 
 
@@ -588,10 +599,12 @@ def mudd_weights_launcher_errors(kernels, device):
         (lambda: fwd(x, W1, W2, bias, 0, EPS, "none"), "n_ways must be >= 1"),
         (lambda: fwd(x[:, :0], W1[:0], W2, bias, 4, EPS, "none"), "d >= 1"),
         (lambda: fwd(x.to(torch.int32), W1, W2, bias, 4, EPS, "none"), "x must have dtype"),
-        (lambda: bwd(A[:, :3], x, W1, W2, bias, u, r, 4, EPS, "none"), r"dA must have shape \(\*tok, C, l\)"),
-        (lambda: bwd(A, x, W1, W2, bias, u[:, :5], r, 4, EPS, "none"), r"u must have shape \(\*tok, K\)"),
-        (lambda: bwd(A, x, W1, W2, bias, u, r[:2], 4, EPS, "none"), r"r must have shape \(\*tok,\)"),
-        (lambda: bwd(A, x, W1, W2, bias, u, r, 4, EPS, "sigmoid"), "approximate must be 'none' or 'tanh'"),
+        (lambda: bwd(A[:, :3], x, W1, W2, bias, u, r, 4, EPS, "none", None), r"dA must have shape \(\*tok, C, l\)"),
+        (lambda: bwd(A, x, W1, W2, bias, u[:, :5], r, 4, EPS, "none", None), r"u must have shape \(\*tok, K\)"),
+        (lambda: bwd(A, x, W1, W2, bias, u, r[:2], 4, EPS, "none", None), r"r must have shape \(\*tok,\)"),
+        (lambda: bwd(A, x, W1, W2, bias, u, r, 4, EPS, "sigmoid", None), "approximate must be 'none' or 'tanh'"),
+        (lambda: bwd(A, x, W1, W2, bias, u, r, 4, EPS, "none", x.double()), "dx must have x's dtype"),
+        (lambda: bwd(A, x, W1, W2, bias, u, r, 4, EPS, "none", x[:2]), r"dx must have shape \(\*tok, d\) like x"),
     ]
 
 

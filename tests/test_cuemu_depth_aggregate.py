@@ -38,7 +38,7 @@ def _ids(shape):
 def test_forward(cuemu, poisoned, dtype, shape, static):
     l, N, d, C = shape
     S, A = make_inputs(l, (N,), d, C, dtype=dtype, device="cpu", static=static)
-    Y = cuemu.depth_aggregate_fwd(S, A)
+    Y = cuemu.depth_aggregate_fwd(S.unbind(0), A)
     assert_policy("Y", Y, ref.depth_aggregate(S, A), ref.depth_aggregate(S.double(), A.double()))
 
 
@@ -52,8 +52,34 @@ def test_backward(cuemu, poisoned, dtype, shape, static, accumulate):
     dY = torch.randn(C, N, d).to(dtype)
     dS0 = torch.randn(l, N, d).to(dtype)
     dS = dS0.clone() if accumulate else torch.full_like(dS0, float("nan"))
-    dA = cuemu.depth_aggregate_bwd(dY, S, A, dS, accumulate)
+    dA = cuemu.depth_aggregate_bwd(dY, S.unbind(0), A, dS, accumulate)
     check_backward(dS, dA, dY, S, A, dS0, accumulate)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mix", ["separate", "one_misaligned", "one_strided"])
+def test_slots_anywhere(cuemu, poisoned, dtype, mix):
+    """The slots as separate tensors (a DepthStack's): read where they lie through the
+    pointer table; a misaligned slot sends the call down the scalar path, a slot of
+    another token stride is copied (kernel_slots) -- the results follow the policy
+    either way."""
+    l, N, d = 5, 9, 136
+    S = [torch.randn(N, d).to(dtype) for _ in range(l)]
+    if mix == "one_misaligned":
+        S[2] = torch.randn(N * d + 1).to(dtype)[1:].view(N, d)
+    elif mix == "one_strided":
+        S[3] = torch.randn(N, d + 8).to(dtype)[:, :d]
+    A = torch.randn(N, 4, l)
+    St = torch.stack(S)
+    Y = cuemu.depth_aggregate_fwd(S, A)
+    assert_policy("Y", Y, ref.depth_aggregate(St, A), ref.depth_aggregate(St.double(), A.double()))
+    dY = torch.randn(4, N, d).to(dtype)
+    dS = torch.full((l, N, d), float("nan")).to(dtype)
+    dA = cuemu.depth_aggregate_bwd(dY, S, A, dS, False)
+    dS_low, dA_low = ref.depth_aggregate_bwd(dY, St, A)
+    dS_hi, dA_hi = ref.depth_aggregate_bwd(dY.double(), St.double(), A.double())
+    assert_policy("dS", dS, dS_low, dS_hi)
+    assert_policy("dA", dA, dA_low, dA_hi)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -61,11 +87,11 @@ def test_backward(cuemu, poisoned, dtype, shape, static, accumulate):
 def test_strided_layouts(cuemu, poisoned, dtype, layout):
     S, A = make_inputs(6, (7,), 131, 4, dtype=dtype, device="cpu", layout=layout)
     assert not S.is_contiguous()
-    Y = cuemu.depth_aggregate_fwd(S, A)
+    Y = cuemu.depth_aggregate_fwd(S.unbind(0), A)
     assert_policy("Y", Y, ref.depth_aggregate(S, A), ref.depth_aggregate(S.double(), A.double()))
     dY = torch.randn(4, 7, 131).to(dtype)
     dS = torch.full_like(S, float("nan"))  # same strides as S
-    dA = cuemu.depth_aggregate_bwd(dY, S, A, dS, False)
+    dA = cuemu.depth_aggregate_bwd(dY, S.unbind(0), A, dS, False)
     dS_low, dA_low = ref.depth_aggregate_bwd(dY, S, A)
     dS_hi, dA_hi = ref.depth_aggregate_bwd(dY.double(), S.double(), A.double())
     assert_policy("dS", dS, dS_low, dS_hi)
@@ -92,7 +118,7 @@ def test_backward_vector_path_with_cut_chunk(cuemu, poisoned, dtype, C):
         dS0 = dS.clone()
         if not accumulate:
             dS.fill_(float("nan"))
-        dA = cuemu.depth_aggregate_bwd(dY, S, A, dS, accumulate)
+        dA = cuemu.depth_aggregate_bwd(dY, S.unbind(0), A, dS, accumulate)
         dS_low, dA_low = ref.depth_aggregate_bwd(dY, S, A)
         dS_hi, dA_hi = ref.depth_aggregate_bwd(dY.double(), S.double(), A.double())
         if accumulate:

@@ -46,7 +46,7 @@ def _ids(shape):
 
 def _check_forward(cuemu, S, A, g, eps):
     """The forward launcher on (l, N, d) S: Out and rstd against the oracle."""
-    Out, rstd = cuemu.depth_aggregate_qkv_norm_fwd(S, A, g, eps)
+    Out, rstd = cuemu.depth_aggregate_qkv_norm_fwd(S.unbind(0), A, g, eps)
     assert_policy("Out", Out, *oracle_pair(lambda *t: fwd_oracle(*t, eps), S, A, g))
     assert_policy("rstd", rstd, _rstd(S, A, eps), _rstd(S.double(), A.double(), eps))
     return rstd
@@ -69,7 +69,7 @@ def _check_backward(cuemu, S, A, g, dtype, accumulate, *, dOut=None, dS=None, ep
     dS0 = dS.clone()
     if not accumulate:
         dS.fill_(float("nan"))  # every element must be written
-    dA, dg = cuemu.depth_aggregate_qkv_norm_bwd(dOut, S, A, g, rstd, dS, accumulate)
+    dA, dg = cuemu.depth_aggregate_qkv_norm_bwd(dOut, S.unbind(0), A, g, rstd, dS, accumulate)
     assert dA.shape == A.shape and dA.dtype == A.dtype
     assert dg.shape == g.shape and dg.dtype == g.dtype
     check_backward(dS, dA, dg, dOut, S, A, g, dS0, accumulate, eps)
@@ -181,20 +181,20 @@ def test_persistent_grid_loops_over_tokens(cuemu, poisoned):
 
 def test_empty_shapes(cuemu):
     S = torch.randn(3, 0, 8)
-    Out, rstd = cuemu.depth_aggregate_qkv_norm_fwd(S, torch.randn(0, 4, 3), torch.randn(3, 8), EPS)
+    Out, rstd = cuemu.depth_aggregate_qkv_norm_fwd(S.unbind(0), torch.randn(0, 4, 3), torch.randn(3, 8), EPS)
     assert Out.shape == (4, 0, 8) and rstd.shape == (3, 0)
     S = torch.randn(3, 4, 0)
     A = torch.randn(4, 4, 3)
     g = torch.randn(3, 0)
-    Out, rstd = cuemu.depth_aggregate_qkv_norm_fwd(S, A, g, EPS)
+    Out, rstd = cuemu.depth_aggregate_qkv_norm_fwd(S.unbind(0), A, g, EPS)
     assert Out.shape == (4, 4, 0)
     torch.testing.assert_close(rstd, torch.full((3, 4), EPS ** -0.5))
     dS = torch.full((3, 4, 0), float("nan"))
-    dA, dg = cuemu.depth_aggregate_qkv_norm_bwd(torch.randn(4, 4, 0), S, A, g, rstd, dS, False)
+    dA, dg = cuemu.depth_aggregate_qkv_norm_bwd(torch.randn(4, 4, 0), S.unbind(0), A, g, rstd, dS, False)
     assert torch.equal(dA, torch.zeros_like(A)) and dg.shape == (3, 0)
     S = torch.randn(3, 0, 8)  # no tokens, static weights: dA and dg are sums over nothing
     A = torch.randn(4, 3)
-    dA, dg = cuemu.depth_aggregate_qkv_norm_bwd(torch.randn(4, 0, 8), S, A, torch.randn(3, 8), torch.ones(3, 0),
+    dA, dg = cuemu.depth_aggregate_qkv_norm_bwd(torch.randn(4, 0, 8), S.unbind(0), A, torch.randn(3, 8), torch.ones(3, 0),
                                             torch.empty(3, 0, 8), True)
     assert torch.equal(dA, torch.zeros(4, 3)) and torch.equal(dg, torch.zeros(3, 8))
 

@@ -46,7 +46,7 @@ SHAPES = [
 
 def _bwd(module, dA, x, W1, W2, bias, u, r, C, eps, approximate):
     """(dx, dW1, dW2, dbias) from the launcher, dW2b split as the custom op's backward does."""
-    dx, dW1, dW2b = module.mudd_weights_bwd(dA, x, W1, W2, bias, u, r, C, eps, approximate)
+    dx, dW1, dW2b = module.mudd_weights_bwd(dA, x, W1, W2, bias, u, r, C, eps, approximate, None)
     return (dx, dW1, *split_dW2b(dW2b, W2, bias))
 
 
@@ -70,6 +70,33 @@ def _check_backward(cuemu, x, params, C, l, approximate):
     for name, g, lo, hi in zip(("dx", "dW1", "dW2", "dbias"), got, low, high):
         assert g.is_contiguous(), name
         assert_policy(name, g, lo, hi)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [((37,), 129, 40, 4, 3), ((2, 9), 64, 24, 4, 5), ((5,), 7, 3, 1, 2)], ids=_ids)
+@pytest.mark.parametrize("strided", [False, True])
+def test_dx_accumulates_into_a_given_tensor(cuemu, poisoned, dtype, shape, strided):
+    """dx_acc (a depth stack's gradient slot): dx is added into it in place (+=, one
+    rounding of prior + dx for the 16-bit kernels) and the launcher returns it; the
+    parameter gradients are those of the plain backward. Strided: a slot view of a
+    token-transposed buffer (the launcher adds through a scratch copy)."""
+    lead, d, K, C, l = shape
+    x = make_x(lead, d, dtype=dtype, device="cpu")
+    params = make_params(d, K, C, l, dtype=dtype, device="cpu")
+    dA = make_dA(lead, C, l, dtype=dtype, device="cpu")
+    _, u, r = cuemu.mudd_weights_fwd(x, *params, C, EPS, "none")
+    prior = torch.randn(*lead, d).to(dtype)
+    if strided:
+        dx_acc = torch.empty(d, *lead, dtype=dtype).movedim(0, -1)
+        dx_acc.copy_(prior)
+    else:
+        dx_acc = prior.clone()
+    got_dx, got_dW1, got_dW2b = cuemu.mudd_weights_bwd(dA, x, *params, u, r, C, EPS, "none", dx_acc)
+    assert got_dx.data_ptr() == dx_acc.data_ptr()
+    low, high = bwd_pair(dA, x, *params, C, "none")
+    assert_policy("dx", dx_acc, prior + low[0].to(dtype), prior.double() + high[0])
+    dx, dW1, dW2b = cuemu.mudd_weights_bwd(dA, x, *params, u, r, C, EPS, "none", None)
+    assert torch.equal(got_dW1, dW1) and torch.equal(got_dW2b, dW2b)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

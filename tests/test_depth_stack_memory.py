@@ -4,8 +4,8 @@ For an L-layer stack of identity blocks (x_{i+1} = the connection's output; the 
 for MUDD) the test measures, on the CPU:
 
   saved     bytes autograd keeps for the backward: every saved tensor's storage, each
-            storage counted once (saved_tensors_hooks), plus the DepthStack buffer
-            (the aggregations hold it as a ctx attribute, not a saved tensor);
+            storage counted once (saved_tensors_hooks), plus the DepthStack's slots
+            (the pushed tensors, or their copies);
             parameters are excluded. DWA weights (1, l) are trained; the MUDD weight
             MLPs are frozen here, because their gradients are O(parameters) (W1 is
             d x K with K ∝ l), not connection state; x and A still get gradients
@@ -100,9 +100,10 @@ def measure(kind, approach, L):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out, stack = forward(kind, approach, conns, x0)
-    if isinstance(stack, cnn.DepthStack):
-        buf = stack.buffer.untyped_storage()
-        saved[buf.data_ptr()] = buf.nbytes()
+    if isinstance(stack, cnn.DepthStack):  # its slots (the pushed tensors, or copies)
+        for slot in stack.slots:
+            st = slot.untyped_storage()
+            saved[st.data_ptr()] = st.nbytes()
     dout = torch.randn_like(out)
     with AllocCounter() as m:
         out.backward(dout)

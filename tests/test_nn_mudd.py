@@ -226,12 +226,60 @@ def test_stack_aggregate_reads_views_and_matches_oracle():
     for t in x[1:]:
         stack.push(t)
     assert len(stack) == 5 and stack.newest is x[-1]
-    assert torch.equal(stack.buffer[:5], torch.stack(x))
+    # the slots are the pushed tensors themselves: no copy, no stack buffer
+    assert [s.data_ptr() for s in stack.slots] == [t.data_ptr() for t in x]
     A = torch.randn(3, 4, 2, 3, dtype=F64)
     torch.testing.assert_close(stack.aggregate(A, slice(0, 5, 2)),
                                ref.depth_aggregate(torch.stack(x[0:5:2]), A))
     As = torch.randn(2, 5, dtype=F64)
     torch.testing.assert_close(stack.aggregate(As), ref.depth_aggregate(torch.stack(x), As))
+
+
+def test_stack_push_copies_only_what_it_must():
+    """push keeps a contiguous, non-view tensor of the stack's dtype as the slot; a view
+    (it would pin its base), a strided tensor or another dtype is copied once, and the
+    gradient still reaches the pushed tensor (cast back to its dtype)."""
+    base = torch.randn(2, 3, 4, dtype=F64, requires_grad=True)
+    fresh = torch.randn(3, 4, dtype=F64, requires_grad=True)
+    other = torch.randn(3, 4, dtype=torch.float32, requires_grad=True)
+    strided = torch.randn(4, 3, dtype=F64).t().requires_grad_()
+    stack = cnn.DepthStack.start(fresh, 5)
+    view = base[1]
+    for x in (view, other, strided):
+        stack.push(x)
+    assert stack.slots[0].data_ptr() == fresh.data_ptr()
+    assert all(s.data_ptr() != x.data_ptr() for s, x in zip(stack.slots[1:], (view, other, strided)))
+    assert all(s.dtype == F64 and s.is_contiguous() for s in stack.slots)
+    A = torch.randn(3, 2, 4, dtype=F64)
+    stack.aggregate(A).square().sum().backward()
+    xs = [fresh, view, other, strided]
+    S = torch.stack([t.detach().to(F64) for t in xs]).requires_grad_()
+    ref.depth_aggregate(S, A).square().sum().backward()
+    torch.testing.assert_close(fresh.grad, S.grad[0])
+    torch.testing.assert_close(base.grad[1], S.grad[1])
+    assert other.grad.dtype == torch.float32
+    torch.testing.assert_close(other.grad, S.grad[2].float())
+    torch.testing.assert_close(strided.grad, S.grad[3])
+
+
+def test_stack_refuses_a_slot_modified_after_push():
+    """A slot is the pushed tensor itself: changing it in place afterwards is refused by
+    the next aggregation that reads it (before), or by autograd (after an aggregation
+    saved it), never silently used."""
+    x0, x1 = torch.randn(3, 4), torch.randn(3, 4)
+    stack = cnn.DepthStack.start(x0, 3)
+    stack.push(x1)
+    x1.add_(1)
+    with pytest.raises(RuntimeError, match="slot 1 of the DepthStack was modified in place"):
+        stack.aggregate(torch.randn(1, 2))
+    x0 = torch.randn(3, 4, requires_grad=True)
+    x1 = torch.randn(3, 4)
+    stack = cnn.DepthStack.start(x0 * 1, 3)
+    stack.push(x1)
+    Y = stack.aggregate(torch.randn(1, 2))
+    x1.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        Y.sum().backward()
 
 
 def test_stack_errors():
@@ -554,9 +602,9 @@ def test_stack_aggregate_qkv_norm_errors():
 
 @pytest.mark.parametrize("backward", [True, False])
 def test_stack_is_freed_by_refcount_alone(backward):
-    """No reference cycle between the DepthStack, its buffers and the autograd graph
-    (invariant I6): with the garbage collector off, dropping the output frees the
-    stack, its buffer and its gradient buffer, after a backward pass or without one."""
+    """No reference cycle between the DepthStack, its slots and the autograd graph
+    (invariant I3): with the garbage collector off, dropping the output frees the
+    stack and its newest slot (a block output), after a backward pass or without one."""
     import gc
     import weakref
 
@@ -572,7 +620,7 @@ def test_stack_is_freed_by_refcount_alone(backward):
         for i in range(L):
             stack.push(blocks(i, ways_of(conns[i - 1], h) if i else h))
             h = conns[i](stack)
-        refs = [weakref.ref(stack), weakref.ref(stack.buffer.untyped_storage())]
+        refs = [weakref.ref(stack), weakref.ref(stack.slots[-1].untyped_storage())]
         out = h.sum()
         if backward:
             out.backward()

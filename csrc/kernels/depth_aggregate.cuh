@@ -24,10 +24,13 @@
 // fixed order: results are bit-identical run to run. The test whether a chunk is whole
 // (below d) is made once per chunk, not per slot.
 //
+// S is a table of slot pointers (SlotTable: one token stride, the slots anywhere); dS is
+// one strided stack.
+//
 // Assumptions (checked by the launcher):
 //   1) features have unit stride in S, Y, dY and dS; every other stride is free;
-//   2) with kVec > 1, every base pointer is 16-byte aligned and every stride is a
-//      multiple of kVec elements, so each full chunk is one 16-byte access;
+//   2) with kVec > 1, every base pointer (each slot's too) is 16-byte aligned and every
+//      stride is a multiple of kVec elements, so each full chunk is one 16-byte access;
 //   3) 1 <= l <= kMaxSlots, C >= 1; A and dA are in the accumulator dtype.
 #pragma once
 
@@ -56,8 +59,8 @@ struct DepthAggregateParams {
   index_t d;         // features (unit stride everywhere)
   int n_slots;       // l
   int n_ways;        // C
-  // S (l, N, d), activation dtype.
-  index_t s_slot_stride, s_token_stride;
+  // S: l slots of (N, d), activation dtype, as a pointer table.
+  SlotTable s;
   // A (N, C, l), accumulator dtype; a_token_stride = 0 for static (C, l) weights.
   index_t a_token_stride, a_way_stride, a_slot_stride;
   // Y (C, N, d), forward output.
@@ -69,7 +72,6 @@ struct DepthAggregateParams {
   // dA (N, C, l), accumulator dtype, one row per token.
   index_t da_token_stride, da_way_stride, da_slot_stride;
   bool accumulate_ds;  // dS += (true) or dS = (false)
-  const void* __restrict__ s_ptr;
   const void* __restrict__ a_ptr;
   void* __restrict__ y_ptr;
   const void* __restrict__ dy_ptr;
@@ -92,11 +94,11 @@ template <typename T, int kVec, int kWays>
 __device__ __forceinline__ void depth_aggregate_fwd_token(const DepthAggregateParams& p, int64_t t, int c0,
                                                           const acc_t<T>* __restrict__ a_row) {
   using acc = acc_t<T>;
-  const T* __restrict__ s_tok = static_cast<const T*>(p.s_ptr) + t * p.s_token_stride;
+  const TableRows<T> s_rows = table_rows<T>(p.s, t);
   T* __restrict__ Y = static_cast<T*>(p.y_ptr);
   for (int64_t e = threadIdx.x * kVec; e < p.d; e += blockDim.x * kVec) {
     acc y[kWays][kVec] = {};
-    slot_aggregate<T, kVec, kWays>(s_tok, p.s_slot_stride, a_row, p.n_slots, e, p.d, y);
+    slot_aggregate<T, kVec, kWays>(s_rows, a_row, p.n_slots, e, p.d, y);
 #pragma unroll
     for (int c = 0; c < kWays; ++c) {
       if (c0 + c < p.n_ways) {
@@ -108,7 +110,7 @@ __device__ __forceinline__ void depth_aggregate_fwd_token(const DepthAggregatePa
 
 template <typename T, int kVec, int kWays>
 __global__ void __launch_bounds__(kTokenTileThreads, kDepthAggregateFwdMinBlocks)
-    depth_aggregate_fwd_kernel(const DepthAggregateParams p) {
+    depth_aggregate_fwd_kernel(const __grid_constant__ DepthAggregateParams p) {
   using acc = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc* __restrict__ a_s = reinterpret_cast<acc*>(smem_raw);  // [rows][kWays][l]
@@ -138,8 +140,8 @@ __global__ void __launch_bounds__(kTokenTileThreads, kDepthAggregateFwdMinBlocks
 // a uniform test; otherwise the checked path, where lanes past the row end work on
 // zeros and store nothing).
 template <typename T, int kVec, int kWays, bool kWhole, bool kAccumulate>
-__device__ __forceinline__ void depth_aggregate_bwd_chunk(const DepthAggregateParams& p, const T* __restrict__ s_tok,
-                                                          T* __restrict__ ds_tok, int64_t e,
+__device__ __forceinline__ void depth_aggregate_bwd_chunk(const DepthAggregateParams& p, const TableRows<T>& s_rows,
+                                                          const StridedRows<T>& ds_rows, int64_t e,
                                                           const Vec<T, kVec> (&g)[kWays],
                                                           const acc_t<T>* __restrict__ a_row,
                                                           acc_t<T>* __restrict__ part, int lane) {
@@ -151,9 +153,9 @@ __device__ __forceinline__ void depth_aggregate_bwd_chunk(const DepthAggregatePa
   for (int j0 = 0; j0 < l; j0 += kBatch) {
     Vec<T, kVec> s[kBatch];
     Vec<T, kVec> prior[kBatch];
-    slot_batch_load<T, kVec, kWhole>(s_tok, p.s_slot_stride, j0, l, e, p.d, s);
+    slot_batch_load<T, kVec, kWhole>(s_rows, j0, l, e, p.d, s);
     if constexpr (kAccumulate) {
-      slot_batch_load<T, kVec, kWhole>(ds_tok, p.ds_slot_stride, j0, l, e, p.d, prior);
+      slot_batch_load<T, kVec, kWhole>(ds_rows, j0, l, e, p.d, prior);
     } else {
 #pragma unroll
       for (int b = 0; b < kBatch; ++b) prior[b] = Vec<T, kVec>{};
@@ -177,7 +179,7 @@ __device__ __forceinline__ void depth_aggregate_bwd_chunk(const DepthAggregatePa
         }
         dot[b * kWays + c] = dt;
       }
-      if (live) store_chunk_as<T, kVec, kWhole>(ds_tok + (j0 + b) * p.ds_slot_stride, e, p.d, ds);
+      if (live) store_chunk_as<T, kVec, kWhole>(ds_rows.at(j0 + b), e, p.d, ds);
     }
     const acc sum = warp_reduce_scatter_pow2<kDots>(dot, lane);
     const int i = lane / kLanesPerDot;
@@ -193,9 +195,9 @@ template <typename T, int kVec, int kWays>
 __device__ __forceinline__ void depth_aggregate_bwd_token(const DepthAggregateParams& p, int64_t t, int c0,
                                                           bool accumulate, const acc_t<T>* __restrict__ a_row,
                                                           acc_t<T>* __restrict__ part, int lane) {
-  const T* __restrict__ s_tok = static_cast<const T*>(p.s_ptr) + t * p.s_token_stride;
+  const TableRows<T> s_rows = table_rows<T>(p.s, t);
   const T* __restrict__ dY = static_cast<const T*>(p.dy_ptr);
-  T* __restrict__ ds_tok = static_cast<T*>(p.ds_ptr) + t * p.ds_token_stride;
+  const StridedRows<T> ds_rows{static_cast<T*>(p.ds_ptr) + t * p.ds_token_stride, p.ds_slot_stride};
   const int64_t step = static_cast<int64_t>(blockDim.x) * kVec;
   for (int64_t e0 = 0; e0 < p.d; e0 += step) {
     const int64_t e = e0 + threadIdx.x * kVec;
@@ -210,13 +212,13 @@ __device__ __forceinline__ void depth_aggregate_bwd_token(const DepthAggregatePa
     }
     const bool whole = e0 + step <= p.d;
     if (whole && accumulate) {
-      depth_aggregate_bwd_chunk<T, kVec, kWays, true, true>(p, s_tok, ds_tok, e, g, a_row, part, lane);
+      depth_aggregate_bwd_chunk<T, kVec, kWays, true, true>(p, s_rows, ds_rows, e, g, a_row, part, lane);
     } else if (whole) {
-      depth_aggregate_bwd_chunk<T, kVec, kWays, true, false>(p, s_tok, ds_tok, e, g, a_row, part, lane);
+      depth_aggregate_bwd_chunk<T, kVec, kWays, true, false>(p, s_rows, ds_rows, e, g, a_row, part, lane);
     } else if (accumulate) {
-      depth_aggregate_bwd_chunk<T, kVec, kWays, false, true>(p, s_tok, ds_tok, e, g, a_row, part, lane);
+      depth_aggregate_bwd_chunk<T, kVec, kWays, false, true>(p, s_rows, ds_rows, e, g, a_row, part, lane);
     } else {
-      depth_aggregate_bwd_chunk<T, kVec, kWays, false, false>(p, s_tok, ds_tok, e, g, a_row, part, lane);
+      depth_aggregate_bwd_chunk<T, kVec, kWays, false, false>(p, s_rows, ds_rows, e, g, a_row, part, lane);
     }
   }
 }
@@ -244,7 +246,7 @@ __device__ __forceinline__ void depth_aggregate_write_da(const DepthAggregatePar
 
 template <typename T, int kVec, int kWays>
 __global__ void __launch_bounds__(kTokenTileThreads, kDepthAggregateBwdMinBlocks)
-    depth_aggregate_bwd_kernel(const DepthAggregateParams p) {
+    depth_aggregate_bwd_kernel(const __grid_constant__ DepthAggregateParams p) {
   using acc = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int l = p.n_slots;

@@ -96,8 +96,8 @@ struct DepthAggregateQkvNormParams {
   index_t d;         // features
   index_t ld;        // row stride of g, the stash and the dg buffers (>= d, multiple of 8)
   int n_slots;       // l
-  // S (l, N, d), activation dtype.
-  index_t s_slot_stride, s_token_stride;
+  // S: l slots of (N, d), activation dtype, as a pointer table.
+  SlotTable s;
   // A (N, 4, l), accumulator dtype; a_token_stride = 0 for static (4, l) weights.
   index_t a_token_stride, a_way_stride, a_slot_stride;
   // Out (4, N, d), forward output; dOut (4, N, d), backward input.
@@ -108,7 +108,6 @@ struct DepthAggregateQkvNormParams {
   double eps;
   bool accumulate_ds;  // dS += (true) or dS = (false)
   bool bufs_in_smem;   // the rows' stash / dg buffers in shared memory (else workspaces)
-  const void* __restrict__ s_ptr;
   const void* __restrict__ a_ptr;
   const void* __restrict__ g_ptr;   // norm weights (3, ld), zero-padded
   void* __restrict__ out_ptr;
@@ -252,11 +251,11 @@ __device__ __forceinline__ void qkv_norm_fwd_aggregate(const DepthAggregateQkvNo
                                                        const acc_t<T>* __restrict__ a_row, int64_t t,
                                                        acc_t<T> (&ss)[kDepthAggregateQkvNormNormed]) {
   using acc = acc_t<T>;
-  const T* __restrict__ s_tok = static_cast<const T*>(p.s_ptr) + t * p.s_token_stride;
+  const TableRows<T> s_rows = table_rows<T>(p.s, t);
   T* __restrict__ out_tok = static_cast<T*>(p.out_ptr) + t * p.out_token_stride;
   for (int64_t e = threadIdx.x * kVec; e < p.d; e += static_cast<int64_t>(blockDim.x) * kVec) {
     acc y[kDepthAggregateQkvNormWays][kVec] = {};
-    slot_aggregate<T, kVec, kDepthAggregateQkvNormWays>(s_tok, p.s_slot_stride, a_row, p.n_slots, e, p.d, y);
+    slot_aggregate<T, kVec, kDepthAggregateQkvNormWays>(s_rows, a_row, p.n_slots, e, p.d, y);
     store_chunk<T, kVec>(out_tok + 3 * p.out_way_stride, e, p.d, y[3]);
 #pragma unroll
     for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) {
@@ -300,7 +299,7 @@ __device__ __forceinline__ void qkv_norm_fwd_normalize(const DepthAggregateQkvNo
 
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kDepthAggregateQkvNormThreads, kDepthAggregateQkvNormFwdMinBlocks)
-    depth_aggregate_qkv_norm_fwd_kernel(const DepthAggregateQkvNormParams p) {
+    depth_aggregate_qkv_norm_fwd_kernel(const __grid_constant__ DepthAggregateQkvNormParams p) {
   using acc = acc_t<T>;
   extern __shared__ __align__(32) unsigned char daqn_smem[];
   const QkvNormRow<acc> row = qkv_norm_row<T, kVec, false, false>(p, reinterpret_cast<acc*>(daqn_smem));
@@ -328,7 +327,7 @@ __global__ void __launch_bounds__(kDepthAggregateQkvNormThreads, kDepthAggregate
 // false) add zeros.
 template <typename T, int kVec, bool kWhole, bool kStage, int kN>
 __device__ __forceinline__ void qkv_norm_bwd_slot_dots(const DepthAggregateQkvNormParams& p,
-                                                       const QkvNormRow<acc_t<T>>& row, const T* __restrict__ s_tok,
+                                                       const QkvNormRow<acc_t<T>>& row, const TableRows<T>& s_rows,
                                                        int64_t e, bool in_row, const acc_t<T> (&u)[kN][kVec],
                                                        int m0) {
   using acc = acc_t<T>;
@@ -348,7 +347,7 @@ __device__ __forceinline__ void qkv_norm_bwd_slot_dots(const DepthAggregateQkvNo
 #pragma unroll
       for (int b = 0; b < kBatch; ++b) sb[b] = (j0 + b < l && in_row) ? stage[(j0 + b) * stage_stride] : Vec<T, kVec>{};
     } else {
-      slot_batch_load<T, kVec, kWhole>(s_tok, p.s_slot_stride, j0, l, e, p.d, sb);
+      slot_batch_load<T, kVec, kWhole>(s_rows, j0, l, e, p.d, sb);
     }
     acc v[kValues];
 #pragma unroll
@@ -392,13 +391,13 @@ __device__ __forceinline__ void qkv_norm_bwd_dots_chunk(const DepthAggregateQkvN
   const int64_t d = p.d;
   const bool in_row = e < d;
   const acc* __restrict__ g = static_cast<const acc*>(p.g_ptr);
-  const T* __restrict__ s_tok = static_cast<const T*>(p.s_ptr) + t * p.s_token_stride;
+  const TableRows<T> s_rows = table_rows<T>(p.s, t);
   const T* __restrict__ do_tok = static_cast<const T*>(p.dout_ptr) + t * p.dout_token_stride;
   acc z[kWays][kVec];
   {
     acc y[kNormed][kVec] = {};
     if (in_row) {
-      slot_aggregate_as<T, kVec, kNormed, kWhole>(s_tok, p.s_slot_stride, a_row, l, e, d, y,
+      slot_aggregate_as<T, kVec, kNormed, kWhole>(s_rows, a_row, l, e, d, y,
                                                   kStage ? static_cast<Vec<T, kVec>*>(row.stage) : nullptr,
                                                   qkv_norm_stage_stride());
     }
@@ -428,7 +427,7 @@ __device__ __forceinline__ void qkv_norm_bwd_dots_chunk(const DepthAggregateQkvN
       }
     }
   }
-  qkv_norm_bwd_slot_dots<T, kVec, kWhole, kStage, kWays>(p, row, s_tok, e, in_row, z, 0);
+  qkv_norm_bwd_slot_dots<T, kVec, kWhole, kStage, kWays>(p, row, s_rows, e, in_row, z, 0);
   acc y[kNormed][kVec];
 #pragma unroll
   for (int c = 0; c < kNormed; ++c) {
@@ -436,7 +435,7 @@ __device__ __forceinline__ void qkv_norm_bwd_dots_chunk(const DepthAggregateQkvN
 #pragma unroll
     for (int k = 0; k < kVec; ++k) y[c][k] = sy.v[k];
   }
-  qkv_norm_bwd_slot_dots<T, kVec, kWhole, kStage, kNormed>(p, row, s_tok, e, in_row, y, kWays);
+  qkv_norm_bwd_slot_dots<T, kVec, kWhole, kStage, kNormed>(p, row, s_rows, e, in_row, y, kWays);
 }
 
 // Backward pass 1 and 2 of token t over the row's chunks (qkv_norm_bwd_dots_chunk), the
@@ -500,7 +499,7 @@ __device__ __forceinline__ void qkv_norm_bwd_ds_chunk(const DepthAggregateQkvNor
   const int64_t d = p.d;
   const acc* __restrict__ g = static_cast<const acc*>(p.g_ptr);
   const T* __restrict__ do_tok = static_cast<const T*>(p.dout_ptr) + t * p.dout_token_stride;
-  T* __restrict__ ds_tok = static_cast<T*>(p.ds_ptr) + t * p.ds_token_stride;
+  const StridedRows<T> ds_rows{static_cast<T*>(p.ds_ptr) + t * p.ds_token_stride, p.ds_slot_stride};
   acc dy[kWays][kVec];
 #pragma unroll
   for (int c = 0; c < kWays; ++c) {
@@ -518,7 +517,7 @@ __device__ __forceinline__ void qkv_norm_bwd_ds_chunk(const DepthAggregateQkvNor
   for (int j0 = 0; j0 < l; j0 += kBatch) {
     Vec<T, kVec> prior[kBatch];
     if constexpr (kAccumulate) {
-      slot_batch_load<T, kVec, kWhole>(ds_tok, p.ds_slot_stride, j0, l, e, d, prior);
+      slot_batch_load<T, kVec, kWhole>(ds_rows, j0, l, e, d, prior);
     } else {
 #pragma unroll
       for (int b = 0; b < kBatch; ++b) prior[b] = Vec<T, kVec>{};
@@ -535,7 +534,7 @@ __device__ __forceinline__ void qkv_norm_bwd_ds_chunk(const DepthAggregateQkvNor
 #pragma unroll
           for (int k = 0; k < kVec; ++k) ds[k] += w * dy[c][k];
         }
-        store_chunk_as<T, kVec, kWhole>(ds_tok + (j0 + b) * p.ds_slot_stride, e, d, ds);
+        store_chunk_as<T, kVec, kWhole>(ds_rows.at(j0 + b), e, d, ds);
       }
     }
   }
@@ -580,7 +579,7 @@ __device__ __forceinline__ void qkv_norm_bwd_dg_chunks(const DepthAggregateQkvNo
 
 template <typename T, int kVec, bool kStage>
 __global__ void __launch_bounds__(kDepthAggregateQkvNormThreads, kDepthAggregateQkvNormBwdMinBlocks)
-    depth_aggregate_qkv_norm_bwd_kernel(const DepthAggregateQkvNormParams p) {
+    depth_aggregate_qkv_norm_bwd_kernel(const __grid_constant__ DepthAggregateQkvNormParams p) {
   using acc = acc_t<T>;
   constexpr int kNormed = kDepthAggregateQkvNormNormed;
   extern __shared__ __align__(32) unsigned char daqn_smem[];

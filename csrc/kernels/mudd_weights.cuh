@@ -144,6 +144,7 @@ struct MuddWeightsParams {
   void* __restrict__ g_ptr;         // (N, ldg)
   void* __restrict__ s_ptr;         // (N)
   void* __restrict__ dx_ptr;
+  bool accumulate_dx;  // dx += (a depth stack's gradient buffer) or dx =
   // dW1 partials of the dx kernel: token_groups slices (d, K) fp32, each the sum over its
   // tiles_per_group 16-token tiles; dw1_passes column passes of 8·kMuddWeightsDw1Tiles.
   int64_t token_groups, tiles_per_group;
@@ -301,7 +302,8 @@ __global__ void __maxnreg__(MUDD_WEIGHTS_PROJ_MAX_REGS)
 #endif
 }
 
-// dx = g·W1ᵀ − s·x (=) and the dW1 partials Σ_t x[t]ᵀ·g[t] of a token group (=, into
+// dx = g·W1ᵀ − s·x (=, or += with accumulate_dx: added in fp32 before the one rounding)
+// and the dW1 partials Σ_t x[t]ᵀ·g[t] of a token group (=, into
 // dw1_part[group]) for bf16/fp16 x; products in bf16 parts, fp32 accumulators. Mapping:
 // the header. Dynamic shared memory: kMuddWeightsWarps × kMmaXtStageElems<T> bf16 (each
 // warp's transposed x tile). No block barriers (warps leave independently).
@@ -349,10 +351,12 @@ __global__ void __launch_bounds__(kMuddWeightsThreads, 2) mudd_weights_bwd_dx_ke
       mma_chunk_g_w32<kMuddWeightsDxTiles>(acc, G + (va ? ta : 0) * p.ldg, G + (vb ? tb : 0) * p.ldg, va, vb,
                                            p.w1_ptr, p.w1_ld, f0, f0, d, p.ldg / 16, grp, tig);
       if (va) {
-        store_g_wt_minus_sx<T, kVec>(acc, 0, xa, S[ta], nullptr, 0.f, nullptr, DX + p.dx_tok.offset(ta), e, d);
+        T* dst = DX + p.dx_tok.offset(ta);
+        store_g_wt_minus_sx<T, kVec>(acc, 0, xa, S[ta], nullptr, 0.f, p.accumulate_dx ? dst : nullptr, dst, e, d);
       }
       if (vb) {
-        store_g_wt_minus_sx<T, kVec>(acc, 1, xb, S[tb], nullptr, 0.f, nullptr, DX + p.dx_tok.offset(tb), e, d);
+        T* dst = DX + p.dx_tok.offset(tb);
+        store_g_wt_minus_sx<T, kVec>(acc, 1, xb, S[tb], nullptr, 0.f, p.accumulate_dx ? dst : nullptr, dst, e, d);
       }
     }
     mma_xt_g_tile<T, kMuddWeightsDw1Tiles>(dw, xa, xb, G, p.ldg, t0, N, col0, p.K, stage, grp, tig);

@@ -62,6 +62,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __maxnreg__(n)
+#define __grid_constant__
 #define __align__(n) __attribute__((aligned(n)))
 #define CUEMU 1
 // The emulator's own functions are not instrumented for the traffic counter: none of

@@ -7,9 +7,43 @@
 
 #include <cstdint>
 
+#include "common/limits.h"
 #include "common/vec.cuh"
 
 namespace crosslayer {
+
+// The l depth slots an op reads, as a table of base pointers: token t of slot j starts
+// at ptr[j] + t·token_stride (elements), features at unit stride. The slots need not be
+// one tensor: a DepthStack's slots are the blocks' outputs where they lie. The table
+// lives in the kernel's params, which the slot kernels take as __grid_constant__, so a
+// slot's pointer is one indexed constant-bank load, never a per-thread copy.
+struct SlotTable {
+  const void* ptr[kMaxSlots];
+  int64_t token_stride;
+};
+
+// Token t's rows in the slots of a table: at(j) is slot j's row.
+template <typename T>
+struct TableRows {
+  const SlotTable* table;
+  int64_t byte_offset;  // t·token_stride·sizeof(T)
+  __device__ __forceinline__ const T* at(int j) const {
+    return reinterpret_cast<const T*>(static_cast<const char*>(table->ptr[j]) + byte_offset);
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ TableRows<T> table_rows(const SlotTable& table, int64_t t) {
+  return TableRows<T>{&table, t * table.token_stride * static_cast<int64_t>(sizeof(T))};
+}
+
+// Token t's rows in a strided stack (a slot gradient dS): at(j) = row0 + j·slot_stride.
+template <typename T>
+struct StridedRows {
+  T* row0;
+  int64_t slot_stride;
+  __device__ __forceinline__ T* at(int j) const { return row0 + j * slot_stride; }
+};
 
 // Copies the (rows × kWays × l) weight tile of tokens t0 + r and ways c0 + c from A
 // (strides in elements; token stride 0: static) into a_s; missing tokens or ways
@@ -45,28 +79,28 @@ constexpr int slot_batch() {
   return kWhole ? kSlotBatch : 1;
 }
 
-// The chunk [e, e + kVec) of slots j0 .. j0 + kBatch, loaded before any is used; kWhole
-// as in load_chunk_as. Slots past the last (j >= l) load slot l − 1 again: the caller
-// gives them zero weight and stores nothing for them. (Selecting zeros instead makes
-// ptxas unpack every loaded vector at once, which serialises the batch's loads; the
-// repeated slot's sectors are L1 hits of the same request stream, no extra HBM bytes.)
-template <typename T, int kVec, bool kWhole, int kBatch>
-__device__ __forceinline__ void slot_batch_load(const T* __restrict__ slot0, int64_t slot_stride, int j0, int l,
-                                                int64_t e, int64_t d, Vec<T, kVec> (&s)[kBatch]) {
+// The chunk [e, e + kVec) of slots j0 .. j0 + kBatch of one token's rows (TableRows or
+// StridedRows), loaded before any is used; kWhole as in load_chunk_as. Slots past the
+// last (j >= l) load slot l − 1 again: the caller gives them zero weight and stores
+// nothing for them. (Selecting zeros instead makes ptxas unpack every loaded vector at
+// once, which serialises the batch's loads; the repeated slot's sectors are L1 hits of
+// the same request stream, no extra HBM bytes.)
+template <typename T, int kVec, bool kWhole, int kBatch, typename Rows>
+__device__ __forceinline__ void slot_batch_load(const Rows& rows, int j0, int l, int64_t e, int64_t d,
+                                                Vec<T, kVec> (&s)[kBatch]) {
 #pragma unroll
   for (int b = 0; b < kBatch; ++b) {
     const int j = j0 + b < l ? j0 + b : l - 1;
-    s[b] = load_chunk_as<T, kVec, kWhole>(slot0 + j * slot_stride, e, d);
+    s[b] = load_chunk_as<T, kVec, kWhole>(rows.at(j), e, d);
   }
 }
 
 // y[c] += Σ_j a_row[c·l + j]·S_j[e, e + kVec) for c < kWays, over the l slots of one
-// token (s_tok: slot 0's row), slot_batch<kWhole>() slots' loads at a time; kWhole as
-// in load_chunk_as. With a stage, slot j's chunk (as loaded: zero past d) is also
+// token (s_rows: its rows in the slots), slot_batch<kWhole>() slots' loads at a time;
+// kWhole as in load_chunk_as. With a stage, slot j's chunk (as loaded: zero past d) is also
 // written to stage[j·stage_stride]. Per thread, no shuffles.
 template <typename T, int kVec, int kWays, bool kWhole>
-__device__ __forceinline__ void slot_aggregate_as(const T* __restrict__ s_tok, int64_t slot_stride,
-                                                  const acc_t<T>* __restrict__ a_row, int l, int64_t e, int64_t d,
+__device__ __forceinline__ void slot_aggregate_as(const TableRows<T>& s_rows, const acc_t<T>* __restrict__ a_row, int l, int64_t e, int64_t d,
                                                   acc_t<T> (&y)[kWays][kVec],
                                                   Vec<T, kVec>* __restrict__ stage = nullptr,
                                                   int64_t stage_stride = 0) {
@@ -74,7 +108,7 @@ __device__ __forceinline__ void slot_aggregate_as(const T* __restrict__ s_tok, i
   constexpr int kBatch = slot_batch<kWhole>();
   for (int j0 = 0; j0 < l; j0 += kBatch) {
     Vec<T, kVec> s[kBatch];
-    slot_batch_load<T, kVec, kWhole>(s_tok, slot_stride, j0, l, e, d, s);
+    slot_batch_load<T, kVec, kWhole>(s_rows, j0, l, e, d, s);
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
       if (j0 + b < l) {
@@ -93,13 +127,12 @@ __device__ __forceinline__ void slot_aggregate_as(const T* __restrict__ s_tok, i
 // slot_aggregate_as with the whole-chunk test made once per chunk (reads cut at d, zero
 // past it).
 template <typename T, int kVec, int kWays>
-__device__ __forceinline__ void slot_aggregate(const T* __restrict__ s_tok, int64_t slot_stride,
-                                               const acc_t<T>* __restrict__ a_row, int l, int64_t e, int64_t d,
-                                               acc_t<T> (&y)[kWays][kVec]) {
+__device__ __forceinline__ void slot_aggregate(const TableRows<T>& s_rows, const acc_t<T>* __restrict__ a_row,
+                                               int l, int64_t e, int64_t d, acc_t<T> (&y)[kWays][kVec]) {
   if (e + kVec <= d) {
-    slot_aggregate_as<T, kVec, kWays, true>(s_tok, slot_stride, a_row, l, e, d, y);
+    slot_aggregate_as<T, kVec, kWays, true>(s_rows, a_row, l, e, d, y);
   } else {
-    slot_aggregate_as<T, kVec, kWays, false>(s_tok, slot_stride, a_row, l, e, d, y);
+    slot_aggregate_as<T, kVec, kWays, false>(s_rows, a_row, l, e, d, y);
   }
 }
 

@@ -1,81 +1,87 @@
-"""DepthStack: one preallocated depth stack per forward pass, one gradient buffer per
-backward pass (DESIGN.md "MUDD family", memory rule).
+"""DepthStack: the depth stack of one forward pass, its slots the blocks' outputs where
+they lie, and one gradient buffer per backward pass (DESIGN.md "MUDD family", memory
+rule).
 
-    stack = DepthStack.start(x0, n_slots=L + 1)   # (L+1, *tok, d) buffer, slot 0 = x0
+    stack = DepthStack.start(x0, n_slots=L + 1)   # slot 0 = x0
     for i, block in enumerate(blocks):
         x = block(inputs)                          # block i's output
-        stack.push(x)                              # copied into slot i+1, in place
-        Y = stack.aggregate(A, slice(0, i + 2))    # (C, *tok, d) from a view of the buffer
+        stack.push(x)                              # slot i+1 = x itself (no copy)
+        A = stack.mudd_weights(W1, W2, bias, C)    # (*tok, C, l) from the newest slot
+        Y = stack.aggregate(A, slice(0, i + 2))    # (C, *tok, d), the slots read in place
         # or, for a MUDDFormer block input (q, k, v RMS-normed, r raw):
         X = stack.aggregate_qkv_norm(A, g, eps, slice(0, i + 2))   # (4, *tok, d)
 
-Forward. `push` copies a block's output into the next free slot of the buffer; an
-aggregation reads a view of the buffer (`buf[:l]`, or a strided DWA view such as
-`buf[1:l:2]`), never a stacked or concatenated copy. Memory: the buffer, (L+1)·N·d.
+Forward. `push` keeps the pushed tensor as the slot: a contiguous tensor of the stack's
+dtype that is not a view is the slot itself (no copy, no stack buffer); anything else
+(another dtype, strided, a view that would pin its base) is copied once into a fresh
+slot. An aggregation reads the slots where they lie: the fused kernels take a table of
+slot pointers (a strided DWA selection such as slots 1, 3, 5 is a pick from the table),
+never a stacked or concatenated copy. Memory: the slots, (L+1)·N·d, which the blocks'
+outputs occupy anyway.
 
-Backward. ONE gradient buffer G of the buffer's shape per backward pass, accumulated
-in place: every aggregation backward adds Σ_c A[.., c, j]·dY_c into G[j] for the slots
-j it read (`crosslayer::depth_aggregate_bwd_op` on CUDA; a slot-by-slot in-place
-fallback elsewhere that never forms an l·N·d tensor) and returns dA; the push of slot
-j hands G[j] to the pushed tensor as its gradient. So no l·N·d gradient is
-materialised per layer, and the stack and its gradient stay O(L·N·d).
+Backward. ONE gradient buffer G of shape (n_slots, *tok, d) per backward pass,
+accumulated in place: every aggregation backward adds Σ_c A[.., c, j]·dY_c into G[j]
+for the slots j it read (`crosslayer::depth_aggregate_bwd`; on CPU a slot-by-slot
+in-place oracle that never forms an l·N·d tensor) and returns dA; `mudd_weights` adds
+its x gradient into G[newest] in place (`crosslayer::mudd_weights_bwd_into`), so a
+block output's two gradients are never summed by autograd; the push of slot j hands
+G[j] to the pushed tensor as its gradient. So no l·N·d gradient is materialised per
+layer, and the stack and its gradient stay O(L·N·d).
 
-Autograd design: the buffer is threaded through a linear chain of in-place
-autograd.Functions (ctx.mark_dirty), one per push and one per aggregation:
+Autograd design: a chain tensor ("ghost": a zero-stride expand of one element, the
+shape of G, no memory) is threaded through a linear chain of autograd.Functions, one
+per push, weight computation and aggregation; each takes the newest ghost and returns
+a fresh one, and the gradient that flows back along the chain is G:
 
-    buf_1 = _Push.apply(x_j, buf_0, j, ...)                  forward: buf[j] = x_j
-    Y, buf_2 = _Aggregate.apply(buf_1, A, start, stop, step) forward: Y = agg(buf[s], A)
-    X, buf_3 = _AggregateQKVNorm.apply(buf_2, A, g, ..., eps)  (the same, q/k/v normed)
+    c_1 = _Push.apply(x_j, c_0, j, ...)                        backward: G[j] -> x_j
+    A, c_2 = _MuddWeights.apply(c_1, W1, W2, bias, x_j, ...)   backward: G[j] += dx
+    Y, c_3 = _Aggregate.apply(c_2, A, start, stop, step, *S)   backward: G[s] += A·dY
+    X, c_4 = _AggregateQKVNorm.apply(c_3, A, g, ..., *S)       (the same, q/k/v normed)
 
-buf_0, buf_1, ... are one tensor (the same storage; each call returns its input marked
-dirty), so the graph is a chain and G is that chain's gradient: the first aggregation
-backward of a pass (the newest buffer version has no consumer, so it gets None)
-allocates G and writes its slots (`=`); every later node receives G, adds its slots
-in place (`+=`) and passes it on; each push's backward gives its slot's view to x_j.
-Nothing lives outside the graph, so torch.compile traces the stack with no graph
-break (the forward's copies into slots and the backward's in-place additions become
-select_scatter / in-place custom ops, which inductor re-inplaces: one stack buffer,
-one G; "aot_eager", which does not re-inplace, copies the buffer per step).
+The slots go into each Function as inputs that need no gradient (detached aliases of
+the pushed tensors), saved for backward: autograd's version check refuses a slot that
+was modified in place after an aggregation read it, and an aggregation refuses a slot
+modified after its push. The first node of a backward pass to need G (the newest ghost
+has no consumer, so it gets None) allocates it and writes its slots (`=`); every later
+node receives G, adds in place (`+=`) and passes it on. Nothing lives outside the
+graph, so torch.compile traces the stack with no graph break.
 
 Invariants:
-  I1  Slot j is written exactly once per forward pass, before any aggregation reads
-      it (`push` fills slots in order; `aggregate` may only read filled slots).
-  I2  Every push and aggregation takes the newest buffer version and returns the next
-      one, so backward visits them in exactly the reverse order: when push j's
-      backward runs, every aggregation that read slot j has added into G[j].
-  I3  A slot is never rewritten after it is read (I1), so aggregations keep the
-      buffer as a ctx attribute rather than a saved tensor (a saved tensor would trip
-      the version counter on later pushes; the slots it reads never change under it).
+  I1  Slot j is filled exactly once per forward pass, before any aggregation reads it
+      (`push` fills slots in order; `aggregate` may only read filled slots), and is not
+      modified in place afterwards (refused, above).
+  I2  Every node takes the newest ghost and returns the next one, so backward visits
+      them in exactly the reverse order: when push j's backward runs, every
+      aggregation that read slot j and the weights computed from it have added into
+      G[j].
+  I3  The Functions hold the slots as saved tensors (no copies) and never the
+      DepthStack, which holds the newest ghost (and so the graph): no reference cycle;
+      the slots are freed when the graph and the DepthStack are dropped.
   I4  G belongs to one backward pass (it travels along the chain), so a second
       backward (retain_graph=True) or a partial one (autograd.grad on some inputs)
       starts a fresh one. Only slots the first aggregation does not read are zeroed
       (none for MUDD). A slot no aggregation read gets a zero gradient, or none when
-      no aggregation after its push took part in the pass. Compiled, the traced
-      backward starts from a zero G instead (one (L+1)·N·d fill; Dynamo traces the
-      backward with a gradient for every output).
+      no node after its push took part in the pass. Compiled, the traced backward
+      starts from a zero G instead (one (L+1)·N·d fill; Dynamo traces the backward with
+      a gradient for every output).
   I5  The gradient handed to x_j is a view of G (no copy), cast to x_j's dtype if the
       stack has another dtype; a leaf x_j gets a copy, so its .grad does not pin G.
       G is freed once the chain's root has run and the slot views are consumed.
-
-  I6  No reference cycle: the nodes keep a detached alias of the buffer (I3), never
-      the DepthStack, which keeps the newest buffer version (and so the graph); the
-      buffers are freed as soon as the graph and the DepthStack are dropped.
-
-  I7  Grad mode: a push under torch.no_grad() still joins the chain (its x gets no
-      gradient, the earlier slots keep theirs); an aggregation under no_grad adds no
-      node and leaves the chain as it is. Second derivatives are refused: every
-      backward here is first-order only, and differentiating its outputs again
-      (create_graph=True, then another grad) raises a RuntimeError that says so.
+  I6  Grad mode: a push under torch.no_grad() still joins the chain (its x gets no
+      gradient, the earlier slots keep theirs); an aggregation or weight computation
+      under no_grad adds no node. Second derivatives are refused: every backward here
+      is first-order only, and differentiating its outputs again (create_graph=True,
+      then another grad) raises a RuntimeError that says so.
 
 Limits: one DepthStack per forward pass (it cannot be reused or rewound); do not
 put pushes and aggregations inside activation checkpointing (a recomputed push would
-rewrite a slot); no double backward (I7).
+refill a slot); no double backward (I6).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -85,40 +91,53 @@ from crosslayer._autograd import first_order_backward
 from crosslayer._checks import check_tensor, compute_dtype
 from crosslayer._extension import runs_kernels
 from crosslayer.ops._common import fusable
-from crosslayer.ops.depth_aggregate import depth_aggregate_bwd_op
-from crosslayer.ops.depth_aggregate_qkv_norm import depth_aggregate_qkv_norm_bwd_op, depth_aggregate_qkv_norm_op
-from crosslayer.contracts import validate_depth_aggregate, validate_depth_aggregate_qkv_norm
-from crosslayer.ref.mudd import qkv_norm_bwd
+from crosslayer.ops.depth_aggregate import depth_aggregate_bwd_op, depth_aggregate_slots_op
+from crosslayer.ops.depth_aggregate_qkv_norm import (depth_aggregate_qkv_norm_bwd_op,
+                                                     depth_aggregate_qkv_norm_slots_op)
+from crosslayer.ops.mudd_weights import mudd_weights_bwd_into_op, mudd_weights_op, split_dW2b
+from crosslayer.contracts import (check_approximate, validate_depth_aggregate,
+                                  validate_depth_aggregate_qkv_norm, validate_mudd_weights)
+from crosslayer.ref import mudd as ref_mudd
 
 __all__ = ["DepthStack", "aggregate_bwd_into", "stack_bytes"]
 
 
-def aggregate_bwd_into(dY: Tensor, S: Tensor, A: Tensor, dS: Tensor, accumulate: bool) -> Tensor:
+def _tokens(S: Sequence[Tensor]) -> int:
+    """N of slots (*tok, d) (not numel // d: d may be 0)."""
+    return S[0].shape[:-1].numel()
+
+
+def _flat(S: Sequence[Tensor]) -> List[Tensor]:
+    """The slots as (N, d) views."""
+    N, d = _tokens(S), S[0].shape[-1]
+    return [s.view(N, d) if s.is_contiguous() else s.reshape(N, d) for s in S]
+
+
+def aggregate_bwd_into(dY: Tensor, S: Sequence[Tensor], A: Tensor, dS: Tensor, accumulate: bool) -> Tensor:
     """Backward of depth_aggregate into a given buffer; returns dA (A's shape and dtype).
 
-    dY: (C, *tok, d); S: (l, *tok, d); A: (*tok, C, l) or (C, l); dS: (l, *tok, d) in
-    S's dtype, written in place: dS_j (+)= Σ_c A[.., c, j]·dY_c (`+=` when accumulate).
-    CUDA with the extension built: `crosslayer::depth_aggregate_bwd_op`. Otherwise a
+    dY: (C, *tok, d); S: l slots (*tok, d) (a list, or a stack's unbind); A: (*tok, C, l)
+    or (C, l); dS: (l, *tok, d) in the slots' dtype, written in place: dS_j (+)= Σ_c
+    A[.., c, j]·dY_c (`+=` when accumulate).
+    CUDA with the extension built: `crosslayer::depth_aggregate_bwd`. Otherwise a
     slot-by-slot oracle that adds into dS in place (baddbmm_/addmm_ on slot views);
     its largest temporaries are dY transposed (C·N·d) and, for half-precision stacks,
     one slot (N·d) in float32 -- never an l·N·d tensor.
     """
-    l, d, C = S.shape[0], S.shape[-1], A.shape[-2]
+    l, d, C = len(S), S[0].shape[-1], A.shape[-2]
     static = A.dim() == 2
-    if runs_kernels(S):
-        N = S.shape[1:-1].numel()  # not -1: reshape cannot infer it when d = 0
-        A3 = A if static else A.reshape(N, C, l)
-        dA = depth_aggregate_bwd_op(dY.reshape(C, N, d), S.reshape(l, N, d), A3,
-                                    dS.view(l, N, d), accumulate)
+    M = _tokens(S)
+    if runs_kernels(S[0]):
+        A3 = A if static else A.reshape(M, C, l)
+        dA = depth_aggregate_bwd_op(dY.reshape(C, M, d), _flat(S), A3, dS.view(l, M, d), accumulate)
         return dA.view(A.shape)
 
-    cd = compute_dtype(dY, S, A)
-    M = S[0].numel() // d if d else 0
+    cd = compute_dtype(dY, S[0], A)
     dY2 = dY.to(cd).reshape(C, M, d)
     Ac = A.to(cd).reshape(C, l) if static else A.to(cd).reshape(M, C, l)
     in_place = dS.dtype == cd
     if static:
-        dA = torch.empty(C, l, dtype=cd, device=S.device)
+        dA = torch.empty(C, l, dtype=cd, device=dY.device)
         dYf = dY2.reshape(C, M * d)
         for j in range(l):
             Sj = S[j].to(cd).reshape(M * d)
@@ -130,7 +149,7 @@ def aggregate_bwd_into(dY: Tensor, S: Tensor, A: Tensor, dS: Tensor, accumulate:
                 g = (a @ dYf).reshape(dS[j].shape)
                 dS[j].add_(g) if accumulate else dS[j].copy_(g)
     else:
-        dA = torch.empty(M, C, l, dtype=cd, device=S.device)
+        dA = torch.empty(M, C, l, dtype=cd, device=dY.device)
         dYt = dY2.transpose(0, 1).contiguous()  # (M, C, d)
         for j in range(l):
             Sj = S[j].to(cd).reshape(M, d, 1)
@@ -144,66 +163,91 @@ def aggregate_bwd_into(dY: Tensor, S: Tensor, A: Tensor, dS: Tensor, accumulate:
     return dA.reshape(A.shape).to(A.dtype)
 
 
+def _aggregate_oracle(S: Sequence[Tensor], A: Tensor, cd: torch.dtype) -> Tensor:
+    """ref.depth_aggregate over slots, slot by slot (never an l·N·d tensor): Y (C, *tok,
+    d) in the arithmetic dtype cd."""
+    C, l = A.shape[-2], A.shape[-1]
+    W = A.to(cd).movedim(-2, 0)  # (C, *tok, l) or (C, l)
+    lead = (1,) * S[0].dim()
+    Y = None
+    for j in range(l):
+        w = W[..., j].reshape(C, *lead) if A.dim() == 2 else W[..., j].unsqueeze(-1)
+        Y = w * S[j].to(cd) if Y is None else Y.addcmul_(w, S[j].to(cd))
+    return Y
+
+
 _NO_DOUBLE_BACKWARD = (
     "crosslayer.DepthStack does not support double backward (a gradient of a gradient, "
-    "create_graph=True, through a push or an aggregation): its backward adds every "
-    "aggregation's slot gradients into one shared buffer in place, which autograd cannot "
-    "differentiate again. First derivatives with create_graph=True are exact; "
-    "differentiating them raises this error.")
+    "create_graph=True, through a push, a weight computation or an aggregation): its "
+    "backward adds every node's slot gradients into one shared buffer in place, which "
+    "autograd cannot differentiate again. First derivatives with create_graph=True are "
+    "exact; differentiating them raises this error.")
 
 
 # Every backward of the chain: run without grad mode, refuse a second derivative
 # (crosslayer._autograd.first_order_backward). Without this, a second backward silently got
-# wrong values (the slot gradients are computed from a detached buffer).
+# wrong values (the slot gradients are computed from detached slots).
 _first_order_only = first_order_backward(_NO_DOUBLE_BACKWARD)
 
 
-def _as_slice(start: int, stop: int, step: int) -> slice:
-    return slice(start, stop, step)
+def _ghost(shape: Sequence[int], dtype: torch.dtype, device) -> Tensor:
+    """The chain tensor: G's shape and dtype, one element of memory (module docstring)."""
+    return torch.empty((), dtype=dtype, device=device).expand(*shape)
 
 
-def _stack_grad(G: Optional[Tensor], buf: Tensor, slots: slice) -> tuple:
-    """(G, accumulate) for an aggregation backward. G is None for the first one of a
-    backward pass (autograd passes None for the newest buffer version, which nothing
-    consumes; the Functions do not materialise zeros): then G is allocated here, the
-    slots this aggregation reads are written (`=`) and only the others zeroed (none
-    for MUDD, whose last aggregation reads every slot). Later ones add (`+=`)."""
+def _live(G: Optional[Tensor]) -> Optional[Tensor]:
+    """G, or None where no node has written it yet: None itself, or a ghost-shaped zero
+    tangent with a zero stride (a compiled graph's backward gets one for the newest
+    ghost, in the ghost's layout; it cannot be added into in place)."""
+    if G is None or 0 in G.stride():
+        return None
+    return G
+
+
+def _stack_grad(G: Optional[Tensor], ghost_shape: torch.Size, dtype: torch.dtype, device,
+                slots: slice) -> tuple:
+    """(G, accumulate) for a node that adds into the slots `slots`. G is None for the
+    first one of a backward pass (autograd passes None for the newest ghost, which
+    nothing consumes; the Functions do not materialise zeros; _live): then G is allocated here,
+    the slots this node writes are written (`=`) and only the others zeroed (none for
+    MUDD, whose last aggregation reads every slot). Later ones add (`+=`)."""
+    G = _live(G)
     if G is not None:
         return G, True
-    G = torch.empty_like(buf)
-    read = range(buf.shape[0])[slots]
-    for j in range(buf.shape[0]):
-        if j not in read:
+    G = torch.empty(ghost_shape, dtype=dtype, device=device)
+    written = range(ghost_shape[0])[slots]
+    for j in range(ghost_shape[0]):
+        if j not in written:
             G[j].zero_()
     return G, False
 
 
-def _hold_buffer(ctx, buf: Tensor, slots: slice, *saved: Tensor) -> None:
-    """An aggregation's forward bookkeeping: the buffer as a ctx attribute, a detached
-    alias (I3, I6: not a saved tensor), the slots it reads, `saved` saved for backward,
-    buf marked dirty (returned as the next version, I2) and no zero-filled gradients (a
-    None G starts the pass's gradient buffer, I4)."""
-    ctx.buf, ctx.slots = buf.detach(), slots
+def _chain_node(ctx, ghost: Tensor, slots: slice, *saved: Tensor) -> Tensor:
+    """A node's forward bookkeeping: the slots it reads or adds into, `saved` saved for
+    backward, no zero-filled gradients (a None G starts the pass's gradient buffer, I4);
+    returns the next ghost (I2)."""
+    ctx.ghost_shape, ctx.ghost_dtype, ctx.ghost_device = ghost.shape, ghost.dtype, ghost.device
+    ctx.slots = slots
     ctx.save_for_backward(*saved)
-    ctx.mark_dirty(buf)
     ctx.set_materialize_grads(False)
+    return _ghost(ghost.shape, ghost.dtype, ghost.device)
 
 
 class _Push(torch.autograd.Function):
-    """buf[j] = x in place; returns buf (dirty). Backward: G[j] -> x, G -> the older buf."""
+    """Slot j filled (by the caller); returns the next ghost. Backward: G[j] -> x, G -> the
+    older ghost."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, buf: Tensor, j: int, x_is_leaf: bool) -> Tensor:
-        buf[j].copy_(x)
-        ctx.mark_dirty(buf)
-        ctx.set_materialize_grads(False)
+    def forward(ctx, x: Tensor, ghost: Tensor, j: int, x_is_leaf: bool) -> Tensor:
         ctx.j, ctx.x_dtype, ctx.x_is_leaf = j, x.dtype, x_is_leaf
-        return buf
+        ctx.set_materialize_grads(False)
+        return _ghost(ghost.shape, ghost.dtype, ghost.device)
 
     @staticmethod
     @_first_order_only
     def backward(ctx, G: Optional[Tensor]):
-        if G is None:  # no aggregation after this push took part in this backward pass
+        G = _live(G)
+        if G is None:  # no node after this push took part in this backward pass
             return None, None, None, None
         g = G[ctx.j]
         if ctx.x_is_leaf or g.dtype != ctx.x_dtype:
@@ -211,83 +255,133 @@ class _Push(torch.autograd.Function):
         return g, G, None, None
 
 
-class _Aggregate(torch.autograd.Function):
-    """Y = depth_aggregate(buf[start:stop:step], A); returns (Y, buf (dirty, unchanged)).
-    Backward: G[slots] += A·dY in place, returns (G, dA)."""
+class _MuddWeights(torch.autograd.Function):
+    """A = mudd_weights(slot j, W1, W2, bias) (ops.mudd_weights' custom ops); returns (A,
+    the next ghost). Backward: G[j] += dx in place, returns (G, dW1, dW2, dbias)."""
 
     @staticmethod
-    def forward(ctx, buf: Tensor, A: Tensor, start: int, stop: int, step: int):
-        slots = _as_slice(start, stop, step)
-        Y = ops.depth_aggregate(buf[slots], A)
-        _hold_buffer(ctx, buf, slots, A)
-        return Y, buf
+    def forward(ctx, ghost: Tensor, W1: Tensor, W2: Tensor, bias: Tensor, x: Tensor, j: int, n_ways: int,
+                eps: float, approximate: str):
+        A, u, r = mudd_weights_op(x, W1, W2, bias, n_ways, eps, approximate)
+        ctx.mark_non_differentiable(u, r)
+        ctx.n_ways, ctx.eps, ctx.approximate = n_ways, eps, approximate
+        return A, _chain_node(ctx, ghost, slice(j, j + 1), x, W1, W2, bias, u, r)
+
+    @staticmethod
+    @_first_order_only
+    def backward(ctx, dA: Optional[Tensor], G: Optional[Tensor]):
+        if dA is None:
+            return G, None, None, None, None, None, None, None, None
+        x, W1, W2, bias, u, r = ctx.saved_tensors
+        G = _live(G)
+        if G is None:  # the weights are used, but no aggregation after them took part
+            G = torch.zeros(ctx.ghost_shape, dtype=ctx.ghost_dtype, device=ctx.ghost_device)
+        dW1, dW2b = mudd_weights_bwd_into_op(dA, x, W1, W2, bias, u, r, ctx.n_ways, ctx.eps, ctx.approximate,
+                                             G[ctx.slots.start])
+        dW2, dbias = split_dW2b(dW2b, W2, bias)
+        need = ctx.needs_input_grad
+        return (G, dW1 if need[1] else None, dW2 if need[2] else None, dbias if need[3] else None,
+                None, None, None, None, None)
+
+
+def _aggregate_fwd(S: Sequence[Tensor], A: Tensor) -> Tensor:
+    """Y (C, *tok, d) = depth_aggregate over the slots S: the fused op on slot pointers, or
+    the slot-by-slot oracle."""
+    C, l = A.shape[-2], len(S)
+    if runs_kernels(S[0]):
+        Y = depth_aggregate_slots_op(_flat(S), A if A.dim() == 2 else A.reshape(_tokens(S), C, l))
+        return Y.view(C, *S[0].shape)
+    return _aggregate_oracle(S, A, compute_dtype(S[0], A)).to(S[0].dtype)
+
+
+def _aggregate_qkv_norm_fwd(S: Sequence[Tensor], A: Tensor, g: Tensor, eps: float) -> tuple:
+    """(X (4, *tok, d), rstd, fused) of depth_aggregate_qkv_norm over the slots S: the fused
+    op on slot pointers (rstd (3, N) for its backward), or the oracle slot by slot
+    (rstd empty). The dispatch rule of ops.depth_aggregate_qkv_norm."""
+    if fusable(S[0], A, g):
+        l = len(S)
+        A3 = A if A.dim() == 2 else A.reshape(_tokens(S), 4, l)
+        X, rstd = depth_aggregate_qkv_norm_slots_op(_flat(S), A3, g, float(eps))
+        return X.view(4, *S[0].shape), rstd, True
+    Y = _aggregate_oracle(S, A, compute_dtype(S[0], A, g))
+    return ref_mudd.qkv_norm(Y, g, eps).to(S[0].dtype), A.new_empty(0), False
+
+
+def _stacked_meta(S: Sequence[Tensor]) -> Tensor:
+    """An (l, *tok, d) tensor with the slots' metadata (slot 0 expanded, no copy) for the
+    ops' validators, which look at metadata only."""
+    return S[0].expand(len(S), *S[0].shape)
+
+
+class _Aggregate(torch.autograd.Function):
+    """Y = depth_aggregate(S, A) over the slots S (start:stop:step of the stack, passed
+    after the other inputs); returns (Y, the next ghost). Backward: G[slots] += A·dY in
+    place, returns (G, dA)."""
+
+    @staticmethod
+    def forward(ctx, ghost: Tensor, A: Tensor, start: int, stop: int, step: int, *S: Tensor):
+        Y = _aggregate_fwd(S, A)
+        return Y, _chain_node(ctx, ghost, slice(start, stop, step), A, *S)
 
     @staticmethod
     @_first_order_only
     def backward(ctx, dY: Optional[Tensor], G: Optional[Tensor]):
+        n_inputs = 5 + len(ctx.saved_tensors) - 1
         if dY is None:
-            return G, None, None, None, None
-        (A,) = ctx.saved_tensors
-        G, accumulate = _stack_grad(G, ctx.buf, ctx.slots)
-        dA = aggregate_bwd_into(dY, ctx.buf[ctx.slots], A, G[ctx.slots], accumulate)
-        return G, (dA if ctx.needs_input_grad[1] else None), None, None, None
+            return (G,) + (None,) * (n_inputs - 1)
+        A, *S = ctx.saved_tensors
+        G, accumulate = _stack_grad(G, ctx.ghost_shape, ctx.ghost_dtype, ctx.ghost_device, ctx.slots)
+        dA = aggregate_bwd_into(dY, S, A, G[ctx.slots], accumulate)
+        return (G, dA if ctx.needs_input_grad[1] else None) + (None,) * (n_inputs - 2)
 
 
 class _AggregateQKVNorm(torch.autograd.Function):
-    """X = depth_aggregate_qkv_norm(buf[slots], A, g, eps); returns (X, buf (dirty,
-    unchanged)). Backward: G[slots] += the slots' gradient in place, returns (G, dA,
-    dg). Fused: the kernels, rstd saved from the forward. Otherwise: the norm backward
-    gives dY (4·N·d), then aggregate_bwd_into's in-place slot-by-slot fallback (never
-    an l·N·d tensor)."""
+    """X = depth_aggregate_qkv_norm(S, A, g, eps) over the slots S (passed after the other
+    inputs); returns (X, the next ghost). Backward: G[slots] += the slots' gradient in
+    place, returns (G, dA, dg). Fused: the kernels, rstd saved from the forward.
+    Otherwise: the oracle slot by slot, the norm backward giving dY (4·N·d) from Y
+    recomputed, then aggregate_bwd_into's in-place slot-by-slot fallback (never an l·N·d
+    tensor)."""
 
     @staticmethod
-    def forward(ctx, buf: Tensor, A: Tensor, g: Tensor, start: int, stop: int, step: int,
-                eps: float):
-        slots = _as_slice(start, stop, step)
-        S = buf[slots]
-        l, d, tok = S.shape[0], S.shape[-1], S.shape[1:-1]
-        ctx.fused = fusable(S, A, g)  # the dispatch rule of ops.depth_aggregate_qkv_norm
-        if ctx.fused:
-            N = tok.numel()
-            A3 = A if A.dim() == 2 else A.reshape(N, 4, l)
-            X, rstd = depth_aggregate_qkv_norm_op(S.reshape(l, N, d), A3, g, float(eps))
-            X = X.view(4, *tok, d)
-        else:
-            X = ops.depth_aggregate_qkv_norm(S, A, g, eps)
-            rstd = A.new_empty(0)
-        _hold_buffer(ctx, buf, slots, A, g, rstd)
+    def forward(ctx, ghost: Tensor, A: Tensor, g: Tensor, start: int, stop: int, step: int, eps: float,
+                *S: Tensor):
+        X, rstd, ctx.fused = _aggregate_qkv_norm_fwd(S, A, g, eps)
         ctx.eps = eps
-        return X, buf
+        return X, _chain_node(ctx, ghost, slice(start, stop, step), A, g, rstd, *S)
 
     @staticmethod
     @_first_order_only
     def backward(ctx, dX: Optional[Tensor], G: Optional[Tensor]):
+        n_inputs = 7 + len(ctx.saved_tensors) - 3
         if dX is None:
-            return G, None, None, None, None, None, None
-        A, g, rstd = ctx.saved_tensors
-        G, accumulate = _stack_grad(G, ctx.buf, ctx.slots)
-        S, dS = ctx.buf[ctx.slots], G[ctx.slots]
+            return (G,) + (None,) * (n_inputs - 1)
+        A, g, rstd, *S = ctx.saved_tensors
         if ctx.fused:
-            l, d, N = S.shape[0], S.shape[-1], S.shape[1:-1].numel()
+            G, accumulate = _stack_grad(G, ctx.ghost_shape, ctx.ghost_dtype, ctx.ghost_device, ctx.slots)
+            l, d, N = len(S), S[0].shape[-1], _tokens(S)
             A3 = A if A.dim() == 2 else A.reshape(N, 4, l)
-            dA, dg = depth_aggregate_qkv_norm_bwd_op(dX.reshape(4, N, d), S.reshape(l, N, d), A3, g,
-                                                     rstd, dS.view(l, N, d), accumulate, float(ctx.eps))
+            dA, dg = depth_aggregate_qkv_norm_bwd_op(dX.reshape(4, N, d), _flat(S), A3, g, rstd,
+                                                     G[ctx.slots].view(l, N, d), accumulate, float(ctx.eps))
             dA = dA.view(A.shape)
         else:
-            dY, dg = qkv_norm_bwd(dX, S, A, g, ctx.eps)
-            dA = aggregate_bwd_into(dY, S, A, dS, accumulate)
+            Y = _aggregate_oracle(S, A, compute_dtype(dX, S[0], A, g))
+            dY, dg = ref_mudd.qkv_norm_bwd_y(dX, Y, g, ctx.eps)
+            G, accumulate = _stack_grad(G, ctx.ghost_shape, ctx.ghost_dtype, ctx.ghost_device, ctx.slots)
+            dA = aggregate_bwd_into(dY, S, A, G[ctx.slots], accumulate)
             dg = dg.to(g.dtype)
-        return (G, dA if ctx.needs_input_grad[1] else None,
-                dg if ctx.needs_input_grad[2] else None, None, None, None, None)
+        need = ctx.needs_input_grad
+        return (G, dA if need[1] else None, dg if need[2] else None) + (None,) * (n_inputs - 3)
 
 
 class DepthStack:
-    """The depth stack of one forward pass: slot 0 = embedding, slot j = output of
-    block j-1, in one preallocated (n_slots, *tok, d) buffer (module docstring).
+    """The depth stack of one forward pass: slot 0 = embedding, slot j = output of block
+    j-1, each slot the pushed tensor itself where it can be (module docstring).
 
     n_slots:    L + 1 for an L-block model
     slot_shape: (*tok, d) of every slot
-    dtype, device: of the buffer (the activation dtype)
+    dtype, device: of the slots (the activation dtype); a tensor of another dtype is
+                copied into its slot
     """
 
     def __init__(self, n_slots: int, slot_shape: Sequence[int], *,
@@ -298,8 +392,11 @@ class DepthStack:
         if len(slot_shape) < 2:
             raise ValueError(f"slot_shape must be (*tok, d) with at least one token dim, "
                              f"got {slot_shape}")
-        self._buf = torch.empty(n_slots, *slot_shape, dtype=dtype, device=device)
-        self._len = 0
+        self._n_slots, self._slot_shape = n_slots, slot_shape
+        self._dtype, self._device = dtype, torch.device(device if device is not None else "cpu")
+        self._slots: List[Tensor] = []     # detached aliases (or copies) of the pushed tensors
+        self._versions: List[int] = []     # each slot's version counter at its push (I1)
+        self._ghost = _ghost((n_slots, *slot_shape), dtype, self._device)
         self._newest: Optional[Tensor] = None
 
     @classmethod
@@ -313,45 +410,49 @@ class DepthStack:
     # ------------------------------------------------------------------ state
     @property
     def n_slots(self) -> int:
-        return self._buf.shape[0]
+        return self._n_slots
 
     @property
     def slot_shape(self) -> tuple:
-        return tuple(self._buf.shape[1:])
+        return self._slot_shape
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._buf.dtype
+        return self._dtype
 
     @property
     def device(self) -> torch.device:
-        return self._buf.device
+        return self._device
 
     def __len__(self) -> int:
         """Number of filled slots."""
-        return self._len
+        return len(self._slots)
 
     @property
     def newest(self) -> Tensor:
-        """The tensor pushed last (autograd-tracked; not the buffer's copy)."""
+        """The tensor pushed last (autograd-tracked; not the slot's detached alias)."""
         if self._newest is None:
             raise RuntimeError("the stack is empty: push a tensor first")
         return self._newest
 
     @property
-    def buffer(self) -> Tensor:
-        """The whole (n_slots, *tok, d) buffer, detached (for inspection only)."""
-        return self._buf.detach()
+    def slots(self) -> tuple:
+        """The filled slots, detached (for inspection only): the pushed tensors' storage,
+        or their copies where push had to copy."""
+        return tuple(self._slots)
 
     def __repr__(self) -> str:
-        return (f"DepthStack({self._len}/{self.n_slots} slots of {self.slot_shape}, "
+        return (f"DepthStack({len(self)}/{self.n_slots} slots of {self.slot_shape}, "
                 f"{self.dtype}, {self.device})")
 
     # ------------------------------------------------------------------ forward
     def push(self, x: Tensor) -> None:
-        """Copy x (*tok, d) into the next free slot, in place."""
+        """Fill the next free slot with x (*tok, d): x itself when it is a contiguous
+        tensor of the stack's dtype that is not a view (a block's output), else a copy
+        (a view would keep its whole base alive). x must not be modified in place
+        afterwards (the aggregations refuse a changed slot)."""
         check_tensor("x", x)
-        if self._len >= self.n_slots:
+        if len(self) >= self.n_slots:
             raise RuntimeError(f"the stack is full ({self.n_slots} slots); a DepthStack "
                                "holds one forward pass")
         if tuple(x.shape) != self.slot_shape:
@@ -359,61 +460,102 @@ class DepthStack:
                              f"got {tuple(x.shape)}")
         if x.device != self.device:
             raise ValueError(f"x is on {x.device} but the stack is on {self.device}")
-        j = self._len
-        # The newest buffer version (the same storage) replaces the old one (module doc).
+        j = len(self)
+        keep = x.dtype == self.dtype and x.is_contiguous()
+        if keep and not torch.compiler.is_compiling():  # compiled, inductor plans the memory
+            keep = not x._is_view()
+        if keep:
+            slot = x.detach()
+        else:
+            slot = torch.empty(self.slot_shape, dtype=self.dtype, device=self.device)
+            slot.copy_(x.detach())
         # Under no_grad (a frozen block) x gets no gradient, as in PyTorch, but the push
-        # still joins the chain: an untracked buffer version would cut every earlier
-        # slot off from the aggregations that follow.
+        # still joins the chain: an untracked ghost would cut every earlier slot off from
+        # the nodes that follow.
         tracked = torch.is_grad_enabled()
         with torch.enable_grad():
-            self._buf = _Push.apply(x if tracked else x.detach(), self._buf, j,
-                                    tracked and x.requires_grad and x.is_leaf)
+            self._ghost = _Push.apply(x if tracked else x.detach(), self._ghost, j,
+                                      tracked and x.requires_grad and x.is_leaf)
+        self._slots.append(slot)
+        self._versions.append(slot._version)
         self._newest = x
-        self._len += 1
 
-    def _slots(self, slots: Optional[slice]) -> slice:
+    def _read(self, slots: Optional[slice]) -> tuple:
+        """(slice, the slots it selects), each unchanged since its push (I1)."""
+        n = len(self)
         if slots is None:
-            return slice(0, self._len)
-        if not isinstance(slots, slice):
-            raise TypeError(f"slots must be a slice or None, got {type(slots).__name__}")
-        idx = range(self.n_slots)[slots]
-        if len(idx) == 0:
-            raise ValueError(f"slots {slots} select no slot")
-        if max(idx) >= self._len:
-            raise ValueError(f"slots {slots} read slot {max(idx)} but only "
-                             f"{self._len} slots are filled")
-        return slice(idx.start, idx.stop, idx.step)
+            s = slice(0, n, 1)
+        else:
+            if not isinstance(slots, slice):
+                raise TypeError(f"slots must be a slice or None, got {type(slots).__name__}")
+            idx = range(self.n_slots)[slots]
+            if len(idx) == 0:
+                raise ValueError(f"slots {slots} select no slot")
+            if max(idx) >= n:
+                raise ValueError(f"slots {slots} read slot {max(idx)} but only {n} slots are filled")
+            s = slice(idx.start, idx.stop, idx.step)
+        picked = range(self.n_slots)[s]
+        if not torch.compiler.is_compiling():
+            for j in picked:
+                if self._slots[j]._version != self._versions[j]:
+                    raise RuntimeError(
+                        f"slot {j} of the DepthStack was modified in place after it was pushed; "
+                        "the stack reads the pushed tensor itself, not a copy: push a copy "
+                        "(x.clone()) if x must change afterwards")
+        return s, [self._slots[j] for j in picked]
+
+    def mudd_weights(self, W1: Tensor, W2: Tensor, bias: Tensor, n_ways: int, eps: float = 1e-6,
+                     approximate: str = "none") -> Tensor:
+        """A = ops.mudd_weights(x, W1, W2, bias, n_ways, eps, approximate) of the newest
+        slot x, (*tok, C, l) in the arithmetic dtype. Fused (ops.mudd_weights' dispatch
+        rule), its x gradient is added into the stack's gradient buffer in place (no
+        gradient of its own for x, no sum of x's two gradients). Otherwise (the CPU,
+        float64 parameters with lower-precision slots, d = 0 or K = 0) it is
+        ops.mudd_weights on the pushed tensor, differentiated by autograd (only the
+        gradients asked for)."""
+        x = self.newest
+        validate_mudd_weights(x, W1, W2, bias, n_ways)
+        check_approximate(approximate)
+        s, (slot,) = self._read(slice(len(self) - 1, len(self)))
+        chained = fusable(slot, W1, W2, bias) and x.shape[-1] >= 1 and W1.shape[1] >= 1
+        if not (chained and torch.is_grad_enabled()):
+            return ops.mudd_weights(x if torch.is_grad_enabled() else slot, W1, W2, bias, n_ways, eps,
+                                    approximate)
+        A, self._ghost = _MuddWeights.apply(self._ghost, W1, W2, bias, slot, s.start, n_ways, float(eps),
+                                            approximate)
+        return A
 
     def aggregate(self, A: Tensor, slots: Optional[slice] = None) -> Tensor:
-        """Y_c = Σ_j A[.., c, j]·S_j over S = buf[slots] (default: every filled slot).
+        """Y_c = Σ_j A[.., c, j]·S_j over the slots S = stack[slots] (default: every filled
+        slot).
 
         A: (*tok, C, l) per token or (C, l) static, l = number of selected slots.
         returns Y: (C, *tok, d) in the stack's dtype.
         """
-        s = self._slots(slots)
-        validate_depth_aggregate(self._buf[s], A)
-        if not torch.is_grad_enabled():  # no node: the buffer's chain stays as it is
-            return ops.depth_aggregate(self._buf[s].detach(), A)
-        Y, self._buf = _Aggregate.apply(self._buf, A, s.start, s.stop, s.step)
+        s, S = self._read(slots)
+        validate_depth_aggregate(_stacked_meta(S), A)
+        if not torch.is_grad_enabled():  # no node: the chain stays as it is
+            return _aggregate_fwd(S, A)
+        Y, self._ghost = _Aggregate.apply(self._ghost, A, s.start, s.stop, s.step, *S)
         return Y
 
     def aggregate_qkv_norm(self, A: Tensor, norm_weights: Tensor, eps: float = 1e-6,
                            slots: Optional[slice] = None) -> Tensor:
-        """A MUDDFormer block input (ops.depth_aggregate_qkv_norm) over S = buf[slots]:
+        """A MUDDFormer block input (ops.depth_aggregate_qkv_norm) over S = stack[slots]:
         Out_c = rms_norm(Y_c)·g_c for the ways q, k, v (c < 3), Out_3 = Y_3 (r, raw),
         Y_c = Σ_j A[.., c, j]·S_j.
 
         A: (*tok, 4, l) or (4, l); norm_weights: (3, d); eps: the RMSNorm epsilon.
         returns Out: (4, *tok, d) in the stack's dtype.
         """
-        s = self._slots(slots)
-        validate_depth_aggregate_qkv_norm(self._buf[s], A, norm_weights)
-        if not torch.is_grad_enabled():  # no node: the buffer's chain stays as it is
-            return ops.depth_aggregate_qkv_norm(self._buf[s].detach(), A, norm_weights, eps)
-        X, self._buf = _AggregateQKVNorm.apply(self._buf, A, norm_weights, s.start, s.stop, s.step, eps)
+        s, S = self._read(slots)
+        validate_depth_aggregate_qkv_norm(_stacked_meta(S), A, norm_weights)
+        if not torch.is_grad_enabled():  # no node: the chain stays as it is
+            return _aggregate_qkv_norm_fwd(S, A, norm_weights, eps)[0]
+        X, self._ghost = _AggregateQKVNorm.apply(self._ghost, A, norm_weights, s.start, s.stop, s.step, eps, *S)
         return X
 
 
 def stack_bytes(n_slots: int, slot_shape: Sequence[int], dtype: torch.dtype) -> int:
-    """Bytes of one buffer (the forward stack, or its gradient)."""
+    """Bytes of one stack's slots (or of its gradient buffer)."""
     return n_slots * math.prod(slot_shape) * torch.empty((), dtype=dtype).element_size()

@@ -18,7 +18,8 @@ DepthStack: then they run the list-and-stack oracle (`torch.stack` of the slots 
 Dispatch. On a DepthStack the aggregation runs `crosslayer.ops.depth_aggregate` (fused
 on CUDA with the extension built, the oracle otherwise) and its backward adds into the
 stack's one gradient buffer. The MUDD weights run `crosslayer.ops.mudd_weights` (fused
-on CUDA, the oracle otherwise).
+on CUDA, the oracle otherwise); on a DepthStack (DepthStack.mudd_weights) their x
+gradient is added into the same buffer.
 """
 
 from __future__ import annotations
@@ -137,7 +138,8 @@ class MUDDConnection(nn.Module):
                              f"this connection has ways {self.ways!r}")
         slots = slice(0, self.n_slots)
         if isinstance(stack, DepthStack):
-            A = self.weights(stack.newest)
+            # x's gradient goes into the stack's gradient buffer in place (DepthStack.mudd_weights)
+            A = stack.mudd_weights(self.W1, self.W2, self.bias, self.n_ways, self.eps, self.gelu)
             if norm_weights is None:
                 return stack.aggregate(A, slots)
             return stack.aggregate_qkv_norm(A, norm_weights, norm_eps, slots)

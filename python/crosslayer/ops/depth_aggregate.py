@@ -2,9 +2,14 @@
 public function that mirrors `crosslayer.ref.depth_aggregate`.
 
 Layers, bottom up:
-  _C.depth_aggregate_fwd / _bwd                 pybind11 launchers (csrc/depth_aggregate.cu)
+  _C.depth_aggregate_fwd / _bwd                 pybind11 launchers (csrc/depth_aggregate.cu);
+                                                S is a list of l slots (N, d)
   torch.ops.crosslayer.depth_aggregate          custom op + fake + autograd; S (l, N, d)
-  torch.ops.crosslayer.depth_aggregate_bwd      custom op mutating dS (= or +=), returns dA
+  torch.ops.crosslayer.depth_aggregate_slots    custom op + fake, no autograd; S a list of
+                                                slots anywhere in memory (DepthStack's,
+                                                whose Functions differentiate it)
+  torch.ops.crosslayer.depth_aggregate_bwd      custom op mutating dS (= or +=), returns dA;
+                                                S a list of slots
   depth_aggregate(S, A)                         any token dims; validates; dispatches
 
 The custom ops run the fused kernels on CUDA tensors and the oracle on CPU tensors, so
@@ -14,6 +19,8 @@ when the extension is not built, straight to the oracle.
 """
 
 from __future__ import annotations
+
+from typing import List
 
 import torch
 from torch import Tensor
@@ -29,7 +36,7 @@ def depth_aggregate_op(S: Tensor, A: Tensor) -> Tensor:
     """Y_c = Σ_j A[.., c, j]·S_j.  S: (l, N, d); A: (N, C, l) or (C, l) -> Y: (C, N, d)."""
     kernels = kernels_for(S, "depth_aggregate")
     if kernels is not None:
-        return kernels.depth_aggregate_fwd(S, A)
+        return kernels.depth_aggregate_fwd(S.unbind(0), A)
     # A custom op's output must not alias an input and must match the fake (contiguous).
     return ref.depth_aggregate(S, A).clone(memory_format=torch.contiguous_format)
 
@@ -39,17 +46,36 @@ def _depth_aggregate_fake(S: Tensor, A: Tensor) -> Tensor:
     return S.new_empty((A.shape[-2], S.shape[1], S.shape[2]))
 
 
+@torch.library.custom_op("crosslayer::depth_aggregate_slots", mutates_args=())
+def depth_aggregate_slots_op(S: List[Tensor], A: Tensor) -> Tensor:
+    """Y_c = Σ_j A[.., c, j]·S[j] over l slots anywhere in memory (read where they lie).
+
+    S: l tensors (N, d) of one shape and dtype; A: (N, C, l) or (C, l) -> Y: (C, N, d).
+    No autograd formula: DepthStack's Functions differentiate it.
+    """
+    kernels = kernels_for(S[0], "depth_aggregate")
+    if kernels is not None:
+        return kernels.depth_aggregate_fwd(S, A)
+    return ref.depth_aggregate(torch.stack(S), A).contiguous()
+
+
+@depth_aggregate_slots_op.register_fake
+def _depth_aggregate_slots_fake(S: List[Tensor], A: Tensor) -> Tensor:
+    return S[0].new_empty((A.shape[-2], *S[0].shape))
+
+
 @torch.library.custom_op("crosslayer::depth_aggregate_bwd", mutates_args=("dS",))
-def depth_aggregate_bwd_op(dY: Tensor, S: Tensor, A: Tensor, dS: Tensor, accumulate: bool) -> Tensor:
+def depth_aggregate_bwd_op(dY: Tensor, S: List[Tensor], A: Tensor, dS: Tensor, accumulate: bool) -> Tensor:
     """dS (+)= Σ_c A[.., c, j]·dY_c in place (`+=` when accumulate, else `=`); returns dA.
 
-    dY: (C, N, d); S: (l, N, d); A: (N, C, l) or (C, l); dS: (l, N, d), S's dtype.
-    dA has A's shape and dtype; for static A it is summed over tokens.
+    dY: (C, N, d); S: l slots (N, d) (a stack's unbind); A: (N, C, l) or (C, l);
+    dS: (l, N, d), the slots' dtype. dA has A's shape and dtype; for static A it is
+    summed over tokens.
     """
-    kernels = kernels_for(S, "depth_aggregate")
+    kernels = kernels_for(S[0], "depth_aggregate")
     if kernels is not None:
         return kernels.depth_aggregate_bwd(dY, S, A, dS, accumulate)
-    dS_new, dA = ref.depth_aggregate_bwd(dY, S, A)
+    dS_new, dA = ref.depth_aggregate_bwd(dY, torch.stack(S), A)
     if accumulate:
         dS.add_(dS_new)
     else:
@@ -58,7 +84,7 @@ def depth_aggregate_bwd_op(dY: Tensor, S: Tensor, A: Tensor, dS: Tensor, accumul
 
 
 @depth_aggregate_bwd_op.register_fake
-def _depth_aggregate_bwd_fake(dY: Tensor, S: Tensor, A: Tensor, dS: Tensor, accumulate: bool) -> Tensor:
+def _depth_aggregate_bwd_fake(dY: Tensor, S: List[Tensor], A: Tensor, dS: Tensor, accumulate: bool) -> Tensor:
     return A.new_empty(A.shape)
 
 
@@ -73,7 +99,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, dY: Tensor):
     S, A = ctx.saved_tensors
     dS = torch.empty(S.shape, dtype=S.dtype, device=S.device)
-    dA = depth_aggregate_bwd_op(dY, S, A, dS, False)
+    dA = depth_aggregate_bwd_op(dY, S.unbind(0), A, dS, False)
     return dS, dA
 
 

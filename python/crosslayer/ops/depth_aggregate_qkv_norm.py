@@ -6,9 +6,14 @@ Layers, bottom up:
   torch.ops.crosslayer.depth_aggregate_qkv_norm   custom op + fake + autograd: (Out, rstd);
                                                   rstd (3, N) = rsqrt(mean Y_c² + eps) is
                                                   saved for the backward, not differentiable
+  torch.ops.crosslayer.depth_aggregate_qkv_norm_slots
+                                                  custom op + fake, no autograd: (Out, rstd)
+                                                  over a list of slots anywhere in memory
+                                                  (DepthStack's, whose Functions
+                                                  differentiate it)
   torch.ops.crosslayer.depth_aggregate_qkv_norm_bwd
                                                   custom op mutating dS (= or +=); returns
-                                                  (dA, dnorm_weights)
+                                                  (dA, dnorm_weights); S a list of slots
   depth_aggregate_qkv_norm(S, A, norm_weights)    any token dims; validates; dispatches
 
 The backward saves S, A, norm_weights and rstd, not Y: the kernel recomputes Y from S,
@@ -19,7 +24,7 @@ on any machine.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 from torch import Tensor
@@ -47,7 +52,7 @@ def depth_aggregate_qkv_norm_op(S: Tensor, A: Tensor, norm_weights: Tensor, eps:
     """
     kernels = kernels_for(S, "depth_aggregate_qkv_norm")
     if kernels is not None:
-        out, rstd = kernels.depth_aggregate_qkv_norm_fwd(S, A, norm_weights, eps)
+        out, rstd = kernels.depth_aggregate_qkv_norm_fwd(S.unbind(0), A, norm_weights, eps)
         return out, rstd
     acc = acc_dtype(S.dtype)
     out = ref.depth_aggregate_qkv_norm(S, A.to(acc), norm_weights.to(acc), eps)
@@ -59,22 +64,42 @@ def _depth_aggregate_qkv_norm_fake(S, A, norm_weights, eps):
     return S.new_empty((4, S.shape[1], S.shape[2])), S.new_empty((3, S.shape[1]), dtype=acc_dtype(S.dtype))
 
 
+@torch.library.custom_op("crosslayer::depth_aggregate_qkv_norm_slots", mutates_args=())
+def depth_aggregate_qkv_norm_slots_op(S: List[Tensor], A: Tensor, norm_weights: Tensor,
+                                      eps: float) -> Tuple[Tensor, Tensor]:
+    """depth_aggregate_qkv_norm_op over l slots anywhere in memory (read where they lie).
+
+    S: l tensors (N, d) of one shape and dtype; the rest as depth_aggregate_qkv_norm_op.
+    No autograd formula: DepthStack's Functions differentiate it.
+    """
+    kernels = kernels_for(S[0], "depth_aggregate_qkv_norm")
+    if kernels is not None:
+        out, rstd = kernels.depth_aggregate_qkv_norm_fwd(S, A, norm_weights, eps)
+        return out, rstd
+    return depth_aggregate_qkv_norm_op(torch.stack(S), A, norm_weights, eps)
+
+
+@depth_aggregate_qkv_norm_slots_op.register_fake
+def _depth_aggregate_qkv_norm_slots_fake(S, A, norm_weights, eps):
+    return S[0].new_empty((4, *S[0].shape)), S[0].new_empty((3, S[0].shape[0]), dtype=acc_dtype(S[0].dtype))
+
+
 @torch.library.custom_op("crosslayer::depth_aggregate_qkv_norm_bwd", mutates_args=("dS",))
-def depth_aggregate_qkv_norm_bwd_op(dOut: Tensor, S: Tensor, A: Tensor, norm_weights: Tensor, rstd: Tensor,
+def depth_aggregate_qkv_norm_bwd_op(dOut: Tensor, S: List[Tensor], A: Tensor, norm_weights: Tensor, rstd: Tensor,
                                     dS: Tensor, accumulate: bool, eps: float) -> Tuple[Tensor, Tensor]:
     """dS (+)= the slots' gradient in place (`+=` when accumulate, else `=`); returns
     (dA, dnorm_weights).
 
-    dOut: (4, N, d) in S's dtype; rstd: (3, N) from the forward; eps: the forward's (the
-    CPU path recomputes from S). dA has A's shape and dtype (summed over tokens for
+    dOut: (4, N, d) in the slots' dtype; S: l slots (N, d) (a stack's unbind); rstd:
+    (3, N) from the forward; eps: the forward's (the CPU path recomputes from S). dA has A's shape and dtype (summed over tokens for
     static A); dnorm_weights has norm_weights' shape and dtype.
     """
-    kernels = kernels_for(S, "depth_aggregate_qkv_norm")
+    kernels = kernels_for(S[0], "depth_aggregate_qkv_norm")
     if kernels is not None:
         dA, dg = kernels.depth_aggregate_qkv_norm_bwd(dOut, S, A, norm_weights, rstd, dS, accumulate)
         return dA, dg
-    acc = acc_dtype(S.dtype)
-    dS_new, dA, dg = ref.depth_aggregate_qkv_norm_bwd(dOut, S, A.to(acc), norm_weights.to(acc), eps)
+    acc = acc_dtype(S[0].dtype)
+    dS_new, dA, dg = ref.depth_aggregate_qkv_norm_bwd(dOut, torch.stack(S), A.to(acc), norm_weights.to(acc), eps)
     if accumulate:
         dS.add_(dS_new)
     else:
@@ -101,7 +126,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, dOut: Tensor, drstd):
     S, A, norm_weights, rstd = ctx.saved_tensors
     dS = torch.empty(S.shape, dtype=S.dtype, device=S.device)
-    dA, dg = depth_aggregate_qkv_norm_bwd_op(dOut, S, A, norm_weights, rstd, dS, False, ctx.eps)
+    dA, dg = depth_aggregate_qkv_norm_bwd_op(dOut, S.unbind(0), A, norm_weights, rstd, dS, False, ctx.eps)
     return dS, dA, dg, None
 
 

@@ -86,7 +86,7 @@ def mudd_weights_bwd_op(dA: Tensor, x: Tensor, W1: Tensor, W2: Tensor, bias: Ten
     """
     kernels = kernels_for(x, "mudd_weights")
     if kernels is not None:
-        dx, dW1, dW2b = kernels.mudd_weights_bwd(dA, x, W1, W2, bias, u, r, n_ways, eps, approximate)
+        dx, dW1, dW2b = kernels.mudd_weights_bwd(dA, x, W1, W2, bias, u, r, n_ways, eps, approximate, None)
         return dx, dW1, dW2b
     acc = acc_dtype(x.dtype)
     dx, dW1, dW2, dbias = ref.mudd_weights_bwd(dA.to(acc), x, W1.to(acc), W2.to(acc), bias.to(acc),
@@ -98,6 +98,31 @@ def mudd_weights_bwd_op(dA: Tensor, x: Tensor, W1: Tensor, W2: Tensor, bias: Ten
 def _mudd_weights_bwd_fake(dA, x, W1, W2, bias, u, r, n_ways, eps, approximate):
     return (x.new_empty(x.shape), W1.new_empty(W1.shape),
             x.new_empty((W2.shape[0] + 1, W2.shape[1]), dtype=acc_dtype(x.dtype)))
+
+
+@torch.library.custom_op("crosslayer::mudd_weights_bwd_into", mutates_args=("dx",))
+def mudd_weights_bwd_into_op(dA: Tensor, x: Tensor, W1: Tensor, W2: Tensor, bias: Tensor, u: Tensor,
+                             r: Tensor, n_ways: int, eps: float, approximate: str,
+                             dx: Tensor) -> Tuple[Tensor, Tensor]:
+    """mudd_weights_bwd_op with dx added into a given tensor in place (dx += ..., a depth
+    stack's gradient buffer: no dx of its own, no separate add); returns (dW1, dW2b).
+
+    dx: x's shape and dtype. The rest as mudd_weights_bwd_op.
+    """
+    kernels = kernels_for(x, "mudd_weights")
+    if kernels is not None:
+        _, dW1, dW2b = kernels.mudd_weights_bwd(dA, x, W1, W2, bias, u, r, n_ways, eps, approximate, dx)
+        return dW1, dW2b
+    acc = acc_dtype(x.dtype)
+    dx_new, dW1, dW2, dbias = ref.mudd_weights_bwd(dA.to(acc), x, W1.to(acc), W2.to(acc), bias.to(acc),
+                                                   n_ways, eps, approximate)
+    dx.add_(dx_new)
+    return dW1.to(W1.dtype).contiguous(), torch.cat([dW2, dbias.reshape(1, -1)])
+
+
+@mudd_weights_bwd_into_op.register_fake
+def _mudd_weights_bwd_into_fake(dA, x, W1, W2, bias, u, r, n_ways, eps, approximate, dx):
+    return W1.new_empty(W1.shape), x.new_empty((W2.shape[0] + 1, W2.shape[1]), dtype=acc_dtype(x.dtype))
 
 
 def split_dW2b(dW2b: Tensor, W2: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor]:

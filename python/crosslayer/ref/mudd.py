@@ -78,7 +78,9 @@ __all__ = [
     "validate_depth_aggregate",
     "depth_aggregate_qkv_norm",
     "depth_aggregate_qkv_norm_bwd",
+    "qkv_norm",
     "qkv_norm_bwd",
+    "qkv_norm_bwd_y",
     "validate_depth_aggregate_qkv_norm",
     "QKV_NORM_WAYS",
     "dwa_slots",
@@ -146,15 +148,12 @@ def depth_aggregate_bwd(
 # ---------------------------------------------------------------------------
 
 
-def _qkv_norm_parts(S, A, norm_weights, eps, cd):
-    """(Y, r) in the arithmetic dtype: Y (4, *tok, d) = depth aggregate, r (3, *tok, 1)."""
+def _qkv_aggregate(S, A, cd):
+    """Y (4, *tok, d) = the depth aggregate in the arithmetic dtype."""
     Sf, Af = S.to(cd), A.to(cd)
     if A.dim() == 2:
-        Y = torch.einsum("j...d,cj->c...d", Sf, Af)
-    else:
-        Y = torch.einsum("j...d,...cj->c...d", Sf, Af)
-    r = torch.rsqrt(Y[:3].square().mean(-1, keepdim=True) + eps)
-    return Y, r
+        return torch.einsum("j...d,cj->c...d", Sf, Af)
+    return torch.einsum("j...d,...cj->c...d", Sf, Af)
 
 
 def _expand_weights(norm_weights: torch.Tensor, ndim: int, cd) -> torch.Tensor:
@@ -177,10 +176,16 @@ def depth_aggregate_qkv_norm(
     """
     validate_depth_aggregate_qkv_norm(S, A, norm_weights)
     cd = compute_dtype(S, A, norm_weights)
-    Y, r = _qkv_norm_parts(S, A, norm_weights, eps, cd)
-    g = _expand_weights(norm_weights, Y.dim(), cd)
-    out = torch.cat([Y[:3] * r * g, Y[3:]], 0)
-    return out.to(S.dtype)
+    Y = _qkv_aggregate(S, A, cd)
+    return qkv_norm(Y, norm_weights, eps).to(S.dtype)
+
+
+def qkv_norm(Y: torch.Tensor, norm_weights: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The norm half of `depth_aggregate_qkv_norm`, on the raw aggregate Y (4, *tok, d) in
+    the arithmetic dtype: (4, *tok, d) in Y's dtype, rms_norm(Y_c)·g_c for c < 3, Y_3."""
+    r = torch.rsqrt(Y[:3].square().mean(-1, keepdim=True) + eps)
+    g = _expand_weights(norm_weights, Y.dim(), Y.dtype)
+    return torch.cat([Y[:3] * r * g, Y[3:]], 0)
 
 
 def depth_aggregate_qkv_norm_bwd(
@@ -217,7 +222,17 @@ def qkv_norm_bwd(
     check_shape("dOut", dOut, (QKV_NORM_WAYS, *S.shape[1:]), "(4, *tok, d) like the forward output")
     check_same_device(S=S, dOut=dOut)
     cd = compute_dtype(dOut, S, A, norm_weights)
-    Y, r = _qkv_norm_parts(S, A, norm_weights, eps, cd)
+    Y = _qkv_aggregate(S, A, cd)
+    return qkv_norm_bwd_y(dOut, Y, norm_weights, eps)
+
+
+def qkv_norm_bwd_y(
+    dOut: torch.Tensor, Y: torch.Tensor, norm_weights: torch.Tensor, eps: float = 1e-6
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`qkv_norm_bwd` given the raw aggregate Y (4, *tok, d) in the arithmetic dtype
+    (the caller computed it): returns (dY, dg) in Y's dtype."""
+    cd = Y.dtype
+    r = torch.rsqrt(Y[:3].square().mean(-1, keepdim=True) + eps)
     g = _expand_weights(norm_weights, Y.dim(), cd)
     dO = dOut.to(cd)
     Yh = Y[:3] * r
