@@ -85,7 +85,7 @@ def test_custom_op_bwd_accumulates_cpu():
     dY = torch.randn(2, 5, 4, dtype=torch.float64)
     dS0 = torch.randn(3, 5, 4, dtype=torch.float64)
     dS = dS0.clone()
-    dA = depth_aggregate_bwd_op(dY, S, A, dS, True)
+    dA = depth_aggregate_bwd_op(dY, S.unbind(0), A, dS, True)
     want_dS, want_dA = ref.depth_aggregate_bwd(dY, S, A)
     torch.testing.assert_close(dS, dS0 + want_dS)
     torch.testing.assert_close(dA, want_dA.to(A.dtype))
@@ -115,7 +115,7 @@ def test_backward_op_matches_oracle(cuda, dtype, shape, static, accumulate):
     dY = torch.randn(C, N, d, device=cuda).to(dtype)
     dS0 = torch.randn(l, N, d, device=cuda).to(dtype)
     dS = dS0.clone() if accumulate else torch.full_like(dS0, float("nan"))
-    dA = depth_aggregate_bwd_op(dY, S3, A3, dS, accumulate)
+    dA = depth_aggregate_bwd_op(dY, S3.unbind(0), A3, dS, accumulate)
     check_backward(dS, dA, dY, S3, A3, dS0, accumulate)
 
 

@@ -122,7 +122,7 @@ def test_custom_op_bwd_accumulates_cpu():
     dOut = torch.randn(4, 5, 4, dtype=F64)
     dS0 = torch.randn(3, 5, 4, dtype=F64)
     dS = dS0.clone()
-    dA, dg = depth_aggregate_qkv_norm_bwd_op(dOut, S, A, g, rstd, dS, True, EPS)
+    dA, dg = depth_aggregate_qkv_norm_bwd_op(dOut, S.unbind(0), A, g, rstd, dS, True, EPS)
     want_dS, want_dA, want_dg = ref.depth_aggregate_qkv_norm_bwd(dOut, S, A, g, EPS)
     torch.testing.assert_close(dS, dS0 + want_dS)
     torch.testing.assert_close(dA, want_dA)
@@ -268,7 +268,7 @@ def check_backward_op(S3, A3, g, dtype, accumulate):
     dS0 = torch.randn(l, N, d, device=dev).to(dtype)
     dS = dS0.clone() if accumulate else torch.full_like(dS0, float("nan"))
     poison_allocator(dev)
-    dA, dg = depth_aggregate_qkv_norm_bwd_op(dOut, S3, A3, g, rstd, dS, accumulate, eps)
+    dA, dg = depth_aggregate_qkv_norm_bwd_op(dOut, S3.unbind(0), A3, g, rstd, dS, accumulate, eps)
     check_backward(dS, dA, dg, dOut, S3, A3, g, dS0, accumulate, eps)
 
 

@@ -127,6 +127,15 @@ MUTATIONS = (
              "v += (k < K ? hs[t * K + k] : acc(1)) * das[t * Cl + o];",
              "v += (k < K ? hs[t * K + k] : acc(0)) * das[t * Cl + o];",
              "mudd_weights backward head: the dbias row of the in-head [dW2; dbias] sums left at zero"),
+    Mutation("slot_table_first_slot_only",
+             "return reinterpret_cast<const T*>(static_cast<const char*>(table->ptr[j]) + byte_offset);",
+             "return reinterpret_cast<const T*>(static_cast<const char*>(table->ptr[0]) + byte_offset);",
+             "depth kernels: every slot read through slot 0's pointer"),
+    Mutation("mudd_dx_accumulate_ignored",
+             "store_g_wt_minus_sx<T, kVec>(acc, 0, xa, S[ta], nullptr, 0.f, p.accumulate_dx ? dst : nullptr, dst, e, d);",
+             "store_g_wt_minus_sx<T, kVec>(acc, 0, xa, S[ta], nullptr, 0.f, nullptr, dst, e, d);",
+             "mudd_weights dx kernel: the depth stack's prior gradient overwritten for the tile's rows a "
+             "(dx = instead of +=)"),
 )
 
 
