@@ -393,10 +393,10 @@ class DepthStack:
             raise ValueError(f"slot_shape must be (*tok, d) with at least one token dim, "
                              f"got {slot_shape}")
         self._n_slots, self._slot_shape = n_slots, slot_shape
-        self._dtype, self._device = dtype, torch.device(device if device is not None else "cpu")
+        self._ghost = _ghost((n_slots, *slot_shape), dtype, device)  # device=None: torch's default device
+        self._dtype, self._device = dtype, self._ghost.device
         self._slots: List[Tensor] = []     # detached aliases (or copies) of the pushed tensors
         self._versions: List[int] = []     # each slot's version counter at its push (I1)
-        self._ghost = _ghost((n_slots, *slot_shape), dtype, self._device)
         self._newest: Optional[Tensor] = None
 
     @classmethod
