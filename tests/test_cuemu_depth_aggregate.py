@@ -25,6 +25,9 @@ SHAPES = [  # (l, N, d, C): d = 1, odd, not a multiple of the vector width, > on
     (25, 4, 2048, 4),
     (5, 6, 300, 6),  # C > 4: two way groups
     (128, 2, 33, 1),
+    (4, 8, 4099, 4),  # N·d a multiple of 8: the 16-byte path, a scalar head of 0-7 per token
+    (3, 16, 3, 4),  # the same with d below the head: some tokens all head, no body
+    (2, 8, 300, 1),  # heads of 0 and 4 alternating
 ]
 
 
