@@ -108,17 +108,13 @@ def _allocations(code: str) -> list:
             for m in re.findall(r"empty_strided_cpu\(\(([\d, ]*)\)", code)]
 
 
-@pytest.mark.skipif(_cxx_compiler() is None,
-                    reason="inductor's CPU backend needs a C++ compiler (g++/c++/clang++ or $CXX); none found")
-@pytest.mark.parametrize("qkv_norm", [False, True])
-def test_depth_stack_memory_contract_under_inductor(qkv_norm):
-    """Compiled, the stack still allocates no (L+1)·N·d buffer in the forward (the slots
-    are the blocks' outputs) and one gradient buffer G in the backward (inductor
-    re-inplaces the in-place accumulations), and matches eager."""
+def _compiled_depth_stack(L: int, N: int, d: int, qkv_norm: bool):
+    """A MUDD stack of L tanh(Linear) blocks (W2 away from its zero init) and its loss,
+    run eager and under inductor: (eager grads, compiled grads, forward code, backward
+    code, (L+1)·N·d)."""
     from torch._inductor.utils import run_and_get_code
     from crosslayer import nn as cnn
 
-    L, N, d = 5, 7, 11
     lins = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(L))
     conns = torch.nn.ModuleList(cnn.MUDDConnection(d, i, L, ways="qkvr") for i in range(L))
     with torch.no_grad():
@@ -131,24 +127,30 @@ def test_depth_stack_memory_contract_under_inductor(qkv_norm):
         h = x0
         for i in range(L):
             stack.push(torch.tanh(lins[i](h)))
-            if qkv_norm and i + 1 < L:
-                h = conns[i](stack, norm_weights=g).sum(0)
-            else:
-                h = conns[i](stack).sum(0)
+            norm = g if qkv_norm and i + 1 < L else None
+            h = conns[i](stack, norm_weights=norm).sum(0)
         return h.square().sum()
 
     params = [*lins.parameters(), *conns.parameters(), g]
     x0 = torch.randn(N, d, requires_grad=True)
     want = torch.autograd.grad(run(x0), [x0, *params], allow_unused=True, materialize_grads=True)
     compiled = torch.compile(run, fullgraph=True)
-
-    def step():
-        return torch.autograd.grad(compiled(x0), [x0, *params], allow_unused=True, materialize_grads=True)
-
-    got, (fw, bw) = run_and_get_code(step)
+    got, (fw, bw) = run_and_get_code(
+        lambda: torch.autograd.grad(compiled(x0), [x0, *params], allow_unused=True, materialize_grads=True))
     for a, b in zip(got, want):  # inductor fuses and reorders float32 reductions
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
-    full = (L + 1) * N * d
+    return fw, bw, (L + 1) * N * d
+
+
+@pytest.mark.skipif(_cxx_compiler() is None,
+                    reason="inductor's CPU backend needs a C++ compiler (g++/c++/clang++ or $CXX); none found")
+@pytest.mark.parametrize("qkv_norm", [False, True])
+def test_depth_stack_memory_contract_under_inductor(qkv_norm):
+    """Compiled, the stack still allocates no (L+1)·N·d buffer in the forward (the slots
+    are the blocks' outputs) and one gradient buffer G in the backward (inductor
+    re-inplaces the in-place accumulations), and matches eager."""
+    L, N, d = 5, 7, 11
+    fw, bw, full = _compiled_depth_stack(L, N, d, qkv_norm)
     assert _allocations(fw).count(full) == 0, _allocations(fw)
     # One G; with q/k/v norms, inductor (torch 2.14, CPU) fuses the scatter of one layer's
     # last slot gradient into the block backward that reads it and so keeps one more
@@ -170,37 +172,10 @@ def test_depth_stack_memory_contract_under_inductor_on_kernels(cuemu, qkv_norm):
     MLP's x gradient added into G (crosslayer::mudd_weights_bwd_into) and G's in-place
     accumulations compile to no stack buffer in the forward and exactly one G in the
     backward, with eager's values."""
-    from torch._inductor.utils import run_and_get_code
-    from crosslayer import nn as cnn
     from crosslayer._extension import emulate
 
-    L, N, d = 4, 7, 40
-    lins = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(L))
-    conns = torch.nn.ModuleList(cnn.MUDDConnection(d, i, L, ways="qkvr") for i in range(L))
-    with torch.no_grad():
-        for c in conns:
-            c.W2.normal_(0, 0.3)
-    g = torch.nn.Parameter(1 + 0.1 * torch.randn(3, d))
-
-    def run(x0):
-        stack = cnn.DepthStack.start(x0, L + 1)
-        h = x0
-        for i in range(L):
-            stack.push(torch.tanh(lins[i](h)))
-            norm = g if qkv_norm and i + 1 < L else None
-            h = conns[i](stack, norm_weights=norm).sum(0)
-        return h.square().sum()
-
-    params = [*lins.parameters(), *conns.parameters(), g]
-    x0 = torch.randn(N, d, requires_grad=True)
     with emulate(cuemu):
-        want = torch.autograd.grad(run(x0), [x0, *params], allow_unused=True, materialize_grads=True)
-        compiled = torch.compile(run, fullgraph=True)
-        got, (fw, bw) = run_and_get_code(
-            lambda: torch.autograd.grad(compiled(x0), [x0, *params], allow_unused=True, materialize_grads=True))
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
-    full = (L + 1) * N * d
+        fw, bw, full = _compiled_depth_stack(4, 7, 40, qkv_norm)
     assert _allocations(fw).count(full) == 0, _allocations(fw)
     assert _allocations(bw).count(full) == 1, _allocations(bw)
 
