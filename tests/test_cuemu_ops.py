@@ -63,14 +63,21 @@ def test_model_step_matches_the_oracle_model(emulated, connection):
         torch.testing.assert_close(g, want_grads[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
 
 
-def test_depth_stack_accumulates_in_place(emulated):
-    """DepthStack on the emulated kernels: aggregates over a growing stack, gradient
-    of the stack buffer (one in-place buffer, first write = then +=) against the
-    list-and-stack oracle."""
+@pytest.mark.parametrize("kind", ["mudd", "mudd_qkv_norm", "dwa_dilated"])
+def test_depth_stack_accumulates_in_place(emulated, kind):
+    """DepthStack on the emulated kernels: aggregates over a growing stack read through
+    the slot table (the blocks' outputs where they lie; DWA with dilation 2: every other
+    slot, dS a strided view of G), the weight MLP's x gradient added into G, and G
+    itself (one in-place buffer, first write = then +=), against the list-and-stack
+    oracle."""
     L, N, d = 4, 6, 24
     x0 = torch.randn(N, d)
     blocks = [torch.randn(d, d) / d ** 0.5 for _ in range(L)]
-    conns = [clnn.MUDDConnection(d, i, L) for i in range(L)]
+    if kind == "dwa_dilated":
+        conns = [clnn.DenseFormerDWA(i, dilation=2) for i in range(L)]
+    else:
+        conns = [clnn.MUDDConnection(d, i, L) for i in range(L)]
+    g = 1 + 0.1 * torch.randn(3, d)
     with torch.no_grad():
         for c in conns:
             for p in c.parameters():
@@ -86,7 +93,10 @@ def test_depth_stack_accumulates_in_place(emulated):
                 stack.push(out)
             else:
                 stack.append(out)
-            h = conns[i](stack)
+            if kind == "mudd_qkv_norm" and i + 1 < L:
+                h = conns[i](stack, norm_weights=g).sum(0)
+            else:
+                h = conns[i](stack)
             h = h[0] if h.dim() == 3 else h
         h.square().sum().backward()
         return h.detach(), x.grad, [p.grad.clone() for c in conns for p in c.parameters()]
