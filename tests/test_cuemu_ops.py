@@ -13,6 +13,8 @@ CUDA graphs, the current stream, determinism, the launchers' messages) run over 
 op in tests/test_contract.py; this file keeps what only this op has.
 """
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ from crosslayer import nn as clnn
 from crosslayer._extension import emulate
 from crosslayer.models import CONNECTIONS, CrossLayerLM, LMConfig
 from crosslayer.ops.hc_pre import hc_pre_bwd_op, hc_pre_op
+from policy import assert_policy
 
 pytestmark = pytest.mark.cuemu
 
@@ -68,8 +71,9 @@ def test_depth_stack_accumulates_in_place(emulated, kind):
     """DepthStack on the emulated kernels: aggregates over a growing stack read through
     the slot table (the blocks' outputs where they lie; DWA with dilation 2: every other
     slot, dS a strided view of G), the weight MLP's x gradient added into G, and G
-    itself (one in-place buffer, first write = then +=), against the list-and-stack
-    oracle."""
+    itself (one in-place buffer, first write = then +=): output, input gradient and
+    every parameter gradient under the policy against the list-and-stack oracle in
+    float32 and float64."""
     L, N, d = 4, 6, 24
     x0 = torch.randn(N, d)
     blocks = [torch.randn(d, d) / d ** 0.5 for _ in range(L)]
@@ -83,33 +87,30 @@ def test_depth_stack_accumulates_in_place(emulated, kind):
             for p in c.parameters():
                 p.add_(0.1 * torch.randn_like(p))
 
-    def run(use_stack):
-        x = x0.clone().requires_grad_(True)
+    def run(use_stack, dtype):
+        x = x0.to(dtype).detach().requires_grad_(True)
+        mods = [copy.deepcopy(c).to(dtype) for c in conns]
         h = x
         stack = clnn.DepthStack.start(x, n_slots=L + 1) if use_stack else [x]
         for i in range(L):
-            out = torch.tanh(h @ blocks[i])
+            out = torch.tanh(h @ blocks[i].to(dtype))
             if use_stack:
                 stack.push(out)
             else:
                 stack.append(out)
             if kind == "mudd_qkv_norm" and i + 1 < L:
-                h = conns[i](stack, norm_weights=g).sum(0)
+                h = mods[i](stack, norm_weights=g.to(dtype)).sum(0)
             else:
-                h = conns[i](stack)
+                h = mods[i](stack)
             h = h[0] if h.dim() == 3 else h
         h.square().sum().backward()
-        return h.detach(), x.grad, [p.grad.clone() for c in conns for p in c.parameters()]
+        return [h.detach(), x.grad] + [p.grad for m in mods for p in m.parameters()]
 
-    got = run(True)
-    for c in conns:
-        c.zero_grad(set_to_none=True)
+    got = run(True, torch.float32)
     with emulate(None):
-        want = run(False)
-    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
-    for g, w in zip(got[2], want[2]):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+        low, high = run(False, torch.float32), run(False, torch.float64)
+    for k, (a, lo, hi) in enumerate(zip(got, low, high)):
+        assert_policy(f"output {k}", a, lo, hi)
 
 
 def test_hc_pre_bwd_outputs_are_distinct_at_one_stream(emulated):
