@@ -84,8 +84,9 @@ at::Tensor depth_aggregate_fwd(const std::vector<at::Tensor>& S_in, const at::Te
 
   CL_DISPATCH_FLOATING(S[0].scalar_type(), "depth_aggregate_fwd", [&] {
     const int vec = kVec16<scalar_t>;
-    const bool vectorize = rows_share_alignment(p.s, sh.l, sh.N, sizeof(scalar_t), vec,
-                                                {{p.y_ptr, p.y_token_stride, sh.C, p.y_way_stride}});
+    const bool vectorize =
+        slot_table_vec_ok(p.s, sh.l, vec) &&
+        vec_ok(p.y_ptr, {{sh.C, p.y_way_stride}, {sh.N, p.y_token_stride}}, vec);
     launch_depth_aggregate<scalar_t, false>(p, vectorize);
   });
   return Y;
@@ -123,9 +124,10 @@ at::Tensor depth_aggregate_bwd(const at::Tensor& dY_in, const std::vector<at::Te
 
   CL_DISPATCH_FLOATING(S[0].scalar_type(), "depth_aggregate_bwd", [&] {
     const int vec = kVec16<scalar_t>;
-    const bool vectorize = rows_share_alignment(p.s, sh.l, sh.N, sizeof(scalar_t), vec,
-                                                {{p.dy_ptr, p.dy_token_stride, sh.C, p.dy_way_stride},
-                                                 {p.ds_ptr, p.ds_token_stride, sh.l, p.ds_slot_stride}});
+    const bool vectorize =
+        slot_table_vec_ok(p.s, sh.l, vec) &&
+        vec_ok(p.dy_ptr, {{sh.C, p.dy_way_stride}, {sh.N, p.dy_token_stride}}, vec) &&
+        vec_ok(p.ds_ptr, {{sh.l, p.ds_slot_stride}, {sh.N, p.ds_token_stride}}, vec);
     launch_depth_aggregate<scalar_t, true>(p, vectorize);
   });
   at::Tensor dA = sh.static_weights ? dA_tok.sum(0) : dA_tok;

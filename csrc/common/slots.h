@@ -12,7 +12,6 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
-#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -77,40 +76,11 @@ inline SlotTable slot_table(const std::vector<at::Tensor>& S) {
   return t;
 }
 
-// Every slot's chunk of vec elements is one aligned 16-byte access (a row head of 0).
+// Every slot's chunk of vec elements is one aligned 16-byte access.
 inline bool slot_table_vec_ok(const SlotTable& t, int64_t l, int vec) {
   if (t.token_stride % vec != 0) return false;
   for (int64_t j = 0; j < l; ++j) {
     if (reinterpret_cast<uintptr_t>(t.ptr[j]) % 16 != 0) return false;
-  }
-  return true;
-}
-
-// One array of an op beside its slots, for rows_share_alignment: its base, its token
-// stride, and its other walked stride (ways or slots) with that dim's size.
-struct RowArray {
-  const void* ptr;
-  int64_t token_stride;
-  int64_t count, stride;
-};
-
-// The 16-byte path of the slot kernels: every row of token t, in the slots and in every
-// array of `others`, starts at the same offset from a 16-byte boundary (slot_row_head
-// elements before it, the same for all of them), for every t. So: all bases at one
-// offset mod 16 (a multiple of the element size), the token strides equal mod vec, the
-// other strides multiples of vec. Aligned rows with strides that are multiples of vec
-// (the common case) have a head of 0.
-inline bool rows_share_alignment(const SlotTable& t, int64_t l, int64_t n_tokens, int64_t elem, int vec,
-                                 std::initializer_list<RowArray> others) {
-  const uintptr_t m = reinterpret_cast<uintptr_t>(t.ptr[0]) % 16;
-  if (m % elem != 0) return false;
-  for (int64_t j = 0; j < l; ++j) {
-    if (reinterpret_cast<uintptr_t>(t.ptr[j]) % 16 != m) return false;
-  }
-  for (const RowArray& a : others) {
-    if (reinterpret_cast<uintptr_t>(a.ptr) % 16 != m) return false;
-    if (n_tokens > 1 && (a.token_stride - t.token_stride) % vec != 0) return false;
-    if (a.count > 1 && a.stride % vec != 0) return false;
   }
   return true;
 }

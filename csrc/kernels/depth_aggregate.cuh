@@ -29,10 +29,8 @@
 //
 // Assumptions (checked by the launcher):
 //   1) features have unit stride in S, Y, dY and dS; every other stride is free;
-//   2) with kVec > 1, every row of token t, in S, Y, dY and dS, starts at the same
-//      offset from a 16-byte boundary (rows_share_alignment): its first slot_row_head
-//      elements (0 when the rows are aligned, at most kVec − 1 for any d) go one a lane,
-//      and from there each full chunk is one 16-byte access;
+//   2) with kVec > 1, every base pointer (each slot's too) is 16-byte aligned and every
+//      stride is a multiple of kVec elements, so each full chunk is one 16-byte access;
 //   3) 1 <= l <= kMaxSlots, C >= 1; A and dA are in the accumulator dtype.
 #pragma once
 
@@ -90,33 +88,23 @@ __device__ __forceinline__ void depth_aggregate_load_weights(const DepthAggregat
                                 p.a_slot_stride, p.n_tokens, p.n_ways, p.n_slots, t0, c0);
 }
 
-// Y_c[e, e + kVec) of ways c0 .. c0 + kWays over rows s_rows, written (=) at y_tok +
-// (c0 + c)·way stride; rows of d elements.
-template <typename T, int kVec, int kWays>
-__device__ __forceinline__ void depth_aggregate_fwd_chunk(const DepthAggregateParams& p, const TableRows<T>& s_rows,
-                                                          T* __restrict__ y_tok, int c0,
-                                                          const acc_t<T>* __restrict__ a_row, int64_t e, int64_t d) {
-  acc_t<T> y[kWays][kVec] = {};
-  slot_aggregate<T, kVec, kWays>(s_rows, a_row, p.n_slots, e, d, y);
-#pragma unroll
-  for (int c = 0; c < kWays; ++c) {
-    if (c0 + c < p.n_ways) store_chunk<T, kVec>(y_tok + (c0 + c) * p.y_way_stride, e, d, y[c]);
-  }
-}
-
-// Forward pass of token t, ways c0 .. c0 + kWays, by the calling row of threads: the
-// row's scalar head (slot_row_head: one element a lane), then every chunk of the body,
-// Y_c written (=). No shuffles or barriers.
+// Forward pass of token t, ways c0 .. c0 + kWays, by the calling row of threads: every
+// chunk of Y_c written (=). No shuffles or barriers.
 template <typename T, int kVec, int kWays>
 __device__ __forceinline__ void depth_aggregate_fwd_token(const DepthAggregateParams& p, int64_t t, int c0,
                                                           const acc_t<T>* __restrict__ a_row) {
+  using acc = acc_t<T>;
   const TableRows<T> s_rows = table_rows<T>(p.s, t);
-  T* __restrict__ y_tok = static_cast<T*>(p.y_ptr) + t * p.y_token_stride;
-  const int h = slot_row_head<T, kVec>(p.s, t, p.d);
-  if (h > 0 && threadIdx.x < h) depth_aggregate_fwd_chunk<T, 1, kWays>(p, s_rows, y_tok, c0, a_row, threadIdx.x, h);
-  const TableRows<T> body = shifted(s_rows, h);
-  for (int64_t e = threadIdx.x * kVec; e < p.d - h; e += blockDim.x * kVec) {
-    depth_aggregate_fwd_chunk<T, kVec, kWays>(p, body, y_tok + h, c0, a_row, e, p.d - h);
+  T* __restrict__ Y = static_cast<T*>(p.y_ptr);
+  for (int64_t e = threadIdx.x * kVec; e < p.d; e += blockDim.x * kVec) {
+    acc y[kWays][kVec] = {};
+    slot_aggregate<T, kVec, kWays>(s_rows, a_row, p.n_slots, e, p.d, y);
+#pragma unroll
+    for (int c = 0; c < kWays; ++c) {
+      if (c0 + c < p.n_ways) {
+        store_chunk<T, kVec>(Y + (c0 + c) * p.y_way_stride + t * p.y_token_stride, e, p.d, y[c]);
+      }
+    }
   }
 }
 
@@ -153,7 +141,7 @@ __global__ void __launch_bounds__(kTokenTileThreads, kDepthAggregateFwdMinBlocks
 // zeros and store nothing).
 template <typename T, int kVec, int kWays, bool kWhole, bool kAccumulate>
 __device__ __forceinline__ void depth_aggregate_bwd_chunk(const DepthAggregateParams& p, const TableRows<T>& s_rows,
-                                                          const StridedRows<T>& ds_rows, int64_t e, int64_t d,
+                                                          const StridedRows<T>& ds_rows, int64_t e,
                                                           const Vec<T, kVec> (&g)[kWays],
                                                           const acc_t<T>* __restrict__ a_row,
                                                           acc_t<T>* __restrict__ part, int lane) {
@@ -165,9 +153,9 @@ __device__ __forceinline__ void depth_aggregate_bwd_chunk(const DepthAggregatePa
   for (int j0 = 0; j0 < l; j0 += kBatch) {
     Vec<T, kVec> s[kBatch];
     Vec<T, kVec> prior[kBatch];
-    slot_batch_load<T, kVec, kWhole>(s_rows, j0, l, e, d, s);
+    slot_batch_load<T, kVec, kWhole>(s_rows, j0, l, e, p.d, s);
     if constexpr (kAccumulate) {
-      slot_batch_load<T, kVec, kWhole>(ds_rows, j0, l, e, d, prior);
+      slot_batch_load<T, kVec, kWhole>(ds_rows, j0, l, e, p.d, prior);
     } else {
 #pragma unroll
       for (int b = 0; b < kBatch; ++b) prior[b] = Vec<T, kVec>{};
@@ -191,7 +179,7 @@ __device__ __forceinline__ void depth_aggregate_bwd_chunk(const DepthAggregatePa
         }
         dot[b * kWays + c] = dt;
       }
-      if (live) store_chunk_as<T, kVec, kWhole>(ds_rows.at(j0 + b), e, d, ds);
+      if (live) store_chunk_as<T, kVec, kWhole>(ds_rows.at(j0 + b), e, p.d, ds);
     }
     const acc sum = warp_reduce_scatter_pow2<kDots>(dot, lane);
     const int i = lane / kLanesPerDot;
@@ -200,58 +188,38 @@ __device__ __forceinline__ void depth_aggregate_bwd_chunk(const DepthAggregatePa
   }
 }
 
-// One round of the calling row over rows of d elements (from e0; this thread's chunk at
-// e0 + threadIdx.x·kVec): dY_c's chunk read, then depth_aggregate_bwd_chunk, whole or
-// checked (`whole`: every lane's chunk is below d, a row-uniform test). Every lane of
-// the row must call it.
-template <typename T, int kVec, int kWays>
-__device__ __forceinline__ void depth_aggregate_bwd_round(const DepthAggregateParams& p, const TableRows<T>& s_rows,
-                                                          const StridedRows<T>& ds_rows, const T* __restrict__ dy_tok,
-                                                          int c0, bool accumulate, int64_t e0, int64_t d, bool whole,
-                                                          const acc_t<T>* __restrict__ a_row,
-                                                          acc_t<T>* __restrict__ part, int lane) {
-  const int64_t e = e0 + threadIdx.x * kVec;
-  // dY stays in the activation dtype in registers (half the registers of fp32 for
-  // 16-bit types) and is widened at each use.
-  Vec<T, kVec> g[kWays];
-#pragma unroll
-  for (int c = 0; c < kWays; ++c) {
-    g[c] = (c0 + c < p.n_ways) ? load_chunk_raw<T, kVec>(dy_tok + (c0 + c) * p.dy_way_stride, e, d) : Vec<T, kVec>{};
-  }
-  if (whole && accumulate) {
-    depth_aggregate_bwd_chunk<T, kVec, kWays, true, true>(p, s_rows, ds_rows, e, d, g, a_row, part, lane);
-  } else if (whole) {
-    depth_aggregate_bwd_chunk<T, kVec, kWays, true, false>(p, s_rows, ds_rows, e, d, g, a_row, part, lane);
-  } else if (accumulate) {
-    depth_aggregate_bwd_chunk<T, kVec, kWays, false, true>(p, s_rows, ds_rows, e, d, g, a_row, part, lane);
-  } else {
-    depth_aggregate_bwd_chunk<T, kVec, kWays, false, false>(p, s_rows, ds_rows, e, d, g, a_row, part, lane);
-  }
-}
-
-// Backward pass of token t, ways c0 .. c0 + kWays, by the calling row of threads: the
-// row's scalar head (slot_row_head: one element a lane, the other lanes on zeros), then
-// the body's rounds. Every lane of the row must call it (h and the rounds are
-// row-uniform).
+// Backward pass of token t, ways c0 .. c0 + kWays, by the calling row of threads: per
+// chunk, dY_c's chunk read, then depth_aggregate_bwd_chunk. Every lane of the row must
+// call it (the chunk loop is warp-uniform).
 template <typename T, int kVec, int kWays>
 __device__ __forceinline__ void depth_aggregate_bwd_token(const DepthAggregateParams& p, int64_t t, int c0,
                                                           bool accumulate, const acc_t<T>* __restrict__ a_row,
                                                           acc_t<T>* __restrict__ part, int lane) {
   const TableRows<T> s_rows = table_rows<T>(p.s, t);
-  const T* __restrict__ dy_tok = static_cast<const T*>(p.dy_ptr) + t * p.dy_token_stride;
-  T* __restrict__ ds_tok = static_cast<T*>(p.ds_ptr) + t * p.ds_token_stride;
-  const int h = slot_row_head<T, kVec>(p.s, t, p.d);
-  if (h > 0) {
-    depth_aggregate_bwd_round<T, 1, kWays>(p, s_rows, StridedRows<T>{ds_tok, p.ds_slot_stride}, dy_tok, c0, accumulate,
-                                           0, h, false, a_row, part, lane);
-  }
-  const TableRows<T> body = shifted(s_rows, h);
-  const StridedRows<T> ds_body{ds_tok + h, p.ds_slot_stride};
-  const int64_t d = p.d - h;
+  const T* __restrict__ dY = static_cast<const T*>(p.dy_ptr);
+  const StridedRows<T> ds_rows{static_cast<T*>(p.ds_ptr) + t * p.ds_token_stride, p.ds_slot_stride};
   const int64_t step = static_cast<int64_t>(blockDim.x) * kVec;
-  for (int64_t e0 = 0; e0 < d; e0 += step) {
-    depth_aggregate_bwd_round<T, kVec, kWays>(p, body, ds_body, dy_tok + h, c0, accumulate, e0, d, e0 + step <= d,
-                                              a_row, part, lane);
+  for (int64_t e0 = 0; e0 < p.d; e0 += step) {
+    const int64_t e = e0 + threadIdx.x * kVec;
+    // dY stays in the activation dtype in registers (half the registers of fp32 for
+    // 16-bit types) and is widened at each use.
+    Vec<T, kVec> g[kWays];
+#pragma unroll
+    for (int c = 0; c < kWays; ++c) {
+      g[c] = (c0 + c < p.n_ways)
+                 ? load_chunk_raw<T, kVec>(dY + (c0 + c) * p.dy_way_stride + t * p.dy_token_stride, e, p.d)
+                 : Vec<T, kVec>{};
+    }
+    const bool whole = e0 + step <= p.d;
+    if (whole && accumulate) {
+      depth_aggregate_bwd_chunk<T, kVec, kWays, true, true>(p, s_rows, ds_rows, e, g, a_row, part, lane);
+    } else if (whole) {
+      depth_aggregate_bwd_chunk<T, kVec, kWays, true, false>(p, s_rows, ds_rows, e, g, a_row, part, lane);
+    } else if (accumulate) {
+      depth_aggregate_bwd_chunk<T, kVec, kWays, false, true>(p, s_rows, ds_rows, e, g, a_row, part, lane);
+    } else {
+      depth_aggregate_bwd_chunk<T, kVec, kWays, false, false>(p, s_rows, ds_rows, e, g, a_row, part, lane);
+    }
   }
 }
 

@@ -37,30 +37,6 @@ __device__ __forceinline__ TableRows<T> table_rows(const SlotTable& table, int64
   return TableRows<T>{&table, t * table.token_stride * static_cast<int64_t>(sizeof(T))};
 }
 
-// Token t's rows of a table from element h on (the body after a row's scalar head).
-template <typename T>
-__device__ __forceinline__ TableRows<T> shifted(const TableRows<T>& rows, int h) {
-  return TableRows<T>{rows.table, rows.byte_offset + h * static_cast<int64_t>(sizeof(T))};
-}
-
-// The scalar head of token t's rows (d elements) on the 16-byte path: the elements
-// before slot 0's row reaches a 16-byte boundary, at most d (0 when kVec = 1 or the rows
-// are aligned; up to kVec − 1 when d or a token stride is not a multiple of kVec). The
-// launcher takes the 16-byte path only when every row of token t, in every array of the
-// op, lies at the same offset from a 16-byte boundary (rows_share_alignment), so one
-// head serves them all.
-template <typename T, int kVec>
-__device__ __forceinline__ int slot_row_head(const SlotTable& table, int64_t t, int64_t d) {
-  if constexpr (kVec == 1) {
-    return 0;
-  } else {
-    const uintptr_t row = reinterpret_cast<uintptr_t>(table.ptr[0]) +
-                          static_cast<uintptr_t>(t * table.token_stride * static_cast<int64_t>(sizeof(T)));
-    const int h = static_cast<int>(((16 - row % 16) % 16) / sizeof(T));
-    return h < d ? h : static_cast<int>(d);
-  }
-}
-
 // Token t's rows in a strided stack (a slot gradient dS): at(j) = row0 + j·slot_stride.
 template <typename T>
 struct StridedRows {
