@@ -110,7 +110,7 @@ def _tokens(S: Sequence[Tensor]) -> int:
 def _flat(S: Sequence[Tensor]) -> List[Tensor]:
     """The slots as (N, d) views."""
     N, d = _tokens(S), S[0].shape[-1]
-    return [s.view(N, d) if s.is_contiguous() else s.reshape(N, d) for s in S]
+    return [s.reshape(N, d) for s in S]
 
 
 def aggregate_bwd_into(dY: Tensor, S: Sequence[Tensor], A: Tensor, dS: Tensor, accumulate: bool) -> Tensor:
@@ -204,9 +204,8 @@ def _live(G: Optional[Tensor]) -> Optional[Tensor]:
     return G
 
 
-def _stack_grad(G: Optional[Tensor], ghost_shape: torch.Size, dtype: torch.dtype, device,
-                slots: slice) -> tuple:
-    """(G, accumulate) for a node that adds into the slots `slots`. G is None for the
+def _stack_grad(ctx, G: Optional[Tensor]) -> tuple:
+    """(G, accumulate) for a node that adds into its slots ctx.slots. G is None for the
     first one of a backward pass (autograd passes None for the newest ghost, which
     nothing consumes; the Functions do not materialise zeros; _live): then G is allocated here,
     the slots this node writes are written (`=`) and only the others zeroed (none for
@@ -214,12 +213,17 @@ def _stack_grad(G: Optional[Tensor], ghost_shape: torch.Size, dtype: torch.dtype
     G = _live(G)
     if G is not None:
         return G, True
-    G = torch.empty(ghost_shape, dtype=dtype, device=device)
-    written = range(ghost_shape[0])[slots]
-    for j in range(ghost_shape[0]):
+    G = _new_stack_grad(ctx, torch.empty)
+    written = range(G.shape[0])[ctx.slots]
+    for j in range(G.shape[0]):
         if j not in written:
             G[j].zero_()
     return G, False
+
+
+def _new_stack_grad(ctx, alloc) -> Tensor:
+    """A fresh G (alloc: torch.empty or torch.zeros) of the chain's shape, dtype and device."""
+    return alloc(ctx.ghost_shape, dtype=ctx.ghost_dtype, device=ctx.ghost_device)
 
 
 def _chain_node(ctx, ghost: Tensor, slots: slice, *saved: Tensor) -> Tensor:
@@ -275,7 +279,7 @@ class _MuddWeights(torch.autograd.Function):
         x, W1, W2, bias, u, r = ctx.saved_tensors
         G = _live(G)
         if G is None:  # the weights are used, but no aggregation after them took part
-            G = torch.zeros(ctx.ghost_shape, dtype=ctx.ghost_dtype, device=ctx.ghost_device)
+            G = _new_stack_grad(ctx, torch.zeros)
         dW1, dW2b = mudd_weights_bwd_into_op(dA, x, W1, W2, bias, u, r, ctx.n_ways, ctx.eps, ctx.approximate,
                                              G[ctx.slots.start])
         dW2, dbias = split_dW2b(dW2b, W2, bias)
@@ -326,11 +330,11 @@ class _Aggregate(torch.autograd.Function):
     @staticmethod
     @_first_order_only
     def backward(ctx, dY: Optional[Tensor], G: Optional[Tensor]):
-        n_inputs = 5 + len(ctx.saved_tensors) - 1
+        n_inputs = len(ctx.needs_input_grad)
         if dY is None:
             return (G,) + (None,) * (n_inputs - 1)
         A, *S = ctx.saved_tensors
-        G, accumulate = _stack_grad(G, ctx.ghost_shape, ctx.ghost_dtype, ctx.ghost_device, ctx.slots)
+        G, accumulate = _stack_grad(ctx, G)
         dA = aggregate_bwd_into(dY, S, A, G[ctx.slots], accumulate)
         return (G, dA if ctx.needs_input_grad[1] else None) + (None,) * (n_inputs - 2)
 
@@ -353,12 +357,12 @@ class _AggregateQKVNorm(torch.autograd.Function):
     @staticmethod
     @_first_order_only
     def backward(ctx, dX: Optional[Tensor], G: Optional[Tensor]):
-        n_inputs = 7 + len(ctx.saved_tensors) - 3
+        n_inputs = len(ctx.needs_input_grad)
         if dX is None:
             return (G,) + (None,) * (n_inputs - 1)
         A, g, rstd, *S = ctx.saved_tensors
+        G, accumulate = _stack_grad(ctx, G)
         if ctx.fused:
-            G, accumulate = _stack_grad(G, ctx.ghost_shape, ctx.ghost_dtype, ctx.ghost_device, ctx.slots)
             l, d, N = len(S), S[0].shape[-1], _tokens(S)
             A3 = A if A.dim() == 2 else A.reshape(N, 4, l)
             dA, dg = depth_aggregate_qkv_norm_bwd_op(dX.reshape(4, N, d), _flat(S), A3, g, rstd,
@@ -367,7 +371,6 @@ class _AggregateQKVNorm(torch.autograd.Function):
         else:
             Y = _aggregate_oracle(S, A, compute_dtype(dX, S[0], A, g))
             dY, dg = ref_mudd.qkv_norm_bwd_y(dX, Y, g, ctx.eps)
-            G, accumulate = _stack_grad(G, ctx.ghost_shape, ctx.ghost_dtype, ctx.ghost_device, ctx.slots)
             dA = aggregate_bwd_into(dY, S, A, G[ctx.slots], accumulate)
             dg = dg.to(g.dtype)
         need = ctx.needs_input_grad

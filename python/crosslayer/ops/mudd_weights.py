@@ -88,10 +88,17 @@ def mudd_weights_bwd_op(dA: Tensor, x: Tensor, W1: Tensor, W2: Tensor, bias: Ten
     if kernels is not None:
         dx, dW1, dW2b = kernels.mudd_weights_bwd(dA, x, W1, W2, bias, u, r, n_ways, eps, approximate, None)
         return dx, dW1, dW2b
+    dx, dW1, dW2b = _bwd_oracle(dA, x, W1, W2, bias, n_ways, eps, approximate)
+    return dx.contiguous(), dW1, dW2b
+
+
+def _bwd_oracle(dA, x, W1, W2, bias, n_ways, eps, approximate) -> Tuple[Tensor, Tensor, Tensor]:
+    """The CPU path of the backward ops: (dx, dW1 in W1's dtype, dW2b) from the oracle in
+    the arithmetic dtype."""
     acc = acc_dtype(x.dtype)
     dx, dW1, dW2, dbias = ref.mudd_weights_bwd(dA.to(acc), x, W1.to(acc), W2.to(acc), bias.to(acc),
                                                n_ways, eps, approximate)
-    return dx.contiguous(), dW1.to(W1.dtype).contiguous(), torch.cat([dW2, dbias.reshape(1, -1)])
+    return dx, dW1.to(W1.dtype).contiguous(), torch.cat([dW2, dbias.reshape(1, -1)])
 
 
 @mudd_weights_bwd_op.register_fake
@@ -113,11 +120,9 @@ def mudd_weights_bwd_into_op(dA: Tensor, x: Tensor, W1: Tensor, W2: Tensor, bias
     if kernels is not None:
         _, dW1, dW2b = kernels.mudd_weights_bwd(dA, x, W1, W2, bias, u, r, n_ways, eps, approximate, dx)
         return dW1, dW2b
-    acc = acc_dtype(x.dtype)
-    dx_new, dW1, dW2, dbias = ref.mudd_weights_bwd(dA.to(acc), x, W1.to(acc), W2.to(acc), bias.to(acc),
-                                                   n_ways, eps, approximate)
+    dx_new, dW1, dW2b = _bwd_oracle(dA, x, W1, W2, bias, n_ways, eps, approximate)
     dx.add_(dx_new)
-    return dW1.to(W1.dtype).contiguous(), torch.cat([dW2, dbias.reshape(1, -1)])
+    return dW1, dW2b
 
 
 @mudd_weights_bwd_into_op.register_fake
