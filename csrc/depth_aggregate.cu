@@ -49,14 +49,19 @@ DepthAggregateParams depth_aggregate_params(const DepthAggregateShape& sh, const
   return p;
 }
 
+// The 16-byte path (shifted rows, any d) when the rows of a token share their shift in
+// S and in `others`; else one element at a time.
 template <typename T, bool kBackward>
-void launch_depth_aggregate(const DepthAggregateParams& p, bool vectorize) {
+void launch_depth_aggregate(const DepthAggregateParams& p, std::initializer_list<TokenRows> others) {
   using acc = acc_t<T>;
+  const SlotRowsPath path = slot_rows_path(p.s, p.n_slots, p.n_tokens, sizeof(T), kVec16<T>, others);
+  const bool vectorize = path.vectorize;
   const int vec = vectorize ? kVec16<T> : 1;
   const int ways_per_group = p.n_ways == 1 ? 1 : 4;
   // Shared memory: the weight tile a row, plus one dA partial a warp in the backward.
   const int tile_bytes = static_cast<int>(sizeof(acc)) * ways_per_group * p.n_slots;
-  const TokenTileBlock b = token_tile_block(p.n_tokens, p.d, vec, tile_bytes, kBackward ? tile_bytes : 0);
+  const TokenTileBlock b = token_tile_block(p.n_tokens, slot_row_span(p.d, path, vec), vec, tile_bytes,
+                                            kBackward ? tile_bytes : 0);
   CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
     constexpr int kVec = kVectorize ? kVec16<T> : 1;
     CL_BOOL_SWITCH(p.n_ways == 1, kOneWay, [&] {
@@ -83,11 +88,7 @@ at::Tensor depth_aggregate_fwd(const std::vector<at::Tensor>& S_in, const at::Te
   p.y_ptr = Y.data_ptr();
 
   CL_DISPATCH_FLOATING(S[0].scalar_type(), "depth_aggregate_fwd", [&] {
-    const int vec = kVec16<scalar_t>;
-    const bool vectorize =
-        slot_table_vec_ok(p.s, sh.l, vec) &&
-        vec_ok(p.y_ptr, {{sh.C, p.y_way_stride}, {sh.N, p.y_token_stride}}, vec);
-    launch_depth_aggregate<scalar_t, false>(p, vectorize);
+    launch_depth_aggregate<scalar_t, false>(p, {{p.y_ptr, p.y_token_stride, sh.C, p.y_way_stride}});
   });
   return Y;
 }
@@ -123,12 +124,8 @@ at::Tensor depth_aggregate_bwd(const at::Tensor& dY_in, const std::vector<at::Te
   p.da_ptr = dA_tok.data_ptr();
 
   CL_DISPATCH_FLOATING(S[0].scalar_type(), "depth_aggregate_bwd", [&] {
-    const int vec = kVec16<scalar_t>;
-    const bool vectorize =
-        slot_table_vec_ok(p.s, sh.l, vec) &&
-        vec_ok(p.dy_ptr, {{sh.C, p.dy_way_stride}, {sh.N, p.dy_token_stride}}, vec) &&
-        vec_ok(p.ds_ptr, {{sh.l, p.ds_slot_stride}, {sh.N, p.ds_token_stride}}, vec);
-    launch_depth_aggregate<scalar_t, true>(p, vectorize);
+    launch_depth_aggregate<scalar_t, true>(p, {{p.dy_ptr, p.dy_token_stride, sh.C, p.dy_way_stride},
+                                               {p.ds_ptr, p.ds_token_stride, sh.l, p.ds_slot_stride}});
   });
   at::Tensor dA = sh.static_weights ? dA_tok.sum(0) : dA_tok;
   return dA.to(A_in.scalar_type());

@@ -129,31 +129,36 @@ DepthAggregateQkvNormLaunch depth_aggregate_qkv_norm_block(int64_t N, int64_t d,
 // dg workspace (one partial per block row, for the caller to sum); the stash workspace
 // is released after the launch (the allocator is stream-ordered).
 template <typename T, bool kBackward>
-at::Tensor launch_depth_aggregate_qkv_norm(DepthAggregateQkvNormParams& p, bool vectorize,
+at::Tensor launch_depth_aggregate_qkv_norm(DepthAggregateQkvNormParams& p, const SlotRowsPath& path,
                                            const at::TensorOptions& ws_opts, int device) {
   at::Tensor dg_ws, stash_ws;
-  CL_BOOL_SWITCH(vectorize, kVectorize, [&] {
-    constexpr int kVec = kVectorize ? kVec16<T> : 1;
-    DepthAggregateQkvNormLaunch b =
-        depth_aggregate_qkv_norm_block<acc_t<T>>(p.n_tokens, p.d, p.n_slots, p.ld, kVec,
-                                                 kVec * static_cast<int>(sizeof(T)), kBackward, device);
-    auto kernel = !kBackward      ? depth_aggregate_qkv_norm_fwd_kernel<T, kVec>
-                  : b.stage_slots ? depth_aggregate_qkv_norm_bwd_kernel<T, kVec, true>
-                                  : depth_aggregate_qkv_norm_bwd_kernel<T, kVec, false>;
-    allow_smem(kernel, b.smem_bytes);
-    b.grid = resident_grid(kernel, b.grid, b.threads_x * b.rows, b.smem_bytes, device,
-                           b.bufs_in_smem ? std::numeric_limits<int>::max() : 4);
-    p.bufs_in_smem = b.bufs_in_smem;
-    const int64_t slices = b.grid * b.rows;
-    if (kBackward) {
-      dg_ws = at::empty({slices, kDepthAggregateQkvNormNormed, p.ld}, ws_opts);
-      p.dg_ws_ptr = dg_ws.data_ptr();
-    }
-    if (!b.bufs_in_smem) {
-      stash_ws = at::empty({slices, kDepthAggregateQkvNormNormed, p.ld}, ws_opts);
-      p.stash_ws_ptr = stash_ws.data_ptr();
-    }
-    launch(kernel, dim3(static_cast<unsigned>(b.grid)), dim3(b.threads_x, b.rows), b.smem_bytes, p);
+  // Three kernels per direction: one element at a time, 16-byte chunks, shifted 16-byte
+  // chunks (any d).
+  CL_BOOL_SWITCH(path.vectorize, kVectorize, [&] {
+    CL_BOOL_SWITCH(path.shifted, kShiftedRows, [&] {
+      constexpr int kVec = kVectorize ? kVec16<T> : 1;
+      constexpr bool kShifted = kVectorize && kShiftedRows;
+      DepthAggregateQkvNormLaunch b = depth_aggregate_qkv_norm_block<acc_t<T>>(
+          p.n_tokens, slot_row_span(p.d, path, kVec), p.n_slots, p.ld, kVec, kVec * static_cast<int>(sizeof(T)),
+          kBackward, device);
+      auto kernel = !kBackward      ? depth_aggregate_qkv_norm_fwd_kernel<T, kVec, kShifted>
+                    : b.stage_slots ? depth_aggregate_qkv_norm_bwd_kernel<T, kVec, kShifted, true>
+                                    : depth_aggregate_qkv_norm_bwd_kernel<T, kVec, kShifted, false>;
+      allow_smem(kernel, b.smem_bytes);
+      b.grid = resident_grid(kernel, b.grid, b.threads_x * b.rows, b.smem_bytes, device,
+                             b.bufs_in_smem ? std::numeric_limits<int>::max() : 4);
+      p.bufs_in_smem = b.bufs_in_smem;
+      const int64_t slices = b.grid * b.rows;
+      if (kBackward) {
+        dg_ws = at::empty({slices, kDepthAggregateQkvNormNormed, p.ld}, ws_opts);
+        p.dg_ws_ptr = dg_ws.data_ptr();
+      }
+      if (!b.bufs_in_smem) {
+        stash_ws = at::empty({slices, kDepthAggregateQkvNormNormed, p.ld}, ws_opts);
+        p.stash_ws_ptr = stash_ws.data_ptr();
+      }
+      launch(kernel, dim3(static_cast<unsigned>(b.grid)), dim3(b.threads_x, b.rows), b.smem_bytes, p);
+    });
   });
   return dg_ws;
 }
@@ -186,10 +191,9 @@ std::vector<at::Tensor> depth_aggregate_qkv_norm_fwd(const std::vector<at::Tenso
 
   const int device = S[0].device().index();
   CL_DISPATCH_FLOATING(S[0].scalar_type(), "depth_aggregate_qkv_norm_fwd", [&] {
-    const int vec = kVec16<scalar_t>;
-    const bool vectorize = slot_table_vec_ok(p.s, sh.l, vec) &&
-                           vec_ok(p.out_ptr, {{kDepthAggregateQkvNormWays, p.out_way_stride}, {sh.N, p.out_token_stride}}, vec);
-    launch_depth_aggregate_qkv_norm<scalar_t, false>(p, vectorize, S[0].options().dtype(acc_type), device);
+    const SlotRowsPath path = slot_rows_path(p.s, sh.l, sh.N, sizeof(scalar_t), kVec16<scalar_t>,
+                                             {{p.out_ptr, p.out_token_stride, kDepthAggregateQkvNormWays, p.out_way_stride}});
+    launch_depth_aggregate_qkv_norm<scalar_t, false>(p, path, S[0].options().dtype(acc_type), device);
   });
   return {Out, rstd};
 }
@@ -232,12 +236,11 @@ std::vector<at::Tensor> depth_aggregate_qkv_norm_bwd(const at::Tensor& dOut_in, 
   const int device = S[0].device().index();
   at::Tensor dg_ws;
   CL_DISPATCH_FLOATING(S[0].scalar_type(), "depth_aggregate_qkv_norm_bwd", [&] {
-    const int vec = kVec16<scalar_t>;
-    const bool vectorize =
-        slot_table_vec_ok(p.s, sh.l, vec) &&
-        vec_ok(p.dout_ptr, {{kDepthAggregateQkvNormWays, p.dout_way_stride}, {sh.N, p.dout_token_stride}}, vec) &&
-        vec_ok(p.ds_ptr, {{sh.l, p.ds_slot_stride}, {sh.N, p.ds_token_stride}}, vec);
-    dg_ws = launch_depth_aggregate_qkv_norm<scalar_t, true>(p, vectorize, S[0].options().dtype(acc_type), device);
+    const SlotRowsPath path =
+        slot_rows_path(p.s, sh.l, sh.N, sizeof(scalar_t), kVec16<scalar_t>,
+                       {{p.dout_ptr, p.dout_token_stride, kDepthAggregateQkvNormWays, p.dout_way_stride},
+                        {p.ds_ptr, p.ds_token_stride, sh.l, p.ds_slot_stride}});
+    dg_ws = launch_depth_aggregate_qkv_norm<scalar_t, true>(p, path, S[0].options().dtype(acc_type), device);
   });
   const at::Tensor dA = sh.static_weights ? dA_tok.sum(0) : dA_tok;
   const at::Tensor dg = dg_ws.sum(0).narrow(1, 0, sh.d);

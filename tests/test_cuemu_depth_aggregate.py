@@ -3,8 +3,8 @@
 The launchers (csrc/depth_aggregate.cu) and kernels (csrc/kernels/depth_aggregate.cuh)
 run unchanged on CPU tensors; each result is held to DESIGN.md's policy against the
 float64 oracle, outputs poisoned with NaN, on the GPU tests' odd shapes, every dtype,
-static and per-token weights, C > 4, strided and misaligned slots (the scalar path)
-and in-place accumulation. What only a GPU shows (speed, streams, graphs, the
+static and per-token weights, C > 4, strided and misaligned slots (the scalar path),
+shifted rows (any d on the 16-byte path) and in-place accumulation. What only a GPU shows (speed, streams, graphs, the
 hardware's own scheduling) stays with the `gpu` tests in test_depth_aggregate.py.
 """
 
@@ -25,9 +25,11 @@ SHAPES = [  # (l, N, d, C): d = 1, odd, not a multiple of the vector width, > on
     (25, 4, 2048, 4),
     (5, 6, 300, 6),  # C > 4: two way groups
     (128, 2, 33, 1),
-    (4, 8, 4099, 4),  # N·d a multiple of 8: the 16-byte path, a scalar head of 0-7 per token
-    (3, 16, 3, 4),  # the same with d below the head: some tokens all head, no body
-    (2, 8, 300, 1),  # heads of 0 and 4 alternating
+    # N·d a multiple of 8: every slot at the same shift, so the 16-byte path on shifted
+    # rows (d not a multiple of the vector width); (2, 3, 4099, 3) above is the scalar path.
+    (4, 8, 4099, 4),  # rows at shifts 0-7, a cut first and last chunk in each
+    (3, 16, 3, 4),  # d below the vector width: some tokens' rows inside one chunk, some across two
+    (2, 8, 300, 1),  # shifts 0 and 4 alternating
 ]
 
 

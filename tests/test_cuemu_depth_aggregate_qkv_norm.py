@@ -8,7 +8,7 @@ float64 oracle, outputs poisoned with NaN, for every dtype, static and per-token
 the GPU tests' odd sizes (d = 1, 7, 129, 2048, 4099; l = 1 .. 128) at small N, the
 backward with its slots staged in shared memory and without (l = 40 at d = 2048), block
 configurations with unused token rows and partly idle warps, strided and misaligned slots
-(the scalar path), strided dOut / dS, the global-workspace path (row buffers too big for
+(the scalar path), shifted rows (any d on the 16-byte path), strided dOut / dS, the global-workspace path (row buffers too big for
 shared memory), the persistent grid's token loop, and the launchers' messages. What only
 a GPU shows (speed, streams, graphs, compile) stays with the `gpu` tests in
 test_depth_aggregate_qkv_norm.py.
@@ -24,7 +24,8 @@ from test_depth_aggregate_qkv_norm import DTYPES, EPS, F64, check_backward, eps_
 pytestmark = pytest.mark.cuemu
 
 SHAPES = [  # (l, N, d) and the block (threads_x x rows) the launcher picks
-    # An odd d with N > 1 makes the token stride odd: the scalar path (kVec = 1).
+    # An odd d with N·d not a multiple of 8: the slots of the stack start at different
+    # shifts from a 16-byte boundary, so the scalar path (kVec = 1).
     (1, 1, 1),  # 32 x 1, one token
     (3, 13, 7),  # 32 x 8: the second block has 5 of 8 token rows
     (25, 9, 129),  # 160 x 1: warp 4 has one lane with a feature
@@ -37,6 +38,13 @@ SHAPES = [  # (l, N, d) and the block (threads_x x rows) the launcher picks
     # for one block an SM, so its second pass over the slots re-reads S (kStage false);
     # every shape above stages them.
     (40, 3, 2048),
+    # Shifted rows: d not a multiple of 8 but N·d one, so every slot starts at the same
+    # shift and each token's rows at theirs (0-7): the 16-byte path with a cut first and
+    # last chunk per row, g, stash and dg element by element (kShifted).
+    (3, 8, 7),  # 32 x 8: rows inside one chunk or across two
+    (25, 8, 129),  # 32 x 8 (bf16): the span d + 7 in 17 chunks, lanes 0-16 busy
+    (2, 8, 4099),  # 256 x 1: three passes, in the first only warp 0's chunks are cut
+    (40, 8, 2050),  # 256 x 1, two passes, no slot stage
 ]
 
 

@@ -59,6 +59,16 @@ def test_deadlock_is_reported(st):
         st.run("deadlock", torch.zeros(1), 64, 0, 0, False)
 
 
+def test_misaligned_global_access_is_refused(st):
+    """A GPU faults on a 16-byte access that is not 16-byte aligned (the vector paths'
+    contract); the CPU would not, so the emulator checks every global access."""
+    x = torch.randn(65)
+    torch.testing.assert_close(st.traffic("copy4", x[:64], 64, 1, 0, 16, 1), x[:64])  # aligned: one float4 each
+    with pytest.raises(RuntimeError, match=r"misaligned 16-byte load from global address 0x[0-9a-f]+ \(4 bytes past a 16-byte boundary\)"):
+        st.traffic("copy4", x[1:], 64, 1, 0, 16, 1)
+    torch.testing.assert_close(st.traffic("copy4", x[1:], 64, 1, 1, 16, 1), x[1:])  # element by element: fine
+
+
 def test_launch_limits(st):
     x = torch.tensor([1.0])
     with pytest.raises(RuntimeError, match=r"invalid block \(1025,1,1\)"):

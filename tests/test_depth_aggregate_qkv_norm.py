@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from crosslayer import ops, ref
-from crosslayer.ref.mudd import mudd_init_weights, qkv_norm_bwd
+from crosslayer.ref.mudd import mudd_init_weights
 from crosslayer.ops.depth_aggregate_qkv_norm import depth_aggregate_qkv_norm_bwd_op, depth_aggregate_qkv_norm_op
 from op_specs import depth_slots
 from policy import TERMS_FLOOR, accumulated, assert_policy, oracle_pair, poison_allocator
@@ -234,6 +234,19 @@ def test_forward_matches_oracle(cuda, dtype, shape, static):
     torch.testing.assert_close(rstd.double(), want, rtol=1e-4 if dtype != F64 else 1e-10, atol=0)
 
 
+def dy_terms(dOut, S, A, g, eps):
+    """The magnitude of dY's terms before they cancel, float64: dY_n = r·z − k·Y_n with
+    z = g·dOut_n and k·Y_n = r·Ŷ·mean(z·Ŷ) (Ŷ = r·Y_n) has |terms| r·|z| + r·|Ŷ|·mean|z·Ŷ|;
+    dY_3 = dOut_3. (Measured after the cancellation, |dY| would understate them: for
+    d = 1, dY_n = r·z·(1 − Ŷ²) = r³·z·eps, and every association rounds r·z and Ŷ².)"""
+    S, A, g, dO = S.double(), A.double(), g.double(), dOut.double()
+    Y = ref.depth_aggregate(S, A)[:3]
+    r = torch.rsqrt(Y.square().mean(-1, keepdim=True) + eps)
+    Yh = (Y * r).abs()
+    z = (g.view(3, *([1] * (Y.dim() - 2)), -1) * dO[:3]).abs()
+    return torch.cat([r * (z + Yh * (z * Yh).mean(-1, keepdim=True)), dO[3:].abs()], 0)
+
+
 def check_backward(dS, dA, dg, dOut, S, A, g, dS0, accumulate, eps):
     """dS (written, or added to dS0 when accumulate), dA and dg of a backward launcher
     under the policy, against the oracle at the inputs' dtype and in float64."""
@@ -249,10 +262,10 @@ def check_backward(dS, dA, dg, dOut, S, A, g, dS0, accumulate, eps):
     # <dY_n, Y_n> is ~0 by the norm's construction); the kernel forms it as
     # r·<z, S> − k·<Y, S>, another association of the same terms. In fp32 / fp64 its
     # floor is relative to their magnitude, the sum over the features (and tokens, for
-    # static A) of |dY·S|; a 16-bit dA is bound by its own rounding (the default).
+    # static A) of the terms' |r·z·S| + |k·Y·S| (dy_terms); a 16-bit dA is bound by its
+    # own rounding (the default).
     if dA.dtype in TERMS_FLOOR:
-        dY64, _ = qkv_norm_bwd(dOut.double(), S.double(), A.double(), g.double(), eps)
-        terms = ref.depth_aggregate_bwd(dY64.abs(), S.double().abs(), A.double())[1]
+        terms = ref.depth_aggregate_bwd(dy_terms(dOut, S, A, g, eps), S.double().abs(), A.double())[1]
         assert_policy("dA", dA, low[1], high[1], floor=TERMS_FLOOR[dA.dtype],
                       scale=max(1.0, terms.abs().max().item()))
     else:

@@ -76,13 +76,48 @@ inline SlotTable slot_table(const std::vector<at::Tensor>& S) {
   return t;
 }
 
-// Every slot's chunk of vec elements is one aligned 16-byte access.
-inline bool slot_table_vec_ok(const SlotTable& t, int64_t l, int vec) {
-  if (t.token_stride % vec != 0) return false;
-  for (int64_t j = 0; j < l; ++j) {
-    if (reinterpret_cast<uintptr_t>(t.ptr[j]) % 16 != 0) return false;
+// A tensor whose token rows a slot kernel walks besides the slots (Y, dY, dS): base
+// pointer, token stride, and the stride between a token's rows in it (ways, slots).
+struct TokenRows {
+  const void* ptr;
+  int64_t token_stride;
+  int64_t n_rows, row_stride;  // row_stride is ignored for one row
+};
+
+// How a slot kernel may read its rows (phases/slot_tile.cuh): in 16-byte chunks
+// (vectorize) when every row of a token, in the slots and in each of `others`, lies at
+// the same shift from a 16-byte boundary: one shift class of the base pointers, token
+// strides equal modulo vec, the strides between rows multiples of vec. `shifted`: some
+// token's rows do not start on a boundary (d or a token stride not a multiple of vec,
+// or the bases off one), so the kernels' chunks start at −h_t and the rows span up to
+// vec − 1 more elements.
+struct SlotRowsPath {
+  bool vectorize, shifted;
+};
+
+inline SlotRowsPath slot_rows_path(const SlotTable& t, int64_t l, int64_t N, int64_t elem_bytes, int vec,
+                                   std::initializer_list<TokenRows> others) {
+  const auto mod = [vec](int64_t x) { return ((x % vec) + vec) % vec; };
+  const auto shift = [&](const void* ptr) -> int64_t {  // -1: not even element-aligned
+    const auto a = static_cast<int64_t>(reinterpret_cast<uintptr_t>(ptr));
+    return a % elem_bytes != 0 ? -1 : mod(a / elem_bytes);
+  };
+  const int64_t base = shift(t.ptr[0]);
+  const int64_t token = N > 1 ? mod(t.token_stride) : 0;
+  bool same = base >= 0;
+  for (int64_t j = 1; j < l; ++j) same = same && shift(t.ptr[j]) == base;
+  for (const TokenRows& r : others) {
+    same = same && shift(r.ptr) == base && (N <= 1 || mod(r.token_stride) == token) &&
+           (r.n_rows <= 1 || mod(r.row_stride) == 0);
   }
-  return true;
+  if (!same) return {false, false};
+  return {true, base != 0 || token != 0};
+}
+
+// The elements a row of threads covers for a row of d on `path`: d, or d + vec − 1 when
+// the rows are shifted (the cut first chunk).
+inline int64_t slot_row_span(int64_t d, const SlotRowsPath& path, int vec) {
+  return path.vectorize && path.shifted ? d + vec - 1 : d;
 }
 
 // dS (l, N, d), accumulated or written in place: the slots' device, shape and dtype

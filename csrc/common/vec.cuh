@@ -56,33 +56,46 @@ __device__ __forceinline__ Vec<T, N>& vec_at(T* base, int64_t i) {
   return *reinterpret_cast<Vec<T, N>*>(base + i);
 }
 
-// Loads elements [e, e + N) of `row` into fp-accumulator registers. When the chunk is
-// cut by the row end `d`, only the elements below d are read and the rest are zero.
+// The chunk helpers below take elements [e, e + N) of a row of d elements. A chunk may
+// be cut by the row's end (e + N > d) or, on the shifted rows of the depth kernels
+// (phases/slot_tile.cuh: row_shift), by its start (e < 0): only the elements in [0, d)
+// are read or written, the others read as zero. A whole chunk is one N-element access
+// (16-byte aligned at row + e: the caller's contract).
+
+// Whether element e + k of a row of d lies in it (0 <= e + k < d, one compare).
+__device__ __forceinline__ bool element_in_row(int64_t i, int64_t d) {
+  return static_cast<uint64_t>(i) < static_cast<uint64_t>(d);
+}
+
+// Whether the chunk [e, e + n) lies in the row.
+__device__ __forceinline__ bool whole_chunk(int64_t e, int64_t n, int64_t d) { return e >= 0 && e + n <= d; }
+
+// Loads elements [e, e + N) of `row` into fp-accumulator registers, zero outside [0, d).
 template <typename T, int N>
 __device__ __forceinline__ void load_chunk(const T* __restrict__ row, int64_t e, int64_t d,
                                            acc_t<T> (&out)[N]) {
-  if (e + N <= d) {
+  if (whole_chunk(e, N, d)) {
     const Vec<T, N> x = *reinterpret_cast<const Vec<T, N>*>(row + e);
 #pragma unroll
     for (int k = 0; k < N; ++k) out[k] = to_acc(x.v[k]);
   } else {
 #pragma unroll
-    for (int k = 0; k < N; ++k) out[k] = (e + k < d) ? to_acc(row[e + k]) : acc_t<T>(0);
+    for (int k = 0; k < N; ++k) out[k] = element_in_row(e + k, d) ? to_acc(row[e + k]) : acc_t<T>(0);
   }
 }
 
-// Loads elements [e, e + N) of `row` as stored (no widening); zero past `d`.
+// Loads elements [e, e + N) of `row` as stored (no widening); zero outside [0, d).
 template <typename T, int N>
 __device__ __forceinline__ Vec<T, N> load_chunk_raw(const T* __restrict__ row, int64_t e, int64_t d) {
-  if (e + N <= d) return *reinterpret_cast<const Vec<T, N>*>(row + e);
+  if (whole_chunk(e, N, d)) return *reinterpret_cast<const Vec<T, N>*>(row + e);
   Vec<T, N> x;
 #pragma unroll
-  for (int k = 0; k < N; ++k) x.v[k] = (e + k < d) ? row[e + k] : T(0.0f);
+  for (int k = 0; k < N; ++k) x.v[k] = element_in_row(e + k, d) ? row[e + k] : T(0.0f);
   return x;
 }
 
-// load_chunk_raw where the caller knows whether the chunk is whole (kWhole: e + N <= d,
-// one 16-byte access, no check) or may be cut by d (the checked path).
+// load_chunk_raw where the caller knows whether the chunk is whole (kWhole: in [0, d),
+// one 16-byte access, no check) or may be cut (the checked path).
 template <typename T, int N, bool kWhole>
 __device__ __forceinline__ Vec<T, N> load_chunk_as(const T* __restrict__ row, int64_t e, int64_t d) {
   if constexpr (kWhole) {
@@ -92,11 +105,11 @@ __device__ __forceinline__ Vec<T, N> load_chunk_as(const T* __restrict__ row, in
   }
 }
 
-// Stores elements [e, e + N) of `row` from accumulator registers, cut at `d`.
+// Stores elements [e, e + N) of `row` from accumulator registers, cut to [0, d).
 template <typename T, int N>
 __device__ __forceinline__ void store_chunk(T* __restrict__ row, int64_t e, int64_t d,
                                             const acc_t<T> (&in)[N]) {
-  if (e + N <= d) {
+  if (whole_chunk(e, N, d)) {
     Vec<T, N> x;
 #pragma unroll
     for (int k = 0; k < N; ++k) x.v[k] = from_acc<T>(in[k]);
@@ -104,7 +117,7 @@ __device__ __forceinline__ void store_chunk(T* __restrict__ row, int64_t e, int6
   } else {
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      if (e + k < d) row[e + k] = from_acc<T>(in[k]);
+      if (element_in_row(e + k, d)) row[e + k] = from_acc<T>(in[k]);
     }
   }
 }
@@ -123,16 +136,16 @@ __device__ __forceinline__ void store_chunk_as(T* __restrict__ row, int64_t e, i
   }
 }
 
-// Stores the raw elements [e, e + N) of `row`, cut at `d`.
+// Stores the raw elements [e, e + N) of `row`, cut to [0, d).
 template <typename T, int N>
 __device__ __forceinline__ void store_chunk_raw(T* __restrict__ row, int64_t e, int64_t d,
                                                 const Vec<T, N>& x) {
-  if (e + N <= d) {
+  if (whole_chunk(e, N, d)) {
     *reinterpret_cast<Vec<T, N>*>(row + e) = x;
   } else {
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      if (e + k < d) row[e + k] = x.v[k];
+      if (element_in_row(e + k, d)) row[e + k] = x.v[k];
     }
   }
 }

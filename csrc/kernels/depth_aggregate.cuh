@@ -22,15 +22,16 @@
 // issued before any is used. The backward reduces the batch's dA partials within each
 // warp by one reduce-scatter and across the warps of a row through shared memory, in a
 // fixed order: results are bit-identical run to run. The test whether a chunk is whole
-// (below d) is made once per chunk, not per slot.
+// (inside the row) is made once per chunk and warp, not per slot.
 //
 // S is a table of slot pointers (SlotTable: one token stride, the slots anywhere); dS is
-// one strided stack.
+// one strided stack. Rows are shifted (phases/slot_tile.cuh): token t's chunks start at
+// e = −h_t, so any d takes the 16-byte path, its cut first and last chunks checked.
 //
 // Assumptions (checked by the launcher):
 //   1) features have unit stride in S, Y, dY and dS; every other stride is free;
-//   2) with kVec > 1, every base pointer (each slot's too) is 16-byte aligned and every
-//      stride is a multiple of kVec elements, so each full chunk is one 16-byte access;
+//   2) with kVec > 1, every row of a token in S, Y, dY and dS has the same shift
+//      (rows_share_alignment), so each whole chunk is one aligned 16-byte access;
 //   3) 1 <= l <= kMaxSlots, C >= 1; A and dA are in the accumulator dtype.
 #pragma once
 
@@ -96,7 +97,7 @@ __device__ __forceinline__ void depth_aggregate_fwd_token(const DepthAggregatePa
   using acc = acc_t<T>;
   const TableRows<T> s_rows = table_rows<T>(p.s, t);
   T* __restrict__ Y = static_cast<T*>(p.y_ptr);
-  for (int64_t e = threadIdx.x * kVec; e < p.d; e += blockDim.x * kVec) {
+  for (int64_t e = threadIdx.x * kVec - row_shift<T, kVec>(s_rows.at(0)); e < p.d; e += blockDim.x * kVec) {
     acc y[kWays][kVec] = {};
     slot_aggregate<T, kVec, kWays>(s_rows, a_row, p.n_slots, e, p.d, y);
 #pragma unroll
@@ -135,10 +136,10 @@ __global__ void __launch_bounds__(kTokenTileThreads, kDepthAggregateFwdMinBlocks
 // batch of kSlotBatch slots would not fit 128 registers with 16-bit 4-way data), and
 // the batch's dot products are reduced together by one reduce-scatter (16 shuffles for
 // 4 slots of 4 ways, against 80 for separate warp sums), lane groups writing one
-// partial each. The chunk d cuts goes one slot at a time (slot_batch). Every lane of
-// the warp must call it (kWhole: the whole chunk is below d for every lane of the row,
-// a uniform test; otherwise the checked path, where lanes past the row end work on
-// zeros and store nothing).
+// partial each. A cut chunk goes one slot at a time (slot_batch). Every lane of the
+// warp must call it (kWhole: every lane's chunk lies inside the row, a warp-uniform
+// test; otherwise the checked path, where lanes outside the row work on zeros and store
+// nothing).
 template <typename T, int kVec, int kWays, bool kWhole, bool kAccumulate>
 __device__ __forceinline__ void depth_aggregate_bwd_chunk(const DepthAggregateParams& p, const TableRows<T>& s_rows,
                                                           const StridedRows<T>& ds_rows, int64_t e,
@@ -189,8 +190,8 @@ __device__ __forceinline__ void depth_aggregate_bwd_chunk(const DepthAggregatePa
 }
 
 // Backward pass of token t, ways c0 .. c0 + kWays, by the calling row of threads: per
-// chunk, dY_c's chunk read, then depth_aggregate_bwd_chunk. Every lane of the row must
-// call it (the chunk loop is warp-uniform).
+// chunk, dY_c's chunk read, then depth_aggregate_bwd_chunk, whole or checked by warp.
+// Every lane of the row must call it (the chunk loop is warp-uniform).
 template <typename T, int kVec, int kWays>
 __device__ __forceinline__ void depth_aggregate_bwd_token(const DepthAggregateParams& p, int64_t t, int c0,
                                                           bool accumulate, const acc_t<T>* __restrict__ a_row,
@@ -199,7 +200,9 @@ __device__ __forceinline__ void depth_aggregate_bwd_token(const DepthAggregatePa
   const T* __restrict__ dY = static_cast<const T*>(p.dy_ptr);
   const StridedRows<T> ds_rows{static_cast<T*>(p.ds_ptr) + t * p.ds_token_stride, p.ds_slot_stride};
   const int64_t step = static_cast<int64_t>(blockDim.x) * kVec;
-  for (int64_t e0 = 0; e0 < p.d; e0 += step) {
+  constexpr int64_t kWarpSpan = kWarpSize * kVec;  // elements of a warp's chunks
+  const int64_t warp_offset = (threadIdx.x / kWarpSize) * kWarpSpan;
+  for (int64_t e0 = -row_shift<T, kVec>(s_rows.at(0)); e0 < p.d; e0 += step) {
     const int64_t e = e0 + threadIdx.x * kVec;
     // dY stays in the activation dtype in registers (half the registers of fp32 for
     // 16-bit types) and is widened at each use.
@@ -210,7 +213,7 @@ __device__ __forceinline__ void depth_aggregate_bwd_token(const DepthAggregatePa
                  ? load_chunk_raw<T, kVec>(dY + (c0 + c) * p.dy_way_stride + t * p.dy_token_stride, e, p.d)
                  : Vec<T, kVec>{};
     }
-    const bool whole = e0 + step <= p.d;
+    const bool whole = whole_chunk(e0 + warp_offset, kWarpSpan, p.d);
     if (whole && accumulate) {
       depth_aggregate_bwd_chunk<T, kVec, kWays, true, true>(p, s_rows, ds_rows, e, g, a_row, part, lane);
     } else if (whole) {

@@ -63,10 +63,18 @@
 // accumulates). With the stage the backward reads S once; without it the dot passes'
 // reads of S, and dOut's second read (phase 2) in any case, come from L1/L2.
 //
+// Shifted rows (kShifted: d or a token stride not a multiple of kVec, or the bases off a
+// 16-byte boundary; phases/slot_tile.cuh): token t's chunks start at e = −h_t, so the
+// HBM streams (S, Out, dOut, dS) keep their 16-byte accesses for any d; the row buffers
+// (g, stash, dg), indexed by feature and shared by tokens of different shifts, are then
+// read and written element by element (row_buf_load / row_buf_store: shared memory or
+// L1, not HBM).
+//
 // Assumptions (checked by the launcher):
 //   1) features have unit stride in S, Out, dOut and dS; every other stride is free;
-//   2) with kVec > 1, every base pointer is 16-byte aligned and every stride a multiple
-//      of kVec elements, so each full chunk is one 16-byte access;
+//   2) with kVec > 1, every row of a token in S, Out, dOut and dS has the same shift
+//      (rows_share_alignment), zero unless kShifted, so each whole chunk is one aligned
+//      16-byte access;
 //   3) 1 <= l <= kMaxSlots; A, g (padded to (3, ld) with zeros), rstd, dA and the
 //      workspaces in the accumulator dtype, contiguous; ld >= d, a multiple of 8.
 #pragma once
@@ -131,6 +139,47 @@ struct DepthAggregateQkvNormSmem {
 };
 
 __host__ __device__ inline int64_t depth_aggregate_qkv_norm_round8(int64_t x) { return (x + 7) / 8 * 8; }
+
+// Features [e, e + kVec) of way c's row in a row buffer (g, stash or dg: [3][ld], d
+// features a row): one vector access, or with kShifted (e not a multiple of kVec)
+// element by element, zero outside [0, d).
+template <typename acc, int kVec, bool kShifted>
+__device__ __forceinline__ Vec<acc, kVec> row_buf_load(const acc* buf, int64_t ld, int c, int64_t e,
+                                                       int64_t d) {
+  if constexpr (kShifted) {
+    Vec<acc, kVec> v;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) v.v[k] = element_in_row(e + k, d) ? buf[c * ld + e + k] : acc(0);
+    return v;
+  } else {
+    return *reinterpret_cast<const Vec<acc, kVec>*>(buf + (c * ld + e));
+  }
+}
+
+// Stores features [e, e + kVec) of way c's row in a row buffer: one vector access, or
+// with kShifted element by element, only those in [0, d).
+template <typename acc, int kVec, bool kShifted>
+__device__ __forceinline__ void row_buf_store(acc* buf, int64_t ld, int c, int64_t e, int64_t d,
+                                              const Vec<acc, kVec>& v) {
+  if constexpr (kShifted) {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      if (element_in_row(e + k, d)) buf[c * ld + e + k] = v.v[k];
+    }
+  } else {
+    *reinterpret_cast<Vec<acc, kVec>*>(buf + (c * ld + e)) = v;
+  }
+}
+
+// The first chunk of token t's rows: −h_t with kShifted (slot 0's row start), else 0.
+template <typename T, int kVec, bool kShifted, typename Params>
+__device__ __forceinline__ int64_t qkv_norm_first_chunk(const Params& p, int64_t t) {
+  if constexpr (kShifted) {
+    return -row_shift<T, kVec>(table_rows<T>(p.s, t).at(0));
+  } else {
+    return 0;
+  }
+}
 
 // stage_entry_bytes: one thread's chunk of one slot (kVec·sizeof(T)) when the backward
 // stages the slots, else 0; acc_bytes = sizeof(acc).
@@ -245,7 +294,7 @@ __device__ __forceinline__ acc qkv_norm_row_total(const acc* red, int c) {
 
 // Forward pass 1 of token t, per chunk: Y_c over the l slots, Out_3 written (=), Y_n
 // stashed, Σ Y_n² accumulated in ss (this thread's chunks).
-template <typename T, int kVec>
+template <typename T, int kVec, bool kShifted>
 __device__ __forceinline__ void qkv_norm_fwd_aggregate(const DepthAggregateQkvNormParams& p,
                                                        const QkvNormRow<acc_t<T>>& row,
                                                        const acc_t<T>* __restrict__ a_row, int64_t t,
@@ -253,7 +302,8 @@ __device__ __forceinline__ void qkv_norm_fwd_aggregate(const DepthAggregateQkvNo
   using acc = acc_t<T>;
   const TableRows<T> s_rows = table_rows<T>(p.s, t);
   T* __restrict__ out_tok = static_cast<T*>(p.out_ptr) + t * p.out_token_stride;
-  for (int64_t e = threadIdx.x * kVec; e < p.d; e += static_cast<int64_t>(blockDim.x) * kVec) {
+  for (int64_t e = qkv_norm_first_chunk<T, kVec, kShifted>(p, t) + threadIdx.x * kVec; e < p.d;
+       e += static_cast<int64_t>(blockDim.x) * kVec) {
     acc y[kDepthAggregateQkvNormWays][kVec] = {};
     slot_aggregate<T, kVec, kDepthAggregateQkvNormWays>(s_rows, a_row, p.n_slots, e, p.d, y);
     store_chunk<T, kVec>(out_tok + 3 * p.out_way_stride, e, p.d, y[3]);
@@ -262,17 +312,17 @@ __device__ __forceinline__ void qkv_norm_fwd_aggregate(const DepthAggregateQkvNo
       Vec<acc, kVec> v;
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        ss[c] += y[c][k] * y[c][k];  // zero past d (load_chunk zero-fills)
+        ss[c] += y[c][k] * y[c][k];  // zero outside the row (the loads zero-fill)
         v.v[k] = y[c][k];
       }
-      vec_at<acc, kVec>(row.stash, c * p.ld + e) = v;
+      row_buf_store<acc, kVec, kShifted>(row.stash, p.ld, c, e, p.d, v);
     }
   }
 }
 
 // Forward pass 2 of token t (after the barrier): r_n from the row's warp totals, written
 // (=) to rstd by thread 0; Out_n = Y_n·r_n·g_n (=) from the stash (own entries).
-template <typename T, int kVec>
+template <typename T, int kVec, bool kShifted>
 __device__ __forceinline__ void qkv_norm_fwd_normalize(const DepthAggregateQkvNormParams& p,
                                                        const QkvNormRow<acc_t<T>>& row, int64_t t) {
   using acc = acc_t<T>;
@@ -284,11 +334,12 @@ __device__ __forceinline__ void qkv_norm_fwd_normalize(const DepthAggregateQkvNo
     r[c] = acc_rsqrt(qkv_norm_row_total(row.red, c) / static_cast<acc>(p.d) + static_cast<acc>(p.eps));
     if (threadIdx.x == 0) static_cast<acc*>(p.rstd_ptr)[c * p.n_tokens + t] = r[c];
   }
-  for (int64_t e = threadIdx.x * kVec; e < p.d; e += static_cast<int64_t>(blockDim.x) * kVec) {
+  for (int64_t e = qkv_norm_first_chunk<T, kVec, kShifted>(p, t) + threadIdx.x * kVec; e < p.d;
+       e += static_cast<int64_t>(blockDim.x) * kVec) {
 #pragma unroll
     for (int c = 0; c < kDepthAggregateQkvNormNormed; ++c) {
-      const Vec<acc, kVec> y = vec_at<acc, kVec>(row.stash, c * p.ld + e);
-      const Vec<acc, kVec> gv = *reinterpret_cast<const Vec<acc, kVec>*>(g + c * p.ld + e);
+      const Vec<acc, kVec> y = row_buf_load<acc, kVec, kShifted>(row.stash, p.ld, c, e, p.d);
+      const Vec<acc, kVec> gv = row_buf_load<acc, kVec, kShifted>(g, p.ld, c, e, p.d);
       acc o[kVec];
 #pragma unroll
       for (int k = 0; k < kVec; ++k) o[k] = y.v[k] * r[c] * gv.v[k];
@@ -297,7 +348,7 @@ __device__ __forceinline__ void qkv_norm_fwd_normalize(const DepthAggregateQkvNo
   }
 }
 
-template <typename T, int kVec>
+template <typename T, int kVec, bool kShifted>
 __global__ void __launch_bounds__(kDepthAggregateQkvNormThreads, kDepthAggregateQkvNormFwdMinBlocks)
     depth_aggregate_qkv_norm_fwd_kernel(const __grid_constant__ DepthAggregateQkvNormParams p) {
   using acc = acc_t<T>;
@@ -309,12 +360,12 @@ __global__ void __launch_bounds__(kDepthAggregateQkvNormThreads, kDepthAggregate
     qkv_norm_stage_tile<acc, false>(p, row, t0);
     acc ss[kDepthAggregateQkvNormNormed] = {};
     if (valid) {
-      qkv_norm_fwd_aggregate<T, kVec>(p, row, row.a_s + threadIdx.y * kDepthAggregateQkvNormWays * p.n_slots, t,
+      qkv_norm_fwd_aggregate<T, kVec, kShifted>(p, row, row.a_s + threadIdx.y * kDepthAggregateQkvNormWays * p.n_slots, t,
                                       ss);
     }
     qkv_norm_warp_totals(ss, row.red);
     __syncthreads();
-    if (valid) qkv_norm_fwd_normalize<T, kVec>(p, row, t);
+    if (valid) qkv_norm_fwd_normalize<T, kVec, kShifted>(p, row, t);
   }
 }
 
@@ -375,10 +426,10 @@ __device__ __forceinline__ void qkv_norm_bwd_slot_dots(const DepthAggregateQkvNo
 // D_n partials (+=) and the row's dg partial (+=), Y_n stashed; then the dot products
 // P_cj = <z_c, S_j> (c < 4) and, with Y_n read back from the stash, Q_nj = <Y_n, S_j>
 // (n < 3), in two passes over the slots (qkv_norm_bwd_slot_dots) so that z and Y are
-// never live at once. Every lane of the warp calls it (kWhole: every chunk of the row
-// is below d, a uniform test; otherwise lanes past the row end work on zeros and touch
-// no buffer).
-template <typename T, int kVec, bool kWhole, bool kStage>
+// never live at once. Every lane of the warp calls it (kWhole: every chunk of the warp
+// lies inside the row, a warp-uniform test; otherwise lanes past the row end work on
+// zeros and touch no buffer).
+template <typename T, int kVec, bool kShifted, bool kWhole, bool kStage>
 __device__ __forceinline__ void qkv_norm_bwd_dots_chunk(const DepthAggregateQkvNormParams& p,
                                                         const QkvNormRow<acc_t<T>>& row,
                                                         const acc_t<T>* __restrict__ a_row, int64_t t, int64_t e,
@@ -405,21 +456,22 @@ __device__ __forceinline__ void qkv_norm_bwd_dots_chunk(const DepthAggregateQkvN
     for (int c = 0; c < kWays; ++c) {
       const Vec<T, kVec> go = load_chunk_as<T, kVec, kWhole>(do_tok + c * p.dout_way_stride, e, d);
       if (c < kNormed) {
-        const Vec<acc, kVec> gv = in_row ? *reinterpret_cast<const Vec<acc, kVec>*>(g + c * p.ld + e) : Vec<acc, kVec>{};
+        const Vec<acc, kVec> gv = in_row ? row_buf_load<acc, kVec, kShifted>(g, p.ld, c, e, d) : Vec<acc, kVec>{};
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
           z[c][k] = gv.v[k] * to_acc(go.v[k]);
           D[c] += z[c][k] * y[c][k];
         }
         if (in_row) {
-          Vec<acc, kVec>& dgv = vec_at<acc, kVec>(row.dg, c * p.ld + e);
+          Vec<acc, kVec> dgv = row_buf_load<acc, kVec, kShifted>(row.dg, p.ld, c, e, d);
           Vec<acc, kVec> sy;
 #pragma unroll
           for (int k = 0; k < kVec; ++k) {
             dgv.v[k] += to_acc(go.v[k]) * y[c][k] * r[c];
             sy.v[k] = y[c][k];
           }
-          vec_at<acc, kVec>(row.stash, c * p.ld + e) = sy;
+          row_buf_store<acc, kVec, kShifted>(row.dg, p.ld, c, e, d, dgv);
+          row_buf_store<acc, kVec, kShifted>(row.stash, p.ld, c, e, d, sy);
         }
       } else {
 #pragma unroll
@@ -431,7 +483,7 @@ __device__ __forceinline__ void qkv_norm_bwd_dots_chunk(const DepthAggregateQkvN
   acc y[kNormed][kVec];
 #pragma unroll
   for (int c = 0; c < kNormed; ++c) {
-    const Vec<acc, kVec> sy = in_row ? vec_at<acc, kVec>(row.stash, c * p.ld + e) : Vec<acc, kVec>{};
+    const Vec<acc, kVec> sy = in_row ? row_buf_load<acc, kVec, kShifted>(row.stash, p.ld, c, e, d) : Vec<acc, kVec>{};
 #pragma unroll
     for (int k = 0; k < kVec; ++k) y[c][k] = sy.v[k];
   }
@@ -439,20 +491,22 @@ __device__ __forceinline__ void qkv_norm_bwd_dots_chunk(const DepthAggregateQkvN
 }
 
 // Backward pass 1 and 2 of token t over the row's chunks (qkv_norm_bwd_dots_chunk), the
-// whole-chunk test made once per chunk. Every lane of the row calls it.
-template <typename T, int kVec, bool kStage>
+// whole-chunk test made once per chunk and warp. Every lane of the row calls it.
+template <typename T, int kVec, bool kShifted, bool kStage>
 __device__ __forceinline__ void qkv_norm_bwd_dots(const DepthAggregateQkvNormParams& p,
                                                   const QkvNormRow<acc_t<T>>& row,
                                                   const acc_t<T>* __restrict__ a_row, int64_t t,
                                                   const acc_t<T> (&r)[kDepthAggregateQkvNormNormed],
                                                   acc_t<T> (&D)[kDepthAggregateQkvNormNormed]) {
   const int64_t step = static_cast<int64_t>(blockDim.x) * kVec;
-  for (int64_t e0 = 0; e0 < p.d; e0 += step) {
+  constexpr int64_t kWarpSpan = kWarpSize * kVec;  // elements of a warp's chunks
+  const int64_t warp_offset = (threadIdx.x / kWarpSize) * kWarpSpan;
+  for (int64_t e0 = qkv_norm_first_chunk<T, kVec, kShifted>(p, t); e0 < p.d; e0 += step) {
     const int64_t e = e0 + threadIdx.x * kVec;
-    if (e0 + step <= p.d) {
-      qkv_norm_bwd_dots_chunk<T, kVec, true, kStage>(p, row, a_row, t, e, r, D);
+    if (kShifted ? whole_chunk(e0 + warp_offset, kWarpSpan, p.d) : e0 + step <= p.d) {
+      qkv_norm_bwd_dots_chunk<T, kVec, kShifted, true, kStage>(p, row, a_row, t, e, r, D);
     } else {
-      qkv_norm_bwd_dots_chunk<T, kVec, false, kStage>(p, row, a_row, t, e, r, D);
+      qkv_norm_bwd_dots_chunk<T, kVec, kShifted, false, kStage>(p, row, a_row, t, e, r, D);
     }
   }
 }
@@ -486,7 +540,7 @@ __device__ __forceinline__ void qkv_norm_bwd_da(const DepthAggregateQkvNormParam
 // (Y_n from the stash, dOut re-read: an L2 hit), dY_3 = dOut_3; dS_j (=, or += with
 // kAccumulate) Σ_c A[t, c, j]·dY_c, slot_batch<kWhole>() slots' dS loads issued before
 // any is used. kWhole as in load_chunk_as.
-template <typename T, int kVec, bool kWhole, bool kAccumulate>
+template <typename T, int kVec, bool kShifted, bool kWhole, bool kAccumulate>
 __device__ __forceinline__ void qkv_norm_bwd_ds_chunk(const DepthAggregateQkvNormParams& p,
                                                       const QkvNormRow<acc_t<T>>& row,
                                                       const acc_t<T>* __restrict__ a_row, int64_t t, int64_t e,
@@ -505,8 +559,8 @@ __device__ __forceinline__ void qkv_norm_bwd_ds_chunk(const DepthAggregateQkvNor
   for (int c = 0; c < kWays; ++c) {
     const Vec<T, kVec> go = load_chunk_as<T, kVec, kWhole>(do_tok + c * p.dout_way_stride, e, d);
     if (c < kDepthAggregateQkvNormNormed) {
-      const Vec<acc, kVec> gv = *reinterpret_cast<const Vec<acc, kVec>*>(g + c * p.ld + e);
-      const Vec<acc, kVec> y = vec_at<acc, kVec>(row.stash, c * p.ld + e);
+      const Vec<acc, kVec> gv = row_buf_load<acc, kVec, kShifted>(g, p.ld, c, e, d);
+      const Vec<acc, kVec> y = row_buf_load<acc, kVec, kShifted>(row.stash, p.ld, c, e, d);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) dy[c][k] = r[c] * gv.v[k] * to_acc(go.v[k]) - kn[c] * y.v[k];
     } else {
@@ -541,29 +595,31 @@ __device__ __forceinline__ void qkv_norm_bwd_ds_chunk(const DepthAggregateQkvNor
 }
 
 // Backward, dS of token t over this thread's chunks (no shuffles: per-thread tests).
-template <typename T, int kVec>
+template <typename T, int kVec, bool kShifted>
 __device__ __forceinline__ void qkv_norm_bwd_ds(const DepthAggregateQkvNormParams& p,
                                                 const QkvNormRow<acc_t<T>>& row,
                                                 const acc_t<T>* __restrict__ a_row, int64_t t,
                                                 const acc_t<T> (&r)[kDepthAggregateQkvNormNormed],
                                                 const acc_t<T> (&kn)[kDepthAggregateQkvNormNormed]) {
-  for (int64_t e = threadIdx.x * kVec; e < p.d; e += static_cast<int64_t>(blockDim.x) * kVec) {
-    const bool whole = e + kVec <= p.d;
+  for (int64_t e = qkv_norm_first_chunk<T, kVec, kShifted>(p, t) + threadIdx.x * kVec; e < p.d;
+       e += static_cast<int64_t>(blockDim.x) * kVec) {
+    const bool whole = kShifted ? whole_chunk(e, kVec, p.d) : e + kVec <= p.d;
     if (whole && p.accumulate_ds) {
-      qkv_norm_bwd_ds_chunk<T, kVec, true, true>(p, row, a_row, t, e, r, kn);
+      qkv_norm_bwd_ds_chunk<T, kVec, kShifted, true, true>(p, row, a_row, t, e, r, kn);
     } else if (whole) {
-      qkv_norm_bwd_ds_chunk<T, kVec, true, false>(p, row, a_row, t, e, r, kn);
+      qkv_norm_bwd_ds_chunk<T, kVec, kShifted, true, false>(p, row, a_row, t, e, r, kn);
     } else if (p.accumulate_ds) {
-      qkv_norm_bwd_ds_chunk<T, kVec, false, true>(p, row, a_row, t, e, r, kn);
+      qkv_norm_bwd_ds_chunk<T, kVec, kShifted, false, true>(p, row, a_row, t, e, r, kn);
     } else {
-      qkv_norm_bwd_ds_chunk<T, kVec, false, false>(p, row, a_row, t, e, r, kn);
+      qkv_norm_bwd_ds_chunk<T, kVec, kShifted, false, false>(p, row, a_row, t, e, r, kn);
     }
   }
 }
 
-// The row's dg partial, this thread's chunks: zeroed (kFlush false, before the first
-// token) or, with buffers in shared memory, copied (=) to the row's workspace slice
-// (kFlush true, after the last). Own entries only: no barrier.
+// The row's dg partial, this thread's chunks of features (never shifted): zeroed (kFlush
+// false, before the first token's barrier) or, with buffers in shared memory, copied (=)
+// to the row's workspace slice (kFlush true, after the barrier that follows the last
+// token: with shifted rows a thread's chunks were accumulated by its neighbours too).
 template <typename acc, int kVec, bool kFlush>
 __device__ __forceinline__ void qkv_norm_bwd_dg_chunks(const DepthAggregateQkvNormParams& p,
                                                        const QkvNormRow<acc>& row) {
@@ -577,7 +633,7 @@ __device__ __forceinline__ void qkv_norm_bwd_dg_chunks(const DepthAggregateQkvNo
   }
 }
 
-template <typename T, int kVec, bool kStage>
+template <typename T, int kVec, bool kShifted, bool kStage>
 __global__ void __launch_bounds__(kDepthAggregateQkvNormThreads, kDepthAggregateQkvNormBwdMinBlocks)
     depth_aggregate_qkv_norm_bwd_kernel(const __grid_constant__ DepthAggregateQkvNormParams p) {
   using acc = acc_t<T>;
@@ -595,7 +651,7 @@ __global__ void __launch_bounds__(kDepthAggregateQkvNormThreads, kDepthAggregate
 #pragma unroll
     for (int c = 0; c < kNormed; ++c) r[c] = valid ? rstd[c * p.n_tokens + t] : acc(0);
     acc D[kNormed] = {};
-    if (valid) qkv_norm_bwd_dots<T, kVec, kStage>(p, row, a_row, t, r, D);
+    if (valid) qkv_norm_bwd_dots<T, kVec, kShifted, kStage>(p, row, a_row, t, r, D);
     qkv_norm_warp_totals(D, row.red);
     __syncthreads();
     if (valid) {
@@ -603,9 +659,10 @@ __global__ void __launch_bounds__(kDepthAggregateQkvNormThreads, kDepthAggregate
 #pragma unroll
       for (int c = 0; c < kNormed; ++c) kn[c] = r[c] * r[c] * r[c] * qkv_norm_row_total(row.red, c) / static_cast<acc>(p.d);
       qkv_norm_bwd_da(p, row, t, r, kn);
-      qkv_norm_bwd_ds<T, kVec>(p, row, a_row, t, r, kn);
+      qkv_norm_bwd_ds<T, kVec, kShifted>(p, row, a_row, t, r, kn);
     }
   }
+  if constexpr (kShifted) __syncthreads();
   qkv_norm_bwd_dg_chunks<acc, kVec, true>(p, row);
 }
 

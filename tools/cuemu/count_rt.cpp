@@ -169,6 +169,15 @@ Launch g_launch;
 // shared library costs a __tls_get_addr call; kernels run on one host thread at a time
 // and no other thread runs instrumented code (the ATen worker threads run torch's own).
 int t_thread = -1;
+// Whether a kernel's thread runs (counted or not): the alignment check below is always on.
+bool t_kernel = false;
+
+// Called with a kernel thread's misaligned global access (a GPU faults on it: every
+// access of n bytes must be n-aligned) before the access runs; cuemu.h's handler fails
+// the launch and never returns, so the CPU never executes the access (an aligned SSE
+// move would crash the process).
+using FaultHandler = void (*)(uintptr_t addr, int size, int store);
+FaultHandler g_fault_handler = nullptr;
 
 // Index in the snapshot of the allocation holding [a, a + 1), or -1.
 int search_range(uintptr_t a) {
@@ -302,6 +311,19 @@ std::string demangled(const void* fn, const char* fallback) {
   return fallback;
 }
 
+// A kernel thread's access of n bytes at a, not n-aligned: a fault when a lies in a
+// torch allocation, i.e. in global memory. Other memory is the emulator's (fiber stacks,
+// shared memory), where g++'s own vector code may be unaligned.
+void misaligned(uintptr_t a, int n, bool store) {
+  bool global = false;
+  {
+    std::lock_guard<std::mutex> lock(g_registry_mutex);
+    auto it = g_registry.upper_bound(a);
+    global = it != g_registry.begin() && a < std::prev(it)->second.end;
+  }
+  if (global && g_fault_handler != nullptr) g_fault_handler(a, n, store ? 1 : 0);
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------ cuemu.h's calls
@@ -309,7 +331,12 @@ extern "C" {
 
 int cuemu_rt_sm_count() { return g_sm_count; }
 
-void cuemu_rt_set_thread(int linear) { t_thread = g_launch.active ? linear : -1; }
+void cuemu_rt_set_thread(int linear) {
+  t_thread = g_launch.active ? linear : -1;
+  t_kernel = linear >= 0;
+}
+
+void cuemu_rt_set_fault_handler(FaultHandler handler) { g_fault_handler = handler; }
 
 void cuemu_rt_launch_begin(const void* kernel, const char* name, const unsigned* grid, const unsigned* block,
                            size_t smem) {
@@ -357,6 +384,7 @@ void cuemu_rt_launch_end() {
 #define CUEMU_CONTEXT() reinterpret_cast<uintptr_t>(__builtin_return_address(1))
 #define CUEMU_ACCESS(kind, store, n)                                                                  \
   CUEMU_NOINLINE void __asan_##kind##n(uintptr_t a) {                                                 \
+    if ((a & (n - 1)) != 0 && t_kernel) misaligned(a, n, store);                                      \
     if (t_thread >= 0 && maybe_global(a)) record_access(a, n, store, CUEMU_CALLER(), CUEMU_CONTEXT()); \
   }
 CUEMU_ACCESS(load, false, 1)

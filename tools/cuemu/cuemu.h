@@ -26,8 +26,10 @@
 // __syncthreads reached after some threads of the block exited (undefined behaviour
 // by the programming guide) or never reached by some (deadlock), a warp shuffle or
 // mma.sync whose mask names an exited lane or whose source lane is outside the mask,
-// lanes of one warp meeting with different masks, and fiber stack overflow (a guard
-// page: the process dies with SIGSEGV rather than corrupting memory silently).
+// lanes of one warp meeting with different masks, a global-memory access of n bytes not
+// n-aligned (a misaligned 16-byte vector load faults on a GPU; the traffic counter sees
+// every access), and fiber stack overflow (a guard page: the process dies with SIGSEGV
+// rather than corrupting memory silently).
 //
 // mma.sync.m16n8k16 (bf16/f16 inputs, fp32 accumulators) is computed from the PTX
 // ISA fragment layout: lane = 4·group + tig; A (16×16, row): a0 = A[g][2t..2t+1],
@@ -49,6 +51,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -190,6 +193,7 @@ void cuemu_rt_launch_begin(const void* kernel, const char* name, const unsigned*
 void cuemu_rt_block_begin(int nthreads);
 void cuemu_rt_block_end();
 void cuemu_rt_launch_end();
+void cuemu_rt_set_fault_handler(void (*handler)(uintptr_t addr, int size, int store));
 }
 
 namespace cuemu {
@@ -337,6 +341,17 @@ CUEMU_UNCOUNTED inline void fail(const std::string& msg) {
   Fiber& f = e.fibers[e.current];
   f.waiting = "failed";
   for (;;) yield_to_scheduler();
+}
+
+// The traffic counter's call on a kernel thread's misaligned global access, made before
+// the access runs (count_rt.cpp): fails the launch, so the access never executes.
+CUEMU_UNCOUNTED inline void misaligned_access(uintptr_t addr, int size, int store) {
+  Emu& e = emu();
+  std::ostringstream msg;
+  msg << thread_name(e.fibers[e.current]) << ": misaligned " << size << "-byte "
+      << (store ? "store to" : "load from") << " global address 0x" << std::hex << addr << std::dec << " ("
+      << addr % size << " bytes past a " << size << "-byte boundary)";
+  fail(msg.str());
 }
 
 CUEMU_UNCOUNTED inline void syncthreads(const char* site) {
@@ -657,6 +672,7 @@ struct Launch {
     gridDim = grid;
     blockDim = block;
     const unsigned g3[3] = {grid.x, grid.y, grid.z}, b3[3] = {block.x, block.y, block.z};
+    cuemu_rt_set_fault_handler(&misaligned_access);  // this module's: its emu() runs the launch
     cuemu_rt_launch_begin(reinterpret_cast<const void*>(kernel), name, g3, b3, smem);
     for (unsigned z = 0; z < grid.z && e.error.empty(); ++z)
       for (unsigned y = 0; y < grid.y && e.error.empty(); ++y)

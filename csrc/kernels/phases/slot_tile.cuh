@@ -3,6 +3,14 @@
 // contiguous elements; for each chunk a thread loops over the l slots S_j. The weights
 // of the tile's tokens are staged in shared memory, [row][way][slot], and read as
 // warp-uniform broadcasts.
+//
+// Shifted rows (any d on the 16-byte path). The chunks of token t start at e = −h_t,
+// h_t = row_shift(row start): the 16-byte boundaries of memory, not the row start,
+// delimit them, so every chunk inside the row is one aligned 16-byte access whatever d
+// and the token stride. The row's first chunk (e < 0) and last (e + kVec > d) are cut:
+// checked, element by element, zero outside [0, d) (common/vec.cuh). The launcher takes
+// this path only when every row of a token, in each tensor the kernel touches, has the
+// same shift (rows_share_alignment, common/slots.h); with kVec = 1 the shift is 0.
 #pragma once
 
 #include <cstdint>
@@ -45,6 +53,17 @@ struct StridedRows {
   __device__ __forceinline__ T* at(int j) const { return row0 + j * slot_stride; }
 };
 
+// The shift h of a row starting at `row`: elements from the 16-byte boundary below it
+// (0 for kVec = 1). The row's chunks start at e = −h.
+template <typename T, int kVec>
+__device__ __forceinline__ int64_t row_shift(const T* row) {
+  if constexpr (kVec == 1) {
+    return 0;
+  } else {
+    return static_cast<int64_t>((reinterpret_cast<uintptr_t>(row) / sizeof(T)) % kVec);
+  }
+}
+
 // Copies the (rows × kWays × l) weight tile of tokens t0 + r and ways c0 + c from A
 // (strides in elements; token stride 0: static) into a_s; missing tokens or ways
 // (c0 + c >= n_ways) read as zero. Strided over the block's threads: call between two
@@ -68,8 +87,8 @@ __device__ __forceinline__ void slot_tile_load_weights(acc* __restrict__ a_s, co
 
 // Slots whose loads a thread issues before it uses any, for whole chunks: the slot
 // loops below read the chunk of kSlotBatch slots into registers first (four independent
-// 16-byte loads in flight per thread and stream), then work on them. The row's last
-// chunk, when d cuts it, goes one slot at a time (slot_batch<false>): its checked loads
+// 16-byte loads in flight per thread and stream), then work on them. A cut chunk (the
+// row's first on a shifted row, its last when d cuts it) goes one slot at a time (slot_batch<false>): its checked loads
 // (one 16-byte load, or element by element in the lane d cuts) would otherwise take
 // kSlotBatch times the registers of both paths.
 constexpr int kSlotBatch = 4;
@@ -97,7 +116,7 @@ __device__ __forceinline__ void slot_batch_load(const Rows& rows, int j0, int l,
 
 // y[c] += Σ_j a_row[c·l + j]·S_j[e, e + kVec) for c < kWays, over the l slots of one
 // token (s_rows: its rows in the slots), slot_batch<kWhole>() slots' loads at a time;
-// kWhole as in load_chunk_as. With a stage, slot j's chunk (as loaded: zero past d) is also
+// kWhole as in load_chunk_as. With a stage, slot j's chunk (as loaded: zero outside the row) is also
 // written to stage[j·stage_stride]. Per thread, no shuffles.
 template <typename T, int kVec, int kWays, bool kWhole>
 __device__ __forceinline__ void slot_aggregate_as(const TableRows<T>& s_rows, const acc_t<T>* __restrict__ a_row, int l, int64_t e, int64_t d,
@@ -124,12 +143,12 @@ __device__ __forceinline__ void slot_aggregate_as(const TableRows<T>& s_rows, co
   }
 }
 
-// slot_aggregate_as with the whole-chunk test made once per chunk (reads cut at d, zero
-// past it).
+// slot_aggregate_as with the whole-chunk test made once per chunk (reads cut to [0, d),
+// zero outside).
 template <typename T, int kVec, int kWays>
 __device__ __forceinline__ void slot_aggregate(const TableRows<T>& s_rows, const acc_t<T>* __restrict__ a_row,
                                                int l, int64_t e, int64_t d, acc_t<T> (&y)[kWays][kVec]) {
-  if (e + kVec <= d) {
+  if (whole_chunk(e, kVec, d)) {
     slot_aggregate_as<T, kVec, kWays, true>(s_rows, a_row, l, e, d, y);
   } else {
     slot_aggregate_as<T, kVec, kWays, false>(s_rows, a_row, l, e, d, y);
