@@ -10,7 +10,8 @@
 Two sources of rows, in call order:
 - kernel: a launch of an emulated kernel. Bytes are the HBM estimate: unique 32-byte
   sectors read and written per allocation (nothing kept in L2 between launches; within
-  a launch, a sector read twice is read once). The row also carries the requests, their
+  a launch, a sector read twice is read once, and one read after the launch wrote it is
+  an L2 hit, not read). The row also carries the requests, their
   sectors (Nsight Compute's sectors/request), and per allocation the bytes requested and
   the sectors of every request (the L1-to-L2 traffic with no L1 hits): count_rt.cpp.
 - aten: an ATen op the launchers, the custom ops, the Python code and autograd run

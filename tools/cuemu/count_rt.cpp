@@ -31,7 +31,8 @@
 // Per launch the counter reports, per allocation and for loads and stores apart:
 // bytes requested, sectors requested (the L1-to-L2 traffic with no L1 hits: every
 // request's sectors), and unique sectors (the HBM traffic when nothing survives in L2
-// between launches and everything a launch touches twice stays in L2 within it); per
+// between launches and everything a launch touches stays in L2 within it: a sector read
+// twice is read once, a sector read after the launch stored it is not read); per
 // kernel the requests, their sectors (Nsight Compute's sectors/request) and the sectors
 // the same distinct bytes would need, packed (coalescing: 1.0 sectors per ideal sector).
 #include <c10/core/Allocator.h>
@@ -256,12 +257,16 @@ void record_access(uintptr_t addr, uint64_t size, bool store, uintptr_t pc, uint
   const uint64_t base_sector = st.base >> kSectorBits;
   if (bits.empty()) bits.assign((((st.base + st.size - 1) >> kSectorBits) - base_sector) / 64 + 1, 0);
   g.accesses.emplace_back(addr, static_cast<uint32_t>(size));
+  // A load of a sector this launch has stored is an L2 hit (L2 is write-back and, in
+  // this model, holds everything a launch touches): not an HBM read.
+  const std::vector<uint64_t>& stored = st.touched[true];
   const uint64_t first = addr >> kSectorBits, last = (addr + size - 1) >> kSectorBits;
   for (uint64_t s = first; s <= last; ++s) {
     const uint64_t i = s - base_sector;
     if (i / 64 < bits.size() && !(bits[i / 64] >> (i % 64) & 1)) {
       bits[i / 64] |= uint64_t(1) << (i % 64);
-      ++st.unique_sectors[store];
+      const bool l2_hit = !store && i / 64 < stored.size() && (stored[i / 64] >> (i % 64) & 1);
+      if (!l2_hit) ++st.unique_sectors[store];
     }
   }
 }
