@@ -15,15 +15,15 @@
 // Work split:
 //   bf16/fp16 x   forward: the W1 packing launch, mudd_weights_fwd_proj_kernel (r, u and A,
 //                 x·W1 and the head's GELU(u)·W2 on tensor cores);
-//                 backward: head kernel (h, g, s), mudd_weights_bwd_dx_kernel (dx and the
-//                 dW1 partials of token groups, in one pass over x), at::sum of the
-//                 partials; dW2 and dbias summed by the head kernel (per-block sums, at::sum
-//                 over blocks), or, when those do not fit its shared memory or would move
-//                 more bytes, one cuBLAS GEMM [GELU(u), 1]ᵀ·dA.
+//                 backward: the tickets zeroed (one memset), head kernel (g, s, and dW2
+//                 and dbias: per-block sums added in block order), mudd_weights_bwd_dx_kernel
+//                 (dx and dW1 in one pass over x, token groups added in group order); when
+//                 the head's sums do not fit its shared memory, h for one cuBLAS GEMM
+//                 [GELU(u), 1]ᵀ·dA.
 //   fp32/fp64 x   (correctness dtypes), and 16-bit x with d < 32: x·W1, g·W1ᵀ and xᵀ·g by
 //                 at::mm in the accumulator dtype, the head kernels as above.
-// Every reduction over tokens is a fixed-order sum (in-kernel over a group's tiles, then
-// at::sum over groups), a cuBLAS GEMM or at::sum: deterministic. Every launch
+// Every reduction over tokens is a fixed-order sum (in-kernel, contributors added in
+// order through tickets: common/ticket.cuh) or a cuBLAS GEMM: deterministic. Every launch
 // runs on the current stream and is followed by a launch check; no host syncs.
 
 #include <c10/cuda/CUDAException.h>
@@ -135,11 +135,16 @@ MuddWeightsParams mudd_weights_params(const MuddShape& sh, bool tanh_gelu) {
   return p;
 }
 
+// Warps of one token group of the dx kernel: 32-feature chunks × dW1 column passes.
+int64_t mudd_dx_units(const MuddShape& sh) {
+  return (sh.d + 31) / 32 * ((sh.K + 8 * kMuddWeightsDw1Tiles - 1) / (8 * kMuddWeightsDw1Tiles));
+}
+
 // dx (= or, with p.accumulate_dx, +=; through writable / copy_back) and dW1 for bf16/fp16 x from the head's g and s
-// (p's g_ptr, s_ptr, ldg): mudd_weights_bwd_dx_kernel over token groups of at least
-// K tiles (a group's dW1 partial, d·K fp32 written and read again, then costs at most a
-// quarter of its x reads: 8·d·K B against 32·d B a tile), the partials summed in group
-// order (one group: the partial itself). Returns dW1 (d, K) fp32.
+// (p's g_ptr, s_ptr, ldg, and tickets[1 ..], zero): mudd_weights_bwd_dx_kernel over token
+// groups of at least K tiles (each group's d·K sums are read and written once more in
+// L2 when added into dW1: at most a quarter of its x reads, 8·d·K B against 32·d B a
+// tile). Returns dW1 (d, K) fp32.
 at::Tensor mudd_weights_dx_pass(MuddWeightsParams& p, const MuddShape& sh, const at::Tensor& x_in,
                                 const at::Tensor& W1, at::Tensor& dx) {
   const int device = x_in.device().index();
@@ -150,15 +155,14 @@ at::Tensor mudd_weights_dx_pass(MuddWeightsParams& p, const MuddShape& sh, const
   p.dx_ptr = dx_k.data_ptr();
   p.w1_ptr = w1.t.data_ptr<float>();
   p.w1_ld = w1.ld;
-  const int64_t chunks = (sh.d + 31) / 32;
   p.dw1_passes = static_cast<int>((sh.K + 8 * kMuddWeightsDw1Tiles - 1) / (8 * kMuddWeightsDw1Tiles));
-  const int64_t units = chunks * p.dw1_passes;  // warps a token group
+  const int64_t units = mudd_dx_units(sh);
   const TokenGroups tg = token_groups(sh.N, units, device_attribute(cudaDevAttrMultiProcessorCount, device),
                                       std::max<int64_t>(4, sh.K));
   p.token_groups = tg.groups;
   p.tiles_per_group = tg.tiles_per_group;
-  at::Tensor part = at::empty({tg.groups, sh.d, sh.K}, x.options().dtype(at::kFloat));
-  p.dw1_part_ptr = part.data_ptr<float>();
+  at::Tensor dW1 = at::empty({sh.d, sh.K}, x.options().dtype(at::kFloat));
+  p.dw1_ptr = dW1.data_ptr<float>();
   const bool vectorize = vec_ok(p.x_ptr, p.x_tok, 0, 8) && vec_ok(p.dx_ptr, p.dx_tok, 0, 8);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const int64_t blocks = (units * tg.groups + kMuddWeightsWarps - 1) / kMuddWeightsWarps;
@@ -169,7 +173,7 @@ at::Tensor mudd_weights_dx_pass(MuddWeightsParams& p, const MuddShape& sh, const
            dim3(static_cast<unsigned>(blocks)), dim3(kMuddWeightsThreads), smem, p);
   });
   copy_back(dx, dx_k);
-  return sum_partials(part);
+  return dW1;
 }
 
 }  // namespace
@@ -264,23 +268,27 @@ std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tens
   p.s_ptr = s.data_ptr();
   const int device = x_in.device().index();
 
-  // [dW2; dbias] in the head kernel (per-block sums in shared memory, one block an SM:
-  // h is never written and dA read once) when its sums fit next to the tile buffers and
-  // their partials move fewer bytes than the GEMM's inputs: blocks·(K + 1)·C·l written
-  // and read by the sum, against h written and read and dA read again, N·(2(K + 1) +
-  // C·l). Else h = [GELU(u), 1] for one GEMM.
+  // [dW2; dbias] in the head kernel (per-block sums in shared memory, one block an SM,
+  // added into dW2b in block order: h is never written and dA read once) when its sums
+  // fit next to the tile buffers; else h = [GELU(u), 1] for one GEMM.
   const int64_t es = at::elementSize(acc_type);
   const int64_t smem = kMuddWeightsHeadTokens * (sh.Cl + sh.K) * es;
   const int64_t smem_dw2 = smem + (kMuddWeightsHeadTokens * sh.K + (sh.K + 1) * sh.Cl) * es;
   check_head_smem(smem, p, device, "mudd_weights_bwd");
-  const int64_t in_head_blocks = head_blocks(sh.N, device, 1);
-  const bool dw2_in_head = smem_dw2 <= device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device) &&
-                           in_head_blocks * (sh.K + 1) * sh.Cl * 2 < sh.N * (2 * (sh.K + 1) + sh.Cl);
-  const int64_t blocks = dw2_in_head ? in_head_blocks : head_blocks(sh.N, device, 8);
-  at::Tensor h, dw2_part;
+  const bool dw2_in_head = smem_dw2 <= device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  const bool mma = use_mma(x_in, device);
+  const int64_t blocks = head_blocks(sh.N, device, dw2_in_head ? 1 : 8);
+  // The turns of the ordered sums (common/ticket.cuh): [0] the head blocks', [1 + u] the
+  // dx kernel's unit u; one memset.
+  at::Tensor tickets;
+  if (dw2_in_head || mma) {
+    tickets = at::zeros({1 + (mma ? mudd_dx_units(sh) : 0)}, x_in.options().dtype(at::kInt));
+    p.tickets = tickets.data_ptr<int>();
+  }
+  at::Tensor h, dW2b;
   if (dw2_in_head) {
-    dw2_part = at::empty({blocks, sh.K + 1, sh.Cl}, acc_opts);
-    p.dw2_part_ptr = dw2_part.data_ptr();
+    dW2b = at::empty({sh.K + 1, sh.Cl}, acc_opts);
+    p.dw2_ptr = dW2b.data_ptr();
   } else {
     h = at::empty({sh.N, sh.K + 1}, acc_opts);  // [GELU(u), 1]
     p.h_ptr = h.data_ptr();
@@ -290,7 +298,7 @@ std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tens
 
   const at::Tensor gK = g.narrow(1, 0, sh.K);
   at::Tensor dW1;
-  if (use_mma(x_in, device)) {
+  if (mma) {
     dW1 = mudd_weights_dx_pass(p, sh, x_in, W1, dx);
   } else {
     // dx in the oracle's form r·(dxn − xn·mean(dxn·xn)), not g·W1ᵀ − s·x: at d = 1 the
@@ -304,9 +312,8 @@ std::vector<at::Tensor> mudd_weights_bwd(const at::Tensor& dA_in, const at::Tens
     const at::Tensor dx_new = (r2 * (dxn - xn * (dxn * xn).mean({1}, true))).view(dx.sizes());
     p.accumulate_dx ? dx.add_(dx_new) : dx.copy_(dx_new);
   }
-  // [dW2; dbias]: the head blocks' sums added in block order, or hᵀ·dA in one GEMM (h's
-  // last column is ones).
-  const at::Tensor dW2b = dw2_in_head ? sum_partials(dw2_part) : at::mm(h.t(), dA);
+  // [dW2; dbias] without the head: hᵀ·dA in one GEMM (h's last column is ones).
+  if (!dw2_in_head) dW2b = at::mm(h.t(), dA);
   return {dx, dW1.to(W1.scalar_type()).contiguous(), dW2b};
 }
 

@@ -178,15 +178,16 @@ def test_head_shared_memory_limit_is_messaged(cuemu):
 
 
 # (N, d, K, C, l, dtype): where the backward's [dW2; dbias] is summed (the launcher's rule:
-# in the head when its (K + 1)·C·l sums fit the head's shared memory and the partials of
-# min(tiles, 132 SMs) blocks, written and read, are fewer than the GEMM's N·(2(K + 1) + C·l)).
+# in the head when its (K + 1)·C·l sums fit the head's shared memory, the blocks' sums
+# added in block order; else one GEMM).
 DW2_CASES = [
-    # in the head: 1100 tokens, 138 tiles over 132 blocks (some sum two), 132 partials added
+    # in the head: 1100 tokens, 138 tiles over 132 blocks (some sum two), 132 blocks added
+    # in turn; bf16 d = 40: the dx kernel's 9 token groups add into dW1 in turn, two units
+    # a group, so a warp waits for an earlier warp of its own block
     ((1100,), 40, 8, 4, 2, torch.bfloat16),
     ((1100,), 7, 8, 4, 2, torch.float32),
-    # one GEMM: K = C·l = 200 fits in fp32 (8·600·4 + 201·200·4 = 180 KB of 227) but 19
-    # tokens move fewer bytes through h than 1 block's partial; in fp64 (360 KB) it does
-    # not fit at all
+    # K = C·l = 200: fits in fp32 (8·600·4 + 201·200·4 = 180 KB of 227), one block;
+    # in fp64 (360 KB) it does not: one GEMM
     ((19,), 40, 200, 4, 50, torch.bfloat16),
     ((19,), 7, 200, 4, 50, torch.float64),
 ]

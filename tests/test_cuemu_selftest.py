@@ -69,6 +69,15 @@ def test_misaligned_global_access_is_refused(st):
     torch.testing.assert_close(st.traffic("copy4", x[1:], 64, 1, 1, 16, 1), x[1:])  # element by element: fine
 
 
+def test_spin_wait_yields(st):
+    """A thread spinning with __nanosleep on another thread's store gives the other
+    threads their turn (common/ticket.cuh's waits); one that nobody releases is a
+    deadlock, reported."""
+    assert st.run("spin", torch.zeros(1), 64, 0, 0, False)[0] == 1
+    with pytest.raises(RuntimeError, match=r"__nanosleep at .*selftest.cu"):
+        st.run("spin", torch.zeros(1), 64, 0, 1, False)
+
+
 def test_launch_limits(st):
     x = torch.tensor([1.0])
     with pytest.raises(RuntimeError, match=r"invalid block \(1025,1,1\)"):

@@ -328,13 +328,15 @@ __device__ __forceinline__ void mma_xt_g_tile(float (&acc)[2][kDT][4], const uin
   }
 }
 
-// The accumulators of mma_xt_g_tile written (=) to a partial P (rows × cols, row-major
-// fp32): C row r of m-tile mt is feature f0 + 16mt + r of the chunk, stored at row
-// row0 + f0 + 16mt + r; columns col0 + 8j + 2tig + {0, 1}. Features >= d and columns
-// >= cols (padding) are skipped.
+// The accumulators of mma_xt_g_tile written (=) or, with `accumulate`, added (+=, the
+// prior value read past L1: another SM may have written it, common/ticket.cuh) to P
+// (rows × cols, row-major fp32): C row r of m-tile mt is feature f0 + 16mt + r of the
+// chunk, stored at row row0 + f0 + 16mt + r; columns col0 + 8j + 2tig + {0, 1}. Features
+// >= d and columns >= cols (padding) are skipped.
 template <int kDT>
 __device__ __forceinline__ void mma_xt_g_store(float* __restrict__ P, const float (&acc)[2][kDT][4], int64_t row0,
-                                               int64_t f0, int64_t d, int col0, int cols, int grp, int tig) {
+                                               int64_t f0, int64_t d, int col0, int cols, int grp, int tig,
+                                               bool accumulate = false) {
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
@@ -346,7 +348,10 @@ __device__ __forceinline__ void mma_xt_g_store(float* __restrict__ P, const floa
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
           const int m = col0 + 8 * j + 2 * tig + q;
-          if (m < cols) P[(row0 + f) * cols + m] = acc[mt][j][2 * h + q];
+          if (m < cols) {
+            float* dst = P + (row0 + f) * cols + m;
+            *dst = accumulate ? __ldcg(dst) + acc[mt][j][2 * h + q] : acc[mt][j][2 * h + q];
+          }
         }
       }
     }

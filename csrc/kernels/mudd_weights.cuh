@@ -14,12 +14,12 @@
 //     dx[e] = Σ_k g[k]·W1[e, k] − s·x[e]            (= written)
 //   The last line is r·(dxn − xn·mean_d(dxn·xn)) of the oracle: Σ_e dxn·xn equals
 //   Σ_k du·u, so the per-token mean needs no pass over d. dW1 = Σ_t x[t]ᵀ·g[t]: for
-//   bf16/fp16 x the dx kernel writes the sums of its token groups (partials, in the
-//   pass over x that writes dx: x is read once) and the launcher adds the groups in
-//   group order; [dW2; dbias] = Σ_t [h, 1]ᵀ·dA[t] is summed by the backward head kernel
-//   (per-block sums, added over blocks by the launcher) or, when those do not fit its
-//   shared memory or would move more bytes, one cuBLAS GEMM over h written with a
-//   column of ones. All deterministic.
+//   bf16/fp16 x the dx kernel sums each token group's tiles (in the pass over x that
+//   writes dx: x is read once) and adds the groups into dW1 in group order
+//   (common/ticket.cuh); [dW2; dbias] = Σ_t [h, 1]ᵀ·dA[t] is summed by the backward
+//   head kernel (per-block sums, added into it in block order) or, when those do not
+//   fit its shared memory, one cuBLAS GEMM over h written with a column of ones. All
+//   deterministic; no partial buffers, no sum launches.
 //
 // Kernels
 //   mudd_weights_fwd_proj_kernel<T, kVec>  bf16/fp16 x: r, u and A in one launch, x·W1 and
@@ -27,10 +27,10 @@
 //                                          fp32 accumulate, sm_80+).
 //   mudd_weights_fwd_head_kernel<acc>      fp32/fp64 x: A from u (CUDA cores; K·Cl MACs a
 //                                          token).
-//   mudd_weights_bwd_head_kernel<acc>      g, s and the [dW2; dbias] block sums (or h) from
-//                                          dA and u (CUDA cores).
-//   mudd_weights_bwd_dx_kernel<T, kVec>    bf16/fp16 x: dx = g·W1ᵀ − s·x and the dW1
-//                                          partials xᵀ·g of token groups, on tensor cores.
+//   mudd_weights_bwd_head_kernel<acc>      g, s and [dW2; dbias] (or h) from dA and u (CUDA
+//                                          cores).
+//   mudd_weights_bwd_dx_kernel<T, kVec>    bf16/fp16 x: dx = g·W1ᵀ − s·x and dW1 = xᵀ·g
+//                                          (token groups in order), on tensor cores.
 //   (fp32/fp64 x: the launcher computes x·W1, g·W1ᵀ and xᵀ·g with at::mm; they are the
 //   correctness dtypes.)
 //
@@ -65,8 +65,8 @@
 //         passes of a chunk read the same x rows at the same time (HBM once, then L1)
 //         and all of them the same g rows. Per tile: dx of the chunk (pass 0 only) and
 //         xᵀ·g of the pass's columns into registers (32 fp32: a pass holds 32 columns
-//         so that the kernel fits 128 registers, 2 blocks an SM), written to the
-//         group's partial at the end.
+//         so that the kernel fits 128 registers, 2 blocks an SM), added into dW1 at the
+//         end after the previous group's warp of the same pass and chunk.
 //   head fwd (fp32/fp64 x) / bwd: a block of kMuddWeightsHeadThreads threads owns
 //         kMuddWeightsHeadTokens tokens at a time; the tokens' u (fwd) or dA (bwd) are
 //         staged in shared memory. fwd: thread i computes the (token, output) pairs i,
@@ -93,6 +93,7 @@
 #include "common/math.cuh"
 #include "common/mma.cuh"
 #include "common/reduce.cuh"
+#include "common/ticket.cuh"
 #include "common/tokens.cuh"
 #include "common/vec.cuh"
 
@@ -139,17 +140,19 @@ struct MuddWeightsParams {
   void* __restrict__ a_ptr;  // (N, Cl)
   // backward
   const void* __restrict__ da_ptr;  // (N, Cl)
-  void* __restrict__ h_ptr;         // (N, K + 1), the last column ones (when dw2_part_ptr is null)
-  void* __restrict__ dw2_part_ptr;  // (gridDim.x, K + 1, Cl): the head blocks' [dW2; dbias], or null
+  void* __restrict__ h_ptr;         // (N, K + 1), the last column ones (when dw2_ptr is null)
+  void* __restrict__ dw2_ptr;       // (K + 1, Cl): [dW2; dbias] summed by the head blocks in order, or null
+  int* __restrict__ tickets;        // zeroed: [0] the head blocks' dW2 turn, [1 + u] dW1 unit u's (dx)
   void* __restrict__ g_ptr;         // (N, ldg)
   void* __restrict__ s_ptr;         // (N)
   void* __restrict__ dx_ptr;
   bool accumulate_dx;  // dx += (a depth stack's gradient buffer) or dx =
-  // dW1 partials of the dx kernel: token_groups slices (d, K) fp32, each the sum over its
-  // tiles_per_group 16-token tiles; dw1_passes column passes of 8·kMuddWeightsDw1Tiles.
+  // dW1 (d, K) fp32 of the dx kernel: the token groups' sums (each over its
+  // tiles_per_group 16-token tiles) added in group order; dw1_passes column passes of
+  // 8·kMuddWeightsDw1Tiles.
   int64_t token_groups, tiles_per_group;
   int dw1_passes;
-  float* __restrict__ dw1_part_ptr;
+  float* __restrict__ dw1_ptr;
 };
 
 // ---------------------------------------------------------------------------- proj
@@ -303,10 +306,11 @@ __global__ void __maxnreg__(MUDD_WEIGHTS_PROJ_MAX_REGS)
 }
 
 // dx = g·W1ᵀ − s·x (=, or += with accumulate_dx: added in fp32 before the one rounding)
-// and the dW1 partials Σ_t x[t]ᵀ·g[t] of a token group (=, into
-// dw1_part[group]) for bf16/fp16 x; products in bf16 parts, fp32 accumulators. Mapping:
-// the header. Dynamic shared memory: kMuddWeightsWarps × kMmaXtStageElems<T> bf16 (each
-// warp's transposed x tile). No block barriers (warps leave independently).
+// and dW1 = Σ_t x[t]ᵀ·g[t] (group 0's sums =, each later group's += in group order) for
+// bf16/fp16 x; products in bf16 parts, fp32 accumulators. Mapping: the header. Dynamic
+// shared memory: kMuddWeightsWarps × kMmaXtStageElems<T> bf16 (each warp's transposed x
+// tile). No block barriers (warps leave independently; a warp waits only for the same
+// unit's warp of the previous group: an earlier warp, common/ticket.cuh).
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kMuddWeightsThreads, 2) mudd_weights_bwd_dx_kernel(const MuddWeightsParams p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
@@ -361,7 +365,17 @@ __global__ void __launch_bounds__(kMuddWeightsThreads, 2) mudd_weights_bwd_dx_ke
     }
     mma_xt_g_tile<T, kMuddWeightsDw1Tiles>(dw, xa, xb, G, p.ldg, t0, N, col0, p.K, stage, grp, tig);
   }
-  mma_xt_g_store<kMuddWeightsDw1Tiles>(p.dw1_part_ptr + group * d * p.K, dw, 0, f0, d, col0, p.K, grp, tig);
+  // dW1 (=, group 0 | +=) this group's sums, after group − 1's: the ticket of the unit
+  // (pass, chunk). Both are taken again from values live in the loop (col0, f0,
+  // tile_end), not kept across it: the loop uses every register.
+  const int turn = static_cast<int>((tile_end - 1) / p.tiles_per_group);
+  int* ticket = p.tickets + 1 + col0 / (8 * kMuddWeightsDw1Tiles) + p.dw1_passes * (f0 / 32);
+  if (lane == 0) ticket_wait(ticket, turn);
+  __syncwarp();
+  mma_xt_g_store<kMuddWeightsDw1Tiles>(p.dw1_ptr, dw, 0, f0, d, col0, p.K, grp, tig, turn > 0);
+  __threadfence();
+  __syncwarp();
+  if (lane == 0) ticket_release(ticket, turn + 1);
 #endif
 }
 
@@ -456,20 +470,20 @@ __device__ __forceinline__ void mudd_weights_head_grads(const MuddWeightsParams&
 }
 
 // g = r·GELU'(u)·(dA·W2ᵀ), s = r·(g·u)/d and [dW2; dbias] = Σ_t [GELU(u), 1]ᵀ·dA,
-// kMuddWeightsHeadTokens tokens a tile. With dw2_part_ptr set, the block sums its
-// tokens' [h, 1]ᵀ·dA in shared memory (thread i owns the (k, o) slots i, i +
+// kMuddWeightsHeadTokens tokens a tile. With dw2_ptr set, the block sums its tokens'
+// [h, 1]ᵀ·dA in shared memory (thread i owns the (k, o) slots i, i +
 // kMuddWeightsHeadThreads, ..., adding each tile's sum over its tokens in token order)
-// and writes it (=) to dw2_part[blockIdx.x] at the end (the launcher sums the blocks
-// in block order); without, h = [GELU(u), 1] is written to global memory for a GEMM.
-// Shared memory: dA [tokens][Cl], the products g·u [tokens][K], then with dw2_part h
-// [tokens][K] and the sums [K + 1][Cl]; s is one warp's fixed-order sum a token.
+// and adds it into dw2 at the end, after block blockIdx.x − 1 (block 0: =; the ticket
+// tickets[0], common/ticket.cuh); without, h = [GELU(u), 1] is written to global memory
+// for a GEMM. Shared memory: dA [tokens][Cl], the products g·u [tokens][K], then with
+// dw2 h [tokens][K] and the sums [K + 1][Cl]; s is one warp's fixed-order sum a token.
 template <typename acc>
 __global__ void __launch_bounds__(kMuddWeightsHeadThreads) mudd_weights_bwd_head_kernel(const MuddWeightsParams p) {
   extern __shared__ __align__(16) unsigned char mudd_head_smem[];
   const int K = p.K, Cl = p.Cl;
   acc* __restrict__ das = reinterpret_cast<acc*>(mudd_head_smem);
   acc* __restrict__ prod = das + kMuddWeightsHeadTokens * Cl;
-  acc* __restrict__ DW2 = static_cast<acc*>(p.dw2_part_ptr);
+  acc* __restrict__ DW2 = static_cast<acc*>(p.dw2_ptr);
   acc* __restrict__ hs = DW2 != nullptr ? prod + kMuddWeightsHeadTokens * K : nullptr;
   acc* __restrict__ dw2_s = DW2 != nullptr ? hs + kMuddWeightsHeadTokens * K : nullptr;
   const int dw2_slots = (K + 1) * Cl;
@@ -507,10 +521,15 @@ __global__ void __launch_bounds__(kMuddWeightsHeadThreads) mudd_weights_bwd_head
       }
     }
   }
-  if (DW2 != nullptr) {
+  if (DW2 != nullptr) {  // [dW2; dbias] (=, block 0 | +=) this block's sums, after block − 1's
+    if (threadIdx.x == 0) ticket_wait(p.tickets, static_cast<int>(blockIdx.x));
+    __syncthreads();
     for (int i = threadIdx.x; i < dw2_slots; i += kMuddWeightsHeadThreads) {
-      DW2[static_cast<int64_t>(blockIdx.x) * dw2_slots + i] = dw2_s[i];
+      DW2[i] = blockIdx.x == 0 ? dw2_s[i] : __ldcg(DW2 + i) + dw2_s[i];
     }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) ticket_release(p.tickets, static_cast<int>(blockIdx.x) + 1);
   }
 }
 

@@ -57,6 +57,19 @@ __global__ void deadlock_kernel(Params p) {
   p.out[threadIdx.x] = 0.f;
 }
 
+// Thread 0 spins (__nanosleep) until the flag in global memory reads 1; the block's last
+// thread sets it (mode 0) or nobody does (mode 1: every other thread has exited, thread
+// 0 spins forever, a deadlock). out[0] = 1 once through.
+__global__ void spin_kernel(Params p) {
+  int* flag = reinterpret_cast<int*>(p.out + 1);
+  if (threadIdx.x == 0) {
+    while (*reinterpret_cast<volatile int*>(flag) != 1) __nanosleep(32);
+    p.out[0] = 1.f;
+  } else if (threadIdx.x == blockDim.x - 1 && p.mode == 0) {
+    *reinterpret_cast<volatile int*>(flag) = 1;
+  }
+}
+
 // At most 64 threads a block.
 __global__ void __launch_bounds__(64) bounded_kernel(Params p) { p.out[threadIdx.x] = 2.f; }
 
@@ -193,6 +206,9 @@ at::Tensor run(const std::string& which, const at::Tensor& in, int64_t threads, 
     exit_then_sync_kernel<<<1, block, 0, stream>>>(p);
   } else if (which == "bounded") {
     bounded_kernel<<<1, block, 0, stream>>>(p);
+  } else if (which == "spin") {
+    out.narrow(0, 1, 1).zero_();  // the flag: int 0 (the bits of 0.f)
+    spin_kernel<<<1, block, 0, stream>>>(p);
   } else if (which == "deadlock") {
     deadlock_kernel<<<1, block, 0, stream>>>(p);
   } else {

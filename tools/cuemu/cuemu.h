@@ -157,6 +157,9 @@ inline float __frcp_rn(float x) { return 1.0f / x; }
 inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
+template <typename T>
+inline T __ldcg(const T* p) { return *p; }  // the L1 bypass: one memory, nothing to bypass
+inline void __threadfence() {}  // a block's threads run one at a time: stores are visible at once
 
 // ------------------------------------------------------------------ runtime API
 struct CUstream_st;
@@ -373,6 +376,19 @@ CUEMU_UNCOUNTED inline void syncthreads(const char* site) {
   }
   f.waiting = site;
   while (e.bar_gen == gen) yield_to_scheduler();
+  f.waiting = nullptr;
+}
+
+// __nanosleep: the calling thread gives the others of its block a turn, so a spin-wait
+// on another thread's store (a ticket) progresses. It makes no progress of its own:
+// threads that all spin forever are reported as a deadlock. (Blocks run one after
+// another: a wait on an earlier block finds its store already made.)
+CUEMU_UNCOUNTED inline void nanosleep_yield(const char* site) {
+  const Internal internal;
+  Emu& e = emu();
+  Fiber& f = e.fibers[e.current];
+  f.waiting = site;
+  yield_to_scheduler();
   f.waiting = nullptr;
 }
 
@@ -692,6 +708,7 @@ struct Launch {
 #define CUEMU_STR2(x) #x
 #define CUEMU_STR(x) CUEMU_STR2(x)
 #define __syncthreads() ::cuemu::syncthreads("__syncthreads at " __FILE__ ":" CUEMU_STR(__LINE__))
+#define __nanosleep(ns) ::cuemu::nanosleep_yield("__nanosleep at " __FILE__ ":" CUEMU_STR(__LINE__))
 #define __syncwarp(...) ::cuemu::warp_meet(__VA_OPT__(__VA_ARGS__) __VA_OPT__(+0*)0xffffffffu, \
                                            "__syncwarp at " __FILE__ ":" CUEMU_STR(__LINE__))
 
