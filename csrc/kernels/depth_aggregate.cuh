@@ -31,7 +31,7 @@
 // Assumptions (checked by the launcher):
 //   1) features have unit stride in S, Y, dY and dS; every other stride is free;
 //   2) with kVec > 1, every row of a token in S, Y, dY and dS has the same shift
-//      (rows_share_alignment), so each whole chunk is one aligned 16-byte access;
+//      (slot_rows_path, common/slots.h), so each whole chunk is one aligned 16-byte access;
 //   3) 1 <= l <= kMaxSlots, C >= 1; A and dA are in the accumulator dtype.
 #pragma once
 

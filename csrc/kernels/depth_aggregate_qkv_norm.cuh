@@ -73,7 +73,7 @@
 // Assumptions (checked by the launcher):
 //   1) features have unit stride in S, Out, dOut and dS; every other stride is free;
 //   2) with kVec > 1, every row of a token in S, Out, dOut and dS has the same shift
-//      (rows_share_alignment), zero unless kShifted, so each whole chunk is one aligned
+//      (slot_rows_path, common/slots.h), zero unless kShifted, so each whole chunk is one aligned
 //      16-byte access;
 //   3) 1 <= l <= kMaxSlots; A, g (padded to (3, ld) with zeros), rstd, dA and the
 //      workspaces in the accumulator dtype, contiguous; ld >= d, a multiple of 8.
@@ -360,8 +360,8 @@ __global__ void __launch_bounds__(kDepthAggregateQkvNormThreads, kDepthAggregate
     qkv_norm_stage_tile<acc, false>(p, row, t0);
     acc ss[kDepthAggregateQkvNormNormed] = {};
     if (valid) {
-      qkv_norm_fwd_aggregate<T, kVec, kShifted>(p, row, row.a_s + threadIdx.y * kDepthAggregateQkvNormWays * p.n_slots, t,
-                                      ss);
+      qkv_norm_fwd_aggregate<T, kVec, kShifted>(
+          p, row, row.a_s + threadIdx.y * kDepthAggregateQkvNormWays * p.n_slots, t, ss);
     }
     qkv_norm_warp_totals(ss, row.red);
     __syncthreads();

@@ -10,7 +10,7 @@
 // and the token stride. The row's first chunk (e < 0) and last (e + kVec > d) are cut:
 // checked, element by element, zero outside [0, d) (common/vec.cuh). The launcher takes
 // this path only when every row of a token, in each tensor the kernel touches, has the
-// same shift (rows_share_alignment, common/slots.h); with kVec = 1 the shift is 0.
+// same shift (slot_rows_path, common/slots.h); with kVec = 1 the shift is 0.
 #pragma once
 
 #include <cstdint>
