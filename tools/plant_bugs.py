@@ -48,8 +48,8 @@ MUTATIONS = (
              "acc_rsqrt(ss / static_cast<acc>(p.d + 1) + static_cast<acc>(p.eps))",
              "hc_pre: the rms of a stream averaged over d + 1"),
     Mutation("slot_aggregate_drops_first_slot",
-             "  for (int j0 = 0; j0 < l; j0 += kBatch) {\n    Vec<T, kVec> s[kBatch];\n    slot_batch_load<T, kVec, kWhole>(s_tok, slot_stride,",
-             "  for (int j0 = 1; j0 < l; j0 += kBatch) {\n    Vec<T, kVec> s[kBatch];\n    slot_batch_load<T, kVec, kWhole>(s_tok, slot_stride,",
+             "  for (int j0 = 0; j0 < l; j0 += kBatch) {\n    Vec<T, kVec> s[kBatch];\n    slot_batch_load<T, kVec, kWhole>(s_rows, j0,",
+             "  for (int j0 = 1; j0 < l; j0 += kBatch) {\n    Vec<T, kVec> s[kBatch];\n    slot_batch_load<T, kVec, kWhole>(s_rows, j0,",
              "depth_aggregate / depth_aggregate_qkv_norm (shared slot phase): slot 0 never read"),
     Mutation("depth_bwd_batch_partials_to_first_slot",
              "if (lane % kLanesPerDot == 0 && j0 + b < l) part[(i % kWays) * l + j0 + b] += sum;",
@@ -136,6 +136,14 @@ MUTATIONS = (
              "store_g_wt_minus_sx<T, kVec>(acc, 0, xa, S[ta], nullptr, 0.f, nullptr, dst, e, d);",
              "mudd_weights dx kernel: the depth stack's prior gradient overwritten for the tile's rows a "
              "(dx = instead of +=)"),
+    Mutation("mudd_dw1_groups_overwrite",
+             "mma_xt_g_store<kMuddWeightsDw1Tiles>(p.dw1_ptr, dw, 0, f0, d, col0, p.K, grp, tig, turn > 0);",
+             "mma_xt_g_store<kMuddWeightsDw1Tiles>(p.dw1_ptr, dw, 0, f0, d, col0, p.K, grp, tig, false);",
+             "mudd_weights dx kernel: each token group overwrites dW1 instead of adding to the earlier ones"),
+    Mutation("mudd_dw2_blocks_overwrite",
+             "DW2[i] = blockIdx.x == 0 ? dw2_s[i] : __ldcg(DW2 + i) + dw2_s[i];",
+             "DW2[i] = dw2_s[i];",
+             "mudd_weights backward head: each block overwrites [dW2; dbias] instead of adding to the earlier ones"),
 )
 
 
