@@ -49,8 +49,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import warnings
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +57,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from crosslayer import ops
 from crosslayer.contracts import MAX_STREAMS
+from crosslayer.integrations._report import AccelerationReport
 
 try:
     from hyper_connections import hyper_connections as hc_lib
@@ -82,22 +82,6 @@ _VARIANT_NAMES = ("HyperConnections", "ManifoldConstrainedHyperConnections")
 
 class UnsupportedHyperConnections(ValueError):
     """accelerate(model, strict=True) found modules it cannot map exactly."""
-
-
-@dataclass
-class AccelerationReport:
-    """What accelerate() did. Names are those of `model.named_modules()` ("" is the
-    model itself)."""
-
-    accelerated: List[str] = field(default_factory=list)
-    # name -> why the module was left on the package's forward
-    unsupported: Dict[str, str] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        lines = [f"crosslayer: {len(self.accelerated)} hyper-connection module(s) accelerated, "
-                 f"{len(self.unsupported)} left unchanged"]
-        lines += [f"  {name or '<model>'}: {why}" for name, why in self.unsupported.items()]
-        return "\n".join(lines)
 
 
 class FusedHyperConnections(hc_lib.HyperConnections):
@@ -238,7 +222,7 @@ def accelerate(model: nn.Module, *, strict: bool = False) -> AccelerationReport:
     before converting anything.
     """
     _warn_if_untested_version()
-    report = AccelerationReport()
+    report = AccelerationReport(kind="hyper-connection module")
     convert = []
     for name, m in model.named_modules():
         if not _mixes_streams(m):

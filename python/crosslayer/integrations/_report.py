@@ -1,0 +1,23 @@
+"""What an integration's accelerate() did (shared by crosslayer.integrations.*)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+
+@dataclass
+class AccelerationReport:
+    """What accelerate() did. Names are those of `model.named_modules()` ("" is the
+    model itself); `kind` names the modules an integration converts."""
+
+    kind: str = "module"
+    accelerated: List[str] = field(default_factory=list)
+    # name -> why the module was left on its own forward
+    unsupported: Dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"crosslayer: {len(self.accelerated)} {self.kind}(s) accelerated, "
+                 f"{len(self.unsupported)} left unchanged"]
+        lines += [f"  {name or '<model>'}: {why}" for name, why in self.unsupported.items()]
+        return "\n".join(lines)

@@ -1,0 +1,221 @@
+"""crosslayer for Hugging Face transformers' DeepSeek-V4 (written against and tested with
+transformers 5.23.0): its manifold-constrained hyper-connections (mHC) on crosslayer.ops,
+in place.
+
+    from crosslayer.integrations.transformers import accelerate, restore
+    report = accelerate(model)          # strict=True raises if anything is unsupported
+    ...
+    restore(model)                      # the model's own forward again
+
+What changes: the class of each supported `DeepseekV4DecoderLayer` becomes
+`FusedDeepseekV4DecoderLayer` and of `DeepseekV4HyperHead` `FusedDeepseekV4HyperHead`,
+subclasses whose forward runs the connections on crosslayer.ops (the fused kernels for
+CUDA tensors when the extension is built, the oracle otherwise). The module objects,
+parameters, buffers, hooks, attention, experts and caches stay as they are, so
+`state_dict()`, checkpoints, optimizers and `generate()` are unchanged.
+
+Math. Per decoder layer, each of `attn_hc` and `ffn_hc` computes from the streams H
+(B, S, n, d), with hc = the HyperConnection module:
+
+    pre, post, comb = mHC coefficients of H     (fn, base, scale; Sinkhorn on comb)
+    x  = Σ_i pre_i·H_i                          the block input
+    H' = post·block(x) + combᵀ·H                the layer's own mixing
+
+which is crosslayer.ref.mhc_coeffs with phi = fn.T (the rows of fn are [pre n, post n,
+comb n²], as phi's columns), a_pre, a_post, a_res = scale[0], scale[1], scale[2],
+b = base, eps = the module's RMSNorm eps, pre_eps = sinkhorn_eps = hc_eps, post_mult = 2,
+iters = hc_sinkhorn_iters; then x = stream_mix and H' = hc_post (ops.mhc_pre_for_post
+and ops.hc_post: on CUDA one pass over H for the coefficients and x, one for H').
+`DeepseekV4HyperHead` (the final collapse: sigmoid pre + eps, no Sinkhorn) keeps its
+coefficients in torch and collapses with ops.stream_mix.
+
+Numerics. The model computes the coefficients in float32 whatever its dtype (its
+forwards cast with .float()) and mixes in the activation dtype: it rounds post and comb
+to it (bf16) and adds post·y and combᵀ·H there. crosslayer computes and mixes in float32
+(float64 for float64 models) and rounds H' once. So a float64 model agrees with the
+model's math at float64 (its float32 casts lifted: the tests' reference) to rounding,
+and with its own forward to float32's; in bf16 the two differ by the model's own
+roundings, crosslayer being the closer to the float64 result. The tests hold the
+accelerated model to the float64 reference, not to bit equality with the model's bf16
+forward.
+
+Not yet fused: the boundary of one decoder layer's ffn_hc with the next layer's attn_hc
+(ops.mhc_boundary) needs the model's layer loop; each connection runs its pre and post
+separately.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+from typing import List
+
+import torch
+from torch import Tensor, nn
+
+from crosslayer import ops
+from crosslayer.contracts import MAX_STREAMS
+from crosslayer.integrations._report import AccelerationReport
+
+try:
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as dsv4
+except ImportError as e:
+    raise ImportError(
+        "crosslayer.integrations.transformers needs Hugging Face transformers with DeepSeek-V4: "
+        "pip install transformers==5.23.0"
+    ) from e
+
+__all__ = ["accelerate", "restore", "FusedDeepseekV4DecoderLayer", "FusedDeepseekV4HyperHead",
+           "UnsupportedModel", "TESTED_VERSION"]
+
+TESTED_VERSION = "5.23.0"
+
+
+class UnsupportedModel(ValueError):
+    """accelerate(model, strict=True) found modules it cannot map exactly, or the
+    installed transformers' DeepSeek-V4 classes do not look as this module expects."""
+
+
+# The attributes the fused forwards read, per class (checked before converting).
+_LAYER_ATTRS = ("attn_hc", "ffn_hc", "self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+_HC_ATTRS = ("hc_mult", "hc_sinkhorn_iters", "hc_eps", "input_norm", "fn", "base", "scale")
+_HEAD_ATTRS = ("hc_mult", "eps", "input_norm", "hc_fn", "hc_base", "hc_scale")
+
+
+def _hc_problem(hc: nn.Module) -> str | None:
+    """Why a DeepseekV4HyperConnection cannot run on crosslayer.ops, or None."""
+    if type(hc) is not dsv4.DeepseekV4HyperConnection:
+        return f"its connection is a {type(hc).__name__}, not DeepseekV4HyperConnection"
+    missing = [a for a in _HC_ATTRS if not hasattr(hc, a)]
+    if missing:
+        return f"its connection has no {', '.join(missing)} (transformers {TESTED_VERSION} layout expected)"
+    n = hc.hc_mult
+    if not 1 <= n <= MAX_STREAMS:
+        return f"hc_mult = {n} (crosslayer supports 1 to {MAX_STREAMS} streams)"
+    if tuple(hc.fn.shape[:1]) != ((2 + n) * n,) or tuple(hc.base.shape) != ((2 + n) * n,) or hc.scale.numel() != 3:
+        return (f"its connection's parameters have shapes fn {tuple(hc.fn.shape)}, base {tuple(hc.base.shape)}, "
+                f"scale {tuple(hc.scale.shape)}; expected ((2 + n)·n, n·d), ((2 + n)·n,), (3,) for n = {n}")
+    if hc.hc_sinkhorn_iters < 1:
+        return f"hc_sinkhorn_iters = {hc.hc_sinkhorn_iters} (at least 1)"
+    return None
+
+
+def _layer_problem(layer: nn.Module) -> str | None:
+    if type(layer) not in (dsv4.DeepseekV4DecoderLayer, FusedDeepseekV4DecoderLayer):
+        return f"a subclass ({type(layer).__name__}) of DeepseekV4DecoderLayer: its forward may differ"
+    missing = [a for a in _LAYER_ATTRS if not hasattr(layer, a)]
+    if missing:
+        return f"no {', '.join(missing)} (transformers {TESTED_VERSION} layout expected)"
+    return _hc_problem(layer.attn_hc) or _hc_problem(layer.ffn_hc)
+
+
+def _head_problem(head: nn.Module) -> str | None:
+    if type(head) not in (dsv4.DeepseekV4HyperHead, FusedDeepseekV4HyperHead):
+        return f"a subclass ({type(head).__name__}) of DeepseekV4HyperHead: its forward may differ"
+    missing = [a for a in _HEAD_ATTRS if not hasattr(head, a)]
+    if missing:
+        return f"no {', '.join(missing)} (transformers {TESTED_VERSION} layout expected)"
+    n = head.hc_mult
+    if not 1 <= n <= MAX_STREAMS:
+        return f"hc_mult = {n} (crosslayer supports 1 to {MAX_STREAMS} streams)"
+    return None
+
+
+def _pre(hc: nn.Module, H: Tensor):
+    """(x, alpha, beta, H_post) of one DeepseekV4HyperConnection on the streams H."""
+    s = hc.scale
+    return ops.mhc_pre_for_post(H, hc.fn.t(), s[0], s[1], s[2], hc.base, eps=hc.input_norm.eps,
+                                pre_eps=hc.hc_eps, post_mult=2.0, iters=hc.hc_sinkhorn_iters,
+                                sinkhorn_eps=hc.hc_eps)
+
+
+class FusedDeepseekV4DecoderLayer(dsv4.DeepseekV4DecoderLayer):
+    """`DeepseekV4DecoderLayer` with its two mHC connections on crosslayer.ops (module
+    docstring). Made by accelerate(model) from existing layers."""
+
+    def forward(self, hidden_states: Tensor, input_ids: Tensor | None = None, **kwargs) -> Tensor:
+        x, alpha, beta, H = _pre(self.attn_hc, hidden_states)
+        attn_output, _ = self.self_attn(self.input_layernorm(x), **kwargs)
+        H = ops.hc_post(H, attn_output, alpha, beta)
+        x, alpha, beta, H = _pre(self.ffn_hc, H)
+        mlp_output = self.mlp(self.post_attention_layernorm(x), input_ids=input_ids)
+        return ops.hc_post(H, mlp_output, alpha, beta)
+
+
+class FusedDeepseekV4HyperHead(dsv4.DeepseekV4HyperHead):
+    """`DeepseekV4HyperHead` with its collapse on ops.stream_mix; the n coefficients stay
+    in torch, as the model computes them, in float32 (float64 for a float64 model: the
+    model's own forward casts to float32 in any dtype)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        flat = x.flatten(2).to(acc)
+        flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.input_norm.eps)
+        mixes = nn.functional.linear(flat, self.hc_fn.to(acc))
+        pre = (mixes * self.hc_scale.to(acc) + self.hc_base.to(acc)).sigmoid() + self.eps
+        return ops.stream_mix(x, pre)
+
+
+_FUSED = {dsv4.DeepseekV4DecoderLayer: FusedDeepseekV4DecoderLayer, dsv4.DeepseekV4HyperHead: FusedDeepseekV4HyperHead}
+_PROBLEM = {dsv4.DeepseekV4DecoderLayer: _layer_problem, dsv4.DeepseekV4HyperHead: _head_problem}
+
+
+# The call forms the fused forwards take over (DeepseekV4Model calls them so).
+_SIGNATURES = {dsv4.DeepseekV4DecoderLayer: ["self", "hidden_states", "input_ids", "kwargs"],
+               dsv4.DeepseekV4HyperHead: ["self", "x"]}
+
+
+def _check_classes() -> None:
+    """Refuse a transformers whose DeepSeek-V4 forwards take other arguments than the
+    ones of TESTED_VERSION, which the fused forwards replace."""
+    for cls, names in _SIGNATURES.items():
+        got = list(inspect.signature(cls.forward).parameters)
+        if got != names:
+            raise UnsupportedModel(
+                f"transformers {importlib.metadata.version('transformers')}: {cls.__name__}.forward takes "
+                f"({', '.join(got)}), transformers {TESTED_VERSION}'s takes ({', '.join(names)}); "
+                "crosslayer.integrations.transformers was written for the latter")
+
+
+def accelerate(model: nn.Module, *, strict: bool = False) -> AccelerationReport:
+    """Run the mHC connections of every DeepSeek-V4 decoder layer and hyper head in
+    `model` on crosslayer.ops, in place (module docstring).
+
+    Supported modules change class to the Fused subclasses (parameters, state_dict and
+    module identity unchanged); modules already converted count as accelerated. Every
+    other decoder layer or head is left on its own forward and listed in the report with
+    the reason. strict=True raises UnsupportedModel instead, before converting anything.
+    """
+    _check_classes()
+    report = AccelerationReport(kind="DeepSeek-V4 mHC module")
+    convert = []
+    for name, m in model.named_modules():
+        base = next((c for c in _FUSED if isinstance(m, c)), None)
+        if base is None:
+            continue
+        reason = _PROBLEM[base](m)
+        if reason is None:
+            report.accelerated.append(name)
+            convert.append((m, _FUSED[base]))
+        else:
+            report.unsupported[name] = reason
+    if strict and report.unsupported:
+        raise UnsupportedModel(
+            "accelerate(strict=True): these modules cannot run on crosslayer.ops exactly, nothing was converted:\n"
+            + "\n".join(f"  {name or '<model>'}: {why}" for name, why in report.unsupported.items())
+        )
+    for m, cls in convert:
+        m.__class__ = cls
+    return report
+
+
+def restore(model: nn.Module) -> List[str]:
+    """Undo accelerate(): every Fused module in `model` goes back to the model's class
+    (parameters untouched). Returns their names."""
+    names = []
+    originals = {fused: base for base, fused in _FUSED.items()}
+    for name, m in model.named_modules():
+        if type(m) in originals:
+            m.__class__ = originals[type(m)]
+            names.append(name)
+    return names

@@ -1,0 +1,178 @@
+"""crosslayer.integrations.transformers on Hugging Face's DeepSeek-V4 (tiny random configs,
+CPU): the accelerated model against the model's own forward in float64 (logits and every
+parameter gradient), greedy generate() with its cache, restore(), strict mode, and
+refusals."""
+
+import copy
+import inspect
+import textwrap
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", minversion="5.23.0")
+from transformers import DeepseekV4Config, DeepseekV4ForCausalLM  # noqa: E402
+
+from transformers.models.deepseek_v4 import modeling_deepseek_v4 as dsv4  # noqa: E402
+
+from crosslayer.integrations import transformers as cl_hf  # noqa: E402
+
+F64 = torch.float64
+
+
+def lift_to_float64(monkeypatch):
+    """The model's own HC forwards (and its unweighted RMSNorm) with their float32 casts
+    made float64: the model's math at float64, the reference of a float64 model (its own
+    forward computes the coefficients in float32 whatever the dtype)."""
+    for cls in (dsv4.DeepseekV4HyperConnection, dsv4.DeepseekV4HyperHead, dsv4.DeepseekV4UnweightedRMSNorm):
+        src = textwrap.dedent(inspect.getsource(cls.forward))
+        assert ".float()" in src, cls.__name__
+        scope = {}
+        exec(compile(src.replace(".float()", ".double()"), inspect.getsourcefile(cls), "exec"), vars(dsv4), scope)
+        monkeypatch.setattr(cls, "forward", scope["forward"])
+
+
+@pytest.fixture
+def model_math_in_float64(monkeypatch):
+    lift_to_float64(monkeypatch)
+
+
+def tiny_config(hc_mult=4, layers=2):
+    cfg = DeepseekV4Config(
+        hidden_size=64, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+        q_lora_rank=32, o_lora_rank=32, o_groups=1, qk_rope_head_dim=16, index_head_dim=16, index_n_heads=2,
+        index_topk=8, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        vocab_size=101, hc_mult=hc_mult, num_nextn_predict_layers=0, default_num_hash_layers=0, sliding_window=8,
+        max_position_embeddings=256)
+    cfg._experts_implementation = "eager"  # grouped_mm has no float64
+    return cfg
+
+
+def tiny_model(hc_mult=4, layers=2, seed=0):
+    torch.manual_seed(seed)
+    model = DeepseekV4ForCausalLM(tiny_config(hc_mult, layers)).to(F64)
+    with torch.no_grad():  # the init leaves base at 0 and scale at 1: make every term count
+        for name, p in model.named_parameters():
+            if name.endswith(("hc.base", "hc.scale", "hc_base", "hc_scale")):
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    logits = model(ids).logits
+    (logits * torch.linspace(-1, 1, logits.shape[-1], dtype=logits.dtype)).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("hc_mult", [2, 4])
+def test_float64_logits_and_gradients_match_the_model(model_math_in_float64, hc_mult):
+    model = tiny_model(hc_mult, layers=3)
+    ids = torch.randint(0, 101, (2, 9))
+    want_logits, want_grads = loss_and_grads(model, ids)
+    report = cl_hf.accelerate(model, strict=True)
+    assert sorted(report.accelerated) == ["model.hc_head"] + [f"model.layers.{i}" for i in range(3)]
+    assert not report.unsupported
+    assert type(model.model.layers[0]) is cl_hf.FusedDeepseekV4DecoderLayer
+    got_logits, got_grads = loss_and_grads(model, ids)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-10, atol=1e-10)
+    assert got_grads.keys() == want_grads.keys()
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_state_dict_parameters_and_restore_unchanged():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [id(p) for p in model.parameters()]
+    ids = torch.randint(0, 101, (1, 7))
+    want = model(ids).logits
+    cl_hf.accelerate(model)
+    assert model.state_dict().keys() == before.keys()
+    assert [id(p) for p in model.parameters()] == params
+    assert sorted(cl_hf.restore(model)) == ["model.hc_head", "model.layers.0", "model.layers.1"]
+    assert all(type(m).__name__ != "FusedDeepseekV4DecoderLayer" for m in model.modules())
+    assert torch.equal(model(ids).logits, want)  # the model's own forward, bit for bit
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_generate_with_cache_gives_the_same_tokens():
+    model = tiny_model()
+    ids = torch.randint(2, 101, (1, 6))
+    want = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
+    cl_hf.accelerate(model)
+    got = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
+    assert torch.equal(got, want)
+
+
+def test_unsupported_modules_are_reported_and_strict_refuses():
+    model = tiny_model()
+
+    class Custom(type(model.model.layers[1])):
+        pass
+
+    model.model.layers[1].__class__ = Custom
+    report = cl_hf.accelerate(model)
+    assert "model.layers.1" in report.unsupported and "subclass (Custom)" in report.unsupported["model.layers.1"]
+    assert "model.layers.0" in report.accelerated
+    cl_hf.restore(model)
+    with pytest.raises(cl_hf.UnsupportedModel, match=r"model.layers.1: a subclass \(Custom\).*nothing was converted|nothing was converted"):
+        cl_hf.accelerate(model, strict=True)
+    assert type(model.model.layers[0]).__name__ == "DeepseekV4DecoderLayer"  # nothing converted
+
+
+def test_unexpected_forward_signature_is_refused(monkeypatch):
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as dsv4
+
+    def forward(self, hidden_states, position_embeddings, **kwargs):  # a later transformers' form
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(dsv4.DeepseekV4DecoderLayer, "forward", forward)
+    with pytest.raises(cl_hf.UnsupportedModel, match=r"DeepseekV4DecoderLayer.forward takes .*5\.23\.0"):
+        cl_hf.accelerate(tiny_model())
+
+
+@pytest.mark.cuemu
+def test_emulated_kernels_follow_the_policy(cuemu, monkeypatch):
+    """A float32 model accelerated on the emulated CUDA kernels (ops on CPU tensors run
+    the kernels): logits and every parameter gradient under DESIGN.md's policy, against
+    the model's own float32 forward (the oracle at the inputs' precision) and its math at
+    float64."""
+    from crosslayer._extension import emulate
+    from policy import assert_policy
+
+    model = tiny_model(4, layers=2)
+    ids = torch.randint(0, 101, (2, 9))
+    model32 = copy.deepcopy(model).float()
+    low_logits, low_grads = loss_and_grads(model32, ids)
+    with monkeypatch.context() as mp:
+        lift_to_float64(mp)
+        high_logits, high_grads = loss_and_grads(model, ids)
+    cl_hf.accelerate(model32, strict=True)
+    with emulate(cuemu):
+        got_logits, got_grads = loss_and_grads(model32, ids)
+    assert_policy("logits", got_logits, low_logits, high_logits)
+    assert got_grads.keys() == high_grads.keys()
+    for name, g in high_grads.items():
+        assert_policy(name, got_grads[name], low_grads[name], g)
+
+
+def test_connections_compile_without_graph_breaks():
+    """torch.compile sees the accelerated connections (pre with its coefficients, the
+    layer's post mixing, the hyper head) as one graph each: crosslayer's ops are custom
+    ops with fakes, nothing in them breaks the graph."""
+    from crosslayer import ops
+
+    model = tiny_model(4, layers=1).float()
+    cl_hf.accelerate(model)
+    layer = model.model.layers[0]
+    H, y = torch.randn(2, 5, 4, 64), torch.randn(2, 5, 64)
+
+    def connection(H, y):
+        x, alpha, beta, H_post = cl_hf._pre(layer.attn_hc, H)
+        return x, ops.hc_post(H_post, y, alpha, beta)
+
+    for fn, args in ((connection, (H, y)), (model.model.hc_head, (H,))):
+        explained = torch._dynamo.explain(fn)(*args)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
