@@ -134,24 +134,26 @@ def test_unexpected_forward_signature_is_refused(monkeypatch):
 
 
 @pytest.mark.cuemu
-def test_emulated_kernels_follow_the_policy(cuemu, monkeypatch):
-    """A float32 model accelerated on the emulated CUDA kernels (ops on CPU tensors run
-    the kernels): logits and every parameter gradient under DESIGN.md's policy, against
-    the model's own float32 forward (the oracle at the inputs' precision) and its math at
-    float64."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_kernels_follow_the_policy(cuemu, monkeypatch, dtype):
+    """A float32 / bf16 model accelerated on the emulated CUDA kernels (ops on CPU
+    tensors run the kernels; bf16: the coefficients' projection on the tensor-core path):
+    logits and every parameter gradient under DESIGN.md's policy, against the model's own
+    forward in that dtype (the oracle at the inputs' precision) and its math at float64.
+    In bf16 the model rounds post and comb to bf16 and crosslayer does not."""
     from crosslayer._extension import emulate
     from policy import assert_policy
 
     model = tiny_model(4, layers=2)
     ids = torch.randint(0, 101, (2, 9))
-    model32 = copy.deepcopy(model).float()
-    low_logits, low_grads = loss_and_grads(model32, ids)
+    model_lp = copy.deepcopy(model).to(dtype)
+    low_logits, low_grads = loss_and_grads(model_lp, ids)
     with monkeypatch.context() as mp:
         lift_to_float64(mp)
         high_logits, high_grads = loss_and_grads(model, ids)
-    cl_hf.accelerate(model32, strict=True)
+    cl_hf.accelerate(model_lp, strict=True)
     with emulate(cuemu):
-        got_logits, got_grads = loss_and_grads(model32, ids)
+        got_logits, got_grads = loss_and_grads(model_lp, ids)
     assert_policy("logits", got_logits, low_logits, high_logits)
     assert got_grads.keys() == high_grads.keys()
     for name, g in high_grads.items():
