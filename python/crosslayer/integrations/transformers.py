@@ -82,16 +82,25 @@ _HC_ATTRS = ("hc_mult", "hc_sinkhorn_iters", "hc_eps", "input_norm", "fn", "base
 _HEAD_ATTRS = ("hc_mult", "eps", "input_norm", "hc_fn", "hc_base", "hc_scale")
 
 
+def _layout_problem(m: nn.Module, attrs, what: str = "") -> str | None:
+    """A module without the attributes the fused forwards read, or with a stream count
+    crosslayer does not take: why, else None. `what` prefixes the reason."""
+    missing = [a for a in attrs if not hasattr(m, a)]
+    if missing:
+        return f"{what}no {', '.join(missing)} (transformers {TESTED_VERSION} layout expected)"
+    if "hc_mult" in attrs and not 1 <= m.hc_mult <= MAX_STREAMS:
+        return f"hc_mult = {m.hc_mult} (crosslayer supports 1 to {MAX_STREAMS} streams)"
+    return None
+
+
 def _hc_problem(hc: nn.Module) -> str | None:
     """Why a DeepseekV4HyperConnection cannot run on crosslayer.ops, or None."""
     if type(hc) is not dsv4.DeepseekV4HyperConnection:
         return f"its connection is a {type(hc).__name__}, not DeepseekV4HyperConnection"
-    missing = [a for a in _HC_ATTRS if not hasattr(hc, a)]
-    if missing:
-        return f"its connection has no {', '.join(missing)} (transformers {TESTED_VERSION} layout expected)"
+    problem = _layout_problem(hc, _HC_ATTRS, "its connection has ")
+    if problem is not None:
+        return problem
     n = hc.hc_mult
-    if not 1 <= n <= MAX_STREAMS:
-        return f"hc_mult = {n} (crosslayer supports 1 to {MAX_STREAMS} streams)"
     if tuple(hc.fn.shape[:1]) != ((2 + n) * n,) or tuple(hc.base.shape) != ((2 + n) * n,) or hc.scale.numel() != 3:
         return (f"its connection's parameters have shapes fn {tuple(hc.fn.shape)}, base {tuple(hc.base.shape)}, "
                 f"scale {tuple(hc.scale.shape)}; expected ((2 + n)·n, n·d), ((2 + n)·n,), (3,) for n = {n}")
@@ -103,22 +112,13 @@ def _hc_problem(hc: nn.Module) -> str | None:
 def _layer_problem(layer: nn.Module) -> str | None:
     if type(layer) not in (dsv4.DeepseekV4DecoderLayer, FusedDeepseekV4DecoderLayer):
         return f"a subclass ({type(layer).__name__}) of DeepseekV4DecoderLayer: its forward may differ"
-    missing = [a for a in _LAYER_ATTRS if not hasattr(layer, a)]
-    if missing:
-        return f"no {', '.join(missing)} (transformers {TESTED_VERSION} layout expected)"
-    return _hc_problem(layer.attn_hc) or _hc_problem(layer.ffn_hc)
+    return _layout_problem(layer, _LAYER_ATTRS) or _hc_problem(layer.attn_hc) or _hc_problem(layer.ffn_hc)
 
 
 def _head_problem(head: nn.Module) -> str | None:
     if type(head) not in (dsv4.DeepseekV4HyperHead, FusedDeepseekV4HyperHead):
         return f"a subclass ({type(head).__name__}) of DeepseekV4HyperHead: its forward may differ"
-    missing = [a for a in _HEAD_ATTRS if not hasattr(head, a)]
-    if missing:
-        return f"no {', '.join(missing)} (transformers {TESTED_VERSION} layout expected)"
-    n = head.hc_mult
-    if not 1 <= n <= MAX_STREAMS:
-        return f"hc_mult = {n} (crosslayer supports 1 to {MAX_STREAMS} streams)"
-    return None
+    return _layout_problem(head, _HEAD_ATTRS)
 
 
 def _pre(hc: nn.Module, H: Tensor):
