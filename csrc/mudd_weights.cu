@@ -135,10 +135,13 @@ MuddWeightsParams mudd_weights_params(const MuddShape& sh, bool tanh_gelu) {
   return p;
 }
 
-// Warps of one token group of the dx kernel: 32-feature chunks × dW1 column passes.
-int64_t mudd_dx_units(const MuddShape& sh) {
-  return (sh.d + 31) / 32 * ((sh.K + 8 * kMuddWeightsDw1Tiles - 1) / (8 * kMuddWeightsDw1Tiles));
+// dW1 column passes of the dx kernel (8·kMuddWeightsDw1Tiles columns each).
+int64_t mudd_dw1_passes(const MuddShape& sh) {
+  return (sh.K + 8 * kMuddWeightsDw1Tiles - 1) / (8 * kMuddWeightsDw1Tiles);
 }
+
+// Warps of one token group of the dx kernel: 32-feature chunks × dW1 column passes.
+int64_t mudd_dx_units(const MuddShape& sh) { return (sh.d + 31) / 32 * mudd_dw1_passes(sh); }
 
 // dx (= or, with p.accumulate_dx, +=; through writable / copy_back) and dW1 for bf16/fp16 x from the head's g and s
 // (p's g_ptr, s_ptr, ldg, and tickets[1 ..], zero): mudd_weights_bwd_dx_kernel over token
@@ -155,7 +158,7 @@ at::Tensor mudd_weights_dx_pass(MuddWeightsParams& p, const MuddShape& sh, const
   p.dx_ptr = dx_k.data_ptr();
   p.w1_ptr = w1.t.data_ptr<float>();
   p.w1_ld = w1.ld;
-  p.dw1_passes = static_cast<int>((sh.K + 8 * kMuddWeightsDw1Tiles - 1) / (8 * kMuddWeightsDw1Tiles));
+  p.dw1_passes = static_cast<int>(mudd_dw1_passes(sh));
   const int64_t units = mudd_dx_units(sh);
   const TokenGroups tg = token_groups(sh.N, units, device_attribute(cudaDevAttrMultiProcessorCount, device),
                                       std::max<int64_t>(4, sh.K));

@@ -200,8 +200,6 @@ __device__ __forceinline__ void depth_aggregate_bwd_token(const DepthAggregatePa
   const T* __restrict__ dY = static_cast<const T*>(p.dy_ptr);
   const StridedRows<T> ds_rows{static_cast<T*>(p.ds_ptr) + t * p.ds_token_stride, p.ds_slot_stride};
   const int64_t step = static_cast<int64_t>(blockDim.x) * kVec;
-  constexpr int64_t kWarpSpan = kWarpSize * kVec;  // elements of a warp's chunks
-  const int64_t warp_offset = (threadIdx.x / kWarpSize) * kWarpSpan;
   for (int64_t e0 = -row_shift<T, kVec>(s_rows.at(0)); e0 < p.d; e0 += step) {
     const int64_t e = e0 + threadIdx.x * kVec;
     // dY stays in the activation dtype in registers (half the registers of fp32 for
@@ -213,7 +211,7 @@ __device__ __forceinline__ void depth_aggregate_bwd_token(const DepthAggregatePa
                  ? load_chunk_raw<T, kVec>(dY + (c0 + c) * p.dy_way_stride + t * p.dy_token_stride, e, p.d)
                  : Vec<T, kVec>{};
     }
-    const bool whole = whole_chunk(e0 + warp_offset, kWarpSpan, p.d);
+    const bool whole = warp_chunks_whole<kVec>(e0, p.d);
     if (whole && accumulate) {
       depth_aggregate_bwd_chunk<T, kVec, kWays, true, true>(p, s_rows, ds_rows, e, g, a_row, part, lane);
     } else if (whole) {

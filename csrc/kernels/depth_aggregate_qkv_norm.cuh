@@ -499,11 +499,9 @@ __device__ __forceinline__ void qkv_norm_bwd_dots(const DepthAggregateQkvNormPar
                                                   const acc_t<T> (&r)[kDepthAggregateQkvNormNormed],
                                                   acc_t<T> (&D)[kDepthAggregateQkvNormNormed]) {
   const int64_t step = static_cast<int64_t>(blockDim.x) * kVec;
-  constexpr int64_t kWarpSpan = kWarpSize * kVec;  // elements of a warp's chunks
-  const int64_t warp_offset = (threadIdx.x / kWarpSize) * kWarpSpan;
   for (int64_t e0 = qkv_norm_first_chunk<T, kVec, kShifted>(p, t); e0 < p.d; e0 += step) {
     const int64_t e = e0 + threadIdx.x * kVec;
-    if (kShifted ? whole_chunk(e0 + warp_offset, kWarpSpan, p.d) : e0 + step <= p.d) {
+    if (kShifted ? warp_chunks_whole<kVec>(e0, p.d) : e0 + step <= p.d) {
       qkv_norm_bwd_dots_chunk<T, kVec, kShifted, true, kStage>(p, row, a_row, t, e, r, D);
     } else {
       qkv_norm_bwd_dots_chunk<T, kVec, kShifted, false, kStage>(p, row, a_row, t, e, r, D);

@@ -64,6 +64,15 @@ uint64_t g_next_id = 1;
 
 c10::DeleterFnPtr g_inner_deleter = nullptr;
 
+// The registered allocation holding address a, or an empty Range (end 0) when none does.
+Range registered_range(uintptr_t a) {
+  std::lock_guard<std::mutex> lock(g_registry_mutex);
+  auto it = g_registry.upper_bound(a);
+  if (it == g_registry.begin()) return Range{};
+  --it;
+  return a < it->second.end ? it->second : Range{};
+}
+
 void delete_registered(void* p) {
   if (p != nullptr) {
     std::lock_guard<std::mutex> lock(g_registry_mutex);
@@ -320,13 +329,7 @@ std::string demangled(const void* fn, const char* fallback) {
 // torch allocation, i.e. in global memory. Other memory is the emulator's (fiber stacks,
 // shared memory), where g++'s own vector code may be unaligned.
 void misaligned(uintptr_t a, int n, bool store) {
-  bool global = false;
-  {
-    std::lock_guard<std::mutex> lock(g_registry_mutex);
-    auto it = g_registry.upper_bound(a);
-    global = it != g_registry.begin() && a < std::prev(it)->second.end;
-  }
-  if (global && g_fault_handler != nullptr) g_fault_handler(a, n, store ? 1 : 0);
+  if (registered_range(a).end != 0 && g_fault_handler != nullptr) g_fault_handler(a, n, store ? 1 : 0);
 }
 
 }  // namespace
@@ -470,12 +473,9 @@ void set_sm_count(int64_t n) {
 }
 
 py::tuple allocation_of(uintptr_t ptr) {
-  std::lock_guard<std::mutex> lock(g_registry_mutex);
-  auto it = g_registry.upper_bound(ptr);
-  if (it == g_registry.begin()) return py::make_tuple();
-  --it;
-  if (ptr >= it->second.end) return py::make_tuple();
-  return py::make_tuple(it->second.id, it->second.base, it->second.end - it->second.base);
+  const Range r = registered_range(ptr);
+  if (r.end == 0) return py::make_tuple();
+  return py::make_tuple(r.id, r.base, r.end - r.base);
 }
 
 }  // namespace

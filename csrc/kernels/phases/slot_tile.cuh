@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "common/limits.h"
+#include "common/reduce.cuh"
 #include "common/vec.cuh"
 
 namespace crosslayer {
@@ -64,6 +65,15 @@ __device__ __forceinline__ int64_t row_shift(const T* row) {
   }
 }
 
+// Whether every chunk of the calling thread's warp in the round of chunks starting at e0
+// (the row's lanes at e0 + kVec·threadIdx.x) lies inside a row of d: a warp-uniform test,
+// so the whole path may reduce across the warp's lanes.
+template <int kVec>
+__device__ __forceinline__ bool warp_chunks_whole(int64_t e0, int64_t d) {
+  constexpr int64_t kWarpSpan = kWarpSize * kVec;  // elements of a warp's chunks
+  return whole_chunk(e0 + (threadIdx.x / kWarpSize) * kWarpSpan, kWarpSpan, d);
+}
+
 // Copies the (rows × kWays × l) weight tile of tokens t0 + r and ways c0 + c from A
 // (strides in elements; token stride 0: static) into a_s; missing tokens or ways
 // (c0 + c >= n_ways) read as zero. Strided over the block's threads: call between two
@@ -88,9 +98,10 @@ __device__ __forceinline__ void slot_tile_load_weights(acc* __restrict__ a_s, co
 // Slots whose loads a thread issues before it uses any, for whole chunks: the slot
 // loops below read the chunk of kSlotBatch slots into registers first (four independent
 // 16-byte loads in flight per thread and stream), then work on them. A cut chunk (the
-// row's first on a shifted row, its last when d cuts it) goes one slot at a time (slot_batch<false>): its checked loads
-// (one 16-byte load, or element by element in the lane d cuts) would otherwise take
-// kSlotBatch times the registers of both paths.
+// row's first on a shifted row, its last when d cuts it) goes one slot at a time
+// (slot_batch<false>): its checked loads (one 16-byte load, or element by element in
+// the lane the row's bounds cut) would otherwise take kSlotBatch times the registers of
+// both paths.
 constexpr int kSlotBatch = 4;
 
 template <bool kWhole>
@@ -116,8 +127,8 @@ __device__ __forceinline__ void slot_batch_load(const Rows& rows, int j0, int l,
 
 // y[c] += Σ_j a_row[c·l + j]·S_j[e, e + kVec) for c < kWays, over the l slots of one
 // token (s_rows: its rows in the slots), slot_batch<kWhole>() slots' loads at a time;
-// kWhole as in load_chunk_as. With a stage, slot j's chunk (as loaded: zero outside the row) is also
-// written to stage[j·stage_stride]. Per thread, no shuffles.
+// kWhole as in load_chunk_as. With a stage, slot j's chunk (as loaded: zero outside the
+// row) is also written to stage[j·stage_stride]. Per thread, no shuffles.
 template <typename T, int kVec, int kWays, bool kWhole>
 __device__ __forceinline__ void slot_aggregate_as(const TableRows<T>& s_rows, const acc_t<T>* __restrict__ a_row, int l, int64_t e, int64_t d,
                                                   acc_t<T> (&y)[kWays][kVec],
