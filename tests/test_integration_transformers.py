@@ -5,6 +5,7 @@ refusals."""
 
 import copy
 import inspect
+import os
 import textwrap
 
 import pytest
@@ -73,12 +74,63 @@ def test_float64_logits_and_gradients_match_the_model(model_math_in_float64, hc_
     report = cl_hf.accelerate(model, strict=True)
     assert sorted(report.accelerated) == ["model.hc_head"] + [f"model.layers.{i}" for i in range(3)]
     assert not report.unsupported
+    assert report.fused_boundaries == ["model.layers.0 -> model.layers.1", "model.layers.1 -> model.layers.2"]
     assert type(model.model.layers[0]) is cl_hf.FusedDeepseekV4DecoderLayer
     got_logits, got_grads = loss_and_grads(model, ids)
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-10, atol=1e-10)
     assert got_grads.keys() == want_grads.keys()
     for name, g in want_grads.items():
         torch.testing.assert_close(got_grads[name], g, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def count_connection_ops(monkeypatch) -> dict:
+    """Calls of each crosslayer op the decoder layers use, counted as the model runs."""
+    from crosslayer import ops
+
+    calls = dict.fromkeys(("mhc_pre_for_post", "mhc_boundary", "hc_post"), 0)
+    for name in calls:
+        def counted(*args, _op=getattr(ops, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _op(*args, **kwargs)
+        monkeypatch.setattr(ops, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_boundaries_fused_unless_checkpointed(model_math_in_float64, monkeypatch, checkpointing):
+    """Three layers: one pre, five fused boundaries (one inside each layer, one between
+    each pair of layers) and one post. Under activation checkpointing each layer runs its
+    own pre, its inner boundary and its post, twice (the backward recomputes it). The
+    gradients are the model's either way."""
+    model = tiny_model(4, layers=3)
+    ids = torch.randint(0, 101, (2, 9))
+    if checkpointing:
+        model.activation_checkpointing_enable()
+    model.train()
+    want_logits, want_grads = loss_and_grads(model, ids)
+    cl_hf.accelerate(model, strict=True)
+    calls = count_connection_ops(monkeypatch)
+    got_logits, got_grads = loss_and_grads(model, ids)
+    per_forward = {"mhc_pre_for_post": 3, "mhc_boundary": 3, "hc_post": 3} if checkpointing else \
+        {"mhc_pre_for_post": 1, "mhc_boundary": 5, "hc_post": 1}
+    recomputed = 2 if checkpointing else 1  # the backward replays each checkpointed layer
+    assert calls == {k: v * recomputed for k, v in per_forward.items()}
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-10, atol=1e-10)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_a_changed_hidden_state_is_not_taken_for_the_handed_one(model_math_in_float64, monkeypatch):
+    """A forward hook that replaces layer 0's output: layer 1 gets another tensor than the
+    H' layer 0 fused its pre for, so it computes its own pre from what it gets."""
+    model = tiny_model(4, layers=2)
+    ids = torch.randint(0, 101, (1, 7))
+    model.model.layers[0].register_forward_hook(lambda m, args, out: out * 0.5)
+    want = model(ids).logits
+    cl_hf.accelerate(model, strict=True)
+    calls = count_connection_ops(monkeypatch)
+    torch.testing.assert_close(model(ids).logits, want, rtol=1e-10, atol=1e-10)
+    assert calls == {"mhc_pre_for_post": 2, "mhc_boundary": 3, "hc_post": 1}
 
 
 def test_state_dict_parameters_and_restore_unchanged():
@@ -92,6 +144,7 @@ def test_state_dict_parameters_and_restore_unchanged():
     assert [id(p) for p in model.parameters()] == params
     assert sorted(cl_hf.restore(model)) == ["model.hc_head", "model.layers.0", "model.layers.1"]
     assert all(type(m).__name__ != "FusedDeepseekV4DecoderLayer" for m in model.modules())
+    assert not any("_boundary_in" in vars(m) or "_boundary_out" in vars(m) for m in model.modules())
     assert torch.equal(model(ids).logits, want)  # the model's own forward, bit for bit
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -161,20 +214,37 @@ def test_emulated_kernels_follow_the_policy(cuemu, monkeypatch, dtype):
 
 
 def test_connections_compile_without_graph_breaks():
-    """torch.compile sees the accelerated connections (pre with its coefficients, the
-    layer's post mixing, the hyper head) as one graph each: crosslayer's ops are custom
-    ops with fakes, nothing in them breaks the graph."""
+    """torch.compile sees a chain of accelerated connections (the first pre, a layer's
+    inner boundary, the boundary into the next layer with its hand-off, the last post)
+    and the hyper head as one graph each: crosslayer's ops are custom ops with fakes and
+    the hand-off is plain Python state, nothing in them breaks the graph."""
     from crosslayer import ops
 
-    model = tiny_model(4, layers=1).float()
-    cl_hf.accelerate(model)
-    layer = model.model.layers[0]
-    H, y = torch.randn(2, 5, 4, 64), torch.randn(2, 5, 64)
+    model = tiny_model(4, layers=2).float()
+    report = cl_hf.accelerate(model)
+    assert report.fused_boundaries == ["model.layers.0 -> model.layers.1"]
+    layer, link = model.model.layers[0], model.model.layers[0]._boundary_out
+    H, y1, y2 = torch.randn(2, 5, 4, 64), torch.randn(2, 5, 64), torch.randn(2, 5, 64)
 
-    def connection(H, y):
-        x, alpha, beta, H_post = cl_hf._pre(layer.attn_hc, H)
-        return x, ops.hc_post(H_post, y, alpha, beta)
+    def chain(H, y1, y2):
+        x, alpha, beta, H = cl_hf._pre(layer.attn_hc, H)
+        H, x2, alpha, beta = cl_hf._boundary(layer.ffn_hc, H, y1, alpha, beta)
+        link.pending = cl_hf._boundary(link.next_layer.attn_hc, H, y2, alpha, beta)
+        x3, alpha, beta, H = link.take(link.pending[0])
+        return x, x2, x3, ops.hc_post(H, y1, alpha, beta)
 
-    for fn, args in ((connection, (H, y)), (model.model.hc_head, (H,))):
+    for fn, args in ((chain, (H, y1, y2)), (model.model.hc_head, (H,))):
         explained = torch._dynamo.explain(fn)(*args)
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    assert link.pending is None
+
+
+def test_model_graph_breaks_are_the_models_own():
+    """The whole accelerated model under torch.compile breaks its graph only where the
+    model's own code does (its eager experts' data-dependent loop), never in crosslayer."""
+    model = tiny_model(4, layers=2).float()
+    cl_hf.accelerate(model)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model.model)(torch.randint(0, 101, (2, 9)))
+    frames = [r.user_stack[-1].filename for r in explained.break_reasons if r.user_stack]
+    assert frames and not [f for f in frames if f"{os.sep}crosslayer{os.sep}" in f], explained.break_reasons

@@ -15,9 +15,12 @@ class AccelerationReport:
     accelerated: List[str] = field(default_factory=list)
     # name -> why the module was left on its own forward
     unsupported: Dict[str, str] = field(default_factory=dict)
+    # "a -> b": a boundary between two converted modules that runs as one fused op
+    fused_boundaries: List[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"crosslayer: {len(self.accelerated)} {self.kind}(s) accelerated, "
-                 f"{len(self.unsupported)} left unchanged"]
+                 f"{len(self.unsupported)} left unchanged"
+                 + (f", {len(self.fused_boundaries)} boundaries between them fused" if self.fused_boundaries else "")]
         lines += [f"  {name or '<model>'}: {why}" for name, why in self.unsupported.items()]
         return "\n".join(lines)

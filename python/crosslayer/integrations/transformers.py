@@ -24,8 +24,18 @@ Math. Per decoder layer, each of `attn_hc` and `ffn_hc` computes from the stream
 which is crosslayer.ref.mhc_coeffs with phi = fn.T (the rows of fn are [pre n, post n,
 comb n²], as phi's columns), a_pre, a_post, a_res = scale[0], scale[1], scale[2],
 b = base, eps = the module's RMSNorm eps, pre_eps = sinkhorn_eps = hc_eps, post_mult = 2,
-iters = hc_sinkhorn_iters; then x = stream_mix and H' = hc_post (ops.mhc_pre_for_post
-and ops.hc_post: on CUDA one pass over H for the coefficients and x, one for H').
+iters = hc_sinkhorn_iters; x = stream_mix and H' = hc_post.
+
+Fused boundaries (ops.mhc_boundary: one connection's post and the next one's pre in one
+pass over the streams). Inside a layer, attn_hc's post with ffn_hc's pre, always. Across
+layers, layer i's ffn_hc post with layer i+1's attn_hc pre, for consecutive accelerated
+layers of a DeepseekV4Model's `layers` when neither is gradient-checkpointed: layer i
+returns H' (the same tensor as unfused) and leaves layer i+1's (x, alpha, beta) in a
+_Boundary shared by the two; layer i+1 takes them when it is called with that H' (by
+identity) and computes its pre itself otherwise. So one decoder layer is two
+mhc_boundary calls on CUDA (the first layer: ops.mhc_pre_for_post then one; the last:
+one then ops.hc_post). Under gradient checkpointing a recomputed layer must rebuild the
+graph it had, so a checkpointed layer neither hands off nor takes over a pre.
 `DeepseekV4HyperHead` (the final collapse: sigmoid pre + eps, no Sinkhorn) keeps its
 coefficients in torch and collapses with ops.stream_mix.
 
@@ -38,10 +48,6 @@ and with its own forward to float32's; in bf16 the two differ by the model's own
 roundings, crosslayer being the closer to the float64 result. The tests hold the
 accelerated model to the float64 reference, not to bit equality with the model's bf16
 forward.
-
-Not yet fused: the boundary of one decoder layer's ffn_hc with the next layer's attn_hc
-(ops.mhc_boundary) needs the model's layer loop; each connection runs its pre and post
-separately.
 """
 
 from __future__ import annotations
@@ -129,17 +135,63 @@ def _pre(hc: nn.Module, H: Tensor):
                                 sinkhorn_eps=hc.hc_eps)
 
 
+def _boundary(hc: nn.Module, H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor):
+    """(H', x', alpha', beta'): the post (alpha, beta) of H with the block output y, fused
+    with the pre of the DeepseekV4HyperConnection hc on H'."""
+    s = hc.scale
+    return ops.mhc_boundary(H, y, alpha, beta, hc.fn.t(), s[0], s[1], s[2], hc.base, eps=hc.input_norm.eps,
+                            pre_eps=hc.hc_eps, post_mult=2.0, iters=hc.hc_sinkhorn_iters, sinkhorn_eps=hc.hc_eps)
+
+
+def _checkpointed(layer: nn.Module) -> bool:
+    """Whether the layer's forward runs under gradient checkpointing (transformers'
+    GradientCheckpointingLayer rule)."""
+    return layer.gradient_checkpointing and layer.training
+
+
+class _Boundary:
+    """The fused boundary from one accelerated layer to the next (module docstring):
+    `next_layer`, and the pre its attn_hc would compute, left by the layer before it as
+    (H', x, alpha, beta) until taken. Plain attributes, not submodules: state_dict and
+    module traversal do not see it."""
+
+    __slots__ = ("next_layer", "pending")
+
+    def __init__(self, next_layer: nn.Module):
+        self.next_layer = next_layer
+        self.pending = None
+
+    def take(self, H: Tensor):
+        """(x, alpha, beta, H) left for exactly this H, else None; the slot is emptied
+        either way (nothing of an old graph is kept past the next layer's call)."""
+        pending, self.pending = self.pending, None
+        if pending is None or pending[0] is not H:
+            return None
+        return pending[1], pending[2], pending[3], H
+
+
 class FusedDeepseekV4DecoderLayer(dsv4.DeepseekV4DecoderLayer):
-    """`DeepseekV4DecoderLayer` with its two mHC connections on crosslayer.ops (module
-    docstring). Made by accelerate(model) from existing layers."""
+    """`DeepseekV4DecoderLayer` with its two mHC connections on crosslayer.ops and its
+    boundaries fused (module docstring). Made by accelerate(model) from existing layers;
+    `_boundary_in` / `_boundary_out` link it to accelerated neighbours."""
+
+    _boundary_in: _Boundary | None = None
+    _boundary_out: _Boundary | None = None
 
     def forward(self, hidden_states: Tensor, input_ids: Tensor | None = None, **kwargs) -> Tensor:
-        x, alpha, beta, H = _pre(self.attn_hc, hidden_states)
+        checkpointed = _checkpointed(self)
+        handed = None
+        if self._boundary_in is not None and not checkpointed:
+            handed = self._boundary_in.take(hidden_states)
+        x, alpha, beta, H = handed if handed is not None else _pre(self.attn_hc, hidden_states)
         attn_output, _ = self.self_attn(self.input_layernorm(x), **kwargs)
-        H = ops.hc_post(H, attn_output, alpha, beta)
-        x, alpha, beta, H = _pre(self.ffn_hc, H)
+        H, x, alpha, beta = _boundary(self.ffn_hc, H, attn_output, alpha, beta)
         mlp_output = self.mlp(self.post_attention_layernorm(x), input_ids=input_ids)
-        return ops.hc_post(H, mlp_output, alpha, beta)
+        out = self._boundary_out
+        if out is None or checkpointed or _checkpointed(out.next_layer):
+            return ops.hc_post(H, mlp_output, alpha, beta)
+        out.pending = _boundary(out.next_layer.attn_hc, H, mlp_output, alpha, beta)
+        return out.pending[0]
 
 
 class FusedDeepseekV4HyperHead(dsv4.DeepseekV4HyperHead):
@@ -206,12 +258,36 @@ def accelerate(model: nn.Module, *, strict: bool = False) -> AccelerationReport:
         )
     for m, cls in convert:
         m.__class__ = cls
+    _link_boundaries(model, report)
     return report
+
+
+def _link_boundaries(model: nn.Module, report: AccelerationReport) -> None:
+    """Share a _Boundary between each pair of consecutive accelerated layers of every
+    DeepseekV4Model in `model` (its forward calls `layers` in order, each on the last
+    one's output); any earlier links are replaced."""
+    _unlink_boundaries(model)
+    for name, m in model.named_modules():
+        if not isinstance(m, dsv4.DeepseekV4Model):
+            continue
+        layers = list(m.layers)
+        for i, (a, b) in enumerate(zip(layers, layers[1:])):
+            if type(a) is FusedDeepseekV4DecoderLayer and type(b) is FusedDeepseekV4DecoderLayer:
+                a._boundary_out = b._boundary_in = _Boundary(b)
+                prefix = f"{name}.layers" if name else "layers"
+                report.fused_boundaries.append(f"{prefix}.{i} -> {prefix}.{i + 1}")
+
+
+def _unlink_boundaries(model: nn.Module) -> None:
+    for m in model.modules():
+        for attr in ("_boundary_in", "_boundary_out"):
+            m.__dict__.pop(attr, None)
 
 
 def restore(model: nn.Module) -> List[str]:
     """Undo accelerate(): every Fused module in `model` goes back to the model's class
     (parameters untouched). Returns their names."""
+    _unlink_boundaries(model)
     names = []
     originals = {fused: base for base, fused in _FUSED.items()}
     for name, m in model.named_modules():
