@@ -340,7 +340,7 @@ class Row:
     mode: str                   # "fwd" or "fwd+bwd"
     shape: str                  # "l=25 N=16384 d=2048 C=4 A=per_token"
     dtype: str
-    floor_bytes: int
+    floor_bytes: int | None     # None: no traffic floor (a whole model's step)
     timing: Timing | None = None
     status: str = "ok"          # ok | ref | WRONG | failed: <Exc> | not-fused
     rel_err: float | None = None
@@ -446,14 +446,16 @@ def finalize_rows(rows: Sequence[Row], copy_bw: float) -> None:
     for group in groups.values():
         ref_t = {r.variant: r.time_ms for r in group}
         for r in group:
-            floor_ms = r.floor_bytes / copy_bw * 1e3
-            d = {"floor_ms": floor_ms}
+            d = {}
             t = r.time_ms
+            if r.floor_bytes is not None:
+                d["floor_ms"] = r.floor_bytes / copy_bw * 1e3
             if t is not None and t > 0:
-                gbps = r.floor_bytes / (t * 1e-3) / 1e9
-                d["gbps"] = gbps
-                d["pct_copy_bw"] = 100.0 * gbps * 1e9 / copy_bw
-                d["x_floor"] = t / floor_ms
+                if r.floor_bytes is not None:
+                    gbps = r.floor_bytes / (t * 1e-3) / 1e9
+                    d["gbps"] = gbps
+                    d["pct_copy_bw"] = 100.0 * gbps * 1e9 / copy_bw
+                    d["x_floor"] = t / d["floor_ms"]
                 for key, variant in (("speedup_vs_eager", "eager_oracle"),
                                      ("speedup_vs_compile", "compile_oracle")):
                     base = ref_t.get(variant)

@@ -4,9 +4,7 @@ parameter gradient), greedy generate() with its cache, restore(), strict mode, a
 refusals."""
 
 import copy
-import inspect
 import os
-import textwrap
 
 import pytest
 import torch
@@ -21,21 +19,24 @@ from crosslayer.integrations import transformers as cl_hf  # noqa: E402
 F64 = torch.float64
 
 
-def lift_to_float64(monkeypatch):
-    """The model's own HC forwards (and its unweighted RMSNorm) with their float32 casts
-    made float64: the model's math at float64, the reference of a float64 model (its own
-    forward computes the coefficients in float32 whatever the dtype)."""
-    for cls in (dsv4.DeepseekV4HyperConnection, dsv4.DeepseekV4HyperHead, dsv4.DeepseekV4UnweightedRMSNorm):
-        src = textwrap.dedent(inspect.getsource(cls.forward))
-        assert ".float()" in src, cls.__name__
-        scope = {}
-        exec(compile(src.replace(".float()", ".double()"), inspect.getsourcefile(cls), "exec"), vars(dsv4), scope)
-        monkeypatch.setattr(cls, "forward", scope["forward"])
-
-
 @pytest.fixture
-def model_math_in_float64(monkeypatch):
-    lift_to_float64(monkeypatch)
+def model_math_in_float64():
+    """The model's own forward at float64 (its float32 casts lifted): the reference."""
+    with cl_hf.model_math_in_float64():
+        yield
+
+
+def test_model_math_in_float64_lifts_and_restores_the_casts():
+    """Inside the block a float64 connection's coefficients keep float64 (its own
+    forward rounds them through float32); after it the model's forward is back, bit for
+    bit."""
+    hc = tiny_model().model.layers[0].attn_hc
+    H = torch.randn(2, 3, 4, 64, dtype=F64)
+    own = hc(H)
+    with cl_hf.model_math_in_float64():
+        lifted = hc(H)
+    assert 0 < (lifted[1] - own[1]).abs().max() < 1e-5  # comb: float32's rounding, gone
+    assert all(torch.equal(a, b) for a, b in zip(hc(H), own))
 
 
 def tiny_config(hc_mult=4, layers=2):
@@ -176,8 +177,6 @@ def test_unsupported_modules_are_reported_and_strict_refuses():
 
 
 def test_unexpected_forward_signature_is_refused(monkeypatch):
-    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as dsv4
-
     def forward(self, hidden_states, position_embeddings, **kwargs):  # a later transformers' form
         raise AssertionError("not called")
 
@@ -188,7 +187,7 @@ def test_unexpected_forward_signature_is_refused(monkeypatch):
 
 @pytest.mark.cuemu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_emulated_kernels_follow_the_policy(cuemu, monkeypatch, dtype):
+def test_emulated_kernels_follow_the_policy(cuemu, dtype):
     """A float32 / bf16 model accelerated on the emulated CUDA kernels (ops on CPU
     tensors run the kernels; bf16: the coefficients' projection on the tensor-core path):
     logits and every parameter gradient under DESIGN.md's policy, against the model's own
@@ -201,8 +200,7 @@ def test_emulated_kernels_follow_the_policy(cuemu, monkeypatch, dtype):
     ids = torch.randint(0, 101, (2, 9))
     model_lp = copy.deepcopy(model).to(dtype)
     low_logits, low_grads = loss_and_grads(model_lp, ids)
-    with monkeypatch.context() as mp:
-        lift_to_float64(mp)
+    with cl_hf.model_math_in_float64():
         high_logits, high_grads = loss_and_grads(model, ids)
     cl_hf.accelerate(model_lp, strict=True)
     with emulate(cuemu):

@@ -52,9 +52,11 @@ forward.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import inspect
-from typing import List
+import textwrap
+from typing import Iterator, List
 
 import torch
 from torch import Tensor, nn
@@ -72,7 +74,7 @@ except ImportError as e:
     ) from e
 
 __all__ = ["accelerate", "restore", "FusedDeepseekV4DecoderLayer", "FusedDeepseekV4HyperHead",
-           "UnsupportedModel", "TESTED_VERSION"]
+           "UnsupportedModel", "TESTED_VERSION", "model_math_in_float64"]
 
 TESTED_VERSION = "5.23.0"
 
@@ -295,3 +297,32 @@ def restore(model: nn.Module) -> List[str]:
             m.__class__ = originals[type(m)]
             names.append(name)
     return names
+
+
+@contextlib.contextmanager
+def model_math_in_float64() -> Iterator[None]:
+    """Within the block, the model's own HC forwards (DeepseekV4HyperConnection,
+    DeepseekV4HyperHead, DeepseekV4UnweightedRMSNorm) compute in float64 where they cast
+    to float32 (`.float()`): a float64 model then runs its math at float64 throughout,
+    the reference crosslayer's tests and bench/bench_transformers.py measure both
+    forwards against (the model's own forward computes its coefficients in float32 in
+    any dtype). The forwards are recompiled from the installed source with the casts
+    changed, so a transformers without them raises UnsupportedModel."""
+    classes = (dsv4.DeepseekV4HyperConnection, dsv4.DeepseekV4HyperHead, dsv4.DeepseekV4UnweightedRMSNorm)
+    lifted = {}
+    for cls in classes:
+        src = textwrap.dedent(inspect.getsource(cls.forward))
+        if ".float()" not in src:
+            raise UnsupportedModel(f"{cls.__name__}.forward has no .float() cast to lift "
+                                   f"(transformers {TESTED_VERSION} expected)")
+        scope = {}
+        exec(compile(src.replace(".float()", ".double()"), inspect.getsourcefile(cls), "exec"), vars(dsv4), scope)
+        lifted[cls] = scope["forward"]
+    originals = {cls: cls.__dict__["forward"] for cls in classes}
+    try:
+        for cls, forward in lifted.items():
+            cls.forward = forward
+        yield
+    finally:
+        for cls, forward in originals.items():
+            cls.forward = forward
