@@ -62,6 +62,7 @@ import torch
 from torch import Tensor, nn
 
 from crosslayer import ops
+from crosslayer._checks import acc_dtype
 from crosslayer.contracts import MAX_STREAMS
 from crosslayer.integrations._report import AccelerationReport
 
@@ -129,20 +130,46 @@ def _head_problem(head: nn.Module) -> str | None:
     return _layout_problem(head, _HEAD_ATTRS)
 
 
+class _ConnectionParameters(torch.autograd.Function):
+    """A DeepseekV4HyperConnection's (fn, base, scale) as the ops' (phi, a_pre, a_post,
+    a_res, b) in the arithmetic dtype `acc`: phi = fnᵀ as one contiguous copy, base and
+    scale cast once (a_* are scale's elements). The backward returns (dfn, dbase, dscale)
+    in the parameters' dtypes (dfn = dphiᵀ in one copy, dscale one stack). Without it
+    each op would cast the parameters itself in its forward and its backward, copy the
+    transposed fn twice and leave scale's gradient to three select backwards and their
+    sums: 22 small launches a connection against 7."""
+
+    @staticmethod
+    def forward(ctx, fn: Tensor, base: Tensor, scale: Tensor, acc: torch.dtype):
+        ctx.dtypes = (fn.dtype, base.dtype, scale.dtype)
+        phi = torch.empty(fn.shape[::-1], dtype=acc, device=fn.device).copy_(fn.t())
+        a = scale.to(acc)
+        return phi, a[0], a[1], a[2], base.to(acc)
+
+    @staticmethod
+    def backward(ctx, dphi, da_pre, da_post, da_res, db):
+        fn_dtype, base_dtype, scale_dtype = ctx.dtypes
+        da = [g if g is not None else db.new_zeros(()) for g in (da_pre, da_post, da_res)]
+        dfn = None if dphi is None else dphi.t().to(fn_dtype, memory_format=torch.contiguous_format)
+        return dfn, None if db is None else db.to(base_dtype), torch.stack(da).to(scale_dtype), None
+
+
+def _parameters(hc: nn.Module, H: Tensor):
+    """(phi, a_pre, a_post, a_res, b) of the connection hc for the streams H."""
+    return _ConnectionParameters.apply(hc.fn, hc.base, hc.scale, acc_dtype(H.dtype))
+
+
 def _pre(hc: nn.Module, H: Tensor):
     """(x, alpha, beta, H_post) of one DeepseekV4HyperConnection on the streams H."""
-    s = hc.scale
-    return ops.mhc_pre_for_post(H, hc.fn.t(), s[0], s[1], s[2], hc.base, eps=hc.input_norm.eps,
-                                pre_eps=hc.hc_eps, post_mult=2.0, iters=hc.hc_sinkhorn_iters,
-                                sinkhorn_eps=hc.hc_eps)
+    return ops.mhc_pre_for_post(H, *_parameters(hc, H), eps=hc.input_norm.eps, pre_eps=hc.hc_eps, post_mult=2.0,
+                                iters=hc.hc_sinkhorn_iters, sinkhorn_eps=hc.hc_eps)
 
 
 def _boundary(hc: nn.Module, H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor):
     """(H', x', alpha', beta'): the post (alpha, beta) of H with the block output y, fused
     with the pre of the DeepseekV4HyperConnection hc on H'."""
-    s = hc.scale
-    return ops.mhc_boundary(H, y, alpha, beta, hc.fn.t(), s[0], s[1], s[2], hc.base, eps=hc.input_norm.eps,
-                            pre_eps=hc.hc_eps, post_mult=2.0, iters=hc.hc_sinkhorn_iters, sinkhorn_eps=hc.hc_eps)
+    return ops.mhc_boundary(H, y, alpha, beta, *_parameters(hc, H), eps=hc.input_norm.eps, pre_eps=hc.hc_eps,
+                            post_mult=2.0, iters=hc.hc_sinkhorn_iters, sinkhorn_eps=hc.hc_eps)
 
 
 def _checkpointed(layer: nn.Module) -> bool:
