@@ -45,7 +45,8 @@ to it (bf16) and adds post·y and combᵀ·H there. crosslayer computes and mixe
 (float64 for float64 models) and rounds H' once. So a float64 model agrees with the
 model's math at float64 (its float32 casts lifted: the tests' reference) to rounding,
 and with its own forward to float32's; in bf16 the two differ by the model's own
-roundings, crosslayer being the closer to the float64 result. The tests hold the
+roundings (bench/bench_transformers.py --cpu measures both against float64: on the
+connections alone crosslayer is the closer). The tests hold the
 accelerated model to the float64 reference, not to bit equality with the model's bf16
 forward.
 """
