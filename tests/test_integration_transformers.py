@@ -121,6 +121,24 @@ def test_boundaries_fused_unless_checkpointed(model_math_in_float64, monkeypatch
         torch.testing.assert_close(got_grads[name], g, rtol=1e-9, atol=1e-10, msg=name)
 
 
+def test_a_layer_wrapped_after_accelerate_is_not_handed_a_pre(model_math_in_float64, monkeypatch):
+    """FSDP2's fully_shard swaps a layer's class for a subclass (its parameters sharded
+    until its own forward): no boundary into or out of such a layer is fused, the others
+    still are, and the gradients are the model's."""
+    model = tiny_model(4, layers=3)
+    ids = torch.randint(0, 101, (2, 9))
+    want_logits, want_grads = loss_and_grads(model, ids)
+    cl_hf.accelerate(model, strict=True)
+    layer = model.model.layers[2]
+    layer.__class__ = type("FSDPFusedDeepseekV4DecoderLayer", (cl_hf.FusedDeepseekV4DecoderLayer,), {})
+    calls = count_connection_ops(monkeypatch)
+    got_logits, got_grads = loss_and_grads(model, ids)
+    assert calls == {"mhc_pre_for_post": 2, "mhc_boundary": 4, "hc_post": 2}
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-10, atol=1e-10)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-9, atol=1e-10, msg=name)
+
+
 def test_a_changed_hidden_state_is_not_taken_for_the_handed_one(model_math_in_float64, monkeypatch):
     """A forward hook that replaces layer 0's output: layer 1 gets another tensor than the
     H' layer 0 fused its pre for, so it computes its own pre from what it gets."""

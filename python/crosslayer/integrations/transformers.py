@@ -34,8 +34,12 @@ returns H' (the same tensor as unfused) and leaves layer i+1's (x, alpha, beta) 
 _Boundary shared by the two; layer i+1 takes them when it is called with that H' (by
 identity) and computes its pre itself otherwise. So one decoder layer is two
 mhc_boundary calls on CUDA (the first layer: ops.mhc_pre_for_post then one; the last:
-one then ops.hc_post). Under gradient checkpointing a recomputed layer must rebuild the
-graph it had, so a checkpointed layer neither hands off nor takes over a pre.
+one then ops.hc_post). A layer under transformers' activation checkpointing (a recomputed
+layer must rebuild the graph it had), or whose class a wrapper changed after accelerate()
+(FSDP2's fully_shard: the next layer's parameters are sharded until its own forward),
+neither hands off nor takes over a pre. Wrap layers in torch.utils.checkpoint wrappers
+before accelerate(), not after: their layers are then not linked (a link into a
+non-reentrant checkpoint's layer makes its recompute differ, which torch reports).
 `DeepseekV4HyperHead` (the final collapse: sigmoid pre + eps, no Sinkhorn) keeps its
 coefficients in torch and collapses with ops.stream_mix.
 
@@ -173,10 +177,13 @@ def _boundary(hc: nn.Module, H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor):
                             post_mult=2.0, iters=hc.hc_sinkhorn_iters, sinkhorn_eps=hc.hc_eps)
 
 
-def _checkpointed(layer: nn.Module) -> bool:
-    """Whether the layer's forward runs under gradient checkpointing (transformers'
-    GradientCheckpointingLayer rule)."""
-    return layer.gradient_checkpointing and layer.training
+def _joins_boundaries(layer: nn.Module) -> bool:
+    """Whether a layer may take part in a fused cross-layer boundary this call: exactly
+    FusedDeepseekV4DecoderLayer (a subclass made later by a wrapper, such as FSDP2's
+    FSDP<class> whose parameters are sharded until the layer's own forward, may not)
+    and not under transformers' activation checkpointing (GradientCheckpointingLayer's
+    rule: a recomputed layer must rebuild the graph it had)."""
+    return type(layer) is FusedDeepseekV4DecoderLayer and not (layer.gradient_checkpointing and layer.training)
 
 
 class _Boundary:
@@ -209,16 +216,16 @@ class FusedDeepseekV4DecoderLayer(dsv4.DeepseekV4DecoderLayer):
     _boundary_out: _Boundary | None = None
 
     def forward(self, hidden_states: Tensor, input_ids: Tensor | None = None, **kwargs) -> Tensor:
-        checkpointed = _checkpointed(self)
+        joins = _joins_boundaries(self)
         handed = None
-        if self._boundary_in is not None and not checkpointed:
+        if self._boundary_in is not None and joins:
             handed = self._boundary_in.take(hidden_states)
         x, alpha, beta, H = handed if handed is not None else _pre(self.attn_hc, hidden_states)
         attn_output, _ = self.self_attn(self.input_layernorm(x), **kwargs)
         H, x, alpha, beta = _boundary(self.ffn_hc, H, attn_output, alpha, beta)
         mlp_output = self.mlp(self.post_attention_layernorm(x), input_ids=input_ids)
         out = self._boundary_out
-        if out is None or checkpointed or _checkpointed(out.next_layer):
+        if out is None or not joins or not _joins_boundaries(out.next_layer):
             return ops.hc_post(H, mlp_output, alpha, beta)
         out.pending = _boundary(out.next_layer.attn_hc, H, mlp_output, alpha, beta)
         return out.pending[0]
