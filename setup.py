@@ -22,6 +22,7 @@ Install with `pip install --no-build-isolation -e .` so the build uses your torc
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -32,7 +33,11 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_INFO_PATH = os.path.join(ROOT, "python", "crosslayer", "_build_info.py")
-DEFAULT_ARCHS_NO_GPU = "8.0;9.0"
+# The compiler flags, shared with CMakeLists.txt, tools/nvcc_check.sh, the emulator and
+# the NVRTC path.
+with open(os.path.join(ROOT, "csrc", "build_flags.json")) as _f:
+    FLAGS = json.load(_f)
+DEFAULT_ARCHS_NO_GPU = FLAGS["archs_without_gpu"]
 # Toolkit roots tried last, when neither the environment nor the nvcc on PATH gives one.
 FALLBACK_CUDA_ROOTS = ("/usr/local/cuda", "/opt/cuda")
 
@@ -145,21 +150,11 @@ def cuda_extension_or_reason():
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         log(f"TORCH_CUDA_ARCH_LIST not set; building for {archs}")
 
-    nvcc_flags = [
-        "-O3",
-        "--expt-relaxed-constexpr",
-        "-lineinfo",
-        "-U__CUDA_NO_HALF_OPERATORS__",
-        "-U__CUDA_NO_HALF_CONVERSIONS__",
-        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-        "-U__CUDA_NO_HALF2_OPERATORS__",
-    ]
-    cxx_flags = ["-O3"]
+    debug = os.environ.get("CROSSLAYER_DEBUG") == "1"
+    nvcc_flags = FLAGS["nvcc_debug" if debug else "nvcc_release"] + FLAGS["nvcc"] + FLAGS["defines"]
+    cxx_flags = FLAGS["cxx_debug" if debug else "cxx_release"]
     if os.environ.get("CROSSLAYER_PTXAS_VERBOSE") == "1":
-        nvcc_flags += ["-Xptxas", "-v"]
-    if os.environ.get("CROSSLAYER_DEBUG") == "1":
-        nvcc_flags = [f for f in nvcc_flags if f != "-O3"] + ["-O0", "-g", "-G"]
-        cxx_flags = ["-O0", "-g"]
+        nvcc_flags += FLAGS["ptxas_verbose"]
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
     ext = CUDAExtension(

@@ -9,6 +9,8 @@ CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 TORCH_INC=$(python -c 'from torch.utils.cpp_extension import include_paths; print(" ".join("-I" + p for p in include_paths()))')
 PY_INC=$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+# csrc/build_flags.json: the flags setup.py passes (release, the defines, ptxas's report).
+FLAGS=$(python -c 'import json, sys; f = json.load(open(sys.argv[1])); print(" ".join(f["nvcc_release"] + f["nvcc"] + f["defines"] + f["ptxas_verbose"]))' "$ROOT/csrc/build_flags.json")
 GENCODE=""
 for arch in $(echo "${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" | tr ';' ' '); do
     sm=${arch/./}
@@ -18,10 +20,8 @@ OUT=$(mktemp -d)
 for src in "$@"; do
     echo "== $src"
     "$CUDA_HOME/bin/nvcc" -c "$src" -o "$OUT/$(basename "$src").o" -I"$ROOT/csrc" $TORCH_INC -I"$PY_INC" \
-        -std=c++20 -O3 --expt-relaxed-constexpr -lineinfo -Xcompiler -fPIC \
-        -U__CUDA_NO_HALF_OPERATORS__ -U__CUDA_NO_HALF_CONVERSIONS__ \
-        -U__CUDA_NO_BFLOAT16_CONVERSIONS__ -U__CUDA_NO_HALF2_OPERATORS__ \
-        -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C $GENCODE -Xptxas -v 2> "$OUT/ptxas.log"
+        -std=c++20 -Xcompiler -fPIC $FLAGS \
+        -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C $GENCODE 2> "$OUT/ptxas.log"
     python "$ROOT/tools/ptxas_report.py" "$OUT/ptxas.log" | tail -n 25
 done
 rm -rf "$OUT"

@@ -39,8 +39,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cstdint>
-#include <type_traits>
+#include "common/std.cuh"
 
 #include "common/reduce.cuh"
 #include "common/vec.cuh"
@@ -50,10 +49,10 @@ namespace crosslayer {
 // D += A·B, m16n8k16, T (bf16 or fp16) inputs, fp32 accumulators.
 template <typename T>
 struct MmaOp {
-  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "mma.sync inputs are bf16 or fp16");
+  static_assert(is_same_v<T, __nv_bfloat16> || is_same_v<T, __half>, "mma.sync inputs are bf16 or fp16");
   __device__ __forceinline__ static void run(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                              uint32_t a3, uint32_t b0, uint32_t b1) {
-    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    if constexpr (is_same_v<T, __nv_bfloat16>) {
       asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                    : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
     } else {
@@ -258,7 +257,7 @@ __device__ __forceinline__ void store_g_wt_minus_sx(const float (&acc)[kTiles][4
 // 24 tokens (16 + 8 of padding) makes the fragment loads of a warp conflict-free.
 constexpr int kMmaXtStride = 24;
 template <typename T>
-constexpr int kMmaXtParts = std::is_same_v<T, __nv_bfloat16> ? 1 : 2;
+constexpr int kMmaXtParts = is_same_v<T, __nv_bfloat16> ? 1 : 2;
 template <typename T>
 constexpr int kMmaXtStageElems = kMmaXtParts<T> * 32 * kMmaXtStride;
 

@@ -8,7 +8,7 @@
 // t_inner·inner_stride. One integer division per token, none per element.
 #pragma once
 
-#include <cstdint>
+#include "common/std.cuh"
 
 #ifdef __CUDACC__
 #define CL_HOST_DEVICE __host__ __device__ __forceinline__

@@ -35,7 +35,7 @@
 //   3) 1 <= l <= kMaxSlots, C >= 1; A and dA are in the accumulator dtype.
 #pragma once
 
-#include <cstdint>
+#include "common/std.cuh"
 
 #include "common/limits.h"
 #include "common/reduce.cuh"

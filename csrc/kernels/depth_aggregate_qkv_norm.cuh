@@ -79,7 +79,7 @@
 //      workspaces in the accumulator dtype, contiguous; ld >= d, a multiple of 8.
 #pragma once
 
-#include <cstdint>
+#include "common/std.cuh"
 
 #include "common/limits.h"
 #include "common/math.cuh"

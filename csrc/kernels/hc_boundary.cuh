@@ -28,7 +28,7 @@
 // 16-byte alignment with kVec > 1); H' and x' are outputs the launcher allocates.
 #pragma once
 
-#include <cstdint>
+#include "common/std.cuh"
 
 #include "kernels/hc_post.cuh"
 #include "kernels/hc_pre.cuh"

@@ -18,7 +18,7 @@
 // exact, 0 generic.
 #pragma once
 
-#include <cstdint>
+#include "common/std.cuh"
 
 #include "kernels/hc_tile.cuh"
 

@@ -52,7 +52,7 @@
 //   3) 1 <= n <= 16, d >= 1; coefficients, W, q, r in the accumulator dtype, contiguous.
 #pragma once
 
-#include <cstdint>
+#include "common/std.cuh"
 
 #include "common/limits.h"
 #include "common/math.cuh"

@@ -29,7 +29,7 @@
 //      row per token (token stride 0 for static coefficients).
 #pragma once
 
-#include <cstdint>
+#include "common/std.cuh"
 
 #include "common/limits.h"
 #include "common/reduce.cuh"

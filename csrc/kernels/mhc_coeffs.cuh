@@ -96,8 +96,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cstdint>
-#include <type_traits>
+#include "common/std.cuh"
 
 #include "common/limits.h"
 #include "common/math.cuh"
@@ -490,7 +489,7 @@ __global__ void __launch_bounds__(kMhcFwdThreads) mhc_coeffs_fwd_kernel(const Mh
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   constexpr int kNT = MhcCoeffsProjTiles<kN>::value;
   constexpr int kCols = 8 * kNT;
-  constexpr bool kRest = std::is_same<T, __nv_bfloat16>::value;  // third part of phi
+  constexpr bool kRest = is_same_v<T, __nv_bfloat16>;  // third part of phi
   extern __shared__ __align__(16) unsigned char mhc_fwd_smem[];
   float* __restrict__ part = reinterpret_cast<float*>(mhc_fwd_smem);  // [warps][16][kCols]
   float* __restrict__ u_tile = part + kMhcFwdWarps * 16 * kCols;       // [16][m_pad]

@@ -25,7 +25,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cstdint>
+#include "common/std.cuh"
 
 #include "common/vec.cuh"
 

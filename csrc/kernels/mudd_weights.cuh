@@ -88,7 +88,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cstdint>
+#include "common/std.cuh"
 
 #include "common/math.cuh"
 #include "common/mma.cuh"

@@ -13,7 +13,7 @@
 // Registers: one input chunk live and kVec accumulators. kN: 2, 4, 8 exact, 0 generic.
 #pragma once
 
-#include <cstdint>
+#include "common/std.cuh"
 
 #include "kernels/hc_tile.cuh"
 

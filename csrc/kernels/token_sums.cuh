@@ -24,7 +24,7 @@
 // accumulator dtype.
 #pragma once
 
-#include <cstdint>
+#include "common/std.cuh"
 
 #include "common/reduce.cuh"
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import json
 import os
 import re
 import sys
@@ -36,6 +37,9 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CSRC = os.path.join(ROOT, "csrc")
+# The defines every compiler of crosslayer's CUDA code gets (csrc/build_flags.json).
+with open(os.path.join(CSRC, "build_flags.json")) as _f:
+    DEFINES = json.load(_f)["defines"]
 MODULE = "crosslayer_cuemu"
 COUNTER = "cuemu_count"
 
@@ -214,7 +218,7 @@ def load(verbose: bool = False, name: str = MODULE, src_root: str = CSRC):
         sources=sources,
         extra_include_paths=[os.path.join(HERE, "include"), HERE, os.path.join(dst, "src")],
         extra_cflags=["-O1", "-finline-small-functions", "-fno-tree-sra", "-include", os.path.join(HERE, "cuemu.h"), "-Wno-unused-variable",
-                      "-Wno-attributes", "-Wno-ignored-attributes", *INSTRUMENT],
+                      "-Wno-attributes", "-Wno-ignored-attributes", *DEFINES, *INSTRUMENT],
         extra_ldflags=["-Wl,--allow-multiple-definition", counter.__file__],
         build_directory=os.path.join(dst, "obj"),
         with_cuda=False,

@@ -13,7 +13,7 @@
 // same shift (slot_rows_path, common/slots.h); with kVec = 1 the shift is 0.
 #pragma once
 
-#include <cstdint>
+#include "common/std.cuh"
 
 #include "common/limits.h"
 #include "common/reduce.cuh"
