@@ -65,15 +65,17 @@ def test_matching_build_passes():
 
 # ------------------------------------------------------------ disabled extension
 
-def test_disable_extension_runs_every_op_on_the_oracle():
+def test_disable_extension_leaves_the_jit_path_and_the_oracle():
     code = textwrap.dedent("""
         import torch, crosslayer
         from crosslayer import ops, ref
         from crosslayer._extension import _C
         assert _C is None, _C
+        from crosslayer._extension import jit_backend
         fused = ops.fused_ops()
         assert set(fused) == set(ops.ALL_OPS), fused
-        assert not any(fused.values()), fused
+        jit = jit_backend()[0]  # without _C, the ops the JIT path covers still run fused
+        assert fused == {op: jit is not None and op in jit.OPS for op in ops.ALL_OPS}, fused
         devs = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         for dev in devs:
             S = torch.randn(3, 5, 7, device=dev)
@@ -138,13 +140,15 @@ def _check_info_output(out: str, disabled: bool) -> None:
     assert gpu is not None, out
     if not torch.cuda.is_available():
         assert "none visible" in gpu
-    ops_line = next((l for l in lines if l.startswith("ops ")), None)
-    assert ops_line is not None, out
+    assert next((l for l in lines if l.startswith("JIT path ")), None) is not None, out
+    head = next((i for i, l in enumerate(lines) if l.startswith("backends ")), None)
+    assert head is not None and head + 1 < len(lines), out
+    ops_line = lines[head + 1]
     from crosslayer import ops
     for op in ops.ALL_OPS:
-        assert re.search(rf"\b{op}: (fused|oracle)\b", ops_line), (op, ops_line)
+        assert re.search(rf"\b{op}: (extension|jit|oracle)\b", ops_line), (op, ops_line)
     if disabled:
-        assert "fused" not in ops_line.split(None, 1)[1].replace("oracle", "")
+        assert "extension" not in ops_line
 
 
 def test_info_module():

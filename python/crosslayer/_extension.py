@@ -5,19 +5,23 @@ it (pure-Python build, or CROSSLAYER_DISABLE_EXTENSION=1). An extension that was
 against another torch is refused with a message saying what was built against what
 and how to rebuild, instead of an undefined-symbol traceback from the dynamic loader.
 
-`kernels_for(t, op)` / `runs_kernels(t)` are the one dispatch rule of every op: CUDA
-tensors run on `_C`, CPU tensors on the oracle -- or, inside `emulate(module)`, on the
-module built by tools/cuemu (the CUDA launchers and kernels compiled for the CPU
-emulator), so tests on a machine without a GPU run the ops' CUDA code path end to end.
+`kernels_for(t, op)` / `runs_kernels(t, op)` are the one dispatch rule of every op: CUDA
+tensors run on the backend `backend_for` picks -- `_C` when built for the GPU, else the
+JIT path (crosslayer._jit: kernels NVRTC-compiled through CuPy at first use) for the ops
+it covers, else the oracle; CROSSLAYER_BACKEND forces one -- and CPU tensors on the
+oracle, or, inside `emulate(module)`, on the module built by tools/cuemu (the CUDA
+launchers and kernels compiled for the CPU emulator), so tests on a machine without a
+GPU run the ops' CUDA code path end to end.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import os
-import contextlib
 from types import ModuleType
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -100,26 +104,112 @@ _C = load_extension()
 # The kernels CPU tensors run on inside emulate(); None: the oracle.
 _emulated: Optional[ModuleType] = None
 
+BACKENDS = ("extension", "jit", "oracle")
 
-def runs_kernels(t: torch.Tensor) -> bool:
-    """True when the ops run `t` on kernels: a CUDA tensor with _C built, or a CPU
-    tensor inside emulate(); False sends it to the oracle."""
-    return (_C is not None) if t.is_cuda else (_emulated is not None)
+
+def forced_backend() -> Optional[str]:
+    """$CROSSLAYER_BACKEND: the backend every op is forced onto for CUDA tensors
+    ("extension", "jit" or "oracle"), None when unset (the automatic choice)."""
+    value = os.environ.get("CROSSLAYER_BACKEND", "").strip()
+    if not value:
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"CROSSLAYER_BACKEND={value!r}: choose one of {', '.join(BACKENDS)} (or leave it unset)")
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def jit_backend() -> Tuple[Optional[ModuleType], str]:
+    """(crosslayer._jit.launchers, "") when the JIT path can run here (CuPy's NVRTC, the
+    kernel headers and the CUDA headers found), else (None, why not)."""
+    try:
+        from crosslayer import _nvrtc
+        from crosslayer._jit import launchers
+
+        _nvrtc.nvrtc_version()
+        _nvrtc.include_dirs()
+        import cupy  # noqa: F401  (the launches go through CuPy's driver binding)
+    except ImportError as e:
+        return None, f"CuPy is not importable ({e}): pip install cupy-cuda13x"
+    except Exception as e:  # JitUnavailable, NVRTC or CuPy failing to initialise: say which
+        return None, f"{type(e).__name__}: {e}"
+    return launchers, ""
+
+
+@functools.lru_cache(maxsize=None)
+def extension_covers(capability: Tuple[int, int]) -> bool:
+    """Whether the loaded _C holds code for a GPU of `capability`: its build's
+    architectures include it exactly, or as PTX of one at or below it."""
+    if _C is None:
+        return False
+    archs = [a.strip() for a in build_info().get("cuda_archs", "").replace(",", ";").replace(" ", ";").split(";")
+             if a.strip()]
+    if not archs:  # no build record (a CMake build): trust it
+        return True
+    cap = capability[0] * 10 + capability[1]
+    for arch in archs:
+        base, ptx = arch.split("+")[0], arch.endswith("+PTX")
+        major, minor = base.split(".")
+        value = int(major) * 10 + int(minor.rstrip("a"))
+        if value == cap or (ptx and value <= cap):
+            return True
+    return False
+
+
+def select_backend(op: str, capability: Optional[Tuple[int, int]]) -> str:
+    """The backend that runs the op `op` on CUDA tensors of a GPU of `capability` (None:
+    not known, as without a visible GPU; the extension is then taken to cover it):
+    "extension" (_C, when loaded and built for the GPU), else "jit" (when CuPy can
+    compile here and crosslayer._jit covers the op), else "oracle". CROSSLAYER_BACKEND
+    forces one: a forced backend that cannot run here is an error, and a forced "jit"
+    runs the ops it does not cover on the oracle."""
+    forced = forced_backend()
+    if forced == "oracle":
+        return "oracle"
+    if forced == "extension":
+        if _C is None:
+            raise RuntimeError("CROSSLAYER_BACKEND=extension but crosslayer._C is not built or not loaded; "
+                               "`python -m crosslayer.info` says why")
+        return "extension"
+    jit, why = jit_backend()
+    if forced == "jit":
+        if jit is None:
+            raise RuntimeError(f"CROSSLAYER_BACKEND=jit but the JIT path cannot run here: {why}")
+        return "jit" if op in jit.OPS else "oracle"
+    if _C is not None and (capability is None or extension_covers(capability)):
+        return "extension"
+    return "jit" if jit is not None and op in jit.OPS else "oracle"
+
+
+def backend_for(t: torch.Tensor, op: str) -> str:
+    """select_backend for the GPU of the CUDA tensor `t`."""
+    return select_backend(op, torch.cuda.get_device_capability(t.device))
+
+
+def runs_kernels(t: torch.Tensor, op: str) -> bool:
+    """True when the op `op` runs `t` on kernels: a CUDA tensor whose backend is not
+    the oracle (backend_for), or a CPU tensor inside emulate(); False sends it to the
+    oracle."""
+    return backend_for(t, op) != "oracle" if t.is_cuda else (_emulated is not None)
 
 
 def kernels_for(t: torch.Tensor, op: str) -> Optional[ModuleType]:
-    """The launcher module that runs the custom op `op` on `t`: _C for a CUDA tensor,
-    the emulated module for a CPU tensor inside emulate(), None for a CPU tensor
-    otherwise (the custom op runs the oracle). A CUDA tensor without _C is an error:
-    the public functions never send one to a custom op."""
+    """The launcher module that runs the custom op `op` on `t`: _C or crosslayer._jit's
+    launchers for a CUDA tensor (backend_for), the emulated module for a CPU tensor
+    inside emulate(), None for a CPU tensor otherwise (the custom op runs the oracle).
+    A CUDA tensor whose backend is the oracle is an error: the public functions never
+    send one to a custom op."""
     if not t.is_cuda:
         return _emulated
-    if _C is None:
-        raise RuntimeError(
-            f"crosslayer._C is not built, so the fused {op} cannot run on CUDA tensors; "
-            f"`python -m crosslayer.info` says why. crosslayer.ops.{op} uses the oracle in that case."
-        )
-    return _C
+    backend = backend_for(t, op)
+    if backend == "extension":
+        return _C
+    if backend == "jit":
+        return jit_backend()[0]
+    raise RuntimeError(
+        f"no kernels run the fused {op} on this GPU: crosslayer._C is not built for it and the JIT path "
+        f"does not cover it; `python -m crosslayer.info` says why. crosslayer.ops.{op} uses the oracle in that case."
+    )
 
 
 @contextlib.contextmanager

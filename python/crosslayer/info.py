@@ -1,7 +1,8 @@
 """`python -m crosslayer.info`: what this install was built with and what runs fused.
 
 Prints torch and CUDA versions, whether crosslayer._C was built and for which
-architectures, the GPU seen (and whether the build covers it), and which ops run fused.
+architectures, the GPU seen (and whether the build covers it), whether the JIT path
+(NVRTC through CuPy) can run, and which backend runs each op.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import os
 
 import torch
 
-from crosslayer import ops
-from crosslayer._extension import _C
+from crosslayer import _nvrtc, ops
+from crosslayer._extension import _C, forced_backend, jit_backend
 from crosslayer._extension import build_info as _recorded_build_info
 
 
@@ -62,9 +63,14 @@ def report() -> str:
         )
     else:
         lines.append("GPU              none visible (every op runs on the oracle)")
-    lines.append("ops              " + ", ".join(
-        f"{op}: {'fused' if fused else 'oracle'}" for op, fused in ops.fused_ops().items()
-    ))
+    jit, why = jit_backend()
+    lines.append("JIT path         " + (f"available (NVRTC {_nvrtc.nvrtc_version()} through CuPy; covers "
+                                        f"{', '.join(jit.OPS)}; cache {_nvrtc.cache_dir()})" if jit is not None
+                                        else f"unavailable: {why}"))
+    forced = forced_backend()
+    where = "on this GPU" if torch.cuda.is_available() else "on a GPU the build covers (none visible here)"
+    lines.append(f"backends         {where}" + (f", forced by CROSSLAYER_BACKEND={forced}" if forced else "") + ":")
+    lines.append("                 " + ", ".join(f"{op}: {backend}" for op, backend in ops.backends().items()))
     return "\n".join(lines)
 
 

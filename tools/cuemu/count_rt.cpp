@@ -143,6 +143,7 @@ struct InstrGroups {
 struct Record {
   std::string name;
   int64_t grid[3], block[3], smem;
+  std::string args;  // the kernel's argument bytes (its params struct)
   // [0] loads, [1] stores: requests, their sectors, the sectors they would need with
   // the same distinct bytes packed from a sector boundary (ceil(distinct / 32) each), and
   // the bytes requested (lanes reading the same byte count it each time).
@@ -347,7 +348,7 @@ void cuemu_rt_set_thread(int linear) {
 void cuemu_rt_set_fault_handler(FaultHandler handler) { g_fault_handler = handler; }
 
 void cuemu_rt_launch_begin(const void* kernel, const char* name, const unsigned* grid, const unsigned* block,
-                           size_t smem) {
+                           size_t smem, const void* args, size_t args_bytes) {
   if (!g_counting) return;
   Launch& L = g_launch;
   L.active = true;
@@ -358,6 +359,7 @@ void cuemu_rt_launch_begin(const void* kernel, const char* name, const unsigned*
     L.rec.block[i] = block[i];
   }
   L.rec.smem = static_cast<int64_t>(smem);
+  if (args != nullptr) L.rec.args.assign(static_cast<const char*>(args), args_bytes);
   {
     std::lock_guard<std::mutex> lock(g_registry_mutex);
     L.snapshot.clear();
@@ -438,6 +440,7 @@ py::list drain() {
     d["grid"] = py::make_tuple(r.grid[0], r.grid[1], r.grid[2]);
     d["block"] = py::make_tuple(r.block[0], r.block[1], r.block[2]);
     d["smem"] = r.smem;
+    d["args"] = py::bytes(r.args);
     put_io(d, "requests", r.requests);
     put_io(d, "sectors", r.sectors);
     put_io(d, "ideal_sectors", r.ideal_sectors);

@@ -192,7 +192,7 @@ extern "C" {
 int cuemu_rt_sm_count();
 void cuemu_rt_set_thread(int linear);
 void cuemu_rt_launch_begin(const void* kernel, const char* name, const unsigned* grid,
-                           const unsigned* block, size_t smem);
+                           const unsigned* block, size_t smem, const void* args, size_t args_bytes);
 void cuemu_rt_block_begin(int nthreads);
 void cuemu_rt_block_end();
 void cuemu_rt_launch_end();
@@ -689,7 +689,15 @@ struct Launch {
     blockDim = block;
     const unsigned g3[3] = {grid.x, grid.y, grid.z}, b3[3] = {block.x, block.y, block.z};
     cuemu_rt_set_fault_handler(&misaligned_access);  // this module's: its emu() runs the launch
-    cuemu_rt_launch_begin(reinterpret_cast<const void*>(kernel), name, g3, b3, smem);
+    // The argument bytes as a launch passes them: crosslayer's kernels take one params
+    // struct (the JIT path's plans are compared with these; tests/test_jit_plan.py).
+    const void* arg_bytes = nullptr;
+    size_t arg_size = 0;
+    if constexpr (sizeof...(P) == 1) {
+      arg_bytes = &std::get<0>(params);
+      arg_size = sizeof(std::get<0>(params));
+    }
+    cuemu_rt_launch_begin(reinterpret_cast<const void*>(kernel), name, g3, b3, smem, arg_bytes, arg_size);
     for (unsigned z = 0; z < grid.z && e.error.empty(); ++z)
       for (unsigned y = 0; y < grid.y && e.error.empty(); ++y)
         for (unsigned x = 0; x < grid.x && e.error.empty(); ++x) {

@@ -127,7 +127,7 @@ def aggregate_bwd_into(dY: Tensor, S: Sequence[Tensor], A: Tensor, dS: Tensor, a
     l, d, C = len(S), S[0].shape[-1], A.shape[-2]
     static = A.dim() == 2
     M = _tokens(S)
-    if runs_kernels(S[0]):
+    if runs_kernels(S[0], "depth_aggregate"):
         A3 = A if static else A.reshape(M, C, l)
         dA = depth_aggregate_bwd_op(dY.reshape(C, M, d), _flat(S), A3, dS.view(l, M, d), accumulate)
         return dA.view(A.shape)
@@ -292,7 +292,7 @@ def _aggregate_fwd(S: Sequence[Tensor], A: Tensor) -> Tensor:
     """Y (C, *tok, d) = depth_aggregate over the slots S: the fused op on slot pointers, or
     the slot-by-slot oracle."""
     C, l = A.shape[-2], len(S)
-    if runs_kernels(S[0]):
+    if runs_kernels(S[0], "depth_aggregate"):
         Y = depth_aggregate_slots_op(_flat(S), A if A.dim() == 2 else A.reshape(_tokens(S), C, l))
         return Y.view(C, *S[0].shape)
     return _aggregate_oracle(S, A, compute_dtype(S[0], A)).to(S[0].dtype)
@@ -302,7 +302,7 @@ def _aggregate_qkv_norm_fwd(S: Sequence[Tensor], A: Tensor, g: Tensor, eps: floa
     """(X (4, *tok, d), rstd, fused) of depth_aggregate_qkv_norm over the slots S: the fused
     op on slot pointers (rstd (3, N) for its backward), or the oracle slot by slot
     (rstd empty). The dispatch rule of ops.depth_aggregate_qkv_norm."""
-    if fusable(S[0], A, g):
+    if fusable("depth_aggregate_qkv_norm", S[0], A, g):
         l = len(S)
         A3 = A if A.dim() == 2 else A.reshape(_tokens(S), 4, l)
         X, rstd = depth_aggregate_qkv_norm_slots_op(_flat(S), A3, g, float(eps))
@@ -520,7 +520,7 @@ class DepthStack:
         validate_mudd_weights(x, W1, W2, bias, n_ways)
         check_approximate(approximate)
         s, (slot,) = self._read(slice(len(self) - 1, len(self)))
-        chained = fusable(slot, W1, W2, bias) and x.shape[-1] >= 1 and W1.shape[1] >= 1
+        chained = fusable("mudd_weights", slot, W1, W2, bias) and x.shape[-1] >= 1 and W1.shape[1] >= 1
         if not (chained and torch.is_grad_enabled()):
             return ops.mudd_weights(x if torch.is_grad_enabled() else slot, W1, W2, bias, n_ways, eps,
                                     approximate)

@@ -14,10 +14,10 @@ from crosslayer._extension import runs_kernels
 Scalar = Union[Tensor, float]
 
 
-def fusable(H: Tensor, *others: Tensor) -> bool:
-    """The fused kernels cover this call: runs_kernels(H), and the arithmetic dtype of
-    all inputs is the kernels' (no float64 coefficient with lower-precision H)."""
-    if not runs_kernels(H):
+def fusable(op: str, H: Tensor, *others: Tensor) -> bool:
+    """The fused kernels cover this call of `op`: runs_kernels(H, op), and the arithmetic
+    dtype of all inputs is the kernels' (no float64 coefficient with lower-precision H)."""
+    if not runs_kernels(H, op):
         return False
     return compute_dtype(H, *others) == acc_dtype(H.dtype)
 

@@ -120,7 +120,7 @@ def depth_aggregate(S: Tensor, A: Tensor) -> Tensor:
     only, on every path (crosslayer.ref.depth_aggregate differentiates to any order).
     """
     validate_depth_aggregate(S, A)
-    if not runs_kernels(S):
+    if not runs_kernels(S, "depth_aggregate"):
         return oracle_first_order("depth_aggregate", ref.depth_aggregate, S, A)
     l, d, C = S.shape[0], S.shape[-1], A.shape[-2]
     tok = S.shape[1:-1]

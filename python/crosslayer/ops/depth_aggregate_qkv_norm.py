@@ -149,7 +149,7 @@ def depth_aggregate_qkv_norm(S: Tensor, A: Tensor, norm_weights: Tensor, eps: fl
     (crosslayer.ref.depth_aggregate_qkv_norm differentiates to any order).
     """
     validate_depth_aggregate_qkv_norm(S, A, norm_weights)
-    if not fusable(S, A, norm_weights):
+    if not fusable("depth_aggregate_qkv_norm", S, A, norm_weights):
         return oracle_first_order("depth_aggregate_qkv_norm", ref.depth_aggregate_qkv_norm, S, A, norm_weights, eps)
     l, d = S.shape[0], S.shape[-1]
     tok = S.shape[1:-1]

@@ -221,7 +221,7 @@ def hc_boundary(H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, A: Tensor, B:
     """
     validate_hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b)
     scales = [v for v in (s_a, s_b) if isinstance(v, Tensor)]
-    if not fusable(H, y, alpha, beta, A, B, W, *scales):
+    if not fusable("hc_boundary", H, y, alpha, beta, A, B, W, *scales):
         return oracle_first_order("hc_boundary", ref.hc_boundary, H, y, alpha, beta, A, B, W, s_a, s_b, eps)
     ct = compute_dtype(H, A, B, W, *scales)
     if W is None:  # SHC: x' mixes with A[:, 0]; alpha', beta' are A and B, as hc_pre's

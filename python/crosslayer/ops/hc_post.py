@@ -110,6 +110,6 @@ def hc_post(H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
     on every path (crosslayer.ref.hc_post differentiates to any order).
     """
     validate_hc_post(H, y, alpha, beta)
-    if not (fusable(H, y, alpha, beta) and y.dtype == H.dtype):
+    if not (fusable("hc_post", H, y, alpha, beta) and y.dtype == H.dtype):
         return oracle_first_order("hc_post", ref.hc_post, H, y, alpha, beta)
     return hc_post_op(H, y, alpha, beta)

@@ -224,7 +224,7 @@ def _hc_pre(H: Tensor, A: Tensor, B: Tensor, W: Optional[Tensor], s_a: Optional[
         alpha, beta = A.to(ct), B.to(ct)  # the parameters themselves when already in ct
         x, H_post = stream_mix_for_post(H, alpha[:, 0]) if for_post else (stream_mix(H, alpha[:, 0]), H)
         return x, alpha, beta, H_post
-    if not fusable(H, A, B, W, *scales):
+    if not fusable("hc_pre", H, A, B, W, *scales):
         op = "hc_pre_for_post" if for_post else "hc_pre"
         return (*oracle_first_order(op, ref.hc_pre, H, A, B, W, s_a, s_b, eps, oracle="hc_pre"), H)
     sa = scalar_tensor(s_a, ct, H.device)

@@ -157,7 +157,7 @@ def mhc_boundary(H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, phi: Tensor,
     """
     validate_mhc_boundary(H, y, alpha, beta, phi, a_pre, a_post, a_res, b, iters)
     scalars = [v for v in (a_pre, a_post, a_res) if isinstance(v, Tensor)]
-    if not fusable(H, y, alpha, beta, phi, b, *scalars):
+    if not fusable("mhc_boundary", H, y, alpha, beta, phi, b, *scalars):
         return oracle_first_order("mhc_boundary", ref.mhc_boundary, H, y, alpha, beta, phi, a_pre, a_post, a_res,
                                   b, eps, pre_eps, post_mult, iters, sinkhorn_eps)
     a = [scalar_tensor(v, acc_dtype(H.dtype), H.device) for v in (a_pre, a_post, a_res)]

@@ -231,7 +231,7 @@ def mhc_coeffs(H: Tensor, phi: Tensor, a_pre: Scalar, a_post: Scalar, a_res: Sca
     """
     validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters)
     scalars = [v for v in (a_pre, a_post, a_res) if isinstance(v, Tensor)]
-    if not fusable(H, phi, b, *scalars):
+    if not fusable("mhc_coeffs", H, phi, b, *scalars):
         return oracle_first_order("mhc_coeffs", ref.mhc_coeffs, H, phi, a_pre, a_post, a_res, b, eps, pre_eps,
                                   post_mult, iters, sinkhorn_eps)
     a = [scalar_tensor(v, acc_dtype(H.dtype), H.device) for v in (a_pre, a_post, a_res)]
@@ -249,7 +249,7 @@ def mhc_pre_for_post(H: Tensor, phi: Tensor, a_pre: Scalar, a_post: Scalar, a_re
     and autograd sums the terms."""
     validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters)
     scalars = [v for v in (a_pre, a_post, a_res) if isinstance(v, Tensor)]
-    if not fusable(H, phi, b, *scalars):
+    if not fusable("mhc_coeffs", H, phi, b, *scalars):
         alpha, beta = oracle_first_order("mhc_pre_for_post", ref.mhc_coeffs, H, phi, a_pre, a_post, a_res, b, eps,
                                          pre_eps, post_mult, iters, sinkhorn_eps, oracle="mhc_coeffs")
         return stream_mix(H, alpha[..., 0]), alpha, beta, H

@@ -180,7 +180,7 @@ def mudd_weights(x: Tensor, W1: Tensor, W2: Tensor, bias: Tensor, n_ways: int, e
     """
     validate_mudd_weights(x, W1, W2, bias, n_ways)
     check_approximate(approximate)
-    if not (fusable(x, W1, W2, bias) and x.shape[-1] >= 1 and W1.shape[1] >= 1):
+    if not (fusable("mudd_weights", x, W1, W2, bias) and x.shape[-1] >= 1 and W1.shape[1] >= 1):
         return oracle_first_order("mudd_weights", ref.mudd_weights, x, W1, W2, bias, n_ways, eps, approximate)
     A, _, _ = mudd_weights_op(x, W1, W2, bias, n_ways, eps, approximate)
     return A

@@ -143,7 +143,7 @@ def stream_mix(H: Tensor, w: Tensor) -> Tensor:
     (crosslayer.ref.stream_mix differentiates to any order).
     """
     validate_stream_mix(H, w)
-    if not fusable(H, w):
+    if not fusable("stream_mix", H, w):
         return oracle_first_order("stream_mix", ref.stream_mix, H, w)
     return stream_mix_op(H, w)
 
@@ -154,6 +154,6 @@ def stream_mix_for_post(H: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
     added to the one hc_post's backward wrote, in place; elsewhere H_post is H and
     autograd sums the two. Arguments and x as in `stream_mix`."""
     validate_stream_mix(H, w)
-    if not fusable(H, w):
+    if not fusable("stream_mix", H, w):
         return oracle_first_order("stream_mix_for_post", ref.stream_mix, H, w, oracle="stream_mix"), H
     return _StreamMixForPost.apply(H, w)

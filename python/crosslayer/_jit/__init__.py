@@ -1,0 +1,5 @@
+"""crosslayer's no-build path: the kernels compiled at first use through NVRTC (CuPy's
+binding, crosslayer._nvrtc) and launched from Python (runtime), with launchers that
+mirror the C++ ones (launchers). It runs where crosslayer._C is not built for the GPU
+and CuPy is importable; crosslayer._extension chooses (CROSSLAYER_BACKEND forces one).
+Covered so far: launchers.OPS; the other ops run on the oracle on this path."""

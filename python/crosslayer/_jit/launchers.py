@@ -1,0 +1,193 @@
+"""The JIT path's launchers: the functions of crosslayer._C that it covers, with the
+same signatures and results, written in Python over torch tensors and launching the
+NVRTC-compiled kernels (runtime.launch). Each mirrors the C++ launcher of the same name
+line for line (csrc/hc_post.cu, hc_post.h, hc_tile.h, token_sums.h); the
+plan-equality test (tests/test_jit_plan.py) holds every launch -- kernel, grid, block,
+shared memory, params bytes -- to the C++ launcher's on the CPU emulator."""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+from crosslayer._jit import layout as L
+from crosslayer._jit.runtime import cover_grid, launch
+from crosslayer._jit.structs import HcPostParams, TokenSumsParams, TokenSumsSegment, header_constant
+
+# The ops whose launchers this module has (crosslayer._extension's backend choice).
+OPS = ("hc_post",)
+
+KERNEL_TYPES = {torch.float32: "float", torch.float64: "double", torch.float16: "__half",
+                torch.bfloat16: "__nv_bfloat16"}
+TOKEN_TILE_THREADS = header_constant("kTokenTileThreads", "common/tokens.cuh")
+TOKEN_SUMS_THREADS = header_constant("kTokenSumsThreads", "kernels/token_sums.cuh")
+TOKEN_SUMS_MAX_SEGMENTS = header_constant("kTokenSumsMaxSegments", "kernels/token_sums.cuh")
+MAX_STREAMS = header_constant("kMaxStreams", "common/limits.h")
+WARP_SIZE = header_constant("kWarpSize", "common/reduce.cuh")
+SMEM_BUDGET = 48 * 1024  # token_tile_block's
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def kernel_type(dtype: torch.dtype) -> str:
+    if dtype not in KERNEL_TYPES:
+        raise TypeError(f"crosslayer's kernels take float32, float64, float16 or bfloat16 tensors, got {dtype}")
+    return KERNEL_TYPES[dtype]
+
+
+def vec16(dtype: torch.dtype) -> int:
+    """common/vec.cuh kVec16<T>: elements in 16 bytes."""
+    return 16 // torch.empty((), dtype=dtype).element_size()
+
+
+def dispatch_streams(n: int, exact: Sequence[int], generic: int) -> int:
+    """common/dispatch.h dispatch_streams<generic, exact...>(n): n when exact, else generic."""
+    return n if n in exact else generic
+
+
+def token_tile_block(n_tokens: int, d: int, vec: int, row_bytes: int, warp_bytes: int) -> Tuple[int, int, int]:
+    """common/tokens.cuh: (threads_x, rows, smem_bytes) of a token-tile kernel."""
+    chunks = (d + vec - 1) // vec
+    rounded = (chunks + 31) // 32 * 32
+    threads_x = max(32, rounded) if rounded < TOKEN_TILE_THREADS else TOKEN_TILE_THREADS
+    row_total = row_bytes + (threads_x // 32) * warp_bytes
+    rows = TOKEN_TILE_THREADS // threads_x
+    rows = min(rows, SMEM_BUDGET // row_total, n_tokens)
+    rows = max(rows, 1)
+    return threads_x, rows, rows * row_total
+
+
+def launch_hc_tile(kernel: str, header: str, dtype: torch.dtype, p, vectorize: bool, coef_per_row: int,
+                   dots_per_warp: int, device: torch.device) -> None:
+    """csrc/hc_tile.h launch_hc_tile."""
+    acc_bytes = torch.empty((), dtype=acc_dtype(dtype)).element_size()
+    vec = vec16(dtype) if vectorize else 1
+    threads_x, rows, smem = token_tile_block(p.n_tokens, p.d, vec, acc_bytes * coef_per_row,
+                                             acc_bytes * dots_per_warp)
+    kn = dispatch_streams(p.n, (2, 4, 8), 0)
+    launch(header, f"crosslayer::{kernel}<{kernel_type(dtype)}, {vec}, {kn}>", (cover_grid(p.n_tokens, rows),),
+           (threads_x, rows), smem, p, device)
+
+
+class TokenSums:
+    """csrc/token_sums.h: per-token rows summed over tokens, segments in one launch."""
+
+    def __init__(self, n_tokens: int):
+        self.n_tokens = n_tokens
+        self.segs: List[tuple] = []
+
+    def grad(self, rows: torch.Tensor, is_static: bool, shape, div: int = 1) -> torch.Tensor:
+        if not is_static:
+            return rows.view(shape)
+        return self.sum(rows, shape, div, 0, 1)
+
+    def sum(self, rows: torch.Tensor, shape, div: int, col0: int, width: int) -> torch.Tensor:
+        assert len(self.segs) < TOKEN_SUMS_MAX_SEGMENTS, "token_sums: too many segments"
+        out = torch.empty(shape, dtype=rows.dtype, device=rows.device)
+        self.segs.append((rows, out, div, col0, width))
+        return out
+
+    def run(self) -> None:
+        if not self.segs:
+            return
+        p = TokenSumsParams()
+        p.n_tokens = self.n_tokens
+        p.segments = len(self.segs)
+        outputs = 0
+        for s, (rows, out, div, col0, width) in enumerate(self.segs):
+            p.seg[s] = TokenSumsSegment(rows.data_ptr(), rows.size(1), out.data_ptr(), out.numel(), div, col0, width)
+            outputs += out.numel()
+        acc = {torch.float32: "float", torch.float64: "double"}[self.segs[0][0].dtype]
+        launch("kernels/token_sums.cuh", f"crosslayer::token_sums_kernel<{acc}>", (cover_grid(outputs, 1),),
+               (TOKEN_SUMS_THREADS,), TOKEN_SUMS_THREADS // WARP_SIZE * 8, p, self.segs[0][0].device)
+        self.segs.clear()
+
+
+def _lead(H: torch.Tensor) -> Tuple[list, int, int, int]:
+    lead = list(H.shape[:-2])
+    N = 1
+    for s in lead:
+        N *= s
+    return lead, N, H.size(-2), H.size(-1)
+
+
+class _HcPostInputs:
+    """csrc/hc_post.h hc_post_inputs: the checked inputs, the tensors the kernels read and
+    the params both directions share."""
+
+    def __init__(self, H, y, alpha, beta):
+        self.lead, self.N, self.n, self.d = _lead(H)
+        n = self.n
+        assert 1 <= n <= MAX_STREAMS, f"H must have 1 to {MAX_STREAMS} streams, got {n}"
+        self.static_alpha = tuple(alpha.shape) == (n, n + 1)
+        self.static_beta = tuple(beta.shape) == (n,)
+        self.p = p = HcPostParams()
+        if self.N == 0 or self.d == 0:
+            return
+        acc = acc_dtype(H.dtype)
+        p.n_tokens, p.d, p.n = self.N, self.d, n
+        self.H, p.h_tok = L.readable(H, 2)
+        p.h_stream_stride = L.stream_stride(self.H)
+        p.h_ptr = self.H.data_ptr()
+        self.y, p.y_tok = L.readable(y, 1)
+        self.alpha = alpha.to(acc).contiguous()
+        self.beta = beta.to(acc).contiguous()
+        p.a_token_stride = 0 if self.static_alpha else n * (n + 1)
+        p.b_token_stride = 0 if self.static_beta else n
+        p.y_ptr, p.a_ptr, p.b_ptr = self.y.data_ptr(), self.alpha.data_ptr(), self.beta.data_ptr()
+
+
+def hc_post_fwd(H: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """csrc/hc_post.cu hc_post_fwd: H' = hc_post(H, y, alpha, beta), allocated like H."""
+    inp = _HcPostInputs(H, y, alpha, beta)
+    out = torch.empty_like(H)
+    if inp.N == 0 or inp.d == 0:
+        return out
+    p = inp.p
+    o, p.out_tok = L.writable(out, 2)
+    p.out_stream_stride = L.stream_stride(o)
+    p.out_ptr = o.data_ptr()
+    vec = vec16(H.dtype)
+    vectorize = (L.vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) and L.vec_ok(p.y_ptr, p.y_tok, 0, vec)
+                 and L.vec_ok(p.out_ptr, p.out_tok, p.out_stream_stride, vec))
+    launch_hc_tile("hc_post_fwd_kernel", "kernels/hc_post.cuh", H.dtype, p, vectorize, p.n * (p.n + 2), 0, H.device)
+    L.copy_back(out, o)
+    return out
+
+
+def hc_post_bwd(dHn: torch.Tensor, H: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor,
+                beta: torch.Tensor) -> List[torch.Tensor]:
+    """csrc/hc_post.cu hc_post_bwd: [dH (H's layout), dy, dalpha, dbeta]."""
+    inp = _HcPostInputs(H, y, alpha, beta)
+    acc = acc_dtype(H.dtype)
+    dH = torch.empty_like(H)
+    dy = torch.empty((*inp.lead, inp.d), dtype=y.dtype, device=y.device)
+    if inp.N == 0 or inp.d == 0:
+        return [dH, dy, torch.zeros(alpha.shape, dtype=acc, device=H.device),
+                torch.zeros(beta.shape, dtype=acc, device=H.device)]
+    n = inp.n
+    dalpha_tok = torch.empty((inp.N, n, n + 1), dtype=acc, device=H.device)
+    dbeta_tok = torch.empty((inp.N, n), dtype=acc, device=H.device)
+    p = inp.p
+    g, p.g_tok = L.readable(dHn, 2)
+    dh, p.dh_tok = L.writable(dH, 2)
+    p.dy_tok = L.collapse_token_dims(dy.shape[:-1], dy.stride()[:-1])
+    p.g_stream_stride = L.stream_stride(g)
+    p.dh_stream_stride = L.stream_stride(dh)
+    p.g_ptr, p.dh_ptr, p.dy_ptr = g.data_ptr(), dh.data_ptr(), dy.data_ptr()
+    p.da_ptr, p.db_ptr = dalpha_tok.data_ptr(), dbeta_tok.data_ptr()
+    vec = vec16(H.dtype)
+    vectorize = (L.vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) and L.vec_ok(p.y_ptr, p.y_tok, 0, vec)
+                 and L.vec_ok(p.g_ptr, p.g_tok, p.g_stream_stride, vec)
+                 and L.vec_ok(p.dh_ptr, p.dh_tok, p.dh_stream_stride, vec) and L.vec_ok(p.dy_ptr, p.dy_tok, 0, vec))
+    launch_hc_tile("hc_post_bwd_kernel", "kernels/hc_post.cuh", H.dtype, p, vectorize, n * (n + 2), n * (n + 1),
+                   H.device)
+    L.copy_back(dH, dh)
+    sums = TokenSums(inp.N)
+    dalpha = sums.grad(dalpha_tok.view(inp.N, -1), inp.static_alpha, alpha.shape)
+    dbeta = sums.grad(dbeta_tok, inp.static_beta, beta.shape)
+    sums.run()
+    return [dH, dy, dalpha, dbeta]
