@@ -181,9 +181,17 @@ def select_backend(op: str, capability: Optional[Tuple[int, int]]) -> str:
     return "jit" if jit is not None and op in jit.OPS else "oracle"
 
 
+@torch.compiler.assume_constant_result
+def _device_backend(op: str, device_index: int) -> str:
+    return select_backend(op, torch.cuda.get_device_capability(device_index))
+
+
 def backend_for(t: torch.Tensor, op: str) -> str:
-    """select_backend for the GPU of the CUDA tensor `t`."""
-    return select_backend(op, torch.cuda.get_device_capability(t.device))
+    """select_backend for the GPU of the CUDA tensor `t`. Under torch.compile the choice
+    is made once, at trace time, and is a constant of the graph (as the extension's
+    presence was): set CROSSLAYER_BACKEND before compiling."""
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return _device_backend(op, index)
 
 
 def runs_kernels(t: torch.Tensor, op: str) -> bool:
