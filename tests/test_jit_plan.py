@@ -25,6 +25,7 @@ from nvrtc_check import name_expression  # noqa: E402
 pytestmark = pytest.mark.cuemu
 
 STRUCTS = {"hc_post_fwd_kernel": structs.HcPostParams, "hc_post_bwd_kernel": structs.HcPostParams,
+           "stream_mix_fwd_kernel": structs.StreamMixParams, "stream_mix_bwd_kernel": structs.StreamMixParams,
            "token_sums_kernel": structs.TokenSumsParams}
 
 
@@ -132,6 +133,31 @@ def test_hc_post_plans_match(emulator, dtype, lead, n, d, static, layout):
                      [g, *inputs])
 
 
+def mixing_weights(lead, n, kind):
+    """w of stream_mix: per token, static, or static as a strided column (SHC's alpha[:, 0])."""
+    if kind == "column":
+        return torch.randn(n, n + 1)[:, 0]
+    if kind == "bf16":
+        return torch.randn((*lead, n), dtype=torch.bfloat16)
+    return torch.randn((n,) if kind == "static" else (*lead, n))
+
+
+@pytest.mark.parametrize("kind", ["per_token", "static", "column", "bf16"])
+@pytest.mark.parametrize("dtype,lead,n,d,static,layout", CASES, ids=lambda v: str(v))
+def test_stream_mix_plans_match(emulator, dtype, lead, n, d, static, layout, kind):
+    H = streams(dtype, lead, n, d, layout)
+    w = mixing_weights(lead, n, kind)
+    assert_same_plan(cpp_launches(emulator, "stream_mix_fwd", H, w), jit_launches("stream_mix_fwd", H, w), [H, w])
+    dx = torch.randn((*lead, d), dtype=dtype)
+    for accumulate in (False, True):
+        dH = streams(dtype, lead, n, d, layout)
+        args = (dH, accumulate, dx, H, w)
+        assert_same_plan(cpp_launches(emulator, "stream_mix_bwd", *args), jit_launches("stream_mix_bwd", *args),
+                         [dH, dx, H, w])
+    assert_same_plan(cpp_launches(emulator, "stream_mix_dots", dx, H), jit_launches("stream_mix_dots", dx, H),
+                     [dx, H])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_jit_hc_post_runs_on_the_gpu(monkeypatch, dtype):
@@ -157,3 +183,28 @@ def test_jit_hc_post_runs_on_the_gpu(monkeypatch, dtype):
     torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
     for got, ref_grad in zip(grads, want_grads):
         torch.testing.assert_close(got.double(), ref_grad, rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_jit_stream_mix_runs_on_the_gpu(monkeypatch, dtype):
+    """CROSSLAYER_BACKEND=jit on a GPU: ops.stream_mix forward and backward (static w)
+    through the NVRTC-compiled kernels, against the float64 oracle."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from crosslayer import _extension, ops, ref
+
+    monkeypatch.setenv("CROSSLAYER_BACKEND", "jit")
+    H = torch.randn(5, 7, 4, 200, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.randn(4, device="cuda", requires_grad=True)
+    assert _extension.backend_for(H, "stream_mix") == "jit"
+    x = ops.stream_mix(H, w)
+    g = torch.randn_like(x)
+    grads = torch.autograd.grad(x, (H, w), g)
+    inputs64 = [t.detach().double().requires_grad_(True) for t in (H, w)]
+    want = ref.stream_mix(*inputs64)
+    want_grads = torch.autograd.grad(want, inputs64, g.double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(x.double(), want, rtol=tol, atol=tol)
+    for got, ref_grad in zip(grads, want_grads):
+        torch.testing.assert_close(got.double(), ref_grad, rtol=tol, atol=tol * 50)

@@ -1,7 +1,7 @@
 """The JIT path's launchers: the functions of crosslayer._C that it covers, with the
 same signatures and results, written in Python over torch tensors and launching the
 NVRTC-compiled kernels (runtime.launch). Each mirrors the C++ launcher of the same name
-line for line (csrc/hc_post.cu, hc_post.h, hc_tile.h, token_sums.h); the
+line for line (csrc/hc_post.cu, hc_post.h, stream_mix.cu, hc_tile.h, token_sums.h); the
 plan-equality test (tests/test_jit_plan.py) holds every launch -- kernel, grid, block,
 shared memory, params bytes -- to the C++ launcher's on the CPU emulator."""
 
@@ -13,10 +13,11 @@ import torch
 
 from crosslayer._jit import layout as L
 from crosslayer._jit.runtime import cover_grid, launch
-from crosslayer._jit.structs import HcPostParams, TokenSumsParams, TokenSumsSegment, header_constant
+from crosslayer._jit.structs import (HcPostParams, HcTileParams, StreamMixParams, TokenSumsParams, TokenSumsSegment,
+                                     header_constant)
 
 # The ops whose launchers this module has (crosslayer._extension's backend choice).
-OPS = ("hc_post",)
+OPS = ("hc_post", "stream_mix")
 
 KERNEL_TYPES = {torch.float32: "float", torch.float64: "double", torch.float16: "__half",
                 torch.bfloat16: "__nv_bfloat16"}
@@ -114,6 +115,15 @@ def _lead(H: torch.Tensor) -> Tuple[list, int, int, int]:
     return lead, N, H.size(-2), H.size(-1)
 
 
+def fill_tile_streams(p: HcTileParams, N: int, n: int, d: int, H: torch.Tensor) -> torch.Tensor:
+    """csrc/hc_tile.h: the streams part of a tile kernel's params; the tensor it reads."""
+    p.n_tokens, p.d, p.n = N, d, n
+    h, p.h_tok = L.readable(H, 2)
+    p.h_stream_stride = L.stream_stride(h)
+    p.h_ptr = h.data_ptr()
+    return h
+
+
 class _HcPostInputs:
     """csrc/hc_post.h hc_post_inputs: the checked inputs, the tensors the kernels read and
     the params both directions share."""
@@ -128,10 +138,7 @@ class _HcPostInputs:
         if self.N == 0 or self.d == 0:
             return
         acc = acc_dtype(H.dtype)
-        p.n_tokens, p.d, p.n = self.N, self.d, n
-        self.H, p.h_tok = L.readable(H, 2)
-        p.h_stream_stride = L.stream_stride(self.H)
-        p.h_ptr = self.H.data_ptr()
+        self.H = fill_tile_streams(p, self.N, n, self.d, H)
         self.y, p.y_tok = L.readable(y, 1)
         self.alpha = alpha.to(acc).contiguous()
         self.beta = beta.to(acc).contiguous()
@@ -191,3 +198,85 @@ def hc_post_bwd(dHn: torch.Tensor, H: torch.Tensor, y: torch.Tensor, alpha: torc
     dbeta = sums.grad(dbeta_tok, inp.static_beta, beta.shape)
     sums.run()
     return [dH, dy, dalpha, dbeta]
+
+
+class _StreamMixInputs:
+    """csrc/stream_mix.cu stream_mix_inputs."""
+
+    def __init__(self, H, w):
+        self.lead, self.N, self.n, self.d = _lead(H)
+        n = self.n
+        assert 1 <= n <= MAX_STREAMS, f"H must have 1 to {MAX_STREAMS} streams, got {n}"
+        self.static_w = tuple(w.shape) == (n,)
+        self.p = p = StreamMixParams()
+        if self.N == 0 or self.d == 0:
+            return
+        self.H = fill_tile_streams(p, self.N, n, self.d, H)
+        # Static w in the accumulator dtype is read where it lies (any element stride),
+        # anything else as contiguous rows.
+        acc = acc_dtype(H.dtype)
+        self.w = w if self.static_w and w.dtype == acc else w.to(acc).contiguous()
+        p.w_token_stride = 0 if self.static_w else n
+        p.w_col_stride = self.w.stride(-1) if self.static_w else 1
+        p.w_ptr = self.w.data_ptr()
+
+
+def _launch_stream_mix(kernel: str, dtype: torch.dtype, p, vectorize: bool, dots: int, device) -> None:
+    launch_hc_tile(kernel, "kernels/stream_mix.cuh", dtype, p, vectorize, p.n, dots, device)
+
+
+def stream_mix_fwd(H: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """csrc/stream_mix.cu stream_mix_fwd: x (*lead, d) = Σ_i w_i·H_i, contiguous."""
+    inp = _StreamMixInputs(H, w)
+    x = torch.empty((*inp.lead, inp.d), dtype=H.dtype, device=H.device)
+    if inp.N == 0 or inp.d == 0:
+        return x
+    p = inp.p
+    p.x_tok = L.collapse_token_dims(x.shape[:-1], x.stride()[:-1])
+    p.x_ptr = x.data_ptr()
+    vec = vec16(H.dtype)
+    vectorize = L.vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) and L.vec_ok(p.x_ptr, p.x_tok, 0, vec)
+    _launch_stream_mix("stream_mix_fwd_kernel", H.dtype, p, vectorize, 0, H.device)
+    return x
+
+
+def stream_mix_bwd(dH: torch.Tensor, accumulate: bool, dx: torch.Tensor, H: torch.Tensor,
+                   w: torch.Tensor) -> torch.Tensor:
+    """csrc/stream_mix.cu stream_mix_bwd: dH written (=) or added to (+=) in place; dw."""
+    inp = _StreamMixInputs(H, w)
+    acc = acc_dtype(H.dtype)
+    if inp.N == 0 or inp.d == 0:
+        return torch.zeros(w.shape, dtype=acc, device=H.device)
+    dw_tok = torch.empty((inp.N, inp.n), dtype=acc, device=H.device)
+    p = inp.p
+    g, p.g_tok = L.readable(dx, 1)
+    dh, p.dh_tok = L.writable(dH, 2, keep_values=accumulate)
+    p.dh_stream_stride = L.stream_stride(dh)
+    p.accumulate_dh = accumulate
+    p.g_ptr, p.dh_ptr, p.dw_ptr = g.data_ptr(), dh.data_ptr(), dw_tok.data_ptr()
+    vec = vec16(H.dtype)
+    vectorize = (L.vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) and L.vec_ok(p.g_ptr, p.g_tok, 0, vec)
+                 and L.vec_ok(p.dh_ptr, p.dh_tok, p.dh_stream_stride, vec))
+    _launch_stream_mix("stream_mix_bwd_kernel", H.dtype, p, vectorize, p.n, H.device)
+    L.copy_back(dH, dh)
+    sums = TokenSums(inp.N)
+    dw = sums.grad(dw_tok, inp.static_w, w.shape)
+    sums.run()
+    return dw
+
+
+def stream_mix_dots(dx: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """csrc/stream_mix.cu stream_mix_dots: dw (*lead, n) = <dx, H_i> per token."""
+    lead, N, n, d = _lead(H)
+    acc = acc_dtype(H.dtype)
+    if N == 0 or d == 0:
+        return torch.zeros((*lead, n), dtype=acc, device=H.device)
+    dw = torch.empty((*lead, n), dtype=acc, device=H.device)
+    p = StreamMixParams()
+    h = fill_tile_streams(p, N, n, d, H)  # noqa: F841  (read by the kernel: alive until the launch)
+    g, p.g_tok = L.readable(dx, 1)
+    p.g_ptr, p.dw_ptr = g.data_ptr(), dw.data_ptr()  # w_ptr, dh_ptr null: the dots alone
+    vec = vec16(H.dtype)
+    vectorize = L.vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) and L.vec_ok(p.g_ptr, p.g_tok, 0, vec)
+    _launch_stream_mix("stream_mix_bwd_kernel", H.dtype, p, vectorize, p.n, H.device)
+    return dw

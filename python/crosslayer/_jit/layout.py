@@ -53,13 +53,17 @@ def readable(t: torch.Tensor, trailing: int) -> Tuple[torch.Tensor, TokenLayout]
     return with_token_layout(features_contiguous(t), trailing)
 
 
-def writable(out: torch.Tensor, trailing: int) -> Tuple[torch.Tensor, TokenLayout]:
+def writable(out: torch.Tensor, trailing: int, keep_values: bool = False) -> Tuple[torch.Tensor, TokenLayout]:
+    """`out` when the kernel can address it, else a contiguous scratch (holding out's
+    values first with keep_values: a kernel that adds to it) for copy_back."""
     lead = out.dim() - trailing
     if out.size(-1) <= 1 or out.stride(-1) == 1:
         layout = collapse_token_dims(out.shape[:lead], out.stride()[:lead])
         if layout is not None:
             return out, layout
     scratch = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    if keep_values:
+        scratch.copy_(out)
     return scratch, collapse_token_dims(scratch.shape[:lead], scratch.stride()[:lead])
 
 

@@ -62,6 +62,14 @@ class HcPostParams(HcTileParams):
                 ("da_ptr", c_void_p), ("db_ptr", c_void_p)]
 
 
+class StreamMixParams(HcTileParams):
+    """kernels/stream_mix.cuh."""
+    _fields_ = [("w_token_stride", c_int64), ("w_col_stride", c_int64), ("x_tok", TokenLayout), ("g_tok", TokenLayout),
+                ("dh_tok", TokenLayout), ("dh_stream_stride", c_int64), ("accumulate_dh", ctypes.c_bool),
+                ("w_ptr", c_void_p), ("x_ptr", c_void_p), ("g_ptr", c_void_p), ("dh_ptr", c_void_p),
+                ("dw_ptr", c_void_p)]
+
+
 class TokenSumsSegment(ctypes.Structure):
     """kernels/token_sums.cuh."""
     _fields_ = [("rows", c_void_p), ("cols", c_int64), ("out", c_void_p), ("outputs", c_int64), ("div", c_int64),
