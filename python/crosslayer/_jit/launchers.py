@@ -273,10 +273,11 @@ def stream_mix_dots(dx: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
         return torch.zeros((*lead, n), dtype=acc, device=H.device)
     dw = torch.empty((*lead, n), dtype=acc, device=H.device)
     p = StreamMixParams()
-    h = fill_tile_streams(p, N, n, d, H)  # noqa: F841  (read by the kernel: alive until the launch)
+    h = fill_tile_streams(p, N, n, d, H)
     g, p.g_tok = L.readable(dx, 1)
     p.g_ptr, p.dw_ptr = g.data_ptr(), dw.data_ptr()  # w_ptr, dh_ptr null: the dots alone
     vec = vec16(H.dtype)
     vectorize = L.vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) and L.vec_ok(p.g_ptr, p.g_tok, 0, vec)
     _launch_stream_mix("stream_mix_bwd_kernel", H.dtype, p, vectorize, p.n, H.device)
+    del h  # the tensor the kernel reads (H or its copy) lives until the launch is queued
     return dw
