@@ -172,16 +172,43 @@ def cuda_extension_or_reason():
     return [ext], {"build_ext": BuildExtension}, info
 
 
+def kernel_sources() -> list:
+    """The files the JIT path compiles from (crosslayer._nvrtc): csrc/build_flags.json,
+    the kernel headers and csrc/common's torch-free device headers, relative to csrc/."""
+    csrc = os.path.join(ROOT, "csrc")
+    files = ["build_flags.json", os.path.join("common", "limits.h")]
+    files += [os.path.relpath(f, csrc) for f in glob.glob(os.path.join(csrc, "common", "*.cuh"))]
+    files += [os.path.relpath(f, csrc) for f in glob.glob(os.path.join(csrc, "kernels", "**", "*.cuh"), recursive=True)]
+    return sorted(files)
+
+
+def build_py_with_kernel_sources():
+    """setuptools' build_py that also copies kernel_sources() into the built package as
+    crosslayer/csrc, so an installed package (a wheel without compiled code included)
+    carries what its JIT path compiles. An editable install reads the checkout's csrc/."""
+    from setuptools.command.build_py import build_py
+
+    class BuildPy(build_py):
+        def run(self):
+            super().run()
+            for rel in kernel_sources():
+                dst = os.path.join(self.build_lib, "crosslayer", "csrc", rel)
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                shutil.copyfile(os.path.join(ROOT, "csrc", rel), dst)
+
+    return BuildPy
+
+
 def main() -> None:
     ext_modules, cmdclass_or_reason, info = cuda_extension_or_reason()
     if ext_modules is None:
         log(f"building WITHOUT the CUDA extension: {cmdclass_or_reason}. "
-            "Every op will run on the PyTorch oracle.")
+            "Ops run on the JIT path (with CuPy) or the PyTorch oracle.")
         write_build_info(built_cuda=False, skip_reason=cmdclass_or_reason, **info)
-        setup()
+        setup(cmdclass={"build_py": build_py_with_kernel_sources()})
         return
     write_build_info(built_cuda=True, skip_reason="", **info)
-    setup(ext_modules=ext_modules, cmdclass=cmdclass_or_reason)
+    setup(ext_modules=ext_modules, cmdclass={**cmdclass_or_reason, "build_py": build_py_with_kernel_sources()})
 
 
 # pip runs this file as __main__; tests import its functions without building.

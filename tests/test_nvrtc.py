@@ -81,13 +81,18 @@ def test_options_are_build_flags():
     assert f"-I{ROOT / 'csrc'}" in opts
 
 
-def test_setup_reads_the_flag_list(monkeypatch):
-    """setup.py's nvcc and host flags are build_flags.json's, release and debug."""
+def _setup_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("crosslayer_setup", ROOT / "setup.py")
-    setup = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(setup)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_setup_reads_the_flag_list():
+    """setup.py's flags are build_flags.json's."""
+    setup = _setup_module()
     assert setup.FLAGS == FLAGS and setup.DEFAULT_ARCHS_NO_GPU == FLAGS["archs_without_gpu"]
 
 
@@ -119,3 +124,38 @@ def test_name_expressions_from_symbols():
     assert nvrtc_check.name_expression("void crosslayer::k<float>(crosslayer::P) [clone .cold]") is None
     assert nvrtc_check.name_expression("crosslayer::launch(at::Tensor const&)") is None
     assert nvrtc_check.kernel_headers()["mudd_weights_fwd_proj_kernel"] == os.path.join("kernels", "mudd_weights.cuh")
+
+
+def test_packaged_sources_close_over_the_kernel_includes():
+    """setup.py's kernel_sources() (what a wheel carries for the JIT path) holds every
+    file the kernel headers include, transitively."""
+    import re
+
+    sources = set(_setup_module().kernel_sources())
+    todo = [s for s in sources if s.startswith("kernels")]
+    seen = set()
+    while todo:
+        rel = todo.pop()
+        if rel in seen:
+            continue
+        seen.add(rel)
+        assert rel in sources, f"{rel} is included by the kernels but not packaged"
+        todo += re.findall(r'#include "([^"]+)"', (ROOT / "csrc" / rel).read_text())
+
+
+def test_a_wheel_without_compiled_code_compiles_through_nvrtc(tmp_path):
+    """CROSSLAYER_BUILD_CUDA=0 pip wheel: the wheel carries crosslayer/csrc, and the
+    installed package's NVRTC compiler finds and compiles from it."""
+    env = dict(os.environ, CROSSLAYER_BUILD_CUDA="0")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", str(ROOT),
+                    "-w", str(tmp_path / "wheel")], check=True, env=env, capture_output=True, timeout=600)
+    (wheel,) = (tmp_path / "wheel").glob("crosslayer-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"),
+                    str(wheel)], check=True, capture_output=True, timeout=600)
+    code = ("import crosslayer._nvrtc as n; assert n.csrc_dir().startswith(%r), n.csrc_dir(); "
+            "c = n.compile_kernels('kernels/stream_mix.cuh', ['crosslayer::stream_mix_fwd_kernel<float, 4, 4>'], "
+            "'sm_80', use_cache=False); print(len(c.cubin))") % str(tmp_path / "site")
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")),
+                         capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert int(out.stdout.split()[-1]) > 1000
