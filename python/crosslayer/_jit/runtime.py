@@ -6,7 +6,9 @@ stream, through CuPy's driver binding: the JIT path's `launch` (csrc/common/laun
 `header` for the current device's architecture once a process (the cubin also cached on
 disk by _nvrtc), loads it, opts in to more than 48 KB of dynamic shared memory where
 asked, and launches it with the params structure by value. Inside `planning()` nothing
-is compiled or launched: each launch is recorded instead (the plan-equality test)."""
+is compiled or launched: each launch is recorded instead (the plan-equality test).
+A kernel's first launch loads its module, which a CUDA graph capture does not allow:
+run a call once before capturing, as for any lazily loaded kernel."""
 
 from __future__ import annotations
 
@@ -79,9 +81,12 @@ def launch(header: str, kernel: str, grid, block, smem: int, params: ctypes.Stru
     from cupy_backends.cuda.api import driver
 
     index = device.index if device.index is not None else torch.cuda.current_device()
-    _, function = _function(header, kernel, device_arch(device), index)
-    if smem > 48 * 1024:
-        driver.funcSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, function.ptr, smem)
-    args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
-    stream = torch.cuda.current_stream(device).cuda_stream
-    driver.launchKernel(function.ptr, *grid, *block, smem, stream, ctypes.addressof(args), 0)
+    # The module is loaded into, and the launch made in, the tensors' device's primary
+    # context (torch's), whatever device is current.
+    with torch.cuda.device(index):
+        _, function = _function(header, kernel, device_arch(device), index)
+        if smem > 48 * 1024:
+            driver.funcSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, function.ptr, smem)
+        args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+        stream = torch.cuda.current_stream(index).cuda_stream
+        driver.launchKernel(function.ptr, *grid, *block, smem, stream, ctypes.addressof(args), 0)
