@@ -34,8 +34,9 @@ def stand_ins(monkeypatch):
     (True, "8.0;9.0", True, (9, 0), "extension", "extension"),
     (True, "8.0;9.0", False, None, "extension", "extension"),   # no GPU visible: what a covered one runs
     (True, "8.0", True, (9, 0), "jit", "oracle"),                # built for another GPU
-    (True, "8.0+PTX", True, (9, 0), "extension", "extension"),   # PTX at or below the GPU's runs
-    (True, "9.0+PTX", False, (8, 6), "oracle", "oracle"),
+    (True, "8.0+PTX", True, (9, 0), "jit", "oracle"),            # as info's GPU line: not built for 9.0
+    (True, "9.0+PTX", False, (9, 0), "extension", "extension"),
+    (True, "8.0 9.0", False, (9, 0), "extension", "extension"),   # TORCH_CUDA_ARCH_LIST's spaces
     (True, "8.6", True, (8, 9), "jit", "oracle"),
     (True, "9.0a", True, (9, 0), "extension", "extension"),
     (False, "", True, (9, 0), "jit", "oracle"),

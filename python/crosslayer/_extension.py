@@ -20,6 +20,7 @@ import contextlib
 import functools
 import importlib
 import os
+import re
 from types import ModuleType
 from typing import Iterator, Optional, Tuple
 
@@ -136,24 +137,27 @@ def jit_backend() -> Tuple[Optional[ModuleType], str]:
     return launchers, ""
 
 
+def recorded_archs(record: dict) -> list:
+    """The architectures a build record lists ("8.0", "9.0+PTX", ...; TORCH_CUDA_ARCH_LIST's
+    separators: ";", "," or spaces)."""
+    return [a for a in re.split(r"[;,\s]+", record.get("cuda_archs", "")) if a]
+
+
+def archs_cover(archs: list, capability: Tuple[int, int]) -> bool:
+    """Whether a build for `archs` holds code compiled for a GPU of `capability`: one of
+    them is its architecture ("9.0", or "9.0a" / "9.0+PTX" for 9.0). No list (no build
+    record, as after a CMake build): trusted."""
+    if not archs:
+        return True
+    want = f"{capability[0]}.{capability[1]}"
+    return any(a.split("+")[0].rstrip("a") == want for a in archs)
+
+
 @functools.lru_cache(maxsize=None)
 def extension_covers(capability: Tuple[int, int]) -> bool:
-    """Whether the loaded _C holds code for a GPU of `capability`: its build's
-    architectures include it exactly, or as PTX of one at or below it."""
-    if _C is None:
-        return False
-    archs = [a.strip() for a in build_info().get("cuda_archs", "").replace(",", ";").replace(" ", ";").split(";")
-             if a.strip()]
-    if not archs:  # no build record (a CMake build): trust it
-        return True
-    cap = capability[0] * 10 + capability[1]
-    for arch in archs:
-        base, ptx = arch.split("+")[0], arch.endswith("+PTX")
-        major, minor = base.split(".")
-        value = int(major) * 10 + int(minor.rstrip("a"))
-        if value == cap or (ptx and value <= cap):
-            return True
-    return False
+    """Whether the loaded _C holds code compiled for a GPU of `capability` (archs_cover
+    of its build record)."""
+    return _C is not None and archs_cover(recorded_archs(build_info()), capability)
 
 
 def select_backend(op: str, capability: Optional[Tuple[int, int]]) -> str:

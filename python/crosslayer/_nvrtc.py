@@ -28,7 +28,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -116,8 +116,11 @@ def _libcudacxx_dir() -> str:
     raise JitUnavailable(f"no libcu++ (cuda/std/cstdint) found; looked in {', '.join(candidates)}")
 
 
-def include_dirs() -> List[str]:
-    return [csrc_dir(), _libcudacxx_dir(), _cuda_include_dir()]
+@functools.lru_cache(maxsize=None)
+def include_dirs() -> Tuple[str, ...]:
+    """csrc/, libcu++ and the CUDA headers: found once a process (every compile and cache
+    key reads them)."""
+    return csrc_dir(), _libcudacxx_dir(), _cuda_include_dir()
 
 
 def options(arch: str) -> List[str]:

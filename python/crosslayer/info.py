@@ -12,7 +12,7 @@ import os
 import torch
 
 from crosslayer import _nvrtc, ops
-from crosslayer._extension import _C, forced_backend, jit_backend
+from crosslayer._extension import _C, archs_cover, forced_backend, jit_backend, recorded_archs
 from crosslayer._extension import build_info as _recorded_build_info
 
 
@@ -24,7 +24,7 @@ def build_info() -> dict:
     nvcc_version, cuda_home, skip_reason, extension_disabled.
     """
     rec = _recorded_build_info()
-    archs = [a.strip() for a in rec.get("cuda_archs", "").replace(",", ";").split(";") if a.strip()]
+    archs = recorded_archs(rec)
     return {
         "torch_version": torch.__version__,
         "torch_cuda": torch.version.cuda,
@@ -54,7 +54,7 @@ def report() -> str:
         cap = f"{major}.{minor}"
         # Only a loaded extension covers anything: with CROSSLAYER_DISABLE_EXTENSION=1 the
         # build record still lists archs, but every op runs on the oracle.
-        covered = info["built_cuda"] and any(a.split("+")[0] == cap for a in info["archs"])
+        covered = info["built_cuda"] and archs_cover(info["archs"], (major, minor))
         lines.append(
             f"GPU              {torch.cuda.get_device_name()} (sm {cap}); "
             + ("the build covers it" if covered else

@@ -7,10 +7,12 @@ shared memory, params bytes -- to the C++ launcher's on the CPU emulator."""
 
 from __future__ import annotations
 
+import math
 from typing import List, Sequence, Tuple
 
 import torch
 
+from crosslayer._checks import acc_dtype
 from crosslayer._jit import layout as L
 from crosslayer._jit.runtime import cover_grid, launch
 from crosslayer._jit.structs import (HcPostParams, HcTileParams, StreamMixParams, TokenSumsParams, TokenSumsSegment,
@@ -29,10 +31,6 @@ WARP_SIZE = header_constant("kWarpSize", "common/reduce.cuh")
 SMEM_BUDGET = 48 * 1024  # token_tile_block's
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def kernel_type(dtype: torch.dtype) -> str:
     if dtype not in KERNEL_TYPES:
         raise TypeError(f"crosslayer's kernels take float32, float64, float16 or bfloat16 tensors, got {dtype}")
@@ -41,7 +39,14 @@ def kernel_type(dtype: torch.dtype) -> str:
 
 def vec16(dtype: torch.dtype) -> int:
     """common/vec.cuh kVec16<T>: elements in 16 bytes."""
-    return 16 // torch.empty((), dtype=dtype).element_size()
+    return 16 // dtype.itemsize
+
+
+def vectorizable(dtype: torch.dtype, *accesses) -> bool:
+    """The launchers' 16-byte path test: vec_ok of every (pointer, TokenLayout, stream
+    stride) the kernel reads or writes."""
+    vec = vec16(dtype)
+    return all(L.vec_ok(ptr, tok, stream, vec) for ptr, tok, stream in accesses)
 
 
 def dispatch_streams(n: int, exact: Sequence[int], generic: int) -> int:
@@ -64,7 +69,7 @@ def token_tile_block(n_tokens: int, d: int, vec: int, row_bytes: int, warp_bytes
 def launch_hc_tile(kernel: str, header: str, dtype: torch.dtype, p, vectorize: bool, coef_per_row: int,
                    dots_per_warp: int, device: torch.device) -> None:
     """csrc/hc_tile.h launch_hc_tile."""
-    acc_bytes = torch.empty((), dtype=acc_dtype(dtype)).element_size()
+    acc_bytes = acc_dtype(dtype).itemsize
     vec = vec16(dtype) if vectorize else 1
     threads_x, rows, smem = token_tile_block(p.n_tokens, p.d, vec, acc_bytes * coef_per_row,
                                              acc_bytes * dots_per_warp)
@@ -101,18 +106,20 @@ class TokenSums:
         for s, (rows, out, div, col0, width) in enumerate(self.segs):
             p.seg[s] = TokenSumsSegment(rows.data_ptr(), rows.size(1), out.data_ptr(), out.numel(), div, col0, width)
             outputs += out.numel()
-        acc = {torch.float32: "float", torch.float64: "double"}[self.segs[0][0].dtype]
-        launch("kernels/token_sums.cuh", f"crosslayer::token_sums_kernel<{acc}>", (cover_grid(outputs, 1),),
-               (TOKEN_SUMS_THREADS,), TOKEN_SUMS_THREADS // WARP_SIZE * 8, p, self.segs[0][0].device)
+        rows = self.segs[0][0]
+        warp_sums = TOKEN_SUMS_THREADS // WARP_SIZE * torch.float64.itemsize  # a double a warp
+        launch("kernels/token_sums.cuh", f"crosslayer::token_sums_kernel<{kernel_type(rows.dtype)}>",
+               (cover_grid(outputs, 1),), (TOKEN_SUMS_THREADS,), warp_sums, p, rows.device)
         self.segs.clear()
 
 
-def _lead(H: torch.Tensor) -> Tuple[list, int, int, int]:
+def stream_shape(H: torch.Tensor) -> Tuple[list, int, int, int]:
+    """(lead, N, n, d) of the streams H (*lead, n, d), 1 <= n <= kMaxStreams
+    (common/layout.h check_streams; the public functions have validated the rest)."""
     lead = list(H.shape[:-2])
-    N = 1
-    for s in lead:
-        N *= s
-    return lead, N, H.size(-2), H.size(-1)
+    n = H.size(-2)
+    assert 1 <= n <= MAX_STREAMS, f"H must have 1 to {MAX_STREAMS} streams, got {n}"
+    return lead, math.prod(lead), n, H.size(-1)
 
 
 def fill_tile_streams(p: HcTileParams, N: int, n: int, d: int, H: torch.Tensor) -> torch.Tensor:
@@ -129,9 +136,8 @@ class _HcPostInputs:
     the params both directions share."""
 
     def __init__(self, H, y, alpha, beta):
-        self.lead, self.N, self.n, self.d = _lead(H)
+        self.lead, self.N, self.n, self.d = stream_shape(H)
         n = self.n
-        assert 1 <= n <= MAX_STREAMS, f"H must have 1 to {MAX_STREAMS} streams, got {n}"
         self.static_alpha = tuple(alpha.shape) == (n, n + 1)
         self.static_beta = tuple(beta.shape) == (n,)
         self.p = p = HcPostParams()
@@ -157,9 +163,8 @@ def hc_post_fwd(H: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: tor
     o, p.out_tok = L.writable(out, 2)
     p.out_stream_stride = L.stream_stride(o)
     p.out_ptr = o.data_ptr()
-    vec = vec16(H.dtype)
-    vectorize = (L.vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) and L.vec_ok(p.y_ptr, p.y_tok, 0, vec)
-                 and L.vec_ok(p.out_ptr, p.out_tok, p.out_stream_stride, vec))
+    vectorize = vectorizable(H.dtype, (p.h_ptr, p.h_tok, p.h_stream_stride), (p.y_ptr, p.y_tok, 0),
+                             (p.out_ptr, p.out_tok, p.out_stream_stride))
     launch_hc_tile("hc_post_fwd_kernel", "kernels/hc_post.cuh", H.dtype, p, vectorize, p.n * (p.n + 2), 0, H.device)
     L.copy_back(out, o)
     return out
@@ -186,10 +191,9 @@ def hc_post_bwd(dHn: torch.Tensor, H: torch.Tensor, y: torch.Tensor, alpha: torc
     p.dh_stream_stride = L.stream_stride(dh)
     p.g_ptr, p.dh_ptr, p.dy_ptr = g.data_ptr(), dh.data_ptr(), dy.data_ptr()
     p.da_ptr, p.db_ptr = dalpha_tok.data_ptr(), dbeta_tok.data_ptr()
-    vec = vec16(H.dtype)
-    vectorize = (L.vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) and L.vec_ok(p.y_ptr, p.y_tok, 0, vec)
-                 and L.vec_ok(p.g_ptr, p.g_tok, p.g_stream_stride, vec)
-                 and L.vec_ok(p.dh_ptr, p.dh_tok, p.dh_stream_stride, vec) and L.vec_ok(p.dy_ptr, p.dy_tok, 0, vec))
+    vectorize = vectorizable(H.dtype, (p.h_ptr, p.h_tok, p.h_stream_stride), (p.y_ptr, p.y_tok, 0),
+                             (p.g_ptr, p.g_tok, p.g_stream_stride), (p.dh_ptr, p.dh_tok, p.dh_stream_stride),
+                             (p.dy_ptr, p.dy_tok, 0))
     launch_hc_tile("hc_post_bwd_kernel", "kernels/hc_post.cuh", H.dtype, p, vectorize, n * (n + 2), n * (n + 1),
                    H.device)
     L.copy_back(dH, dh)
@@ -204,9 +208,8 @@ class _StreamMixInputs:
     """csrc/stream_mix.cu stream_mix_inputs."""
 
     def __init__(self, H, w):
-        self.lead, self.N, self.n, self.d = _lead(H)
+        self.lead, self.N, self.n, self.d = stream_shape(H)
         n = self.n
-        assert 1 <= n <= MAX_STREAMS, f"H must have 1 to {MAX_STREAMS} streams, got {n}"
         self.static_w = tuple(w.shape) == (n,)
         self.p = p = StreamMixParams()
         if self.N == 0 or self.d == 0:
@@ -234,8 +237,7 @@ def stream_mix_fwd(H: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     p = inp.p
     p.x_tok = L.collapse_token_dims(x.shape[:-1], x.stride()[:-1])
     p.x_ptr = x.data_ptr()
-    vec = vec16(H.dtype)
-    vectorize = L.vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) and L.vec_ok(p.x_ptr, p.x_tok, 0, vec)
+    vectorize = vectorizable(H.dtype, (p.h_ptr, p.h_tok, p.h_stream_stride), (p.x_ptr, p.x_tok, 0))
     _launch_stream_mix("stream_mix_fwd_kernel", H.dtype, p, vectorize, 0, H.device)
     return x
 
@@ -254,9 +256,8 @@ def stream_mix_bwd(dH: torch.Tensor, accumulate: bool, dx: torch.Tensor, H: torc
     p.dh_stream_stride = L.stream_stride(dh)
     p.accumulate_dh = accumulate
     p.g_ptr, p.dh_ptr, p.dw_ptr = g.data_ptr(), dh.data_ptr(), dw_tok.data_ptr()
-    vec = vec16(H.dtype)
-    vectorize = (L.vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) and L.vec_ok(p.g_ptr, p.g_tok, 0, vec)
-                 and L.vec_ok(p.dh_ptr, p.dh_tok, p.dh_stream_stride, vec))
+    vectorize = vectorizable(H.dtype, (p.h_ptr, p.h_tok, p.h_stream_stride), (p.g_ptr, p.g_tok, 0),
+                             (p.dh_ptr, p.dh_tok, p.dh_stream_stride))
     _launch_stream_mix("stream_mix_bwd_kernel", H.dtype, p, vectorize, p.n, H.device)
     L.copy_back(dH, dh)
     sums = TokenSums(inp.N)
@@ -267,7 +268,7 @@ def stream_mix_bwd(dH: torch.Tensor, accumulate: bool, dx: torch.Tensor, H: torc
 
 def stream_mix_dots(dx: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """csrc/stream_mix.cu stream_mix_dots: dw (*lead, n) = <dx, H_i> per token."""
-    lead, N, n, d = _lead(H)
+    lead, N, n, d = stream_shape(H)
     acc = acc_dtype(H.dtype)
     if N == 0 or d == 0:
         return torch.zeros((*lead, n), dtype=acc, device=H.device)
@@ -276,8 +277,7 @@ def stream_mix_dots(dx: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     h = fill_tile_streams(p, N, n, d, H)
     g, p.g_tok = L.readable(dx, 1)
     p.g_ptr, p.dw_ptr = g.data_ptr(), dw.data_ptr()  # w_ptr, dh_ptr null: the dots alone
-    vec = vec16(H.dtype)
-    vectorize = L.vec_ok(p.h_ptr, p.h_tok, p.h_stream_stride, vec) and L.vec_ok(p.g_ptr, p.g_tok, 0, vec)
+    vectorize = vectorizable(H.dtype, (p.h_ptr, p.h_tok, p.h_stream_stride), (p.g_ptr, p.g_tok, 0))
     _launch_stream_mix("stream_mix_bwd_kernel", H.dtype, p, vectorize, p.n, H.device)
     del h  # the tensor the kernel reads (H or its copy) lives until the launch is queued
     return dw

@@ -164,17 +164,21 @@ def _parameters(hc: nn.Module, H: Tensor):
     return _ConnectionParameters.apply(hc.fn, hc.base, hc.scale, acc_dtype(H.dtype))
 
 
+def _coefficient_options(hc: nn.Module) -> dict:
+    """The mHC coefficients' float arguments of the connection hc (module docstring)."""
+    return dict(eps=hc.input_norm.eps, pre_eps=hc.hc_eps, post_mult=2.0, iters=hc.hc_sinkhorn_iters,
+                sinkhorn_eps=hc.hc_eps)
+
+
 def _pre(hc: nn.Module, H: Tensor):
     """(x, alpha, beta, H_post) of one DeepseekV4HyperConnection on the streams H."""
-    return ops.mhc_pre_for_post(H, *_parameters(hc, H), eps=hc.input_norm.eps, pre_eps=hc.hc_eps, post_mult=2.0,
-                                iters=hc.hc_sinkhorn_iters, sinkhorn_eps=hc.hc_eps)
+    return ops.mhc_pre_for_post(H, *_parameters(hc, H), **_coefficient_options(hc))
 
 
 def _boundary(hc: nn.Module, H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor):
     """(H', x', alpha', beta'): the post (alpha, beta) of H with the block output y, fused
     with the pre of the DeepseekV4HyperConnection hc on H'."""
-    return ops.mhc_boundary(H, y, alpha, beta, *_parameters(hc, H), eps=hc.input_norm.eps, pre_eps=hc.hc_eps,
-                            post_mult=2.0, iters=hc.hc_sinkhorn_iters, sinkhorn_eps=hc.hc_eps)
+    return ops.mhc_boundary(H, y, alpha, beta, *_parameters(hc, H), **_coefficient_options(hc))
 
 
 def _joins_boundaries(layer: nn.Module) -> bool:
@@ -237,7 +241,7 @@ class FusedDeepseekV4HyperHead(dsv4.DeepseekV4HyperHead):
     model's own forward casts to float32 in any dtype)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(x.dtype)
         flat = x.flatten(2).to(acc)
         flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.input_norm.eps)
         mixes = nn.functional.linear(flat, self.hc_fn.to(acc))
