@@ -155,6 +155,22 @@ bool g_counting = false;
 std::vector<Record> g_records;
 int g_sm_count = 132;
 
+// The emulated device: an H100 SXM (the yardstick GPU of DESIGN.md); its SM count is
+// g_sm_count (132 unless tools/cuemu/count.py scales the device with the tokens).
+constexpr int kSmemOptin = 232448;   // 227 KB per block with the opt-in
+constexpr int kSmemPerSM = 233472;   // 228 KB
+constexpr int kL2Bytes = 52428800;   // 50 MB (not scaled with the SM count)
+constexpr int kCapability[2] = {9, 0};
+
+// Blocks per SM from threads and shared memory alone (registers are not modelled: a
+// GPU may hold fewer), at most 32; 1 KB of shared memory a block is reserved, as on
+// sm 8.0 and 9.0.
+int occupancy(int threads, size_t smem) {
+  const int by_threads = threads > 0 ? 2048 / threads : 0;
+  const int by_smem = static_cast<int>(kSmemPerSM / (smem + 1024));
+  return std::max(0, std::min({by_threads, by_smem, 32}));
+}
+
 // Pages known to lie wholly inside one allocation of the snapshot (idx >= 0) or wholly
 // outside all of them (idx = -1): most accesses are to registers and local memory on
 // the fiber stacks, rejected here without a search.
@@ -339,6 +355,11 @@ void misaligned(uintptr_t a, int n, bool store) {
 extern "C" {
 
 int cuemu_rt_sm_count() { return g_sm_count; }
+int cuemu_rt_smem_optin() { return kSmemOptin; }
+int cuemu_rt_smem_per_sm() { return kSmemPerSM; }
+int cuemu_rt_l2_bytes() { return kL2Bytes; }
+int cuemu_rt_capability(int minor) { return kCapability[minor ? 1 : 0]; }
+int cuemu_rt_occupancy(int threads, size_t smem) { return occupancy(threads, smem); }
 
 void cuemu_rt_set_thread(int linear) {
   t_thread = g_launch.active ? linear : -1;
@@ -492,5 +513,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("drain", &drain, "the records since the last drain, in launch order");
   m.def("set_sm_count", &set_sm_count, "SMs the emulated device reports (default 132, an H100 SXM)");
   m.def("sm_count", [] { return g_sm_count; });
+  m.def(
+      "device",
+      [] {
+        py::dict d;
+        d["sms"] = g_sm_count;
+        d["smem_optin"] = kSmemOptin;
+        d["smem_per_sm"] = kSmemPerSM;
+        d["l2_bytes"] = kL2Bytes;
+        d["capability"] = py::make_tuple(kCapability[0], kCapability[1]);
+        return d;
+      },
+      "the emulated device's attributes (what cudaDeviceGetAttribute reports)");
+  m.def("occupancy", &occupancy, "blocks per SM of a kernel with `threads` threads and `smem` bytes of dynamic "
+        "shared memory (cudaOccupancyMaxActiveBlocksPerMultiprocessor's stand-in)", py::arg("threads"),
+        py::arg("smem"));
   m.def("allocation_of", &allocation_of, "(id, base, size) of the registered allocation holding ptr, or ()");
 }

@@ -190,6 +190,13 @@ enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 // which launch, block and thread runs.
 extern "C" {
 int cuemu_rt_sm_count();
+// The rest of the emulated device's attributes and its occupancy rule (count_rt.cpp:
+// one definition, which the JIT path's plan tests use as their device model too).
+int cuemu_rt_smem_optin();
+int cuemu_rt_smem_per_sm();
+int cuemu_rt_l2_bytes();
+int cuemu_rt_capability(int minor);
+int cuemu_rt_occupancy(int threads, size_t smem);
 void cuemu_rt_set_thread(int linear);
 void cuemu_rt_launch_begin(const void* kernel, const char* name, const unsigned* grid,
                            const unsigned* block, size_t smem, const void* args, size_t args_bytes);
@@ -201,12 +208,9 @@ void cuemu_rt_set_fault_handler(void (*handler)(uintptr_t addr, int size, int st
 
 namespace cuemu {
 
-// The emulated device: an H100 SXM (the yardstick GPU of DESIGN.md); its SM count is
-// the counter's (132 unless tools/cuemu/count.py scales the device with the tokens).
-constexpr int kSmemOptin = 232448;     // 227 KB per block with the opt-in
-constexpr int kSmemDefault = 49152;    // without cudaFuncSetAttribute
-constexpr int kSmemPerSM = 233472;     // 228 KB
-constexpr int kL2Bytes = 52428800;     // 50 MB (not scaled with the SM count)
+// The emulated device (count_rt.cpp's cuemu_rt_* attributes: an H100 SXM) without
+// the opt-in to more dynamic shared memory.
+constexpr int kSmemDefault = 49152;
 constexpr size_t kStackBytes = 128 * 1024;
 
 // cuemu_switch(&from_sp, to_sp): saves the callee-saved state on the current stack,
@@ -746,19 +750,19 @@ inline cudaError_t cudaPeekAtLastError() { return cuemu::emu().last_error; }
 inline const char* cudaGetErrorString(cudaError_t) { return cuemu::emu().last_message.c_str(); }
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
   switch (attr) {
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = cuemu::kSmemOptin; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = cuemu_rt_smem_optin(); break;
     case cudaDevAttrMultiProcessorCount: *v = cuemu_rt_sm_count(); break;
-    case cudaDevAttrComputeCapabilityMajor: *v = 9; break;
-    case cudaDevAttrComputeCapabilityMinor: *v = 0; break;
-    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *v = cuemu::kSmemPerSM; break;
-    case cudaDevAttrL2CacheSize: *v = cuemu::kL2Bytes; break;
+    case cudaDevAttrComputeCapabilityMajor: *v = cuemu_rt_capability(0); break;
+    case cudaDevAttrComputeCapabilityMinor: *v = cuemu_rt_capability(1); break;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *v = cuemu_rt_smem_per_sm(); break;
+    case cudaDevAttrL2CacheSize: *v = cuemu_rt_l2_bytes(); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaSuccess;
 }
 template <typename... P>
 inline cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
-  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > cuemu::kSmemOptin) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > cuemu_rt_smem_optin()) {
     cuemu::set_error(cudaErrorInvalidValue, "cudaFuncSetAttribute: dynamic shared memory " +
                                                 std::to_string(value) + " B above the opt-in limit");
     return cudaErrorInvalidValue;
@@ -766,12 +770,10 @@ inline cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute 
   cuemu::emu().smem_limit[reinterpret_cast<const void*>(kernel)] = value;
   return cudaSuccess;
 }
-// Blocks per SM from threads and shared memory alone (registers are not modelled).
+// Blocks per SM: cuemu_rt_occupancy (threads and shared memory alone).
 template <typename... P>
 inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, void (*)(P...), int threads,
                                                                  size_t smem) {
-  int by_threads = threads > 0 ? 2048 / threads : 0;
-  int by_smem = static_cast<int>(cuemu::kSmemPerSM / (smem + 1024));
-  *n = std::max(0, std::min({by_threads, by_smem, 32}));
+  *n = cuemu_rt_occupancy(threads, smem);
   return cudaSuccess;
 }
