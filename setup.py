@@ -173,12 +173,12 @@ def cuda_extension_or_reason():
 
 
 def kernel_sources() -> list:
-    """The files the JIT path compiles from (crosslayer._nvrtc): csrc/build_flags.json,
-    the kernel headers and csrc/common's torch-free device headers, relative to csrc/."""
+    """The files the JIT path compiles from (crosslayer._nvrtc), relative to csrc/:
+    build_flags.json and its `kernel_sources` globs."""
     csrc = os.path.join(ROOT, "csrc")
-    files = ["build_flags.json", os.path.join("common", "limits.h")]
-    files += [os.path.relpath(f, csrc) for f in glob.glob(os.path.join(csrc, "common", "*.cuh"))]
-    files += [os.path.relpath(f, csrc) for f in glob.glob(os.path.join(csrc, "kernels", "**", "*.cuh"), recursive=True)]
+    files = {"build_flags.json"}
+    for pattern in FLAGS["kernel_sources"]:
+        files.update(os.path.relpath(f, csrc) for f in glob.glob(os.path.join(csrc, pattern), recursive=True))
     return sorted(files)
 
 

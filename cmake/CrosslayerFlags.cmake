@@ -7,6 +7,8 @@
 #                                 (CROSSLAYER_PTXAS_VERBOSE), as setup.py's
 #   CROSSLAYER_CXX_FLAGS          the host compiler's
 #   CROSSLAYER_ARCHS_WITHOUT_GPU  TORCH_CUDA_ARCH_LIST's default without a GPU
+#   CROSSLAYER_KERNEL_SOURCES     the torch-free kernel sources, relative to csrc/ (its
+#                                 "kernel_sources" globs: what crosslayer::kernels installs)
 file(READ "${CMAKE_CURRENT_LIST_DIR}/../csrc/build_flags.json" _crosslayer_flags_json)
 
 function(_crosslayer_flag_list out key)
@@ -37,3 +39,18 @@ if(CROSSLAYER_PTXAS_VERBOSE)
   list(APPEND CROSSLAYER_NVCC_FLAGS ${_crosslayer_ptxas})
 endif()
 string(JSON CROSSLAYER_ARCHS_WITHOUT_GPU GET "${_crosslayer_flags_json}" archs_without_gpu)
+
+_crosslayer_flag_list(_crosslayer_source_globs kernel_sources)
+set(CROSSLAYER_KERNEL_SOURCES "")
+foreach(pattern IN LISTS _crosslayer_source_globs)
+  # "dir/**/*.cuh": *.cuh at any depth under dir (GLOB_RECURSE); else one directory (GLOB).
+  if(pattern MATCHES "^(.*)\\*\\*/(.*)$")
+    file(GLOB_RECURSE _crosslayer_found RELATIVE "${CMAKE_CURRENT_LIST_DIR}/../csrc"
+         "${CMAKE_CURRENT_LIST_DIR}/../csrc/${CMAKE_MATCH_1}${CMAKE_MATCH_2}")
+  else()
+    file(GLOB _crosslayer_found RELATIVE "${CMAKE_CURRENT_LIST_DIR}/../csrc" "${CMAKE_CURRENT_LIST_DIR}/../csrc/${pattern}")
+  endif()
+  list(APPEND CROSSLAYER_KERNEL_SOURCES ${_crosslayer_found})
+endforeach()
+list(REMOVE_DUPLICATES CROSSLAYER_KERNEL_SOURCES)
+list(SORT CROSSLAYER_KERNEL_SOURCES)

@@ -113,6 +113,20 @@ def test_cmake_reads_the_flag_list(tmp_path, debug):
     assert got["ARCHS"] == FLAGS["archs_without_gpu"]
 
 
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
+def test_one_kernel_source_list(tmp_path):
+    """setup.py (what a wheel carries), CMake (what crosslayer::kernels installs) and
+    crosslayer._nvrtc (what the JIT cache hashes) read the same list of kernel sources."""
+    script = tmp_path / "sources.cmake"
+    script.write_text(f'include("{ROOT / "cmake" / "CrosslayerFlags.cmake"}")\n'
+                      'message(STATUS "SOURCES=${CROSSLAYER_KERNEL_SOURCES}")\n')
+    out = subprocess.run(["cmake", "-P", str(script)], capture_output=True, text=True, check=True).stdout
+    cmake = out.split("SOURCES=", 1)[1].strip().split(";")
+    nvrtc = _nvrtc.kernel_sources(str(ROOT / "csrc"))
+    assert cmake == nvrtc and "kernels/phases/slot_tile.cuh" in nvrtc and "common/limits.h" in nvrtc
+    assert _setup_module().kernel_sources() == sorted(nvrtc + ["build_flags.json"])
+
+
 def test_nvcc_check_reads_the_flag_list():
     text = (ROOT / "tools" / "nvcc_check.sh").read_text()
     assert "build_flags.json" in text and "-O3" not in text and "__CUDA_NO_HALF" not in text

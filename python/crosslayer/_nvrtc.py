@@ -22,6 +22,7 @@ there; the binding used here (cupy_backends.cuda.libs.nvrtc) does not.
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import importlib.util
 import json
@@ -129,19 +130,24 @@ def options(arch: str) -> List[str]:
     return [f"-arch={arch}", *flags["nvrtc"], *flags["defines"], *(f"-I{d}" for d in include_dirs())]
 
 
+def kernel_sources(root: str) -> List[str]:
+    """The kernel-side sources under `root` (a csrc/): build_flags.json's
+    `kernel_sources` globs, sorted, relative to root."""
+    files = set()
+    for pattern in build_flags()["kernel_sources"]:
+        files.update(os.path.relpath(f, root) for f in glob.glob(os.path.join(root, pattern), recursive=True))
+    return sorted(files)
+
+
 @functools.lru_cache(maxsize=None)
 def _sources_digest() -> str:
-    """sha256 over every kernel-side source (csrc/kernels, csrc/common), paths included."""
+    """sha256 over every kernel-side source (kernel_sources), paths included."""
     h = hashlib.sha256()
     root = csrc_dir()
-    for sub in ("kernels", "common"):
-        for dirpath, dirnames, filenames in os.walk(os.path.join(root, sub)):
-            dirnames.sort()
-            for name in sorted(filenames):
-                path = os.path.join(dirpath, name)
-                h.update(os.path.relpath(path, root).encode() + b"\0")
-                with open(path, "rb") as f:
-                    h.update(f.read() + b"\0")
+    for rel in kernel_sources(root):
+        h.update(rel.encode() + b"\0")
+        with open(os.path.join(root, rel), "rb") as f:
+            h.update(f.read() + b"\0")
     return h.hexdigest()
 
 
