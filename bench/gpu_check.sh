@@ -5,9 +5,10 @@
 # (bench_depth_aggregate.py, bench_hc.py, bench_mudd.py, bench_mhc.py, then bench_transformers.py,
 # each even when another failed; bench_transformers exits 4, not a failure, where the machine
 # has no transformers 5.23.0) and prints a short summary last. Logs and the results CSV go to $OUT (default
-# bench/results): build.log, info.txt, tests_gpu.log, bench_depth_aggregate.log,
+# bench/results): build.log, info.txt, tests_gpu_<backend>.log, bench_depth_aggregate.log,
 # bench_hc.log, bench_mudd.log, bench_mhc.log, bench_transformers.log, results.csv (every bench appends to it).
 # Environment: OUT, PYTHON (default python3, else python), TORCH_CUDA_ARCH_LIST (9.0),
+# GPU_TEST_BACKENDS (default "extension jit": the GPU tests run once on each),
 # MAX_JOBS (16), BENCH_ARGS (--quick), STAGES (default "tests bench"; add "demo" for the
 # GPU demo table, python -m crosslayer.demo --preset gpu --steps DEMO_STEPS (300) on
 # DEMO_SCHEMES (all six), logs in $OUT/demo). The build always runs first, so a device
@@ -26,6 +27,10 @@ if [ -z "${PYTHON:-}" ]; then
     if command -v python3 >/dev/null 2>&1; then PYTHON=python3; else PYTHON=python; fi
 fi
 BENCH_ARGS=${BENCH_ARGS:---quick}
+GPU_TEST_BACKENDS=${GPU_TEST_BACKENDS:-extension jit}
+for backend in $GPU_TEST_BACKENDS; do
+    case "$backend" in extension|jit) ;; *) echo "unknown backend '$backend' in GPU_TEST_BACKENDS (extension, jit)"; exit 2 ;; esac
+done
 
 BENCHES="bench_depth_aggregate bench_hc bench_mudd bench_mhc bench_transformers"
 STAGES=${STAGES:-tests bench}
@@ -96,23 +101,34 @@ if [ "$build_rc" -eq 0 ]; then
     set -e
     [ "$info_rc" -eq 0 ] || echo "python -m crosslayer.info exited $info_rc"
 
-    # ---- 4. GPU tests (exit 5 = no tests collected counts as a failure: they must exist)
+    # ---- 4. GPU tests, once per backend (CROSSLAYER_BACKEND: the extension just built,
+    # then the JIT path through CuPy's NVRTC; GPU_TEST_BACKENDS picks), each its own log.
+    # Exit 5 = no tests collected counts as a failure: they must exist.
     if has_stage tests; then
-        section "GPU tests"
-        set +e
-        "$PYTHON" -m pytest tests -q --maxfail=25 -m gpu 2>&1 | tee "$OUT/tests_gpu.log"
-        tests_rc=${PIPESTATUS[0]}
-        set -e
-        # The pytest summary line, e.g. "12 passed, 1 failed, 2 skipped in 3.41s".
-        counts_re='[0-9]+ (passed|failed|errors?|skipped|xfailed|xpassed|deselected|warnings?)'
-        summary_line=$(grep -E "$counts_re|no tests ran" "$OUT/tests_gpu.log" | tail -n 1 || true)
-        tests_counts=$(printf '%s\n' "$summary_line" | grep -Eo "$counts_re" | paste -sd, - || true)
-        [ -n "$tests_counts" ] || tests_counts="no summary line"
-        case "$tests_rc" in
-            0) tests_status=passed ;;
-            5) tests_status="FAILED (no GPU tests collected, pytest exit 5)" ;;
-            *) tests_status="FAILED (pytest exit $tests_rc)" ;;
-        esac
+        tests_rc=0
+        tests_status=""
+        tests_counts=""
+        for backend in $GPU_TEST_BACKENDS; do
+            section "GPU tests, backend $backend"
+            log="$OUT/tests_gpu_$backend.log"
+            set +e
+            CROSSLAYER_BACKEND=$backend "$PYTHON" -m pytest tests -q --maxfail=25 -m gpu 2>&1 | tee "$log"
+            rc=${PIPESTATUS[0]}
+            set -e
+            # The pytest summary line, e.g. "12 passed, 1 failed, 2 skipped in 3.41s".
+            counts_re='[0-9]+ (passed|failed|errors?|skipped|xfailed|xpassed|deselected|warnings?)'
+            summary_line=$(grep -E "$counts_re|no tests ran" "$log" | tail -n 1 || true)
+            counts=$(printf '%s\n' "$summary_line" | grep -Eo "$counts_re" | paste -sd, - || true)
+            [ -n "$counts" ] || counts="no summary line"
+            case "$rc" in
+                0) status=passed ;;
+                5) status="FAILED (no GPU tests collected, pytest exit 5)" ;;
+                *) status="FAILED (pytest exit $rc)" ;;
+            esac
+            [ "$rc" -eq 0 ] || tests_rc=1
+            tests_status="${tests_status:+$tests_status; }$backend: $status"
+            tests_counts="${tests_counts:+$tests_counts | }$backend: $counts"
+        done
     else
         tests_status="not run"; tests_counts="-"; tests_rc=0
     fi
@@ -165,7 +181,8 @@ for b in $BENCHES; do
     printf '%-22s %s\n' "$b" "${bench_status[$b]}"
 done
 printf '%-22s %s\n' "demo (gpu preset)" "$demo_status"
-logs="build.log,info.txt,tests_gpu.log"
+logs="build.log,info.txt,$(printf 'tests_gpu_%s.log,' $GPU_TEST_BACKENDS)"
+logs=${logs%,}
 for b in $BENCHES; do logs="$logs,$b.log"; done
 printf '%-22s %s\n' "logs" "$OUT/{$logs,results.csv}"
 

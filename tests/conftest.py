@@ -1,7 +1,10 @@
 """Shared test setup.
 
 - Tests marked `gpu` need a CUDA device and are skipped without one; on a machine
-  with a GPU they also require the fused kernels to be built (they fail otherwise).
+  with a GPU they also require the fused kernels to run there (they fail otherwise):
+  on the backend crosslayer._extension picks, or the one CROSSLAYER_BACKEND forces --
+  with CROSSLAYER_BACKEND=jit a test module's `_C` is the JIT path's launchers, so the
+  same tests run once per backend (bench/gpu_check.sh does).
   With CROSSLAYER_GPU_TESTS=cuemu they run instead on the CPU with every op's kernels
   on the emulator (tools/cuemu), a test module's `_C` the emulated module, and outputs
   NaN-poisoned: a way to run the GPU tests' own code without a GPU. Tests that need the CUDA runtime itself (streams, graphs,
@@ -83,11 +86,16 @@ def gpu_device(request):
     from crosslayer import ops
 
     if not GPU_TESTS_ON_CUEMU:
+        from crosslayer import _extension
+
         def device(*names):
             fused = ops.fused_ops()
-            assert all(fused[n] for n in names), "a GPU is present but the extension is not built"
+            assert all(fused[n] for n in names), f"a GPU is present but no kernels run {names} here: {ops.backends()}"
             return torch.device("cuda")
 
+        if _extension.forced_backend() == "jit" and hasattr(request.module, "_C"):
+            # tests that call the launchers directly call the JIT path's
+            request.getfixturevalue("monkeypatch").setattr(request.module, "_C", _extension.jit_backend()[0])
         yield device
         return
     from crosslayer._extension import emulate
