@@ -31,12 +31,13 @@ CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 @dataclass
 class Launch:
     """One launch as planned: the kernel's name expression, grid, block, dynamic shared
-    memory and the params structure's bytes."""
+    memory, the params structure's bytes and the header (under csrc/) that defines it."""
     kernel: str
     grid: Tuple[int, int, int]
     block: Tuple[int, int, int]
     smem: int
     args: bytes
+    header: str
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ def launch(header: str, kernel: str, grid, block, smem: int, params: ctypes.Stru
     grid = tuple(grid) + (1,) * (3 - len(grid))
     block = tuple(block) + (1,) * (3 - len(block))
     if _planned is not None:
-        _planned.append(Launch(kernel, grid, block, smem, bytes(params)))
+        _planned.append(Launch(kernel, grid, block, smem, bytes(params), header))
         return
     from cupy_backends.cuda.api import driver
 
