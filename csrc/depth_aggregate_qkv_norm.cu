@@ -124,10 +124,11 @@ DepthAggregateQkvNormLaunch depth_aggregate_qkv_norm_block(int64_t N, int64_t d,
 }
 
 // Launches the forward or the backward kernel on a persistent grid: each block row owns
-// one workspace slice; with the buffers in global memory at most 4 blocks per SM, which
-// bounds the workspaces at 4·SMs·3·ld accumulator elements each. Returns the backward's
+// one workspace slice; with the buffers in global memory at most kWorkspaceBlocksPerSm
+// blocks per SM, which bounds the workspaces at 4·SMs·3·ld accumulator elements each. Returns the backward's
 // dg workspace (one partial per block row, for the caller to sum); the stash workspace
 // is released after the launch (the allocator is stream-ordered).
+constexpr int kWorkspaceBlocksPerSm = 4;
 template <typename T, bool kBackward>
 at::Tensor launch_depth_aggregate_qkv_norm(DepthAggregateQkvNormParams& p, const SlotRowsPath& path,
                                            const at::TensorOptions& ws_opts, int device) {
@@ -146,7 +147,7 @@ at::Tensor launch_depth_aggregate_qkv_norm(DepthAggregateQkvNormParams& p, const
                                     : depth_aggregate_qkv_norm_bwd_kernel<T, kVec, kShifted, false>;
       allow_smem(kernel, b.smem_bytes);
       b.grid = resident_grid(kernel, b.grid, b.threads_x * b.rows, b.smem_bytes, device,
-                             b.bufs_in_smem ? std::numeric_limits<int>::max() : 4);
+                             b.bufs_in_smem ? std::numeric_limits<int>::max() : kWorkspaceBlocksPerSm);
       p.bufs_in_smem = b.bufs_in_smem;
       const int64_t slices = b.grid * b.rows;
       if (kBackward) {

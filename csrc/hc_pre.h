@@ -192,6 +192,9 @@ HcPreWorkspaces hc_pre_workspaces(HcPreParams& p, HcPreLaunch& b, Kernel kernel,
   return ws;
 }
 
+// Threads a block of hc_pre_param_grads_kernel.
+constexpr int kHcPreParamGradsThreads = 256;
+
 // {dA, dB, dW, ds_a, ds_b}, each in its parameter's dtype: the workspaces summed over
 // blocks by hc_pre_param_grads_kernel (one launch, deterministic), then converted where
 // a parameter's dtype is not the accumulator's.
@@ -218,7 +221,8 @@ inline std::vector<at::Tensor> hc_pre_param_grads(const HcPreWorkspaces& ws, int
   g.dsb_ptr = ds_b.data_ptr();
   const int64_t outputs = d * (n + 2) + n * (n + 2) + 2;
   AT_DISPATCH_FLOATING_TYPES(ws.dw.scalar_type(), "hc_pre_param_grads", [&] {
-    launch(hc_pre_param_grads_kernel<scalar_t>, cover_grid(outputs, 256), dim3(256), 0, g);
+    launch(hc_pre_param_grads_kernel<scalar_t>, cover_grid(outputs, kHcPreParamGradsThreads),
+           dim3(kHcPreParamGradsThreads), 0, g);
   });
   return {dA.to(A.scalar_type()), dB.to(B.scalar_type()), dW.to(W.scalar_type()), ds_a.to(s_a.scalar_type()),
           ds_b.to(s_b.scalar_type())};

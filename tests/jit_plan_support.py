@@ -57,7 +57,10 @@ def flat_values(struct_bytes: bytes, struct: type, prefix: str = ""):
             v = getattr(o, name)
             if isinstance(v, ctypes.Array):
                 for i, item in enumerate(v):
-                    walk(item, type(item), f"{path}{name}[{i}].")
+                    if isinstance(item, ctypes.Structure):
+                        walk(item, type(item), f"{path}{name}[{i}].")
+                    else:  # an array of scalars (SlotTable's pointers): each element
+                        out.append((f"{path}{name}[{i}]", v._type_, item))
             elif isinstance(v, ctypes.Structure):
                 walk(v, type(v), f"{path}{name}.")
             else:
@@ -77,6 +80,9 @@ def inside(ptr, tensors) -> bool:
 
 
 def assert_same_plan(cpp, jit, inputs):
+    """The launches agree; a pointer field equals the C++ one where that points into an
+    input, else both are set and the JIT's does not point into an input either (a copy
+    or conversion only the C++ launcher makes shows)."""
     assert [name_expression(r["name"]) for r in cpp] == [j.kernel for j in jit]
     for r, j in zip(cpp, jit):
         where = j.kernel
@@ -86,6 +92,7 @@ def assert_same_plan(cpp, jit, inputs):
         for (path, ctype, want), (_, _, got) in zip(flat_values(r["args"], struct), flat_values(j.args, struct)):
             if ctype is ctypes.c_void_p and want and not inside(want, inputs):
                 assert got, f"{where}: {path} null in the JIT plan"
+                assert not inside(got, inputs), f"{where}: {path} into an input in the JIT plan"
             else:
                 assert got == want, f"{where}: {path} = {got}, the C++ launcher's {want}"
 
@@ -97,9 +104,11 @@ def coefficients(lead, n, static, dtype=torch.float32):
 
 def same_plans(emulator, fn, *args, inputs=None):
     """The C++ and JIT launches of launcher `fn` on `args` agree (assert_same_plan;
-    `inputs`: the tensors among args that are read, all of them by default)."""
-    tensors = inputs if inputs is not None else [a for a in args if isinstance(a, torch.Tensor)]
-    assert_same_plan(cpp_launches(emulator, fn, *args), jit_launches(emulator, fn, *args), tensors)
+    `inputs`: the tensors that are read, by default every tensor among args and in
+    lists among them)."""
+    if inputs is None:
+        inputs = [t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)]
+    assert_same_plan(cpp_launches(emulator, fn, *args), jit_launches(emulator, fn, *args), inputs)
 
 
 CASES = [

@@ -27,7 +27,7 @@ class HcPostParams(HcTileParams):
 PARAMS = {"hc_post_fwd_kernel": HcPostParams, "hc_post_bwd_kernel": HcPostParams}
 
 
-class _HcPostInputs:
+class HcPostInputs:
     """csrc/hc_post.h hc_post_inputs: the checked inputs, the tensors the kernels read and
     the params both directions share."""
 
@@ -49,9 +49,18 @@ class _HcPostInputs:
         p.y_ptr, p.a_ptr, p.b_ptr = self.y.data_ptr(), self.alpha.data_ptr(), self.beta.data_ptr()
 
 
+def hc_post_coef_grads(inp: HcPostInputs, dalpha_tok: torch.Tensor, dbeta_tok: torch.Tensor, alpha: torch.Tensor,
+                       beta: torch.Tensor, sums: TokenSums) -> List[torch.Tensor]:
+    """csrc/hc_post.h hc_post_coef_grads: the per-token rows (N, n, n+1), (N, n) as the
+    gradients of alpha and beta (summed over tokens by the caller's next sums.run() for
+    static coefficients, else viewed in the coefficient's shape)."""
+    return [sums.grad(dalpha_tok.view(inp.N, -1), inp.static_alpha, alpha.shape),
+            sums.grad(dbeta_tok, inp.static_beta, beta.shape)]
+
+
 def hc_post_fwd(H: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """csrc/hc_post.cu hc_post_fwd: H' = hc_post(H, y, alpha, beta), allocated like H."""
-    inp = _HcPostInputs(H, y, alpha, beta)
+    inp = HcPostInputs(H, y, alpha, beta)
     out = torch.empty_like(H)
     if inp.N == 0 or inp.d == 0:
         return out
@@ -69,7 +78,7 @@ def hc_post_fwd(H: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: tor
 def hc_post_bwd(dHn: torch.Tensor, H: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor,
                 beta: torch.Tensor) -> List[torch.Tensor]:
     """csrc/hc_post.cu hc_post_bwd: [dH (H's layout), dy, dalpha, dbeta]."""
-    inp = _HcPostInputs(H, y, alpha, beta)
+    inp = HcPostInputs(H, y, alpha, beta)
     acc = acc_dtype(H.dtype)
     dH = torch.empty_like(H)
     dy = torch.empty((*inp.lead, inp.d), dtype=y.dtype, device=y.device)
@@ -94,7 +103,6 @@ def hc_post_bwd(dHn: torch.Tensor, H: torch.Tensor, y: torch.Tensor, alpha: torc
                    H.device)
     L.copy_back(dH, dh)
     sums = TokenSums(inp.N)
-    dalpha = sums.grad(dalpha_tok.view(inp.N, -1), inp.static_alpha, alpha.shape)
-    dbeta = sums.grad(dbeta_tok, inp.static_beta, beta.shape)
+    dalpha, dbeta = hc_post_coef_grads(inp, dalpha_tok, dbeta_tok, alpha, beta, sums)
     sums.run()
     return [dH, dy, dalpha, dbeta]

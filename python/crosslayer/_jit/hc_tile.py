@@ -5,7 +5,7 @@ and the launch."""
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -23,14 +23,17 @@ class HcTileParams(Params):
 
 
 def launch_hc_tile(kernel: str, header: str, dtype: torch.dtype, p, vectorize: bool, coef_per_row: int,
-                   dots_per_warp: int, device: torch.device) -> None:
-    """csrc/hc_tile.h launch_hc_tile."""
+                   dots_per_warp: int, device: torch.device,
+                   kernel_vec: Optional[Callable[[int, int], int]] = None) -> None:
+    """csrc/hc_tile.h launch_hc_tile: `kernel`<T, kvec, kn>, or <T, kernel_vec(kvec, kn),
+    kn> where the C++ launcher's kernel_for narrows the vector width."""
     acc_bytes = acc_dtype(dtype).itemsize
     vec = vec16(dtype) if vectorize else 1
     threads_x, rows, smem = token_tile_block(p.n_tokens, p.d, vec, acc_bytes * coef_per_row,
                                              acc_bytes * dots_per_warp)
     kn = dispatch_streams(p.n, (2, 4, 8), 0)
-    launch(header, f"crosslayer::{kernel}<{kernel_type(dtype)}, {vec}, {kn}>", (cover_grid(p.n_tokens, rows),),
+    kvec = kernel_vec(vec, kn) if kernel_vec is not None else vec
+    launch(header, f"crosslayer::{kernel}<{kernel_type(dtype)}, {kvec}, {kn}>", (cover_grid(p.n_tokens, rows),),
            (threads_x, rows), smem, p, device)
 
 

@@ -17,6 +17,7 @@ from crosslayer._jit.structs import Params, c_int, c_int64, c_void_p, header_con
 
 MMA_PACK_THREADS = header_constant("kMmaPackThreads", "kernels/mma_pack.cuh")
 GROUP_WARPS_PER_SM = header_constant("kGroupWarpsPerSm", "common/mma_pack.h")
+MMA_XT_STRIDE = header_constant("kMmaXtStride", "common/mma.cuh")
 
 
 class MmaPackParams(Params):
@@ -27,6 +28,11 @@ class MmaPackParams(Params):
 
 
 PARAMS = {"mma_pack_kernel": MmaPackParams}
+
+
+def mma_xt_stage_elems(dtype: torch.dtype) -> int:
+    """common/mma.cuh kMmaXtStageElems<T> (kMmaXtParts<T>: 1 for bf16, 2 for fp16)."""
+    return (1 if dtype == torch.bfloat16 else 2) * 32 * MMA_XT_STRIDE
 
 
 def round_up(v: int, m: int) -> int:

@@ -17,14 +17,19 @@ from crosslayer import _nvrtc
 c_int64, c_int, c_void_p, c_bool = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_bool
 
 
+_CONSTANT_VALUE = re.compile(r"[0-9\s*+()-]+")
+
+
 @functools.lru_cache(maxsize=None)
 def header_constant(name: str, header: str) -> int:
-    """`constexpr int <name> = <integer>;` (or int64_t) of csrc/<header>."""
+    """`constexpr int <name> = <value>;` (or int64_t) of csrc/<header>, the value an
+    integer or a product / sum of integers (`48 * 1024`)."""
     with open(os.path.join(_nvrtc.csrc_dir(), header)) as f:
-        m = re.search(rf"constexpr\s+int(?:64_t)?\s+{name}\s*=\s*(\d+)\s*;", f.read())
-    if m is None:
-        raise RuntimeError(f"crosslayer's JIT path: no `constexpr int {name} = ...;` in csrc/{header}")
-    return int(m.group(1))
+        m = re.search(rf"constexpr\s+int(?:64_t)?\s+{name}\s*=\s*([^;]+);", f.read())
+    if m is None or not _CONSTANT_VALUE.fullmatch(m.group(1)):
+        raise RuntimeError(f"crosslayer's JIT path: no `constexpr int {name} = <integer expression>;` "
+                           f"in csrc/{header}")
+    return int(eval(m.group(1), {"__builtins__": {}}))  # digits, + - * and parentheses only
 
 
 class TokenLayout(ctypes.Structure):
@@ -38,13 +43,13 @@ class TokenLayout(ctypes.Structure):
 
 class Params(ctypes.Structure):
     """A params struct value-initialised as the launchers' `P p{}`: zeros, and the C++
-    default member initialisers of its TokenLayout fields."""
+    default member initialisers of its TokenLayout fields (a member params struct's too)."""
 
     def __init__(self):
         super().__init__()
         for name, ctype in all_fields(type(self)):
-            if ctype is TokenLayout:
-                setattr(self, name, TokenLayout())
+            if ctype is TokenLayout or issubclass(ctype, Params):
+                setattr(self, name, ctype())
 
 
 def all_fields(struct: type) -> list:
