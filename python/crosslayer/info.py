@@ -7,6 +7,7 @@ architectures, the GPU seen (and whether the build covers it), whether the JIT p
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import torch
@@ -74,7 +75,9 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    # No flags but -h: argparse refuses anything else (exit status 2) instead of ignoring it.
+    argparse.ArgumentParser(prog="python -m crosslayer.info", description=__doc__.split("\n\n")[0]).parse_args(argv)
     print(report())
 
 
