@@ -84,11 +84,11 @@ def test_a_few_steps_fit_one_batch(connection):
 
 
 def test_config_and_input_errors():
-    with pytest.raises(ValueError, match="connection must be one of"):
+    with pytest.raises(ValueError, match=r"LMConfig\.connection = 'dense': expected one of \('residual'"):
         LMConfig(connection="dense")
-    with pytest.raises(ValueError, match="even head size"):
+    with pytest.raises(ValueError, match=r"LMConfig\.d_model = 30: expected n_heads \(4\) times an even head size"):
         LMConfig(d_model=30, n_heads=4)
-    with pytest.raises(ValueError, match="mudd_ways must be 'qkvr' or 'r'"):
+    with pytest.raises(ValueError, match=r"LMConfig\.mudd_ways = 'qk': expected one of \('qkvr', 'r'\)"):
         LMConfig(mudd_ways="qk")
     model = CrossLayerLM(tiny())
     with pytest.raises(ValueError, match="sequence length 17 > max_seq_len 16"):

@@ -193,8 +193,9 @@ def test_missing_key_is_reported():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(rotary_pct=0.1), r"rotated features per head \(1 of head_dim = dim // n_head = 16\) even and > 0"),
-    (dict(rotary_pct=0.0), r"rotated features per head \(0 of head_dim"),
+    (dict(rotary_pct=0.1), r"MUDDPythiaConfig\.rotary_pct = 0\.1: expected int\(head_dim·rotary_pct\) rotated "
+                           r"features per head \(1 of head_dim = dim // n_head = 16\) even and > 0"),
+    (dict(rotary_pct=0.0), r"MUDDPythiaConfig\.rotary_pct = 0\.0: expected a number in \(0, 1\]"),
     (dict(dense_type="l"), "crosslayer's MUDDPythia implements the released configuration"),
     (dict(n_local_heads=2), "n_local_heads must equal n_head"),
 ])

@@ -66,6 +66,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from crosslayer import nn as cnn
+from crosslayer.contracts import MAX_SLOTS, MAX_STREAMS
+from crosslayer.models._validation import Bound, OneOf, at_least, check_fields, check_idx, check_token_ids, \
+    config_error, positive
 
 __all__ = ["CONNECTIONS", "LMConfig", "CrossLayerLM"]
 
@@ -80,6 +83,13 @@ class LMConfig:
     hc_streams: n for shc/dhc/mhc. mhc_iters: Sinkhorn iterations.
     mudd_ways: 'qkvr' (MUDDFormer) or 'r'. mudd_round64: MUDDFormer's hidden rounding.
     dwa_dilation, dwa_period: DenseFormer's sparsity options.
+
+    Checked at construction (and again by CrossLayerLM): each field's type (an int field
+    takes an int, not a bool, float or str; a float field a finite int or float; a bool
+    field True / False) is a TypeError, a value out of range (sizes >= 1, norm_eps and
+    init_std >= 0, rope_theta > 0, hc_streams <= 16, connection / mudd_ways one of
+    theirs, d_model = n_heads · an even head size, n_layers <= 127 for dwa / mudd) a
+    ValueError, both naming LMConfig.<field> and its value (models/_validation.py).
     """
 
     vocab_size: int = 256
@@ -102,22 +112,36 @@ class LMConfig:
     activation_checkpointing: bool = False
 
     def __post_init__(self):
-        if self.connection not in CONNECTIONS:
-            raise ValueError(f"connection must be one of {CONNECTIONS}, got {self.connection!r}")
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"d_model ({self.d_model}) must be n_heads ({self.n_heads}) times an "
-                             f"even head size (RoPE rotates pairs)")
-        if self.mudd_ways not in ("qkvr", "r"):
-            raise ValueError(f"mudd_ways must be 'qkvr' or 'r', got {self.mudd_ways!r}")
+        self.validate()
         if self.ffn_hidden is None:
             self.ffn_hidden = 64 * math.ceil(8 * self.d_model / 3 / 64)
 
+    def validate(self) -> None:
+        """Types and ranges of every field, and the derived sizes (models/_validation.py:
+        TypeError for a wrong type, ValueError for a bad value, naming the field)."""
+        check_fields(self, _LM_RULES)
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise config_error(self, "d_model", f"n_heads ({self.n_heads}) times an even head size "
+                                                f"(RoPE rotates pairs)")
+        if self.connection in ("dwa", "mudd") and self.n_layers + 1 > MAX_SLOTS:
+            raise config_error(self, "n_layers", f"an int <= {MAX_SLOTS - 1} with connection "
+                                                 f"{self.connection!r} (its depth stack holds n_layers + 1 "
+                                                 f"<= {MAX_SLOTS} slots)")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# LMConfig's range rules (its field types come from the annotations; bools and
+# activation_checkpointing have no rule beyond their type).
+_LM_RULES = dict(
+    vocab_size=at_least(1), d_model=at_least(1), n_layers=at_least(1), n_heads=at_least(1),
+    ffn_hidden=at_least(1, "the SwiGLU width"), max_seq_len=at_least(1),
+    connection=OneOf(CONNECTIONS), hc_streams=Bound(1, MAX_STREAMS, why="the HC ops' stream limit"),
+    mhc_iters=at_least(1, "Sinkhorn iterations"), mudd_ways=OneOf(("qkvr", "r")),
+    dwa_dilation=at_least(1), dwa_period=at_least(1), norm_eps=at_least(0), rope_theta=positive(),
+    init_std=at_least(0),
+)
 
 
 class RoPE(nn.Module):
@@ -254,8 +278,15 @@ class _ScalarGradSync:
 class CrossLayerLM(nn.Module):
     """Decoder LM over byte/token ids: forward(idx (B, T) int64) -> logits (B, T, vocab)."""
 
+    # Check that token ids lie in [0, vocab_size) (a host read of idx's min / max: one
+    # synchronisation per forward on CUDA); False skips it (e.g. for CUDA-graph capture).
+    validate_token_ids: bool = True
+
     def __init__(self, cfg: LMConfig):
         super().__init__()
+        if not isinstance(cfg, LMConfig):
+            raise TypeError(f"CrossLayerLM takes an LMConfig, got {type(cfg).__name__}")
+        cfg.validate()  # again: fields may have been changed since construction
         self.cfg = cfg
         L, d, kind = cfg.n_layers, cfg.d_model, cfg.connection
         self.embed = nn.Embedding(cfg.vocab_size, d)
@@ -356,10 +387,16 @@ class CrossLayerLM(nn.Module):
         return fn(*args)
 
     def forward(self, idx: Tensor) -> Tensor:
-        if idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"idx must be (batch, seq) int64 token ids, got {tuple(idx.shape)} {idx.dtype}")
+        """idx (batch, seq) int64 / int32 token ids in [0, vocab_size), batch and seq >= 1,
+        seq <= max_seq_len -> logits (batch, seq, vocab_size). An id outside the vocabulary
+        is a ValueError naming it: the check reads idx's min and max, one device
+        synchronisation per call on CUDA; `validate_token_ids = False` skips it
+        (models/_validation.py)."""
+        check_idx("CrossLayerLM", idx)
         if idx.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {idx.shape[1]} > max_seq_len {self.cfg.max_seq_len}")
+        if self.validate_token_ids:
+            check_token_ids("CrossLayerLM", idx, self.cfg.vocab_size)
         x = self.embed(idx)
         kind = self.cfg.connection
         if kind == "residual":

@@ -44,7 +44,12 @@ Differences from the release, all deliberate:
     stacking). With input_pos (after setup_caches) it is the cached inference path:
     prefill (T > 1; positions 0..T-1 attend within the chunk, as in the release) and
     single-token decode over the KV cache and the preallocated (L+1, B, 1, D) layer
-    cache, both under torch.no_grad.
+    cache, both under torch.no_grad. Beyond the release: a prefill chunk may continue
+    the cache (positions start..start+T-1, start > 0: chunked prefill, attending
+    causally over the cached positions and itself), and input_pos is validated
+    (consecutive, inside [0, max_seq_length), continuing what the cache holds; a
+    ValueError otherwise), as are the token ids (in [0, vocab_size)) and the config
+    (models/_validation.py).
   - Caches are not in the state_dict, take any batch up to max_batch_size, and
     default to the parameters' dtype (the release: always bfloat16).
   - Attention is F.scaled_dot_product_attention (the release materialises q·kᵀ in the
@@ -70,6 +75,7 @@ residual), RoPE table and load hints.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, fields
 from typing import List, Optional, Tuple
 
@@ -79,6 +85,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from crosslayer import ops
+from crosslayer.contracts import MAX_SLOTS
+from crosslayer.models._validation import Bound, OneOf, at_least, check_fields, check_idx, config_error, \
+    host_ints, positive, raise_bad_token_ids, token_id_stats
 from crosslayer.nn.depth_stack import DepthStack
 from crosslayer.nn.mudd import mudd_hidden
 from crosslayer.ref.mudd import mudd_init_weights
@@ -113,13 +122,35 @@ class _ConfigIO:
             return cls.from_dict(json.load(f))
 
 
+# MUDDFormerConfig's range rules (the types come from the annotations; head_dim is
+# derived, the flags have no rule beyond bool; token ids only need to be ints).
+_MUDD_RULES = dict(
+    block_size=at_least(1, "the RoPE table's length"), vocab_size=at_least(1),
+    n_layer=Bound(2, MAX_SLOTS - 1, why=f"the FFN width rule divides by n_layer - 1, and the depth "
+                                        f"ops take n_layer + 1 <= {MAX_SLOTS} slots"),
+    n_head=at_least(1), dim=at_least(1), intermediate_size=at_least(1),
+    n_local_heads=OneOf((-1,), or_bound=at_least(1)), rope_base=positive(), norm_eps=at_least(0),
+)
+
+
 @dataclass
 class MUDDFormerConfig(_ConfigIO):
     """The release's MUDDFormerConfig fields and defaults; `__post_init__` is its
     "post init" (n_local_heads -1 -> n_head; intermediate_size None -> 2/3 of 4·dim
     rounded up to 256; head_dim = dim // n_head, whatever was given). The released
     2.8B config.json overrides: use_qk_norm, expand_last, round64 True; head_dim 80;
-    intermediate_size 6912."""
+    intermediate_size 6912.
+
+    Checked at construction (`validate`, run again by the model): each field's type
+    from its annotation (an int field takes an int: not a bool, float such as 64.0, str
+    or None unless Optional; a float field a finite int or float; a bool field True /
+    False) is a TypeError; a value out of range (sizes >= 1, 2 <= n_layer <= 127,
+    rope_base > 0, norm_eps >= 0) or a derived size that does not work out (dim a
+    multiple of n_head, an even number of rotated features per head, every layer's FFN
+    width > 0) a ValueError; both name <Class>.<field> and its value
+    (models/_validation.py)."""
+
+    _rules = _MUDD_RULES  # no annotation: a class attribute, not a field
 
     block_size: int = 2048
     vocab_size: int = 50432
@@ -148,30 +179,59 @@ class MUDDFormerConfig(_ConfigIO):
     round64: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self, self._rules)
         if self.n_local_heads == -1:
             self.n_local_heads = self.n_head
         if self.intermediate_size is None:
             self.intermediate_size = self.default_intermediate_size()
         self.head_dim = self.dim // self.n_head
+        self._check_derived()
+
+    def validate(self) -> None:
+        """The construction checks again, on the current values (a field may have been
+        changed since); the models call it."""
+        check_fields(self, self._rules)
+        self._check_derived()
 
     def default_intermediate_size(self) -> int:
         return _find_multiple(int(2 * (4 * self.dim) / 3), 256)
 
+    def rotary_dims(self) -> int:
+        """Rotated features per head: all of head_dim (MUDDPythiaConfig: a share)."""
+        return self.head_dim
 
-def _check_supported(cfg, name: str, rope_dims: int) -> None:
-    """The configurations `name` (MUDDFormer / MUDDPythia) implements; rope_dims: the
-    number of rotated features per head (head_dim, or MUDDPythia's rotary_pct share)."""
+    def _check_derived(self) -> None:
+        if self.dim % self.n_head:
+            raise config_error(self, "dim", f"a multiple of n_head = {self.n_head} (head_dim = dim // n_head)")
+        if self.head_dim != self.dim // self.n_head:
+            raise config_error(self, "head_dim", f"dim // n_head = {self.dim // self.n_head} (head_dim is "
+                                                 f"derived at construction; dim or n_head changed since)")
+        self._check_rotary()
+        if self.intermediate_size is None or self.n_local_heads == -1:
+            name = "intermediate_size" if self.intermediate_size is None else "n_local_heads"
+            raise config_error(self, name, "an int (construction resolves the default; it was reset since)")
+        zero = [i for i in range(self.n_layer) if ffn_width(self, i) <= 0]
+        if zero:
+            raise config_error(self, "intermediate_size", (
+                f"an int >= 129: layers {zero} would get a zero-width FFN (width F_i = "
+                f"round(intermediate_size·(i/(n_layer-1) + 1/2) / 128)·128)"))
+
+    def _check_rotary(self) -> None:
+        r = self.rotary_dims()
+        if r % 2:
+            raise config_error(self, "dim", f"dim // n_head (head_dim = {self.head_dim}) even: RoPE "
+                                            f"rotates pairs of features")
+
+
+def _check_supported(cfg, name: str) -> None:
+    """The configurations `name` (MUDDFormer / MUDDPythia) implements, on a config that
+    passes its validate()."""
+    cfg.validate()
     if not (cfg.dense and cfg.dynamic_dense and cfg.dense_type == "qkvr"):
         raise ValueError(
             f"crosslayer's {name} implements the released configuration dense=True, "
             f"dynamic_dense=True, dense_type='qkvr'; got dense={cfg.dense}, "
             f"dynamic_dense={cfg.dynamic_dense}, dense_type={cfg.dense_type!r}")
-    if cfg.n_layer < 2:
-        raise ValueError(f"n_layer must be >= 2 (the FFN width rule divides by n_layer - 1), got {cfg.n_layer}")
-    if cfg.dim % cfg.n_head or rope_dims % 2 or not 0 < rope_dims <= cfg.head_dim:
-        raise ValueError(f"dim must be a multiple of n_head, and the rotated features per head "
-                         f"({rope_dims} of head_dim = dim // n_head = {cfg.head_dim}) even and > 0 "
-                         f"(RoPE rotates pairs); got dim={cfg.dim}, n_head={cfg.n_head}")
     if cfg.n_local_heads != cfg.n_head:
         raise ValueError(f"n_local_heads must equal n_head (the release's attention has no grouped "
                          f"heads), got n_local_heads={cfg.n_local_heads}, n_head={cfg.n_head}")
@@ -238,11 +298,13 @@ class Attention(nn.Module):
         self.use_qk_norm = cfg.use_qk_norm
 
     def forward(self, xq: Tensor, xk: Tensor, xv: Tensor, rope: Tensor,
-                kv_cache: Optional[Tuple[Tensor, Tensor]], input_pos: Tensor) -> Tensor:
-        """x*: (B, T, D), already normed; rope: (T, r/2, 2) for input_pos (T,).
-        kv_cache None: causal attention over the T tokens. Otherwise (k, v) caches
-        (max_B, H, S, hd), written at input_pos; decode (T = 1) attends over the cache
-        up to input_pos, prefill within its chunk (the release's masks)."""
+                kv_cache: Optional[Tuple[Tensor, Tensor]], start: int) -> Tensor:
+        """x*: (B, T, D), already normed; rope: (T, r/2, 2) for positions start..start+T-1.
+        kv_cache None: causal attention over the T tokens (start = 0). Otherwise (k, v)
+        caches (max_B, H, S, hd): this chunk's k, v are written at positions
+        start..start+T-1, and its queries attend causally over the cache's keys 0..start-1
+        (the earlier chunks) and the chunk's own: query start+i sees keys <= start+i.
+        start = 0 is the release's prefill (within the chunk), T = 1 its decode step."""
         B, T, _ = xq.shape
         q = self.wq(xq).view(B, T, self.n_head, self.head_dim)
         k = self.wk(xk).view(B, T, self.n_head, self.head_dim)
@@ -251,15 +313,21 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if kv_cache is None:
+        if kv_cache is None or start == 0:
+            if kv_cache is not None:
+                kv_cache[0][:B, :, :T] = k
+                kv_cache[1][:B, :, :T] = v
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
+            end = start + T
             k_cache, v_cache = kv_cache
-            k_cache[:B, :, input_pos] = k
-            v_cache[:B, :, input_pos] = v
-            if T == 1:
-                k, v = k_cache[:B], v_cache[:B]
-            mask = torch.arange(k.shape[-2], device=q.device) <= input_pos[:, None]  # (T, keys)
+            k_cache[:B, :, start:end] = k
+            v_cache[:B, :, start:end] = v
+            k, v = k_cache[:B, :, :end], v_cache[:B, :, :end]
+            mask = None
+            if T > 1:  # (T, end): query start+i sees keys 0..start+i
+                pos = torch.arange(end, device=q.device)
+                mask = pos <= pos[start:, None]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.dim))
 
@@ -321,7 +389,7 @@ class TransformerBlock(nn.Module):
         return self.attention_norm.weight.expand(3, -1)
 
     def forward(self, x: Tensor, rope: Tensor, kv_cache: Optional[Tuple[Tensor, Tensor]],
-                input_pos: Tensor) -> Tensor:
+                start: int) -> Tensor:
         """x: block 0: (B, T, D), normed here; block i > 0: gather's 4 ways (q, k, v
         already through this block's input norms, r raw). Sequential residual:
         out = h + ffn(ffn_norm(h)); parallel (MUDDPythia): out = h + ffn(ffn_norm(r)),
@@ -331,7 +399,7 @@ class TransformerBlock(nn.Module):
             xq = xk = xv = self.attention_norm(x)
         else:
             xq, xk, xv, res = x
-        h = res + self.attention(xq, xk, xv, rope, kv_cache, input_pos)
+        h = res + self.attention(xq, xk, xv, rope, kv_cache, start)
         return h + self.feed_forward(self.ffn_norm(res if self.parallel_residual else h))
 
 
@@ -391,17 +459,22 @@ class MUDDDecoder(nn.Module):
     # (key marker, hint): a key with the marker means another model family's checkpoint
     foreign_marker: Optional[Tuple[str, str]] = None
 
+    # Check that token ids lie in [0, vocab_size) (a host read of idx's min / max: one
+    # synchronisation per forward on CUDA, shared with input_pos's check in cached
+    # inference); False skips it (models/_validation.py).
+    validate_token_ids: bool = True
+
     @staticmethod
     def rope_dims(cfg) -> int:
-        """Rotated features per head."""
-        return cfg.head_dim
+        """Rotated features per head (cfg.rotary_dims(): MUDDPythia rotates a share)."""
+        return cfg.rotary_dims()
 
     def __init__(self, config):
         super().__init__()
         name = type(self).__name__
         if type(config) is not self.config_class:  # exact: MUDDPythiaConfig extends MUDDFormerConfig
             raise TypeError(f"{name} takes a {self.config_class.__name__}, got {type(config).__name__}")
-        _check_supported(config, name, self.rope_dims(config))
+        _check_supported(config, name)
         self.config = cfg = config
         L = cfg.n_layer
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
@@ -417,6 +490,7 @@ class MUDDDecoder(nn.Module):
         self.kv_caches: Optional[List[Tuple[Tensor, Tensor]]] = None
         self.layer_cache: Optional[Tensor] = None
         self.max_batch_size = self.max_seq_length = -1
+        self._cache_fill: List[int] = []  # per cache batch row: positions 0..fill-1 are written
         self.register_load_state_dict_pre_hook(_checkpoint_hints)
 
     @torch.no_grad()
@@ -435,6 +509,9 @@ class MUDDDecoder(nn.Module):
         of 8, on the parameters' device, in `dtype` (default: the parameters'). Keeps
         the current caches when they are large enough (as the release does)."""
         cfg = self.config
+        for name, v in (("max_batch_size", max_batch_size), ("max_seq_length", max_seq_length)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"setup_caches: {name} must be an int >= 1, got {v!r}")
         if max_seq_length > cfg.block_size:
             raise ValueError(f"max_seq_length must be <= block_size = {cfg.block_size} (the RoPE "
                              f"table's length), got {max_seq_length}")
@@ -449,45 +526,98 @@ class MUDDDecoder(nn.Module):
                            torch.zeros(kv_shape, dtype=dtype, device=w.device)) for _ in range(cfg.n_layer)]
         self.layer_cache = torch.zeros(cfg.n_layer + 1, max_batch_size, 1, cfg.dim, dtype=dtype, device=w.device)
         self.max_batch_size, self.max_seq_length = max_batch_size, S
+        self._cache_fill = [0] * max_batch_size
 
     def forward(self, idx: Tensor, input_pos: Optional[Tensor] = None) -> Tensor:
-        """idx (B, T) token ids -> logits (B, T, V) in the parameters' dtype.
+        """idx (B, T) int64 / int32 token ids in [0, vocab_size) -> logits (B, T, V) in the
+        parameters' dtype.
 
         input_pos None: the training forward over positions 0..T-1 (T <= block_size).
-        input_pos (T,): cached inference (setup_caches first): T > 1 is a prefill
-        (input_pos = 0..T-1), T = 1 a decode step at position input_pos[0].
+        input_pos (T,) integer tensor: cached inference (setup_caches first) of the
+        consecutive positions input_pos = start, start+1, ..., start+T-1, all in
+        [0, min(max_seq_length, block_size)). start = 0 begins a sequence (the release's
+        prefill); start > 0 continues the one in the cache: a decode step (T = 1) or a
+        further prefill chunk (T > 1), attending causally to the cached positions
+        0..start-1 and to itself, so chunked prefill + decode equals the training
+        forward. start must be <= the number of positions the cache holds for these batch
+        rows (no gap; a smaller start rewinds). Anything else is a ValueError naming
+        input_pos. Validating reads input_pos (and idx's id range) on the host: one
+        synchronisation per call where they are on CUDA.
         """
-        if idx.dim() != 2 or idx.dtype.is_floating_point or idx.dtype.is_complex:
-            raise ValueError(f"idx must be (B, T) integer token ids, got {idx.dtype} of shape {tuple(idx.shape)}")
-        B, T = idx.shape
+        name = type(self).__name__
         if input_pos is None:
-            if T > self.config.block_size:
-                raise ValueError(f"T = {T} tokens exceed block_size = {self.config.block_size}")
-            return self._forward(idx, torch.arange(T, device=idx.device), cached=False)
-        self._check_cached_call(idx, input_pos)
+            check_idx(name, idx, allow_empty=True)
+            if idx.shape[1] > self.config.block_size:
+                raise ValueError(f"T = {idx.shape[1]} tokens exceed block_size = {self.config.block_size}")
+            stats = token_id_stats(idx) if self.validate_token_ids else None
+            if stats is not None:
+                raise_bad_token_ids(name, idx, *stats.tolist(), self.config.vocab_size)
+            return self._forward(idx, 0, cached=False)
+        start = self._check_cached_call(idx, input_pos)
         with torch.no_grad():
-            return self._forward(idx, input_pos, cached=True)
+            out = self._forward(idx, start, cached=True)
+        B, T = idx.shape
+        self._cache_fill[:B] = [start + T] * B
+        return out
 
-    def _check_cached_call(self, idx: Tensor, input_pos: Tensor) -> None:
+    def _check_cached_call(self, idx: Tensor, input_pos: Tensor) -> int:
+        """Validate a cached-inference call; its first position."""
+        name = type(self).__name__
+        check_idx(name, idx)
         if self.layer_cache is None:
             raise RuntimeError("forward with input_pos is cached inference: call "
                                "setup_caches(max_batch_size, max_seq_length) first")
         B, T = idx.shape
-        if input_pos.shape != (T,) or input_pos.dtype.is_floating_point:
+        if (not isinstance(input_pos, Tensor) or input_pos.shape != (T,) or input_pos.dtype == torch.bool
+                or input_pos.dtype.is_floating_point or input_pos.dtype.is_complex):
+            got = (f"{input_pos.dtype} of shape {tuple(input_pos.shape)}" if isinstance(input_pos, Tensor)
+                   else type(input_pos).__name__)
             raise ValueError(f"input_pos must be ({T},) integer positions for idx of shape {tuple(idx.shape)}, "
-                             f"got {input_pos.dtype} of shape {tuple(input_pos.shape)}")
-        if B > self.max_batch_size or T > self.max_seq_length:
+                             f"got {got}")
+        limit = min(self.max_seq_length, self.config.block_size)
+        if B > self.max_batch_size or T > limit:
             raise ValueError(f"idx {tuple(idx.shape)} exceeds the caches: max_batch_size = "
-                             f"{self.max_batch_size}, max_seq_length = {self.max_seq_length}")
+                             f"{self.max_batch_size}, max_seq_length = {limit}")
         w = self.tok_embeddings.weight
         if self.layer_cache.dtype != w.dtype or self.layer_cache.device != w.device:
             raise RuntimeError(f"the caches are {self.layer_cache.dtype} on {self.layer_cache.device} but the "
                                f"model is {w.dtype} on {w.device}: call setup_caches again")
+        # One host read: first and last position, the smallest and largest step, idx's id range.
+        pos = input_pos.to(torch.int64)
+        parts = [pos[:1], pos[-1:]]
+        if T > 1:
+            d = pos[1:] - pos[:-1]
+            parts += [d.min().reshape(1), d.max().reshape(1)]
+        ids = token_id_stats(idx) if self.validate_token_ids else None
+        vals = host_ints(parts + ([ids] if ids is not None else []))
+        first, last = vals[:2]
+        if T > 1 and (vals[2] != 1 or vals[3] != 1):
+            d = pos[1:] - pos[:-1]
+            i = int(((d <= 0) if vals[2] <= 0 else (d != 1)).nonzero()[0])
+            what = "non-increasing" if vals[2] <= 0 else "not consecutive (a gap)"
+            raise ValueError(f"input_pos must be consecutive positions start, start+1, ..., start+{T - 1} "
+                             f"in [0, {limit}); got {what}: input_pos[{i}] = {int(pos[i])}, "
+                             f"input_pos[{i + 1}] = {int(pos[i + 1])}")
+        if first < 0 or last >= limit:
+            got = f"position {first}" if T == 1 else f"positions {first}..{last}"
+            raise ValueError(f"input_pos must lie in [0, {limit}) (max_seq_length of the caches, at most "
+                             f"block_size = {self.config.block_size}), got {got}")
+        filled = min(self._cache_fill[:B])
+        if first > filled:
+            rows = "batch row 0" if B == 1 else f"batch rows 0..{B - 1}"
+            held = f"no positions for {rows}, so input_pos must start at 0" if filled == 0 else (
+                f"positions 0..{filled - 1} for {rows}, so input_pos can start at 0..{filled} (a smaller "
+                f"start rewinds)")
+            raise ValueError(f"input_pos must continue the cache: it holds {held}, got start {first}")
+        if ids is not None:
+            raise_bad_token_ids(name, idx, vals[-2], vals[-1], self.config.vocab_size)
+        return first
 
-    def _forward(self, idx: Tensor, input_pos: Tensor, cached: bool) -> Tensor:
+    def _forward(self, idx: Tensor, start: int, cached: bool) -> Tensor:
+        """Positions start..start+T-1 (start = 0 without caches)."""
         cfg, L = self.config, self.config.n_layer
         x = self.tok_embeddings(idx)
-        rope = self.rope[input_pos]
+        rope = self.rope[start:start + idx.shape[1]]
         if cached and idx.shape[1] == 1:
             stack = _LayerCache(self.layer_cache[:, : idx.shape[0]], x)
         else:
@@ -497,9 +627,9 @@ class MUDDDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             kv = self.kv_caches[i] if cached else None
             if remat:  # the block only: pushes and aggregations stay outside (DepthStack's rule)
-                out = checkpoint(layer, h, rope, kv, input_pos, use_reentrant=False)
+                out = checkpoint(layer, h, rope, kv, start, use_reentrant=False)
             else:
-                out = layer(h, rope, kv, input_pos)
+                out = layer(h, rope, kv, start)
             stack.push(out)
             A = self.dynamic_dense[i].weights(out, self.dense_bs[i], cfg.norm_eps)
             if i + 1 < L:
@@ -519,37 +649,45 @@ class MUDDFormer(MUDDDecoder):
         model.setup_caches(max_batch_size=B, max_seq_length=S)
         logits = model(prompt, torch.arange(T))              # prefill, positions 0..T-1
         logits = model(next_tok, torch.tensor([T]))          # decode, one token
+        logits = model(more, torch.arange(T + 1, T + 1 + M)) # a further prefill chunk
     """
 
     foreign_marker = ("norm.bias", "it has LayerNorm biases (norm.bias): a MUDDPythia checkpoint, "
                                    "which crosslayer.models.MUDDPythia loads")
 
 
+_LAYER_KEY = re.compile(r"layers\.([0-9]+)\.")
+
+
 def _checkpoint_hints(model: MUDDDecoder, state_dict, prefix, local_metadata, strict, missing_keys,
                       unexpected_keys, error_msgs) -> None:
     """load_state_dict pre-hook (strict loads): when the checkpoint's structure does not
     fit model.config, add one message naming the config fields that differ; torch then
-    raises it along with its missing / unexpected / size-mismatch lists."""
+    raises it along with its missing / unexpected / size-mismatch lists. Keys and values
+    it cannot read (a key layers.<not a number>..., a value that is no tensor) are left
+    to that normal reporting: the hints look only at tensors under well-formed keys."""
     if not strict:
         return
     cfg = model.config
-    got = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    keys = [k[len(prefix):] for k in state_dict if isinstance(k, str) and k.startswith(prefix)]
+    got = {k: state_dict[prefix + k] for k in keys if isinstance(state_dict[prefix + k], Tensor)}  # shapes
     own = {k: v.shape for k, v in model.state_dict().items()}
     hints = []
-    n = 1 + max((int(k.split(".")[1]) for k in got if k.startswith("layers.")), default=-1)
+    layer_ids = (_LAYER_KEY.match(k) for k in keys)
+    n = 1 + max((int(m.group(1)) for m in layer_ids if m), default=-1)
     if n != cfg.n_layer:
         hints.append(f"it has {n} layers (layers.*), config.n_layer = {cfg.n_layer}")
     emb = got.get("tok_embeddings.weight")
     if emb is not None and tuple(emb.shape) != tuple(own["tok_embeddings.weight"]):
         hints.append(f"tok_embeddings.weight is {tuple(emb.shape)}, config (vocab_size, dim) = "
                      f"{(cfg.vocab_size, cfg.dim)}")
-    if model.foreign_marker is not None and any(model.foreign_marker[0] in k for k in got):
+    if model.foreign_marker is not None and any(model.foreign_marker[0] in k for k in keys):
         hints.append(model.foreign_marker[1])
-    if any(".attention.wqkv." in k for k in got):
+    if any(".attention.wqkv." in k for k in keys):
         hints.append("it has fused attention.wqkv weights: a model without dense connections "
                      "(dense=False or dense_type='l'), which this class does not implement")
     for flag, marker in model.flag_markers:
-        has = any(marker in k for k in got)
+        has = any(marker in k for k in keys)
         if has != getattr(cfg, flag):
             hints.append(f"it {'has' if has else 'lacks'} '{marker.strip('.')}' weights: {flag} = {has}, "
                          f"config.{flag} = {getattr(cfg, flag)}")

@@ -52,7 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crosslayer.models.muddformer import MUDDDecoder, MUDDFormerConfig, TransformerBlock, ffn_width
+from crosslayer.models._validation import Bound, config_error
+from crosslayer.models.muddformer import _MUDD_RULES, MUDDDecoder, MUDDFormerConfig, TransformerBlock, ffn_width
 
 __all__ = ["MUDDPythiaConfig", "MUDDPythia"]
 
@@ -61,7 +62,10 @@ __all__ = ["MUDDPythiaConfig", "MUDDPythia"]
 class MUDDPythiaConfig(MUDDFormerConfig):
     """The release's MUDDPythiaConfig: MUDDFormerConfig's fields with its own defaults
     (vocab_size 32000, norm_eps 1e-5; intermediate_size None -> 4·dim) and three more
-    (parallel residual, linear biases, the rotary share of a head)."""
+    (parallel residual, linear biases, the rotary share of a head). Checked as
+    MUDDFormerConfig is, and rotary_pct in (0, 1] with int(head_dim·rotary_pct) even."""
+
+    _rules = {**_MUDD_RULES, "rotary_pct": Bound(0, 1, lo_open=True, why="the rotated share of a head")}
 
     vocab_size: int = 32000
     norm_eps: float = 1e-5
@@ -71,6 +75,17 @@ class MUDDPythiaConfig(MUDDFormerConfig):
 
     def default_intermediate_size(self) -> int:
         return 4 * self.dim
+
+    def rotary_dims(self) -> int:
+        """The release's rotary_ndims = int(head_dim·rotary_pct)."""
+        return int(self.head_dim * self.rotary_pct)
+
+    def _check_rotary(self) -> None:
+        r = self.rotary_dims()
+        if r % 2 or r <= 0:
+            raise config_error(self, "rotary_pct", (
+                f"int(head_dim·rotary_pct) rotated features per head ({r} of head_dim = dim // n_head = "
+                f"{self.head_dim}) even and > 0 (RoPE rotates pairs)"))
 
 
 class GeluFeedForward(nn.Module):
@@ -121,8 +136,3 @@ class MUDDPythia(MUDDDecoder):
     flag_markers = MUDDDecoder.flag_markers + (("use_linear_bias", ".feed_forward.w1.bias"),)
     foreign_marker = (".feed_forward.w3.", "it has feed_forward.w3 (SwiGLU) weights: a MUDDFormer "
                                            "checkpoint, which crosslayer.models.MUDDFormer loads")
-
-    @staticmethod
-    def rope_dims(cfg: MUDDPythiaConfig) -> int:
-        """The release's rotary_ndims = int(head_dim·rotary_pct)."""
-        return int(cfg.head_dim * cfg.rotary_pct)
