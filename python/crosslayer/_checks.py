@@ -8,6 +8,8 @@ and devices only.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -66,3 +68,33 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The kernels' arithmetic dtype for activations of `dtype`: float64 for float64,
     float32 otherwise (coefficients, accumulators and parameter gradients)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_real(op: str, name: str, value, *, gt: Optional[float] = None, ge: Optional[float] = None,
+               why: str = "") -> None:
+    """`value` is a finite Python real number (int or float, not bool), > `gt` / >= `ge`
+    when given: the scalar parameters of an op that are never tensors (eps,
+    sinkhorn_eps, pre_eps, post_mult: the kernels take them by value). A host check of a
+    Python number, no device sync. `why` (optional) says why the domain is what it is.
+
+    Raises TypeError (not a Python number) or ValueError (NaN, inf, out of the domain),
+    the message naming the op, the parameter, its value and the allowed domain."""
+    bounds = [f"> {gt:g}"] if gt is not None else []
+    bounds += [f">= {ge:g}"] if ge is not None else []
+    domain = " and ".join(bounds + ["finite"])
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a Python float ({domain}), got {type(value).__name__} ({value!r})")
+    if not math.isfinite(value) or (gt is not None and not value > gt) or (ge is not None and not value >= ge):
+        hint = f" ({why})" if why else ""
+        raise ValueError(f"{op}: {name} must be {domain}{hint}, got {value!r}")
+
+
+def check_index(op: str, name: str, value, lo: int, hi: Optional[int] = None) -> None:
+    """`value` is an integer (a Python int or a numpy integer; not a bool, not a float such
+    as 2.0) in lo..hi (hi None: no upper bound); TypeError / ValueError naming the op, the
+    argument and the range."""
+    rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an int {rng}, got {type(value).__name__} ({value!r})")
+    if value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{op}: {name} must be {rng}, got {value!r}")

@@ -9,17 +9,35 @@ floors from CONTRACTS; csrc/common/limits.h holds the same limits for the kernel
 (exported as _C.MAX_STREAMS / _C.MAX_SLOTS, checked against these by tests/test_build.py).
 
 Every validator message names the argument, what was expected and what was received.
-Validators look at shapes, dtypes and devices only: they never synchronise.
+Validators look at shapes, dtypes and devices only, and at the values of the scalar
+parameters that are Python numbers (eps, sinkhorn_eps, pre_eps, post_mult, iters and the
+scales when given as floats): they never synchronise. A scale given as a tensor (a
+learnable s_a, a_pre, ...) is checked for its dtype and shape only, never its value.
+
+Domains of the scalar parameters (DESIGN.md's formulas), the same on every backend since
+the validators run before the dispatch:
+  eps (every rms: hc_pre's DHC, mhc_coeffs, mudd_weights, depth_aggregate_qkv_norm)
+      > 0 and finite: r = rsqrt(mean(x²) + eps) must be finite for an all-zero row
+  sinkhorn_eps > 0 and finite: it is what keeps every Sinkhorn division away from 0/0
+      (softmax entries underflow to 0 in floating point; eps = 0 gives NaN there)
+  pre_eps >= 0 and finite (pre = sigmoid(·) + pre_eps is a positive gate)
+  post_mult > 0 and finite (post = post_mult·sigmoid(·) in (0, post_mult); inf·0 = NaN)
+  iters: an int >= 1
+  d (features) >= 1 where an op normalises over them (DHC hc_pre / hc_boundary,
+      mhc_coeffs / mhc_boundary): mean over an empty feature dim is 0/0. Elsewhere
+      d = 0 is allowed and gives what the math gives (empty outputs; mudd_weights: A =
+      bias, since rms(x)·W1 is a sum over no features).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 import torch
 
-from crosslayer._checks import check_same_device, check_shape, check_tensor
+from crosslayer._checks import check_real, check_same_device, check_shape, check_tensor
 
 MAX_STREAMS = 16  # n of the HC ops; csrc/common/limits.h kMaxStreams (_C.MAX_STREAMS)
 MAX_SLOTS = 128  # l of the depth ops; csrc/common/limits.h kMaxSlots (_C.MAX_SLOTS)
@@ -45,11 +63,16 @@ def check_streams(name: str, H) -> None:
         )
 
 
-def check_scalar(name: str, v) -> None:
-    """`v` is a python float/int or a 0-dim float tensor."""
+def check_scalar(name: str, v, op: Optional[str] = None) -> None:
+    """`v` is a finite python float/int or a 0-dim float tensor. A tensor (a learnable
+    scale) is checked for its dtype and shape only: its value lives on the device and
+    reading it would synchronise."""
     if isinstance(v, bool):
         raise TypeError(f"{name} must be a float or a 0-dim float tensor, got bool")
     if isinstance(v, (int, float)):
+        if not math.isfinite(v):
+            where = f"{op}: " if op else ""
+            raise ValueError(f"{where}{name} must be a finite float or a 0-dim float tensor, got {v!r}")
         return
     if not isinstance(v, torch.Tensor):
         raise TypeError(
@@ -84,12 +107,13 @@ def tensors_only(**kw) -> dict:
     return {k: v for k, v in kw.items() if isinstance(v, torch.Tensor)}
 
 
-def check_iters(iters) -> None:
+def check_iters(iters, op: Optional[str] = None) -> None:
     """`iters` is a python int >= 1."""
+    where = f"{op}: " if op else ""
     if isinstance(iters, bool) or not isinstance(iters, int):
-        raise TypeError(f"iters must be an int, got {type(iters).__name__}")
+        raise TypeError(f"{where}iters must be an int, got {type(iters).__name__} ({iters!r}); iters >= 1")
     if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}")
+        raise ValueError(f"{where}iters must be >= 1, got {iters}")
 
 
 def check_int(name: str, value, minimum: int) -> None:
@@ -97,6 +121,30 @@ def check_int(name: str, value, minimum: int) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_norm_eps(op: str, eps, name: str = "eps") -> None:
+    """The epsilon of an rms over the features, r = rsqrt(mean(x²) + eps): > 0 and
+    finite, so that r is finite for an all-zero row (zero-initialised or padded tokens)."""
+    check_real(op, name, eps, gt=0, why="r = rsqrt(mean(x²) + eps) must be finite for an all-zero row")
+
+
+def check_sinkhorn_eps(op: str, eps, name: str = "sinkhorn_eps") -> None:
+    """Sinkhorn's epsilon: > 0 and finite. P = softmax(L) + eps makes every entry >= eps,
+    so every row and column sum + eps is > 0 and no normalisation divides 0 by 0. With
+    eps = 0 the math alone would do in exact arithmetic (softmax > 0), but in floating
+    point a column of softmax entries underflows to 0 for logits spread by ~100 (fp32),
+    and 0/0 is NaN: so 0 is refused, as is a negative eps (P no longer positive, the
+    result no longer doubly stochastic)."""
+    check_real(op, name, eps, gt=0, why="it keeps every Sinkhorn normalisation away from 0/0")
+
+
+def check_features(op: str, H, what: str) -> None:
+    """H (..., n, d) has d >= 1 features: ops that normalise over them (`what`) are
+    undefined for d = 0 (a mean over no features is 0/0). Refused on every backend."""
+    if H.shape[-1] < 1:
+        raise ValueError(f"{op}: H must have d >= 1 features ({what} is undefined for d = 0: a "
+                         f"mean over no features is 0/0), got shape {tuple(H.shape)}")
 
 
 def check_approximate(approximate) -> None:
@@ -107,14 +155,18 @@ def check_approximate(approximate) -> None:
 # ------------------------------------------------------------------- HC family
 
 
-def validate_hc_pre(H, A, B, W=None, s_a=None, s_b=None) -> None:
+def validate_hc_pre(H, A, B, W=None, s_a=None, s_b=None, eps=None, *, op: str = "hc_pre") -> None:
     """Checks for `hc_pre` / `hc_pre_bwd`.
 
-    H: (..., n, d), 1 <= n <= 16; A: (n, n+1); B: (n,); W: (d, n+2) or None;
-    s_a, s_b: 0-dim tensors or floats, required when W is given.
+    H: (..., n, d), 1 <= n <= 16, d >= 1 when W is given (DHC's rms is over d);
+    A: (n, n+1); B: (n,); W: (d, n+2) or None; s_a, s_b: 0-dim tensors or finite
+    floats, required when W is given; eps (when given): a finite float > 0.
+    `op` names the public op in the messages of the domain checks.
     """
     check_streams("H", H)
     n, d = H.shape[-2], H.shape[-1]
+    if W is not None:
+        check_features(op, H, "dynamic HC's r = rsqrt(mean_d H² + eps)")
     check_tensor("A", A)
     check_shape("A", A, (n, n + 1), "(n, n+1) for H with n streams")
     check_tensor("B", B)
@@ -126,8 +178,10 @@ def validate_hc_pre(H, A, B, W=None, s_a=None, s_b=None) -> None:
             raise ValueError("s_a is required when W is given (dynamic HC)")
         if s_b is None:
             raise ValueError("s_b is required when W is given (dynamic HC)")
-        check_scalar("s_a", s_a)
-        check_scalar("s_b", s_b)
+        check_scalar("s_a", s_a, op)
+        check_scalar("s_b", s_b, op)
+    if eps is not None:
+        check_norm_eps(op, eps)
     check_same_device(**tensors_only(H=H, A=A, B=B, W=W, s_a=s_a, s_b=s_b))
 
 
@@ -146,20 +200,22 @@ def validate_hc_post(H, y, alpha, beta) -> None:
     check_same_device(H=H, y=y, alpha=alpha, beta=beta)
 
 
-def validate_hc_boundary(H, y, alpha, beta, A, B, W=None, s_a=None, s_b=None) -> None:
+def validate_hc_boundary(H, y, alpha, beta, A, B, W=None, s_a=None, s_b=None, eps=None) -> None:
     """Checks for `hc_boundary` / `hc_boundary_bwd`: connection i's post (H, y, alpha,
-    beta as for `hc_post`) and connection i+1's pre (A, B, W, s_a, s_b as for `hc_pre`;
-    W None: static)."""
+    beta as for `hc_post`) and connection i+1's pre (A, B, W, s_a, s_b, eps as for
+    `hc_pre`; W None: static)."""
     validate_hc_post(H, y, alpha, beta)
-    validate_hc_pre(H, A, B, W, s_a, s_b)
+    validate_hc_pre(H, A, B, W, s_a, s_b, eps, op="hc_boundary")
 
 
-def validate_mhc_boundary(H, y, alpha, beta, phi, a_pre, a_post, a_res, b, iters: Optional[int] = None) -> None:
+def validate_mhc_boundary(H, y, alpha, beta, phi, a_pre, a_post, a_res, b, iters: Optional[int] = None, *,
+                          eps=None, pre_eps=None, post_mult=None, sinkhorn_eps=None) -> None:
     """Checks for `mhc_boundary` / `mhc_boundary_bwd`: connection i's post (H, y, alpha,
-    beta as for `hc_post`) and mHC connection i+1's pre (phi, a_*, b, iters as for
-    `mhc_coeffs`)."""
+    beta as for `hc_post`) and mHC connection i+1's pre (phi, a_*, b, iters and the
+    floats as for `mhc_coeffs`)."""
     validate_hc_post(H, y, alpha, beta)
-    validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters)
+    validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters, eps=eps, pre_eps=pre_eps, post_mult=post_mult,
+                        sinkhorn_eps=sinkhorn_eps, op="mhc_boundary")
 
 
 def validate_stream_mix(H, w) -> None:
@@ -169,8 +225,9 @@ def validate_stream_mix(H, w) -> None:
     check_same_device(H=H, w=w)
 
 
-def validate_sinkhorn(logits, iters: int = 20) -> None:
-    """Checks for `sinkhorn` / `sinkhorn_bwd`. logits: (..., n, n), 1 <= n <= 16; iters >= 1."""
+def validate_sinkhorn(logits, iters: int = 20, eps=None, *, op: str = "sinkhorn") -> None:
+    """Checks for `sinkhorn` / `sinkhorn_bwd`. logits: (..., n, n), 1 <= n <= 16; iters >= 1;
+    eps (when given): a finite float > 0 (check_sinkhorn_eps says why not >= 0)."""
     check_tensor("logits", logits)
     if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
         raise ValueError(f"logits must have shape (..., n, n), got {tuple(logits.shape)}")
@@ -180,27 +237,42 @@ def validate_sinkhorn(logits, iters: int = 20) -> None:
             f"logits must be n x n with 1 <= n <= {MAX_STREAMS}, got n = {n} "
             f"(shape {tuple(logits.shape)})"
         )
-    check_iters(iters)
+    check_iters(iters, op)
+    if eps is not None:
+        check_sinkhorn_eps(op, eps, "eps")
 
 
-def validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters: Optional[int] = None) -> None:
+def validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters: Optional[int] = None, *, eps=None, pre_eps=None,
+                        post_mult=None, sinkhorn_eps=None, op: str = "mhc_coeffs") -> None:
     """Checks for `mhc_coeffs` / `mhc_coeffs_bwd`.
 
-    H: (..., n, d), 1 <= n <= 16; phi: (n·d, n²+2n); a_pre, a_post, a_res: 0-dim
-    tensors or floats; b: (n²+2n,); iters (when given): int >= 1.
+    H: (..., n, d), 1 <= n <= 16, d >= 1 (the rms is over n·d); phi: (n·d, n²+2n);
+    a_pre, a_post, a_res: 0-dim tensors or finite floats; b: (n²+2n,); when given:
+    iters an int >= 1, eps and sinkhorn_eps finite floats > 0, pre_eps a finite float
+    >= 0, post_mult a finite float > 0 (the module docstring says why).
+    `op` names the public op in the messages of the domain checks.
     """
     check_streams("H", H)
     n, d = H.shape[-2], H.shape[-1]
+    check_features(op, H, "mHC's r = rsqrt(mean(vec(H)²) + eps)")
     m = n * n + 2 * n
     check_tensor("phi", phi)
     check_shape("phi", phi, (n * d, m), "(n·d, n²+2n) for H of shape (..., n, d)")
-    check_scalar("a_pre", a_pre)
-    check_scalar("a_post", a_post)
-    check_scalar("a_res", a_res)
+    check_scalar("a_pre", a_pre, op)
+    check_scalar("a_post", a_post, op)
+    check_scalar("a_res", a_res, op)
     check_tensor("b", b)
     check_shape("b", b, (m,), "(n²+2n,) for H with n streams")
     if iters is not None:
-        check_iters(iters)
+        check_iters(iters, op)
+    if eps is not None:
+        check_norm_eps(op, eps)
+    if pre_eps is not None:
+        check_real(op, "pre_eps", pre_eps, ge=0, why="pre = sigmoid(·) + pre_eps is a positive gate")
+    if post_mult is not None:
+        check_real(op, "post_mult", post_mult, gt=0, why="post = post_mult·sigmoid(·) is a positive gate")
+    if sinkhorn_eps is not None:
+        check_sinkhorn_eps(op, sinkhorn_eps)
     check_same_device(**tensors_only(H=H, phi=phi, a_pre=a_pre, a_post=a_post,
                                      a_res=a_res, b=b))
 
@@ -245,10 +317,12 @@ def validate_depth_aggregate(S: torch.Tensor, A: torch.Tensor) -> None:
     check_same_device(S=S, A=A)
 
 
-def validate_depth_aggregate_qkv_norm(S: torch.Tensor, A: torch.Tensor, norm_weights: torch.Tensor) -> None:
+def validate_depth_aggregate_qkv_norm(S: torch.Tensor, A: torch.Tensor, norm_weights: torch.Tensor,
+                                      eps=None) -> None:
     """Check the arguments of `depth_aggregate_qkv_norm` (shared by the oracle and the
     fused op): those of `validate_depth_aggregate` with C = 4 ways (q, k, v, r), and
-    norm_weights: (3, d) float on S's device. Looks at metadata only (no device sync).
+    norm_weights: (3, d) float on S's device; eps (when given): a finite float > 0.
+    Looks at metadata and Python numbers only (no device sync).
     """
     validate_depth_aggregate(S, A)
     if A.shape[-2] != QKV_NORM_WAYS:
@@ -258,19 +332,25 @@ def validate_depth_aggregate_qkv_norm(S: torch.Tensor, A: torch.Tensor, norm_wei
     check_tensor("norm_weights", norm_weights)
     d = S.shape[-1]
     check_shape("norm_weights", norm_weights, (QKV_NORM_WAYS - 1, d), f"(3, d) with d = S.shape[-1] = {d}")
+    if eps is not None:
+        check_norm_eps("depth_aggregate_qkv_norm", eps)
     check_same_device(S=S, norm_weights=norm_weights)
 
 
 def validate_mudd_weights(
-    x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor, bias: torch.Tensor, n_ways: int
+    x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor, bias: torch.Tensor, n_ways: int, eps=None
 ) -> None:
     """Check the arguments of `mudd_weights` (shared by the oracle and the fused op).
 
     x: (*tok, d) with at least one token dim (x.dim() >= 2); W1: (d, K);
     W2: (K, C*l) with C = n_ways >= 1 and 1 <= l <= 128; bias: (C*l,) or (C, l).
-    All float, on one device. Looks at metadata only (no device sync).
+    All float, on one device; eps (when given): a finite float > 0. d = 0 is allowed:
+    rms(x)·W1 is then a sum over no features, so A = GELU(0)·W2 + bias = bias.
+    Looks at metadata and Python numbers only (no device sync).
     """
     check_int("n_ways", n_ways, 1)
+    if eps is not None:
+        check_norm_eps("mudd_weights", eps)
     check_tensor("x", x)
     check_tensor("W1", W1, ndim=2)
     check_tensor("W2", W2, ndim=2)

@@ -221,6 +221,9 @@ def accelerate(model: nn.Module, *, strict: bool = False) -> AccelerationReport:
     the report with the reason. strict=True raises UnsupportedHyperConnections instead,
     before converting anything.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"accelerate: model must be a torch.nn.Module (the model whose "
+                        f"hyper_connections.HyperConnections modules to convert), got {type(model).__name__}")
     _warn_if_untested_version()
     report = AccelerationReport(kind="hyper-connection module")
     convert = []

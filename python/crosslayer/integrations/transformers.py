@@ -279,6 +279,9 @@ def accelerate(model: nn.Module, *, strict: bool = False) -> AccelerationReport:
     other decoder layer or head is left on its own forward and listed in the report with
     the reason. strict=True raises UnsupportedModel instead, before converting anything.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"accelerate: model must be a torch.nn.Module (a DeepSeek-V4 model or a part "
+                        f"of one), got {type(model).__name__}")
     _check_classes()
     report = AccelerationReport(kind="DeepSeek-V4 mHC module")
     convert = []

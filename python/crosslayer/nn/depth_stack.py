@@ -491,6 +491,15 @@ class DepthStack:
         else:
             if not isinstance(slots, slice):
                 raise TypeError(f"slots must be a slice or None, got {type(slots).__name__}")
+            for part in ("start", "stop", "step"):
+                v = getattr(slots, part)
+                if v is not None and (isinstance(v, bool) or not hasattr(type(v), "__index__")):
+                    raise TypeError(f"DepthStack: slots.{part} must be an int or None, got "
+                                    f"{type(v).__name__} ({v!r}) in {slots}")
+            if slots.step is not None and slots.step < 1:
+                raise ValueError(f"DepthStack: slots must be a slice with step >= 1 (slots are read "
+                                 f"oldest first, the order of A's last dim), got {slots}; to weight "
+                                 f"the slots in reverse order, reverse A's last dim instead")
             idx = range(self.n_slots)[slots]
             if len(idx) == 0:
                 raise ValueError(f"slots {slots} select no slot")
@@ -517,7 +526,7 @@ class DepthStack:
         ops.mudd_weights on the pushed tensor, differentiated by autograd (only the
         gradients asked for)."""
         x = self.newest
-        validate_mudd_weights(x, W1, W2, bias, n_ways)
+        validate_mudd_weights(x, W1, W2, bias, n_ways, eps)
         check_approximate(approximate)
         s, (slot,) = self._read(slice(len(self) - 1, len(self)))
         chained = fusable("mudd_weights", slot, W1, W2, bias) and x.shape[-1] >= 1 and W1.shape[1] >= 1
@@ -530,7 +539,8 @@ class DepthStack:
 
     def aggregate(self, A: Tensor, slots: Optional[slice] = None) -> Tensor:
         """Y_c = Σ_j A[.., c, j]·S_j over the slots S = stack[slots] (default: every filled
-        slot).
+        slot). slots: a slice with int bounds and step >= 1 (oldest slot first; a reversed
+        slice is refused: reverse A's last dim instead), selecting filled slots only.
 
         A: (*tok, C, l) per token or (C, l) static, l = number of selected slots.
         returns Y: (C, *tok, d) in the stack's dtype.
@@ -552,7 +562,7 @@ class DepthStack:
         returns Out: (4, *tok, d) in the stack's dtype.
         """
         s, S = self._read(slots)
-        validate_depth_aggregate_qkv_norm(_stacked_meta(S), A, norm_weights)
+        validate_depth_aggregate_qkv_norm(_stacked_meta(S), A, norm_weights, eps)
         if not torch.is_grad_enabled():  # no node: the chain stays as it is
             return _aggregate_qkv_norm_fwd(S, A, norm_weights, eps)[0]
         X, self._ghost = _AggregateQKVNorm.apply(self._ghost, A, norm_weights, s.start, s.stop, s.step, eps, *S)

@@ -48,7 +48,8 @@ import torch
 from torch import Tensor, nn
 
 from crosslayer import ops, ref
-from crosslayer.contracts import MAX_STREAMS, check_streams, validate_hc_post
+from crosslayer._checks import check_real
+from crosslayer.contracts import MAX_STREAMS, check_norm_eps, check_sinkhorn_eps, check_streams, validate_hc_post
 
 __all__ = ["HyperConnections", "ManifoldHyperConnections", "PendingStreams", "StreamPost", "expand_streams",
            "reduce_streams", "static_connection_parameters", "param_groups"]
@@ -103,7 +104,8 @@ class StreamPost:
 
 
 def expand_streams(x: Tensor, n: int) -> Tensor:
-    """Entry: x (*tok, d) repeated into n streams, (*tok, n, d), contiguous."""
+    """Entry: x (*tok, d) repeated into n streams, (*tok, n, d), contiguous. n: an int
+    in 1..16 (TypeError for a float such as 2.0)."""
     return ref.expand_streams(x, n)
 
 
@@ -183,6 +185,7 @@ class HyperConnections(_StreamConnection):
                  device=None, dtype: Optional[torch.dtype] = None):
         super().__init__(d, n, branch)
         _check_int("layer_index", layer_index, 0)
+        check_norm_eps("HyperConnections", eps)
         self.layer_index, self.dynamic, self.eps = layer_index, bool(dynamic), eps
         kw = dict(device=device, dtype=dtype or torch.float32)
         self.A = nn.Parameter(torch.empty(n, n + 1, **kw))
@@ -264,9 +267,12 @@ class ManifoldHyperConnections(_StreamConnection):
                  sinkhorn_eps: float = 1e-6, *, device=None, dtype: Optional[torch.dtype] = None):
         super().__init__(d, n, branch)
         _check_int("iters", iters, 1)
-        if not post_mult > 1.0:
-            raise ValueError(f"post_mult must be > 1 (post = post_mult·sigmoid(·) must be able "
-                             f"to reach 1), got {post_mult!r}")
+        who = "ManifoldHyperConnections"
+        check_real(who, "post_mult", post_mult, gt=1,
+                   why="post = post_mult·sigmoid(·) must be able to reach 1, the identity start")
+        check_real(who, "pre_eps", pre_eps, ge=0, why="pre = sigmoid(·) + pre_eps is a positive gate")
+        check_norm_eps(who, eps)
+        check_sinkhorn_eps(who, sinkhorn_eps)
         self.iters, self.pre_eps, self.post_mult = iters, pre_eps, float(post_mult)
         self.eps, self.sinkhorn_eps = eps, sinkhorn_eps
         kw = dict(device=device, dtype=dtype or torch.float32)
@@ -316,9 +322,18 @@ class ManifoldHyperConnections(_StreamConnection):
         return x, StreamPost(H_post, alpha, beta)
 
 
+def _check_module(who: str, model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{who}: model must be a torch.nn.Module (the static connection parameters "
+                        f"are found by module), got {type(model).__name__}; wrap a list of modules in "
+                        f"nn.ModuleList")
+
+
 def static_connection_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     """The static connection parameters of every crosslayer connection module in `model`
-    (HC: A, B, s_a, s_b; mHC: a_*, b; MUDD: bias; DWA: alpha), each once."""
+    (HC: A, B, s_a, s_b; mHC: a_*, b; MUDD: bias; DWA: alpha), each once. model: an
+    nn.Module (TypeError otherwise)."""
+    _check_module("static_connection_parameters", model)
     seen = set()
     for module in model.modules():
         for name in getattr(module, "static_parameter_names", ()):
@@ -331,7 +346,13 @@ def static_connection_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
 def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
     """Two optimizer groups: every trainable parameter of `model` with `weight_decay`,
     except the static connection parameters (`static_connection_parameters`), which get
-    none. Use: torch.optim.AdamW(param_groups(model, 0.1), lr=...)."""
+    none. Use: torch.optim.AdamW(param_groups(model, 0.1), lr=...).
+
+    model: an nn.Module (the connection modules are found among its submodules: a list
+    of parameters or modules is refused, wrap it in nn.ModuleList); weight_decay: a
+    finite float >= 0."""
+    _check_module("param_groups", model)
+    check_real("param_groups", "weight_decay", weight_decay, ge=0)
     static = {id(p) for p in static_connection_parameters(model)}
     decay, no_decay = [], []
     for p in model.parameters():

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from crosslayer import ops, ref
-from crosslayer.contracts import GELU_APPROXIMATIONS, MAX_SLOTS
+from crosslayer._checks import check_index
+from crosslayer.contracts import GELU_APPROXIMATIONS, MAX_SLOTS, check_norm_eps
 from crosslayer.ref import mudd as ref_mudd
 from crosslayer.nn.depth_stack import DepthStack
 
@@ -41,7 +42,13 @@ StackLike = Union[DepthStack, Sequence[Tensor]]
 
 def mudd_hidden(n_ways: int, n_slots: int, expand: int = 1, round64: bool = False) -> int:
     """Hidden width K of a MUDD weight MLP (MUDDFormer `__init__`): C·l·expand, then
-    with round64 (K // 64 + 1)·64, which always rounds up (64 -> 128)."""
+    with round64 (K // 64 + 1)·64, which always rounds up (64 -> 128). n_ways, n_slots,
+    expand: ints >= 1; round64: a bool."""
+    check_index("mudd_hidden", "n_ways", n_ways, 1)
+    check_index("mudd_hidden", "n_slots", n_slots, 1)
+    check_index("mudd_hidden", "expand", expand, 1)
+    if not isinstance(round64, bool):
+        raise TypeError(f"mudd_hidden: round64 must be a bool, got {type(round64).__name__} ({round64!r})")
     K = n_ways * n_slots * expand
     return (K // 64 + 1) * 64 if round64 else K
 
@@ -92,6 +99,7 @@ class MUDDConnection(nn.Module):
                              f"e.g. 'qkvr' or 'r', got {ways!r}")
         if gelu not in GELU_APPROXIMATIONS:
             raise ValueError(f"gelu must be 'none' or 'tanh', got {gelu!r}")
+        check_norm_eps("MUDDConnection", eps)
         self.d, self.layer_index, self.n_layers = d, layer_index, n_layers
         self.is_last = layer_index == n_layers - 1
         self.ways = ways[-1] if self.is_last else ways
@@ -166,8 +174,11 @@ class DenseFormerDWA(nn.Module):
     def __init__(self, layer_index: int, dilation: int = 1, period: int = 1, *,
                  device=None, dtype: Optional[torch.dtype] = None):
         super().__init__()
+        check_index("DenseFormerDWA", "layer_index", layer_index, 0)
+        check_index("DenseFormerDWA", "dilation", dilation, 1)
+        check_index("DenseFormerDWA", "period", period, 1)
         self.layer_index, self.dilation, self.period = layer_index, dilation, period
-        self.slots = ref.dwa_slots(layer_index, dilation, period)  # validates the ints
+        self.slots = ref.dwa_slots(layer_index, dilation, period)
         self.active = self.slots is not None
         if self.active:
             w = ref_mudd.dwa_init_weights(layer_index, dilation)

@@ -27,13 +27,33 @@ from torch import Tensor
 
 from crosslayer import ref
 from crosslayer._autograd import first_order_backward, no_double_backward_message, oracle_first_order
+from crosslayer._checks import check_tensor
 from crosslayer._extension import kernels_for, runs_kernels
 from crosslayer.contracts import validate_depth_aggregate
 
 
+def check_flat_slots(op: str, S) -> None:
+    """S of a custom op over flattened tokens: a float tensor (l, N, d), 3 dims (the public
+    function flattens any token dims into one before it calls the op)."""
+    check_tensor("S", S)
+    if S.dim() != 3:
+        raise ValueError(f"{op}: S must have shape (l, N, d), the token dims flattened into one "
+                         f"(3 dims; the public function takes any token dims), got shape {tuple(S.shape)}")
+
+
+def check_depth_aggregate_op(S, A) -> None:
+    """What crosslayer::depth_aggregate and its fake both check (one function, so the op
+    never returns a result its fake does not declare): S (l, N, d), A (N, C, l) or
+    (C, l), as validate_depth_aggregate states them. Metadata only, no device sync."""
+    check_flat_slots("crosslayer::depth_aggregate", S)
+    validate_depth_aggregate(S, A)
+
+
 @torch.library.custom_op("crosslayer::depth_aggregate", mutates_args=())
 def depth_aggregate_op(S: Tensor, A: Tensor) -> Tensor:
-    """Y_c = Σ_j A[.., c, j]·S_j.  S: (l, N, d); A: (N, C, l) or (C, l) -> Y: (C, N, d)."""
+    """Y_c = Σ_j A[.., c, j]·S_j.  S: (l, N, d); A: (N, C, l) or (C, l) -> Y: (C, N, d).
+    Refuses other ranks (check_depth_aggregate_op), as its fake does."""
+    check_depth_aggregate_op(S, A)
     kernels = kernels_for(S, "depth_aggregate")
     if kernels is not None:
         return kernels.depth_aggregate_fwd(S.unbind(0), A)
@@ -43,6 +63,7 @@ def depth_aggregate_op(S: Tensor, A: Tensor) -> Tensor:
 
 @depth_aggregate_op.register_fake
 def _depth_aggregate_fake(S: Tensor, A: Tensor) -> Tensor:
+    check_depth_aggregate_op(S, A)
     return S.new_empty((A.shape[-2], S.shape[1], S.shape[2]))
 
 

@@ -35,6 +35,15 @@ from crosslayer._checks import acc_dtype
 from crosslayer._extension import kernels_for
 from crosslayer.ops._common import fusable
 from crosslayer.contracts import validate_depth_aggregate_qkv_norm
+from crosslayer.ops.depth_aggregate import check_flat_slots
+
+
+def check_depth_aggregate_qkv_norm_op(S, A, norm_weights, eps) -> None:
+    """What crosslayer::depth_aggregate_qkv_norm and its fake both check (one function, so
+    the op never returns a result its fake does not declare): S (l, N, d), A (N, 4, l) or
+    (4, l), norm_weights (3, d), eps > 0. Metadata and Python numbers only."""
+    check_flat_slots("crosslayer::depth_aggregate_qkv_norm", S)
+    validate_depth_aggregate_qkv_norm(S, A, norm_weights, eps)
 
 
 def _rstd(S: Tensor, A: Tensor, eps: float) -> Tensor:
@@ -48,8 +57,10 @@ def _rstd(S: Tensor, A: Tensor, eps: float) -> Tensor:
 def depth_aggregate_qkv_norm_op(S: Tensor, A: Tensor, norm_weights: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     """(Out, rstd). S: (l, N, d); A: (N, 4, l) or (4, l); norm_weights: (3, d).
 
-    Out: (4, N, d) in S's dtype; rstd: (3, N) in the arithmetic dtype.
+    Out: (4, N, d) in S's dtype; rstd: (3, N) in the arithmetic dtype. Refuses other
+    ranks (check_depth_aggregate_qkv_norm_op), as its fake does.
     """
+    check_depth_aggregate_qkv_norm_op(S, A, norm_weights, eps)
     kernels = kernels_for(S, "depth_aggregate_qkv_norm")
     if kernels is not None:
         out, rstd = kernels.depth_aggregate_qkv_norm_fwd(S.unbind(0), A, norm_weights, eps)
@@ -61,6 +72,7 @@ def depth_aggregate_qkv_norm_op(S: Tensor, A: Tensor, norm_weights: Tensor, eps:
 
 @depth_aggregate_qkv_norm_op.register_fake
 def _depth_aggregate_qkv_norm_fake(S, A, norm_weights, eps):
+    check_depth_aggregate_qkv_norm_op(S, A, norm_weights, eps)
     return S.new_empty((4, S.shape[1], S.shape[2])), S.new_empty((3, S.shape[1]), dtype=acc_dtype(S.dtype))
 
 
@@ -148,7 +160,7 @@ def depth_aggregate_qkv_norm(S: Tensor, A: Tensor, norm_weights: Tensor, eps: fl
     float32 for those). First derivatives only, on every path
     (crosslayer.ref.depth_aggregate_qkv_norm differentiates to any order).
     """
-    validate_depth_aggregate_qkv_norm(S, A, norm_weights)
+    validate_depth_aggregate_qkv_norm(S, A, norm_weights, eps)
     if not fusable("depth_aggregate_qkv_norm", S, A, norm_weights):
         return oracle_first_order("depth_aggregate_qkv_norm", ref.depth_aggregate_qkv_norm, S, A, norm_weights, eps)
     l, d = S.shape[0], S.shape[-1]

@@ -219,7 +219,7 @@ def hc_boundary(H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, A: Tensor, B:
     parameters with lower-precision H. First derivatives only, on every path
     (crosslayer.ref.hc_boundary differentiates to any order).
     """
-    validate_hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b)
+    validate_hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b, eps)
     scales = [v for v in (s_a, s_b) if isinstance(v, Tensor)]
     if not fusable("hc_boundary", H, y, alpha, beta, A, B, W, *scales):
         return oracle_first_order("hc_boundary", ref.hc_boundary, H, y, alpha, beta, A, B, W, s_a, s_b, eps)

@@ -190,7 +190,12 @@ def hc_pre(H: Tensor, A: Tensor, B: Tensor, W: Optional[Tensor] = None,
                                       dim with non-unit stride is copied once
     A: (n, n+1); B: (n,)              static coefficients
     W: (d, n+2) or None               dynamic projection (norm weight folded in); None = SHC
-    s_a, s_b: 0-dim tensors or floats dynamic scales (DHC only)
+    s_a, s_b: 0-dim tensors or floats dynamic scales (DHC only); a float must be finite
+                                      (a tensor is checked for dtype and shape only: its
+                                      value is never read on the host)
+    eps: a finite float > 0           the per-stream rms's epsilon (DHC)
+    d = 0: DHC refuses it (ValueError, on every backend: r = rsqrt(mean_d H² + eps) is a
+           mean over no features); SHC returns x (..., 0), alpha = A, beta = B
     returns x: (..., d) in H's dtype; alpha: (..., n, n+1) for DHC, (n, n+1) for SHC;
             beta: (..., n) for DHC, (n,) for SHC (arithmetic dtype: float32, float64
             for float64 inputs)
@@ -217,7 +222,7 @@ def _hc_pre(H: Tensor, A: Tensor, B: Tensor, W: Optional[Tensor], s_a: Optional[
             s_b: Optional[Scalar], eps: float, for_post: bool):
     """(x, alpha, beta, H_post) of `hc_pre` / `hc_pre_for_post`: H_post is what the
     connection's hc_post reads, the fused pre's extra output with `for_post`, else H."""
-    validate_hc_pre(H, A, B, W, s_a, s_b)
+    validate_hc_pre(H, A, B, W, s_a, s_b, eps, op="hc_pre_for_post" if for_post else "hc_pre")
     scales = [v for v in (s_a, s_b) if isinstance(v, Tensor)]
     ct = compute_dtype(H, A, B, W, *scales)
     if W is None:

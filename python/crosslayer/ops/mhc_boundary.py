@@ -155,7 +155,8 @@ def mhc_boundary(H: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, phi: Tensor,
     otherwise, and for float64 parameters with lower-precision H. First derivatives only,
     on every path (crosslayer.ref.mhc_boundary differentiates to any order).
     """
-    validate_mhc_boundary(H, y, alpha, beta, phi, a_pre, a_post, a_res, b, iters)
+    validate_mhc_boundary(H, y, alpha, beta, phi, a_pre, a_post, a_res, b, iters, eps=eps, pre_eps=pre_eps,
+                          post_mult=post_mult, sinkhorn_eps=sinkhorn_eps)
     scalars = [v for v in (a_pre, a_post, a_res) if isinstance(v, Tensor)]
     if not fusable("mhc_boundary", H, y, alpha, beta, phi, b, *scalars):
         return oracle_first_order("mhc_boundary", ref.mhc_boundary, H, y, alpha, beta, phi, a_pre, a_post, a_res,

@@ -217,9 +217,15 @@ def mhc_coeffs(H: Tensor, phi: Tensor, a_pre: Scalar, a_post: Scalar, a_res: Sca
     """mHC coefficients in HC form (see crosslayer.ref.mhc_coeffs).
 
     H: (..., n, d), 1 <= n <= 16     the streams; any token and stream strides; a feature
-                                      dim with non-unit stride is copied once
+                                      dim with non-unit stride is copied once; d >= 1
+                                      (d = 0 is refused with a ValueError on every
+                                      backend: the rms over n·d would be 0/0)
     phi: (n·d, n²+2n)                 projection (RMSNorm weight folded in)
-    a_pre, a_post, a_res: 0-dim tensors or floats; b: (n²+2n,)
+    a_pre, a_post, a_res: 0-dim tensors or finite floats (a tensor is checked for dtype
+                                      and shape only, never its value); b: (n²+2n,)
+    eps, sinkhorn_eps: finite floats > 0; pre_eps: a finite float >= 0; post_mult: a
+                                      finite float > 0; iters: an int >= 1
+                                      (crosslayer.contracts says why)
     returns alpha: (..., n, n+1) (column 0 = pre, columns 1.. = comb) and beta: (..., n)
             (= post), in the arithmetic dtype (float32; float64 for float64 inputs)
 
@@ -229,7 +235,8 @@ def mhc_coeffs(H: Tensor, phi: Tensor, a_pre: Scalar, a_post: Scalar, a_res: Sca
     float64 parameters with lower-precision H. First derivatives only, on every path
     (crosslayer.ref.mhc_coeffs differentiates to any order).
     """
-    validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters)
+    validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters, eps=eps, pre_eps=pre_eps, post_mult=post_mult,
+                        sinkhorn_eps=sinkhorn_eps)
     scalars = [v for v in (a_pre, a_post, a_res) if isinstance(v, Tensor)]
     if not fusable("mhc_coeffs", H, phi, b, *scalars):
         return oracle_first_order("mhc_coeffs", ref.mhc_coeffs, H, phi, a_pre, a_post, a_res, b, eps, pre_eps,
@@ -247,7 +254,8 @@ def mhc_pre_for_post(H: Tensor, phi: Tensor, a_pre: Scalar, a_post: Scalar, a_re
     tensor the connection's `hc_post` must read. Fused, the backward adds every dH term
     to the one hc_post's backward wrote, in place (_MhcPreForPost); elsewhere H_post is H
     and autograd sums the terms."""
-    validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters)
+    validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters, eps=eps, pre_eps=pre_eps, post_mult=post_mult,
+                        sinkhorn_eps=sinkhorn_eps, op="mhc_pre_for_post")
     scalars = [v for v in (a_pre, a_post, a_res) if isinstance(v, Tensor)]
     if not fusable("mhc_coeffs", H, phi, b, *scalars):
         alpha, beta = oracle_first_order("mhc_pre_for_post", ref.mhc_coeffs, H, phi, a_pre, a_post, a_res, b, eps,

@@ -178,7 +178,7 @@ def mudd_weights(x: Tensor, W1: Tensor, W2: Tensor, bias: Tensor, n_ways: int, e
     oracle otherwise, and for float64 parameters with lower-precision x. First derivatives
     only, on every path (crosslayer.ref.mudd_weights differentiates to any order).
     """
-    validate_mudd_weights(x, W1, W2, bias, n_ways)
+    validate_mudd_weights(x, W1, W2, bias, n_ways, eps)
     check_approximate(approximate)
     if not (fusable("mudd_weights", x, W1, W2, bias) and x.shape[-1] >= 1 and W1.shape[1] >= 1):
         return oracle_first_order("mudd_weights", ref.mudd_weights, x, W1, W2, bias, n_ways, eps, approximate)

@@ -49,11 +49,13 @@ from crosslayer.ref.mudd import (
 )
 
 __all__ = [
-    "hc_pre", "hc_pre_bwd", "hc_post", "hc_post_bwd", "stream_mix", "stream_mix_bwd",
+    "hc_pre", "hc_pre_bwd", "hc_post", "hc_post_bwd", "hc_boundary", "hc_boundary_bwd",
+    "stream_mix", "stream_mix_bwd",
     "mhc_coeffs", "mhc_coeffs_bwd", "mhc_boundary", "mhc_boundary_bwd", "sinkhorn", "sinkhorn_bwd",
     "depth_aggregate", "depth_aggregate_bwd", "depth_aggregate_qkv_norm",
     "depth_aggregate_qkv_norm_bwd", "dwa_slots", "dwa_init_weights", "mudd_weights", "mudd_weights_bwd",
-    "validate_hc_pre", "validate_hc_post", "validate_stream_mix", "validate_mhc_coeffs", "validate_mhc_boundary",
+    "validate_hc_pre", "validate_hc_post", "validate_hc_boundary", "validate_stream_mix", "validate_mhc_coeffs",
+    "validate_mhc_boundary",
     "validate_depth_aggregate", "validate_depth_aggregate_qkv_norm", "validate_mudd_weights",
     "hc_init_static", "expand_streams", "reduce_streams", "validate_sinkhorn",
 ]

@@ -40,7 +40,7 @@ from typing import Optional, Union
 
 import torch
 
-from crosslayer._checks import check_same_device, check_shape, check_tensor, compute_dtype
+from crosslayer._checks import check_index, check_same_device, check_shape, check_tensor, compute_dtype
 from crosslayer.contracts import (
     MAX_STREAMS,
     check_coeff,
@@ -85,12 +85,14 @@ def hc_pre(H, A, B, W=None, s_a=None, s_b=None, eps: float = 1e-6):
     """Layer input and HC coefficients.
 
     H: (..., n, d); A: (n, n+1); B: (n,); W: (d, n+2) or None (SHC);
-    s_a, s_b: 0-dim tensors or floats (DHC only).
+    s_a, s_b: 0-dim tensors or finite floats (DHC only); eps: a finite float > 0.
+    d = 0: refused for DHC (ValueError: the rms is a mean over no features); SHC gives
+    x (..., 0), alpha = A, beta = B.
     Returns x: (..., d) in H.dtype; alpha: (n, n+1) for SHC (a copy of A),
     (..., n, n+1) for DHC; beta: (n,) for SHC, (..., n) for DHC (coefficients in the
     arithmetic dtype).
     """
-    validate_hc_pre(H, A, B, W, s_a, s_b)
+    validate_hc_pre(H, A, B, W, s_a, s_b, eps)
     ct = compute_dtype(H, A, B, W, *tensors_only(s_a=s_a, s_b=s_b).values())
     Hc = H.to(ct)
     A, B = A.to(ct), B.to(ct)
@@ -115,7 +117,7 @@ def hc_pre_bwd(dx, dalpha, dbeta, H, A, B, W=None, s_a=None, s_b=None, eps: floa
     ds_a, ds_b: 0-dim (dW, ds_a, ds_b are None for SHC). Parameter gradients are
     summed over tokens.
     """
-    validate_hc_pre(H, A, B, W, s_a, s_b)
+    validate_hc_pre(H, A, B, W, s_a, s_b, eps)
     lead, n, d = H.shape[:-2], H.shape[-2], H.shape[-1]
     check_tensor("dx", dx)
     check_shape("dx", dx, tuple(lead) + (d,), "(..., d) for H of shape (..., n, d)")
@@ -214,6 +216,20 @@ def hc_post_bwd(dH_new, H, y, alpha, beta):
 # ------------------------------------------------------------------------ hc_boundary
 
 
+def check_boundary_grads(H, dH_next, dx_next) -> None:
+    """The gradients a boundary's backward takes of H' and x', each optional (None =
+    zero): dH_next (..., n, d) like H, dx_next (..., d); on H's device. (Broadcasting
+    would otherwise accept a wrong shape silently.)"""
+    lead, d = H.shape[:-2], H.shape[-1]
+    if dH_next is not None:
+        check_tensor("dH_next", dH_next)
+        check_shape("dH_next", dH_next, tuple(H.shape), "(the shape of H' = the shape of H)")
+    if dx_next is not None:
+        check_tensor("dx_next", dx_next)
+        check_shape("dx_next", dx_next, tuple(lead) + (d,), "(..., d) for H of shape (..., n, d)")
+    check_same_device(**tensors_only(H=H, dH_next=dH_next, dx_next=dx_next))
+
+
 def hc_boundary(H, y, alpha, beta, A, B, W=None, s_a=None, s_b=None, eps: float = 1e-6):
     """Connection i's post fused with connection i+1's pre, at the boundary of two
     sublayers: H' = hc_post(H, y, alpha, beta), then x', alpha', beta' = hc_pre(H', A, B,
@@ -225,7 +241,7 @@ def hc_boundary(H, y, alpha, beta, A, B, W=None, s_a=None, s_b=None, eps: float 
     Returns H': (..., n, d) in H.dtype; x': (..., d) in H.dtype; alpha', beta' as
     `hc_pre`'s ((..., n, n+1), (..., n) for DHC; copies of A, B for SHC; arithmetic dtype).
     """
-    validate_hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b)
+    validate_hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b, eps)
     H_next = hc_post(H, y, alpha, beta)
     x, alpha_next, beta_next = hc_pre(H_next, A, B, W, s_a, s_b, eps)
     return H_next, x, alpha_next, beta_next
@@ -243,7 +259,8 @@ def hc_boundary_bwd(dH_next, dx_next, dalpha_next, dbeta_next, H, y, alpha, beta
     over tokens when static), dA, dB, dW, ds_a, ds_b (summed over tokens; the last three
     None for SHC).
     """
-    validate_hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b)
+    validate_hc_boundary(H, y, alpha, beta, A, B, W, s_a, s_b, eps)
+    check_boundary_grads(H, dH_next, dx_next)
     ct = compute_dtype(H, y, alpha, beta, A, B, W, *tensors_only(s_a=s_a, s_b=s_b).values())
     H_next = hc_post(H, y, alpha, beta)
     lead, d = H.shape[:-2], H.shape[-1]
@@ -301,8 +318,8 @@ def hc_init_static(n: int, layer_index: int, dtype: torch.dtype = torch.float32,
     Returns A: (n, n+1) with A[:, 0] one-hot at layer_index mod n and A[:, 1:] = I;
     B: (n,) ones. (For DHC also set W = 0 and s_a = s_b = 0.01.)
     """
-    if not 1 <= n <= MAX_STREAMS:
-        raise ValueError(f"n must be in 1..{MAX_STREAMS}, got {n}")
+    check_index("hc_init_static", "n", n, 1, MAX_STREAMS)
+    check_index("hc_init_static", "layer_index", layer_index, 0)
     A = torch.zeros(n, n + 1, dtype=dtype, device=device)
     A[layer_index % n, 0] = 1
     A[:, 1:] = torch.eye(n, dtype=dtype, device=device)
@@ -311,12 +328,12 @@ def hc_init_static(n: int, layer_index: int, dtype: torch.dtype = torch.float32,
 
 
 def expand_streams(x, n: int):
-    """Entry: the hidden state repeated into n streams. x: (..., d) -> (..., n, d)."""
+    """Entry: the hidden state repeated into n streams. x: (..., d) -> (..., n, d);
+    n: an int in 1..16 (a float such as 2.0 is refused)."""
     check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError(f"x must have shape (..., d), got {tuple(x.shape)}")
-    if not 1 <= n <= MAX_STREAMS:
-        raise ValueError(f"n must be in 1..{MAX_STREAMS}, got {n}")
+    check_index("expand_streams", "n", n, 1, MAX_STREAMS)
     return x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1]).clone(
         memory_format=torch.contiguous_format)
 

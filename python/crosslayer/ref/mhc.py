@@ -42,7 +42,7 @@ import torch
 from crosslayer._checks import check_same_device, check_shape, check_tensor, compute_dtype
 from crosslayer.contracts import (check_coeff_grads, tensors_only, validate_mhc_boundary, validate_mhc_coeffs,
                                   validate_sinkhorn)
-from crosslayer.ref.hc import as_scalar, hc_post, hc_post_bwd, stream_mix, stream_mix_bwd
+from crosslayer.ref.hc import as_scalar, check_boundary_grads, hc_post, hc_post_bwd, stream_mix, stream_mix_bwd
 
 
 # --------------------------------------------------------------------------- sinkhorn
@@ -64,9 +64,11 @@ def _sinkhorn_trace(L: torch.Tensor, iters: int, eps: float):
 def sinkhorn(logits, iters: int = 20, eps: float = 1e-6):
     """Sinkhorn-Knopp normalisation towards a doubly stochastic matrix.
 
-    logits: (..., n, n). Returns P: (..., n, n) in the arithmetic dtype.
+    logits: (..., n, n); iters: an int >= 1; eps: a finite float > 0 (it keeps every
+    normalisation away from 0/0, crosslayer.contracts.check_sinkhorn_eps). Returns P:
+    (..., n, n) in the arithmetic dtype.
     """
-    validate_sinkhorn(logits, iters)
+    validate_sinkhorn(logits, iters, eps)
     _, P, _ = _sinkhorn_trace(logits.to(compute_dtype(logits)), iters, eps)
     return P
 
@@ -77,7 +79,7 @@ def sinkhorn_bwd(dP, logits, iters: int = 20, eps: float = 1e-6):
     dP: (..., n, n); logits: (..., n, n). Returns dlogits: (..., n, n) in the
     arithmetic dtype.
     """
-    validate_sinkhorn(logits, iters)
+    validate_sinkhorn(logits, iters, eps)
     check_tensor("dP", dP)
     check_shape("dP", dP, tuple(logits.shape), "(the shape of logits)")
     check_same_device(logits=logits, dP=dP)
@@ -109,11 +111,14 @@ def mhc_coeffs(H, phi, a_pre, a_post, a_res, b, eps: float = 1e-6, pre_eps: floa
                post_mult: float = 2.0, iters: int = 20, sinkhorn_eps: float = 1e-6):
     """mHC coefficients in HC form.
 
-    H: (..., n, d); phi: (n·d, n²+2n); a_pre, a_post, a_res: 0-dim or floats;
-    b: (n²+2n,). Returns alpha: (..., n, n+1) (column 0 = pre, columns 1.. = comb)
+    H: (..., n, d) with d >= 1 (d = 0 is refused: the rms over n·d would be 0/0);
+    phi: (n·d, n²+2n); a_pre, a_post, a_res: 0-dim or finite floats; b: (n²+2n,);
+    eps, sinkhorn_eps > 0, pre_eps >= 0, post_mult > 0 (finite floats), iters >= 1
+    (crosslayer.contracts says why). Returns alpha: (..., n, n+1) (column 0 = pre, columns 1.. = comb)
     and beta: (..., n) (= post), in the arithmetic dtype.
     """
-    validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters)
+    validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters, eps=eps, pre_eps=pre_eps, post_mult=post_mult,
+                        sinkhorn_eps=sinkhorn_eps)
     ct = compute_dtype(H, phi, b, *tensors_only(a_pre=a_pre, a_post=a_post, a_res=a_res).values())
     n = H.shape[-2]
     *_, h = _mhc_forward(H, phi, a_pre, a_post, a_res, b, eps, ct)
@@ -133,7 +138,8 @@ def mhc_coeffs_bwd(dalpha, dbeta, H, phi, a_pre, a_post, a_res, b, eps: float = 
     Returns dH: (..., n, d) in H.dtype; dphi: (n·d, n²+2n); da_pre, da_post, da_res:
     0-dim; db: (n²+2n,) (parameter gradients summed over tokens).
     """
-    validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters)
+    validate_mhc_coeffs(H, phi, a_pre, a_post, a_res, b, iters, eps=eps, pre_eps=pre_eps, post_mult=post_mult,
+                        sinkhorn_eps=sinkhorn_eps)
     lead, n, d = H.shape[:-2], H.shape[-2], H.shape[-1]
     check_coeff_grads(dalpha, dbeta, lead, n)
     check_same_device(**tensors_only(H=H, dalpha=dalpha, dbeta=dbeta))
@@ -184,7 +190,8 @@ def mhc_boundary(H, y, alpha, beta, phi, a_pre, a_post, a_res, b, eps: float = 1
     Returns H' (..., n, d) and x' (..., d) in H.dtype; alpha' (..., n, n+1) and beta'
     (..., n) in the arithmetic dtype.
     """
-    validate_mhc_boundary(H, y, alpha, beta, phi, a_pre, a_post, a_res, b, iters)
+    validate_mhc_boundary(H, y, alpha, beta, phi, a_pre, a_post, a_res, b, iters, eps=eps, pre_eps=pre_eps,
+                          post_mult=post_mult, sinkhorn_eps=sinkhorn_eps)
     H_next = hc_post(H, y, alpha, beta)
     alpha_next, beta_next = mhc_coeffs(H_next, phi, a_pre, a_post, a_res, b, eps, pre_eps, post_mult, iters,
                                        sinkhorn_eps)
@@ -204,7 +211,9 @@ def mhc_boundary_bwd(dH_next, dx_next, dalpha_next, dbeta_next, H, y, alpha, bet
     Returns dH (H.dtype), dy (y.dtype), dalpha, dbeta (the coefficients' shapes, summed
     over tokens when static), dphi, da_pre, da_post, da_res, db (summed over tokens).
     """
-    validate_mhc_boundary(H, y, alpha, beta, phi, a_pre, a_post, a_res, b, iters)
+    validate_mhc_boundary(H, y, alpha, beta, phi, a_pre, a_post, a_res, b, iters, eps=eps, pre_eps=pre_eps,
+                          post_mult=post_mult, sinkhorn_eps=sinkhorn_eps)
+    check_boundary_grads(H, dH_next, dx_next)
     ct = compute_dtype(H, y, alpha, beta, phi, b, *tensors_only(a_pre=a_pre, a_post=a_post, a_res=a_res).values())
     lead, n, d = H.shape[:-2], H.shape[-2], H.shape[-1]
     # H' in the arithmetic dtype (exact: the stored values widened), so that the pre's

@@ -174,7 +174,7 @@ def depth_aggregate_qkv_norm(
     returns Out: (4, *tok, d)     dtype of S; Out_c = rms_norm(Y_c) * g_c for c < 3,
                                   Out_3 = Y_3 (the residual way, not normalised)
     """
-    validate_depth_aggregate_qkv_norm(S, A, norm_weights)
+    validate_depth_aggregate_qkv_norm(S, A, norm_weights, eps)
     cd = compute_dtype(S, A, norm_weights)
     Y = _qkv_aggregate(S, A, cd)
     return qkv_norm(Y, norm_weights, eps).to(S.dtype)
@@ -217,7 +217,7 @@ def qkv_norm_bwd(
       dY: (4, *tok, d)            arithmetic dtype (dY_3 = dOut_3)
       dg: (3, d)                  arithmetic dtype, summed over tokens
     """
-    validate_depth_aggregate_qkv_norm(S, A, norm_weights)
+    validate_depth_aggregate_qkv_norm(S, A, norm_weights, eps)
     check_tensor("dOut", dOut)
     check_shape("dOut", dOut, (QKV_NORM_WAYS, *S.shape[1:]), "(4, *tok, d) like the forward output")
     check_same_device(S=S, dOut=dOut)
@@ -319,7 +319,7 @@ def mudd_weights(
     n_ways: C; eps: rms epsilon; approximate: "none" (erf GELU) or "tanh"
     returns A: (*tok, C, l)       arithmetic dtype
     """
-    validate_mudd_weights(x, W1, W2, bias, n_ways)
+    validate_mudd_weights(x, W1, W2, bias, n_ways, eps)
     check_approximate(approximate)
     cd = compute_dtype(x, W1, W2, bias)
     xf = x.to(cd)
@@ -350,7 +350,7 @@ def mudd_weights_bwd(
       dW2:   (K, C*l)             arithmetic dtype
       dbias: shape of bias        arithmetic dtype
     """
-    validate_mudd_weights(x, W1, W2, bias, n_ways)
+    validate_mudd_weights(x, W1, W2, bias, n_ways, eps)
     check_approximate(approximate)
     check_tensor("dA", dA)
     Cl = W2.shape[1]
