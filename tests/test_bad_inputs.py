@@ -836,18 +836,19 @@ def _integration(name):
         return None
 
 
-def _accelerate_cases(name):
+def _model_cases(name, fn_name):
     def cases():
-        fn = _integration(name).accelerate
-        return [Bad(f"p5:model = {v!r}", lambda v=v: fn(v), TypeError, r"accelerate: model must be a torch\.nn\.Module")
+        fn = getattr(_integration(name), fn_name)
+        return [Bad(f"p5:model = {v!r}", lambda v=v: fn(v), TypeError, rf"{fn_name}: model must be a torch\.nn\.Module")
                 for v in ("str", None, [torch.nn.Linear(2, 2)])]
     return cases
 
 
 for _m in INTEGRATIONS:
     if _integration(_m) is not None:
-        entry(f"integrations.{_m}.accelerate",
-              good=lambda m=_m: _integration(m).accelerate(torch.nn.Linear(2, 2)))(_accelerate_cases(_m))
+        for _fn in ("accelerate", "restore"):
+            entry(f"integrations.{_m}.{_fn}",
+                  good=lambda m=_m, f=_fn: getattr(_integration(m), f)(torch.nn.Linear(2, 2)))(_model_cases(_m, _fn))
 
 
 def _fused_hc_cases():
@@ -869,12 +870,6 @@ _INTERNAL_OP = ("internal custom op behind a public crosslayer.ops function, whi
 EXEMPT: Dict[str, str] = {
     "ops.backends": "takes no arguments",
     "ops.fused_ops": "takes no arguments",
-    "integrations.hyper_connections.restore": (
-        "not covered by this change (integrations edits limited to accelerate's type check): restore('str') "
-        "still raises AttributeError; follow-up"),
-    "integrations.transformers.restore": (
-        "not covered by this change (integrations edits limited to accelerate's type check): restore('str') "
-        "still raises AttributeError; follow-up"),
     "integrations.hyper_connections.AccelerationReport": "the record accelerate() returns, not built by users",
     "integrations.hyper_connections.UnsupportedHyperConnections": "an exception class",
     "integrations.transformers.UnsupportedModel": "an exception class",

@@ -138,10 +138,14 @@ def _check_info_output(out: str, disabled: bool) -> None:
         assert re.search(r"for sm \d+\.\d+", ext), f"no archs in {ext!r}"
     gpu = next((l for l in lines if l.startswith("GPU ")), None)
     assert gpu is not None, out
-    if not torch.cuda.is_available():
-        assert "none visible" in gpu
     assert next((l for l in lines if l.startswith("JIT path ")), None) is not None, out
-    head = next((i for i, l in enumerate(lines) if l.startswith("backends ")), None)
+    now = next((i for i, l in enumerate(lines) if l.startswith("runs now ")), None)
+    assert now is not None, out
+    if torch.cuda.is_available():
+        head = now
+    else:  # built is not running: the oracle now, the per-op backends only "on a GPU"
+        assert "none visible" in gpu and "every op on the oracle" in lines[now], out
+        head = next((i for i, l in enumerate(lines) if l.startswith("on a GPU ")), None)
     assert head is not None and head + 1 < len(lines), out
     ops_line = lines[head + 1]
     from crosslayer import ops
@@ -355,6 +359,7 @@ def test_info_gpu_line(monkeypatch, built, archs, want):
     out = info.report()
     gpu = next(l for l in out.splitlines() if l.startswith("GPU "))
     assert "NVIDIA H100 80GB HBM3 (sm 9.0)" in gpu and want in gpu, gpu
+    assert "runs now         on NVIDIA H100 80GB HBM3:" in out and "on a GPU " not in out
     if built:
         assert f"for sm {', '.join(archs)}" in out
 

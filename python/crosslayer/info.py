@@ -2,7 +2,8 @@
 
 Prints torch and CUDA versions, whether crosslayer._C was built and for which
 architectures, the GPU seen (and whether the build covers it), whether the JIT path
-(NVRTC through CuPy) can run, and which backend runs each op.
+(NVRTC through CuPy) can run, and which backend runs each op now -- with no GPU visible,
+the oracle for all, and then also which backend each would take on a GPU.
 """
 
 from __future__ import annotations
@@ -39,12 +40,16 @@ def build_info() -> dict:
     }
 
 
+def _covered(names) -> str:
+    return "every op" if sorted(names) == sorted(ops.ALL_OPS) else ", ".join(names)
+
+
 def report() -> str:
     info = build_info()
     lines = [
         f"torch            {info['torch_version']} (CUDA {info['torch_cuda']})",
         f"crosslayer._C    {'built' if info['built_cuda'] else 'not built'}"
-        + (f", for sm {', '.join(info['archs'])}, nvcc {info['nvcc_version']}, "
+        + (f" for sm {', '.join(info['archs'])}, nvcc {info['nvcc_version']}, "
            f"against torch {info['built_torch_version']}" if info["built_cuda"] else ""),
     ]
     if not info["built_cuda"]:
@@ -63,15 +68,23 @@ def report() -> str:
                f"TORCH_CUDA_ARCH_LIST={cap}" if info["built_cuda"] else "no extension")
         )
     else:
-        lines.append("GPU              none visible (every op runs on the oracle)")
+        lines.append("GPU              none visible")
     jit, why = jit_backend()
     lines.append("JIT path         " + (f"available (NVRTC {_nvrtc.nvrtc_version()} through CuPy; covers "
-                                        f"{', '.join(jit.OPS)}; cache {_nvrtc.cache_dir()})" if jit is not None
+                                        f"{_covered(jit.OPS)}; cache {_nvrtc.cache_dir()})" if jit is not None
                                         else f"unavailable: {why}"))
     forced = forced_backend()
-    where = "on this GPU" if torch.cuda.is_available() else "on a GPU the build covers (none visible here)"
-    lines.append(f"backends         {where}" + (f", forced by CROSSLAYER_BACKEND={forced}" if forced else "") + ":")
-    lines.append("                 " + ", ".join(f"{op}: {backend}" for op, backend in ops.backends().items()))
+    backends = "                 " + ", ".join(f"{op}: {backend}" for op, backend in ops.backends().items())
+    forced_note = f", forced by CROSSLAYER_BACKEND={forced}" if forced else ""
+    if torch.cuda.is_available():
+        lines.append(f"runs now         on {torch.cuda.get_device_name()}{forced_note}:")
+        lines.append(backends)
+    else:
+        # Built is not running: without a GPU no tensor is a CUDA tensor, and CPU tensors
+        # always take the oracle.
+        lines.append("runs now         every op on the oracle: no GPU visible (CPU tensors always run the oracle)")
+        lines.append(f"on a GPU         what would run on one the build covers{forced_note}:")
+        lines.append(backends)
     return "\n".join(lines)
 
 

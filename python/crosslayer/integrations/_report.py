@@ -1,9 +1,18 @@
-"""What an integration's accelerate() did (shared by crosslayer.integrations.*)."""
+"""What an integration's accelerate() did, and the check of the model it is given
+(shared by crosslayer.integrations.*)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Dict, List
+
+from torch import nn
+
+
+def check_model(fn: str, model, what: str) -> None:
+    """TypeError unless `model` is a torch.nn.Module (`what`: the model `fn` expects)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: model must be a torch.nn.Module ({what}), got {type(model).__name__}")
 
 
 @dataclass

@@ -57,7 +57,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from crosslayer import ops
 from crosslayer.contracts import MAX_STREAMS
-from crosslayer.integrations._report import AccelerationReport
+from crosslayer.integrations._report import AccelerationReport, check_model
 
 try:
     from hyper_connections import hyper_connections as hc_lib
@@ -221,9 +221,7 @@ def accelerate(model: nn.Module, *, strict: bool = False) -> AccelerationReport:
     the report with the reason. strict=True raises UnsupportedHyperConnections instead,
     before converting anything.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"accelerate: model must be a torch.nn.Module (the model whose "
-                        f"hyper_connections.HyperConnections modules to convert), got {type(model).__name__}")
+    check_model("accelerate", model, "the model whose hyper_connections.HyperConnections modules to convert")
     _warn_if_untested_version()
     report = AccelerationReport(kind="hyper-connection module")
     convert = []
@@ -250,6 +248,7 @@ def accelerate(model: nn.Module, *, strict: bool = False) -> AccelerationReport:
 def restore(model: nn.Module) -> List[str]:
     """Undo accelerate(): every FusedHyperConnections in `model` goes back to the
     package's HyperConnections (parameters untouched). Returns their names."""
+    check_model("restore", model, "the model accelerate() converted")
     names = []
     for name, m in model.named_modules():
         if type(m) is FusedHyperConnections:

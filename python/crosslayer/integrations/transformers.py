@@ -69,7 +69,7 @@ from torch import Tensor, nn
 from crosslayer import ops
 from crosslayer._checks import acc_dtype
 from crosslayer.contracts import MAX_STREAMS
-from crosslayer.integrations._report import AccelerationReport
+from crosslayer.integrations._report import AccelerationReport, check_model
 
 try:
     from transformers.models.deepseek_v4 import modeling_deepseek_v4 as dsv4
@@ -279,9 +279,7 @@ def accelerate(model: nn.Module, *, strict: bool = False) -> AccelerationReport:
     other decoder layer or head is left on its own forward and listed in the report with
     the reason. strict=True raises UnsupportedModel instead, before converting anything.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"accelerate: model must be a torch.nn.Module (a DeepSeek-V4 model or a part "
-                        f"of one), got {type(model).__name__}")
+    check_model("accelerate", model, "a DeepSeek-V4 model or a part of one")
     _check_classes()
     report = AccelerationReport(kind="DeepSeek-V4 mHC module")
     convert = []
@@ -331,6 +329,7 @@ def _unlink_boundaries(model: nn.Module) -> None:
 def restore(model: nn.Module) -> List[str]:
     """Undo accelerate(): every Fused module in `model` goes back to the model's class
     (parameters untouched). Returns their names."""
+    check_model("restore", model, "the model accelerate() converted")
     _unlink_boundaries(model)
     names = []
     originals = {fused: base for base, fused in _FUSED.items()}
