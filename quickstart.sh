@@ -51,7 +51,7 @@ source "$VENV/bin/activate"
 if ! python -c "import torch" >/dev/null 2>&1; then
     step "installing $TORCH_SPEC"
     python -m pip install -q --upgrade pip
-    python -m pip install -q "$TORCH_SPEC"
+    python -m pip install -q "$TORCH_SPEC" numpy  # numpy now: torch warns on import without it
 fi
 
 # The extension is rebuilt when its sources, setup.py, the architectures or torch change.
