@@ -13,7 +13,8 @@ import torch
 from crosslayer._checks import acc_dtype
 from crosslayer._jit import layout as L
 from crosslayer._jit.common import MAX_STREAMS, dispatch_streams, vectorizable, vec16
-from crosslayer._jit.hc_post import HcPostParams, HcPostInputs, hc_post_coef_grads
+from crosslayer._jit.hc_post import (HcPostInputs, HcPostParams, hc_post_accesses, hc_post_bwd_operands,
+                                     hc_post_coef_grads, hc_post_fwd_output)
 from crosslayer._jit.hc_pre import (HcPreParams, check_hc_pre_inputs, hc_pre_block, hc_pre_bwd_coef_inputs,
                                     hc_pre_kernel, hc_pre_pack_w, hc_pre_param_grads, hc_pre_weights,
                                     hc_pre_workspaces)
@@ -100,9 +101,7 @@ def hc_boundary_fwd(H: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta:
         return [H_next, x, alpha_next, beta_next, q, r, inp.Wt]
 
     p = inp.p
-    out, p.post.out_tok = L.writable(H_next, 2)
-    p.post.out_stream_stride = L.stream_stride(out)
-    p.post.out_ptr = out.data_ptr()
+    out = hc_post_fwd_output(p.post, H_next)
     _, p.pre.x_tok = L.with_token_layout(x, 1)
     p.pre.eps = eps
     p.pre.x_ptr = x.data_ptr()
@@ -110,9 +109,7 @@ def hc_boundary_fwd(H: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta:
     p.pre.beta_ptr = beta_next.data_ptr()
     p.pre.q_ptr = q.data_ptr()
     p.pre.r_ptr = r.data_ptr()
-    po = p.post
-    vectorize = vectorizable(H.dtype, (po.h_ptr, po.h_tok, po.h_stream_stride), (po.y_ptr, po.y_tok, 0),
-                             (po.out_ptr, po.out_tok, po.out_stream_stride), (p.pre.x_ptr, p.pre.x_tok, 0))
+    vectorize = vectorizable(H.dtype, *hc_post_accesses(p.post, backward=False), (p.pre.x_ptr, p.pre.x_tok, 0))
     vec, kn = dispatch_boundary(H.dtype, vectorize, p.pre.n)
     b = hc_pre_block("hc_boundary", acc, kn, N, d, vec, p.pre.ldw, False, dev, boundary_extra_smem(p.pre.n, False))
     launch(HEADER, hc_pre_kernel("hc_boundary_fwd_kernel", H.dtype, vec, kn), (cover_grid(b.grid, 1),),
@@ -145,24 +142,12 @@ def hc_boundary_bwd(dH_next: torch.Tensor, dx_in: torch.Tensor, dalpha_next: Opt
     dalpha_tok = torch.empty((N, n, n + 1), dtype=acc, device=dev)
     dbeta_tok = torch.empty((N, n), dtype=acc, device=dev)
     p = inp.p
-    g, p.post.g_tok = L.readable(dH_next, 2)
+    g, dh = hc_post_bwd_operands(p.post, dH_next, dH, dy, dalpha_tok, dbeta_tok)
     dx, p.pre.x_tok = L.readable(dx_in, 1)
-    dh, p.post.dh_tok = L.writable(dH, 2)
-    p.post.dy_tok = L.collapse_token_dims(dy.shape[:-1], dy.stride()[:-1])
-    p.post.g_stream_stride = L.stream_stride(g)
-    p.post.dh_stream_stride = L.stream_stride(dh)
-    p.post.g_ptr = g.data_ptr()
-    p.post.dh_ptr = dh.data_ptr()
-    p.post.dy_ptr = dy.data_ptr()
-    p.post.da_ptr = dalpha_tok.data_ptr()
-    p.post.db_ptr = dbeta_tok.data_ptr()
     p.pre.dx_ptr = dx.data_ptr()
     coefs = hc_pre_bwd_coef_inputs(p.pre, acc, dalpha_next, dbeta_next, q, r)
 
-    po = p.post
-    vectorize = vectorizable(H.dtype, (po.h_ptr, po.h_tok, po.h_stream_stride), (po.y_ptr, po.y_tok, 0),
-                             (po.g_ptr, po.g_tok, po.g_stream_stride), (po.dh_ptr, po.dh_tok, po.dh_stream_stride),
-                             (po.dy_ptr, po.dy_tok, 0), (p.pre.dx_ptr, p.pre.x_tok, 0))
+    vectorize = vectorizable(H.dtype, *hc_post_accesses(p.post, backward=True), (p.pre.dx_ptr, p.pre.x_tok, 0))
     vec, kn = dispatch_boundary(H.dtype, vectorize, p.pre.n)
     b = hc_pre_block("hc_boundary", acc, kn, N, d, vec, p.pre.ldw, True, dev, boundary_extra_smem(p.pre.n, True))
     kernel = hc_pre_kernel("hc_boundary_bwd_kernel", H.dtype, vec, kn)
@@ -208,13 +193,10 @@ def hc_boundary_mix_fwd(H: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, b
     if post.N == 0 or post.d == 0:
         return [H_next, x]
     p = inp.p
-    out, p.out_tok = L.writable(H_next, 2)
-    p.out_stream_stride = L.stream_stride(out)
-    p.out_ptr = out.data_ptr()
+    out = hc_post_fwd_output(p, H_next)
     p.x_tok = L.collapse_token_dims(x.shape[:-1], x.stride()[:-1])
     p.x_ptr = x.data_ptr()
-    vectorize = vectorizable(H.dtype, (p.h_ptr, p.h_tok, p.h_stream_stride), (p.y_ptr, p.y_tok, 0),
-                             (p.out_ptr, p.out_tok, p.out_stream_stride), (p.x_ptr, p.x_tok, 0))
+    vectorize = vectorizable(H.dtype, *hc_post_accesses(p, backward=False), (p.x_ptr, p.x_tok, 0))
     launch_hc_tile("hc_boundary_mix_fwd_kernel", HEADER, H.dtype, p, vectorize, p.n * (p.n + 3), 0, H.device)
     L.copy_back(H_next, out)
     return [H_next, x]
@@ -237,22 +219,11 @@ def hc_boundary_mix_bwd(dH_next: torch.Tensor, dx_in: torch.Tensor, H: torch.Ten
     dbeta_tok = torch.empty((N, n), dtype=acc, device=dev)
     dw_tok = torch.empty((N, n), dtype=acc, device=dev)
     p = inp.p
-    g, p.g_tok = L.readable(dH_next, 2)
+    g, dh = hc_post_bwd_operands(p, dH_next, dH, dy, dalpha_tok, dbeta_tok)
     dx, p.dx_tok = L.readable(dx_in, 1)
-    dh, p.dh_tok = L.writable(dH, 2)
-    p.dy_tok = L.collapse_token_dims(dy.shape[:-1], dy.stride()[:-1])
-    p.g_stream_stride = L.stream_stride(g)
-    p.dh_stream_stride = L.stream_stride(dh)
-    p.g_ptr = g.data_ptr()
     p.dx_ptr = dx.data_ptr()
-    p.dh_ptr = dh.data_ptr()
-    p.dy_ptr = dy.data_ptr()
-    p.da_ptr = dalpha_tok.data_ptr()
-    p.db_ptr = dbeta_tok.data_ptr()
     p.dw_ptr = dw_tok.data_ptr()
-    vectorize = vectorizable(H.dtype, (p.h_ptr, p.h_tok, p.h_stream_stride), (p.y_ptr, p.y_tok, 0),
-                             (p.g_ptr, p.g_tok, p.g_stream_stride), (p.dx_ptr, p.dx_tok, 0),
-                             (p.dh_ptr, p.dh_tok, p.dh_stream_stride), (p.dy_ptr, p.dy_tok, 0))
+    vectorize = vectorizable(H.dtype, *hc_post_accesses(p, backward=True), (p.dx_ptr, p.dx_tok, 0))
     launch_hc_tile("hc_boundary_mix_bwd_kernel", HEADER, H.dtype, p, vectorize, p.n * (p.n + 3), p.n * (p.n + 2),
                    dev, kernel_vec=_mix_bwd_vec(H.dtype))
     L.copy_back(dH, dh)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Tuple
 
 import torch
 
@@ -58,6 +58,41 @@ def hc_post_coef_grads(inp: HcPostInputs, dalpha_tok: torch.Tensor, dbeta_tok: t
             sums.grad(dbeta_tok, inp.static_beta, beta.shape)]
 
 
+def hc_post_fwd_output(p: HcPostParams, H_next: torch.Tensor) -> torch.Tensor:
+    """The post's output H' in p (out_tok, out_stream_stride, out_ptr), as hc_post.cu and
+    hc_boundary_fwd.cu fill it: returns the tensor the kernel writes (H', or a scratch
+    for L.copy_back)."""
+    out, p.out_tok = L.writable(H_next, 2)
+    p.out_stream_stride = L.stream_stride(out)
+    p.out_ptr = out.data_ptr()
+    return out
+
+
+def hc_post_bwd_operands(p: HcPostParams, dH_next: torch.Tensor, dH: torch.Tensor, dy: torch.Tensor,
+                         dalpha_tok: torch.Tensor, dbeta_tok: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The post's backward operands in p (g: dH', dh: dH, dy and the per-token coefficient
+    rows), as hc_post.cu and hc_boundary_bwd.cu fill them: returns (g, dh), the tensors
+    the kernel reads and writes (copies / a scratch for L.copy_back where needed)."""
+    g, p.g_tok = L.readable(dH_next, 2)
+    dh, p.dh_tok = L.writable(dH, 2)
+    p.dy_tok = L.collapse_token_dims(dy.shape[:-1], dy.stride()[:-1])
+    p.g_stream_stride = L.stream_stride(g)
+    p.dh_stream_stride = L.stream_stride(dh)
+    p.g_ptr, p.dh_ptr, p.dy_ptr = g.data_ptr(), dh.data_ptr(), dy.data_ptr()
+    p.da_ptr, p.db_ptr = dalpha_tok.data_ptr(), dbeta_tok.data_ptr()
+    return g, dh
+
+
+def hc_post_accesses(p: HcPostParams, backward: bool) -> list:
+    """The post's (pointer, TokenLayout, stream stride) accesses for vectorizable: H and
+    y, then H' (forward) or dH', dH and dy (backward)."""
+    accesses = [(p.h_ptr, p.h_tok, p.h_stream_stride), (p.y_ptr, p.y_tok, 0)]
+    if backward:
+        return accesses + [(p.g_ptr, p.g_tok, p.g_stream_stride), (p.dh_ptr, p.dh_tok, p.dh_stream_stride),
+                           (p.dy_ptr, p.dy_tok, 0)]
+    return accesses + [(p.out_ptr, p.out_tok, p.out_stream_stride)]
+
+
 def hc_post_fwd(H: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """csrc/hc_post.cu hc_post_fwd: H' = hc_post(H, y, alpha, beta), allocated like H."""
     inp = HcPostInputs(H, y, alpha, beta)
@@ -65,11 +100,8 @@ def hc_post_fwd(H: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: tor
     if inp.N == 0 or inp.d == 0:
         return out
     p = inp.p
-    o, p.out_tok = L.writable(out, 2)
-    p.out_stream_stride = L.stream_stride(o)
-    p.out_ptr = o.data_ptr()
-    vectorize = vectorizable(H.dtype, (p.h_ptr, p.h_tok, p.h_stream_stride), (p.y_ptr, p.y_tok, 0),
-                             (p.out_ptr, p.out_tok, p.out_stream_stride))
+    o = hc_post_fwd_output(p, out)
+    vectorize = vectorizable(H.dtype, *hc_post_accesses(p, backward=False))
     launch_hc_tile("hc_post_fwd_kernel", "kernels/hc_post.cuh", H.dtype, p, vectorize, p.n * (p.n + 2), 0, H.device)
     L.copy_back(out, o)
     return out
@@ -89,16 +121,8 @@ def hc_post_bwd(dHn: torch.Tensor, H: torch.Tensor, y: torch.Tensor, alpha: torc
     dalpha_tok = torch.empty((inp.N, n, n + 1), dtype=acc, device=H.device)
     dbeta_tok = torch.empty((inp.N, n), dtype=acc, device=H.device)
     p = inp.p
-    g, p.g_tok = L.readable(dHn, 2)
-    dh, p.dh_tok = L.writable(dH, 2)
-    p.dy_tok = L.collapse_token_dims(dy.shape[:-1], dy.stride()[:-1])
-    p.g_stream_stride = L.stream_stride(g)
-    p.dh_stream_stride = L.stream_stride(dh)
-    p.g_ptr, p.dh_ptr, p.dy_ptr = g.data_ptr(), dh.data_ptr(), dy.data_ptr()
-    p.da_ptr, p.db_ptr = dalpha_tok.data_ptr(), dbeta_tok.data_ptr()
-    vectorize = vectorizable(H.dtype, (p.h_ptr, p.h_tok, p.h_stream_stride), (p.y_ptr, p.y_tok, 0),
-                             (p.g_ptr, p.g_tok, p.g_stream_stride), (p.dh_ptr, p.dh_tok, p.dh_stream_stride),
-                             (p.dy_ptr, p.dy_tok, 0))
+    g, dh = hc_post_bwd_operands(p, dHn, dH, dy, dalpha_tok, dbeta_tok)
+    vectorize = vectorizable(H.dtype, *hc_post_accesses(p, backward=True))
     launch_hc_tile("hc_post_bwd_kernel", "kernels/hc_post.cuh", H.dtype, p, vectorize, n * (n + 2), n * (n + 1),
                    H.device)
     L.copy_back(dH, dh)

@@ -10,9 +10,9 @@ import torch
 from crosslayer._jit import layout as L
 from crosslayer._jit.common import WARP_SIZE, kernel_type
 from crosslayer._jit.hc_post import HcPostInputs, hc_post_bwd, hc_post_coef_grads, hc_post_fwd
-from crosslayer._jit.mhc_coeffs import (MhcCoeffsParams, check_mhc_inputs, mhc_base_params, mhc_coeffs_bwd,
-                                        mhc_coeffs_dh_pass, mhc_coeffs_fwd_impl, mhc_scale_inputs, mhc_tile_grid,
-                                        use_mma)
+from crosslayer._jit.mhc_coeffs import (MhcCoeffsParams, check_mhc_inputs, mhc_base_params, mhc_coef_sums,
+                                        mhc_coeffs_bwd, mhc_coeffs_dh_pass, mhc_coeffs_fwd_impl, mhc_scale_inputs,
+                                        mhc_tile_grid, use_mma)
 from crosslayer._jit.mma_pack import fp32_rows_ld4, round_up
 from crosslayer._jit.runtime import device_model, launch
 from crosslayer._jit.stream_mix import stream_mix_dots
@@ -147,10 +147,7 @@ def mhc_boundary_bwd(dH_next: Optional[torch.Tensor], dx: Optional[torch.Tensor]
     # Both connections' coefficient sums in one token_sums launch: db = Σ_t dh, da_* =
     # Σ_t Σ_{m in the group} dh·z (connection i+1), the post's static coefficients.
     sums = TokenSums(N)
-    db = sums.sum(G, (M,), 1, 0, 1)
-    da_pre = sums.sum(G, (), 1, M, n)
-    da_post = sums.sum(G, (), 1, M + n, n)
-    da_res = sums.sum(G, (), 1, M + 2 * n, n * n)
+    db, da_pre, da_post, da_res = mhc_coef_sums(sums, G, M, n)
     dalpha, dbeta = hc_post_coef_grads(post, dalpha_tok, dbeta_tok, alpha, beta, sums)
     sums.run()
 

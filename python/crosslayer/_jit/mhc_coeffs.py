@@ -273,6 +273,14 @@ def mhc_coeffs_dh_pass(p: MhcCoeffsParams, H_in: torch.Tensor, phi: torch.Tensor
     return sum_partials(part)
 
 
+def mhc_coef_sums(sums: TokenSums, G: torch.Tensor, M: int, n: int) -> List[torch.Tensor]:
+    """The epilogue's per-token rows G (N, 2M) summed by `sums` (its next run()): db =
+    Σ_t dh (M,), and da_pre, da_post, da_res = Σ_t Σ_{m in the group} dh·z (0-dim), as
+    mhc_coeffs.cu and mhc_boundary_bwd.cu sum them."""
+    return [sums.sum(G, (M,), 1, 0, 1), sums.sum(G, (), 1, M, n), sums.sum(G, (), 1, M + n, n),
+            sums.sum(G, (), 1, M + 2 * n, n * n)]
+
+
 def mhc_coeffs_bwd(dH: torch.Tensor, accumulate: bool, prior: Optional[torch.Tensor], dalpha: Optional[torch.Tensor],
                    dbeta: Optional[torch.Tensor], dpre: Optional[torch.Tensor], dx: Optional[torch.Tensor],
                    H_in: torch.Tensor, phi: torch.Tensor, a_pre: torch.Tensor, a_post: torch.Tensor,
@@ -331,10 +339,7 @@ def mhc_coeffs_bwd(dH: torch.Tensor, accumulate: bool, prior: Optional[torch.Ten
 
     # db = Σ_t dh; da_* = Σ_t Σ_{m in the group} dh·z: one token_sums launch.
     sums = TokenSums(N)
-    db = sums.sum(G, (M,), 1, 0, 1)
-    da_pre = sums.sum(G, (), 1, M, n)
-    da_post = sums.sum(G, (), 1, M + n, n)
-    da_res = sums.sum(G, (), 1, M + 2 * n, n * n)
+    db, da_pre, da_post, da_res = mhc_coef_sums(sums, G, M, n)
     sums.run()
     duM = du.narrow(1, 0, M)
 

@@ -19,7 +19,7 @@ import contextlib
 import ctypes
 import functools
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -137,14 +137,21 @@ def device_arch(index: int) -> str:
     return f"sm_{major}{minor}"
 
 
+# The largest dynamic shared memory each loaded kernel (by its function pointer) has
+# been allowed: the attribute is a maximum, so one driver call per new high, not one a
+# launch.
+_smem_allowed: Dict[int, int] = {}
+
+
 def _prepared(header: str, kernel: str, index: int, smem: int):
     """The loaded kernel on device `index` (current), allowed `smem` bytes of dynamic
     shared memory (common/launch.h allow_smem: the opt-in above 48 KB)."""
     from cupy_backends.cuda.api import driver
 
     _, function = _function(header, kernel, device_arch(index), index)
-    if smem > 48 * 1024:
+    if smem > max(48 * 1024, _smem_allowed.get(function.ptr, 0)):
         driver.funcSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, function.ptr, smem)
+        _smem_allowed[function.ptr] = smem
     return function
 
 
